@@ -1,0 +1,210 @@
+"""Loading a Linux kernel (bzImage or ELF vmlinux), an initrd and the command line into guest memory."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+from dataclasses import dataclass
+
+from hypyr.errors import HypyrError
+from hypyr.memory import GuestAddress, GuestMemory
+
+from . import bootparams as bp
+from . import layout
+
+ELF_MAGIC = b"\x7fELF"
+MIN_PROTOCOL = 0x0206
+# xloadflags (which says whether there is a 64-bit entry) appeared in protocol 2.12
+MIN_PROTOCOL_64 = 0x020C
+ENTRY_64_OFFSET = 0x200
+
+
+@dataclass
+class KernelImage:
+    """A kernel loaded into guest memory."""
+
+    path: str
+    kind: str  # "bzImage" or "elf"
+    load_addr: GuestAddress
+    entry: GuestAddress  # 64-bit entry point (rip)
+    end: GuestAddress  # first byte after the kernel and the memory it needs (init_size)
+    setup_header: bytes  # bytes from offset 0x1f1 to copy into boot_params
+    protocol_version: int
+    cmdline_size: int  # longest command line, NUL not counted
+    initrd_addr_max: int  # highest address the initrd may occupy
+    xloadflags: int
+
+
+def _fail(path: str, why: str) -> HypyrError:
+    return HypyrError(f"Kernel {path} {why}.")
+
+
+def _read_file(path: str | os.PathLike, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise HypyrError(f"Cannot read {what} {os.fspath(path)}: {e.strerror or e}.") from None
+
+
+def _u8(d: bytes, off: int) -> int:
+    return d[off]
+
+
+def _u16(d: bytes, off: int) -> int:
+    return struct.unpack_from("<H", d, off)[0]
+
+
+def _u32(d: bytes, off: int) -> int:
+    return struct.unpack_from("<I", d, off)[0]
+
+
+def _u64(d: bytes, off: int) -> int:
+    return struct.unpack_from("<Q", d, off)[0]
+
+
+def _check_fits(mem: GuestMemory, path: str, start: int, end: int) -> None:
+    if start < layout.HIGH_MEMORY_START:
+        raise _fail(path, f"wants to be loaded at {start:#x}, below 1 MiB where the boot structures live")
+    if not mem.check_range(start, end - start):
+        raise HypyrError(
+            f"Guest memory ({mem.size // layout.MiB} MiB) is too small for kernel {path}, "
+            f"which needs RAM at {start:#x}-{end:#x}.")
+
+
+def load_kernel(mem: GuestMemory, path: str | os.PathLike) -> KernelImage:
+    """Load a bzImage or an x86-64 ELF vmlinux into ``mem``."""
+    data = _read_file(path, "kernel")
+    name = os.fspath(path)
+    if data[:4] == ELF_MAGIC:
+        return load_elf(mem, data, name)
+    return load_bzimage(mem, data, name)
+
+
+def load_bzimage(mem: GuestMemory, data: bytes, path: str = "<kernel>") -> KernelImage:
+    not_bz = "is not a bzImage Linux kernel (or is too old)"
+    if len(data) < bp.HDR_HEADER + 6 or data[bp.HDR_HEADER:bp.HDR_HEADER + 4] != bp.HDRS_MAGIC:
+        raise _fail(path, not_bz)
+    version = _u16(data, bp.HDR_VERSION)
+    hdr_end = bp.HDR_HEADER + data[bp.HDR_JUMP + 1]
+    if version < MIN_PROTOCOL:
+        raise _fail(path, not_bz)
+    if version < MIN_PROTOCOL_64 or len(data) < bp.HDR_END or hdr_end < bp.HDR_XLOADFLAGS + 2:
+        raise _fail(path, f"uses boot protocol {version >> 8}.{version & 0xff:02d}, too old for a 64-bit entry")
+    xloadflags = _u16(data, bp.HDR_XLOADFLAGS)
+    if not xloadflags & bp.XLF_KERNEL_64:
+        raise _fail(path, "is not a 64-bit kernel (it has no 64-bit entry point)")
+
+    setup_sects = _u8(data, bp.HDR_SETUP_SECTS) or 4
+    pm_offset = (setup_sects + 1) * 512
+    pm_size = _u32(data, bp.HDR_SYSSIZE) * 16
+    if pm_size == 0 or len(data) < pm_offset + pm_size:
+        raise _fail(path, "is truncated")
+    pm_code = data[pm_offset:]  # anything after syssize (e.g. signatures) is harmless
+
+    load_addr = _u64(data, bp.HDR_PREF_ADDRESS) or layout.DEFAULT_KERNEL_ADDR
+    init_size = _u32(data, bp.HDR_INIT_SIZE)
+    end = load_addr + max(init_size, len(pm_code))
+    end = (end + layout.PAGE_SIZE - 1) & ~(layout.PAGE_SIZE - 1)
+    _check_fits(mem, path, load_addr, end)
+    mem.write(load_addr, pm_code)
+
+    return KernelImage(
+        path=path, kind="bzImage",
+        load_addr=GuestAddress(load_addr), entry=GuestAddress(load_addr + ENTRY_64_OFFSET), end=GuestAddress(end),
+        setup_header=data[bp.SETUP_HEADER:min(hdr_end, len(data))],
+        protocol_version=version,
+        cmdline_size=_u32(data, bp.HDR_CMDLINE_SIZE),
+        initrd_addr_max=_u32(data, bp.HDR_INITRD_ADDR_MAX),
+        xloadflags=xloadflags,
+    )
+
+
+def load_elf(mem: GuestMemory, data: bytes, path: str = "<kernel>") -> KernelImage:
+    try:
+        from elftools.common.exceptions import ELFError
+        from elftools.elf.elffile import ELFFile
+    except ImportError:  # pragma: no cover - pyelftools is a dependency
+        raise HypyrError("Loading ELF kernels needs pyelftools (pip install pyelftools).") from None
+    try:
+        elf = ELFFile(io.BytesIO(data))
+        if elf.elfclass != 64 or elf["e_machine"] != "EM_X86_64":
+            raise _fail(path, "is an ELF file but not an x86-64 kernel")
+        segments = []
+        for seg in elf.iter_segments():
+            if seg["p_type"] != "PT_LOAD" or seg["p_memsz"] == 0:
+                continue
+            if seg["p_offset"] + seg["p_filesz"] > len(data) or seg["p_filesz"] > seg["p_memsz"]:
+                raise _fail(path, "is truncated")
+            segments.append((seg["p_paddr"], seg["p_vaddr"], seg["p_offset"], seg["p_filesz"], seg["p_memsz"]))
+        entry = elf["e_entry"]
+    except HypyrError:
+        raise
+    except (ELFError, Exception) as e:  # pyelftools raises many kinds on malformed input
+        raise _fail(path, f"is not a valid ELF kernel ({type(e).__name__}: {e})") from None
+    if not segments:
+        raise _fail(path, "has no loadable segments")
+
+    for paddr, _vaddr, _off, _filesz, memsz in segments:
+        _check_fits(mem, path, paddr, paddr + memsz)
+    for paddr, _vaddr, off, filesz, memsz in segments:
+        mem.write(paddr, data[off:off + filesz])
+        mem.fill(paddr + filesz, memsz - filesz)
+
+    # vmlinux's e_entry is the physical startup_64; translate a virtual one just in case
+    if not any(p <= entry < p + m for p, _v, _o, _f, m in segments):
+        for p, v, _o, _f, m in segments:
+            if v <= entry < v + m:
+                entry = entry - v + p
+                break
+        else:
+            raise _fail(path, f"has entry point {entry:#x} outside its loadable segments")
+
+    start = min(p for p, *_ in segments)
+    end = max(p + m for p, _v, _o, _f, m in segments)
+    end = (end + layout.PAGE_SIZE - 1) & ~(layout.PAGE_SIZE - 1)
+    return KernelImage(
+        path=path, kind="elf",
+        load_addr=GuestAddress(start), entry=GuestAddress(entry), end=GuestAddress(end),
+        setup_header=bp.default_setup_header(),
+        protocol_version=bp.DEFAULT_PROTOCOL_VERSION,
+        cmdline_size=layout.DEFAULT_CMDLINE_SIZE,
+        initrd_addr_max=0x7FFFFFFF,
+        xloadflags=bp.XLF_KERNEL_64,
+    )
+
+
+def load_initrd(mem: GuestMemory, data_or_path: bytes | str | os.PathLike, kernel: KernelImage) -> tuple[GuestAddress, int]:
+    """Place the initrd page-aligned as high as possible in low RAM, above the kernel; return (addr, size)."""
+    if isinstance(data_or_path, (bytes, bytearray, memoryview)):
+        data, name = bytes(data_or_path), "initrd"
+    else:
+        data, name = _read_file(data_or_path, "initrd"), f"initrd {os.fspath(data_or_path)}"
+    if not data:
+        raise HypyrError(f"The {name} is empty.")
+    size = len(data)
+
+    low = next((r for r in mem.regions if r.contains(kernel.load_addr)), None)
+    ceiling = min(kernel.initrd_addr_max + 1, low.end if low else 0, layout.MMIO_HOLE_START, layout.FOUR_GIB)
+    floor = (int(kernel.end) + layout.PAGE_SIZE - 1) & ~(layout.PAGE_SIZE - 1)
+    addr = (ceiling - size) & ~(layout.PAGE_SIZE - 1)
+    if ceiling - size < floor or addr < floor:
+        raise HypyrError(
+            f"The {name} ({size / layout.MiB:.1f} MiB) does not fit in guest memory between the kernel "
+            f"(ending at {floor:#x}) and {ceiling:#x}; give the guest more memory.")
+    mem.write(addr, data)
+    return GuestAddress(addr), size
+
+
+def write_cmdline(mem: GuestMemory, cmdline: str | bytes, max_size: int,
+                  addr: int = layout.CMDLINE_ADDR) -> GuestAddress:
+    """Write ``cmdline`` NUL-terminated at ``addr``; ``max_size`` is the kernel's cmdline_size (NUL excluded)."""
+    raw = cmdline.encode() if isinstance(cmdline, str) else bytes(cmdline)
+    if b"\0" in raw:
+        raise HypyrError("The kernel command line contains a NUL character.")
+    limit = min(max_size, layout.CMDLINE_MAX_SIZE - 1)
+    if len(raw) > limit:
+        raise HypyrError(f"The kernel command line is {len(raw)} bytes long but this kernel accepts at most {limit}.")
+    mem.write(addr, raw + b"\0")
+    return GuestAddress(addr)

@@ -1,0 +1,1 @@
+"""Device models.  Devices see register offsets, an interrupt line and guest memory, never the VM."""

@@ -1,0 +1,128 @@
+"""Hardware-reduced ACPI sleep registers (and an optional ACPI reset register).
+
+:class:`AcpiPm` — register at port 0x600 with length 2; the FADT points at it with
+``SLEEP_CONTROL_REG`` = SystemIO 0x600 and ``SLEEP_STATUS_REG`` = SystemIO 0x601, both
+8 bits wide; the DSDT's ``\\_S5`` package must carry sleep type 5.
+
+* offset 0, SLEEP_CONTROL (write): SLP_TYP = bits 4:2, SLP_EN = bit 5.  SLP_EN with SLP_TYP 5
+  calls ``stop(StopRequest(GuestEvent.POWEROFF, detail="ACPI S5"))`` (outside the device
+  lock).  Any other sleep type is logged and not entered; the device then reports an
+  immediate wake (WAK_STS) so that a guest spinning on WAK_STS after the request — as
+  ACPICA's ``acpi_hw_extended_sleep`` does — carries on instead of hanging.  Reads as 0.
+* offset 1, SLEEP_STATUS: bit 7 WAK_STS, write 1 to clear; other bits read 0.
+
+:class:`AcpiReset` — an optional FADT ``RESET_REG`` (SystemIO, 8 bits; suggested port 0x604,
+length 1, ``RESET_VALUE`` = :data:`RESET_VALUE`): writing the reset value calls
+``stop(StopRequest(GuestEvent.REBOOT, detail="ACPI reset"))``.  Linux's default x86 reboot
+path tries this first on ACPI systems.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from hypyr.devices.events import GuestEvent, StopCallback, StopRequest
+from hypyr.devices.legacy._bytedev import ByteRegisterDevice
+
+log = logging.getLogger("hypyr.dev.acpi_pm")
+
+PORT = 0x600
+LENGTH = 2
+SLEEP_CONTROL = 0
+SLEEP_STATUS = 1
+
+SLP_TYP_SHIFT = 2
+SLP_TYP_MASK = 0x07
+SLP_EN = 0x20
+WAK_STS = 0x80
+S5_SLEEP_TYPE = 5
+
+RESET_PORT = 0x604
+RESET_VALUE = 0x0F
+
+
+@dataclass(frozen=True)
+class AcpiPmState:
+    wake_status: bool = False
+
+    def validate(self) -> None:
+        if not isinstance(self.wake_status, bool):
+            raise ValueError("AcpiPmState.wake_status must be a bool")
+
+
+class AcpiPm(ByteRegisterDevice):
+    LENGTH = LENGTH
+
+    def __init__(self, stop: StopCallback):
+        super().__init__(log)
+        self._stop = stop
+        self._wake_status = False
+
+    def state(self) -> AcpiPmState:
+        with self._lock:
+            return AcpiPmState(wake_status=self._wake_status)
+
+    def restore(self, s: AcpiPmState) -> None:
+        if not isinstance(s, AcpiPmState):
+            raise TypeError(f"expected AcpiPmState, got {type(s).__name__}")
+        s.validate()
+        with self._lock:
+            self._wake_status = s.wake_status
+
+    def _read_reg(self, offset: int) -> int:
+        if offset == SLEEP_STATUS:
+            return WAK_STS if self._wake_status else 0
+        return 0
+
+    def _write_reg(self, offset: int, value: int) -> None:
+        if offset == SLEEP_STATUS:
+            if value & WAK_STS:
+                self._wake_status = False
+            return
+        if not value & SLP_EN:
+            log.debug("acpi_pm: sleep control write %#04x without SLP_EN ignored", value)
+            return
+        slp_typ = (value >> SLP_TYP_SHIFT) & SLP_TYP_MASK
+        if slp_typ == S5_SLEEP_TYPE:
+            log.info("acpi_pm: guest entered S5")
+            self._defer(lambda: self._stop(StopRequest(GuestEvent.POWEROFF, detail="ACPI S5")))
+        else:
+            log.warning("acpi_pm: sleep type %d not supported; reporting immediate wake", slp_typ)
+            self._wake_status = True
+
+
+@dataclass(frozen=True)
+class AcpiResetState:
+    def validate(self) -> None:
+        pass
+
+
+class AcpiReset(ByteRegisterDevice):
+    """FADT RESET_REG: writing ``reset_value`` requests a reboot; reads as 0."""
+
+    LENGTH = 1
+
+    def __init__(self, stop: StopCallback, reset_value: int = RESET_VALUE):
+        super().__init__(log)
+        if not 0 <= reset_value <= 0xFF:
+            raise ValueError(f"reset value {reset_value:#x} out of range")
+        self._stop = stop
+        self._reset_value = reset_value
+
+    def state(self) -> AcpiResetState:
+        return AcpiResetState()
+
+    def restore(self, s: AcpiResetState) -> None:
+        if not isinstance(s, AcpiResetState):
+            raise TypeError(f"expected AcpiResetState, got {type(s).__name__}")
+
+    def _read_reg(self, offset: int) -> int:
+        return 0
+
+    def _write_reg(self, offset: int, value: int) -> None:
+        if value == self._reset_value:
+            log.info("acpi_pm: reset register written")
+            self._defer(lambda: self._stop(StopRequest(GuestEvent.REBOOT, detail="ACPI reset")))
+        else:
+            log.debug("acpi_pm: reset register write %#04x ignored", value)

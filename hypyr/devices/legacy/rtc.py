@@ -1,0 +1,297 @@
+"""MC146818 CMOS real-time clock and 128-byte CMOS RAM.
+
+Register it at port 0x70 with length 2: offset 0 (port 0x70) selects the CMOS index
+(bits 6:0; bit 7 is the NMI-disable bit, remembered but not acted on), offset 1 (port 0x71)
+reads/writes the selected byte.  Port 0x70 is write-only on real hardware and reads 0xff.
+
+Time registers 0x00-0x09 (seconds, alarm seconds, minutes, alarm minutes, hours, alarm
+hours, day of week (Sunday = 1), day of month, month, year % 100) and the century byte
+0x32 are computed from the host clock in UTC plus a guest offset, in BCD or binary per
+register B's DM bit (bit 2) and in 24- or 12-hour form per bit 1 (12-hour: bit 7 of the
+hour = PM).  Register A reads with UIP (bit 7) always clear (reset value 0x26); B resets to
+0x02 (24 h, BCD); C (interrupt flags) reads 0 — this model raises no interrupts; D reads
+0x80 (valid RAM and time).  Writes to time registers move the guest's clock (an offset from
+host time): immediately, or, while register B's SET bit (bit 7) is set, on the write that
+clears SET (the clock is frozen while SET is set, as on the real part).  Nonsensical dates
+are logged and ignored (while SET is on, fields may pass through invalid combinations; the
+result is checked when SET is cleared).  Alarm registers and 0x0e-0x7f (except 0x32) are plain RAM; the VMM
+may preload RAM (e.g. memory size bytes for a BIOS) with :meth:`Rtc.set_cmos`.
+
+The clock is injectable: ``Rtc(clock=lambda: 1700000000.0)``.
+"""
+
+from __future__ import annotations
+
+import calendar
+import datetime
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from hypyr.devices.legacy._bytedev import ByteRegisterDevice, bcd, from_bcd, is_bcd
+
+log = logging.getLogger("hypyr.dev.rtc")
+
+PORT = 0x70
+LENGTH = 2
+IRQ = 8
+
+REG_SECONDS = 0x00
+REG_SECONDS_ALARM = 0x01
+REG_MINUTES = 0x02
+REG_MINUTES_ALARM = 0x03
+REG_HOURS = 0x04
+REG_HOURS_ALARM = 0x05
+REG_WEEKDAY = 0x06
+REG_DAY = 0x07
+REG_MONTH = 0x08
+REG_YEAR = 0x09
+REG_A = 0x0A
+REG_B = 0x0B
+REG_C = 0x0C
+REG_D = 0x0D
+REG_CENTURY = 0x32
+
+REG_A_UIP = 0x80
+REG_A_DEFAULT = 0x26
+REG_B_SET = 0x80
+REG_B_DM_BINARY = 0x04
+REG_B_24H = 0x02
+REG_B_DEFAULT = REG_B_24H
+REG_D_VRT = 0x80
+
+_TIME_REGS = (REG_SECONDS, REG_MINUTES, REG_HOURS, REG_WEEKDAY, REG_DAY, REG_MONTH, REG_YEAR,
+              REG_CENTURY)
+
+_MIN_EPOCH = calendar.timegm((1, 1, 1, 0, 0, 0))
+_MAX_EPOCH = calendar.timegm((9999, 12, 31, 23, 59, 59))
+
+
+def _default_ram() -> bytes:
+    ram = bytearray(128)
+    ram[REG_A] = REG_A_DEFAULT
+    ram[REG_B] = REG_B_DEFAULT
+    ram[REG_D] = REG_D_VRT
+    return bytes(ram)
+
+
+Fields = tuple[int, int, int, int, int, int]  # year, month, day, hour, minute, second
+
+
+@dataclass(frozen=True)
+class RtcState:
+    index: int = 0
+    nmi_disabled: bool = False
+    ram: bytes = _default_ram()  # time registers' bytes here are unused (computed)
+    offset: int = 0  # guest time minus host time, seconds
+    frozen: Fields | None = None  # the clock fields while register B's SET bit is set
+
+    def validate(self) -> None:
+        if not isinstance(self.index, int) or not 0 <= self.index <= 0x7F:
+            raise ValueError(f"RtcState.index={self.index!r} out of range")
+        if not isinstance(self.nmi_disabled, bool):
+            raise ValueError("RtcState.nmi_disabled must be a bool")
+        if not isinstance(self.ram, (bytes, bytearray)) or len(self.ram) != 128:
+            raise ValueError("RtcState.ram must be 128 bytes")
+        if not isinstance(self.offset, int) or isinstance(self.offset, bool):
+            raise ValueError("RtcState.offset must be an int")
+        if self.frozen is not None:
+            f = self.frozen
+            if (not isinstance(f, tuple) or len(f) != 6 or not all(isinstance(v, int) for v in f)
+                    or not 1 <= f[0] <= 9999 or not all(0 <= v <= 99 for v in f[1:])):
+                raise ValueError(f"RtcState.frozen={f!r} invalid")
+        if bool(self.ram[REG_B] & REG_B_SET) != (self.frozen is not None):
+            raise ValueError("RtcState.frozen must be set exactly when register B's SET bit is")
+
+
+class Rtc(ByteRegisterDevice):
+    """CMOS RTC.  ``clock`` returns host time as seconds since the epoch (UTC)."""
+
+    LENGTH = LENGTH
+
+    def __init__(self, clock: Callable[[], float] = time.time):
+        super().__init__(log)
+        self._clock = clock
+        self._set_state(RtcState())
+
+    # ------------------------------------------------------------------ state
+    def _set_state(self, s: RtcState) -> None:
+        self._index = s.index
+        self._nmi_disabled = s.nmi_disabled
+        self._ram = bytearray(s.ram)
+        self._offset = s.offset
+        self._frozen = s.frozen
+
+    def state(self) -> RtcState:
+        with self._lock:
+            return RtcState(index=self._index, nmi_disabled=self._nmi_disabled, ram=bytes(self._ram),
+                            offset=self._offset, frozen=self._frozen)
+
+    def restore(self, s: RtcState) -> None:
+        if not isinstance(s, RtcState):
+            raise TypeError(f"expected RtcState, got {type(s).__name__}")
+        s.validate()
+        with self._lock:
+            self._set_state(s)
+
+    # ------------------------------------------------------------------ host side
+    @property
+    def nmi_disabled(self) -> bool:
+        with self._lock:
+            return self._nmi_disabled
+
+    def set_cmos(self, index: int, value: int) -> None:
+        """Preload a CMOS RAM byte (VMM use, e.g. BIOS memory-size bytes)."""
+        if not 0 <= index <= 0x7F or not 0 <= value <= 0xFF:
+            raise ValueError(f"CMOS[{index:#x}] = {value:#x} out of range")
+        if index in _TIME_REGS or index in (REG_C, REG_D):
+            raise ValueError(f"CMOS index {index:#x} is a clock register")
+        with self._lock:
+            self._ram[index] = value
+
+    def get_cmos(self, index: int) -> int:
+        with self._lock:
+            return self._read_index(index & 0x7F)
+
+    # ------------------------------------------------------------------ time
+    def _host_epoch(self) -> int:
+        try:
+            return int(self._clock())
+        except Exception:
+            log.exception("rtc: clock failed")
+            return 0
+
+    def _guest_epoch(self) -> int:
+        return min(max(self._host_epoch() + self._offset, _MIN_EPOCH), _MAX_EPOCH)
+
+    def _fields(self) -> Fields:
+        if self._frozen is not None:
+            return self._frozen
+        t = time.gmtime(self._guest_epoch())
+        return (t.tm_year, t.tm_mon, t.tm_mday, t.tm_hour, t.tm_min, min(t.tm_sec, 59))
+
+    def _encode(self, value: int) -> int:
+        return value if self._ram[REG_B] & REG_B_DM_BINARY else bcd(value % 100)
+
+    def _decode(self, value: int) -> int | None:
+        if self._ram[REG_B] & REG_B_DM_BINARY:
+            return value if value <= 99 else None
+        return from_bcd(value) if is_bcd(value) else None
+
+    def _time_reg(self, reg: int) -> int:
+        year, month, day, hour, minute, sec = self._fields()
+        if reg == REG_SECONDS:
+            return self._encode(sec)
+        if reg == REG_MINUTES:
+            return self._encode(minute)
+        if reg == REG_HOURS:
+            if self._ram[REG_B] & REG_B_24H:
+                return self._encode(hour)
+            return self._encode(hour % 12 or 12) | (0x80 if hour >= 12 else 0)
+        if reg == REG_WEEKDAY:
+            try:
+                wday = datetime.date(year, month, day).isoweekday() % 7 + 1  # Sunday = 1
+            except ValueError:
+                wday = 1  # a half-set date while SET is on
+            return self._encode(wday)
+        if reg == REG_DAY:
+            return self._encode(day)
+        if reg == REG_MONTH:
+            return self._encode(month)
+        if reg == REG_YEAR:
+            return self._encode(year % 100)
+        return self._encode(year // 100)  # REG_CENTURY
+
+    def _set_time_field(self, reg: int, value: int) -> None:
+        """Apply a guest write to a time register: to the frozen fields while SET is on
+        (checked when SET is cleared), otherwise by moving the guest clock at once."""
+        year, month, day, hour, minute, sec = self._fields()
+        twelve_hour = not self._ram[REG_B] & REG_B_24H
+        if reg == REG_WEEKDAY:
+            return  # derived from the date; the guest's value is not kept
+        v = self._decode(value & 0x7F if reg == REG_HOURS and twelve_hour else value)
+        if v is None:
+            log.debug("rtc: bad value %#04x for register %#x ignored", value, reg)
+            return
+        if reg == REG_SECONDS:
+            sec = v
+        elif reg == REG_MINUTES:
+            minute = v
+        elif reg == REG_HOURS:
+            if twelve_hour:
+                if not 1 <= v <= 12:
+                    log.debug("rtc: bad 12-hour value %#04x ignored", value)
+                    return
+                v = v % 12 + (12 if value & 0x80 else 0)
+            hour = v
+        elif reg == REG_DAY:
+            day = v
+        elif reg == REG_MONTH:
+            month = v
+        elif reg == REG_YEAR:
+            year = year // 100 * 100 + v
+        elif reg == REG_CENTURY:
+            year = v * 100 + year % 100
+        year = max(year, 1)
+        if self._frozen is not None:
+            self._frozen = (year, month, day, hour, minute, sec)
+            return
+        if 1 <= month <= 12:  # e.g. 29 Feb 2024 -> year 2030 keeps the 28th
+            day = min(day, calendar.monthrange(year, month)[1])
+        new = self._to_epoch((year, month, day, hour, minute, sec))
+        if new is None:
+            log.debug("rtc: write %#04x to register %#x gives an invalid time; ignored", value, reg)
+            return
+        self._offset = new - self._host_epoch()
+
+    @staticmethod
+    def _to_epoch(f: Fields) -> int | None:
+        try:
+            return calendar.timegm(datetime.datetime(*f).timetuple())
+        except (ValueError, OverflowError):
+            return None
+
+    # ------------------------------------------------------------------ registers
+    def _read_index(self, index: int) -> int:
+        if index in _TIME_REGS:
+            return self._time_reg(index)
+        if index == REG_A:
+            return self._ram[REG_A] & ~REG_A_UIP & 0xFF
+        if index == REG_C:
+            return 0
+        if index == REG_D:
+            return REG_D_VRT
+        return self._ram[index]
+
+    def _read_reg(self, offset: int) -> int:
+        if offset == 0:
+            return 0xFF
+        return self._read_index(self._index)
+
+    def _write_reg(self, offset: int, value: int) -> None:
+        if offset == 0:
+            self._index = value & 0x7F
+            self._nmi_disabled = bool(value & 0x80)
+            return
+        index = self._index
+        if index in _TIME_REGS:
+            self._set_time_field(index, value)
+        elif index == REG_A:
+            self._ram[REG_A] = value & 0x7F
+        elif index == REG_B:
+            was_set = self._frozen is not None
+            if value & REG_B_SET and not was_set:
+                self._frozen = self._fields()
+            elif not value & REG_B_SET and was_set:
+                new = self._to_epoch(self._frozen)
+                if new is None:
+                    log.warning("rtc: guest set an invalid time %r; clock unchanged", self._frozen)
+                else:
+                    self._offset = new - self._host_epoch()
+                self._frozen = None
+            self._ram[REG_B] = value
+        elif index in (REG_C, REG_D):
+            log.debug("rtc: write %#04x to read-only register %#x ignored", value, index)
+        else:
+            self._ram[index] = value

@@ -1,0 +1,427 @@
+"""A 16550A-compatible UART (8250 family), as used for COM1.
+
+Register it at port 0x3f8 with length 8; its interrupt line is ISA IRQ 4.
+
+Registers (offset: read / write)::
+
+    0  RBR receive buffer      / THR transmit holding      (DLAB=0)
+       DLL divisor latch low   / DLL                       (DLAB=1)
+    1  IER interrupt enable    / IER                       (DLAB=0)
+       DLM divisor latch high  / DLM                       (DLAB=1)
+    2  IIR interrupt ident.    / FCR FIFO control
+    3  LCR line control        / LCR (bit 7 = DLAB)
+    4  MCR modem control       / MCR (bit 4 = loopback)
+    5  LSR line status         / (ignored)
+    6  MSR modem status        / (ignored)
+    7  SCR scratch             / SCR
+
+Model
+-----
+* Transmission is instantaneous: a THR write hands the byte to ``out`` (or, in loopback mode,
+  to the receive FIFO) and THR/transmitter are empty again, so LSR.THRE and LSR.TEMT always
+  read 1 and the THRE interrupt is re-armed after every THR write.
+* Interrupt sources, highest priority first: receiver line status (overrun, when host input
+  had to be dropped), received data (IIR 0x04 when the FIFO holds at least the trigger level,
+  otherwise 0x0C "character timeout"; with FIFOs off always 0x04), THR empty (0x02), modem
+  status (0x00).  IIR bits 7:6 read 11 when FIFOs are enabled.
+* THRE follows the real 16550: reading IIR while THRE is the reported source clears it; a THR
+  write re-arms it; writing IER so that ETBEI goes 0->1 while THR is empty arms it (Linux's
+  tty layer and its startup THRE test depend on this — without it a guest's userspace output
+  to ttyS0 never drains).
+* Output line: ``irq(True)`` while an enabled source is pending *and* MCR.OUT2 is set (on a
+  PC, OUT2 gates the UART's INTR onto the ISA bus), ``irq(False)`` otherwise.  ``irq`` is only
+  called when that level changes.  Like real hardware (THRE drops while a byte is in flight),
+  a THR write that clears and re-arms THRE is evaluated in two steps, so if THRE was the only
+  pending source the line pulses low then high: an edge-triggered PIC that stays latched
+  on a level that never drops would otherwise miss the next interrupt (e.g. after Linux's ISR
+  gives up with "too much work").
+* Loopback (MCR bit 4): transmitted bytes go to the receive FIFO instead of ``out``; MSR's
+  upper nibble reflects MCR (CTS=RTS, DSR=DTR, RI=OUT1, DCD=OUT2) with the delta bits set
+  accordingly, as Linux's autoconfig probe expects (MCR=0x1A -> MSR & 0xF0 == 0x90).  The
+  OUT2 gate uses the MCR.OUT2 bit in loopback too.
+* Outside loopback the modem inputs read CTS, DSR and DCD asserted (a connected terminal).
+* Host input (:meth:`Serial.enqueue_input`) goes to a bounded receive buffer
+  (``RX_BUFFER_SIZE`` = 64 KiB), the head of which is the 16-byte hardware FIFO (1 byte with
+  FIFOs off): an FCR "clear receive FIFO" drops only that part.  Input beyond the bound is
+  dropped, logged, and reported to the guest as an overrun (LSR.OE).  Callers that can wait
+  should check :meth:`Serial.input_room` first.
+
+Threading: all state is guarded by one lock.  ``irq`` and ``out`` are called with that lock
+held (this keeps line levels and output bytes in order across vCPU threads); they must not
+call back into this device.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+from hypyr.devices.bus import IrqLine
+from hypyr.devices.legacy._bytedev import ByteRegisterDevice
+
+log = logging.getLogger("hypyr.dev.serial")
+
+COM1_PORT = 0x3F8
+COM1_IRQ = 4
+LENGTH = 8
+
+RX_BUFFER_SIZE = 64 * 1024
+HW_FIFO_SIZE = 16
+
+# Register offsets
+RBR = THR = DLL = 0
+IER = DLM = 1
+IIR = FCR = 2
+LCR = 3
+MCR = 4
+LSR = 5
+MSR = 6
+SCR = 7
+
+# IER bits
+IER_ERBFI = 0x01  # received data available
+IER_ETBEI = 0x02  # THR empty
+IER_ELSI = 0x04  # receiver line status
+IER_EDSSI = 0x08  # modem status
+
+# IIR values
+IIR_NO_INT = 0x01
+IIR_MSI = 0x00
+IIR_THRI = 0x02
+IIR_RDI = 0x04
+IIR_RLSI = 0x06
+IIR_TIMEOUT = 0x0C
+IIR_FIFO_BITS = 0xC0
+
+# FCR bits
+FCR_ENABLE = 0x01
+FCR_CLEAR_RX = 0x02
+FCR_CLEAR_TX = 0x04
+FCR_DMA = 0x08
+FCR_TRIGGER_MASK = 0xC0
+_TRIGGER_LEVELS = {0x00: 1, 0x40: 4, 0x80: 8, 0xC0: 14}
+
+# LCR
+LCR_DLAB = 0x80
+
+# MCR bits
+MCR_DTR = 0x01
+MCR_RTS = 0x02
+MCR_OUT1 = 0x04
+MCR_OUT2 = 0x08
+MCR_LOOP = 0x10
+MCR_MASK = 0x1F
+
+# LSR bits
+LSR_DR = 0x01
+LSR_OE = 0x02
+LSR_PE = 0x04
+LSR_FE = 0x08
+LSR_BI = 0x10
+LSR_THRE = 0x20
+LSR_TEMT = 0x40
+LSR_FIFO_ERR = 0x80
+LSR_ERRORS = LSR_OE | LSR_PE | LSR_FE | LSR_BI
+
+# MSR bits
+MSR_DCTS = 0x01
+MSR_DDSR = 0x02
+MSR_TERI = 0x04
+MSR_DDCD = 0x08
+MSR_CTS = 0x10
+MSR_DSR = 0x20
+MSR_RI = 0x40
+MSR_DCD = 0x80
+MSR_DELTAS = 0x0F
+
+# Modem inputs when not in loopback: a terminal is attached.
+_HOST_LINES = MSR_CTS | MSR_DSR | MSR_DCD
+
+
+@dataclass(frozen=True)
+class SerialState:
+    ier: int = 0
+    lcr: int = 0
+    mcr: int = 0
+    fcr: int = 0  # as programmed: FCR_ENABLE | FCR_DMA | trigger bits (clear bits never stored)
+    lsr_errors: int = 0  # sticky LSR error bits (OE/PE/FE/BI), cleared by reading LSR
+    msr: int = _HOST_LINES  # lines in bits 7:4, deltas in bits 3:0
+    scr: int = 0
+    dll: int = 0x0C  # 9600 baud
+    dlm: int = 0
+    thre_pending: bool = True
+    rx: bytes = b""
+
+    def validate(self) -> None:
+        for name, limit in (("ier", 0x0F), ("lcr", 0xFF), ("mcr", MCR_MASK), ("fcr", 0xFF),
+                            ("lsr_errors", LSR_ERRORS), ("msr", 0xFF), ("scr", 0xFF),
+                            ("dll", 0xFF), ("dlm", 0xFF)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v & ~limit:
+                raise ValueError(f"SerialState.{name}={v!r} out of range")
+        if self.fcr & ~(FCR_ENABLE | FCR_DMA | FCR_TRIGGER_MASK):
+            raise ValueError(f"SerialState.fcr={self.fcr:#x} has non-persistent bits")
+        if not isinstance(self.thre_pending, bool):
+            raise ValueError("SerialState.thre_pending must be a bool")
+        if not isinstance(self.rx, (bytes, bytearray)) or len(self.rx) > RX_BUFFER_SIZE:
+            raise ValueError("SerialState.rx must be bytes of at most RX_BUFFER_SIZE")
+
+
+class Serial(ByteRegisterDevice):
+    """16550A UART.  ``irq`` is the UART's (OUT2-gated) interrupt line; ``out`` gets TX bytes."""
+
+    LENGTH = LENGTH
+
+    def __init__(self, irq: IrqLine, out: Callable[[bytes], None]):
+        super().__init__(log)
+        self._irq = irq
+        self._out = out
+        self._irq_level = False
+        self._warned_full = False
+        self._rx: collections.deque[int] = collections.deque()
+        self._set_state(SerialState())
+
+    # ------------------------------------------------------------------ state
+    def _set_state(self, s: SerialState) -> None:
+        self._ier = s.ier
+        self._lcr = s.lcr
+        self._mcr = s.mcr
+        self._fcr = s.fcr
+        self._lsr_errors = s.lsr_errors
+        self._msr = s.msr
+        self._scr = s.scr
+        self._dll = s.dll
+        self._dlm = s.dlm
+        self._thre_pending = s.thre_pending
+        self._rx = collections.deque(s.rx)
+
+    def state(self) -> SerialState:
+        with self._lock:
+            return SerialState(ier=self._ier, lcr=self._lcr, mcr=self._mcr, fcr=self._fcr,
+                               lsr_errors=self._lsr_errors, msr=self._msr, scr=self._scr,
+                               dll=self._dll, dlm=self._dlm, thre_pending=self._thre_pending,
+                               rx=bytes(self._rx))
+
+    def restore(self, s: SerialState) -> None:
+        """Load ``s`` (validated).  Drives the interrupt line to the restored level
+        unconditionally, since the line's previous level is unknown to the caller."""
+        if not isinstance(s, SerialState):
+            raise TypeError(f"expected SerialState, got {type(s).__name__}")
+        s.validate()
+        with self._lock:
+            self._set_state(s)
+            self._irq_level = self._compute_level()
+            self._call_irq(self._irq_level)
+
+    # ------------------------------------------------------------------ host side
+    def input_room(self) -> int:
+        """How many bytes :meth:`enqueue_input` would accept right now."""
+        with self._lock:
+            return RX_BUFFER_SIZE - len(self._rx)
+
+    def enqueue_input(self, data: bytes) -> int:
+        """Queue bytes received from the host console; returns how many were accepted.
+        Bytes beyond the buffer bound are dropped (logged, LSR.OE set)."""
+        data = bytes(data)
+        if not data:
+            return 0
+        with self._lock:
+            accepted = self._rx_push(data)
+            self._update_irq()
+            warn = accepted < len(data) and not self._warned_full
+            self._warned_full = accepted < len(data) or (self._warned_full and not self._rx_room_back())
+        if warn:
+            log.warning("serial: receive buffer full (guest not reading?), dropping input"
+                        " (%d bytes now; further drops not logged until it drains)", len(data) - accepted)
+        elif accepted < len(data):
+            log.debug("serial: receive buffer full, dropped %d input bytes", len(data) - accepted)
+        return accepted
+
+    def _rx_room_back(self) -> bool:
+        return len(self._rx) <= RX_BUFFER_SIZE // 2
+
+    @property
+    def divisor(self) -> int:
+        with self._lock:
+            return (self._dlm << 8) | self._dll
+
+    # ------------------------------------------------------------------ internals
+    def _rx_push(self, data: bytes) -> int:
+        room = RX_BUFFER_SIZE - len(self._rx)
+        take = min(room, len(data))
+        if take:
+            self._rx.extend(data[:take])
+        if take < len(data):
+            self._lsr_errors |= LSR_OE
+        return take
+
+    def _fifo_enabled(self) -> bool:
+        return bool(self._fcr & FCR_ENABLE)
+
+    def _pending_iir(self) -> int:
+        """The IIR interrupt-identification value (bits 3:0) of the highest pending source."""
+        ier = self._ier
+        if ier & IER_ELSI and self._lsr_errors:
+            return IIR_RLSI
+        if ier & IER_ERBFI and self._rx:
+            if self._fifo_enabled() and len(self._rx) < _TRIGGER_LEVELS[self._fcr & FCR_TRIGGER_MASK]:
+                return IIR_TIMEOUT
+            return IIR_RDI
+        if ier & IER_ETBEI and self._thre_pending:
+            return IIR_THRI
+        if ier & IER_EDSSI and self._msr & MSR_DELTAS:
+            return IIR_MSI
+        return IIR_NO_INT
+
+    def _compute_level(self) -> bool:
+        return self._pending_iir() != IIR_NO_INT and bool(self._mcr & MCR_OUT2)
+
+    def _call_irq(self, level: bool) -> None:
+        try:
+            self._irq(level)
+        except Exception:
+            log.exception("serial: irq(%s) failed", level)
+
+    def _update_irq(self) -> None:
+        level = self._compute_level()
+        if level != self._irq_level:
+            self._irq_level = level
+            self._call_irq(level)
+
+    def _modem_lines(self) -> int:
+        if self._mcr & MCR_LOOP:
+            m = self._mcr
+            return ((MSR_CTS if m & MCR_RTS else 0) | (MSR_DSR if m & MCR_DTR else 0)
+                    | (MSR_RI if m & MCR_OUT1 else 0) | (MSR_DCD if m & MCR_OUT2 else 0))
+        return _HOST_LINES
+
+    def _set_modem_lines(self, new: int) -> None:
+        old = self._msr & 0xF0
+        delta = 0
+        changed = old ^ new
+        if changed & MSR_CTS:
+            delta |= MSR_DCTS
+        if changed & MSR_DSR:
+            delta |= MSR_DDSR
+        if old & MSR_RI and not new & MSR_RI:  # trailing edge of ring indicator
+            delta |= MSR_TERI
+        if changed & MSR_DCD:
+            delta |= MSR_DDCD
+        self._msr = new | (self._msr & MSR_DELTAS) | delta
+
+    def _hw_fifo_len(self) -> int:
+        return HW_FIFO_SIZE if self._fifo_enabled() else 1
+
+    def _clear_rx_fifo(self) -> None:
+        for _ in range(min(self._hw_fifo_len(), len(self._rx))):
+            self._rx.popleft()
+
+    def _transmit(self, value: int) -> None:
+        if self._mcr & MCR_LOOP:
+            if not self._rx_push(bytes([value])):
+                log.debug("serial: loopback byte dropped, receive buffer full")
+            return
+        try:
+            self._out(bytes([value]))
+        except Exception:
+            log.exception("serial: output callback failed; byte dropped")
+
+    # ------------------------------------------------------------------ registers
+    def _read_reg(self, offset: int) -> int:
+        dlab = self._lcr & LCR_DLAB
+        if offset == RBR:
+            if dlab:
+                return self._dll
+            value = self._rx.popleft() if self._rx else 0
+            self._update_irq()
+            return value
+        if offset == IER:
+            return self._dlm if dlab else self._ier
+        if offset == IIR:
+            iid = self._pending_iir()
+            if iid == IIR_THRI:
+                self._thre_pending = False
+                self._update_irq()
+            return iid | (IIR_FIFO_BITS if self._fifo_enabled() else 0)
+        if offset == LCR:
+            return self._lcr
+        if offset == MCR:
+            return self._mcr
+        if offset == LSR:
+            value = LSR_THRE | LSR_TEMT | self._lsr_errors
+            if self._rx:
+                value |= LSR_DR
+            if self._fifo_enabled() and self._lsr_errors & (LSR_PE | LSR_FE | LSR_BI):
+                value |= LSR_FIFO_ERR
+            if self._lsr_errors:
+                self._lsr_errors = 0
+                self._update_irq()
+            return value
+        if offset == MSR:
+            value = self._msr
+            if value & MSR_DELTAS:
+                self._msr &= 0xF0
+                self._update_irq()
+            return value
+        if offset == SCR:
+            return self._scr
+        return 0xFF  # unreachable: offsets are checked by the base class
+
+    def _write_reg(self, offset: int, value: int) -> None:
+        dlab = self._lcr & LCR_DLAB
+        if offset == THR:
+            if dlab:
+                self._dll = value
+                return
+            # THR now full: THRE drops (the line may fall) ...
+            self._thre_pending = False
+            self._update_irq()
+            # ... the byte goes out immediately, THR is empty again and THRE is re-armed.
+            self._transmit(value)
+            self._thre_pending = True
+            self._update_irq()
+        elif offset == IER:
+            if dlab:
+                self._dlm = value
+                return
+            if value & ~0x0F:
+                log.debug("serial: IER write %#04x, reserved bits ignored", value)
+            new = value & 0x0F
+            changed = self._ier ^ new
+            self._ier = new
+            if changed & IER_ETBEI:
+                # THR is always empty here, so enabling ETBEI (0->1) raises THRE at once.
+                self._thre_pending = bool(new & IER_ETBEI)
+            self._update_irq()
+        elif offset == FCR:
+            self._write_fcr(value)
+            self._update_irq()
+        elif offset == LCR:
+            self._lcr = value
+        elif offset == MCR:
+            if value & ~MCR_MASK:
+                log.debug("serial: MCR write %#04x, reserved bits ignored", value)
+            self._mcr = value & MCR_MASK
+            self._set_modem_lines(self._modem_lines())
+            self._update_irq()
+        elif offset in (LSR, MSR):
+            log.debug("serial: write %#04x to read-only register %d ignored", value, offset)
+        elif offset == SCR:
+            self._scr = value
+
+    def _write_fcr(self, value: int) -> None:
+        was_enabled = self._fifo_enabled()
+        if not value & FCR_ENABLE:
+            if was_enabled:
+                self._clear_rx_fifo()
+            self._fcr = 0
+            return
+        if not was_enabled:
+            # Switching FIFO mode on resets the (1-byte) receiver holding register.
+            self._clear_rx_fifo()
+        self._fcr = value & (FCR_ENABLE | FCR_DMA | FCR_TRIGGER_MASK)
+        if value & FCR_CLEAR_RX:
+            self._clear_rx_fifo()
+        # FCR_CLEAR_TX: the transmitter is always empty.

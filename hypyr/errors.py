@@ -1,0 +1,2 @@
+class HypyrError(Exception):
+    """An error the user can fix; str() is one sentence."""

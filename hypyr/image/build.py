@@ -1,0 +1,226 @@
+"""Build the guest image hypyr boots: the Debian cloud kernel plus a busybox initramfs.
+
+`build()` is idempotent: a stamp records a hash of every input (kernel and busybox packages,
+the init script, the module list, this builder's version) and a rebuild with the same inputs
+does nothing unless forced. Outputs are byte-identical across rebuilds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from hypyr.errors import HypyrError
+from hypyr.image import debs
+from hypyr.image.cpio import CpioWriter
+from hypyr.image.exitport import exit_helper_elf
+
+log = logging.getLogger("hypyr.image")
+
+BUILDER_VERSION = 2
+KERNEL_PACKAGE = "linux-image-cloud-amd64"
+BUSYBOX_PACKAGE = "busybox-static"
+GUEST_MODULES = [
+    "virtio_mmio", "virtio_blk", "virtio_console", "virtio_rng", "virtio_net",
+    "virtio_balloon", "vmw_vsock_virtio_transport", "ext4",
+]
+BASE_DIRS = ["bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "tmp", "mnt", "root",
+             "etc", "etc/hypyr", "lib/modules", "run", "var"]
+STAMP = "image.stamp"
+
+
+@dataclass(frozen=True)
+class ImagePaths:
+    kernel: Path
+    initrd: Path
+    dir: Path
+
+
+def image_dir() -> Path:
+    env = os.environ.get("HYPYR_IMAGE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "hypyr" / "image"
+
+
+def paths() -> ImagePaths:
+    d = image_dir()
+    return ImagePaths(kernel=d / "vmlinuz", initrd=d / "initrd.img", dir=d)
+
+
+def init_script() -> bytes:
+    return resources.files("hypyr.image").joinpath("init.sh").read_bytes()
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def stamp_for(kernel_deb: Path, busybox_deb: Path, init: bytes, modules: list[str]) -> str:
+    """The stamp text for a set of inputs; equal inputs give equal stamps."""
+    doc = {
+        "builder": BUILDER_VERSION,
+        "kernel": [Path(kernel_deb).name, debs.file_sha256(kernel_deb)],
+        "busybox": [Path(busybox_deb).name, debs.file_sha256(busybox_deb)],
+        "init": _sha(init),
+        "modules": list(modules),
+    }
+    return json.dumps(doc, sort_keys=True) + "\n"
+
+
+def is_current(out: ImagePaths, stamp: str) -> bool:
+    """True when the outputs exist and were built from the inputs that `stamp` describes."""
+    f = out.dir / STAMP
+    return out.kernel.is_file() and out.initrd.is_file() and f.is_file() and f.read_text() == stamp
+
+
+def busybox_applets(busybox: Path) -> list[str]:
+    """Applet paths (e.g. 'bin/ls') that `busybox --list-full` reports; [] if it cannot run here."""
+    try:
+        r = subprocess.run([str(busybox), "--list-full"], capture_output=True, text=True, timeout=30)
+    except OSError:
+        return []
+    if r.returncode != 0:
+        return []
+    return sorted({l.strip().lstrip("/") for l in r.stdout.splitlines() if l.strip()})
+
+
+def add_busybox(w: CpioWriter, busybox: Path) -> None:
+    """Put /bin/busybox and its applet symlinks (at least /bin/sh) into the archive."""
+    w.add_file("bin/busybox", host_path=busybox, mode=0o755)
+    for applet in busybox_applets(busybox):
+        if applet != "bin/busybox":
+            w.add_symlink(applet, "/bin/busybox")
+    if "bin/sh" not in w:
+        w.add_symlink("bin/sh", "/bin/busybox")
+
+
+def add_base(w: CpioWriter) -> None:
+    for d in BASE_DIRS:
+        w.add_dir(d)
+    w.add_dir("tmp", 0o1777)
+    w.add_dir("root", 0o700)
+    w.add_chardev("dev/console", 5, 1, 0o600)
+    w.add_chardev("dev/null", 1, 3, 0o666)
+
+
+def add_modules(w: CpioWriter, moddir: Path, names: list[str], list_path: str) -> list[str]:
+    """Copy the modules for `names` (with dependencies, decompressed) into lib/modules/ and
+    write their load order to `list_path`; returns the file names in load order."""
+    tree = debs.ModuleTree(moddir)
+    resolved = tree.resolve(names)
+    for name in resolved.missing:
+        log.info("kernel has no module %s; the image goes without it", name)
+    order = []
+    for rel in resolved.ordered:
+        fname = debs.mod_name(rel) + ".ko"
+        w.add_file(f"lib/modules/{fname}", debs.read_module(moddir / rel), mode=0o644)
+        order.append(fname)
+    w.add_file(list_path, "".join(f"{m}\n" for m in order).encode(), mode=0o644)
+    return order
+
+
+def find_vmlinuz(root: Path) -> Path:
+    hits = sorted((Path(root) / "boot").glob("vmlinuz-*"))
+    if not hits:
+        raise HypyrError(f"The kernel package unpacked at {root} has no boot/vmlinuz-* file.")
+    return hits[-1]
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def build(kernel_deb: Path | None = None, force: bool = False) -> ImagePaths:
+    """Fetch the inputs and build vmlinuz + initrd.img in image_dir() (skipped when current)."""
+    t0 = time.monotonic()
+    out = paths()
+    out.dir.mkdir(parents=True, exist_ok=True)
+    if kernel_deb is not None:
+        kernel_deb = Path(kernel_deb)
+        if not kernel_deb.is_file():
+            raise HypyrError(f"The kernel package {kernel_deb} does not exist.")
+    else:
+        kernel_deb = debs.download(debs.resolve_package(KERNEL_PACKAGE))
+    busybox_deb = debs.download(BUSYBOX_PACKAGE)
+    init = init_script()
+    stamp = stamp_for(kernel_deb, busybox_deb, init, GUEST_MODULES)
+    if not force and is_current(out, stamp):
+        log.info("guest image in %s is up to date", out.dir)
+        return out
+
+    debs.progress(f"building the guest image in {out.dir}")
+    kroot = debs.extract(kernel_deb)
+    bbroot = debs.extract(busybox_deb)
+    busybox = bbroot / "bin" / "busybox"
+    if not busybox.is_file():
+        raise HypyrError(f"The package {busybox_deb.name} has no bin/busybox.")
+    release = debs.kernel_release(kroot)
+
+    w = CpioWriter()
+    add_base(w)
+    add_busybox(w, busybox)
+    order = add_modules(w, kroot / "lib" / "modules" / release, GUEST_MODULES, "etc/hypyr/modules")
+    w.add_file("etc/hostname", b"hypyr\n")
+    w.add_file("etc/hypyr/kernel-release", f"{release}\n".encode())
+    w.add_file("bin/hypyr-exit", exit_helper_elf(), mode=0o755)
+    w.add_file("init", init, mode=0o755)
+    debs.progress(f"packing the initramfs ({len(order)} modules)")
+    initrd = w.to_gzip()
+
+    (out.dir / STAMP).unlink(missing_ok=True)
+    tmp = out.kernel.with_name(out.kernel.name + ".tmp")
+    shutil.copyfile(find_vmlinuz(kroot), tmp)
+    tmp.replace(out.kernel)
+    _write_atomic(out.initrd, initrd)
+    _write_atomic(out.dir / STAMP, stamp.encode())
+    debs.progress(f"guest image ready: kernel {release}, initrd {len(initrd) / 1e6:.1f} MB "
+                  f"({time.monotonic() - t0:.1f} s)")
+    return out
+
+
+def ensure() -> ImagePaths:
+    """The guest image, built first if it is missing (no package look-up when it exists)."""
+    out = paths()
+    stamp = out.dir / STAMP
+    if out.kernel.is_file() and out.initrd.is_file() and stamp.is_file():
+        try:
+            doc = json.loads(stamp.read_text())
+        except ValueError:
+            doc = {}
+        # Without asking apt, a changed init script, module list or builder still rebuilds.
+        if (doc.get("builder") == BUILDER_VERSION and doc.get("modules") == GUEST_MODULES
+                and doc.get("init") == _sha(init_script())):
+            return out
+    return build()
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m hypyr.image.build", description=__doc__.splitlines()[0])
+    ap.add_argument("--kernel-deb", type=Path, help="use this kernel .deb instead of the Debian cloud kernel")
+    ap.add_argument("--force", action="store_true", help="rebuild even when the inputs did not change")
+    args = ap.parse_args(argv)
+    try:
+        p = build(args.kernel_deb, force=args.force)
+    except HypyrError as e:
+        print(f"hypyr: {e}", file=__import__("sys").stderr)
+        return 1
+    print(p.kernel)
+    print(p.initrd)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,273 @@
+import lzma
+import os
+import shutil
+import stat
+import struct
+import subprocess
+
+import pytest
+
+from hypyr.errors import HypyrError
+from hypyr.image import build as B
+from hypyr.image import debs
+from hypyr.image.exitport import EXIT_PORT, exit_helper_elf
+
+
+def parse_newc(data: bytes) -> list[dict]:
+    """A tiny newc reader, independent of the writer."""
+    out, off = [], 0
+    while True:
+        assert data[off:off + 6] == b"070701", f"bad magic at {off}"
+        f = [int(data[off + 6 + 8 * i: off + 14 + 8 * i], 16) for i in range(13)]
+        namesize, filesize = f[11], f[6]
+        name_start = off + 110
+        name = data[name_start:name_start + namesize - 1].decode()
+        assert data[name_start + namesize - 1] == 0
+        off = name_start + namesize
+        off += -off % 4
+        body = data[off:off + filesize]
+        off += filesize
+        off += -off % 4
+        if name == "TRAILER!!!":
+            assert len(data) % 512 == 0
+            assert not data[off:].strip(b"\0")
+            return out
+        out.append(dict(name=name, ino=f[0], mode=f[1], uid=f[2], gid=f[3], nlink=f[4], mtime=f[5],
+                        data=body, rmaj=f[9], rmin=f[10]))
+
+
+needs_dpkg = pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="dpkg-deb not installed")
+
+
+def fake_ko(depends: str = "") -> bytes:
+    """A minimal ELF64 'module' whose .modinfo section carries depends=..."""
+    modinfo = b"license=GPL\0" + f"depends={depends}\0".encode() + b"vermagic=9.9.9 SMP\0"
+    shstr = b"\0.modinfo\0.shstrtab\0"
+    data_off = 64
+    shstr_off = data_off + len(modinfo)
+    shoff = shstr_off + len(shstr)
+    shoff += -shoff % 8
+    ehdr = b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8) + struct.pack(
+        "<HHIQQQIHHHHHH", 1, 0x3E, 1, 0, 0, shoff, 0, 64, 0, 0, 64, 3, 2)
+    body = ehdr + modinfo + shstr
+    body += bytes(shoff - len(body))
+    sh = struct.pack("<IIQQQQIIQQ", 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+    sh += struct.pack("<IIQQQQIIQQ", 1, 1, 2, 0, data_off, len(modinfo), 0, 0, 1, 0)
+    sh += struct.pack("<IIQQQQIIQQ", 10, 3, 0, 0, shstr_off, len(shstr), 0, 0, 1, 0)
+    return body + sh
+
+
+# name -> (relative path, depends)
+FAKE_MODS = {
+    "virtio_ring": ("kernel/drivers/virtio/virtio_ring.ko", ""),
+    "virtio": ("kernel/drivers/virtio/virtio.ko", "virtio_ring"),
+    "virtio_mmio": ("kernel/drivers/virtio/virtio_mmio.ko", "virtio,virtio_ring"),
+    "virtio_blk": ("kernel/drivers/block/virtio_blk.ko", "virtio,virtio_ring"),
+    "vsock": ("kernel/net/vmw_vsock/vsock.ko", ""),
+    "vmw_vsock_virtio_transport_common": ("kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common.ko", "vsock"),
+    "vmw_vsock_virtio_transport": ("kernel/net/vmw_vsock/vmw_vsock_virtio_transport.ko",
+                                   "vmw_vsock_virtio_transport_common,virtio,virtio_ring,vsock"),
+    "kvm_amd": ("kernel/arch/x86/kvm/kvm-amd.ko.xz", "kvm,ccp"),
+    "kvm": ("kernel/arch/x86/kvm/kvm.ko", "irqbypass"),
+    "irqbypass": ("kernel/virt/lib/irqbypass.ko", ""),
+    "ccp": ("kernel/drivers/crypto/ccp/ccp.ko", ""),
+}
+
+
+def make_modtree(root, with_dep_file=False):
+    moddir = root / "lib" / "modules" / "9.9.9-test"
+    for name, (rel, deps) in FAKE_MODS.items():
+        p = moddir / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        data = fake_ko(deps)
+        p.write_bytes(lzma.compress(data) if rel.endswith(".xz") else data)
+    (moddir / "modules.builtin").write_text("kernel/fs/ext4/ext4.ko\nkernel/fs/jbd2/jbd2.ko\n")
+    if with_dep_file:
+        lines = []
+        for name, (rel, deps) in FAKE_MODS.items():
+            # modules.dep lists full transitive deps, deepest last
+            lines.append(f"{rel}: " + " ".join(FAKE_MODS[d][0] for d in deps.split(",") if d))
+        (moddir / "modules.dep").write_text("\n".join(lines) + "\n")
+    return moddir
+
+
+def names(order):
+    return [debs.mod_name(r) for r in order]
+
+
+@pytest.mark.parametrize("with_dep_file", [False, True])
+def test_module_order_dependencies_first(tmp_path, with_dep_file):
+    moddir = make_modtree(tmp_path, with_dep_file)
+    tree = debs.ModuleTree(moddir)
+    res = tree.resolve(["vmw_vsock_virtio_transport", "virtio-mmio", "ext4", "nope", "kvm-amd", "virtio_blk"])
+    order = names(res.ordered)
+    assert len(order) == len(set(order))
+    for name in order:
+        deps = [d for d in FAKE_MODS[name][1].split(",") if d]
+        for d in deps:
+            assert order.index(d) < order.index(name), (d, name, order)
+    assert order.index("vmw_vsock_virtio_transport") < order.index("virtio_mmio")  # request order kept
+    assert res.builtin == ["ext4"] and res.missing == ["nope"]
+    assert "kernel/arch/x86/kvm/kvm-amd.ko.xz" in res.ordered
+    assert debs.module_order(moddir, ["kvm_amd"])[-1].endswith("kvm-amd.ko.xz")
+
+
+def test_compressed_module_is_decompressed(tmp_path):
+    moddir = make_modtree(tmp_path)
+    data = debs.read_module(moddir / FAKE_MODS["kvm_amd"][0])
+    assert debs.modinfo(data)["depends"] == ["kvm,ccp"]
+
+
+def test_mod_name_normalises():
+    assert debs.mod_name("kernel/arch/x86/kvm/kvm-amd.ko.zst") == "kvm_amd"
+    assert debs.mod_name("virtio-pci") == "virtio_pci"
+
+
+def test_missing_dependency_is_an_error(tmp_path):
+    moddir = tmp_path / "m"
+    moddir.mkdir()
+    (moddir / "a.ko").write_bytes(fake_ko("ghost"))
+    with pytest.raises(HypyrError):
+        debs.ModuleTree(moddir).resolve(["a"])
+
+
+def test_exit_helper_elf_shape():
+    elf = exit_helper_elf()
+    assert elf[:4] == b"\x7fELF" and elf[4] == 2
+    e_type, e_machine = struct.unpack_from("<HH", elf, 16)
+    entry, = struct.unpack_from("<Q", elf, 24)
+    assert (e_type, e_machine) == (2, 0x3E)
+    p_type, p_flags, p_off, p_vaddr, _, p_filesz = struct.unpack_from("<IIQQQQ", elf, 64)
+    assert p_type == 1 and p_filesz == len(elf) and p_vaddr <= entry < p_vaddr + p_filesz
+    assert bytes([0xEE]) in elf and struct.pack("<I", EXIT_PORT) in elf  # out dx,al ; port
+
+
+def test_init_script_contract():
+    init = B.init_script().decode()
+    lines = [l for l in init.splitlines() if l.strip() and not l.lstrip().startswith("#")]
+    assert lines[0] == 'echo "hypyr: init started"'
+    for needle in ("hypyr.exec=", "base64 -d", "seek=244", "/bin/hypyr-exit", "poweroff -f",
+                   "hypyr guest ready", "hypyr.console=", "/etc/hypyr/modules"):
+        assert needle in init
+
+
+@pytest.mark.skipif(shutil.which("sh") is None, reason="no sh")
+def test_init_script_parses():
+    r = subprocess.run(["sh", "-n"], input=B.init_script(), capture_output=True)
+    assert r.returncode == 0, r.stderr
+
+
+# ---- build() with fake packages (no network) -------------------------------------------------
+
+def make_deb(tmp_path, name, files):
+    root = tmp_path / f"{name}-root"
+    (root / "DEBIAN").mkdir(parents=True)
+    (root / "DEBIAN" / "control").write_text(
+        f"Package: {name}\nVersion: 1.0\nArchitecture: amd64\nMaintainer: t <t@t>\nDescription: fake\n")
+    for rel, (data, mode) in files.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+        p.chmod(mode)
+    deb = tmp_path / f"{name}_1.0_amd64.deb"
+    subprocess.run(["dpkg-deb", "--root-owner-group", "-Zgzip", "--build", str(root), str(deb)],
+                   check=True, capture_output=True)
+    return deb
+
+
+@pytest.fixture
+def fake_env(tmp_path, monkeypatch):
+    modroot = tmp_path / "kmods"
+    moddir = make_modtree(modroot)
+    files = {"boot/vmlinuz-9.9.9-test": (b"fake bzImage", 0o644)}
+    for p in moddir.rglob("*"):
+        if p.is_file():
+            files[str(p.relative_to(modroot))] = (p.read_bytes(), 0o644)
+    kdeb = make_deb(tmp_path, "linux-image-9.9.9-test", files)
+    bb = b"#!/bin/sh\n[ \"$1\" = --list-full ] && printf 'bin/ls\\nsbin/poweroff\\nbin/sh\\n'\n"
+    bdeb = make_deb(tmp_path, "busybox-static", {"bin/busybox": (bb, 0o755)})
+    monkeypatch.setenv("HYPYR_IMAGE_DIR", str(tmp_path / "image"))
+    monkeypatch.setenv("HYPYR_DEB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(debs, "resolve_package", lambda n: n)
+    monkeypatch.setattr(debs, "download", lambda n, cache=None: {B.BUSYBOX_PACKAGE: bdeb}.get(n, kdeb))
+    return kdeb
+
+
+@needs_dpkg
+def test_build_contents_and_stamp(fake_env, capsys):
+    out = B.build()
+    assert out.kernel.read_bytes() == b"fake bzImage"
+    import gzip
+    entries = {e["name"]: e for e in parse_newc(gzip.decompress(out.initrd.read_bytes()))}
+    init = entries["init"]
+    assert stat.S_ISREG(init["mode"]) and init["mode"] & 0o111
+    assert init["data"] == B.init_script()
+    assert stat.S_ISCHR(entries["dev/console"]["mode"]) and stat.S_ISCHR(entries["dev/null"]["mode"])
+    for d in ("proc", "sys", "dev", "tmp", "mnt", "root", "etc"):
+        assert stat.S_ISDIR(entries[d]["mode"])
+    assert entries["bin/ls"]["data"] == b"/bin/busybox" and stat.S_ISLNK(entries["bin/sh"]["mode"])
+    assert entries["bin/hypyr-exit"]["mode"] & 0o111
+    order = entries["etc/hypyr/modules"]["data"].decode().split()
+    assert order.index("virtio_ring.ko") < order.index("virtio.ko") < order.index("virtio_mmio.ko")
+    assert all(f"lib/modules/{m}" in entries for m in order)
+    assert "virtio_mmio.ko" in order and "ext4.ko" not in order  # ext4 is built in here
+
+    first = out.initrd.read_bytes()
+    mtime = out.initrd.stat().st_mtime_ns
+    capsys.readouterr()
+    again = B.build()  # same inputs: nothing is rebuilt
+    assert again == out and out.initrd.stat().st_mtime_ns == mtime
+    assert "building" not in capsys.readouterr().err
+    B.build(force=True)  # forced: rebuilt, byte-identical
+    assert out.initrd.read_bytes() == first
+    assert B.ensure() == out
+
+
+@needs_dpkg
+def test_stamp_changes_with_inputs(fake_env, monkeypatch):
+    out = B.build()
+    old = (out.dir / B.STAMP).read_text()
+    monkeypatch.setattr(B, "init_script", lambda: b"#!/bin/sh\necho \"hypyr: init started\"\n")
+    B.build()
+    assert (out.dir / B.STAMP).read_text() != old
+    monkeypatch.setattr(B, "GUEST_MODULES", ["virtio_blk"])
+    s2 = (out.dir / B.STAMP).read_text()
+    B.build()
+    assert (out.dir / B.STAMP).read_text() != s2
+
+
+def test_image_dir_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("HYPYR_IMAGE_DIR", str(tmp_path / "x"))
+    assert B.image_dir() == tmp_path / "x" and B.paths().initrd == tmp_path / "x" / "initrd.img"
+    monkeypatch.delenv("HYPYR_IMAGE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "c"))
+    assert B.image_dir() == tmp_path / "c" / "hypyr" / "image"
+
+
+def test_build_rejects_missing_kernel_deb(tmp_path, monkeypatch):
+    monkeypatch.setenv("HYPYR_IMAGE_DIR", str(tmp_path))
+    with pytest.raises(HypyrError):
+        B.build(kernel_deb=tmp_path / "nope.deb")
+
+
+@pytest.mark.skipif(os.environ.get("HYPYR_TEST_NETWORK") != "1", reason="set HYPYR_TEST_NETWORK=1")
+def test_real_build(tmp_path, monkeypatch):
+    monkeypatch.setenv("HYPYR_IMAGE_DIR", str(tmp_path / "image"))
+    out = B.build()
+    assert out.kernel.stat().st_size > 1_000_000
+    import gzip
+    entries = {e["name"]: e for e in parse_newc(gzip.decompress(out.initrd.read_bytes()))}
+    assert "bin/busybox" in entries and "lib/modules/virtio_mmio.ko" in entries
+    data = out.initrd.read_bytes()
+    B.build(force=True)
+    assert out.initrd.read_bytes() == data
+
+
+@needs_dpkg
+def test_ensure_rebuilds_when_init_changes(fake_env, monkeypatch):
+    out = B.ensure()
+    before = out.initrd.read_bytes()
+    assert B.ensure() == out and out.initrd.read_bytes() == before
+    monkeypatch.setattr(B, "init_script", lambda: b"#!/bin/sh\necho \"hypyr: init started\"\n# v2\n")
+    B.ensure()
+    assert out.initrd.read_bytes() != before
