@@ -44,15 +44,16 @@ def _call(fd: int, request: int, arg=None, what: str = "") -> int:
     return ret
 
 
-@dataclass
+@dataclass(frozen=True)
 class CpuidEntry:
+    """One CPUID leaf/subleaf as plain data (mirrors kvm_cpuid_entry2)."""
     function: int
-    index: int
-    flags: int
-    eax: int
-    ebx: int
-    ecx: int
-    edx: int
+    index: int = 0
+    flags: int = 0
+    eax: int = 0
+    ebx: int = 0
+    ecx: int = 0
+    edx: int = 0
 
 
 def _cpuid_buffer(n: int):

@@ -2,7 +2,7 @@ import struct
 
 import pytest
 
-from hypyr.arch.x86 import acpi, layout
+from hypyr.arch.x86 import aml, acpi, layout
 from hypyr.errors import HypyrError
 from hypyr.memory import GuestMemory
 
@@ -95,7 +95,29 @@ def parse_name_package(aml: bytes):
 def test_dsdt_s5(mem):
     _, tables = tables_from_rsdp(mem, acpi.write_acpi_tables(mem, 1))
     d = tables[b"DSDT"][1]
-    assert parse_name_package(d[36:]) == ("_S5_", [5, 0])
+    assert parse_name_package(d[36:36 + len(acpi.S5_AML)]) == ("_S5_", [5, 0])
+
+
+def test_dsdt_describes_com1():
+    """The UART is an ACPI device (PNP0501) with I/O 0x3f8-0x3ff and IRQ 4 in its _CRS."""
+    d = acpi.dsdt()
+    com1 = d[36 + len(acpi.S5_AML):]
+    assert com1[0] == aml.SCOPE_OP and b"\\_SB_" in com1
+    assert bytes([aml.EXT_OP_PREFIX, aml.DEVICE_OP]) in com1 and b"COM1" in com1
+    assert b"_HID" + bytes.fromhex("0c41d00501") in com1
+    crs = com1[com1.index(b"_CRS") + 4:]
+    assert crs[0] == aml.BUFFER_OP
+    body = crs[2:]  # PkgLength (1 byte) then BufferSize
+    assert body[:2] == bytes([aml.BYTE_PREFIX, 13])
+    assert body[2:10] == bytes([0x47, 0x01, 0xF8, 0x03, 0xF8, 0x03, 0x01, 0x08])
+    assert body[10:13] == bytes([0x22, 0x10, 0x00]) and body[13:15] == bytes([0x79, 0x00])
+
+
+def test_aml_pkg_length_encodings():
+    assert aml.pkg_length(0x3E) == bytes([0x3F])
+    assert aml.pkg_length(0x3F) == bytes([0x41, 0x04])  # 0x41 total: 2-byte form
+    two = aml.pkg_length(1000)
+    assert two[0] >> 6 == 1 and ((two[1] << 4) | (two[0] & 0xF)) == 1000 + 2
 
 
 def parse_madt(t):

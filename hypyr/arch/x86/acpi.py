@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from hypyr.errors import HypyrError
 from hypyr.memory import GuestMemory
 
-from . import layout
+from . import aml, layout
 
 OEM_ID = b"HYPYR "
 OEM_TABLE_ID = b"HYPYRVM "
@@ -115,8 +115,19 @@ def rsdt(addrs: list[int]) -> bytes:
     return sdt(b"RSDT", 1, b"".join(struct.pack("<I", a) for a in addrs))
 
 
+# Legacy devices are described in the DSDT: with hardware-reduced ACPI Linux sets up no legacy
+# PIC, so ISA IRQs have no fixed mapping and a device's IRQ must come from its _CRS.
+COM1_AML = aml.scope(
+    "\\_SB",
+    aml.device("COM1",
+               aml.name("_HID", aml.eisa_id("PNP0501")),   # 16550A-compatible UART
+               aml.name("_UID", aml.integer(1)),
+               aml.name("_CRS", aml.resource_template(aml.io_port(0x3F8, 8), aml.irq_no_flags(4)))),
+)
+
+
 def dsdt() -> bytes:
-    return sdt(b"DSDT", 2, S5_AML)
+    return sdt(b"DSDT", 2, S5_AML + COM1_AML)
 
 
 def fadt(dsdt_addr: int) -> bytes:

@@ -8,6 +8,7 @@ vCPU ``n`` has APIC id ``n``.  :func:`adjust_cpuid` is pure and idempotent.
 from __future__ import annotations
 
 import struct
+from hypyr.kvm import CpuidEntry  # plain data; the one definition lives with the KVM ABI
 from dataclasses import dataclass, replace
 
 KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1
@@ -31,15 +32,6 @@ LEVEL_TYPE_SMT = 1
 LEVEL_TYPE_CORE = 2
 
 
-@dataclass(frozen=True)
-class CpuidEntry:
-    function: int
-    index: int = 0
-    flags: int = 0
-    eax: int = 0
-    ebx: int = 0
-    ecx: int = 0
-    edx: int = 0
 
 
 def cpu_vendor(entries: list[CpuidEntry]) -> str:

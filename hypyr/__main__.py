@@ -1,0 +1,5 @@
+import sys
+
+from hypyr.cli import main
+
+sys.exit(main())

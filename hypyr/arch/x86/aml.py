@@ -1,0 +1,96 @@
+"""A tiny ACPI Machine Language (AML) encoder: just what hypyr's DSDT needs.
+
+Encodings follow the ACPI 6.x spec, chapter 20 (AML) and 6.4 (resource descriptors).
+"""
+
+from __future__ import annotations
+
+import struct
+
+NAME_OP, SCOPE_OP, BUFFER_OP, PACKAGE_OP = 0x08, 0x10, 0x11, 0x12
+BYTE_PREFIX, WORD_PREFIX, DWORD_PREFIX = 0x0A, 0x0B, 0x0C
+ZERO_OP, ONE_OP = 0x00, 0x01
+EXT_OP_PREFIX, DEVICE_OP = 0x5B, 0x82
+
+
+def pkg_length(body_len: int) -> bytes:
+    """PkgLength for a body of ``body_len`` bytes (the encoding counts its own bytes)."""
+    for extra in range(4):
+        total = body_len + 1 + extra
+        if extra == 0 and total < 0x40:
+            return bytes([total])
+        if extra and total < 1 << (4 + 8 * extra):
+            lead = (extra << 6) | (total & 0x0F)
+            return bytes([lead]) + (total >> 4).to_bytes(extra, "little")
+    raise ValueError("AML package too long")
+
+
+def name_seg(name: str) -> bytes:
+    """A 4-character NameSeg, padded with '_' (a leading '\\' makes it a root path)."""
+    root = name.startswith("\\")
+    seg = name.lstrip("\\")
+    if not 1 <= len(seg) <= 4 or not seg.replace("_", "A").isalnum() or seg[0].isdigit():
+        raise ValueError(f"bad AML name {name!r}")
+    return (b"\\" if root else b"") + seg.ljust(4, "_").encode("ascii")
+
+
+def integer(v: int) -> bytes:
+    if v == 0:
+        return bytes([ZERO_OP])
+    if v == 1:
+        return bytes([ONE_OP])
+    for prefix, fmt, limit in ((BYTE_PREFIX, "<B", 1 << 8), (WORD_PREFIX, "<H", 1 << 16), (DWORD_PREFIX, "<I", 1 << 32)):
+        if 0 <= v < limit:
+            return bytes([prefix]) + struct.pack(fmt, v)
+    raise ValueError(f"AML integer {v} out of range")
+
+
+def name(n: str, value: bytes) -> bytes:
+    return bytes([NAME_OP]) + name_seg(n) + value
+
+
+def package(*items: int) -> bytes:
+    body = bytes([len(items)]) + b"".join(integer(i) for i in items)
+    return bytes([PACKAGE_OP]) + pkg_length(len(body)) + body
+
+
+def buffer(data: bytes) -> bytes:
+    body = integer(len(data)) + data
+    return bytes([BUFFER_OP]) + pkg_length(len(body)) + body
+
+
+def scope(n: str, *children: bytes) -> bytes:
+    body = name_seg(n) + b"".join(children)
+    return bytes([SCOPE_OP]) + pkg_length(len(body)) + body
+
+
+def device(n: str, *children: bytes) -> bytes:
+    body = name_seg(n) + b"".join(children)
+    return bytes([EXT_OP_PREFIX, DEVICE_OP]) + pkg_length(len(body)) + body
+
+
+def eisa_id(text: str) -> bytes:
+    """EisaId("PNP0501") → a DWord integer (compressed vendor letters + product number)."""
+    if len(text) != 7 or not text[:3].isalpha() or not text[:3].isupper():
+        raise ValueError(f"bad EISA id {text!r}")
+    a, b, c = (ord(ch) - 0x40 for ch in text[:3])
+    vendor = (a << 10) | (b << 5) | c
+    product = int(text[3:], 16)
+    raw = struct.pack(">HH", vendor, product)
+    return bytes([DWORD_PREFIX]) + raw
+
+
+# -- resource templates (small resource descriptors) -----------------------------------------
+def io_port(base: int, length: int) -> bytes:
+    """IO(Decode16, base, base, 1, length)."""
+    return struct.pack("<BBHHBB", 0x47, 0x01, base, base, 0x01, length)
+
+
+def irq_no_flags(irq: int) -> bytes:
+    """IRQNoFlags(){irq}: edge-triggered, active-high, exclusive ISA interrupt."""
+    return struct.pack("<BH", 0x22, 1 << irq)
+
+
+def resource_template(*descriptors: bytes) -> bytes:
+    body = b"".join(descriptors) + bytes([0x79, 0x00])  # End Tag (checksum 0 = none)
+    return buffer(body)

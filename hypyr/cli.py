@@ -1,0 +1,171 @@
+"""The `hypyr` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+
+from hypyr.errors import HypyrError
+
+EXIT_ERROR = 1
+
+
+def parse_size(text: str, default_unit: str = "M") -> int:
+    """'256M', '1G', '512' (MiB, as in xl.cfg), '65536K' → bytes."""
+    m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise HypyrError(f"'{text}' is not a size (use e.g. 256M or 1G)")
+    unit = (m.group(2) or default_unit).upper()
+    return int(m.group(1)) << {"K": 10, "M": 20, "G": 30, "T": 40}[unit]
+
+
+def _setup_logging(verbose: int) -> None:
+    level = os.environ.get("HYPYR_LOG", "").upper() or ("DEBUG" if verbose > 1 else "INFO" if verbose else "WARNING")
+    logging.basicConfig(level=getattr(logging, level, logging.WARNING), stream=sys.stderr,
+                        format="%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s")
+
+
+def _say(msg: str) -> None:
+    # one line on stderr; \r first in case the terminal was left mid-line by the guest
+    sys.stderr.write(("\r" if sys.stderr.isatty() else "") + f"hypyr: {msg}\n")
+    sys.stderr.flush()
+
+
+# -- run ------------------------------------------------------------------------------------------
+def cmd_run(args) -> int:
+    from hypyr.console import InputPump, Terminal
+    from hypyr.vmm.builder import DEFAULT_CMDLINE, VmConfig, build_linux_vm
+    from hypyr.vmm.machine import StopKind, StopReason
+
+    kernel, initrd = args.kernel, args.initrd
+    if kernel is None:
+        from hypyr.image import build as image
+        img = image.ensure()
+        kernel, initrd = str(img.kernel), (initrd or str(img.initrd))
+    cmdline = args.cmdline if args.cmdline is not None else DEFAULT_CMDLINE
+    if args.append:
+        cmdline = f"{cmdline} {args.append}"
+    config = VmConfig(kernel=kernel, initrd=initrd, cmdline=cmdline, memory=parse_size(args.memory),
+                      vcpus=args.vcpus, exec_cmd=args.exec_cmd)
+
+    out_fd = sys.stdout.fileno()
+
+    def console_out(data: bytes) -> None:
+        try:
+            os.write(out_fd, data)
+        except BlockingIOError:
+            pass
+        except OSError:
+            pass  # stdout gone: keep the guest running, lose its output
+
+    vm = build_linux_vm(config, console_out)
+    machine = vm.machine
+    with Terminal() as term:
+        pump = InputPump(vm.serial.enqueue_input, vm.serial.input_room,
+                         on_escape=lambda: machine.stop(StopReason(StopKind.DESTROYED, "stopped with Ctrl-]")),
+                         escape=term.is_tty)
+        if not args.no_input:
+            pump.start()
+        try:
+            reason = machine.run()
+        finally:
+            if not args.no_input:
+                pump.stop()
+    machine.close()
+    if reason.kind not in (StopKind.EXIT_STATUS, StopKind.POWEROFF) or args.verbose:
+        _say(reason.message)
+    if reason.registers:
+        sys.stderr.write(reason.registers + "\n")
+    return reason.exit_code
+
+
+# -- doctor ---------------------------------------------------------------------------------------
+def cmd_doctor(args) -> int:
+    from hypyr import doctor
+    d = doctor.diagnose(args.device)
+    print("\n".join(doctor.report(d)))
+    return 0 if d.usable else EXIT_ERROR
+
+
+# -- image ----------------------------------------------------------------------------------------
+def cmd_image(args) -> int:
+    from hypyr.image import build as image
+    if args.image_cmd == "path":
+        print(image.image_dir())
+        return 0
+    deb = args.kernel_deb
+    if deb is not None and not os.path.isfile(deb):
+        raise HypyrError(f"kernel package {deb} does not exist")
+    paths = image.build(kernel_deb=deb, force=args.force)
+    print(paths.dir)
+    return 0
+
+
+# -- lab ------------------------------------------------------------------------------------------
+def cmd_lab(args) -> int:
+    from hypyr import lab
+    cmd = list(args.command)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        raise HypyrError("give the command to run in the lab after --, e.g. hypyr lab -- hypyr doctor")
+    if cmd[0] == "hypyr":  # the same hypyr as this one, whatever PATH says inside the lab
+        cmd = [sys.executable, "-m", "hypyr"] + cmd[1:]
+    return lab.run(cmd, cpus=args.cpus, memory=args.memory)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hypyr", description="A Xen-style hypervisor in Python on Linux KVM.")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("run", help="boot a Linux guest with its serial console on this terminal")
+    r.add_argument("--kernel", help="bzImage or ELF vmlinux (default: the default guest image)")
+    r.add_argument("--initrd", help="initial ramdisk (default: the default image's, when --kernel is not given)")
+    r.add_argument("--cmdline", help="kernel command line (replaces hypyr's default)")
+    r.add_argument("--append", help="text appended to the kernel command line")
+    r.add_argument("--memory", default="256M", help="guest RAM, e.g. 256M or 1G (default 256M)")
+    r.add_argument("--vcpus", type=int, default=1, help="number of vCPUs (default 1)")
+    r.add_argument("--exec", dest="exec_cmd", metavar="CMD",
+                   help="run CMD in the guest under sh -c, power off, exit with its status")
+    r.add_argument("--no-input", action="store_true", help="do not forward this terminal's input to the guest")
+    r.set_defaults(func=cmd_run)
+
+    d = sub.add_parser("doctor", help="check /dev/kvm and say whether guests run natively here")
+    d.add_argument("--device", default="/dev/kvm", help=argparse.SUPPRESS)
+    d.set_defaults(func=cmd_doctor)
+
+    i = sub.add_parser("image", help="the default guest image")
+    isub = i.add_subparsers(dest="image_cmd", required=True, metavar="ACTION")
+    ib = isub.add_parser("build", help="build (or refresh) the default guest image")
+    ib.add_argument("--kernel-deb", metavar="FILE", help="use this Debian kernel package instead of the cloud kernel")
+    ib.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    isub.add_parser("path", help="print the image directory")
+    i.set_defaults(func=cmd_image)
+
+    lab = sub.add_parser("lab", help="run a command inside the nested lab (QEMU TCG with emulated SVM)")
+    lab.add_argument("--cpus", type=int, default=2, help="L1 vCPUs (default 2)")
+    lab.add_argument("--memory", default="4G", help="L1 memory (default 4G)")
+    lab.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
+    lab.set_defaults(func=cmd_lab)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except HypyrError as e:
+        _say(f"error: {e}")
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        _say("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

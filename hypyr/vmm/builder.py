@@ -1,0 +1,165 @@
+"""Build a Linux-booting Machine from a validated config — a flat recipe of small steps.
+
+create VM and memory → vCPUs → legacy devices (each adds its command-line part) → load
+kernel/initrd and write boot tables → configure vCPUs (CPUID, MSRs, LAPIC, registers).
+The result is a Machine whose vCPUs are not yet started.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+from hypyr.arch.x86 import cpuid as x86cpuid
+from hypyr.arch.x86 import layout, msrs, setup_linux_boot
+from hypyr.arch.x86.regs import BootCpuState
+from hypyr.devices.legacy.acpi_pm import AcpiPm
+from hypyr.devices.legacy.i8042 import I8042
+from hypyr.devices.legacy.rtc import Rtc
+from hypyr.devices.legacy.serial import Serial
+from hypyr.devices.pvexit import PvExit
+from hypyr.errors import HypyrError
+from hypyr.kvm import B, Kvm, KvmUnavailable
+from hypyr.memory import GuestMemory
+
+from .machine import Machine
+
+log = logging.getLogger("hypyr.vmm")
+
+# Firecracker-like defaults: no PCI, the i8042 only as a reset line, panics reboot (→ exit code).
+DEFAULT_CMDLINE = ("console=ttyS0 reboot=k panic=-1 pci=off nomodeset i8042.noaux i8042.nomux "
+                   "i8042.dumbkbd 8250.nr_uarts=1 tsc=reliable no_timer_check quiet")
+
+APIC_LVT_LINT0 = 0x350
+APIC_LVT_LINT1 = 0x360
+APIC_MODE_NMI = 0x4
+APIC_MODE_EXTINT = 0x7
+
+
+@dataclass
+class VmConfig:
+    kernel: str
+    initrd: str | None = None
+    cmdline: str = DEFAULT_CMDLINE
+    memory: int = 256 << 20          # bytes
+    vcpus: int = 1
+    exec_cmd: str | None = None      # run under `sh -c` by the default init, then power off
+
+    def full_cmdline(self) -> str:
+        parts = [self.cmdline]
+        if self.exec_cmd is not None:
+            parts.append("hypyr.exec=" + base64.b64encode(self.exec_cmd.encode()).decode())
+        return " ".join(p for p in parts if p)
+
+
+@dataclass
+class LinuxVm:
+    """A built VM: the machine plus the devices the front end talks to."""
+    machine: Machine
+    serial: Serial
+    i8042: I8042
+    config: VmConfig
+    extra: dict = field(default_factory=dict)
+
+
+def host_available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+def validate(config: VmConfig, kvm: Kvm) -> None:
+    for path, what in ((config.kernel, "kernel"), (config.initrd, "initrd")):
+        if path is None:
+            continue
+        if not os.path.exists(path):
+            raise HypyrError(f"{what} file {path} does not exist")
+        if not os.path.isfile(path) or not os.access(path, os.R_OK):
+            raise HypyrError(f"{what} file {path} is not a readable file")
+    if config.vcpus < 1:
+        raise HypyrError(f"--vcpus must be at least 1 (got {config.vcpus})")
+    limit = min(kvm.max_vcpus, 254)
+    if config.vcpus > limit:
+        raise HypyrError(f"--vcpus {config.vcpus} is more than this host's KVM allows ({limit})")
+    if config.memory < 16 << 20:
+        raise HypyrError(f"guest memory must be at least 16 MiB (got {config.memory >> 20} MiB)")
+    avail = host_available_memory()
+    if config.memory > avail:
+        raise HypyrError(f"guest memory of {config.memory >> 20} MiB is more than this host has available "
+                         f"({avail >> 20} MiB)")
+
+
+def _configure_vcpu(vcpu, supported: list, nr: int, boot: BootCpuState | None) -> None:
+    entries = x86cpuid.adjust_cpuid(supported, vcpu.id, nr)
+    vcpu.set_cpuid(entries)
+    vcpu.set_msrs(msrs.boot_msrs(x86cpuid.cpu_vendor(entries)))
+    fpu = vcpu.get_fpu()
+    fpu.fcw, fpu.mxcsr = 0x37F, 0x1F80
+    vcpu.set_fpu(fpu)
+    lapic = vcpu.get_lapic()
+    for off, mode in ((APIC_LVT_LINT0, APIC_MODE_EXTINT), (APIC_LVT_LINT1, APIC_MODE_NMI)):
+        v = int.from_bytes(bytes(lapic.regs[off:off + 4]), "little")
+        v = (v & ~0x700) | (mode << 8)
+        lapic.regs[off:off + 4] = list(v.to_bytes(4, "little"))
+    vcpu.set_lapic(lapic)
+    if boot is not None:
+        apply_boot_state(vcpu, boot)
+
+
+def apply_boot_state(vcpu, boot: BootCpuState) -> None:
+    s = vcpu.get_sregs()
+    sr = boot.sregs
+    for name in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt"):
+        seg, dst = getattr(sr, name), getattr(s, name)
+        for f in ("base", "limit", "selector", "type", "present", "dpl", "db", "s", "l", "g", "avl", "unusable"):
+            setattr(dst, f, getattr(seg, f))
+    s.gdt.base, s.gdt.limit = sr.gdt.base, sr.gdt.limit
+    s.idt.base, s.idt.limit = sr.idt.base, sr.idt.limit
+    s.cr0, s.cr2, s.cr3, s.cr4, s.cr8, s.efer = sr.cr0, sr.cr2, sr.cr3, sr.cr4, sr.cr8, sr.efer
+    vcpu.set_sregs(s)
+    r = B.kvm_regs()
+    for f, _ in B.kvm_regs._fields_:
+        setattr(r, f, getattr(boot.regs, f))
+    vcpu.set_regs(r)
+
+
+def build_linux_vm(config: VmConfig, console_out: Callable[[bytes], None], *, kvm: Kvm | None = None) -> LinuxVm:
+    try:
+        kvm = kvm or Kvm()
+    except KvmUnavailable as e:
+        raise HypyrError(str(e)) from None
+    validate(config, kvm)
+    memory = GuestMemory.anonymous(layout.ram_layout(config.memory))
+    machine = None
+    try:
+        machine = Machine(memory, config.vcpus, kvm=kvm)
+        serial = Serial(machine.irq_line(4), console_out)
+        i8042 = I8042(machine.device_stop, kbd_irq=machine.irq_line(1))
+        machine.pio.register(0x3F8, 8, serial)
+        machine.pio.register(0x60, 1, i8042.data_port)
+        machine.pio.register(0x64, 1, i8042.command_port)
+        machine.pio.register(0x70, 2, Rtc())
+        machine.pio.register(0x600, 2, AcpiPm(machine.device_stop))
+        machine.pio.register(0xF4, 1, PvExit(machine.device_stop))
+
+        boot = setup_linux_boot(memory, config.kernel, config.initrd, config.full_cmdline(), config.vcpus)
+        supported = kvm.supported_cpuid()
+        for vt in machine.vcpus:
+            _configure_vcpu(vt.vcpu, supported, config.vcpus, boot.cpu if vt.vcpu.id == 0 else None)
+        log.info("built VM: %d MiB, %d vCPU(s), kernel %s (%s), entry %#x", config.memory >> 20, config.vcpus,
+                 config.kernel, boot.kernel.kind, boot.kernel.entry)
+        return LinuxVm(machine=machine, serial=serial, i8042=i8042, config=config)
+    except BaseException:
+        if machine is not None:
+            machine.close()
+        else:
+            memory.close()
+        raise

@@ -1,0 +1,317 @@
+"""The Machine: a KVM VM with guest memory, two buses and one host thread per vCPU.
+
+The vCPU loop is deliberately small: KVM_RUN, dispatch the exit to a bus, obey the
+running/paused/stopping state.  Any vCPU (or device, or the user) may stop the whole
+machine with :meth:`Machine.stop`; the other vCPU threads are kicked out of KVM_RUN with a
+signal (``immediate_exit`` closes the race), so no thread ever busy-waits.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import signal
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+from hypyr.devices.bus import Bus
+from hypyr.devices.events import GuestEvent, StopRequest
+from hypyr.kvm import B, Kvm, KvmError, Vcpu, Vm
+from hypyr.memory import GuestMemory
+
+log = logging.getLogger("hypyr.vmm")
+
+KICK_SIGNAL = signal.SIGRTMIN  # interrupts KVM_RUN in a vCPU thread
+
+
+class StopKind(enum.Enum):
+    POWEROFF = "poweroff"
+    EXIT_STATUS = "exit-status"
+    REBOOT = "reboot"
+    HALT = "halt"                    # HLT with no in-kernel irqchip (test payloads)
+    TRIPLE_FAULT = "triple-fault"    # KVM_EXIT_SHUTDOWN
+    CRASH = "crash"                  # KVM_SYSTEM_EVENT_CRASH
+    INTERNAL_ERROR = "internal-error"
+    FAIL_ENTRY = "fail-entry"
+    DESTROYED = "destroyed"          # stopped by the host (user, signal)
+
+
+# `hypyr run` exit codes (docs/exit-codes.md).  EXIT_STATUS carries the guest's own status.
+EXIT_CODES = {
+    StopKind.POWEROFF: 0,
+    StopKind.HALT: 0,
+    StopKind.REBOOT: 120,
+    StopKind.TRIPLE_FAULT: 121,
+    StopKind.CRASH: 121,
+    StopKind.INTERNAL_ERROR: 122,
+    StopKind.FAIL_ENTRY: 123,
+    StopKind.DESTROYED: 130,
+}
+
+
+@dataclass(frozen=True)
+class StopReason:
+    kind: StopKind
+    message: str
+    status: int | None = None        # guest exit status for EXIT_STATUS
+    vcpu: int | None = None
+    registers: str = ""              # register dump for faults
+
+    @property
+    def exit_code(self) -> int:
+        if self.kind is StopKind.EXIT_STATUS:
+            return self.status or 0
+        return EXIT_CODES[self.kind]
+
+
+class VcpuState(enum.Enum):
+    CREATED = "created"
+    RUNNING = "running"
+    PAUSED = "paused"
+    EXITED = "exited"
+
+
+def _ignore_signal(signum, frame) -> None:  # the signal's only job is to interrupt KVM_RUN
+    pass
+
+
+@dataclass
+class _VcpuThread:
+    vcpu: Vcpu
+    thread: threading.Thread | None = None
+    state: VcpuState = VcpuState.CREATED
+    exits: int = 0
+
+
+class Machine:
+    """A VM: memory, buses, vCPUs.  Built by :mod:`hypyr.vmm.builder` or directly by tests."""
+
+    def __init__(self, memory: GuestMemory, nr_vcpus: int, *, irqchip: bool = True, kvm: Kvm | None = None):
+        if nr_vcpus < 1:
+            raise ValueError("a machine needs at least one vCPU")
+        self.kvm = kvm or Kvm()
+        self.vm: Vm = self.kvm.create_vm()
+        self.memory = memory
+        self.pio = Bus("pio")
+        self.mmio = Bus("mmio")
+        self.irqchip = irqchip
+        # x86 needs these two pages reserved for VMX real-mode emulation; they lie in the MMIO hole
+        self.vm.set_tss_addr(0xFFFBD000)
+        self.vm.set_identity_map_addr(0xFFFBC000)
+        if irqchip:
+            self.vm.create_irqchip()
+            self.vm.create_pit2()
+        for region in memory.regions:
+            self.vm.set_user_memory_region(region.start, region.size, region.host_address())
+        self.vcpus = [_VcpuThread(self.vm.create_vcpu(i)) for i in range(nr_vcpus)]
+        self._cond = threading.Condition()
+        self._paused = False
+        self._stopping = False
+        self._reason: StopReason | None = None
+        self._done = threading.Event()
+        self.on_stop: list[Callable[[StopReason], None]] = []
+
+    # -- interrupts ---------------------------------------------------------------------------
+    def irq_line(self, irq: int) -> Callable[[bool], None]:
+        """An IrqLine for ISA/GSI ``irq`` on the in-kernel PIC/IOAPIC."""
+        vm = self.vm
+
+        def line(level: bool) -> None:
+            vm.irq_line(irq, level)
+        return line
+
+    def device_stop(self, req: StopRequest) -> None:
+        """The StopCallback handed to devices."""
+        if req.event is GuestEvent.POWEROFF:
+            self.stop(StopReason(StopKind.POWEROFF, f"the guest powered off ({req.detail or 'ACPI'})"))
+        elif req.event is GuestEvent.REBOOT:
+            self.stop(StopReason(StopKind.REBOOT, f"the guest asked for a reboot ({req.detail or 'reset'})"))
+        else:
+            self.stop(StopReason(StopKind.EXIT_STATUS, f"the guest reported exit status {req.status}", status=req.status))
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(KICK_SIGNAL, _ignore_signal)
+        for vt in self.vcpus:
+            vt.thread = threading.Thread(target=self._vcpu_main, args=(vt,), name=f"vcpu{vt.vcpu.id}", daemon=True)
+            vt.state = VcpuState.RUNNING
+            vt.thread.start()
+
+    def wait(self, timeout: float | None = None) -> StopReason | None:
+        """Block until the machine stops; return why (None on timeout)."""
+        if not self._done.wait(timeout):
+            return None
+        for vt in self.vcpus:
+            if vt.thread is not None:
+                vt.thread.join()
+        return self._reason
+
+    def run(self) -> StopReason:
+        self.start()
+        try:
+            while True:
+                reason = self.wait(0.5)  # short waits keep the main thread responsive to signals
+                if reason is not None:
+                    return reason
+        except KeyboardInterrupt:
+            self.stop(StopReason(StopKind.DESTROYED, "interrupted"))
+            return self.wait()  # type: ignore[return-value]
+
+    @property
+    def stop_reason(self) -> StopReason | None:
+        return self._reason
+
+    def stop(self, reason: StopReason) -> None:
+        """Stop every vCPU; the first reason given wins.  Safe from any thread."""
+        with self._cond:
+            if self._reason is None:
+                self._reason = reason
+                log.info("stopping: %s", reason.message)
+            self._stopping = True
+            self._cond.notify_all()
+        self._kick_all()
+        if all(vt.thread is None for vt in self.vcpus):
+            self._done.set()
+
+    def pause(self) -> None:
+        with self._cond:
+            self._paused = True
+        self._kick_all()
+        with self._cond:
+            self._cond.wait_for(lambda: self._stopping or all(
+                vt.state in (VcpuState.PAUSED, VcpuState.EXITED) for vt in self.vcpus if vt.thread))
+
+    def resume(self) -> None:
+        with self._cond:
+            self._paused = False
+            self._cond.notify_all()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def close(self) -> None:
+        for vt in self.vcpus:
+            vt.vcpu.close()
+        self.vm.close()
+        self.memory.close()
+
+    def _kick_all(self) -> None:
+        me = threading.current_thread()
+        for vt in self.vcpus:
+            vt.vcpu.run_state.immediate_exit = 1
+            t = vt.thread
+            if t is not None and t is not me and t.is_alive() and t.ident is not None:
+                try:
+                    signal.pthread_kill(t.ident, KICK_SIGNAL)
+                except (ProcessLookupError, OSError):
+                    pass
+
+    # -- the vCPU loop --------------------------------------------------------------------------
+    def _vcpu_main(self, vt: _VcpuThread) -> None:
+        try:
+            self._vcpu_loop(vt)
+        except Exception as e:  # a VMM bug must stop the VM, never leave a zombie thread
+            log.exception("vCPU %d: unexpected error", vt.vcpu.id)
+            self.stop(StopReason(StopKind.INTERNAL_ERROR, f"vCPU {vt.vcpu.id}: hypyr error: {e}", vcpu=vt.vcpu.id))
+        finally:
+            with self._cond:
+                vt.state = VcpuState.EXITED
+                self._cond.notify_all()
+                if all(v.state is VcpuState.EXITED or v.thread is None for v in self.vcpus):
+                    self._done.set()
+
+    def _park_if_paused(self, vt: _VcpuThread) -> bool:
+        """Wait while paused; return False when the machine is stopping."""
+        with self._cond:
+            if self._paused and not self._stopping:
+                vt.state = VcpuState.PAUSED
+                self._cond.notify_all()
+                self._cond.wait_for(lambda: not self._paused or self._stopping)
+                vt.state = VcpuState.RUNNING
+            if not self._stopping:
+                vt.vcpu.run_state.immediate_exit = 0
+            return not self._stopping
+
+    def _vcpu_loop(self, vt: _VcpuThread) -> None:
+        vcpu, run = vt.vcpu, vt.vcpu.run_state
+        pio_read, pio_write = self.pio.read, self.pio.write
+        mmio_read, mmio_write = self.mmio.read, self.mmio.write
+        while True:
+            if (self._paused or self._stopping) and not self._park_if_paused(vt):
+                return
+            reason = vcpu.run()
+            vt.exits += 1
+            if reason == B.KVM_EXIT_IO:
+                io = run.exit.io
+                size, port, count = io.size, io.port, io.count
+                data = vcpu.io_data()
+                if io.direction == B.KVM_EXIT_IO_OUT:
+                    for i in range(count):
+                        pio_write(port, bytes(data[i * size:(i + 1) * size]))
+                else:
+                    for i in range(count):
+                        data[i * size:(i + 1) * size] = pio_read(port, size)
+            elif reason == B.KVM_EXIT_MMIO:
+                m = run.exit.mmio
+                n = m.len
+                if n not in (1, 2, 4, 8):
+                    self._fault(vt, StopKind.INTERNAL_ERROR, f"MMIO access of impossible width {n}")
+                    return
+                if m.is_write:
+                    mmio_write(m.phys_addr, bytes(m.data[:n]))
+                else:
+                    val = mmio_read(m.phys_addr, n)
+                    for i in range(n):
+                        m.data[i] = val[i]
+            elif reason == B.KVM_EXIT_INTR:
+                continue
+            elif reason == B.KVM_EXIT_HLT:
+                self.stop(StopReason(StopKind.HALT, f"vCPU {vcpu.id} halted", vcpu=vcpu.id))
+                return
+            elif reason == B.KVM_EXIT_SHUTDOWN:
+                self._fault(vt, StopKind.TRIPLE_FAULT, "the guest triple-faulted (KVM_EXIT_SHUTDOWN)")
+                return
+            elif reason == B.KVM_EXIT_SYSTEM_EVENT:
+                t = run.exit.system_event.type
+                if t == B.KVM_SYSTEM_EVENT_SHUTDOWN:
+                    self.stop(StopReason(StopKind.POWEROFF, "the guest powered off (system event)", vcpu=vcpu.id))
+                elif t == B.KVM_SYSTEM_EVENT_RESET:
+                    self.stop(StopReason(StopKind.REBOOT, "the guest asked for a reboot (system event)", vcpu=vcpu.id))
+                else:
+                    self._fault(vt, StopKind.CRASH, f"the guest crashed (system event {t})")
+                return
+            elif reason == B.KVM_EXIT_FAIL_ENTRY:
+                hw = run.exit.fail_entry.hardware_entry_failure_reason
+                self._fault(vt, StopKind.FAIL_ENTRY, f"KVM could not enter the guest (hardware reason {hw:#x})")
+                return
+            elif reason == B.KVM_EXIT_INTERNAL_ERROR:
+                ie = run.exit.internal
+                extra = " ".join(f"{ie.data[i]:#x}" for i in range(min(ie.ndata, 16)))
+                self._fault(vt, StopKind.INTERNAL_ERROR,
+                            f"KVM internal error (suberror {ie.suberror}{', data ' + extra if extra else ''})")
+                return
+            else:
+                name = B.EXIT_REASON_NAMES.get(reason, str(reason))
+                self._fault(vt, StopKind.INTERNAL_ERROR, f"unexpected KVM exit {name}")
+                return
+
+    def _fault(self, vt: _VcpuThread, kind: StopKind, message: str) -> None:
+        try:
+            dump = register_dump(vt.vcpu)
+        except KvmError as e:
+            dump = f"(registers unavailable: {e})"
+        self.stop(StopReason(kind, f"vCPU {vt.vcpu.id}: {message}", vcpu=vt.vcpu.id, registers=dump))
+
+
+def register_dump(vcpu: Vcpu) -> str:
+    r, s = vcpu.get_regs(), vcpu.get_sregs()
+    g = lambda *names: "  ".join(f"{n}={getattr(r, n):016x}" for n in names)  # noqa: E731
+    lines = [g("rip", "rsp", "rbp", "rflags"), g("rax", "rbx", "rcx", "rdx"), g("rsi", "rdi", "r8", "r9"),
+             g("r10", "r11", "r12", "r13"), g("r14", "r15"),
+             f"cr0={s.cr0:016x}  cr2={s.cr2:016x}  cr3={s.cr3:016x}  cr4={s.cr4:016x}",
+             f"efer={s.efer:016x}  cs={s.cs.selector:04x} base={s.cs.base:x} l={s.cs.l} db={s.cs.db}"
+             f"  ss={s.ss.selector:04x}  gdt={s.gdt.base:x}/{s.gdt.limit:x}  idt={s.idt.base:x}/{s.idt.limit:x}"]
+    return "\n".join(lines)
