@@ -11,6 +11,7 @@ import sys
 from hypyr.errors import HypyrError
 
 EXIT_ERROR = 1
+EXIT_NOT_NATIVE = 3  # `hypyr doctor --native`: KVM works but guests would be emulated
 
 
 def parse_size(text: str, default_unit: str = "M") -> int:
@@ -85,7 +86,12 @@ def cmd_run(args) -> int:
 # -- doctor ---------------------------------------------------------------------------------------
 def cmd_doctor(args) -> int:
     from hypyr import doctor
+    if args.backend:
+        print(doctor.kvm_backend())
+        return 0
     d = doctor.diagnose(args.device)
+    if args.native:
+        return 0 if d.usable and d.native else EXIT_NOT_NATIVE if d.usable else EXIT_ERROR
     print("\n".join(doctor.report(d)))
     return 0 if d.usable else EXIT_ERROR
 
@@ -120,9 +126,11 @@ def cmd_lab(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hypyr", description="A Xen-style hypervisor in Python on Linux KVM.")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    common = argparse.ArgumentParser(add_help=False)  # so `hypyr run -v` works as well as `hypyr -v run`
+    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more log output")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
-    r = sub.add_parser("run", help="boot a Linux guest with its serial console on this terminal")
+    r = sub.add_parser("run", parents=[common], help="boot a Linux guest with its serial console on this terminal")
     r.add_argument("--kernel", help="bzImage or ELF vmlinux (default: the default guest image)")
     r.add_argument("--initrd", help="initial ramdisk (default: the default image's, when --kernel is not given)")
     r.add_argument("--cmdline", help="kernel command line (replaces hypyr's default)")
@@ -134,11 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-input", action="store_true", help="do not forward this terminal's input to the guest")
     r.set_defaults(func=cmd_run)
 
-    d = sub.add_parser("doctor", help="check /dev/kvm and say whether guests run natively here")
+    d = sub.add_parser("doctor", parents=[common], help="check /dev/kvm and say whether guests run natively here")
     d.add_argument("--device", default="/dev/kvm", help=argparse.SUPPRESS)
+    d.add_argument("--native", action="store_true",
+                   help="print nothing; exit 0 if unmodified guests run natively, 3 if emulated, 1 if no KVM")
+    d.add_argument("--backend", action="store_true", help="print only the KVM backend (VT-x, AMD-V, PVM)")
     d.set_defaults(func=cmd_doctor)
 
-    i = sub.add_parser("image", help="the default guest image")
+    i = sub.add_parser("image", parents=[common], help="the default guest image")
     isub = i.add_subparsers(dest="image_cmd", required=True, metavar="ACTION")
     ib = isub.add_parser("build", help="build (or refresh) the default guest image")
     ib.add_argument("--kernel-deb", metavar="FILE", help="use this Debian kernel package instead of the cloud kernel")
@@ -146,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     isub.add_parser("path", help="print the image directory")
     i.set_defaults(func=cmd_image)
 
-    lab = sub.add_parser("lab", help="run a command inside the nested lab (QEMU TCG with emulated SVM)")
+    lab = sub.add_parser("lab", parents=[common], help="run a command inside the nested lab (QEMU TCG with emulated SVM)")
     lab.add_argument("--cpus", type=int, default=2, help="L1 vCPUs (default 2)")
     lab.add_argument("--memory", default="4G", help="L1 memory (default 4G)")
     lab.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")

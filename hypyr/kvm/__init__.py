@@ -74,15 +74,22 @@ class Kvm:
             raise KvmUnavailable(f"no permission to open {path}: run as root or add your user to the 'kvm' group") from None
         except OSError as e:
             raise KvmUnavailable(f"cannot open {path}: {e.strerror}") from None
-        version = _call(self.fd, B.KVM_GET_API_VERSION, what="KVM_GET_API_VERSION")
-        if version != B.KVM_API_VERSION:
-            raise KvmUnavailable(f"{path} speaks KVM API {version}, hypyr needs {B.KVM_API_VERSION}")
-        for cap, name in ((B.KVM_CAP_USER_MEMORY, "USER_MEMORY"), (B.KVM_CAP_IRQCHIP, "IRQCHIP"),
-                          (B.KVM_CAP_PIT2, "PIT2"), (B.KVM_CAP_EXT_CPUID, "EXT_CPUID"),
-                          (B.KVM_CAP_IMMEDIATE_EXIT, "IMMEDIATE_EXIT")):
-            if not self.check_extension(cap):
-                raise KvmUnavailable(f"{path} lacks the KVM capability {name} that hypyr needs")
-        self.vcpu_mmap_size = _call(self.fd, B.KVM_GET_VCPU_MMAP_SIZE, what="KVM_GET_VCPU_MMAP_SIZE")
+        try:
+            try:
+                version = _call(self.fd, B.KVM_GET_API_VERSION, what="KVM_GET_API_VERSION")
+            except KvmError as e:  # e.g. ENOTTY: the path is not a KVM device at all
+                raise KvmUnavailable(f"{path} is not a KVM device ({e.strerror})") from None
+            if version != B.KVM_API_VERSION:
+                raise KvmUnavailable(f"{path} speaks KVM API {version}, hypyr needs {B.KVM_API_VERSION}")
+            for cap, name in ((B.KVM_CAP_USER_MEMORY, "USER_MEMORY"), (B.KVM_CAP_IRQCHIP, "IRQCHIP"),
+                              (B.KVM_CAP_PIT2, "PIT2"), (B.KVM_CAP_EXT_CPUID, "EXT_CPUID"),
+                              (B.KVM_CAP_IMMEDIATE_EXIT, "IMMEDIATE_EXIT")):
+                if not self.check_extension(cap):
+                    raise KvmUnavailable(f"{path} lacks the KVM capability {name} that hypyr needs")
+            self.vcpu_mmap_size = _call(self.fd, B.KVM_GET_VCPU_MMAP_SIZE, what="KVM_GET_VCPU_MMAP_SIZE")
+        except BaseException:
+            self.close()  # do not leak the fd of a device we refuse
+            raise
 
     def close(self) -> None:
         if self.fd >= 0:

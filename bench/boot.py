@@ -1,0 +1,472 @@
+#!/usr/bin/env python3
+"""Boot-time benchmark: hypyr against QEMU/KVM (-M microvm and -M pc) on the same guest.
+
+Measures the wall time from launching the VMM to the guest's first userspace line
+("hypyr: init started", printed first by the default image's /init) on the serial console.
+Runs inside the lab (nested KVM); started on the host it re-executes itself there:
+
+    .venv/bin/python bench/boot.py [--rounds N] [--timeout S] [--json FILE]
+
+It prints figures and exits 0 even when the goal (hypyr <= 1.5 x the faster QEMU) is not met;
+it exits non-zero only when it could not run at all. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import select
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+REPO = HERE.parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+MARKER = b"hypyr: init started"
+GUEST_MEMORY = "256M"
+GUEST_MEMORY_BYTES = 256 << 20
+EXEC_CMD = "true"
+RATIO_GOAL = 1.5
+JSON_LINE_PREFIX = "@@hypyr-bench-json@@ "
+
+CONFIGS = ("hypyr", "qemu-microvm", "qemu-pc")
+
+
+# -- child process handling -------------------------------------------------------------------------
+_live: set[int] = set()  # process-group ids of children still running (each child leads its own group)
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _kill_all_live() -> None:
+    for pid in list(_live):
+        _kill_group(pid)
+
+
+def _on_signal(signum, _frame):
+    _kill_all_live()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+@dataclass
+class Sample:
+    config: str
+    round: int
+    ok: bool
+    marker_s: float | None = None      # launch -> first userspace line
+    total_s: float | None = None       # launch -> process gone (QEMU: killed right after the marker)
+    exit_status: int | None = None
+    note: str = ""
+
+
+def _tail(data: bytes, n: int = 600) -> str:
+    text = data[-n:].decode("utf-8", "replace").replace("\r", "")
+    return " | ".join(line for line in text.splitlines() if line.strip())[-n:]
+
+
+def run_until_marker(cmd: list[str], timeout: float, wait_for_exit: bool) -> tuple[float | None, float | None,
+                                                                                  int | None, str, bytes]:
+    """Start CMD with stdout on a pipe; return (marker_s, total_s, exit_status, note, output).
+
+    The child runs in its own process group and is always gone when this returns: killed as soon
+    as the marker appears (unless wait_for_exit), or at the deadline.
+    """
+    stderr_file = tempfile.TemporaryFile()
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr_file,
+                            bufsize=0, start_new_session=True)
+    _live.add(proc.pid)
+    deadline = t0 + timeout
+    fd = proc.stdout.fileno()
+    buf = bytearray()
+    marker_s = None
+    note = ""
+    eof = False
+    try:
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                note = f"timed out after {timeout:.0f} s" + ("" if marker_s is None else " (after the marker)")
+                break
+            if eof:
+                # stdout closed: wait for the process itself
+                try:
+                    proc.wait(timeout=min(0.2, deadline - now))
+                except subprocess.TimeoutExpired:
+                    continue
+                break
+            r, _, _ = select.select([fd], [], [], min(0.5, deadline - now))
+            if not r:
+                if proc.poll() is not None:
+                    break  # exited, and nothing left on the pipe (a leftover holder of it is killed below)
+                continue
+            chunk = os.read(fd, 65536)
+            t = time.monotonic()
+            if not chunk:
+                eof = True
+                continue
+            search_from = max(0, len(buf) - len(MARKER))
+            buf += chunk
+            if marker_s is None and MARKER in buf[search_from:]:
+                marker_s = t - t0
+                if not wait_for_exit:
+                    break
+    finally:
+        if proc.poll() is None:
+            _kill_group(proc.pid)
+        proc.wait()
+        _live.discard(proc.pid)
+        total_s = time.monotonic() - t0
+        proc.stdout.close()
+        stderr_file.seek(0)
+        err = stderr_file.read()
+        stderr_file.close()
+    status = proc.returncode
+    if marker_s is None and not note:
+        note = f"exited with status {status} before the marker"
+    if marker_s is None:
+        tail = _tail(bytes(buf) + b"\n" + err)
+        if tail:
+            note += f"; output tail: {tail}"
+    return marker_s, total_s, status, note, bytes(buf)
+
+
+# -- the three command lines ------------------------------------------------------------------------
+def guest_cmdline() -> str:
+    """Exactly the kernel command line `hypyr run --exec true` gives the guest."""
+    from hypyr.vmm.builder import VmConfig
+    return VmConfig(kernel="-", exec_cmd=EXEC_CMD).full_cmdline()
+
+
+def commands(kernel: str, initrd: str, qemu: str) -> dict[str, list[str]]:
+    cmdline = guest_cmdline()
+    common_qemu = ["-accel", "kvm", "-cpu", "host", "-m", GUEST_MEMORY, "-smp", "1",
+                   "-nodefaults", "-no-user-config", "-no-reboot", "-display", "none", "-serial", "stdio",
+                   "-kernel", kernel, "-initrd", initrd, "-append", cmdline]
+    return {
+        "hypyr": [sys.executable, "-m", "hypyr", "run", "--kernel", kernel, "--initrd", initrd,
+                  "--memory", GUEST_MEMORY, "--vcpus", "1", "--exec", EXEC_CMD, "--no-input"],
+        "qemu-microvm": [qemu, "-M", "microvm,x-option-roms=off,isa-serial=on"] + common_qemu,
+        "qemu-pc": [qemu, "-M", "pc"] + common_qemu,
+    }
+
+
+# -- memory probe (runs in its own process so RUSAGE_CHILDREN covers hypyr only) ---------------------
+def _smaps_split(pid: int, guest_kib: int) -> tuple[int, int] | None:
+    """(total Rss KiB, Rss KiB of the anonymous mapping(s) holding guest RAM) from /proc/PID/smaps."""
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            text = f.read()
+    except OSError:
+        return None
+    total = guest = 0
+    is_guest = False
+    for line in text.splitlines():
+        head = line.split(None, 1)[0] if line else ""
+        if re.fullmatch(r"[0-9a-f]+-[0-9a-f]+", head):
+            parts = line.split()
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            anon = len(parts) < 6 or parts[5] == ""
+            is_guest = anon and (hi - lo) == guest_kib * 1024
+        elif line.startswith("Rss:"):
+            kib = int(line.split()[1])
+            total += kib
+            if is_guest:
+                guest += kib
+    return total, guest
+
+
+def rss_probe(cmd: list[str], timeout: float) -> dict:
+    """Run CMD (hypyr) once; report its peak RSS (getrusage) and sampled RSS split from smaps."""
+    import resource
+    guest_kib = GUEST_MEMORY_BYTES // 1024
+    t0 = time.monotonic()
+    # same process group as this probe: whoever kills the probe's group kills hypyr too
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            bufsize=0)
+    fd = proc.stdout.fileno()
+    os.set_blocking(fd, False)
+    peak_total = peak_nonguest = guest_at_peak_nonguest = 0
+    last = None
+    samples = 0
+    buf = bytearray()
+    marker_s = None
+    try:
+        while proc.poll() is None and time.monotonic() - t0 < timeout:
+            split = _smaps_split(proc.pid, guest_kib)
+            if split is not None:
+                samples += 1
+                last = split
+                total, guest = split
+                peak_total = max(peak_total, total)
+                if total - guest > peak_nonguest:
+                    peak_nonguest, guest_at_peak_nonguest = total - guest, guest
+            r, _, _ = select.select([fd], [], [], 0.1)
+            if r:
+                try:
+                    chunk = os.read(fd, 65536)
+                except BlockingIOError:
+                    chunk = b""
+                if chunk:
+                    buf += chunk
+                    if marker_s is None and MARKER in buf:
+                        marker_s = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    maxrss_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux; hypyr is our only child
+    return {
+        "exit_status": proc.returncode, "marker_s": marker_s, "wall_s": time.monotonic() - t0,
+        "peak_rss_kib": maxrss_kib,
+        "smaps_samples": samples,
+        "sampled_peak_rss_kib": peak_total,
+        "sampled_peak_rss_excluding_guest_ram_kib": peak_nonguest,
+        "guest_ram_resident_at_that_sample_kib": guest_at_peak_nonguest,
+        "last_sample_rss_kib": last[0] if last else None,
+        "last_sample_guest_ram_resident_kib": last[1] if last else None,
+    }
+
+
+def measure_memory(hypyr_cmd: list[str], timeout: float) -> dict:
+    probe = [sys.executable, str(HERE), "--_rss-probe", "--timeout", str(timeout), "--", *hypyr_cmd]
+    proc = subprocess.Popen(probe, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    _live.add(proc.pid)
+    try:
+        out, err = proc.communicate(timeout=timeout + 30)
+    except subprocess.TimeoutExpired:
+        return {"error": "the memory probe timed out"}
+    finally:
+        _kill_group(proc.pid)  # the probe and the hypyr it started, if either is still there
+        proc.wait()
+        _live.discard(proc.pid)
+    for line in out.splitlines():
+        if line.startswith(JSON_LINE_PREFIX):
+            return json.loads(line[len(JSON_LINE_PREFIX):])
+    return {"error": f"the memory probe failed (status {proc.returncode}): {err.strip()[-400:]}"}
+
+
+# -- reporting --------------------------------------------------------------------------------------
+def fmt_s(x: float | None) -> str:
+    return "   -  " if x is None else f"{x:6.2f}"
+
+
+def mib(kib: int | None) -> str:
+    return "n/a" if kib is None else f"{kib / 1024:.1f} MiB"
+
+
+def summarise(samples: list[Sample]) -> dict:
+    out = {}
+    for c in CONFIGS:
+        ok = [s.marker_s for s in samples if s.config == c and s.ok]
+        n = sum(1 for s in samples if s.config == c)
+        out[c] = {"n": n, "ok": len(ok),
+                  "median_s": statistics.median(ok) if ok else None,
+                  "min_s": min(ok) if ok else None, "max_s": max(ok) if ok else None}
+    return out
+
+
+def print_report(summary: dict, mem: dict | None) -> dict:
+    print()
+    print("Time from launch to the guest's first userspace line (s):")
+    print(f"  {'VMM':<14} {'median':>7} {'min':>7} {'max':>7}   ok/runs")
+    for c in CONFIGS:
+        s = summary[c]
+        print(f"  {c:<14} {fmt_s(s['median_s']):>7} {fmt_s(s['min_s']):>7} {fmt_s(s['max_s']):>7}   "
+              f"{s['ok']}/{s['n']}")
+    qemu = [(summary[c]["median_s"], c) for c in ("qemu-microvm", "qemu-pc") if summary[c]["median_s"] is not None]
+    ratio = None
+    result = {"ratio": None, "fastest_qemu": None, "goal": RATIO_GOAL, "goal_met": None}
+    h = summary["hypyr"]["median_s"]
+    if qemu and h is not None:
+        best, name = min(qemu)
+        ratio = h / best
+        result.update(ratio=ratio, fastest_qemu=name, goal_met=ratio <= RATIO_GOAL)
+        print(f"\nRatio hypyr / fastest QEMU ({name}, median {best:.2f} s): {ratio:.2f}  "
+              f"(goal <= {RATIO_GOAL}: {'met' if ratio <= RATIO_GOAL else 'NOT met'})")
+    else:
+        print("\nRatio hypyr / fastest QEMU: n/a (no successful samples to compare)")
+    if mem is not None:
+        print("\nhypyr memory (one extra `hypyr run`, 256 MiB guest):")
+        if "error" in mem:
+            print(f"  {mem['error']}")
+        else:
+            peak = mem["peak_rss_kib"]
+            print(f"  peak RSS (getrusage ru_maxrss)              {mib(peak)}")
+            print(f"  peak RSS - 256 MiB guest RAM (clamped at 0) {mib(max(0, peak - GUEST_MEMORY_BYTES // 1024))}")
+            if mem.get("smaps_samples"):
+                print(f"  peak RSS outside the guest-RAM mapping      {mib(mem['sampled_peak_rss_excluding_guest_ram_kib'])}"
+                      f"  (smaps, {mem['smaps_samples']} samples at ~0.1 s;"
+                      f" guest RAM resident then: {mib(mem['guest_ram_resident_at_that_sample_kib'])})")
+                print(f"  sampled peak RSS                            {mib(mem['sampled_peak_rss_kib'])}")
+            print(f"  (that run: exit status {mem['exit_status']}, marker at {fmt_s(mem['marker_s']).strip()} s, "
+                  f"whole run {mem['wall_s']:.2f} s)")
+    return result
+
+
+# -- main -------------------------------------------------------------------------------------------
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=3, help="samples per VMM (default 3)")
+    p.add_argument("--timeout", type=float, default=120.0, help="per-boot limit in seconds (default 120)")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+    p.add_argument("--no-memory", action="store_true", help="skip the extra run that measures hypyr's RSS")
+    p.add_argument("--kernel", help="guest kernel (default: the default image's)")
+    p.add_argument("--initrd", help="guest initrd (default: the default image's)")
+    p.add_argument("--_json-stdout", dest="json_stdout", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--_rss-probe", dest="rss_probe", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("probe_cmd", nargs="*", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.rounds < 1:
+        p.error("--rounds must be at least 1")
+    return a
+
+
+def host_side(argv: list[str], args: argparse.Namespace) -> int:
+    """Outside the lab: make sure the image exists (the cache is read-only in the lab), then re-exec."""
+    if args.kernel is None:
+        r = subprocess.run([sys.executable, "-m", "hypyr", "image", "build"], stdout=subprocess.DEVNULL)
+        if r.returncode != 0:
+            print("bench: building the default guest image failed", file=sys.stderr)
+            return r.returncode
+    inner = [sys.executable, "-m", "hypyr", "lab", "--", sys.executable, str(HERE), *argv]
+    if args.json:
+        inner.append("--_json-stdout")  # the lab's file system is read-only: the JSON comes back on stdout
+    print(f"bench: running inside the lab: {' '.join(inner)}", flush=True)
+    proc = subprocess.Popen(inner, stdout=subprocess.PIPE, bufsize=0, cwd=str(REPO))
+    payload = None
+    try:
+        for line in iter(proc.stdout.readline, b""):
+            text = line.decode("utf-8", "replace")
+            if text.startswith(JSON_LINE_PREFIX):
+                payload = text[len(JSON_LINE_PREFIX):]
+                continue
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        rc = proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait()
+        raise
+    if args.json:
+        if payload is None:
+            print(f"bench: no JSON came back from the lab; {args.json} not written", file=sys.stderr)
+        else:
+            Path(args.json).write_text(json.dumps(json.loads(payload), indent=2) + "\n")
+            print(f"bench: wrote {args.json}")
+    return rc
+
+
+def lab_side(args: argparse.Namespace) -> int:
+    from hypyr.image import build as image
+    if args.kernel:
+        kernel, initrd = args.kernel, args.initrd
+    else:
+        d = image.image_dir()
+        kernel, initrd = str(d / "vmlinuz"), args.initrd or str(d / "initrd.img")
+    if not initrd:
+        print("bench: --initrd is required with --kernel", file=sys.stderr)
+        return 2
+    for path in (kernel, initrd):
+        if not os.path.isfile(path):
+            print(f"bench: {path} is missing (run `hypyr image build` on the host)", file=sys.stderr)
+            return 2
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None:
+        print("bench: qemu-system-x86_64 not found", file=sys.stderr)
+        return 2
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        print("bench: /dev/kvm is not usable here", file=sys.stderr)
+        return 2
+
+    cmds = commands(kernel, initrd, qemu)
+    print(f"hypyr boot benchmark: {args.rounds} round(s), 256 MiB, 1 vCPU, per-boot limit {args.timeout:.0f} s")
+    print(f"  kernel  {kernel}\n  initrd  {initrd}\n  cmdline {guest_cmdline()}")
+    print(f"  marker  {MARKER.decode()!r} on the serial console (stdout pipe)")
+    for c in CONFIGS:
+        print(f"  {c:<13} {' '.join(cmds[c])}")
+    print(flush=True)
+
+    samples: list[Sample] = []
+    for rnd in range(1, args.rounds + 1):
+        k = (rnd - 1) % len(CONFIGS)
+        order = CONFIGS[k:] + CONFIGS[:k]  # rotate the start so no VMM always goes first
+        for c in order:
+            wait = c == "hypyr"  # hypyr powers off by itself: let it, and record its exit status
+            marker_s, total_s, status, note, _ = run_until_marker(cmds[c], args.timeout, wait_for_exit=wait)
+            s = Sample(c, rnd, marker_s is not None, marker_s, total_s, status, note)
+            if c == "hypyr" and s.ok and status != 0 and not note:
+                s.note = f"exit status {status}"
+            samples.append(s)
+            extra = ""
+            if s.ok and c == "hypyr":
+                extra = f"  (exited {status} after {total_s:.2f} s)"
+            elif s.ok:
+                extra = "  (killed at the marker)"
+            if s.note:
+                extra += f"  [{s.note}]"
+            print(f"round {rnd}  {c:<13} {'FAILED' if not s.ok else f'{marker_s:6.2f} s'}{extra}", flush=True)
+
+    summary = summarise(samples)
+    mem = None
+    if not args.no_memory:
+        print("\nmeasuring hypyr's peak RSS (one more run) ...", flush=True)
+        mem = measure_memory(cmds["hypyr"], args.timeout)
+    result = print_report(summary, mem)
+
+    doc = {"rounds": args.rounds, "timeout_s": args.timeout, "kernel": kernel, "initrd": initrd,
+           "cmdline": guest_cmdline(), "commands": cmds, "marker": MARKER.decode(),
+           "host": platform.node(), "samples": [asdict(s) for s in samples], "summary": summary,
+           **result, "memory": mem}
+    if args.json_stdout:
+        print(JSON_LINE_PREFIX + json.dumps(doc), flush=True)
+    elif args.json:
+        try:
+            Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+        except OSError:
+            scratch = os.environ.get("HYPYR_LAB_SCRATCH")
+            if not scratch:
+                raise
+            dest = Path(scratch) / Path(args.json).name
+            dest.write_text(json.dumps(doc, indent=2) + "\n")
+            print(f"bench: {args.json} not writable here; wrote {dest}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.rss_probe:
+        print(JSON_LINE_PREFIX + json.dumps(rss_probe(args.probe_cmd, args.timeout)), flush=True)
+        return 0
+    if os.environ.get("HYPYR_IN_LAB") != "1":
+        return host_side(argv, args)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, _on_signal)
+    try:
+        return lab_side(args)
+    finally:
+        _kill_all_live()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Lab end-to-end tests boot real Linux guests with `hypyr run`.
+
+They need hardware virtualisation: inside the lab (`hypyr lab -- pytest tests/lab`, which
+`make test` does) or on a host where `hypyr doctor` finds it.  Elsewhere they are skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+
+from hypyr import doctor
+from hypyr.image import build as image
+
+
+def _native() -> bool:
+    if os.environ.get("HYPYR_IN_LAB") == "1":
+        return True
+    d = doctor.diagnose()
+    return d.usable and d.native
+
+
+@pytest.fixture(scope="session")
+def guest_image():
+    if not _native():
+        pytest.skip("no hardware virtualisation here: run these with `hypyr lab -- python -m pytest tests/lab`")
+    paths = image.paths()
+    if not (paths.kernel.exists() and paths.initrd.exists()):
+        pytest.skip(f"the default guest image is missing in {paths.dir}: run `hypyr image build` first")
+    return paths
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def hypyr_run(guest_image):
+    def run(*args: str, timeout: float = 300) -> Result:
+        cmd = [sys.executable, "-m", "hypyr", "run", "--no-input", *args]
+        p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+        r = Result(p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace"))
+        print(f"$ {' '.join(cmd)}\n--- rc={r.returncode}\n--- stdout:\n{r.stdout}\n--- stderr:\n{r.stderr}")
+        return r
+    return run

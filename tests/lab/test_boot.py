@@ -1,0 +1,57 @@
+"""Boot the default image in a real (nested) VM and check what the guest really did."""
+
+from __future__ import annotations
+
+import os
+
+
+def test_exec_runs_in_guest_and_returns_its_status(hypyr_run):
+    r = hypyr_run("--exec", "echo guest-says-$((6*7)); uname -r; exit 7")
+    assert "hypyr: init started" in r.stdout
+    assert "guest-says-42" in r.stdout          # computed by the guest's shell, not by us
+    assert "cloud-amd64" in r.stdout             # the Debian cloud kernel really is running
+    assert r.returncode == 7
+
+
+def test_exec_success_is_zero_and_quiet(hypyr_run):
+    r = hypyr_run("--exec", "cat /proc/cmdline")
+    assert r.returncode == 0
+    assert "console=ttyS0" in r.stdout
+    assert "Traceback" not in r.stderr
+
+
+def test_two_vcpus_are_seen_by_the_guest(hypyr_run):
+    r = hypyr_run("--vcpus", "2", "--exec", "echo cpus=$(nproc); grep -c ^processor /proc/cpuinfo")
+    assert r.returncode == 0
+    assert "cpus=2" in r.stdout
+
+
+def test_guest_poweroff_ends_run_with_code_0(hypyr_run):
+    r = hypyr_run("-v", "--exec", "echo going-down; poweroff -f; sleep 30")  # the exit port is never reached
+    assert "going-down" in r.stdout
+    assert r.returncode == 0
+    assert "powered off" in r.stderr
+
+
+def test_guest_reboot_gives_its_own_exit_code(hypyr_run):
+    r = hypyr_run("--exec", "reboot -f; sleep 30")
+    assert r.returncode == 120
+    lines = [l for l in r.stderr.splitlines() if l.startswith("hypyr:")]
+    assert len(lines) == 1 and "reboot" in lines[0]
+
+
+def test_memory_option_reaches_the_guest(hypyr_run):
+    r = hypyr_run("--memory", "512M", "--exec", "grep MemTotal /proc/meminfo")
+    assert r.returncode == 0
+    kib = int(r.stdout.split("MemTotal:")[1].split()[0])
+    assert 400 * 1024 < kib <= 512 * 1024
+
+
+def test_garbage_kernel_is_one_clear_sentence(hypyr_run, tmp_path):
+    bad = tmp_path / "garbage-kernel"
+    bad.write_bytes(os.urandom(64 * 1024))
+    r = hypyr_run("--kernel", str(bad), "--exec", "true")
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr
+    lines = [l for l in r.stderr.strip().splitlines() if l]
+    assert len(lines) == 1 and str(bad) in lines[0]
