@@ -315,7 +315,8 @@ def print_report(summary: dict, mem: dict | None) -> dict:
             print(f"  peak RSS - 256 MiB guest RAM (clamped at 0) {mib(max(0, peak - GUEST_MEMORY_BYTES // 1024))}")
             if mem.get("smaps_samples"):
                 print(f"  peak RSS outside the guest-RAM mapping      {mib(mem['sampled_peak_rss_excluding_guest_ram_kib'])}"
-                      f"  (smaps, {mem['smaps_samples']} samples at ~0.1 s;"
+                      f"  (smaps, {mem['smaps_samples']} samples, one per"
+                      f" ~{mem['wall_s'] / mem['smaps_samples']:.2f} s;"
                       f" guest RAM resident then: {mib(mem['guest_ram_resident_at_that_sample_kib'])})")
                 print(f"  sampled peak RSS                            {mib(mem['sampled_peak_rss_kib'])}")
             print(f"  (that run: exit status {mem['exit_status']}, marker at {fmt_s(mem['marker_s']).strip()} s, "
