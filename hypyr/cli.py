@@ -16,9 +16,11 @@ EXIT_NOT_NATIVE = 3  # `hypyr doctor --native`: KVM works but guests would be em
 
 def parse_size(text: str, default_unit: str = "M") -> int:
     """'256M', '1G', '512' (MiB, as in xl.cfg), '65536K' → bytes."""
-    m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(i?B)?\s*", text, re.IGNORECASE)
+    m = re.fullmatch(r"\s*(\d+)\s*(?:([KMGT])(?:i?B)?|(B))?\s*", text, re.IGNORECASE)
     if not m:
         raise HypyrError(f"'{text}' is not a size (use e.g. 256M or 1G)")
+    if m.group(3):
+        return int(m.group(1))
     unit = (m.group(2) or default_unit).upper()
     return int(m.group(1)) << {"K": 10, "M": 20, "G": 30, "T": 40}[unit]
 
@@ -38,19 +40,26 @@ def _say(msg: str) -> None:
 # -- run ------------------------------------------------------------------------------------------
 def cmd_run(args) -> int:
     from hypyr.console import InputPump, Terminal
-    from hypyr.vmm.builder import DEFAULT_CMDLINE, VmConfig, build_linux_vm
+    from hypyr.vmm.builder import DEFAULT_CMDLINE, DiskConfig, VmConfig, build_linux_vm
     from hypyr.vmm.machine import StopKind, StopReason
 
     kernel, initrd = args.kernel, args.initrd
-    if kernel is None:
+    disks = [DiskConfig.parse(spec) for spec in args.disk]
+    if kernel is None or args.rootfs == "":
         from hypyr.image import build as image
         img = image.ensure()
-        kernel, initrd = str(img.kernel), (initrd or str(img.initrd))
+        if kernel is None:
+            kernel, initrd = str(img.kernel), (initrd or str(img.initrd))
+        if args.rootfs == "":
+            args.rootfs = str(img.rootfs)
+    if args.rootfs is not None:
+        disks.insert(0, DiskConfig(args.rootfs))
     cmdline = args.cmdline if args.cmdline is not None else DEFAULT_CMDLINE
     if args.append:
         cmdline = f"{cmdline} {args.append}"
     config = VmConfig(kernel=kernel, initrd=initrd, cmdline=cmdline, memory=parse_size(args.memory),
-                      vcpus=args.vcpus, exec_cmd=args.exec_cmd)
+                      vcpus=args.vcpus, exec_cmd=args.exec_cmd, disks=disks,
+                      root_disk=args.rootfs is not None, console=args.console)
 
     out_fd = sys.stdout.fileno()
 
@@ -65,7 +74,7 @@ def cmd_run(args) -> int:
     vm = build_linux_vm(config, console_out)
     machine = vm.machine
     with Terminal() as term:
-        pump = InputPump(vm.serial.enqueue_input, vm.serial.input_room,
+        pump = InputPump(vm.console.enqueue_input, vm.console.input_room,
                          on_escape=lambda: machine.stop(StopReason(StopKind.DESTROYED, "stopped with Ctrl-]")),
                          escape=term.is_tty)
         if not args.no_input:
@@ -75,7 +84,7 @@ def cmd_run(args) -> int:
         finally:
             if not args.no_input:
                 pump.stop()
-    machine.close()
+    vm.close()
     if reason.kind not in (StopKind.EXIT_STATUS, StopKind.POWEROFF) or args.verbose:
         _say(reason.message)
     if reason.registers:
@@ -139,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--vcpus", type=int, default=1, help="number of vCPUs (default 1)")
     r.add_argument("--exec", dest="exec_cmd", metavar="CMD",
                    help="run CMD in the guest under sh -c, power off, exit with its status")
+    r.add_argument("--disk", action="append", default=[], metavar="PATH[,ro]",
+                   help="attach a raw disk image as /dev/vda, /dev/vdb, ... (repeatable; ,ro = read-only)")
+    r.add_argument("--rootfs", nargs="?", const="", metavar="PATH",
+                   help="boot with this ext4 image as the root filesystem on /dev/vda "
+                        "(default: the default image's rootfs.ext4)")
+    r.add_argument("--console", choices=("serial", "virtio"), default="serial",
+                   help="the guest console: the 8250 UART (ttyS0) or virtio-console (hvc0)")
     r.add_argument("--no-input", action="store_true", help="do not forward this terminal's input to the guest")
     r.set_defaults(func=cmd_run)
 

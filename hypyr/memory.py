@@ -65,7 +65,8 @@ class GuestRegion:
 
     @property
     def end(self) -> int:
-        return self.start + self.size
+        """One past the last byte: a plain int, since it may be 2**64 (not a GuestAddress)."""
+        return int(self.start) + self.size
 
     def host_address(self) -> int:
         """Host virtual address of the mapping (for KVM memslots only)."""

@@ -3,11 +3,13 @@
 #   python3-venv       the project's virtualenv
 #   qemu-system-x86    the nested lab (hosts without VT-x/AMD-V) and the benchmarks' QEMU baseline
 #   dpkg / apt         apt-get download + dpkg-deb build the guest image and the lab's L1 initramfs
+#   e2fsprogs          mkfs.ext4 -d builds the default rootfs; debugfs/e2fsck check disks in tests
 set -euo pipefail
 need=()
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v dpkg-deb >/dev/null || need+=(dpkg)
+{ command -v mkfs.ext4 || [ -x /sbin/mkfs.ext4 ]; } >/dev/null || need+=(e2fsprogs)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
     echo "hypyr: please install these packages first: ${need[*]}" >&2

@@ -25,7 +25,7 @@ from hypyr.image.exitport import exit_helper_elf
 
 log = logging.getLogger("hypyr.image")
 
-BUILDER_VERSION = 2
+BUILDER_VERSION = 3
 KERNEL_PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
 GUEST_MODULES = [
@@ -37,11 +37,15 @@ BASE_DIRS = ["bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "tmp", 
 STAMP = "image.stamp"
 
 
+ROOTFS_SIZE = "64M"
+
+
 @dataclass(frozen=True)
 class ImagePaths:
     kernel: Path
     initrd: Path
     dir: Path
+    rootfs: Path | None = None
 
 
 def image_dir() -> Path:
@@ -54,7 +58,7 @@ def image_dir() -> Path:
 
 def paths() -> ImagePaths:
     d = image_dir()
-    return ImagePaths(kernel=d / "vmlinuz", initrd=d / "initrd.img", dir=d)
+    return ImagePaths(kernel=d / "vmlinuz", initrd=d / "initrd.img", dir=d, rootfs=d / "rootfs.ext4")
 
 
 def init_script() -> bytes:
@@ -80,7 +84,8 @@ def stamp_for(kernel_deb: Path, busybox_deb: Path, init: bytes, modules: list[st
 def is_current(out: ImagePaths, stamp: str) -> bool:
     """True when the outputs exist and were built from the inputs that `stamp` describes."""
     f = out.dir / STAMP
-    return out.kernel.is_file() and out.initrd.is_file() and f.is_file() and f.read_text() == stamp
+    return (out.kernel.is_file() and out.initrd.is_file() and out.rootfs.is_file() and f.is_file()
+            and f.read_text() == stamp)
 
 
 def busybox_applets(busybox: Path) -> list[str]:
@@ -127,6 +132,38 @@ def add_modules(w: CpioWriter, moddir: Path, names: list[str], list_path: str) -
         order.append(fname)
     w.add_file(list_path, "".join(f"{m}\n" for m in order).encode(), mode=0o644)
     return order
+
+
+def make_ext4(w: CpioWriter, out: Path, size: str = ROOTFS_SIZE) -> None:
+    """Write the archive's tree (device nodes aside: devtmpfs provides them) into a new ext4 image
+    with `mkfs.ext4 -d`, which needs no root privileges."""
+    import stat as st
+    import tempfile
+    mkfs = shutil.which("mkfs.ext4") or shutil.which("mke2fs") or "/sbin/mkfs.ext4"
+    if not os.path.exists(mkfs):
+        raise HypyrError("mkfs.ext4 is missing: install the e2fsprogs package.")
+    with tempfile.TemporaryDirectory(prefix="hypyr-rootfs-") as tmp:
+        root = Path(tmp)
+        for e in w.entries():
+            path = root / e.name
+            kind = st.S_IFMT(e.mode)
+            if kind == st.S_IFDIR:
+                path.mkdir(parents=True, exist_ok=True)
+                path.chmod(e.mode & 0o7777)
+            elif kind == st.S_IFREG:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(e.data)
+                path.chmod(e.mode & 0o7777)
+            elif kind == st.S_IFLNK:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                os.symlink(e.data.decode(), path)
+        tmp_img = out.with_name(out.name + ".tmp")
+        tmp_img.unlink(missing_ok=True)
+        r = subprocess.run([mkfs, "-q", "-F", "-t", "ext4", "-L", "hypyr-root", "-E", "root_owner=0:0",
+                            "-d", str(root), str(tmp_img), size], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise HypyrError(f"mkfs.ext4 failed to build {out}: {r.stderr.strip().splitlines()[-1:]}")
+        tmp_img.replace(out)
 
 
 def find_vmlinuz(root: Path) -> Path:
@@ -179,6 +216,19 @@ def build(kernel_deb: Path | None = None, force: bool = False) -> ImagePaths:
     debs.progress(f"packing the initramfs ({len(order)} modules)")
     initrd = w.to_gzip()
 
+    # The root filesystem: the same userland and init (as /sbin/init), no modules — the
+    # initramfs loads them, mounts root=/dev/vda and switches to it.
+    r = CpioWriter()
+    add_base(r)
+    add_busybox(r, busybox)
+    r.add_file("etc/hostname", b"hypyr\n")
+    r.add_file("etc/hypyr/rootfs", b"this is hypyr's default root filesystem\n")
+    r.add_file("bin/hypyr-exit", exit_helper_elf(), mode=0o755)
+    r.add_file("sbin/init", init, mode=0o755)
+    debs.progress(f"making the root filesystem ({ROOTFS_SIZE}, ext4)")
+    (out.dir / STAMP).unlink(missing_ok=True)
+    make_ext4(r, out.rootfs)
+
     (out.dir / STAMP).unlink(missing_ok=True)
     tmp = out.kernel.with_name(out.kernel.name + ".tmp")
     shutil.copyfile(find_vmlinuz(kroot), tmp)
@@ -194,7 +244,7 @@ def ensure() -> ImagePaths:
     """The guest image, built first if it is missing (no package look-up when it exists)."""
     out = paths()
     stamp = out.dir / STAMP
-    if out.kernel.is_file() and out.initrd.is_file() and stamp.is_file():
+    if out.kernel.is_file() and out.initrd.is_file() and out.rootfs.is_file() and stamp.is_file():
         try:
             doc = json.loads(stamp.read_text())
         except ValueError:

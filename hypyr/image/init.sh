@@ -3,10 +3,12 @@
 echo "hypyr: init started"
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin
 
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev 2>/dev/null
-mount -t tmpfs -o mode=1777 tmpfs /tmp
+# (the same script is /sbin/init on the default rootfs, where these may already be mounted)
+[ -e /proc/self ] || mount -t proc proc /proc
+mounted() { grep -q " $1 " /proc/mounts; }
+mounted /sys || mount -t sysfs sysfs /sys
+mounted /dev || mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mounted /tmp || mount -t tmpfs -o mode=1777 tmpfs /tmp
 [ -e /dev/console ] || mknod -m 600 /dev/console c 5 1
 [ -e /dev/null ] || mknod -m 666 /dev/null c 1 3
 [ -e /dev/fd ] || ln -s /proc/self/fd /dev/fd
@@ -21,14 +23,35 @@ fi
 exec_b64=""
 console=/dev/console
 host=hypyr
+root=""
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
+        root=*) root="${arg#root=}" ;;
         hypyr.exec=*) exec_b64="${arg#hypyr.exec=}" ;;
         hypyr.console=*) console="/dev/${arg#hypyr.console=}" ;;
         hypyr.hostname=*) host="${arg#hypyr.hostname=}" ;;
     esac
 done
 hostname "$host"
+
+# root=/dev/vdX: the initramfs has loaded the drivers; mount the disk and switch to it.
+if [ -n "$root" ] && [ ! -e /etc/hypyr/rootfs ] && [ "$$" = 1 ]; then
+    n=0
+    while [ ! -b "$root" ] && [ $n -lt 100 ]; do
+        sleep 0.1
+        n=$((n + 1))
+    done
+    mkdir -p /newroot
+    if mount -t ext4 -o rw "$root" /newroot; then
+        for m in dev proc sys; do
+            mkdir -p "/newroot/$m"
+            mount --move "/$m" "/newroot/$m"
+        done
+        umount /tmp 2>/dev/null
+        exec switch_root /newroot /sbin/init
+    fi
+    echo "hypyr: could not mount the root filesystem $root; staying in the initramfs"
+fi
 
 # A console device created by a module (hvc0) may take a moment to appear.
 n=0

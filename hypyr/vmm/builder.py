@@ -15,16 +15,22 @@ from typing import Callable
 
 from hypyr.arch.x86 import cpuid as x86cpuid
 from hypyr.arch.x86 import layout, msrs, setup_linux_boot
+from hypyr.arch.x86.acpi import MmioDevice
 from hypyr.arch.x86.regs import BootCpuState
 from hypyr.devices.legacy.acpi_pm import AcpiPm
 from hypyr.devices.legacy.i8042 import I8042
 from hypyr.devices.legacy.rtc import Rtc
 from hypyr.devices.legacy.serial import Serial
 from hypyr.devices.pvexit import PvExit
+from hypyr.devices.virtio.blk import VirtioBlk
+from hypyr.devices.virtio.console import VirtioConsole
+from hypyr.devices.virtio.mmio import QUEUE_NOTIFY_OFFSET, VirtioMmioTransport
+from hypyr.devices.virtio.rng import VirtioRng
 from hypyr.errors import HypyrError
 from hypyr.kvm import B, Kvm, KvmUnavailable
 from hypyr.memory import GuestMemory
 
+from .iothread import IoThread
 from .machine import Machine
 
 log = logging.getLogger("hypyr.vmm")
@@ -39,6 +45,26 @@ APIC_MODE_NMI = 0x4
 APIC_MODE_EXTINT = 0x7
 
 
+VIRTIO_GSI_BASE = 16        # IOAPIC pins 16-23: no ISA device can claim them
+MAX_VIRTIO_DEVICES = 8
+
+
+@dataclass(frozen=True)
+class DiskConfig:
+    path: str
+    read_only: bool = False
+
+    @classmethod
+    def parse(cls, spec: str) -> "DiskConfig":
+        """`PATH[,ro|,rw]` as given to --disk."""
+        path, _, opts = spec.partition(",")
+        flags = [o for o in opts.split(",") if o]
+        bad = [o for o in flags if o not in ("ro", "rw")]
+        if not path or bad:
+            raise HypyrError(f"--disk {spec!r} is not PATH[,ro]")
+        return cls(path, read_only="ro" in flags)
+
+
 @dataclass
 class VmConfig:
     kernel: str
@@ -47,9 +73,16 @@ class VmConfig:
     memory: int = 256 << 20          # bytes
     vcpus: int = 1
     exec_cmd: str | None = None      # run under `sh -c` by the default init, then power off
+    disks: list[DiskConfig] = field(default_factory=list)   # /dev/vda, /dev/vdb, ...
+    root_disk: bool = False          # the first disk is the root filesystem (root=/dev/vda)
+    console: str = "serial"          # "serial" (ttyS0) or "virtio" (hvc0)
 
     def full_cmdline(self) -> str:
         parts = [self.cmdline]
+        if self.root_disk:
+            parts.append("root=/dev/vda rw")
+        if self.console == "virtio":
+            parts.append("hypyr.console=hvc0")
         if self.exec_cmd is not None:
             parts.append("hypyr.exec=" + base64.b64encode(self.exec_cmd.encode()).decode())
         return " ".join(p for p in parts if p)
@@ -62,7 +95,16 @@ class LinuxVm:
     serial: Serial
     i8042: I8042
     config: VmConfig
-    extra: dict = field(default_factory=dict)
+    console: object              # where terminal input goes: the UART or the virtio console
+    virtio: list = field(default_factory=list)  # VirtioDevice instances, in window order
+
+    def close(self) -> None:
+        """Devices first (a disk finishes its in-flight I/O while guest memory still exists)."""
+        for dev in self.virtio:
+            close = getattr(dev, "close", None)
+            if close is not None:
+                close()
+        self.machine.close()
 
 
 def host_available_memory() -> int:
@@ -76,7 +118,17 @@ def host_available_memory() -> int:
     return 1 << 62
 
 
-def validate(config: VmConfig, kvm: Kvm) -> None:
+def validate(config: VmConfig, kvm: Kvm | None = None) -> None:
+    """Check the config; file checks come first, so they are reported even without /dev/kvm."""
+    if len(config.disks) + 2 > MAX_VIRTIO_DEVICES:
+        raise HypyrError(f"at most {MAX_VIRTIO_DEVICES - 2} disks can be attached")
+    if config.console not in ("serial", "virtio"):
+        raise HypyrError(f"--console must be serial or virtio, not {config.console!r}")
+    for disk in config.disks:
+        if not os.path.isfile(disk.path):
+            raise HypyrError(f"disk image {disk.path} does not exist or is not a file")
+        if not os.access(disk.path, os.R_OK if disk.read_only else os.R_OK | os.W_OK):
+            raise HypyrError(f"no permission to {'read' if disk.read_only else 'read and write'} disk image {disk.path}")
     for path, what in ((config.kernel, "kernel"), (config.initrd, "initrd")):
         if path is None:
             continue
@@ -86,7 +138,7 @@ def validate(config: VmConfig, kvm: Kvm) -> None:
             raise HypyrError(f"{what} file {path} is not a readable file")
     if config.vcpus < 1:
         raise HypyrError(f"--vcpus must be at least 1 (got {config.vcpus})")
-    limit = min(kvm.max_vcpus, 254)
+    limit = min(kvm.max_vcpus if kvm else 254, 254)
     if config.vcpus > limit:
         raise HypyrError(f"--vcpus {config.vcpus} is more than this host's KVM allows ({limit})")
     if config.memory < 16 << 20:
@@ -132,6 +184,8 @@ def apply_boot_state(vcpu, boot: BootCpuState) -> None:
 
 
 def build_linux_vm(config: VmConfig, console_out: Callable[[bytes], None], *, kvm: Kvm | None = None) -> LinuxVm:
+    validate(config)
+    own_kvm = kvm is None
     try:
         kvm = kvm or Kvm()
     except KvmUnavailable as e:
@@ -139,8 +193,9 @@ def build_linux_vm(config: VmConfig, console_out: Callable[[bytes], None], *, kv
     validate(config, kvm)
     memory = GuestMemory.anonymous(layout.ram_layout(config.memory))
     machine = None
+    virtio_devices: list = []
     try:
-        machine = Machine(memory, config.vcpus, kvm=kvm)
+        machine = Machine(memory, config.vcpus, kvm=kvm, own_kvm=own_kvm)
         serial = Serial(machine.irq_line(4), console_out)
         i8042 = I8042(machine.device_stop, kbd_irq=machine.irq_line(1))
         machine.pio.register(0x3F8, 8, serial)
@@ -150,16 +205,52 @@ def build_linux_vm(config: VmConfig, console_out: Callable[[bytes], None], *, kv
         machine.pio.register(0x600, 2, AcpiPm(machine.device_stop))
         machine.pio.register(0xF4, 1, PvExit(machine.device_stop))
 
-        boot = setup_linux_boot(memory, config.kernel, config.initrd, config.full_cmdline(), config.vcpus)
+        virtio_devices = _virtio_devices(config, console_out)
+        mmio_windows = attach_virtio(machine, virtio_devices)
+
+        boot = setup_linux_boot(memory, config.kernel, config.initrd, config.full_cmdline(), config.vcpus,
+                                mmio_devices=mmio_windows)
         supported = kvm.supported_cpuid()
         for vt in machine.vcpus:
             _configure_vcpu(vt.vcpu, supported, config.vcpus, boot.cpu if vt.vcpu.id == 0 else None)
         log.info("built VM: %d MiB, %d vCPU(s), kernel %s (%s), entry %#x", config.memory >> 20, config.vcpus,
                  config.kernel, boot.kernel.kind, boot.kernel.entry)
-        return LinuxVm(machine=machine, serial=serial, i8042=i8042, config=config)
+        console = next((d for d in virtio_devices if isinstance(d, VirtioConsole)), serial)
+        return LinuxVm(machine=machine, serial=serial, i8042=i8042, config=config, console=console,
+                       virtio=virtio_devices)
     except BaseException:
+        for dev in virtio_devices:
+            getattr(dev, "close", lambda: None)()
         if machine is not None:
             machine.close()
         else:
             memory.close()
         raise
+
+
+def _virtio_devices(config: VmConfig, console_out: Callable[[bytes], None]) -> list:
+    """Disks first (so the first --disk is /dev/vda), then the console, then the entropy device."""
+    devices: list = [VirtioBlk(d.path, read_only=d.read_only, serial=f"hypyr-vd{chr(ord('a') + i)}")
+                     for i, d in enumerate(config.disks)]
+    if config.console == "virtio":
+        devices.append(VirtioConsole(console_out))
+    devices.append(VirtioRng())
+    return devices
+
+
+def attach_virtio(machine: Machine, devices: list) -> list[MmioDevice]:
+    """Give each device an MMIO window, a GSI and an ioeventfd per queue; return the windows."""
+    io = IoThread(name="virtio-io")
+    machine.services.append(io)
+    windows = []
+    for i, dev in enumerate(devices):
+        base = layout.VIRTIO_MMIO_BASE + i * layout.VIRTIO_MMIO_SIZE
+        gsi = VIRTIO_GSI_BASE + i
+        transport = VirtioMmioTransport(dev, machine.memory, machine.irq_line(gsi))
+        machine.mmio.register(base, layout.VIRTIO_MMIO_SIZE, transport)
+        for q in range(len(dev.queue_max_sizes)):
+            efd = io.add_eventfd(lambda t=transport, q=q: t.notify(q))
+            machine.vm.ioeventfd(efd, base + QUEUE_NOTIFY_OFFSET, 4, datamatch=q)
+        windows.append(MmioDevice(base, layout.VIRTIO_MMIO_SIZE, gsi))
+        log.info("virtio-%s at %#x, GSI %d", dev.name, base, gsi)
+    return windows

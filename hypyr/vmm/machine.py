@@ -87,9 +87,13 @@ class _VcpuThread:
 class Machine:
     """A VM: memory, buses, vCPUs.  Built by :mod:`hypyr.vmm.builder` or directly by tests."""
 
-    def __init__(self, memory: GuestMemory, nr_vcpus: int, *, irqchip: bool = True, kvm: Kvm | None = None):
+    def __init__(self, memory: GuestMemory, nr_vcpus: int, *, irqchip: bool = True, kvm: Kvm | None = None,
+                 own_kvm: bool | None = None):
+        """``kvm``: an open /dev/kvm to use (default: open one); the machine closes it on close()
+        if it opened it itself or ``own_kvm`` is true."""
         if nr_vcpus < 1:
             raise ValueError("a machine needs at least one vCPU")
+        self._own_kvm = kvm is None if own_kvm is None else own_kvm
         self.kvm = kvm or Kvm()
         self.vm: Vm = self.kvm.create_vm()
         self.memory = memory
@@ -110,7 +114,7 @@ class Machine:
         self._stopping = False
         self._reason: StopReason | None = None
         self._done = threading.Event()
-        self.on_stop: list[Callable[[StopReason], None]] = []
+        self.services: list = []  # objects with start()/stop() that live as long as the VM (I/O threads)
 
     # -- interrupts ---------------------------------------------------------------------------
     def irq_line(self, irq: int) -> Callable[[bool], None]:
@@ -134,6 +138,8 @@ class Machine:
     def start(self) -> None:
         if threading.current_thread() is threading.main_thread():
             signal.signal(KICK_SIGNAL, _ignore_signal)
+        for service in self.services:
+            service.start()
         for vt in self.vcpus:
             vt.thread = threading.Thread(target=self._vcpu_main, args=(vt,), name=f"vcpu{vt.vcpu.id}", daemon=True)
             vt.state = VcpuState.RUNNING
@@ -193,10 +199,14 @@ class Machine:
         return self._paused
 
     def close(self) -> None:
+        for service in reversed(self.services):
+            service.stop()
         for vt in self.vcpus:
             vt.vcpu.close()
         self.vm.close()
         self.memory.close()
+        if self._own_kvm:
+            self.kvm.close()
 
     def _kick_all(self) -> None:
         me = threading.current_thread()

@@ -126,8 +126,28 @@ COM1_AML = aml.scope(
 )
 
 
-def dsdt() -> bytes:
-    return sdt(b"DSDT", 2, S5_AML + COM1_AML)
+@dataclass(frozen=True)
+class MmioDevice:
+    """A virtio-mmio window announced to the guest (ACPI id LNRO0005, as QEMU and Firecracker do)."""
+    base: int
+    size: int
+    gsi: int
+
+
+def virtio_mmio_aml(devices: list[MmioDevice]) -> bytes:
+    if not devices:
+        return b""
+    return aml.scope("\\_SB", *(
+        aml.device(f"VR{i:02X}",
+                   aml.name("_HID", aml.string("LNRO0005")),
+                   aml.name("_UID", aml.integer(i)),
+                   aml.name("_CRS", aml.resource_template(aml.memory32_fixed(d.base, d.size),
+                                                          aml.interrupt(d.gsi))))  # level, active high
+        for i, d in enumerate(devices)))
+
+
+def dsdt(devices: list[MmioDevice] | None = None) -> bytes:
+    return sdt(b"DSDT", 2, S5_AML + COM1_AML + virtio_mmio_aml(devices or []))
 
 
 def fadt(dsdt_addr: int) -> bytes:
@@ -181,7 +201,8 @@ def _align(x: int, a: int = 16) -> int:
     return (x + a - 1) & ~(a - 1)
 
 
-def build_acpi_tables(nr_vcpus: int, base: int = layout.RSDP_ADDR) -> tuple[AcpiTables, dict[int, bytes]]:
+def build_acpi_tables(nr_vcpus: int, base: int = layout.RSDP_ADDR,
+                      devices: list[MmioDevice] | None = None) -> tuple[AcpiTables, dict[int, bytes]]:
     """All tables as ``{address: bytes}``, laid out from ``base`` (the RSDP's address)."""
     if not 1 <= nr_vcpus <= MAX_VCPUS:
         raise HypyrError(f"The number of vCPUs must be between 1 and {MAX_VCPUS}, not {nr_vcpus}.")
@@ -195,7 +216,7 @@ def build_acpi_tables(nr_vcpus: int, base: int = layout.RSDP_ADDR) -> tuple[Acpi
         pos = _align(pos + len(data))
         return addr
 
-    dsdt_addr = place(dsdt())
+    dsdt_addr = place(dsdt(devices))
     fadt_addr = place(fadt(dsdt_addr))
     madt_addr = place(madt(nr_vcpus))
     xsdt_addr = place(xsdt([fadt_addr, madt_addr]))
@@ -207,9 +228,9 @@ def build_acpi_tables(nr_vcpus: int, base: int = layout.RSDP_ADDR) -> tuple[Acpi
                       madt=madt_addr, end=pos), blobs
 
 
-def write_acpi_tables(mem: GuestMemory, nr_vcpus: int) -> int:
+def write_acpi_tables(mem: GuestMemory, nr_vcpus: int, devices: list[MmioDevice] | None = None) -> int:
     """Write the ACPI tables into the 0xe0000-0xfffff area; return the RSDP's address."""
-    tables, blobs = build_acpi_tables(nr_vcpus)
+    tables, blobs = build_acpi_tables(nr_vcpus, devices=devices)
     mem.fill(layout.ACPI_AREA_START, tables.end - layout.ACPI_AREA_START)
     for addr, data in blobs.items():
         mem.write(addr, data)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import struct
 
 NAME_OP, SCOPE_OP, BUFFER_OP, PACKAGE_OP = 0x08, 0x10, 0x11, 0x12
-BYTE_PREFIX, WORD_PREFIX, DWORD_PREFIX = 0x0A, 0x0B, 0x0C
+BYTE_PREFIX, WORD_PREFIX, DWORD_PREFIX, STRING_PREFIX = 0x0A, 0x0B, 0x0C, 0x0D
 ZERO_OP, ONE_OP = 0x00, 0x01
 EXT_OP_PREFIX, DEVICE_OP = 0x5B, 0x82
 
@@ -69,6 +69,10 @@ def device(n: str, *children: bytes) -> bytes:
     return bytes([EXT_OP_PREFIX, DEVICE_OP]) + pkg_length(len(body)) + body
 
 
+def string(text: str) -> bytes:
+    return bytes([STRING_PREFIX]) + text.encode("ascii") + b"\0"
+
+
 def eisa_id(text: str) -> bytes:
     """EisaId("PNP0501") → a DWord integer (compressed vendor letters + product number)."""
     if len(text) != 7 or not text[:3].isalpha() or not text[:3].isupper():
@@ -89,6 +93,17 @@ def io_port(base: int, length: int) -> bytes:
 def irq_no_flags(irq: int) -> bytes:
     """IRQNoFlags(){irq}: edge-triggered, active-high, exclusive ISA interrupt."""
     return struct.pack("<BH", 0x22, 1 << irq)
+
+
+def memory32_fixed(base: int, length: int, writable: bool = True) -> bytes:
+    """Memory32Fixed(ReadWrite, base, length): a large resource descriptor."""
+    return struct.pack("<BHBII", 0x86, 9, 1 if writable else 0, base, length)
+
+
+def interrupt(gsi: int, *, edge: bool = False, active_low: bool = False, shared: bool = False) -> bytes:
+    """Interrupt(ResourceConsumer, Level|Edge, ActiveHigh|Low, Exclusive|Shared){gsi}."""
+    flags = 1 | (2 if edge else 0) | (4 if active_low else 0) | (8 if shared else 0)
+    return struct.pack("<BHBBI", 0x89, 6, flags, 1, gsi)
 
 
 def resource_template(*descriptors: bytes) -> bytes:

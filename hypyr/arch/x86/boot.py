@@ -24,9 +24,10 @@ class BootSetup:
 
 
 def setup_linux_boot(mem: GuestMemory, kernel_path: str | os.PathLike,
-                     initrd: bytes | str | os.PathLike | None, cmdline: str, nr_vcpus: int) -> BootSetup:
+                     initrd: bytes | str | os.PathLike | None, cmdline: str, nr_vcpus: int,
+                     mmio_devices: list[acpi.MmioDevice] | None = None) -> BootSetup:
     """Load the kernel (and initrd), write cmdline, page tables, GDT, ACPI tables and boot_params."""
-    rsdp_addr = acpi.write_acpi_tables(mem, nr_vcpus)  # checks nr_vcpus before anything slow
+    rsdp_addr = acpi.write_acpi_tables(mem, nr_vcpus, mmio_devices)  # checks nr_vcpus before anything slow
     kernel = loader.load_kernel(mem, kernel_path)
     initrd_range = loader.load_initrd(mem, initrd, kernel) if initrd is not None else None
     cmdline_addr = loader.write_cmdline(mem, cmdline, kernel.cmdline_size)

@@ -1,0 +1,559 @@
+"""virtio-blk (virtio 1.2 §5.2): a raw disk image file as a block device.
+
+One request queue.  A request is a descriptor chain::
+
+    header   (device-readable, 16 bytes: type u32, reserved u32, sector u64)
+    data     (device-readable for OUT/DISCARD/WRITE_ZEROES, device-writable for IN/GET_ID)
+    status   (the last device-writable byte: OK 0, IOERR 1, UNSUPP 2)
+
+Everything in a chain is untrusted.  A chain with no device-writable byte has nowhere to report
+an error and raises :class:`DeviceError` (the transport then sets NEEDS_RESET); any other
+malformed request completes with IOERR (bad length, sector range, write to a read-only disk,
+host I/O error) or UNSUPP (unknown type, feature not negotiated, unknown flags).  The image is
+never read or written outside ``[0, capacity * 512)`` and a read-only image is opened
+``O_RDONLY``.  Rejected requests are logged at warning level once per kind.
+
+I/O runs on a thread pool: :meth:`VirtioBlk.queue_notify` pops every available chain and
+submits it; the worker does the file I/O in bounded chunks (so a hostile chain covering
+gigabytes of guest RAM costs time, not host memory), copies into guest memory, puts the chain on
+the used ring and signals the queue.  Ordering and lifetime:
+
+* FLUSH waits for every request submitted before it, then ``fdatasync``; an OUT is completed
+  only after ``pwrite`` returned, so data acknowledged by a FLUSH is on the disk.
+* Every activation and reset starts a new *generation*.  Guest memory writes and used-ring
+  updates of a request happen under the device lock and only if its generation is current,
+  so a request that finishes after :meth:`reset` never touches guest memory or the new queue.
+  :meth:`reset` additionally waits (bounded) for in-flight requests, so their file writes
+  have finished too.
+
+Callers must :meth:`VirtioBlk.close` the device when the VM is torn down (it waits for
+in-flight I/O, stops the workers and closes the image).  The image is ``flock``-ed (exclusive
+for read-write, shared for read-only) so that two VMs cannot write one image at once.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import errno
+import fcntl
+import logging
+import os
+import stat
+import struct
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+from hypyr.errors import HypyrError
+from hypyr.memory import GuestMemory
+
+from .device import VIRTIO_ID_BLOCK, VirtioDevice
+from .queue import DescriptorChain, DeviceError, SplitQueue
+
+log = logging.getLogger("hypyr.dev.virtio-blk")
+
+SECTOR_SIZE = 512
+QUEUE_SIZE = 256
+
+# Feature bits (§5.2.3)
+VIRTIO_BLK_F_SIZE_MAX = 1
+VIRTIO_BLK_F_SEG_MAX = 2
+VIRTIO_BLK_F_GEOMETRY = 4
+VIRTIO_BLK_F_RO = 5
+VIRTIO_BLK_F_BLK_SIZE = 6
+VIRTIO_BLK_F_FLUSH = 9
+VIRTIO_BLK_F_TOPOLOGY = 10
+VIRTIO_BLK_F_CONFIG_WCE = 11
+VIRTIO_BLK_F_MQ = 12
+VIRTIO_BLK_F_DISCARD = 13
+VIRTIO_BLK_F_WRITE_ZEROES = 14
+
+# Request types (§5.2.6)
+VIRTIO_BLK_T_IN = 0
+VIRTIO_BLK_T_OUT = 1
+VIRTIO_BLK_T_FLUSH = 4
+VIRTIO_BLK_T_GET_ID = 8
+VIRTIO_BLK_T_DISCARD = 11
+VIRTIO_BLK_T_WRITE_ZEROES = 13
+
+# Status values
+VIRTIO_BLK_S_OK = 0
+VIRTIO_BLK_S_IOERR = 1
+VIRTIO_BLK_S_UNSUPP = 2
+
+VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP = 1
+
+HEADER_SIZE = 16
+SEGMENT_SIZE = 16  # struct virtio_blk_discard_write_zeroes
+ID_BYTES = 20
+
+SEG_MAX = QUEUE_SIZE - 2                 # data segments per request (header and status use two)
+MAX_DISCARD_SECTORS = 0x3FFFFF           # per segment: 2 GiB - 512
+MAX_DISCARD_SEG = 32
+DISCARD_SECTOR_ALIGNMENT = 8             # a hint: 4 KiB
+MAX_WRITE_ZEROES_SECTORS = 0x3FFFFF
+MAX_WRITE_ZEROES_SEG = 32
+
+IO_CHUNK = 1 << 20                       # bytes per pread/pwrite and per guest-memory copy
+RESET_WAIT = 5.0                         # seconds reset() waits for in-flight requests
+
+# struct virtio_blk_config up to write_zeroes_may_unmap and its padding (60 bytes)
+_CONFIG = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3x")
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_FALLOC_FL_ZERO_RANGE = 0x10
+
+
+def _load_fallocate() -> Callable[..., int] | None:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_fallocate = _load_fallocate()
+
+
+@dataclass(frozen=True)
+class BlkState:
+    path: str
+    read_only: bool
+    capacity: int  # in 512-byte sectors
+    features: int  # device-specific feature bits offered
+
+
+class _Stale(Exception):
+    """The request belongs to an earlier generation (the device was reset): abandon it."""
+
+
+@dataclass
+class _Request:
+    gen: int
+    queue: SplitQueue
+    mem: GuestMemory
+    chain: DescriptorChain
+    written: int = 0  # bytes written into the chain's writable buffers
+
+
+class VirtioBlk(VirtioDevice):
+    """A raw image file as a virtio block device."""
+
+    device_id = VIRTIO_ID_BLOCK
+    queue_max_sizes = (QUEUE_SIZE,)
+    name = "virtio-blk"
+
+    def __init__(self, path: str, *, read_only: bool = False, serial: str | None = None, workers: int = 4):
+        super().__init__()
+        if workers < 1:
+            raise ValueError("workers must be at least 1")
+        self.path = str(path)
+        self.read_only = bool(read_only)
+        self._serial = self._encode_serial(serial)
+        flags = (os.O_RDONLY if self.read_only else os.O_RDWR) | os.O_CLOEXEC
+        try:
+            fd = os.open(self.path, flags)
+        except OSError as e:
+            raise HypyrError(f"cannot open disk image {self.path} "
+                             f"{'read-only' if self.read_only else 'for reading and writing'}: "
+                             f"{e.strerror}") from None
+        try:
+            mode = os.fstat(fd).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+                raise HypyrError(f"disk image {self.path} is not a regular file or block device")
+            self._lock_image(fd)
+            size = os.lseek(fd, 0, os.SEEK_END)
+        except HypyrError:
+            os.close(fd)
+            raise
+        except OSError as e:
+            os.close(fd)
+            raise HypyrError(f"cannot use disk image {self.path}: {e.strerror}") from None
+        self._fd = fd
+        self.capacity = size // SECTOR_SIZE
+        if size % SECTOR_SIZE:
+            log.warning("virtio-blk: %s is %d bytes, not a multiple of %d; the last %d bytes are not "
+                        "visible to the guest", self.path, size, SECTOR_SIZE, size % SECTOR_SIZE)
+        if self.capacity == 0:
+            log.warning("virtio-blk: %s is smaller than one sector; the guest sees an empty disk", self.path)
+        self._features = ((1 << VIRTIO_BLK_F_SEG_MAX) | (1 << VIRTIO_BLK_F_BLK_SIZE) | (1 << VIRTIO_BLK_F_FLUSH))
+        if self.read_only:
+            self._features |= 1 << VIRTIO_BLK_F_RO
+        else:
+            self._features |= (1 << VIRTIO_BLK_F_DISCARD) | (1 << VIRTIO_BLK_F_WRITE_ZEROES)
+        self._config = self._build_config()
+
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._gen = 0
+        self._pending: set[concurrent.futures.Future] = set()
+        self._closed = False
+        self._warned: set[str] = set()
+        self._punch_supported = _fallocate is not None
+        self._zero_range_supported = _fallocate is not None
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=workers,
+                                                               thread_name_prefix="virtio-blk")
+        log.info("virtio-blk: %s, %d sectors%s", self.path, self.capacity, " (read-only)" if self.read_only else "")
+
+    # ------------------------------------------------------------------ setup helpers
+    @staticmethod
+    def _encode_serial(serial: str | None) -> bytes:
+        if serial is None:
+            return bytes(ID_BYTES)
+        try:
+            raw = serial.encode("ascii")
+        except UnicodeEncodeError:
+            raise HypyrError(f"disk serial {serial!r} is not ASCII") from None
+        if len(raw) > ID_BYTES or b"\0" in raw:
+            raise HypyrError(f"disk serial {serial!r} must be at most {ID_BYTES} ASCII characters without NULs")
+        return raw.ljust(ID_BYTES, b"\0")
+
+    def _lock_image(self, fd: int) -> None:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if self.read_only else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise HypyrError(f"disk image {self.path} is in use by another process "
+                                 f"(or another disk of this VM)") from None
+            log.debug("virtio-blk: cannot lock %s (%s); continuing without a lock", self.path, e.strerror)
+
+    def _build_config(self) -> bytes:
+        rw = not self.read_only
+        return _CONFIG.pack(
+            self.capacity,
+            0,                      # size_max (VIRTIO_BLK_F_SIZE_MAX not offered)
+            SEG_MAX,
+            0, 0, 0,                # geometry (not offered)
+            SECTOR_SIZE,            # blk_size
+            0, 0, 0, 0,             # topology (not offered)
+            1,                      # writeback (meaningful only with CONFIG_WCE: our cache is write-back)
+            0, 0,                   # unused0, num_queues (no MQ)
+            MAX_DISCARD_SECTORS if rw else 0,
+            MAX_DISCARD_SEG if rw else 0,
+            DISCARD_SECTOR_ALIGNMENT if rw else 0,
+            MAX_WRITE_ZEROES_SECTORS if rw else 0,
+            MAX_WRITE_ZEROES_SEG if rw else 0,
+            1 if rw else 0,         # write_zeroes_may_unmap
+        )
+
+    # ------------------------------------------------------------------ VirtioDevice interface
+    def device_features(self) -> int:
+        return self._features
+
+    def config_read(self, offset: int, size: int) -> bytes:
+        if size <= 0:
+            return b""
+        if offset < 0:
+            return bytes(size)
+        return self._config[offset:offset + size].ljust(size, b"\0")
+
+    def config_write(self, offset: int, data: bytes) -> None:
+        log.debug("virtio-blk: config write of %d bytes at %#x ignored", len(data), offset)
+
+    def activate(self, mem: GuestMemory, queues: list[SplitQueue], driver_features: int,
+                 interrupt: Callable[[int], None]) -> None:
+        if len(queues) != 1:
+            raise DeviceError(f"virtio-blk has one queue, activated with {len(queues)}")
+        with self._lock:
+            self._gen += 1
+            super().activate(mem, queues, driver_features, interrupt)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._gen += 1
+            super().reset()
+        if not self.wait_idle(RESET_WAIT):
+            log.warning("virtio-blk: %s: requests still in flight %.0f s after reset; their results "
+                        "will be dropped", self.path, RESET_WAIT)
+
+    def queue_notify(self, index: int) -> None:
+        if index != 0:
+            log.debug("virtio-blk: notify for nonexistent queue %d ignored", index)
+            return
+        while True:
+            # Pop and submit under the device lock, so each request is tagged with the generation
+            # of the activation it was popped in, even if a reset races with this notify.
+            with self._lock:
+                if not self.queues or self.mem is None:
+                    return
+                queue = self.queues[0]
+                chain = queue.pop()  # QueueError (a DeviceError) propagates to the transport
+                if chain is None:
+                    return
+                if chain.writable_len == 0:
+                    raise DeviceError(f"virtio-blk request (head {chain.head}) has no device-writable "
+                                      f"status byte")
+                req = _Request(self._gen, queue, self.mem, chain)
+                fut = self._submit_locked(req)
+            if fut is None:
+                self._warn_once("closed", "virtio-blk: %s: request after close(); failing it", self.path)
+                self._complete(req, VIRTIO_BLK_S_IOERR)
+            else:
+                fut.add_done_callback(self._done)  # outside the lock: it may run at once and take it
+
+    # ------------------------------------------------------------------ host interface
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until no request is in flight; False if ``timeout`` seconds passed first."""
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._pending, timeout)
+
+    def close(self) -> None:
+        """Wait for in-flight I/O, stop the workers and close the image (idempotent)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._executor.shutdown(wait=True)
+        os.close(self._fd)
+        self._fd = -1
+
+    def state(self) -> BlkState:
+        return BlkState(path=self.path, read_only=self.read_only, capacity=self.capacity,
+                        features=self._features)
+
+    def restore(self, s: BlkState) -> None:
+        """Check that ``s`` describes this disk (the image itself is the state)."""
+        if not isinstance(s, BlkState):
+            raise TypeError(f"expected BlkState, got {type(s).__name__}")
+        if s != self.state():
+            raise ValueError(f"saved virtio-blk state {s} does not match this disk {self.state()}")
+
+    # ------------------------------------------------------------------ request handling
+    def _submit_locked(self, req: _Request) -> concurrent.futures.Future | None:
+        """Hand ``req`` to a worker (lock held); None once the device is closed."""
+        if self._closed:
+            return None
+        before = list(self._pending)  # a FLUSH waits for these
+        fut = self._executor.submit(self._run, req, before)
+        self._pending.add(fut)
+        return fut
+
+    def _done(self, fut: concurrent.futures.Future) -> None:
+        with self._idle:
+            self._pending.discard(fut)
+            if not self._pending:
+                self._idle.notify_all()
+
+    def _run(self, req: _Request, before: list[concurrent.futures.Future]) -> None:
+        try:
+            if req.gen != self._gen:
+                return
+            status = self._execute(req, before)
+        except _Stale:
+            return
+        except Exception:  # never let a bug kill the request silently: fail it
+            log.exception("virtio-blk: %s: request (head %d) failed", self.path, req.chain.head)
+            status = VIRTIO_BLK_S_IOERR
+        self._complete(req, status)
+
+    def _complete(self, req: _Request, status: int) -> None:
+        chain = req.chain
+        with self._lock:
+            if req.gen != self._gen:
+                return
+            try:
+                chain.write(req.mem, bytes([status]), chain.writable_len - 1)
+                req.queue.add_used(chain.head, req.written + 1)
+            except Exception as e:  # guest memory gone (VM torn down): nothing to complete
+                log.error("virtio-blk: cannot complete request (head %d): %s", chain.head, e)
+                return
+            try:
+                self.signal_used(0)
+            except Exception:
+                log.exception("virtio-blk: interrupt callback failed")
+
+    def _guest_write(self, req: _Request, data: bytes, offset: int) -> None:
+        with self._lock:
+            if req.gen != self._gen:
+                raise _Stale()
+            req.chain.write(req.mem, data, offset)
+            req.written = max(req.written, offset + len(data))
+
+    def _warn_once(self, kind: str, msg: str, *args: object) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            log.warning(msg + " (further such requests are not logged)", *args)
+
+    def _in_range(self, sector: int, nbytes: int) -> bool:
+        nsectors = nbytes // SECTOR_SIZE
+        return 0 <= sector <= self.capacity and nsectors <= self.capacity - sector
+
+    def _execute(self, req: _Request, before: list[concurrent.futures.Future]) -> int:
+        chain, mem = req.chain, req.mem
+        if chain.readable_len < HEADER_SIZE:
+            self._warn_once("header", "virtio-blk: %s: request with a %d-byte header; failing it",
+                            self.path, chain.readable_len)
+            return VIRTIO_BLK_S_IOERR
+        rtype, _reserved, sector = struct.unpack("<IIQ", chain.read(mem, HEADER_SIZE))
+        data_in = chain.writable_len - 1           # device-writable bytes before the status byte
+        data_out = chain.readable_len - HEADER_SIZE  # device-readable bytes after the header
+        if rtype == VIRTIO_BLK_T_IN:
+            return self._do_in(req, sector, data_in)
+        if rtype == VIRTIO_BLK_T_OUT:
+            return self._do_out(req, sector, data_out)
+        if rtype == VIRTIO_BLK_T_FLUSH:
+            return self._do_flush(before)
+        if rtype == VIRTIO_BLK_T_GET_ID:
+            n = min(ID_BYTES, data_in)
+            self._guest_write(req, self._serial[:n], 0)
+            return VIRTIO_BLK_S_OK
+        if rtype in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
+            return self._do_discard_or_zero(req, rtype, data_out)
+        self._warn_once(f"type{rtype}", "virtio-blk: %s: unsupported request type %d", self.path, rtype)
+        return VIRTIO_BLK_S_UNSUPP
+
+    def _check_rw(self, kind: str, sector: int, nbytes: int) -> bool:
+        if nbytes % SECTOR_SIZE:
+            self._warn_once(f"{kind}-len", "virtio-blk: %s: %s of %d bytes, not a multiple of %d; failing it",
+                            self.path, kind, nbytes, SECTOR_SIZE)
+            return False
+        if not self._in_range(sector, nbytes):
+            self._warn_once(f"{kind}-range", "virtio-blk: %s: %s of %d bytes at sector %d is beyond the "
+                            "disk's %d sectors; failing it", self.path, kind, nbytes, sector, self.capacity)
+            return False
+        return True
+
+    def _do_in(self, req: _Request, sector: int, nbytes: int) -> int:
+        if not self._check_rw("read", sector, nbytes):
+            return VIRTIO_BLK_S_IOERR
+        base = sector * SECTOR_SIZE
+        pos = 0
+        try:
+            while pos < nbytes:
+                n = min(IO_CHUNK, nbytes - pos)
+                data = self._pread_full(base + pos, n)
+                if len(data) < n:
+                    self._warn_once("eof", "virtio-blk: %s: unexpected end of file at %d (image shrunk?)",
+                                    self.path, base + pos + len(data))
+                    return VIRTIO_BLK_S_IOERR
+                self._guest_write(req, data, pos)
+                pos += n
+        except OSError as e:
+            self._warn_once(f"eio-read-{e.errno}", "virtio-blk: %s: read error: %s", self.path, e)
+            return VIRTIO_BLK_S_IOERR
+        return VIRTIO_BLK_S_OK
+
+    def _do_out(self, req: _Request, sector: int, nbytes: int) -> int:
+        if self.read_only:
+            self._warn_once("ro-write", "virtio-blk: %s: write to a read-only disk; failing it", self.path)
+            return VIRTIO_BLK_S_IOERR
+        if not self._check_rw("write", sector, nbytes):
+            return VIRTIO_BLK_S_IOERR
+        base = sector * SECTOR_SIZE
+        pos = 0
+        try:
+            while pos < nbytes:
+                if req.gen != self._gen:
+                    raise _Stale()
+                n = min(IO_CHUNK, nbytes - pos)
+                self._pwrite_full(req.chain.read(req.mem, n, HEADER_SIZE + pos), base + pos)
+                pos += n
+        except OSError as e:
+            self._warn_once(f"eio-write-{e.errno}", "virtio-blk: %s: write error: %s", self.path, e)
+            return VIRTIO_BLK_S_IOERR
+        return VIRTIO_BLK_S_OK
+
+    def _do_flush(self, before: list[concurrent.futures.Future]) -> int:
+        concurrent.futures.wait(before)  # every earlier request has finished its I/O
+        if self.read_only:
+            return VIRTIO_BLK_S_OK
+        try:
+            os.fdatasync(self._fd)
+        except OSError as e:
+            self._warn_once(f"eio-flush-{e.errno}", "virtio-blk: %s: flush error: %s", self.path, e)
+            return VIRTIO_BLK_S_IOERR
+        return VIRTIO_BLK_S_OK
+
+    def _do_discard_or_zero(self, req: _Request, rtype: int, nbytes: int) -> int:
+        discard = rtype == VIRTIO_BLK_T_DISCARD
+        kind = "discard" if discard else "write-zeroes"
+        if self.read_only:
+            self._warn_once("ro-write", "virtio-blk: %s: write to a read-only disk; failing it", self.path)
+            return VIRTIO_BLK_S_IOERR
+        feature = VIRTIO_BLK_F_DISCARD if discard else VIRTIO_BLK_F_WRITE_ZEROES
+        if not self.driver_features & (1 << feature):
+            self._warn_once(f"{kind}-feature", "virtio-blk: %s: %s without the feature negotiated", self.path, kind)
+            return VIRTIO_BLK_S_UNSUPP
+        max_seg = MAX_DISCARD_SEG if discard else MAX_WRITE_ZEROES_SEG
+        max_sectors = MAX_DISCARD_SECTORS if discard else MAX_WRITE_ZEROES_SECTORS
+        if nbytes == 0 or nbytes % SEGMENT_SIZE or nbytes // SEGMENT_SIZE > max_seg:
+            self._warn_once(f"{kind}-segs", "virtio-blk: %s: %s with %d bytes of segments (max %d segments)",
+                            self.path, kind, nbytes, max_seg)
+            return VIRTIO_BLK_S_IOERR
+        raw = req.chain.read(req.mem, nbytes, HEADER_SIZE)
+        segments = [struct.unpack_from("<QII", raw, i) for i in range(0, nbytes, SEGMENT_SIZE)]
+        for sector, count, flags in segments:  # validate everything before touching the file
+            if flags & ~VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP or (discard and flags):
+                self._warn_once(f"{kind}-flags", "virtio-blk: %s: %s with flags %#x", self.path, kind, flags)
+                return VIRTIO_BLK_S_UNSUPP
+            if count > max_sectors or not self._in_range(sector, count * SECTOR_SIZE):
+                self._warn_once(f"{kind}-range", "virtio-blk: %s: %s of %d sectors at %d is beyond the disk "
+                                "or the limit", self.path, kind, count, sector)
+                return VIRTIO_BLK_S_IOERR
+        try:
+            for sector, count, flags in segments:
+                if req.gen != self._gen:
+                    raise _Stale()
+                off, length = sector * SECTOR_SIZE, count * SECTOR_SIZE
+                if not length:
+                    continue
+                if discard or flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP:
+                    if self._try_fallocate("_punch_supported", _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
+                                           off, length):
+                        continue
+                elif self._try_fallocate("_zero_range_supported", _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE,
+                                         off, length):
+                    continue
+                self._write_zeroes(req, off, length)
+        except OSError as e:
+            self._warn_once(f"eio-{kind}-{e.errno}", "virtio-blk: %s: %s error: %s", self.path, kind, e)
+            return VIRTIO_BLK_S_IOERR
+        return VIRTIO_BLK_S_OK
+
+    # ------------------------------------------------------------------ file I/O
+    def _pread_full(self, offset: int, n: int) -> bytes:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            r = os.preadv(self._fd, [view[got:]], offset + got)
+            if r == 0:
+                break
+            got += r
+        return bytes(view[:got]) if got < n else bytes(buf)
+
+    def _pwrite_full(self, data: bytes, offset: int) -> None:
+        view = memoryview(data)
+        while view:
+            r = os.pwrite(self._fd, view, offset)
+            if r <= 0:
+                raise OSError(errno.EIO, "short write")
+            view, offset = view[r:], offset + r
+
+    def _try_fallocate(self, supported_attr: str, mode: int, offset: int, length: int) -> bool:
+        """fallocate(mode); False (and remembered) if the file system does not support it."""
+        if not getattr(self, supported_attr):
+            return False
+        if _fallocate(self._fd, mode, offset, length) == 0:
+            return True
+        err = ctypes.get_errno()
+        if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            setattr(self, supported_attr, False)
+            log.info("virtio-blk: %s: fallocate mode %#x not supported (%s); writing zeroes instead",
+                     self.path, mode, os.strerror(err))
+            return False
+        raise OSError(err, os.strerror(err))
+
+    def _write_zeroes(self, req: _Request, offset: int, length: int) -> None:
+        zeros = bytes(min(IO_CHUNK, length))
+        end = offset + length
+        while offset < end:
+            if req.gen != self._gen:
+                raise _Stale()
+            n = min(len(zeros), end - offset)
+            self._pwrite_full(zeros[:n] if n < len(zeros) else zeros, offset)
+            offset += n

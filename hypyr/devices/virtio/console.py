@@ -1,0 +1,247 @@
+"""virtio-console (virtio 1.2 §5.3): a single-port console (no MULTIPORT), e.g. Linux's hvc0.
+
+Queues: 0 receiveq (host -> guest), 1 transmitq (guest -> host).
+
+* Transmit: on a notify of queue 1 every available chain is popped; its device-readable bytes
+  go to ``out`` in order (in bounded chunks, so a hostile chain covering much of guest RAM costs
+  time, not host memory), the chain is returned with length 0, and the queue is signalled once.
+  A chain with only device-writable buffers is returned unused (and logged once).
+* Receive: host input (:meth:`VirtioConsole.enqueue_input`, the same API as the UART's) goes to
+  a bounded buffer (``RX_BUFFER_SIZE`` = 64 KiB) and is copied into the receive buffers the
+  driver has made available, when input arrives and when the driver adds buffers.  Input that
+  arrives before the driver is ready (or while it has no buffers) waits in the buffer; it
+  survives a device reset (it is the user's typing, not the old driver's state).
+* Config space: cols u16 @0, rows u16 @2 (VIRTIO_CONSOLE_F_SIZE, 80x25), max_nr_ports u32 @4
+  (0: MULTIPORT not offered), emerg_wr u32 @8 (VIRTIO_CONSOLE_F_EMERG_WRITE: a write sends its
+  low byte to ``out``).
+
+Threading: :meth:`enqueue_input` may be called from a console thread while the transport
+calls :meth:`queue_notify` from vCPU or I/O threads.  Receive-side state is guarded by one lock,
+transmission by another (so a slow ``out`` does not block input).  The interrupt callback is
+called with the receive lock held and ``out`` with the transmit lock held; neither may call
+back into this device.
+
+A protocol violation found on the notify path raises :class:`DeviceError`.  One found while
+delivering input from the console thread cannot be reported to the transport through this
+interface; the receive queue is then disabled (logged), and the next :meth:`queue_notify` of
+any queue raises it as a :class:`DeviceError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+from hypyr.memory import GuestMemory
+
+from .device import VIRTIO_ID_CONSOLE, VirtioDevice
+from .queue import DeviceError, SplitQueue
+
+log = logging.getLogger("hypyr.dev.virtio-console")
+
+RECEIVEQ = 0
+TRANSMITQ = 1
+QUEUE_SIZE = 256
+
+VIRTIO_CONSOLE_F_SIZE = 0
+VIRTIO_CONSOLE_F_MULTIPORT = 1
+VIRTIO_CONSOLE_F_EMERG_WRITE = 2
+
+COLS = 80
+ROWS = 25
+RX_BUFFER_SIZE = 64 * 1024
+TX_CHUNK = 64 * 1024
+
+_CONFIG = struct.pack("<HHII", COLS, ROWS, 0, 0)
+_EMERG_WR = 8
+
+
+@dataclass(frozen=True)
+class ConsoleState:
+    rx: bytes = b""  # host input not yet delivered to the guest
+
+    def validate(self) -> None:
+        if not isinstance(self.rx, (bytes, bytearray)) or len(self.rx) > RX_BUFFER_SIZE:
+            raise ValueError("ConsoleState.rx must be bytes of at most RX_BUFFER_SIZE")
+
+
+class VirtioConsole(VirtioDevice):
+    """virtio console, single port.  ``out`` receives the guest's output bytes."""
+
+    device_id = VIRTIO_ID_CONSOLE
+    queue_max_sizes = (QUEUE_SIZE, QUEUE_SIZE)
+    name = "virtio-console"
+
+    def __init__(self, out: Callable[[bytes], None]):
+        super().__init__()
+        self._out = out
+        self._lock = threading.Lock()      # receive side, queues, lifecycle
+        self._tx_lock = threading.Lock()   # serializes transmission (keeps output in order)
+        self._rx = bytearray()
+        self._rx_error: str | None = None  # a receive-queue violation found off the notify path
+        self._warned_full = False
+        self._warned: set[str] = set()
+
+    # ------------------------------------------------------------------ VirtioDevice interface
+    def device_features(self) -> int:
+        return (1 << VIRTIO_CONSOLE_F_SIZE) | (1 << VIRTIO_CONSOLE_F_EMERG_WRITE)
+
+    def config_read(self, offset: int, size: int) -> bytes:
+        if size <= 0:
+            return b""
+        if offset < 0:
+            return bytes(size)
+        return _CONFIG[offset:offset + size].ljust(size, b"\0")
+
+    def config_write(self, offset: int, data: bytes) -> None:
+        if offset == _EMERG_WR and data:
+            with self._tx_lock:
+                self._emit(bytes(data[:1]))
+        else:
+            log.debug("virtio-console: config write of %d bytes at %#x ignored", len(data), offset)
+
+    def activate(self, mem: GuestMemory, queues: list[SplitQueue], driver_features: int,
+                 interrupt: Callable[[int], None]) -> None:
+        if len(queues) != 2:
+            raise DeviceError(f"virtio-console has two queues, activated with {len(queues)}")
+        with self._lock:
+            self._rx_error = None
+            super().activate(mem, queues, driver_features, interrupt)
+
+    def on_activate(self) -> None:
+        self._deliver_locked()  # called from activate() with the lock held
+
+    def reset(self) -> None:
+        with self._tx_lock, self._lock:
+            super().reset()
+            self._rx_error = None
+
+    def queue_notify(self, index: int) -> None:
+        with self._lock:
+            if self._rx_error is not None:  # report it now that we are on the transport's path
+                raise DeviceError(self._rx_error)
+        if index == RECEIVEQ:
+            with self._lock:
+                self._deliver_locked(raise_errors=True)
+        elif index == TRANSMITQ:
+            self._transmit()
+        else:
+            log.debug("virtio-console: notify for nonexistent queue %d ignored", index)
+
+    # ------------------------------------------------------------------ host side
+    def input_room(self) -> int:
+        """How many bytes :meth:`enqueue_input` would accept right now."""
+        with self._lock:
+            return RX_BUFFER_SIZE - len(self._rx)
+
+    def enqueue_input(self, data: bytes) -> int:
+        """Queue bytes from the host console for the guest; returns how many were accepted.
+        Bytes beyond the buffer bound are dropped (logged once until the buffer drains)."""
+        data = bytes(data)
+        if not data:
+            return 0
+        with self._lock:
+            take = min(RX_BUFFER_SIZE - len(self._rx), len(data))
+            self._rx += data[:take]
+            self._deliver_locked()
+            warn = take < len(data) and not self._warned_full
+            if take < len(data):
+                self._warned_full = True
+            elif len(self._rx) <= RX_BUFFER_SIZE // 2:
+                self._warned_full = False
+        if warn:
+            log.warning("virtio-console: input buffer full (guest not reading?), dropping input"
+                        " (%d bytes now; further drops not logged until it drains)", len(data) - take)
+        elif take < len(data):
+            log.debug("virtio-console: input buffer full, dropped %d bytes", len(data) - take)
+        return take
+
+    def state(self) -> ConsoleState:
+        with self._lock:
+            return ConsoleState(rx=bytes(self._rx))
+
+    def restore(self, s: ConsoleState) -> None:
+        if not isinstance(s, ConsoleState):
+            raise TypeError(f"expected ConsoleState, got {type(s).__name__}")
+        s.validate()
+        with self._lock:
+            self._rx = bytearray(s.rx)
+            self._deliver_locked()
+
+    # ------------------------------------------------------------------ internals
+    def _warn_once(self, kind: str, msg: str, *args: object) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            log.warning(msg + " (not logged again)", *args)
+
+    def _signal(self, index: int) -> None:
+        try:
+            self.signal_used(index)
+        except Exception:
+            log.exception("virtio-console: interrupt callback failed")
+
+    def _deliver_locked(self, raise_errors: bool = False) -> None:
+        """Copy pending input into available receive buffers.  Lock held."""
+        if not self._rx or len(self.queues) != 2 or self.mem is None or self._rx_error is not None:
+            return
+        queue, mem = self.queues[RECEIVEQ], self.mem
+        used = False
+        try:
+            while self._rx:
+                chain = queue.pop()
+                if chain is None:
+                    break
+                n = min(chain.writable_len, len(self._rx))
+                if chain.writable_len == 0:
+                    self._warn_once("rx-readonly", "virtio-console: receive buffer with no device-writable "
+                                    "space (head %d); returned unused", chain.head)
+                if n:
+                    chain.write(mem, self._rx[:n])
+                    del self._rx[:n]
+                queue.add_used(chain.head, n)
+                used = True
+        except DeviceError as e:
+            if raise_errors:
+                raise
+            self._rx_error = f"receive queue: {e}"
+            log.error("virtio-console: receive queue broken (%s); input held until the device is reset", e)
+        finally:
+            if used:
+                self._signal(RECEIVEQ)
+
+    def _emit(self, data: bytes) -> None:
+        """Hand bytes to ``out``.  Transmit lock held."""
+        try:
+            self._out(data)
+        except Exception:
+            log.exception("virtio-console: output callback failed; %d bytes dropped", len(data))
+
+    def _transmit(self) -> None:
+        with self._tx_lock:
+            with self._lock:
+                if len(self.queues) != 2 or self.mem is None:
+                    return
+                queue, mem = self.queues[TRANSMITQ], self.mem
+            used = False
+            try:
+                while True:
+                    chain = queue.pop()  # QueueError propagates to the transport
+                    if chain is None:
+                        break
+                    if chain.writable:
+                        self._warn_once("tx-writable", "virtio-console: transmit chain (head %d) has "
+                                        "device-writable buffers; they are ignored", chain.head)
+                    total = chain.readable_len
+                    pos = 0
+                    while pos < total:
+                        n = min(TX_CHUNK, total - pos)
+                        self._emit(chain.read(mem, n, pos))
+                        pos += n
+                    queue.add_used(chain.head, 0)
+                    used = True
+            finally:
+                if used:
+                    self._signal(TRANSMITQ)

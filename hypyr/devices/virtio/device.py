@@ -1,0 +1,79 @@
+"""The interface between the virtio-mmio transport and a device model.
+
+A device knows nothing of MMIO or KVM: it declares its id, queues and feature bits, serves its
+config space, and is handed its queues, guest memory and an interrupt callback when the driver
+sets DRIVER_OK.  A device that finds the driver misbehaving raises :class:`DeviceError`; the
+transport then sets DEVICE_NEEDS_RESET and raises a config-change interrupt.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from hypyr.memory import GuestMemory
+
+from .queue import DeviceError, SplitQueue  # noqa: F401  (DeviceError is part of this interface)
+
+# Device-independent feature bits (virtio 1.2 §6)
+VIRTIO_F_RING_INDIRECT_DESC = 1 << 28
+VIRTIO_F_RING_EVENT_IDX = 1 << 29
+VIRTIO_F_VERSION_1 = 1 << 32
+
+# Device ids (virtio 1.2 §5)
+VIRTIO_ID_NET = 1
+VIRTIO_ID_BLOCK = 2
+VIRTIO_ID_CONSOLE = 3
+VIRTIO_ID_RNG = 4
+VIRTIO_ID_BALLOON = 5
+VIRTIO_ID_VSOCK = 19
+
+
+class VirtioDevice:
+    """Base class.  Subclasses set ``device_id`` and ``queue_max_sizes`` and override the hooks."""
+
+    device_id: int = 0
+    queue_max_sizes: Sequence[int] = (256,)
+    name: str = "virtio"
+
+    def __init__(self) -> None:
+        self.mem: GuestMemory | None = None
+        self.queues: list[SplitQueue] = []
+        self.driver_features = 0
+        self._interrupt: Callable[[int], None] | None = None
+
+    # -- declared by the device -----------------------------------------------------------------
+    def device_features(self) -> int:
+        """Device-specific feature bits (the transport adds VERSION_1, INDIRECT_DESC, EVENT_IDX)."""
+        return 0
+
+    def config_read(self, offset: int, size: int) -> bytes:
+        """Read from the device-specific config space; out-of-range reads return zeros."""
+        return bytes(size)
+
+    def config_write(self, offset: int, data: bytes) -> None:
+        """Write to the config space (most devices ignore this)."""
+
+    # -- lifecycle, called by the transport -------------------------------------------------------
+    def activate(self, mem: GuestMemory, queues: list[SplitQueue], driver_features: int,
+                 interrupt: Callable[[int], None]) -> None:
+        """DRIVER_OK: the queues are validated and ready.  ``interrupt(queue_index)`` signals
+        used buffers for that queue (it applies the queue's notification suppression itself)."""
+        self.mem, self.queues, self.driver_features, self._interrupt = mem, queues, driver_features, interrupt
+        self.on_activate()
+
+    def on_activate(self) -> None:
+        pass
+
+    def queue_notify(self, index: int) -> None:
+        """The driver made buffers available on queue ``index`` (called from the notifying
+        thread: a vCPU on an MMIO exit, or an I/O thread with ioeventfd).  Raise DeviceError
+        on protocol violations."""
+
+    def reset(self) -> None:
+        """Device reset (status written 0, or NEEDS_RESET recovery): stop all work, forget queues."""
+        self.mem, self.queues, self.driver_features, self._interrupt = None, [], 0, None
+
+    # -- helpers for subclasses -------------------------------------------------------------------
+    def signal_used(self, index: int) -> None:
+        if self._interrupt is not None:
+            self._interrupt(index)

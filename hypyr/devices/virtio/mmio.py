@@ -1,0 +1,569 @@
+"""The virtio-mmio transport, version 2 ("modern", virtio 1.2 §4.2), as a bus device.
+
+Register it on the MMIO bus with length :data:`MMIO_WINDOW`; its interrupt line is level
+triggered.  The register block (offsets relative to the window)::
+
+    0x000 MagicValue          R   0x74726976 ("virt")
+    0x004 Version             R   2
+    0x008 DeviceID            R   device.device_id
+    0x00c VendorID            R   0x52595048 ("HPYR")
+    0x010 DeviceFeatures      R   32 bits of the offered features, selected by 0x014
+    0x014 DeviceFeaturesSel   W
+    0x020 DriverFeatures      W   32 bits of the accepted features, selected by 0x024
+    0x024 DriverFeaturesSel   W
+    0x030 QueueSel            W
+    0x034 QueueNumMax         R   0 if the selected queue does not exist
+    0x038 QueueNum            W
+    0x044 QueueReady          RW
+    0x050 QueueNotify         W   value = queue index (also :meth:`VirtioMmioTransport.notify`)
+    0x060 InterruptStatus     R   bit 0 used buffer, bit 1 configuration change
+    0x064 InterruptACK        W   clears the written bits
+    0x070 Status              RW
+    0x080/0x084 QueueDescLow/High      W
+    0x090/0x094 QueueDriverLow/High    W   (the available ring)
+    0x0a0/0x0a4 QueueDeviceLow/High    W   (the used ring)
+    0x0ac SHMSel              W   no shared memory regions: SHMLen/SHMBase read all ones
+    0x0fc ConfigGeneration    R
+    0x100+ device configuration space (any width), delegated to the device
+
+Model
+-----
+* Registers below 0x100 take aligned 32-bit accesses only; other accesses are logged (debug)
+  and ignored, reads of them return zeros.  Reads of write-only or reserved registers return
+  zero; writes to read-only or reserved registers are ignored.
+* Offered features: the device's, plus VERSION_1, RING_INDIRECT_DESC and RING_EVENT_IDX.
+  DriverFeatures writes are ignored once FEATURES_OK is set.
+* Status: writing 0 resets the device (device hook, queues, features, interrupt status; the line
+  drops).  Otherwise bits are only ever added; a write that would clear one is logged and
+  ignored (DEVICE_NEEDS_RESET belongs to the device and is neither set nor cleared by writes).
+  FEATURES_OK is accepted only if the driver's features are a subset of the offered ones and
+  include VERSION_1 (otherwise the bit stays clear, the driver reads it back and fails).
+  DRIVER_OK is ignored without FEATURES_OK.  On DRIVER_OK every queue with QueueReady=1 is
+  validated and activated with the negotiated EVENT_IDX / INDIRECT_DESC, then
+  ``device.activate(mem, queues, driver_features, interrupt)`` is called with *all* the
+  device's queues, indexed by queue number (queues that are not ready stay inactive: ``pop()``
+  returns None).  Any failure puts the device in DEVICE_NEEDS_RESET.
+* Queue registers may be written only before DRIVER_OK; QueueNum and the ring addresses only
+  while the selected queue is not ready.  Other writes are logged and ignored.
+* DEVICE_NEEDS_RESET (a queue or device error) sets InterruptStatus bit 1 and asserts the line;
+  the transport then stops forwarding notifications until the driver resets the device.
+* Interrupts are level triggered: the line is high exactly while InterruptStatus is non-zero,
+  and ``irq`` is called only when that level changes.
+
+Threading
+---------
+Two locks.  ``_lock`` guards the registers and the status state machine; the device's
+``activate``, ``reset`` and ``config_read``/``config_write`` hooks are called with it held.
+``_irq_lock`` guards InterruptStatus, the line level and ConfigGeneration and is the only lock
+taken by :meth:`_interrupt` and :meth:`config_changed`, which device worker threads call; it
+is always taken after ``_lock``, never before.  ``irq`` is called with ``_irq_lock`` held (this
+keeps line levels in order) and must not call back into the transport.
+``device.queue_notify`` is called with no transport lock held.  Device threads must not call
+:meth:`read`/:meth:`write`.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+from dataclasses import dataclass
+
+from hypyr.devices.bus import IrqLine
+from hypyr.memory import GuestMemory
+
+from .device import (VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1,
+                     VirtioDevice)
+from .queue import DeviceError, SplitQueue
+
+log = logging.getLogger("hypyr.dev.virtio_mmio")
+
+MMIO_WINDOW = 0x1000
+MAGIC_VALUE = 0x74726976  # "virt"
+MMIO_VERSION = 2
+VENDOR_ID = 0x52595048  # "HPYR"
+
+# Register offsets (virtio 1.2 §4.2.2)
+MAGIC = 0x000
+VERSION = 0x004
+DEVICE_ID = 0x008
+VENDOR = 0x00C
+DEVICE_FEATURES = 0x010
+DEVICE_FEATURES_SEL = 0x014
+DRIVER_FEATURES = 0x020
+DRIVER_FEATURES_SEL = 0x024
+QUEUE_SEL = 0x030
+QUEUE_NUM_MAX = 0x034
+QUEUE_NUM = 0x038
+QUEUE_READY = 0x044
+QUEUE_NOTIFY_OFFSET = 0x050
+INTERRUPT_STATUS = 0x060
+INTERRUPT_ACK = 0x064
+STATUS = 0x070
+QUEUE_DESC_LOW = 0x080
+QUEUE_DESC_HIGH = 0x084
+QUEUE_DRIVER_LOW = 0x090
+QUEUE_DRIVER_HIGH = 0x094
+QUEUE_DEVICE_LOW = 0x0A0
+QUEUE_DEVICE_HIGH = 0x0A4
+SHM_SEL = 0x0AC
+SHM_LEN_LOW = 0x0B0
+SHM_LEN_HIGH = 0x0B4
+SHM_BASE_LOW = 0x0B8
+SHM_BASE_HIGH = 0x0BC
+QUEUE_RESET = 0x0C0
+CONFIG_GENERATION = 0x0FC
+CONFIG = 0x100
+
+# Device status bits (virtio 1.2 §2.1)
+STATUS_ACKNOWLEDGE = 1
+STATUS_DRIVER = 2
+STATUS_DRIVER_OK = 4
+STATUS_FEATURES_OK = 8
+STATUS_DEVICE_NEEDS_RESET = 64
+STATUS_FAILED = 128
+_STATUS_DRIVER_BITS = (STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_DRIVER_OK | STATUS_FEATURES_OK
+                       | STATUS_FAILED)
+
+# InterruptStatus bits
+INT_VRING = 1
+INT_CONFIG = 2
+
+TRANSPORT_FEATURES = VIRTIO_F_VERSION_1 | VIRTIO_F_RING_INDIRECT_DESC | VIRTIO_F_RING_EVENT_IDX
+_U32 = 0xFFFFFFFF
+_U64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class VirtioQueueState:
+    """One queue's registers and ring progress (the free-running 16-bit indices)."""
+    size: int
+    ready: bool = False
+    desc_table: int = 0
+    avail_ring: int = 0
+    used_ring: int = 0
+    last_avail: int = 0
+    next_used: int = 0
+    signalled_used: int = 0
+
+    def validate(self, max_size: int) -> None:
+        for name, limit in (("size", _U32), ("desc_table", _U64), ("avail_ring", _U64),
+                            ("used_ring", _U64), ("last_avail", 0xFFFF), ("next_used", 0xFFFF),
+                            ("signalled_used", 0xFFFF)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v > limit:
+                raise ValueError(f"VirtioQueueState.{name}={v!r} out of range")
+        if not isinstance(self.ready, bool):
+            raise ValueError("VirtioQueueState.ready must be a bool")
+
+
+@dataclass(frozen=True)
+class VirtioMmioState:
+    status: int = 0
+    device_features_sel: int = 0
+    driver_features: int = 0
+    driver_features_sel: int = 0
+    queue_sel: int = 0
+    interrupt_status: int = 0
+    config_generation: int = 0
+    queues: tuple[VirtioQueueState, ...] = ()
+
+    def validate(self, max_sizes: list[int]) -> None:
+        for name, limit in (("status", 0xFF), ("device_features_sel", _U32), ("driver_features", _U64),
+                            ("driver_features_sel", _U32), ("queue_sel", _U32),
+                            ("interrupt_status", INT_VRING | INT_CONFIG), ("config_generation", _U32)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v & ~limit:
+                raise ValueError(f"VirtioMmioState.{name}={v!r} out of range")
+        if not isinstance(self.queues, tuple) or len(self.queues) != len(max_sizes):
+            raise ValueError(f"VirtioMmioState.queues must be a tuple of {len(max_sizes)} queue states")
+        for qs, m in zip(self.queues, max_sizes):
+            if not isinstance(qs, VirtioQueueState):
+                raise ValueError("VirtioMmioState.queues must hold VirtioQueueState")
+            qs.validate(m)
+
+
+class VirtioMmioTransport:
+    """A virtio device behind a version-2 virtio-mmio register window."""
+
+    LENGTH = MMIO_WINDOW
+
+    def __init__(self, device: VirtioDevice, mem: GuestMemory, irq: IrqLine):
+        self.device = device
+        self.mem = mem
+        self._irq = irq
+        self._name = f"virtio-mmio({getattr(device, 'name', 'virtio')})"
+        self._lock = threading.Lock()
+        self._irq_lock = threading.Lock()
+        self.queues = [SplitQueue(m) for m in device.queue_max_sizes]
+        self.offered_features = (device.device_features() | TRANSPORT_FEATURES) & _U64
+        self._irq_level = False
+        self._isr = 0
+        self._config_generation = 0
+        self._epoch = 0  # bumped by every reset: stale errors from before it are dropped
+        self._clear_registers()
+
+    def _clear_registers(self) -> None:
+        self._status = 0
+        self._device_features_sel = 0
+        self._driver_features = 0
+        self._driver_features_sel = 0
+        self._queue_sel = 0
+
+    # ------------------------------------------------------------------ bus interface
+    def read(self, offset: int, size: int) -> bytes:
+        if size <= 0:
+            return b""
+        if offset < 0 or offset + size > MMIO_WINDOW:
+            log.debug("%s: read of %d bytes at %#x outside the window", self._name, size, offset)
+            return bytes(size)
+        if offset >= CONFIG:
+            with self._lock:
+                return self._config_read(offset - CONFIG, size)
+        if size != 4 or offset % 4:
+            log.debug("%s: ignored %d-byte read at %#x (registers take aligned 32-bit reads)",
+                      self._name, size, offset)
+            return bytes(size)
+        with self._lock:
+            value = self._read_register(offset)
+        return struct.pack("<I", value & _U32)
+
+    def write(self, offset: int, data: bytes) -> None:
+        data = bytes(data)
+        size = len(data)
+        if size == 0:
+            return
+        if offset < 0 or offset + size > MMIO_WINDOW:
+            log.debug("%s: write of %d bytes at %#x outside the window", self._name, size, offset)
+            return
+        if offset >= CONFIG:
+            with self._lock:
+                self._config_write(offset - CONFIG, data)
+            return
+        if size != 4 or offset % 4:
+            log.debug("%s: ignored %d-byte write at %#x (registers take aligned 32-bit writes)",
+                      self._name, size, offset)
+            return
+        value = struct.unpack("<I", data)[0]
+        if offset == QUEUE_NOTIFY_OFFSET:
+            self.notify(value)  # without the lock: the device may block or call back
+            return
+        with self._lock:
+            self._write_register(offset, value)
+
+    # ------------------------------------------------------------------ notifications
+    def notify(self, index: int) -> None:
+        """The driver made buffers available on queue ``index`` (QueueNotify write, or the
+        VMM's ioeventfd thread).  Never raises."""
+        with self._lock:
+            epoch = self._epoch
+            status = self._status
+            if not status & STATUS_DRIVER_OK or status & STATUS_DEVICE_NEEDS_RESET:
+                log.debug("%s: notify(%d) ignored in status %#x", self._name, index, status)
+                return
+            if not 0 <= index < len(self.queues) or not self.queues[index].ready:
+                log.debug("%s: notify of queue %d, which is not active, ignored", self._name, index)
+                return
+        try:
+            self.device.queue_notify(index)
+        except DeviceError as e:
+            log.warning("%s: queue %d: %s; device needs reset", self._name, index, e)
+            self._enter_needs_reset(epoch)
+        except Exception:
+            log.exception("%s: device failed handling a notification of queue %d; device needs reset",
+                          self._name, index)
+            self._enter_needs_reset(epoch)
+
+    def _interrupt(self, queue_index: int) -> None:
+        """Called by the device (any thread) after adding used buffers to queue ``queue_index``:
+        raises the used-buffer interrupt if the queue's notification suppression allows it."""
+        if not 0 <= queue_index < len(self.queues):
+            log.debug("%s: interrupt for unknown queue %d ignored", self._name, queue_index)
+            return
+        try:
+            wanted = self.queues[queue_index].needs_interrupt()
+        except Exception as e:  # the driver's ring is unreadable: it is its own loss
+            log.debug("%s: queue %d: cannot decide on an interrupt: %s", self._name, queue_index, e)
+            wanted = True
+        if wanted:
+            with self._irq_lock:
+                self._isr |= INT_VRING
+                self._update_irq()
+
+    def config_changed(self) -> None:
+        """For the device: its config space changed.  Bumps ConfigGeneration and, once the
+        driver is up, raises the configuration-change interrupt."""
+        driver_ok = bool(self._status & STATUS_DRIVER_OK)  # a racy read is fine: one interrupt more or less
+        with self._irq_lock:
+            self._config_generation = (self._config_generation + 1) & _U32
+            if driver_ok:
+                self._isr |= INT_CONFIG
+                self._update_irq()
+
+    def _enter_needs_reset(self, epoch: int | None = None) -> None:
+        """Set DEVICE_NEEDS_RESET and raise the configuration-change interrupt.  ``epoch`` is the
+        reset epoch the error belongs to; if the driver has reset the device since, drop it."""
+        if epoch is None:
+            self._set_needs_reset()
+            return
+        with self._lock:
+            if epoch != self._epoch:
+                log.debug("%s: error from before a device reset dropped", self._name)
+                return
+            self._set_needs_reset()
+
+    def _set_needs_reset(self) -> None:  # with self._lock held
+        if self._status & STATUS_DEVICE_NEEDS_RESET:
+            return
+        self._status |= STATUS_DEVICE_NEEDS_RESET
+        with self._irq_lock:
+            self._isr |= INT_CONFIG
+            self._update_irq()
+
+    def _update_irq(self) -> None:  # with self._irq_lock held
+        level = self._isr != 0
+        if level != self._irq_level:
+            self._irq_level = level
+            self._call_irq(level)
+
+    def _call_irq(self, level: bool) -> None:
+        try:
+            self._irq(level)
+        except Exception:
+            log.exception("%s: irq(%s) failed", self._name, level)
+
+    # ------------------------------------------------------------------ config space
+    def _config_read(self, offset: int, size: int) -> bytes:
+        try:
+            data = bytes(self.device.config_read(offset, size))
+        except Exception:
+            log.exception("%s: config read of %d bytes at %#x failed", self._name, size, offset)
+            return bytes(size)
+        if len(data) != size:
+            log.error("%s: device returned %d bytes for a %d-byte config read", self._name, len(data), size)
+            data = (data + bytes(size))[:size]
+        return data
+
+    def _config_write(self, offset: int, data: bytes) -> None:
+        try:
+            self.device.config_write(offset, data)
+        except DeviceError as e:
+            log.warning("%s: config write at %#x: %s; device needs reset", self._name, offset, e)
+            self._set_needs_reset()
+        except Exception:
+            log.exception("%s: config write of %d bytes at %#x failed", self._name, len(data), offset)
+
+    # ------------------------------------------------------------------ registers
+    def _selected_queue(self) -> SplitQueue | None:
+        sel = self._queue_sel
+        return self.queues[sel] if sel < len(self.queues) else None
+
+    def _read_register(self, offset: int) -> int:
+        if offset == MAGIC:
+            return MAGIC_VALUE
+        if offset == VERSION:
+            return MMIO_VERSION
+        if offset == DEVICE_ID:
+            return self.device.device_id
+        if offset == VENDOR:
+            return VENDOR_ID
+        if offset == DEVICE_FEATURES:
+            sel = self._device_features_sel
+            return (self.offered_features >> (32 * sel)) & _U32 if sel < 2 else 0
+        if offset == QUEUE_NUM_MAX:
+            q = self._selected_queue()
+            return q.max_size if q is not None else 0
+        if offset == QUEUE_READY:
+            q = self._selected_queue()
+            return int(q.ready) if q is not None else 0
+        if offset == INTERRUPT_STATUS:
+            with self._irq_lock:
+                return self._isr
+        if offset == STATUS:
+            return self._status
+        if offset == CONFIG_GENERATION:
+            with self._irq_lock:
+                return self._config_generation
+        if offset in (SHM_LEN_LOW, SHM_LEN_HIGH, SHM_BASE_LOW, SHM_BASE_HIGH):
+            return _U32  # no shared memory regions: length (and base) -1
+        log.debug("%s: read of write-only or reserved register %#x", self._name, offset)
+        return 0
+
+    def _write_register(self, offset: int, value: int) -> None:
+        if offset == DEVICE_FEATURES_SEL:
+            self._device_features_sel = value
+        elif offset == DRIVER_FEATURES_SEL:
+            self._driver_features_sel = value
+        elif offset == DRIVER_FEATURES:
+            self._write_driver_features(value)
+        elif offset == QUEUE_SEL:
+            self._queue_sel = value
+        elif offset in (QUEUE_NUM, QUEUE_READY, QUEUE_DESC_LOW, QUEUE_DESC_HIGH, QUEUE_DRIVER_LOW,
+                        QUEUE_DRIVER_HIGH, QUEUE_DEVICE_LOW, QUEUE_DEVICE_HIGH):
+            self._write_queue_register(offset, value)
+        elif offset == INTERRUPT_ACK:
+            with self._irq_lock:
+                self._isr &= ~value
+                self._update_irq()
+        elif offset == STATUS:
+            self._write_status(value)
+        elif offset == SHM_SEL:
+            pass  # no regions; reads of SHMLen/SHMBase say so whatever is selected
+        else:
+            log.debug("%s: write %#x to read-only or reserved register %#x ignored", self._name, value, offset)
+
+    def _write_driver_features(self, value: int) -> None:
+        if self._status & STATUS_FEATURES_OK:
+            log.debug("%s: DriverFeatures write after FEATURES_OK ignored", self._name)
+            return
+        sel = self._driver_features_sel
+        if sel >= 2:
+            if value:
+                log.debug("%s: driver features %#x in word %d (none offered) ignored", self._name, value, sel)
+            return
+        shift = 32 * sel
+        self._driver_features = (self._driver_features & ~(_U32 << shift)) | (value << shift)
+
+    def _write_queue_register(self, offset: int, value: int) -> None:
+        q = self._selected_queue()
+        if q is None:
+            log.debug("%s: write to queue register %#x of missing queue %d ignored",
+                      self._name, offset, self._queue_sel)
+            return
+        if self._status & STATUS_DRIVER_OK:
+            log.debug("%s: queue %d register %#x write after DRIVER_OK ignored", self._name, self._queue_sel, offset)
+            return
+        if offset == QUEUE_READY:
+            if value not in (0, 1):
+                log.debug("%s: QueueReady write %#x ignored", self._name, value)
+                return
+            q.ready = bool(value)
+            return
+        if q.ready:
+            log.debug("%s: queue %d register %#x write while the queue is ready ignored",
+                      self._name, self._queue_sel, offset)
+            return
+        if offset == QUEUE_NUM:
+            q.size = value
+            return
+        attr = {QUEUE_DESC_LOW: "desc_table", QUEUE_DESC_HIGH: "desc_table",
+                QUEUE_DRIVER_LOW: "avail_ring", QUEUE_DRIVER_HIGH: "avail_ring",
+                QUEUE_DEVICE_LOW: "used_ring", QUEUE_DEVICE_HIGH: "used_ring"}[offset]
+        shift = 32 if offset & 4 else 0
+        old = getattr(q, attr)
+        setattr(q, attr, (old & ~(_U32 << shift)) | (value << shift))
+
+    # ------------------------------------------------------------------ status state machine
+    def _write_status(self, value: int) -> None:
+        if value == 0:
+            self._reset()
+            return
+        old = self._status
+        new = (value & 0xFF & ~STATUS_DEVICE_NEEDS_RESET) | (old & STATUS_DEVICE_NEEDS_RESET)
+        if value & ~0xFF or old & ~new:
+            log.debug("%s: status write %#x would clear bits of %#x; ignored", self._name, value, old)
+            return
+        added = new & ~old
+        if added & STATUS_FEATURES_OK and not self._features_acceptable():
+            log.warning("%s: driver features %#x refused (offered %#x, VERSION_1 required)",
+                        self._name, self._driver_features, self.offered_features)
+            new &= ~STATUS_FEATURES_OK
+            added &= ~STATUS_FEATURES_OK
+        if added & STATUS_DRIVER_OK and not new & STATUS_FEATURES_OK:
+            log.warning("%s: DRIVER_OK without FEATURES_OK ignored", self._name)
+            new &= ~STATUS_DRIVER_OK
+            added &= ~STATUS_DRIVER_OK
+        self._status = new
+        if added & STATUS_DRIVER_OK and not new & STATUS_DEVICE_NEEDS_RESET:
+            self._activate()
+
+    def _features_acceptable(self) -> bool:
+        f = self._driver_features
+        return not f & ~self.offered_features and bool(f & VIRTIO_F_VERSION_1)
+
+    def _activate(self) -> bool:
+        """DRIVER_OK: validate and activate the ready queues, then the device.  On failure set
+        NEEDS_RESET and leave every queue inactive.  Returns whether the device is running."""
+        features = self._driver_features
+        event_idx = bool(features & VIRTIO_F_RING_EVENT_IDX)
+        indirect = bool(features & VIRTIO_F_RING_INDIRECT_DESC)
+        try:
+            for i, q in enumerate(self.queues):
+                if q.ready:
+                    try:
+                        q.validate(self.mem)
+                    except DeviceError as e:
+                        raise DeviceError(f"queue {i}: {e}") from None
+            for q in self.queues:
+                if q.ready:
+                    q.activate(self.mem, event_idx=event_idx, indirect=indirect)
+            self.device.activate(self.mem, list(self.queues), features, self._interrupt)
+            log.debug("%s: activated (features %#x, queues ready %s)", self._name, features,
+                      [i for i, q in enumerate(self.queues) if q.ready])
+            return True
+        except DeviceError as e:
+            log.warning("%s: activation failed: %s; device needs reset", self._name, e)
+        except Exception:
+            log.exception("%s: device activation failed; device needs reset", self._name)
+        self._reset_device_and_queues()
+        self._set_needs_reset()
+        return False
+
+    def _reset_device_and_queues(self) -> None:
+        try:
+            self.device.reset()
+        except Exception:
+            log.exception("%s: device reset failed", self._name)
+        for q in self.queues:
+            q.reset()
+
+    def _reset(self) -> None:  # with self._lock held
+        self._epoch += 1
+        self._reset_device_and_queues()
+        self._clear_registers()
+        with self._irq_lock:
+            self._isr = 0
+            self._update_irq()
+
+    # ------------------------------------------------------------------ snapshot
+    def state(self) -> VirtioMmioState:
+        with self._lock:
+            with self._irq_lock:
+                isr, gen = self._isr, self._config_generation
+            queues = tuple(VirtioQueueState(size=q.size, ready=q.ready, desc_table=q.desc_table,
+                                            avail_ring=q.avail_ring, used_ring=q.used_ring,
+                                            last_avail=q.last_avail, next_used=q.next_used,
+                                            signalled_used=q.signalled_used) for q in self.queues)
+            return VirtioMmioState(status=self._status, device_features_sel=self._device_features_sel,
+                                   driver_features=self._driver_features,
+                                   driver_features_sel=self._driver_features_sel, queue_sel=self._queue_sel,
+                                   interrupt_status=isr, config_generation=gen, queues=queues)
+
+    def restore(self, s: VirtioMmioState) -> None:
+        """Load ``s`` (validated).  Calls ``device.reset()``; then, if ``s`` has DRIVER_OK and
+        not NEEDS_RESET, validates and activates the ready queues (with their saved ring
+        progress) and calls ``device.activate()`` again.  Device-specific state beyond that is
+        the device's own business.  Drives the line to the restored level unconditionally
+        (a failed activation may then raise it)."""
+        if not isinstance(s, VirtioMmioState):
+            raise TypeError(f"expected VirtioMmioState, got {type(s).__name__}")
+        s.validate([q.max_size for q in self.queues])
+        with self._lock:
+            self._epoch += 1
+            self._reset_device_and_queues()
+            self._status = s.status
+            self._device_features_sel = s.device_features_sel
+            self._driver_features = s.driver_features
+            self._driver_features_sel = s.driver_features_sel
+            self._queue_sel = s.queue_sel
+            for q, qs in zip(self.queues, s.queues):
+                q.size, q.ready = qs.size, qs.ready
+                q.desc_table, q.avail_ring, q.used_ring = qs.desc_table, qs.avail_ring, qs.used_ring
+                q.last_avail, q.next_used, q.signalled_used = qs.last_avail, qs.next_used, qs.signalled_used
+            with self._irq_lock:
+                self._isr = s.interrupt_status
+                self._config_generation = s.config_generation
+                self._irq_level = self._isr != 0
+                self._call_irq(self._irq_level)
+            if s.status & STATUS_DRIVER_OK and not s.status & STATUS_DEVICE_NEEDS_RESET:
+                self._activate()  # keeps the ring progress just loaded; on failure: NEEDS_RESET

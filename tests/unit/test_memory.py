@@ -1,0 +1,346 @@
+"""hypyr.memory: GuestAddress, and GuestMemory checked against a plain reference model.
+
+The model is a dict ``{region start: bytearray}``; an access of ``length`` bytes at
+``addr`` must succeed exactly when every byte lies in some region (adjacent regions count
+as contiguous) and must otherwise raise GuestMemoryError without changing anything.
+"""
+
+from __future__ import annotations
+
+import array
+import ctypes
+import mmap
+
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from hypyr.memory import GuestAddress, GuestMemory, GuestMemoryError, GuestRegion
+
+PAGE = mmap.PAGESIZE
+U64 = 1 << 64
+
+
+# -- GuestAddress ---------------------------------------------------------------------------------
+def test_guest_address_arithmetic_keeps_the_type():
+    a = GuestAddress(0x1000)
+    for v in (a + 0x10, 0x10 + a, a - 0x10, a + a):
+        assert type(v) is GuestAddress
+    assert a + 0x10 == 0x1010 and 0x10 + a == 0x1010 and a - 0x10 == 0xFF0
+    assert repr(a) == "GuestAddress(0x1000)"
+    assert isinstance(a, int) and a == 0x1000 and hash(a) == hash(0x1000)
+
+
+@pytest.mark.parametrize("value", [-1, U64, U64 + 5, -(1 << 70)])
+def test_guest_address_range(value):
+    with pytest.raises(GuestMemoryError):
+        GuestAddress(value)
+
+
+def test_guest_address_arithmetic_cannot_leave_the_address_space():
+    assert GuestAddress(U64 - 1) == U64 - 1
+    with pytest.raises(GuestMemoryError):
+        GuestAddress(U64 - 1) + 1
+    with pytest.raises(GuestMemoryError):
+        GuestAddress(0) - 1
+    with pytest.raises(GuestMemoryError):
+        GuestAddress(5) - GuestAddress(6)
+
+
+@given(st.integers(0, U64 - 1), st.integers(-(1 << 65), 1 << 65))
+def test_guest_address_add_matches_int(a, b):
+    if 0 <= a + b < U64:
+        assert GuestAddress(a) + b == a + b
+        assert b + GuestAddress(a) == a + b
+    else:
+        with pytest.raises(GuestMemoryError):
+            GuestAddress(a) + b
+
+
+# -- construction ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("start,size", [(0, 0), (0, 100), (1, PAGE), (0, -PAGE), (PAGE // 2, PAGE)])
+def test_regions_must_be_page_aligned_and_non_empty(start, size):
+    with pytest.raises(ValueError):
+        GuestRegion(start, size)
+
+
+def test_overlapping_regions_are_refused():
+    with pytest.raises(ValueError, match="overlap"):
+        GuestMemory.anonymous([(0, 2 * PAGE), (PAGE, PAGE)], hugepages=False)
+
+
+def test_regions_are_sorted_and_sized():
+    m = GuestMemory.anonymous([(8 * PAGE, PAGE), (0, 2 * PAGE)], hugepages=False)
+    try:
+        assert [r.start for r in m.regions] == [0, 8 * PAGE]
+        assert m.size == 3 * PAGE and m.end == 9 * PAGE
+        assert type(m.regions[0].start) is GuestAddress
+        assert m.regions[0].contains(PAGE, PAGE) and not m.regions[0].contains(PAGE, PAGE + 1)
+    finally:
+        m.close()
+
+
+def test_empty_memory():
+    m = GuestMemory([])
+    assert m.size == 0 and m.end == 0
+    assert not m.check_range(0, 1)
+    with pytest.raises(GuestMemoryError):
+        m.read(0, 1)
+
+
+# -- the reference model --------------------------------------------------------------------------
+class Model:
+    def __init__(self, layout: list[tuple[int, int]]):
+        self.regions = {start: bytearray(size) for start, size in layout}
+
+    def inside(self, addr: int, length: int) -> bool:
+        if addr < 0 or length < 0 or addr + length > U64:
+            return False
+        pos, end = addr, addr + length
+        while pos < end:
+            for start, buf in self.regions.items():
+                if start <= pos < start + len(buf):
+                    pos = start + len(buf)
+                    break
+            else:
+                return False
+        return True
+
+    def _locate(self, addr: int) -> tuple[bytearray, int]:
+        for start, buf in self.regions.items():
+            if start <= addr < start + len(buf):
+                return buf, addr - start
+        raise AssertionError(addr)
+
+    def read(self, addr: int, length: int) -> bytes:
+        out = bytearray()
+        for a in range(addr, addr + length):
+            buf, off = self._locate(a)
+            out.append(buf[off])
+        return bytes(out)
+
+    def write(self, addr: int, data: bytes) -> None:
+        for i, b in enumerate(data):
+            buf, off = self._locate(addr + i)
+            buf[off] = b
+
+    def snapshot(self) -> dict[int, bytes]:
+        return {s: bytes(b) for s, b in self.regions.items()}
+
+
+def snapshot(mem: GuestMemory) -> dict[int, bytes]:
+    return {int(r.start): mem.read(r.start, r.size) for r in mem.regions}
+
+
+@st.composite
+def layouts(draw):
+    """1-4 regions of 1-3 pages, separated by gaps of 0 (adjacent) to 3 pages."""
+    pos = draw(st.sampled_from([0, PAGE, 0x100000, 0xD000_0000, U64 - 64 * PAGE]))
+    layout = []
+    for _ in range(draw(st.integers(1, 4))):
+        pos += draw(st.integers(0, 3)) * PAGE
+        size = draw(st.integers(1, 3)) * PAGE
+        layout.append((pos, size))
+        pos += size
+    return layout
+
+
+@st.composite
+def accesses(draw, layout):
+    """(addr, length) pairs concentrated around region boundaries, plus wild ones."""
+    edges = [s for s, _ in layout] + [s + n for s, n in layout]
+    kind = draw(st.integers(0, 9))
+    if kind == 0:
+        addr = draw(st.integers(-(1 << 65), 1 << 65))
+        length = draw(st.integers(-(1 << 65), 1 << 65))
+        return addr, length
+    if kind == 1:
+        return draw(st.sampled_from(edges)), draw(st.integers(-3, -1))
+    addr = draw(st.sampled_from(edges)) + draw(st.integers(-2 * PAGE, 2 * PAGE))
+    length = draw(st.one_of(st.integers(1, 16), st.integers(1, 3 * PAGE), st.sampled_from([U64, U64 - addr])))
+    return addr, length
+
+
+def payload_for(length: int) -> bytes:
+    return bytes((i * 7 + 3) & 0xFF for i in range(length))
+
+
+MEM_SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@MEM_SETTINGS
+@given(st.data())
+def test_accesses_succeed_exactly_inside_ram(data):
+    layout = data.draw(layouts())
+    mem = GuestMemory.anonymous(layout, hugepages=False)
+    model = Model(layout)
+    try:
+        for _ in range(data.draw(st.integers(1, 12))):
+            addr, length = data.draw(accesses(layout))
+            ok = model.inside(addr, length)
+            assert mem.check_range(addr, length) == ok
+            if data.draw(st.booleans()):
+                # write: only sensible lengths get a real payload; the range check comes first anyway
+                if not 0 <= length <= 4 * PAGE:
+                    with pytest.raises(GuestMemoryError):
+                        mem.fill(addr, length, 0xAB)
+                    continue
+                chunk = payload_for(length)
+                before = snapshot(mem)
+                if ok:
+                    mem.write(addr, chunk)
+                    model.write(addr, chunk)
+                else:
+                    with pytest.raises(GuestMemoryError):
+                        mem.write(addr, chunk)
+                    assert snapshot(mem) == before, "a failed write changed memory"
+            else:
+                if ok and length <= 4 * PAGE:
+                    assert mem.read(addr, length) == model.read(addr, length)
+                elif not ok:
+                    with pytest.raises(GuestMemoryError):
+                        mem.read(addr, length)
+            assert snapshot(mem) == model.snapshot()
+    finally:
+        mem.close()
+
+
+@MEM_SETTINGS
+@given(st.data())
+def test_fill_is_all_or_nothing(data):
+    layout = data.draw(layouts())
+    mem = GuestMemory.anonymous(layout, hugepages=False)
+    model = Model(layout)
+    try:
+        for _ in range(data.draw(st.integers(1, 6))):
+            addr, length = data.draw(accesses(layout))
+            assume(-4 * PAGE <= length <= 4 * PAGE)
+            value = data.draw(st.integers(0, 255))
+            if model.inside(addr, length):
+                mem.fill(addr, length, value)
+                model.write(addr, bytes([value]) * length)
+            else:
+                with pytest.raises(GuestMemoryError):
+                    mem.fill(addr, length, value)
+            assert snapshot(mem) == model.snapshot()
+    finally:
+        mem.close()
+
+
+@given(st.integers(1, 2 * PAGE), st.integers(1, 2 * PAGE))
+@settings(max_examples=60, deadline=None)
+def test_straddling_two_adjacent_regions(before, after):
+    """Two regions back to back behave like one range; a read or write across the seam works."""
+    mem = GuestMemory.anonymous([(0, 2 * PAGE), (2 * PAGE, 2 * PAGE)], hugepages=False)
+    try:
+        seam = 2 * PAGE
+        data = payload_for(before + after)
+        mem.write(seam - before, data)
+        assert mem.read(seam - before, before + after) == data
+        assert mem.regions[0]._view[seam - before:seam].tobytes() == data[:before]
+        assert mem.regions[1]._view[:after].tobytes() == data[before:]
+    finally:
+        mem.close()
+
+
+def test_write_straddling_a_hole_changes_nothing():
+    mem = GuestMemory.anonymous([(0, PAGE), (2 * PAGE, PAGE)], hugepages=False)
+    try:
+        mem.fill(0, PAGE, 0x11)
+        mem.fill(2 * PAGE, PAGE, 0x22)
+        for addr, n in ((PAGE - 4, 8), (2 * PAGE - 4, 8), (PAGE - 1, PAGE + 2), (0, 3 * PAGE), (3 * PAGE - 2, 4)):
+            with pytest.raises(GuestMemoryError):
+                mem.write(addr, b"\xee" * n)
+        for addr in (PAGE - 4, 2 * PAGE - 4, 3 * PAGE - 2):
+            with pytest.raises(GuestMemoryError):
+                mem.write_u64(addr, 0xEEEEEEEEEEEEEEEE)
+        assert mem.read(0, PAGE) == b"\x11" * PAGE
+        assert mem.read(2 * PAGE, PAGE) == b"\x22" * PAGE
+    finally:
+        mem.close()
+
+
+def test_integers_are_little_endian_and_bounds_checked():
+    mem = GuestMemory.anonymous([(0, PAGE)], hugepages=False)
+    try:
+        mem.write_u64(8, 0x0102030405060708)
+        assert mem.read(8, 8) == bytes([8, 7, 6, 5, 4, 3, 2, 1])
+        assert (mem.read_u8(8), mem.read_u16(8), mem.read_u32(8)) == (0x08, 0x0708, 0x05060708)
+        mem.write_u8(0, 0xFF)
+        mem.write_u16(2, 0xBEEF)
+        mem.write_u32(4, 0xDEADBEEF)
+        assert mem.read(0, 8) == bytes.fromhex("ff00efbeefbeadde")
+        for n, rd, wr in ((2, mem.read_u16, mem.write_u16), (4, mem.read_u32, mem.write_u32),
+                          (8, mem.read_u64, mem.write_u64)):
+            assert rd(PAGE - n) == 0
+            with pytest.raises(GuestMemoryError):
+                rd(PAGE - n + 1)
+            with pytest.raises(GuestMemoryError):
+                wr(PAGE - n + 1, 0)
+        with pytest.raises(GuestMemoryError):
+            mem.read_u8(PAGE)
+        with pytest.raises(Exception):
+            mem.write_u8(0, 256)  # struct.error: values must fit
+    finally:
+        mem.close()
+
+
+def test_objects_and_non_byte_buffers():
+    class Pair(ctypes.Structure):
+        _pack_ = 1
+        _fields_ = [("a", ctypes.c_uint16), ("b", ctypes.c_uint32)]
+
+    mem = GuestMemory.anonymous([(0, PAGE)], hugepages=False)
+    try:
+        mem.write_obj(0x10, Pair(0x1234, 0x89ABCDEF))
+        assert mem.read(0x10, 6) == bytes.fromhex("3412efcdab89")
+        p = mem.read_obj(0x10, Pair)
+        assert (p.a, p.b) == (0x1234, 0x89ABCDEF)
+        mem.write_obj(0x20, (ctypes.c_uint32 * 2)(1, 2))
+        assert mem.read_u32(0x24) == 2
+        mem.write(0x30, array.array("I", [0x11223344]))  # any buffer, as bytes
+        assert mem.read(0x30, 4) == bytes.fromhex("44332211")
+        mem.write(0x40, memoryview(b"abcdef")[2:4])
+        assert mem.read(0x40, 2) == b"cd"
+        with pytest.raises(GuestMemoryError):
+            mem.write_obj(PAGE - 4, Pair())
+        with pytest.raises(GuestMemoryError):
+            mem.read_obj(PAGE - 4, Pair)
+    finally:
+        mem.close()
+
+
+def test_zero_length_access_inside_ram():
+    mem = GuestMemory.anonymous([(0, PAGE)], hugepages=False)
+    try:
+        assert mem.read(0x10, 0) == b""
+        mem.write(0x10, b"")
+        assert mem.check_range(PAGE, 0)
+    finally:
+        mem.close()
+
+
+@pytest.mark.parametrize("addr,length", [(-1, 1), (0, -1), (U64 - 1, 2), (U64, 1), (1 << 70, 1), (PAGE, -PAGE)])
+def test_wild_ranges_raise_guest_memory_error(addr, length):
+    mem = GuestMemory.anonymous([(0, PAGE)], hugepages=False)
+    try:
+        assert not mem.check_range(addr, length)
+        with pytest.raises(GuestMemoryError):
+            mem.read(addr, length)
+        with pytest.raises(GuestMemoryError):
+            mem.fill(addr, length)
+    finally:
+        mem.close()
+
+
+def test_region_at_the_top_of_the_address_space():
+    top = U64 - PAGE
+    mem = GuestMemory.anonymous([(top, PAGE)], hugepages=False)
+    try:
+        mem.write_u64(U64 - 8, 0xA5A5A5A5A5A5A5A5)
+        assert mem.read_u64(U64 - 8) == 0xA5A5A5A5A5A5A5A5
+        with pytest.raises(GuestMemoryError):
+            mem.read(U64 - 8, 9)
+        assert mem.end == U64 and mem.check_range(top, PAGE)
+    finally:
+        mem.close()

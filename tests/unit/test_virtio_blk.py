@@ -1,0 +1,615 @@
+import logging
+import os
+import struct
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from virtio_mock import Buf, MockDriver  # noqa: E402
+
+from hypyr.devices.virtio import blk as B  # noqa: E402
+from hypyr.devices.virtio.blk import BlkState, VirtioBlk  # noqa: E402
+from hypyr.devices.virtio.queue import DeviceError, QueueError  # noqa: E402
+from hypyr.errors import HypyrError  # noqa: E402
+
+SECTORS = 64
+ALL_FEATURES = (1 << B.VIRTIO_BLK_F_DISCARD) | (1 << B.VIRTIO_BLK_F_WRITE_ZEROES) | (1 << B.VIRTIO_BLK_F_FLUSH)
+
+
+def pattern(n: int, seed: int = 0) -> bytes:
+    return bytes((i * 7 + seed + (i >> 9)) & 0xFF for i in range(n))
+
+
+def make_image(path: Path, size: int = SECTORS * 512) -> bytes:
+    data = pattern(size, 3)
+    path.write_bytes(data)
+    return data
+
+
+class Rig:
+    """A device activated on a MockDriver queue, plus helpers to build requests."""
+
+    def __init__(self, path: Path, *, read_only=False, serial="hypyr-disk-0", workers=4, qsize=16,
+                 features=ALL_FEATURES):
+        self.dev = VirtioBlk(str(path), read_only=read_only, serial=serial, workers=workers)
+        self.drv = MockDriver(qsize)
+        self.q = self.drv.queue()
+        self.irqs: list[int] = []
+        self.dev.activate(self.drv.mem, [self.q], features, self.irqs.append)
+
+    def request(self, rtype, sector, *, out=b"", in_len=0, pieces=1, indirect=False, status=True,
+                reserved=0):
+        """Publish a request; returns (head, [(addr, len)] of the IN data, status address)."""
+        d = self.drv
+        hdr = d.alloc(struct.pack("<IIQ", rtype, reserved, sector))
+        bufs = [Buf(hdr, 16)]
+        if out:
+            step = max(1, -(-len(out) // pieces))
+            for i in range(0, len(out), step):
+                bufs.append(Buf(d.alloc(out[i:i + step]), len(out[i:i + step])))
+        data = []
+        if in_len:
+            step = max(1, -(-in_len // pieces))
+            for i in range(0, in_len, step):
+                n = min(step, in_len - i)
+                addr = d.alloc(n)
+                data.append((addr, n))
+                bufs.append(Buf(addr, n, write=True))
+        st_addr = d.alloc(1)
+        d.mem.write_u8(st_addr, 0xEE)
+        if status:
+            bufs.append(Buf(st_addr, 1, write=True))
+        head = d.add_chain(bufs, indirect=indirect)
+        return head, data, st_addr
+
+    def run(self):
+        self.dev.queue_notify(0)
+        assert self.dev.wait_idle(10)
+        return self.drv.take_used()
+
+    def gather(self, data):
+        return b"".join(self.drv.mem.read(a, n) for a, n in data)
+
+    def close(self):
+        self.dev.close()
+
+
+@pytest.fixture
+def image(tmp_path):
+    p = tmp_path / "disk.img"
+    return p, make_image(p)
+
+
+@pytest.fixture
+def rig(image):
+    r = Rig(image[0])
+    yield r
+    r.close()
+
+
+def cfg_u32(dev, off):
+    return struct.unpack("<I", dev.config_read(off, 4))[0]
+
+
+# -- construction and config space ----------------------------------------------------------------
+
+def test_config_space(rig):
+    dev = rig.dev
+    assert dev.device_id == 2 and list(dev.queue_max_sizes) == [256]
+    assert struct.unpack("<Q", dev.config_read(0, 8))[0] == SECTORS
+    assert cfg_u32(dev, 0) == SECTORS and cfg_u32(dev, 4) == 0
+    assert dev.config_read(0, 1) == bytes([SECTORS])
+    assert cfg_u32(dev, 12) == B.SEG_MAX
+    assert cfg_u32(dev, 20) == 512
+    assert cfg_u32(dev, 36) == B.MAX_DISCARD_SECTORS and cfg_u32(dev, 40) == B.MAX_DISCARD_SEG
+    assert cfg_u32(dev, 48) == B.MAX_WRITE_ZEROES_SECTORS and cfg_u32(dev, 52) == B.MAX_WRITE_ZEROES_SEG
+    assert dev.config_read(56, 1) == b"\x01"
+    assert dev.config_read(0x100, 4) == bytes(4)
+    assert dev.config_read(58, 8) == bytes(8)
+    assert dev.config_read(-4, 4) == bytes(4)
+    f = dev.device_features()
+    for bit in (B.VIRTIO_BLK_F_SEG_MAX, B.VIRTIO_BLK_F_BLK_SIZE, B.VIRTIO_BLK_F_FLUSH,
+                B.VIRTIO_BLK_F_DISCARD, B.VIRTIO_BLK_F_WRITE_ZEROES):
+        assert f & (1 << bit)
+    assert not f & (1 << B.VIRTIO_BLK_F_RO)
+    assert dev.state() == BlkState(str(rig.dev.path), False, SECTORS, f)
+    dev.restore(dev.state())
+    with pytest.raises(ValueError):
+        dev.restore(BlkState("other", False, SECTORS, f))
+
+
+def test_unaligned_file_size_hides_tail(tmp_path, caplog):
+    p = tmp_path / "odd.img"
+    p.write_bytes(bytes(512 * 3 + 100))
+    with caplog.at_level(logging.WARNING, logger="hypyr.dev.virtio-blk"):
+        dev = VirtioBlk(str(p))
+    try:
+        assert dev.capacity == 3
+        assert "not a multiple" in caplog.text
+    finally:
+        dev.close()
+
+
+def test_missing_or_bad_file(tmp_path):
+    with pytest.raises(HypyrError, match="nope.img"):
+        VirtioBlk(str(tmp_path / "nope.img"))
+    with pytest.raises(HypyrError, match=str(tmp_path)):
+        VirtioBlk(str(tmp_path), read_only=True)  # a directory
+    p = tmp_path / "x.img"
+    p.write_bytes(bytes(512))
+    with pytest.raises(HypyrError):
+        VirtioBlk(str(p), serial="x" * 21)
+
+
+def test_image_is_locked(image):
+    dev = VirtioBlk(str(image[0]))
+    try:
+        with pytest.raises(HypyrError, match="in use"):
+            VirtioBlk(str(image[0]))
+    finally:
+        dev.close()
+    VirtioBlk(str(image[0])).close()  # released by close()
+
+
+# -- reads and writes ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("indirect", [False, True])
+@pytest.mark.parametrize("sector,nsect,pieces", [(0, 1, 1), (5, 3, 3), (17, 8, 5), (SECTORS - 2, 2, 4)])
+def test_in_out_round_trip(rig, image, sector, nsect, pieces, indirect):
+    _, original = image
+    n = nsect * 512
+    head, data, st_addr = rig.request(B.VIRTIO_BLK_T_IN, sector, in_len=n, pieces=pieces, indirect=indirect)
+    assert rig.run() == [(head, n + 1)]
+    assert rig.drv.mem.read_u8(st_addr) == B.VIRTIO_BLK_S_OK
+    assert rig.gather(data) == original[sector * 512:sector * 512 + n]
+
+    new = pattern(n, 99)
+    head, _, st_addr = rig.request(B.VIRTIO_BLK_T_OUT, sector, out=new, pieces=pieces, indirect=indirect)
+    assert rig.run() == [(head, 1)]
+    assert rig.drv.mem.read_u8(st_addr) == B.VIRTIO_BLK_S_OK
+    on_disk = image[0].read_bytes()
+    assert on_disk[sector * 512:sector * 512 + n] == new
+    assert on_disk[:sector * 512] == original[:sector * 512]
+    assert on_disk[sector * 512 + n:] == original[sector * 512 + n:]
+
+    head, data, _ = rig.request(B.VIRTIO_BLK_T_IN, sector, in_len=n, pieces=pieces + 1, indirect=indirect)
+    rig.run()
+    assert rig.gather(data) == new
+    assert rig.irqs and set(rig.irqs) == {0}
+
+
+def test_data_and_status_in_one_buffer(rig, image):
+    """The status byte is the last writable byte, wherever the buffers split."""
+    d = rig.drv
+    hdr = d.alloc(struct.pack("<IIQ", B.VIRTIO_BLK_T_IN, 0, 2))
+    buf = d.alloc(513)
+    head = d.add_chain([Buf(hdr, 16), Buf(buf, 513, write=True)])
+    assert rig.run() == [(head, 513)]
+    assert d.mem.read(buf, 512) == image[1][1024:1536]
+    assert d.mem.read_u8(buf + 512) == 0
+
+
+def test_zero_length_read_and_write(rig):
+    head, _, st_addr = rig.request(B.VIRTIO_BLK_T_IN, SECTORS, in_len=0)
+    assert rig.run() == [(head, 1)]
+    assert rig.drv.mem.read_u8(st_addr) == B.VIRTIO_BLK_S_OK
+
+
+def test_large_request_spans_chunks(tmp_path, monkeypatch):
+    monkeypatch.setattr(B, "IO_CHUNK", 1024)
+    p = tmp_path / "d.img"
+    original = make_image(p)
+    r = Rig(p)
+    try:
+        head, data, st_addr = r.request(B.VIRTIO_BLK_T_IN, 3, in_len=8 * 512, pieces=3)
+        r.run()
+        assert r.gather(data) == original[3 * 512:11 * 512]
+        new = pattern(8 * 512, 5)
+        r.request(B.VIRTIO_BLK_T_OUT, 3, out=new, pieces=3)
+        r.run()
+        assert p.read_bytes()[3 * 512:11 * 512] == new
+    finally:
+        r.close()
+
+
+# -- other request types --------------------------------------------------------------------------------
+
+def test_flush_ok(rig):
+    head, _, st_addr = rig.request(B.VIRTIO_BLK_T_FLUSH, 0)
+    assert rig.run() == [(head, 1)]
+    assert rig.drv.mem.read_u8(st_addr) == B.VIRTIO_BLK_S_OK
+
+
+def test_flush_waits_for_earlier_writes(image, monkeypatch):
+    path, _ = image
+    real_pwrite = os.pwrite
+    calls = []
+
+    def slow_pwrite(fd, data, off):
+        time.sleep(0.05)
+        return real_pwrite(fd, data, off)
+
+    def fake_fdatasync(fd):
+        calls.append(path.read_bytes())
+
+    monkeypatch.setattr(os, "pwrite", slow_pwrite)
+    monkeypatch.setattr(os, "fdatasync", fake_fdatasync)
+    r = Rig(path, workers=4)
+    try:
+        writes = {s: pattern(512, s) for s in (1, 9, 20, 33)}
+        heads = [r.request(B.VIRTIO_BLK_T_OUT, s, out=d)[0] for s, d in writes.items()]
+        fh, _, st_addr = r.request(B.VIRTIO_BLK_T_FLUSH, 0)
+        used = r.run()
+        assert sorted(h for h, _ in used) == sorted(heads + [fh])
+        assert r.drv.mem.read_u8(st_addr) == B.VIRTIO_BLK_S_OK
+        assert len(calls) == 1
+        for s, d in writes.items():  # every earlier write was in the file when fdatasync ran
+            assert calls[0][s * 512:(s + 1) * 512] == d
+    finally:
+        r.close()
+
+
+def test_flush_error_is_ioerr(rig, monkeypatch):
+    def failing(fd):
+        raise OSError(5, "Input/output error")
+    monkeypatch.setattr(os, "fdatasync", failing)
+    _, _, st_addr = rig.request(B.VIRTIO_BLK_T_FLUSH, 0)
+    rig.run()
+    assert rig.drv.mem.read_u8(st_addr) == B.VIRTIO_BLK_S_IOERR
+
+
+def test_get_id(rig):
+    head, data, st_addr = rig.request(B.VIRTIO_BLK_T_GET_ID, 0, in_len=20, pieces=2)
+    assert rig.run() == [(head, 21)]
+    assert rig.drv.mem.read_u8(st_addr) == B.VIRTIO_BLK_S_OK
+    assert rig.gather(data) == b"hypyr-disk-0".ljust(20, b"\0")
+
+
+def test_get_id_without_serial(image):
+    r = Rig(image[0], serial=None)
+    try:
+        _, data, st_addr = r.request(B.VIRTIO_BLK_T_GET_ID, 0, in_len=20)
+        r.run()
+        assert r.drv.mem.read_u8(st_addr) == B.VIRTIO_BLK_S_OK
+        assert r.gather(data) == bytes(20)
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("rtype", [2, 3, 5, 10, 14, 0xFFFFFFFF])
+def test_unknown_type_unsupp(rig, rtype):
+    head, _, st_addr = rig.request(rtype, 0, in_len=512)
+    assert rig.run() == [(head, 1)]
+    assert rig.drv.mem.read_u8(st_addr) == B.VIRTIO_BLK_S_UNSUPP
+
+
+def seg(sector, count, flags=0):
+    return struct.pack("<QII", sector, count, flags)
+
+
+def test_write_zeroes_and_discard(rig, image):
+    path, original = image
+    _, _, st_addr = rig.request(B.VIRTIO_BLK_T_WRITE_ZEROES, 0, out=seg(2, 3) + seg(10, 1, 1))
+    rig.run()
+    assert rig.drv.mem.read_u8(st_addr) == B.VIRTIO_BLK_S_OK
+    now = path.read_bytes()
+    assert now[1024:2560] == bytes(1536) and now[5120:5632] == bytes(512)
+    assert now[:1024] == original[:1024] and now[2560:5120] == original[2560:5120]
+    assert now[5632:] == original[5632:]
+
+    _, _, st_addr = rig.request(B.VIRTIO_BLK_T_DISCARD, 0, out=seg(20, 8))
+    rig.run()
+    assert rig.drv.mem.read_u8(st_addr) == B.VIRTIO_BLK_S_OK
+    after = path.read_bytes()
+    assert len(after) == len(original)
+    assert after[:20 * 512] == now[:20 * 512] and after[28 * 512:] == now[28 * 512:]
+
+
+def test_write_zeroes_fallback_without_fallocate(image, monkeypatch):
+    monkeypatch.setattr(B, "_fallocate", None)
+    r = Rig(image[0])
+    try:
+        _, _, st_addr = r.request(B.VIRTIO_BLK_T_WRITE_ZEROES, 0, out=seg(4, 2, 1) + seg(7, 1))
+        r.run()
+        assert r.drv.mem.read_u8(st_addr) == B.VIRTIO_BLK_S_OK
+        now = image[0].read_bytes()
+        assert now[2048:3072] == bytes(1024) and now[3584:4096] == bytes(512)
+        assert now[3072:3584] == image[1][3072:3584]
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("rtype,segs,expect", [
+    (B.VIRTIO_BLK_T_DISCARD, seg(0, 1, 1), B.VIRTIO_BLK_S_UNSUPP),           # unmap flag on discard
+    (B.VIRTIO_BLK_T_WRITE_ZEROES, seg(0, 1, 2), B.VIRTIO_BLK_S_UNSUPP),      # reserved flag
+    (B.VIRTIO_BLK_T_WRITE_ZEROES, seg(SECTORS, 1), B.VIRTIO_BLK_S_IOERR),    # beyond the end
+    (B.VIRTIO_BLK_T_DISCARD, seg(2**63, 1), B.VIRTIO_BLK_S_IOERR),
+    (B.VIRTIO_BLK_T_DISCARD, seg(0, 1) + seg(SECTORS - 1, 2), B.VIRTIO_BLK_S_IOERR),  # 2nd segment bad
+    (B.VIRTIO_BLK_T_DISCARD, seg(0, 1)[:12], B.VIRTIO_BLK_S_IOERR),          # truncated segment
+    (B.VIRTIO_BLK_T_DISCARD, seg(0, 1) * (B.MAX_DISCARD_SEG + 1), B.VIRTIO_BLK_S_IOERR),
+])
+def test_discard_write_zeroes_rejected(rig, image, rtype, segs, expect):
+    _, _, st_addr = rig.request(rtype, 0, out=segs)
+    rig.run()
+    assert rig.drv.mem.read_u8(st_addr) == expect
+    assert image[0].read_bytes() == image[1]
+
+
+def test_discard_not_negotiated_unsupp(image):
+    r = Rig(image[0], features=0)
+    try:
+        _, _, st_addr = r.request(B.VIRTIO_BLK_T_DISCARD, 0, out=seg(0, 1))
+        r.run()
+        assert r.drv.mem.read_u8(st_addr) == B.VIRTIO_BLK_S_UNSUPP
+        assert image[0].read_bytes() == image[1]
+    finally:
+        r.close()
+
+
+# -- malformed requests -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rtype,sector,n", [
+    (B.VIRTIO_BLK_T_IN, SECTORS, 512),         # just past the end
+    (B.VIRTIO_BLK_T_IN, SECTORS - 1, 1024),    # straddles the end
+    (B.VIRTIO_BLK_T_IN, 2**63, 512),           # overflow when multiplied by 512
+    (B.VIRTIO_BLK_T_IN, 2**64 - 1, 512),
+    (B.VIRTIO_BLK_T_IN, 0, 100),               # not a multiple of 512
+    (B.VIRTIO_BLK_T_OUT, SECTORS, 512),
+    (B.VIRTIO_BLK_T_OUT, SECTORS - 1, 1024),
+    (B.VIRTIO_BLK_T_OUT, 2**63, 512),
+    (B.VIRTIO_BLK_T_OUT, 2**64 - 1, 512),
+    (B.VIRTIO_BLK_T_OUT, 0, 513),
+])
+def test_bad_range_or_length_ioerr(rig, image, rtype, sector, n):
+    if rtype == B.VIRTIO_BLK_T_IN:
+        head, data, st_addr = rig.request(rtype, sector, in_len=n)
+    else:
+        head, data, st_addr = rig.request(rtype, sector, out=pattern(n, 1))
+    assert rig.run() == [(head, 1)]
+    assert rig.drv.mem.read_u8(st_addr) == B.VIRTIO_BLK_S_IOERR
+    assert rig.gather(data) == bytes(n if rtype == B.VIRTIO_BLK_T_IN else 0)
+    assert image[0].read_bytes() == image[1]
+
+
+def test_short_header_ioerr(rig):
+    d = rig.drv
+    hdr = d.alloc(bytes(8))
+    st_addr = d.alloc(1)
+    head = d.add_chain([Buf(hdr, 8), Buf(st_addr, 1, write=True)])
+    assert rig.run() == [(head, 1)]
+    assert d.mem.read_u8(st_addr) == B.VIRTIO_BLK_S_IOERR
+
+
+def test_no_status_byte_is_device_error(rig, image):
+    rig.request(B.VIRTIO_BLK_T_OUT, 0, out=pattern(512, 1), status=False)
+    with pytest.raises(DeviceError):
+        rig.dev.queue_notify(0)
+    assert rig.dev.wait_idle(5)
+    assert image[0].read_bytes() == image[1]
+
+
+def test_errors_logged_once_per_kind(rig, caplog):
+    with caplog.at_level(logging.WARNING, logger="hypyr.dev.virtio-blk"):
+        for _ in range(5):
+            rig.request(B.VIRTIO_BLK_T_IN, SECTORS, in_len=512)
+        rig.run()
+    assert len([r for r in caplog.records if "beyond" in r.getMessage()]) == 1
+
+
+def test_read_only(tmp_path):
+    p = tmp_path / "ro.img"
+    original = make_image(p)
+    os.utime(p, (1_000_000, 1_000_000))
+    os.chmod(p, 0o444)
+    r = Rig(p, read_only=True)
+    try:
+        f = r.dev.device_features()
+        assert f & (1 << B.VIRTIO_BLK_F_RO)
+        assert not f & ((1 << B.VIRTIO_BLK_F_DISCARD) | (1 << B.VIRTIO_BLK_F_WRITE_ZEROES))
+        assert r.dev.config_read(36, 24) == bytes(24)
+        _, _, s1 = r.request(B.VIRTIO_BLK_T_OUT, 0, out=pattern(1024, 8))
+        _, _, s2 = r.request(B.VIRTIO_BLK_T_WRITE_ZEROES, 0, out=seg(0, 4))
+        _, _, s3 = r.request(B.VIRTIO_BLK_T_DISCARD, 0, out=seg(0, 4))
+        _, data, s4 = r.request(B.VIRTIO_BLK_T_IN, 1, in_len=512)
+        _, _, s5 = r.request(B.VIRTIO_BLK_T_FLUSH, 0)
+        assert len(r.run()) == 5
+        assert [r.drv.mem.read_u8(s) for s in (s1, s2, s3, s4, s5)] == [1, 1, 1, 0, 0]
+        assert r.gather(data) == original[512:1024]
+        assert p.read_bytes() == original
+        assert p.stat().st_mtime == 1_000_000
+    finally:
+        r.close()
+
+
+# -- concurrency and lifecycle ------------------------------------------------------------------------
+
+def test_many_requests_in_flight(image):
+    path, original = image
+    r = Rig(path, qsize=64, workers=4)
+    try:
+        expected = {}
+        for i in range(30):  # 15 direct chains of 3 + 15 indirect: 60 of 64 descriptors
+            head, data, st_addr = r.request(B.VIRTIO_BLK_T_IN, i, in_len=512, indirect=bool(i % 2))
+            expected[head] = (data, st_addr, i)
+        used = r.run()
+        assert sorted(h for h, _ in used) == sorted(expected)
+        assert all(n == 513 for _, n in used)
+        for head, (data, st_addr, i) in expected.items():
+            assert r.drv.mem.read_u8(st_addr) == 0
+            assert r.gather(data) == original[i * 512:(i + 1) * 512]
+    finally:
+        r.close()
+
+
+def test_reset_with_requests_in_flight(image, monkeypatch):
+    path, original = image
+    gate = threading.Event()
+    entered = threading.Semaphore(0)
+    real_preadv = os.preadv
+
+    def gated_preadv(fd, bufs, off):
+        entered.release()
+        gate.wait(10)
+        return real_preadv(fd, bufs, off)
+
+    monkeypatch.setattr(os, "preadv", gated_preadv)
+    monkeypatch.setattr(B, "RESET_WAIT", 0.1)
+    r = Rig(path, workers=2)
+    try:
+        reqs = [r.request(B.VIRTIO_BLK_T_IN, i, in_len=512) for i in range(4)]
+        r.dev.queue_notify(0)
+        assert entered.acquire(timeout=5) and entered.acquire(timeout=5)  # both workers blocked
+        r.q.reset()
+        r.dev.reset()                      # returns after RESET_WAIT with requests still in flight
+        assert r.dev.queues == [] and r.dev.mem is None
+
+        # The driver sets the queue up again (same memory, same SplitQueue) and activates.
+        d = r.drv
+        d.mem.fill(d.desc, d.used + 6 + 8 * d.size - d.desc)
+        d2 = MockDriver(16, mem=d.mem)
+        d2.data_next = 0x80000
+        q2 = d2.queue()
+        irqs2: list[int] = []
+        r.dev.activate(d.mem, [q2], ALL_FEATURES, irqs2.append)
+
+        gate.set()
+        assert r.dev.wait_idle(10)
+        assert d2.take_used() == []        # late completions did not touch the new queue
+        assert irqs2 == []
+        for _, data, st_addr in reqs:      # nor the old requests' buffers
+            assert r.gather(data) == bytes(512)
+            assert d.mem.read_u8(st_addr) == 0xEE
+
+        # The device still works on the new queue.
+        r.drv, r.q = d2, q2
+        head, data, st_addr = r.request(B.VIRTIO_BLK_T_IN, 7, in_len=512)
+        assert r.run() == [(head, 513)]
+        assert r.gather(data) == original[7 * 512:8 * 512]
+        assert irqs2 == [0]
+    finally:
+        gate.set()
+        r.close()
+
+
+def test_close_then_notify_fails_requests(image):
+    r = Rig(image[0])
+    r.close()
+    r.close()  # idempotent
+    head, _, st_addr = r.request(B.VIRTIO_BLK_T_IN, 0, in_len=512)
+    r.dev.queue_notify(0)
+    assert r.drv.take_used() == [(head, 1)]
+    assert r.drv.mem.read_u8(st_addr) == B.VIRTIO_BLK_S_IOERR
+
+
+def test_io_error_is_ioerr(rig, monkeypatch):
+    def failing(*a):
+        raise OSError(5, "Input/output error")
+    monkeypatch.setattr(os, "preadv", failing)
+    monkeypatch.setattr(os, "pwrite", failing)
+    _, _, s1 = rig.request(B.VIRTIO_BLK_T_IN, 0, in_len=512)
+    _, _, s2 = rig.request(B.VIRTIO_BLK_T_OUT, 0, out=bytes(512))
+    assert len(rig.run()) == 2
+    assert rig.drv.mem.read_u8(s1) == rig.drv.mem.read_u8(s2) == B.VIRTIO_BLK_S_IOERR
+
+
+def test_reset_and_notify_without_activation(image):
+    dev = VirtioBlk(str(image[0]))
+    try:
+        dev.queue_notify(0)
+        dev.queue_notify(5)
+        dev.reset()
+        with pytest.raises(DeviceError):
+            dev.activate(MockDriver().mem, [], 0, lambda i: None)
+    finally:
+        dev.close()
+
+
+# -- hostile chains (property) -------------------------------------------------------------------------
+
+PROP_SECTORS = 8
+TAIL = 100  # bytes past the last whole sector: never visible, never written
+
+interesting_sectors = st.one_of(st.integers(0, PROP_SECTORS + 1),
+                                st.sampled_from([2**55, 2**63, 2**64 - 1, 2**64 - 2]),
+                                st.integers(0, 2**64 - 1))
+types = st.one_of(st.sampled_from([0, 1, 4, 8, 11, 13]), st.integers(0, 2**32 - 1))
+segments = st.lists(st.tuples(interesting_sectors, st.one_of(st.integers(0, 9), st.integers(0, 2**32 - 1)),
+                              st.sampled_from([0, 0, 1, 2, 0x80000000])), max_size=3)
+lengths = st.one_of(st.sampled_from([0, 1, 16, 32, 511, 512, 512, 512, 513, 1024, 1025]), st.integers(0, 2048))
+# Mostly well-formed chains (header, readable data, writable data, status) so that requests get
+# deep into the device; sometimes truncated headers, no status byte, or readable-after-writable.
+readables = st.tuples(st.sampled_from([16, 16, 16, 8, 20, 528]), st.lists(lengths, max_size=3))
+writables = st.one_of(st.lists(lengths, max_size=3).map(lambda w: w + [1]), st.lists(lengths, max_size=3))
+
+
+class _Errors(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rtype=types, sector=interesting_sectors, segs=segments, junk=st.binary(max_size=64),
+       readable=readables, writable=writables, shuffle=st.one_of(st.just(None), st.randoms()),
+       read_only=st.booleans(), indirect=st.booleans(), extra_reqs=st.integers(0, 2))
+def test_hostile_requests(rtype, sector, segs, junk, readable, writable, shuffle, read_only, indirect,
+                          extra_reqs):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "h.img"
+        original = pattern(PROP_SECTORS * 512 + TAIL, 11)
+        path.write_bytes(original)
+        os.utime(path, (1_000_000, 1_000_000))
+        errors = _Errors()
+        logger = logging.getLogger("hypyr.dev.virtio-blk")
+        logger.addHandler(errors)
+        r = Rig(path, read_only=read_only, workers=2)
+        try:
+            payload = struct.pack("<IIQ", rtype, 0, sector) + b"".join(seg(*s) for s in segs) + junk
+            d = r.drv
+            published = []
+            layout = [(n, False) for n in [readable[0], *readable[1]]] + [(n, True) for n in writable]
+            if shuffle is not None and shuffle.random() < 0.3:
+                shuffle.shuffle(layout)
+            for _ in range(1 + extra_reqs):
+                bufs, pos, writable_total, status_addr = [], 0, 0, None
+                for n, write in layout:
+                    addr = d.alloc(max(n, 1))
+                    if not write:
+                        d.mem.write(addr, payload[pos:pos + n].ljust(n, b"\xA5"))
+                        pos += n
+                    else:
+                        writable_total += n
+                        if n:
+                            status_addr = addr + n - 1
+                    bufs.append(Buf(addr, n, write))
+                published.append((d.add_chain(bufs, indirect=indirect), writable_total, status_addr))
+            try:
+                r.dev.queue_notify(0)
+            except (DeviceError, QueueError) as e:
+                event(f"notify raised {type(e).__name__}")
+            assert r.dev.wait_idle(10)
+            for head, n in d.take_used():
+                matches = [(wt, sa) for h, wt, sa in published if h == head]
+                assert matches and n <= matches[0][0]
+                event(f"type {rtype if rtype in (0, 1, 4, 8, 11, 13) else 'other'}: "
+                      f"status {d.mem.read_u8(matches[0][1])}")
+            now = path.read_bytes()
+            assert len(now) == len(original)
+            assert now[PROP_SECTORS * 512:] == original[PROP_SECTORS * 512:]
+            if read_only:
+                assert now == original
+                assert path.stat().st_mtime == 1_000_000
+            assert not errors.records, [rec.getMessage() for rec in errors.records]
+        finally:
+            r.close()
+            logger.removeHandler(errors)

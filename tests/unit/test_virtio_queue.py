@@ -1,0 +1,515 @@
+"""The split virtqueue against a mock driver, including a hostile one."""
+
+import struct
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from virtio_mock import MEM_SIZE, Buf, MockDriver  # noqa: E402
+
+from hypyr.devices.virtio.queue import (MAX_INDIRECT, VIRTQ_AVAIL_F_NO_INTERRUPT,  # noqa: E402
+                                        VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
+                                        DescriptorChain, QueueError, SplitQueue)
+from hypyr.memory import GuestMemory  # noqa: E402
+
+FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+# ---------------------------------------------------------------------------- well-formed chains
+def test_simple_chain():
+    d = MockDriver()
+    q = d.queue()
+    req = d.alloc(b"request!")
+    resp = d.alloc(32)
+    head = d.add_chain([Buf(req, 8), Buf(resp, 32, write=True)])
+    chain = q.pop()
+    assert chain.head == head
+    assert chain.readable == [(req, 8)] and chain.writable == [(resp, 32)]
+    assert chain.readable_len == 8 and chain.writable_len == 32
+    assert chain.read(d.mem) == b"request!"
+    chain.write(d.mem, b"ok")
+    assert d.mem.read(resp, 2) == b"ok"
+    assert q.pop() is None
+    q.add_used(head, 2)
+    assert d.take_used() == [(head, 2)]
+    assert not q.has_available()
+
+
+def test_several_chains_in_order_and_zero_length_buffers_skipped():
+    d = MockDriver()
+    q = d.queue()
+    a, b = d.alloc(b"aaaa"), d.alloc(4)
+    h1 = d.add_chain([Buf(a, 4)])
+    h2 = d.add_chain([Buf(a, 0), Buf(b, 4, write=True), Buf(b, 0, write=True)])
+    assert q.has_available()
+    c1, c2 = q.pop(), q.pop()
+    assert (c1.head, c2.head) == (h1, h2)
+    assert c2.readable == [] and c2.writable == [(b, 4)]
+    q.add_used(h2, 4)
+    q.add_used(h1, 0)
+    assert d.take_used() == [(h2, 4), (h1, 0)]
+
+
+def test_indirect_chain():
+    d = MockDriver()
+    q = d.queue(indirect=True)
+    r1, r2, w1 = d.alloc(b"ab"), d.alloc(b"cde"), d.alloc(8)
+    head = d.add_chain([Buf(r1, 2), Buf(r2, 3), Buf(w1, 8, write=True)], indirect=True)
+    chain = q.pop()
+    assert chain.head == head
+    assert chain.readable == [(r1, 2), (r2, 3)] and chain.writable == [(w1, 8)]
+    assert chain.read(d.mem) == b"abcde"
+
+
+def test_full_queue_of_single_descriptor_chains():
+    d = MockDriver(size=8)
+    q = d.queue()
+    buf = d.alloc(1)
+    heads = [d.add_chain([Buf(buf, 1, write=True)]) for _ in range(8)]
+    assert [q.pop().head for _ in range(8)] == heads
+    assert q.pop() is None
+
+
+def test_chain_as_long_as_the_queue_is_accepted():
+    d = MockDriver(size=8)
+    q = d.queue()
+    buf = d.alloc(8)
+    d.add_chain([Buf(buf + i, 1) for i in range(8)])
+    assert len(q.pop().readable) == 8
+
+
+# ---------------------------------------------------------------------------- protocol violations
+def test_readable_after_writable_rejected():
+    d = MockDriver()
+    q = d.queue()
+    b = d.alloc(8)
+    d.add_chain([Buf(b, 4, write=True), Buf(b + 4, 4)])
+    with pytest.raises(QueueError, match="readable buffer after"):
+        q.pop()
+
+
+def test_readable_after_writable_rejected_in_indirect_table():
+    d = MockDriver()
+    q = d.queue()
+    b = d.alloc(8)
+    d.add_chain([Buf(b, 4, write=True), Buf(b + 4, 4)], indirect=True)
+    with pytest.raises(QueueError, match="readable buffer after"):
+        q.pop()
+
+
+def test_direct_loop_rejected():
+    d = MockDriver()
+    q = d.queue()
+    b = d.alloc(4)
+    d.write_desc(0, b, 4, VIRTQ_DESC_F_NEXT, 1)
+    d.write_desc(1, b, 4, VIRTQ_DESC_F_NEXT, 0)
+    d.publish(0)
+    with pytest.raises(QueueError, match="loop"):
+        q.pop()
+
+
+def test_self_loop_rejected():
+    d = MockDriver()
+    q = d.queue()
+    d.write_desc(3, d.alloc(4), 4, VIRTQ_DESC_F_NEXT, 3)
+    d.publish(3)
+    with pytest.raises(QueueError, match="loop"):
+        q.pop()
+
+
+def test_loop_inside_indirect_table_rejected():
+    d = MockDriver()
+    q = d.queue()
+    b = d.alloc(4)
+    table = d.alloc(16 * 3)
+    d.write_desc(0, b, 4, VIRTQ_DESC_F_NEXT, 1, table=table)
+    d.write_desc(1, b, 4, VIRTQ_DESC_F_NEXT, 2, table=table)
+    d.write_desc(2, b, 4, VIRTQ_DESC_F_NEXT, 0, table=table)
+    d.write_desc(0, table, 48, VIRTQ_DESC_F_INDIRECT, 0)
+    d.publish(0)
+    with pytest.raises(QueueError, match="loop"):
+        q.pop()
+
+
+def test_nested_indirect_rejected():
+    d = MockDriver()
+    q = d.queue()
+    inner = d.alloc(16)
+    d.write_desc(0, d.alloc(4), 4, 0, 0, table=inner)
+    outer = d.alloc(16)
+    d.write_desc(0, inner, 16, VIRTQ_DESC_F_INDIRECT, 0, table=outer)
+    d.write_desc(0, outer, 16, VIRTQ_DESC_F_INDIRECT, 0)
+    d.publish(0)
+    with pytest.raises(QueueError, match="nested"):
+        q.pop()
+
+
+def test_indirect_without_negotiation_rejected():
+    d = MockDriver()
+    q = d.queue(indirect=False)
+    d.add_chain([Buf(d.alloc(4), 4)], indirect=True)
+    with pytest.raises(QueueError, match="not negotiated"):
+        q.pop()
+
+
+def test_indirect_with_next_rejected():
+    d = MockDriver()
+    q = d.queue()
+    table = d.alloc(16)
+    d.write_desc(0, d.alloc(4), 4, 0, 0, table=table)
+    d.write_desc(0, table, 16, VIRTQ_DESC_F_INDIRECT | VIRTQ_DESC_F_NEXT, 1)
+    d.write_desc(1, d.alloc(4), 4, 0, 0)
+    d.publish(0)
+    with pytest.raises(QueueError, match="NEXT"):
+        q.pop()
+
+
+@pytest.mark.parametrize("length", [0, 8, 17, 16 * (MAX_INDIRECT + 1)])
+def test_indirect_table_bad_length_rejected(length):
+    d = MockDriver()
+    q = d.queue()
+    d.write_desc(0, d.alloc(16), length, VIRTQ_DESC_F_INDIRECT, 0)
+    d.publish(0)
+    with pytest.raises(QueueError, match="indirect table length"):
+        q.pop()
+
+
+def test_indirect_table_outside_ram_rejected():
+    d = MockDriver()
+    q = d.queue()
+    d.write_desc(0, MEM_SIZE - 16, 32, VIRTQ_DESC_F_INDIRECT, 0)
+    d.publish(0)
+    with pytest.raises(QueueError, match="not in guest RAM"):
+        q.pop()
+
+
+@pytest.mark.parametrize("addr,length", [(MEM_SIZE - 4, 8), (MEM_SIZE, 1), (2**64 - 1, 2), (2**63, 4096)])
+def test_buffer_outside_ram_rejected(addr, length):
+    d = MockDriver()
+    q = d.queue()
+    d.add_chain([Buf(addr, length, write=True)])
+    with pytest.raises(QueueError, match="not in guest RAM"):
+        q.pop()
+
+
+def test_next_index_beyond_table_rejected():
+    d = MockDriver(size=8)
+    q = d.queue()
+    d.write_desc(0, d.alloc(4), 4, VIRTQ_DESC_F_NEXT, 8)
+    d.publish(0)
+    with pytest.raises(QueueError, match="next descriptor index"):
+        q.pop()
+
+
+def test_head_index_beyond_table_rejected():
+    d = MockDriver(size=8)
+    q = d.queue()
+    d.publish(8)
+    with pytest.raises(QueueError, match="head descriptor index"):
+        q.pop()
+
+
+def test_avail_idx_jump_beyond_size_rejected():
+    d = MockDriver(size=8)
+    q = d.queue()
+    d.mem.write_u16(d.avail + 2, 9)
+    with pytest.raises(QueueError, match="more than the queue size"):
+        q.pop()
+
+
+def test_avail_idx_jump_of_exactly_size_accepted():
+    d = MockDriver(size=8)
+    q = d.queue()
+    b = d.alloc(1)
+    for _ in range(8):
+        d.add_chain([Buf(b, 1)])
+    assert d.mem.read_u16(d.avail + 2) == 8
+    assert sum(1 for _ in iter(q.pop, None)) == 8
+
+
+def _unactivated(d: MockDriver, size: int | None = None) -> SplitQueue:
+    q = SplitQueue(d.size)
+    q.size, q.desc_table, q.avail_ring, q.used_ring = d.size if size is None else size, d.desc, d.avail, d.used
+    return q
+
+
+@pytest.mark.parametrize("which,value,msg", [
+    ("desc_table", MEM_SIZE - 16, "not in guest RAM"),
+    ("avail_ring", MEM_SIZE - 2, "not in guest RAM"),
+    ("used_ring", MEM_SIZE - 8, "not in guest RAM"),
+    ("desc_table", 2**64 - 16, "not in guest RAM"),
+    ("desc_table", 0x1008, "aligned"),
+    ("avail_ring", 0x2001, "aligned"),
+    ("used_ring", 0x2002, "aligned"),
+])
+def test_rings_outside_ram_or_misaligned_rejected(which, value, msg):
+    d = MockDriver()
+    q = _unactivated(d)
+    setattr(q, which, value)
+    with pytest.raises(QueueError, match=msg):
+        q.activate(d.mem, event_idx=False, indirect=False)
+    assert q.mem is None and q.pop() is None
+
+
+@pytest.mark.parametrize("size", [0, 3, 32, 65536])
+def test_bad_queue_size_rejected(size):
+    d = MockDriver()
+    q = _unactivated(d, size)
+    with pytest.raises(QueueError, match="power of two"):
+        q.activate(d.mem, event_idx=False, indirect=False)
+
+
+def test_ring_straddling_a_hole_rejected():
+    mem = GuestMemory.anonymous([(0, 0x2000), (0x3000, 0x1000)], hugepages=False)
+    d = MockDriver(size=16, mem=mem, base=0x1F00)  # desc table 0x1f00..0x2000, avail at 0x2000: hole
+    q = _unactivated(d)
+    with pytest.raises(QueueError, match="available ring"):
+        q.activate(mem, event_idx=False, indirect=False)
+
+
+def test_inactive_queue_is_inert():
+    q = SplitQueue(16)
+    assert q.pop() is None
+    q.add_used(0, 0)  # dropped
+    assert not q.needs_interrupt() and not q.has_available()
+
+
+def test_reset_forgets_everything():
+    d = MockDriver()
+    q = d.queue()
+    d.add_chain([Buf(d.alloc(4), 4)])
+    q.reset()
+    assert q.mem is None and q.pop() is None and q.size == q.max_size and not q.ready
+    assert (q.last_avail, q.next_used, q.desc_table) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("max_size", [0, 3, 65536])
+def test_bad_max_size(max_size):
+    with pytest.raises(ValueError):
+        SplitQueue(max_size)
+
+
+# ---------------------------------------------------------------------------- 16-bit wrap-around
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_index_wrap_around(event_idx):
+    d = MockDriver(size=8)
+    q = d.queue(event_idx=event_idx)
+    start = 0xFFF3
+    d.avail_idx = d.used_seen = start
+    d.mem.write_u16(d.avail + 2, start)
+    d.mem.write_u16(d.used + 2, start)
+    q.last_avail = q.next_used = q.signalled_used = start
+    buf = d.alloc(4)
+    seen = 0
+    for round_ in range(10):  # 30 chains, crossing 0xFFFF -> 0
+        heads = [d.add_chain([Buf(buf, 4, write=True)]) for _ in range(3)]
+        chains = list(iter(q.pop, None))
+        assert [c.head for c in chains] == heads
+        for c in chains:
+            q.add_used(c.head, round_)
+        assert d.take_used() == [(h, round_) for h in heads]
+        seen += 3
+    assert q.last_avail == q.next_used == (start + seen) & 0xFFFF < start
+    assert d.used_idx() == (start + seen) & 0xFFFF
+    if event_idx:
+        assert d.mem.read_u16(d.used + 4 + 8 * d.size) == q.last_avail  # avail_event
+
+
+def test_pending_counted_modulo_16_bits():
+    d = MockDriver(size=8)
+    q = d.queue()
+    q.last_avail = 0xFFFE
+    d.avail_idx = 0xFFFE
+    b = d.alloc(1)
+    for _ in range(4):
+        d.add_chain([Buf(b, 1)])
+    assert d.mem.read_u16(d.avail + 2) == 2
+    assert len(list(iter(q.pop, None))) == 4
+
+
+# ---------------------------------------------------------------------------- interrupt suppression
+def test_no_interrupt_flag():
+    d = MockDriver()
+    q = d.queue(event_idx=False)
+    b = d.alloc(1)
+    assert not q.needs_interrupt()  # nothing used yet
+    d.add_chain([Buf(b, 1)])
+    q.add_used(q.pop().head, 0)
+    d.set_avail_flags(VIRTQ_AVAIL_F_NO_INTERRUPT)
+    assert not q.needs_interrupt()
+    d.add_chain([Buf(b, 1)])
+    q.add_used(q.pop().head, 0)
+    d.set_avail_flags(0)
+    assert q.needs_interrupt()
+    assert not q.needs_interrupt()  # nothing new since
+
+
+def test_event_idx_ignores_no_interrupt_flag_and_sets_avail_event():
+    d = MockDriver()
+    q = d.queue(event_idx=True)
+    b = d.alloc(1)
+    d.set_avail_flags(VIRTQ_AVAIL_F_NO_INTERRUPT)
+    d.set_used_event(0)
+    d.add_chain([Buf(b, 1)])
+    d.add_chain([Buf(b, 1)])
+    q.add_used(q.pop().head, 0)
+    assert d.mem.read_u16(d.used + 4 + 8 * d.size) == 1
+    assert q.needs_interrupt()  # used idx went 0 -> 1, passing used_event 0
+    q.add_used(q.pop().head, 0)
+    assert d.mem.read_u16(d.used + 4 + 8 * d.size) == 2
+    assert not q.needs_interrupt()  # 1 -> 2 does not pass 0
+
+
+@FAST
+@given(old=st.integers(0, 0xFFFF), count=st.integers(1, 16), used_event=st.integers(0, 0xFFFF),
+       near=st.booleans())
+def test_event_idx_interrupt_iff_used_event_passed(old, count, used_event, near):
+    d = MockDriver(size=16)
+    q = d.queue(event_idx=True)
+    if near:  # interesting cases: used_event right around the batch
+        used_event = (old + used_event % (count + 2) - 1) & 0xFFFF
+    q.next_used = q.signalled_used = old
+    d.set_used_event(used_event)
+    for i in range(count):
+        q.add_used(i, 0)
+    expected = any((old + i) & 0xFFFF == used_event for i in range(count))
+    assert q.needs_interrupt() == expected
+    assert not q.needs_interrupt()
+
+
+# ---------------------------------------------------------------------------- gather / scatter
+def test_read_write_offsets_across_buffers():
+    d = MockDriver()
+    r = [d.alloc(b"0123"), d.alloc(b"45"), d.alloc(b"6789")]
+    w = [d.alloc(3), d.alloc(1), d.alloc(4)]
+    chain = DescriptorChain(0, readable=[(r[0], 4), (r[1], 2), (r[2], 4)], writable=[(w[0], 3), (w[1], 1), (w[2], 4)])
+    assert chain.read(d.mem) == b"0123456789"
+    assert chain.read(d.mem, 4, offset=3) == b"3456"
+    assert chain.read(d.mem, 0, offset=10) == b""
+    assert chain.read(d.mem, offset=8) == b"89"
+    assert chain.write(d.mem, b"ABCDE", offset=2) == 5
+    assert d.mem.read(w[0], 3) == b"\0\0A" and d.mem.read(w[1], 1) == b"B" and d.mem.read(w[2], 4) == b"CDE\0"
+    chain.write(d.mem, b"", offset=8)
+
+
+def test_write_beyond_writable_len_raises():
+    d = MockDriver()
+    w = d.alloc(8)
+    d.mem.fill(w + 8, 8, 0x55)
+    chain = DescriptorChain(0, writable=[(w, 4), (w + 4, 4)])
+    for data, off in ((b"x" * 9, 0), (b"x", 8), (b"xx", 7), (b"", -1)):
+        with pytest.raises(QueueError):
+            chain.write(d.mem, data, offset=off)
+    assert d.mem.read(w, 16) == bytes(8) + b"\x55" * 8  # nothing written, not even partially
+
+
+def test_read_beyond_readable_len_raises():
+    d = MockDriver()
+    chain = DescriptorChain(0, readable=[(d.alloc(b"abcd"), 4)])
+    for length, off in ((5, 0), (1, 4), (None, 5), (1, -1), (-1, 0)):
+        with pytest.raises(QueueError):
+            chain.read(d.mem, length, offset=off)
+
+
+@FAST
+@given(sizes=st.lists(st.integers(0, 40), min_size=1, max_size=6), data=st.data())
+def test_gather_scatter_matches_flat_buffer(sizes, data):
+    d = MockDriver()
+    bufs = [(d.alloc(n), n) for n in sizes]
+    total = sum(sizes)
+    content = data.draw(st.binary(min_size=total, max_size=total))
+    pos = 0
+    for addr, n in bufs:
+        d.mem.write(addr, content[pos:pos + n])
+        pos += n
+    chain = DescriptorChain(0, readable=bufs, writable=bufs)
+    off = data.draw(st.integers(0, total))
+    length = data.draw(st.integers(0, total - off))
+    assert chain.read(d.mem, length, offset=off) == content[off:off + length]
+    patch = data.draw(st.binary(min_size=length, max_size=length))
+    chain.write(d.mem, patch, offset=off)
+    assert chain.read(d.mem) == content[:off] + patch + content[off + length:]
+
+
+# ---------------------------------------------------------------------------- hostile driver
+HOSTILE_SIZE = 8
+DATA_AREA = 0x10000  # where indirect tables the fuzzer points at live (also fuzzed)
+DATA_LEN = 0x80
+
+def _mostly(likely, unlikely, weight=4):
+    """``likely`` about weight/(weight+1) of the time."""
+    return st.integers(0, weight).flatmap(lambda i: unlikely if i == weight else likely)
+
+
+_addr = _mostly(st.integers(DATA_AREA, DATA_AREA + DATA_LEN),
+                st.one_of(st.sampled_from([0, 0x1000, MEM_SIZE - 16, MEM_SIZE - 1, MEM_SIZE, 2**63, 2**64 - 16,
+                                           2**64 - 1]), st.integers(0, 2**64 - 1)))
+_len = _mostly(st.one_of(st.integers(0, 8).map(lambda n: n * 16), st.integers(0, 64)),
+               st.one_of(st.sampled_from([16 * MAX_INDIRECT, 16 * (MAX_INDIRECT + 1), 2**31, 2**32 - 1]),
+                         st.integers(0, 2**32 - 1)))
+_flags = _mostly(st.sampled_from([0, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE,
+                                  VIRTQ_DESC_F_INDIRECT]), st.integers(0, 0xFFFF))
+_next = _mostly(st.integers(0, HOSTILE_SIZE - 1), st.integers(0, 0xFFFF), weight=6)
+_structured = st.builds(lambda a, n, f, x: struct.pack("<QIHH", a, n, f, x), _addr, _len, _flags, _next)
+_desc = _mostly(_structured, st.binary(min_size=16, max_size=16), weight=6)
+_u16_small = st.one_of(st.integers(0, HOSTILE_SIZE + 2), st.integers(0, 0xFFFF))
+
+
+def _table(n):
+    return st.lists(_desc, min_size=n, max_size=n).map(b"".join)
+
+
+_ring = st.lists(_mostly(st.integers(0, HOSTILE_SIZE - 1), _u16_small), min_size=HOSTILE_SIZE,
+                 max_size=HOSTILE_SIZE)
+
+
+@FAST
+@given(desc=_table(HOSTILE_SIZE), ring=_ring, flags=_u16_small, used_event=_u16_small,
+       pending=_mostly(st.integers(0, HOSTILE_SIZE + 1), st.integers(0, 0xFFFF)),
+       data_area=_table(DATA_LEN // 16), event_idx=st.booleans(), indirect=st.booleans(),
+       start=st.one_of(st.integers(0, 4), st.integers(0xFFFA, 0xFFFF), st.integers(0, 0xFFFF)))
+def test_hostile_driver_cannot_escape(desc, ring, flags, used_event, pending, data_area, event_idx, indirect,
+                                      start):
+    avail = struct.pack(f"<HH{HOSTILE_SIZE}HH", flags, (start + pending) & 0xFFFF, *ring, used_event)
+    d = MockDriver(size=HOSTILE_SIZE)
+    q = d.queue(event_idx=event_idx, indirect=indirect)
+    q.last_avail = q.next_used = q.signalled_used = start
+    d.mem.write(d.desc, desc)
+    d.mem.write(d.avail, avail)
+    d.mem.write(DATA_AREA, data_area)
+    before = d.mem.read(0, MEM_SIZE)
+    used_lo, used_hi = d.used, d.used + 6 + 8 * HOSTILE_SIZE
+
+    t0 = time.monotonic()
+    popped = 0
+    for _ in range(HOSTILE_SIZE + 2):
+        try:
+            chain = q.pop()
+        except QueueError as e:
+            event("QueueError: " + " ".join(w for w in str(e).split()[:2] if not w[0].isdigit()))
+            break
+        if chain is None:
+            break
+        popped += 1
+        event(f"chain with {min(len(chain.readable) + len(chain.writable), 3)}+ buffers")
+        assert 0 <= chain.head < HOSTILE_SIZE
+        assert len(chain.readable) + len(chain.writable) <= HOSTILE_SIZE + MAX_INDIRECT
+        for addr, n in chain.readable + chain.writable:
+            assert n > 0 and d.mem.check_range(addr, n)
+        chain.read(d.mem)  # every readable byte is reachable
+        q.add_used(chain.head, 0)
+        q.needs_interrupt()
+    else:
+        pytest.fail("pop() kept returning chains beyond the queue size")
+    assert popped <= HOSTILE_SIZE
+    event(f"popped {min(popped, 2)}+ chains")
+    assert time.monotonic() - t0 < 5
+
+    after = d.mem.read(0, MEM_SIZE)
+    assert after[:used_lo] == before[:used_lo]
+    assert after[used_hi:] == before[used_hi:]
