@@ -3,12 +3,22 @@
 echo "hypyr: init started"
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin
 
+# Ctrl-Alt-Del (what `hypyr shutdown` sends) means: power off cleanly.  With ctrl-alt-del set
+# to 0 the kernel sends SIGINT to init instead of rebooting at once.
+graceful_poweroff() {
+    echo "hypyr: Ctrl-Alt-Del received, powering off"
+    sync
+    poweroff -f
+}
+trap graceful_poweroff INT
+
 # (the same script is /sbin/init on the default rootfs, where these may already be mounted)
 [ -e /proc/self ] || mount -t proc proc /proc
 mounted() { grep -q " $1 " /proc/mounts; }
 mounted /sys || mount -t sysfs sysfs /sys
 mounted /dev || mount -t devtmpfs devtmpfs /dev 2>/dev/null
 mounted /tmp || mount -t tmpfs -o mode=1777 tmpfs /tmp
+echo 0 > /proc/sys/kernel/ctrl-alt-del 2>/dev/null
 [ -e /dev/console ] || mknod -m 600 /dev/console c 5 1
 [ -e /dev/null ] || mknod -m 666 /dev/null c 1 3
 [ -e /dev/fd ] || ln -s /proc/self/fd /dev/fd
@@ -63,7 +73,9 @@ done
 
 if [ -n "$exec_b64" ]; then
     cmd="$(echo "$exec_b64" | base64 -d)"
-    sh -c "$cmd" <"$console" >"$console" 2>&1
+    # in the background, so that the INT trap runs while we wait
+    sh -c "$cmd" <"$console" >"$console" 2>&1 &
+    wait $!
     rc=$?
     # hypyr's paravirtual exit port: one byte, the exit status, to I/O port 0xf4.
     # /dev/port is missing from kernels built without CONFIG_DEVPORT (the Debian cloud
@@ -78,8 +90,9 @@ fi
 
 echo "hypyr guest ready"
 if [ "$console" = /dev/console ]; then
-    setsid cttyhack sh
+    setsid cttyhack sh &
 else
-    setsid sh -c "exec sh <$console >$console 2>&1"
+    setsid sh -c "exec sh <$console >$console 2>&1" &
 fi
+wait $!
 poweroff -f

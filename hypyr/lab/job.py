@@ -56,6 +56,7 @@ def job_script(cmd: list[str], cwd: str | Path, env: Mapping[str, str]) -> str:
 def keep_paths(cwd: str | Path, env: Mapping[str, str]) -> list[str]:
     """Host paths under /tmp that the job needs; L1 keeps them visible through its tmpfs /tmp."""
     cands = [str(cwd), env.get("VIRTUAL_ENV", "")] + env.get("PYTHONPATH", "").split(":")
+    cands += [v for k, v in env.items() if k.startswith("HYPYR_") and k.endswith(("_DIR", "_CACHE"))]
     out: list[str] = []
     for p in cands:
         if not p or not os.path.isabs(p):

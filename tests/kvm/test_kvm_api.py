@@ -148,10 +148,10 @@ def test_immediate_exit_returns_intr_and_is_cleared(ram, vcpus):
 
 def test_msrs_round_trip(vcpus):
     v = vcpus()
-    IA32_SYSENTER_CS, IA32_SYSENTER_ESP = 0x174, 0x175
-    v.set_msrs([(IA32_SYSENTER_CS, 0x10), (IA32_SYSENTER_ESP, 0xFFFF8000_00001000)])
-    assert v.get_msrs([IA32_SYSENTER_CS, IA32_SYSENTER_ESP]) == {IA32_SYSENTER_CS: 0x10,
-                                                                 IA32_SYSENTER_ESP: 0xFFFF8000_00001000}
+    # (SYSENTER_ESP/EIP are only 32 bits wide on AMD: use MSRs that are 64-bit everywhere)
+    IA32_SYSENTER_CS, MSR_LSTAR = 0x174, 0xC0000082
+    v.set_msrs([(IA32_SYSENTER_CS, 0x10), (MSR_LSTAR, 0xFFFF8000_00001000)])
+    assert v.get_msrs([IA32_SYSENTER_CS, MSR_LSTAR]) == {IA32_SYSENTER_CS: 0x10, MSR_LSTAR: 0xFFFF8000_00001000}
 
 
 def test_refused_msr_raises(vcpus):

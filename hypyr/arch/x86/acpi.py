@@ -123,6 +123,12 @@ COM1_AML = aml.scope(
                aml.name("_HID", aml.eisa_id("PNP0501")),   # 16550A-compatible UART
                aml.name("_UID", aml.integer(1)),
                aml.name("_CRS", aml.resource_template(aml.io_port(0x3F8, 8), aml.irq_no_flags(4)))),
+    # The i8042 keyboard controller: Linux probes it only when ACPI lists it; it carries the
+    # Ctrl-Alt-Del that `hypyr shutdown` sends (as Firecracker's SendCtrlAltDel).
+    aml.device("KBD_",
+               aml.name("_HID", aml.eisa_id("PNP0303")),   # IBM enhanced keyboard (101/102-key, PS/2)
+               aml.name("_CRS", aml.resource_template(aml.io_port(0x60, 1), aml.io_port(0x64, 1),
+                                                      aml.irq_no_flags(1)))),
 )
 
 
