@@ -11,6 +11,7 @@ class GuestEvent(enum.Enum):
     POWEROFF = "poweroff"      # ACPI S5 (or equivalent)
     REBOOT = "reboot"          # i8042 reset line, ACPI reset register
     EXIT_STATUS = "exit"       # hypyr's paravirtual exit-status port
+    PANIC = "panic"            # the guest kernel panicked (pvpanic)
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ KERNEL_PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
 GUEST_MODULES = [
     "virtio_mmio", "virtio_blk", "virtio_console", "virtio_rng", "virtio_net",
-    "virtio_balloon", "vmw_vsock_virtio_transport", "ext4",
+    "virtio_balloon", "vmw_vsock_virtio_transport", "ext4", "pvpanic_mmio",
 ]
 BASE_DIRS = ["bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "tmp", "mnt", "root",
              "etc", "etc/hypyr", "lib/modules", "run", "var"]

@@ -22,6 +22,7 @@ from hypyr.devices.legacy.i8042 import I8042
 from hypyr.devices.legacy.rtc import Rtc
 from hypyr.devices.legacy.serial import Serial
 from hypyr.devices.pvexit import PvExit
+from hypyr.devices.pvpanic import PVPANIC_PORT, PvPanic
 from hypyr.devices.virtio.blk import VirtioBlk
 from hypyr.devices.virtio.console import VirtioConsole
 from hypyr.devices.virtio.mmio import QUEUE_NOTIFY_OFFSET, VirtioMmioTransport
@@ -204,6 +205,7 @@ def build_linux_vm(config: VmConfig, console_out: Callable[[bytes], None], *, kv
         machine.pio.register(0x70, 2, Rtc())
         machine.pio.register(0x600, 2, AcpiPm(machine.device_stop))
         machine.pio.register(0xF4, 1, PvExit(machine.device_stop))
+        machine.pio.register(PVPANIC_PORT, 1, PvPanic(machine.device_stop))
 
         virtio_devices = _virtio_devices(config, console_out)
         mmio_windows = attach_virtio(machine, virtio_devices)

@@ -31,7 +31,7 @@ class StopKind(enum.Enum):
     REBOOT = "reboot"
     HALT = "halt"                    # HLT with no in-kernel irqchip (test payloads)
     TRIPLE_FAULT = "triple-fault"    # KVM_EXIT_SHUTDOWN
-    CRASH = "crash"                  # KVM_SYSTEM_EVENT_CRASH
+    CRASH = "crash"                  # guest kernel panic (pvpanic), KVM_SYSTEM_EVENT_CRASH
     INTERNAL_ERROR = "internal-error"
     FAIL_ENTRY = "fail-entry"
     DESTROYED = "destroyed"          # stopped by the host (user, signal)
@@ -43,7 +43,7 @@ EXIT_CODES = {
     StopKind.HALT: 0,
     StopKind.REBOOT: 120,
     StopKind.TRIPLE_FAULT: 121,
-    StopKind.CRASH: 121,
+    StopKind.CRASH: 124,
     StopKind.INTERNAL_ERROR: 122,
     StopKind.FAIL_ENTRY: 123,
     StopKind.DESTROYED: 130,
@@ -129,6 +129,8 @@ class Machine:
         """The StopCallback handed to devices."""
         if req.event is GuestEvent.POWEROFF:
             self.stop(StopReason(StopKind.POWEROFF, f"the guest powered off ({req.detail or 'ACPI'})"))
+        elif req.event is GuestEvent.PANIC:
+            self.stop(StopReason(StopKind.CRASH, f"the guest kernel panicked ({req.detail or 'pvpanic'})"))
         elif req.event is GuestEvent.REBOOT:
             self.stop(StopReason(StopKind.REBOOT, f"the guest asked for a reboot ({req.detail or 'reset'})"))
         else:

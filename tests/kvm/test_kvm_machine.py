@@ -144,7 +144,6 @@ def test_exception_with_empty_idt_triple_faults(make_machine, kvm, payload):
     # a register dump is there; its values are not checked: on AMD SVM, KVM resets the vCPU after a
     # shutdown intercept, so the dump shows the reset state rather than the faulting one
     assert "rip=" in reason.registers and "cr3=" in reason.registers
-    assert "idt=540/0" in reason.registers  # the empty IDT is why it triple-faulted
 
 
 # -- 5. two memslots ------------------------------------------------------------------------------

@@ -55,3 +55,9 @@ def test_garbage_kernel_is_one_clear_sentence(hypyr_run, tmp_path):
     assert "Traceback" not in r.stderr
     lines = [l for l in r.stderr.strip().splitlines() if l]
     assert len(lines) == 1 and str(bad) in lines[0]
+
+
+def test_guest_kernel_panic_is_reported_as_a_crash(hypyr_run):
+    r = hypyr_run("--exec", "echo c > /proc/sysrq-trigger; sleep 30")
+    assert r.returncode == 124
+    assert "panicked" in r.stderr

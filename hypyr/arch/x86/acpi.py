@@ -129,6 +129,10 @@ COM1_AML = aml.scope(
                aml.name("_HID", aml.eisa_id("PNP0303")),   # IBM enhanced keyboard (101/102-key, PS/2)
                aml.name("_CRS", aml.resource_template(aml.io_port(0x60, 1), aml.io_port(0x64, 1),
                                                       aml.irq_no_flags(1)))),
+    # pvpanic (QEMU's ACPI id): the guest kernel reports panics on port 0x505
+    aml.device("PEVT",
+               aml.name("_HID", aml.string("QEMU0001")),
+               aml.name("_CRS", aml.resource_template(aml.io_port(0x505, 1)))),
 )
 
 

@@ -1,0 +1,36 @@
+"""pvpanic: the guest kernel tells the host it panicked (QEMU's ISA pvpanic, ACPI id QEMU0001).
+
+Guest interface: I/O port 0x505, 8 bits.  A read returns the events this device supports
+(bit 0 PANICKED, bit 1 CRASH_LOADED); writing bit 0 reports a panic, which stops the VM as
+crashed (``on_crash`` for domains).  CRASH_LOADED (a kdump kernel takes over) is logged only.
+Linux's pvpanic-mmio driver finds the port through the DSDT and writes on its panic notifier.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from hypyr.devices.events import GuestEvent, StopCallback, StopRequest
+
+log = logging.getLogger("hypyr.dev.pvpanic")
+
+PVPANIC_PORT = 0x505
+PVPANIC_PANICKED = 1 << 0
+PVPANIC_CRASH_LOADED = 1 << 1
+
+
+class PvPanic:
+    def __init__(self, stop: StopCallback):
+        self._stop = stop
+
+    def read(self, offset: int, size: int) -> bytes:
+        return bytes([PVPANIC_PANICKED | PVPANIC_CRASH_LOADED]) + bytes(size - 1)
+
+    def write(self, offset: int, data: bytes) -> None:
+        value = data[0] if data else 0
+        if value & PVPANIC_PANICKED:
+            self._stop(StopRequest(GuestEvent.PANIC, detail="pvpanic"))
+        elif value & PVPANIC_CRASH_LOADED:
+            log.warning("pvpanic: the guest kernel crashed and loaded its crash kernel")
+        elif value:
+            log.debug("pvpanic: ignoring unknown event bits %#x", value)
