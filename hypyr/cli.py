@@ -132,6 +132,105 @@ def cmd_lab(args) -> int:
     return lab.run(cmd, cpus=args.cpus, memory=args.memory)
 
 
+# -- toolstack (xl-style) -----------------------------------------------------------------------
+def cmd_create(args) -> int:
+    from hypyr.toolstack import api
+    rec = api.create(args.config)
+    print(f"hypyr: domain {rec.name} created (id {rec.domid})", file=sys.stderr)
+    if args.console:
+        from hypyr.toolstack.console import attach
+        return attach(rec.name)
+    return 0
+
+
+def cmd_list(args) -> int:
+    from hypyr.toolstack import api
+    doms = api.list_domains(args.names or None)
+    if args.json:
+        import dataclasses
+        import json
+        print(json.dumps([dataclasses.asdict(d) for d in doms], indent=2))
+        return 0
+    print(f"{'Name':<40}{'ID':>5}{'Mem':>6}{'VCPUs':>6}\t{'State':<8}{'Time(s)':>8}")
+    for d in doms:
+        print(f"{d.name:<40}{d.domid:>5}{d.memory:>6}{d.vcpus:>6}\t{d.state:<8}{d.cpu_time:>8.1f}")
+    return 0
+
+
+def cmd_console(args) -> int:
+    from hypyr.toolstack.console import attach
+    return attach(args.name)
+
+
+def cmd_domain_op(args) -> int:
+    from hypyr.toolstack import api
+    if args.cmd == "shutdown":
+        api.shutdown(args.name, wait=args.wait)
+    else:
+        getattr(api, args.cmd)(args.name)
+    return 0
+
+
+def cmd_vcpu_list(args) -> int:
+    from hypyr.toolstack import api
+    rows = api.vcpu_list(args.name)
+    if args.json:
+        import json
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'Name':<32}{'ID':>5}{'VCPU':>6}{'CPU':>5}{'State':>7}{'Time(s)':>9}  Affinity (Hard)")
+    for r in rows:
+        aff = _cpulist(r["affinity"])
+        cpu = "-" if r["cpu"] is None else r["cpu"]
+        print(f"{r['name']:<32}{r['domid']:>5}{r['vcpu']:>6}{cpu:>5}{r['state']:>7}{r['time']:>9.1f}  {aff}")
+    return 0
+
+
+def _cpulist(cpus: list[int]) -> str:
+    if set(cpus) == set(range(os.cpu_count() or 1)):
+        return "all"
+    out, start = [], None
+    for i, c in enumerate(cpus):
+        if start is None:
+            start = c
+        if i + 1 == len(cpus) or cpus[i + 1] != c + 1:
+            out.append(str(start) if start == c else f"{start}-{c}")
+            start = None
+    return ",".join(out)
+
+
+def cmd_vcpu_pin(args) -> int:
+    from hypyr.toolstack import api
+    from hypyr.toolstack.xlcfg import parse_cpulist
+    api.vcpu_pin(args.name, args.vcpu, parse_cpulist(args.cpus, os.cpu_count() or 1))
+    return 0
+
+
+def cmd_sched_credit(args) -> int:
+    from hypyr.toolstack import sched
+    from hypyr.toolstack.registry import Registry
+    reg = Registry()
+    if args.domain:
+        rec = reg.get(args.domain)
+        if args.weight is not None or args.cap is not None:
+            sched.set_params(rec.domid, rec.name, weight=args.weight, cap=args.cap)
+        rows = [(rec.domid, rec.name, *sched.get_params(rec.domid, rec.name))]
+    else:
+        if args.weight is not None or args.cap is not None:
+            raise HypyrError("give the domain to change with -d NAME")
+        names = {r.domid: r.name for r in reg.list()}
+        rows = [(d, names.get(d, n), w, c) for d, n, w, c in sched.list_params() if d in names]
+    print(f"{'Name':<32}{'ID':>5}{'Weight':>8}{'Cap':>6}")
+    for domid, name, weight, cap in rows:
+        print(f"{name:<32}{domid:>5}{weight:>8}{cap:>6}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from hypyr.toolstack import server
+    return server.cli_main(args.socket)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hypyr", description="A Xen-style hypervisor in Python on Linux KVM.")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
@@ -172,6 +271,51 @@ def build_parser() -> argparse.ArgumentParser:
     ib.add_argument("--force", action="store_true", help="rebuild even if up to date")
     isub.add_parser("path", help="print the image directory")
     i.set_defaults(func=cmd_image)
+
+    c = sub.add_parser("create", parents=[common], help="create a domain from an xl.cfg file")
+    c.add_argument("config", metavar="FILE.cfg")
+    c.add_argument("-c", dest="console", action="store_true", help="attach to its console")
+    c.set_defaults(func=cmd_create)
+
+    ls = sub.add_parser("list", parents=[common], help="list domains (as xl list)")
+    ls.add_argument("names", nargs="*", metavar="NAME")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ls.set_defaults(func=cmd_list)
+
+    co = sub.add_parser("console", parents=[common], help="attach to a domain's console (Ctrl-] detaches)")
+    co.add_argument("name", metavar="NAME")
+    co.set_defaults(func=cmd_console)
+
+    for op, text in (("pause", "pause a domain"), ("unpause", "unpause a domain"),
+                     ("shutdown", "ask a domain to power off (Ctrl-Alt-Del to the guest)"),
+                     ("reboot", "reset a domain (a hard reboot; on_reboot applies)"),
+                     ("destroy", "stop a domain immediately")):
+        o = sub.add_parser(op, parents=[common], help=text)
+        o.add_argument("name", metavar="NAME")
+        if op == "shutdown":
+            o.add_argument("-w", dest="wait", action="store_true", help="wait until the domain is gone")
+        o.set_defaults(func=cmd_domain_op)
+
+    vl = sub.add_parser("vcpu-list", parents=[common], help="list vCPUs with host CPU and affinity")
+    vl.add_argument("name", nargs="?", metavar="NAME")
+    vl.add_argument("--json", action="store_true")
+    vl.set_defaults(func=cmd_vcpu_list)
+
+    vp = sub.add_parser("vcpu-pin", parents=[common], help="set a vCPU thread's host CPU affinity")
+    vp.add_argument("name", metavar="NAME")
+    vp.add_argument("vcpu", metavar="VCPU", help="vCPU number or 'all'")
+    vp.add_argument("cpus", metavar="CPUS", help="host CPUs, e.g. 0-1,3 or all")
+    vp.set_defaults(func=cmd_vcpu_pin)
+
+    sc = sub.add_parser("sched-credit", parents=[common], help="show or set a domain's credit weight and cap")
+    sc.add_argument("-d", dest="domain", metavar="NAME")
+    sc.add_argument("-w", dest="weight", type=int, metavar="WEIGHT", help="1-65535 (default 256)")
+    sc.add_argument("-c", dest="cap", type=int, metavar="CAP", help="%% of one host CPU, 0 = no cap")
+    sc.set_defaults(func=cmd_sched_credit)
+
+    sv = sub.add_parser("serve", parents=[common], help="serve the toolstack's REST API on a unix socket")
+    sv.add_argument("--socket", metavar="PATH", help="default: <state dir>/api.sock")
+    sv.set_defaults(func=cmd_serve)
 
     lab = sub.add_parser("lab", parents=[common], help="run a command inside the nested lab (QEMU TCG with emulated SVM)")
     lab.add_argument("--cpus", type=int, default=2, help="L1 vCPUs (default 2)")

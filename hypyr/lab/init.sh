@@ -62,6 +62,8 @@ done
 mount -t tmpfs -o mode=755 tmpfs /newroot/run 2>/dev/null
 mount --bind /proc /newroot/proc
 mount --bind /sys /newroot/sys
+# cgroup2 (unified hierarchy) for the jobs, as on a modern host: hypyr's scheduler knobs use it.
+mount -t cgroup2 cgroup2 /newroot/sys/fs/cgroup || echo "hypyr lab (L1): could not mount cgroup2" >/dev/console
 mount --bind /dev /newroot/dev
 mkdir -p /newroot/dev/shm /newroot/dev/pts
 mount -t tmpfs -o mode=1777 tmpfs /newroot/dev/shm

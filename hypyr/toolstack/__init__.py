@@ -1,0 +1,1 @@
+"""The toolstack: domains, xl.cfg, registry, scheduler, API."""

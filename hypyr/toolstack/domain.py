@@ -1,0 +1,313 @@
+"""The domain process: one detached VMM process per domain, as Xen's xl runs without a daemon.
+
+``python -m hypyr.toolstack.domain DOMID READY_FD`` is started (in a new session) by
+``hypyr create``.  It builds the VM from the domain's config in the registry, listens on a private
+control socket, keeps the console in ``console.log``, and applies ``on_poweroff`` / ``on_reboot``
+/ ``on_crash`` when the guest stops.  It reports "ok" or "error: <sentence>" on READY_FD once the
+VM is running (or failed to build), so ``create`` can print one clear line.
+
+Control protocol (unix stream socket, one JSON object per line each way):
+``{"op": "info"}`` → ``{"ok": true, "state": ..., "vcpus": [{"vcpu": 0, "tid": ...}], ...}``;
+``pause``, ``unpause``, ``shutdown`` (Ctrl-Alt-Del to the guest), ``reboot`` (reset the VM),
+``destroy``; ``console`` answers ``{"ok": true}`` and then the connection carries raw console
+bytes both ways.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+
+from hypyr.errors import HypyrError
+from hypyr.toolstack import paths
+from hypyr.toolstack.registry import Registry
+from hypyr.toolstack.xlcfg import DomainConfig
+from hypyr.vmm.builder import DEFAULT_CMDLINE, DiskConfig, LinuxVm, VmConfig, build_linux_vm
+from hypyr.vmm.machine import StopKind, StopReason
+
+log = logging.getLogger("hypyr.domain")
+
+CRASH_KINDS = (StopKind.TRIPLE_FAULT, StopKind.CRASH, StopKind.INTERNAL_ERROR, StopKind.FAIL_ENTRY)
+
+
+def vm_config(cfg: DomainConfig) -> VmConfig:
+    """The VMM's view of an xl.cfg domain: direct boot, disks in vdev order."""
+    cmdline = cfg.cmdline_string() or ""
+    return VmConfig(kernel=cfg.kernel, initrd=cfg.ramdisk, cmdline=f"{DEFAULT_CMDLINE} {cmdline}".strip(),
+                    memory=cfg.memory << 20, vcpus=cfg.vcpus,
+                    disks=[DiskConfig(d.target, d.read_only) for d in cfg.disks])
+
+
+class ConsoleHub:
+    """Fans guest console output out to the log file and attached clients."""
+
+    def __init__(self, log_path):
+        self._log = open(log_path, "ab", buffering=0)
+        self._clients: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def write(self, data: bytes) -> None:
+        try:
+            self._log.write(data)
+        except OSError:
+            pass
+        with self._lock:
+            for c in list(self._clients):
+                try:
+                    c.sendall(data)
+                except OSError:
+                    self._clients.remove(c)
+
+    def attach(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._clients.append(conn)
+
+    def detach(self, conn: socket.socket) -> None:
+        with self._lock:
+            if conn in self._clients:
+                self._clients.remove(conn)
+
+
+class Domain:
+    def __init__(self, domid: int, registry: Registry):
+        self.domid = domid
+        self.registry = registry
+        rec = registry.get(str(domid))
+        self.name = rec.name
+        self.cfg = DomainConfig.from_dict(json.loads(rec.config))
+        self.dir = paths.domain_dir(domid)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.sock_path = self.dir / "control.sock"
+        self.console = ConsoleHub(self.dir / "console.log")
+        self.vm: LinuxVm | None = None
+        self.state = "creating"
+        self._lock = threading.Lock()
+        self._exit = threading.Event()
+        self._destroy_requested = False
+        self._reboot_requested = False
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def boot(self) -> None:
+        self.vm = build_linux_vm(vm_config(self.cfg), self.console.write)
+        self.vm.machine.start()
+        self._pin_vcpus()
+        self._set_state("running")
+
+    def _pin_vcpus(self) -> None:
+        """xl.cfg `cpus`: host CPU affinity of each vCPU thread."""
+        affinity = self.cfg.cpu_affinity(os.cpu_count() or 1)
+        if affinity is None:
+            return
+        for vt in self.vm.machine.vcpus:
+            cpus = affinity[vt.vcpu.id] if vt.vcpu.id < len(affinity) else None
+            if cpus and vt.thread is not None and vt.thread.native_id:
+                try:
+                    os.sched_setaffinity(vt.thread.native_id, cpus)
+                except OSError as e:
+                    raise HypyrError(f"cannot pin vCPU {vt.vcpu.id} of {self.name} to CPUs {sorted(cpus)}: "
+                                     f"{e.strerror}") from None
+
+    def _apply_sched(self) -> None:
+        """xl.cfg `cpu_weight`/`cap` through cgroups; without cgroups only the defaults are allowed."""
+        from hypyr.toolstack import sched
+        custom = self.cfg.cpu_weight != 256 or self.cfg.cap != 0
+        try:
+            sched.place(self.domid, self.name, os.getpid())
+            sched.set_params(self.domid, self.name, weight=self.cfg.cpu_weight, cap=self.cfg.cap)
+        except HypyrError as e:
+            if custom:
+                raise
+            log.info("domain %s: no scheduler group (%s)", self.name, e)
+
+    def _set_state(self, state: str, reason: str | None = None) -> None:
+        self.state = state
+        self.registry.update_state(self.domid, state, exit_reason=reason)
+
+    def run(self, ready_fd: int | None) -> int:
+        try:
+            server = self._listen()
+            self._apply_sched()
+            self.boot()
+        except HypyrError as e:
+            self._report(ready_fd, f"error: {e}")
+            return 1
+        except Exception as e:  # noqa: BLE001 - reported to `create` as one line, logged in full
+            log.exception("domain %s failed to start", self.name)
+            self._report(ready_fd, f"error: the domain failed to start: {e}")
+            return 1
+        self.registry.set_running(self.domid, os.getpid(), str(self.sock_path))
+        self._report(ready_fd, "ok")
+        threading.Thread(target=self._accept_loop, args=(server,), name="control", daemon=True).start()
+        return self._supervise()
+
+    def _supervise(self) -> int:
+        while True:
+            reason = self.vm.machine.wait()
+            action = self._action_for(reason)
+            log.info("domain %s stopped (%s): %s", self.name, reason.message, action)
+            if action == "restart":
+                self.vm.close()
+                self.registry.bump_restarts(self.domid)
+                try:
+                    self.boot()
+                except HypyrError as e:
+                    log.error("domain %s could not restart: %s", self.name, e)
+                    self._set_state("crashed", str(e))
+                    return 1
+                continue
+            self.vm.close()
+            if action == "preserve":
+                self._set_state("crashed" if reason.kind in CRASH_KINDS else "shutdown", reason.message)
+                return 0  # the registry keeps the row; `hypyr destroy` removes it
+            self._cleanup()
+            return 0
+
+    def _action_for(self, reason: StopReason) -> str:
+        if self._destroy_requested or reason.kind is StopKind.DESTROYED:
+            return "destroy"
+        if self._reboot_requested or reason.kind is StopKind.REBOOT:
+            self._reboot_requested = False
+            return self.cfg.on_reboot
+        if reason.kind in CRASH_KINDS:
+            return self.cfg.on_crash
+        return self.cfg.on_poweroff  # poweroff, exit-status port, halt
+
+    def _cleanup(self) -> None:
+        try:
+            self.sock_path.unlink()
+        except FileNotFoundError:
+            pass
+        try:
+            from hypyr.toolstack import sched
+            sched.remove(self.domid, self.name, evacuate=True)
+        except HypyrError:
+            pass
+        self.registry.remove(self.domid)
+
+    @staticmethod
+    def _report(fd: int | None, msg: str) -> None:
+        if fd is None:
+            return
+        try:
+            os.write(fd, (msg + "\n").encode())
+            os.close(fd)
+        except OSError:
+            pass
+
+    # -- control socket -------------------------------------------------------------------------
+    def _listen(self) -> socket.socket:
+        try:
+            self.sock_path.unlink()
+        except FileNotFoundError:
+            pass
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(str(self.sock_path))
+        os.chmod(self.sock_path, 0o600)
+        s.listen(8)
+        return s
+
+    def _accept_loop(self, server: socket.socket) -> None:
+        while True:
+            conn, _ = server.accept()
+            threading.Thread(target=self._serve, args=(conn,), name="control-conn", daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        f = conn.makefile("rb")
+        try:
+            for line in f:
+                try:
+                    req = json.loads(line)
+                    op = req.get("op")
+                    if op == "console":
+                        self._send(conn, {"ok": True})
+                        self._console_session(conn, f)
+                        return
+                    reply = self._handle(op, req)
+                except (ValueError, AttributeError):
+                    reply = {"ok": False, "error": "malformed request"}
+                except HypyrError as e:
+                    reply = {"ok": False, "error": str(e)}
+                self._send(conn, reply)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    @staticmethod
+    def _send(conn: socket.socket, obj: dict) -> None:
+        conn.sendall(json.dumps(obj).encode() + b"\n")
+
+    def _handle(self, op: str, req: dict) -> dict:
+        vm = self.vm
+        machine = vm.machine
+        if op == "info":
+            return {"ok": True, "state": self.state, "domid": self.domid, "name": self.name,
+                    "pid": os.getpid(), "memory": self.cfg.memory,
+                    "vcpus": [{"vcpu": vt.vcpu.id, "tid": vt.thread.native_id if vt.thread else None,
+                               "state": vt.state.value, "exits": vt.exits} for vt in machine.vcpus]}
+        if op == "pause":
+            machine.pause()
+            self._set_state("paused")
+            return {"ok": True}
+        if op == "unpause":
+            machine.resume()
+            self._set_state("running")
+            return {"ok": True}
+        if op == "shutdown":
+            if machine.paused:
+                raise HypyrError(f"domain {self.name} is paused: unpause it first")
+            if not vm.i8042.inject_ctrl_alt_del():
+                raise HypyrError(f"domain {self.name} has no keyboard driver listening for Ctrl-Alt-Del")
+            self._set_state("shutdown")
+            return {"ok": True}
+        if op == "reboot":
+            self._reboot_requested = True
+            machine.stop(StopReason(StopKind.REBOOT, "rebooted by the toolstack"))
+            return {"ok": True}
+        if op == "destroy":
+            self._destroy_requested = True
+            machine.stop(StopReason(StopKind.DESTROYED, "destroyed by the toolstack"))
+            return {"ok": True}
+        raise HypyrError(f"unknown operation {op!r}")
+
+    def _console_session(self, conn: socket.socket, f) -> None:
+        self.console.attach(conn)
+        try:
+            while True:
+                data = f.read1(4096) if hasattr(f, "read1") else conn.recv(4096)
+                if not data:
+                    return
+                target = self.vm.console
+                while data:
+                    n = target.enqueue_input(data)
+                    data = data[n:]
+                    if data:
+                        time.sleep(0.01)
+        except OSError:
+            return
+        finally:
+            self.console.detach(conn)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    domid = int(argv[0])
+    ready_fd = int(argv[1]) if len(argv) > 1 else None
+    logging.basicConfig(level=os.environ.get("HYPYR_LOG", "INFO").upper(), stream=sys.stderr,
+                        format="%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s")
+    registry = Registry()
+    try:
+        dom = Domain(domid, registry)
+    except HypyrError as e:
+        Domain._report(ready_fd, f"error: {e}")
+        return 1
+    return dom.run(ready_fd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

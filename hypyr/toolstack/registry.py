@@ -1,0 +1,446 @@
+"""The domain registry: which domains exist, which process owns each, and in what state.
+
+Like Xen's ``xl`` there is no central daemon: each domain is one detached process owning
+its VM and a private control socket, and every ``hypyr`` command reads and writes this
+registry directly.  It is a SQLite database (``paths.registry_path()``) in WAL mode with a
+busy timeout; every write is one ``BEGIN IMMEDIATE`` transaction, so several ``hypyr create``
+at once, or a ``list`` while a ``destroy`` runs, see consistent rows and never a
+"database is locked" error (a lock held for longer than the timeout becomes a HypyrError).
+
+A row is owned by a process, recorded as its pid and its start time (``/proc/<pid>/stat``
+field 22), so that a reused pid is not mistaken for the owner:
+
+* ``reserve()`` allocates the smallest unused domid >= 1 (0 is the host, Domain-0, which is
+  never stored) and inserts a row in state ``creating`` owned by the calling process (the
+  ``hypyr create`` that waits for the domain to come up) and creates a fresh, empty
+  domain directory;
+* ``set_running()`` hands the row to the domain process and marks it ``running``.
+
+States: ``creating``, ``running``, ``paused``, ``shutdown`` (shutting down), ``crashed``,
+``dying`` (being destroyed), ``dead``.  A row is *gone* when its state is ``dead`` or its
+owner is not alive (no such pid, a zombie, or a different start time).  Gone rows are reaped
+(``reap()``, which ``list()`` runs first): they are reported once as ``dead`` and removed with
+their leftovers -- except rows in state ``crashed`` (``on_crash='preserve'``), which stay
+listed as crashed until ``destroy`` removes them.  ``list()`` and ``get()`` never report a
+gone process as running: their records carry the effective state ``dead``.
+
+Removing a row (``remove()`` or reaping) deletes its control socket and its domain directory
+but first moves ``console.log`` and ``vmm.log`` to ``paths.kept_log(name, kind)``
+(``logs/<name>.console.log``, ``logs/<name>.vmm.log``; a later domain of the same name
+overwrites them).  Files are cleaned inside the write transaction, so the domid cannot be
+handed to a new domain while its old directory is being removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import re
+import shutil
+import sqlite3
+import stat
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from hypyr.errors import HypyrError
+from hypyr.toolstack import paths
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT = 10.0  # seconds
+STATES = ("creating", "running", "paused", "shutdown", "crashed", "dying", "dead")
+PRESERVED_STATES = frozenset({"crashed", "shutdown"})  # kept after their process ends (on_*=preserve)
+DOMAIN0_NAME = "Domain-0"
+MAX_DOMID = 0x7FEF  # Xen's DOMID_FIRST_RESERVED - 1
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:+@-]{0,63}")
+_ID_RE = re.compile(r"[0-9]+")
+
+_SCHEMA = f"""
+CREATE TABLE domains (
+    domid       INTEGER PRIMARY KEY CHECK (domid >= 1),
+    name        TEXT UNIQUE NOT NULL,
+    config      TEXT,
+    pid         INTEGER,
+    pid_start   TEXT,
+    socket      TEXT,
+    state       TEXT NOT NULL CHECK (state IN ({", ".join(repr(s) for s in STATES)})),
+    created     REAL NOT NULL,
+    started     REAL,
+    restarts    INTEGER NOT NULL DEFAULT 0,
+    exit_reason TEXT
+)
+"""
+_COLUMNS = "domid, name, config, pid, pid_start, socket, state, created, started, restarts, exit_reason"
+
+
+@dataclass(frozen=True)
+class DomainRecord:
+    """One row of the registry (see the module docstring for the states)."""
+
+    domid: int
+    name: str
+    config: str | None        # JSON text
+    pid: int | None           # the owning process: `hypyr create` while creating, then the domain's
+    pid_start: str | None     # the owner's start time, /proc/<pid>/stat field 22
+    socket: str | None        # the control socket's path
+    state: str
+    created: float            # unix time
+    started: float | None     # unix time of the last (re)start
+    restarts: int
+    exit_reason: str | None
+
+    def config_dict(self) -> dict[str, Any]:
+        return json.loads(self.config) if self.config else {}
+
+
+def host_record() -> DomainRecord:
+    """The synthetic Domain-0 row (the host) that `list` shows first; never stored."""
+    boot = None
+    try:
+        with open("/proc/stat") as f:
+            for line in f:
+                if line.startswith("btime "):
+                    boot = float(line.split()[1])
+    except OSError:
+        pass
+    return DomainRecord(0, DOMAIN0_NAME, None, None, None, None, "running",
+                        boot or 0.0, boot, 0, None)
+
+
+# -- processes ------------------------------------------------------------------------------------
+def _proc_stat(pid: int) -> tuple[str, str] | None:
+    """(state letter, start time) of process ``pid``, or None if there is no such process."""
+    try:
+        with open(f"/proc/{int(pid)}/stat") as f:
+            text = f.read()
+    except (OSError, ValueError):
+        return None
+    fields = text.rpartition(")")[2].split()  # comm may contain spaces and parentheses
+    if len(fields) < 20:
+        return None
+    return fields[0], fields[19]  # fields 3 and 22
+
+
+def proc_start_time(pid: int) -> str | None:
+    """The start time of process ``pid`` (clock ticks since boot, as text), or None."""
+    st = _proc_stat(pid)
+    return st[1] if st else None
+
+
+def is_alive(rec: DomainRecord) -> bool:
+    """Is the row's owning process still running (same pid, same start time, not a zombie)?"""
+    if not rec.pid or rec.pid_start is None:
+        return False
+    st = _proc_stat(rec.pid)
+    return st is not None and st[0] not in ("Z", "X", "x") and st[1] == rec.pid_start
+
+
+def _gone(rec: DomainRecord) -> bool:
+    return rec.state == "dead" or not is_alive(rec)
+
+
+def _reapable(rec: DomainRecord) -> bool:
+    return rec.state not in PRESERVED_STATES and _gone(rec)
+
+
+def _effective(rec: DomainRecord) -> DomainRecord:
+    if rec.state != "dead" and _reapable(rec):
+        return dataclasses.replace(rec, state="dead")
+    return rec
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str):
+        raise TypeError(f"a domain name must be a str, not {type(name).__name__}")
+    if name == DOMAIN0_NAME:
+        raise HypyrError(f"the name {DOMAIN0_NAME} is reserved for the host")
+    if _ID_RE.fullmatch(name):
+        raise HypyrError(f"a domain name cannot be a number like {name} (numbers are domain ids)")
+    if not _NAME_RE.fullmatch(name):
+        raise HypyrError(f"invalid domain name {name!r}: use at most 64 letters, digits and _ . : + @ -, "
+                         "starting with a letter, digit or _")
+
+
+def _record(row: tuple) -> DomainRecord:
+    return DomainRecord(*row)
+
+
+# -- the registry ---------------------------------------------------------------------------------
+class Registry:
+    """The SQLite domain registry at ``path`` (default ``paths.registry_path()``).
+
+    Domain directories and kept logs live next to the database (``path``'s directory).
+    One instance may be shared by the threads of a process; it reopens its connection
+    after a fork.
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None, timeout: float = BUSY_TIMEOUT):
+        if path is None:
+            self.base = paths.state_dir()
+            self.path = paths.registry_path(self.base)
+        else:
+            self.path = Path(path)
+            self.base = self.path.parent
+            self.base.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.timeout = timeout
+        self._lock = threading.RLock()
+        self._db: sqlite3.Connection | None = None
+        self._pid = -1
+        self._conn()
+
+    # -- connection ---------------------------------------------------------------------------
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is not None and self._pid == os.getpid():
+            return self._db
+        self._db = None  # inherited over fork: never touch the parent's connection
+        try:
+            db = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None,
+                                 check_same_thread=False)
+        except sqlite3.Error as e:
+            raise HypyrError(f"cannot open the domain registry {self.path}: {e}") from None
+        try:
+            db.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
+            self._retry_locked(lambda: db.execute("PRAGMA journal_mode = WAL").fetchone())
+            db.execute("PRAGMA synchronous = NORMAL")
+            self._migrate(db)
+        except sqlite3.DatabaseError as e:
+            db.close()
+            raise HypyrError(f"cannot use the domain registry {self.path}: {e}") from None
+        except BaseException:
+            db.close()
+            raise
+        self._db, self._pid = db, os.getpid()
+        return db
+
+    def _retry_locked(self, fn):
+        # Switching to WAL needs an exclusive lock and does not always wait on the busy handler.
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                return fn()
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) and "busy" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version == SCHEMA_VERSION:
+            return
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise HypyrError(f"the domain registry {self.path} was written by a newer hypyr "
+                                 f"(schema {version}, this one knows {SCHEMA_VERSION})")
+            if version == 0:
+                db.execute(_SCHEMA)
+            # future migrations: `if version < 2: ...`
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None and self._pid == os.getpid():
+                self._db.close()
+            self._db = None
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                yield self._conn()
+            except sqlite3.OperationalError as e:
+                raise self._busy(e) from None
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One BEGIN IMMEDIATE transaction: committed on success, rolled back on any exception."""
+        with self._lock:
+            db = self._conn()
+            try:
+                db.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as e:
+                raise self._busy(e) from None
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException as e:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                if isinstance(e, sqlite3.OperationalError):
+                    raise self._busy(e) from None
+                raise
+
+    def _busy(self, e: sqlite3.OperationalError) -> Exception:
+        if "locked" in str(e) or "busy" in str(e):
+            return HypyrError(f"the domain registry {self.path} stayed locked for {self.timeout:.0f} s; "
+                              "try again")
+        return e
+
+    @staticmethod
+    def _row(db: sqlite3.Connection, domid: int) -> DomainRecord | None:
+        row = db.execute(f"SELECT {_COLUMNS} FROM domains WHERE domid = ?", (domid,)).fetchone()
+        return _record(row) if row else None
+
+    # -- files ----------------------------------------------------------------------------------
+    def domain_dir(self, domid: int) -> Path:
+        return paths.domain_dir(domid, self.base)
+
+    def _discard(self, db: sqlite3.Connection, rec: DomainRecord) -> None:
+        """Remove a row and its leftovers (inside the caller's write transaction)."""
+        try:
+            if rec.socket:
+                sock = Path(rec.socket)
+                with contextlib.suppress(FileNotFoundError):
+                    if stat.S_ISSOCK(sock.lstat().st_mode):
+                        sock.unlink()
+            d = self.domain_dir(rec.domid)
+            if d.is_dir():
+                for kind in ("console", "vmm"):
+                    src = d / f"{kind}.log"
+                    if src.is_file():
+                        os.replace(src, paths.kept_log(rec.name, kind, self.base))
+                shutil.rmtree(d, ignore_errors=True)
+        except OSError as e:
+            log.warning("could not clean up after domain %s (id %d): %s", rec.name, rec.domid, e)
+        db.execute("DELETE FROM domains WHERE domid = ?", (rec.domid,))
+
+    # -- API ------------------------------------------------------------------------------------
+    def reserve(self, name: str, config_json: str | dict | None, *, pid: int | None = None) -> DomainRecord:
+        """Allocate the smallest free domid and insert a ``creating`` row for ``name``.
+
+        The row is owned by ``pid`` (default: this process) until ``set_running``; if that
+        process dies first the row is reaped.  A gone (reapable) row with the same name is
+        removed first; otherwise a duplicate name is a HypyrError.
+        """
+        _check_name(name)
+        if config_json is not None and not isinstance(config_json, str):
+            config_json = json.dumps(config_json)
+        elif config_json is not None:
+            json.loads(config_json)  # must be JSON
+        owner = os.getpid() if pid is None else int(pid)
+        owner_start = proc_start_time(owner)
+        with self._write() as db:
+            row = db.execute(f"SELECT {_COLUMNS} FROM domains WHERE name = ?", (name,)).fetchone()
+            if row is not None:
+                old = _record(row)
+                if not _reapable(old):
+                    raise HypyrError(f"a domain named {name} already exists (id {old.domid})")
+                self._discard(db, old)
+            domid = 1
+            for (used,) in db.execute("SELECT domid FROM domains ORDER BY domid"):
+                if used != domid:
+                    break
+                domid += 1
+            if domid > MAX_DOMID:
+                raise HypyrError(f"no free domain ids: {MAX_DOMID} domains exist")
+            rec = DomainRecord(domid, name, config_json, owner, owner_start, None, "creating",
+                               time.time(), None, 0, None)
+            db.execute(f"INSERT INTO domains ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                       dataclasses.astuple(rec))
+            d = self.domain_dir(domid)
+            if d.exists():  # leftovers of a registry that lost track of them
+                shutil.rmtree(d)
+            d.mkdir(mode=0o700, parents=True)
+        return rec
+
+    def _update(self, domid: int, sql: str, args: tuple) -> None:
+        with self._write() as db:
+            cur = db.execute(f"UPDATE domains SET {sql} WHERE domid = ?", (*args, int(domid)))
+            if cur.rowcount == 0:
+                raise HypyrError(f"no domain with id {domid}")
+
+    def set_running(self, domid: int, pid: int, socket: str | os.PathLike | None) -> None:
+        """Hand the row to the domain process ``pid`` (serving ``socket``) and mark it running."""
+        self._update(domid, "pid = ?, pid_start = ?, socket = ?, state = 'running', started = ?, "
+                            "exit_reason = NULL",
+                     (int(pid), proc_start_time(pid), None if socket is None else os.fspath(socket),
+                      time.time()))
+
+    def update_state(self, domid: int, state: str, exit_reason: str | None = None) -> None:
+        """Set the row's state (one of STATES) and exit reason (None clears it)."""
+        if state not in STATES:
+            raise ValueError(f"unknown domain state {state!r}")
+        self._update(domid, "state = ?, exit_reason = ?", (state, exit_reason))
+
+    def bump_restarts(self, domid: int) -> int:
+        """Count a restart (on_reboot/on_crash 'restart'): restarts += 1, started = now."""
+        with self._write() as db:
+            cur = db.execute("UPDATE domains SET restarts = restarts + 1, started = ? WHERE domid = ?",
+                             (time.time(), int(domid)))
+            if cur.rowcount == 0:
+                raise HypyrError(f"no domain with id {domid}")
+            return db.execute("SELECT restarts FROM domains WHERE domid = ?", (int(domid),)).fetchone()[0]
+
+    def get(self, name_or_id: str | int) -> DomainRecord:
+        """The record of a domain given its name or its id (an int or a string of digits)."""
+        key = str(name_or_id).strip()
+        with self._read() as db:
+            if isinstance(name_or_id, int) or _ID_RE.fullmatch(key):
+                domid = int(key)
+                if domid == 0:
+                    raise HypyrError(f"domain 0 is the host ({DOMAIN0_NAME}), not a hypyr domain")
+                rec = self._row(db, domid)
+                if rec is None:
+                    raise HypyrError(f"no domain with id {domid}")
+            else:
+                if key == DOMAIN0_NAME:
+                    raise HypyrError(f"{DOMAIN0_NAME} is the host, not a hypyr domain")
+                row = db.execute(f"SELECT {_COLUMNS} FROM domains WHERE name = ?", (key,)).fetchone()
+                if row is None:
+                    raise HypyrError(f"no domain named {key}")
+                rec = _record(row)
+        return _effective(rec)
+
+    def list(self) -> list[DomainRecord]:
+        """All stored domains ordered by domid, after reaping gone ones (Domain-0 not included)."""
+        self.reap()
+        with self._read() as db:
+            rows = db.execute(f"SELECT {_COLUMNS} FROM domains ORDER BY domid").fetchall()
+        return [_effective(_record(r)) for r in rows]  # an owner may die between reap and read
+
+    def remove(self, domid: int) -> bool:
+        """Delete a row and its leftovers (keeping its logs); False if there was no such row."""
+        with self._write() as db:
+            rec = self._row(db, int(domid))
+            if rec is None:
+                return False
+            self._discard(db, rec)
+        return True
+
+    def reap(self) -> list[DomainRecord]:
+        """Remove the rows of gone domains (except crashed ones); return them, in state ``dead``."""
+        with self._read() as db:
+            rows = [_record(r) for r in db.execute(f"SELECT {_COLUMNS} FROM domains")]
+        if not any(_reapable(r) for r in rows):
+            return []  # the common case needs no write lock
+        reaped = []
+        with self._write() as db:
+            for row in db.execute(f"SELECT {_COLUMNS} FROM domains ORDER BY domid").fetchall():
+                rec = _record(row)
+                if _reapable(rec):
+                    self._discard(db, rec)
+                    reaped.append(dataclasses.replace(
+                        rec, state="dead", exit_reason=rec.exit_reason or "its process exited"))
+        for rec in reaped:
+            log.info("domain %s (id %d) is gone: %s", rec.name, rec.domid, rec.exit_reason)
+        return reaped
+
+    is_alive = staticmethod(is_alive)

@@ -1,0 +1,432 @@
+"""Credit-scheduler knobs (``xl sched-credit``): per-domain weight and cap through cgroups.
+
+Each domain is one VMM process (one thread per vCPU), so a domain's share of the host CPUs is set
+by putting that process into its own cpu cgroup:
+
+* hypyr's parent group is ``<root>/hypyr`` (cgroup v2, the unified hierarchy at /sys/fs/cgroup) or
+  ``<cpu mount>/hypyr`` (cgroup v1 cpu controller); each domain gets
+  ``<parent>/dom-<domid>-<name>`` (name sanitized).  hypyr's own groups hold only the leaf domain
+  groups, so v2's "no internal processes" rule is respected.
+* **weight** (xl: 1–65535, default 256; CPU time under contention is shared in proportion to the
+  weights).  v2 ``cpu.weight`` (1–10000, default 100) = ``max(1, min(10000, round(w * 100 / 256)))``:
+  256 → 100 (the v2 default), 512 → 200, so the 512:256 ratio (any ratio of multiples of 64) is
+  kept exactly; weights above 25600 clamp to 10000 and small weights round to at least 1.
+  v1 ``cpu.shares`` = ``max(2, w * 1024 // 256)`` (256 → 1024, the v1 default; exact ratios).
+* **cap** (xl: % of ONE host CPU, 0 = no cap; 50 = half a CPU, 200 = two CPUs; at most
+  100 × host CPUs).  v2 ``cpu.max`` = ``"max 100000"`` or ``"<cap*1000> 100000"``; v1
+  ``cpu.cfs_period_us`` = 100000 and ``cpu.cfs_quota_us`` = -1 or ``cap * 1000``.
+
+The exact xl values are also kept in the domain's state directory (``sched.json``), since the
+cgroup values lose precision (v2 weight); ``get_params`` reports them while they still match the
+cgroup, and derives the values from the cgroup otherwise.
+
+Every function takes an optional ``root``: a cgroup mount (or a fake tree in tests).  Without it,
+``HYPYR_CGROUP_ROOT`` is used if set, otherwise the host's cgroups are detected (``cgroup_root``).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from hypyr.errors import HypyrError
+
+DEFAULT_WEIGHT = 256
+MIN_WEIGHT, MAX_WEIGHT = 1, 65535
+V2_MAX_WEIGHT = 10000
+PERIOD_US = 100000
+GROUP = "hypyr"
+UNIFIED = Path("/sys/fs/cgroup")
+ENV_ROOT = "HYPYR_CGROUP_ROOT"
+
+NO_CGROUPS = ("cgroups are not available: mount cgroup2 on /sys/fs/cgroup "
+              "(or the v1 cpu controller)")
+
+
+@dataclass(frozen=True)
+class CgroupInfo:
+    version: int   # 2 (unified hierarchy) or 1 (v1 cpu controller)
+    root: Path     # mount point of the hierarchy holding the cpu controller
+
+    @property
+    def parent(self) -> Path:
+        """hypyr's own group; domain groups live directly under it."""
+        return self.root / GROUP
+
+
+# -- value mapping ---------------------------------------------------------------------------------
+def check_weight(weight) -> int:
+    if isinstance(weight, bool) or not isinstance(weight, int) or not MIN_WEIGHT <= weight <= MAX_WEIGHT:
+        raise HypyrError(f"the weight must be a whole number from {MIN_WEIGHT} to {MAX_WEIGHT}, not {weight!r}")
+    return weight
+
+
+def host_cpus() -> int:
+    return os.cpu_count() or 1
+
+
+def check_cap(cap, ncpus: int | None = None) -> int:
+    n = ncpus or host_cpus()
+    if isinstance(cap, bool) or not isinstance(cap, int) or not 0 <= cap <= 100 * n:
+        raise HypyrError(f"the cap must be 0 (no cap) or a percentage of one CPU from 1 to {100 * n} "
+                         f"(this host has {n} CPU{'s' if n != 1 else ''}), not {cap!r}")
+    return cap
+
+
+def v2_weight(weight: int) -> int:
+    """xl weight (1-65535, default 256) → cgroup v2 cpu.weight (1-10000, default 100)."""
+    return max(1, min(V2_MAX_WEIGHT, round(weight * 100 / DEFAULT_WEIGHT)))
+
+
+def v1_shares(weight: int) -> int:
+    """xl weight → cgroup v1 cpu.shares (default 1024, minimum 2)."""
+    return max(2, weight * 1024 // DEFAULT_WEIGHT)
+
+
+def weight_from_v2(value: int) -> int:
+    return max(MIN_WEIGHT, min(MAX_WEIGHT, round(value * DEFAULT_WEIGHT / 100)))
+
+
+def weight_from_v1(shares: int) -> int:
+    return max(MIN_WEIGHT, min(MAX_WEIGHT, round(shares * DEFAULT_WEIGHT / 1024)))
+
+
+def v2_max(cap: int) -> str:
+    """xl cap (% of one CPU, 0 = none) → cgroup v2 cpu.max."""
+    return f"max {PERIOD_US}" if cap == 0 else f"{cap * PERIOD_US // 100} {PERIOD_US}"
+
+
+def v1_quota(cap: int) -> int:
+    """xl cap → cgroup v1 cpu.cfs_quota_us (with cpu.cfs_period_us = 100000)."""
+    return -1 if cap == 0 else cap * PERIOD_US // 100
+
+
+def cap_from_quota(quota: int, period: int) -> int:
+    return 0 if quota < 0 or period <= 0 else round(quota * 100 / period)
+
+
+# -- detection -------------------------------------------------------------------------------------
+def _read(path: Path) -> str:
+    return path.read_text().strip()
+
+
+def _mounts(mountinfo: Path = Path("/proc/self/mountinfo")) -> list[tuple[str, Path, set[str]]]:
+    """(fstype, mount point, super options) of every mount."""
+    out = []
+    try:
+        lines = mountinfo.read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        fields = line.split()
+        try:
+            sep = fields.index("-")
+        except ValueError:
+            continue
+        if len(fields) < sep + 4:
+            continue
+        point = fields[4].replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
+        out.append((fields[sep + 1], Path(point), set(fields[sep + 3].split(","))))
+    return out
+
+
+def _v2_has_cpu(root: Path) -> bool:
+    try:
+        return "cpu" in _read(root / "cgroup.controllers").split()
+    except OSError:
+        return False
+
+
+def _probe_dir(root: Path) -> CgroupInfo:
+    """Detection for an explicit directory (HYPYR_CGROUP_ROOT or root=): judged by its files."""
+    if (root / "cgroup.controllers").is_file():
+        if _v2_has_cpu(root):
+            return CgroupInfo(2, root)
+        raise HypyrError(f"the cgroup v2 hierarchy at {root} has no cpu controller "
+                         "(it may be bound to a v1 hierarchy)")
+    if (root / "cpu.shares").is_file():
+        return CgroupInfo(1, root)
+    for sub in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
+        if (root / sub / "cpu.shares").is_file():
+            return CgroupInfo(1, root / sub)
+    raise HypyrError(f"{root} is not a cgroup v2 hierarchy or a v1 cpu controller mount")
+
+
+def cgroup_root(root: Path | str | None = None, mountinfo: Path = Path("/proc/self/mountinfo")) -> CgroupInfo:
+    """Where hypyr's cpu cgroups go: cgroup v2 at /sys/fs/cgroup if it has the cpu controller, else
+    the v1 cpu controller's mount, else another cgroup2 mount with cpu.  ``root`` (or the
+    ``HYPYR_CGROUP_ROOT`` environment variable) points detection at one directory instead."""
+    if root is None:
+        root = os.environ.get(ENV_ROOT) or None
+    if root is not None:
+        return _probe_dir(Path(root))
+    if _v2_has_cpu(UNIFIED):
+        return CgroupInfo(2, UNIFIED)
+    mounts = _mounts(mountinfo)
+    for fstype, point, opts in mounts:
+        if fstype == "cgroup" and "cpu" in opts and (point / "cpu.shares").is_file():
+            return CgroupInfo(1, point)
+    for fstype, point, _ in mounts:
+        if fstype == "cgroup2" and _v2_has_cpu(point):
+            return CgroupInfo(2, point)
+    raise HypyrError(NO_CGROUPS)
+
+
+def _info(root) -> CgroupInfo:
+    return root if isinstance(root, CgroupInfo) else cgroup_root(root)
+
+
+# -- groups ----------------------------------------------------------------------------------------
+def group_name(domid: int, name: str) -> str:
+    """``dom-<domid>-<name>``, the name reduced to characters safe in a cgroup directory name."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name or "")[:64].lstrip(".") or "domain"
+    return f"dom-{int(domid)}-{safe}"
+
+
+def _write(path: Path, value, what: str) -> None:
+    try:
+        with open(path, "w") as f:   # one write(), as cgroupfs requires
+            f.write(f"{value}\n")
+    except OSError as e:
+        hint = " (hypyr needs root to change cgroups)" if e.errno in (errno.EACCES, errno.EPERM) else ""
+        raise HypyrError(f"cannot {what} ({path}): {e.strerror or e}{hint}") from None
+
+
+def _mkdir(path: Path) -> None:
+    try:
+        path.mkdir(exist_ok=True)
+    except OSError as e:
+        hint = " (hypyr needs root to change cgroups)" if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else ""
+        raise HypyrError(f"cannot create the cgroup {path}: {e.strerror or e}{hint}") from None
+
+
+def _enable_cpu(group: Path) -> None:
+    """v2: let ``group``'s children use the cpu controller (+cpu in its cgroup.subtree_control)."""
+    try:
+        if "cpu" in _read(group / "cgroup.subtree_control").split():
+            return
+    except OSError:
+        pass
+    try:
+        with open(group / "cgroup.subtree_control", "w") as f:
+            f.write("+cpu\n")
+    except OSError as e:
+        if e.errno == errno.EBUSY:
+            raise HypyrError(f"cannot enable the cpu controller in {group}: processes live in that group "
+                             "(cgroup v2 allows controllers only for groups without processes)") from None
+        hint = " (hypyr needs root to change cgroups)" if e.errno in (errno.EACCES, errno.EPERM) else ""
+        raise HypyrError(f"cannot enable the cpu controller in {group}: {e.strerror or e}{hint}") from None
+
+
+def _parent(info: CgroupInfo) -> Path:
+    """Create hypyr's parent group (v2: with the cpu controller enabled on the way down)."""
+    if info.version == 2:
+        _enable_cpu(info.root)
+        _mkdir(info.parent)
+        _enable_cpu(info.parent)
+    else:
+        _mkdir(info.parent)
+    return info.parent
+
+
+def group_path(domid: int, name: str, root=None) -> Path:
+    """The domain's group (existing or not).  A group of the same domid under another (older) name
+    is found too, so a renamed domain keeps its group."""
+    info = _info(root)
+    path = info.parent / group_name(domid, name)
+    if not path.is_dir() and info.parent.is_dir():
+        for other in sorted(info.parent.glob(f"dom-{int(domid)}-*")):
+            if other.is_dir():
+                return other
+    return path
+
+
+def _existing(domid: int, name: str, info: CgroupInfo) -> Path:
+    path = group_path(domid, name, info)
+    if not path.is_dir():
+        raise HypyrError(f"domain {name} has no scheduler group (is it running?)")
+    return path
+
+
+def place(domid: int, name: str, pid: int, root=None) -> Path:
+    """Create the domain's group and move process ``pid`` (all its threads) into it."""
+    info = _info(root)
+    _parent(info)
+    path = info.parent / group_name(domid, name)
+    _mkdir(path)
+    if info.version == 2 or (path / "cgroup.procs").exists() or not (path / "tasks").exists():
+        _write(path / "cgroup.procs", int(pid), f"move domain {name} into its cgroup")
+    else:
+        tids = sorted(int(t) for t in os.listdir(f"/proc/{int(pid)}/task"))
+        for tid in tids:
+            _write(path / "tasks", tid, f"move domain {name} into its cgroup")
+    return path
+
+
+# -- parameters ------------------------------------------------------------------------------------
+def _state_file(domid: int) -> Path | None:
+    """``<domain dir>/sched.json`` when hypyr.toolstack.paths is there, else None."""
+    try:
+        from hypyr.toolstack import paths
+    except ImportError:
+        return None
+    try:
+        return Path(paths.domain_dir(domid)) / "sched.json"
+    except Exception:   # noqa: BLE001 - a missing state dir only costs precision
+        return None
+
+
+def _load_state(domid: int) -> dict:
+    f = _state_file(domid)
+    if f is None:
+        return {}
+    try:
+        doc = json.loads(f.read_text())
+        return doc if isinstance(doc, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_state(domid: int, doc: dict) -> None:
+    f = _state_file(domid)
+    if f is None or not f.parent.is_dir():   # the domain dir is the domain's own, not created here
+        return
+    try:
+        tmp = f.with_name(f.name + ".tmp")
+        tmp.write_text(json.dumps(doc) + "\n")
+        tmp.replace(f)
+    except OSError:
+        pass
+
+
+def _read_int(path: Path) -> int:
+    try:
+        return int(_read(path))
+    except (OSError, ValueError):
+        raise HypyrError(f"cannot read {path}") from None
+
+
+def _cgroup_values(path: Path, info: CgroupInfo) -> tuple[int, int, int, int]:
+    """(raw weight value, weight, cap-quota-us or -1, period-us) read from the group."""
+    if info.version == 2:
+        raw = _read_int(path / "cpu.weight")
+        try:
+            quota, period = _read(path / "cpu.max").split()
+        except (OSError, ValueError):
+            raise HypyrError(f"cannot read {path / 'cpu.max'}") from None
+        return raw, weight_from_v2(raw), (-1 if quota == "max" else int(quota)), int(period)
+    raw = _read_int(path / "cpu.shares")
+    return raw, weight_from_v1(raw), _read_int(path / "cpu.cfs_quota_us"), _read_int(path / "cpu.cfs_period_us")
+
+
+def _params(path: Path, info: CgroupInfo, state: dict) -> tuple[int, int]:
+    raw, weight, quota, period = _cgroup_values(path, info)
+    cap = cap_from_quota(quota, period)
+    w = state.get("weight")
+    if isinstance(w, int) and MIN_WEIGHT <= w <= MAX_WEIGHT:
+        if (v2_weight(w) if info.version == 2 else v1_shares(w)) == raw:
+            weight = w   # the exact xl value, still what the cgroup holds
+    return weight, cap
+
+
+def set_params(domid: int, name: str, weight: int | None = None, cap: int | None = None,
+               root=None) -> tuple[int, int]:
+    """Set the domain's weight and/or cap (None leaves it); returns the (weight, cap) now in force.
+    The group must exist (``place`` first)."""
+    if weight is not None:
+        check_weight(weight)
+    if cap is not None:
+        check_cap(cap)
+    info = _info(root)
+    path = _existing(domid, name, info)
+    what = f"set the scheduler parameters of domain {name}"
+    if info.version == 2:
+        if weight is not None:
+            _write(path / "cpu.weight", v2_weight(weight), what)
+        if cap is not None:
+            _write(path / "cpu.max", v2_max(cap), what)
+    else:
+        if weight is not None:
+            _write(path / "cpu.shares", v1_shares(weight), what)
+        if cap is not None:
+            if cap:   # the period first, so the quota is checked against the right one
+                _write(path / "cpu.cfs_period_us", PERIOD_US, what)
+            _write(path / "cpu.cfs_quota_us", v1_quota(cap), what)
+            if not cap:
+                _write(path / "cpu.cfs_period_us", PERIOD_US, what)
+    state = _load_state(domid)
+    state["name"] = name
+    if weight is not None:
+        state["weight"] = weight
+    if cap is not None:
+        state["cap"] = cap
+    _save_state(domid, state)
+    return _params(path, info, _load_state(domid))   # what get_params will report
+
+
+def get_params(domid: int, name: str, root=None) -> tuple[int, int]:
+    """The domain's (weight, cap) in xl units."""
+    info = _info(root)
+    return _params(_existing(domid, name, info), info, _load_state(domid))
+
+
+def list_params(root=None) -> list[tuple[int, str, int, int]]:
+    """(domid, name, weight, cap) of every domain group hypyr has, by domid."""
+    info = _info(root)
+    out = []
+    if not info.parent.is_dir():
+        return out
+    for d in info.parent.iterdir():
+        m = re.fullmatch(r"dom-(\d+)-(.*)", d.name)
+        if not m or not d.is_dir():
+            continue
+        domid = int(m.group(1))
+        state = _load_state(domid)
+        name = state.get("name") if isinstance(state.get("name"), str) else m.group(2)
+        try:
+            weight, cap = _params(d, info, state)
+        except HypyrError:
+            continue   # a group being removed
+        out.append((domid, name, weight, cap))
+    return sorted(out)
+
+
+def remove(domid: int, name: str, root=None, evacuate: bool = False) -> None:
+    """Remove the domain's group once its process has exited; a busy or absent group is left
+    alone.  ``evacuate`` first moves any processes still in it to the root group (for the domain
+    process itself, on its way out)."""
+    try:
+        info = _info(root)
+    except HypyrError:
+        return
+    path = group_path(domid, name, info)
+    if not path.is_dir():
+        return
+    if evacuate:
+        try:
+            pids = [int(p) for p in _read(path / "cgroup.procs").split()]
+        except (OSError, ValueError):
+            pids = []
+        for pid in pids:
+            try:
+                with open(info.root / "cgroup.procs", "w") as f:
+                    f.write(f"{pid}\n")
+            except OSError:
+                pass
+    try:
+        path.rmdir()
+    except OSError as e:
+        if e.errno not in (errno.ENOENT, errno.EBUSY, errno.ENOTEMPTY):
+            raise HypyrError(f"cannot remove the cgroup {path}: {e.strerror or e}") from None
+        if e.errno != errno.ENOENT:
+            return
+    f = _state_file(domid)
+    if f is not None:
+        try:
+            f.unlink()
+        except OSError:
+            pass

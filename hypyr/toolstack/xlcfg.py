@@ -1,0 +1,898 @@
+"""xl.cfg(5) domain configuration files: a safe parser and a validated ``DomainConfig``.
+
+``hypyr create FILE.cfg`` reads the same files as Xen's ``xl create``.  This module never
+evaluates anything: it has its own small tokenizer and parser for the xl syntax.
+
+Syntax (as xl.cfg(5)):
+
+* ``KEY = VALUE`` settings, separated by new lines or ``;``.  Keys are identifiers
+  (letters, digits, ``_``; not starting with a digit).  ``#`` starts a comment (outside strings).
+* Values: strings in ``'single'`` or ``"double"`` quotes with C escapes (``\\n \\t \\\\ \\' \\"
+  \\a \\b \\f \\r \\v \\xHH \\OOO``; a string may not span lines or contain NUL); numbers in
+  decimal, octal (``0`` prefix) or hex (``0x`` prefix); lists ``[ v, v, ... ]`` that may span
+  lines, nest, and end with a trailing comma.  BOOLEANs are numbers (0 false, other true) as in
+  xl; bare words such as ``true`` or ``restart`` are an error with a hint to quote them.
+* As in libxlu, a number given as a quoted string (``memory = "512"``) is accepted where a number
+  is expected.
+* A key set twice: the later value wins (as in xl), with a warning naming both lines.
+
+Semantics (the keys hypyr uses; sizes in MiB as in xl):
+
+* ``name`` (required), ``type`` ``'pvh'`` (default) or ``'hvm'`` — both mean direct kernel
+  boot here; ``'pv'`` is an error.  The deprecated ``builder='hvm'`` sets type hvm.
+* ``memory`` (default 128), ``maxmem`` (default memory, never less), ``vcpus`` (default 1),
+  ``maxvcpus`` (default vcpus, never less).
+* ``kernel`` (required), ``ramdisk``; ``cmdline`` is the whole kernel command line; without it
+  xl's ``root``/``extra`` give ``"root=<root> <extra>"``.  ``cmdline`` with ``root``/``extra``:
+  warning, root/extra ignored (as xl).
+* Relative ``kernel``/``ramdisk`` paths are relative to the current directory (as xl, which
+  opens them from where it runs), not to the cfg file; they are stored absolute.
+* ``disk``: xl-disk-configuration(5) specs (positional, key=value with ``target=`` last,
+  deprecated ``phy:``/``file:``/``raw:`` prefixes and ``vdev:cdrom``).  Only ``format=raw``;
+  vdevs ``xvdX``, ``hdX``, ``sdX``, ``vdX`` (whole disks; the letters give the index, xvda → 0,
+  xvdb → 1, hda and xvda are the same index).  The guest sees virtio disks named in index order
+  with gaps closed: the lowest index is ``/dev/vda``, the next ``/dev/vdb``, ...  (so xl's
+  ``xvda`` becomes ``vda``).  A relative target is, as xl documents, under ``/dev``
+  (``'sdb,,xvdb'`` → ``/dev/sdb``); hypyr's one extension is that a target starting ``./`` or
+  ``../`` is relative to the current directory.
+* ``on_poweroff`` (default destroy), ``on_reboot`` (restart), ``on_crash`` (destroy): one of
+  destroy, restart, preserve.
+* ``cpus``: host CPU affinity, a CPU list string for all vCPUs or a list of strings, one per
+  vCPU (vCPUs past the end are unpinned); see ``parse_cpulist``.  ``cpu_weight`` 1-65535
+  (default 256), ``cap`` >= 0 (percent of one CPU, 0 = none).
+* Other keys: harmless ones are ignored with a debug log note, ones whose meaning hypyr cannot
+  provide (``vif``, ``pci``, ``bootloader``, ...) and unknown ones give a warning.  Warnings are
+  in ``DomainConfig.warnings`` and logged to the ``hypyr.xlcfg`` logger.
+
+Errors: ``XlCfgError`` (a ``HypyrError``) whose str() is ``"FILE:LINE: sentence"``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from hypyr.errors import HypyrError
+
+log = logging.getLogger("hypyr.xlcfg")
+
+Value = Union[str, int, list]
+
+MAX_FILE_SIZE = 1 << 20          # an xl.cfg is a few hundred bytes; refuse megabytes of "config"
+MAX_NESTING = 32                 # list nesting depth
+MAX_CPU = 65535                  # highest host CPU number a CPU list may name
+ACTIONS = ("destroy", "restart", "preserve")
+XL_ONLY_ACTIONS = ("rename-restart", "coredump-destroy", "coredump-restart", "soft-reset")
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class XlCfgError(HypyrError):
+    """A syntax or value error in an xl.cfg file; str() is ``"FILE:LINE: sentence"``."""
+
+    def __init__(self, filename: str, line: int | None, message: str):
+        self.filename, self.line, self.message = filename, line, message
+        where = f"{filename}:{line}" if line is not None else filename
+        super().__init__(f"{where}: {message}")
+
+
+class ConfigValueError(HypyrError):
+    """A bad value for ``key``, found without knowing the file (e.g. building a DomainConfig)."""
+
+    def __init__(self, key: str, message: str):
+        self.key, self.message = key, message
+        super().__init__(message)
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """A value as it would be written in the cfg, shortened, for messages."""
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, str):
+        s = value if len(value) <= limit else value[:limit] + "..."
+        return "'" + s.encode("unicode_escape").decode("ascii").replace("'", "\\'") + "'"
+    return str(value)
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_NUMBER_TOKEN = re.compile(r"-?[0-9][0-9A-Za-z_.]*")
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "a": "\a", "b": "\b", "f": "\f", "v": "\v",
+            "\\": "\\", "'": "'", '"': '"'}
+
+
+@dataclass(frozen=True)
+class _Tok:
+    kind: str          # "ident", "string", "number", "nl", "eof", or one of = [ ] , ;
+    value: Any
+    line: int
+
+    def describe(self) -> str:
+        return {"ident": f"'{self.value}'", "string": "a string", "number": "a number",
+                "nl": "the end of the line", "eof": "the end of the file"}.get(self.kind, f"'{self.kind}'")
+
+
+def parse_int(text: str) -> int:
+    """An xl NUMBER: decimal, octal (0 prefix) or hex (0x prefix), optionally negative.
+
+    Raises ValueError for anything else (the caller words the error).
+    """
+    s = text.strip()
+    neg = s.startswith("-")
+    body = s[1:] if neg else s
+    if len(body) > 40:
+        raise ValueError(text)
+    if re.fullmatch(r"0[xX][0-9a-fA-F]+", body):
+        n = int(body[2:], 16)
+    elif re.fullmatch(r"0[0-7]*", body):
+        n = int(body, 8)
+    elif re.fullmatch(r"[1-9][0-9]*", body):
+        n = int(body, 10)
+    else:
+        raise ValueError(text)
+    return -n if neg else n
+
+
+def _tokenize(text: str, filename: str) -> list[_Tok]:
+    toks: list[_Tok] = []
+    i, n, line = 0, len(text), 1
+
+    def fail(ln: int, msg: str):
+        raise XlCfgError(filename, ln, msg)
+
+    while i < n:
+        c = text[i]
+        if c == "\n":
+            toks.append(_Tok("nl", None, line))
+            line += 1
+            i += 1
+        elif c in " \t\r\f\v":
+            i += 1
+        elif c == "#":
+            j = text.find("\n", i)
+            i = n if j < 0 else j
+        elif c in "'\"":
+            s, i = _scan_string(text, i, line, fail)
+            toks.append(_Tok("string", s, line))
+        elif c in "=[],;":
+            toks.append(_Tok(c, c, line))
+            i += 1
+        elif c.isascii() and (c.isalpha() or c == "_"):
+            m = _IDENT.match(text, i)
+            toks.append(_Tok("ident", m.group(), line))
+            i = m.end()
+        elif (c.isascii() and c.isdigit()) or (c == "-" and i + 1 < n and text[i + 1].isascii()
+                                                and text[i + 1].isdigit()):
+            m = _NUMBER_TOKEN.match(text, i)
+            try:
+                num = parse_int(m.group())
+            except ValueError:
+                fail(line, f"{_show(m.group(), 20)} is not a number (use decimal, 0x hex or 0 octal)")
+            toks.append(_Tok("number", num, line))
+            i = m.end()
+        else:
+            fail(line, f"unexpected character {c!r}")
+    toks.append(_Tok("eof", None, line))
+    return toks
+
+
+def _scan_string(text: str, start: int, line: int, fail) -> tuple[str, int]:
+    """Scan the quoted string at text[start]; return (value, index after the closing quote)."""
+    quote = text[start]
+    out: list[str] = []
+    i, n = start + 1, len(text)
+    unterminated = f"unterminated string: the {quote} has no closing {quote} on the same line"
+    while True:
+        if i >= n or text[i] == "\n":
+            fail(line, unterminated)
+        c = text[i]
+        if c == quote:
+            return "".join(out), i + 1
+        if c == "\0":
+            fail(line, "strings cannot contain NUL characters")
+        if c != "\\":
+            out.append(c)
+            i += 1
+            continue
+        if i + 1 >= n or text[i + 1] == "\n":
+            fail(line, unterminated)
+        e = text[i + 1]
+        if e in _ESCAPES:
+            out.append(_ESCAPES[e])
+            i += 2
+        elif e == "x":
+            digits = text[i + 2:i + 4]
+            if not re.fullmatch(r"[0-9a-fA-F]{2}", digits):
+                fail(line, "\\x in a string must be followed by two hex digits")
+            out.append(chr(int(digits, 16)))
+            i += 4
+        elif e in "01234567":
+            m = re.match(r"[0-7]{1,3}", text[i + 1:i + 4])
+            v = int(m.group(), 8)
+            if v == 0:
+                fail(line, "strings cannot contain NUL characters")
+            if v > 0o377:
+                fail(line, f"octal escape \\{m.group()} is out of range")
+            out.append(chr(v))
+            i += 1 + len(m.group())
+        else:
+            fail(line, f"unknown escape sequence \\{e} in a string (write \\\\ for a backslash)")
+
+
+# --------------------------------------------------------------------------- parser
+
+
+class RawConfig(dict):
+    """Parsed settings in file order: key → (value, line of the key).
+
+    ``value`` is a str, an int or a (possibly nested) list of those.  ``item_lines[key]`` gives the
+    line of each top-level item of a list value; ``warnings`` holds parse-level warnings
+    (duplicate keys).
+    """
+
+    def __init__(self, filename: str = "<cfg>"):
+        super().__init__()
+        self.filename = filename
+        self.warnings: list[str] = []
+        self.item_lines: dict[str, list[int]] = {}
+
+    def line(self, key: str) -> int | None:
+        return self[key][1] if key in self else None
+
+    def value(self, key: str, default: Any = None) -> Any:
+        return self[key][0] if key in self else default
+
+
+def parse(text: str, filename: str = "<cfg>") -> RawConfig:
+    """Parse xl.cfg text into a RawConfig; raises XlCfgError (and nothing else) on bad syntax."""
+    toks = _tokenize(text, filename)
+    raw = RawConfig(filename)
+    p = 0
+    while True:
+        t = toks[p]
+        if t.kind == "eof":
+            return raw
+        if t.kind in ("nl", ";"):
+            p += 1
+            continue
+        if t.kind != "ident":
+            raise XlCfgError(filename, t.line, f"expected a setting such as memory = 512, found {t.describe()}")
+        key = t.value
+        if toks[p + 1].kind != "=":
+            raise XlCfgError(filename, t.line, f"expected '=' after {key}, found {toks[p + 1].describe()}")
+        p += 2
+        if toks[p].kind in ("nl", ";", "eof"):
+            raise XlCfgError(filename, t.line, f"{key} has no value")
+        value, item_lines, p = _parse_value(toks, p, filename, key, 0)
+        end = toks[p]
+        if end.kind not in ("nl", ";", "eof"):
+            raise XlCfgError(filename, end.line, f"expected a new line or ';' after the value of {key}, "
+                                                 f"found {end.describe()}")
+        if key in raw:
+            raw.warnings.append(f"{filename}:{t.line}: {key} is set again (first on line {raw.line(key)}); "
+                                "the later value is used")
+            del raw[key]
+        raw[key] = (value, t.line)
+        raw.item_lines.pop(key, None)
+        if item_lines is not None:
+            raw.item_lines[key] = item_lines
+
+
+def _parse_value(toks: list[_Tok], p: int, filename: str, key: str, depth: int):
+    """Parse one value at toks[p]; return (value, item lines if a list else None, next index)."""
+    t = toks[p]
+    if t.kind in ("string", "number"):
+        return t.value, None, p + 1
+    if t.kind == "ident":
+        hint = "write 1 or 0" if t.value.lower() in ("true", "false", "yes", "no", "on", "off") \
+            else f"quote it: {key} = '{t.value}'"
+        raise XlCfgError(filename, t.line, f"the value of {key} must be a quoted string, a number or a list, "
+                                           f"not the bare word {t.value} ({hint})")
+    if t.kind != "[":
+        raise XlCfgError(filename, t.line, f"expected a value for {key}, found {t.describe()}")
+    if depth >= MAX_NESTING:
+        raise XlCfgError(filename, t.line, f"lists are nested too deeply in {key}")
+    open_line = t.line
+    items: list = []
+    lines: list[int] = []
+    p += 1
+
+    def unclosed(tok: _Tok):
+        where = "the end of the file" if tok.kind == "eof" else f"{tok.describe()} on line {tok.line}"
+        raise XlCfgError(filename, open_line, f"the list for {key} is not closed with ']' (found {where})")
+
+    while True:
+        while toks[p].kind == "nl":
+            p += 1
+        t = toks[p]
+        if t.kind == "]":
+            return items, lines, p + 1
+        if t.kind == ",":
+            raise XlCfgError(filename, t.line, f"unexpected ',' in the list for {key} (an item is missing)")
+        if t.kind not in ("string", "number", "["):
+            unclosed(t)
+        v, _, p = _parse_value(toks, p, filename, key, depth + 1)
+        items.append(v)
+        lines.append(t.line)
+        while toks[p].kind == "nl":
+            p += 1
+        t = toks[p]
+        if t.kind == ",":
+            p += 1
+        elif t.kind == "]":
+            return items, lines, p + 1
+        elif t.kind in ("string", "number", "["):
+            raise XlCfgError(filename, t.line, f"missing ',' between items of the list for {key}")
+        else:
+            unclosed(t)
+
+
+# --------------------------------------------------------------------------- CPU lists
+
+
+def parse_cpulist(text: str, ncpus: int) -> set[int]:
+    """Parse an xl CPULIST such as ``"all"``, ``"0-3,5,^1"``, ``"all,^7"`` or ``"^0"``.
+
+    Items are comma-separated: ``N``, ``N-M``, ``all`` (CPUs 0..ncpus-1), and exclusions
+    ``^N`` / ``^N-M``.  The result is the union of the included items minus the excluded ones;
+    with only exclusions the start is all CPUs.  Only the syntax is checked (and numbers are
+    capped at MAX_CPU): whether the CPUs exist on the host is for the caller.  NUMA ``node:``
+    items are not supported.  Raises HypyrError with one sentence.
+    """
+    if not isinstance(text, str):
+        raise HypyrError(f"{_show(text)} is not a CPU list")
+    include: set[int] = set()
+    exclude: set[int] = set()
+    any_include = False
+    items = text.split(",")
+    if not text.strip():
+        raise HypyrError("the CPU list is empty (use e.g. 'all' or '0-3')")
+    for raw_item in items:
+        item = raw_item.strip()
+        neg = item.startswith("^")
+        body = item[1:].strip() if neg else item
+        if body.startswith(("node:", "nodes:")):
+            raise HypyrError(f"NUMA node affinity ({_show(item)}) is not supported in CPU lists")
+        if body == "all" and not neg:
+            cpus = set(range(ncpus))
+        else:
+            m = re.fullmatch(r"([0-9]{1,6})(?:\s*-\s*([0-9]{1,6}))?", body)
+            if not m:
+                raise HypyrError(f"{_show(item)} in CPU list {_show(text)} is not a CPU number, "
+                                 "range (N-M), exclusion (^N) or 'all'")
+            lo = int(m.group(1))
+            hi = int(m.group(2)) if m.group(2) is not None else lo
+            if hi < lo:
+                raise HypyrError(f"CPU range {_show(item)} in CPU list {_show(text)} is backwards")
+            if hi > MAX_CPU:
+                raise HypyrError(f"CPU {hi} in CPU list {_show(text)} is beyond the limit of {MAX_CPU}")
+            cpus = set(range(lo, hi + 1))
+        if neg:
+            exclude |= cpus
+        else:
+            include |= cpus
+            any_include = True
+    if not any_include:
+        include = set(range(ncpus))
+    return include - exclude
+
+
+# --------------------------------------------------------------------------- disks
+
+_VDEV = re.compile(r"(xvd|hd|sd|vd)([a-z]{1,2})")
+_FORMAT_PREFIXES = ("raw", "qcow", "qcow2", "vhd", "qed")
+_SCRIPT_PREFIXES = ("iscsi", "nbd", "enbd", "drbd")
+_IGNORED_PREFIXES = ("tapdisk", "tap2", "tap", "aio", "ioemu", "file", "phy")
+_KNOWN_FORMATS = ("raw", "qcow", "qcow2", "vhd", "qed", "empty")
+_IGNORED_DISK_KEYS = ("backend", "backendtype", "specification")
+_IGNORED_DISK_FLAGS = ("discard", "no-discard", "direct-io-safe", "trusted", "untrusted")
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    """One ``disk`` entry: an absolute host path, ``'raw'``, the xl vdev, its index, read-only."""
+
+    target: str
+    format: str
+    vdev: str
+    index: int
+    read_only: bool = False
+
+    def to_dict(self) -> dict:
+        return {"target": self.target, "format": self.format, "vdev": self.vdev,
+                "index": self.index, "read_only": self.read_only}
+
+
+def vdev_index(vdev: str) -> int:
+    """The disk index of an xl vdev: xvda/hda/sda/vda → 0, xvdb → 1, ..., xvdz → 25, xvdaa → 26.
+
+    Raises HypyrError for partitions (xvda1) and other forms.
+    """
+    m = _VDEV.fullmatch(vdev)
+    if not m:
+        if re.fullmatch(r"(xvd|hd|sd|vd)[a-z]{1,2}[0-9]+", vdev):
+            raise HypyrError(f"vdev {vdev} is a partition; hypyr attaches whole disks (use e.g. xvda)")
+        raise HypyrError(f"vdev {_show(vdev)} is not supported (use xvdX, hdX, sdX or vdX, e.g. xvda)")
+    index = 0
+    for ch in m.group(2):
+        index = index * 26 + (ord(ch) - ord("a") + 1)
+    return index - 1
+
+
+def parse_disk(spec: str, cwd: str | None = None) -> DiskSpec:
+    """Parse one xl-disk-configuration(5) DISKSPEC; raises ConfigValueError("disk", sentence)."""
+    if not isinstance(spec, str):
+        raise ConfigValueError("disk", f"each disk must be a quoted spec string, not {_show(spec)}")
+
+    def bad(msg: str):
+        raise ConfigValueError("disk", f"disk {_show(spec)}: {msg}")
+
+    params: dict[str, str] = {}
+    deprecated_prefix = False
+
+    def put(name: str, value: str):
+        if name in params:
+            bad(f"{name} is given more than once")
+        params[name] = value
+
+    i, n = 0, len(spec)
+    if not spec.strip():
+        bad("the spec is empty (use e.g. '/images/guest.img,raw,xvda,rw')")
+    while True:
+        while i < n and spec[i] in " \t\n":
+            i += 1
+        j = spec.find(",", i)
+        j = n if j < 0 else j
+        tok = spec[i:j]
+        if "=" in tok:
+            k, _, v = tok.partition("=")
+            k = k.strip()
+            if k == "target":          # consumes the rest of the spec, commas and all
+                put("target", spec[i + tok.index("=") + 1:])
+                break
+            v = v.strip()
+            if k in ("format", "vdev", "access", "devtype"):
+                put(k, v)
+            elif k == "script":
+                bad("block scripts (script=) are not supported")
+            elif k in _IGNORED_DISK_KEYS:
+                log.debug("disk %r: ignoring %s=%s", spec, k, v)
+            else:
+                bad(f"unknown parameter {_show(k)}")
+        else:
+            tok = tok.strip()
+            if tok == "cdrom":
+                put("devtype", "cdrom")
+            elif tok in _IGNORED_DISK_FLAGS:
+                log.debug("disk %r: ignoring flag %s", spec, tok)
+            elif tok == "" and j >= n and i > 0:
+                pass                   # a trailing comma
+            elif "target" not in params:
+                while True:            # deprecated prefixes: raw:, phy:, tap:aio:, ...
+                    head, sep, tail = tok.partition(":")
+                    if not sep:
+                        break
+                    if head in _FORMAT_PREFIXES:
+                        put("format", head)
+                    elif head in _SCRIPT_PREFIXES:
+                        bad(f"block scripts ({head}:) are not supported")
+                    elif head not in _IGNORED_PREFIXES:
+                        break
+                    deprecated_prefix = True
+                    tok = tail
+                put("target", tok)
+            elif "format" not in params and not deprecated_prefix:
+                put("format", tok)
+            elif "vdev" not in params:
+                vdev, sep, devtype = tok.partition(":")
+                put("vdev", vdev)
+                if sep:
+                    put("devtype", devtype)
+            elif "access" not in params:
+                put("access", tok)
+            else:
+                bad(f"too many positional parameters (at {_show(tok)}); the order is target,format,vdev,access")
+        if j >= n:
+            break
+        i = j + 1
+
+    devtype = params.get("devtype", "")
+    if devtype == "cdrom":
+        bad("CD-ROM drives (cdrom) are not supported")
+    if devtype not in ("", "disk"):
+        bad(f"devtype {_show(devtype)} is not supported")
+    target = params.get("target", "")
+    if not target:
+        bad("no target (the image file or block device) is given")
+    fmt = params.get("format", "") or "raw"
+    if fmt != "raw":
+        if fmt in _KNOWN_FORMATS:
+            bad(f"format {fmt} is not supported (hypyr supports only raw images)")
+        bad(f"format {_show(fmt)} is not a disk format (hypyr supports raw)")
+    vdev = params.get("vdev", "")
+    if not vdev:
+        bad("no vdev (the guest disk name, e.g. xvda) is given")
+    try:
+        index = vdev_index(vdev)
+    except HypyrError as e:
+        bad(str(e))
+    access = params.get("access", "") or "rw"
+    if access in ("rw", "w"):
+        read_only = False
+    elif access in ("ro", "r"):
+        read_only = True
+    else:
+        bad(f"access {_show(access)} must be rw (or w) or ro (or r)")
+    if target.startswith(("./", "../")):
+        target = os.path.abspath(os.path.join(cwd or os.getcwd(), target))
+    elif not target.startswith("/"):
+        target = "/dev/" + target     # xl: "/dev will be prepended if the path doesn't start with '/'"
+    return DiskSpec(target, "raw", vdev, index, read_only)
+
+
+# --------------------------------------------------------------------------- DomainConfig
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_INT_RULES: dict[str, tuple[int, int | None, str]] = {
+    "memory": (1, None, "memory must be a positive integer (MiB)"),
+    "maxmem": (1, None, "maxmem must be a positive integer (MiB)"),
+    "vcpus": (1, None, "vcpus must be an integer of at least 1"),
+    "maxvcpus": (1, None, "maxvcpus must be an integer of at least 1"),
+    "cpu_weight": (1, 65535, "cpu_weight must be an integer from 1 to 65535"),
+    "cap": (0, None, "cap must be an integer of at least 0 (percent of one CPU; 0 is no cap)"),
+}
+
+
+def _check_int(key: str, value: Any) -> int:
+    lo, hi, rule = _INT_RULES[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        raise ConfigValueError(key, f"{rule}, not {_show(value)}")
+    return value
+
+
+def _check_action(key: str, value: Any) -> str:
+    if value in ACTIONS:
+        return value
+    valid = ", ".join(ACTIONS)
+    if value in XL_ONLY_ACTIONS:
+        raise ConfigValueError(key, f"{key}='{value}' is not supported by hypyr; use one of {valid}")
+    raise ConfigValueError(key, f"{key} must be one of {valid}, not {_show(value)}")
+
+
+def _check_cpus(value: Any) -> str | tuple[str, ...] | None:
+    if value is None:
+        return None
+    specs = value if isinstance(value, (list, tuple)) else [value]
+    for s in specs:
+        if not isinstance(s, str):
+            raise ConfigValueError("cpus", f"cpus must be a CPU list string or a list of them, not {_show(s)}")
+        try:
+            parse_cpulist(s, 1)
+        except HypyrError as e:
+            raise ConfigValueError("cpus", f"cpus: {e}") from None
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+@dataclass(frozen=True)
+class DomainConfig:
+    """A validated domain configuration (what ``xl create`` would build), with xl's defaults.
+
+    Constructing one validates it (ConfigValueError, a HypyrError, naming the key); ``load``
+    turns that into an XlCfgError with the file and line.  ``maxmem``/``maxvcpus`` left as None
+    become ``memory``/``vcpus``.  ``cpus`` is None (no pinning), one CPU list string for every
+    vCPU, or a tuple of strings, one per vCPU.
+    """
+
+    name: str
+    kernel: str
+    type: str = "pvh"
+    memory: int = 128
+    maxmem: int | None = None
+    vcpus: int = 1
+    maxvcpus: int | None = None
+    ramdisk: str | None = None
+    cmdline: str | None = None
+    root: str | None = None
+    extra: str | None = None
+    disks: tuple[DiskSpec, ...] = ()
+    on_poweroff: str = "destroy"
+    on_reboot: str = "restart"
+    on_crash: str = "destroy"
+    cpus: str | tuple[str, ...] | None = None
+    cpu_weight: int = 256
+    cap: int = 0
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+    def __post_init__(self):
+        def put(attr, value):
+            object.__setattr__(self, attr, value)
+
+        if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
+            raise ConfigValueError("name", "name must be 1-64 letters, digits, '_', '.' or '-' starting with "
+                                           f"a letter or digit, not {_show(self.name)}")
+        if self.name.isdigit():
+            raise ConfigValueError("name", f"name must not be all digits ({self.name} would look like a domain id)")
+        if self.type == "pv":
+            raise ConfigValueError("type", "pv guests are not supported; use type='pvh'")
+        if self.type not in ("pvh", "hvm"):
+            raise ConfigValueError("type", f"type must be 'pvh' or 'hvm', not {_show(self.type)}")
+        for key in ("kernel", "ramdisk", "cmdline", "root", "extra"):
+            v = getattr(self, key)
+            if not (v is None and key != "kernel") and not isinstance(v, str):
+                raise ConfigValueError(key, f"{key} must be a quoted string, not {_show(v)}")
+        if not self.kernel:
+            raise ConfigValueError("kernel", "kernel must be the path of a Linux kernel image, not ''")
+        for key in _INT_RULES:
+            if getattr(self, key) is not None:
+                _check_int(key, getattr(self, key))
+        if self.maxmem is None:
+            put("maxmem", self.memory)
+        if self.maxvcpus is None:
+            put("maxvcpus", self.vcpus)
+        if self.maxmem < self.memory:
+            raise ConfigValueError("maxmem", f"maxmem ({self.maxmem} MiB) must not be less than "
+                                             f"memory ({self.memory} MiB)")
+        if self.maxvcpus < self.vcpus:
+            raise ConfigValueError("maxvcpus", f"maxvcpus ({self.maxvcpus}) must not be less than "
+                                               f"vcpus ({self.vcpus})")
+        for key in ("on_poweroff", "on_reboot", "on_crash"):
+            _check_action(key, getattr(self, key))
+        disks = tuple(self.disks)
+        seen: dict[int, DiskSpec] = {}
+        for d in disks:
+            if not isinstance(d, DiskSpec):
+                raise ConfigValueError("disk", f"disks must be DiskSpec objects, not {_show(d)}")
+            if d.format != "raw":
+                raise ConfigValueError("disk", f"disk {d.vdev}: format {d.format} is not supported (only raw)")
+            if d.index in seen:
+                raise ConfigValueError("disk", f"disk {d.vdev} is the same guest disk as {seen[d.index].vdev}")
+            seen[d.index] = d
+        put("disks", tuple(sorted(disks, key=lambda d: d.index)))
+        put("cpus", _check_cpus(self.cpus))
+        if isinstance(self.cpus, tuple) and len(self.cpus) > self.maxvcpus:
+            raise ConfigValueError("cpus", f"cpus lists {len(self.cpus)} vCPUs but the domain has only "
+                                           f"{self.maxvcpus}")
+        put("warnings", tuple(self.warnings))
+
+    def cmdline_string(self) -> str:
+        """The guest kernel command line as xl builds it: ``cmdline``, else ``root=ROOT EXTRA``."""
+        if self.cmdline is not None:
+            return self.cmdline
+        parts = []
+        if self.root:
+            parts.append(f"root={self.root}")
+        if self.extra:
+            parts.append(self.extra)
+        return " ".join(parts)
+
+    def cpu_affinity(self, ncpus: int) -> list[set[int]] | None:
+        """Host CPUs for each vCPU (0..maxvcpus-1), or None when ``cpus`` is not set."""
+        if self.cpus is None:
+            return None
+        if isinstance(self.cpus, str):
+            return [parse_cpulist(self.cpus, ncpus) for _ in range(self.maxvcpus)]
+        return [parse_cpulist(self.cpus[v], ncpus) if v < len(self.cpus) else set(range(ncpus))
+                for v in range(self.maxvcpus)]
+
+    def to_dict(self) -> dict:
+        """A JSON-able dict (for the registry); ``from_dict`` reverses it.  Warnings are left out."""
+        return {"name": self.name, "type": self.type, "memory": self.memory, "maxmem": self.maxmem,
+                "vcpus": self.vcpus, "maxvcpus": self.maxvcpus, "kernel": self.kernel,
+                "ramdisk": self.ramdisk, "cmdline": self.cmdline, "root": self.root, "extra": self.extra,
+                "disks": [d.to_dict() for d in self.disks], "on_poweroff": self.on_poweroff,
+                "on_reboot": self.on_reboot, "on_crash": self.on_crash,
+                "cpus": list(self.cpus) if isinstance(self.cpus, tuple) else self.cpus,
+                "cpu_weight": self.cpu_weight, "cap": self.cap}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DomainConfig":
+        """Rebuild (and re-validate) from ``to_dict`` output; unknown keys are ignored."""
+        try:
+            kw = {k: v for k, v in d.items() if k in _FIELDS and k != "warnings"}
+            kw["disks"] = tuple(DiskSpec(**x) for x in d.get("disks", ()))
+            if isinstance(kw.get("cpus"), list):
+                kw["cpus"] = tuple(kw["cpus"])
+            return cls(**kw)
+        except (TypeError, AttributeError, ConfigValueError) as e:
+            raise HypyrError(f"the stored domain configuration is not valid ({e})") from None
+
+
+_FIELDS = {f for f in DomainConfig.__dataclass_fields__}
+
+
+# --------------------------------------------------------------------------- raw → DomainConfig
+
+_STRING_KEYS = ("name", "type", "kernel", "ramdisk", "cmdline", "root", "extra",
+                "on_poweroff", "on_reboot", "on_crash")
+_HANDLED = set(_STRING_KEYS) | set(_INT_RULES) | {"disk", "cpus", "builder"}
+# Keys with no effect on a direct-boot virtio guest: ignored with a debug note.
+_IGNORED_KEYS = {
+    "uuid", "serial", "vnc", "vnclisten", "vncdisplay", "vncunused", "vncpasswd", "sdl", "opengl",
+    "boot", "keymap", "stdvga", "vga", "videoram", "acpi", "apic", "pae", "hap", "localtime",
+    "rtc_timeoffset", "xen_platform_pci", "viridian", "device_model_version", "device_model_override",
+    "device_model_args", "usb", "usbdevice", "on_watchdog", "on_soft_reset", "pool", "cpus_soft",
+    "pvshim", "pvshim_path", "pvshim_cmdline", "pvshim_extra", "max_grant_frames",
+    "max_maptrack_frames", "tsc_mode", "shadow_memory", "seclabel", "init_seclabel", "driver_domain",
+    "nomigrate", "event_channels", "hpet", "nx", "timer_mode", "vpt_align", "vkb_device",
+}
+# Keys that ask for something hypyr does not provide: a warning when set to a non-empty value.
+_UNSUPPORTED_KEYS = {
+    "vif": "networking is not supported yet",
+    "pci": "PCI passthrough is not supported",
+    "bootloader": "bootloaders are not supported; hypyr boots kernel= directly",
+    "bootloader_args": "bootloaders are not supported",
+    "firmware": "firmware boot is not supported; hypyr boots kernel= directly",
+    "vfb": "virtual framebuffers are not supported",
+    "channel": "channels are not supported",
+    "vtpm": "vTPMs are not supported",
+    "p9": "9pfs is not supported",
+    "usbctrl": "USB is not supported",
+    "usbdev": "USB is not supported",
+    "soundhw": "sound is not supported",
+    "vnuma": "virtual NUMA is not supported",
+    "dtdev": "device tree passthrough is not supported",
+    "iomem": "I/O memory passthrough is not supported",
+    "ioports": "I/O port passthrough is not supported",
+    "irqs": "IRQ passthrough is not supported",
+    "vkb": "virtual keyboards are not supported",
+    "vdispl": "virtual displays are not supported",
+    "vsnd": "virtual sound is not supported",
+    "static_shm": "static shared memory is not supported",
+    "cpuid": "CPUID policies are not supported",
+}
+_XEN_DISK_NAME = re.compile(r"/dev/(?:xvd|hd|sd)[a-z]")
+
+
+def loads(text: str, filename: str = "<cfg>", cwd: str | os.PathLike | None = None) -> DomainConfig:
+    """Parse and validate xl.cfg text; relative paths are taken relative to ``cwd`` (default the
+    current directory, as xl).  Raises XlCfgError."""
+    return build(parse(text, filename), cwd)
+
+
+def load(path: str | os.PathLike, cwd: str | os.PathLike | None = None) -> DomainConfig:
+    """Read, parse and validate an xl.cfg file.  Raises HypyrError (XlCfgError for the contents)."""
+    name = os.fspath(path)
+    try:
+        with open(name, "rb") as f:
+            data = f.read(MAX_FILE_SIZE + 1)
+    except FileNotFoundError:
+        raise HypyrError(f"domain config file {name} does not exist") from None
+    except IsADirectoryError:
+        raise HypyrError(f"domain config file {name} is a directory") from None
+    except OSError as e:
+        raise HypyrError(f"cannot read domain config file {name} ({e.strerror or e})") from None
+    if len(data) > MAX_FILE_SIZE:
+        raise HypyrError(f"domain config file {name} is too large to be an xl.cfg file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise XlCfgError(name, line, "the file is not UTF-8 text") from None
+    return loads(text, name, cwd)
+
+
+def build(raw: RawConfig, cwd: str | os.PathLike | None = None) -> DomainConfig:
+    """Validate a RawConfig into a DomainConfig (XlCfgError naming the file and line)."""
+    fn = raw.filename
+    base = os.fspath(cwd) if cwd is not None else os.getcwd()
+    warnings = list(raw.warnings)
+
+    def warn(line: int | None, msg: str):
+        warnings.append(f"{fn}:{line}: {msg}" if line is not None else f"{fn}: {msg}")
+
+    def err(key: str, msg: str, line: int | None = None):
+        raise XlCfgError(fn, line if line is not None else raw.line(key), msg)
+
+    for key, (value, line) in raw.items():
+        if key in _HANDLED:
+            continue
+        if key in _IGNORED_KEYS:
+            log.debug("%s:%d: ignoring %s (no effect in hypyr)", fn, line, key)
+        elif key in _UNSUPPORTED_KEYS:
+            if value not in ([], ""):
+                warn(line, f"{key} is ignored: {_UNSUPPORTED_KEYS[key]}")
+        else:
+            warn(line, f"unknown key {key} is ignored")
+
+    kw: dict[str, Any] = {}
+    for key in _STRING_KEYS:
+        if key in raw:
+            v = raw.value(key)
+            if not isinstance(v, str):
+                err(key, f"{key} must be a quoted string, not {_show(v)}")
+            kw[key] = v
+    for key, (_, _, rule) in _INT_RULES.items():
+        if key in raw:
+            v = raw.value(key)
+            if isinstance(v, str):     # libxlu accepts numbers written as strings
+                try:
+                    v = parse_int(v)
+                except ValueError:
+                    err(key, f"{rule}, not {_show(v)}")
+            if not isinstance(v, int):
+                err(key, f"{rule}, not {_show(v)}")
+            kw[key] = v
+
+    if "name" not in kw:
+        err("name", "name is required (e.g. name = 'guest1')")
+    if "kernel" not in kw:
+        err("kernel", "kernel is required: hypyr boots a Linux kernel directly (e.g. kernel = '/boot/vmlinuz')")
+    if "builder" in raw:
+        b = raw.value("builder")
+        if b == "hvm":
+            kw.setdefault("type", "hvm")
+        elif b == "generic":
+            if "type" not in kw:
+                warn(raw.line("builder"), "builder='generic' (a PV guest) is treated as type='pvh'")
+        else:
+            err("builder", f"builder must be 'generic' or 'hvm' (or use type='pvh'), not {_show(b)}")
+    for key in ("kernel", "ramdisk"):
+        if kw.get(key):
+            kw[key] = os.path.abspath(os.path.join(base, kw[key]))
+    if kw.get("ramdisk") == "":
+        kw["ramdisk"] = None
+
+    if "disk" in raw:
+        specs = raw.value("disk")
+        lines = raw.item_lines.get("disk", [])
+        if isinstance(specs, str):     # a single spec not in a list
+            specs, lines = [specs], [raw.line("disk")]
+        if not isinstance(specs, list):
+            err("disk", f"disk must be a list of disk specs, not {_show(specs)}")
+        disks: list[tuple[DiskSpec, int]] = []
+        for spec, line in zip(specs, lines):
+            try:
+                d = parse_disk(spec, base)
+            except ConfigValueError as e:
+                err("disk", e.message, line)
+            for other, other_line in disks:
+                if other.index == d.index:
+                    err("disk", f"disk {_show(spec)}: vdev {d.vdev} is the same guest disk as "
+                                f"{other.vdev} (line {other_line})", line)
+            disks.append((d, line))
+        kw["disks"] = tuple(d for d, _ in disks)
+
+    if "cpus" in raw:
+        v = raw.value("cpus")
+        if isinstance(v, int):
+            v = str(v)
+        if isinstance(v, list):
+            lines = raw.item_lines.get("cpus", [])
+            items = []
+            for item, line in zip(v, lines):
+                item = str(item) if isinstance(item, int) else item
+                try:
+                    _check_cpus(item)
+                except ConfigValueError as e:
+                    err("cpus", e.message, line)
+                items.append(item)
+            v = tuple(items)
+        kw["cpus"] = v
+
+    if "cmdline" in kw and ("root" in kw or "extra" in kw):
+        ignored = " and ".join(k for k in ("root", "extra") if k in kw)
+        warn(raw.line("cmdline"), f"cmdline is set, so {ignored} {'are' if ' and ' in ignored else 'is'} "
+                                  "ignored (as in xl)")
+
+    try:
+        cfg = DomainConfig(**kw)
+    except ConfigValueError as e:
+        err(e.key, e.message)
+    line = raw.line("cmdline") if "cmdline" in kw else raw.line("root") or raw.line("extra")
+    m = _XEN_DISK_NAME.search(cfg.cmdline_string())
+    if m:
+        warn(line, f"the kernel command line names {m.group()}, but hypyr guests see their disks as "
+                   "/dev/vda, /dev/vdb, ...")
+    for w in warnings:
+        log.warning("%s", w)
+    return _with_warnings(cfg, warnings)
+
+
+def _with_warnings(cfg: DomainConfig, warnings: list[str]) -> DomainConfig:
+    object.__setattr__(cfg, "warnings", tuple(warnings))
+    return cfg

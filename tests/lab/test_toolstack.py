@@ -1,0 +1,216 @@
+"""Domains with real guests: xl-style create/list/console/pause/shutdown/reboot/destroy, the
+on_* actions, a killed domain process, and credit-scheduler weights and caps."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_virtio import make_disk  # tests/lab is on sys.path (pytest rootdir-less import)
+
+
+@pytest.fixture
+def xl(guest_image, tmp_path, monkeypatch):
+    """Run `hypyr ARGS` with a private state directory; destroys leftover domains afterwards."""
+    state = tmp_path / "state"
+    monkeypatch.setenv("HYPYR_STATE_DIR", str(state))
+
+    def run(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+        p = subprocess.run([sys.executable, "-m", "hypyr", *args], capture_output=True, text=True,
+                           stdin=subprocess.DEVNULL, timeout=timeout)
+        print(f"$ hypyr {' '.join(args)} -> {p.returncode}\n{p.stdout}{p.stderr}")
+        if check:
+            assert p.returncode == 0, p.stderr
+        return p
+    run.state = state
+    yield run
+    p = run("list", "--json", check=False)
+    if p.returncode == 0:
+        for d in json.loads(p.stdout):
+            run("destroy", d["name"], check=False)
+
+
+def write_cfg(tmp_path: Path, image, name: str, *, memory=128, vcpus=1, command=None, disks=(), extra_keys="") -> Path:
+    extra = ""
+    if command is not None:
+        extra = "hypyr.exec=" + base64.b64encode(command.encode()).decode()
+    disk_list = ", ".join(f"'{d},raw,xvd{chr(ord('a') + i)},rw'" for i, d in enumerate(disks))
+    cfg = tmp_path / f"{name}.cfg"
+    cfg.write_text(f"""# hypyr domain {name}
+name = "{name}"
+type = "pvh"
+memory = {memory}
+vcpus = {vcpus}
+kernel = "{image.kernel}"
+ramdisk = "{image.initrd}"
+extra = "{extra}"
+disk = [ {disk_list} ]
+{extra_keys}
+""")
+    return cfg
+
+
+def console_log(xl, name: str) -> str:
+    doms = {d["name"]: d for d in json.loads(xl("list", "--json").stdout)}
+    path = xl.state / "domains" / str(doms[name]["domid"]) / "console.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def wait_for(pred, timeout=240, step=0.5, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(step)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+TICKER = "echo ready-$(hostname); i=0; while true; do i=$((i+1)); echo tick-$i; sleep 0.3; done"
+
+
+def ticks(text: str) -> int:
+    nums = [int(l.split("-")[1]) for l in text.replace("\r", "").splitlines() if l.startswith("tick-")]
+    return max(nums, default=0)
+
+
+def test_three_domains_run_at_once_and_destroy_is_isolated(xl, guest_image, tmp_path):
+    disks = [make_disk(tmp_path / f"d{i}.img", files={"id": f"disk-of-vm{i}\n"}, tmp=tmp_path) for i in range(3)]
+    for i, (mem, vcpus) in enumerate([(128, 1), (192, 2), (160, 1)]):
+        cmd = f"mount /dev/vda /mnt && cat /mnt/id; echo vcpus=$(nproc); {TICKER}"
+        xl("create", str(write_cfg(tmp_path, guest_image, f"vm{i}", memory=mem, vcpus=vcpus,
+                                   command=cmd, disks=[disks[i]])))
+    listing = xl("list").stdout
+    for i in range(3):
+        assert f"vm{i}" in listing
+    for i, n in enumerate((1, 2, 1)):
+        log = wait_for(lambda: (t := console_log(xl, f"vm{i}")) and "tick-" in t and t, what=f"vm{i} to boot")
+        assert f"disk-of-vm{i}" in log and f"vcpus={n}" in log
+    doms = json.loads(xl("list", "--json").stdout)
+    assert {d["name"]: (d["memory"], d["vcpus"]) for d in doms} == {"vm0": (128, 1), "vm1": (192, 2), "vm2": (160, 1)}
+    xl("destroy", "vm1")
+    names = [d["name"] for d in json.loads(xl("list", "--json").stdout)]
+    assert names == ["vm0", "vm2"]
+    before = {n: ticks(console_log(xl, n)) for n in names}
+    time.sleep(3)
+    assert all(ticks(console_log(xl, n)) > before[n] for n in names)  # the others kept running
+
+
+def test_pause_stops_guest_progress_and_unpause_resumes(xl, guest_image, tmp_path):
+    xl("create", str(write_cfg(tmp_path, guest_image, "pz", command=TICKER)))
+    wait_for(lambda: ticks(console_log(xl, "pz")) > 2, what="ticks")
+    xl("pause", "pz")
+    assert "p" in json.loads(xl("list", "--json", "pz").stdout)[0]["state"]
+    a = ticks(console_log(xl, "pz"))
+    time.sleep(3)
+    b = ticks(console_log(xl, "pz"))
+    assert b <= a + 1  # at most one line that was in flight
+    xl("unpause", "pz")
+    wait_for(lambda: ticks(console_log(xl, "pz")) > b + 2, timeout=60, what="ticks after unpause")
+
+
+def test_shutdown_wait_returns_after_guest_powered_off(xl, guest_image, tmp_path):
+    xl("create", str(write_cfg(tmp_path, guest_image, "sd", command=TICKER)))
+    wait_for(lambda: ticks(console_log(xl, "sd")) > 1, what="boot")
+    xl("shutdown", "-w", "sd", timeout=200)
+    assert json.loads(xl("list", "--json").stdout) == []
+    kept = xl.state / "logs" / "sd.console.log"  # a finished domain's console log is kept here
+    assert "Ctrl-Alt-Del received, powering off" in kept.read_text(errors="replace")
+
+
+def test_on_reboot_restart_keeps_id_and_name(xl, guest_image, tmp_path):
+    disk = make_disk(tmp_path / "flag.img")
+    cmd = ("mount /dev/vda /mnt; if [ -e /mnt/booted ]; then echo second-boot; " + TICKER +
+           "; else touch /mnt/booted; umount /mnt; echo first-boot; reboot -f; fi")
+    xl("create", str(write_cfg(tmp_path, guest_image, "rb", command=cmd, disks=[disk],
+                               extra_keys="on_reboot = 'restart'")))
+    first = json.loads(xl("list", "--json", "rb").stdout)[0]
+    wait_for(lambda: "second-boot" in console_log(xl, "rb"), what="the second boot")
+    again = json.loads(xl("list", "--json", "rb").stdout)[0]
+    assert (again["domid"], again["name"]) == (first["domid"], "rb")
+    assert "first-boot" in console_log(xl, "rb")
+
+
+def test_on_crash_preserve_keeps_domain_listed_as_crashed(xl, guest_image, tmp_path):
+    xl("create", str(write_cfg(tmp_path, guest_image, "cr", command="sleep 1; echo c > /proc/sysrq-trigger",
+                               extra_keys="on_crash = 'preserve'")))
+    wait_for(lambda: (d := json.loads(xl("list", "--json").stdout)) and d[0]["state"].find("c") >= 0,
+             what="the crashed state")
+    xl("destroy", "cr")
+    assert json.loads(xl("list", "--json").stdout) == []
+
+
+def test_killed_domain_process_is_never_listed_running(xl, guest_image, tmp_path):
+    cfg = write_cfg(tmp_path, guest_image, "k9", command=TICKER)
+    xl("create", str(cfg))
+    rec = json.loads(xl("list", "--json", "k9").stdout)[0]
+    rows = json.loads(xl("vcpu-list", "k9", "--json").stdout)
+    tid = rows[0]["tid"]
+    pid = int(Path(f"/proc/{tid}/status").read_text().split("Tgid:")[1].split()[0])
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(0.5)
+    states = [d["state"] for d in json.loads(xl("list", "--json").stdout) if d["name"] == "k9"]
+    assert all("r" not in s and "b" not in s for s in states)
+    xl("create", str(cfg))  # the name is free again
+    assert [d["name"] for d in json.loads(xl("list", "--json").stdout)] == ["k9"]
+    assert rec["name"] == "k9"
+
+
+def test_bad_input_is_one_sentence(xl, guest_image, tmp_path):
+    bad = tmp_path / "bad.cfg"
+    bad.write_text('name = "x"\nmemory = "lots"\nkernel = "/nonexistent"\n')
+    p = xl("create", str(bad), check=False)
+    assert p.returncode != 0 and "bad.cfg:2" in p.stderr and "Traceback" not in p.stderr
+    p = xl("create", str(write_cfg(tmp_path, guest_image, "huge", memory=10_000_000)), check=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    p = xl("pause", "no-such-domain", check=False)
+    assert p.returncode != 0 and "no-such-domain" in p.stderr
+    cfg = write_cfg(tmp_path, guest_image, "dup", command=TICKER)
+    xl("create", str(cfg))
+    p = xl("create", str(cfg), check=False)
+    assert p.returncode != 0 and "already exists" in p.stderr
+    assert [d["name"] for d in json.loads(xl("list", "--json").stdout)] == ["dup"]
+
+
+def vcpu_seconds(xl, name: str) -> float:
+    return sum(r["time"] for r in json.loads(xl("vcpu-list", name, "--json").stdout))
+
+
+BUSY = "echo busy-start; while true; do :; done"
+
+
+def test_weights_share_a_contended_cpu_about_2_to_1(xl, guest_image, tmp_path):
+    for name, weight in (("heavy", 512), ("light", 256)):
+        xl("create", str(write_cfg(tmp_path, guest_image, name, command=BUSY,
+                                   extra_keys=f"cpus = '0'\ncpu_weight = {weight}")))
+    for name in ("heavy", "light"):
+        wait_for(lambda: "busy-start" in console_log(xl, name), what=f"{name} to start spinning")
+    assert "512" in xl("sched-credit", "-d", "heavy").stdout
+    a = {n: vcpu_seconds(xl, n) for n in ("heavy", "light")}
+    time.sleep(20)
+    b = {n: vcpu_seconds(xl, n) for n in ("heavy", "light")}
+    used = {n: b[n] - a[n] for n in a}
+    ratio = used["heavy"] / max(used["light"], 1e-6)
+    print(f"CPU seconds over 20 s: heavy {used['heavy']:.2f}, light {used['light']:.2f}, ratio {ratio:.2f}")
+    assert 1.5 <= ratio <= 2.6
+
+
+def test_cap_holds_a_busy_domain_near_25_percent(xl, guest_image, tmp_path):
+    xl("create", str(write_cfg(tmp_path, guest_image, "capped", command=BUSY, extra_keys="cap = 25")))
+    wait_for(lambda: "busy-start" in console_log(xl, "capped"), what="the guest to start spinning")
+    a = vcpu_seconds(xl, "capped")
+    time.sleep(20)
+    pct = (vcpu_seconds(xl, "capped") - a) / 20 * 100
+    print(f"capped domain used {pct:.1f}% of a CPU")
+    assert 15 <= pct <= 35
+    xl("sched-credit", "-d", "capped", "-c", "50")
+    assert xl("sched-credit", "-d", "capped").stdout.split()[-1] == "50"
