@@ -49,11 +49,7 @@ class ImagePaths:
 
 
 def image_dir() -> Path:
-    env = os.environ.get("HYPYR_IMAGE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "hypyr" / "image"
+    return debs.hypyr_cache("image", "HYPYR_IMAGE_DIR")
 
 
 def paths() -> ImagePaths:

@@ -34,13 +34,18 @@ def progress(msg: str) -> None:
     print(f"hypyr: {msg}", file=sys.stderr, flush=True)
 
 
-def cache_dir() -> Path:
-    """Where downloaded and unpacked packages are kept (env HYPYR_DEB_CACHE overrides)."""
-    env = os.environ.get("HYPYR_DEB_CACHE")
+def hypyr_cache(sub: str, env_var: str) -> Path:
+    """``$env_var`` if set, else ``$XDG_CACHE_HOME/hypyr/<sub>`` (default ``~/.cache/hypyr/<sub>``)."""
+    env = os.environ.get(env_var)
     if env:
         return Path(env)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "hypyr" / "debs"
+    return Path(base) / "hypyr" / sub
+
+
+def cache_dir() -> Path:
+    """Where downloaded and unpacked packages are kept (env HYPYR_DEB_CACHE overrides)."""
+    return hypyr_cache("debs", "HYPYR_DEB_CACHE")
 
 
 def _run(args: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -41,11 +41,7 @@ class LabParts:
 
 
 def lab_dir() -> Path:
-    env = os.environ.get("HYPYR_LAB_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "hypyr" / "lab"
+    return debs.hypyr_cache("lab", "HYPYR_LAB_DIR")
 
 
 def init_script() -> bytes:
