@@ -11,29 +11,7 @@ from hypyr.errors import HypyrError
 from hypyr.image import build as B
 from hypyr.image import debs
 from hypyr.image.exitport import EXIT_PORT, exit_helper_elf
-
-
-def parse_newc(data: bytes) -> list[dict]:
-    """A tiny newc reader, independent of the writer."""
-    out, off = [], 0
-    while True:
-        assert data[off:off + 6] == b"070701", f"bad magic at {off}"
-        f = [int(data[off + 6 + 8 * i: off + 14 + 8 * i], 16) for i in range(13)]
-        namesize, filesize = f[11], f[6]
-        name_start = off + 110
-        name = data[name_start:name_start + namesize - 1].decode()
-        assert data[name_start + namesize - 1] == 0
-        off = name_start + namesize
-        off += -off % 4
-        body = data[off:off + filesize]
-        off += filesize
-        off += -off % 4
-        if name == "TRAILER!!!":
-            assert len(data) % 512 == 0
-            assert not data[off:].strip(b"\0")
-            return out
-        out.append(dict(name=name, ino=f[0], mode=f[1], uid=f[2], gid=f[3], nlink=f[4], mtime=f[5],
-                        data=body, rmaj=f[9], rmin=f[10]))
+from test_cpio import parse_newc  # tests/unit is on sys.path (pytest rootdir-less import)
 
 
 needs_dpkg = pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="dpkg-deb not installed")
