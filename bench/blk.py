@@ -35,6 +35,8 @@ HERE = Path(__file__).resolve()
 REPO = HERE.parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(HERE.parent))
+from _common import ensure_image, kill_all_live, kill_group, lab_command, live, on_signal, tail  # noqa: E402
 
 GUEST_MEMORY = "512M"
 SEQ_GOAL = 0.9                 # hypyr / QEMU, sequential throughput
@@ -79,31 +81,11 @@ def guest_cmdline(script: str) -> str:
     return VmConfig(kernel="-", exec_cmd=script).full_cmdline()
 
 
-# -- child process handling (as in bench/boot.py) ----------------------------------------------------
-_live: set[int] = set()  # process-group ids of children still running (each child leads its own group)
-
-
-def _kill_group(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _kill_all_live() -> None:
-    for pid in list(_live):
-        _kill_group(pid)
-
-
-def _on_signal(signum, _frame):
-    _kill_all_live()
-    signal.signal(signum, signal.SIG_DFL)
-    os.kill(os.getpid(), signum)
+# -- child process handling: bench/_common.py ---------------------------------------------------
 
 
 def _tail(data: bytes, n: int = 800) -> str:
-    text = data[-n:].decode("utf-8", "replace").replace("\r", "")
-    return " | ".join(line for line in text.splitlines() if line.strip())[-n:]
+    return tail(data, n)
 
 
 def run_boot(cmd: list[str], timeout: float, wait_for_exit: bool) -> tuple[bool, float, int | None, str, bytes]:
@@ -116,7 +98,7 @@ def run_boot(cmd: list[str], timeout: float, wait_for_exit: bool) -> tuple[bool,
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr_file,
                             bufsize=0, start_new_session=True)
-    _live.add(proc.pid)
+    live.add(proc.pid)
     deadline = t0 + timeout
     fd = proc.stdout.fileno()
     buf = bytearray()
@@ -152,9 +134,9 @@ def run_boot(cmd: list[str], timeout: float, wait_for_exit: bool) -> tuple[bool,
                     break
     finally:
         if proc.poll() is None:
-            _kill_group(proc.pid)
+            kill_group(proc.pid)
         proc.wait()
-        _live.discard(proc.pid)
+        live.discard(proc.pid)
         wall = time.monotonic() - t0
         proc.stdout.close()
         stderr_file.seek(0)
@@ -311,12 +293,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def host_side(argv: list[str], args: argparse.Namespace) -> int:
     """Outside the lab: make sure the image exists (the cache is read-only in the lab), then re-exec."""
-    if args.kernel is None:
-        r = subprocess.run([sys.executable, "-m", "hypyr", "image", "build"], stdout=subprocess.DEVNULL)
-        if r.returncode != 0:
-            print("bench: building the default guest image failed", file=sys.stderr)
-            return r.returncode
-    inner = [sys.executable, "-m", "hypyr", "lab", "--", sys.executable, str(HERE), *argv]
+    if args.kernel is None and (rc := ensure_image()) != 0:
+        return rc
+    inner = lab_command(HERE, argv)
     print(f"bench: running inside the lab: {' '.join(inner)}", flush=True)
     return subprocess.call(inner, cwd=str(REPO))
 
@@ -396,7 +375,7 @@ def lab_side(args: argparse.Namespace) -> int:
                 print(f"{head}  {' '.join(parts)}" + (f"  [{s.note}]" if s.note else ""), flush=True)
         report(samples)
     finally:
-        _kill_all_live()
+        kill_all_live()
         shutil.rmtree(tmpdir, ignore_errors=True)
     return 0
 
@@ -421,11 +400,11 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("HYPYR_IN_LAB") != "1":
         return host_side(argv, args)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, _on_signal)
+        signal.signal(sig, on_signal)
     try:
         return lab_side(args)
     finally:
-        _kill_all_live()
+        kill_all_live()
 
 
 if __name__ == "__main__":

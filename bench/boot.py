@@ -26,13 +26,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
 REPO = HERE.parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(HERE.parent))
+from _common import ensure_image, kill_all_live, kill_group, lab_command, live, on_signal, tail  # noqa: E402
 
 MARKER = b"hypyr: init started"
 GUEST_MEMORY = "256M"
@@ -44,26 +46,7 @@ JSON_LINE_PREFIX = "@@hypyr-bench-json@@ "
 CONFIGS = ("hypyr", "qemu-microvm", "qemu-pc")
 
 
-# -- child process handling -------------------------------------------------------------------------
-_live: set[int] = set()  # process-group ids of children still running (each child leads its own group)
-
-
-def _kill_group(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _kill_all_live() -> None:
-    for pid in list(_live):
-        _kill_group(pid)
-
-
-def _on_signal(signum, _frame):
-    _kill_all_live()
-    signal.signal(signum, signal.SIG_DFL)
-    os.kill(os.getpid(), signum)
+# -- child process handling: bench/_common.py ---------------------------------------------------
 
 
 @dataclass
@@ -78,8 +61,7 @@ class Sample:
 
 
 def _tail(data: bytes, n: int = 600) -> str:
-    text = data[-n:].decode("utf-8", "replace").replace("\r", "")
-    return " | ".join(line for line in text.splitlines() if line.strip())[-n:]
+    return tail(data, n)
 
 
 def run_until_marker(cmd: list[str], timeout: float, wait_for_exit: bool) -> tuple[float | None, float | None,
@@ -93,7 +75,7 @@ def run_until_marker(cmd: list[str], timeout: float, wait_for_exit: bool) -> tup
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr_file,
                             bufsize=0, start_new_session=True)
-    _live.add(proc.pid)
+    live.add(proc.pid)
     deadline = t0 + timeout
     fd = proc.stdout.fileno()
     buf = bytearray()
@@ -131,9 +113,9 @@ def run_until_marker(cmd: list[str], timeout: float, wait_for_exit: bool) -> tup
                     break
     finally:
         if proc.poll() is None:
-            _kill_group(proc.pid)
+            kill_group(proc.pid)
         proc.wait()
-        _live.discard(proc.pid)
+        live.discard(proc.pid)
         total_s = time.monotonic() - t0
         proc.stdout.close()
         stderr_file.seek(0)
@@ -250,15 +232,15 @@ def measure_memory(hypyr_cmd: list[str], timeout: float) -> dict:
     probe = [sys.executable, str(HERE), "--_rss-probe", "--timeout", str(timeout), "--", *hypyr_cmd]
     proc = subprocess.Popen(probe, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
-    _live.add(proc.pid)
+    live.add(proc.pid)
     try:
         out, err = proc.communicate(timeout=timeout + 30)
     except subprocess.TimeoutExpired:
         return {"error": "the memory probe timed out"}
     finally:
-        _kill_group(proc.pid)  # the probe and the hypyr it started, if either is still there
+        kill_group(proc.pid)  # the probe and the hypyr it started, if either is still there
         proc.wait()
-        _live.discard(proc.pid)
+        live.discard(proc.pid)
     for line in out.splitlines():
         if line.startswith(JSON_LINE_PREFIX):
             return json.loads(line[len(JSON_LINE_PREFIX):])
@@ -344,12 +326,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def host_side(argv: list[str], args: argparse.Namespace) -> int:
     """Outside the lab: make sure the image exists (the cache is read-only in the lab), then re-exec."""
-    if args.kernel is None:
-        r = subprocess.run([sys.executable, "-m", "hypyr", "image", "build"], stdout=subprocess.DEVNULL)
-        if r.returncode != 0:
-            print("bench: building the default guest image failed", file=sys.stderr)
-            return r.returncode
-    inner = [sys.executable, "-m", "hypyr", "lab", "--", sys.executable, str(HERE), *argv]
+    if args.kernel is None and (rc := ensure_image()) != 0:
+        return rc
+    inner = lab_command(HERE, argv)
     if args.json:
         inner.append("--_json-stdout")  # the lab's file system is read-only: the JSON comes back on stdout
     print(f"bench: running inside the lab: {' '.join(inner)}", flush=True)
@@ -462,11 +441,11 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("HYPYR_IN_LAB") != "1":
         return host_side(argv, args)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, _on_signal)
+        signal.signal(sig, on_signal)
     try:
         return lab_side(args)
     finally:
-        _kill_all_live()
+        kill_all_live()
 
 
 if __name__ == "__main__":

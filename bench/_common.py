@@ -1,0 +1,55 @@
+"""Pieces every benchmark shares: child process groups that are always killed, and the
+re-exec into the lab (benchmarks of real guests run there; see bench/README.md)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+live: set[int] = set()  # process-group ids of children still running (each child leads its own group)
+
+
+def kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def kill_all_live() -> None:
+    for pid in list(live):
+        kill_group(pid)
+
+
+def on_signal(signum, _frame):
+    """Signal handler: kill every child group, then die of the same signal."""
+    kill_all_live()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def install_signal_handlers() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+
+
+def tail(data: bytes, n: int = 600) -> str:
+    text = data[-n:].decode("utf-8", "replace").replace("\r", "")
+    return " | ".join(line for line in text.splitlines() if line.strip())[-n:]
+
+
+def ensure_image() -> int:
+    """Build the default guest image on the host (its cache is read-only inside the lab)."""
+    r = subprocess.run([sys.executable, "-m", "hypyr", "image", "build"], stdout=subprocess.DEVNULL)
+    if r.returncode != 0:
+        print("bench: building the default guest image failed", file=sys.stderr)
+    return r.returncode
+
+
+def lab_command(script: Path, argv: list[str]) -> list[str]:
+    return [sys.executable, "-m", "hypyr", "lab", "--", sys.executable, str(script), *argv]
