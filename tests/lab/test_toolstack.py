@@ -181,8 +181,18 @@ def test_bad_input_is_one_sentence(xl, guest_image, tmp_path):
     assert [d["name"] for d in json.loads(xl("list", "--json").stdout)] == ["dup"]
 
 
-def vcpu_seconds(xl, name: str) -> float:
-    return sum(r["time"] for r in json.loads(xl("vcpu-list", name, "--json").stdout))
+def vcpu_threads(xl, name: str) -> list[int]:
+    return [r["tid"] for r in json.loads(xl("vcpu-list", name, "--json").stdout)]
+
+
+def cpu_seconds(tids: list[int]) -> float:
+    """utime + stime of these threads, read directly (no command in between to blur the window)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for tid in tids:
+        fields = Path(f"/proc/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / tick
 
 
 BUSY = "echo busy-start; while true; do :; done"
@@ -195,9 +205,10 @@ def test_weights_share_a_contended_cpu_about_2_to_1(xl, guest_image, tmp_path):
     for name in ("heavy", "light"):
         wait_for(lambda: "busy-start" in console_log(xl, name), what=f"{name} to start spinning")
     assert "512" in xl("sched-credit", "-d", "heavy").stdout
-    a = {n: vcpu_seconds(xl, n) for n in ("heavy", "light")}
+    tids = {n: vcpu_threads(xl, n) for n in ("heavy", "light")}
+    a = {n: cpu_seconds(t) for n, t in tids.items()}
     time.sleep(20)
-    b = {n: vcpu_seconds(xl, n) for n in ("heavy", "light")}
+    b = {n: cpu_seconds(t) for n, t in tids.items()}
     used = {n: b[n] - a[n] for n in a}
     ratio = used["heavy"] / max(used["light"], 1e-6)
     print(f"CPU seconds over 20 s: heavy {used['heavy']:.2f}, light {used['light']:.2f}, ratio {ratio:.2f}")
@@ -207,9 +218,11 @@ def test_weights_share_a_contended_cpu_about_2_to_1(xl, guest_image, tmp_path):
 def test_cap_holds_a_busy_domain_near_25_percent(xl, guest_image, tmp_path):
     xl("create", str(write_cfg(tmp_path, guest_image, "capped", command=BUSY, extra_keys="cap = 25")))
     wait_for(lambda: "busy-start" in console_log(xl, "capped"), what="the guest to start spinning")
-    a = vcpu_seconds(xl, "capped")
+    tids = vcpu_threads(xl, "capped")
+    t0, a = time.monotonic(), cpu_seconds(tids)
     time.sleep(20)
-    pct = (vcpu_seconds(xl, "capped") - a) / 20 * 100
+    t1, b = time.monotonic(), cpu_seconds(tids)
+    pct = (b - a) / (t1 - t0) * 100
     print(f"capped domain used {pct:.1f}% of a CPU")
     assert 15 <= pct <= 35
     xl("sched-credit", "-d", "capped", "-c", "50")
