@@ -4,15 +4,34 @@ Every read or write of guest memory made by the VMM or a device goes through
 :class:`GuestMemory`, which checks the whole range (start *and* end) against the
 regions on every call.  Nothing outside this module (and :mod:`hypyr.kvm`) sees a
 host pointer.
+
+Scatter/gather for devices: :meth:`GuestMemory.views` turns a list of guest ranges (a driver's
+buffers) into writable :class:`memoryview` objects covering *exactly* those bytes, split where a
+range crosses from one region into the next, after checking every range in full (a range with
+any byte outside RAM raises :class:`GuestMemoryError` and no view is returned).  This is the
+equivalent of vm-memory's ``VolatileSlice``: a device gets views of the buffers the driver gave
+it, never the whole mapping, and can hand them straight to ``os.preadv``/``os.pwritev``.  The
+rules for holders of such views:
+
+* a view is only as trustworthy as the range it was made from: obtain views from ranges the
+  driver handed over (and that the device is allowed to access in that direction), never from
+  an address computed outside the checked range;
+* guest memory is shared with the running guest: its contents can change under the view at any
+  time (read a value once, copy it if it must stay stable);
+* views keep the mapping alive: while one exists, :meth:`GuestRegion.close` cannot unmap the
+  region (the mapping then lives until the process exits), so a late access through a view can
+  only ever touch that guest's RAM, never freed host memory.  Drop views when the I/O is done.
 """
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import mmap
+import operator
 import struct
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 __all__ = ["GuestAddress", "GuestMemoryError", "GuestRegion", "GuestMemory"]
 
@@ -98,6 +117,9 @@ class GuestMemory:
         for a, b in zip(self.regions, self.regions[1:]):
             if a.end > b.start:
                 raise ValueError(f"guest regions overlap at {b.start:#x}")
+        # For the lookups: region starts (for bisect) and (start, end, view) per region.
+        self._starts = [int(r.start) for r in self.regions]
+        self._spans = [(int(r.start), r.end, r._view) for r in self.regions]
 
     @classmethod
     def anonymous(cls, layout: Iterable[tuple[int, int]], *, hugepages: bool = True) -> "GuestMemory":
@@ -117,49 +139,136 @@ class GuestMemory:
             r.close()
 
     # -- range checking ---------------------------------------------------------------------
-    def _chunks(self, addr: int, length: int) -> Iterator[_Chunk]:
-        """Split [addr, addr+length) into per-region pieces or raise if any byte is not RAM."""
+    def _pieces(self, addr: int, length: int) -> list[tuple[int, int, int]]:
+        """Split [addr, addr+length) into (region index, offset, length) or raise if any byte is not RAM."""
         if length < 0:
             raise GuestMemoryError(f"negative length {length} at {addr:#x}")
         if addr < 0 or addr + length > 1 << 64:
             raise GuestMemoryError(f"range {addr:#x}+{length:#x} overflows the address space")
+        if length == 0:
+            return []
+        spans = self._spans
+        i = bisect.bisect_right(self._starts, addr) - 1
         pos, left = addr, length
         pieces = []
-        for r in self.regions:
-            if left == 0:
+        while left and 0 <= i < len(spans):
+            start, end, _ = spans[i]
+            if not start <= pos < end:
                 break
-            if r.start <= pos < r.end:
-                n = min(left, r.end - pos)
-                pieces.append(_Chunk(r, pos - r.start, n))
-                pos += n
-                left -= n
+            n = min(left, end - pos)
+            pieces.append((i, pos - start, n))
+            pos += n
+            left -= n
+            i += 1
         if left:
             raise GuestMemoryError(f"guest range {addr:#x}+{length:#x} is not all RAM (stops at {pos:#x})")
-        return iter(pieces)
+        return pieces
+
+    def _chunks(self, addr: int, length: int) -> Iterator[_Chunk]:
+        """Split [addr, addr+length) into per-region pieces or raise if any byte is not RAM."""
+        regions = self.regions
+        return iter([_Chunk(regions[i], off, n) for i, off, n in self._pieces(addr, length)])
+
+    # -- scatter/gather -----------------------------------------------------------------------
+    def views(self, ranges: Iterable[tuple[int, int]]) -> list[memoryview]:
+        """Writable views of exactly the bytes of ``ranges`` (``(addr, length)`` pairs), in order.
+
+        Every range is checked in full first; if any byte of any range is outside guest RAM,
+        :class:`GuestMemoryError` is raised and no view is returned.  A range crossing from one
+        region into an adjacent one gives one view per region; zero-length ranges give none.
+        See the module docstring for the rules that come with holding a view.
+        """
+        ranges = list(ranges)
+        if not ranges:
+            return []
+        fast = self._all_in_one_region(ranges)
+        if fast is not None:  # the common case: one region, every range inside it
+            start, view = fast[0], fast[1]
+            if start:
+                return [view[a - start:a - start + n] for a, n in ranges]
+            return [view[a:a + n] for a, n in ranges]
+        out: list[memoryview] = []
+        for addr, length in ranges:
+            out.extend(self._views_slow(addr, length))
+        return out
+
+    def _views_slow(self, addr: int, length: int) -> list[memoryview]:
+        spans = self._spans
+        return [spans[i][2][off:off + n] for i, off, n in self._pieces(addr, length)]
 
     def check_range(self, addr: int, length: int) -> bool:
         try:
-            self._chunks(addr, length)
+            self._pieces(addr, length)
             return True
         except GuestMemoryError:
             return False
 
+    def first_outside(self, ranges: Iterable[tuple[int, int]]) -> tuple[int, int] | None:
+        """The first ``(addr, length)`` of ``ranges`` that is not wholly guest RAM, or None if all
+        are (``check_range`` for many ranges at once)."""
+        ranges = list(ranges)
+        if not ranges or self._all_in_one_region(ranges) is not None:
+            return None
+        for addr, length in ranges:
+            if not self.check_range(addr, length):
+                return addr, length
+        return None
+
+    def all_inside(self, addrs: Sequence[int], lengths: Sequence[int]) -> bool:
+        """Whether every range ``(addrs[i], lengths[i])`` is wholly guest RAM (the two sequences
+        have the same length; loops in C when there is one region)."""
+        spans = self._spans
+        if len(spans) == 1 and addrs:
+            start, end, _ = spans[0]
+            if min(addrs) >= start and min(lengths) >= 0:
+                if max(addrs) + max(lengths) <= end or max(map(operator.add, addrs, lengths)) <= end:
+                    return True
+        return all(map(self.check_range, addrs, lengths))
+
+    def _all_in_one_region(self, ranges: list[tuple[int, int]]) -> tuple[int, memoryview, tuple, tuple] | None:
+        """Fast path (loops in C): if every range is non-empty and inside the first region while
+        that is the only one, return (region start, region view, addrs, lengths); else None."""
+        spans = self._spans
+        if len(spans) != 1:
+            return None
+        start, end, view = spans[0]
+        addrs, lengths = zip(*ranges)
+        if min(addrs) >= start and min(lengths) > 0 and max(map(operator.add, addrs, lengths)) <= end:
+            return start, view, addrs, lengths
+        return None
+
     # -- bytes ------------------------------------------------------------------------------
     def read(self, addr: int, length: int) -> bytes:
-        return b"".join(bytes(c.region._view[c.offset:c.offset + c.length]) for c in self._chunks(addr, length))
+        spans = self._spans
+        if len(spans) == 1:  # fast path: one region, the range inside it
+            start, end, view = spans[0]
+            if start <= addr and 0 <= length and addr + length <= end:
+                return view[addr - start:addr - start + length].tobytes()
+        pieces = self._pieces(addr, length)
+        if len(pieces) == 1:
+            i, off, n = pieces[0]
+            return spans[i][2][off:off + n].tobytes()
+        return b"".join(spans[i][2][off:off + n].tobytes() for i, off, n in pieces)
 
     def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         data = memoryview(data).cast("B")
-        chunks = list(self._chunks(addr, len(data)))  # check the whole range before writing any of it
+        spans = self._spans
+        if len(spans) == 1:  # fast path: one region, the range inside it
+            start, end, view = spans[0]
+            if start <= addr and addr + len(data) <= end:
+                view[addr - start:addr - start + len(data)] = data
+                return
+        pieces = self._pieces(addr, len(data))  # check the whole range before writing any of it
         pos = 0
-        for c in chunks:
-            c.region._view[c.offset:c.offset + c.length] = data[pos:pos + c.length]
-            pos += c.length
+        for i, off, n in pieces:
+            spans[i][2][off:off + n] = data[pos:pos + n]
+            pos += n
 
     def fill(self, addr: int, length: int, value: int = 0) -> None:
-        chunks = list(self._chunks(addr, length))
-        for c in chunks:
-            c.region._view[c.offset:c.offset + c.length] = bytes([value]) * c.length
+        pieces = self._pieces(addr, length)
+        spans = self._spans
+        for i, off, n in pieces:
+            spans[i][2][off:off + n] = bytes([value]) * n
 
     # -- integers (little endian) -----------------------------------------------------------
     def read_u8(self, addr: int) -> int:

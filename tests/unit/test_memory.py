@@ -344,3 +344,139 @@ def test_region_at_the_top_of_the_address_space():
         assert mem.end == U64 and mem.check_range(top, PAGE)
     finally:
         mem.close()
+
+
+# -- scatter/gather views -------------------------------------------------------------------------
+def model_split(model: Model, addr: int, length: int) -> list[int]:
+    """Lengths of the per-region pieces of an in-RAM range (where views must be split)."""
+    out, pos, end = [], addr, addr + length
+    while pos < end:
+        start, buf = next((s, b) for s, b in model.regions.items() if s <= pos < s + len(b))
+        n = min(end, start + len(buf)) - pos
+        out.append(n)
+        pos += n
+    return out
+
+
+@MEM_SETTINGS
+@given(st.data())
+def test_views_cover_exactly_the_ranges(data):
+    """views() succeeds exactly when every range is RAM; the views are exactly those bytes (split
+    at region boundaries), writable, and writes through them land where the model says."""
+    layout = data.draw(layouts())
+    mem = GuestMemory.anonymous(layout, hugepages=False)
+    model = Model(layout)
+    try:
+        for _ in range(data.draw(st.integers(1, 8))):
+            ranges = data.draw(st.lists(accesses(layout), max_size=5))
+            ok = all(model.inside(a, n) for a, n in ranges)
+            before = snapshot(mem)
+            if not ok:
+                with pytest.raises(GuestMemoryError):
+                    mem.views(ranges)
+                assert snapshot(mem) == before
+                continue
+            if sum(n for _, n in ranges) > 16 * PAGE:
+                continue  # huge (e.g. 2**64-byte) ranges cannot be inside these small layouts
+            views = mem.views(iter(ranges))  # any iterable
+            expected = [n for a, n in ranges for n in model_split(model, a, n)]
+            assert [len(v) for v in views] == expected
+            assert all(not v.readonly and v.format == "B" for v in views)
+            assert b"".join(v.tobytes() for v in views) == b"".join(model.read(a, n) for a, n in ranges)
+            # write a distinct pattern through the views, in order (later ranges win on overlap)
+            seed = data.draw(st.integers(0, 255))
+            flat = b"".join(model_split_payload(n, seed + i) for i, (_, n) in enumerate(ranges))
+            pos = 0
+            for v in views:
+                v[:] = flat[pos:pos + len(v)]
+                pos += len(v)
+            pos = 0
+            for a, n in ranges:
+                model.write(a, flat[pos:pos + n])
+                pos += n
+            assert snapshot(mem) == model.snapshot()
+            del views
+    finally:
+        mem.close()
+
+
+def model_split_payload(n: int, seed: int) -> bytes:
+    return bytes((i * 13 + seed) & 0xFF for i in range(n))
+
+
+def test_views_single_and_multi_region():
+    mem = GuestMemory.anonymous([(0, 2 * PAGE), (2 * PAGE, PAGE), (4 * PAGE, PAGE)], hugepages=False)
+    try:
+        mem.write(0, payload_for(3 * PAGE))
+        vs = mem.views([(10, 20), (2 * PAGE - 5, 10), (4 * PAGE, 0), (3 * PAGE - 1, 0), (4 * PAGE + 1, 7)])
+        assert [len(v) for v in vs] == [20, 5, 5, 7]
+        assert vs[0].tobytes() == payload_for(3 * PAGE)[10:30]
+        assert b"".join(v.tobytes() for v in vs[1:3]) == payload_for(3 * PAGE)[2 * PAGE - 5:2 * PAGE + 5]
+        vs[3][:] = b"ABCDEFG"
+        assert mem.read(4 * PAGE, 9) == b"\0ABCDEFG\0"
+        assert mem.views([]) == []
+        for bad in ((3 * PAGE - 1, 2), (3 * PAGE, 1), (5 * PAGE - 1, 2), (-1, 1), (0, -1), (U64 - 1, 2)):
+            with pytest.raises(GuestMemoryError):
+                mem.views([(0, 1), bad])
+    finally:
+        mem.close()
+
+
+@pytest.mark.parametrize("addr,length", [(-1, 1), (0, -1), (U64 - 1, 2), (U64, 1), (1 << 70, 1), (PAGE, -PAGE),
+                                         (PAGE, 1), (PAGE - 1, 2), (0, PAGE + 1)])
+def test_views_wild_ranges_raise(addr, length):
+    mem = GuestMemory.anonymous([(0, PAGE)], hugepages=False)
+    try:
+        with pytest.raises(GuestMemoryError):
+            mem.views([(addr, length)])
+        assert [len(v) for v in mem.views([(0, PAGE), (PAGE, 0)])] == [PAGE]
+    finally:
+        mem.close()
+
+
+def test_views_work_with_preadv_and_keep_the_mapping_alive(tmp_path):
+    import os
+    f = tmp_path / "f"
+    f.write_bytes(payload_for(3 * PAGE))
+    mem = GuestMemory.anonymous([(0, 2 * PAGE), (2 * PAGE, 2 * PAGE)], hugepages=False)
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        vs = mem.views([(PAGE, 2 * PAGE), (3 * PAGE + 8, 100)])
+        assert len(vs) == 3
+        assert os.preadv(fd, vs, 0) == 2 * PAGE + 100
+        assert mem.read(PAGE, 2 * PAGE) == payload_for(3 * PAGE)[:2 * PAGE]
+        assert mem.read(3 * PAGE + 8, 100) == payload_for(3 * PAGE)[2 * PAGE:2 * PAGE + 100]
+    finally:
+        os.close(fd)
+        mem.close()  # a view still exists: the mapping must stay usable, not be unmapped
+    vs[0][:4] = b"live"
+    assert vs[0][:4].tobytes() == b"live"
+
+
+@MEM_SETTINGS
+@given(st.data())
+def test_first_outside_matches_check_range(data):
+    layout = data.draw(layouts())
+    mem = GuestMemory.anonymous(layout, hugepages=False)
+    model = Model(layout)
+    try:
+        ranges = data.draw(st.lists(accesses(layout), max_size=6))
+        bad = [r for r in ranges if not model.inside(*r)]
+        assert mem.first_outside(ranges) == (bad[0] if bad else None)
+        assert mem.first_outside(iter(ranges)) == (bad[0] if bad else None)
+    finally:
+        mem.close()
+
+
+@MEM_SETTINGS
+@given(st.data())
+def test_all_inside_matches_check_range(data):
+    layout = data.draw(layouts())
+    mem = GuestMemory.anonymous(layout, hugepages=False)
+    model = Model(layout)
+    try:
+        ranges = data.draw(st.lists(accesses(layout), max_size=6))
+        addrs, lengths = tuple(a for a, _ in ranges), tuple(n for _, n in ranges)
+        assert mem.all_inside(addrs, lengths) == all(model.inside(a, n) for a, n in ranges)
+    finally:
+        mem.close()

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from virtio_mock import MEM_SIZE, Buf, MockDriver  # noqa: E402
 
-from hypyr.devices.virtio.queue import (MAX_INDIRECT, VIRTQ_AVAIL_F_NO_INTERRUPT,  # noqa: E402
+from hypyr.devices.virtio.queue import (MAIN_TABLE_SNAPSHOT, MAX_INDIRECT, VIRTQ_AVAIL_F_NO_INTERRUPT,  # noqa: E402
                                         VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
                                         DescriptorChain, QueueError, SplitQueue)
 from hypyr.memory import GuestMemory  # noqa: E402
@@ -513,3 +513,161 @@ def test_hostile_driver_cannot_escape(desc, ring, flags, used_event, pending, da
     after = d.mem.read(0, MEM_SIZE)
     assert after[:used_lo] == before[:used_lo]
     assert after[used_hi:] == before[used_hi:]
+
+
+# ---------------------------------------------------------------------------- fast paths
+def test_add_used_many_wraps_the_ring_and_the_index():
+    d = MockDriver(size=8)
+    q = d.queue()
+    start = 0xFFFE  # slots 6, 7, 0, 1, 2 and the index wraps 0xFFFF -> 0 on the way
+    d.used_seen = start
+    d.mem.write_u16(d.used + 2, start)
+    q.next_used = q.signalled_used = start
+    d.mem.fill(d.used + 4, 8 * 8, 0xEE)
+    before = d.mem.read(0, MEM_SIZE)
+    entries = [(5, 100), (1, 0), (7, 2**32 - 1), (0, 3), (2, 4)]
+    q.add_used_many(entries)
+    assert d.take_used() == entries
+    assert q.next_used == d.used_idx() == (start + 5) & 0xFFFF
+    after = d.mem.read(0, MEM_SIZE)
+    elem = d.used + 4
+    assert after[elem + 8 * 3:elem + 8 * 6] == before[elem + 8 * 3:elem + 8 * 6]  # slots 3-5 untouched
+    assert after[:d.used + 2] == before[:d.used + 2]
+    assert after[elem + 8 * 8:] == before[elem + 8 * 8:]
+    q.add_used_many([])  # nothing to publish: nothing written
+    assert d.mem.read(0, MEM_SIZE) == after
+    q.add_used_many(iter([(3, 1)]))
+    assert d.take_used() == [(3, 1)]
+
+
+def test_add_used_many_on_inactive_queue_is_dropped():
+    q = SplitQueue(8)
+    q.add_used_many([(0, 0), (1, 1)])
+    assert q.next_used == 0
+
+
+def test_long_indirect_chain_lengths_and_ranges():
+    d = MockDriver(size=16)
+    q = d.queue(indirect=True)
+    hdr = d.alloc(b"H" * 16)
+    pages = [d.alloc(2048) for _ in range(254)]
+    st_ = d.alloc(1)
+    bufs = [Buf(hdr, 16)] + [Buf(a, 2048, write=True) for a in pages] + [Buf(st_, 1, write=True)]
+    d.add_chain(bufs, indirect=True)
+    import hypyr.devices.virtio.queue as Q
+    table = d.mem.read(d.mem.read_u64(d.desc), 16 * len(bufs))
+    assert Q._linear_table(table, len(bufs)) is not None  # the fast path applies to this layout
+    chain = q.pop()
+    assert chain.readable == [(hdr, 16)]
+    assert chain.writable == [(a, 2048) for a in pages] + [(st_, 1)]
+    assert chain.readable_len == 16 and chain.writable_len == 254 * 2048 + 1
+    assert chain.writable_ranges(0, 254 * 2048) == [(a, 2048) for a in pages]
+    assert chain.writable_ranges(254 * 2048) == [(st_, 1)]
+    assert chain.writable_ranges(2047, 2) == [(pages[0] + 2047, 1), (pages[1], 1)]
+    assert chain.readable_ranges(4, 8) == [(hdr + 4, 8)]
+    assert chain.readable_ranges(16) == [] and chain.writable_ranges(5, 0) == []
+    for off, n in ((-1, 1), (0, 17), (16, 1), (0, -1)):
+        with pytest.raises(QueueError):
+            chain.readable_ranges(off, n)
+    with pytest.raises(QueueError):
+        chain.writable_ranges(254 * 2048 + 1, 1)
+
+
+@FAST
+@given(sizes=st.lists(st.integers(0, 40), min_size=1, max_size=6), data=st.data())
+def test_ranges_match_read(sizes, data):
+    d = MockDriver()
+    bufs = [(d.alloc(n), n) for n in sizes]
+    for addr, n in bufs:
+        d.mem.write(addr, bytes(data.draw(st.binary(min_size=n, max_size=n))))
+    chain = DescriptorChain(0, readable=bufs, writable=bufs)
+    total = sum(sizes)
+    off = data.draw(st.integers(0, total))
+    length = data.draw(st.integers(0, total - off))
+    for ranges in (chain.readable_ranges(off, length), chain.writable_ranges(off, length)):
+        assert all(n >= 0 for _, n in ranges) and sum(n for _, n in ranges) == length
+        assert not ranges or (ranges[0][1] > 0 and ranges[-1][1] > 0)  # empty pieces only from empty buffers
+        assert b"".join(d.mem.read(a, n) for a, n in ranges) == chain.read(d.mem, length, off)
+        assert b"".join(v.tobytes() for v in d.mem.views(ranges)) == chain.read(d.mem, length, off)
+
+
+def test_big_main_table_walked_without_a_snapshot():
+    """A queue whose table is larger than MAIN_TABLE_SNAPSHOT is walked a descriptor at a time:
+    same chains, same loop detection."""
+    size = 2048
+    assert 16 * size > MAIN_TABLE_SNAPSHOT
+    d = MockDriver(size=size)
+    q = d.queue()
+    buf = d.alloc(64)
+    d.add_chain([Buf(buf + i, 1) for i in range(40)] + [Buf(buf + 40, 8, write=True)])
+    chain = q.pop()
+    assert chain.readable == [(buf + i, 1) for i in range(40)] and chain.writable == [(buf + 40, 8)]
+    d.write_desc(100, buf, 4, VIRTQ_DESC_F_NEXT, 101)
+    d.write_desc(101, buf, 4, VIRTQ_DESC_F_NEXT, 100)
+    d.publish(100)
+    with pytest.raises(QueueError, match="loop"):
+        q.pop()
+
+
+def test_main_table_snapshot_sees_descriptors_published_before_the_pop():
+    d = MockDriver(size=16)
+    q = d.queue()
+    a, b = d.alloc(b"first"), d.alloc(b"second")
+    h = d.add_chain([Buf(a, 5), Buf(b, 6)])
+    assert q.pop().read(d.mem) == b"firstsecond"
+    d.write_desc(h + 1, a, 5, 0, 0)  # the driver re-uses the descriptors for the next chain
+    d.write_desc(h, b, 6, VIRTQ_DESC_F_NEXT, h + 1)
+    d.publish(h)
+    assert q.pop().read(d.mem) == b"secondfirst"
+
+
+_ind_flags = st.sampled_from([0, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE,
+                              VIRTQ_DESC_F_INDIRECT, 8, 0xFFFF])
+
+
+@FAST
+@given(n=st.integers(1, 12), data=st.data(), direct_first=st.booleans())
+def test_indirect_fast_path_matches_the_walk(n, data, direct_first):
+    """The one-go check of linear indirect tables gives exactly what the descriptor-by-descriptor
+    walk gives (same chain, or a QueueError both ways)."""
+    import hypyr.devices.virtio.queue as Q
+    linear = data.draw(st.booleans())
+    descs = []
+    nwrite = data.draw(st.integers(0, n))
+    for i in range(n):
+        if linear and data.draw(st.integers(0, 9)) > 0:
+            flags = (VIRTQ_DESC_F_WRITE if i >= n - nwrite else 0) | (VIRTQ_DESC_F_NEXT if i + 1 < n else 0)
+            nxt = i + 1 if i + 1 < n else data.draw(st.integers(0, 0xFFFF))
+        else:
+            flags = data.draw(_ind_flags)
+            nxt = data.draw(st.one_of(st.integers(0, n), st.integers(0, 0xFFFF)))
+        addr = data.draw(st.one_of(st.integers(0x10000, 0x20000), st.sampled_from([0, MEM_SIZE - 1, 2**64 - 1])))
+        length = data.draw(st.one_of(st.integers(0, 64), st.sampled_from([MEM_SIZE, 2**32 - 1])))
+        descs.append((addr, length, flags, nxt))
+
+    def pop(use_fast):
+        d = MockDriver(size=8)
+        q = d.queue(indirect=True)
+        table = d.alloc(b"".join(struct.pack("<QIHH", *x) for x in descs))
+        if direct_first:  # a direct readable descriptor chained to the indirect one
+            d.write_desc(0, 0x10000, 4, VIRTQ_DESC_F_NEXT, 1)
+            d.write_desc(1, table, 16 * n, VIRTQ_DESC_F_INDIRECT, 0)
+            d.publish(0)
+        else:
+            d.write_desc(0, table, 16 * n, VIRTQ_DESC_F_INDIRECT, 0)
+            d.publish(0)
+        real = Q._linear_table
+        Q._linear_table = real if use_fast else (lambda table, count: None)
+        try:
+            c = q.pop()
+            return ("chain", c.readable, c.writable, c.readable_len, c.writable_len)
+        except QueueError:
+            return ("error",)
+        finally:
+            Q._linear_table = real
+
+    fast, slow = pop(True), pop(False)
+    event(fast[0])
+    assert fast == slow
+    if fast[0] == "chain":
+        assert fast[3] == sum(x for _, x in fast[1]) and fast[4] == sum(x for _, x in fast[2])

@@ -13,18 +13,31 @@ host I/O error) or UNSUPP (unknown type, feature not negotiated, unknown flags).
 never read or written outside ``[0, capacity * 512)`` and a read-only image is opened
 ``O_RDONLY``.  Rejected requests are logged at warning level once per kind.
 
-I/O runs on a thread pool: :meth:`VirtioBlk.queue_notify` pops every available chain and
-submits it; the worker does the file I/O in bounded chunks (so a hostile chain covering
-gigabytes of guest RAM costs time, not host memory), copies into guest memory, puts the chain on
-the used ring and signals the queue.  Ordering and lifetime:
+I/O runs on a thread pool: :meth:`VirtioBlk.queue_notify` pops every available chain (reading
+each request header once, there) and hands the batch to the workers in a few groups (at most one
+per worker, so several requests are still in flight at once; a FLUSH is a group of its own).  A
+worker runs its group's requests in order, then completes them together: status bytes, one
+used-ring update, one interrupt.  Data moves directly between the image and the guest's buffers:
+``os.preadv``/``os.pwritev`` on :meth:`GuestMemory.views <hypyr.memory.GuestMemory.views>` of
+exactly the data part of the chain (after the 16-byte header, before the status byte), in
+syscalls of at most :data:`IO_CHUNK` bytes and :data:`IOV_MAX` buffers, looping on short
+transfers, so a hostile chain covering gigabytes of guest RAM costs time, not host memory.
+Ordering and lifetime:
 
 * FLUSH waits for every request submitted before it, then ``fdatasync``; an OUT is completed
-  only after ``pwrite`` returned, so data acknowledged by a FLUSH is on the disk.
-* Every activation and reset starts a new *generation*.  Guest memory writes and used-ring
-  updates of a request happen under the device lock and only if its generation is current,
-  so a request that finishes after :meth:`reset` never touches guest memory or the new queue.
-  :meth:`reset` additionally waits (bounded) for in-flight requests, so their file writes
-  have finished too.
+  only after ``pwritev`` returned, so data acknowledged by a FLUSH is on the disk.
+* Every activation and reset starts a new *generation*.  Status bytes, GET_ID data and
+  used-ring updates of a request are written under the device lock and only if its generation is
+  current, so a request that finishes after :meth:`reset` never completes, never writes its
+  status byte and never touches the new queue.  Bulk data is different: each ``preadv`` into
+  guest memory is started only if the request's generation is current, but it is *not* made
+  under the device lock (that would serialise all I/O and let a stuck host read block
+  :meth:`reset` for ever).  So a read that is already in the kernel when the device is reset
+  can still land, later, in the guest buffers the driver handed over for it.  That is safe for
+  the VMM: the views cover exactly those buffers, which are guest RAM, and keep the mapping
+  alive (never freed host memory); it is what a real DMA device that has not quiesced would do.
+  :meth:`reset` waits (bounded, :data:`RESET_WAIT`) for in-flight requests, so normally their
+  reads and file writes have finished before it returns and nothing lands late at all.
 
 Callers must :meth:`VirtioBlk.close` the device when the VM is torn down (it waits for
 in-flight I/O, stops the workers and closes the image).  The image is ``flock``-ed (exclusive
@@ -43,7 +56,7 @@ import stat
 import struct
 import threading
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 from hypyr.errors import HypyrError
 from hypyr.memory import GuestMemory
@@ -95,7 +108,8 @@ DISCARD_SECTOR_ALIGNMENT = 8             # a hint: 4 KiB
 MAX_WRITE_ZEROES_SECTORS = 0x3FFFFF
 MAX_WRITE_ZEROES_SEG = 32
 
-IO_CHUNK = 1 << 20                       # bytes per pread/pwrite and per guest-memory copy
+IO_CHUNK = 4 << 20                       # at most this many bytes per preadv/pwritev/pwrite
+IOV_MAX = 1024                           # at most this many buffers per preadv/pwritev (Linux UIO_MAXIOV)
 RESET_WAIT = 5.0                         # seconds reset() waits for in-flight requests
 
 # struct virtio_blk_config up to write_zeroes_may_unmap and its padding (60 bytes)
@@ -131,13 +145,18 @@ class _Stale(Exception):
     """The request belongs to an earlier generation (the device was reset): abandon it."""
 
 
+_HEADER = struct.Struct("<IIQ")
+
+
 @dataclass
 class _Request:
     gen: int
     queue: SplitQueue
     mem: GuestMemory
     chain: DescriptorChain
+    header: tuple[int, int, int] | None  # (type, reserved, sector), read once; None if too short
     written: int = 0  # bytes written into the chain's writable buffers
+    status: int = VIRTIO_BLK_S_IOERR
 
 
 class VirtioBlk(VirtioDevice):
@@ -191,6 +210,7 @@ class VirtioBlk(VirtioDevice):
         self._idle = threading.Condition(self._lock)
         self._gen = 0
         self._pending: set[concurrent.futures.Future] = set()
+        self._workers = workers
         self._closed = False
         self._warned: set[str] = set()
         self._punch_supported = _fallocate is not None
@@ -274,26 +294,36 @@ class VirtioBlk(VirtioDevice):
         if index != 0:
             log.debug("virtio-blk: notify for nonexistent queue %d ignored", index)
             return
-        while True:
-            # Pop and submit under the device lock, so each request is tagged with the generation
-            # of the activation it was popped in, even if a reset races with this notify.
-            with self._lock:
-                if not self.queues or self.mem is None:
-                    return
-                queue = self.queues[0]
-                chain = queue.pop()  # QueueError (a DeviceError) propagates to the transport
-                if chain is None:
-                    return
-                if chain.writable_len == 0:
-                    raise DeviceError(f"virtio-blk request (head {chain.head}) has no device-writable "
-                                      f"status byte")
-                req = _Request(self._gen, queue, self.mem, chain)
-                fut = self._submit_locked(req)
-            if fut is None:
-                self._warn_once("closed", "virtio-blk: %s: request after close(); failing it", self.path)
-                self._complete(req, VIRTIO_BLK_S_IOERR)
-            else:
+        reqs: list[_Request] = []
+        error: DeviceError | None = None
+        # Pop and submit under the device lock, so each request is tagged with the generation of
+        # the activation it was popped in, even if a reset races with this notify.
+        with self._lock:
+            if not self.queues or self.mem is None:
+                return
+            queue, mem, gen = self.queues[0], self.mem, self._gen
+            try:
+                while True:
+                    chain = queue.pop()  # QueueError (a DeviceError) goes to the transport
+                    if chain is None:
+                        break
+                    if chain.writable_len == 0:
+                        raise DeviceError(f"virtio-blk request (head {chain.head}) has no device-writable "
+                                          f"status byte")
+                    header = (_HEADER.unpack(chain.read(mem, HEADER_SIZE))
+                              if chain.readable_len >= HEADER_SIZE else None)
+                    reqs.append(_Request(gen, queue, mem, chain, header))
+            except DeviceError as e:  # submit what was popped before the bad chain, then raise
+                error = e
+            futs = self._submit_locked(reqs) if reqs else []
+        if futs is None:
+            self._warn_once("closed", "virtio-blk: %s: request after close(); failing it", self.path)
+            self._complete_many(reqs)  # status IOERR
+        else:
+            for fut in futs:
                 fut.add_done_callback(self._done)  # outside the lock: it may run at once and take it
+        if error is not None:
+            raise error
 
     # ------------------------------------------------------------------ host interface
     def wait_idle(self, timeout: float | None = None) -> bool:
@@ -323,14 +353,38 @@ class VirtioBlk(VirtioDevice):
             raise ValueError(f"saved virtio-blk state {s} does not match this disk {self.state()}")
 
     # ------------------------------------------------------------------ request handling
-    def _submit_locked(self, req: _Request) -> concurrent.futures.Future | None:
-        """Hand ``req`` to a worker (lock held); None once the device is closed."""
+    def _submit_locked(self, reqs: list[_Request]) -> list[concurrent.futures.Future] | None:
+        """Hand a batch to the workers (lock held); None once the device is closed.
+
+        The requests between two FLUSHes are split into at most one group per worker (in order,
+        so each group is a contiguous run); each FLUSH is a group of its own, submitted after
+        everything before it, whose futures it will wait for."""
         if self._closed:
             return None
-        before = list(self._pending)  # a FLUSH waits for these
-        fut = self._executor.submit(self._run, req, before)
-        self._pending.add(fut)
-        return fut
+        futs: list[concurrent.futures.Future] = []
+        run: list[_Request] = []
+
+        def submit(group: list[_Request]) -> None:
+            before = list(self._pending)  # a FLUSH waits for these
+            fut = self._executor.submit(self._run, group, before)
+            self._pending.add(fut)
+            futs.append(fut)
+
+        def submit_run() -> None:
+            n = len(run)
+            k = min(self._workers, n)
+            for i in range(k):
+                submit(run[i * n // k:(i + 1) * n // k])
+            run.clear()
+
+        for req in reqs:
+            if req.header is not None and req.header[0] == VIRTIO_BLK_T_FLUSH:
+                submit_run()
+                submit([req])
+            else:
+                run.append(req)
+        submit_run()
+        return futs
 
     def _done(self, fut: concurrent.futures.Future) -> None:
         with self._idle:
@@ -338,28 +392,44 @@ class VirtioBlk(VirtioDevice):
             if not self._pending:
                 self._idle.notify_all()
 
-    def _run(self, req: _Request, before: list[concurrent.futures.Future]) -> None:
-        try:
-            if req.gen != self._gen:
-                return
-            status = self._execute(req, before)
-        except _Stale:
-            return
-        except Exception:  # never let a bug kill the request silently: fail it
-            log.exception("virtio-blk: %s: request (head %d) failed", self.path, req.chain.head)
-            status = VIRTIO_BLK_S_IOERR
-        self._complete(req, status)
+    def _run(self, group: list[_Request], before: list[concurrent.futures.Future]) -> None:
+        finished = []
+        for req in group:
+            try:
+                if req.gen != self._gen:
+                    break
+                req.status = self._execute(req, before)
+            except _Stale:
+                break
+            except Exception:  # never let a bug kill the request silently: fail it
+                log.exception("virtio-blk: %s: request (head %d) failed", self.path, req.chain.head)
+                req.status = VIRTIO_BLK_S_IOERR
+            finished.append(req)
+        self._complete_many(finished)
 
-    def _complete(self, req: _Request, status: int) -> None:
-        chain = req.chain
+    def _complete_many(self, reqs: list[_Request]) -> None:
+        """Write the status bytes, put the chains on the used ring (one index update) and signal
+        one interrupt; requests of an earlier generation are dropped."""
         with self._lock:
-            if req.gen != self._gen:
+            entries = []
+            queue = None
+            for req in reqs:
+                if req.gen != self._gen:
+                    continue
+                chain = req.chain
+                try:
+                    chain.write(req.mem, bytes((req.status,)), chain.writable_len - 1)
+                except Exception as e:  # guest memory gone (VM torn down): nothing to complete
+                    log.error("virtio-blk: cannot complete request (head %d): %s", chain.head, e)
+                    continue
+                entries.append((chain.head, req.written + 1))
+                queue = req.queue
+            if queue is None:
                 return
             try:
-                chain.write(req.mem, bytes([status]), chain.writable_len - 1)
-                req.queue.add_used(chain.head, req.written + 1)
-            except Exception as e:  # guest memory gone (VM torn down): nothing to complete
-                log.error("virtio-blk: cannot complete request (head %d): %s", chain.head, e)
+                queue.add_used_many(entries)
+            except Exception as e:
+                log.error("virtio-blk: cannot complete %d requests: %s", len(entries), e)
                 return
             try:
                 self.signal_used(0)
@@ -383,12 +453,12 @@ class VirtioBlk(VirtioDevice):
         return 0 <= sector <= self.capacity and nsectors <= self.capacity - sector
 
     def _execute(self, req: _Request, before: list[concurrent.futures.Future]) -> int:
-        chain, mem = req.chain, req.mem
-        if chain.readable_len < HEADER_SIZE:
+        chain = req.chain
+        if req.header is None:
             self._warn_once("header", "virtio-blk: %s: request with a %d-byte header; failing it",
                             self.path, chain.readable_len)
             return VIRTIO_BLK_S_IOERR
-        rtype, _reserved, sector = struct.unpack("<IIQ", chain.read(mem, HEADER_SIZE))
+        rtype, _reserved, sector = req.header
         data_in = chain.writable_len - 1           # device-writable bytes before the status byte
         data_out = chain.readable_len - HEADER_SIZE  # device-readable bytes after the header
         if rtype == VIRTIO_BLK_T_IN:
@@ -421,19 +491,14 @@ class VirtioBlk(VirtioDevice):
         if not self._check_rw("read", sector, nbytes):
             return VIRTIO_BLK_S_IOERR
         base = sector * SECTOR_SIZE
-        pos = 0
         try:
-            while pos < nbytes:
-                n = min(IO_CHUNK, nbytes - pos)
-                data = self._pread_full(base + pos, n)
-                if len(data) < n:
-                    self._warn_once("eof", "virtio-blk: %s: unexpected end of file at %d (image shrunk?)",
-                                    self.path, base + pos + len(data))
-                    return VIRTIO_BLK_S_IOERR
-                self._guest_write(req, data, pos)
-                pos += n
+            got = self._transfer(req, req.chain.writable_ranges(0, nbytes), base, nbytes, True)
         except OSError as e:
             self._warn_once(f"eio-read-{e.errno}", "virtio-blk: %s: read error: %s", self.path, e)
+            return VIRTIO_BLK_S_IOERR
+        if got < nbytes:
+            self._warn_once("eof", "virtio-blk: %s: unexpected end of file at %d (image shrunk?)",
+                            self.path, base + got)
             return VIRTIO_BLK_S_IOERR
         return VIRTIO_BLK_S_OK
 
@@ -443,19 +508,83 @@ class VirtioBlk(VirtioDevice):
             return VIRTIO_BLK_S_IOERR
         if not self._check_rw("write", sector, nbytes):
             return VIRTIO_BLK_S_IOERR
-        base = sector * SECTOR_SIZE
-        pos = 0
         try:
-            while pos < nbytes:
-                if req.gen != self._gen:
-                    raise _Stale()
-                n = min(IO_CHUNK, nbytes - pos)
-                self._pwrite_full(req.chain.read(req.mem, n, HEADER_SIZE + pos), base + pos)
-                pos += n
+            self._transfer(req, req.chain.readable_ranges(HEADER_SIZE, nbytes), sector * SECTOR_SIZE, nbytes,
+                           False)
         except OSError as e:
             self._warn_once(f"eio-write-{e.errno}", "virtio-blk: %s: write error: %s", self.path, e)
             return VIRTIO_BLK_S_IOERR
         return VIRTIO_BLK_S_OK
+
+    def _transfer(self, req: _Request, ranges: list[tuple[int, int]], offset: int, nbytes: int,
+                  into_guest: bool) -> int:
+        """``preadv`` the image at ``offset`` into the guest ``ranges`` (``into_guest``), or
+        ``pwritev`` them to it, ``nbytes`` in all; returns the bytes moved (fewer only at the end
+        of the file, for reads).  Syscalls are bounded by IO_CHUNK bytes and IOV_MAX buffers; the
+        request's generation is checked before each one."""
+        chunk_max, iov_max = IO_CHUNK, IOV_MAX
+        if nbytes <= chunk_max and len(ranges) <= iov_max:
+            chunks: Iterable[list[tuple[int, int]]] = (ranges,)  # the usual case: one syscall
+        else:
+            chunks = self._split_ranges(ranges, chunk_max, iov_max)
+        done = 0
+        for chunk in chunks:
+            n, eof = self._transfer_views(req, req.mem.views(chunk), offset + done, into_guest)
+            done += n
+            if into_guest:
+                req.written = done
+            if eof:
+                break
+        return done
+
+    @staticmethod
+    def _split_ranges(ranges: list[tuple[int, int]], chunk_max: int, iov_max: int):
+        """Yield lists of ranges of at most ``chunk_max`` bytes and ``iov_max`` entries."""
+        chunk: list[tuple[int, int]] = []
+        size = 0
+        for addr, n in ranges:
+            while n:
+                take = min(n, chunk_max - size)
+                chunk.append((addr, take))
+                size += take
+                addr += take
+                n -= take
+                if size == chunk_max or len(chunk) == iov_max:
+                    yield chunk
+                    chunk, size = [], 0
+        if chunk:
+            yield chunk
+
+    def _transfer_views(self, req: _Request, views: list[memoryview], offset: int,
+                        into_guest: bool) -> tuple[int, bool]:
+        """One chunk: loop on short transfers until all of ``views`` is done; returns the bytes
+        moved and whether the end of the file was met first (reads only)."""
+        op = os.preadv if into_guest else os.pwritev
+        fd = self._fd
+        left = sum(len(v) for v in views)
+        done = 0
+        i = 0
+        while left:
+            if req.gen != self._gen:  # reset: start no more I/O for this request
+                raise _Stale()
+            r = op(fd, views[i:i + IOV_MAX] if i or len(views) > IOV_MAX else views, offset + done)
+            if r <= 0:
+                if into_guest:
+                    return done, True
+                raise OSError(errno.EIO, "short write")
+            done += r
+            left -= r
+            if not left:
+                break
+            while r:  # skip what was transferred; the first partly done view is sliced
+                n = len(views[i])
+                if r >= n:
+                    r -= n
+                    i += 1
+                else:
+                    views[i] = views[i][r:]
+                    r = 0
+        return done, False
 
     def _do_flush(self, before: list[concurrent.futures.Future]) -> int:
         concurrent.futures.wait(before)  # every earlier request has finished its I/O
@@ -515,17 +644,6 @@ class VirtioBlk(VirtioDevice):
         return VIRTIO_BLK_S_OK
 
     # ------------------------------------------------------------------ file I/O
-    def _pread_full(self, offset: int, n: int) -> bytes:
-        buf = bytearray(n)
-        view = memoryview(buf)
-        got = 0
-        while got < n:
-            r = os.preadv(self._fd, [view[got:]], offset + got)
-            if r == 0:
-                break
-            got += r
-        return bytes(view[:got]) if got < n else bytes(buf)
-
     def _pwrite_full(self, data: bytes, offset: int) -> None:
         view = memoryview(data)
         while view:
@@ -549,7 +667,7 @@ class VirtioBlk(VirtioDevice):
         raise OSError(err, os.strerror(err))
 
     def _write_zeroes(self, req: _Request, offset: int, length: int) -> None:
-        zeros = bytes(min(IO_CHUNK, length))
+        zeros = bytes(min(IO_CHUNK, 1 << 20, length))
         end = offset + length
         while offset < end:
             if req.gen != self._gen:
