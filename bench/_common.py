@@ -53,3 +53,31 @@ def ensure_image() -> int:
 
 def lab_command(script: Path, argv: list[str]) -> list[str]:
     return [sys.executable, "-m", "hypyr", "lab", "--", sys.executable, str(script), *argv]
+
+
+def lab_guest(kernel: str | None, initrd: str | None) -> tuple[str, str, str] | None:
+    """Inside the lab: (kernel, initrd, qemu) for a VMM comparison, defaulting to the default
+    image; prints why and returns None when something is missing."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    import shutil
+
+    from hypyr.image import build as image
+    if not kernel:
+        d = image.image_dir()
+        kernel, initrd = str(d / "vmlinuz"), initrd or str(d / "initrd.img")
+    problem = None
+    if not initrd:
+        problem = "--initrd is required with --kernel"
+    else:
+        problem = next((f"{p} is missing (run `hypyr image build` on the host)"
+                        for p in (kernel, initrd) if not os.path.isfile(p)), None)
+    qemu = shutil.which("qemu-system-x86_64")
+    if problem is None and qemu is None:
+        problem = "qemu-system-x86_64 not found"
+    if problem is None and not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        problem = "/dev/kvm is not usable here"
+    if problem:
+        print(f"bench: {problem}", file=sys.stderr)
+        return None
+    return kernel, initrd, qemu

@@ -36,7 +36,7 @@ REPO = HERE.parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE.parent))
-from _common import ensure_image, kill_all_live, kill_group, lab_command, live, on_signal, tail  # noqa: E402
+from _common import ensure_image, lab_guest, kill_all_live, kill_group, lab_command, live, on_signal, tail  # noqa: E402
 
 GUEST_MEMORY = "512M"
 SEQ_GOAL = 0.9                 # hypyr / QEMU, sequential throughput
@@ -309,26 +309,10 @@ def make_disk(path: str, mib: int) -> None:
 
 
 def lab_side(args: argparse.Namespace) -> int:
-    from hypyr.image import build as image
-    if args.kernel:
-        kernel, initrd = args.kernel, args.initrd
-    else:
-        d = image.image_dir()
-        kernel, initrd = str(d / "vmlinuz"), args.initrd or str(d / "initrd.img")
-    if not initrd:
-        print("bench: --initrd is required with --kernel", file=sys.stderr)
+    guest = lab_guest(args.kernel, args.initrd)
+    if guest is None:
         return 2
-    for path in (kernel, initrd):
-        if not os.path.isfile(path):
-            print(f"bench: {path} is missing (run `hypyr image build` on the host)", file=sys.stderr)
-            return 2
-    qemu = shutil.which("qemu-system-x86_64")
-    if qemu is None:
-        print("bench: qemu-system-x86_64 not found", file=sys.stderr)
-        return 2
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        print("bench: /dev/kvm is not usable here", file=sys.stderr)
-        return 2
+    kernel, initrd, qemu = guest
 
     script = guest_script(args.mib, args.seq4k, args.rand)
     cmdline = guest_cmdline(script)

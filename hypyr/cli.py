@@ -226,6 +226,16 @@ def cmd_sched_credit(args) -> int:
     return 0
 
 
+def cmd_info(args) -> int:
+    from hypyr.toolstack import monitor
+    return monitor.cli_info(args)
+
+
+def cmd_top(args) -> int:
+    from hypyr.toolstack import monitor
+    return monitor.cli_top(args)
+
+
 def cmd_serve(args) -> int:
     from hypyr.toolstack import server
     return server.cli_main(args.socket)
@@ -312,6 +322,16 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("-w", dest="weight", type=int, metavar="WEIGHT", help="1-65535 (default 256)")
     sc.add_argument("-c", dest="cap", type=int, metavar="CAP", help="%% of one host CPU, 0 = no cap")
     sc.set_defaults(func=cmd_sched_credit)
+
+    inf = sub.add_parser("info", parents=[common], help="host information (CPUs, memory, KVM backend)")
+    inf.add_argument("--json", action="store_true")
+    inf.set_defaults(func=cmd_info)
+
+    tp = sub.add_parser("top", parents=[common], help="live table of domains: CPU %%, memory, state (q quits)")
+    tp.add_argument("-d", dest="delay", type=float, default=1.0, help="seconds between refreshes")
+    tp.add_argument("-n", dest="iterations", type=int, help="stop after N refreshes")
+    tp.add_argument("-b", dest="batch", action="store_true", help="plain output, no screen control")
+    tp.set_defaults(func=cmd_top)
 
     sv = sub.add_parser("serve", parents=[common], help="serve the toolstack's REST API on a unix socket")
     sv.add_argument("--socket", metavar="PATH", help="default: <state dir>/api.sock")
