@@ -152,6 +152,9 @@ def cmd_list(args) -> int:
         print(json.dumps([dataclasses.asdict(d) for d in doms], indent=2))
         return 0
     print(f"{'Name':<40}{'ID':>5}{'Mem':>6}{'VCPUs':>6}\t{'State':<8}{'Time(s)':>8}")
+    if not args.names:  # as xl: the host first, as Domain-0 (the JSON output lists guests only)
+        host = api.host_domain()
+        print(f"{host.name:<40}{host.domid:>5}{host.memory:>6}{host.vcpus:>6}\t{host.state:<8}{host.cpu_time:>8.1f}")
     for d in doms:
         print(f"{d.name:<40}{d.domid:>5}{d.memory:>6}{d.vcpus:>6}\t{d.state:<8}{d.cpu_time:>8.1f}")
     return 0

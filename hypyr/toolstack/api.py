@@ -17,7 +17,7 @@ from pathlib import Path
 
 from hypyr.errors import HypyrError
 from hypyr.toolstack import paths
-from hypyr.toolstack.registry import DomainRecord, Registry
+from hypyr.toolstack.registry import DOMAIN0_NAME, DomainRecord, Registry
 from hypyr.toolstack.xlcfg import DomainConfig, load
 
 CREATE_TIMEOUT = 120.0
@@ -210,6 +210,22 @@ def xl_state(status: str, running: bool) -> str:
     order = "rbpscd"
     ch = letters.get(status, "-")
     return "".join(c if c == ch else "-" for c in order)
+
+
+def host_domain() -> DomainInfo:
+    """The host as xl's Domain-0 row: its memory, CPUs and busy CPU time since boot."""
+    total = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                total = int(line.split()[1]) // 1024
+    busy = 0.0
+    with open("/proc/stat") as f:
+        fields = f.readline().split()[1:]
+        if fields:
+            ticks = [int(x) for x in fields]
+            busy = (sum(ticks[:8]) - ticks[3] - (ticks[4] if len(ticks) > 4 else 0)) / _CLK_TCK
+    return DomainInfo(DOMAIN0_NAME, 0, total, os.cpu_count() or 1, xl_state("running", True), busy, "running")
 
 
 def list_domains(names: list[str] | None = None) -> list[DomainInfo]:

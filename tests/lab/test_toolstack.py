@@ -172,6 +172,11 @@ def test_bad_input_is_one_sentence(xl, guest_image, tmp_path):
     assert p.returncode != 0 and "bad.cfg:2" in p.stderr and "Traceback" not in p.stderr
     p = xl("create", str(write_cfg(tmp_path, guest_image, "huge", memory=10_000_000)), check=False)
     assert p.returncode != 0 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    nok = write_cfg(tmp_path, guest_image, "nokernel")
+    nok.write_text(nok.read_text().replace(str(guest_image.kernel), "/nonexistent/vmlinuz"))
+    p = xl("create", str(nok), check=False)
+    assert p.returncode != 0 and "/nonexistent/vmlinuz" in p.stderr and "Traceback" not in p.stderr
+    assert json.loads(xl("list", "--json").stdout) == []  # nothing left half-created
     p = xl("pause", "no-such-domain", check=False)
     assert p.returncode != 0 and "no-such-domain" in p.stderr
     cfg = write_cfg(tmp_path, guest_image, "dup", command=TICKER)
