@@ -21,6 +21,13 @@ rules for holders of such views:
 * views keep the mapping alive: while one exists, :meth:`GuestRegion.close` cannot unmap the
   region (the mapping then lives until the process exits), so a late access through a view can
   only ever touch that guest's RAM, never freed host memory.  Drop views when the I/O is done.
+
+For file I/O without any per-buffer view, :meth:`GuestMemory.preadv`/:meth:`~GuestMemory.pwritev`
+(ranges as pairs) and ``preadv_cols``/``pwritev_cols`` (ranges as two columns) check every range
+in full the same way, then call libc ``preadv``/``pwritev`` with an iovec array built here from
+the region's host address (which never leaves this module), holding a view of the region for the
+duration of the call so the mapping cannot be unmapped under the kernel.  Ranges spanning
+several regions (or a libc without the functions) fall back to :meth:`views` and ``os.preadv``.
 """
 
 from __future__ import annotations
@@ -31,9 +38,35 @@ import mmap
 import operator
 import struct
 from dataclasses import dataclass
+import functools
+import os
 from typing import Iterable, Iterator, Sequence
 
 __all__ = ["GuestAddress", "GuestMemoryError", "GuestRegion", "GuestMemory"]
+
+IOV_MAX = 1024  # Linux UIO_MAXIOV: at most this many buffers per preadv/pwritev
+
+
+def _load_libc_rw():
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fns = libc.preadv, libc.pwritev
+    except (OSError, AttributeError):
+        return None, None
+    for fn in fns:
+        fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_int64]
+        fn.restype = ctypes.c_ssize_t
+    return fns
+
+
+_libc_preadv, _libc_pwritev = _load_libc_rw()
+
+
+@functools.lru_cache(maxsize=64)
+def _iovec_struct(count: int) -> struct.Struct:
+    """struct iovec[count] (void *iov_base; size_t iov_len) in native layout."""
+    return struct.Struct("@" + "PN" * count)
+
 
 _MADV_HUGEPAGE = 14
 _MADV_DONTDUMP = 16
@@ -120,6 +153,8 @@ class GuestMemory:
         # For the lookups: region starts (for bisect) and (start, end, view) per region.
         self._starts = [int(r.start) for r in self.regions]
         self._spans = [(int(r.start), r.end, r._view) for r in self.regions]
+        # Host address of each region's mapping, for preadv/pwritev (never leaves this module).
+        self._hosts = [r.host_address() for r in self.regions]
 
     @classmethod
     def anonymous(cls, layout: Iterable[tuple[int, int]], *, hugepages: bool = True) -> "GuestMemory":
@@ -191,6 +226,69 @@ class GuestMemory:
         for addr, length in ranges:
             out.extend(self._views_slow(addr, length))
         return out
+
+    def preadv(self, fd: int, ranges: Sequence[tuple[int, int]], offset: int) -> int:
+        """One ``preadv(2)`` of file ``fd`` at ``offset`` straight into the guest ``ranges``
+        (``(addr, length)`` pairs, at most :data:`IOV_MAX` of them); returns the bytes read (may be
+        short; 0 at the end of the file).  Every range is checked in full first, exactly as in
+        :meth:`views` (:class:`GuestMemoryError` and no I/O if any byte is outside guest RAM), and
+        the mapping is kept alive for the call.  Raises :class:`OSError` on failure."""
+        return self._rw(_libc_preadv, os.preadv, fd, ranges, offset)
+
+    def pwritev(self, fd: int, ranges: Sequence[tuple[int, int]], offset: int) -> int:
+        """One ``pwritev(2)`` of the guest ``ranges`` to file ``fd`` at ``offset``; as :meth:`preadv`."""
+        return self._rw(_libc_pwritev, os.pwritev, fd, ranges, offset)
+
+    def preadv_cols(self, fd: int, addrs: Sequence[int], lengths: Sequence[int], offset: int) -> int:
+        """:meth:`preadv` with the ranges as two columns (``addrs[i], lengths[i]``), same checks."""
+        return self._rw_cols(_libc_preadv, os.preadv, fd, addrs, lengths, offset)
+
+    def pwritev_cols(self, fd: int, addrs: Sequence[int], lengths: Sequence[int], offset: int) -> int:
+        """:meth:`pwritev` with the ranges as two columns, same checks."""
+        return self._rw_cols(_libc_pwritev, os.pwritev, fd, addrs, lengths, offset)
+
+    def _rw(self, fn, fallback, fd: int, ranges: Sequence[tuple[int, int]], offset: int) -> int:
+        if not ranges:
+            return 0
+        addrs, lengths = zip(*ranges)
+        return self._rw_cols(fn, fallback, fd, addrs, lengths, offset)
+
+    def _rw_cols(self, fn, fallback, fd: int, addrs: Sequence[int], lengths: Sequence[int], offset: int) -> int:
+        n = len(addrs)
+        if n != len(lengths):
+            raise ValueError("addrs and lengths differ in length")
+        if not n:
+            return 0
+        if n > IOV_MAX:
+            raise ValueError(f"{n} ranges in one call, more than {IOV_MAX}")
+        spans = self._spans
+        if len(spans) == 1 and fn is not None:
+            start, end, view = spans[0]
+            # every range non-empty and wholly inside the one region (loops in C)
+            if not (min(addrs) >= start and min(lengths) > 0 and max(map(operator.add, addrs, lengths)) <= end):
+                view = None
+        else:
+            view = None
+        if view is None:  # several regions, empty ranges, a bad range or no libc: checked views
+            views = self.views(zip(addrs, lengths))  # raises GuestMemoryError for any bad byte
+            if len(views) > IOV_MAX:
+                views = views[:IOV_MAX]
+            return fallback(fd, views, offset) if views else 0
+        # A view of the region held across the call: while it exists GuestRegion.close() cannot
+        # unmap the region, so the kernel only ever touches this guest's (still mapped) RAM.
+        keep = view[0:len(view)]
+        try:
+            flat = [0] * (2 * n)
+            delta = self._hosts[0] - start
+            flat[0::2] = map(delta.__add__, addrs)
+            flat[1::2] = lengths
+            r = fn(fd, _iovec_struct(n).pack(*flat), n, offset)
+            if r < 0:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
+            return r
+        finally:
+            keep.release()
 
     def _views_slow(self, addr: int, length: int) -> list[memoryview]:
         spans = self._spans

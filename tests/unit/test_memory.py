@@ -480,3 +480,48 @@ def test_all_inside_matches_check_range(data):
         assert mem.all_inside(addrs, lengths) == all(model.inside(a, n) for a, n in ranges)
     finally:
         mem.close()
+
+
+def test_preadv_pwritev_scatter_gather(tmp_path):
+    import os as _os
+    from hypyr.memory import GuestMemory as _GM, GuestMemoryError as _GME
+    mem = _GM.anonymous([(0, 1 << 16)], hugepages=False)
+    path = tmp_path / "f"
+    path.write_bytes(bytes(range(256)) * 64)
+    fd = _os.open(path, _os.O_RDWR)
+    try:
+        ranges = [(0x1000, 100), (0x3000, 412), (0xFF00, 256)]
+        assert mem.preadv(fd, ranges, 10) == 768
+        data = (bytes(range(256)) * 64)[10:10 + 768]
+        assert mem.read(0x1000, 100) + mem.read(0x3000, 412) + mem.read(0xFF00, 256) == data
+        assert mem.read(0x1000 + 100, 1) == b"\0"  # nothing beyond the ranges
+        mem.write(0x2000, b"x" * 300)
+        assert mem.pwritev(fd, [(0x2000, 300)], 5000) == 300
+        assert path.read_bytes()[5000:5300] == b"x" * 300
+        assert mem.preadv(fd, [], 0) == 0
+        for bad in ([(0xFF00, 257)], [(0x1000, 10), (-1, 5)], [(1 << 16, 1)], [(0x1000, -1)]):
+            with pytest.raises(_GME):
+                mem.preadv(fd, bad, 0)
+            with pytest.raises(_GME):
+                mem.pwritev(fd, bad, 0)
+        assert mem.preadv(fd, [(0x1000, 100)], 1 << 20) == 0  # end of file
+        with pytest.raises(OSError):
+            mem.preadv(-1, [(0x1000, 100)], 0)
+    finally:
+        _os.close(fd)
+
+
+def test_preadv_across_regions(tmp_path):
+    import os as _os
+    from hypyr.memory import GuestMemory as _GM, GuestMemoryError as _GME
+    mem = _GM.anonymous([(0, 0x2000), (0x2000, 0x2000), (0x8000, 0x1000)], hugepages=False)
+    path = tmp_path / "f"
+    path.write_bytes(bytes(range(256)) * 64)
+    fd = _os.open(path, _os.O_RDWR)
+    try:
+        assert mem.preadv(fd, [(0x1F00, 0x200), (0x8000, 16)], 0) == 0x210
+        assert mem.read(0x1F00, 0x200) + mem.read(0x8000, 16) == (bytes(range(256)) * 64)[:0x210]
+        with pytest.raises(_GME):
+            mem.preadv(fd, [(0x3F00, 0x200)], 0)  # runs into the hole
+    finally:
+        _os.close(fd)

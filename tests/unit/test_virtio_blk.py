@@ -18,6 +18,7 @@ from hypyr.devices.virtio import blk as B  # noqa: E402
 from hypyr.devices.virtio.blk import BlkState, VirtioBlk  # noqa: E402
 from hypyr.devices.virtio.queue import DeviceError, QueueError  # noqa: E402
 from hypyr.errors import HypyrError  # noqa: E402
+from hypyr.memory import GuestMemory  # noqa: E402
 
 SECTORS = 64
 ALL_FEATURES = (1 << B.VIRTIO_BLK_F_DISCARD) | (1 << B.VIRTIO_BLK_F_WRITE_ZEROES) | (1 << B.VIRTIO_BLK_F_FLUSH)
@@ -219,6 +220,14 @@ def test_large_request_spans_chunks(tmp_path, monkeypatch):
         r.close()
 
 
+def _route(monkeypatch, name, fn):
+    """Make GuestMemory.<name> (preadv/pwritev) call ``fn(fd, views, offset)``, os-style, on
+    checked views of the ranges: the device's bulk I/O then goes through ``fn``."""
+    monkeypatch.setattr(GuestMemory, name, lambda self, fd, ranges, off: fn(fd, self.views(ranges), off))
+    monkeypatch.setattr(GuestMemory, name + "_cols",
+                        lambda self, fd, addrs, lengths, off: fn(fd, self.views(zip(addrs, lengths)), off))
+
+
 def _spy(monkeypatch, name, limit=None):
     """Wrap os.<name> (preadv/pwritev): record (number of buffers, bytes offered, offset) per
     call and, with ``limit``, transfer at most that many bytes (a short transfer)."""
@@ -239,7 +248,7 @@ def _spy(monkeypatch, name, limit=None):
             bufs = kept
         return real(fd, bufs, off)
 
-    monkeypatch.setattr(os, name, spy)
+    _route(monkeypatch, name, spy)
     return calls
 
 
@@ -383,7 +392,7 @@ def test_flush_waits_for_earlier_writes(image, monkeypatch):
         calls.append(path.read_bytes())
 
     monkeypatch.setattr(os, "pwrite", slow_pwrite)
-    monkeypatch.setattr(os, "pwritev", slow_pwritev)
+    _route(monkeypatch, "pwritev", slow_pwritev)
     monkeypatch.setattr(os, "fdatasync", fake_fdatasync)
     r = Rig(path, workers=4)
     try:
@@ -606,7 +615,7 @@ def test_reset_with_requests_in_flight(image, monkeypatch):
         gate.wait(10)
         return real_preadv(fd, bufs, off)
 
-    monkeypatch.setattr(os, "preadv", gated_preadv)
+    _route(monkeypatch, "preadv", gated_preadv)
     monkeypatch.setattr(B, "RESET_WAIT", 0.1)
     r = Rig(path, workers=2)
     try:
@@ -663,9 +672,9 @@ def test_close_then_notify_fails_requests(image):
 def test_io_error_is_ioerr(rig, monkeypatch):
     def failing(*a):
         raise OSError(5, "Input/output error")
-    monkeypatch.setattr(os, "preadv", failing)
+    _route(monkeypatch, "preadv", failing)
     monkeypatch.setattr(os, "pwrite", failing)
-    monkeypatch.setattr(os, "pwritev", failing)
+    _route(monkeypatch, "pwritev", failing)
     _, _, s1 = rig.request(B.VIRTIO_BLK_T_IN, 0, in_len=512)
     _, _, s2 = rig.request(B.VIRTIO_BLK_T_OUT, 0, out=bytes(512))
     assert len(rig.run()) == 2

@@ -18,10 +18,13 @@ each request header once, there) and hands the batch to the workers in a few gro
 per worker, so several requests are still in flight at once; a FLUSH is a group of its own).  A
 worker runs its group's requests in order, then completes them together: status bytes, one
 used-ring update, one interrupt.  Data moves directly between the image and the guest's buffers:
-``os.preadv``/``os.pwritev`` on :meth:`GuestMemory.views <hypyr.memory.GuestMemory.views>` of
-exactly the data part of the chain (after the 16-byte header, before the status byte), in
-syscalls of at most :data:`IO_CHUNK` bytes and :data:`IOV_MAX` buffers, looping on short
-transfers, so a hostile chain covering gigabytes of guest RAM costs time, not host memory.
+:meth:`GuestMemory.preadv <hypyr.memory.GuestMemory.preadv>`/``pwritev`` (which check every range
+and build the iovec array themselves, no per-buffer memoryview) of exactly the data part of the
+chain (after the 16-byte header, before the status byte), in syscalls of at most :data:`IO_CHUNK`
+bytes and :data:`IOV_MAX` buffers, looping on short transfers, so a hostile chain covering
+gigabytes of guest RAM costs time, not host memory.  For the usual layout (an indirect table:
+header, data buffers, status byte) the queue's descriptor columns are passed straight to
+``preadv_cols``/``pwritev_cols`` with the byte total already known.
 Ordering and lifetime:
 
 * FLUSH waits for every request submitted before it, then ``fdatasync``; an OUT is completed
@@ -34,8 +37,8 @@ Ordering and lifetime:
   under the device lock (that would serialise all I/O and let a stuck host read block
   :meth:`reset` for ever).  So a read that is already in the kernel when the device is reset
   can still land, later, in the guest buffers the driver handed over for it.  That is safe for
-  the VMM: the views cover exactly those buffers, which are guest RAM, and keep the mapping
-  alive (never freed host memory); it is what a real DMA device that has not quiesced would do.
+  the VMM: the iovecs cover exactly those buffers, which are guest RAM, and GuestMemory keeps the
+  mapping alive for the call (never freed host memory); it is what a real DMA device that has not quiesced would do.
   :meth:`reset` waits (bounded, :data:`RESET_WAIT`) for in-flight requests, so normally their
   reads and file writes have finished before it returns and nothing lands late at all.
 
@@ -492,7 +495,9 @@ class VirtioBlk(VirtioDevice):
             return VIRTIO_BLK_S_IOERR
         base = sector * SECTOR_SIZE
         try:
-            got = self._transfer(req, req.chain.writable_ranges(0, nbytes), base, nbytes, True)
+            got = self._transfer_fast(req, base, nbytes, True)
+            if got is None:
+                got = self._transfer(req, req.chain.writable_ranges(0, nbytes), base, nbytes, True)
         except OSError as e:
             self._warn_once(f"eio-read-{e.errno}", "virtio-blk: %s: read error: %s", self.path, e)
             return VIRTIO_BLK_S_IOERR
@@ -509,8 +514,9 @@ class VirtioBlk(VirtioDevice):
         if not self._check_rw("write", sector, nbytes):
             return VIRTIO_BLK_S_IOERR
         try:
-            self._transfer(req, req.chain.readable_ranges(HEADER_SIZE, nbytes), sector * SECTOR_SIZE, nbytes,
-                           False)
+            if self._transfer_fast(req, sector * SECTOR_SIZE, nbytes, False) is None:
+                self._transfer(req, req.chain.readable_ranges(HEADER_SIZE, nbytes), sector * SECTOR_SIZE,
+                               nbytes, False)
         except OSError as e:
             self._warn_once(f"eio-write-{e.errno}", "virtio-blk: %s: write error: %s", self.path, e)
             return VIRTIO_BLK_S_IOERR
@@ -524,12 +530,13 @@ class VirtioBlk(VirtioDevice):
         request's generation is checked before each one."""
         chunk_max, iov_max = IO_CHUNK, IOV_MAX
         if nbytes <= chunk_max and len(ranges) <= iov_max:
-            chunks: Iterable[list[tuple[int, int]]] = (ranges,)  # the usual case: one syscall
+            # the usual case: one syscall, whose byte total is known
+            chunks: Iterable[tuple[list[tuple[int, int]], int]] = ((ranges, nbytes),)
         else:
             chunks = self._split_ranges(ranges, chunk_max, iov_max)
         done = 0
-        for chunk in chunks:
-            n, eof = self._transfer_views(req, req.mem.views(chunk), offset + done, into_guest)
+        for chunk, size in chunks:
+            n, eof = self._transfer_chunk(req, chunk, size, offset + done, into_guest)
             done += n
             if into_guest:
                 req.written = done
@@ -537,9 +544,61 @@ class VirtioBlk(VirtioDevice):
                 break
         return done
 
+    def _transfer_fast(self, req: _Request, offset: int, nbytes: int, into_guest: bool) -> int | None:
+        """The usual layout (a 16-byte header buffer, data buffers, a 1-byte status buffer, from
+        the queue's descriptor columns): one ``preadv_cols``/``pwritev_cols`` straight from the
+        columns, no range lists; a short transfer is continued with range lists.  None (nothing
+        done) if the request is laid out otherwise (then :meth:`_transfer` does it)."""
+        cols = req.chain.cols
+        if cols is None or not nbytes or nbytes > IO_CHUNK:
+            return None
+        addrs, lengths, nread = cols
+        count = len(addrs)
+        if lengths[0] != HEADER_SIZE or lengths[-1] != 1:
+            return None
+        if into_guest:
+            if nread != 1:
+                return None
+            a, l = addrs[1:-1], lengths[1:-1]
+        else:
+            if nread != count - 1:
+                return None
+            a, l = addrs[1:nread], lengths[1:nread]
+        if len(a) > IOV_MAX:
+            return None
+        if req.gen != self._gen:
+            raise _Stale()
+        mem = req.mem
+        if into_guest:
+            r = mem.preadv_cols(self._fd, a, l, offset)
+            if r == nbytes or r <= 0:
+                req.written = max(r, 0)
+                return max(r, 0)
+        else:
+            r = mem.pwritev_cols(self._fd, a, l, offset)
+            if r == nbytes:
+                return r
+            if r <= 0:
+                raise OSError(errno.EIO, "short write")
+        # short transfer (rare): continue from where it stopped with range lists
+        ranges = list(zip(a, l))
+        left, i = r, 0
+        while left >= ranges[i][1]:
+            left -= ranges[i][1]
+            i += 1
+        ranges = ranges[i:]
+        if left:
+            ranges[0] = (ranges[0][0] + left, ranges[0][1] - left)
+        if into_guest:
+            req.written = r
+        n, _eof = self._transfer_chunk(req, ranges, nbytes - r, offset + r, into_guest)
+        if into_guest:
+            req.written = r + n
+        return r + n
+
     @staticmethod
     def _split_ranges(ranges: list[tuple[int, int]], chunk_max: int, iov_max: int):
-        """Yield lists of ranges of at most ``chunk_max`` bytes and ``iov_max`` entries."""
+        """Yield (ranges, their byte total) of at most ``chunk_max`` bytes and ``iov_max`` entries."""
         chunk: list[tuple[int, int]] = []
         size = 0
         for addr, n in ranges:
@@ -550,24 +609,24 @@ class VirtioBlk(VirtioDevice):
                 addr += take
                 n -= take
                 if size == chunk_max or len(chunk) == iov_max:
-                    yield chunk
+                    yield chunk, size
                     chunk, size = [], 0
         if chunk:
-            yield chunk
+            yield chunk, size
 
-    def _transfer_views(self, req: _Request, views: list[memoryview], offset: int,
+    def _transfer_chunk(self, req: _Request, ranges: list[tuple[int, int]], left: int, offset: int,
                         into_guest: bool) -> tuple[int, bool]:
-        """One chunk: loop on short transfers until all of ``views`` is done; returns the bytes
-        moved and whether the end of the file was met first (reads only)."""
-        op = os.preadv if into_guest else os.pwritev
+        """One chunk of ``left`` bytes: ``GuestMemory.preadv``/``pwritev`` (every range checked
+        there), looping on short transfers; returns the bytes moved and whether the end of the
+        file was met first (reads only)."""
+        mem = req.mem
+        op = mem.preadv if into_guest else mem.pwritev
         fd = self._fd
-        left = sum(len(v) for v in views)
         done = 0
-        i = 0
         while left:
             if req.gen != self._gen:  # reset: start no more I/O for this request
                 raise _Stale()
-            r = op(fd, views[i:i + IOV_MAX] if i or len(views) > IOV_MAX else views, offset + done)
+            r = op(fd, ranges, offset + done)
             if r <= 0:
                 if into_guest:
                     return done, True
@@ -576,14 +635,18 @@ class VirtioBlk(VirtioDevice):
             left -= r
             if not left:
                 break
-            while r:  # skip what was transferred; the first partly done view is sliced
-                n = len(views[i])
+            i = 0
+            while r:  # skip what was transferred; the first partly done range is cut
+                addr, n = ranges[i]
                 if r >= n:
                     r -= n
                     i += 1
                 else:
-                    views[i] = views[i][r:]
+                    ranges = [(addr + r, n - r)] + ranges[i + 1:]
+                    i = 0
                     r = 0
+            if i:
+                ranges = ranges[i:]
         return done, False
 
     def _do_flush(self, before: list[concurrent.futures.Future]) -> int:

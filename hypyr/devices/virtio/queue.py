@@ -15,8 +15,9 @@ with one ``mem.read``; the main table too, once a chain has more than one descri
 the table is at most :data:`MAIN_TABLE_SNAPSHOT` bytes), all its buffers are range-checked in one
 call, and its readable/writable byte counts are computed once.  A device does its I/O through
 :meth:`DescriptorChain.readable_ranges`/:meth:`~DescriptorChain.writable_ranges` and
-:meth:`GuestMemory.views <hypyr.memory.GuestMemory.views>` (scatter/gather straight into the
-guest's buffers); :meth:`SplitQueue.add_used_many` completes several chains with one used-index
+:meth:`GuestMemory.preadv <hypyr.memory.GuestMemory.preadv>`/``pwritev`` (scatter/gather straight
+into the guest's buffers; a chain built from an indirect table in the usual layout also keeps its
+descriptor columns in :attr:`DescriptorChain.cols` for ``preadv_cols``/``pwritev_cols``); :meth:`SplitQueue.add_used_many` completes several chains with one used-index
 update.
 """
 
@@ -62,6 +63,9 @@ class DescriptorChain:
     writable: list[tuple[int, int]] = field(default_factory=list)
     _readable_len: int | None = field(default=None, repr=False, compare=False)
     _writable_len: int | None = field(default=None, repr=False, compare=False)
+    # (addresses, lengths, number of readable buffers) as the queue saw them, when it built the
+    # chain from columns (an indirect table in the usual layout); a device fast path may use them.
+    cols: tuple | None = field(default=None, repr=False, compare=False)
 
     @property
     def readable_len(self) -> int:
@@ -295,7 +299,8 @@ class SplitQueue:
                         raise QueueError(f"buffer at {bad[0]:#x}+{bad[1]:#x} is not in guest RAM")
                     return DescriptorChain(head, list(zip(addrs[:nread], lengths[:nread])),
                                            list(zip(addrs[nread:], lengths[nread:])),
-                                           sum(lengths[:nread]), sum(lengths[nread:]))
+                                           sum(lengths[:nread]), sum(lengths[nread:]),
+                                           (addrs, lengths, nread))
                 desc = unpack_from(table, 0)
                 continue
             if length:
