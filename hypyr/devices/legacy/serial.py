@@ -60,6 +60,7 @@ from typing import Callable
 
 from hypyr.devices.bus import IrqLine
 from hypyr.devices.legacy._bytedev import ByteRegisterDevice
+from hypyr.devices.overflow import OverflowLog
 
 log = logging.getLogger("hypyr.dev.serial")
 
@@ -179,7 +180,7 @@ class Serial(ByteRegisterDevice):
         self._irq = irq
         self._out = out
         self._irq_level = False
-        self._warned_full = False
+        self._overflow = OverflowLog(log, "serial", RX_BUFFER_SIZE)
         self._rx: collections.deque[int] = collections.deque()
         self._set_state(SerialState())
 
@@ -230,17 +231,9 @@ class Serial(ByteRegisterDevice):
         with self._lock:
             accepted = self._rx_push(data)
             self._update_irq()
-            warn = accepted < len(data) and not self._warned_full
-            self._warned_full = accepted < len(data) or (self._warned_full and not self._rx_room_back())
-        if warn:
-            log.warning("serial: receive buffer full (guest not reading?), dropping input"
-                        " (%d bytes now; further drops not logged until it drains)", len(data) - accepted)
-        elif accepted < len(data):
-            log.debug("serial: receive buffer full, dropped %d input bytes", len(data) - accepted)
+            verdict = self._overflow.note(len(data), accepted, len(self._rx))
+        self._overflow.emit(*verdict)
         return accepted
-
-    def _rx_room_back(self) -> bool:
-        return len(self._rx) <= RX_BUFFER_SIZE // 2
 
     @property
     def divisor(self) -> int:

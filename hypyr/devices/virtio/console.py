@@ -35,6 +35,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
+from hypyr.devices.overflow import OverflowLog
 from hypyr.memory import GuestMemory
 
 from .device import VIRTIO_ID_CONSOLE, VirtioDevice
@@ -82,7 +83,7 @@ class VirtioConsole(VirtioDevice):
         self._tx_lock = threading.Lock()   # serializes transmission (keeps output in order)
         self._rx = bytearray()
         self._rx_error: str | None = None  # a receive-queue violation found off the notify path
-        self._warned_full = False
+        self._overflow = OverflowLog(log, "virtio-console", RX_BUFFER_SIZE)
         self._warned: set[str] = set()
 
     # ------------------------------------------------------------------ VirtioDevice interface
@@ -147,16 +148,8 @@ class VirtioConsole(VirtioDevice):
             take = min(RX_BUFFER_SIZE - len(self._rx), len(data))
             self._rx += data[:take]
             self._deliver_locked()
-            warn = take < len(data) and not self._warned_full
-            if take < len(data):
-                self._warned_full = True
-            elif len(self._rx) <= RX_BUFFER_SIZE // 2:
-                self._warned_full = False
-        if warn:
-            log.warning("virtio-console: input buffer full (guest not reading?), dropping input"
-                        " (%d bytes now; further drops not logged until it drains)", len(data) - take)
-        elif take < len(data):
-            log.debug("virtio-console: input buffer full, dropped %d bytes", len(data) - take)
+            verdict = self._overflow.note(len(data), take, len(self._rx))
+        self._overflow.emit(*verdict)
         return take
 
     def state(self) -> ConsoleState:
