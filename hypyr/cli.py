@@ -129,7 +129,7 @@ def cmd_lab(args) -> int:
         raise HypyrError("give the command to run in the lab after --, e.g. hypyr lab -- hypyr doctor")
     if cmd[0] == "hypyr":  # the same hypyr as this one, whatever PATH says inside the lab
         cmd = [sys.executable, "-m", "hypyr"] + cmd[1:]
-    return lab.run(cmd, cpus=args.cpus, memory=args.memory)
+    return lab.run(cmd, cpus=args.cpus, memory=args.memory, timeout=args.timeout)
 
 
 # -- toolstack (xl-style) -----------------------------------------------------------------------
@@ -343,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     lab = sub.add_parser("lab", parents=[common], help="run a command inside the nested lab (QEMU TCG with emulated SVM)")
     lab.add_argument("--cpus", type=int, default=2, help="L1 vCPUs (default 2)")
     lab.add_argument("--memory", default="4G", help="L1 memory (default 4G)")
+    lab.add_argument("--timeout", type=float, metavar="SECONDS",
+                     help="kill the lab (exit 125) if it is still running after this long")
     lab.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
     lab.set_defaults(func=cmd_lab)
     return p

@@ -85,10 +85,12 @@ def _cleanup(jobdir: Path) -> None:
         shutil.rmtree(jobdir, ignore_errors=True)
 
 
-def run(cmd: list[str], cpus: int = 2, memory: str = "4G", extra_env: dict | None = None) -> int:
+def run(cmd: list[str], cpus: int = 2, memory: str = "4G", extra_env: dict | None = None,
+        timeout: float | None = None) -> int:
     """Run CMD in the host's current directory inside the L1 VM; return its exit status.
 
-    Returns 125 (after saying so on stderr) when the lab itself failed rather than the command.
+    Returns 125 (after saying so on stderr) when the lab itself failed rather than the command,
+    including when the L1 VM is still running after ``timeout`` seconds (it is then killed).
     """
     if isinstance(cmd, str):
         raise HypyrError("The lab command must be a list of arguments, not a string.")
@@ -98,12 +100,13 @@ def run(cmd: list[str], cpus: int = 2, memory: str = "4G", extra_env: dict | Non
     _prune_jobs(jobs)
     jobdir = Path(tempfile.mkdtemp(prefix="job-", dir=jobs))
     try:
-        return _run_in(jobdir, parts, list(cmd), cpus, memory, extra_env)
+        return _run_in(jobdir, parts, list(cmd), cpus, memory, extra_env, timeout)
     finally:
         _cleanup(jobdir)
 
 
-def _run_in(jobdir: Path, parts, cmd: list[str], cpus: int, memory: str, extra_env) -> int:
+def _run_in(jobdir: Path, parts, cmd: list[str], cpus: int, memory: str, extra_env,
+            timeout: float | None = None) -> int:
     import subprocess
 
     (jobdir / "scratch").mkdir()
@@ -139,8 +142,14 @@ def _run_in(jobdir: Path, parts, cmd: list[str], cpus: int, memory: str, extra_e
         threads.append(threading.Thread(target=_pump_stdin, args=(proc.stdin, started, proc), daemon=True))
     for t in threads:
         t.start()
+    timed_out = False
     try:
-        qrc = proc.wait()
+        try:
+            qrc = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True  # e.g. L1 wedged (soft lockups under QEMU TCG): never hang the caller
+            proc.kill()
+            qrc = proc.wait()
     except KeyboardInterrupt:
         proc.terminate()
         try:
@@ -155,9 +164,10 @@ def _run_in(jobdir: Path, parts, cmd: list[str], cpus: int, memory: str, extra_e
         threads[0].join(5)
     log.info("L1 session took %.1f s (QEMU exit status %s)", time.monotonic() - t0, qrc)
 
-    rc = job.read_exit_status(jobdir)
+    rc = None if timed_out else job.read_exit_status(jobdir)
     if rc is None:
-        why = f"QEMU exited with status {qrc}" if qrc else "the L1 VM stopped without an exit status"
+        why = (f"it was still running after {timeout:.0f} s and was killed" if timed_out
+               else f"QEMU exited with status {qrc}" if qrc else "the L1 VM stopped without an exit status")
         print(f"hypyr lab: the lab VM failed before the command finished ({why}); "
               f"this is a failure of the lab, not of the command.", file=sys.stderr, flush=True)
         return job.EXIT_LAB_FAILED
