@@ -4,9 +4,12 @@ re-exec into the lab (benchmarks of real guests run there; see bench/README.md).
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,7 +41,7 @@ def install_signal_handlers() -> None:
         signal.signal(sig, on_signal)
 
 
-def tail(data: bytes, n: int = 600) -> str:
+def tail_of(data: bytes, n: int = 600) -> str:
     text = data[-n:].decode("utf-8", "replace").replace("\r", "")
     return " | ".join(line for line in text.splitlines() if line.strip())[-n:]
 
@@ -81,3 +84,70 @@ def lab_guest(kernel: str | None, initrd: str | None) -> tuple[str, str, str] | 
         print(f"bench: {problem}", file=sys.stderr)
         return None
     return kernel, initrd, qemu
+
+
+def run_until_marker(cmd: list[str], marker: bytes, timeout: float, wait_for_exit: bool, *,
+                     what: str = "the marker", tail_len: int = 600) -> tuple[float | None, float, int | None, str, bytes]:
+    """Start CMD with stdout on a pipe; return (marker_s, total_s, exit_status, note, output).
+
+    The child runs in its own process group and is always gone when this returns: killed as soon
+    as the marker appears (unless wait_for_exit), or at the deadline.
+    """
+    stderr_file = tempfile.TemporaryFile()
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr_file,
+                            bufsize=0, start_new_session=True)
+    live.add(proc.pid)
+    deadline = t0 + timeout
+    fd = proc.stdout.fileno()
+    buf = bytearray()
+    marker_s = None
+    note = ""
+    eof = False
+    try:
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                note = f"timed out after {timeout:.0f} s" + ("" if marker_s is None else f" (after {what})")
+                break
+            if eof:
+                # stdout closed: wait for the process itself
+                try:
+                    proc.wait(timeout=min(0.2, deadline - now))
+                except subprocess.TimeoutExpired:
+                    continue
+                break
+            r, _, _ = select.select([fd], [], [], min(0.5, deadline - now))
+            if not r:
+                if proc.poll() is not None:
+                    break  # exited, and nothing left on the pipe (a leftover holder of it is killed below)
+                continue
+            chunk = os.read(fd, 65536)
+            t = time.monotonic()
+            if not chunk:
+                eof = True
+                continue
+            search_from = max(0, len(buf) - len(marker))
+            buf += chunk
+            if marker_s is None and marker in buf[search_from:]:
+                marker_s = t - t0
+                if not wait_for_exit:
+                    break
+    finally:
+        if proc.poll() is None:
+            kill_group(proc.pid)
+        proc.wait()
+        live.discard(proc.pid)
+        total_s = time.monotonic() - t0
+        proc.stdout.close()
+        stderr_file.seek(0)
+        err = stderr_file.read()
+        stderr_file.close()
+    status = proc.returncode
+    if marker_s is None and not note:
+        note = f"exited with status {status} before {what}"
+    if marker_s is None:
+        tail = tail_of(bytes(buf) + b"\n" + err, tail_len)
+        if tail:
+            note += f"; output tail: {tail}"
+    return marker_s, total_s, status, note, bytes(buf)

@@ -20,14 +20,12 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import select
 import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +34,7 @@ REPO = HERE.parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE.parent))
-from _common import ensure_image, lab_guest, kill_all_live, kill_group, lab_command, live, on_signal, tail  # noqa: E402
+from _common import ensure_image, kill_all_live, lab_command, lab_guest, on_signal, run_until_marker  # noqa: E402
 
 GUEST_MEMORY = "512M"
 SEQ_GOAL = 0.9                 # hypyr / QEMU, sequential throughput
@@ -84,71 +82,14 @@ def guest_cmdline(script: str) -> str:
 # -- child process handling: bench/_common.py ---------------------------------------------------
 
 
-def _tail(data: bytes, n: int = 800) -> str:
-    return tail(data, n)
-
-
 def run_boot(cmd: list[str], timeout: float, wait_for_exit: bool) -> tuple[bool, float, int | None, str, bytes]:
     """Run CMD until the guest prints DONE (and, if wait_for_exit, until the VMM exits).
 
-    Returns (done_seen, wall_s, exit_status, note, output). The child runs in its own process
-    group and is always gone when this returns.
+    Returns (done_seen, wall_s, exit_status, note, output); the child is always gone afterwards.
     """
-    stderr_file = tempfile.TemporaryFile()
-    t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr_file,
-                            bufsize=0, start_new_session=True)
-    live.add(proc.pid)
-    deadline = t0 + timeout
-    fd = proc.stdout.fileno()
-    buf = bytearray()
-    done = False
-    note = ""
-    eof = False
-    try:
-        while True:
-            now = time.monotonic()
-            if now >= deadline:
-                note = f"timed out after {timeout:.0f} s" + (" (after the guest finished)" if done else "")
-                break
-            if eof:
-                try:
-                    proc.wait(timeout=min(0.2, deadline - now))
-                except subprocess.TimeoutExpired:
-                    continue
-                break
-            r, _, _ = select.select([fd], [], [], min(0.5, deadline - now))
-            if not r:
-                if proc.poll() is not None:
-                    break
-                continue
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                eof = True
-                continue
-            search_from = max(0, len(buf) - len(DONE))
-            buf += chunk
-            if not done and DONE in buf[search_from:]:
-                done = True
-                if not wait_for_exit:
-                    break
-    finally:
-        if proc.poll() is None:
-            kill_group(proc.pid)
-        proc.wait()
-        live.discard(proc.pid)
-        wall = time.monotonic() - t0
-        proc.stdout.close()
-        stderr_file.seek(0)
-        err = stderr_file.read()
-        stderr_file.close()
-    if not done:
-        if not note:
-            note = f"exited with status {proc.returncode} before the guest finished"
-        tail = _tail(bytes(buf) + b"\n" + err)
-        if tail:
-            note += f"; output tail: {tail}"
-    return done, wall, proc.returncode, note, bytes(buf)
+    done_s, wall, status, note, out = run_until_marker(cmd, DONE, timeout, wait_for_exit,
+                                                       what="the guest finished", tail_len=800)
+    return done_s is not None, wall, status, note, out
 
 
 # -- commands -------------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ REPO = HERE.parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE.parent))
-from _common import ensure_image, lab_guest, kill_all_live, kill_group, lab_command, live, on_signal, tail  # noqa: E402
+from _common import ensure_image, kill_all_live, kill_group, lab_command, lab_guest, live, on_signal, run_until_marker  # noqa: E402
 
 MARKER = b"hypyr: init started"
 GUEST_MEMORY = "256M"
@@ -57,77 +56,6 @@ class Sample:
     total_s: float | None = None       # launch -> process gone (QEMU: killed right after the marker)
     exit_status: int | None = None
     note: str = ""
-
-
-def _tail(data: bytes, n: int = 600) -> str:
-    return tail(data, n)
-
-
-def run_until_marker(cmd: list[str], timeout: float, wait_for_exit: bool) -> tuple[float | None, float | None,
-                                                                                  int | None, str, bytes]:
-    """Start CMD with stdout on a pipe; return (marker_s, total_s, exit_status, note, output).
-
-    The child runs in its own process group and is always gone when this returns: killed as soon
-    as the marker appears (unless wait_for_exit), or at the deadline.
-    """
-    stderr_file = tempfile.TemporaryFile()
-    t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr_file,
-                            bufsize=0, start_new_session=True)
-    live.add(proc.pid)
-    deadline = t0 + timeout
-    fd = proc.stdout.fileno()
-    buf = bytearray()
-    marker_s = None
-    note = ""
-    eof = False
-    try:
-        while True:
-            now = time.monotonic()
-            if now >= deadline:
-                note = f"timed out after {timeout:.0f} s" + ("" if marker_s is None else " (after the marker)")
-                break
-            if eof:
-                # stdout closed: wait for the process itself
-                try:
-                    proc.wait(timeout=min(0.2, deadline - now))
-                except subprocess.TimeoutExpired:
-                    continue
-                break
-            r, _, _ = select.select([fd], [], [], min(0.5, deadline - now))
-            if not r:
-                if proc.poll() is not None:
-                    break  # exited, and nothing left on the pipe (a leftover holder of it is killed below)
-                continue
-            chunk = os.read(fd, 65536)
-            t = time.monotonic()
-            if not chunk:
-                eof = True
-                continue
-            search_from = max(0, len(buf) - len(MARKER))
-            buf += chunk
-            if marker_s is None and MARKER in buf[search_from:]:
-                marker_s = t - t0
-                if not wait_for_exit:
-                    break
-    finally:
-        if proc.poll() is None:
-            kill_group(proc.pid)
-        proc.wait()
-        live.discard(proc.pid)
-        total_s = time.monotonic() - t0
-        proc.stdout.close()
-        stderr_file.seek(0)
-        err = stderr_file.read()
-        stderr_file.close()
-    status = proc.returncode
-    if marker_s is None and not note:
-        note = f"exited with status {status} before the marker"
-    if marker_s is None:
-        tail = _tail(bytes(buf) + b"\n" + err)
-        if tail:
-            note += f"; output tail: {tail}"
-    return marker_s, total_s, status, note, bytes(buf)
 
 
 # -- the three command lines ------------------------------------------------------------------------
@@ -375,7 +303,7 @@ def lab_side(args: argparse.Namespace) -> int:
         order = CONFIGS[k:] + CONFIGS[:k]  # rotate the start so no VMM always goes first
         for c in order:
             wait = c == "hypyr"  # hypyr powers off by itself: let it, and record its exit status
-            marker_s, total_s, status, note, _ = run_until_marker(cmds[c], args.timeout, wait_for_exit=wait)
+            marker_s, total_s, status, note, _ = run_until_marker(cmds[c], MARKER, args.timeout, wait_for_exit=wait)
             s = Sample(c, rnd, marker_s is not None, marker_s, total_s, status, note)
             if c == "hypyr" and s.ok and status != 0 and not note:
                 s.note = f"exit status {status}"
