@@ -21,7 +21,6 @@ import argparse
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -34,7 +33,7 @@ REPO = HERE.parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE.parent))
-from _common import ensure_image, kill_all_live, lab_command, lab_guest, on_signal, run_until_marker  # noqa: E402
+from _common import ensure_image, kill_all_live, lab_command, lab_guest, install_signal_handlers, run_until_marker  # noqa: E402
 
 GUEST_MEMORY = "512M"
 SEQ_GOAL = 0.9                 # hypyr / QEMU, sequential throughput
@@ -324,8 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if os.environ.get("HYPYR_IN_LAB") != "1":
         return host_side(argv, args)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, on_signal)
+    install_signal_handlers()
     try:
         return lab_side(args)
     finally:

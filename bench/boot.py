@@ -19,7 +19,6 @@ import os
 import platform
 import re
 import select
-import signal
 import statistics
 import subprocess
 import sys
@@ -32,7 +31,7 @@ REPO = HERE.parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE.parent))
-from _common import ensure_image, kill_all_live, kill_group, lab_command, lab_guest, live, on_signal, run_until_marker  # noqa: E402
+from _common import ensure_image, kill_all_live, kill_group, lab_command, lab_guest, live, install_signal_handlers, run_until_marker  # noqa: E402
 
 MARKER = b"hypyr: init started"
 GUEST_MEMORY = "256M"
@@ -351,8 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if os.environ.get("HYPYR_IN_LAB") != "1":
         return host_side(argv, args)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, on_signal)
+    install_signal_handlers()
     try:
         return lab_side(args)
     finally:
