@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+from array import array
 import mmap
 import operator
 import struct
@@ -54,7 +55,7 @@ def _load_libc_rw():
     except (OSError, AttributeError):
         return None, None
     for fn in fns:
-        fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_int64]
+        fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]  # iovecs: bytes or an address
         fn.restype = ctypes.c_ssize_t
     return fns
 
@@ -70,6 +71,39 @@ def _iovec_struct(count: int) -> struct.Struct:
 
 _MADV_HUGEPAGE = 14
 _MADV_DONTDUMP = 16
+
+HOST_ALIGN = 1 << 32      # host address = guest address + a multiple of this (see GuestRegion)
+GUARD_SPAN = 2 << 32      # address space owned by a region from its first byte (RAM, then guard)
+_PROT_NONE = 0
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)  # Python < 3.13 lacks the constant (Linux value)
+
+
+def _buffer_address(obj) -> int:
+    """Host address of a writable buffer (the ctypes export is dropped at once)."""
+    c = ctypes.c_char.from_buffer(obj)
+    try:
+        return ctypes.addressof(c)
+    finally:
+        del c
+
+
+def _load_mprotect():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).mprotect
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_libc_mprotect = _load_mprotect()
+
+
+def _mprotect_none(addr: int, length: int) -> bool:
+    if length == 0:
+        return True
+    return _libc_mprotect is not None and _libc_mprotect(addr, length, _PROT_NONE) == 0
 
 
 class GuestAddress(int):
@@ -99,21 +133,40 @@ class GuestMemoryError(Exception):
 
 
 class GuestRegion:
-    """One contiguous range of guest RAM backed by an anonymous host mapping."""
+    """One contiguous range of guest RAM backed by an anonymous host mapping.
+
+    The mapping sits inside a larger reservation (address space only: ``MAP_NORESERVE``, the
+    rest ``PROT_NONE``) placed so that the host address of every guest byte is its guest address
+    plus a multiple of 4 GiB (:data:`HOST_ALIGN`), and so that the :data:`GUARD_SPAN` bytes of
+    address space from the start of the RAM belong to this reservation: whatever of them is
+    not RAM is inaccessible.  :meth:`GuestMemory.preadv_descs` builds its iovecs on that (see
+    there)."""
 
     def __init__(self, start: int, size: int, *, hugepages: bool = True):
         if size <= 0 or size % mmap.PAGESIZE or start % mmap.PAGESIZE:
             raise ValueError("guest regions must be page-aligned and non-empty")
         self.start = GuestAddress(start)
         self.size = size
-        self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0),
-                              prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
+        prot = mmap.PROT_READ | mmap.PROT_WRITE
+        reserve = HOST_ALIGN + max(size, GUARD_SPAN)
+        try:
+            self._map = mmap.mmap(-1, reserve, flags=flags, prot=prot)
+        except OSError:  # e.g. strict overcommit (vm.overcommit_memory=2): RAM only, no guard
+            self._map = mmap.mmap(-1, size, flags=flags, prot=prot)
+            reserve = size
+        base = _buffer_address(self._map)
+        off = (int(start) - base) % HOST_ALIGN if reserve > size else 0
+        self._host = base + off
+        # the reservation around the RAM: inaccessible (a stray access faults instead of landing)
+        self.guarded = (reserve > size and _mprotect_none(base, off)
+                        and _mprotect_none(self._host + size, reserve - off - size))
         if hugepages and hasattr(self._map, "madvise"):
             try:
-                self._map.madvise(_MADV_HUGEPAGE)
+                self._map.madvise(_MADV_HUGEPAGE, off, size)
             except OSError:
                 pass  # THP disabled on this host: fine, just slower
-        self._view = memoryview(self._map)
+        self._view = memoryview(self._map)[off:off + size]
 
     @property
     def end(self) -> int:
@@ -121,8 +174,8 @@ class GuestRegion:
         return int(self.start) + self.size
 
     def host_address(self) -> int:
-        """Host virtual address of the mapping (for KVM memslots only)."""
-        return ctypes.addressof(ctypes.c_char.from_buffer(self._map))
+        """Host virtual address of the RAM (for KVM memslots only)."""
+        return self._host
 
     def contains(self, addr: int, length: int = 1) -> bool:
         return self.start <= addr and addr + length <= self.end
@@ -132,7 +185,7 @@ class GuestRegion:
         try:
             self._map.close()
         except BufferError:
-            pass  # a ctypes view still exists; the mapping dies with the process
+            pass  # a view still exists; the mapping dies with the process
 
 
 @dataclass(frozen=True)
@@ -155,6 +208,12 @@ class GuestMemory:
         self._spans = [(int(r.start), r.end, r._view) for r in self.regions]
         # Host address of each region's mapping, for preadv/pwritev (never leaves this module).
         self._hosts = [r.host_address() for r in self.regions]
+        # preadv_descs/pwritev_descs: the high half of RAM's host addresses when the first region
+        # starts at guest address 0 and has its guard (see GuestRegion); None: not available
+        first = self.regions[0] if self.regions else None
+        self._desc_hi = (self._hosts[0] >> 32 if first is not None and first.start == 0 and first.guarded
+                         and _libc_preadv is not None else None)
+        self._desc_fill: dict[int, array] = {}
 
     @classmethod
     def anonymous(cls, layout: Iterable[tuple[int, int]], *, hugepages: bool = True) -> "GuestMemory":
@@ -205,6 +264,15 @@ class GuestMemory:
         return iter([_Chunk(regions[i], off, n) for i, off, n in self._pieces(addr, length)])
 
     # -- scatter/gather -----------------------------------------------------------------------
+    def view(self, addr: int, length: int) -> memoryview:
+        """A writable view of exactly ``[addr, addr+length)``, which must lie in one region
+        (:class:`GuestMemoryError` otherwise); the rules of :meth:`views` apply."""
+        pieces = self._pieces(addr, length)
+        if len(pieces) != 1:
+            raise GuestMemoryError(f"guest range {addr:#x}+{length:#x} is not inside one RAM region")
+        i, off, n = pieces[0]
+        return self._spans[i][2][off:off + n]
+
     def views(self, ranges: Iterable[tuple[int, int]]) -> list[memoryview]:
         """Writable views of exactly the bytes of ``ranges`` (``(addr, length)`` pairs), in order.
 
@@ -246,6 +314,54 @@ class GuestMemory:
     def pwritev_cols(self, fd: int, addrs: Sequence[int], lengths: Sequence[int], offset: int) -> int:
         """:meth:`pwritev` with the ranges as two columns, same checks."""
         return self._rw_cols(_libc_pwritev, os.pwritev, fd, addrs, lengths, offset)
+
+    def preadv_descs(self, fd: int, descs: array, first: int, count: int, offset: int) -> int | None:
+        """``preadv`` into the buffers of ``count`` virtqueue descriptors from index ``first`` of
+        ``descs`` (an ``array('I')`` of 16-byte descriptors as the driver wrote them: u64 address,
+        u32 length, u16 flags, u16 next, little endian), without a Python object per buffer.
+
+        Returns the bytes read, or None when this path does not apply (nothing done; use
+        :meth:`preadv`): an address at or above 4 GiB, more than :data:`IOV_MAX` buffers, or guest
+        RAM not laid out for it.  The caller must already have checked the buffers against guest
+        RAM (the virtqueue does, when it pops the chain).  The iovecs are built by slice
+        assignment: RAM's host address is a multiple of 4 GiB plus the guest address, so the
+        host address of a buffer below 4 GiB is its guest address with the high half replaced.
+        The containment does not depend on the caller: every iovec then lies within
+        :data:`GUARD_SPAN` bytes of the first region's RAM, all of which is either that RAM or
+        its ``PROT_NONE`` guard, so a buffer that is not RAM makes the kernel fail the call
+        (EFAULT, or a short count) and nothing outside guest RAM is ever read or written."""
+        return self._rw_descs(_libc_preadv, fd, descs, first, count, offset)
+
+    def pwritev_descs(self, fd: int, descs: array, first: int, count: int, offset: int) -> int | None:
+        """``pwritev`` from descriptor buffers; as :meth:`preadv_descs`."""
+        return self._rw_descs(_libc_pwritev, fd, descs, first, count, offset)
+
+    def _rw_descs(self, fn, fd: int, descs: array, first: int, count: int, offset: int) -> int | None:
+        hi = self._desc_hi
+        if hi is None or not 0 < count <= IOV_MAX or descs.itemsize != 4 or first < 0:
+            return None
+        iov = descs[4 * first:4 * (first + count)]
+        if len(iov) != 4 * count:
+            return None
+        fill = self._desc_fill.get(count)
+        if fill is None:
+            if len(self._desc_fill) > 64:
+                self._desc_fill.clear()
+            fill = self._desc_fill[count] = (array("I", bytes(4 * count)), array("I", [hi]) * count)
+        zeros, his = fill
+        if iov[1::4] != zeros:
+            return None                  # a buffer at or above 4 GiB
+        iov[1::4] = his                  # u64 iov_base = host address of RAM + guest address
+        iov[3::4] = zeros                # u64 iov_len = the u32 length (flags and next cleared)
+        keep = self._spans[0][2][0:1]    # keeps the mapping alive for the call (see preadv)
+        try:
+            r = fn(fd, iov.buffer_info()[0], count, offset)
+            if r < 0:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
+            return r
+        finally:
+            keep.release()
 
     def _rw(self, fn, fallback, fd: int, ranges: Sequence[tuple[int, int]], offset: int) -> int:
         if not ranges:

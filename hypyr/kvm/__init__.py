@@ -10,11 +10,12 @@ import ctypes as C
 import errno
 import mmap
 import os
+import struct
 from dataclasses import dataclass
 
 from . import bindings as B
 
-__all__ = ["Kvm", "Vm", "Vcpu", "KvmError", "KvmUnavailable", "CpuidEntry", "B"]
+__all__ = ["Kvm", "Vm", "Vcpu", "KvmError", "KvmUnavailable", "CpuidEntry", "B", "MMIO_EXIT", "MMIO_EXIT_OFF", "MMIO_DATA_OFF"]
 
 _libc = C.CDLL(None, use_errno=True)
 _ioctl = _libc.ioctl
@@ -178,6 +179,14 @@ class Vm:
         return Vcpu(self, vcpu_id, fd)
 
 
+_EXIT_REASON = struct.Struct("=I")
+_EXIT_REASON_OFF = B.kvm_run.exit_reason.offset
+# struct kvm_run.mmio: phys_addr u64, data[8], len u32, is_write u8
+MMIO_EXIT = struct.Struct("=Q8sIB")
+MMIO_EXIT_OFF = B.kvm_run.exit.offset + B._exit_union.mmio.offset
+MMIO_DATA_OFF = MMIO_EXIT_OFF + 8
+
+
 class Vcpu:
     def __init__(self, vm: Vm, vcpu_id: int, fd: int):
         self.vm = vm
@@ -187,10 +196,13 @@ class Vcpu:
                               prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self.run_state = B.kvm_run.from_buffer(self._map)
         self._run_req = B.KVM_RUN
+        # the kvm_run page as bytes, for the hot exits (no ctypes objects per exit)
+        self.run_view = memoryview(self._map)
 
     def close(self) -> None:
         if self.fd >= 0:
             del self.run_state
+            self.run_view.release()
             try:
                 self._map.close()
             except BufferError:
@@ -206,7 +218,7 @@ class Vcpu:
                 self.run_state.immediate_exit = 0
                 return B.KVM_EXIT_INTR
             raise KvmError(e, f"KVM_RUN: {os.strerror(e)}")
-        return self.run_state.exit_reason
+        return _EXIT_REASON.unpack_from(self.run_view, _EXIT_REASON_OFF)[0]
 
     # PIO data lives inside the kvm_run mapping at io.data_offset
     def io_data(self) -> memoryview:

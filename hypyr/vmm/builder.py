@@ -8,6 +8,7 @@ The result is a Machine whose vCPUs are not yet started.
 from __future__ import annotations
 
 import base64
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from hypyr.devices.pvexit import PvExit
 from hypyr.devices.pvpanic import PVPANIC_PORT, PvPanic
 from hypyr.devices.virtio.blk import VirtioBlk
 from hypyr.devices.virtio.console import VirtioConsole
-from hypyr.devices.virtio.mmio import QUEUE_NOTIFY_OFFSET, VirtioMmioTransport
+from hypyr.devices.virtio.mmio import INT_VRING, INTERRUPT_ACK, QUEUE_NOTIFY_OFFSET, VirtioMmioTransport
 from hypyr.devices.virtio.rng import VirtioRng
 from hypyr.errors import HypyrError
 from hypyr.kvm import B, Kvm, KvmUnavailable
@@ -248,11 +249,16 @@ def attach_virtio(machine: Machine, devices: list) -> list[MmioDevice]:
     for i, dev in enumerate(devices):
         base = layout.VIRTIO_MMIO_BASE + i * layout.VIRTIO_MMIO_SIZE
         gsi = VIRTIO_GSI_BASE + i
-        transport = VirtioMmioTransport(dev, machine.memory, machine.irq_line(gsi))
+        if machine.irqchip:  # an irqfd: an interrupt is one eventfd write, no ioctl, no line to lower;
+            # the driver's InterruptACK after each used-buffer interrupt is absorbed by KVM
+            ack = machine.absorb_mmio_write(base + INTERRUPT_ACK, 4, INT_VRING)
+            transport = VirtioMmioTransport(dev, machine.memory, trigger=machine.irq_trigger(gsi), ack_eventfd=ack)
+        else:
+            transport = VirtioMmioTransport(dev, machine.memory, machine.irq_line(gsi))
         machine.mmio.register(base, layout.VIRTIO_MMIO_SIZE, transport)
         for q in range(len(dev.queue_max_sizes)):
-            efd = io.add_eventfd(lambda t=transport, q=q: t.notify(q))
+            efd = io.add_eventfd(functools.partial(transport.notify, q))
             machine.vm.ioeventfd(efd, base + QUEUE_NOTIFY_OFFSET, 4, datamatch=q)
-        windows.append(MmioDevice(base, layout.VIRTIO_MMIO_SIZE, gsi))
+        windows.append(MmioDevice(base, layout.VIRTIO_MMIO_SIZE, gsi, edge=machine.irqchip))
         log.info("virtio-%s at %#x, GSI %d", dev.name, base, gsi)
     return windows

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import signal
 import threading
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from typing import Callable
 
 from hypyr.devices.bus import Bus
 from hypyr.devices.events import GuestEvent, StopRequest
-from hypyr.kvm import B, Kvm, KvmError, Vcpu, Vm
+from hypyr.kvm import MMIO_DATA_OFF, MMIO_EXIT, MMIO_EXIT_OFF, B, Kvm, KvmError, Vcpu, Vm
 from hypyr.memory import GuestMemory
 
 log = logging.getLogger("hypyr.vmm")
@@ -114,6 +115,8 @@ class Machine:
         self._stopping = False
         self._reason: StopReason | None = None
         self._done = threading.Event()
+        self._irqfds: list[int] = []  # irqfds and absorbed-write eventfds, closed with the VM
+        self._closed = False
         self.services: list = []  # objects with start()/stop() that live as long as the VM (I/O threads)
 
     # -- interrupts ---------------------------------------------------------------------------
@@ -124,6 +127,35 @@ class Machine:
         def line(level: bool) -> None:
             vm.irq_line(irq, level)
         return line
+
+    def irq_trigger(self, gsi: int) -> Callable[[], None]:
+        """An edge trigger for ``gsi`` (needs the in-kernel irqchip): a KVM irqfd, so raising the
+        interrupt is one eventfd write from any thread."""
+        fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        try:
+            self.vm.irqfd(fd, gsi)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._irqfds.append(fd)
+        write = os.eventfd_write
+
+        def trigger() -> None:
+            if not self._closed:  # never write to a closed (maybe re-used) descriptor
+                write(fd, 1)
+        return trigger
+
+    def absorb_mmio_write(self, addr: int, length: int, value: int) -> int:
+        """Have KVM complete guest writes of ``value`` (``length`` bytes) to ``addr`` itself, with
+        no exit to userspace (an ioeventfd); return the eventfd that counts them."""
+        fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        try:
+            self.vm.ioeventfd(fd, addr, length, datamatch=value)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._irqfds.append(fd)
+        return fd
 
     def device_stop(self, req: StopRequest) -> None:
         """The StopCallback handed to devices."""
@@ -205,7 +237,11 @@ class Machine:
             service.stop()
         for vt in self.vcpus:
             vt.vcpu.close()
+        self._closed = True
         self.vm.close()
+        for fd in self._irqfds:
+            os.close(fd)
+        self._irqfds = []
         self.memory.close()
         if self._own_kvm:
             self.kvm.close()
@@ -251,6 +287,8 @@ class Machine:
         vcpu, run = vt.vcpu, vt.vcpu.run_state
         pio_read, pio_write = self.pio.read, self.pio.write
         mmio_read, mmio_write = self.mmio.read, self.mmio.write
+        # MMIO exits (every virtio register access) are read straight from the kvm_run page
+        view, mmio_exit, mmio_off, data_off = vcpu.run_view, MMIO_EXIT.unpack_from, MMIO_EXIT_OFF, MMIO_DATA_OFF
         while True:
             if (self._paused or self._stopping) and not self._park_if_paused(vt):
                 return
@@ -267,17 +305,14 @@ class Machine:
                     for i in range(count):
                         data[i * size:(i + 1) * size] = pio_read(port, size)
             elif reason == B.KVM_EXIT_MMIO:
-                m = run.exit.mmio
-                n = m.len
+                addr, data, n, is_write = mmio_exit(view, mmio_off)
                 if n not in (1, 2, 4, 8):
                     self._fault(vt, StopKind.INTERNAL_ERROR, f"MMIO access of impossible width {n}")
                     return
-                if m.is_write:
-                    mmio_write(m.phys_addr, bytes(m.data[:n]))
+                if is_write:
+                    mmio_write(addr, data[:n])
                 else:
-                    val = mmio_read(m.phys_addr, n)
-                    for i in range(n):
-                        m.data[i] = val[i]
+                    view[data_off:data_off + n] = mmio_read(addr, n)  # the bus returns exactly n bytes
             elif reason == B.KVM_EXIT_INTR:
                 continue
             elif reason == B.KVM_EXIT_HLT:

@@ -224,8 +224,13 @@ def _route(monkeypatch, name, fn):
     """Make GuestMemory.<name> (preadv/pwritev) call ``fn(fd, views, offset)``, os-style, on
     checked views of the ranges: the device's bulk I/O then goes through ``fn``."""
     monkeypatch.setattr(GuestMemory, name, lambda self, fd, ranges, off: fn(fd, self.views(ranges), off))
-    monkeypatch.setattr(GuestMemory, name + "_cols",
-                        lambda self, fd, addrs, lengths, off: fn(fd, self.views(zip(addrs, lengths)), off))
+    monkeypatch.setattr(GuestMemory, name + "_descs",
+                        lambda self, fd, descs, first, count, off: fn(fd, self.views(_desc_ranges(descs, first, count)), off))
+
+
+def _desc_ranges(descs, first, count):
+    """(addr, len) of ``count`` virtqueue descriptors from ``first`` in an array('I') table."""
+    return [(descs[i] | descs[i + 1] << 32, descs[i + 2]) for i in range(4 * first, 4 * (first + count), 4)]
 
 
 def _spy(monkeypatch, name, limit=None):
@@ -620,8 +625,10 @@ def test_reset_with_requests_in_flight(image, monkeypatch):
     r = Rig(path, workers=2)
     try:
         reqs = [r.request(B.VIRTIO_BLK_T_IN, i, in_len=512) for i in range(4)]
-        r.dev.queue_notify(0)
-        assert entered.acquire(timeout=5) and entered.acquire(timeout=5)  # both workers blocked
+        # notified from an I/O thread, which runs the last group itself: a worker and it block
+        notifier = threading.Thread(target=r.dev.queue_notify, args=(0,))
+        notifier.start()
+        assert entered.acquire(timeout=5) and entered.acquire(timeout=5)
         r.q.reset()
         r.dev.reset()                      # returns after RESET_WAIT with requests still in flight
         assert r.dev.queues == [] and r.dev.mem is None
@@ -637,6 +644,7 @@ def test_reset_with_requests_in_flight(image, monkeypatch):
 
         gate.set()
         assert r.dev.wait_idle(10)
+        notifier.join(5)
         assert d2.take_used() == []        # late completions did not touch the new queue
         assert irqs2 == []
         # The two reads that were already in the kernel at reset time land in their own guest

@@ -142,6 +142,7 @@ class MmioDevice:
     base: int
     size: int
     gsi: int
+    edge: bool = False  # edge-triggered interrupt (an irqfd) rather than level-triggered
 
 
 def virtio_mmio_aml(devices: list[MmioDevice]) -> bytes:
@@ -152,7 +153,7 @@ def virtio_mmio_aml(devices: list[MmioDevice]) -> bytes:
                    aml.name("_HID", aml.string("LNRO0005")),
                    aml.name("_UID", aml.integer(i)),
                    aml.name("_CRS", aml.resource_template(aml.memory32_fixed(d.base, d.size),
-                                                          aml.interrupt(d.gsi))))  # level, active high
+                                                          aml.interrupt(d.gsi, edge=d.edge))))  # active high
         for i, d in enumerate(devices)))
 
 

@@ -151,15 +151,18 @@ class _Stale(Exception):
 _HEADER = struct.Struct("<IIQ")
 
 
-@dataclass
 class _Request:
-    gen: int
-    queue: SplitQueue
-    mem: GuestMemory
-    chain: DescriptorChain
-    header: tuple[int, int, int] | None  # (type, reserved, sector), read once; None if too short
-    written: int = 0  # bytes written into the chain's writable buffers
-    status: int = VIRTIO_BLK_S_IOERR
+    __slots__ = ("gen", "queue", "mem", "chain", "header", "written", "status")
+
+    def __init__(self, gen: int, queue: SplitQueue, mem: GuestMemory, chain: DescriptorChain,
+                 header: tuple[int, int, int] | None):
+        self.gen = gen
+        self.queue = queue
+        self.mem = mem
+        self.chain = chain
+        self.header = header  # (type, reserved, sector), read once; None if too short
+        self.written = 0      # bytes written into the chain's writable buffers
+        self.status = VIRTIO_BLK_S_IOERR
 
 
 class VirtioBlk(VirtioDevice):
@@ -213,6 +216,8 @@ class VirtioBlk(VirtioDevice):
         self._idle = threading.Condition(self._lock)
         self._gen = 0
         self._pending: set[concurrent.futures.Future] = set()
+        self._inline = 0  # requests being run by a notifying thread (see _submit_locked)
+        self._notify_lock = threading.Lock()
         self._workers = workers
         self._closed = False
         self._warned: set[str] = set()
@@ -297,42 +302,56 @@ class VirtioBlk(VirtioDevice):
         if index != 0:
             log.debug("virtio-blk: notify for nonexistent queue %d ignored", index)
             return
-        reqs: list[_Request] = []
-        error: DeviceError | None = None
-        # Pop and submit under the device lock, so each request is tagged with the generation of
-        # the activation it was popped in, even if a reset races with this notify.
-        with self._lock:
-            if not self.queues or self.mem is None:
-                return
-            queue, mem, gen = self.queues[0], self.mem, self._gen
-            try:
-                while True:
-                    chain = queue.pop()  # QueueError (a DeviceError) goes to the transport
-                    if chain is None:
-                        break
-                    if chain.writable_len == 0:
-                        raise DeviceError(f"virtio-blk request (head {chain.head}) has no device-writable "
-                                          f"status byte")
-                    header = (_HEADER.unpack(chain.read(mem, HEADER_SIZE))
-                              if chain.readable_len >= HEADER_SIZE else None)
-                    reqs.append(_Request(gen, queue, mem, chain, header))
-            except DeviceError as e:  # submit what was popped before the bad chain, then raise
-                error = e
-            futs = self._submit_locked(reqs) if reqs else []
-        if futs is None:
-            self._warn_once("closed", "virtio-blk: %s: request after close(); failing it", self.path)
-            self._complete_many(reqs)  # status IOERR
-        else:
-            for fut in futs:
-                fut.add_done_callback(self._done)  # outside the lock: it may run at once and take it
+        # One notification at a time (normally they all come from one I/O thread anyway): a
+        # FLUSH popped by a later notification then always finds the requests run inline by an
+        # earlier one finished.
+        with self._notify_lock:
+            reqs: list[_Request] = []
+            error: DeviceError | None = None
+            # Pop and submit under the device lock, so each request is tagged with the generation
+            # of the activation it was popped in, even if a reset races with this notify.
+            with self._lock:
+                if not self.queues or self.mem is None:
+                    return
+                queue, mem, gen = self.queues[0], self.mem, self._gen
+                try:
+                    while True:
+                        chain = queue.pop()  # QueueError (a DeviceError) goes to the transport
+                        if chain is None:
+                            break
+                        if chain.writable_len == 0:
+                            raise DeviceError(f"virtio-blk request (head {chain.head}) has no device-writable "
+                                              f"status byte")
+                        reqs.append(_Request(gen, queue, mem, chain, self._read_header(mem, chain)))
+                except DeviceError as e:  # submit what was popped before the bad chain, then raise
+                    error = e
+                futs, inline = self._submit_locked(reqs) if reqs else ([], None)
+            if futs is None:
+                self._warn_once("closed", "virtio-blk: %s: request after close(); failing it", self.path)
+                self._complete_many(reqs)  # status IOERR
+            else:
+                for fut in futs:
+                    fut.add_done_callback(self._done)  # outside the lock: it may run at once and take it
+                if inline is not None:
+                    self._run(inline, [], True)
         if error is not None:
             raise error
+
+    @staticmethod
+    def _read_header(mem: GuestMemory, chain: DescriptorChain) -> tuple[int, int, int] | None:
+        """(type, reserved, sector), read once; None if the chain has fewer than 16 readable bytes."""
+        t = chain.table
+        if t is not None and t[2] >= HEADER_SIZE:  # the first buffer holds it (the usual layout)
+            return _HEADER.unpack(mem.read(t[0] | t[1] << 32, HEADER_SIZE))
+        if chain.readable_len < HEADER_SIZE:
+            return None
+        return _HEADER.unpack(chain.read(mem, HEADER_SIZE))
 
     # ------------------------------------------------------------------ host interface
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until no request is in flight; False if ``timeout`` seconds passed first."""
         with self._idle:
-            return self._idle.wait_for(lambda: not self._pending, timeout)
+            return self._idle.wait_for(lambda: not self._pending and not self._inline, timeout)
 
     def close(self) -> None:
         """Wait for in-flight I/O, stop the workers and close the image (idempotent)."""
@@ -356,38 +375,46 @@ class VirtioBlk(VirtioDevice):
             raise ValueError(f"saved virtio-blk state {s} does not match this disk {self.state()}")
 
     # ------------------------------------------------------------------ request handling
-    def _submit_locked(self, reqs: list[_Request]) -> list[concurrent.futures.Future] | None:
-        """Hand a batch to the workers (lock held); None once the device is closed.
+    def _submit_locked(self, reqs: list[_Request]) -> tuple[list[concurrent.futures.Future] | None,
+                                                            list[_Request] | None]:
+        """Split a batch into groups (lock held): (futures of the groups handed to the workers,
+        the group the caller runs itself); (None, None) once the device is closed.
 
         The requests between two FLUSHes are split into at most one group per worker (in order,
         so each group is a contiguous run); each FLUSH is a group of its own, submitted after
-        everything before it, whose futures it will wait for."""
+        everything before it, whose futures it will wait for.  The last group, unless it is a
+        FLUSH, is not submitted but returned: the notifying thread (the VM's I/O thread) runs it
+        at once, so a lone request (the usual case at queue depth 1) costs no thread switch."""
         if self._closed:
-            return None
+            return None, None
         futs: list[concurrent.futures.Future] = []
+        groups: list[list[_Request]] = []
         run: list[_Request] = []
 
-        def submit(group: list[_Request]) -> None:
-            before = list(self._pending)  # a FLUSH waits for these
-            fut = self._executor.submit(self._run, group, before)
-            self._pending.add(fut)
-            futs.append(fut)
-
-        def submit_run() -> None:
+        def split_run() -> None:
             n = len(run)
             k = min(self._workers, n)
-            for i in range(k):
-                submit(run[i * n // k:(i + 1) * n // k])
+            groups.extend(run[i * n // k:(i + 1) * n // k] for i in range(k))
             run.clear()
 
         for req in reqs:
             if req.header is not None and req.header[0] == VIRTIO_BLK_T_FLUSH:
-                submit_run()
-                submit([req])
+                split_run()
+                groups.append([req])
             else:
                 run.append(req)
-        submit_run()
-        return futs
+        split_run()
+        inline = None
+        last = groups[-1]
+        if len(last) > 1 or last[0].header is None or last[0].header[0] != VIRTIO_BLK_T_FLUSH:
+            inline = groups.pop()
+            self._inline += 1
+        for group in groups:
+            before = list(self._pending)  # a FLUSH waits for these
+            fut = self._executor.submit(self._run, group, before)
+            self._pending.add(fut)
+            futs.append(fut)
+        return futs, inline
 
     def _done(self, fut: concurrent.futures.Future) -> None:
         with self._idle:
@@ -395,25 +422,33 @@ class VirtioBlk(VirtioDevice):
             if not self._pending:
                 self._idle.notify_all()
 
-    def _run(self, group: list[_Request], before: list[concurrent.futures.Future]) -> None:
+    def _run(self, group: list[_Request], before: list[concurrent.futures.Future], inline: bool = False) -> None:
         finished = []
-        for req in group:
-            try:
-                if req.gen != self._gen:
+        try:
+            for req in group:
+                try:
+                    if req.gen != self._gen:
+                        break
+                    req.status = self._execute(req, before)
+                except _Stale:
                     break
-                req.status = self._execute(req, before)
-            except _Stale:
-                break
-            except Exception:  # never let a bug kill the request silently: fail it
-                log.exception("virtio-blk: %s: request (head %d) failed", self.path, req.chain.head)
-                req.status = VIRTIO_BLK_S_IOERR
-            finished.append(req)
-        self._complete_many(finished)
+                except Exception:  # never let a bug kill the request silently: fail it
+                    log.exception("virtio-blk: %s: request (head %d) failed", self.path, req.chain.head)
+                    req.status = VIRTIO_BLK_S_IOERR
+                finished.append(req)
+        finally:
+            self._complete_many(finished, inline)
 
-    def _complete_many(self, reqs: list[_Request]) -> None:
+    def _complete_many(self, reqs: list[_Request], inline: bool = False) -> None:
         """Write the status bytes, put the chains on the used ring (one index update) and signal
-        one interrupt; requests of an earlier generation are dropped."""
+        one interrupt; requests of an earlier generation are dropped.  ``inline``: the group
+        was run by the notifying thread, which is done with it (see :meth:`wait_idle`).  The
+        interrupt is the last thing done: the vCPU that takes it will want the GIL at once."""
         with self._lock:
+            if inline:
+                self._inline -= 1
+                if not self._inline and not self._pending:
+                    self._idle.notify_all()
             entries = []
             queue = None
             for req in reqs:
@@ -421,7 +456,11 @@ class VirtioBlk(VirtioDevice):
                     continue
                 chain = req.chain
                 try:
-                    chain.write(req.mem, bytes((req.status,)), chain.writable_len - 1)
+                    t = chain.table
+                    if t is not None and t[-2]:  # the last buffer is writable and holds the status byte
+                        req.mem.write((t[-4] | t[-3] << 32) + t[-2] - 1, bytes((req.status,)))
+                    else:
+                        chain.write(req.mem, bytes((req.status,)), chain.writable_len - 1)
                 except Exception as e:  # guest memory gone (VM torn down): nothing to complete
                     log.error("virtio-blk: cannot complete request (head %d): %s", chain.head, e)
                     continue
@@ -491,7 +530,8 @@ class VirtioBlk(VirtioDevice):
         return True
 
     def _do_in(self, req: _Request, sector: int, nbytes: int) -> int:
-        if not self._check_rw("read", sector, nbytes):
+        if (nbytes & (SECTOR_SIZE - 1) or not 0 <= sector <= self.capacity - (nbytes >> 9)) \
+                and not self._check_rw("read", sector, nbytes):
             return VIRTIO_BLK_S_IOERR
         base = sector * SECTOR_SIZE
         try:
@@ -511,7 +551,8 @@ class VirtioBlk(VirtioDevice):
         if self.read_only:
             self._warn_once("ro-write", "virtio-blk: %s: write to a read-only disk; failing it", self.path)
             return VIRTIO_BLK_S_IOERR
-        if not self._check_rw("write", sector, nbytes):
+        if (nbytes & (SECTOR_SIZE - 1) or not 0 <= sector <= self.capacity - (nbytes >> 9)) \
+                and not self._check_rw("write", sector, nbytes):
             return VIRTIO_BLK_S_IOERR
         try:
             if self._transfer_fast(req, sector * SECTOR_SIZE, nbytes, False) is None:
@@ -545,53 +586,38 @@ class VirtioBlk(VirtioDevice):
         return done
 
     def _transfer_fast(self, req: _Request, offset: int, nbytes: int, into_guest: bool) -> int | None:
-        """The usual layout (a 16-byte header buffer, data buffers, a 1-byte status buffer, from
-        the queue's descriptor columns): one ``preadv_cols``/``pwritev_cols`` straight from the
-        columns, no range lists; a short transfer is continued with range lists.  None (nothing
-        done) if the request is laid out otherwise (then :meth:`_transfer` does it)."""
-        cols = req.chain.cols
-        if cols is None or not nbytes or nbytes > IO_CHUNK:
+        """The usual layout (an indirect table: a 16-byte header buffer, the data buffers, a
+        1-byte status buffer): one ``preadv_descs``/``pwritev_descs`` straight from the table, no
+        range lists; a short transfer is continued with range lists.  None (nothing done) if the
+        request is laid out otherwise (then :meth:`_transfer` does it)."""
+        chain = req.chain
+        t = chain.table
+        if t is None or not nbytes or nbytes > IO_CHUNK or t[2] != HEADER_SIZE or t[-2] != 1:
             return None
-        addrs, lengths, nread = cols
-        count = len(addrs)
-        if lengths[0] != HEADER_SIZE or lengths[-1] != 1:
-            return None
-        if into_guest:
-            if nread != 1:
-                return None
-            a, l = addrs[1:-1], lengths[1:-1]
-        else:
-            if nread != count - 1:
-                return None
-            a, l = addrs[1:nread], lengths[1:nread]
-        if len(a) > IOV_MAX:
+        count = len(t) >> 2
+        if chain.nread != (1 if into_guest else count - 1):
             return None
         if req.gen != self._gen:
             raise _Stale()
-        mem = req.mem
         if into_guest:
-            r = mem.preadv_cols(self._fd, a, l, offset)
-            if r == nbytes or r <= 0:
-                req.written = max(r, 0)
-                return max(r, 0)
+            r = req.mem.preadv_descs(self._fd, t, 1, count - 2, offset)
         else:
-            r = mem.pwritev_cols(self._fd, a, l, offset)
-            if r == nbytes:
-                return r
-            if r <= 0:
-                raise OSError(errno.EIO, "short write")
+            r = req.mem.pwritev_descs(self._fd, t, 1, count - 2, offset)
+        if r is None or r == nbytes:
+            if into_guest and r:
+                req.written = r
+            return r
+        if r <= 0:
+            if into_guest:
+                return 0  # end of file
+            raise OSError(errno.EIO, "short write")
         # short transfer (rare): continue from where it stopped with range lists
-        ranges = list(zip(a, l))
-        left, i = r, 0
-        while left >= ranges[i][1]:
-            left -= ranges[i][1]
-            i += 1
-        ranges = ranges[i:]
-        if left:
-            ranges[0] = (ranges[0][0] + left, ranges[0][1] - left)
         if into_guest:
             req.written = r
-        n, _eof = self._transfer_chunk(req, ranges, nbytes - r, offset + r, into_guest)
+            ranges = chain.writable_ranges(r, nbytes - r)
+        else:
+            ranges = chain.readable_ranges(HEADER_SIZE + r, nbytes - r)
+        n = self._transfer(req, ranges, offset + r, nbytes - r, into_guest)
         if into_guest:
             req.written = r + n
         return r + n

@@ -1,7 +1,7 @@
 """The virtio-mmio transport, version 2 ("modern", virtio 1.2 §4.2), as a bus device.
 
-Register it on the MMIO bus with length :data:`MMIO_WINDOW`; its interrupt line is level
-triggered.  The register block (offsets relative to the window)::
+Register it on the MMIO bus with length :data:`MMIO_WINDOW`; its interrupt is level or edge
+triggered (see Model).  The register block (offsets relative to the window)::
 
     0x000 MagicValue          R   0x74726976 ("virt")
     0x004 Version             R   2
@@ -47,8 +47,15 @@ Model
   while the selected queue is not ready.  Other writes are logged and ignored.
 * DEVICE_NEEDS_RESET (a queue or device error) sets InterruptStatus bit 1 and asserts the line;
   the transport then stops forwarding notifications until the driver resets the device.
-* Interrupts are level triggered: the line is high exactly while InterruptStatus is non-zero,
-  and ``irq`` is called only when that level changes.
+* Interrupts are level triggered (``irq``): the line is high exactly while InterruptStatus is
+  non-zero, and ``irq`` is called only when that level changes; or edge triggered (``trigger``,
+  e.g. a KVM irqfd): one edge each time bits are set in InterruptStatus, as virtio-mmio in
+  Firecracker and cloud-hypervisor.  An edge that arrives while the driver is in its handler is
+  latched by the interrupt controller and delivered again after its EOI, so none is lost; the
+  InterruptACK write then only clears bits and costs no interrupt-controller call.  With an
+  edge trigger, InterruptACK writes of exactly INT_VRING (what Linux writes after every
+  used-buffer interrupt) can be absorbed by KVM (``ack_eventfd``, an ioeventfd: no exit to
+  userspace) and applied before the next change of InterruptStatus (see ``_absorb_acks``).
 
 Threading
 ---------
@@ -65,9 +72,11 @@ keeps line levels in order) and must not call back into the transport.
 from __future__ import annotations
 
 import logging
+import os
 import struct
 import threading
 from dataclasses import dataclass
+from typing import Callable
 
 from hypyr.devices.bus import IrqLine
 from hypyr.memory import GuestMemory
@@ -77,6 +86,7 @@ from .device import (VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTI
 from .queue import DeviceError, SplitQueue
 
 log = logging.getLogger("hypyr.dev.virtio_mmio")
+_U32_LE = struct.Struct("<I")
 
 MMIO_WINDOW = 0x1000
 MAGIC_VALUE = 0x74726976  # "virt"
@@ -188,10 +198,17 @@ class VirtioMmioTransport:
 
     LENGTH = MMIO_WINDOW
 
-    def __init__(self, device: VirtioDevice, mem: GuestMemory, irq: IrqLine):
+    def __init__(self, device: VirtioDevice, mem: GuestMemory, irq: IrqLine | None = None, *,
+                 trigger: Callable[[], None] | None = None, ack_eventfd: int | None = None):
+        if (irq is None) == (trigger is None):
+            raise ValueError("give the transport either a level-triggered irq line or an edge trigger")
+        if ack_eventfd is not None and trigger is None:
+            raise ValueError("InterruptACK writes can be absorbed only with an edge trigger")
+        self._ack_fd = ack_eventfd
         self.device = device
         self.mem = mem
         self._irq = irq
+        self._trigger = trigger
         self._name = f"virtio-mmio({getattr(device, 'name', 'virtio')})"
         self._lock = threading.Lock()
         self._irq_lock = threading.Lock()
@@ -212,6 +229,8 @@ class VirtioMmioTransport:
 
     # ------------------------------------------------------------------ bus interface
     def read(self, offset: int, size: int) -> bytes:
+        if offset == INTERRUPT_STATUS and size == 4:  # the hot one: read in every interrupt handler
+            return _U32_LE.pack(self._isr)  # one int read: no lock needed
         if size <= 0:
             return b""
         if offset < 0 or offset + size > MMIO_WINDOW:
@@ -226,7 +245,7 @@ class VirtioMmioTransport:
             return bytes(size)
         with self._lock:
             value = self._read_register(offset)
-        return struct.pack("<I", value & _U32)
+        return _U32_LE.pack(value & _U32)
 
     def write(self, offset: int, data: bytes) -> None:
         data = bytes(data)
@@ -244,7 +263,13 @@ class VirtioMmioTransport:
             log.debug("%s: ignored %d-byte write at %#x (registers take aligned 32-bit writes)",
                       self._name, size, offset)
             return
-        value = struct.unpack("<I", data)[0]
+        value = _U32_LE.unpack(data)[0]
+        if offset == INTERRUPT_ACK:  # the other hot one
+            with self._irq_lock:
+                self._isr &= ~value
+                if self._trigger is None:
+                    self._update_irq()
+            return
         if offset == QUEUE_NOTIFY_OFFSET:
             self.notify(value)  # without the lock: the device may block or call back
             return
@@ -287,8 +312,9 @@ class VirtioMmioTransport:
             wanted = True
         if wanted:
             with self._irq_lock:
+                self._absorb_acks()
                 self._isr |= INT_VRING
-                self._update_irq()
+                self._update_irq(True)
 
     def config_changed(self) -> None:
         """For the device: its config space changed.  Bumps ConfigGeneration and, once the
@@ -297,8 +323,9 @@ class VirtioMmioTransport:
         with self._irq_lock:
             self._config_generation = (self._config_generation + 1) & _U32
             if driver_ok:
+                self._absorb_acks()
                 self._isr |= INT_CONFIG
-                self._update_irq()
+                self._update_irq(True)
 
     def _enter_needs_reset(self, epoch: int | None = None) -> None:
         """Set DEVICE_NEEDS_RESET and raise the configuration-change interrupt.  ``epoch`` is the
@@ -317,10 +344,30 @@ class VirtioMmioTransport:
             return
         self._status |= STATUS_DEVICE_NEEDS_RESET
         with self._irq_lock:
+            self._absorb_acks()
             self._isr |= INT_CONFIG
-            self._update_irq()
+            self._update_irq(True)
 
-    def _update_irq(self) -> None:  # with self._irq_lock held
+    def _absorb_acks(self) -> None:  # with self._irq_lock held
+        """Apply the InterruptACK writes of INT_VRING that KVM absorbed (``ack_eventfd``: an
+        ioeventfd on the register with that value) since the last call.  Called before every
+        change of InterruptStatus, so an acknowledgement is never applied after a later
+        interrupt (it would hide it); a read of InterruptStatus may show INT_VRING still set after
+        the driver acknowledged it, which only makes the driver look at its rings once more."""
+        if self._ack_fd is not None:
+            try:
+                os.eventfd_read(self._ack_fd)
+            except BlockingIOError:
+                return
+            self._isr &= ~INT_VRING
+
+    def _update_irq(self, raised: bool = False) -> None:  # with self._irq_lock held
+        """After InterruptStatus changed (``raised``: bits were set): drive the level-triggered
+        line to match it, or, edge triggered, send an edge when bits were set."""
+        if self._trigger is not None:
+            if raised:
+                self._call_irq(True)
+            return
         level = self._isr != 0
         if level != self._irq_level:
             self._irq_level = level
@@ -328,9 +375,13 @@ class VirtioMmioTransport:
 
     def _call_irq(self, level: bool) -> None:
         try:
-            self._irq(level)
+            if self._trigger is not None:
+                if level:
+                    self._trigger()
+            else:
+                self._irq(level)
         except Exception:
-            log.exception("%s: irq(%s) failed", self._name, level)
+            log.exception("%s: interrupt (%s) failed", self._name, level)
 
     # ------------------------------------------------------------------ config space
     def _config_read(self, offset: int, size: int) -> bytes:
@@ -522,6 +573,7 @@ class VirtioMmioTransport:
         self._reset_device_and_queues()
         self._clear_registers()
         with self._irq_lock:
+            self._absorb_acks()
             self._isr = 0
             self._update_irq()
 
@@ -529,6 +581,7 @@ class VirtioMmioTransport:
     def state(self) -> VirtioMmioState:
         with self._lock:
             with self._irq_lock:
+                self._absorb_acks()
                 isr, gen = self._isr, self._config_generation
             queues = tuple(VirtioQueueState(size=q.size, ready=q.ready, desc_table=q.desc_table,
                                             avail_ring=q.avail_ring, used_ring=q.used_ring,

@@ -4,21 +4,23 @@ Everything the driver wrote is untrusted: ring indices, descriptor indices, addr
 flags.  All of it is read through :class:`~hypyr.memory.GuestMemory` (bounds-checked) and
 validated here; a violation raises :class:`QueueError` (a :class:`DeviceError`) and the transport puts the device into NEEDS_RESET.
 
+- the rings and the descriptor table must each lie wholly in one region of guest RAM (checked
+  when the queue is activated; the queue then reads and writes them through views of exactly
+  those bytes);
 - descriptor chains are walked with a time-to-live (the queue size, or the indirect table's
   length), so loops end; nested indirect tables are refused;
 - every buffer must lie wholly in guest RAM; device-readable buffers must precede writable ones;
 - the used ring is written only at indices we own; ``avail.idx`` jumping by more than the
   queue size is an error.
 
-Speed: a chain is walked from one snapshot of its descriptor table (an indirect table is read
-with one ``mem.read``; the main table too, once a chain has more than one descriptor in it and
-the table is at most :data:`MAIN_TABLE_SNAPSHOT` bytes), all its buffers are range-checked in one
-call, and its readable/writable byte counts are computed once.  A device does its I/O through
-:meth:`DescriptorChain.readable_ranges`/:meth:`~DescriptorChain.writable_ranges` and
-:meth:`GuestMemory.preadv <hypyr.memory.GuestMemory.preadv>`/``pwritev`` (scatter/gather straight
-into the guest's buffers; a chain built from an indirect table in the usual layout also keeps its
-descriptor columns in :attr:`DescriptorChain.cols` for ``preadv_cols``/``pwritev_cols``); :meth:`SplitQueue.add_used_many` completes several chains with one used-index
-update.
+Speed (every Python operation counts when the VMM itself runs under emulation): an indirect
+table is read with one copy into an ``array('I')`` and, in the layout every driver uses
+(descriptor *i* chains to *i+1*, readable buffers first), checked with a few C-level array
+comparisons instead of a walk; such a chain keeps the table (:attr:`DescriptorChain.table`,
+:attr:`~DescriptorChain.nread`) so a device can hand its buffers straight to
+:meth:`GuestMemory.preadv_descs <hypyr.memory.GuestMemory.preadv_descs>`, and builds its
+``readable``/``writable`` lists only if someone asks.  :meth:`SplitQueue.add_used_many` completes
+several chains with one used-index update.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from __future__ import annotations
 import functools
 import struct
 import threading
-from dataclasses import dataclass, field
+from array import array
 
 from hypyr.memory import GuestMemory, GuestMemoryError
 
@@ -38,10 +40,10 @@ VIRTQ_USED_F_NO_NOTIFY = 1
 
 DESC_SIZE = 16
 MAX_INDIRECT = 1024  # descriptors in one indirect table (Linux never uses more than the queue size)
-MAIN_TABLE_SNAPSHOT = 16384  # walk a multi-descriptor chain from one read of a main table this small
 
 _DESC = struct.Struct("<QIHH")
 _USED_ELEM = struct.Struct("<II")
+_U16 = struct.Struct("<H")
 
 
 class DeviceError(Exception):
@@ -52,20 +54,50 @@ class QueueError(DeviceError):
     """The driver broke the virtqueue protocol."""
 
 
-@dataclass
 class DescriptorChain:
-    """One request: device-readable buffers, then device-writable ones, as (address, length).
+    """One request: device-readable buffers, then device-writable ones, as (address, length)
+    lists (empty buffers left out).
 
-    ``readable_len``/``writable_len`` are computed once (by the queue when it builds the chain,
-    else on first use): do not change the buffer lists after that."""
-    head: int
-    readable: list[tuple[int, int]] = field(default_factory=list)
-    writable: list[tuple[int, int]] = field(default_factory=list)
-    _readable_len: int | None = field(default=None, repr=False, compare=False)
-    _writable_len: int | None = field(default=None, repr=False, compare=False)
-    # (addresses, lengths, number of readable buffers) as the queue saw them, when it built the
-    # chain from columns (an indirect table in the usual layout); a device fast path may use them.
-    cols: tuple | None = field(default=None, repr=False, compare=False)
+    A chain built from an indirect table in the usual layout also has :attr:`table` (the
+    table's descriptors as an ``array('I')``, four words each) and :attr:`nread` (how many of
+    them are readable); its lists are then made on first use.  Do not change the lists."""
+
+    __slots__ = ("head", "_readable", "_writable", "_readable_len", "_writable_len", "table", "nread")
+
+    def __init__(self, head: int, readable: list[tuple[int, int]] | None = None,
+                 writable: list[tuple[int, int]] | None = None,
+                 readable_len: int | None = None, writable_len: int | None = None):
+        self.head = head
+        self._readable = [] if readable is None else readable
+        self._writable = [] if writable is None else writable
+        self._readable_len = readable_len
+        self._writable_len = writable_len
+        self.table: array | None = None
+        self.nread = 0
+
+    @classmethod
+    def from_table(cls, head: int, table: array, nread: int, readable_len: int, writable_len: int) -> "DescriptorChain":
+        c = cls.__new__(cls)
+        c.head, c.table, c.nread = head, table, nread
+        c._readable = c._writable = None
+        c._readable_len, c._writable_len = readable_len, writable_len
+        return c
+
+    def _buffers(self, lo: int, hi: int) -> list[tuple[int, int]]:
+        t = self.table
+        return [(t[i] | t[i + 1] << 32, t[i + 2]) for i in range(4 * lo, 4 * hi, 4) if t[i + 2]]
+
+    @property
+    def readable(self) -> list[tuple[int, int]]:
+        if self._readable is None:
+            self._readable = self._buffers(0, self.nread)
+        return self._readable
+
+    @property
+    def writable(self) -> list[tuple[int, int]]:
+        if self._writable is None:
+            self._writable = self._buffers(self.nread, len(self.table) // 4)
+        return self._writable
 
     @property
     def readable_len(self) -> int:
@@ -80,6 +112,9 @@ class DescriptorChain:
         if n is None:
             n = self._writable_len = sum(n for _, n in self.writable)
         return n
+
+    def __repr__(self) -> str:
+        return f"DescriptorChain(head={self.head}, readable={self.readable}, writable={self.writable})"
 
     @staticmethod
     def _slice(bufs: list[tuple[int, int]], total: int, offset: int, length: int) -> list[tuple[int, int]]:
@@ -146,39 +181,44 @@ class DescriptorChain:
 
 
 @functools.lru_cache(maxsize=64)
-def _table_layout(count: int) -> tuple[struct.Struct, tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    """For a table of ``count`` descriptors: a Struct unpacking all of it at once, the ``next``
-    fields of a linear chain (1..count-1), and runs of readable and writable NEXT flags."""
-    return (struct.Struct("<" + "QIHH" * count), tuple(range(1, count)),
-            (VIRTQ_DESC_F_NEXT,) * count, (VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE,) * count)
+def _zeros(count: int) -> array:
+    return array("I", bytes(4 * count))
 
 
-def _linear_table(table: bytes, count: int):
+@functools.lru_cache(maxsize=64)
+def _next_pattern(count: int) -> array:
+    """The ``next`` fields of a linear chain of ``count`` descriptors, but the last: 1..count-1."""
+    return array("H", range(1, count))
+
+
+@functools.lru_cache(maxsize=256)
+def _flags_pattern(count: int, nread: int) -> array:
+    """The flags of a linear chain: ``nread`` readable descriptors, then writable ones."""
+    f = [VIRTQ_DESC_F_NEXT] * nread + [VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE] * (count - nread)
+    f[-1] &= ~VIRTQ_DESC_F_NEXT
+    return array("H", f)
+
+
+def _linear_table(table: bytes, count: int) -> tuple[array, int] | None:
     """The chain of an indirect table in the layout every driver uses (descriptor i points to
-    i+1, NEXT on all but the last, none INDIRECT, no empty buffer, readable before writable),
-    checked with C-level tuple operations, as (addresses, lengths, number of readable buffers);
-    None if the table is laid out any other way (then it is walked one by one).  The buffers'
-    ranges are not checked here."""
-    fmt, nexts, readable_flags, writable_flags = _table_layout(count)
-    fields = fmt.unpack(table)
-    flags = fields[2::4]
-    if fields[3::4][:-1] != nexts:
+    i+1, NEXT on all but the last, none INDIRECT, readable before writable), checked with
+    C-level array comparisons, as (the table as an ``array('I')``, number of readable
+    descriptors); None if the table is laid out any other way (then it is walked one by one).
+    The buffers' ranges are not checked here."""
+    halves = array("H", table)
+    if halves[7:8 * count - 8:8] != _next_pattern(count):
         return None
+    flags = halves[6::8]
     last = flags[-1]
     if last == VIRTQ_DESC_F_WRITE:
         nread = flags.count(VIRTQ_DESC_F_NEXT)
-        if flags[:nread] != readable_flags[:nread] or flags[nread:-1] != writable_flags[:count - 1 - nread]:
-            return None
     elif last == 0:
         nread = count
-        if flags[:-1] != readable_flags[:count - 1]:
-            return None
     else:
         return None
-    lengths = fields[1::4]
-    if 0 in lengths:
+    if flags != _flags_pattern(count, nread):
         return None
-    return fields[0::4], lengths, nread
+    return array("I", table), nread
 
 
 class SplitQueue:
@@ -204,16 +244,23 @@ class SplitQueue:
             self.event_idx = False
             self.indirect = False
             self.mem: GuestMemory | None = None
+            # views of exactly the rings' bytes (set by activate(); dropping them lets the
+            # guest memory be unmapped)
+            self._desc_v: memoryview | None = None
+            self._avail_v: memoryview | None = None
+            self._used_v: memoryview | None = None
             self.last_avail = 0       # next avail ring slot we will consume (free-running u16)
             self.next_used = 0        # next used ring slot we will fill (free-running u16)
             self.signalled_used = 0   # used idx at the last interrupt decision
 
     # -- setup ------------------------------------------------------------------------------------
-    def validate(self, mem: GuestMemory) -> None:
-        """Check the driver's configuration (size, alignment, rings inside RAM)."""
+    def _ring_views(self, mem: GuestMemory) -> tuple[memoryview, memoryview, memoryview]:
+        """Check the driver's configuration (size, alignment, each ring in one region of guest
+        RAM) and return views of the descriptor table, available ring and used ring."""
         n = self.size
         if n < 1 or n > self.max_size or n & (n - 1):
             raise QueueError(f"queue size {n} is not a power of two in 1..{self.max_size}")
+        views = []
         for what, addr, align, length in (("descriptor table", self.desc_table, 16, DESC_SIZE * n),
                                           ("available ring", self.avail_ring, 2, 6 + 2 * n),
                                           ("used ring", self.used_ring, 4, 6 + 8 * n)):
@@ -221,20 +268,28 @@ class SplitQueue:
                 raise QueueError(f"{what} at {addr:#x} is not {align}-byte aligned")
             if not mem.check_range(addr, length):
                 raise QueueError(f"{what} at {addr:#x}+{length:#x} is not in guest RAM")
+            try:
+                views.append(mem.view(addr, length))
+            except GuestMemoryError:
+                raise QueueError(f"{what} at {addr:#x}+{length:#x} crosses from one RAM region into another") from None
+        return views[0], views[1], views[2]
+
+    def validate(self, mem: GuestMemory) -> None:
+        """Check the driver's configuration (size, alignment, rings inside RAM)."""
+        for v in self._ring_views(mem):
+            v.release()
 
     def activate(self, mem: GuestMemory, *, event_idx: bool, indirect: bool) -> None:
-        self.validate(mem)
+        views = self._ring_views(mem)
         with self._lock:  # publish mem last, and atomically for pop()/add_used()
+            self._desc_v, self._avail_v, self._used_v = views
             self.event_idx, self.indirect = event_idx, indirect
             self.mem = mem
 
     # -- consuming requests -------------------------------------------------------------------------
-    def _avail_idx(self) -> int:
-        return self.mem.read_u16(self.avail_ring + 2)
-
     def has_available(self) -> bool:
         with self._lock:
-            return self.mem is not None and self._avail_idx() != self.last_avail
+            return self.mem is not None and _U16.unpack_from(self._avail_v, 2)[0] != self.last_avail
 
     def pop(self) -> DescriptorChain | None:
         """The next available chain, or None.  Raises QueueError on any protocol violation."""
@@ -242,19 +297,21 @@ class SplitQueue:
             mem = self.mem
             if mem is None:
                 return None
+            avail = self._avail_v
+            last = self.last_avail
+            avail_idx = _U16.unpack_from(avail, 2)[0]
+            pending = (avail_idx - last) & 0xFFFF
+            if pending == 0:
+                return None
+            size = self.size
+            if pending > size:
+                raise QueueError(f"avail.idx {avail_idx} is {pending} ahead of {last}, "
+                                 f"more than the queue size {size}")
+            head = _U16.unpack_from(avail, 4 + 2 * (last % size))[0]
+            self.last_avail = last = (last + 1) & 0xFFFF
+            if self.event_idx:  # avail_event: notify us again when the driver passes this index
+                _U16.pack_into(self._used_v, 4 + 8 * size, last)
             try:
-                avail_idx = self._avail_idx()
-                pending = (avail_idx - self.last_avail) & 0xFFFF
-                if pending == 0:
-                    return None
-                if pending > self.size:
-                    raise QueueError(f"avail.idx {avail_idx} is {pending} ahead of {self.last_avail}, "
-                                     f"more than the queue size {self.size}")
-                slot = self.avail_ring + 4 + 2 * (self.last_avail % self.size)
-                head = mem.read_u16(slot)
-                self.last_avail = (self.last_avail + 1) & 0xFFFF
-                if self.event_idx:  # avail_event: notify us again when the driver passes this index
-                    mem.write_u16(self.used_ring + 4 + 8 * self.size, self.last_avail)
                 return self._walk(mem, head)
             except GuestMemoryError as e:
                 raise QueueError(str(e)) from None
@@ -266,12 +323,11 @@ class SplitQueue:
         readable: list[tuple[int, int]] = []
         writable: list[tuple[int, int]] = []
         rlen = wlen = 0
-        base = self.desc_table
-        table: bytes | None = None   # snapshot of the table being walked (None: read one at a time)
+        table = self._desc_v         # the table being walked: the queue's, or an indirect one
         count = ttl = size
         in_indirect = False
         unpack_from = _DESC.unpack_from
-        desc = _DESC.unpack(mem.read(base + DESC_SIZE * head, DESC_SIZE))
+        desc = unpack_from(table, DESC_SIZE * head)
         while True:
             if ttl == 0:
                 raise QueueError(f"descriptor chain from {head} is longer than its table (a loop?)")
@@ -293,14 +349,7 @@ class SplitQueue:
                 in_indirect = True
                 fast = None if readable or writable else _linear_table(table, count)
                 if fast is not None:  # the usual layout, checked in one go
-                    addrs, lengths, nread = fast
-                    if not mem.all_inside(addrs, lengths):
-                        bad = mem.first_outside(zip(addrs, lengths))
-                        raise QueueError(f"buffer at {bad[0]:#x}+{bad[1]:#x} is not in guest RAM")
-                    return DescriptorChain(head, list(zip(addrs[:nread], lengths[:nread])),
-                                           list(zip(addrs[nread:], lengths[nread:])),
-                                           sum(lengths[:nread]), sum(lengths[nread:]),
-                                           (addrs, lengths, nread))
+                    return self._linear_chain(mem, head, *fast)
                 desc = unpack_from(table, 0)
                 continue
             if length:
@@ -316,16 +365,35 @@ class SplitQueue:
                 break
             if nxt >= count:
                 raise QueueError(f"next descriptor index {nxt} >= table size {count}")
-            if table is None and DESC_SIZE * count <= MAIN_TABLE_SNAPSHOT:
-                table = mem.read(base, DESC_SIZE * count)
-            if table is not None:
-                desc = unpack_from(table, DESC_SIZE * nxt)
-            else:
-                desc = _DESC.unpack(mem.read(base + DESC_SIZE * nxt, DESC_SIZE))
+            desc = unpack_from(table, DESC_SIZE * nxt)
         bad = mem.first_outside(readable + writable)
         if bad is not None:
             raise QueueError(f"buffer at {bad[0]:#x}+{bad[1]:#x} is not in guest RAM")
         return DescriptorChain(head, readable, writable, rlen, wlen)
+
+    @staticmethod
+    def _linear_chain(mem: GuestMemory, head: int, words: array, nread: int) -> DescriptorChain:
+        """A chain from a table that passed :func:`_linear_table`: check every buffer against
+        guest RAM (in C when all are below 4 GiB) and count the bytes."""
+        count = len(words) // 4
+        lengths = words[2::4]
+        total = sum(lengths)
+        if nread == count:
+            rlen = total
+        elif nread == 1:
+            rlen = words[2]
+        elif nread == count - 1:
+            rlen = total - words[-2]
+        else:
+            rlen = sum(lengths[:nread])
+        # all addresses below 4 GiB and [0, max address + every length) RAM: all inside
+        if not (words[1::4] == _zeros(count) and mem.check_range(0, max(words[0::4]) + total)):
+            chain = DescriptorChain.from_table(head, words, nread, rlen, total - rlen)
+            bad = mem.first_outside(chain.readable + chain.writable)
+            if bad is not None:
+                raise QueueError(f"buffer at {bad[0]:#x}+{bad[1]:#x} is not in guest RAM")
+            return chain
+        return DescriptorChain.from_table(head, words, nread, rlen, total - rlen)
 
     # -- completing requests -------------------------------------------------------------------------
     def add_used(self, head: int, written: int) -> None:
@@ -336,36 +404,30 @@ class SplitQueue:
         """Return several chains ``(head, written)`` to the driver, in order, publishing the used
         index once (after all the elements)."""
         with self._lock:
-            mem = self.mem
-            if mem is None:
+            used = self._used_v
+            if used is None:
                 return  # reset while the requests were in flight: drop them, the driver forgot them too
-            size, ring, nxt = self.size, self.used_ring + 4, self.next_used
-            run = bytearray()   # elements for consecutive slots, written with one mem.write
-            run_slot = nxt % size
+            size, nxt = self.size, self.next_used
+            pack_into = _USED_ELEM.pack_into
             for head, written in entries:
-                slot = nxt % size
-                if slot == 0 and run:  # the ring wraps: flush the run
-                    mem.write(ring + 8 * run_slot, run)
-                    run, run_slot = bytearray(), 0
-                run += _USED_ELEM.pack(head, written)
+                pack_into(used, 4 + 8 * (nxt % size), head, written)
                 nxt = (nxt + 1) & 0xFFFF
-            if not run:
+            if nxt == self.next_used:
                 return
-            mem.write(ring + 8 * run_slot, run)
             self.next_used = nxt
-            mem.write_u16(self.used_ring + 2, nxt)
+            _U16.pack_into(used, 2, nxt)
 
     def needs_interrupt(self) -> bool:
         """Whether the driver wants an interrupt for the used buffers added since the last call."""
         with self._lock:
-            mem = self.mem
-            if mem is None:
+            avail = self._avail_v
+            if avail is None:
                 return False
             old, new = self.signalled_used, self.next_used
             self.signalled_used = new
             if old == new:
                 return False
             if self.event_idx:
-                used_event = mem.read_u16(self.avail_ring + 4 + 2 * self.size)
+                used_event = _U16.unpack_from(avail, 4 + 2 * self.size)[0]
                 return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
-            return not mem.read_u16(self.avail_ring) & VIRTQ_AVAIL_F_NO_INTERRUPT
+            return not _U16.unpack_from(avail, 0)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
