@@ -23,11 +23,12 @@ rules for holders of such views:
   only ever touch that guest's RAM, never freed host memory.  Drop views when the I/O is done.
 
 For file I/O without any per-buffer view, :meth:`GuestMemory.preadv`/:meth:`~GuestMemory.pwritev`
-(ranges as pairs) and ``preadv_cols``/``pwritev_cols`` (ranges as two columns) check every range
-in full the same way, then call libc ``preadv``/``pwritev`` with an iovec array built here from
+(ranges as pairs) check every range in full the same way, then call libc ``preadv``/``pwritev`` with an iovec array built here from
 the region's host address (which never leaves this module), holding a view of the region for the
 duration of the call so the mapping cannot be unmapped under the kernel.  Ranges spanning
 several regions (or a libc without the functions) fall back to :meth:`views` and ``os.preadv``.
+``preadv_descs``/``pwritev_descs`` take the buffers as a virtqueue descriptor table instead (see
+:class:`GuestRegion` for the layout that makes this cheap and safe).
 """
 
 from __future__ import annotations
@@ -306,14 +307,6 @@ class GuestMemory:
     def pwritev(self, fd: int, ranges: Sequence[tuple[int, int]], offset: int) -> int:
         """One ``pwritev(2)`` of the guest ``ranges`` to file ``fd`` at ``offset``; as :meth:`preadv`."""
         return self._rw(_libc_pwritev, os.pwritev, fd, ranges, offset)
-
-    def preadv_cols(self, fd: int, addrs: Sequence[int], lengths: Sequence[int], offset: int) -> int:
-        """:meth:`preadv` with the ranges as two columns (``addrs[i], lengths[i]``), same checks."""
-        return self._rw_cols(_libc_preadv, os.preadv, fd, addrs, lengths, offset)
-
-    def pwritev_cols(self, fd: int, addrs: Sequence[int], lengths: Sequence[int], offset: int) -> int:
-        """:meth:`pwritev` with the ranges as two columns, same checks."""
-        return self._rw_cols(_libc_pwritev, os.pwritev, fd, addrs, lengths, offset)
 
     def preadv_descs(self, fd: int, descs: array, first: int, count: int, offset: int) -> int | None:
         """``preadv`` into the buffers of ``count`` virtqueue descriptors from index ``first`` of

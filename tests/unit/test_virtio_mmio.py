@@ -717,3 +717,73 @@ def test_register_fuzz_never_raises_or_touches_memory(ops, seed):
     else:  # only the active used rings, and buffers the device filled with 0xAA, may change
         for pos in (i for i in range(SMALL_MEM) if after[i] != before[i]):
             assert after[pos] == 0xAA or any(a <= pos < a + n for a, n in dev.used_rings), hex(pos)
+
+
+# ---------------------------------------------------------------------------- edge-triggered (irqfd)
+def make_edge(ack_eventfd=None):
+    dev = FakeDevice()
+    drv = MockDriver(size=16)
+    edges: list[int] = []
+    t = VirtioMmioTransport(dev, drv.mem, trigger=lambda: edges.append(1), ack_eventfd=ack_eventfd)
+    return t, dev, drv, edges
+
+
+def _use_one(drv, q, dev):
+    drv.add_chain([Buf(drv.alloc(4), 4)])
+    q.add_used(q.pop().head, 0)
+    dev.signal_used(0)
+
+
+def test_edge_trigger_one_edge_per_interrupt_and_ack_only_clears():
+    t, dev, drv, edges = make_edge()
+    bring_up(t, drv, accept=VIRTIO_F_VERSION_1)
+    q = dev.queues[0]
+    dev.signal_used(0)  # nothing used: no edge
+    assert edges == []
+    _use_one(drv, q, dev)
+    _use_one(drv, q, dev)
+    assert edges == [1, 1] and rd(t, M.INTERRUPT_STATUS) == 1  # an edge for each, even with the bit set
+    wr(t, M.INTERRUPT_ACK, 1)
+    assert rd(t, M.INTERRUPT_STATUS) == 0 and edges == [1, 1]  # no edge for an ACK
+    t.config_changed()
+    assert rd(t, M.INTERRUPT_STATUS) == 2 and edges == [1, 1, 1]
+
+
+def test_transport_needs_exactly_one_interrupt_kind():
+    drv = MockDriver(size=16)
+    with pytest.raises(ValueError):
+        VirtioMmioTransport(FakeDevice(), drv.mem)
+    with pytest.raises(ValueError):
+        VirtioMmioTransport(FakeDevice(), drv.mem, Line(), trigger=lambda: None)
+    with pytest.raises(ValueError):
+        VirtioMmioTransport(FakeDevice(), drv.mem, Line(), ack_eventfd=3)
+
+
+def test_absorbed_acks_are_applied_before_the_next_interrupt_never_after():
+    """KVM absorbs InterruptACK=1 writes into an eventfd; the transport applies them before it
+    sets a bit again, so an old acknowledgement can never hide a newer interrupt."""
+    import os
+    efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        t, dev, drv, edges = make_edge(efd)
+        bring_up(t, drv, accept=VIRTIO_F_VERSION_1)
+        q = dev.queues[0]
+        _use_one(drv, q, dev)
+        assert rd(t, M.INTERRUPT_STATUS) == 1 and edges == [1]
+        os.eventfd_write(efd, 1)            # the driver acknowledged (absorbed by KVM)
+        assert rd(t, M.INTERRUPT_STATUS) == 1  # may still show: only a second look at the rings
+        t.config_changed()                  # the next change applies the acknowledgement first
+        assert rd(t, M.INTERRUPT_STATUS) == 2 and edges == [1, 1]
+        os.eventfd_write(efd, 1)            # an ACK of 1 while only CONFIG is set: harmless
+        _use_one(drv, q, dev)               # a new used buffer after it: its bit survives
+        assert rd(t, M.INTERRUPT_STATUS) == 3 and edges == [1, 1, 1]
+        wr(t, M.INTERRUPT_ACK, 3)           # other values still reach the transport
+        assert rd(t, M.INTERRUPT_STATUS) == 0
+        os.eventfd_write(efd, 1)            # a stale absorbed ACK across a reset...
+        wr(t, M.STATUS, 0)
+        drv2 = MockDriver(size=16, mem=drv.mem)
+        bring_up(t, drv2, accept=VIRTIO_F_VERSION_1)
+        _use_one(drv2, dev.queues[0], dev)  # ...never clears the first interrupt after it
+        assert rd(t, M.INTERRUPT_STATUS) == 1 and edges == [1, 1, 1, 1]
+    finally:
+        os.close(efd)

@@ -13,18 +13,21 @@ host I/O error) or UNSUPP (unknown type, feature not negotiated, unknown flags).
 never read or written outside ``[0, capacity * 512)`` and a read-only image is opened
 ``O_RDONLY``.  Rejected requests are logged at warning level once per kind.
 
-I/O runs on a thread pool: :meth:`VirtioBlk.queue_notify` pops every available chain (reading
-each request header once, there) and hands the batch to the workers in a few groups (at most one
-per worker, so several requests are still in flight at once; a FLUSH is a group of its own).  A
-worker runs its group's requests in order, then completes them together: status bytes, one
-used-ring update, one interrupt.  Data moves directly between the image and the guest's buffers:
-:meth:`GuestMemory.preadv <hypyr.memory.GuestMemory.preadv>`/``pwritev`` (which check every range
-and build the iovec array themselves, no per-buffer memoryview) of exactly the data part of the
-chain (after the 16-byte header, before the status byte), in syscalls of at most :data:`IO_CHUNK`
-bytes and :data:`IOV_MAX` buffers, looping on short transfers, so a hostile chain covering
-gigabytes of guest RAM costs time, not host memory.  For the usual layout (an indirect table:
-header, data buffers, status byte) the queue's descriptor columns are passed straight to
-``preadv_cols``/``pwritev_cols`` with the byte total already known.
+I/O runs off the vCPU threads: :meth:`VirtioBlk.queue_notify` (called on the VM's I/O thread,
+from the queue's ioeventfd) pops every available chain (reading each request header once,
+there) and splits the batch into a few groups (at most one per worker, so several requests are
+still in flight at once; a FLUSH is a group of its own).  The last group, unless it is a FLUSH,
+is run by the notifying thread itself and the others by a thread pool, so a lone request (queue
+depth 1, the usual case) costs no thread switch.  Each group runs its requests in order, then
+completes them together: status bytes, one used-ring update, one interrupt.  Data moves
+directly between the image and the guest's buffers: for the usual layout (an indirect table:
+header, data buffers, status byte) :meth:`GuestMemory.preadv_descs
+<hypyr.memory.GuestMemory.preadv_descs>`/``pwritev_descs`` take the data descriptors straight
+from the table the queue checked; otherwise ``preadv``/``pwritev`` (which check every range and
+build the iovec array themselves, no per-buffer memoryview) of exactly the data part of the
+chain (after the 16-byte header, before the status byte), in syscalls of at most
+:data:`IO_CHUNK` bytes and :data:`IOV_MAX` buffers, looping on short transfers, so a hostile
+chain covering gigabytes of guest RAM costs time, not host memory.
 Ordering and lifetime:
 
 * FLUSH waits for every request submitted before it, then ``fdatasync``; an OUT is completed
@@ -387,6 +390,9 @@ class VirtioBlk(VirtioDevice):
         at once, so a lone request (the usual case at queue depth 1) costs no thread switch."""
         if self._closed:
             return None, None
+        if len(reqs) == 1 and (reqs[0].header is None or reqs[0].header[0] != VIRTIO_BLK_T_FLUSH):
+            self._inline += 1  # the usual case: one request, run by the caller
+            return [], reqs
         futs: list[concurrent.futures.Future] = []
         groups: list[list[_Request]] = []
         run: list[_Request] = []

@@ -314,7 +314,13 @@ class VirtioMmioTransport:
             with self._irq_lock:
                 self._absorb_acks()
                 self._isr |= INT_VRING
-                self._update_irq(True)
+                if self._trigger is None:
+                    self._update_irq(True)
+                    return
+            try:
+                self._trigger()  # an edge: after the update, outside the lock
+            except Exception:
+                log.exception("%s: interrupt failed", self._name)
 
     def config_changed(self) -> None:
         """For the device: its config space changed.  Bumps ConfigGeneration and, once the
