@@ -64,6 +64,21 @@ def _load_libc_rw():
 _libc_preadv, _libc_pwritev = _load_libc_rw()
 
 
+def _libc_rw(fn, fd: int, iov, count: int, offset: int, region_view: memoryview) -> int:
+    """libc preadv/pwritev ``fn`` with an iovec array (bytes or its address) into one region.
+    A view of the region is held across the call: while it exists GuestRegion.close() cannot
+    unmap the region, so the kernel only ever touches this guest's (still mapped) RAM."""
+    keep = region_view[0:1]
+    try:
+        r = fn(fd, iov, count, offset)
+        if r < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        return r
+    finally:
+        keep.release()
+
+
 @functools.lru_cache(maxsize=64)
 def _iovec_struct(count: int) -> struct.Struct:
     """struct iovec[count] (void *iov_base; size_t iov_len) in native layout."""
@@ -346,15 +361,7 @@ class GuestMemory:
             return None                  # a buffer at or above 4 GiB
         iov[1::4] = his                  # u64 iov_base = host address of RAM + guest address
         iov[3::4] = zeros                # u64 iov_len = the u32 length (flags and next cleared)
-        keep = self._spans[0][2][0:1]    # keeps the mapping alive for the call (see preadv)
-        try:
-            r = fn(fd, iov.buffer_info()[0], count, offset)
-            if r < 0:
-                err = ctypes.get_errno()
-                raise OSError(err, os.strerror(err))
-            return r
-        finally:
-            keep.release()
+        return _libc_rw(fn, fd, iov.buffer_info()[0], count, offset, self._spans[0][2])
 
     def _rw(self, fn, fallback, fd: int, ranges: Sequence[tuple[int, int]], offset: int) -> int:
         if not ranges:
@@ -383,21 +390,11 @@ class GuestMemory:
             if len(views) > IOV_MAX:
                 views = views[:IOV_MAX]
             return fallback(fd, views, offset) if views else 0
-        # A view of the region held across the call: while it exists GuestRegion.close() cannot
-        # unmap the region, so the kernel only ever touches this guest's (still mapped) RAM.
-        keep = view[0:len(view)]
-        try:
-            flat = [0] * (2 * n)
-            delta = self._hosts[0] - start
-            flat[0::2] = map(delta.__add__, addrs)
-            flat[1::2] = lengths
-            r = fn(fd, _iovec_struct(n).pack(*flat), n, offset)
-            if r < 0:
-                err = ctypes.get_errno()
-                raise OSError(err, os.strerror(err))
-            return r
-        finally:
-            keep.release()
+        flat = [0] * (2 * n)
+        delta = self._hosts[0] - start
+        flat[0::2] = map(delta.__add__, addrs)
+        flat[1::2] = lengths
+        return _libc_rw(fn, fd, _iovec_struct(n).pack(*flat), n, offset, view)
 
     def _views_slow(self, addr: int, length: int) -> list[memoryview]:
         spans = self._spans

@@ -133,6 +133,7 @@ class Vm:
         self.kvm = kvm
         self.fd = fd
         self._slots = 0
+        self._mapped_buffers: list = []  # buffers mapped into the guest by map_read_only()
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -147,6 +148,14 @@ class Vm:
         _call(self.fd, B.KVM_SET_USER_MEMORY_REGION, region, what="KVM_SET_USER_MEMORY_REGION")
         self._slots += 1
         return region.slot
+
+    def map_read_only(self, guest_phys_addr: int, buf: memoryview) -> int:
+        """Map a writable host buffer (whole pages, e.g. a memoryview of an mmap) read-only into
+        the guest: guest reads are plain memory reads, guest writes exit as MMIO (or hit an
+        ioeventfd).  The buffer is kept alive as long as this VM."""
+        c = C.c_char.from_buffer(buf)
+        self._mapped_buffers.append((buf, c))
+        return self.set_user_memory_region(guest_phys_addr, len(buf), C.addressof(c), readonly=True)
 
     def set_tss_addr(self, addr: int) -> None:
         _call(self.fd, B.KVM_SET_TSS_ADDR, addr, what="KVM_SET_TSS_ADDR")

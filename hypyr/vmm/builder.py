@@ -246,6 +246,7 @@ def attach_virtio(machine: Machine, devices: list) -> list[MmioDevice]:
     io = IoThread(name="virtio-io")
     machine.services.append(io)
     windows = []
+    read_only_pages = bool(machine.kvm.check_extension(B.KVM_CAP_READONLY_MEM))
     for i, dev in enumerate(devices):
         base = layout.VIRTIO_MMIO_BASE + i * layout.VIRTIO_MMIO_SIZE
         gsi = VIRTIO_GSI_BASE + i
@@ -256,6 +257,8 @@ def attach_virtio(machine: Machine, devices: list) -> list[MmioDevice]:
         else:
             transport = VirtioMmioTransport(dev, machine.memory, machine.irq_line(gsi))
         machine.mmio.register(base, layout.VIRTIO_MMIO_SIZE, transport)
+        if read_only_pages:  # the driver reads registers from memory, with no exit (see register_page)
+            machine.vm.map_read_only(base, transport.register_page())
         for q in range(len(dev.queue_max_sizes)):
             efd = io.add_eventfd(functools.partial(transport.notify, q))
             machine.vm.ioeventfd(efd, base + QUEUE_NOTIFY_OFFSET, 4, datamatch=q)

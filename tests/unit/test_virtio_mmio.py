@@ -719,6 +719,40 @@ def test_register_fuzz_never_raises_or_touches_memory(ops, seed):
             assert after[pos] == 0xAA or any(a <= pos < a + n for a, n in dev.used_rings), hex(pos)
 
 
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=_script)
+def test_register_page_always_shows_what_reads_return(ops):
+    """The page the VMM maps read-only over the window (so the driver's reads cost no exit)
+    holds, after every access, exactly what a read of each register and of the config returns."""
+    mem = GuestMemory.anonymous([(0, SMALL_MEM)], hugepages=False)
+    dev = _ActivationWatch()
+    t = VirtioMmioTransport(dev, mem, Line())
+    page = t.register_page()
+    assert t.register_page() is page
+    for is_write, off, size, value in ops:
+        size = min(size, MMIO_WINDOW - off)
+        if is_write:
+            t.write(off, value.to_bytes(8, "little")[:size])
+        else:
+            t.read(off, size)
+        for reg in range(0, M.CONFIG, 4):
+            assert bytes(page[reg:reg + 4]) == t.read(reg, 4), hex(reg)
+        assert bytes(page[M.CONFIG:M.CONFIG + 64]) == t.read(M.CONFIG, 64)
+
+
+def test_register_page_follows_interrupts_from_device_threads():
+    t, dev, drv, edges = make_edge()
+    page = t.register_page()
+    bring_up(t, drv, accept=VIRTIO_F_VERSION_1)
+    _use_one(drv, dev.queues[0], dev)
+    assert struct.unpack_from("<I", page, M.INTERRUPT_STATUS)[0] == 1
+    t.config_changed()
+    assert struct.unpack_from("<II", page, M.INTERRUPT_STATUS)[0] == 3
+    assert struct.unpack_from("<I", page, M.CONFIG_GENERATION)[0] == 1
+    t._enter_needs_reset()
+    assert struct.unpack_from("<I", page, M.STATUS)[0] & NEEDS_RESET
+
+
 # ---------------------------------------------------------------------------- edge-triggered (irqfd)
 def make_edge(ack_eventfd=None):
     dev = FakeDevice()

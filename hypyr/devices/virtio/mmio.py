@@ -72,6 +72,7 @@ keeps line levels in order) and must not call back into the transport.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import struct
 import threading
@@ -124,6 +125,10 @@ SHM_BASE_HIGH = 0x0BC
 QUEUE_RESET = 0x0C0
 CONFIG_GENERATION = 0x0FC
 CONFIG = 0x100
+# what register_page() publishes besides InterruptStatus and ConfigGeneration (the other
+# registers read as zero)
+_PAGE_REGISTERS = (MAGIC, VERSION, DEVICE_ID, VENDOR, DEVICE_FEATURES, QUEUE_NUM_MAX, QUEUE_READY, STATUS,
+                   SHM_LEN_LOW, SHM_LEN_HIGH, SHM_BASE_LOW, SHM_BASE_HIGH)
 
 # Device status bits (virtio 1.2 §2.1)
 STATUS_ACKNOWLEDGE = 1
@@ -215,6 +220,7 @@ class VirtioMmioTransport:
         self.queues = [SplitQueue(m) for m in device.queue_max_sizes]
         self.offered_features = (device.device_features() | TRANSPORT_FEATURES) & _U64
         self._irq_level = False
+        self._page: memoryview | None = None  # see register_page()
         self._isr = 0
         self._config_generation = 0
         self._epoch = 0  # bumped by every reset: stale errors from before it are dropped
@@ -258,6 +264,7 @@ class VirtioMmioTransport:
         if offset >= CONFIG:
             with self._lock:
                 self._config_write(offset - CONFIG, data)
+                self._publish()
             return
         if size != 4 or offset % 4:
             log.debug("%s: ignored %d-byte write at %#x (registers take aligned 32-bit writes)",
@@ -267,6 +274,7 @@ class VirtioMmioTransport:
         if offset == INTERRUPT_ACK:  # the other hot one
             with self._irq_lock:
                 self._isr &= ~value
+                self._publish_isr()
                 if self._trigger is None:
                     self._update_irq()
             return
@@ -275,6 +283,38 @@ class VirtioMmioTransport:
             return
         with self._lock:
             self._write_register(offset, value)
+            self._publish()
+
+    # ------------------------------------------------------------------ register page
+    def register_page(self) -> memoryview:
+        """A page holding what a read of each register and of the config space returns, kept up
+        to date from now on (InterruptStatus and the status are updated by whichever thread
+        changes them, everything else after each register write).  The VMM maps it read-only
+        over the window (a read-only KVM memslot): the driver's reads, above all the read of
+        InterruptStatus in every interrupt handler, are then plain memory reads with no exit,
+        while its writes still exit (or hit an ioeventfd) and reach :meth:`write`.  Narrow or
+        unaligned register reads then see the register's bytes instead of zeros."""
+        with self._lock:
+            if self._page is None:
+                self._page = memoryview(mmap.mmap(-1, MMIO_WINDOW))
+                self._publish()
+            return self._page
+
+    def _publish(self) -> None:  # with self._lock held, self._irq_lock not
+        page = self._page
+        if page is None:
+            return
+        for off in _PAGE_REGISTERS:
+            _U32_LE.pack_into(page, off, self._read_register(off) & _U32)
+        config = self._config_read(0, MMIO_WINDOW - CONFIG)
+        page[CONFIG:] = config
+        with self._irq_lock:
+            self._publish_isr()
+            _U32_LE.pack_into(page, CONFIG_GENERATION, self._config_generation)
+
+    def _publish_isr(self) -> None:  # with self._irq_lock held
+        if self._page is not None:
+            _U32_LE.pack_into(self._page, INTERRUPT_STATUS, self._isr)
 
     # ------------------------------------------------------------------ notifications
     def notify(self, index: int) -> None:
@@ -314,6 +354,7 @@ class VirtioMmioTransport:
             with self._irq_lock:
                 self._absorb_acks()
                 self._isr |= INT_VRING
+                self._publish_isr()
                 if self._trigger is None:
                     self._update_irq(True)
                     return
@@ -332,6 +373,11 @@ class VirtioMmioTransport:
                 self._absorb_acks()
                 self._isr |= INT_CONFIG
                 self._update_irq(True)
+            if self._page is not None:
+                _U32_LE.pack_into(self._page, CONFIG_GENERATION, self._config_generation)
+                self._publish_isr()
+        if self._page is not None:
+            self._page[CONFIG:] = self._config_read(0, MMIO_WINDOW - CONFIG)
 
     def _enter_needs_reset(self, epoch: int | None = None) -> None:
         """Set DEVICE_NEEDS_RESET and raise the configuration-change interrupt.  ``epoch`` is the
@@ -353,6 +399,7 @@ class VirtioMmioTransport:
             self._absorb_acks()
             self._isr |= INT_CONFIG
             self._update_irq(True)
+        self._publish()
 
     def _absorb_acks(self) -> None:  # with self._irq_lock held
         """Apply the InterruptACK writes of INT_VRING that KVM absorbed (``ack_eventfd``: an
@@ -366,6 +413,7 @@ class VirtioMmioTransport:
             except BlockingIOError:
                 return
             self._isr &= ~INT_VRING
+            self._publish_isr()
 
     def _update_irq(self, raised: bool = False) -> None:  # with self._irq_lock held
         """After InterruptStatus changed (``raised``: bits were set): drive the level-triggered
@@ -582,6 +630,7 @@ class VirtioMmioTransport:
             self._absorb_acks()
             self._isr = 0
             self._update_irq()
+        self._publish()
 
     # ------------------------------------------------------------------ snapshot
     def state(self) -> VirtioMmioState:
@@ -626,3 +675,4 @@ class VirtioMmioTransport:
                 self._call_irq(self._irq_level)
             if s.status & STATUS_DRIVER_OK and not s.status & STATUS_DEVICE_NEEDS_RESET:
                 self._activate()  # keeps the ring progress just loaded; on failure: NEEDS_RESET
+            self._publish()
