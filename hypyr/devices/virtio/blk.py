@@ -116,6 +116,7 @@ MAX_WRITE_ZEROES_SEG = 32
 
 IO_CHUNK = 4 << 20                       # at most this many bytes per preadv/pwritev/pwrite
 IOV_MAX = 1024                           # at most this many buffers per preadv/pwritev (Linux UIO_MAXIOV)
+SPLIT_MIN = 256 << 10                   # a lone request this big is moved by two threads at once
 RESET_WAIT = 5.0                         # seconds reset() waits for in-flight requests
 
 # struct virtio_blk_config up to write_zeroes_may_unmap and its padding (60 bytes)
@@ -605,10 +606,18 @@ class VirtioBlk(VirtioDevice):
             return None
         if req.gen != self._gen:
             raise _Stale()
-        if into_guest:
-            r = req.mem.preadv_descs(self._fd, t, 1, count - 2, offset)
+        op = req.mem.preadv_descs if into_guest else req.mem.pwritev_descs
+        if nbytes >= SPLIT_MIN and count > 3 and self._workers > 1:
+            r = self._transfer_split(op, t, count, offset, nbytes)
+            if r == 0:  # a half came up short: redo the whole request with range lists
+                ranges = (chain.writable_ranges(0, nbytes) if into_guest
+                          else chain.readable_ranges(HEADER_SIZE, nbytes))
+                r = self._transfer(req, ranges, offset, nbytes, into_guest)
+                if into_guest:
+                    req.written = r
+                return r
         else:
-            r = req.mem.pwritev_descs(self._fd, t, 1, count - 2, offset)
+            r = op(self._fd, t, 1, count - 2, offset)
         if r is None or r == nbytes:
             if into_guest and r:
                 req.written = r
@@ -627,6 +636,30 @@ class VirtioBlk(VirtioDevice):
         if into_guest:
             req.written = r + n
         return r + n
+
+    def _transfer_split(self, op, t, count: int, offset: int, nbytes: int) -> int | None:
+        """A big request in two halves at once: the second on a worker, the first here (the
+        copy between the page cache and guest RAM is most of a big request's time, and the vCPU
+        that asked is waiting).  Returns ``nbytes``, or 0 if either half came up short (nothing
+        is assumed about what it moved: the caller redoes the rest with range lists, which
+        re-reads or re-writes the same bytes), or None if the table cannot be used."""
+        lengths = t[6:-4:4]                 # the data buffers' lengths
+        half, k = 0, 0
+        for n in lengths:                   # the first k buffers: about half the bytes
+            if half + n > nbytes >> 1 and k:
+                break
+            half += n
+            k += 1
+        if k >= len(lengths):
+            return op(self._fd, t, 1, count - 2, offset)
+        second = self._executor.submit(op, self._fd, t, 1 + k, count - 2 - k, offset + half)
+        try:
+            r1 = op(self._fd, t, 1, k, offset)
+        finally:
+            r2 = second.result()
+        if r1 is None or r2 is None:
+            return None if r1 is None and r2 is None else 0
+        return nbytes if r1 == half and r2 == nbytes - half else 0
 
     @staticmethod
     def _split_ranges(ranges: list[tuple[int, int]], chunk_max: int, iov_max: int):

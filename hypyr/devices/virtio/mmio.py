@@ -57,6 +57,10 @@ Model
   used-buffer interrupt) can be absorbed by KVM (``ack_eventfd``, an ioeventfd: no exit to
   userspace) and applied before the next change of InterruptStatus (see ``_absorb_acks``).
 
+* :meth:`VirtioMmioTransport.register_page`: the readable registers and the config space as a
+  page the VMM can map read-only over the window, kept current by every path that changes them,
+  so the driver's register reads need no exit at all (see there).
+
 Threading
 ---------
 Two locks.  ``_lock`` guards the registers and the status state machine; the device's
