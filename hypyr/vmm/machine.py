@@ -115,7 +115,7 @@ class Machine:
         self._stopping = False
         self._reason: StopReason | None = None
         self._done = threading.Event()
-        self._irqfds: list[int] = []  # irqfds and absorbed-write eventfds, closed with the VM
+        self._eventfds: list[int] = []  # irqfds and absorbed-write eventfds, closed with the VM
         self._closed = False
         self.services: list = []  # objects with start()/stop() that live as long as the VM (I/O threads)
 
@@ -128,16 +128,21 @@ class Machine:
             vm.irq_line(irq, level)
         return line
 
-    def irq_trigger(self, gsi: int) -> Callable[[], None]:
-        """An edge trigger for ``gsi`` (needs the in-kernel irqchip): a KVM irqfd, so raising the
-        interrupt is one eventfd write from any thread."""
+    def _kvm_eventfd(self, register: Callable[[int], None]) -> int:
+        """A new eventfd handed to KVM by ``register(fd)``; closed with the VM."""
         fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         try:
-            self.vm.irqfd(fd, gsi)
+            register(fd)
         except BaseException:
             os.close(fd)
             raise
-        self._irqfds.append(fd)
+        self._eventfds.append(fd)
+        return fd
+
+    def irq_trigger(self, gsi: int) -> Callable[[], None]:
+        """An edge trigger for ``gsi`` (needs the in-kernel irqchip): a KVM irqfd, so raising the
+        interrupt is one eventfd write from any thread."""
+        fd = self._kvm_eventfd(lambda fd: self.vm.irqfd(fd, gsi))
         write = os.eventfd_write
 
         def trigger() -> None:
@@ -148,14 +153,7 @@ class Machine:
     def absorb_mmio_write(self, addr: int, length: int, value: int) -> int:
         """Have KVM complete guest writes of ``value`` (``length`` bytes) to ``addr`` itself, with
         no exit to userspace (an ioeventfd); return the eventfd that counts them."""
-        fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        try:
-            self.vm.ioeventfd(fd, addr, length, datamatch=value)
-        except BaseException:
-            os.close(fd)
-            raise
-        self._irqfds.append(fd)
-        return fd
+        return self._kvm_eventfd(lambda fd: self.vm.ioeventfd(fd, addr, length, datamatch=value))
 
     def device_stop(self, req: StopRequest) -> None:
         """The StopCallback handed to devices."""
@@ -239,9 +237,9 @@ class Machine:
             vt.vcpu.close()
         self._closed = True
         self.vm.close()
-        for fd in self._irqfds:
+        for fd in self._eventfds:
             os.close(fd)
-        self._irqfds = []
+        self._eventfds = []
         self.memory.close()
         if self._own_kvm:
             self.kvm.close()

@@ -344,9 +344,10 @@ class VirtioBlk(VirtioDevice):
     @staticmethod
     def _read_header(mem: GuestMemory, chain: DescriptorChain) -> tuple[int, int, int] | None:
         """(type, reserved, sector), read once; None if the chain has fewer than 16 readable bytes."""
-        t = chain.table
-        if t is not None and t[2] >= HEADER_SIZE:  # the first buffer holds it (the usual layout)
-            return _HEADER.unpack(mem.read(t[0] | t[1] << 32, HEADER_SIZE))
+        if chain.table is not None:
+            addr, length = chain.table_buffer(0)
+            if length >= HEADER_SIZE:  # the first buffer holds it (the usual layout)
+                return _HEADER.unpack(mem.read(addr, HEADER_SIZE))
         if chain.readable_len < HEADER_SIZE:
             return None
         return _HEADER.unpack(chain.read(mem, HEADER_SIZE))
@@ -463,9 +464,9 @@ class VirtioBlk(VirtioDevice):
                     continue
                 chain = req.chain
                 try:
-                    t = chain.table
-                    if t is not None and t[-2]:  # the last buffer is writable and holds the status byte
-                        req.mem.write((t[-4] | t[-3] << 32) + t[-2] - 1, bytes((req.status,)))
+                    addr, length = chain.table_buffer(-1) if chain.table is not None else (0, 0)
+                    if length:  # a table chain: its last buffer is writable and ends with the status byte
+                        req.mem.write(addr + length - 1, bytes((req.status,)))
                     else:
                         chain.write(req.mem, bytes((req.status,)), chain.writable_len - 1)
                 except Exception as e:  # guest memory gone (VM torn down): nothing to complete

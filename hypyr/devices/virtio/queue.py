@@ -87,6 +87,11 @@ class DescriptorChain:
         t = self.table
         return [(t[i] | t[i + 1] << 32, t[i + 2]) for i in range(4 * lo, 4 * hi, 4) if t[i + 2]]
 
+    def table_buffer(self, index: int) -> tuple[int, int]:
+        """(address, length) of descriptor ``index`` (negative: from the end) of :attr:`table`."""
+        t, i = self.table, 4 * index
+        return t[i] | t[i + 1] << 32, t[i + 2]
+
     @property
     def readable(self) -> list[tuple[int, int]]:
         if self._readable is None:
