@@ -169,6 +169,10 @@ class _Request:
         self.status = VIRTIO_BLK_S_IOERR
 
 
+def _is_flush(req: _Request) -> bool:
+    return req.header is not None and req.header[0] == VIRTIO_BLK_T_FLUSH
+
+
 class VirtioBlk(VirtioDevice):
     """A raw image file as a virtio block device."""
 
@@ -392,7 +396,7 @@ class VirtioBlk(VirtioDevice):
         at once, so a lone request (the usual case at queue depth 1) costs no thread switch."""
         if self._closed:
             return None, None
-        if len(reqs) == 1 and (reqs[0].header is None or reqs[0].header[0] != VIRTIO_BLK_T_FLUSH):
+        if len(reqs) == 1 and not _is_flush(reqs[0]):
             self._inline += 1  # the usual case: one request, run by the caller
             return [], reqs
         futs: list[concurrent.futures.Future] = []
@@ -406,7 +410,7 @@ class VirtioBlk(VirtioDevice):
             run.clear()
 
         for req in reqs:
-            if req.header is not None and req.header[0] == VIRTIO_BLK_T_FLUSH:
+            if _is_flush(req):
                 split_run()
                 groups.append([req])
             else:
@@ -414,7 +418,7 @@ class VirtioBlk(VirtioDevice):
         split_run()
         inline = None
         last = groups[-1]
-        if len(last) > 1 or last[0].header is None or last[0].header[0] != VIRTIO_BLK_T_FLUSH:
+        if len(last) > 1 or not _is_flush(last[0]):
             inline = groups.pop()
             self._inline += 1
         for group in groups:
@@ -527,6 +531,8 @@ class VirtioBlk(VirtioDevice):
         return VIRTIO_BLK_S_UNSUPP
 
     def _check_rw(self, kind: str, sector: int, nbytes: int) -> bool:
+        if not nbytes % SECTOR_SIZE and 0 <= sector <= self.capacity - nbytes // SECTOR_SIZE:
+            return True  # the usual case, in one test
         if nbytes % SECTOR_SIZE:
             self._warn_once(f"{kind}-len", "virtio-blk: %s: %s of %d bytes, not a multiple of %d; failing it",
                             self.path, kind, nbytes, SECTOR_SIZE)
@@ -538,8 +544,7 @@ class VirtioBlk(VirtioDevice):
         return True
 
     def _do_in(self, req: _Request, sector: int, nbytes: int) -> int:
-        if (nbytes & (SECTOR_SIZE - 1) or not 0 <= sector <= self.capacity - (nbytes >> 9)) \
-                and not self._check_rw("read", sector, nbytes):
+        if not self._check_rw("read", sector, nbytes):
             return VIRTIO_BLK_S_IOERR
         base = sector * SECTOR_SIZE
         try:
@@ -559,8 +564,7 @@ class VirtioBlk(VirtioDevice):
         if self.read_only:
             self._warn_once("ro-write", "virtio-blk: %s: write to a read-only disk; failing it", self.path)
             return VIRTIO_BLK_S_IOERR
-        if (nbytes & (SECTOR_SIZE - 1) or not 0 <= sector <= self.capacity - (nbytes >> 9)) \
-                and not self._check_rw("write", sector, nbytes):
+        if not self._check_rw("write", sector, nbytes):
             return VIRTIO_BLK_S_IOERR
         try:
             if self._transfer_fast(req, sector * SECTOR_SIZE, nbytes, False) is None:
@@ -608,26 +612,17 @@ class VirtioBlk(VirtioDevice):
         if req.gen != self._gen:
             raise _Stale()
         op = req.mem.preadv_descs if into_guest else req.mem.pwritev_descs
-        if nbytes >= SPLIT_MIN and count > 3 and self._workers > 1:
-            r = self._transfer_split(op, t, count, offset, nbytes)
-            if r == 0:  # a half came up short: redo the whole request with range lists
-                ranges = (chain.writable_ranges(0, nbytes) if into_guest
-                          else chain.readable_ranges(HEADER_SIZE, nbytes))
-                r = self._transfer(req, ranges, offset, nbytes, into_guest)
-                if into_guest:
-                    req.written = r
-                return r
-        else:
-            r = op(self._fd, t, 1, count - 2, offset)
+        split = nbytes >= SPLIT_MIN and count > 3 and self._workers > 1
+        r = self._transfer_split(op, t, count, offset, nbytes) if split else op(self._fd, t, 1, count - 2, offset)
         if r is None or r == nbytes:
             if into_guest and r:
                 req.written = r
             return r
-        if r <= 0:
+        if r <= 0 and not split:
             if into_guest:
                 return 0  # end of file
             raise OSError(errno.EIO, "short write")
-        # short transfer (rare): continue from where it stopped with range lists
+        # a short transfer (rare; for a split one, from the start): the rest with range lists
         if into_guest:
             req.written = r
             ranges = chain.writable_ranges(r, nbytes - r)

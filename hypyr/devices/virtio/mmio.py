@@ -362,10 +362,7 @@ class VirtioMmioTransport:
                 if self._trigger is None:
                     self._update_irq(True)
                     return
-            try:
-                self._trigger()  # an edge: after the update, outside the lock
-            except Exception:
-                log.exception("%s: interrupt failed", self._name)
+            self._call_irq(True)  # an edge: after the update, outside the lock
 
     def config_changed(self) -> None:
         """For the device: its config space changed.  Bumps ConfigGeneration and, once the
