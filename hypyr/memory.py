@@ -401,6 +401,11 @@ class GuestMemory:
         return [spans[i][2][off:off + n] for i, off, n in self._pieces(addr, length)]
 
     def check_range(self, addr: int, length: int) -> bool:
+        spans = self._spans
+        if len(spans) == 1:  # fast path: one region, the range inside it
+            start, end, _ = spans[0]
+            if start <= addr and 0 <= length and addr + length <= end:
+                return True
         try:
             self._pieces(addr, length)
             return True

@@ -783,33 +783,3 @@ def test_hostile_requests(rtype, sector, segs, junk, readable, writable, shuffle
         finally:
             r.close()
             logger.removeHandler(errors)
-
-
-@pytest.mark.parametrize("limit", [None, 700])
-def test_big_request_moved_in_two_halves(image, monkeypatch, limit):
-    """A lone big request (here: SPLIT_MIN lowered) is read or written by two threads at once;
-    if a half comes up short (limit: at most 700 bytes per syscall) the request is redone with
-    range lists, and the data is right either way."""
-    path, original = image
-    monkeypatch.setattr(B, "SPLIT_MIN", 1024)
-    reads = _spy(monkeypatch, "preadv", limit)
-    writes = _spy(monkeypatch, "pwritev", limit)
-    r = Rig(path)
-    try:
-        n = 16 * 512
-        head, data, st_addr = r.request(B.VIRTIO_BLK_T_IN, 2, in_len=n, pieces=7, indirect=True)
-        assert r.run() == [(head, n + 1)]
-        assert r.drv.mem.read_u8(st_addr) == B.VIRTIO_BLK_S_OK
-        assert r.gather(data) == original[2 * 512:18 * 512]
-        if limit is None:  # two calls, one per half, covering the data exactly once
-            assert len(reads) == 2 and sum(c[1] for c in reads) == n
-            assert sorted(c[2] for c in reads)[0] == 2 * 512
-        new = pattern(n, 9)
-        head, _, st_addr = r.request(B.VIRTIO_BLK_T_OUT, 20, out=new, pieces=7, indirect=True)
-        assert r.run() == [(head, 1)]
-        assert r.drv.mem.read_u8(st_addr) == B.VIRTIO_BLK_S_OK
-        assert path.read_bytes()[20 * 512:36 * 512] == new
-        if limit is None:
-            assert len(writes) == 2 and sum(c[1] for c in writes) == n
-    finally:
-        r.close()

@@ -116,7 +116,6 @@ MAX_WRITE_ZEROES_SEG = 32
 
 IO_CHUNK = 4 << 20                       # at most this many bytes per preadv/pwritev/pwrite
 IOV_MAX = 1024                           # at most this many buffers per preadv/pwritev (Linux UIO_MAXIOV)
-SPLIT_MIN = 256 << 10                   # a lone request this big is moved by two threads at once
 RESET_WAIT = 5.0                         # seconds reset() waits for in-flight requests
 
 # struct virtio_blk_config up to write_zeroes_may_unmap and its padding (60 bytes)
@@ -153,6 +152,7 @@ class _Stale(Exception):
 
 
 _HEADER = struct.Struct("<IIQ")
+_STATUS_BYTE = {s: bytes((s,)) for s in (VIRTIO_BLK_S_OK, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP)}
 
 
 class _Request:
@@ -225,6 +225,7 @@ class VirtioBlk(VirtioDevice):
         self._gen = 0
         self._pending: set[concurrent.futures.Future] = set()
         self._inline = 0  # requests being run by a notifying thread (see _submit_locked)
+        self._idle_waiters = 0  # threads in wait_idle()
         self._notify_lock = threading.Lock()
         self._workers = workers
         self._closed = False
@@ -322,17 +323,15 @@ class VirtioBlk(VirtioDevice):
                 if not self.queues or self.mem is None:
                     return
                 queue, mem, gen = self.queues[0], self.mem, self._gen
-                try:
-                    while True:
-                        chain = queue.pop()  # QueueError (a DeviceError) goes to the transport
-                        if chain is None:
-                            break
-                        if chain.writable_len == 0:
-                            raise DeviceError(f"virtio-blk request (head {chain.head}) has no device-writable "
-                                              f"status byte")
-                        reqs.append(_Request(gen, queue, mem, chain, self._read_header(mem, chain)))
-                except DeviceError as e:  # submit what was popped before the bad chain, then raise
-                    error = e
+                # a QueueError (a DeviceError) goes to the transport, after what came before it
+                chains, error = queue.pop_all()
+                read_header = self._read_header
+                for chain in chains:
+                    if chain.writable_len == 0:  # nowhere to put a status: the driver is broken
+                        error = DeviceError(f"virtio-blk request (head {chain.head}) has no device-writable "
+                                            f"status byte")
+                        break
+                    reqs.append(_Request(gen, queue, mem, chain, read_header(mem, chain)))
                 futs, inline = self._submit_locked(reqs) if reqs else ([], None)
             if futs is None:
                 self._warn_once("closed", "virtio-blk: %s: request after close(); failing it", self.path)
@@ -360,7 +359,11 @@ class VirtioBlk(VirtioDevice):
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until no request is in flight; False if ``timeout`` seconds passed first."""
         with self._idle:
-            return self._idle.wait_for(lambda: not self._pending and not self._inline, timeout)
+            self._idle_waiters += 1
+            try:
+                return self._idle.wait_for(lambda: not self._pending and not self._inline, timeout)
+            finally:
+                self._idle_waiters -= 1
 
     def close(self) -> None:
         """Wait for in-flight I/O, stop the workers and close the image (idempotent)."""
@@ -459,20 +462,21 @@ class VirtioBlk(VirtioDevice):
         with self._lock:
             if inline:
                 self._inline -= 1
-                if not self._inline and not self._pending:
+                if self._idle_waiters and not self._inline and not self._pending:
                     self._idle.notify_all()
+            gen = self._gen
             entries = []
             queue = None
             for req in reqs:
-                if req.gen != self._gen:
+                if req.gen != gen:
                     continue
                 chain = req.chain
+                t = chain.table
                 try:
-                    addr, length = chain.table_buffer(-1) if chain.table is not None else (0, 0)
-                    if length:  # a table chain: its last buffer is writable and ends with the status byte
-                        req.mem.write(addr + length - 1, bytes((req.status,)))
+                    if t is not None and t[-2]:  # a table chain: its last buffer is writable and ends with the status byte
+                        req.mem.write((t[-4] | t[-3] << 32) + t[-2] - 1, _STATUS_BYTE[req.status])
                     else:
-                        chain.write(req.mem, bytes((req.status,)), chain.writable_len - 1)
+                        chain.write(req.mem, _STATUS_BYTE[req.status], chain.writable_len - 1)
                 except Exception as e:  # guest memory gone (VM torn down): nothing to complete
                     log.error("virtio-blk: cannot complete request (head %d): %s", chain.head, e)
                     continue
@@ -513,6 +517,10 @@ class VirtioBlk(VirtioDevice):
                             self.path, chain.readable_len)
             return VIRTIO_BLK_S_IOERR
         rtype, _reserved, sector = req.header
+        if rtype <= VIRTIO_BLK_T_OUT and chain.table is not None:  # IN or OUT in the usual layout
+            status = self._rw_table(req, rtype, sector)
+            if status is not None:
+                return status
         data_in = chain.writable_len - 1           # device-writable bytes before the status byte
         data_out = chain.readable_len - HEADER_SIZE  # device-readable bytes after the header
         if rtype == VIRTIO_BLK_T_IN:
@@ -548,9 +556,7 @@ class VirtioBlk(VirtioDevice):
             return VIRTIO_BLK_S_IOERR
         base = sector * SECTOR_SIZE
         try:
-            got = self._transfer_fast(req, base, nbytes, True)
-            if got is None:
-                got = self._transfer(req, req.chain.writable_ranges(0, nbytes), base, nbytes, True)
+            got = self._transfer(req, req.chain.writable_ranges(0, nbytes), base, nbytes, True)
         except OSError as e:
             self._warn_once(f"eio-read-{e.errno}", "virtio-blk: %s: read error: %s", self.path, e)
             return VIRTIO_BLK_S_IOERR
@@ -567,9 +573,8 @@ class VirtioBlk(VirtioDevice):
         if not self._check_rw("write", sector, nbytes):
             return VIRTIO_BLK_S_IOERR
         try:
-            if self._transfer_fast(req, sector * SECTOR_SIZE, nbytes, False) is None:
-                self._transfer(req, req.chain.readable_ranges(HEADER_SIZE, nbytes), sector * SECTOR_SIZE,
-                               nbytes, False)
+            self._transfer(req, req.chain.readable_ranges(HEADER_SIZE, nbytes), sector * SECTOR_SIZE,
+                           nbytes, False)
         except OSError as e:
             self._warn_once(f"eio-write-{e.errno}", "virtio-blk: %s: write error: %s", self.path, e)
             return VIRTIO_BLK_S_IOERR
@@ -597,65 +602,53 @@ class VirtioBlk(VirtioDevice):
                 break
         return done
 
-    def _transfer_fast(self, req: _Request, offset: int, nbytes: int, into_guest: bool) -> int | None:
-        """The usual layout (an indirect table: a 16-byte header buffer, the data buffers, a
-        1-byte status buffer): one ``preadv_descs``/``pwritev_descs`` straight from the table, no
-        range lists; a short transfer is continued with range lists.  None (nothing done) if the
-        request is laid out otherwise (then :meth:`_transfer` does it)."""
+    def _rw_table(self, req: _Request, rtype: int, sector: int) -> int | None:
+        """IN or OUT in the usual layout (an indirect table: a 16-byte header buffer, the data
+        buffers, a 1-byte status buffer), moved by one ``preadv_descs``/``pwritev_descs``
+        straight from the table, no range lists; a short transfer is continued with range lists.
+        Returns the status, or None (nothing done) for anything else, errors included: the
+        general path then does the request and reports what is wrong with it."""
         chain = req.chain
         t = chain.table
-        if t is None or not nbytes or nbytes > IO_CHUNK or t[2] != HEADER_SIZE or t[-2] != 1:
-            return None
         count = len(t) >> 2
-        if chain.nread != (1 if into_guest else count - 1):
+        if t[2] != HEADER_SIZE or t[-2] != 1:
+            return None
+        into_guest = rtype == VIRTIO_BLK_T_IN
+        if into_guest:
+            if chain.nread != 1:
+                return None
+            nbytes = chain.writable_len - 1
+        else:
+            if chain.nread != count - 1 or self.read_only:
+                return None
+            nbytes = chain.readable_len - HEADER_SIZE
+        if (not 0 < nbytes <= IO_CHUNK or nbytes % SECTOR_SIZE
+                or not 0 <= sector <= self.capacity - nbytes // SECTOR_SIZE):
             return None
         if req.gen != self._gen:
             raise _Stale()
+        offset = sector * SECTOR_SIZE
         op = req.mem.preadv_descs if into_guest else req.mem.pwritev_descs
-        split = nbytes >= SPLIT_MIN and count > 3 and self._workers > 1
-        r = self._transfer_split(op, t, count, offset, nbytes) if split else op(self._fd, t, 1, count - 2, offset)
-        if r is None or r == nbytes:
-            if into_guest and r:
-                req.written = r
-            return r
-        if r <= 0 and not split:
-            if into_guest:
-                return 0  # end of file
-            raise OSError(errno.EIO, "short write")
-        # a short transfer (rare; for a split one, from the start): the rest with range lists
+        try:
+            r = op(self._fd, t, 1, count - 2, offset)
+            if r is None:
+                return None
+            if r != nbytes:  # a short transfer (rare): the rest with range lists
+                if r <= 0:
+                    return None  # end of file, or nothing written: the general path reports it
+                if into_guest:
+                    req.written = r
+                    ranges = chain.writable_ranges(r, nbytes - r)
+                else:
+                    ranges = chain.readable_ranges(HEADER_SIZE + r, nbytes - r)
+                r += self._transfer(req, ranges, offset + r, nbytes - r, into_guest)
+                if r != nbytes:
+                    return None
+        except OSError:
+            return None  # the general path redoes the request and reports the error
         if into_guest:
             req.written = r
-            ranges = chain.writable_ranges(r, nbytes - r)
-        else:
-            ranges = chain.readable_ranges(HEADER_SIZE + r, nbytes - r)
-        n = self._transfer(req, ranges, offset + r, nbytes - r, into_guest)
-        if into_guest:
-            req.written = r + n
-        return r + n
-
-    def _transfer_split(self, op, t, count: int, offset: int, nbytes: int) -> int | None:
-        """A big request in two halves at once: the second on a worker, the first here (the
-        copy between the page cache and guest RAM is most of a big request's time, and the vCPU
-        that asked is waiting).  Returns ``nbytes``, or 0 if either half came up short (nothing
-        is assumed about what it moved: the caller redoes the rest with range lists, which
-        re-reads or re-writes the same bytes), or None if the table cannot be used."""
-        lengths = t[6:-4:4]                 # the data buffers' lengths
-        half, k = 0, 0
-        for n in lengths:                   # the first k buffers: about half the bytes
-            if half + n > nbytes >> 1 and k:
-                break
-            half += n
-            k += 1
-        if k >= len(lengths):
-            return op(self._fd, t, 1, count - 2, offset)
-        second = self._executor.submit(op, self._fd, t, 1 + k, count - 2 - k, offset + half)
-        try:
-            r1 = op(self._fd, t, 1, k, offset)
-        finally:
-            r2 = second.result()
-        if r1 is None or r2 is None:
-            return None if r1 is None and r2 is None else 0
-        return nbytes if r1 == half and r2 == nbytes - half else 0
+        return VIRTIO_BLK_S_OK
 
     @staticmethod
     def _split_ranges(ranges: list[tuple[int, int]], chunk_max: int, iov_max: int):

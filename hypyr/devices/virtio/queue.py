@@ -299,27 +299,42 @@ class SplitQueue:
     def pop(self) -> DescriptorChain | None:
         """The next available chain, or None.  Raises QueueError on any protocol violation."""
         with self._lock:
-            mem = self.mem
-            if mem is None:
-                return None
-            avail = self._avail_v
-            last = self.last_avail
-            avail_idx = _U16.unpack_from(avail, 2)[0]
-            pending = (avail_idx - last) & 0xFFFF
-            if pending == 0:
-                return None
-            size = self.size
-            if pending > size:
-                raise QueueError(f"avail.idx {avail_idx} is {pending} ahead of {last}, "
-                                 f"more than the queue size {size}")
-            head = _U16.unpack_from(avail, 4 + 2 * (last % size))[0]
-            self.last_avail = last = (last + 1) & 0xFFFF
-            if self.event_idx:  # avail_event: notify us again when the driver passes this index
-                _U16.pack_into(self._used_v, 4 + 8 * size, last)
+            return self._pop_locked()
+
+    def pop_all(self) -> tuple[list[DescriptorChain], QueueError | None]:
+        """Every available chain, in order, taken under one lock; and the QueueError that
+        stopped the popping early (the chains before the bad one are returned), or None."""
+        chains: list[DescriptorChain] = []
+        with self._lock:
             try:
-                return self._walk(mem, head)
-            except GuestMemoryError as e:
-                raise QueueError(str(e)) from None
+                while (chain := self._pop_locked()) is not None:
+                    chains.append(chain)
+            except QueueError as e:
+                return chains, e
+        return chains, None
+
+    def _pop_locked(self) -> DescriptorChain | None:
+        mem = self.mem
+        if mem is None:
+            return None
+        avail = self._avail_v
+        last = self.last_avail
+        avail_idx = _U16.unpack_from(avail, 2)[0]
+        pending = (avail_idx - last) & 0xFFFF
+        if pending == 0:
+            return None
+        size = self.size
+        if pending > size:
+            raise QueueError(f"avail.idx {avail_idx} is {pending} ahead of {last}, "
+                             f"more than the queue size {size}")
+        head = _U16.unpack_from(avail, 4 + 2 * (last % size))[0]
+        self.last_avail = last = (last + 1) & 0xFFFF
+        if self.event_idx:  # avail_event: notify us again when the driver passes this index
+            _U16.pack_into(self._used_v, 4 + 8 * size, last)
+        try:
+            return self._walk(mem, head)
+        except GuestMemoryError as e:
+            raise QueueError(str(e)) from None
 
     def _walk(self, mem: GuestMemory, head: int) -> DescriptorChain:
         size = self.size
@@ -333,6 +348,14 @@ class SplitQueue:
         in_indirect = False
         unpack_from = _DESC.unpack_from
         desc = unpack_from(table, DESC_SIZE * head)
+        addr, length, flags, _ = desc
+        if (flags == VIRTQ_DESC_F_INDIRECT and self.indirect and length and not length % DESC_SIZE
+                and length <= MAX_INDIRECT * DESC_SIZE and mem.check_range(addr, length)):
+            # the usual request: one indirect table (the checks are those of the loop below)
+            table = mem.read(addr, length)
+            fast = _linear_table(table, length // DESC_SIZE)
+            if fast is not None:
+                return self._linear_chain(mem, head, *fast)
         while True:
             if ttl == 0:
                 raise QueueError(f"descriptor chain from {head} is longer than its table (a loop?)")
