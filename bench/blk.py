@@ -324,6 +324,12 @@ def lab_side(args: argparse.Namespace) -> int:
                 parts = [f"{m.key}={fmt(vals[m.key])}" for m in METRICS if m.key in vals]
                 head = f"round {rnd}  {c:<13} {'ok    ' if ok else 'FAILED'} {wall:6.1f} s"
                 print(f"{head}  {' '.join(parts)}" + (f"  [{s.note}]" if s.note else ""), flush=True)
+            # this round's ratios at once: a lab that wedges later (nested KVM under TCG can)
+            # still leaves them on record
+            rs = {k: v[-1] for k, v in paired_ratios([s for s in samples if s.round == rnd]).items()}
+            goal = [f"{m.key}={rs[m.key]:.2f}" for m in METRICS if m.goal and m.key in rs]
+            if goal:
+                print(f"round {rnd}  hypyr/QEMU     {' '.join(goal)}", flush=True)
         report(samples)
     finally:
         kill_all_live()
