@@ -30,10 +30,20 @@ test-unit: deps
 
 # One L1 boot runs every lab test.  (The host-KVM payload tests stay on the host: under QEMU
 # TCG's emulated SVM a guest spinning with interrupts off once wedged L1 in soft lockups.)
-# The timeout turns a wedged lab into a plain failure instead of a hung CI.
-LAB_TIMEOUT ?= 2700
+# Nested KVM under TCG occasionally wedges the whole L1 VM (soft lockups in L1; seen with QEMU
+# as the L2 VMM too): the timeout turns that into exit 125 ("the lab failed", never a test
+# result), and then the lab is booted once more.  A test failure (any other status) is final.
+# Worst case: two lab timeouts plus the host tests stay under CI's hour.
+LAB_TIMEOUT ?= 1500
 test-lab: image
-	$(HYPYR) lab --timeout $(LAB_TIMEOUT) -- $(PY) -m pytest tests/lab $(PYTEST_LAB_OPTS)
+	@for attempt in 1 2; do \
+	  $(HYPYR) lab --timeout $(LAB_TIMEOUT) -- $(PY) -m pytest tests/lab $(PYTEST_LAB_OPTS); rc=$$?; \
+	  if [ $$rc -eq 125 ] && [ $$attempt -eq 1 ]; then \
+	    echo "test-lab: the lab VM itself failed (exit 125, not a test failure); booting it once more" >&2; \
+	    continue; \
+	  fi; \
+	  exit $$rc; \
+	done
 
 test: test-unit test-lab
 
