@@ -207,7 +207,6 @@ KVM_CAP_SET_IDENTITY_MAP_ADDR = 37
 KVM_CAP_ADJUST_CLOCK = 39
 KVM_CAP_VCPU_EVENTS = 41
 KVM_CAP_MAX_VCPUS = 66
-KVM_CAP_TSC_DEADLINE_TIMER = 72
 KVM_CAP_IMMEDIATE_EXIT = 136
 
 # --- exit reasons --------------------------------------------------------------------------

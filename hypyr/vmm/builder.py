@@ -151,8 +151,8 @@ def validate(config: VmConfig, kvm: Kvm | None = None) -> None:
                          f"({avail >> 20} MiB)")
 
 
-def _configure_vcpu(vcpu, supported: list, nr: int, boot: BootCpuState | None, tsc_deadline: bool) -> None:
-    entries = x86cpuid.adjust_cpuid(supported, vcpu.id, nr, tsc_deadline=tsc_deadline)
+def _configure_vcpu(vcpu, supported: list, nr: int, boot: BootCpuState | None) -> None:
+    entries = x86cpuid.adjust_cpuid(supported, vcpu.id, nr)
     vcpu.set_cpuid(entries)
     vcpu.set_msrs(msrs.boot_msrs(x86cpuid.cpu_vendor(entries)))
     fpu = vcpu.get_fpu()
@@ -214,9 +214,8 @@ def build_linux_vm(config: VmConfig, console_out: Callable[[bytes], None], *, kv
         boot = setup_linux_boot(memory, config.kernel, config.initrd, config.full_cmdline(), config.vcpus,
                                 mmio_devices=mmio_windows)
         supported = kvm.supported_cpuid()
-        tsc_deadline = bool(kvm.check_extension(B.KVM_CAP_TSC_DEADLINE_TIMER))
         for vt in machine.vcpus:
-            _configure_vcpu(vt.vcpu, supported, config.vcpus, boot.cpu if vt.vcpu.id == 0 else None, tsc_deadline)
+            _configure_vcpu(vt.vcpu, supported, config.vcpus, boot.cpu if vt.vcpu.id == 0 else None)
         log.info("built VM: %d MiB, %d vCPU(s), kernel %s (%s), entry %#x", config.memory >> 20, config.vcpus,
                  config.kernel, boot.kernel.kind, boot.kernel.entry)
         console = next((d for d in virtio_devices if isinstance(d, VirtioConsole)), serial)

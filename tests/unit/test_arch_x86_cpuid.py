@@ -152,17 +152,3 @@ def test_msrs():
     assert intel[0x2FF] == 0x806
     for idx in (0x174, 0x175, 0x176, 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084, 0xC0000102, 0x10):
         assert intel[idx] == 0 and amd[idx] == 0
-
-
-@pytest.mark.parametrize("entries", [intel_entries, amd_entries])
-def test_tsc_deadline_announced_only_when_kvm_has_it(entries):
-    """KVM_GET_SUPPORTED_CPUID never sets leaf 1 ECX bit 24 (the local APIC's TSC-deadline
-    mode); the VMM sets it when KVM_CAP_TSC_DEADLINE_TIMER says KVM emulates it."""
-    bit = 1 << 24
-    src = [e if e.function != 1 else CpuidEntry(1, eax=e.eax, ebx=e.ebx, ecx=e.ecx & ~bit, edx=e.edx)
-           for e in entries()]
-    assert leaf(adjust_cpuid(src, 0, 1, tsc_deadline=True), 1).ecx & bit
-    assert not leaf(adjust_cpuid(src, 0, 1), 1).ecx & bit
-    with_bit = [e if e.function != 1 else CpuidEntry(1, eax=e.eax, ebx=e.ebx, ecx=e.ecx | bit, edx=e.edx)
-                for e in entries()]
-    assert not leaf(adjust_cpuid(with_bit, 0, 1, tsc_deadline=False), 1).ecx & bit
