@@ -471,10 +471,10 @@ class VirtioBlk(VirtioDevice):
                 if req.gen != gen:
                     continue
                 chain = req.chain
-                t = chain.table
                 try:
-                    if t is not None and t[-2]:  # a table chain: its last buffer is writable and ends with the status byte
-                        req.mem.write((t[-4] | t[-3] << 32) + t[-2] - 1, _STATUS_BYTE[req.status])
+                    addr, length = chain.table_buffer(-1) if chain.table is not None else (0, 0)
+                    if length:  # a table chain: its last buffer is writable and ends with the status byte
+                        req.mem.write(addr + length - 1, _STATUS_BYTE[req.status])
                     else:
                         chain.write(req.mem, _STATUS_BYTE[req.status], chain.writable_len - 1)
                 except Exception as e:  # guest memory gone (VM torn down): nothing to complete
@@ -606,8 +606,9 @@ class VirtioBlk(VirtioDevice):
         """IN or OUT in the usual layout (an indirect table: a 16-byte header buffer, the data
         buffers, a 1-byte status buffer), moved by one ``preadv_descs``/``pwritev_descs``
         straight from the table, no range lists; a short transfer is continued with range lists.
-        Returns the status, or None (nothing done) for anything else, errors included: the
-        general path then does the request and reports what is wrong with it."""
+        Returns the status (IOERR, logged by :meth:`_check_rw`, for a misaligned or out-of-range
+        request), or None (nothing done) for anything else, other errors included: the general
+        path then does the request and reports what is wrong with it."""
         chain = req.chain
         t = chain.table
         count = len(t) >> 2
@@ -622,9 +623,10 @@ class VirtioBlk(VirtioDevice):
             if chain.nread != count - 1 or self.read_only:
                 return None
             nbytes = chain.readable_len - HEADER_SIZE
-        if (not 0 < nbytes <= IO_CHUNK or nbytes % SECTOR_SIZE
-                or not 0 <= sector <= self.capacity - nbytes // SECTOR_SIZE):
+        if not 0 < nbytes <= IO_CHUNK:
             return None
+        if not self._check_rw("read" if into_guest else "write", sector, nbytes):
+            return VIRTIO_BLK_S_IOERR
         if req.gen != self._gen:
             raise _Stale()
         offset = sector * SECTOR_SIZE
