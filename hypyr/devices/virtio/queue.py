@@ -76,7 +76,8 @@ class DescriptorChain:
         self.nread = 0
 
     @classmethod
-    def from_table(cls, head: int, table: array, nread: int, readable_len: int, writable_len: int) -> "DescriptorChain":
+    def from_table(cls, head: int, table: array, nread: int, readable_len: int | None,
+                   writable_len: int | None) -> "DescriptorChain":
         c = cls.__new__(cls)
         c.head, c.table, c.nread = head, table, nread
         c._readable = c._writable = None
@@ -186,11 +187,6 @@ class DescriptorChain:
 
 
 @functools.lru_cache(maxsize=64)
-def _zeros(count: int) -> array:
-    return array("I", bytes(4 * count))
-
-
-@functools.lru_cache(maxsize=64)
 def _next_pattern(count: int) -> array:
     """The ``next`` fields of a linear chain of ``count`` descriptors, but the last: 1..count-1."""
     return array("H", range(1, count))
@@ -216,6 +212,11 @@ def _linear_table(table: bytes, count: int) -> tuple[array, int] | None:
     flags = halves[6::8]
     last = flags[-1]
     if last == VIRTQ_DESC_F_WRITE:
+        # a read (header, then writable buffers) or a write (readable buffers, then the status)
+        # request, tried before counting
+        for nread in (1, count - 1):
+            if flags == _flags_pattern(count, nread):
+                return array("I", table), nread
         nread = flags.count(VIRTQ_DESC_F_NEXT)
     elif last == 0:
         nread = count
@@ -355,7 +356,7 @@ class SplitQueue:
             table = mem.read(addr, length)
             fast = _linear_table(table, length // DESC_SIZE)
             if fast is not None:
-                return self._linear_chain(mem, head, *fast)
+                return self._linear_chain(mem, head, table, *fast)
         while True:
             if ttl == 0:
                 raise QueueError(f"descriptor chain from {head} is longer than its table (a loop?)")
@@ -377,7 +378,7 @@ class SplitQueue:
                 in_indirect = True
                 fast = None if readable or writable else _linear_table(table, count)
                 if fast is not None:  # the usual layout, checked in one go
-                    return self._linear_chain(mem, head, *fast)
+                    return self._linear_chain(mem, head, table, *fast)
                 desc = unpack_from(table, 0)
                 continue
             if length:
@@ -400,12 +401,18 @@ class SplitQueue:
         return DescriptorChain(head, readable, writable, rlen, wlen)
 
     @staticmethod
-    def _linear_chain(mem: GuestMemory, head: int, words: array, nread: int) -> DescriptorChain:
-        """A chain from a table that passed :func:`_linear_table`: check every buffer against
-        guest RAM (in C when all are below 4 GiB) and count the bytes."""
-        count = len(words) // 4
-        lengths = words[2::4]
-        total = sum(lengths)
+    def _linear_chain(mem: GuestMemory, head: int, table: bytes, words: array, nread: int) -> DescriptorChain:
+        """A chain from a table that passed :func:`_linear_table` (``table``, also as ``words``):
+        check every buffer against guest RAM (at once, in C, when RAM is one region) and count
+        the bytes."""
+        count = len(words) >> 2
+        total = mem.descs_inside(table)
+        if total is None:  # outside RAM, or RAM in several regions: one buffer at a time
+            chain = DescriptorChain.from_table(head, words, nread, None, None)  # lengths: from the lists
+            bad = mem.first_outside(chain.readable + chain.writable)
+            if bad is not None:
+                raise QueueError(f"buffer at {bad[0]:#x}+{bad[1]:#x} is not in guest RAM")
+            return chain
         if nread == count:
             rlen = total
         elif nread == 1:
@@ -413,14 +420,7 @@ class SplitQueue:
         elif nread == count - 1:
             rlen = total - words[-2]
         else:
-            rlen = sum(lengths[:nread])
-        # all addresses below 4 GiB and [0, max address + every length) RAM: all inside
-        if not (words[1::4] == _zeros(count) and mem.check_range(0, max(words[0::4]) + total)):
-            chain = DescriptorChain.from_table(head, words, nread, rlen, total - rlen)
-            bad = mem.first_outside(chain.readable + chain.writable)
-            if bad is not None:
-                raise QueueError(f"buffer at {bad[0]:#x}+{bad[1]:#x} is not in guest RAM")
-            return chain
+            rlen = sum(words[2:4 * nread:4])
         return DescriptorChain.from_table(head, words, nread, rlen, total - rlen)
 
     # -- completing requests -------------------------------------------------------------------------
