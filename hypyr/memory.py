@@ -95,7 +95,7 @@ _LANE_BITS = 128
 _LANE_TOP = 100
 
 
-@functools.lru_cache(maxsize=128)
+@functools.lru_cache(maxsize=64)  # at most ~100 KiB each (1024 descriptors)
 def _desc_lanes(count: int, start: int, end: int) -> tuple[int, int, int, int, int, int]:
     """(bit 0 of every lane, the address fields, the length fields, per-lane 2**100 - start,
     per-lane 2**100 - 1 - end, the bits from 100 up) for ``count`` descriptors and RAM
@@ -104,21 +104,6 @@ def _desc_lanes(count: int, start: int, end: int) -> tuple[int, int, int, int, i
     one = int.from_bytes(b"\x01".ljust(16, b"\0") * count, "little")
     return (one, one * ((1 << 64) - 1), one * (((1 << 32) - 1) << 64), one * ((1 << _LANE_TOP) - start),
             one * ((1 << _LANE_TOP) - 1 - end), one * (((1 << (_LANE_BITS - _LANE_TOP)) - 1) << _LANE_TOP))
-
-
-@functools.lru_cache(maxsize=64)
-def _low_lanes(count: int) -> int:
-    return (1 << (_LANE_BITS * count)) - 1
-
-
-def _lane_sum(x: int, count: int) -> int:
-    """The sum of ``count`` 128-bit lanes of ``x`` (each below 2**64): fold the upper half onto
-    the lower until one lane is left."""
-    while count > 1:
-        keep = (count + 1) >> 1
-        x = (x & _low_lanes(keep)) + (x >> (_LANE_BITS * keep))
-        count = keep
-    return x
 
 
 _MADV_HUGEPAGE = 14
@@ -459,26 +444,23 @@ class GuestMemory:
                 return addr, length
         return None
 
-    def descs_inside(self, table: bytes) -> int | None:
+    def descs_inside(self, table: bytes) -> bool:
         """Check the buffers of a virtqueue descriptor table at once: ``table`` holds 16-byte
-        descriptors (u64 address, u32 length, u16 flags, u16 next).  Returns the sum of their
-        lengths if every buffer ``[address, address + length)`` lies wholly in guest RAM (an empty
-        one: its address in [start, end] of RAM), and None if one does not, or RAM is not one
-        region, or the table is empty (then check them one by one).  Loops only in C, and allocates no Python object per descriptor (see
-        :func:`_desc_lanes`)."""
+        descriptors (u64 address, u32 length, u16 flags, u16 next).  True if every buffer
+        ``[address, address + length)`` lies wholly in guest RAM (an empty one: its address in
+        [start, end] of RAM); False if one does not, or RAM is not one region, or the table is
+        empty (then check them one by one).  Loops only in C, and makes no Python object per
+        descriptor (see :func:`_desc_lanes`)."""
         count = len(table) >> 4
         if len(self._spans) != 1 or not count or len(table) & 15:
-            return None
+            return False
         start, end, _ = self._spans[0]
         one, addr_mask, len_mask, low_bias, high_bias, top = _desc_lanes(count, start, end)
         t = int.from_bytes(table, "little")
-        lengths = (t & len_mask) >> 64
         addrs = t & addr_mask
-        if (addrs + lengths + high_bias) & top:           # some address + length > end
-            return None
-        if start and (addrs + low_bias) & top != one << _LANE_TOP:  # some address < start
-            return None
-        return _lane_sum(lengths, count)
+        if (addrs + ((t & len_mask) >> 64) + high_bias) & top:  # some address + length > end
+            return False
+        return not start or (addrs + low_bias) & top == one << _LANE_TOP  # every address >= start
 
     def _all_in_one_region(self, ranges: list[tuple[int, int]]) -> tuple[int, memoryview, tuple, tuple] | None:
         """Fast path (loops in C): if every range is non-empty and inside the first region while

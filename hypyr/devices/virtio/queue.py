@@ -16,7 +16,8 @@ validated here; a violation raises :class:`QueueError` (a :class:`DeviceError`) 
 Speed (every Python operation counts when the VMM itself runs under emulation): an indirect
 table is read with one copy into an ``array('I')`` and, in the layout every driver uses
 (descriptor *i* chains to *i+1*, readable buffers first), checked with a few C-level array
-comparisons instead of a walk; such a chain keeps the table (:attr:`DescriptorChain.table`,
+comparisons instead of a walk, its buffers against RAM all at once
+(:meth:`GuestMemory.descs_inside <hypyr.memory.GuestMemory.descs_inside>`); such a chain keeps the table (:attr:`DescriptorChain.table`,
 :attr:`~DescriptorChain.nread`) so a device can hand its buffers straight to
 :meth:`GuestMemory.preadv_descs <hypyr.memory.GuestMemory.preadv_descs>`, and builds its
 ``readable``/``writable`` lists only if someone asks.  :meth:`SplitQueue.add_used_many` completes
@@ -300,40 +301,43 @@ class SplitQueue:
     def pop(self) -> DescriptorChain | None:
         """The next available chain, or None.  Raises QueueError on any protocol violation."""
         with self._lock:
-            return self._pop_locked()
+            return self._take_locked() if self._pending_locked() else None
 
     def pop_all(self) -> tuple[list[DescriptorChain], QueueError | None]:
-        """Every available chain, in order, taken under one lock; and the QueueError that
-        stopped the popping early (the chains before the bad one are returned), or None."""
+        """Every chain available now, in order, taken under one lock; and the QueueError that
+        stopped the popping early (the chains before the bad one are returned), or None.
+        (Chains the driver adds meanwhile come with a notification of their own: the
+        avail_event written after each chain asks for it.)"""
         chains: list[DescriptorChain] = []
         with self._lock:
             try:
-                while (chain := self._pop_locked()) is not None:
-                    chains.append(chain)
+                for _ in range(self._pending_locked()):
+                    chains.append(self._take_locked())
             except QueueError as e:
                 return chains, e
         return chains, None
 
-    def _pop_locked(self) -> DescriptorChain | None:
-        mem = self.mem
-        if mem is None:
-            return None
-        avail = self._avail_v
-        last = self.last_avail
-        avail_idx = _U16.unpack_from(avail, 2)[0]
-        pending = (avail_idx - last) & 0xFFFF
-        if pending == 0:
-            return None
-        size = self.size
-        if pending > size:
-            raise QueueError(f"avail.idx {avail_idx} is {pending} ahead of {last}, "
-                             f"more than the queue size {size}")
-        head = _U16.unpack_from(avail, 4 + 2 * (last % size))[0]
+    def _pending_locked(self) -> int:
+        """How many chains the driver has made available that we have not taken (0 while the
+        queue is not active)."""
+        if self.mem is None:
+            return 0
+        avail_idx = _U16.unpack_from(self._avail_v, 2)[0]
+        pending = (avail_idx - self.last_avail) & 0xFFFF
+        if pending > self.size:
+            raise QueueError(f"avail.idx {avail_idx} is {pending} ahead of {self.last_avail}, "
+                             f"more than the queue size {self.size}")
+        return pending
+
+    def _take_locked(self) -> DescriptorChain:
+        """Take the next available chain (the caller knows there is one)."""
+        size, last = self.size, self.last_avail
+        head = _U16.unpack_from(self._avail_v, 4 + 2 * (last % size))[0]
         self.last_avail = last = (last + 1) & 0xFFFF
         if self.event_idx:  # avail_event: notify us again when the driver passes this index
             _U16.pack_into(self._used_v, 4 + 8 * size, last)
         try:
-            return self._walk(mem, head)
+            return self._walk(self.mem, head)
         except GuestMemoryError as e:
             raise QueueError(str(e)) from None
 
@@ -406,13 +410,13 @@ class SplitQueue:
         check every buffer against guest RAM (at once, in C, when RAM is one region) and count
         the bytes."""
         count = len(words) >> 2
-        total = mem.descs_inside(table)
-        if total is None:  # outside RAM, or RAM in several regions: one buffer at a time
+        if not mem.descs_inside(table):  # outside RAM, or RAM in several regions: one buffer at a time
             chain = DescriptorChain.from_table(head, words, nread, None, None)  # lengths: from the lists
             bad = mem.first_outside(chain.readable + chain.writable)
             if bad is not None:
                 raise QueueError(f"buffer at {bad[0]:#x}+{bad[1]:#x} is not in guest RAM")
             return chain
+        total = sum(words[2::4])
         if nread == count:
             rlen = total
         elif nread == 1:
