@@ -31,8 +31,8 @@ test-unit: deps
 # One L1 boot runs every lab test.  (The host-KVM payload tests stay on the host: under QEMU
 # TCG's emulated SVM a guest spinning with interrupts off once wedged L1 in soft lockups.)
 # Nested KVM under TCG occasionally wedges the whole L1 VM (soft lockups in L1; seen with QEMU
-# as the L2 VMM too): the timeout turns that into exit 125 ("the lab failed", never a test
-# result), and then the lab is booted once more.  A test failure (any other status) is final.
+# as the L2 VMM too): L1's softlockup_panic, or else the timeout, turns that into exit 125 ("the
+# lab failed", never a test result), and then the lab is booted once more.  A test failure (any other status) is final.
 # Worst case: two lab timeouts plus the host tests stay under CI's hour.
 LAB_TIMEOUT ?= 1500
 test-lab: image

@@ -52,7 +52,7 @@ def test_job_script_exit_status_and_bad_cwd(tmp_path):
 
 def test_kernel_cmdline():
     c = job.kernel_cmdline("/root/.cache/hypyr/lab/jobs/job-abc")
-    assert c.split() == ["console=ttyS0", "quiet", "loglevel=1", "panic=-1",
+    assert c.split() == ["console=ttyS0", "quiet", "loglevel=1", "panic=-1", "softlockup_panic=1",
                          "hypyr.job=/root/.cache/hypyr/lab/jobs/job-abc"]
     assert job.kernel_cmdline("/j", "cache=none").endswith(" hypyr.9p=cache=none")
     with pytest.raises(HypyrError):
