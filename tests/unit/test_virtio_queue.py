@@ -573,6 +573,29 @@ def test_long_indirect_chain_lengths_and_ranges():
         chain.writable_ranges(254 * 2048 + 1, 1)
 
 
+def test_pop_all_takes_a_chain_published_while_it_runs():
+    """With event index, a driver that publishes a chain while the device is taking the others
+    may read the old avail_event and not notify: pop_all must look at avail.idx again."""
+    d = MockDriver(size=8)
+    q = d.queue(event_idx=True)
+    a, b = d.alloc(b"first"), d.alloc(b"second")
+    d.add_chain([Buf(a, 5)])
+    walk = q._walk
+    published = []
+
+    def walk_and_race(mem, head):
+        if not published:  # the driver adds its next request in the middle of the pop
+            published.append(d.add_chain([Buf(b, 6)]))
+        return walk(mem, head)
+
+    q._walk = walk_and_race
+    chains, error = q.pop_all()
+    assert error is None and published
+    assert [c.read(d.mem) for c in chains] == [b"first", b"second"]
+    assert d.mem.read_u16(d.used + 4 + 8 * 8) == 2  # avail_event: notify us from index 2 on
+    assert q.pop_all() == ([], None)
+
+
 @pytest.mark.parametrize("past_end", [0, 1])
 def test_indirect_buffers_at_the_top_of_ram(past_end):
     """Linux hands out the highest pages first: a big request whose buffers end at the top of

@@ -304,15 +304,16 @@ class SplitQueue:
             return self._take_locked() if self._pending_locked() else None
 
     def pop_all(self) -> tuple[list[DescriptorChain], QueueError | None]:
-        """Every chain available now, in order, taken under one lock; and the QueueError that
+        """Every available chain, in order, taken under one lock; and the QueueError that
         stopped the popping early (the chains before the bad one are returned), or None.
-        (Chains the driver adds meanwhile come with a notification of their own: the
-        avail_event written after each chain asks for it.)"""
+        avail.idx is read again after the last chain: a driver that added one while we were
+        taking the others may have read the old avail_event and not notified us."""
         chains: list[DescriptorChain] = []
         with self._lock:
             try:
-                for _ in range(self._pending_locked()):
-                    chains.append(self._take_locked())
+                while pending := self._pending_locked():
+                    for _ in range(pending):
+                        chains.append(self._take_locked())
             except QueueError as e:
                 return chains, e
         return chains, None
