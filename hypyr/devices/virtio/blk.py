@@ -347,9 +347,10 @@ class VirtioBlk(VirtioDevice):
     @staticmethod
     def _read_header(mem: GuestMemory, chain: DescriptorChain) -> tuple[int, int, int] | None:
         """(type, reserved, sector), read once; None if the chain has fewer than 16 readable bytes."""
-        t = chain.table
-        if t is not None and t[2] >= HEADER_SIZE:  # the first buffer holds it (the usual layout)
-            return _HEADER.unpack(mem.read(t[0] | t[1] << 32, HEADER_SIZE))
+        if chain.table is not None:
+            addr, length = chain.table_buffer(0)
+            if length >= HEADER_SIZE:  # the first buffer holds it (the usual layout)
+                return _HEADER.unpack(mem.read(addr, HEADER_SIZE))
         if chain.readable_len < HEADER_SIZE:
             return None
         return _HEADER.unpack(chain.read(mem, HEADER_SIZE))
