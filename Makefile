@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 HYPYR := $(PY) -m hypyr
-PYTEST_LAB_OPTS ?= -q -p no:cacheprovider -o console_output_style=classic
+PYTEST_LAB_OPTS ?= -q -p no:cacheprovider -p hypyr.lab.resume -o console_output_style=classic
 
 .PHONY: all deps demo test test-unit test-lab image bench clean
 
@@ -30,19 +30,31 @@ test-unit: deps
 
 # One L1 boot runs every lab test.  (The host-KVM payload tests stay on the host: under QEMU
 # TCG's emulated SVM a guest spinning with interrupts off once wedged L1 in soft lockups.)
-# Nested KVM under TCG occasionally wedges the whole L1 VM (soft lockups in L1; seen with QEMU
-# as the L2 VMM too): L1's softlockup_panic, or else the timeout, turns that into exit 125 ("the
-# lab failed", never a test result), and then the lab is booted once more.  A test failure (any other status) is final.
-# Worst case: two lab timeouts plus the host tests stay under CI's hour.
-LAB_TIMEOUT ?= 1500
+# Nested KVM under multi-threaded TCG sometimes wedges the whole L1 VM (seen with QEMU as the L2
+# VMM too; a likely cause, discussed upstream in 2025: QEMU's SVM code updates a vCPU's
+# interrupt_request without the lock other threads raise interrupts under).  L1's
+# softlockup_panic, its heartbeat (hypyr lab --stall) or the time budget turn that into exit 125
+# ("the lab failed", never a test result).  The lab is then booted again, and the tests that
+# already passed (recorded in $(LAB_STATE)/passed, shared read-write with L1) are not run again.
+# A test failure (any other status) is final.  LAB_BUDGET bounds all attempts together, so that
+# CI's hour holds.
+LAB_BUDGET ?= 2700
+LAB_ATTEMPTS ?= 4
+LAB_STATE ?= $(CURDIR)/.lab-state
 test-lab: image
-	@for attempt in 1 2; do \
-	  $(HYPYR) lab --timeout $(LAB_TIMEOUT) -- $(PY) -m pytest tests/lab $(PYTEST_LAB_OPTS); rc=$$?; \
-	  if [ $$rc -eq 125 ] && [ $$attempt -eq 1 ]; then \
-	    echo "test-lab: the lab VM itself failed (exit 125, not a test failure); booting it once more" >&2; \
-	    continue; \
+	@rm -rf $(LAB_STATE) && mkdir -p $(LAB_STATE); start=$$SECONDS; attempt=1; \
+	while :; do \
+	  left=$$(( $(LAB_BUDGET) - (SECONDS - start) )); \
+	  HYPYR_LAB_PASSED=$(LAB_STATE)/passed $(HYPYR) lab --timeout $$left --share $(LAB_STATE) -- \
+	    $(PY) -m pytest tests/lab $(PYTEST_LAB_OPTS); rc=$$?; \
+	  [ $$rc -eq 125 ] || exit $$rc; \
+	  left=$$(( $(LAB_BUDGET) - (SECONDS - start) )); \
+	  if [ $$attempt -ge $(LAB_ATTEMPTS) ] || [ $$left -lt 300 ]; then \
+	    echo "test-lab: the lab VM failed $$attempt times; giving up ($$left s of the budget left)" >&2; exit 125; \
 	  fi; \
-	  exit $$rc; \
+	  attempt=$$((attempt + 1)); \
+	  echo "test-lab: the lab VM itself failed (exit 125, not a test failure); booting it again" \
+	       "(attempt $$attempt of $(LAB_ATTEMPTS), $$left s left; tests that passed are not run again)" >&2; \
 	done
 
 test: test-unit test-lab
@@ -51,4 +63,4 @@ bench: image
 	$(PY) bench/boot.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info
+	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info .lab-state

@@ -129,7 +129,8 @@ def cmd_lab(args) -> int:
         raise HypyrError("give the command to run in the lab after --, e.g. hypyr lab -- hypyr doctor")
     if cmd[0] == "hypyr":  # the same hypyr as this one, whatever PATH says inside the lab
         cmd = [sys.executable, "-m", "hypyr"] + cmd[1:]
-    return lab.run(cmd, cpus=args.cpus, memory=args.memory, timeout=args.timeout)
+    more = {} if args.stall is None else {"stall": args.stall or None}
+    return lab.run(cmd, cpus=args.cpus, memory=args.memory, timeout=args.timeout, share=args.share, **more)
 
 
 # -- toolstack (xl-style) -----------------------------------------------------------------------
@@ -345,6 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--memory", default="4G", help="L1 memory (default 4G)")
     lab.add_argument("--timeout", type=float, metavar="SECONDS",
                      help="kill the lab (exit 125) if it is still running after this long")
+    lab.add_argument("--stall", type=float, metavar="SECONDS",
+                     help="kill the lab (exit 125) when L1's heartbeat has not moved for this long "
+                          "(it wedged); 0: never (default 240)")
+    lab.add_argument("--share", metavar="DIR",
+                     help="a host directory the command may write to, at the same path inside the lab "
+                          "(the rest of the host is read-only there)")
     lab.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
     lab.set_defaults(func=cmd_lab)
     return p

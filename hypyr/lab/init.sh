@@ -41,9 +41,12 @@ mount -t 9p -o "$NINEP_OPTS" hypyrjob /job || fail "cannot mount the job directo
 # ~2.5x faster than with the default cache=none).
 mount -t 9p -o "$NINEP_OPTS,ro,cache=loose" hostroot /newroot || fail "cannot mount the host root"
 
-# lab.conf sets STTY (console flags) and KEEP (host paths under /tmp to keep visible).
+# lab.conf sets STTY (console flags), KEEP (host paths under /tmp to keep visible) and SHARE
+# (a host directory L1 may write to, exported read-write as 9p "hypyrshare").
 KEEP=""
 STTY=""
+SHARE=""
+KALLSYMS=0
 [ -f /job/lab.conf ] && . /job/lab.conf
 
 # A writable /tmp hides the host's /tmp: carry the paths the job needs across it.
@@ -70,6 +73,19 @@ mount -t tmpfs -o mode=1777 tmpfs /newroot/dev/shm
 mount -t devpts -o newinstance,ptmxmode=0666 devpts /newroot/dev/pts && ln -sf pts/ptmx /newroot/dev/ptmx
 mkdir -p "/newroot$JOB" 2>/dev/null
 mount --bind /job "/newroot$JOB" || fail "cannot mount the job directory at $JOB"
+if [ -n "$SHARE" ]; then
+    mkdir -p "/newroot$SHARE" 2>/dev/null
+    mount -t 9p -o "$NINEP_OPTS" hypyrshare "/newroot$SHARE" || fail "cannot mount the shared directory $SHARE"
+fi
+
+# Heartbeat: the host sees L1 alive while this file's mtime moves. Nested KVM under QEMU TCG
+# sometimes wedges L1 with no kernel message at all; the host then stops the lab within
+# --stall seconds instead of waiting for --timeout.
+(while :; do touch /job/heartbeat; sleep 5; done) </dev/null >/dev/null 2>&1 &
+# Once per kernel release the host asks for L1's text symbols, to name where a wedged CPU was.
+if [ "$KALLSYMS" = 1 ]; then
+    (grep ' [tTwW] ' /proc/kallsyms >/job/kallsyms.part && mv /job/kallsyms.part /job/kallsyms) </dev/null >/dev/null 2>&1 &
+fi
 
 hostname hypyr-lab
 con=/dev/ttyS0

@@ -68,14 +68,27 @@ def keep_paths(cwd: str | Path, env: Mapping[str, str]) -> list[str]:
     return sorted(out)
 
 
-def lab_conf(stdin_tty: bool, stdout_tty: bool, keep: list[str]) -> str:
+def lab_conf(stdin_tty: bool, stdout_tty: bool, keep: list[str], share: str | Path | None = None,
+             want_kallsyms: bool = False) -> str:
     """Settings for L1's init, sourced by it from the job directory."""
     flags = []
     if not stdin_tty:
         flags.append("-echo")  # input is not typed: do not echo it into the output
     if not stdout_tty:
         flags.append("-onlcr")  # output goes to a file or pipe: keep \n as \n
-    return f"STTY={shlex.quote(' '.join(flags))}\nKEEP={shlex.quote(' '.join(keep))}\n"
+    return (f"STTY={shlex.quote(' '.join(flags))}\nKEEP={shlex.quote(' '.join(keep))}\n"
+            f"SHARE={shlex.quote(str(share or ''))}\nKALLSYMS={int(want_kallsyms)}\n")
+
+
+def share_path(path: str | Path) -> Path:
+    """A host directory to export read-write into L1 (at the same path), checked."""
+    p = Path(os.path.abspath(path))
+    if not p.is_dir():
+        raise HypyrError(f"The directory {path} to share with the lab does not exist.")
+    if not _SAFE_PATH.match(str(p)) or p == Path("/"):
+        raise HypyrError(f"The directory {p} cannot be shared with the lab: use a plain path "
+                         f"(letters, digits and ._/+@%:=- only) other than /.")
+    return p
 
 
 def kernel_cmdline(jobdir: str | Path, ninep_opts: str = "") -> str:
@@ -86,7 +99,10 @@ def kernel_cmdline(jobdir: str | Path, ninep_opts: str = "") -> str:
                          f"cannot carry; set HYPYR_LAB_DIR to a plain path.")
     # softlockup_panic: a CPU stuck in the kernel (the way nested KVM under TCG wedges L1) panics
     # L1 at once, and panic=-1 then ends QEMU: a lab failure in ~20 s instead of at --timeout
-    args = ["console=ttyS0", "quiet", "loglevel=1", "panic=-1", "softlockup_panic=1", f"hypyr.job={jobdir}"]
+    # nokaslr: L1's kernel addresses are the same every boot, so the runner can name the function
+    # a wedged CPU was in (from a copy of /proc/kallsyms L1 leaves once per kernel release)
+    args = ["console=ttyS0", "quiet", "loglevel=1", "panic=-1", "softlockup_panic=1", "nokaslr",
+            f"hypyr.job={jobdir}"]
     if ninep_opts:
         args.append(f"hypyr.9p={ninep_opts}")
     return " ".join(args)
@@ -102,13 +118,15 @@ class QemuConfig:
     memory: str = "4G"
     tcg_thread: str = "multi"
     ninep_opts: str = ""
+    share: Path | None = None
+    monitor: Path | None = None  # a unix socket for QEMU's human monitor
 
 
 def qemu_args(c: QemuConfig) -> list[str]:
     """The QEMU command line for one lab run (serial console on QEMU's stdio)."""
     if "," in str(c.jobdir):
         raise HypyrError(f"The lab job directory {c.jobdir} contains a comma, which QEMU cannot take.")
-    return [
+    args = [
         str(c.qemu),
         "-accel", f"tcg,thread={c.tcg_thread}",
         "-cpu", "EPYC,+svm",
@@ -117,13 +135,18 @@ def qemu_args(c: QemuConfig) -> list[str]:
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-chardev", "stdio,id=con0,signal=off,mux=off",
         "-serial", "chardev:con0",
-        "-monitor", "none",
+        "-monitor", f"unix:{c.monitor},server=on,wait=off" if c.monitor else "none",
         "-kernel", str(c.kernel),
         "-initrd", str(c.initrd),
         "-append", kernel_cmdline(c.jobdir, c.ninep_opts),
         "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
         "-virtfs", f"local,path={c.jobdir},mount_tag=hypyrjob,security_model=none,multidevs=remap",
     ]
+    if c.share is not None:
+        if "," in str(c.share):
+            raise HypyrError(f"The shared directory {c.share} contains a comma, which QEMU cannot take.")
+        args += ["-virtfs", f"local,path={c.share},mount_tag=hypyrshare,security_model=none,multidevs=remap"]
+    return args
 
 
 def parse_exit_status(text: str | None) -> int | None:

@@ -2,6 +2,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -52,7 +53,7 @@ def test_job_script_exit_status_and_bad_cwd(tmp_path):
 
 def test_kernel_cmdline():
     c = job.kernel_cmdline("/root/.cache/hypyr/lab/jobs/job-abc")
-    assert c.split() == ["console=ttyS0", "quiet", "loglevel=1", "panic=-1", "softlockup_panic=1",
+    assert c.split() == ["console=ttyS0", "quiet", "loglevel=1", "panic=-1", "softlockup_panic=1", "nokaslr",
                          "hypyr.job=/root/.cache/hypyr/lab/jobs/job-abc"]
     assert job.kernel_cmdline("/j", "cache=none").endswith(" hypyr.9p=cache=none")
     with pytest.raises(HypyrError):
@@ -73,6 +74,21 @@ def test_qemu_args(tmp_path):
     assert f"local,path={tmp_path},mount_tag=hypyrjob,security_model=none,multidevs=remap" in a
     with pytest.raises(HypyrError):
         job.qemu_args(job.QemuConfig(Path("q"), Path("k"), Path("i"), Path("/a,b")))
+    assert not any("hypyrshare" in x for x in a)
+    a = job.qemu_args(job.QemuConfig(Path("q"), Path("k"), Path("i"), tmp_path, share=Path("/srv/state")))
+    assert "local,path=/srv/state,mount_tag=hypyrshare,security_model=none,multidevs=remap" in a
+
+
+def test_share_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "st").mkdir()
+    assert job.share_path("st") == tmp_path / "st"
+    for bad in ("missing", "/"):
+        with pytest.raises(HypyrError):
+            job.share_path(bad)
+    (tmp_path / "a b").mkdir()
+    with pytest.raises(HypyrError, match="plain path"):
+        job.share_path(tmp_path / "a b")
 
 
 @pytest.mark.parametrize("text,rc", [("0\n", 0), ("7", 7), ("255\n", 255), ("", None), (None, None),
@@ -92,7 +108,9 @@ def test_lab_conf_flags():
     vals = dict(l.split("=", 1) for l in conf.splitlines())
     assert shlex.split(vals["STTY"]) == ["-echo -onlcr"] and shlex.split(vals["KEEP"]) == ["/tmp/a /tmp/b"]
     vals = dict(l.split("=", 1) for l in job.lab_conf(True, True, []).splitlines())
-    assert shlex.split(vals["STTY"]) == [""]
+    assert shlex.split(vals["STTY"]) == [""] and shlex.split(vals["SHARE"]) == [""]
+    vals = dict(l.split("=", 1) for l in job.lab_conf(True, True, [], Path("/srv/st")).splitlines())
+    assert shlex.split(vals["SHARE"]) == ["/srv/st"]
 
 
 def test_keep_paths(tmp_path):
@@ -118,7 +136,7 @@ def test_lab_init_script():
     r = subprocess.run(["sh", "-n"], input=init.encode(), capture_output=True)
     assert r.returncode == 0, r.stderr
     for needle in ("hostroot", "hypyrjob", "hypyr.job=", "exit-status", "poweroff -f", "chroot /newroot",
-                   "/proc/self/fd", "lab.conf"):
+                   "/proc/self/fd", "lab.conf", "hypyrshare", "/job/heartbeat"):
         assert needle in init
 
 
@@ -137,16 +155,27 @@ def test_ensure_qemu_not_root_is_clear(monkeypatch):
     assert parts.available()[0] is False
 
 
-def test_run_reports_lab_failure(monkeypatch, tmp_path, capfd):
-    """QEMU dying without an exit-status file gives 125 and a plain sentence."""
+def _fake_lab(monkeypatch, tmp_path, script: str):
+    """Make runner.run start SCRIPT (a shell script playing QEMU) instead of the real lab."""
     from hypyr.lab import runner
     fake_qemu = tmp_path / "qemu"
-    fake_qemu.write_text("#!/bin/sh\necho \"qemu: TCG doesn't support requested feature: x\" >&2\n"
-                         "echo 'qemu: tcg_handle_interrupt: assertion failed' >&2\nexit 134\n")
+    fake_qemu.write_text("#!/bin/sh\n" + script)
     fake_qemu.chmod(0o755)
     monkeypatch.setenv("HYPYR_LAB_DIR", str(tmp_path / "lab"))
     monkeypatch.setattr(runner, "ensure_parts",
                         lambda: parts.LabParts(fake_qemu, tmp_path / "k", tmp_path / "i", "9.9"))
+    return runner
+
+
+# The part of a fake QEMU that finds the job directory on the kernel command line and reaches the job.
+_FIND_JOB = ("for a; do case \"$a\" in *hypyr.job=*) job=${a##*hypyr.job=};; esac; done\n"
+             "touch \"$job/started\"\n")
+
+
+def test_run_reports_lab_failure(monkeypatch, tmp_path, capfd):
+    """QEMU dying without an exit-status file gives 125 and a plain sentence."""
+    runner = _fake_lab(monkeypatch, tmp_path, "echo \"qemu: TCG doesn't support requested feature: x\" >&2\n"
+                       "echo 'qemu: tcg_handle_interrupt: assertion failed' >&2\nexit 134\n")
     rc = runner.run(["true"])
     err = capfd.readouterr().err
     assert rc == 125
@@ -157,16 +186,7 @@ def test_run_reports_lab_failure(monkeypatch, tmp_path, capfd):
 
 def test_run_reads_exit_status(monkeypatch, tmp_path, capfd):
     """A fake QEMU that plays L1: runs job.sh like L1 would and writes exit-status."""
-    from hypyr.lab import runner
-    fake_qemu = tmp_path / "qemu"
-    fake_qemu.write_text(
-        "#!/bin/sh\n"
-        "for a; do case \"$a\" in *hypyr.job=*) job=${a##*hypyr.job=};; esac; done\n"
-        "touch \"$job/started\"; sh \"$job/job.sh\"; echo $? > \"$job/exit-status\"\n")
-    fake_qemu.chmod(0o755)
-    monkeypatch.setenv("HYPYR_LAB_DIR", str(tmp_path / "lab"))
-    monkeypatch.setattr(runner, "ensure_parts",
-                        lambda: parts.LabParts(fake_qemu, tmp_path / "k", tmp_path / "i", "9.9"))
+    runner = _fake_lab(monkeypatch, tmp_path, _FIND_JOB + 'sh "$job/job.sh"; echo $? > "$job/exit-status"\n')
     monkeypatch.chdir(tmp_path)
     rc = runner.run(["sh", "-c", 'echo "in=$HYPYR_IN_LAB e=$E"; echo keep > "$HYPYR_LAB_SCRATCH/f"; exit 9'],
                     extra_env={"E": "v w"})
@@ -176,6 +196,37 @@ def test_run_reads_exit_status(monkeypatch, tmp_path, capfd):
     kept = list((tmp_path / "lab" / "jobs").glob("*/scratch/f"))
     assert len(kept) == 1 and kept[0].read_text() == "keep\n" and str(kept[0].parent) in err
     assert not (kept[0].parent.parent / "job.sh").exists()
+
+
+def test_watchdog(tmp_path):
+    from hypyr.lab.runner import Watchdog
+    w = Watchdog(tmp_path, t0=100.0, timeout=None, stall=30.0)
+    assert w.check(110.0) is None
+    assert "(boot) for 30 s" in w.check(130.0)  # never reached its job
+    (tmp_path / "started").touch()
+    w = Watchdog(tmp_path, t0=100.0, timeout=1000.0, stall=30.0)
+    assert w.check(101.0) is None  # the first mark counts as a move
+    assert w.check(130.0) is None
+    hb = tmp_path / "heartbeat"
+    hb.touch()
+    os.utime(hb, ns=(1, 1))
+    assert w.check(131.0) is None  # heartbeat appeared: a move
+    os.utime(hb, ns=(2, 2))
+    assert w.check(160.0) is None  # moved again
+    assert w.check(189.0) is None
+    assert "(heartbeat) for 30 s" in w.check(190.0)
+    assert "after 1000 s" in w.check(1100.0)
+    assert Watchdog(tmp_path, t0=0.0, timeout=None, stall=None).check(1e9) is None
+
+
+def test_run_kills_a_silent_lab(monkeypatch, tmp_path, capfd):
+    """A lab that reached its job but whose heartbeat stopped is killed as wedged: exit 125."""
+    runner = _fake_lab(monkeypatch, tmp_path, _FIND_JOB + "exec sleep 60\n")
+    monkeypatch.setattr(runner, "WATCH_PERIOD_S", 0.05)
+    t0 = time.monotonic()
+    rc = runner.run(["true"], stall=0.5)
+    assert rc == 125 and time.monotonic() - t0 < 20
+    assert "no sign of life (heartbeat) for 0.5 s and was killed as wedged" in capfd.readouterr().err
 
 
 @pytest.mark.skipif(os.environ.get("HYPYR_TEST_LAB") != "1", reason="set HYPYR_TEST_LAB=1 (boots QEMU, ~15 s)")
