@@ -37,6 +37,10 @@ def xl(guest_image, tmp_path, monkeypatch):
     if p.returncode == 0:
         for d in json.loads(p.stdout):
             run("destroy", d["name"], check=False)
+    # Shown only when the test failed: how each domain that went away ended (its VMM's own log).
+    for log in sorted((state / "logs").glob("*.vmm.log")):
+        lines = log.read_text(errors="replace").splitlines()
+        print(f"--- {log.name} (last 30 of {len(lines)} lines)\n" + "\n".join(lines[-30:]))
 
 
 def write_cfg(tmp_path: Path, image, name: str, *, memory=128, vcpus=1, command=None, disks=(), extra_keys="") -> Path:
