@@ -26,6 +26,10 @@ from hypyr.devices.pvexit import PvExit
 from hypyr.devices.pvpanic import PVPANIC_PORT, PvPanic
 from hypyr.devices.virtio.blk import VirtioBlk
 from hypyr.devices.virtio.console import VirtioConsole
+from hypyr.devices.virtio.net import VirtioNet, parse_mac
+from hypyr.devices.virtio.tap import TapError, check_tap
+from hypyr.devices.virtio.vhost import VhostNet
+from hypyr.devices.virtio.vhost import usable as vhost_usable
 from hypyr.devices.virtio.mmio import INT_VRING, INTERRUPT_ACK, QUEUE_NOTIFY_OFFSET, VirtioMmioTransport
 from hypyr.devices.virtio.rng import VirtioRng
 from hypyr.errors import HypyrError
@@ -67,6 +71,18 @@ class DiskConfig:
         return cls(path, read_only="ro" in flags)
 
 
+@dataclass(frozen=True)
+class NetConfig:
+    """One NIC.  The TAP is opened and attached to its bridge by the toolstack (host plumbing
+    never happens in the VMM); the VMM is handed the descriptor and never closes it."""
+    tap_fd: int                 # an open TAP (IFF_TAP|IFF_NO_PI|IFF_VNET_HDR)
+    mac: str                    # "00:16:3e:12:34:56"
+    mtu: int | None = None
+    vhost: bool | None = None   # None: vhost-net when /dev/vhost-net is usable; False: userspace path
+    tx_rate: tuple[int, float] | None = None   # (bytes per second, interval in seconds)
+    name: str = ""              # the TAP's name, for logs
+
+
 @dataclass
 class VmConfig:
     kernel: str
@@ -78,6 +94,7 @@ class VmConfig:
     disks: list[DiskConfig] = field(default_factory=list)   # /dev/vda, /dev/vdb, ...
     root_disk: bool = False          # the first disk is the root filesystem (root=/dev/vda)
     console: str = "serial"          # "serial" (ttyS0) or "virtio" (hvc0)
+    nets: list[NetConfig] = field(default_factory=list)      # eth0, eth1, ...
 
     def full_cmdline(self) -> str:
         parts = [self.cmdline]
@@ -122,8 +139,14 @@ def host_available_memory() -> int:
 
 def validate(config: VmConfig, kvm: Kvm | None = None) -> None:
     """Check the config; file checks come first, so they are reported even without /dev/kvm."""
-    if len(config.disks) + 2 > MAX_VIRTIO_DEVICES:
-        raise HypyrError(f"at most {MAX_VIRTIO_DEVICES - 2} disks can be attached")
+    if len(config.disks) + len(config.nets) + 2 > MAX_VIRTIO_DEVICES:
+        raise HypyrError(f"at most {MAX_VIRTIO_DEVICES - 2} disks and NICs together can be attached")
+    for i, net in enumerate(config.nets):
+        try:
+            parse_mac(net.mac)
+            check_tap(net.tap_fd)
+        except (ValueError, TapError) as e:
+            raise HypyrError(f"NIC {i}: {e}") from None
     if config.console not in ("serial", "virtio"):
         raise HypyrError(f"--console must be serial or virtio, not {config.console!r}")
     for disk in config.disks:
@@ -232,9 +255,15 @@ def build_linux_vm(config: VmConfig, console_out: Callable[[bytes], None], *, kv
 
 
 def _virtio_devices(config: VmConfig, console_out: Callable[[bytes], None]) -> list:
-    """Disks first (so the first --disk is /dev/vda), then the console, then the entropy device."""
+    """Disks first (so the first --disk is /dev/vda), then NICs, the console, the entropy device."""
     devices: list = [VirtioBlk(d.path, read_only=d.read_only, serial=f"hypyr-vd{chr(ord('a') + i)}")
                      for i, d in enumerate(config.disks)]
+    want_vhost = None
+    for n in config.nets:
+        if n.vhost is None and want_vhost is None:
+            want_vhost = vhost_usable()
+        devices.append(VirtioNet(n.tap_fd, parse_mac(n.mac), mtu=n.mtu, tx_rate=n.tx_rate, ifname=n.name,
+                                 want_vhost=bool(want_vhost) if n.vhost is None else n.vhost))
     if config.console == "virtio":
         devices.append(VirtioConsole(console_out))
     devices.append(VirtioRng())
@@ -250,18 +279,42 @@ def attach_virtio(machine: Machine, devices: list) -> list[MmioDevice]:
     for i, dev in enumerate(devices):
         base = layout.VIRTIO_MMIO_BASE + i * layout.VIRTIO_MMIO_SIZE
         gsi = VIRTIO_GSI_BASE + i
+        irq_fd = None
         if machine.irqchip:  # an irqfd: an interrupt is one eventfd write, no ioctl, no line to lower;
             # the driver's InterruptACK after each used-buffer interrupt is absorbed by KVM
             ack = machine.absorb_mmio_write(base + INTERRUPT_ACK, 4, INT_VRING)
-            transport = VirtioMmioTransport(dev, machine.memory, trigger=machine.irq_trigger(gsi), ack_eventfd=ack)
+            irq_fd = machine.irq_eventfd(gsi)
+            transport = VirtioMmioTransport(dev, machine.memory, trigger=machine.irq_trigger(gsi, irq_fd),
+                                            ack_eventfd=ack)
         else:
             transport = VirtioMmioTransport(dev, machine.memory, machine.irq_line(gsi))
         machine.mmio.register(base, layout.VIRTIO_MMIO_SIZE, transport)
         if read_only_pages:  # the driver reads registers from memory, with no exit (see register_page)
             machine.vm.map_read_only(base, transport.register_page())
+        kicks = []
         for q in range(len(dev.queue_max_sizes)):
             efd = io.add_eventfd(functools.partial(transport.notify, q))
             machine.vm.ioeventfd(efd, base + QUEUE_NOTIFY_OFFSET, 4, datamatch=q)
+            kicks.append(efd)
+        if isinstance(dev, VirtioNet):
+            _attach_net(io, dev, kicks, irq_fd)
         windows.append(MmioDevice(base, layout.VIRTIO_MMIO_SIZE, gsi, edge=machine.irqchip))
         log.info("virtio-%s at %#x, GSI %d", dev.name, base, gsi)
     return windows
+
+
+def _attach_net(io: IoThread, dev: VirtioNet, kicks: list[int], irq_fd: int | None) -> None:
+    """The userspace data path watches the TAP and the rate-limit timer; with vhost-net (which
+    needs the irqfd) the kernel takes the kicks and the TAP while it runs."""
+    for fd, handler in dev.event_sources():
+        io.add_fd(fd, handler)
+    if not dev.want_vhost:
+        return
+    if irq_fd is None:
+        log.warning("%s: vhost-net needs the in-kernel irqchip; using the userspace data path", dev.name)
+        return
+
+    def on_running(running: bool) -> None:
+        for fd in kicks + [dev.tap_fd]:
+            io.watch(fd, not running)
+    dev.attach_vhost(VhostNet(dev.tap_fd, kicks, irq_fd, on_running))

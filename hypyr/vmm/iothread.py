@@ -20,6 +20,7 @@ class IoThread:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._epoll.register(self._wake_r, select.EPOLLIN)
         self._handlers: dict[int, Callable[[], None]] = {}
+        self._owned_elsewhere: set[int] = set()  # fds from add_fd: not closed by stop()
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._stopping = False
 
@@ -31,6 +32,29 @@ class IoThread:
         # need never be read (one system call less per request; it saturates, never fails)
         self._epoll.register(fd, select.EPOLLIN | select.EPOLLET)
         return fd
+
+    def add_fd(self, fd: int, handler: Callable[[], None]) -> None:
+        """Call ``handler`` on this thread each time ``fd`` (which the caller owns and closes)
+        becomes readable; edge-triggered, so the handler must read until EAGAIN or remember
+        that it stopped early."""
+        self._handlers[fd] = handler
+        self._owned_elsewhere.add(fd)
+        self._epoll.register(fd, select.EPOLLIN | select.EPOLLET)
+
+    def watch(self, fd: int, on: bool) -> None:
+        """Stop (``on=False``) or resume watching ``fd`` (e.g. while vhost serves it).  A resumed
+        descriptor gets one handler call, for whatever arrived meanwhile."""
+        if fd not in self._handlers:
+            return
+        try:
+            if on:
+                self._epoll.register(fd, select.EPOLLIN | select.EPOLLET)
+            else:
+                self._epoll.unregister(fd)
+        except (FileExistsError, FileNotFoundError):
+            return
+        except OSError:
+            return  # stopped meanwhile
 
     def start(self) -> None:
         self._thread.start()
@@ -44,12 +68,13 @@ class IoThread:
         if self._thread.is_alive():
             self._thread.join(timeout=5)
         self._epoll.close()
-        for fd in list(self._handlers) + [self._wake_r, self._wake_w]:
+        for fd in [f for f in self._handlers if f not in self._owned_elsewhere] + [self._wake_r, self._wake_w]:
             try:
                 os.close(fd)
             except OSError:
                 pass
         self._handlers = {}
+        self._owned_elsewhere = set()
 
     def _main(self) -> None:
         poll, handlers = self._epoll.poll, self._handlers

@@ -139,10 +139,16 @@ class Machine:
         self._eventfds.append(fd)
         return fd
 
-    def irq_trigger(self, gsi: int) -> Callable[[], None]:
-        """An edge trigger for ``gsi`` (needs the in-kernel irqchip): a KVM irqfd, so raising the
-        interrupt is one eventfd write from any thread."""
-        fd = self._kvm_eventfd(lambda fd: self.vm.irqfd(fd, gsi))
+    def irq_eventfd(self, gsi: int) -> int:
+        """A KVM irqfd for ``gsi`` (needs the in-kernel irqchip): each write is an edge."""
+        return self._kvm_eventfd(lambda fd: self.vm.irqfd(fd, gsi))
+
+    def irq_trigger(self, gsi: int, fd: int | None = None) -> Callable[[], None]:
+        """An edge trigger for ``gsi`` (needs the in-kernel irqchip): a KVM irqfd (``fd`` from
+        :meth:`irq_eventfd`, or a new one), so raising the interrupt is one eventfd write from
+        any thread."""
+        if fd is None:
+            fd = self.irq_eventfd(gsi)
         write = os.eventfd_write
 
         def trigger() -> None:

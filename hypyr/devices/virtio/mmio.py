@@ -223,9 +223,12 @@ class VirtioMmioTransport:
         self._irq_lock = threading.Lock()
         self.queues = [SplitQueue(m) for m in device.queue_max_sizes]
         self.offered_features = (device.device_features() | TRANSPORT_FEATURES) & _U64
+        if hasattr(device, "on_config_change"):
+            device.on_config_change = self.config_changed
         self._irq_level = False
         self._page: memoryview | None = None  # see register_page()
         self._isr = 0
+        self._isr_sticky = 0  # INT_VRING while the device's used-buffer interrupts bypass us (vhost)
         self._config_generation = 0
         self._epoch = 0  # bumped by every reset: stale errors from before it are dropped
         self._clear_registers()
@@ -240,7 +243,7 @@ class VirtioMmioTransport:
     # ------------------------------------------------------------------ bus interface
     def read(self, offset: int, size: int) -> bytes:
         if offset == INTERRUPT_STATUS and size == 4:  # the hot one: read in every interrupt handler
-            return _U32_LE.pack(self._isr)  # one int read: no lock needed
+            return _U32_LE.pack(self._isr | self._isr_sticky)  # int reads: no lock needed
         if size <= 0:
             return b""
         if offset < 0 or offset + size > MMIO_WINDOW:
@@ -318,7 +321,7 @@ class VirtioMmioTransport:
 
     def _publish_isr(self) -> None:  # with self._irq_lock held
         if self._page is not None:
-            _U32_LE.pack_into(self._page, INTERRUPT_STATUS, self._isr)
+            _U32_LE.pack_into(self._page, INTERRUPT_STATUS, self._isr | self._isr_sticky)
 
     # ------------------------------------------------------------------ notifications
     def notify(self, index: int) -> None:
@@ -484,7 +487,7 @@ class VirtioMmioTransport:
             return int(q.ready) if q is not None else 0
         if offset == INTERRUPT_STATUS:
             with self._irq_lock:
-                return self._isr
+                return self._isr | self._isr_sticky
         if offset == STATUS:
             return self._status
         if offset == CONFIG_GENERATION:
@@ -604,6 +607,11 @@ class VirtioMmioTransport:
                 if q.ready:
                     q.activate(self.mem, event_idx=event_idx, indirect=indirect)
             self.device.activate(self.mem, list(self.queues), features, self._interrupt)
+            # A device whose used-buffer interrupts reach the guest without us (vhost's call
+            # eventfd is the irqfd) keeps INT_VRING set, so the driver's handler always looks
+            # at its rings (Linux then finds which queue has work).
+            with self._irq_lock:
+                self._isr_sticky = INT_VRING if getattr(self.device, "external_used_interrupts", False) else 0
             log.debug("%s: activated (features %#x, queues ready %s)", self._name, features,
                       [i for i, q in enumerate(self.queues) if q.ready])
             return True
@@ -616,6 +624,8 @@ class VirtioMmioTransport:
         return False
 
     def _reset_device_and_queues(self) -> None:
+        with self._irq_lock:
+            self._isr_sticky = 0
         try:
             self.device.reset()
         except Exception:

@@ -1,0 +1,362 @@
+"""virtio-net (virtio 1.2 §5.1) over a TAP device: device id 1, queues receiveq (0) and transmitq (1).
+
+The TAP carries the same 12-byte ``virtio_net_hdr_v1`` the guest uses (IFF_VNET_HDR), so
+checksum and segmentation offloads pass through untouched; which offloads the guest's receive
+side takes is told to the TAP (TUNSETOFFLOAD) from the features the driver acked.  With a
+:class:`~hypyr.devices.virtio.vhost.VhostNet` the data path runs in the host kernel instead and
+this class only keeps the config space and lifecycle.  docs/networking.md has the details.
+
+Userspace data path (the I/O thread): transmit pops every chain and ``writev``s its readable
+buffers to the TAP; receive reads one frame into a bounce buffer and copies it into as many
+receive chains as it needs (MRG_RXBUF) or into one.  Whatever the guest hands us is checked
+(the queue checks addresses; here lengths and headers' room); a bad packet is dropped and
+counted, a bad ring is a DeviceError.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+from hypyr.devices.ratelimit import TokenBucket
+from hypyr.devices.ratelog import RateLimitedLog
+
+from . import tap
+from .device import VIRTIO_ID_NET, VirtioDevice
+from .queue import DescriptorChain, DeviceError
+from .vhost import QueueRing, VhostError, VhostNet
+
+log = logging.getLogger("hypyr.dev.virtio_net")
+_rlog = RateLimitedLog(log)
+
+# feature bits (virtio 1.2 §5.1.3)
+F_CSUM = 1 << 0
+F_GUEST_CSUM = 1 << 1
+F_MTU = 1 << 3
+F_MAC = 1 << 5
+F_GUEST_TSO4 = 1 << 7
+F_GUEST_TSO6 = 1 << 8
+F_GUEST_ECN = 1 << 9
+F_HOST_TSO4 = 1 << 11
+F_HOST_TSO6 = 1 << 12
+F_HOST_ECN = 1 << 13
+F_MRG_RXBUF = 1 << 15
+F_STATUS = 1 << 16
+
+S_LINK_UP = 1
+RXQ, TXQ = 0, 1
+QUEUE_SIZE = 256
+HDR_LEN = tap.VNET_HDR_LEN
+MAX_FRAME = 65535 + 14 + 4       # the largest (GSO) frame plus Ethernet and VLAN headers
+MAX_PACKET = HDR_LEN + MAX_FRAME  # header + frame: a transmit chain longer than this is dropped
+_NUM_BUFFERS = struct.Struct("<H")
+_CONFIG = struct.Struct("<6sHHH")  # mac, status, max_virtqueue_pairs, mtu
+
+
+def parse_mac(text: str) -> bytes:
+    parts = text.split(":")
+    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
+        raise ValueError(f"{text!r} is not a MAC address like 00:16:3e:12:34:56")
+    return bytes(int(p, 16) for p in parts)
+
+
+@dataclass
+class NetCounters:
+    rx_packets: int = 0
+    rx_bytes: int = 0
+    rx_dropped: int = 0
+    tx_packets: int = 0
+    tx_bytes: int = 0
+    tx_dropped: int = 0
+
+
+class VirtioNet(VirtioDevice):
+    """One NIC.  ``tap_fd`` is an open TAP (IFF_TAP|IFF_NO_PI|IFF_VNET_HDR) the device never
+    closes; ``want_vhost``: the VMM should :meth:`attach_vhost` (a rate limit needs the userspace
+    path, so it wins); ``tx_rate`` is (bytes/s, interval s)."""
+
+    device_id = VIRTIO_ID_NET
+    queue_max_sizes = (QUEUE_SIZE, QUEUE_SIZE)
+    name = "net"
+
+    def __init__(self, tap_fd: int, mac: bytes, *, mtu: int | None = None, want_vhost: bool = False,
+                 tx_rate: tuple[int, float] | None = None, ifname: str = "",
+                 clock: Callable[[], float] | None = None):
+        super().__init__()
+        if len(mac) != 6:
+            raise ValueError("a MAC address has 6 bytes")
+        if mtu is not None and not 68 <= mtu <= 65535:
+            raise ValueError(f"MTU {mtu} is not in 68..65535")
+        self.tap_fd, self.mac, self.mtu = tap_fd, bytes(mac), mtu
+        self.want_vhost = want_vhost and tx_rate is None
+        self.vhost: VhostNet | None = None
+        self.ifname = ifname or f"fd{tap_fd}"
+        self.name = f"net({self.ifname})"
+        os.set_blocking(tap_fd, False)
+        self.link_up = True
+        self.counters = NetCounters()
+        self.external_used_interrupts = False  # True while vhost signals the guest directly
+        self._bucket = (TokenBucket(tx_rate[0], tx_rate[1], MAX_PACKET, **({"clock": clock} if clock else {}))
+                        if tx_rate else None)
+        self._rx_lock = threading.Lock()
+        self._tx_lock = threading.Lock()
+        self._rx_buf = bytearray(MAX_PACKET)
+        self._rx_len = 0                          # a frame read from the TAP and not yet delivered
+        self._rx_spare: deque[DescriptorChain] = deque()  # receive chains taken, not yet used
+        self._tx_held: DescriptorChain | None = None      # waiting for rate credit
+        self._tx_timer: threading.Timer | None = None
+        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # rate-limit timer → I/O thread
+        self.on_config_change: Callable[[], None] | None = None         # set by the transport
+
+    # ------------------------------------------------------------------ device model
+    def device_features(self) -> int:
+        f = (F_CSUM | F_GUEST_CSUM | F_GUEST_TSO4 | F_GUEST_TSO6 | F_GUEST_ECN | F_HOST_TSO4 | F_HOST_TSO6
+             | F_HOST_ECN | F_MRG_RXBUF | F_MAC | F_STATUS)
+        return f | (F_MTU if self.mtu is not None else 0)
+
+    def config_read(self, offset: int, size: int) -> bytes:
+        cfg = _CONFIG.pack(self.mac, S_LINK_UP if self.link_up else 0, 1, self.mtu or 0)
+        if size <= 0 or offset < 0:
+            return bytes(max(size, 0))
+        return cfg[offset:offset + size].ljust(size, b"\0")
+
+    def event_sources(self) -> list[tuple[int, Callable[[], None]]]:
+        """The descriptors the I/O thread must watch for the userspace data path."""
+        return [(self.tap_fd, self._rx_ready), (self.wake_fd, self._tx_resume)]
+
+    def attach_vhost(self, vhost: VhostNet) -> None:
+        """Use ``vhost`` for the data path from the next DRIVER_OK on."""
+        self.vhost = vhost
+
+    def set_link(self, up: bool) -> None:
+        """Carrier up or down, as the guest sees it (STATUS), with a config-change interrupt."""
+        if self.link_up != up:
+            self.link_up = up
+            if self.on_config_change is not None:
+                self.on_config_change()
+
+    def on_activate(self) -> None:
+        f = self.driver_features
+        offload = 0
+        if f & F_GUEST_CSUM:
+            offload |= tap.TUN_F_CSUM
+            if f & F_GUEST_TSO4:
+                offload |= tap.TUN_F_TSO4
+            if f & F_GUEST_TSO6:
+                offload |= tap.TUN_F_TSO6
+            if f & F_GUEST_ECN and offload & (tap.TUN_F_TSO4 | tap.TUN_F_TSO6):
+                offload |= tap.TUN_F_TSO_ECN
+        try:
+            tap.set_offload(self.tap_fd, offload)
+        except OSError as e:
+            raise DeviceError(f"TAP {self.ifname} refused offloads {offload:#x}: {e.strerror}") from None
+        if self.vhost is not None:
+            rings = [QueueRing(q.size, q.desc_table, q.avail_ring, q.used_ring, q.last_avail)
+                     for q in self.queues if q.ready]
+            if len(rings) == 2:
+                try:
+                    self.vhost.start(self.mem, rings, f)
+                    self.external_used_interrupts = True
+                    log.info("%s: data path in the host kernel (vhost-net)", self.name)
+                    return
+                except VhostError as e:
+                    log.warning("%s: %s; using the userspace data path", self.name, e)
+        self._rx_ready()  # frames may have arrived before the driver was up
+
+    def reset(self) -> None:
+        with self._tx_lock, self._rx_lock:
+            if self.vhost is not None:
+                self.vhost.stop()
+            self.external_used_interrupts = False
+            if self._tx_timer is not None:
+                self._tx_timer.cancel()
+                self._tx_timer = None
+            self._tx_held = None
+            self._rx_len = 0
+            self._rx_spare.clear()
+            super().reset()
+
+    def close(self) -> None:
+        """Stop everything; the TAP descriptor belongs to whoever handed it over."""
+        self.reset()
+        try:
+            os.close(self.wake_fd)
+        except OSError:
+            pass
+
+    @property
+    def vhost_running(self) -> bool:
+        return self.vhost is not None and self.vhost.running
+
+    def queue_notify(self, index: int) -> None:
+        if self.vhost_running:
+            return  # the kernel serves the rings (a stray notify from before the hand-over)
+        if index == TXQ:
+            self._transmit()
+        elif index == RXQ:
+            self._receive()
+        else:
+            _rlog.debug("queue", "%s: notify of nonexistent queue %d ignored", self.name, index)
+
+    # ------------------------------------------------------------------ transmit
+    def _tx_resume(self) -> None:
+        self._tx_timer = None
+        try:
+            self._transmit()
+        except DeviceError as e:  # found off the transport's path: stop the queue until the next notify
+            _rlog.warning("txerr", "%s: transmit queue: %s", self.name, e)
+
+    def _transmit(self) -> None:
+        with self._tx_lock:
+            queues, mem = self.queues, self.mem
+            if len(queues) < 2 or mem is None or self.vhost_running:
+                return
+            q = queues[TXQ]
+            done: list[tuple[int, int]] = []
+            try:
+                while True:
+                    chain = self._tx_held
+                    self._tx_held = None
+                    if chain is None:
+                        if self._bucket is None:
+                            chains, err = q.pop_all()
+                            for c in chains:
+                                self._send(mem, c)
+                                done.append((c.head, 0))
+                            if err is not None:
+                                raise err
+                            if not chains:
+                                break
+                            continue
+                        chain = q.pop()
+                        if chain is None:
+                            break
+                    if not self._bucket.take(chain.readable_len):
+                        self._hold(chain)
+                        break
+                    self._send(mem, chain)
+                    done.append((chain.head, 0))
+            finally:
+                if done:
+                    q.add_used_many(done)
+                    self.signal_used(TXQ)
+
+    def _hold(self, chain: DescriptorChain) -> None:
+        """Keep ``chain`` until the rate limit allows it; a timer wakes the I/O thread then."""
+        self._tx_held = chain
+        delay = self._bucket.wait_time(chain.readable_len)
+        t = threading.Timer(delay, os.eventfd_write, (self.wake_fd, 1))
+        t.daemon = True
+        self._tx_timer = t
+        t.start()
+
+    def _send(self, mem, chain: DescriptorChain) -> None:
+        """Write one transmit chain (header + frame) to the TAP, or drop it with a counted reason."""
+        n = chain.readable_len
+        c = self.counters
+        if n <= HDR_LEN or n > MAX_PACKET:
+            c.tx_dropped += 1
+            _rlog.warning("txlen", "%s: transmit chain %d has %d bytes (want %d..%d); dropped",
+                          self.name, chain.head, n, HDR_LEN + 1, MAX_PACKET)
+            return
+        try:
+            os.writev(self.tap_fd, mem.views(chain.readable))
+        except OSError as e:  # EINVAL: the TAP refused the header (bad gso/csum fields); EAGAIN: full
+            c.tx_dropped += 1
+            _rlog.warning("txerr", "%s: TAP refused a %d-byte frame (%s); dropped", self.name, n, e.strerror)
+            return
+        c.tx_packets += 1
+        c.tx_bytes += n - HDR_LEN
+
+    # ------------------------------------------------------------------ receive
+    def _rx_ready(self) -> None:
+        """The TAP has frames (I/O thread); deliver what the guest has room for."""
+        try:
+            self._receive()
+        except DeviceError as e:
+            _rlog.warning("rxerr", "%s: receive queue: %s", self.name, e)
+
+    def _receive(self) -> None:
+        with self._rx_lock:
+            queues, mem = self.queues, self.mem
+            if len(queues) < 1 or mem is None or self.vhost_running:
+                return
+            q = queues[RXQ]
+            mergeable = bool(self.driver_features & F_MRG_RXBUF)
+            done: list[tuple[int, int]] = []
+            try:
+                while True:
+                    if not self._rx_len:
+                        try:
+                            self._rx_len = os.readv(self.tap_fd, [self._rx_buf])
+                        except BlockingIOError:
+                            break
+                        except OSError as e:
+                            _rlog.warning("tapread", "%s: TAP read failed: %s", self.name, e.strerror)
+                            break
+                        if self._rx_len < HDR_LEN:
+                            self._rx_len = 0
+                            continue
+                    if not self._deliver(q, mem, mergeable, done):
+                        break  # no room: the driver's next receive notify brings us back
+            finally:
+                if done:
+                    q.add_used_many(done)
+                    self.signal_used(RXQ)
+
+    def _take_rx(self, q) -> DescriptorChain | None:
+        if self._rx_spare:
+            return self._rx_spare.popleft()
+        return q.pop()
+
+    def _deliver(self, q, mem, mergeable: bool, done: list[tuple[int, int]]) -> bool:
+        """Copy the pending frame into receive chains; False if there are not enough yet."""
+        n = self._rx_len
+        frame = memoryview(self._rx_buf)[:n]
+        if not mergeable:
+            chain = self._take_rx(q)
+            if chain is None:
+                return False
+            self._rx_len = 0
+            _NUM_BUFFERS.pack_into(self._rx_buf, 10, 1)  # VERSION_1 without MRG_RXBUF: always 1
+            if chain.writable_len < n:
+                self.counters.rx_dropped += 1
+                _rlog.warning("rxsmall", "%s: receive buffer of %d bytes for a %d-byte packet; dropped",
+                              self.name, chain.writable_len, n)
+                done.append((chain.head, 0))
+                return True
+            chain.write(mem, frame)
+            done.append((chain.head, n))
+        else:
+            chains: list[DescriptorChain] = []
+            room = 0
+            while room < n:
+                chain = self._take_rx(q)
+                if chain is None:
+                    self._rx_spare.extendleft(reversed(chains))  # keep them for this frame
+                    return False
+                if chain.writable_len < (HDR_LEN if not chains else 1):
+                    # a buffer that cannot hold its part (the first must hold the header)
+                    self.counters.rx_dropped += 1
+                    _rlog.warning("rxsmall", "%s: receive buffer of %d bytes is too small; returned unused",
+                                  self.name, chain.writable_len)
+                    done.append((chain.head, 0))
+                    continue
+                chains.append(chain)
+                room += chain.writable_len
+            self._rx_len = 0
+            _NUM_BUFFERS.pack_into(self._rx_buf, 10, len(chains))  # (the TAP leaves it 0)
+            pos = 0
+            for chain in chains:
+                part = min(chain.writable_len, n - pos)
+                chain.write(mem, frame[pos:pos + part])
+                done.append((chain.head, part))
+                pos += part
+        self.counters.rx_packets += 1
+        self.counters.rx_bytes += n - HDR_LEN
+        return True
