@@ -25,16 +25,44 @@ from hypyr.image.exitport import exit_helper_elf
 
 log = logging.getLogger("hypyr.image")
 
-BUILDER_VERSION = 3
+BUILDER_VERSION = 4
 KERNEL_PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
 GUEST_MODULES = [
     "virtio_mmio", "virtio_blk", "virtio_console", "virtio_rng", "virtio_net",
     "virtio_balloon", "vmw_vsock_virtio_transport", "ext4", "pvpanic_mmio",
 ]
+# Dynamically linked programs added beside busybox, with their ELF interpreter and libraries,
+# taken from these Debian packages (unpacked, not installed).
+USERLAND_PACKAGES = ["iperf3", "libiperf0", "libc6", "libsctp1", "libssl3"]
+USERLAND_PROGRAMS = ["usr/bin/iperf3"]
 BASE_DIRS = ["bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "tmp", "mnt", "root",
              "etc", "etc/hypyr", "lib/modules", "run", "var"]
 STAMP = "image.stamp"
+
+# busybox udhcpc calls this with $1 = deconfig|bound|renew|leasefail|nak and, when bound, the
+# lease in $interface, $ip, $mask (prefix length), $subnet, $router, $dns.
+UDHCPC_SCRIPT = b"""#!/bin/sh
+case "$1" in
+    deconfig)
+        ip -4 addr flush dev "$interface"
+        ip link set "$interface" up
+        ;;
+    bound|renew)
+        ip -4 addr flush dev "$interface"
+        ip addr add "$ip/${mask:-24}" dev "$interface"
+        if [ -n "$router" ]; then
+            ip route del default dev "$interface" 2>/dev/null
+            for r in $router; do ip route add default via "$r" dev "$interface" && break; done
+        fi
+        if [ -n "$dns" ]; then
+            : >/etc/resolv.conf
+            for d in $dns; do echo "nameserver $d" >>/etc/resolv.conf; done
+        fi
+        ;;
+esac
+exit 0
+"""
 
 
 ROOTFS_SIZE = "64M"
@@ -65,7 +93,8 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def stamp_for(kernel_deb: Path, busybox_deb: Path, init: bytes, modules: list[str]) -> str:
+def stamp_for(kernel_deb: Path, busybox_deb: Path, init: bytes, modules: list[str],
+              userland: list[Path] = ()) -> str:
     """The stamp text for a set of inputs; equal inputs give equal stamps."""
     doc = {
         "builder": BUILDER_VERSION,
@@ -73,6 +102,7 @@ def stamp_for(kernel_deb: Path, busybox_deb: Path, init: bytes, modules: list[st
         "busybox": [Path(busybox_deb).name, debs.file_sha256(busybox_deb)],
         "init": _sha(init),
         "modules": list(modules),
+        "userland": [[Path(d).name, debs.file_sha256(d)] for d in userland],
     }
     return json.dumps(doc, sort_keys=True) + "\n"
 
@@ -103,6 +133,22 @@ def add_busybox(w: CpioWriter, busybox: Path) -> None:
             w.add_symlink(applet, "/bin/busybox")
     if "bin/sh" not in w:
         w.add_symlink("bin/sh", "/bin/busybox")
+
+
+def add_programs(w: CpioWriter, roots: list[Path], programs: list[str]) -> list[str]:
+    """Copy `programs` from the unpacked package `roots` with their interpreter and shared
+    libraries; a file reached under two names is stored once, the other name a symlink.
+    Returns the archive paths added."""
+    closure = debs.program_closure(roots, programs)
+    stored: dict[Path, str] = {}
+    for dest in sorted(closure):
+        host = closure[dest].resolve()
+        if host in stored:
+            w.add_symlink(dest, "/" + stored[host])
+        else:
+            w.add_file(dest, host_path=host, mode=0o755)
+            stored[host] = dest
+    return sorted(closure)
 
 
 def add_base(w: CpioWriter) -> None:
@@ -187,8 +233,9 @@ def build(kernel_deb: Path | None = None, force: bool = False) -> ImagePaths:
     else:
         kernel_deb = debs.download(debs.resolve_package(KERNEL_PACKAGE))
     busybox_deb = debs.download(BUSYBOX_PACKAGE)
+    userland_debs = [debs.download(p) for p in USERLAND_PACKAGES]
     init = init_script()
-    stamp = stamp_for(kernel_deb, busybox_deb, init, GUEST_MODULES)
+    stamp = stamp_for(kernel_deb, busybox_deb, init, GUEST_MODULES, userland_debs)
     if not force and is_current(out, stamp):
         log.info("guest image in %s is up to date", out.dir)
         return out
@@ -200,10 +247,13 @@ def build(kernel_deb: Path | None = None, force: bool = False) -> ImagePaths:
     if not busybox.is_file():
         raise HypyrError(f"The package {busybox_deb.name} has no bin/busybox.")
     release = debs.kernel_release(kroot)
+    userland_roots = [debs.extract(d) for d in userland_debs]
 
     w = CpioWriter()
     add_base(w)
     add_busybox(w, busybox)
+    add_programs(w, userland_roots, USERLAND_PROGRAMS)
+    w.add_file("etc/hypyr/udhcpc.script", UDHCPC_SCRIPT, mode=0o755)
     order = add_modules(w, kroot / "lib" / "modules" / release, GUEST_MODULES, "etc/hypyr/modules")
     w.add_file("etc/hostname", b"hypyr\n")
     w.add_file("etc/hypyr/kernel-release", f"{release}\n".encode())
@@ -217,6 +267,8 @@ def build(kernel_deb: Path | None = None, force: bool = False) -> ImagePaths:
     r = CpioWriter()
     add_base(r)
     add_busybox(r, busybox)
+    add_programs(r, userland_roots, USERLAND_PROGRAMS)
+    r.add_file("etc/hypyr/udhcpc.script", UDHCPC_SCRIPT, mode=0o755)
     r.add_file("etc/hostname", b"hypyr\n")
     r.add_file("etc/hypyr/rootfs", b"this is hypyr's default root filesystem\n")
     r.add_file("bin/hypyr-exit", exit_helper_elf(), mode=0o755)
@@ -247,7 +299,8 @@ def ensure() -> ImagePaths:
             doc = {}
         # Without asking apt, a changed init script, module list or builder still rebuilds.
         if (doc.get("builder") == BUILDER_VERSION and doc.get("modules") == GUEST_MODULES
-                and doc.get("init") == _sha(init_script())):
+                and doc.get("init") == _sha(init_script())
+                and [u[0].split("_")[0] for u in doc.get("userland", [])] == USERLAND_PACKAGES):
             return out
     return build()
 

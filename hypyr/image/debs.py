@@ -348,3 +348,109 @@ class ModuleTree:
 def module_order(moddir: Path, names: list[str]) -> list[str]:
     """Relative paths of the .ko files to insert for `names`, dependencies first."""
     return ModuleTree(moddir).resolve(names).ordered
+
+
+# --------------------------------------------------------------------------------------------
+# Dynamically linked programs: the interpreter and shared libraries they need
+
+LIB_DIRS = ("lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu", "lib64", "lib", "usr/lib")
+
+
+def elf_dynamic(elf: bytes) -> tuple[str | None, list[str]]:
+    """(PT_INTERP path, DT_NEEDED names) of a 64-bit little-endian ELF file; (None, []) if static."""
+    if elf[:4] != b"\x7fELF" or elf[4] != 2 or elf[5] != 1:
+        raise HypyrError("A program or library is not a 64-bit little-endian ELF file.")
+    phoff, = struct.unpack_from("<Q", elf, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
+    loads, interp, dyn = [], None, None
+    for i in range(phnum):
+        p_type, _flags, off, vaddr, _paddr, filesz = struct.unpack_from("<IIQQQQ", elf, phoff + i * phentsize)
+        if p_type == 1:  # PT_LOAD
+            loads.append((vaddr, off, filesz))
+        elif p_type == 3:  # PT_INTERP
+            interp = elf[off:off + filesz].split(b"\0", 1)[0].decode()
+        elif p_type == 2:  # PT_DYNAMIC
+            dyn = (off, filesz)
+    if dyn is None:
+        return interp, []
+    needed, strtab = [], None
+    for off in range(dyn[0], dyn[0] + dyn[1], 16):
+        tag, val = struct.unpack_from("<qQ", elf, off)
+        if tag == 0:  # DT_NULL
+            break
+        if tag == 1:  # DT_NEEDED
+            needed.append(val)
+        elif tag == 5:  # DT_STRTAB (a virtual address)
+            strtab = val
+    if not needed:
+        return interp, []
+    base = next((off + strtab - vaddr for vaddr, off, size in loads if vaddr <= strtab < vaddr + size), None)
+    if base is None:
+        raise HypyrError("An ELF file's dynamic string table lies outside its loaded segments.")
+    return interp, [elf[base + n:elf.index(b"\0", base + n)].decode() for n in needed]
+
+
+def _in_root(root: Path, rel: str) -> Path | None:
+    """ROOT/REL with symbolic links resolved inside ROOT (absolute targets are re-rooted)."""
+    path = Path(root)
+    parts = [p for p in rel.split("/") if p]
+    hops = 0
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            path = path.parent if path != Path(root) else path
+            continue
+        nxt = path / part
+        if nxt.is_symlink():
+            hops += 1
+            if hops > 40:
+                return None
+            target = os.readlink(nxt)
+            if target.startswith("/"):
+                path = Path(root)
+            parts = [p for p in target.split("/") if p] + parts
+            continue
+        path = nxt
+    return path if path.is_file() else None
+
+
+def program_closure(roots: list[Path], programs: list[str]) -> dict[str, Path]:
+    """Archive path -> host file for `programs` (paths such as 'usr/bin/iperf3', looked up in the
+    unpacked package `roots`), their ELF interpreter and every shared library they need,
+    recursively. Libraries go to lib/x86_64-linux-gnu/<name>, the interpreter to its PT_INTERP path.
+    """
+
+    def find(rel: str) -> Path | None:
+        for root in roots:
+            hit = _in_root(Path(root), rel)
+            if hit:
+                return hit
+        return None
+
+    out: dict[str, Path] = {}
+    todo: list[tuple[str, Path]] = []
+    for prog in programs:
+        host = find(prog)
+        if host is None:
+            raise HypyrError(f"No package provides {prog}.")
+        todo.append((prog.lstrip("/"), host))
+    while todo:
+        dest, host = todo.pop(0)
+        if dest in out:
+            continue
+        out[dest] = host
+        interp, needed = elf_dynamic(host.read_bytes())
+        if interp and interp.lstrip("/") not in out:
+            ihost = find(interp)
+            if ihost is None:
+                raise HypyrError(f"No package provides the ELF interpreter {interp} that {dest} needs.")
+            todo.append((interp.lstrip("/"), ihost))
+        for lib in needed:
+            dest_lib = f"{LIB_DIRS[0]}/{lib}"
+            if dest_lib in out:
+                continue
+            lhost = next((h for d in LIB_DIRS if (h := find(f"{d}/{lib}"))), None)
+            if lhost is None:
+                raise HypyrError(f"No package provides the library {lib} that {dest} needs.")
+            todo.append((dest_lib, lhost))
+    return out

@@ -33,13 +33,20 @@ fi
 exec_b64=""
 console=/dev/console
 host=hypyr
+host_set=""
 root=""
+ipconf=""
+netcfg=""
+netgw=""
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         root=*) root="${arg#root=}" ;;
         hypyr.exec=*) exec_b64="${arg#hypyr.exec=}" ;;
         hypyr.console=*) console="/dev/${arg#hypyr.console=}" ;;
-        hypyr.hostname=*) host="${arg#hypyr.hostname=}" ;;
+        hypyr.hostname=*) host="${arg#hypyr.hostname=}"; host_set=1 ;;
+        ip=*) ipconf="${arg#ip=}" ;;
+        hypyr.ip.*=*) a="${arg#hypyr.ip.}"; netcfg="$netcfg eth${a%%=*}=${a#*=}" ;;
+        hypyr.gw=*) netgw="${arg#hypyr.gw=}" ;;
     esac
 done
 hostname "$host"
@@ -62,6 +69,71 @@ if [ -n "$root" ] && [ ! -e /etc/hypyr/rootfs ] && [ "$$" = 1 ]; then
     fi
     echo "hypyr: could not mount the root filesystem $root; staying in the initramfs"
 fi
+
+# Networking. The cloud kernel's NIC driver is a module, so the kernel's own ip= autoconfiguration
+# never sees the NIC: init does it with busybox, from the same command-line syntax:
+#   ip=CLIENT:SERVER:GW:NETMASK:HOSTNAME:DEV:AUTOCONF[:DNS0:DNS1]
+#       static CLIENT on DEV (default eth0); NETMASK dotted or empty (classful, as the kernel does);
+#       GW becomes the default route, HOSTNAME the host name (unless hypyr.hostname= is given),
+#       DNS0/DNS1 go to /etc/resolv.conf; an empty CLIENT with AUTOCONF dhcp/on/any/both means DHCP
+#   ip=dhcp (or on, any, both)   DHCP on eth0 (busybox udhcpc)
+#   ip=off, ip=none              nothing
+#   hypyr.ip.N=ADDR/PREFIX       static address on ethN (hypyr.ip.N=dhcp: DHCP on ethN)
+#   hypyr.gw=ADDR                default route (with hypyr.ip.N)
+net_wait() {
+    n=0
+    while [ ! -e "/sys/class/net/$1" ] && [ $n -lt 20 ]; do
+        sleep 0.1
+        n=$((n + 1))
+    done
+    [ -e "/sys/class/net/$1" ] || { echo "hypyr: no network interface $1"; return 1; }
+}
+net_dhcp() {
+    net_wait "$1" || return 1
+    ip link set "$1" up
+    udhcpc -i "$1" -q -n -t 10 -T 1 -s /etc/hypyr/udhcpc.script >/dev/null 2>&1 ||
+        echo "hypyr: no DHCP lease on $1"
+}
+net_static() {  # DEV ADDR/PREFIX
+    net_wait "$1" || return 1
+    ip addr add "$2" dev "$1" && ip link set "$1" up
+}
+net_kernel_ip() {
+    case "$1" in
+        off|none|"") return 0 ;;
+        dhcp|on|any|both|bootp|rarp) net_dhcp eth0; return ;;
+    esac
+    oldifs=$IFS
+    IFS=:
+    set -f
+    set -- $1
+    set +f
+    IFS=$oldifs
+    client=$1 gw=$3 mask=$4 name=$5 dev=${6:-eth0} auto=$7 dns0=$8 dns1=$9
+    if [ -z "$client" ]; then
+        case "$auto" in dhcp|on|any|both) net_dhcp "$dev" ;; esac
+        return
+    fi
+    prefix=$(ipcalc -p "$client" $mask 2>/dev/null)
+    prefix=${prefix#PREFIX=}
+    net_static "$dev" "$client/${prefix:-24}" || return 1
+    [ -n "$gw" ] && ip route add default via "$gw" dev "$dev"
+    [ -n "$name" ] && [ -z "$host_set" ] && hostname "$name"
+    if [ -n "$dns0$dns1" ]; then
+        : >/etc/resolv.conf
+        for d in $dns0 $dns1; do echo "nameserver $d" >>/etc/resolv.conf; done
+    fi
+    return 0
+}
+ip link set lo up 2>/dev/null
+net_kernel_ip "$ipconf"
+for c in $netcfg; do
+    case "${c#*=}" in
+        dhcp) net_dhcp "${c%%=*}" ;;
+        *) net_static "${c%%=*}" "${c#*=}" ;;
+    esac
+done
+[ -z "$netgw" ] || ip route add default via "$netgw"
 
 # A console device created by a module (hvc0) may take a moment to appear.
 n=0

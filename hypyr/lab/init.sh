@@ -88,6 +88,7 @@ if [ "$KALLSYMS" = 1 ]; then
 fi
 
 hostname hypyr-lab
+ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up 2>/dev/null
 con=/dev/ttyS0
 [ -n "$STTY" ] && stty $STTY <"$con"
 : >/job/started

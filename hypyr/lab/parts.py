@@ -28,6 +28,11 @@ QEMU_PACKAGE = "qemu-system-x86"
 L1_MODULES = [
     "irqbypass", "kvm", "ccp", "kvm-amd", "netfs", "fscache", "9pnet", "9p", "virtio_ring",
     "virtio", "9pnet_virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci",
+    # networking for L2 guests: TAP devices, bridges, vhost-net, veth pairs, and nftables NAT.
+    # ipv6, af_packet and unix are built in; libcrc32c wants a crc32c algorithm first (softdep).
+    "tun", "llc", "stp", "bridge", "vhost_iotlb", "vhost", "tap", "vhost_net", "veth",
+    "nfnetlink", "crc32c_generic", "libcrc32c", "nf_tables", "nf_defrag_ipv4", "nf_defrag_ipv6",
+    "nf_conntrack", "nf_nat", "nft_chain_nat", "nft_masq", "nft_nat", "nft_ct",
 ]
 STAMP = "l1.stamp"
 

@@ -52,6 +52,99 @@ FAKE_MODS = {
 }
 
 
+def fake_dyn_elf(interp: str | None = None, needed: tuple[str, ...] = ()) -> bytes:
+    """A minimal ELF64 executable/library with PT_INTERP and a PT_DYNAMIC naming DT_NEEDED libraries."""
+    base = 0x400000
+    phnum = 3
+    strtab = b"\0" + b"".join(n.encode() + b"\0" for n in needed)
+    interp_b = (interp.encode() + b"\0") if interp else b""
+    ph_off = 64
+    interp_off = ph_off + phnum * 56
+    str_off = interp_off + len(interp_b)
+    dyn_off = str_off + len(strtab)
+    dyn_off += -dyn_off % 8
+    dyn = b""
+    pos = 1
+    for n in needed:
+        dyn += struct.pack("<qQ", 1, pos)
+        pos += len(n) + 1
+    dyn += struct.pack("<qQ", 5, base + str_off) + struct.pack("<qQ", 0, 0)
+    total = dyn_off + len(dyn)
+    ehdr = b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8) + struct.pack(
+        "<HHIQQQIHHHHHH", 3, 0x3E, 1, base, ph_off, 0, 0, 64, 56, phnum, 64, 0, 0)
+    phs = struct.pack("<IIQQQQQQ", 1, 5, 0, base, base, total, total, 0x1000)
+    if interp:
+        phs += struct.pack("<IIQQQQQQ", 3, 4, interp_off, base + interp_off, base + interp_off,
+                           len(interp_b), len(interp_b), 1)
+    else:
+        phs += struct.pack("<IIQQQQQQ", 4, 4, 0, 0, 0, 0, 0, 4)  # PT_NOTE: a filler
+    phs += struct.pack("<IIQQQQQQ", 2, 6, dyn_off, base + dyn_off, base + dyn_off, len(dyn), len(dyn), 8)
+    body = ehdr + phs + interp_b + strtab
+    return body + bytes(dyn_off - len(body)) + dyn
+
+
+LD = "/lib64/ld-linux-x86-64.so.2"
+# package -> {path: (bytes, mode) or symlink target str}
+FAKE_USERLAND = {
+    "iperf3": {"usr/bin/iperf3": (fake_dyn_elf(LD, ("libiperf.so.0", "libc.so.6")), 0o755)},
+    "libiperf0": {"usr/lib/x86_64-linux-gnu/libiperf.so.0.0.0": (fake_dyn_elf(None, ("libc.so.6", "libcrypto.so.3", "libsctp.so.1")), 0o644),
+                  "usr/lib/x86_64-linux-gnu/libiperf.so.0": "libiperf.so.0.0.0"},
+    "libc6": {"lib/x86_64-linux-gnu/libc.so.6": (fake_dyn_elf(LD, ("ld-linux-x86-64.so.2",)), 0o755),
+              "lib/x86_64-linux-gnu/ld-linux-x86-64.so.2": (fake_dyn_elf(None), 0o755),
+              "lib64/ld-linux-x86-64.so.2": "/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"},
+    "libsctp1": {"usr/lib/x86_64-linux-gnu/libsctp.so.1": (fake_dyn_elf(None, ("libc.so.6",)), 0o644)},
+    "libssl3": {"usr/lib/x86_64-linux-gnu/libcrypto.so.3": (fake_dyn_elf(None, ("libc.so.6",)), 0o644)},
+}
+
+
+def test_elf_dynamic():
+    assert debs.elf_dynamic(fake_dyn_elf(LD, ("libfoo.so.1", "libc.so.6"))) == (LD, ["libfoo.so.1", "libc.so.6"])
+    assert debs.elf_dynamic(fake_dyn_elf()) == (None, [])
+    with pytest.raises(HypyrError):
+        debs.elf_dynamic(b"#!/bin/sh\n" + bytes(64))
+
+
+def unpack_fake_userland(tmp_path):
+    roots = []
+    for pkg, files in FAKE_USERLAND.items():
+        root = tmp_path / pkg
+        for rel, v in files.items():
+            p = root / rel
+            p.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(v, str):
+                os.symlink(v, p)
+            else:
+                p.write_bytes(v[0])
+        roots.append(root)
+    return roots
+
+
+def test_program_closure(tmp_path):
+    roots = unpack_fake_userland(tmp_path)
+    got = debs.program_closure(roots, ["usr/bin/iperf3"])
+    assert sorted(got) == ["lib/x86_64-linux-gnu/ld-linux-x86-64.so.2", "lib/x86_64-linux-gnu/libc.so.6",
+                           "lib/x86_64-linux-gnu/libcrypto.so.3", "lib/x86_64-linux-gnu/libiperf.so.0",
+                           "lib/x86_64-linux-gnu/libsctp.so.1", "lib64/ld-linux-x86-64.so.2", "usr/bin/iperf3"]
+    # symlinks, absolute ones too, resolve inside the package roots
+    assert got["lib64/ld-linux-x86-64.so.2"] == tmp_path / "libc6/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"
+    assert got["lib/x86_64-linux-gnu/libiperf.so.0"].name == "libiperf.so.0.0.0"
+    with pytest.raises(HypyrError, match="libcrypto"):
+        debs.program_closure([r for r in roots if r.name != "libssl3"], ["usr/bin/iperf3"])
+    with pytest.raises(HypyrError, match="nope"):
+        debs.program_closure(roots, ["usr/bin/nope"])
+
+
+def test_add_programs_stores_a_file_once(tmp_path):
+    from hypyr.image.cpio import CpioWriter
+    w = CpioWriter()
+    added = B.add_programs(w, unpack_fake_userland(tmp_path), ["usr/bin/iperf3"])
+    assert "usr/bin/iperf3" in added
+    entries = {e.name: e for e in w.entries()}
+    assert stat.S_ISREG(entries["lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"].mode)
+    assert entries["lib64/ld-linux-x86-64.so.2"].data == b"/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"
+    assert entries["usr/bin/iperf3"].mode & 0o111
+
+
 def make_modtree(root, with_dep_file=False):
     moddir = root / "lib" / "modules" / "9.9.9-test"
     for name, (rel, deps) in FAKE_MODS.items():
@@ -125,8 +218,62 @@ def test_init_script_contract():
     lines = [l for l in init.splitlines() if l.strip() and not l.lstrip().startswith("#")]
     assert lines[0] == 'echo "hypyr: init started"'
     for needle in ("hypyr.exec=", "base64 -d", "seek=244", "/bin/hypyr-exit", "poweroff -f",
-                   "hypyr guest ready", "hypyr.console=", "/etc/hypyr/modules"):
+                   "hypyr guest ready", "hypyr.console=", "/etc/hypyr/modules",
+                   "ip link set lo up", "ip=*)", "hypyr.ip.*=*)", "udhcpc -i", "/etc/hypyr/udhcpc.script"):
         assert needle in init
+
+
+def _net_part() -> str:
+    init = B.init_script().decode()
+    start = init.index("net_wait() {")
+    end = init.index("\n", init.index('[ -z "$netgw" ]'))
+    return init[start:end]
+
+
+@pytest.mark.skipif(shutil.which("sh") is None, reason="no sh")
+@pytest.mark.parametrize("cmdline,expect", [
+    ("ip=10.77.0.2::10.77.0.1:255.255.255.0::eth0:off",
+     ["ip link set lo up", "ip addr add 10.77.0.2/24 dev eth0", "ip link set eth0 up",
+      "ip route add default via 10.77.0.1 dev eth0"]),
+    ("ip=192.168.1.5:::255.255.0.0:guest:eth1:none",
+     ["ip link set lo up", "ip addr add 192.168.1.5/16 dev eth1", "ip link set eth1 up", "hostname guest"]),
+    ("ip=10.1.2.3", ["ip link set lo up", "ip addr add 10.1.2.3/8 dev eth0", "ip link set eth0 up"]),
+    ("ip=dhcp", ["ip link set lo up", "ip link set eth0 up",
+                 "udhcpc -i eth0 -q -n -t 10 -T 1 -s /etc/hypyr/udhcpc.script"]),
+    ("ip=:::::eth1:dhcp", ["ip link set lo up", "ip link set eth1 up",
+                           "udhcpc -i eth1 -q -n -t 10 -T 1 -s /etc/hypyr/udhcpc.script"]),
+    ("ip=off", ["ip link set lo up"]),
+    ("hypyr.ip.0=10.0.0.2/24 hypyr.ip.1=dhcp hypyr.gw=10.0.0.1",
+     ["ip link set lo up", "ip addr add 10.0.0.2/24 dev eth0", "ip link set eth0 up", "ip link set eth1 up",
+      "udhcpc -i eth1 -q -n -t 10 -T 1 -s /etc/hypyr/udhcpc.script", "ip route add default via 10.0.0.1"]),
+])
+def test_init_network_config(cmdline, expect, tmp_path):
+    """The init's networking section, with ip/udhcpc/hostname stubbed to log their arguments."""
+    log = tmp_path / "log"
+    script = f"""
+log={log}
+ip() {{ echo "ip $*" >>$log; }}
+udhcpc() {{ echo "udhcpc $*" >>$log; }}
+hostname() {{ echo "hostname $*" >>$log; }}
+ipcalc() {{  # busybox ipcalc -p ADDR [MASK] (classful without MASK)
+    case "$3" in
+        255.255.255.0) echo PREFIX=24 ;; 255.255.0.0) echo PREFIX=16 ;;
+        "") case "$2" in 10.*) echo PREFIX=8 ;; *) echo PREFIX=24 ;; esac ;;
+    esac
+}}
+mkdir -p {tmp_path}/sys/class/net/eth0 {tmp_path}/sys/class/net/eth1
+host_set=""; ipconf=""; netcfg=""; netgw=""
+for arg in {cmdline}; do
+    case "$arg" in
+        ip=*) ipconf="${{arg#ip=}}" ;;
+        hypyr.ip.*=*) a="${{arg#hypyr.ip.}}"; netcfg="$netcfg eth${{a%%=*}}=${{a#*=}}" ;;
+        hypyr.gw=*) netgw="${{arg#hypyr.gw=}}" ;;
+    esac
+done
+""" + _net_part().replace("/sys/class/net/", f"{tmp_path}/sys/class/net/") + "\n"
+    r = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=20)
+    assert r.returncode == 0, r.stderr
+    assert log.read_text().splitlines() == expect
 
 
 @pytest.mark.skipif(shutil.which("sh") is None, reason="no sh")
@@ -142,9 +289,13 @@ def make_deb(tmp_path, name, files):
     (root / "DEBIAN").mkdir(parents=True)
     (root / "DEBIAN" / "control").write_text(
         f"Package: {name}\nVersion: 1.0\nArchitecture: amd64\nMaintainer: t <t@t>\nDescription: fake\n")
-    for rel, (data, mode) in files.items():
+    for rel, v in files.items():
         p = root / rel
         p.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(v, str):  # a symbolic link
+            os.symlink(v, p)
+            continue
+        data, mode = v
         p.write_bytes(data)
         p.chmod(mode)
     deb = tmp_path / f"{name}_1.0_amd64.deb"
@@ -167,7 +318,10 @@ def fake_env(tmp_path, monkeypatch):
     monkeypatch.setenv("HYPYR_IMAGE_DIR", str(tmp_path / "image"))
     monkeypatch.setenv("HYPYR_DEB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(debs, "resolve_package", lambda n: n)
-    monkeypatch.setattr(debs, "download", lambda n, cache=None: {B.BUSYBOX_PACKAGE: bdeb}.get(n, kdeb))
+    pkgs = {B.BUSYBOX_PACKAGE: bdeb}
+    for pkg, pfiles in FAKE_USERLAND.items():
+        pkgs[pkg] = make_deb(tmp_path, pkg, pfiles)
+    monkeypatch.setattr(debs, "download", lambda n, cache=None: pkgs.get(n, kdeb))
     return kdeb
 
 
@@ -189,6 +343,9 @@ def test_build_contents_and_stamp(fake_env, capsys):
     assert order.index("virtio_ring.ko") < order.index("virtio.ko") < order.index("virtio_mmio.ko")
     assert all(f"lib/modules/{m}" in entries for m in order)
     assert "virtio_mmio.ko" in order and "ext4.ko" not in order  # ext4 is built in here
+    assert entries["usr/bin/iperf3"]["mode"] & 0o111
+    assert "lib/x86_64-linux-gnu/libcrypto.so.3" in entries and "lib64/ld-linux-x86-64.so.2" in entries
+    assert entries["etc/hypyr/udhcpc.script"]["mode"] & 0o111
 
     first = out.initrd.read_bytes()
     mtime = out.initrd.stat().st_mtime_ns

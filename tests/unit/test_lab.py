@@ -136,8 +136,20 @@ def test_lab_init_script():
     r = subprocess.run(["sh", "-n"], input=init.encode(), capture_output=True)
     assert r.returncode == 0, r.stderr
     for needle in ("hostroot", "hypyrjob", "hypyr.job=", "exit-status", "poweroff -f", "chroot /newroot",
-                   "/proc/self/fd", "lab.conf", "hypyrshare", "/job/heartbeat"):
+                   "/proc/self/fd", "lab.conf", "hypyrshare", "/job/heartbeat", "ip link set lo up"):
         assert needle in init
+
+
+def test_l1_modules_for_networking():
+    mods = parts.L1_MODULES
+    for m in ("tun", "bridge", "vhost_net", "veth", "nf_tables", "nft_chain_nat", "nft_masq"):
+        assert m in mods
+    # listed dependencies first (insmod order)
+    for dep, mod in (("llc", "bridge"), ("stp", "bridge"), ("vhost_iotlb", "vhost"), ("vhost", "vhost_net"),
+                     ("tap", "vhost_net"), ("tun", "vhost_net"), ("crc32c_generic", "libcrc32c"),
+                     ("nfnetlink", "nf_tables"), ("nf_conntrack", "nf_nat"), ("nf_nat", "nft_masq")):
+        assert mods.index(dep) < mods.index(mod)
+    assert len(set(mods)) == len(mods)
 
 
 def test_lab_dir_and_available(monkeypatch, tmp_path):
