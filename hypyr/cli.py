@@ -39,9 +39,7 @@ def _say(msg: str) -> None:
 
 # -- run ------------------------------------------------------------------------------------------
 def cmd_run(args) -> int:
-    from hypyr.console import InputPump, Terminal
-    from hypyr.vmm.builder import DEFAULT_CMDLINE, DiskConfig, VmConfig, build_linux_vm
-    from hypyr.vmm.machine import StopKind, StopReason
+    from hypyr.vmm.builder import DEFAULT_CMDLINE, DiskConfig, VmConfig
 
     kernel, initrd = args.kernel, args.initrd
     disks = [DiskConfig.parse(spec) for spec in args.disk]
@@ -60,6 +58,41 @@ def cmd_run(args) -> int:
     config = VmConfig(kernel=kernel, initrd=initrd, cmdline=cmdline, memory=parse_size(args.memory),
                       vcpus=args.vcpus, exec_cmd=args.exec_cmd, disks=disks,
                       root_disk=args.rootfs is not None, console=args.console)
+    taps: list[int] = []
+    try:
+        if args.net:
+            config.nets, taps, extra = _plug_nics(args.net)
+            config.cmdline = f"{config.cmdline} {extra}".strip()
+        return _run_vm(args, config)
+    finally:
+        for fd in taps:
+            os.close(fd)  # the TAP goes away with its last descriptor
+
+
+def _plug_nics(specs: list[str]):
+    """--net specs (xl vif syntax) → the VMM's NIC configs, the open TAPs, guest cmdline extras."""
+    from hypyr.toolstack import nics
+    from hypyr.toolstack.vif import parse_vif
+
+    vifs = []
+    for i, spec in enumerate(specs):
+        vif, warnings = parse_vif(spec, i)
+        for w in warnings:
+            _say(f"warning: --net {spec!r}: {w}")
+        vifs.append(vif)
+    macs = [v.mac for v in vifs if v.mac]
+    if len(set(macs)) != len(macs):
+        raise HypyrError(f"--net: MAC {next(m for m in macs if macs.count(m) > 1)} is given twice")
+    vifs = list(nics.assign(vifs, {}))
+    names = [v.vifname or f"hypr{os.getpid()}.{v.devid}" for v in vifs]
+    taps = nics.open_taps(vifs, names)
+    return nics.net_configs(vifs, taps, names), taps, nics.guest_ip_args(vifs)
+
+
+def _run_vm(args, config) -> int:
+    from hypyr.console import InputPump, Terminal
+    from hypyr.vmm.builder import build_linux_vm
+    from hypyr.vmm.machine import StopKind, StopReason
 
     out_fd = sys.stdout.fileno()
 
@@ -230,6 +263,51 @@ def cmd_sched_credit(args) -> int:
     return 0
 
 
+def cmd_net_create(args) -> int:
+    from hypyr.toolstack import network
+    net = network.net_create(args.name, args.subnet, dhcp=args.dhcp, nat=args.nat)
+    extras = [w for w, on in (("DHCP", net.dhcp), ("NAT", net.nat)) if on]
+    print(f"hypyr: network {net.name} created: bridge {net.bridge}, host address {net.subnet}"
+          + (f", {' and '.join(extras)}" if extras else ""), file=sys.stderr)
+    return 0
+
+
+def cmd_net_list(args) -> int:
+    from hypyr.toolstack import network
+    nets = network.net_list()
+    if args.json:
+        import json
+        print(json.dumps([network.info_dict(n) for n in nets], indent=2))
+        return 0
+    print(f"{'Name':<16}{'Bridge':<16}{'Subnet':<20}{'DHCP':<6}{'NAT':<5}Taps")
+    for n in nets:
+        taps = ",".join(n.taps) if n.present else "(bridge missing)"
+        print(f"{n.name:<16}{n.bridge:<16}{n.subnet:<20}{'yes' if n.dhcp else 'no':<6}"
+              f"{'yes' if n.nat else 'no':<5}{taps or '-'}")
+    return 0
+
+
+def cmd_net_destroy(args) -> int:
+    from hypyr.toolstack import network
+    network.net_destroy(args.name)
+    return 0
+
+
+def cmd_network_list(args) -> int:
+    from hypyr.toolstack import api
+    rows = api.network_list(args.name)
+    if args.json:
+        import json
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'Idx':<4}{'MAC':<19}{'Bridge':<16}{'Tap':<16}{'RxBytes':>14}{'TxBytes':>14}")
+    for r in rows:
+        rx = "-" if r["rx_bytes"] is None else r["rx_bytes"]
+        tx = "-" if r["tx_bytes"] is None else r["tx_bytes"]
+        print(f"{r['devid']:<4}{r['mac'] or '-':<19}{r['bridge'] or '-':<16}{r['tap']:<16}{rx:>14}{tx:>14}")
+    return 0
+
+
 def cmd_info(args) -> int:
     from hypyr.toolstack import monitor
     return monitor.cli_info(args)
@@ -268,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the default image's rootfs.ext4)")
     r.add_argument("--console", choices=("serial", "virtio"), default="serial",
                    help="the guest console: the 8250 UART (ttyS0) or virtio-console (hvc0)")
+    r.add_argument("--net", action="append", default=[], metavar="VIF",
+                   help="a NIC, in xl vif syntax: bridge=BR[,mac=M][,ip=A/P][,rate=10Mb/s][,vhost=off]... "
+                        "(repeatable; default bridge xenbr0)")
     r.add_argument("--no-input", action="store_true", help="do not forward this terminal's input to the guest")
     r.set_defaults(func=cmd_run)
 
@@ -326,6 +407,29 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("-w", dest="weight", type=int, metavar="WEIGHT", help="1-65535 (default 256)")
     sc.add_argument("-c", dest="cap", type=int, metavar="CAP", help="%% of one host CPU, 0 = no cap")
     sc.set_defaults(func=cmd_sched_credit)
+
+    nc = sub.add_parser("net-create", parents=[common],
+                        help="create a network: a bridge with the host's address, optional DHCP and NAT")
+    nc.add_argument("name", metavar="NAME", help="the network's (and its bridge's) name, e.g. xenbr1")
+    nc.add_argument("--subnet", required=True, metavar="CIDR",
+                    help="IPv4 subnet, e.g. 10.78.0.0/24; the host takes its first address")
+    nc.add_argument("--dhcp", action="store_true", help="serve DHCP on it (dnsmasq)")
+    nc.add_argument("--nat", action="store_true", help="masquerade the subnet out of the host's other interfaces")
+    nc.set_defaults(func=cmd_net_create)
+
+    nl = sub.add_parser("net-list", parents=[common], help="list the networks hypyr created")
+    nl.add_argument("--json", action="store_true", help="machine-readable output")
+    nl.set_defaults(func=cmd_net_list)
+
+    nd = sub.add_parser("net-destroy", parents=[common], help="delete a network (no taps may be attached)")
+    nd.add_argument("name", metavar="NAME")
+    nd.set_defaults(func=cmd_net_destroy)
+
+    nwl = sub.add_parser("network-list", parents=[common],
+                         help="a domain's NICs: MAC, bridge, tap, bytes received and sent by the guest")
+    nwl.add_argument("name", metavar="DOMAIN")
+    nwl.add_argument("--json", action="store_true", help="machine-readable output")
+    nwl.set_defaults(func=cmd_network_list)
 
     inf = sub.add_parser("info", parents=[common], help="host information (CPUs, memory, KVM backend)")
     inf.add_argument("--json", action="store_true")

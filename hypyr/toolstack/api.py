@@ -2,10 +2,19 @@
 
 The toolstack never issues an ioctl: it talks to domain processes over their control sockets,
 reads the registry, and uses ordinary OS interfaces (/proc, sched_setaffinity, cgroups).
+
+Networking at ``create``: each vif gets a MAC (random in Xen's OUI unless given; stored in the
+registry's config so the domain keeps it across reboots; refused if another live domain uses
+it) and its bridge (``xenbr0`` unless given; see ``network.ensure_bridge``).  ``create`` opens
+the taps (``network.open_tap``, named ``vifname`` or ``vif<domid>.<devid>``) and hands them to
+the domain process: their fds are inherited (``pass_fds``) and listed, in vif order, in the
+environment variable ``HYPYR_TAP_FDS`` (e.g. ``"5,6"``); ``create`` then closes its copies, so a
+tap lives exactly as long as its domain process.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -16,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hypyr.errors import HypyrError
-from hypyr.toolstack import paths
+from hypyr.toolstack import nics, paths
 from hypyr.toolstack.registry import DOMAIN0_NAME, DomainRecord, Registry
 from hypyr.toolstack.xlcfg import DomainConfig, load
 
@@ -90,19 +99,35 @@ def create(cfg_or_path: DomainConfig | str | os.PathLike) -> DomainRecord:
     cfg = cfg_or_path if isinstance(cfg_or_path, DomainConfig) else load(cfg_or_path)
     check_config(cfg)
     reg = Registry()
+    cfg = _prepare_vifs(cfg, reg)
     rec = reg.reserve(cfg.name, json.dumps(cfg.to_dict()))
     d = paths.domain_dir(rec.domid)
     d.mkdir(parents=True, exist_ok=True)
+    try:
+        taps = _open_taps(cfg, rec.domid)
+    except BaseException:
+        reg.remove(rec.domid)
+        raise
     r, w = os.pipe()
     try:
-        with open(d / "vmm.log", "ab") as logf:
-            proc = subprocess.Popen([sys.executable, "-m", "hypyr.toolstack.domain", str(rec.domid), str(w)],
-                                    stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w,),
-                                    start_new_session=True, close_fds=True)
+        env = dict(os.environ, HYPYR_TAP_FDS=",".join(str(fd) for fd in taps))
+        try:
+            with open(d / "vmm.log", "ab") as logf:
+                proc = subprocess.Popen([sys.executable, "-m", "hypyr.toolstack.domain", str(rec.domid), str(w)],
+                                        stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w, *taps),
+                                        start_new_session=True, close_fds=True, env=env)
+        except BaseException:
+            reg.remove(rec.domid)
+            raise
+        for fd in taps:
+            os.close(fd)
+        taps = []
         os.close(w)
         w = -1
         msg = _read_ready(r, proc)
     finally:
+        for fd in taps:
+            os.close(fd)
         os.close(r)
         if w >= 0:
             os.close(w)
@@ -114,6 +139,24 @@ def create(cfg_or_path: DomainConfig | str | os.PathLike) -> DomainRecord:
         raise HypyrError(msg.removeprefix("error: ") if msg.startswith("error: ")
                          else f"domain {cfg.name} failed to start (see {paths.kept_log(cfg.name, 'vmm')})")
     return reg.get(str(rec.domid))
+
+
+def _prepare_vifs(cfg: DomainConfig, reg: Registry) -> DomainConfig:
+    """Give every vif a MAC (unique among live domains) and a bridge that exists."""
+    if not cfg.vifs:
+        return cfg
+    used: dict[str, str] = {}
+    for r in reg.list():
+        if r.state == "creating" or reg.is_alive(r):
+            for v in r.config_dict().get("vifs", ()):
+                if v.get("mac"):
+                    used[v["mac"]] = f"domain {r.name} (vif {v.get('devid')})"
+    return dataclasses.replace(cfg, vifs=nics.assign(cfg.vifs, used))
+
+
+def _open_taps(cfg: DomainConfig, domid: int) -> list[int]:
+    """Open and attach one tap per vif; on failure close the ones opened and re-raise."""
+    return nics.open_taps(cfg.vifs, [v.tap_name(domid) for v in cfg.vifs])
 
 
 def _read_ready(fd: int, proc: subprocess.Popen) -> str:
@@ -289,3 +332,26 @@ def vcpu_pin(name: str, vcpu: str, cpus: set[int]) -> None:
         raise HypyrError(f"CPUs {sorted(cpus)} are not all on this host (it has CPUs 0-{ncpu - 1})")
     for r in targets:
         os.sched_setaffinity(r["tid"], cpus)
+
+
+def network_list(name: str) -> list[dict]:
+    """A domain's NICs as ``xl network-list``: devid, MAC, bridge, tap, and the bytes the guest
+    received (rx) and transmitted (tx); None when its tap does not exist (the domain is not running)."""
+    from hypyr.toolstack import network
+    reg = Registry()
+    rec = reg.get(name)
+    cfg = DomainConfig.from_dict(rec.config_dict())
+    alive = reg.is_alive(rec)
+    rows = []
+    for v in cfg.vifs:
+        tap = v.tap_name(rec.domid)
+        rx = tx = None
+        if alive:
+            try:
+                host_rx, host_tx = network.tap_stats(tap)
+                rx, tx = host_tx, host_rx       # the guest receives what the host sends into the tap
+            except HypyrError:
+                pass
+        rows.append({"devid": v.devid, "mac": v.mac, "bridge": v.bridge, "tap": tap,
+                     "rx_bytes": rx, "tx_bytes": tx})
+    return rows

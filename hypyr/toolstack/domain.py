@@ -11,6 +11,12 @@ Control protocol (unix stream socket, one JSON object per line each way):
 ``pause``, ``unpause``, ``shutdown`` (Ctrl-Alt-Del to the guest), ``reboot`` (reset the VM),
 ``destroy``; ``console`` answers ``{"ok": true}`` and then the connection carries raw console
 bytes both ways.
+
+NICs: ``hypyr create`` opens one tap per vif and passes the fds (inherited) with their numbers,
+in vif order, in ``HYPYR_TAP_FDS`` (e.g. ``"5,6"``).  This process keeps them for its whole
+life (across reboots); they close, and the taps vanish, when it exits.  A vif's ``ip=`` reaches
+the default image's init as ``hypyr.ip.N=ADDR/PREFIX`` (the prefix of its network when not
+given, else /24); a vif without ``ip=`` on a network made with ``--dhcp`` gets ``hypyr.ip.N=dhcp``.
 """
 
 from __future__ import annotations
@@ -22,9 +28,10 @@ import socket
 import sys
 import threading
 import time
+from typing import Sequence
 
 from hypyr.errors import HypyrError
-from hypyr.toolstack import paths
+from hypyr.toolstack import nics, paths
 from hypyr.toolstack.registry import Registry
 from hypyr.toolstack.xlcfg import DomainConfig
 from hypyr.vmm.builder import DEFAULT_CMDLINE, DiskConfig, LinuxVm, VmConfig, build_linux_vm
@@ -35,12 +42,14 @@ log = logging.getLogger("hypyr.domain")
 CRASH_KINDS = (StopKind.TRIPLE_FAULT, StopKind.CRASH, StopKind.INTERNAL_ERROR, StopKind.FAIL_ENTRY)
 
 
-def vm_config(cfg: DomainConfig) -> VmConfig:
-    """The VMM's view of an xl.cfg domain: direct boot, disks in vdev order."""
-    cmdline = cfg.cmdline_string() or ""
-    return VmConfig(kernel=cfg.kernel, initrd=cfg.ramdisk, cmdline=f"{DEFAULT_CMDLINE} {cmdline}".strip(),
+def vm_config(cfg: DomainConfig, tap_fds: Sequence[int] = (), domid: int = 0) -> VmConfig:
+    """The VMM's view of an xl.cfg domain: direct boot, disks in vdev order, one NIC per vif
+    (``tap_fds[i]`` is vif i's open tap)."""
+    nets = nics.net_configs(cfg.vifs, tap_fds, [v.tap_name(domid) for v in cfg.vifs])
+    cmdline = " ".join(x for x in (DEFAULT_CMDLINE, cfg.cmdline_string(), nics.guest_ip_args(cfg.vifs)) if x)
+    return VmConfig(kernel=cfg.kernel, initrd=cfg.ramdisk, cmdline=cmdline,
                     memory=cfg.memory << 20, vcpus=cfg.vcpus,
-                    disks=[DiskConfig(d.target, d.read_only) for d in cfg.disks])
+                    disks=[DiskConfig(d.target, d.read_only) for d in cfg.disks], nets=nets)
 
 
 class ConsoleHub:
@@ -74,8 +83,9 @@ class ConsoleHub:
 
 
 class Domain:
-    def __init__(self, domid: int, registry: Registry):
+    def __init__(self, domid: int, registry: Registry, tap_fds: Sequence[int] = ()):
         self.domid = domid
+        self.tap_fds = list(tap_fds)
         self.registry = registry
         rec = registry.get(str(domid))
         self.name = rec.name
@@ -93,7 +103,7 @@ class Domain:
 
     # -- lifecycle ----------------------------------------------------------------------------
     def boot(self) -> None:
-        self.vm = build_linux_vm(vm_config(self.cfg), self.console.write)
+        self.vm = build_linux_vm(vm_config(self.cfg, self.tap_fds, self.domid), self.console.write)
         self.vm.machine.start()
         self._pin_vcpus()
         self._set_state("running")
@@ -300,9 +310,12 @@ def main(argv: list[str] | None = None) -> int:
     ready_fd = int(argv[1]) if len(argv) > 1 else None
     logging.basicConfig(level=os.environ.get("HYPYR_LOG", "INFO").upper(), stream=sys.stderr,
                         format="%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s")
+    tap_fds = [int(x) for x in os.environ.pop("HYPYR_TAP_FDS", "").split(",") if x]
+    for fd in tap_fds:
+        os.set_inheritable(fd, False)   # ours alone: never leaked into anything we start
     registry = Registry()
     try:
-        dom = Domain(domid, registry)
+        dom = Domain(domid, registry, tap_fds)
     except HypyrError as e:
         Domain._report(ready_fd, f"error: {e}")
         return 1

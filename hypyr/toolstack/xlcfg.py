@@ -40,8 +40,11 @@ Semantics (the keys hypyr uses; sizes in MiB as in xl):
 * ``cpus``: host CPU affinity, a CPU list string for all vCPUs or a list of strings, one per
   vCPU (vCPUs past the end are unpinned); see ``parse_cpulist``.  ``cpu_weight`` 1-65535
   (default 256), ``cap`` >= 0 (percent of one CPU, 0 = none).
+* ``vif``: a list of xl-network-configuration(5) specs, one NIC each, devid = position
+  (``vif = [ '' ]`` is one NIC with every default); see ``hypyr.toolstack.vif``.  Keys hypyr does
+  not implement are warnings, unknown keys and bad values errors.
 * Other keys: harmless ones are ignored with a debug log note, ones whose meaning hypyr cannot
-  provide (``vif``, ``pci``, ``bootloader``, ...) and unknown ones give a warning.  Warnings are
+  provide (``pci``, ``bootloader``, ...) and unknown ones give a warning.  Warnings are
   in ``DomainConfig.warnings`` and logged to the ``hypyr.xlcfg`` logger.
 
 Errors: ``XlCfgError`` (a ``HypyrError``) whose str() is ``"FILE:LINE: sentence"``.
@@ -56,6 +59,7 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from hypyr.errors import HypyrError
+from hypyr.toolstack.vif import VifError, VifSpec, parse_vif
 
 log = logging.getLogger("hypyr.xlcfg")
 
@@ -578,6 +582,23 @@ def _check_cpus(value: Any) -> str | tuple[str, ...] | None:
     return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
+def _check_vifs(value: Any) -> tuple[VifSpec, ...]:
+    """VifSpecs with distinct devids, MACs and vifnames (ConfigValueError("vif", ...) if not)."""
+    vifs = tuple(value)
+    for i, v in enumerate(vifs):
+        if not isinstance(v, VifSpec):
+            raise ConfigValueError("vif", f"vifs must be VifSpec objects, not {_show(v)}")
+        for other in vifs[:i]:
+            if other.devid == v.devid:
+                raise ConfigValueError("vif", f"vif {v.devid} is listed twice")
+            if v.mac is not None and other.mac == v.mac:
+                raise ConfigValueError("vif", f"vif {v.devid}: mac {v.mac} is already used by vif {other.devid}")
+            if v.vifname is not None and other.vifname == v.vifname:
+                raise ConfigValueError("vif", f"vif {v.devid}: vifname {v.vifname} is already used by "
+                                              f"vif {other.devid}")
+    return vifs
+
+
 @dataclass(frozen=True)
 class DomainConfig:
     """A validated domain configuration (what ``xl create`` would build), with xl's defaults.
@@ -606,6 +627,7 @@ class DomainConfig:
     cpus: str | tuple[str, ...] | None = None
     cpu_weight: int = 256
     cap: int = 0
+    vifs: tuple[VifSpec, ...] = ()
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self):
@@ -654,6 +676,7 @@ class DomainConfig:
             seen[d.index] = d
         put("disks", tuple(sorted(disks, key=lambda d: d.index)))
         put("cpus", _check_cpus(self.cpus))
+        put("vifs", _check_vifs(self.vifs))
         if isinstance(self.cpus, tuple) and len(self.cpus) > self.maxvcpus:
             raise ConfigValueError("cpus", f"cpus lists {len(self.cpus)} vCPUs but the domain has only "
                                            f"{self.maxvcpus}")
@@ -687,7 +710,8 @@ class DomainConfig:
                 "disks": [d.to_dict() for d in self.disks], "on_poweroff": self.on_poweroff,
                 "on_reboot": self.on_reboot, "on_crash": self.on_crash,
                 "cpus": list(self.cpus) if isinstance(self.cpus, tuple) else self.cpus,
-                "cpu_weight": self.cpu_weight, "cap": self.cap}
+                "cpu_weight": self.cpu_weight, "cap": self.cap,
+                "vifs": [v.to_dict() for v in self.vifs]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "DomainConfig":
@@ -697,8 +721,9 @@ class DomainConfig:
             kw["disks"] = tuple(DiskSpec(**x) for x in d.get("disks", ()))
             if isinstance(kw.get("cpus"), list):
                 kw["cpus"] = tuple(kw["cpus"])
+            kw["vifs"] = tuple(VifSpec.from_dict(x) for x in d.get("vifs", ()))
             return cls(**kw)
-        except (TypeError, AttributeError, ConfigValueError) as e:
+        except (TypeError, AttributeError, KeyError, ValueError, ConfigValueError, VifError) as e:
             raise HypyrError(f"the stored domain configuration is not valid ({e})") from None
 
 
@@ -709,7 +734,7 @@ _FIELDS = {f for f in DomainConfig.__dataclass_fields__}
 
 _STRING_KEYS = ("name", "type", "kernel", "ramdisk", "cmdline", "root", "extra",
                 "on_poweroff", "on_reboot", "on_crash")
-_HANDLED = set(_STRING_KEYS) | set(_INT_RULES) | {"disk", "cpus", "builder"}
+_HANDLED = set(_STRING_KEYS) | set(_INT_RULES) | {"disk", "cpus", "builder", "vif"}
 # Keys with no effect on a direct-boot virtio guest: ignored with a debug note.
 _IGNORED_KEYS = {
     "uuid", "serial", "vnc", "vnclisten", "vncdisplay", "vncunused", "vncpasswd", "sdl", "opengl",
@@ -722,7 +747,6 @@ _IGNORED_KEYS = {
 }
 # Keys that ask for something hypyr does not provide: a warning when set to a non-empty value.
 _UNSUPPORTED_KEYS = {
-    "vif": "networking is not supported yet",
     "pci": "PCI passthrough is not supported",
     "bootloader": "bootloaders are not supported; hypyr boots kernel= directly",
     "bootloader_args": "bootloaders are not supported",
@@ -857,6 +881,9 @@ def build(raw: RawConfig, cwd: str | os.PathLike | None = None) -> DomainConfig:
             disks.append((d, line))
         kw["disks"] = tuple(d for d, _ in disks)
 
+    if "vif" in raw:
+        kw["vifs"] = _build_vifs(raw, warn, err)
+
     if "cpus" in raw:
         v = raw.value("cpus")
         if isinstance(v, int):
@@ -891,6 +918,27 @@ def build(raw: RawConfig, cwd: str | os.PathLike | None = None) -> DomainConfig:
     for w in warnings:
         log.warning("%s", w)
     return _with_warnings(cfg, warnings)
+
+
+def _build_vifs(raw: RawConfig, warn, err) -> tuple[VifSpec, ...]:
+    """``vif = [ 'spec', ... ]`` → VifSpecs (devid = position); errors name the line of the spec."""
+    specs = raw.value("vif")
+    lines = raw.item_lines.get("vif", [])
+    if isinstance(specs, str):     # a single spec not in a list
+        specs, lines = [specs], [raw.line("vif")]
+    if not isinstance(specs, list):
+        err("vif", f"vif must be a list of vif specs such as [ 'bridge=xenbr0' ], not {_show(specs)}")
+    vifs: list[VifSpec] = []
+    for devid, (spec, line) in enumerate(zip(specs, lines)):
+        try:
+            v, vif_warnings = parse_vif(spec, devid)
+            _check_vifs(vifs + [v])
+        except (VifError, ConfigValueError) as e:
+            err("vif", str(e), line)
+        for w in vif_warnings:
+            warn(line, w)
+        vifs.append(v)
+    return tuple(vifs)
 
 
 def _with_warnings(cfg: DomainConfig, warnings: list[str]) -> DomainConfig:
