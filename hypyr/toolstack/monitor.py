@@ -219,6 +219,7 @@ class Row:
     started: float | None    # unix time the domain (last) started
     proc_age: float | None   # s since the domain process started (for the first frame's CPU %)
     t: float                 # time.monotonic() of the sample
+    net_bytes: int | None = None  # bytes through the domain's taps, both ways; None: no NIC or not running
 
 
 @dataclass
@@ -233,6 +234,7 @@ class TopRow:
     rss: float | None
     vcpus: int
     uptime: float | None     # s
+    net_kbs: float | None = None  # KB/s through the domain's NICs, both ways
 
     @property
     def is_total(self) -> bool:
@@ -267,7 +269,29 @@ def _row(rec, now: float) -> Row:
         except OSError:
             pass
     return Row(rec.name, rec.domid, xl_state(rec.state, running), rec.pid if alive else None, cpu,
-               int(cfg.get("memory", 0)), rss, int(cfg.get("vcpus", 1)), rec.started, age, now)
+               int(cfg.get("memory", 0)), rss, int(cfg.get("vcpus", 1)), rec.started, age, now,
+               _net_bytes(rec.domid, cfg) if alive else None)
+
+
+def _net_bytes(domid: int, cfg: dict) -> int | None:
+    """Bytes through the domain's taps (sysfs counters), or None if it has no NIC."""
+    from hypyr.toolstack.network import tap_stats
+    from hypyr.toolstack.vif import VifSpec
+    total, seen = 0, False
+    for v in cfg.get("vifs", ()):
+        try:
+            rx, tx = tap_stats(VifSpec.from_dict(v).tap_name(domid))
+        except (HypyrError, ValueError, TypeError):
+            continue
+        total, seen = total + rx + tx, True
+    return total if seen else None
+
+
+def net_rate(prev: Row | None, cur: Row, dt: float) -> float | None:
+    """KB/s through ``cur``'s NICs since ``prev``."""
+    if cur.net_bytes is None or prev is None or prev.net_bytes is None or prev.pid != cur.pid or dt <= 0:
+        return None
+    return max(0.0, (cur.net_bytes - prev.net_bytes) / dt / 1000.0)
 
 
 def sample(records: Iterable | None = None) -> list[Row]:
@@ -299,19 +323,21 @@ def top_rows(prev: list[Row] | None, cur: list[Row], dt: float, now: float | Non
     out = []
     for r in cur:
         up = max(0.0, wall - r.started) if r.started else None
-        out.append(TopRow(r.name, r.domid, r.state, cpu_percent(before.get((r.domid, r.name)), r, dt),
-                          r.memory, r.rss, r.vcpus, up))
+        old = before.get((r.domid, r.name))
+        out.append(TopRow(r.name, r.domid, r.state, cpu_percent(old, r, dt), r.memory, r.rss, r.vcpus, up,
+                          net_rate(old, r, dt)))
     cpus = [t.cpu_pct for t in out if t.cpu_pct is not None]
     rsss = [t.rss for t in out if t.rss is not None]
+    nets = [t.net_kbs for t in out if t.net_kbs is not None]
     out.append(TopRow("Total", None, f"{len(cur)} dom", sum(cpus) if cpus else (0.0 if not cur else None),
                       sum(t.memory for t in out), sum(rsss) if rsss else None,
-                      sum(t.vcpus for t in out), None))
+                      sum(t.vcpus for t in out), None, sum(nets) if nets else None))
     return out
 
 
 # -- top: rendering --------------------------------------------------------------------------------
-COLUMNS = ("NAME", "ID", "STATE", "CPU(%)", "MEM(MiB)", "RSS(MiB)", "VCPUS", "UPTIME")
-_ALIGN = ("<", ">", "<", ">", ">", ">", ">", ">")
+COLUMNS = ("NAME", "ID", "STATE", "CPU(%)", "MEM(MiB)", "RSS(MiB)", "VCPUS", "NET(KB/s)", "UPTIME")
+_ALIGN = ("<", ">", "<", ">", ">", ">", ">", ">", ">")
 
 
 def fmt_uptime(s: float | None) -> str:
@@ -327,7 +353,8 @@ def fmt_uptime(s: float | None) -> str:
 def _cells(t: TopRow) -> list[str]:
     return [t.name, "-" if t.domid is None else str(t.domid), t.state,
             "-" if t.cpu_pct is None else f"{t.cpu_pct:.1f}", str(t.memory),
-            "-" if t.rss is None else f"{t.rss:.1f}", str(t.vcpus), fmt_uptime(t.uptime)]
+            "-" if t.rss is None else f"{t.rss:.1f}", str(t.vcpus),
+            "-" if t.net_kbs is None else f"{t.net_kbs:.1f}", fmt_uptime(t.uptime)]
 
 
 def table_lines(rows: list[TopRow]) -> list[str]:

@@ -261,3 +261,15 @@ def test_non_tty_stdin_is_not_read():
         t0 = time.monotonic()
         assert ks.get(0.02) is None
         assert time.monotonic() - t0 >= 0.015
+
+
+def test_net_column_is_the_rate_through_the_taps():
+    a = _row(cpu=1.0, t=100.0)
+    b = _row(cpu=1.5, t=102.0)
+    a.net_bytes, b.net_bytes = 1_000_000, 3_000_000
+    rows = monitor.top_rows([a], [b], dt=2.0, now=1000.0)
+    assert rows[0].net_kbs == pytest.approx(1000.0) and rows[-1].net_kbs == pytest.approx(1000.0)
+    assert "NET(KB/s)" in monitor.table_lines(rows)[0] and "1000.0" in monitor.table_lines(rows)[1]
+    b.net_bytes = None  # no NIC: a dash, and the total leaves it out
+    rows = monitor.top_rows([a], [b], dt=2.0, now=1000.0)
+    assert rows[0].net_kbs is None and rows[-1].net_kbs is None

@@ -399,3 +399,51 @@ def test_net_create_failure_rolls_back(netns):
         assert msg == "network hbr0: dnsmasq did not start (exit status 1)"
         assert not _exists("hbr0") and n.net_list() == []
     netns(body)
+
+
+# ---------------------------------------------------------------- the device on a real TAP
+
+def test_virtio_net_on_a_real_tap(netns):
+    """The device's frames cross a real TAP and bridge (inside the namespace): a good frame
+    arrives on the bridge, one with an absurd GSO header is refused by the kernel and counted,
+    a frame sent from the bridge side reaches the guest's receive buffer."""
+    def body():
+        import socket
+        import struct
+        import sys
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from virtio_mock import Buf
+        from test_virtio_net import Nic
+        from hypyr.devices.virtio import net as N
+        from hypyr.devices.virtio.device import VIRTIO_F_VERSION_1
+        from hypyr.toolstack import network as n
+
+        n.net_create("hbr0", "10.88.0.0/24")
+        fd = n.open_tap("vif9.0", "hbr0", None, 0)
+
+        nic = Nic(VIRTIO_F_VERSION_1 | N.F_MRG_RXBUF | N.F_CSUM, tap_fd=fd)
+        assert not nic.status() & 64  # the real TUNSETOFFLOAD took the offloads
+        cap = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88B5))  # local experimental type
+        cap.bind(("hbr0", 0))
+        cap.settimeout(2)
+        frame = b"\xff" * 6 + bytes.fromhex("00163e000001") + b"\x88\xb5" + os.urandom(200)
+        good = struct.pack("<BBHHHHH", 0, 0, 0, 0, 0, 0, 0) + frame
+        bad = struct.pack("<BBHHHHH", 1, 1, 60000, 1, 65000, 65000, 0) + frame  # NEEDS_CSUM, TCPV4 GSO, nonsense
+        for pkt in (bad, good):
+            nic.tx.add_chain([Buf(nic.tx.alloc(pkt), len(pkt))])
+        nic.t.notify(1)
+        assert nic.dev.counters.tx_dropped == 1 and nic.dev.counters.tx_packets == 1
+        assert cap.recv(4096) == frame
+        bufs = {nic.rx.add_chain([Buf(a, 2048, write=True)]): a for a in [nic.rx.alloc(2048) for _ in range(8)]}
+        reply = b"\xff" * 6 + bytes.fromhex("00163e000002") + b"\x88\xb5" + b"pong" * 20
+        cap.send(reply)
+        got: list[bytes] = []  # the kernel's own IPv6 chatter may come first
+        deadline = time.monotonic() + 3
+        while reply not in got and time.monotonic() < deadline:
+            nic.dev._rx_ready()
+            got += [nic.mem.read(bufs[h] + 12, w - 12) for h, w in nic.rx.take_used()]
+            time.sleep(0.01)
+        assert reply in got
+        nic.dev.close()
+        os.close(fd)
+    netns(body)

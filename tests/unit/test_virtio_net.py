@@ -44,7 +44,7 @@ class Edge:
 class Nic:
     """A VirtioNet behind a transport, both queues driven by mock drivers in one guest memory."""
 
-    def __init__(self, features, *, tx_rate=None, clock=None, size=16, monkeypatch=None):
+    def __init__(self, features, *, tx_rate=None, clock=None, size=16, monkeypatch=None, tap_fd=None):
         self.mem = GuestMemory.anonymous([(0, MEM_SIZE)], hugepages=False)
         self.rx = MockDriver(size=size, mem=self.mem, base=0x1000)
         self.tx = MockDriver(size=size, mem=self.mem, base=0x3000)
@@ -52,8 +52,10 @@ class Nic:
         self.host, guest_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._guest_side = guest_side
         self.offloads = []
-        monkeypatch.setattr(N.tap, "set_offload", lambda fd, flags: self.offloads.append(flags))
-        self.dev = N.VirtioNet(guest_side.fileno(), MAC, mtu=1500, tx_rate=tx_rate, clock=clock, ifname="test0")
+        if monkeypatch is not None:  # without it, tap_fd is a real TAP
+            monkeypatch.setattr(N.tap, "set_offload", lambda fd, flags: self.offloads.append(flags))
+        self.dev = N.VirtioNet(guest_side.fileno() if tap_fd is None else tap_fd, MAC, mtu=1500,
+                               tx_rate=tx_rate, clock=clock, ifname="test0")
         self.edge = Edge()
         self.t = VirtioMmioTransport(self.dev, self.mem, trigger=self.edge)
         t = self.t
