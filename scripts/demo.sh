@@ -22,16 +22,32 @@ session='echo "hello from $(hostname): $(uname -sr), $(nproc) vCPU(s), $(grep Me
 echo "uptime: $(cut -d" " -f1 /proc/uptime) s; rng: $(cat /sys/class/misc/hw_random/rng_current 2>/dev/null || echo none)"
 echo 3 2 1 | tr " " "\n" | while read n; do echo "countdown $n"; sleep 0.2; done'
 
-run_vm() {  # name vcpus memory
-    "$PY" -m hypyr run --no-input --vcpus "$2" --memory "$3" --append "hypyr.hostname=$1" --exec "$session" 2>&1 \
+# The two VMs share a bridge (a hypyr network made for the demo, removed at the end) and ping each other.
+net=()
+if "$PY" -m hypyr net-create hypyrdemo0 --subnet 10.79.0.1/24 >/dev/null; then
+    trap '"$PY" -m hypyr net-destroy hypyrdemo0 >/dev/null' EXIT
+    net=(hypyrdemo0)
+else
+    echo "hypyr demo: could not make the demo network; the VMs run without NICs" >&2
+fi
+
+run_vm() {  # name vcpus memory address peer
+    local nic=() cmd="$session"
+    if [ ${#net[@]} = 1 ]; then
+        nic=(--net "bridge=${net[0]},ip=$4/24")
+        cmd="$session
+for i in \$(seq 1 40); do ping -c 1 -W 1 $5 >/dev/null && break; sleep 0.5; done
+echo \"eth0 \$(cat /sys/class/net/eth0/address) $4 -> $5: \$(ping -c 3 $5 | tail -1)\""
+    fi
+    "$PY" -m hypyr run --no-input --vcpus "$2" --memory "$3" --append "hypyr.hostname=$1" "${nic[@]}" --exec "$cmd" 2>&1 \
         | sed -u "s/^/[$1] /"
     return "${PIPESTATUS[0]}"
 }
 
-echo "hypyr demo: booting two VMs at once (vm1: 1 vCPU 256M, vm2: 2 vCPUs 384M)"
+echo "hypyr demo: booting two VMs at once on one bridge (vm1: 1 vCPU 256M, vm2: 2 vCPUs 384M)"
 start=$(date +%s.%N)
-run_vm vm1 1 256M & p1=$!
-run_vm vm2 2 384M & p2=$!
+run_vm vm1 1 256M 10.79.0.11 10.79.0.12 & p1=$!
+run_vm vm2 2 384M 10.79.0.12 10.79.0.11 & p2=$!
 wait $p1; rc1=$?
 wait $p2; rc2=$?
 end=$(date +%s.%N)
