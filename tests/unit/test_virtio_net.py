@@ -281,3 +281,20 @@ def test_hostile_receive_buffers_never_write_outside(nic, bufs, frame_len, merge
     n.dev._rx_ready()  # must not raise
     for head, written in n.rx.take_used():
         assert written <= 12 + frame_len
+
+
+def test_receive_buffers_republished_while_held_need_reset(nic):
+    n = nic()
+    a = n.rx.alloc(16)
+    for _ in range(n.rx.size + 4):  # the same 16-byte head, published again and again
+        n.rx.mem.write_u16(n.rx.avail + 4 + 2 * (n.rx.avail_idx % n.rx.size), 0)
+        n.rx.write_desc(0, a, 16, 2, 0)
+        n.rx.avail_idx = (n.rx.avail_idx + 1) & 0xFFFF
+        n.rx.mem.write_u16(n.rx.avail + 2, n.rx.avail_idx)
+        if n.rx.avail_idx % n.rx.size == 0:
+            n.host.send(hdr() + bytes(3000))
+            n.t.notify(0)
+    n.host.send(hdr() + bytes(3000))
+    n.t.notify(0)
+    assert n.status() & NEEDS_RESET
+    assert len(n.dev._rx_spare) <= n.rx.size

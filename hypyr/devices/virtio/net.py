@@ -336,6 +336,8 @@ class VirtioNet(VirtioDevice):
             chains: list[DescriptorChain] = []
             room = 0
             while room < n:
+                if len(chains) + len(self._rx_spare) >= q.size:  # a head published again while still ours
+                    raise DeviceError(f"more receive buffers taken than the queue holds ({q.size})")
                 chain = self._take_rx(q)
                 if chain is None:
                     self._rx_spare.extendleft(reversed(chains))  # keep them for this frame
