@@ -862,14 +862,8 @@ def build(raw: RawConfig, cwd: str | os.PathLike | None = None) -> DomainConfig:
         kw["ramdisk"] = None
 
     if "disk" in raw:
-        specs = raw.value("disk")
-        lines = raw.item_lines.get("disk", [])
-        if isinstance(specs, str):     # a single spec not in a list
-            specs, lines = [specs], [raw.line("disk")]
-        if not isinstance(specs, list):
-            err("disk", f"disk must be a list of disk specs, not {_show(specs)}")
         disks: list[tuple[DiskSpec, int]] = []
-        for spec, line in zip(specs, lines):
+        for spec, line in _spec_list(raw, "disk", "disk specs", err):
             try:
                 d = parse_disk(spec, base)
             except ConfigValueError as e:
@@ -920,16 +914,22 @@ def build(raw: RawConfig, cwd: str | os.PathLike | None = None) -> DomainConfig:
     return _with_warnings(cfg, warnings)
 
 
+def _spec_list(raw: RawConfig, key: str, what: str, err) -> list[tuple[Any, int | None]]:
+    """The (spec, line) pairs of a list key such as ``disk`` or ``vif`` (a lone string is a
+    one-item list)."""
+    specs = raw.value(key)
+    lines = raw.item_lines.get(key, [])
+    if isinstance(specs, str):
+        specs, lines = [specs], [raw.line(key)]
+    if not isinstance(specs, list):
+        err(key, f"{key} must be a list of {what}, not {_show(specs)}")
+    return list(zip(specs, lines))
+
+
 def _build_vifs(raw: RawConfig, warn, err) -> tuple[VifSpec, ...]:
     """``vif = [ 'spec', ... ]`` → VifSpecs (devid = position); errors name the line of the spec."""
-    specs = raw.value("vif")
-    lines = raw.item_lines.get("vif", [])
-    if isinstance(specs, str):     # a single spec not in a list
-        specs, lines = [specs], [raw.line("vif")]
-    if not isinstance(specs, list):
-        err("vif", f"vif must be a list of vif specs such as [ 'bridge=xenbr0' ], not {_show(specs)}")
     vifs: list[VifSpec] = []
-    for devid, (spec, line) in enumerate(zip(specs, lines)):
+    for devid, (spec, line) in enumerate(_spec_list(raw, "vif", "vif specs such as [ 'bridge=xenbr0' ]", err)):
         try:
             v, vif_warnings = parse_vif(spec, devid)
             _check_vifs(vifs + [v])

@@ -298,3 +298,13 @@ def test_receive_buffers_republished_while_held_need_reset(nic):
     n.t.notify(0)
     assert n.status() & NEEDS_RESET
     assert len(n.dev._rx_spare) <= n.rx.size
+
+
+def test_receive_ring_error_found_by_the_tap_path_resets_at_the_next_notify(nic):
+    n = nic()
+    n.rx.add_chain([Buf(MEM_SIZE + 4096, 2048, write=True)])  # outside RAM
+    n.host.send(hdr() + b"x" * 100)
+    n.dev._rx_ready()  # the I/O thread finds it: kept, not lost
+    assert not n.status() & NEEDS_RESET
+    n.t.notify(0)
+    assert n.status() & NEEDS_RESET

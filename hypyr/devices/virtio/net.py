@@ -112,6 +112,7 @@ class VirtioNet(VirtioDevice):
         self._tx_timer: threading.Timer | None = None
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # rate-limit timer → I/O thread
         self.on_config_change: Callable[[], None] | None = None         # set by the transport
+        self._pending_error: str | None = None  # a driver error found off the notification path
 
     # ------------------------------------------------------------------ device model
     def device_features(self) -> int:
@@ -179,6 +180,7 @@ class VirtioNet(VirtioDevice):
             self._tx_held = None
             self._rx_len = 0
             self._rx_spare.clear()
+            self._pending_error = None
             super().reset()
 
     def close(self) -> None:
@@ -196,6 +198,9 @@ class VirtioNet(VirtioDevice):
     def queue_notify(self, index: int) -> None:
         if self.vhost_running:
             return  # the kernel serves the rings (a stray notify from before the hand-over)
+        error, self._pending_error = self._pending_error, None
+        if error is not None:
+            raise DeviceError(error)
         if index == TXQ:
             self._transmit()
         elif index == RXQ:
@@ -204,12 +209,19 @@ class VirtioNet(VirtioDevice):
             _rlog.debug("queue", "%s: notify of nonexistent queue %d ignored", self.name, index)
 
     # ------------------------------------------------------------------ transmit
+    def _off_path(self, work: Callable[[], None], queue: str) -> None:
+        """Run ``work`` for the I/O thread (a TAP or timer event, not a notification): a driver
+        error found there is kept and raised at the next notification, so the transport then
+        puts the device in NEEDS_RESET."""
+        try:
+            work()
+        except DeviceError as e:
+            _rlog.warning("offpath", "%s: %s queue: %s", self.name, queue, e)
+            self._pending_error = f"{queue} queue: {e}"
+
     def _tx_resume(self) -> None:
         self._tx_timer = None
-        try:
-            self._transmit()
-        except DeviceError as e:  # found off the transport's path: stop the queue until the next notify
-            _rlog.warning("txerr", "%s: transmit queue: %s", self.name, e)
+        self._off_path(self._transmit, "transmit")
 
     def _transmit(self) -> None:
         with self._tx_lock:
@@ -276,10 +288,7 @@ class VirtioNet(VirtioDevice):
     # ------------------------------------------------------------------ receive
     def _rx_ready(self) -> None:
         """The TAP has frames (I/O thread); deliver what the guest has room for."""
-        try:
-            self._receive()
-        except DeviceError as e:
-            _rlog.warning("rxerr", "%s: receive queue: %s", self.name, e)
+        self._off_path(self._receive, "receive")
 
     def _receive(self) -> None:
         with self._rx_lock:
