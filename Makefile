@@ -38,7 +38,7 @@ test-unit: deps
 # already passed (recorded in $(LAB_STATE)/passed, shared read-write with L1) are not run again.
 # A test failure (any other status) is final.  LAB_BUDGET bounds all attempts together, so that
 # CI's hour holds.
-LAB_BUDGET ?= 2700
+LAB_BUDGET ?= 3600
 LAB_ATTEMPTS ?= 4
 LAB_STATE ?= $(CURDIR)/.lab-state
 test-lab: image

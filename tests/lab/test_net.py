@@ -1,0 +1,273 @@
+"""Networking end to end, inside the lab's L1 only (it has no NIC to the outside): domains on
+hypyr networks (bridges) ping each other, move 64 MiB intact guest→guest and guest→host over
+vhost-net and over the userspace path, stay isolated on separate bridges, get DHCP leases, obey
+a vif rate, keep TCP across pause and the MAC across reboot, and leave nothing behind."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from test_toolstack import TICKER, wait_for, write_cfg, xl  # noqa: F401 (xl is a fixture)
+
+SUBNET_HOST = "10.80.0.1"
+
+
+@pytest.fixture
+def lan(xl):  # noqa: F811
+    """Make hypyr networks; afterwards destroy the domains, then the networks."""
+    made: list[str] = []
+
+    def make(name: str, subnet: str, *flags: str) -> str:
+        xl("net-create", name, "--subnet", subnet, *flags)
+        made.append(name)
+        return name
+    yield make
+    p = xl("list", "--json", check=False)
+    if p.returncode == 0:
+        for d in json.loads(p.stdout):
+            xl("destroy", d["name"], check=False)
+    for name in made:
+        xl("net-destroy", name, check=False)
+
+
+def domain(xl, tmp_path, image, name: str, vifs: list[str], command: str, memory: int = 160) -> None:  # noqa: F811
+    vif = "vif = [ " + ", ".join(f"'{v}'" for v in vifs) + " ]"
+    xl("create", str(write_cfg(tmp_path, image, name, memory=memory, command=command, extra_keys=vif)))
+
+
+_DOMIDS: dict[tuple[str, str], int] = {}
+
+
+def console_log(xl, name: str) -> str:  # noqa: F811
+    """The domain's console log (its id looked up once: `hypyr list` on every poll floods the test log)."""
+    key = (str(xl.state), name)
+    if key not in _DOMIDS:
+        _DOMIDS[key] = domid(xl, name)
+    path = xl.state / "domains" / str(_DOMIDS[key]) / "console.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def wait_console(xl, name: str, marker: str, timeout: float = 300) -> str:  # noqa: F811
+    """The console log of ``name`` once it shows ``marker``; on timeout, fail showing its end."""
+    try:
+        return wait_for(lambda: (t := console_log(xl, name)) and marker in t and t, timeout=timeout,
+                        what=f"{marker!r} on {name}'s console")
+    except AssertionError as e:
+        tails = []
+        for d in json.loads(xl("list", "--json").stdout):  # every domain's: the fault may be the peer's
+            lines = [x for x in console_log(xl, d["name"]).splitlines() if not x.startswith("tick-")]
+            tails.append(f"--- {d['name']}'s console ends with:\n" + "\n".join(lines[-25:]))
+        raise AssertionError(f"{e}\n" + "\n".join(tails)) from None
+
+
+def domid(xl, name: str) -> int:  # noqa: F811
+    return json.loads(xl("list", "--json", name).stdout)[0]["domid"]
+
+
+class Sink:
+    """A TCP server on L1 that hashes one connection (or collects its lines)."""
+
+    def __init__(self, addr: str, port: int, lines: bool = False):
+        self.sock = socket.create_server((addr, port), reuse_port=False)
+        self.sock.settimeout(400)
+        self.sha, self.count, self.lines = hashlib.sha256(), 0, [] if lines else None
+        self.first = self.last = 0.0
+        self.done = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self.sock.accept()
+            buf = b""
+            with conn:
+                while chunk := conn.recv(1 << 20):
+                    now = time.monotonic()
+                    self.first = self.first or now
+                    self.last = now
+                    self.sha.update(chunk)
+                    self.count += len(chunk)
+                    if self.lines is not None:
+                        buf += chunk
+                        *done, buf = buf.split(b"\n")
+                        self.lines.extend(x.decode() for x in done)
+        finally:
+            self.sock.close()
+            self.done.set()
+
+
+SEND = ("until ping -c 1 -W 1 {peer} >/dev/null; do sleep 1; done; ping -c 3 {peer} && echo ping-ok; "
+        "dd if=/dev/urandom of=/tmp/blob bs=1M count=64 2>/dev/null; echo blob-$(sha256sum /tmp/blob | cut -c1-64); "
+        "until nc {peer} 5001 < /tmp/blob; do sleep 1; done; echo sent-to-guest; "
+        "nc {host} 5002 < /tmp/blob && echo sent-to-host; " + TICKER)
+RECV = ("nc -l -p 5001 | sha256sum > /tmp/sum; "  # hashed as it arrives (64 MiB would not fit in /tmp)
+        "echo got-$(cut -c1-64 /tmp/sum); "
+        "ping -c 3 {peer} && echo ping-back-ok; " + TICKER)
+
+
+@pytest.mark.parametrize("vhost", ["on", "off"])
+def test_two_domains_talk_and_move_64mib_intact(xl, lan, guest_image, tmp_path, vhost):  # noqa: F811
+    lan("lan0", f"{SUBNET_HOST}/24")
+    sink = Sink(SUBNET_HOST, 5002)
+    domain(xl, tmp_path, guest_image, "rx", [f"bridge=lan0,ip=10.80.0.11,vhost={vhost}"],
+           RECV.format(peer="10.80.0.10"))
+    domain(xl, tmp_path, guest_image, "tx", [f"bridge=lan0,ip=10.80.0.10,vhost={vhost}"],
+           SEND.format(peer="10.80.0.11", host=SUBNET_HOST), memory=192)
+    tx = wait_console(xl, "tx", "sent-to-host", timeout=400)
+    rx = wait_console(xl, "rx", "ping-back-ok", timeout=120)
+    blob = re.search(r"blob-([0-9a-f]{64})", tx).group(1)
+    assert "ping-ok" in tx
+    got = re.search(r"got-(\S*)", rx)
+    assert got and got.group(1) == blob, f"sent {blob}, received {got and got.group(1)}"  # guest→guest intact
+    assert sink.done.wait(60) and sink.count == 64 << 20 and sink.sha.hexdigest() == blob  # guest→host
+    vmm_log = (xl.state / "domains" / str(domid(xl, "tx")) / "vmm.log").read_text()
+    assert ("vhost-net" in vmm_log) == (vhost == "on")
+    nics = json.loads(xl("network-list", "tx", "--json").stdout)
+    assert len(nics) == 1 and nics[0]["bridge"] == "lan0" and nics[0]["tap"] == f"vif{domid(xl, 'tx')}.0"
+    assert nics[0]["mac"].startswith("00:16:3e:") and nics[0]["tx_bytes"] > 2 * (64 << 20)
+
+
+def test_separate_bridges_are_isolated(xl, lan, guest_image, tmp_path):  # noqa: F811
+    lan("lana", "10.81.0.1/24")
+    lan("lanb", "10.82.0.1/24")
+    # both guests in 10.83.0.0/24, each on its own bridge: only a shared bridge could join them
+    subprocess.run(["ip", "addr", "add", "10.83.0.1/24", "dev", "lana"], check=True)
+    domain(xl, tmp_path, guest_image, "gb", ["bridge=lanb,ip=10.83.0.11/24"], TICKER)
+    cmd = ("until ping -c 1 -W 1 10.83.0.1 >/dev/null; do sleep 1; done; echo reach-own-bridge; "
+           "ping -c 5 -W 1 10.83.0.11 >/dev/null && echo reach-other || echo other-unreachable; " + TICKER)
+    domain(xl, tmp_path, guest_image, "ga", ["bridge=lana,ip=10.83.0.10/24"], cmd)
+    log = wait_console(xl, "ga", "tick-")
+    assert "reach-own-bridge" in log and "other-unreachable" in log and "reach-other\n" not in log
+    assert "tick-" in console_log(xl, "gb")  # gb was up all along
+
+
+def test_dhcp_leases_are_in_the_subnet_and_distinct(xl, lan, guest_image, tmp_path):  # noqa: F811
+    lan("dh0", "10.84.0.1/24", "--dhcp")
+    cmd = "echo addr-$(ip -4 -o addr show eth0 | awk '{print $4}'); " + TICKER
+    for name in ("d1", "d2"):
+        domain(xl, tmp_path, guest_image, name, ["bridge=dh0"], cmd)
+    addrs = []
+    for name in ("d1", "d2"):
+        log = wait_console(xl, name, "addr-")
+        m = re.search(r"addr-(10\.84\.0\.\d+)/24", log)
+        assert m, log
+        addrs.append(m.group(1))
+    assert addrs[0] != addrs[1] and SUBNET_HOST not in addrs
+
+
+def test_vif_rate_limits_transmit(xl, lan, guest_image, tmp_path):  # noqa: F811
+    lan("lan0", f"{SUBNET_HOST}/24")
+    sink = Sink(SUBNET_HOST, 5003)
+    cmd = (f"until ping -c 1 -W 1 {SUBNET_HOST} >/dev/null; do sleep 1; done; "
+           f"dd if=/dev/zero bs=64K count=128 2>/dev/null | nc {SUBNET_HOST} 5003; echo sent; " + TICKER)
+    domain(xl, tmp_path, guest_image, "slow", ["bridge=lan0,ip=10.80.0.20,rate=8Mb/s@20ms"], cmd)
+    assert sink.done.wait(300) and sink.count == 8 << 20
+    rate = sink.count / (sink.last - sink.first)
+    print(f"measured {rate / 1e6:.2f} MB/s against a limit of 1.00 MB/s")
+    assert 0.8e6 <= rate <= 1.2e6
+
+
+def test_tcp_survives_pause_and_mac_survives_reboot(xl, lan, guest_image, tmp_path):  # noqa: F811
+    lan("lan0", f"{SUBNET_HOST}/24")
+    sink = Sink(SUBNET_HOST, 5004, lines=True)
+    cmd = (f"echo mac-$(cat /sys/class/net/eth0/address); "
+           f"until ping -c 1 -W 1 {SUBNET_HOST} >/dev/null; do sleep 1; done; "
+           f"i=0; while true; do echo line-$i; i=$((i+1)); sleep 0.2; done | nc {SUBNET_HOST} 5004; "
+           + TICKER)  # after the reboot nobody listens: the guest just ticks
+    domain(xl, tmp_path, guest_image, "pz", ["bridge=lan0,ip=10.80.0.30"], cmd)
+    wait_for(lambda: len(sink.lines) > 5, timeout=300, what="lines over TCP")
+    xl("pause", "pz")
+    time.sleep(0.5)
+    paused_at = len(sink.lines)
+    time.sleep(4)
+    assert len(sink.lines) <= paused_at + 1
+    xl("unpause", "pz")
+    wait_for(lambda: len(sink.lines) > paused_at + 10, timeout=60, what="lines after unpause")
+    assert sink.lines == [f"line-{i}" for i in range(len(sink.lines))]  # one connection, nothing lost
+    assert not sink.done.is_set()
+    mac = json.loads(xl("network-list", "pz", "--json").stdout)[0]["mac"]
+    assert f"mac-{mac}" in console_log(xl, "pz")
+    xl("reboot", "pz")
+    wait_for(lambda: console_log(xl, "pz").count(f"mac-{mac}") >= 2, timeout=300, what="the MAC after reboot")
+    assert json.loads(xl("network-list", "pz", "--json").stdout)[0]["mac"] == mac
+
+
+def _taps() -> list[str]:
+    return sorted(n for n in os.listdir("/sys/class/net") if n.startswith("vif"))
+
+
+def _dnsmasq_pids() -> list[int]:
+    pids = []
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            if comm.read_text().strip() == "dnsmasq":
+                pids.append(int(comm.parent.name))
+        except OSError:
+            pass
+    return pids
+
+
+def _tun_fds() -> int:
+    n = 0
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        try:
+            n += os.readlink(fd) == "/dev/net/tun"
+        except OSError:
+            pass
+    return n
+
+
+def test_create_destroy_and_kill_leave_nothing_behind(xl, lan, guest_image, tmp_path):  # noqa: F811
+    lan("dh1", "10.85.0.1/24", "--dhcp")
+    dnsmasq = _dnsmasq_pids()
+    assert len(dnsmasq) == 1
+    cfg = write_cfg(tmp_path, guest_image, "cy", command=TICKER, extra_keys="vif = [ 'bridge=dh1', 'bridge=dh1' ]")
+    for _ in range(20):
+        xl("create", str(cfg))
+        assert len(_taps()) == 2
+        xl("destroy", "cy")
+    assert _taps() == [] and os.listdir("/sys/class/net/dh1/brif") == [] and _tun_fds() == 0
+    assert _dnsmasq_pids() == dnsmasq
+    xl("create", str(cfg))  # kill -9 of the VMM: the kernel removes its taps with its descriptors
+    tid = json.loads(xl("vcpu-list", "cy", "--json").stdout)[0]["tid"]
+    pid = int(Path(f"/proc/{tid}/status").read_text().split("Tgid:")[1].split()[0])
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: _taps() == [], timeout=30, what="the taps to go")
+    xl("net-destroy", "dh1")
+    assert not os.path.exists("/sys/class/net/dh1")
+    assert _dnsmasq_pids() == []
+
+
+@pytest.mark.parametrize("vif, words", [
+    ("bridge=nosuchbr", ["vif 0", "nosuchbr"]),
+    ("bridge=lan0,mac=00:16:3e:zz:00:01", ["vif 0", "mac"]),
+    ("bridge=lan0,rate=fast", ["vif 0", "rate"]),
+    ("bridge=lan0,brigde=lan0", ["vif 0", "brigde"]),
+])
+def test_bad_vif_is_one_sentence_and_creates_nothing(xl, lan, guest_image, tmp_path, vif, words):  # noqa: F811
+    lan("lan0", f"{SUBNET_HOST}/24")
+    cfg = write_cfg(tmp_path, guest_image, "bad", command=TICKER, extra_keys=f"vif = [ '{vif}' ]")
+    p = xl("create", str(cfg), check=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert all(w in p.stderr for w in words), p.stderr
+    assert json.loads(xl("list", "--json").stdout) == [] and _taps() == []
+
+
+def test_duplicate_mac_of_a_live_domain_is_refused(xl, lan, guest_image, tmp_path):  # noqa: F811
+    lan("lan0", f"{SUBNET_HOST}/24")
+    domain(xl, tmp_path, guest_image, "m1", ["bridge=lan0,mac=00:16:3e:00:00:42"], TICKER)
+    cfg = write_cfg(tmp_path, guest_image, "m2", command=TICKER,
+                    extra_keys="vif = [ 'bridge=lan0,mac=00:16:3e:00:00:42' ]")
+    p = xl("create", str(cfg), check=False)
+    assert p.returncode != 0 and "00:16:3e:00:00:42" in p.stderr and "m1" in p.stderr
+    assert [d["name"] for d in json.loads(xl("list", "--json").stdout)] == ["m1"] and len(_taps()) == 1
