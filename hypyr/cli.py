@@ -72,7 +72,7 @@ def cmd_run(args) -> int:
 def _plug_nics(specs: list[str]):
     """--net specs (xl vif syntax) → the VMM's NIC configs, the open TAPs, guest cmdline extras."""
     from hypyr.toolstack import nics
-    from hypyr.toolstack.vif import parse_vif
+    from hypyr.toolstack.vif import check_distinct, parse_vif
 
     vifs = []
     for i, spec in enumerate(specs):
@@ -80,9 +80,7 @@ def _plug_nics(specs: list[str]):
         for w in warnings:
             _say(f"warning: --net {spec!r}: {w}")
         vifs.append(vif)
-    macs = [v.mac for v in vifs if v.mac]
-    if len(set(macs)) != len(macs):
-        raise HypyrError(f"--net: MAC {next(m for m in macs if macs.count(m) > 1)} is given twice")
+    check_distinct(vifs)
     vifs = list(nics.assign(vifs, {}))
     names = [v.vifname or f"hypr{os.getpid()}.{v.devid}" for v in vifs]
     taps = nics.open_taps(vifs, names)

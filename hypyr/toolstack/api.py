@@ -345,13 +345,7 @@ def network_list(name: str) -> list[dict]:
     rows = []
     for v in cfg.vifs:
         tap = v.tap_name(rec.domid)
-        rx = tx = None
-        if alive:
-            try:
-                host_rx, host_tx = network.tap_stats(tap)
-                rx, tx = host_tx, host_rx       # the guest receives what the host sends into the tap
-            except HypyrError:
-                pass
+        rx, tx = (network.guest_traffic(tap) if alive else None) or (None, None)
         rows.append({"devid": v.devid, "mac": v.mac, "bridge": v.bridge, "tap": tap,
                      "rx_bytes": rx, "tx_bytes": tx})
     return rows

@@ -275,15 +275,16 @@ def _row(rec, now: float) -> Row:
 
 def _net_bytes(domid: int, cfg: dict) -> int | None:
     """Bytes through the domain's taps (sysfs counters), or None if it has no NIC."""
-    from hypyr.toolstack.network import tap_stats
+    from hypyr.toolstack.network import guest_traffic
     from hypyr.toolstack.vif import VifSpec
     total, seen = 0, False
     for v in cfg.get("vifs", ()):
         try:
-            rx, tx = tap_stats(VifSpec.from_dict(v).tap_name(domid))
-        except (HypyrError, ValueError, TypeError):
+            traffic = guest_traffic(VifSpec.from_dict(v).tap_name(domid))
+        except (HypyrError, ValueError, TypeError):  # a vif record this version cannot read
             continue
-        total, seen = total + rx + tx, True
+        if traffic is not None:
+            total, seen = total + sum(traffic), True
     return total if seen else None
 
 

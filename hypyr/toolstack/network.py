@@ -427,6 +427,16 @@ def tap_stats(ifname: str) -> tuple[int, int]:
         raise NetworkError(f"there is no interface {ifname}") from None
 
 
+def guest_traffic(ifname: str) -> tuple[int, int] | None:
+    """(bytes received, bytes sent) by the guest behind tap ``ifname``: :func:`tap_stats` turned
+    round; None if there is no such tap (its domain is not running)."""
+    try:
+        host_rx, host_tx = tap_stats(ifname)
+    except NetworkError:
+        return None
+    return host_tx, host_rx
+
+
 def info_dict(info: NetworkInfo) -> dict[str, Any]:
     """A JSON-able dict of a NetworkInfo (for --json and the API)."""
     return asdict(info)

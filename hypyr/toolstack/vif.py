@@ -21,7 +21,7 @@ import ipaddress
 import os
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from hypyr.errors import HypyrError
 
@@ -196,6 +196,16 @@ class VifSpec:
         if kw.get("rate") is not None:
             kw["rate"] = RateLimit(int(kw["rate"]["bytes_per_sec"]), float(kw["rate"]["interval_s"]))
         return cls(**kw)
+
+
+def check_distinct(vifs: Sequence[VifSpec]) -> None:
+    """No two vifs may share a MAC or a vifname (VifError naming the later one)."""
+    for i, v in enumerate(vifs):
+        for other in vifs[:i]:
+            if v.mac is not None and other.mac == v.mac:
+                raise VifError(v.devid, "mac", f"mac {v.mac} is already used by vif {other.devid}")
+            if v.vifname is not None and other.vifname == v.vifname:
+                raise VifError(v.devid, "vifname", f"vifname {v.vifname} is already used by vif {other.devid}")
 
 
 def _closest(key: str) -> str:

@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from hypyr.errors import HypyrError
-from hypyr.toolstack.vif import VifError, VifSpec, parse_vif
+from hypyr.toolstack.vif import VifError, VifSpec, check_distinct, parse_vif
 
 log = logging.getLogger("hypyr.xlcfg")
 
@@ -588,14 +588,12 @@ def _check_vifs(value: Any) -> tuple[VifSpec, ...]:
     for i, v in enumerate(vifs):
         if not isinstance(v, VifSpec):
             raise ConfigValueError("vif", f"vifs must be VifSpec objects, not {_show(v)}")
-        for other in vifs[:i]:
-            if other.devid == v.devid:
-                raise ConfigValueError("vif", f"vif {v.devid} is listed twice")
-            if v.mac is not None and other.mac == v.mac:
-                raise ConfigValueError("vif", f"vif {v.devid}: mac {v.mac} is already used by vif {other.devid}")
-            if v.vifname is not None and other.vifname == v.vifname:
-                raise ConfigValueError("vif", f"vif {v.devid}: vifname {v.vifname} is already used by "
-                                              f"vif {other.devid}")
+        if any(other.devid == v.devid for other in vifs[:i]):
+            raise ConfigValueError("vif", f"vif {v.devid} is listed twice")
+    try:
+        check_distinct(vifs)
+    except VifError as e:
+        raise ConfigValueError("vif", str(e)) from None
     return vifs
 
 
