@@ -40,11 +40,6 @@ class VirtioDevice:
         self.queues: list[SplitQueue] = []
         self.driver_features = 0
         self._interrupt: Callable[[int], None] | None = None
-        # set by the transport: raises the configuration-change interrupt
-        self.on_config_change: Callable[[], None] | None = None
-        # True while used-buffer interrupts reach the guest without the transport (vhost's call
-        # eventfd is the irqfd): the transport then keeps INT_VRING set in InterruptStatus
-        self.external_used_interrupts = False
 
     # -- declared by the device -----------------------------------------------------------------
     def device_features(self) -> int:

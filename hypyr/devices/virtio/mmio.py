@@ -223,7 +223,8 @@ class VirtioMmioTransport:
         self._irq_lock = threading.Lock()
         self.queues = [SplitQueue(m) for m in device.queue_max_sizes]
         self.offered_features = (device.device_features() | TRANSPORT_FEATURES) & _U64
-        device.on_config_change = self.config_changed
+        if hasattr(device, "on_config_change"):
+            device.on_config_change = self.config_changed
         self._irq_level = False
         self._page: memoryview | None = None  # see register_page()
         self._isr = 0
@@ -610,7 +611,7 @@ class VirtioMmioTransport:
             # eventfd is the irqfd) keeps INT_VRING set, so the driver's handler always looks
             # at its rings (Linux then finds which queue has work).
             with self._irq_lock:
-                self._isr_sticky = INT_VRING if self.device.external_used_interrupts else 0
+                self._isr_sticky = INT_VRING if getattr(self.device, "external_used_interrupts", False) else 0
             log.debug("%s: activated (features %#x, queues ready %s)", self._name, features,
                       [i for i, q in enumerate(self.queues) if q.ready])
             return True

@@ -100,6 +100,7 @@ class VirtioNet(VirtioDevice):
         os.set_blocking(tap_fd, False)
         self.link_up = True
         self.counters = NetCounters()
+        self.external_used_interrupts = False  # True while vhost signals the guest directly
         self._bucket = (TokenBucket(tx_rate[0], tx_rate[1], MAX_PACKET, **({"clock": clock} if clock else {}))
                         if tx_rate else None)
         self._rx_lock = threading.Lock()
@@ -110,6 +111,7 @@ class VirtioNet(VirtioDevice):
         self._tx_held: DescriptorChain | None = None      # waiting for rate credit
         self._tx_timer: threading.Timer | None = None
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # rate-limit timer → I/O thread
+        self.on_config_change: Callable[[], None] | None = None         # set by the transport
         self._pending_error: str | None = None  # a driver error found off the notification path
 
     # ------------------------------------------------------------------ device model
@@ -229,30 +231,32 @@ class VirtioNet(VirtioDevice):
             q = queues[TXQ]
             done: list[tuple[int, int]] = []
             try:
-                if self._bucket is None:
-                    chains, err = q.pop_all()
-                    for c in chains:
-                        self._send(mem, c)
-                        done.append((c.head, 0))
-                    if err is not None:
-                        raise err
-                else:
-                    self._send_paced(q, mem, done)
+                while True:
+                    chain = self._tx_held
+                    self._tx_held = None
+                    if chain is None:
+                        if self._bucket is None:
+                            chains, err = q.pop_all()
+                            for c in chains:
+                                self._send(mem, c)
+                                done.append((c.head, 0))
+                            if err is not None:
+                                raise err
+                            if not chains:
+                                break
+                            continue
+                        chain = q.pop()
+                        if chain is None:
+                            break
+                    if not self._bucket.take(chain.readable_len):
+                        self._hold(chain)
+                        break
+                    self._send(mem, chain)
+                    done.append((chain.head, 0))
             finally:
                 if done:
                     q.add_used_many(done)
                     self.signal_used(TXQ)
-
-    def _send_paced(self, q, mem, done: list[tuple[int, int]]) -> None:
-        """Send chains while the rate limit has credit; the first without credit is held."""
-        chain, self._tx_held = self._tx_held, None
-        while chain is not None or (chain := q.pop()) is not None:
-            if not self._bucket.take(chain.readable_len):
-                self._hold(chain)
-                return
-            self._send(mem, chain)
-            done.append((chain.head, 0))
-            chain = None
 
     def _hold(self, chain: DescriptorChain) -> None:
         """Keep ``chain`` until the rate limit allows it; a timer wakes the I/O thread then."""
