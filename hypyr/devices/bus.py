@@ -12,6 +12,8 @@ import logging
 import threading
 from typing import Callable, Protocol
 
+from hypyr.devices.ratelog import RateLimitedLog
+
 log = logging.getLogger("hypyr.bus")
 
 
@@ -31,6 +33,7 @@ class Bus:
         self._starts: list[int] = []
         self._ranges: list[tuple[int, int, BusDevice]] = []  # (start, length, device), sorted
         self._lock = threading.Lock()
+        self._rlog = RateLimitedLog(log)
 
     def register(self, start: int, length: int, device: BusDevice) -> None:
         if length <= 0 or start < 0:
@@ -64,7 +67,8 @@ class Bus:
         off, dev = hit
         data = dev.read(off, size)
         if len(data) != size:  # a device bug must not leak into the guest as a short read
-            log.error("%s device at %#x returned %d bytes for a %d-byte read", self.name, addr, len(data), size)
+            self._rlog.error("short-read", "%s device at %#x returned %d bytes for a %d-byte read",
+                             self.name, addr, len(data), size)
             data = (bytes(data) + b"\xff" * size)[:size]
         return data
 

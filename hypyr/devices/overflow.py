@@ -1,8 +1,13 @@
-"""Console input that overflows a device's bounded buffer: warn once, then quietly until it drains."""
+"""Console input that overflows a device's bounded buffer: warn once, then quietly until it drains.
+
+Both lines are rate limited too: a guest that alternately drains and ignores its input buffer
+decides how often the buffer overflows."""
 
 from __future__ import annotations
 
 import logging
+
+from hypyr.devices.ratelog import RateLimitedLog
 
 
 class OverflowLog:
@@ -10,6 +15,7 @@ class OverflowLog:
 
     def __init__(self, log: logging.Logger, device: str, capacity: int):
         self.log, self.device, self.capacity = log, device, capacity
+        self._rlog = RateLimitedLog(log)
         self._warned = False
 
     def note(self, offered: int, accepted: int, backlog: int) -> tuple[bool, int]:
@@ -24,7 +30,7 @@ class OverflowLog:
 
     def emit(self, warn: bool, dropped: int) -> None:
         if warn:
-            self.log.warning("%s: input buffer full (guest not reading?), dropping input"
-                             " (%d bytes now; further drops not logged until it drains)", self.device, dropped)
+            self._rlog.warning("full", "%s: input buffer full (guest not reading?), dropping input"
+                               " (%d bytes now; further drops not logged until it drains)", self.device, dropped)
         elif dropped:
-            self.log.debug("%s: input buffer full, dropped %d bytes", self.device, dropped)
+            self._rlog.debug("dropped", "%s: input buffer full, dropped %d bytes", self.device, dropped)

@@ -32,6 +32,7 @@ import logging
 from dataclasses import dataclass
 
 from hypyr.devices.events import GuestEvent, StopCallback, StopRequest
+from hypyr.devices.ratelog import RateLimitedLog
 
 log = logging.getLogger("hypyr.dev.pvexit")
 
@@ -52,6 +53,7 @@ class PvExitState:
 class PvExit:
     def __init__(self, stop: StopCallback):
         self._stop = stop
+        self._rlog = RateLimitedLog(log)  # the guest may write the port again and again
 
     def state(self) -> PvExitState:
         return PvExitState()
@@ -65,21 +67,21 @@ class PvExit:
             size = max(int(size), 0)
             return bytes((MAGIC if offset + i == 0 else 0) for i in range(size))
         except Exception:
-            log.exception("pvexit: read(%r, %r) failed", offset, size)
+            self._rlog.exception("read-failed", "pvexit: read(%r, %r) failed", offset, size)
             return b"\xff" * max(size, 0) if isinstance(size, int) else b""
 
     def write(self, offset: int, data: bytes) -> None:
         try:
             data = bytes(data)
             if offset != 0 or not data:
-                log.debug("pvexit: write %r at offset %r ignored", data, offset)
+                self._rlog.debug("ignored", "pvexit: write %r at offset %r ignored", data, offset)
                 return
             status = data[0] & 0xFF
         except Exception:
-            log.exception("pvexit: write(%r, %r) failed", offset, data)
+            self._rlog.exception("write-failed", "pvexit: write(%r, %r) failed", offset, data)
             return
-        log.info("pvexit: guest reported exit status %d", status)
+        self._rlog.info("status", "pvexit: guest reported exit status %d", status)
         try:
             self._stop(StopRequest(GuestEvent.EXIT_STATUS, status=status))
         except Exception:
-            log.exception("pvexit: stop callback failed")
+            self._rlog.exception("stop-failed", "pvexit: stop callback failed")

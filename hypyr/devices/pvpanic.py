@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 from hypyr.devices.events import GuestEvent, StopCallback, StopRequest
+from hypyr.devices.ratelog import RateLimitedLog
 
 log = logging.getLogger("hypyr.dev.pvpanic")
 
@@ -22,6 +23,7 @@ PVPANIC_CRASH_LOADED = 1 << 1
 class PvPanic:
     def __init__(self, stop: StopCallback):
         self._stop = stop
+        self._rlog = RateLimitedLog(log)  # the guest may write the port again and again
 
     def read(self, offset: int, size: int) -> bytes:
         return bytes([PVPANIC_PANICKED | PVPANIC_CRASH_LOADED]) + bytes(size - 1)
@@ -31,6 +33,6 @@ class PvPanic:
         if value & PVPANIC_PANICKED:
             self._stop(StopRequest(GuestEvent.PANIC, detail="pvpanic"))
         elif value & PVPANIC_CRASH_LOADED:
-            log.warning("pvpanic: the guest kernel crashed and loaded its crash kernel")
+            self._rlog.warning("crash-loaded", "pvpanic: the guest kernel crashed and loaded its crash kernel")
         elif value:
-            log.debug("pvpanic: ignoring unknown event bits %#x", value)
+            self._rlog.debug("unknown-bits", "pvpanic: ignoring unknown event bits %#x", value)

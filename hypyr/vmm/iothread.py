@@ -11,6 +11,8 @@ import select
 import threading
 from typing import Callable
 
+from hypyr.devices.ratelog import RateLimitedLog
+
 log = logging.getLogger("hypyr.vmm.io")
 
 
@@ -23,6 +25,7 @@ class IoThread:
         self._owned_elsewhere: set[int] = set()  # fds from add_fd: not closed by stop()
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._stopping = False
+        self._rlog = RateLimitedLog(log)  # a handler may fail on every request a guest makes
 
     def add_eventfd(self, handler: Callable[[], None]) -> int:
         """Create an eventfd whose signals call ``handler`` on this thread; return the fd."""
@@ -92,4 +95,4 @@ class IoThread:
                 try:
                     handler()
                 except Exception:  # a device bug must not kill the I/O thread
-                    log.exception("I/O handler failed")
+                    self._rlog.exception("handler", "I/O handler failed")

@@ -6,7 +6,8 @@ device is split by the PC's bus bridge into byte accesses at consecutive ports, 
 ``_read_reg(offset) -> int`` and ``_write_reg(offset, value)`` for single bytes.
 
 It also enforces the rule that guest input never raises out of ``read``/``write``: any
-exception is logged and the access reads as all ones / is dropped.
+exception is logged and the access reads as all ones / is dropped.  Every line a guest can
+cause goes through ``self._rlog`` (:class:`~hypyr.devices.ratelog.RateLimitedLog`, fixed keys).
 
 Callbacks that may block or re-enter the VMM (stop requests) must not run under the device
 lock; ``_write_reg`` queues them with :meth:`_defer` and they run after the lock is released.
@@ -17,6 +18,8 @@ from __future__ import annotations
 import logging
 import threading
 from typing import Callable
+
+from hypyr.devices.ratelog import RateLimitedLog
 
 
 def bcd(value: int) -> int:
@@ -39,7 +42,7 @@ class ByteRegisterDevice:
     LENGTH = 1
 
     def __init__(self, log: logging.Logger):
-        self._log = log
+        self._rlog = RateLimitedLog(log)
         self._lock = threading.Lock()
         self._deferred: list[Callable[[], None]] = []
 
@@ -62,7 +65,7 @@ class ByteRegisterDevice:
             try:
                 fn()
             except Exception:
-                self._log.exception("deferred device callback failed")
+                self._rlog.exception("deferred", "deferred device callback failed")
 
     # -- BusDevice ---------------------------------------------------------------------
     def read(self, offset: int, size: int) -> bytes:
@@ -80,11 +83,11 @@ class ByteRegisterDevice:
                     if 0 <= off < self.LENGTH:
                         out.append(self._read_reg(off) & 0xFF)
                     else:
-                        self._log.debug("read beyond registers at offset %#x", off)
+                        self._rlog.debug("read-beyond", "read beyond registers at offset %#x", off)
                         out.append(0xFF)
             result = bytes(out)
         except Exception:
-            self._log.exception("read(%r, %r) failed; returning all ones", offset, size)
+            self._rlog.exception("read-failed", "read(%r, %r) failed; returning all ones", offset, size)
             result = b"\xff" * size
         self._run_deferred()
         return result
@@ -97,7 +100,8 @@ class ByteRegisterDevice:
                     if 0 <= off < self.LENGTH:
                         self._write_reg(off, value)
                     else:
-                        self._log.debug("write %#04x beyond registers at offset %#x ignored", value, off)
+                        self._rlog.debug("write-beyond", "write %#04x beyond registers at offset %#x ignored",
+                                         value, off)
         except Exception:
-            self._log.exception("write(%r, %r) failed; ignored", offset, data)
+            self._rlog.exception("write-failed", "write(%r, %r) failed; ignored", offset, data)
         self._run_deferred()

@@ -81,14 +81,15 @@ class AcpiPm(ByteRegisterDevice):
                 self._wake_status = False
             return
         if not value & SLP_EN:
-            log.debug("acpi_pm: sleep control write %#04x without SLP_EN ignored", value)
+            self._rlog.debug("no-slp-en", "acpi_pm: sleep control write %#04x without SLP_EN ignored", value)
             return
         slp_typ = (value >> SLP_TYP_SHIFT) & SLP_TYP_MASK
         if slp_typ == S5_SLEEP_TYPE:
-            log.info("acpi_pm: guest entered S5")
+            self._rlog.info("s5", "acpi_pm: guest entered S5")
             self._defer(lambda: self._stop(StopRequest(GuestEvent.POWEROFF, detail="ACPI S5")))
         else:
-            log.warning("acpi_pm: sleep type %d not supported; reporting immediate wake", slp_typ)
+            self._rlog.warning("sleep-type", "acpi_pm: sleep type %d not supported; reporting immediate wake",
+                              slp_typ)
             self._wake_status = True
 
 
@@ -122,7 +123,7 @@ class AcpiReset(ByteRegisterDevice):
 
     def _write_reg(self, offset: int, value: int) -> None:
         if value == self._reset_value:
-            log.info("acpi_pm: reset register written")
+            self._rlog.info("reset", "acpi_pm: reset register written")
             self._defer(lambda: self._stop(StopRequest(GuestEvent.REBOOT, detail="ACPI reset")))
         else:
-            log.debug("acpi_pm: reset register write %#04x ignored", value)
+            self._rlog.debug("reset-ignored", "acpi_pm: reset register write %#04x ignored", value)

@@ -205,7 +205,7 @@ class I8042(ByteRegisterDevice):
         try:
             line(level)
         except Exception:
-            log.exception("i8042: irq(%s) failed", level)
+            self._rlog.exception("irq", "i8042: irq(%s) failed", level)
 
     def _levels(self) -> tuple[bool, bool]:
         if not self._output:
@@ -226,13 +226,13 @@ class I8042(ByteRegisterDevice):
     def _queue(self, data: bytes | list[int], aux: bool = False) -> None:
         for b in data:
             if len(self._output) >= OUTPUT_QUEUE_LIMIT:
-                log.warning("i8042: output queue full, byte %#04x dropped", b)
+                self._rlog.warning("queue-full", "i8042: output queue full, byte %#04x dropped", b)
                 continue
             self._output.append((b & 0xFF, aux))
         self._update_irqs()
 
     def _reset(self, why: str) -> None:
-        log.info("i8042: reset line pulsed (%s)", why)
+        self._rlog.info("reset", "i8042: reset line pulsed (%s)", why)
         self._defer(lambda: self._stop(StopRequest(GuestEvent.REBOOT, detail="i8042 reset")))
 
     def _status(self) -> int:
@@ -275,7 +275,7 @@ class I8042(ByteRegisterDevice):
             self._last_write_cmd = True
             self._command(value)
         else:
-            log.debug("i8042: write %#04x to unused offset %d ignored", value, offset)
+            self._rlog.debug("unused-offset", "i8042: write %#04x to unused offset %d ignored", value, offset)
 
     def _command(self, cmd: int) -> None:
         self._pending_cmd = 0
@@ -314,7 +314,7 @@ class I8042(ByteRegisterDevice):
             if not cmd & OUT_RESET:
                 self._reset(f"command {cmd:#04x}")
         else:
-            log.debug("i8042: unknown controller command %#04x ignored", cmd)
+            self._rlog.debug("unknown-command", "i8042: unknown controller command %#04x ignored", cmd)
 
     def _write_data(self, value: int) -> None:
         cmd, self._pending_cmd = self._pending_cmd, 0

@@ -159,7 +159,7 @@ class Rtc(ByteRegisterDevice):
         try:
             return int(self._clock())
         except Exception:
-            log.exception("rtc: clock failed")
+            self._rlog.exception("clock", "rtc: clock failed")
             return 0
 
     def _guest_epoch(self) -> int:
@@ -212,7 +212,7 @@ class Rtc(ByteRegisterDevice):
             return  # derived from the date; the guest's value is not kept
         v = self._decode(value & 0x7F if reg == REG_HOURS and twelve_hour else value)
         if v is None:
-            log.debug("rtc: bad value %#04x for register %#x ignored", value, reg)
+            self._rlog.debug("bad-value", "rtc: bad value %#04x for register %#x ignored", value, reg)
             return
         if reg == REG_SECONDS:
             sec = v
@@ -221,7 +221,7 @@ class Rtc(ByteRegisterDevice):
         elif reg == REG_HOURS:
             if twelve_hour:
                 if not 1 <= v <= 12:
-                    log.debug("rtc: bad 12-hour value %#04x ignored", value)
+                    self._rlog.debug("bad-12h", "rtc: bad 12-hour value %#04x ignored", value)
                     return
                 v = v % 12 + (12 if value & 0x80 else 0)
             hour = v
@@ -241,7 +241,8 @@ class Rtc(ByteRegisterDevice):
             day = min(day, calendar.monthrange(year, month)[1])
         new = self._to_epoch((year, month, day, hour, minute, sec))
         if new is None:
-            log.debug("rtc: write %#04x to register %#x gives an invalid time; ignored", value, reg)
+            self._rlog.debug("invalid-time", "rtc: write %#04x to register %#x gives an invalid time; ignored",
+                             value, reg)
             return
         self._offset = new - self._host_epoch()
 
@@ -286,12 +287,13 @@ class Rtc(ByteRegisterDevice):
             elif not value & REG_B_SET and was_set:
                 new = self._to_epoch(self._frozen)
                 if new is None:
-                    log.warning("rtc: guest set an invalid time %r; clock unchanged", self._frozen)
+                    self._rlog.warning("invalid-set", "rtc: guest set an invalid time %r; clock unchanged",
+                                       self._frozen)
                 else:
                     self._offset = new - self._host_epoch()
                 self._frozen = None
             self._ram[REG_B] = value
         elif index in (REG_C, REG_D):
-            log.debug("rtc: write %#04x to read-only register %#x ignored", value, index)
+            self._rlog.debug("read-only", "rtc: write %#04x to read-only register %#x ignored", value, index)
         else:
             self._ram[index] = value

@@ -275,7 +275,7 @@ class Serial(ByteRegisterDevice):
         try:
             self._irq(level)
         except Exception:
-            log.exception("serial: irq(%s) failed", level)
+            self._rlog.exception("irq", "serial: irq(%s) failed", level)
 
     def _update_irq(self) -> None:
         level = self._compute_level()
@@ -314,12 +314,12 @@ class Serial(ByteRegisterDevice):
     def _transmit(self, value: int) -> None:
         if self._mcr & MCR_LOOP:
             if not self._rx_push(bytes([value])):
-                log.debug("serial: loopback byte dropped, receive buffer full")
+                self._rlog.debug("loopback-full", "serial: loopback byte dropped, receive buffer full")
             return
         try:
             self._out(bytes([value]))
         except Exception:
-            log.exception("serial: output callback failed; byte dropped")
+            self._rlog.exception("out", "serial: output callback failed; byte dropped")
 
     # ------------------------------------------------------------------ registers
     def _read_reg(self, offset: int) -> int:
@@ -380,7 +380,7 @@ class Serial(ByteRegisterDevice):
                 self._dlm = value
                 return
             if value & ~0x0F:
-                log.debug("serial: IER write %#04x, reserved bits ignored", value)
+                self._rlog.debug("ier-reserved", "serial: IER write %#04x, reserved bits ignored", value)
             new = value & 0x0F
             changed = self._ier ^ new
             self._ier = new
@@ -395,12 +395,12 @@ class Serial(ByteRegisterDevice):
             self._lcr = value
         elif offset == MCR:
             if value & ~MCR_MASK:
-                log.debug("serial: MCR write %#04x, reserved bits ignored", value)
+                self._rlog.debug("mcr-reserved", "serial: MCR write %#04x, reserved bits ignored", value)
             self._mcr = value & MCR_MASK
             self._set_modem_lines(self._modem_lines())
             self._update_irq()
         elif offset in (LSR, MSR):
-            log.debug("serial: write %#04x to read-only register %d ignored", value, offset)
+            self._rlog.debug("read-only", "serial: write %#04x to read-only register %d ignored", value, offset)
         elif offset == SCR:
             self._scr = value
 
