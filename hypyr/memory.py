@@ -18,9 +18,14 @@ rules for holders of such views:
   an address computed outside the checked range;
 * guest memory is shared with the running guest: its contents can change under the view at any
   time (read a value once, copy it if it must stay stable);
-* views keep the mapping alive: while one exists, :meth:`GuestRegion.close` cannot unmap the
-  region (the mapping then lives until the process exits), so a late access through a view can
-  only ever touch that guest's RAM, never freed host memory.  Drop views when the I/O is done.
+* :meth:`GuestMemory.close` unmaps guest RAM at once, whoever still references the memory (a
+  reboot must not leave the old RAM to the garbage collector).  It releases every view made by
+  :meth:`GuestMemory.view` (the long-lived kind: a virtqueue's rings), so a late access through
+  one raises ``ValueError``.  A view it cannot release (one from :meth:`GuestMemory.views`, or
+  one a system call is using right now) keeps the address range mapped until it goes, with the
+  RAM already given back (it reads as zeros).  Either way a late access never touches freed
+  host memory.  Drop views when the I/O is done.  After ``close()`` every access through
+  :class:`GuestMemory` raises :class:`GuestMemoryClosedError`.
 
 For file I/O without any per-buffer view, :meth:`GuestMemory.preadv`/:meth:`~GuestMemory.pwritev`
 (ranges as pairs) check every range in full the same way, then call libc ``preadv``/``pwritev`` with an iovec array built here from
@@ -42,9 +47,11 @@ import struct
 from dataclasses import dataclass
 import functools
 import os
+import sys
+import threading
 from typing import Iterable, Iterator, Sequence
 
-__all__ = ["GuestAddress", "GuestMemoryError", "GuestRegion", "GuestMemory"]
+__all__ = ["GuestAddress", "GuestMemoryError", "GuestMemoryClosedError", "GuestRegion", "GuestMemory"]
 
 IOV_MAX = 1024  # Linux UIO_MAXIOV: at most this many buffers per preadv/pwritev
 
@@ -169,6 +176,16 @@ class GuestMemoryError(Exception):
     """A guest-physical access that falls (partly) outside guest RAM."""
 
 
+class GuestMemoryClosedError(GuestMemoryError):
+    """An access to guest memory after :meth:`GuestMemory.close`."""
+
+
+def _held_elsewhere(views: list[memoryview]) -> list[memoryview]:
+    """The views someone besides ``views`` still references (CPython reference counts: one
+    referenced only by the list has three here, counting the loop variable and the argument)."""
+    return [v for v in views if sys.getrefcount(v) > 3]
+
+
 class GuestRegion:
     """One contiguous range of guest RAM backed by an anonymous host mapping.
 
@@ -203,7 +220,10 @@ class GuestRegion:
                 self._map.madvise(_MADV_HUGEPAGE, off, size)
             except OSError:
                 pass  # THP disabled on this host: fine, just slower
+        self._off = off
         self._view = memoryview(self._map)[off:off + size]
+        self._lent: list[memoryview] = []  # views from lend(), released by close()
+        self._lock = threading.Lock()
 
     @property
     def end(self) -> int:
@@ -217,12 +237,34 @@ class GuestRegion:
     def contains(self, addr: int, length: int = 1) -> bool:
         return self.start <= addr and addr + length <= self.end
 
+    def lend(self, offset: int, length: int) -> memoryview:
+        """A view of ``length`` bytes at ``offset`` into the RAM, released by :meth:`close`."""
+        with self._lock:
+            if self._map is None:
+                raise GuestMemoryClosedError("guest memory is closed")
+            self._lent = _held_elsewhere(self._lent)  # forget dropped views: the list stays short
+            view = self._view[offset:offset + length]
+            self._lent.append(view)
+            return view
+
     def close(self) -> None:
-        self._view.release()
+        """Unmap the region now (idempotent): release the lent views, then the mapping.  A view
+        still in use (by a system call right now, or from :meth:`GuestMemory.views`) keeps the
+        address range mapped until it goes; its RAM is given back at once all the same."""
+        with self._lock:
+            mapping, self._map = self._map, None
+            lent, self._lent = self._lent, []
+        if mapping is None:
+            return
+        for view in lent + [self._view]:
+            try:
+                view.release()
+            except BufferError:
+                pass  # exported to a system call in progress
         try:
-            self._map.close()
-        except BufferError:
-            pass  # a view still exists; the mapping dies with the process
+            mapping.close()
+        except BufferError:  # we hold no reference now: the last view's release unmaps it
+            mapping.madvise(mmap.MADV_DONTNEED, self._off, self.size)
 
 
 @dataclass(frozen=True)
@@ -251,6 +293,7 @@ class GuestMemory:
         self._desc_hi = (self._hosts[0] >> 32 if first is not None and first.start == 0 and first.guarded
                          and _libc_preadv is not None else None)
         self._desc_fill: dict[int, array] = {}
+        self._closed = False
 
     @classmethod
     def anonymous(cls, layout: Iterable[tuple[int, int]], *, hugepages: bool = True) -> "GuestMemory":
@@ -266,12 +309,19 @@ class GuestMemory:
         return self.regions[-1].end if self.regions else 0
 
     def close(self) -> None:
+        """Unmap guest RAM now (idempotent); any access afterwards raises
+        :class:`GuestMemoryClosedError` (see the module docstring for views)."""
+        self._closed = True
+        self._spans = []      # every fast path now falls through to _pieces(), which refuses
+        self._desc_hi = None  # preadv_descs/pwritev_descs decline
         for r in self.regions:
             r.close()
 
     # -- range checking ---------------------------------------------------------------------
     def _pieces(self, addr: int, length: int) -> list[tuple[int, int, int]]:
         """Split [addr, addr+length) into (region index, offset, length) or raise if any byte is not RAM."""
+        if self._closed:
+            raise GuestMemoryClosedError(f"guest memory is closed (access at {addr:#x})")
         if length < 0:
             raise GuestMemoryError(f"negative length {length} at {addr:#x}")
         if addr < 0 or addr + length > 1 << 64:
@@ -308,7 +358,7 @@ class GuestMemory:
         if len(pieces) != 1:
             raise GuestMemoryError(f"guest range {addr:#x}+{length:#x} is not inside one RAM region")
         i, off, n = pieces[0]
-        return self._spans[i][2][off:off + n]
+        return self.regions[i].lend(off, n)
 
     def views(self, ranges: Iterable[tuple[int, int]]) -> list[memoryview]:
         """Writable views of exactly the bytes of ``ranges`` (``(addr, length)`` pairs), in order.
@@ -366,8 +416,8 @@ class GuestMemory:
         return self._rw_descs(_libc_pwritev, fd, descs, first, count, offset)
 
     def _rw_descs(self, fn, fd: int, descs: array, first: int, count: int, offset: int) -> int | None:
-        hi = self._desc_hi
-        if hi is None or not 0 < count <= IOV_MAX or descs.itemsize != 4 or first < 0:
+        hi, spans = self._desc_hi, self._spans  # one read each: close() may empty them meanwhile
+        if hi is None or not spans or not 0 < count <= IOV_MAX or descs.itemsize != 4 or first < 0:
             return None
         iov = descs[4 * first:4 * (first + count)]
         if len(iov) != 4 * count:
@@ -382,7 +432,7 @@ class GuestMemory:
             return None                  # a buffer at or above 4 GiB
         iov[1::4] = his                  # u64 iov_base = host address of RAM + guest address
         iov[3::4] = zeros                # u64 iov_len = the u32 length (flags and next cleared)
-        return _libc_rw(fn, fd, iov.buffer_info()[0], count, offset, self._spans[0][2])
+        return _libc_rw(fn, fd, iov.buffer_info()[0], count, offset, spans[0][2])
 
     def _rw(self, fn, fallback, fd: int, ranges: Sequence[tuple[int, int]], offset: int) -> int:
         if not ranges:
@@ -452,9 +502,10 @@ class GuestMemory:
         empty (then check them one by one).  Loops only in C, and makes no Python object per
         descriptor (see :func:`_desc_lanes`)."""
         count = len(table) >> 4
-        if len(self._spans) != 1 or not count or len(table) & 15:
+        spans = self._spans
+        if len(spans) != 1 or not count or len(table) & 15:
             return False
-        start, end, _ = self._spans[0]
+        start, end, _ = spans[0]
         one, addr_mask, len_mask, low_bias, high_bias, top = _desc_lanes(count, start, end)
         t = int.from_bytes(table, "little")
         addrs = t & addr_mask

@@ -37,7 +37,7 @@ from hypyr.kvm import B, Kvm, KvmUnavailable
 from hypyr.memory import GuestMemory
 
 from .iothread import IoThread
-from .machine import Machine
+from .machine import Machine, check_vcpu_count
 
 log = logging.getLogger("hypyr.vmm")
 
@@ -161,11 +161,7 @@ def validate(config: VmConfig, kvm: Kvm | None = None) -> None:
             raise HypyrError(f"{what} file {path} does not exist")
         if not os.path.isfile(path) or not os.access(path, os.R_OK):
             raise HypyrError(f"{what} file {path} is not a readable file")
-    if config.vcpus < 1:
-        raise HypyrError(f"--vcpus must be at least 1 (got {config.vcpus})")
-    limit = min(kvm.max_vcpus if kvm else 254, 254)
-    if config.vcpus > limit:
-        raise HypyrError(f"--vcpus {config.vcpus} is more than this host's KVM allows ({limit})")
+    check_vcpu_count(config.vcpus, kvm)  # VcpuCountError; without kvm, hypyr's own limit only
     if config.memory < 16 << 20:
         raise HypyrError(f"guest memory must be at least 16 MiB (got {config.memory >> 20} MiB)")
     avail = host_available_memory()

@@ -16,14 +16,34 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
+from hypyr.arch.x86 import acpi
 from hypyr.devices.bus import Bus
 from hypyr.devices.events import GuestEvent, StopRequest
+from hypyr.errors import VcpuCountError
 from hypyr.kvm import MMIO_DATA_OFF, MMIO_EXIT, MMIO_EXIT_OFF, B, Kvm, KvmError, Vcpu, Vm
 from hypyr.memory import GuestMemory
 
 log = logging.getLogger("hypyr.vmm")
 
 KICK_SIGNAL = signal.SIGRTMIN  # interrupts KVM_RUN in a vCPU thread
+
+MAX_VCPUS = acpi.MAX_VCPUS  # the most our MADT can describe (8-bit xAPIC ids, no x2APIC entries)
+
+
+def vcpu_limit(kvm: Kvm | None = None) -> int:
+    """The most vCPUs a machine may have: :data:`MAX_VCPUS`, and no more than ``kvm``'s
+    KVM_CAP_MAX_VCPUS."""
+    return MAX_VCPUS if kvm is None else min(kvm.max_vcpus, MAX_VCPUS)
+
+
+def check_vcpu_count(n: object, kvm: Kvm | None = None) -> int:
+    """``n`` if it is a vCPU count this host and hypyr allow; :class:`VcpuCountError` otherwise."""
+    limit = vcpu_limit(kvm)
+    if isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= limit:
+        return n
+    why = ("this host's KVM_CAP_MAX_VCPUS" if limit < MAX_VCPUS
+           else "the most hypyr's MADT describes, with 8-bit APIC ids")
+    raise VcpuCountError(f"vcpus must be an integer from 1 to {limit} ({why}), not {n!r}.")
 
 
 class StopKind(enum.Enum):
@@ -92,24 +112,12 @@ class Machine:
                  own_kvm: bool | None = None):
         """``kvm``: an open /dev/kvm to use (default: open one); the machine closes it on close()
         if it opened it itself or ``own_kvm`` is true."""
-        if nr_vcpus < 1:
-            raise ValueError("a machine needs at least one vCPU")
         self._own_kvm = kvm is None if own_kvm is None else own_kvm
-        self.kvm = kvm or Kvm()
-        self.vm: Vm = self.kvm.create_vm()
         self.memory = memory
         self.pio = Bus("pio")
         self.mmio = Bus("mmio")
         self.irqchip = irqchip
-        # x86 needs these two pages reserved for VMX real-mode emulation; they lie in the MMIO hole
-        self.vm.set_tss_addr(0xFFFBD000)
-        self.vm.set_identity_map_addr(0xFFFBC000)
-        if irqchip:
-            self.vm.create_irqchip()
-            self.vm.create_pit2()
-        for region in memory.regions:
-            self.vm.set_user_memory_region(region.start, region.size, region.host_address())
-        self.vcpus = [_VcpuThread(self.vm.create_vcpu(i)) for i in range(nr_vcpus)]
+        self.vcpus: list[_VcpuThread] = []
         self._cond = threading.Condition()
         self._paused = False
         self._stopping = False
@@ -118,6 +126,33 @@ class Machine:
         self._eventfds: list[int] = []  # irqfds and absorbed-write eventfds, closed with the VM
         self._closed = False
         self.services: list = []  # objects with start()/stop() that live as long as the VM (I/O threads)
+        self.kvm = kvm or Kvm()
+        self.vm: Vm | None = None
+        try:
+            check_vcpu_count(nr_vcpus, self.kvm)  # before anything is allocated per vCPU
+            self.vm = self.kvm.create_vm()
+            self._setup_vm(nr_vcpus)
+        except BaseException:  # close what exists; the memory stays the caller's
+            for vt in self.vcpus:
+                vt.vcpu.close()
+            if self.vm is not None:
+                self.vm.close()
+            if self._own_kvm:
+                self.kvm.close()
+            raise
+
+    def _setup_vm(self, nr_vcpus: int) -> None:
+        vm = self.vm
+        # x86 needs these two pages reserved for VMX real-mode emulation; they lie in the MMIO hole
+        vm.set_tss_addr(0xFFFBD000)
+        vm.set_identity_map_addr(0xFFFBC000)
+        if self.irqchip:
+            vm.create_irqchip()
+            vm.create_pit2()
+        for region in self.memory.regions:
+            vm.set_user_memory_region(region.start, region.size, region.host_address())
+        for i in range(nr_vcpus):
+            self.vcpus.append(_VcpuThread(vm.create_vcpu(i)))
 
     # -- interrupts ---------------------------------------------------------------------------
     def irq_line(self, irq: int) -> Callable[[bool], None]:
@@ -237,18 +272,25 @@ class Machine:
         return self._paused
 
     def close(self) -> None:
-        for service in reversed(self.services):
-            service.stop()
-        for vt in self.vcpus:
-            vt.vcpu.close()
+        """Release everything the machine holds (idempotent).  Guest RAM is unmapped here and now,
+        even while the machine is still referenced (a reboot holds the old one while it builds
+        the next)."""
+        if self._closed:
+            return
         self._closed = True
-        self.vm.close()
-        for fd in self._eventfds:
-            os.close(fd)
-        self._eventfds = []
-        self.memory.close()
-        if self._own_kvm:
-            self.kvm.close()
+        try:
+            for service in reversed(self.services):
+                service.stop()
+            for vt in self.vcpus:
+                vt.vcpu.close()
+            self.vm.close()
+            for fd in self._eventfds:
+                os.close(fd)
+            self._eventfds = []
+        finally:
+            self.memory.close()
+            if self._own_kvm:
+                self.kvm.close()
 
     def _kick_all(self) -> None:
         me = threading.current_thread()
