@@ -1,3 +1,4 @@
+import logging
 import struct
 import sys
 import threading
@@ -231,3 +232,31 @@ def test_activate_needs_two_queues():
     dev.queue_notify(0)
     dev.queue_notify(1)
     dev.queue_notify(7)
+
+
+def test_guest_triggerable_log_lines_are_rate_limited(caplog):
+    """Bad chains, config writes, notifies of missing queues and a broken receive queue found
+    from the console thread: a few lines each, however often the driver does it."""
+    r = Rig()
+    with caplog.at_level(logging.DEBUG, logger="hypyr.dev"):
+        for _ in range(40):
+            r.dev.config_write(0, b"\1\2")
+            r.dev.queue_notify(7)
+        for _ in range(3):
+            for _ in range(8):
+                r.tx.add_chain([Buf(r.tx.alloc(b"x"), 1), Buf(r.tx.alloc(4), 4, write=True)])
+                r.rx.add_chain([Buf(r.rx.alloc(4), 4)])
+            r.dev.queue_notify(C.TRANSMITQ)
+            r.dev.enqueue_input(b"y" * 8)
+            assert len(r.tx.take_used()) == len(r.rx.take_used()) == 8
+        for _ in range(10):  # the driver breaks its receive queue, resets, and again
+            r.dev.reset()
+            r.rx = MockDriver(16)
+            r.tx = MockDriver(16, mem=r.rx.mem, base=0x4000)
+            r.rx.mem.write_u16(r.rx.avail + 2, 100)
+            r.activate()
+            r.dev.enqueue_input(b"z")
+    counts: dict[str, int] = {}
+    for rec in caplog.records:
+        counts[rec.msg] = counts.get(rec.msg, 0) + 1
+    assert len(counts) == 5 and max(counts.values()) <= 5, counts

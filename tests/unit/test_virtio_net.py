@@ -58,6 +58,10 @@ class Nic:
                                tx_rate=tx_rate, clock=clock, ifname="test0")
         self.edge = Edge()
         self.t = VirtioMmioTransport(self.dev, self.mem, trigger=self.edge)
+        self.bring_up(features)
+
+    def bring_up(self, features):
+        """What the driver does: negotiate ``features``, set up both queues, DRIVER_OK."""
         t = self.t
         wr(t, M.STATUS, ACK | DRV)
         for sel in (0, 1):
@@ -308,3 +312,91 @@ def test_receive_ring_error_found_by_the_tap_path_resets_at_the_next_notify(nic)
     assert not n.status() & NEEDS_RESET
     n.t.notify(0)
     assert n.status() & NEEDS_RESET
+
+
+def _fresh_rings(n):
+    """The driver after a reset: new, empty rings at the same places."""
+    for drv, data in ((n.rx, 0x10000), (n.tx, 0x80000)):
+        n.mem.fill(drv.desc, drv.used + 6 + 8 * drv.size - drv.desc)
+        drv.__init__(size=drv.size, mem=n.mem, base=drv.desc)
+        drv.data_next = data
+
+
+def test_chains_held_by_the_device_are_in_flight_until_used(nic):
+    """Receive chains kept for a frame that does not fit yet, and a transmit chain held for
+    rate credit, count against the queue size until they are used, and a reset forgets them."""
+    now = [0.0]
+    n = nic(tx_rate=(100_000, 0.05), clock=lambda: now[0])
+    rxq, txq = n.t.queues
+    a = n.rx.alloc(2048)
+    h1 = n.rx.add_chain([Buf(a, 2048, write=True)])
+    n.host.send(hdr() + bytes(3000))
+    n.dev._rx_ready()
+    assert n.rx.take_used() == [] and rxq.in_flight == 1          # kept for the frame
+    h2 = n.rx.add_chain([Buf(n.rx.alloc(2048), 2048, write=True)])
+    n.t.notify(0)
+    assert [h for h, _ in n.rx.take_used()] == [h1, h2] and rxq.in_flight == 0
+
+    frames = [hdr() + os.urandom(40_000) for _ in range(3)]
+    for f in frames:
+        n.tx.add_chain([Buf(n.tx.alloc(f), len(f))])
+    n.t.notify(1)
+    assert n.dev._tx_held is not None and txq.in_flight == 1     # waiting for credit
+    while n.dev._tx_held is not None:
+        n.dev._tx_timer.cancel()
+        now[0] += 1.0
+        n.dev._tx_resume()
+    assert len(n.tx.take_used()) == 3 and txq.in_flight == 0
+
+    # held again on both sides, then the driver resets the device
+    n.rx.add_chain([Buf(n.rx.alloc(2048), 2048, write=True)])
+    n.host.send(hdr() + bytes(3000))
+    n.dev._rx_ready()
+    for f in frames:
+        n.tx.add_chain([Buf(n.tx.alloc(f), len(f))])
+    n.t.notify(1)
+    assert rxq.in_flight == 1 and txq.in_flight >= 1
+    n.dev._tx_timer.cancel()
+    wr(n.t, M.STATUS, 0)
+    assert rxq.in_flight == txq.in_flight == 0
+    assert n.dev._tx_held is None and not n.dev._rx_spare
+    # a fresh driver may hand over a full ring: one frame takes every buffer of it
+    _fresh_rings(n)
+    n.bring_up(VIRTIO_F_VERSION_1 | N.F_MRG_RXBUF)
+    heads = [n.rx.add_chain([Buf(n.rx.alloc(256), 256, write=True)]) for _ in range(n.rx.size)]
+    n.host.recv(70000)  # (what the TAP got before the reset)
+    n.host.send(hdr() + bytes(n.rx.size * 256 - 12))
+    n.dev._rx_ready()
+    assert [h for h, _ in n.rx.take_used()] == heads and not n.status() & NEEDS_RESET
+
+
+def test_many_rounds_through_a_small_ring_never_exceed_it(nic):
+    """A well-behaved driver cycling its buffers through a 4-entry ring, frames split across
+    buffers and transmit rate-limited, for many times the ring size: no false alarm."""
+    now = [0.0]
+    n = nic(tx_rate=(1_000_000, 0.05), clock=lambda: now[0], size=4)
+    sent = got = 0
+    for round_ in range(12):
+        for _ in range(4):
+            n.rx.add_chain([Buf(0x10000 + 0x1000 * (round_ % 4), 1500, write=True)])
+        n.host.send(hdr() + bytes(2000))  # two buffers each
+        n.host.send(hdr() + bytes(2000))
+        n.dev._rx_ready()
+        got += len(n.rx.take_used())
+        for _ in range(4):
+            f = hdr() + bytes(60_000)
+            n.tx.add_chain([Buf(0x80000, len(f))])
+        n.t.notify(1)
+        while n.dev._tx_held is not None:
+            n.dev._tx_timer.cancel()
+            now[0] += 1.0
+            n.dev._tx_resume()
+        sent += len(n.tx.take_used())
+        n.host.setblocking(False)
+        try:
+            while n.host.recv(70000):
+                pass
+        except BlockingIOError:
+            pass
+    assert (got, sent) == (48, 48) and not n.status() & NEEDS_RESET
+    assert [q.in_flight for q in n.t.queues] == [0, 0]

@@ -715,3 +715,56 @@ def test_indirect_fast_path_matches_the_walk(n, data, direct_first):
     assert fast == slow
     if fast[0] == "chain":
         assert fast[3] == sum(x for _, x in fast[1]) and fast[4] == sum(x for _, x in fast[2])
+
+
+# ---------------------------------------------------------------------------- chains in flight
+def _republish(d: MockDriver, head: int, times: int) -> None:
+    """A hostile driver: publish ``head`` again ``times`` times, whether or not it is ours."""
+    for _ in range(times):
+        d.publish(head)
+
+
+def test_chains_in_flight_are_bounded_by_the_queue_size():
+    """avail.idx may run only a queue size ahead, but heads still in flight can be published
+    again: the chains popped and not yet returned are what is bounded (QEMU: "Virtqueue size
+    exceeded")."""
+    d = MockDriver(size=8)
+    q = d.queue()
+    buf = d.alloc(4)
+    heads = [d.add_chain([Buf(buf, 4, write=True)]) for _ in range(8)]
+    assert [q.pop().head for _ in range(8)] == heads and q.in_flight == 8
+    _republish(d, heads[0], 1)  # still ours
+    with pytest.raises(QueueError, match="size exceeded"):
+        q.pop()
+
+
+def test_pop_all_stops_at_the_bound_and_returns_the_chains_before():
+    d = MockDriver(size=8)
+    q = d.queue()
+    buf = d.alloc(4)
+    heads = [d.add_chain([Buf(buf, 4, write=True)]) for _ in range(6)]
+    assert len(q.pop_all()[0]) == 6
+    _republish(d, heads[0], 4)
+    chains, error = q.pop_all()
+    assert len(chains) == 2 and isinstance(error, QueueError) and "size exceeded" in str(error)
+    assert q.in_flight == 8
+
+
+def test_returned_chains_make_room_and_reset_forgets_the_count():
+    d = MockDriver(size=8)
+    q = d.queue()
+    buf = d.alloc(4)
+    for round_ in range(5):  # 40 chains through an 8-entry queue, returned in batches
+        heads = [d.add_chain([Buf(buf, 4, write=True)]) for _ in range(8)]
+        chains, error = q.pop_all()
+        assert error is None and [c.head for c in chains] == heads and q.in_flight == 8
+        q.add_used(chains[0].head, 0)
+        q.add_used_many((c.head, 0) for c in chains[1:])
+        assert q.in_flight == 0
+    d.add_chain([Buf(buf, 4, write=True)])
+    q.pop()
+    assert q.in_flight == 1
+    q.reset()
+    assert q.in_flight == 0
+    q.add_used(0, 0)  # a late completion after the reset: dropped, never below zero
+    assert q.in_flight == 0

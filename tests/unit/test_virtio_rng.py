@@ -173,3 +173,19 @@ def test_hand_built_descriptors():
     drv.publish(2)
     t.notify(0)
     assert drv.take_used() == [(2, 32)]
+
+
+def test_guest_triggerable_log_lines_are_rate_limited(caplog):
+    t, rng, drv, line = start()
+    r = drv.alloc(b"no room here")
+    with caplog.at_level(logging.DEBUG, logger="hypyr.dev"):
+        for _ in range(4):
+            for _ in range(16):
+                drv.add_chain([Buf(r, 12)])  # nothing writable
+            t.notify(0)
+            assert len(drv.take_used()) == 16
+        for _ in range(40):
+            rng.queue_notify(3)  # no such queue
+    messages = [rec.msg for rec in caplog.records]
+    assert 1 <= messages.count(messages[0]) <= 5 and 1 <= messages.count(messages[-1]) <= 5
+    assert len(set(messages)) == 2

@@ -9,9 +9,12 @@ One request queue.  A request is a descriptor chain::
 Everything in a chain is untrusted.  A chain with no device-writable byte has nowhere to report
 an error and raises :class:`DeviceError` (the transport then sets NEEDS_RESET); any other
 malformed request completes with IOERR (bad length, sector range, write to a read-only disk,
-host I/O error) or UNSUPP (unknown type, feature not negotiated, unknown flags).  The image is
-never read or written outside ``[0, capacity * 512)`` and a read-only image is opened
-``O_RDONLY``.  Rejected requests are logged at warning level once per kind.
+host I/O error, a header that is not device-readable) or UNSUPP (unknown type, feature not
+negotiated, unknown flags), never an exception.  The image is never read or written outside
+``[0, capacity * 512)`` and a read-only image is opened ``O_RDONLY``.  Rejected requests are
+logged at warning level, rate-limited per kind (the kinds are fixed, never the guest's values).
+The queue bounds the requests in flight by its size (see :mod:`.queue`), and so what the device
+holds: the groups of requests below, and what a FLUSH waits for.
 
 I/O runs off the vCPU threads: :meth:`VirtioBlk.queue_notify` (called on the VM's I/O thread,
 from the queue's ioeventfd) pops every available chain (reading each request header once,
@@ -31,7 +34,9 @@ chain covering gigabytes of guest RAM costs time, not host memory.
 Ordering and lifetime:
 
 * FLUSH waits for every request submitted before it, then ``fdatasync``; an OUT is completed
-  only after ``pwritev`` returned, so data acknowledged by a FLUSH is on the disk.
+  only after ``pwritev`` returned, so data acknowledged by a FLUSH is on the disk.  Once an
+  ``fdatasync`` failed, every later FLUSH fails, for the device's life (a driver reset keeps
+  it): the data written before it may be lost.
 * Every activation and reset starts a new *generation*.  Status bytes, GET_ID data and
   used-ring updates of a request are written under the device lock and only if its generation is
   current, so a request that finishes after :meth:`reset` never completes, never writes its
@@ -45,8 +50,10 @@ Ordering and lifetime:
   :meth:`reset` waits (bounded, :data:`RESET_WAIT`) for in-flight requests, so normally their
   reads and file writes have finished before it returns and nothing lands late at all.
 
-Callers must :meth:`VirtioBlk.close` the device when the VM is torn down (it waits for
-in-flight I/O, stops the workers and closes the image).  The image is ``flock``-ed (exclusive
+Callers must :meth:`VirtioBlk.close` the device when the VM is torn down: it starts a new
+generation too (requests in flight start no more I/O), waits for every request, whichever
+thread runs it, stops the workers and only then closes the image, so that no late request
+writes into a file that gets the descriptor number next.  The image is ``flock``-ed (exclusive
 for read-write, shared for read-only) so that two VMs cannot write one image at once.
 """
 
@@ -61,9 +68,11 @@ import os
 import stat
 import struct
 import threading
+import traceback
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
+from hypyr.devices.ratelog import RateLimitedLog
 from hypyr.errors import HypyrError
 from hypyr.memory import GuestMemory
 
@@ -223,13 +232,16 @@ class VirtioBlk(VirtioDevice):
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._gen = 0
-        self._pending: set[concurrent.futures.Future] = set()
-        self._inline = 0  # requests being run by a notifying thread (see _submit_locked)
-        self._idle_waiters = 0  # threads in wait_idle()
+        # tickets of the groups of requests running or waiting to run (see _submit_locked); each
+        # holds a chain in flight, so there are at most a queue size of them per generation
+        self._pending: set[int] = set()
+        self._next_ticket = 0
+        self._waiters = 0  # threads waiting on _idle (wait_idle, FLUSH)
+        self._flush_error: OSError | None = None  # sticky (see _do_flush)
         self._notify_lock = threading.Lock()
         self._workers = workers
         self._closed = False
-        self._warned: set[str] = set()
+        self._rlog = RateLimitedLog(log)  # keys are fixed strings, never the guest's values
         self._punch_supported = _fallocate is not None
         self._zero_range_supported = _fallocate is not None
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=workers,
@@ -289,7 +301,7 @@ class VirtioBlk(VirtioDevice):
         return self._config[offset:offset + size].ljust(size, b"\0")
 
     def config_write(self, offset: int, data: bytes) -> None:
-        log.debug("virtio-blk: config write of %d bytes at %#x ignored", len(data), offset)
+        self._rlog.debug("config-write", "virtio-blk: config write of %d bytes at %#x ignored", len(data), offset)
 
     def activate(self, mem: GuestMemory, queues: list[SplitQueue], driver_features: int,
                  interrupt: Callable[[int], None]) -> None:
@@ -304,12 +316,12 @@ class VirtioBlk(VirtioDevice):
             self._gen += 1
             super().reset()
         if not self.wait_idle(RESET_WAIT):
-            log.warning("virtio-blk: %s: requests still in flight %.0f s after reset; their results "
-                        "will be dropped", self.path, RESET_WAIT)
+            self._rlog.warning("reset-wait", "virtio-blk: %s: requests still in flight %.0f s after reset; "
+                               "their results will be dropped", self.path, RESET_WAIT)
 
     def queue_notify(self, index: int) -> None:
         if index != 0:
-            log.debug("virtio-blk: notify for nonexistent queue %d ignored", index)
+            self._rlog.debug("notify", "virtio-blk: notify for nonexistent queue %d ignored", index)
             return
         # One notification at a time (normally they all come from one I/O thread anyway): a
         # FLUSH popped by a later notification then always finds the requests run inline by an
@@ -332,24 +344,22 @@ class VirtioBlk(VirtioDevice):
                                             f"status byte")
                         break
                     reqs.append(_Request(gen, queue, mem, chain, read_header(mem, chain)))
-                futs, inline = self._submit_locked(reqs) if reqs else ([], None)
-            if futs is None:
-                self._warn_once("closed", "virtio-blk: %s: request after close(); failing it", self.path)
+                closed = self._closed
+                inline = self._submit_locked(reqs) if reqs and not closed else None
+            if closed and reqs:
+                self._rlog.warning("closed", "virtio-blk: %s: request after close(); failing it", self.path)
                 self._complete_many(reqs)  # status IOERR
-            else:
-                for fut in futs:
-                    fut.add_done_callback(self._done)  # outside the lock: it may run at once and take it
-                if inline is not None:
-                    self._run(inline, [], True)
+            elif inline is not None:
+                self._run(*inline)
         if error is not None:
             raise error
 
     @staticmethod
     def _read_header(mem: GuestMemory, chain: DescriptorChain) -> tuple[int, int, int] | None:
         """(type, reserved, sector), read once; None if the chain has fewer than 16 readable bytes."""
-        if chain.table is not None:
+        if chain.table is not None and chain.nread:
             addr, length = chain.table_buffer(0)
-            if length >= HEADER_SIZE:  # the first buffer holds it (the usual layout)
+            if length >= HEADER_SIZE:  # the first (readable) buffer holds it (the usual layout)
                 return _HEADER.unpack(mem.read(addr, HEADER_SIZE))
         if chain.readable_len < HEADER_SIZE:
             return None
@@ -358,19 +368,27 @@ class VirtioBlk(VirtioDevice):
     # ------------------------------------------------------------------ host interface
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until no request is in flight; False if ``timeout`` seconds passed first."""
+        return self._wait_locked_for(lambda: not self._pending, timeout)
+
+    def _wait_locked_for(self, predicate: Callable[[], bool], timeout: float | None = None) -> bool:
+        """Wait (on ``_idle``, taking the lock) until ``predicate`` holds; False on timeout."""
         with self._idle:
-            self._idle_waiters += 1
+            self._waiters += 1
             try:
-                return self._idle.wait_for(lambda: not self._pending and not self._inline, timeout)
+                return self._idle.wait_for(predicate, timeout)
             finally:
-                self._idle_waiters -= 1
+                self._waiters -= 1
 
     def close(self) -> None:
-        """Wait for in-flight I/O, stop the workers and close the image (idempotent)."""
+        """Fence off the requests in flight (a new generation: they start no more I/O), wait for
+        them, whichever thread runs them, stop the workers and close the image (idempotent).
+        Waits as long as a request's syscall takes: the descriptor must not be reused under it."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+            self._gen += 1
+        self.wait_idle()
         self._executor.shutdown(wait=True)
         os.close(self._fd)
         self._fd = -1
@@ -387,22 +405,25 @@ class VirtioBlk(VirtioDevice):
             raise ValueError(f"saved virtio-blk state {s} does not match this disk {self.state()}")
 
     # ------------------------------------------------------------------ request handling
-    def _submit_locked(self, reqs: list[_Request]) -> tuple[list[concurrent.futures.Future] | None,
-                                                            list[_Request] | None]:
-        """Split a batch into groups (lock held): (futures of the groups handed to the workers,
-        the group the caller runs itself); (None, None) once the device is closed.
+    def _ticket_locked(self) -> int:
+        """A new group's ticket (increasing), pending until the group completes."""
+        ticket = self._next_ticket
+        self._next_ticket = ticket + 1
+        self._pending.add(ticket)
+        return ticket
+
+    def _submit_locked(self, reqs: list[_Request]) -> tuple[list[_Request], int] | None:
+        """Split a batch into groups (lock held), each with a ticket; return the group the
+        caller runs itself, with its ticket, or None.
 
         The requests between two FLUSHes are split into at most one group per worker (in order,
         so each group is a contiguous run); each FLUSH is a group of its own, submitted after
-        everything before it, whose futures it will wait for.  The last group, unless it is a
-        FLUSH, is not submitted but returned: the notifying thread (the VM's I/O thread) runs it
-        at once, so a lone request (the usual case at queue depth 1) costs no thread switch."""
-        if self._closed:
-            return None, None
+        everything before it, for which it will wait (the groups with smaller tickets).  The last
+        group, unless it is a FLUSH, is not submitted but returned: the notifying thread (the
+        VM's I/O thread) runs it at once, so a lone request (the usual case at queue depth 1)
+        costs no thread switch."""
         if len(reqs) == 1 and not _is_flush(reqs[0]):
-            self._inline += 1  # the usual case: one request, run by the caller
-            return [], reqs
-        futs: list[concurrent.futures.Future] = []
+            return reqs, self._ticket_locked()  # the usual case: one request, run by the caller
         groups: list[list[_Request]] = []
         run: list[_Request] = []
 
@@ -423,46 +444,42 @@ class VirtioBlk(VirtioDevice):
         last = groups[-1]
         if len(last) > 1 or not _is_flush(last[0]):
             inline = groups.pop()
-            self._inline += 1
         for group in groups:
-            before = list(self._pending)  # a FLUSH waits for these
-            fut = self._executor.submit(self._run, group, before)
-            self._pending.add(fut)
-            futs.append(fut)
-        return futs, inline
+            self._executor.submit(self._run, group, self._ticket_locked())
+        return None if inline is None else (inline, self._ticket_locked())
 
-    def _done(self, fut: concurrent.futures.Future) -> None:
-        with self._idle:
-            self._pending.discard(fut)
-            if not self._pending:
-                self._idle.notify_all()
-
-    def _run(self, group: list[_Request], before: list[concurrent.futures.Future], inline: bool = False) -> None:
+    def _run(self, group: list[_Request], ticket: int) -> None:
+        """Run the requests of a group in order, then complete them (and the ticket)."""
         finished = []
         try:
             for req in group:
                 try:
                     if req.gen != self._gen:
                         break
-                    req.status = self._execute(req, before)
+                    req.status = self._execute(req, ticket)
                 except _Stale:
                     break
-                except Exception:  # never let a bug kill the request silently: fail it
-                    log.exception("virtio-blk: %s: request (head %d) failed", self.path, req.chain.head)
+                except DeviceError as e:  # a malformed request that got past the checks
+                    self._rlog.warning("malformed", "virtio-blk: %s: request (head %d): %s; failing it",
+                                       self.path, req.chain.head, e)
+                    req.status = VIRTIO_BLK_S_IOERR
+                except Exception:  # a bug: never let it kill the request silently
+                    self._rlog(logging.ERROR, "bug", "virtio-blk: %s: request (head %d) failed\n%s",
+                               self.path, req.chain.head, traceback.format_exc())
                     req.status = VIRTIO_BLK_S_IOERR
                 finished.append(req)
         finally:
-            self._complete_many(finished, inline)
+            self._complete_many(finished, ticket)
 
-    def _complete_many(self, reqs: list[_Request], inline: bool = False) -> None:
+    def _complete_many(self, reqs: list[_Request], ticket: int | None = None) -> None:
         """Write the status bytes, put the chains on the used ring (one index update) and signal
-        one interrupt; requests of an earlier generation are dropped.  ``inline``: the group
-        was run by the notifying thread, which is done with it (see :meth:`wait_idle`).  The
-        interrupt is the last thing done: the vCPU that takes it will want the GIL at once."""
+        one interrupt; requests of an earlier generation are dropped.  ``ticket``: the group's,
+        no longer pending (FLUSH and :meth:`wait_idle` wait for that).  The interrupt is the last
+        thing done: the vCPU that takes it will want the GIL at once."""
         with self._lock:
-            if inline:
-                self._inline -= 1
-                if self._idle_waiters and not self._inline and not self._pending:
+            if ticket is not None:
+                self._pending.discard(ticket)
+                if self._waiters:
                     self._idle.notify_all()
             gen = self._gen
             entries = []
@@ -478,7 +495,8 @@ class VirtioBlk(VirtioDevice):
                     else:
                         chain.write(req.mem, _STATUS_BYTE[req.status], chain.writable_len - 1)
                 except Exception as e:  # guest memory gone (VM torn down): nothing to complete
-                    log.error("virtio-blk: cannot complete request (head %d): %s", chain.head, e)
+                    self._rlog(logging.ERROR, "complete", "virtio-blk: cannot complete request (head %d): %s",
+                               chain.head, e)
                     continue
                 entries.append((chain.head, req.written + 1))
                 queue = req.queue
@@ -487,7 +505,8 @@ class VirtioBlk(VirtioDevice):
             try:
                 queue.add_used_many(entries)
             except Exception as e:
-                log.error("virtio-blk: cannot complete %d requests: %s", len(entries), e)
+                self._rlog(logging.ERROR, "complete", "virtio-blk: cannot complete %d requests: %s",
+                           len(entries), e)
                 return
             try:
                 self.signal_used(0)
@@ -501,20 +520,15 @@ class VirtioBlk(VirtioDevice):
             req.chain.write(req.mem, data, offset)
             req.written = max(req.written, offset + len(data))
 
-    def _warn_once(self, kind: str, msg: str, *args: object) -> None:
-        if kind not in self._warned:
-            self._warned.add(kind)
-            log.warning(msg + " (further such requests are not logged)", *args)
-
     def _in_range(self, sector: int, nbytes: int) -> bool:
         nsectors = nbytes // SECTOR_SIZE
         return 0 <= sector <= self.capacity and nsectors <= self.capacity - sector
 
-    def _execute(self, req: _Request, before: list[concurrent.futures.Future]) -> int:
+    def _execute(self, req: _Request, ticket: int) -> int:
         chain = req.chain
         if req.header is None:
-            self._warn_once("header", "virtio-blk: %s: request with a %d-byte header; failing it",
-                            self.path, chain.readable_len)
+            self._rlog.warning("header", "virtio-blk: %s: request with a %d-byte header; failing it",
+                               self.path, chain.readable_len)
             return VIRTIO_BLK_S_IOERR
         rtype, _reserved, sector = req.header
         if rtype <= VIRTIO_BLK_T_OUT and chain.table is not None:  # IN or OUT in the usual layout
@@ -528,26 +542,26 @@ class VirtioBlk(VirtioDevice):
         if rtype == VIRTIO_BLK_T_OUT:
             return self._do_out(req, sector, data_out)
         if rtype == VIRTIO_BLK_T_FLUSH:
-            return self._do_flush(before)
+            return self._do_flush(req, ticket)
         if rtype == VIRTIO_BLK_T_GET_ID:
             n = min(ID_BYTES, data_in)
             self._guest_write(req, self._serial[:n], 0)
             return VIRTIO_BLK_S_OK
         if rtype in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
             return self._do_discard_or_zero(req, rtype, data_out)
-        self._warn_once(f"type{rtype}", "virtio-blk: %s: unsupported request type %d", self.path, rtype)
+        self._rlog.warning("type", "virtio-blk: %s: unsupported request type %d", self.path, rtype)
         return VIRTIO_BLK_S_UNSUPP
 
     def _check_rw(self, kind: str, sector: int, nbytes: int) -> bool:
         if not nbytes % SECTOR_SIZE and 0 <= sector <= self.capacity - nbytes // SECTOR_SIZE:
             return True  # the usual case, in one test
         if nbytes % SECTOR_SIZE:
-            self._warn_once(f"{kind}-len", "virtio-blk: %s: %s of %d bytes, not a multiple of %d; failing it",
-                            self.path, kind, nbytes, SECTOR_SIZE)
+            self._rlog.warning(f"{kind}-len", "virtio-blk: %s: %s of %d bytes, not a multiple of %d; failing it",
+                               self.path, kind, nbytes, SECTOR_SIZE)
             return False
         if not self._in_range(sector, nbytes):
-            self._warn_once(f"{kind}-range", "virtio-blk: %s: %s of %d bytes at sector %d is beyond the "
-                            "disk's %d sectors; failing it", self.path, kind, nbytes, sector, self.capacity)
+            self._rlog.warning(f"{kind}-range", "virtio-blk: %s: %s of %d bytes at sector %d is beyond the "
+                               "disk's %d sectors; failing it", self.path, kind, nbytes, sector, self.capacity)
             return False
         return True
 
@@ -558,17 +572,17 @@ class VirtioBlk(VirtioDevice):
         try:
             got = self._transfer(req, req.chain.writable_ranges(0, nbytes), base, nbytes, True)
         except OSError as e:
-            self._warn_once(f"eio-read-{e.errno}", "virtio-blk: %s: read error: %s", self.path, e)
+            self._rlog.warning("read-error", "virtio-blk: %s: read error: %s", self.path, e)
             return VIRTIO_BLK_S_IOERR
         if got < nbytes:
-            self._warn_once("eof", "virtio-blk: %s: unexpected end of file at %d (image shrunk?)",
-                            self.path, base + got)
+            self._rlog.warning("eof", "virtio-blk: %s: unexpected end of file at %d (image shrunk?)",
+                               self.path, base + got)
             return VIRTIO_BLK_S_IOERR
         return VIRTIO_BLK_S_OK
 
     def _do_out(self, req: _Request, sector: int, nbytes: int) -> int:
         if self.read_only:
-            self._warn_once("ro-write", "virtio-blk: %s: write to a read-only disk; failing it", self.path)
+            self._rlog.warning("ro-write", "virtio-blk: %s: write to a read-only disk; failing it", self.path)
             return VIRTIO_BLK_S_IOERR
         if not self._check_rw("write", sector, nbytes):
             return VIRTIO_BLK_S_IOERR
@@ -576,7 +590,7 @@ class VirtioBlk(VirtioDevice):
             self._transfer(req, req.chain.readable_ranges(HEADER_SIZE, nbytes), sector * SECTOR_SIZE,
                            nbytes, False)
         except OSError as e:
-            self._warn_once(f"eio-write-{e.errno}", "virtio-blk: %s: write error: %s", self.path, e)
+            self._rlog.warning("write-error", "virtio-blk: %s: write error: %s", self.path, e)
             return VIRTIO_BLK_S_IOERR
         return VIRTIO_BLK_S_OK
 
@@ -705,42 +719,51 @@ class VirtioBlk(VirtioDevice):
                 ranges = ranges[i:]
         return done, False
 
-    def _do_flush(self, before: list[concurrent.futures.Future]) -> int:
-        concurrent.futures.wait(before)  # every earlier request has finished its I/O
+    def _do_flush(self, req: _Request, ticket: int) -> int:
+        """Wait for every group submitted before this one (smaller tickets), then ``fdatasync``.
+        A failed ``fdatasync`` may have lost data already acknowledged, so the error is sticky
+        for the device's life (as QEMU until the image is reopened): a driver reset keeps it."""
+        self._wait_locked_for(lambda: min(self._pending) == ticket)
+        if req.gen != self._gen:
+            raise _Stale()
         if self.read_only:
             return VIRTIO_BLK_S_OK
-        try:
-            os.fdatasync(self._fd)
-        except OSError as e:
-            self._warn_once(f"eio-flush-{e.errno}", "virtio-blk: %s: flush error: %s", self.path, e)
-            return VIRTIO_BLK_S_IOERR
-        return VIRTIO_BLK_S_OK
+        if self._flush_error is None:
+            try:
+                os.fdatasync(self._fd)
+                return VIRTIO_BLK_S_OK
+            except OSError as e:
+                self._flush_error = e
+        self._rlog.warning("flush-error", "virtio-blk: %s: flush error: %s (every later flush fails too)",
+                           self.path, self._flush_error)
+        return VIRTIO_BLK_S_IOERR
 
     def _do_discard_or_zero(self, req: _Request, rtype: int, nbytes: int) -> int:
         discard = rtype == VIRTIO_BLK_T_DISCARD
         kind = "discard" if discard else "write-zeroes"
         if self.read_only:
-            self._warn_once("ro-write", "virtio-blk: %s: write to a read-only disk; failing it", self.path)
+            self._rlog.warning("ro-write", "virtio-blk: %s: write to a read-only disk; failing it", self.path)
             return VIRTIO_BLK_S_IOERR
         feature = VIRTIO_BLK_F_DISCARD if discard else VIRTIO_BLK_F_WRITE_ZEROES
         if not self.driver_features & (1 << feature):
-            self._warn_once(f"{kind}-feature", "virtio-blk: %s: %s without the feature negotiated", self.path, kind)
+            self._rlog.warning(f"{kind}-feature", "virtio-blk: %s: %s without the feature negotiated",
+                               self.path, kind)
             return VIRTIO_BLK_S_UNSUPP
         max_seg = MAX_DISCARD_SEG if discard else MAX_WRITE_ZEROES_SEG
         max_sectors = MAX_DISCARD_SECTORS if discard else MAX_WRITE_ZEROES_SECTORS
         if nbytes == 0 or nbytes % SEGMENT_SIZE or nbytes // SEGMENT_SIZE > max_seg:
-            self._warn_once(f"{kind}-segs", "virtio-blk: %s: %s with %d bytes of segments (max %d segments)",
-                            self.path, kind, nbytes, max_seg)
+            self._rlog.warning(f"{kind}-segs", "virtio-blk: %s: %s with %d bytes of segments (max %d segments)",
+                               self.path, kind, nbytes, max_seg)
             return VIRTIO_BLK_S_IOERR
         raw = req.chain.read(req.mem, nbytes, HEADER_SIZE)
         segments = [struct.unpack_from("<QII", raw, i) for i in range(0, nbytes, SEGMENT_SIZE)]
         for sector, count, flags in segments:  # validate everything before touching the file
             if flags & ~VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP or (discard and flags):
-                self._warn_once(f"{kind}-flags", "virtio-blk: %s: %s with flags %#x", self.path, kind, flags)
+                self._rlog.warning(f"{kind}-flags", "virtio-blk: %s: %s with flags %#x", self.path, kind, flags)
                 return VIRTIO_BLK_S_UNSUPP
             if count > max_sectors or not self._in_range(sector, count * SECTOR_SIZE):
-                self._warn_once(f"{kind}-range", "virtio-blk: %s: %s of %d sectors at %d is beyond the disk "
-                                "or the limit", self.path, kind, count, sector)
+                self._rlog.warning(f"{kind}-range", "virtio-blk: %s: %s of %d sectors at %d is beyond the disk "
+                                   "or the limit", self.path, kind, count, sector)
                 return VIRTIO_BLK_S_IOERR
         try:
             for sector, count, flags in segments:
@@ -758,7 +781,7 @@ class VirtioBlk(VirtioDevice):
                     continue
                 self._write_zeroes(req, off, length)
         except OSError as e:
-            self._warn_once(f"eio-{kind}-{e.errno}", "virtio-blk: %s: %s error: %s", self.path, kind, e)
+            self._rlog.warning(f"{kind}-error", "virtio-blk: %s: %s error: %s", self.path, kind, e)
             return VIRTIO_BLK_S_IOERR
         return VIRTIO_BLK_S_OK
 

@@ -5,7 +5,8 @@ Queues: 0 receiveq (host -> guest), 1 transmitq (guest -> host).
 * Transmit: on a notify of queue 1 every available chain is popped; its device-readable bytes
   go to ``out`` in order (in bounded chunks, so a hostile chain covering much of guest RAM costs
   time, not host memory), the chain is returned with length 0, and the queue is signalled once.
-  A chain with only device-writable buffers is returned unused (and logged once).
+  A chain with only device-writable buffers is returned unused (and logged, rate-limited, as
+  every line the driver can cause).
 * Receive: host input (:meth:`VirtioConsole.enqueue_input`, the same API as the UART's) goes to
   a bounded buffer (``RX_BUFFER_SIZE`` = 64 KiB) and is copied into the receive buffers the
   driver has made available, when input arrives and when the driver adds buffers.  Input that
@@ -32,10 +33,12 @@ from __future__ import annotations
 import logging
 import struct
 import threading
+import traceback
 from dataclasses import dataclass
 from typing import Callable
 
 from hypyr.devices.overflow import OverflowLog
+from hypyr.devices.ratelog import RateLimitedLog
 from hypyr.memory import GuestMemory
 
 from .device import VIRTIO_ID_CONSOLE, VirtioDevice
@@ -84,7 +87,7 @@ class VirtioConsole(VirtioDevice):
         self._rx = bytearray()
         self._rx_error: str | None = None  # a receive-queue violation found off the notify path
         self._overflow = OverflowLog(log, "virtio-console", RX_BUFFER_SIZE)
-        self._warned: set[str] = set()
+        self._rlog = RateLimitedLog(log)  # every line the driver can cause; fixed keys
 
     # ------------------------------------------------------------------ VirtioDevice interface
     def device_features(self) -> int:
@@ -102,7 +105,8 @@ class VirtioConsole(VirtioDevice):
             with self._tx_lock:
                 self._emit(bytes(data[:1]))
         else:
-            log.debug("virtio-console: config write of %d bytes at %#x ignored", len(data), offset)
+            self._rlog.debug("config-write", "virtio-console: config write of %d bytes at %#x ignored",
+                             len(data), offset)
 
     def activate(self, mem: GuestMemory, queues: list[SplitQueue], driver_features: int,
                  interrupt: Callable[[int], None]) -> None:
@@ -130,7 +134,7 @@ class VirtioConsole(VirtioDevice):
         elif index == TRANSMITQ:
             self._transmit()
         else:
-            log.debug("virtio-console: notify for nonexistent queue %d ignored", index)
+            self._rlog.debug("notify", "virtio-console: notify for nonexistent queue %d ignored", index)
 
     # ------------------------------------------------------------------ host side
     def input_room(self) -> int:
@@ -165,11 +169,6 @@ class VirtioConsole(VirtioDevice):
             self._deliver_locked()
 
     # ------------------------------------------------------------------ internals
-    def _warn_once(self, kind: str, msg: str, *args: object) -> None:
-        if kind not in self._warned:
-            self._warned.add(kind)
-            log.warning(msg + " (not logged again)", *args)
-
     def _signal(self, index: int) -> None:
         try:
             self.signal_used(index)
@@ -189,8 +188,8 @@ class VirtioConsole(VirtioDevice):
                     break
                 n = min(chain.writable_len, len(self._rx))
                 if chain.writable_len == 0:
-                    self._warn_once("rx-readonly", "virtio-console: receive buffer with no device-writable "
-                                    "space (head %d); returned unused", chain.head)
+                    self._rlog.warning("rx-readonly", "virtio-console: receive buffer with no device-writable "
+                                       "space (head %d); returned unused", chain.head)
                 if n:
                     chain.write(mem, self._rx[:n])
                     del self._rx[:n]
@@ -200,7 +199,8 @@ class VirtioConsole(VirtioDevice):
             if raise_errors:
                 raise
             self._rx_error = f"receive queue: {e}"
-            log.error("virtio-console: receive queue broken (%s); input held until the device is reset", e)
+            self._rlog(logging.ERROR, "rx-broken", "virtio-console: receive queue broken (%s); input held "
+                       "until the device is reset", e)
         finally:
             if used:
                 self._signal(RECEIVEQ)
@@ -210,7 +210,9 @@ class VirtioConsole(VirtioDevice):
         try:
             self._out(data)
         except Exception:
-            log.exception("virtio-console: output callback failed; %d bytes dropped", len(data))
+            # as often as the guest writes: rate-limited too
+            self._rlog(logging.ERROR, "out-failed", "virtio-console: output callback failed; %d bytes dropped\n%s",
+                       len(data), traceback.format_exc())
 
     def _transmit(self) -> None:
         with self._tx_lock:
@@ -225,8 +227,8 @@ class VirtioConsole(VirtioDevice):
                     if chain is None:
                         break
                     if chain.writable:
-                        self._warn_once("tx-writable", "virtio-console: transmit chain (head %d) has "
-                                        "device-writable buffers; they are ignored", chain.head)
+                        self._rlog.warning("tx-writable", "virtio-console: transmit chain (head %d) has "
+                                           "device-writable buffers; they are ignored", chain.head)
                     total = chain.readable_len
                     pos = 0
                     while pos < total:

@@ -45,8 +45,11 @@ Model
   returns None).  Any failure puts the device in DEVICE_NEEDS_RESET.
 * Queue registers may be written only before DRIVER_OK; QueueNum and the ring addresses only
   while the selected queue is not ready.  Other writes are logged and ignored.
-* DEVICE_NEEDS_RESET (a queue or device error) sets InterruptStatus bit 1 and asserts the line;
-  the transport then stops forwarding notifications until the driver resets the device.
+* DEVICE_NEEDS_RESET (a queue or device error, e.g. more chains in flight than the queue
+  holds) sets InterruptStatus bit 1 and asserts the line; the transport then stops forwarding
+  notifications until the driver resets the device.
+* Every log line the driver can cause (ignored accesses, refused setups, device errors) is
+  rate-limited per kind (:class:`~hypyr.devices.ratelog.RateLimitedLog`, fixed keys).
 * Interrupts are level triggered (``irq``): the line is high exactly while InterruptStatus is
   non-zero, and ``irq`` is called only when that level changes; or edge triggered (``trigger``,
   e.g. a KVM irqfd): one edge each time bits are set in InterruptStatus, as virtio-mmio in
@@ -80,10 +83,12 @@ import mmap
 import os
 import struct
 import threading
+import traceback
 from dataclasses import dataclass
 from typing import Callable
 
 from hypyr.devices.bus import IrqLine
+from hypyr.devices.ratelog import RateLimitedLog
 from hypyr.memory import GuestMemory
 
 from .device import (VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1,
@@ -155,7 +160,8 @@ _U64 = (1 << 64) - 1
 
 @dataclass(frozen=True)
 class VirtioQueueState:
-    """One queue's registers and ring progress (the free-running 16-bit indices)."""
+    """One queue's registers and ring progress (the free-running 16-bit indices).  Chains a
+    device held are not saved: the restored queue starts with none in flight."""
     size: int
     ready: bool = False
     desc_table: int = 0
@@ -219,6 +225,7 @@ class VirtioMmioTransport:
         self._irq = irq
         self._trigger = trigger
         self._name = f"virtio-mmio({getattr(device, 'name', 'virtio')})"
+        self._rlog = RateLimitedLog(log)  # every line the driver can cause; fixed keys
         self._lock = threading.Lock()
         self._irq_lock = threading.Lock()
         self.queues = [SplitQueue(m) for m in device.queue_max_sizes]
@@ -247,14 +254,15 @@ class VirtioMmioTransport:
         if size <= 0:
             return b""
         if offset < 0 or offset + size > MMIO_WINDOW:
-            log.debug("%s: read of %d bytes at %#x outside the window", self._name, size, offset)
+            self._rlog.debug("read-outside", "%s: read of %d bytes at %#x outside the window",
+                             self._name, size, offset)
             return bytes(size)
         if offset >= CONFIG:
             with self._lock:
                 return self._config_read(offset - CONFIG, size)
         if size != 4 or offset % 4:
-            log.debug("%s: ignored %d-byte read at %#x (registers take aligned 32-bit reads)",
-                      self._name, size, offset)
+            self._rlog.debug("narrow-read", "%s: ignored %d-byte read at %#x (registers take aligned "
+                             "32-bit reads)", self._name, size, offset)
             return bytes(size)
         with self._lock:
             value = self._read_register(offset)
@@ -266,7 +274,8 @@ class VirtioMmioTransport:
         if size == 0:
             return
         if offset < 0 or offset + size > MMIO_WINDOW:
-            log.debug("%s: write of %d bytes at %#x outside the window", self._name, size, offset)
+            self._rlog.debug("write-outside", "%s: write of %d bytes at %#x outside the window",
+                             self._name, size, offset)
             return
         if offset >= CONFIG:
             with self._lock:
@@ -274,8 +283,8 @@ class VirtioMmioTransport:
                 self._publish()
             return
         if size != 4 or offset % 4:
-            log.debug("%s: ignored %d-byte write at %#x (registers take aligned 32-bit writes)",
-                      self._name, size, offset)
+            self._rlog.debug("narrow-write", "%s: ignored %d-byte write at %#x (registers take aligned "
+                             "32-bit writes)", self._name, size, offset)
             return
         value = _U32_LE.unpack(data)[0]
         if offset == INTERRUPT_ACK:  # the other hot one
@@ -331,19 +340,21 @@ class VirtioMmioTransport:
             epoch = self._epoch
             status = self._status
             if not status & STATUS_DRIVER_OK or status & STATUS_DEVICE_NEEDS_RESET:
-                log.debug("%s: notify(%d) ignored in status %#x", self._name, index, status)
+                self._rlog.debug("notify-ignored", "%s: notify(%d) ignored in status %#x",
+                                 self._name, index, status)
                 return
             if not 0 <= index < len(self.queues) or not self.queues[index].ready:
-                log.debug("%s: notify of queue %d, which is not active, ignored", self._name, index)
+                self._rlog.debug("notify-ignored", "%s: notify of queue %d, which is not active, ignored",
+                                 self._name, index)
                 return
         try:
             self.device.queue_notify(index)
         except DeviceError as e:
-            log.warning("%s: queue %d: %s; device needs reset", self._name, index, e)
+            self._rlog.warning("notify-error", "%s: queue %d: %s; device needs reset", self._name, index, e)
             self._enter_needs_reset(epoch)
         except Exception:
-            log.exception("%s: device failed handling a notification of queue %d; device needs reset",
-                          self._name, index)
+            self._rlog(logging.ERROR, "notify-bug", "%s: device failed handling a notification of queue %d; "
+                       "device needs reset\n%s", self._name, index, traceback.format_exc())
             self._enter_needs_reset(epoch)
 
     def _interrupt(self, queue_index: int) -> None:
@@ -355,7 +366,8 @@ class VirtioMmioTransport:
         try:
             wanted = self.queues[queue_index].needs_interrupt()
         except Exception as e:  # the driver's ring is unreadable: it is its own loss
-            log.debug("%s: queue %d: cannot decide on an interrupt: %s", self._name, queue_index, e)
+            self._rlog.debug("interrupt-decision", "%s: queue %d: cannot decide on an interrupt: %s",
+                             self._name, queue_index, e)
             wanted = True
         if wanted:
             with self._irq_lock:
@@ -391,7 +403,7 @@ class VirtioMmioTransport:
             return
         with self._lock:
             if epoch != self._epoch:
-                log.debug("%s: error from before a device reset dropped", self._name)
+                self._rlog.debug("stale-error", "%s: error from before a device reset dropped", self._name)
                 return
             self._set_needs_reset()
 
@@ -446,10 +458,12 @@ class VirtioMmioTransport:
         try:
             data = bytes(self.device.config_read(offset, size))
         except Exception:
-            log.exception("%s: config read of %d bytes at %#x failed", self._name, size, offset)
+            self._rlog(logging.ERROR, "config-bug", "%s: config read of %d bytes at %#x failed\n%s",
+                       self._name, size, offset, traceback.format_exc())
             return bytes(size)
         if len(data) != size:
-            log.error("%s: device returned %d bytes for a %d-byte config read", self._name, len(data), size)
+            self._rlog(logging.ERROR, "config-bug", "%s: device returned %d bytes for a %d-byte config read",
+                       self._name, len(data), size)
             data = (data + bytes(size))[:size]
         return data
 
@@ -457,10 +471,12 @@ class VirtioMmioTransport:
         try:
             self.device.config_write(offset, data)
         except DeviceError as e:
-            log.warning("%s: config write at %#x: %s; device needs reset", self._name, offset, e)
+            self._rlog.warning("config-error", "%s: config write at %#x: %s; device needs reset",
+                               self._name, offset, e)
             self._set_needs_reset()
         except Exception:
-            log.exception("%s: config write of %d bytes at %#x failed", self._name, len(data), offset)
+            self._rlog(logging.ERROR, "config-bug", "%s: config write of %d bytes at %#x failed\n%s",
+                       self._name, len(data), offset, traceback.format_exc())
 
     # ------------------------------------------------------------------ registers
     def _selected_queue(self) -> SplitQueue | None:
@@ -495,7 +511,7 @@ class VirtioMmioTransport:
                 return self._config_generation
         if offset in (SHM_LEN_LOW, SHM_LEN_HIGH, SHM_BASE_LOW, SHM_BASE_HIGH):
             return _U32  # no shared memory regions: length (and base) -1
-        log.debug("%s: read of write-only or reserved register %#x", self._name, offset)
+        self._rlog.debug("reserved-read", "%s: read of write-only or reserved register %#x", self._name, offset)
         return 0
 
     def _write_register(self, offset: int, value: int) -> None:
@@ -519,16 +535,18 @@ class VirtioMmioTransport:
         elif offset == SHM_SEL:
             pass  # no regions; reads of SHMLen/SHMBase say so whatever is selected
         else:
-            log.debug("%s: write %#x to read-only or reserved register %#x ignored", self._name, value, offset)
+            self._rlog.debug("reserved-write", "%s: write %#x to read-only or reserved register %#x ignored",
+                             self._name, value, offset)
 
     def _write_driver_features(self, value: int) -> None:
         if self._status & STATUS_FEATURES_OK:
-            log.debug("%s: DriverFeatures write after FEATURES_OK ignored", self._name)
+            self._rlog.debug("features-write", "%s: DriverFeatures write after FEATURES_OK ignored", self._name)
             return
         sel = self._driver_features_sel
         if sel >= 2:
             if value:
-                log.debug("%s: driver features %#x in word %d (none offered) ignored", self._name, value, sel)
+                self._rlog.debug("features-write", "%s: driver features %#x in word %d (none offered) ignored",
+                                 self._name, value, sel)
             return
         shift = 32 * sel
         self._driver_features = (self._driver_features & ~(_U32 << shift)) | (value << shift)
@@ -536,21 +554,22 @@ class VirtioMmioTransport:
     def _write_queue_register(self, offset: int, value: int) -> None:
         q = self._selected_queue()
         if q is None:
-            log.debug("%s: write to queue register %#x of missing queue %d ignored",
-                      self._name, offset, self._queue_sel)
+            self._rlog.debug("queue-write", "%s: write to queue register %#x of missing queue %d ignored",
+                             self._name, offset, self._queue_sel)
             return
         if self._status & STATUS_DRIVER_OK:
-            log.debug("%s: queue %d register %#x write after DRIVER_OK ignored", self._name, self._queue_sel, offset)
+            self._rlog.debug("queue-write", "%s: queue %d register %#x write after DRIVER_OK ignored",
+                             self._name, self._queue_sel, offset)
             return
         if offset == QUEUE_READY:
             if value not in (0, 1):
-                log.debug("%s: QueueReady write %#x ignored", self._name, value)
+                self._rlog.debug("queue-write", "%s: QueueReady write %#x ignored", self._name, value)
                 return
             q.ready = bool(value)
             return
         if q.ready:
-            log.debug("%s: queue %d register %#x write while the queue is ready ignored",
-                      self._name, self._queue_sel, offset)
+            self._rlog.debug("queue-write", "%s: queue %d register %#x write while the queue is ready "
+                             "ignored", self._name, self._queue_sel, offset)
             return
         if offset == QUEUE_NUM:
             q.size = value
@@ -570,16 +589,17 @@ class VirtioMmioTransport:
         old = self._status
         new = (value & 0xFF & ~STATUS_DEVICE_NEEDS_RESET) | (old & STATUS_DEVICE_NEEDS_RESET)
         if value & ~0xFF or old & ~new:
-            log.debug("%s: status write %#x would clear bits of %#x; ignored", self._name, value, old)
+            self._rlog.debug("status-write", "%s: status write %#x would clear bits of %#x; ignored",
+                             self._name, value, old)
             return
         added = new & ~old
         if added & STATUS_FEATURES_OK and not self._features_acceptable():
-            log.warning("%s: driver features %#x refused (offered %#x, VERSION_1 required)",
-                        self._name, self._driver_features, self.offered_features)
+            self._rlog.warning("features-refused", "%s: driver features %#x refused (offered %#x, "
+                               "VERSION_1 required)", self._name, self._driver_features, self.offered_features)
             new &= ~STATUS_FEATURES_OK
             added &= ~STATUS_FEATURES_OK
         if added & STATUS_DRIVER_OK and not new & STATUS_FEATURES_OK:
-            log.warning("%s: DRIVER_OK without FEATURES_OK ignored", self._name)
+            self._rlog.warning("driver-ok-early", "%s: DRIVER_OK without FEATURES_OK ignored", self._name)
             new &= ~STATUS_DRIVER_OK
             added &= ~STATUS_DRIVER_OK
         self._status = new
@@ -612,13 +632,15 @@ class VirtioMmioTransport:
             # at its rings (Linux then finds which queue has work).
             with self._irq_lock:
                 self._isr_sticky = INT_VRING if getattr(self.device, "external_used_interrupts", False) else 0
-            log.debug("%s: activated (features %#x, queues ready %s)", self._name, features,
-                      [i for i, q in enumerate(self.queues) if q.ready])
+            self._rlog.debug("activated", "%s: activated (features %#x, queues ready %s)", self._name,
+                             features, [i for i, q in enumerate(self.queues) if q.ready])
             return True
         except DeviceError as e:
-            log.warning("%s: activation failed: %s; device needs reset", self._name, e)
+            self._rlog.warning("activate-error", "%s: activation failed: %s; device needs reset",
+                               self._name, e)
         except Exception:
-            log.exception("%s: device activation failed; device needs reset", self._name)
+            self._rlog(logging.ERROR, "activate-bug", "%s: device activation failed; device needs reset\n%s",
+                       self._name, traceback.format_exc())
         self._reset_device_and_queues()
         self._set_needs_reset()
         return False
@@ -629,7 +651,8 @@ class VirtioMmioTransport:
         try:
             self.device.reset()
         except Exception:
-            log.exception("%s: device reset failed", self._name)
+            self._rlog(logging.ERROR, "reset-bug", "%s: device reset failed\n%s", self._name,
+                       traceback.format_exc())
         for q in self.queues:
             q.reset()
 

@@ -10,7 +10,9 @@ Userspace data path (the I/O thread): transmit pops every chain and ``writev``s 
 buffers to the TAP; receive reads one frame into a bounce buffer and copies it into as many
 receive chains as it needs (MRG_RXBUF) or into one.  Whatever the guest hands us is checked
 (the queue checks addresses; here lengths and headers' room); a bad packet is dropped and
-counted, a bad ring is a DeviceError.
+counted, a bad ring is a DeviceError.  Chains the device keeps (receive buffers taken for a frame
+that does not fit yet, ``_rx_spare``; a transmit chain waiting for rate credit, ``_tx_held``) are
+in flight for the queue, which bounds them by its size, until they are used; a reset drops them.
 """
 
 from __future__ import annotations
@@ -163,10 +165,10 @@ class VirtioNet(VirtioDevice):
                 try:
                     self.vhost.start(self.mem, rings, f)
                     self.external_used_interrupts = True
-                    log.info("%s: data path in the host kernel (vhost-net)", self.name)
+                    _rlog(logging.INFO, "vhost", "%s: data path in the host kernel (vhost-net)", self.name)
                     return
                 except VhostError as e:
-                    log.warning("%s: %s; using the userspace data path", self.name, e)
+                    _rlog.warning("vhost", "%s: %s; using the userspace data path", self.name, e)
         self._rx_ready()  # frames may have arrived before the driver was up
 
     def reset(self) -> None:
@@ -345,8 +347,9 @@ class VirtioNet(VirtioDevice):
             chains: list[DescriptorChain] = []
             room = 0
             while room < n:
-                if len(chains) + len(self._rx_spare) >= q.size:  # a head published again while still ours
-                    raise DeviceError(f"more receive buffers taken than the queue holds ({q.size})")
+                if len(chains) + len(self._rx_spare) >= q.size:  # it would never fit: not stall for ever
+                    raise DeviceError(f"a {n}-byte frame needs more receive buffers than the queue holds "
+                                      f"({q.size})")
                 chain = self._take_rx(q)
                 if chain is None:
                     self._rx_spare.extendleft(reversed(chains))  # keep them for this frame

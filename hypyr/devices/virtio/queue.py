@@ -11,7 +11,12 @@ validated here; a violation raises :class:`QueueError` (a :class:`DeviceError`) 
   length), so loops end; nested indirect tables are refused;
 - every buffer must lie wholly in guest RAM; device-readable buffers must precede writable ones;
 - the used ring is written only at indices we own; ``avail.idx`` jumping by more than the
-  queue size is an error.
+  queue size is an error;
+- at most a queue size of chains are in flight (popped and not yet returned by
+  :meth:`~SplitQueue.add_used`/:meth:`~SplitQueue.add_used_many`): a driver that publishes
+  heads it has not got back can otherwise make the device take unbounded work.  Exceeding it is
+  an error (QEMU: "Virtqueue size exceeded").  A device must return every chain it pops (or
+  reset the queue).
 
 Speed (every Python operation counts when the VMM itself runs under emulation): an indirect
 table is read with one copy into an ``array('I')`` and, in the layout every driver uses
@@ -259,6 +264,7 @@ class SplitQueue:
             self.last_avail = 0       # next avail ring slot we will consume (free-running u16)
             self.next_used = 0        # next used ring slot we will fill (free-running u16)
             self.signalled_used = 0   # used idx at the last interrupt decision
+            self.in_flight = 0        # chains popped and not yet returned (at most size)
 
     # -- setup ------------------------------------------------------------------------------------
     def _ring_views(self, mem: GuestMemory) -> tuple[memoryview, memoryview, memoryview]:
@@ -333,14 +339,19 @@ class SplitQueue:
     def _take_locked(self) -> DescriptorChain:
         """Take the next available chain (the caller knows there is one)."""
         size, last = self.size, self.last_avail
+        if self.in_flight >= size:  # a driver publishing heads we still hold
+            raise QueueError(f"Virtqueue size exceeded: {self.in_flight} chains in flight and "
+                             f"another published (queue size {size})")
         head = _U16.unpack_from(self._avail_v, 4 + 2 * (last % size))[0]
         self.last_avail = last = (last + 1) & 0xFFFF
         if self.event_idx:  # avail_event: notify us again when the driver passes this index
             _U16.pack_into(self._used_v, 4 + 8 * size, last)
         try:
-            return self._walk(self.mem, head)
+            chain = self._walk(self.mem, head)
         except GuestMemoryError as e:
             raise QueueError(str(e)) from None
+        self.in_flight += 1
+        return chain
 
     def _walk(self, mem: GuestMemory, head: int) -> DescriptorChain:
         size = self.size
@@ -447,6 +458,8 @@ class SplitQueue:
                 nxt = (nxt + 1) & 0xFFFF
             if nxt == self.next_used:
                 return
+            # never below 0: a late completion from before a reset must not make room for more
+            self.in_flight = max(0, self.in_flight - ((nxt - self.next_used) & 0xFFFF))
             self.next_used = nxt
             _U16.pack_into(used, 2, nxt)
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import os
 
+from hypyr.devices.ratelog import RateLimitedLog
+
 from .device import VIRTIO_ID_RNG, VirtioDevice
 
 log = logging.getLogger("hypyr.dev.virtio_rng")
@@ -26,9 +28,13 @@ class VirtioRng(VirtioDevice):
     queue_max_sizes = (QUEUE_SIZE,)
     name = "rng"
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._rlog = RateLimitedLog(log)  # every line the driver can cause; fixed keys
+
     def queue_notify(self, index: int) -> None:
         if index != 0:
-            log.debug("virtio-rng: notify of queue %d ignored", index)
+            self._rlog.debug("notify", "virtio-rng: notify of queue %d ignored", index)
             return
         queues, mem = self.queues, self.mem  # a concurrent reset swaps these out
         if not queues or mem is None:
@@ -41,7 +47,7 @@ class VirtioRng(VirtioDevice):
                 if n:
                     chain.write(mem, os.urandom(n))
                 else:
-                    log.debug("virtio-rng: request %d has no writable buffer", chain.head)
+                    self._rlog.debug("no-room", "virtio-rng: request %d has no writable buffer", chain.head)
                 q.add_used(chain.head, n)
                 completed += 1
         finally:  # even if a later chain was bad, the good ones are returned and signalled
