@@ -68,7 +68,6 @@ import os
 import stat
 import struct
 import threading
-import traceback
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -464,8 +463,8 @@ class VirtioBlk(VirtioDevice):
                                        self.path, req.chain.head, e)
                     req.status = VIRTIO_BLK_S_IOERR
                 except Exception:  # a bug: never let it kill the request silently
-                    self._rlog(logging.ERROR, "bug", "virtio-blk: %s: request (head %d) failed\n%s",
-                               self.path, req.chain.head, traceback.format_exc())
+                    self._rlog.exception("bug", "virtio-blk: %s: request (head %d) failed",
+                               self.path, req.chain.head)
                     req.status = VIRTIO_BLK_S_IOERR
                 finished.append(req)
         finally:

@@ -33,7 +33,6 @@ from __future__ import annotations
 import logging
 import struct
 import threading
-import traceback
 from dataclasses import dataclass
 from typing import Callable
 
@@ -211,8 +210,8 @@ class VirtioConsole(VirtioDevice):
             self._out(data)
         except Exception:
             # as often as the guest writes: rate-limited too
-            self._rlog(logging.ERROR, "out-failed", "virtio-console: output callback failed; %d bytes dropped\n%s",
-                       len(data), traceback.format_exc())
+            self._rlog.exception("out-failed", "virtio-console: output callback failed; %d bytes dropped",
+                       len(data))
 
     def _transmit(self) -> None:
         with self._tx_lock:

@@ -83,7 +83,6 @@ import mmap
 import os
 import struct
 import threading
-import traceback
 from dataclasses import dataclass
 from typing import Callable
 
@@ -353,8 +352,8 @@ class VirtioMmioTransport:
             self._rlog.warning("notify-error", "%s: queue %d: %s; device needs reset", self._name, index, e)
             self._enter_needs_reset(epoch)
         except Exception:
-            self._rlog(logging.ERROR, "notify-bug", "%s: device failed handling a notification of queue %d; "
-                       "device needs reset\n%s", self._name, index, traceback.format_exc())
+            self._rlog.exception("notify-bug", "%s: device failed handling a notification of queue %d; "
+                       "device needs reset", self._name, index)
             self._enter_needs_reset(epoch)
 
     def _interrupt(self, queue_index: int) -> None:
@@ -458,8 +457,8 @@ class VirtioMmioTransport:
         try:
             data = bytes(self.device.config_read(offset, size))
         except Exception:
-            self._rlog(logging.ERROR, "config-bug", "%s: config read of %d bytes at %#x failed\n%s",
-                       self._name, size, offset, traceback.format_exc())
+            self._rlog.exception("config-bug", "%s: config read of %d bytes at %#x failed",
+                       self._name, size, offset)
             return bytes(size)
         if len(data) != size:
             self._rlog(logging.ERROR, "config-bug", "%s: device returned %d bytes for a %d-byte config read",
@@ -475,8 +474,8 @@ class VirtioMmioTransport:
                                self._name, offset, e)
             self._set_needs_reset()
         except Exception:
-            self._rlog(logging.ERROR, "config-bug", "%s: config write of %d bytes at %#x failed\n%s",
-                       self._name, len(data), offset, traceback.format_exc())
+            self._rlog.exception("config-bug", "%s: config write of %d bytes at %#x failed",
+                       self._name, len(data), offset)
 
     # ------------------------------------------------------------------ registers
     def _selected_queue(self) -> SplitQueue | None:
@@ -639,8 +638,8 @@ class VirtioMmioTransport:
             self._rlog.warning("activate-error", "%s: activation failed: %s; device needs reset",
                                self._name, e)
         except Exception:
-            self._rlog(logging.ERROR, "activate-bug", "%s: device activation failed; device needs reset\n%s",
-                       self._name, traceback.format_exc())
+            self._rlog.exception("activate-bug", "%s: device activation failed; device needs reset",
+                       self._name)
         self._reset_device_and_queues()
         self._set_needs_reset()
         return False
@@ -651,8 +650,7 @@ class VirtioMmioTransport:
         try:
             self.device.reset()
         except Exception:
-            self._rlog(logging.ERROR, "reset-bug", "%s: device reset failed\n%s", self._name,
-                       traceback.format_exc())
+            self._rlog.exception("reset-bug", "%s: device reset failed", self._name)
         for q in self.queues:
             q.reset()
 
