@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 
 from hypyr.errors import HypyrError
 
@@ -39,8 +42,11 @@ def _say(msg: str) -> None:
 
 # -- run ------------------------------------------------------------------------------------------
 def cmd_run(args) -> int:
+    from hypyr.arch.x86.acpi import MAX_VCPUS
     from hypyr.vmm.builder import DEFAULT_CMDLINE, DiskConfig, VmConfig
 
+    if not 1 <= args.vcpus <= MAX_VCPUS:   # before any work (building the default image)
+        raise HypyrError(f"--vcpus must be a number from 1 to {MAX_VCPUS}, not {args.vcpus}")
     kernel, initrd = args.kernel, args.initrd
     disks = [DiskConfig.parse(spec) for spec in args.disk]
     if kernel is None or args.rootfs == "":
@@ -104,7 +110,7 @@ def _run_vm(args, config) -> int:
 
     vm = build_linux_vm(config, console_out)
     machine = vm.machine
-    with Terminal() as term:
+    with _stop_on_sigterm(machine), Terminal() as term:
         pump = InputPump(vm.console.enqueue_input, vm.console.input_room,
                          on_escape=lambda: machine.stop(StopReason(StopKind.DESTROYED, "stopped with Ctrl-]")),
                          escape=term.is_tty)
@@ -121,6 +127,24 @@ def _run_vm(args, config) -> int:
     if reason.registers:
         sys.stderr.write(reason.registers + "\n")
     return reason.exit_code
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm(machine):
+    """While in the block, SIGTERM stops the guest as Ctrl-] does: the terminal is restored and
+    `hypyr run` exits 130."""
+    from hypyr.vmm.machine import StopKind, StopReason
+
+    def on_sigterm(signum, frame):
+        # from another thread: the interrupted main thread may hold a lock machine.stop takes
+        threading.Thread(target=machine.stop, args=(StopReason(StopKind.DESTROYED, "stopped by SIGTERM"),),
+                         name="sigterm", daemon=True).start()
+
+    old = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 # -- doctor ---------------------------------------------------------------------------------------
@@ -248,13 +272,13 @@ def cmd_sched_credit(args) -> int:
     if args.domain:
         rec = reg.get(args.domain)
         if args.weight is not None or args.cap is not None:
-            sched.set_params(rec.domid, rec.name, weight=args.weight, cap=args.cap)
-        rows = [(rec.domid, rec.name, *sched.get_params(rec.domid, rec.name))]
+            sched.set_params(rec, weight=args.weight, cap=args.cap)
+        rows = [(rec.domid, rec.name, *sched.get_params(rec))]
     else:
         if args.weight is not None or args.cap is not None:
             raise HypyrError("give the domain to change with -d NAME")
-        names = {r.domid: r.name for r in reg.list()}
-        rows = [(d, names.get(d, n), w, c) for d, n, w, c in sched.list_params() if d in names]
+        names = {(r.domid, r.uuid): r.name for r in reg.list()}   # a stale group matches no domain
+        rows = [(d, names[d, u], w, c) for d, u, w, c in sched.list_params() if (d, u) in names]
     print(f"{'Name':<32}{'ID':>5}{'Weight':>8}{'Cap':>6}")
     for domid, name, weight, cap in rows:
         print(f"{name:<32}{domid:>5}{weight:>8}{cap:>6}")

@@ -1,10 +1,12 @@
-"""The user's terminal as a guest console: raw mode while attached, input pumped to a device.
+"""The user's terminal as a guest console: raw mode while attached, input pumped to a device,
+and output that never blocks its writer (``OutputQueue``).
 
 Ctrl-] (0x1d) is the escape: it ends the session (the caller decides what that means).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import sys
@@ -15,6 +17,10 @@ import tty
 from typing import Callable
 
 ESCAPE = 0x1D  # Ctrl-]
+OUTPUT_LIMIT = 256 << 10  # bytes an OutputQueue holds for a reader that does not keep up
+DROP_WARN_INTERVAL = 10.0  # seconds between two warnings about one queue's dropped bytes
+
+log = logging.getLogger(__name__)
 
 
 class Terminal:
@@ -92,3 +98,84 @@ class InputPump:
                 continue
             n = self.sink(data)
             data = data[n:]
+
+
+class OutputQueue:
+    """A bounded buffer in front of a blocking ``send`` (a socket's ``sendall``, a write to a
+    terminal), drained by its own thread, so that ``write`` never blocks: a vCPU thread can hand
+    console output to a reader that stopped reading.
+
+    Bytes that do not fit in ``limit`` are dropped (the newest ones), counted in ``dropped`` and
+    warned about at most every DROP_WARN_INTERVAL seconds.  At most ``limit`` bytes wait in the
+    buffer and as many in the one ``send`` under way.  When ``send`` raises OSError the queue is
+    ``failed`` and takes nothing more.
+    """
+
+    def __init__(self, send: Callable[[bytes], object], limit: int = OUTPUT_LIMIT, name: str = "console-output"):
+        self.name, self.limit = name, limit
+        self.dropped = 0
+        self.failed = False
+        self._send = send
+        self._buf = bytearray()
+        self._closed = False
+        self._cond = threading.Condition()
+        self._warned = -DROP_WARN_INTERVAL
+        self._thread = threading.Thread(target=self._drain, name=name, daemon=True)
+        self._thread.start()
+
+    def write(self, data: bytes) -> int:
+        """Queue ``data``; return how many of its bytes were taken (the rest are dropped)."""
+        with self._cond:
+            if self._closed or self.failed:
+                return 0
+            n = min(len(data), self.limit - len(self._buf))
+            if n > 0:
+                self._buf += data[:n]
+                self._cond.notify()
+            lost = len(data) - max(n, 0)
+            self.dropped += lost
+            dropped = self.dropped
+        if lost and time.monotonic() - self._warned >= DROP_WARN_INTERVAL:
+            self._warned = time.monotonic()
+            log.warning("%s is not keeping up: %d bytes of console output dropped so far", self.name, dropped)
+        return max(n, 0)
+
+    @property
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._buf)
+
+    def close(self, timeout: float = 0.0) -> None:
+        """Take no more bytes; give the pending ones ``timeout`` seconds to go out, drop the rest."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout)
+        with self._cond:
+            self.dropped += len(self._buf)
+            self._buf.clear()
+
+    def _drain(self) -> None:
+        while True:
+            with self._cond:
+                while not self._buf and not self._closed:
+                    self._cond.wait()
+                if not self._buf:
+                    return
+                chunk = bytes(self._buf)
+                self._buf.clear()
+            try:
+                self._send(chunk)
+            except OSError:
+                with self._cond:
+                    self.failed = True
+                    self.dropped += len(self._buf)
+                    self._buf.clear()
+                return
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until all of ``data`` is written."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]

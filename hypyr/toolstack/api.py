@@ -10,13 +10,19 @@ the taps (``network.open_tap``, named ``vifname`` or ``vif<domid>.<devid>``) and
 the domain process: their fds are inherited (``pass_fds``) and listed, in vif order, in the
 environment variable ``HYPYR_TAP_FDS`` (e.g. ``"5,6"``); ``create`` then closes its copies, so a
 tap lives exactly as long as its domain process.
+
+Each domain has a UUID (``DomainInfo.uuid``); ``create`` hands it to the domain process in
+``HYPYR_DOMAIN_UUID`` so that process can only ever update its own registry row.  A control
+operation that gets no answer within ``CONTROL_TIMEOUT`` seconds is a HypyrError.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -26,22 +32,26 @@ from pathlib import Path
 
 from hypyr.errors import HypyrError
 from hypyr.toolstack import nics, paths
-from hypyr.toolstack.registry import DOMAIN0_NAME, DomainRecord, Registry
+from hypyr.toolstack.registry import DOMAIN0_NAME, DOMAIN0_UUID, DomainRecord, Registry, StaleDomainError
 from hypyr.toolstack.xlcfg import DomainConfig, load
 
 CREATE_TIMEOUT = 120.0
+CONTROL_TIMEOUT = 30.0   # seconds a domain process may take to answer one control operation
+DESTROY_TIMEOUT = 10.0   # seconds `destroy` gives a domain process to stop before SIGKILL
+KILL_TIMEOUT = 5.0       # seconds `destroy` waits for a SIGKILLed domain process to be gone
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 class Control:
     """A connection to one domain process's control socket."""
 
-    def __init__(self, rec: DomainRecord, timeout: float = 30.0):
+    def __init__(self, rec: DomainRecord, timeout: float | None = None):
         self.rec = rec
+        self.timeout = CONTROL_TIMEOUT if timeout is None else timeout
         if not rec.socket:
             raise HypyrError(f"domain {rec.name} has no control socket (state {rec.state})")
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
+        self.sock.settimeout(self.timeout)
         try:
             self.sock.connect(rec.socket)
         except OSError:
@@ -50,13 +60,23 @@ class Control:
         self.file = self.sock.makefile("rb")
 
     def call(self, op: str, **args) -> dict:
-        self.sock.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
-        line = self.file.readline()
+        name = self.rec.name
+        try:
+            self.sock.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
+            line = self.file.readline()
+        except TimeoutError:
+            raise HypyrError(f"domain {name} did not answer {op} within {self.timeout:g} s") from None
+        except OSError as e:
+            raise HypyrError(f"lost the connection to domain {name} during {op} ({e.strerror or e})") from None
         if not line:
-            raise HypyrError(f"domain {self.rec.name} closed its control socket")
-        reply = json.loads(line)
-        if not reply.get("ok"):
-            raise HypyrError(reply.get("error") or f"{op} failed")
+            raise HypyrError(f"domain {name} closed its control socket")
+        try:
+            reply = json.loads(line)
+        except ValueError:
+            raise HypyrError(f"domain {name} answered {op} with something that is not JSON") from None
+        if not isinstance(reply, dict) or not reply.get("ok"):
+            error = reply.get("error") if isinstance(reply, dict) else None
+            raise HypyrError(error or f"{op} failed")
         return reply
 
     def close(self) -> None:
@@ -64,12 +84,12 @@ class Control:
         self.sock.close()
 
 
-def _call(name: str, op: str, **args) -> dict:
+def _call(name: str, op: str, *, timeout: float | None = None, **args) -> dict:
     reg = Registry()
     rec = reg.get(name)
     if not reg.is_alive(rec):
         raise HypyrError(f"domain {rec.name} is not running (state {rec.state})")
-    c = Control(rec)
+    c = Control(rec, timeout)
     try:
         return c.call(op, **args)
     finally:
@@ -85,10 +105,28 @@ def host_free_memory_mib() -> int:
     return 0
 
 
+def host_max_vcpus() -> int | None:
+    """The most vCPUs this host's KVM gives a VM, or None if /dev/kvm cannot be used here."""
+    from hypyr.arch.x86.acpi import MAX_VCPUS
+    from hypyr.kvm import Kvm, KvmUnavailable
+    try:
+        kvm = Kvm()
+    except (KvmUnavailable, OSError):
+        return None
+    try:
+        return min(kvm.max_vcpus, MAX_VCPUS)
+    finally:
+        kvm.close()
+
+
 def check_config(cfg: DomainConfig) -> None:
     for path, what in [(cfg.kernel, "kernel"), (cfg.ramdisk, "ramdisk")] + [(d.target, "disk") for d in cfg.disks]:
         if path and not os.path.isfile(path):
-            raise HypyrError(f"{what} file {path} of domain {cfg.name} does not exist")
+            problem = "is not a regular file" if os.path.exists(path) else "does not exist"
+            raise HypyrError(f"{what} file {path} of domain {cfg.name} {problem}")
+    limit = host_max_vcpus()
+    if limit is not None and cfg.vcpus > limit:
+        raise HypyrError(f"vcpus = {cfg.vcpus} of domain {cfg.name} is more than this host's KVM allows ({limit})")
     free = host_free_memory_mib()
     if cfg.memory > free:
         raise HypyrError(f"domain {cfg.name} wants {cfg.memory} MiB but the host has only {free} MiB free")
@@ -104,15 +142,18 @@ def create(cfg_or_path: DomainConfig | str | os.PathLike) -> DomainRecord:
     d = paths.domain_dir(rec.domid)
     d.mkdir(parents=True, exist_ok=True)
     try:
+        paths.create_private(paths.vmm_log(rec.domid))   # the domain's output: 0600, as every state file
         taps = _open_taps(cfg, rec.domid)
     except BaseException:
-        reg.remove(rec.domid)
+        _forget(reg, rec)
         raise
     r, w = os.pipe()
     try:
-        env = dict(os.environ, HYPYR_TAP_FDS=",".join(str(fd) for fd in taps))
+        env = dict(os.environ, HYPYR_TAP_FDS=",".join(str(fd) for fd in taps), HYPYR_DOMAIN_UUID=rec.uuid)
         try:
-            with open(d / "vmm.log", "ab") as logf:
+            # The domain process logs onto vmm.log itself, rotating it (domain.VmmLogHandler); its
+            # stdout/stderr start there for what is written before that, or by a crash.
+            with open(paths.vmm_log(rec.domid), "ab") as logf:
                 proc = subprocess.Popen([sys.executable, "-m", "hypyr.toolstack.domain", str(rec.domid), str(w)],
                                         stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w, *taps),
                                         start_new_session=True, close_fds=True, env=env)
@@ -135,10 +176,18 @@ def create(cfg_or_path: DomainConfig | str | os.PathLike) -> DomainRecord:
         if proc.poll() is None:
             proc.kill()
         proc.wait()
-        reg.remove(rec.domid)
+        _forget(reg, rec)   # its row, directory and cgroup
         raise HypyrError(msg.removeprefix("error: ") if msg.startswith("error: ")
                          else f"domain {cfg.name} failed to start (see {paths.kept_log(cfg.name, 'vmm')})")
     return reg.get(str(rec.domid))
+
+
+def _forget(reg: Registry, rec: DomainRecord) -> None:
+    """Remove the row of a domain that did not come up (only if it is still this domain's)."""
+    try:
+        reg.remove(rec.domid, uuid=rec.uuid)
+    except StaleDomainError:
+        pass
 
 
 def _prepare_vifs(cfg: DomainConfig, reg: Registry) -> DomainConfig:
@@ -203,20 +252,29 @@ def shutdown(name: str, wait: bool = False, timeout: float = 300.0) -> None:
         raise HypyrError(f"domain {rec.name} did not shut down within {timeout:.0f} s")
 
 
+def _wait_gone(reg: Registry, rec: DomainRecord, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while reg.is_alive(rec) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not reg.is_alive(rec)
+
+
 def destroy(name: str) -> None:
+    """Stop the domain (politely, then SIGKILL) and remove its row, directory and cgroup."""
     reg = Registry()
     rec = reg.get(name)
     if reg.is_alive(rec):
+        deadline = time.monotonic() + DESTROY_TIMEOUT
         try:
-            _call(name, "destroy")
+            _call(str(rec.domid), "destroy", timeout=DESTROY_TIMEOUT)
         except HypyrError:
             pass
-        deadline = time.monotonic() + 10
-        while reg.is_alive(rec) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if reg.is_alive(rec):
-            os.kill(rec.pid, 9)
-    reg.remove(rec.domid)
+        if not _wait_gone(reg, rec, max(0.0, deadline - time.monotonic())):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(rec.pid, signal.SIGKILL)
+            if not _wait_gone(reg, rec, KILL_TIMEOUT):   # its cgroup can go only once it has
+                raise HypyrError(f"domain {rec.name} (pid {rec.pid}) is still running after SIGKILL")
+    _forget(reg, rec)
 
 
 # -- information -----------------------------------------------------------------------------------
@@ -229,6 +287,7 @@ class DomainInfo:
     state: str    # xl letters, e.g. "-b----"
     cpu_time: float
     status: str   # registry state
+    uuid: str | None = None
 
 
 def _proc_cpu_seconds(pid: int, tid: int | None = None) -> float:
@@ -268,7 +327,8 @@ def host_domain() -> DomainInfo:
         if fields:
             ticks = [int(x) for x in fields]
             busy = (sum(ticks[:8]) - ticks[3] - (ticks[4] if len(ticks) > 4 else 0)) / _CLK_TCK
-    return DomainInfo(DOMAIN0_NAME, 0, total, os.cpu_count() or 1, xl_state("running", True), busy, "running")
+    return DomainInfo(DOMAIN0_NAME, 0, total, os.cpu_count() or 1, xl_state("running", True), busy, "running",
+                      DOMAIN0_UUID)
 
 
 def list_domains(names: list[str] | None = None) -> list[DomainInfo]:
@@ -289,7 +349,7 @@ def list_domains(names: list[str] | None = None) -> list[DomainInfo]:
             except OSError:
                 pass
         out.append(DomainInfo(r.name, r.domid, int(cfg.get("memory", 0)), int(cfg.get("vcpus", 1)),
-                              xl_state(r.state, running), cpu, r.state))
+                              xl_state(r.state, running), cpu, r.state, r.uuid))
     return out
 
 

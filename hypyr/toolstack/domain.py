@@ -6,6 +6,13 @@ control socket, keeps the console in ``console.log``, and applies ``on_poweroff`
 / ``on_crash`` when the guest stops.  It reports "ok" or "error: <sentence>" on READY_FD once the
 VM is running (or failed to build), so ``create`` can print one clear line.
 
+``create`` passes the domain's UUID in ``HYPYR_DOMAIN_UUID``, and every registry update this
+process makes names its row by (DOMID, UUID).  If the row is no longer its own (it was reaped,
+e.g. because ``create`` died, and the domid went to a newer domain), the update fails with
+``StaleDomainError``: this process then updates nothing more, stops its VM and exits, leaving the
+newer domain's row, socket and cgroup alone.  Its files are created mode 0600, and its scheduler
+cgroup is removed on every way out.
+
 Control protocol (unix stream socket, one JSON object per line each way):
 ``{"op": "info"}`` → ``{"ok": true, "state": ..., "vcpus": [{"vcpu": 0, "tid": ...}], ...}``;
 ``pause``, ``unpause``, ``shutdown`` (Ctrl-Alt-Del to the guest), ``reboot`` (reset the VM),
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import os
 import socket
 import sys
@@ -32,7 +40,8 @@ from typing import Sequence
 
 from hypyr.errors import HypyrError
 from hypyr.toolstack import nics, paths
-from hypyr.toolstack.registry import Registry
+from hypyr.toolstack.console import ConsoleHub
+from hypyr.toolstack.registry import Registry, StaleDomainError
 from hypyr.toolstack.xlcfg import DomainConfig
 from hypyr.vmm.builder import DEFAULT_CMDLINE, DiskConfig, LinuxVm, VmConfig, build_linux_vm
 from hypyr.vmm.machine import StopKind, StopReason
@@ -52,42 +61,15 @@ def vm_config(cfg: DomainConfig, tap_fds: Sequence[int] = (), domid: int = 0) ->
                     disks=[DiskConfig(d.target, d.read_only) for d in cfg.disks], nets=nets)
 
 
-class ConsoleHub:
-    """Fans guest console output out to the log file and attached clients."""
-
-    def __init__(self, log_path):
-        self._log = open(log_path, "ab", buffering=0)
-        self._clients: list[socket.socket] = []
-        self._lock = threading.Lock()
-
-    def write(self, data: bytes) -> None:
-        try:
-            self._log.write(data)
-        except OSError:
-            pass
-        with self._lock:
-            for c in list(self._clients):
-                try:
-                    c.sendall(data)
-                except OSError:
-                    self._clients.remove(c)
-
-    def attach(self, conn: socket.socket) -> None:
-        with self._lock:
-            self._clients.append(conn)
-
-    def detach(self, conn: socket.socket) -> None:
-        with self._lock:
-            if conn in self._clients:
-                self._clients.remove(conn)
-
-
 class Domain:
-    def __init__(self, domid: int, registry: Registry, tap_fds: Sequence[int] = ()):
+    def __init__(self, domid: int, uuid: str, registry: Registry, tap_fds: Sequence[int] = ()):
         self.domid = domid
+        self.uuid = uuid
         self.tap_fds = list(tap_fds)
         self.registry = registry
         rec = registry.get(str(domid))
+        if rec.uuid != uuid:
+            raise StaleDomainError(f"domain id {domid} belongs to another domain ({rec.name}, uuid {rec.uuid})")
         self.name = rec.name
         self.cfg = DomainConfig.from_dict(json.loads(rec.config))
         self.dir = paths.domain_dir(domid)
@@ -100,6 +82,8 @@ class Domain:
         self._exit = threading.Event()
         self._destroy_requested = False
         self._reboot_requested = False
+        self._orphaned = False      # our row is another domain's now: update nothing more
+        self._sock_id = None        # (st_dev, st_ino) of the control socket we bound
 
     # -- lifecycle ----------------------------------------------------------------------------
     def boot(self) -> None:
@@ -127,18 +111,42 @@ class Domain:
         from hypyr.toolstack import sched
         custom = self.cfg.cpu_weight != 256 or self.cfg.cap != 0
         try:
-            sched.place(self.domid, self.name, os.getpid())
-            sched.set_params(self.domid, self.name, weight=self.cfg.cpu_weight, cap=self.cfg.cap)
+            sched.place(self, os.getpid())
+            sched.set_params(self, weight=self.cfg.cpu_weight, cap=self.cfg.cap)
         except HypyrError as e:
             if custom:
                 raise
             log.info("domain %s: no scheduler group (%s)", self.name, e)
 
+    def _own(self, update, *args, **kw):
+        """A registry update of our row (domid, uuid).  Once the row is another domain's, log it,
+        update nothing more and stop the VM."""
+        if self._orphaned:
+            return None
+        try:
+            return update(self.domid, *args, uuid=self.uuid, **kw)
+        except StaleDomainError as e:
+            self._orphaned = True
+            log.error("domain %s: %s; stopping this orphaned domain process", self.name, e)
+            if self.vm is not None and self.vm.machine.stop_reason is None:   # not stopped (and closed) yet
+                self.vm.machine.stop(StopReason(StopKind.DESTROYED, "its registry row belongs to another domain"))
+            return None
+
     def _set_state(self, state: str, reason: str | None = None) -> None:
         self.state = state
-        self.registry.update_state(self.domid, state, exit_reason=reason)
+        self._own(self.registry.update_state, state, exit_reason=reason)
 
     def run(self, ready_fd: int | None) -> int:
+        from hypyr.toolstack import sched
+        try:
+            return self._run(ready_fd)
+        finally:
+            try:
+                sched.remove(self, evacuate=True)
+            except HypyrError as e:
+                log.warning("domain %s: %s", self.name, e)
+
+    def _run(self, ready_fd: int | None) -> int:
         try:
             server = self._listen()
             self._apply_sched()
@@ -150,7 +158,14 @@ class Domain:
             log.exception("domain %s failed to start", self.name)
             self._report(ready_fd, f"error: the domain failed to start: {e}")
             return 1
-        self.registry.set_running(self.domid, os.getpid(), str(self.sock_path))
+        self._own(self.registry.set_running, os.getpid(), str(self.sock_path))
+        if self._orphaned:
+            self._report(ready_fd, f"error: domain id {self.domid} was given to another domain while "
+                                   f"{self.name} started")
+            self.vm.machine.wait()
+            self.vm.close()
+            self._unlink_socket()
+            return 1
         self._report(ready_fd, "ok")
         threading.Thread(target=self._accept_loop, args=(server,), name="control", daemon=True).start()
         return self._supervise()
@@ -162,23 +177,29 @@ class Domain:
             log.info("domain %s stopped (%s): %s", self.name, reason.message, action)
             if action == "restart":
                 self.vm.close()
-                self.registry.bump_restarts(self.domid)
+                self._own(self.registry.bump_restarts)
                 try:
                     self.boot()
                 except HypyrError as e:
                     log.error("domain %s could not restart: %s", self.name, e)
-                    self._set_state("crashed", str(e))
+                    self._keep("crashed", str(e))
                     return 1
                 continue
             self.vm.close()
             if action == "preserve":
-                self._set_state("crashed" if reason.kind in CRASH_KINDS else "shutdown", reason.message)
+                self._keep("crashed" if reason.kind in CRASH_KINDS else "shutdown", reason.message)
                 return 0  # the registry keeps the row; `hypyr destroy` removes it
             self._cleanup()
             return 0
 
+    def _keep(self, state: str, reason: str) -> None:
+        """on_*='preserve' (or a failed restart): the row stays, owned by no process."""
+        self.state = state
+        self._own(self.registry.release, state, reason)
+        self._unlink_socket()
+
     def _action_for(self, reason: StopReason) -> str:
-        if self._destroy_requested or reason.kind is StopKind.DESTROYED:
+        if self._destroy_requested or self._orphaned or reason.kind is StopKind.DESTROYED:
             return "destroy"
         if self._reboot_requested or reason.kind is StopKind.REBOOT:
             self._reboot_requested = False
@@ -188,16 +209,17 @@ class Domain:
         return self.cfg.on_poweroff  # poweroff, exit-status port, halt
 
     def _cleanup(self) -> None:
+        self._unlink_socket()
+        self._own(self.registry.remove)
+
+    def _unlink_socket(self) -> None:
+        """Remove our control socket, never one a newer domain bound at the same path."""
         try:
-            self.sock_path.unlink()
+            st = self.sock_path.lstat()
+            if (st.st_dev, st.st_ino) == self._sock_id:
+                self.sock_path.unlink()
         except FileNotFoundError:
             pass
-        try:
-            from hypyr.toolstack import sched
-            sched.remove(self.domid, self.name, evacuate=True)
-        except HypyrError:
-            pass
-        self.registry.remove(self.domid)
 
     @staticmethod
     def _report(fd: int | None, msg: str) -> None:
@@ -218,6 +240,8 @@ class Domain:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.bind(str(self.sock_path))
         os.chmod(self.sock_path, 0o600)
+        st = self.sock_path.lstat()
+        self._sock_id = (st.st_dev, st.st_ino)
         s.listen(8)
         return s
 
@@ -304,18 +328,58 @@ class Domain:
             self.console.detach(conn)
 
 
+class VmmLogHandler(logging.handlers.RotatingFileHandler):
+    """``vmm.log``, rotated at ``max_bytes`` (one old part, ``vmm.log.1``, is kept); those of
+    ``fds`` (stdout, stderr: where only crashes still write) that were on the log move to each
+    new file, so nothing keeps growing the old one."""
+
+    def __init__(self, path: os.PathLike, max_bytes: int, fds: Sequence[int] = (1, 2)):
+        super().__init__(path, maxBytes=max_bytes, backupCount=1, encoding="utf-8")
+        self.fds = tuple(fds)
+
+    def doRollover(self) -> None:
+        follow = []
+        for fd in self.fds:
+            try:
+                if self.stream and os.path.sameopenfile(fd, self.stream.fileno()):
+                    follow.append(fd)
+            except OSError:
+                pass
+        super().doRollover()
+        for fd in follow:
+            os.dup2(self.stream.fileno(), fd)
+
+
+def _log_to_vmm_log(domid: int) -> None:
+    """Log onto the domain's vmm.log through VmmLogHandler, as are uncaught exceptions in threads
+    and warnings; stderr (also vmm.log, from `create`) is then only written by a crash."""
+    try:
+        handler = VmmLogHandler(paths.vmm_log(domid), paths.log_max_bytes())
+    except OSError:
+        handler = logging.StreamHandler(sys.stderr)
+    logging.basicConfig(level=os.environ.get("HYPYR_LOG", "INFO").upper(), handlers=[handler],
+                        format="%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s")
+    logging.captureWarnings(True)
+
+    def thread_died(a: threading.ExceptHookArgs) -> None:
+        if a.exc_type is not SystemExit:
+            log.error("thread %s died", a.thread.name if a.thread else "?",
+                      exc_info=(a.exc_type, a.exc_value, a.exc_traceback))
+    threading.excepthook = thread_died
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     domid = int(argv[0])
     ready_fd = int(argv[1]) if len(argv) > 1 else None
-    logging.basicConfig(level=os.environ.get("HYPYR_LOG", "INFO").upper(), stream=sys.stderr,
-                        format="%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s")
+    uuid = os.environ.pop("HYPYR_DOMAIN_UUID", "")
+    os.umask(0o077)   # console.log and everything else this process creates: 0600
+    _log_to_vmm_log(domid)
     tap_fds = [int(x) for x in os.environ.pop("HYPYR_TAP_FDS", "").split(",") if x]
     for fd in tap_fds:
         os.set_inheritable(fd, False)   # ours alone: never leaked into anything we start
-    registry = Registry()
     try:
-        dom = Domain(domid, registry, tap_fds)
+        dom = Domain(domid, uuid, Registry(), tap_fds)
     except HypyrError as e:
         Domain._report(ready_fd, f"error: {e}")
         return 1

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import platform
 import select
@@ -36,6 +37,7 @@ from hypyr.errors import HypyrError
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 QUIT_KEYS = frozenset("qQ")
+MAX_INTERVAL = 86400.0   # seconds between refreshes: at most a day
 
 
 # -- small /proc readers ---------------------------------------------------------------------------
@@ -547,8 +549,9 @@ def run_top(interval: float = 1.0, iterations: int | None = None, out: TextIO | 
     """
     out = sys.stdout if out is None else out
     keys = sys.stdin if keys is _STDIN else keys
-    if interval <= 0:
-        raise HypyrError(f"the refresh interval must be positive, not {interval}")
+    if not _good_interval(interval):
+        raise HypyrError(f"the refresh interval must be more than 0 and at most {MAX_INTERVAL:g} seconds, "
+                         f"not {interval}")
     if iterations is not None and iterations < 1:
         raise HypyrError(f"the number of iterations must be at least 1, not {iterations}")
     if batch is None:
@@ -593,6 +596,11 @@ def run_top(interval: float = 1.0, iterations: int | None = None, out: TextIO | 
     return 0
 
 
+def _good_interval(interval) -> bool:
+    """A finite number of seconds in (0, MAX_INTERVAL] (nan, inf and 1e308 are not)."""
+    return isinstance(interval, (int, float)) and math.isfinite(interval) and 0 < interval <= MAX_INTERVAL
+
+
 # -- command line ----------------------------------------------------------------------------------
 def cli_info(args) -> int:
     """`hypyr info [--json]`."""
@@ -609,8 +617,12 @@ def cli_top(args) -> int:
     delay = getattr(args, "delay", None)
     iterations = getattr(args, "iterations", None)
     batch = getattr(args, "batch", False)
-    return run_top(interval=1.0 if delay is None else float(delay), iterations=iterations,
-                   batch=True if batch else None)
+    delay = 1.0 if delay is None else delay
+    if not _good_interval(delay):
+        raise HypyrError(f"-d must be a number of seconds more than 0 and at most {MAX_INTERVAL:g}, not {delay}")
+    if iterations is not None and iterations < 1:
+        raise HypyrError(f"-n must be at least 1, not {iterations}")
+    return run_top(interval=float(delay), iterations=iterations, batch=True if batch else None)
 
 
 __all__ = ["Row", "TopRow", "HostSnapshot", "host_info", "info_lines", "sample", "cpu_percent", "top_rows",

@@ -111,13 +111,16 @@ def _net_dir() -> Path:
 @contextlib.contextmanager
 def _locked() -> Iterator[dict[str, Network]]:
     """The network records, under an exclusive lock; changes to the dict are saved on success."""
-    with open(paths.state_dir() / "networks.lock", "a") as lock:
+    lock_path = paths.state_dir() / "networks.lock"
+    paths.create_private(lock_path)
+    with open(lock_path, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         recs = _load()
         before = dict(recs)
         yield recs
         if recs != before:
             tmp = _records_path().with_suffix(".tmp")
+            paths.create_private(tmp)
             tmp.write_text(json.dumps({k: asdict(v) for k, v in sorted(recs.items())}, indent=2) + "\n")
             os.replace(tmp, _records_path())
 

@@ -7,14 +7,18 @@ The state directory is, in order of preference:
 3. ``$XDG_RUNTIME_DIR/hypyr`` when ``$XDG_RUNTIME_DIR`` names an existing directory;
 4. ``~/.local/state/hypyr`` otherwise.
 
-It is created on first use with mode 0700 (an existing directory's mode is left alone).
+It is created on first use with mode 0700.  An existing one is checked every time: a directory
+owned by another user (or not a directory) is refused with a HypyrError, and a looser mode is
+tightened to 0700.  Files in it are created mode 0600 (the registry, logs, ``sched.json``).
 Its layout::
 
     domains.sqlite        the registry (plus its -wal and -shm files): one row per domain
     domains/<domid>/      one directory per domain, created fresh by Registry.reserve():
         control.sock      the domain process's control socket
         console.log       the guest's console output
-        vmm.log           the domain process's own log (stdout/stderr)
+        vmm.log           the domain process's own log (and its stdout/stderr, for crashes)
+        *.log.1           the previous part of a log: console.log and vmm.log are rotated at
+                          log_max_bytes() (1 MiB, or $HYPYR_LOG_MAX_BYTES), one old part kept
     logs/                 logs kept after a domain is gone: <name>.console.log, <name>.vmm.log
                           (the newest domain of that name wins; see Registry.remove)
 
@@ -27,29 +31,61 @@ may be too long for ``control.sock``.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
+
+from hypyr.errors import HypyrError
 
 REGISTRY_FILE = "domains.sqlite"
 DOMAINS_DIR = "domains"
 LOGS_DIR = "logs"
+LOG_MAX_BYTES = 1 << 20  # default size at which console.log and vmm.log are rotated
 
 
 def _ensure(path: Path) -> Path:
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as e:
+        raise HypyrError(f"cannot create the hypyr state directory {path}: {e.strerror or e}") from None
     return path
 
 
+def private_dir(path: Path) -> Path:
+    """``path`` as a directory only this user can enter: created 0700, a looser mode tightened,
+    refused (HypyrError) when it is not a directory or belongs to another user."""
+    _ensure(path)
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode):
+        raise HypyrError(f"the hypyr state directory {path} is not a directory")
+    if st.st_uid != os.geteuid():
+        raise HypyrError(f"the hypyr state directory {path} belongs to uid {st.st_uid}, not to this user "
+                         f"(uid {os.geteuid()}); remove it or set HYPYR_STATE_DIR")
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+def create_private(path: Path) -> None:
+    """Create the file ``path`` with mode 0600 if it does not exist (an existing one is made 0600)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
 def state_dir() -> Path:
-    """The toolstack's state directory (created with mode 0700 if missing)."""
+    """The toolstack's state directory (see the module docstring for its checks)."""
     env = os.environ.get("HYPYR_STATE_DIR")
     if env:
-        return _ensure(Path(env).expanduser())
+        return private_dir(Path(env).expanduser())
     if os.geteuid() == 0 and os.access("/run", os.W_OK):
-        return _ensure(Path("/run/hypyr"))
+        return private_dir(Path("/run/hypyr"))
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg and os.path.isabs(xdg) and os.path.isdir(xdg):
-        return _ensure(Path(xdg) / "hypyr")
-    return _ensure(Path.home() / ".local" / "state" / "hypyr")
+        return private_dir(Path(xdg) / "hypyr")
+    return private_dir(Path.home() / ".local" / "state" / "hypyr")
 
 
 def registry_path(base: Path | None = None) -> Path:
@@ -82,3 +118,18 @@ def log_dir(base: Path | None = None) -> Path:
 def kept_log(name: str, kind: str, base: Path | None = None) -> Path:
     """Where a gone domain's log ``kind`` ("console" or "vmm") is kept: ``log_dir()/<name>.<kind>.log``."""
     return log_dir(base) / f"{name}.{kind}.log"
+
+
+def log_max_bytes() -> int:
+    """The size at which a domain's logs are rotated: ``$HYPYR_LOG_MAX_BYTES`` if it is a positive
+    number of bytes, else LOG_MAX_BYTES (1 MiB)."""
+    try:
+        n = int(os.environ.get("HYPYR_LOG_MAX_BYTES", ""))
+    except ValueError:
+        return LOG_MAX_BYTES
+    return n if n > 0 else LOG_MAX_BYTES
+
+
+def rotated_log(path: Path) -> Path:
+    """Where the previous part of a rotated log goes: ``<path>.1``."""
+    return path.with_name(path.name + ".1")

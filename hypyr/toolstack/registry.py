@@ -7,28 +7,39 @@ busy timeout; every write is one ``BEGIN IMMEDIATE`` transaction, so several ``h
 at once, or a ``list`` while a ``destroy`` runs, see consistent rows and never a
 "database is locked" error (a lock held for longer than the timeout becomes a HypyrError).
 
+Every domain has a UUID (as Xen's), given by ``reserve()`` and never reused, while domids are.
 A row is owned by a process, recorded as its pid and its start time (``/proc/<pid>/stat``
 field 22), so that a reused pid is not mistaken for the owner:
 
 * ``reserve()`` allocates the smallest unused domid >= 1 (0 is the host, Domain-0, which is
-  never stored) and inserts a row in state ``creating`` owned by the calling process (the
-  ``hypyr create`` that waits for the domain to come up) and creates a fresh, empty
-  domain directory;
+  never stored) and a new UUID, and inserts a row in state ``creating`` owned by the calling
+  process (the ``hypyr create`` that waits for the domain to come up) and creates a fresh,
+  empty domain directory;
 * ``set_running()`` hands the row to the domain process and marks it ``running``.
 
-States: ``creating``, ``running``, ``paused``, ``shutdown`` (shutting down), ``crashed``,
-``dying`` (being destroyed), ``dead``.  A row is *gone* when its state is ``dead`` or its
-owner is not alive (no such pid, a zombie, or a different start time).  Gone rows are reaped
-(``reap()``, which ``list()`` runs first): they are reported once as ``dead`` and removed with
-their leftovers -- except rows in state ``crashed`` (``on_crash='preserve'``), which stay
-listed as crashed until ``destroy`` removes them.  ``list()`` and ``get()`` never report a
-gone process as running: their records carry the effective state ``dead``.
+The domain process's updates (``set_running``, ``update_state``, ``bump_restarts``,
+``release``, ``remove``) name the row by (domid, uuid): a process whose row was reaped and
+whose domid went to a newer domain gets ``StaleDomainError`` instead of taking that row over.
 
-Removing a row (``remove()`` or reaping) deletes its control socket and its domain directory
-but first moves ``console.log`` and ``vmm.log`` to ``paths.kept_log(name, kind)``
-(``logs/<name>.console.log``, ``logs/<name>.vmm.log``; a later domain of the same name
-overwrites them).  Files are cleaned inside the write transaction, so the domid cannot be
-handed to a new domain while its old directory is being removed.
+States: ``creating``, ``running``, ``paused``, ``shutdown`` (shutting down, or shut down and
+kept), ``crashed``, ``dying`` (being destroyed), ``dead``.  A row is *gone* when its state is
+``dead`` or its owner is not alive (no such pid, a zombie, or a different start time).
+*Kept* rows stay listed until ``destroy`` removes them: ``crashed`` ones, and ``shutdown`` ones
+that ``release()`` left without an owner (``on_poweroff='preserve'``).  Other gone rows are
+reaped (``reap()``, which ``list()`` runs first).  A domain whose process died while it was
+``running``/``paused`` gets its ``on_crash`` action, one that was ``shutdown`` (shutting down)
+its ``on_poweroff``: ``preserve`` keeps the row (``crashed`` / ``shutdown``, no owner); anything
+else removes it (``restart`` needs the domain process, which is gone).  Removed rows are
+reported once as ``dead``.  ``list()`` and ``get()`` never report a gone process as running:
+their records carry the state reaping will give them.
+
+Removing a row (``remove()`` or reaping) deletes its control socket, its scheduler cgroup
+(``sched.remove``) and its domain directory but first moves ``console.log`` and ``vmm.log`` to
+``paths.kept_log(name, kind)`` (``logs/<name>.console.log``, ``logs/<name>.vmm.log``; a later
+domain of the same name overwrites them).  Files are cleaned inside the write transaction, so
+the domid cannot be handed to a new domain while its old directory is being removed.
+
+Schema 2 added the ``uuid`` column; opening a schema-1 registry gives each row a UUID.
 """
 
 from __future__ import annotations
@@ -44,6 +55,7 @@ import sqlite3
 import stat
 import threading
 import time
+import uuid as uuidlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -53,17 +65,18 @@ from hypyr.toolstack import paths
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT = 10.0  # seconds
 STATES = ("creating", "running", "paused", "shutdown", "crashed", "dying", "dead")
 PRESERVED_STATES = frozenset({"crashed", "shutdown"})  # kept after their process ends (on_*=preserve)
 DOMAIN0_NAME = "Domain-0"
+DOMAIN0_UUID = "00000000-0000-0000-0000-000000000000"  # as Xen's
 MAX_DOMID = 0x7FEF  # Xen's DOMID_FIRST_RESERVED - 1
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:+@-]{0,63}")
 _ID_RE = re.compile(r"[0-9]+")
 
 _SCHEMA = f"""
-CREATE TABLE domains (
+CREATE TABLE domains (  -- schema 1; _migrate adds the rest
     domid       INTEGER PRIMARY KEY CHECK (domid >= 1),
     name        TEXT UNIQUE NOT NULL,
     config      TEXT,
@@ -77,7 +90,11 @@ CREATE TABLE domains (
     exit_reason TEXT
 )
 """
-_COLUMNS = "domid, name, config, pid, pid_start, socket, state, created, started, restarts, exit_reason"
+_COLUMNS = "domid, name, config, pid, pid_start, socket, state, created, started, restarts, exit_reason, uuid"
+
+
+class StaleDomainError(HypyrError):
+    """A domain process named a row that is no longer its own (another uuid, or removed)."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +112,7 @@ class DomainRecord:
     started: float | None     # unix time of the last (re)start
     restarts: int
     exit_reason: str | None
+    uuid: str                 # the domain's UUID, unique for ever (domids are reused)
 
     def config_dict(self) -> dict[str, Any]:
         return json.loads(self.config) if self.config else {}
@@ -111,7 +129,7 @@ def host_record() -> DomainRecord:
     except OSError:
         pass
     return DomainRecord(0, DOMAIN0_NAME, None, None, None, None, "running",
-                        boot or 0.0, boot, 0, None)
+                        boot or 0.0, boot, 0, None, DOMAIN0_UUID)
 
 
 # -- processes ------------------------------------------------------------------------------------
@@ -146,13 +164,31 @@ def _gone(rec: DomainRecord) -> bool:
     return rec.state == "dead" or not is_alive(rec)
 
 
+def _kept(rec: DomainRecord) -> bool:
+    """Kept until destroyed: crashed, or shut down and released by its process (preserve)."""
+    return rec.state == "crashed" or (rec.state == "shutdown" and rec.pid is None)
+
+
 def _reapable(rec: DomainRecord) -> bool:
-    return rec.state not in PRESERVED_STATES and _gone(rec)
+    return not _kept(rec) and _gone(rec)
+
+
+def _fate(rec: DomainRecord) -> str | None:
+    """The state a reapable row is kept in (its on_poweroff/on_crash is 'preserve'), or None
+    when reaping removes it."""
+    if rec.state not in ("running", "paused", "shutdown"):
+        return None
+    key, kept = ("on_poweroff", "shutdown") if rec.state == "shutdown" else ("on_crash", "crashed")
+    try:
+        action = rec.config_dict().get(key)
+    except (ValueError, AttributeError):
+        action = None
+    return kept if action == "preserve" else None
 
 
 def _effective(rec: DomainRecord) -> DomainRecord:
     if rec.state != "dead" and _reapable(rec):
-        return dataclasses.replace(rec, state="dead")
+        return dataclasses.replace(rec, state=_fate(rec) or "dead")
     return rec
 
 
@@ -172,6 +208,12 @@ def _record(row: tuple) -> DomainRecord:
     return DomainRecord(*row)
 
 
+def _domid(domid) -> int:
+    """A domid for SQL: values past MAX_DOMID (SQLite cannot even hold some) match no row."""
+    domid = int(domid)
+    return domid if 0 <= domid <= MAX_DOMID else -1
+
+
 # -- the registry ---------------------------------------------------------------------------------
 class Registry:
     """The SQLite domain registry at ``path`` (default ``paths.registry_path()``).
@@ -187,8 +229,7 @@ class Registry:
             self.path = paths.registry_path(self.base)
         else:
             self.path = Path(path)
-            self.base = self.path.parent
-            self.base.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.base = paths.private_dir(self.path.parent)
         self.timeout = timeout
         self._lock = threading.RLock()
         self._db: sqlite3.Connection | None = None
@@ -200,6 +241,10 @@ class Registry:
         if self._db is not None and self._pid == os.getpid():
             return self._db
         self._db = None  # inherited over fork: never touch the parent's connection
+        try:
+            paths.create_private(self.path)  # SQLite gives its -wal and -shm files the same mode
+        except OSError as e:
+            raise HypyrError(f"cannot create the domain registry {self.path}: {e.strerror or e}") from None
         try:
             db = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None,
                                  check_same_thread=False)
@@ -242,7 +287,11 @@ class Registry:
                                  f"(schema {version}, this one knows {SCHEMA_VERSION})")
             if version == 0:
                 db.execute(_SCHEMA)
-            # future migrations: `if version < 2: ...`
+            if version < 2:   # every domain gets a UUID
+                db.execute("ALTER TABLE domains ADD COLUMN uuid TEXT")
+                for (domid,) in db.execute("SELECT domid FROM domains").fetchall():
+                    db.execute("UPDATE domains SET uuid = ? WHERE domid = ?", (str(uuidlib.uuid4()), domid))
+                db.execute("CREATE UNIQUE INDEX domains_uuid ON domains (uuid)")
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             db.execute("COMMIT")
         except BaseException:
@@ -303,14 +352,24 @@ class Registry:
     def domain_dir(self, domid: int) -> Path:
         return paths.domain_dir(domid, self.base)
 
+    @staticmethod
+    def _drop_process_leftovers(rec: DomainRecord) -> None:
+        """The control socket and the scheduler cgroup of a row whose process has ended."""
+        from hypyr.toolstack import sched
+        if rec.socket:
+            sock = Path(rec.socket)
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_ISSOCK(sock.lstat().st_mode):
+                    sock.unlink()
+        try:
+            sched.remove(rec)
+        except HypyrError as e:
+            log.warning("domain %s (id %d): %s", rec.name, rec.domid, e)
+
     def _discard(self, db: sqlite3.Connection, rec: DomainRecord) -> None:
         """Remove a row and its leftovers (inside the caller's write transaction)."""
         try:
-            if rec.socket:
-                sock = Path(rec.socket)
-                with contextlib.suppress(FileNotFoundError):
-                    if stat.S_ISSOCK(sock.lstat().st_mode):
-                        sock.unlink()
+            self._drop_process_leftovers(rec)
             d = self.domain_dir(rec.domid)
             if d.is_dir():
                 for kind in ("console", "vmm"):
@@ -328,7 +387,7 @@ class Registry:
 
         The row is owned by ``pid`` (default: this process) until ``set_running``; if that
         process dies first the row is reaped.  A gone (reapable) row with the same name is
-        removed first; otherwise a duplicate name is a HypyrError.
+        reaped first; a duplicate name that remains is a HypyrError.
         """
         _check_name(name)
         if config_json is not None and not isinstance(config_json, str):
@@ -341,9 +400,8 @@ class Registry:
             row = db.execute(f"SELECT {_COLUMNS} FROM domains WHERE name = ?", (name,)).fetchone()
             if row is not None:
                 old = _record(row)
-                if not _reapable(old):
+                if not _reapable(old) or self._reap_row(db, old) is None:
                     raise HypyrError(f"a domain named {name} already exists (id {old.domid})")
-                self._discard(db, old)
             domid = 1
             for (used,) in db.execute("SELECT domid FROM domains ORDER BY domid"):
                 if used != domid:
@@ -352,8 +410,8 @@ class Registry:
             if domid > MAX_DOMID:
                 raise HypyrError(f"no free domain ids: {MAX_DOMID} domains exist")
             rec = DomainRecord(domid, name, config_json, owner, owner_start, None, "creating",
-                               time.time(), None, 0, None)
-            db.execute(f"INSERT INTO domains ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                               time.time(), None, 0, None, str(uuidlib.uuid4()))
+            db.execute(f"INSERT INTO domains ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                        dataclasses.astuple(rec))
             d = self.domain_dir(domid)
             if d.exists():  # leftovers of a registry that lost track of them
@@ -361,33 +419,49 @@ class Registry:
             d.mkdir(mode=0o700, parents=True)
         return rec
 
-    def _update(self, domid: int, sql: str, args: tuple) -> None:
-        with self._write() as db:
-            cur = db.execute(f"UPDATE domains SET {sql} WHERE domid = ?", (*args, int(domid)))
-            if cur.rowcount == 0:
-                raise HypyrError(f"no domain with id {domid}")
+    def _own_row(self, db: sqlite3.Connection, domid: int, uuid: str) -> DomainRecord:
+        """The row (domid, uuid), or StaleDomainError (inside a write transaction)."""
+        rec = self._row(db, _domid(domid))
+        if rec is None:
+            raise StaleDomainError(f"no domain with id {domid} (its row was removed)")
+        if rec.uuid != uuid:
+            raise StaleDomainError(f"domain id {domid} now belongs to another domain ({rec.name}, uuid {rec.uuid}), "
+                                   f"not to uuid {uuid}")
+        return rec
 
-    def set_running(self, domid: int, pid: int, socket: str | os.PathLike | None) -> None:
-        """Hand the row to the domain process ``pid`` (serving ``socket``) and mark it running."""
-        self._update(domid, "pid = ?, pid_start = ?, socket = ?, state = 'running', started = ?, "
-                            "exit_reason = NULL",
+    def _update(self, domid: int, uuid: str, sql: str, args: tuple) -> None:
+        with self._write() as db:
+            self._own_row(db, domid, uuid)
+            db.execute(f"UPDATE domains SET {sql} WHERE domid = ?", (*args, int(domid)))
+
+    def set_running(self, domid: int, pid: int, socket: str | os.PathLike | None, *, uuid: str) -> None:
+        """Hand the row (domid, uuid) to the domain process ``pid`` (serving ``socket``), mark it running."""
+        self._update(domid, uuid, "pid = ?, pid_start = ?, socket = ?, state = 'running', started = ?, "
+                                  "exit_reason = NULL",
                      (int(pid), proc_start_time(pid), None if socket is None else os.fspath(socket),
                       time.time()))
 
-    def update_state(self, domid: int, state: str, exit_reason: str | None = None) -> None:
+    def update_state(self, domid: int, state: str, exit_reason: str | None = None, *, uuid: str) -> None:
         """Set the row's state (one of STATES) and exit reason (None clears it)."""
         if state not in STATES:
             raise ValueError(f"unknown domain state {state!r}")
-        self._update(domid, "state = ?, exit_reason = ?", (state, exit_reason))
+        self._update(domid, uuid, "state = ?, exit_reason = ?", (state, exit_reason))
 
-    def bump_restarts(self, domid: int) -> int:
+    def release(self, domid: int, state: str, exit_reason: str | None, *, uuid: str) -> None:
+        """Keep the row as ``crashed`` or ``shutdown`` with no owning process (on_*='preserve'):
+        it stays listed until ``remove``."""
+        if state not in PRESERVED_STATES:
+            raise ValueError(f"a kept domain is crashed or shutdown, not {state!r}")
+        self._update(domid, uuid, "state = ?, exit_reason = ?, pid = NULL, pid_start = NULL, socket = NULL",
+                     (state, exit_reason))
+
+    def bump_restarts(self, domid: int, *, uuid: str) -> int:
         """Count a restart (on_reboot/on_crash 'restart'): restarts += 1, started = now."""
         with self._write() as db:
-            cur = db.execute("UPDATE domains SET restarts = restarts + 1, started = ? WHERE domid = ?",
-                             (time.time(), int(domid)))
-            if cur.rowcount == 0:
-                raise HypyrError(f"no domain with id {domid}")
-            return db.execute("SELECT restarts FROM domains WHERE domid = ?", (int(domid),)).fetchone()[0]
+            rec = self._own_row(db, domid, uuid)
+            db.execute("UPDATE domains SET restarts = restarts + 1, started = ? WHERE domid = ?",
+                       (time.time(), int(domid)))
+            return rec.restarts + 1
 
     def get(self, name_or_id: str | int) -> DomainRecord:
         """The record of a domain given its name or its id (an int or a string of digits)."""
@@ -397,7 +471,7 @@ class Registry:
                 domid = int(key)
                 if domid == 0:
                     raise HypyrError(f"domain 0 is the host ({DOMAIN0_NAME}), not a hypyr domain")
-                rec = self._row(db, domid)
+                rec = self._row(db, domid) if domid <= MAX_DOMID else None
                 if rec is None:
                     raise HypyrError(f"no domain with id {domid}")
             else:
@@ -416,17 +490,40 @@ class Registry:
             rows = db.execute(f"SELECT {_COLUMNS} FROM domains ORDER BY domid").fetchall()
         return [_effective(_record(r)) for r in rows]  # an owner may die between reap and read
 
-    def remove(self, domid: int) -> bool:
-        """Delete a row and its leftovers (keeping its logs); False if there was no such row."""
+    def remove(self, domid: int, *, uuid: str | None = None) -> bool:
+        """Delete a row and its leftovers (keeping its logs); False if there was no such row.
+        With ``uuid`` (a domain process removing its own row) another domain's row is a
+        StaleDomainError."""
         with self._write() as db:
-            rec = self._row(db, int(domid))
-            if rec is None:
-                return False
+            if uuid is not None:
+                rec = self._own_row(db, domid, uuid)
+            else:
+                rec = self._row(db, _domid(domid))
+                if rec is None:
+                    return False
             self._discard(db, rec)
         return True
 
+    def _reap_row(self, db: sqlite3.Connection, rec: DomainRecord) -> DomainRecord | None:
+        """Apply a reapable row's fate (inside a write transaction): the removed record, in state
+        ``dead``, or None when its on_* action keeps it."""
+        kept = _fate(rec)
+        if kept is None:
+            self._discard(db, rec)
+            reason = rec.exit_reason or "its process exited"
+            log.info("domain %s (id %d) is gone: %s", rec.name, rec.domid, reason)
+            return dataclasses.replace(rec, state="dead", exit_reason=reason)
+        reason = ("its process exited while it was shutting down" if rec.state == "shutdown"
+                  else "its process exited unexpectedly")
+        self._drop_process_leftovers(rec)
+        db.execute("UPDATE domains SET state = ?, exit_reason = ?, pid = NULL, pid_start = NULL, socket = NULL "
+                   "WHERE domid = ?", (kept, reason, rec.domid))
+        log.info("domain %s (id %d) is kept as %s (preserve): %s", rec.name, rec.domid, kept, reason)
+        return None
+
     def reap(self) -> list[DomainRecord]:
-        """Remove the rows of gone domains (except crashed ones); return them, in state ``dead``."""
+        """Apply the on_poweroff/on_crash action of every gone domain (see the module docstring);
+        return the removed ones, in state ``dead``."""
         with self._read() as db:
             rows = [_record(r) for r in db.execute(f"SELECT {_COLUMNS} FROM domains")]
         if not any(_reapable(r) for r in rows):
@@ -435,12 +532,8 @@ class Registry:
         with self._write() as db:
             for row in db.execute(f"SELECT {_COLUMNS} FROM domains ORDER BY domid").fetchall():
                 rec = _record(row)
-                if _reapable(rec):
-                    self._discard(db, rec)
-                    reaped.append(dataclasses.replace(
-                        rec, state="dead", exit_reason=rec.exit_reason or "its process exited"))
-        for rec in reaped:
-            log.info("domain %s (id %d) is gone: %s", rec.name, rec.domid, rec.exit_reason)
+                if _reapable(rec) and (gone := self._reap_row(db, rec)) is not None:
+                    reaped.append(gone)
         return reaped
 
     is_alive = staticmethod(is_alive)

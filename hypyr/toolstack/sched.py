@@ -5,8 +5,11 @@ by putting that process into its own cpu cgroup:
 
 * hypyr's parent group is ``<root>/hypyr`` (cgroup v2, the unified hierarchy at /sys/fs/cgroup) or
   ``<cpu mount>/hypyr`` (cgroup v1 cpu controller); each domain gets
-  ``<parent>/dom-<domid>-<name>`` (name sanitized).  hypyr's own groups hold only the leaf domain
-  groups, so v2's "no internal processes" rule is respected.
+  ``<parent>/dom-<domid>-<uuid>``: domids are reused but UUIDs never are, so a group left behind
+  by an old domain is never taken for a new one's.  hypyr's own groups hold only the leaf domain
+  groups, so v2's "no internal processes" rule is respected.  The group goes when the domain
+  does: the domain process removes it on its way out, the registry when it removes or reaps
+  the domain's row.
 * **weight** (xl: 1–65535, default 256; CPU time under contention is shared in proportion to the
   weights).  v2 ``cpu.weight`` (1–10000, default 100) = ``max(1, min(10000, round(w * 100 / 256)))``:
   256 → 100 (the v2 default), 512 → 200, so the 512:256 ratio (any ratio of multiples of 64) is
@@ -16,9 +19,12 @@ by putting that process into its own cpu cgroup:
   100 × host CPUs).  v2 ``cpu.max`` = ``"max 100000"`` or ``"<cap*1000> 100000"``; v1
   ``cpu.cfs_period_us`` = 100000 and ``cpu.cfs_quota_us`` = -1 or ``cap * 1000``.
 
-The exact xl values are also kept in the domain's state directory (``sched.json``), since the
-cgroup values lose precision (v2 weight); ``get_params`` reports them while they still match the
-cgroup, and derives the values from the cgroup otherwise.
+The exact xl values are also kept in the domain's state directory (``sched.json``, with the
+domain's uuid), since the cgroup values lose precision (v2 weight); ``get_params`` reports them
+while they still match the cgroup, and derives the values from the cgroup otherwise.
+
+A domain is named by any object with ``domid``, ``name`` and ``uuid`` (a registry
+``DomainRecord``, an ``api.DomainInfo``, a ``Dom``).
 
 Every function takes an optional ``root``: a cgroup mount (or a fake tree in tests).  Without it,
 ``HYPYR_CGROUP_ROOT`` is used if set, otherwise the host's cgroups are detected (``cgroup_root``).
@@ -30,8 +36,10 @@ import errno
 import json
 import os
 import re
+import uuid as uuidlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from hypyr.errors import HypyrError
 
@@ -45,6 +53,14 @@ ENV_ROOT = "HYPYR_CGROUP_ROOT"
 
 NO_CGROUPS = ("cgroups are not available: mount cgroup2 on /sys/fs/cgroup "
               "(or the v1 cpu controller)")
+
+
+class Dom(NamedTuple):
+    """A domain's identity, for callers without a registry record at hand."""
+
+    domid: int
+    name: str
+    uuid: str
 
 
 @dataclass(frozen=True)
@@ -181,10 +197,16 @@ def _info(root) -> CgroupInfo:
 
 
 # -- groups ----------------------------------------------------------------------------------------
-def group_name(domid: int, name: str) -> str:
-    """``dom-<domid>-<name>``, the name reduced to characters safe in a cgroup directory name."""
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name or "")[:64].lstrip(".") or "domain"
-    return f"dom-{int(domid)}-{safe}"
+_GROUP_RE = re.compile(r"dom-(\d+)-([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})")
+
+
+def group_name(dom) -> str:
+    """``dom-<domid>-<uuid>``."""
+    try:
+        u = uuidlib.UUID(str(dom.uuid))
+    except ValueError:
+        raise HypyrError(f"domain {dom.name} has no valid uuid ({dom.uuid!r})") from None
+    return f"dom-{int(dom.domid)}-{u}"
 
 
 def _write(path: Path, value, what: str) -> None:
@@ -233,37 +255,31 @@ def _parent(info: CgroupInfo) -> Path:
     return info.parent
 
 
-def group_path(domid: int, name: str, root=None) -> Path:
-    """The domain's group (existing or not).  A group of the same domid under another (older) name
-    is found too, so a renamed domain keeps its group."""
-    info = _info(root)
-    path = info.parent / group_name(domid, name)
-    if not path.is_dir() and info.parent.is_dir():
-        for other in sorted(info.parent.glob(f"dom-{int(domid)}-*")):
-            if other.is_dir():
-                return other
-    return path
+def group_path(dom, root=None) -> Path:
+    """The domain's group (existing or not)."""
+    return _info(root).parent / group_name(dom)
 
 
-def _existing(domid: int, name: str, info: CgroupInfo) -> Path:
-    path = group_path(domid, name, info)
+def _existing(dom, info: CgroupInfo) -> Path:
+    path = group_path(dom, info)
     if not path.is_dir():
-        raise HypyrError(f"domain {name} has no scheduler group (is it running?)")
+        raise HypyrError(f"domain {dom.name} has no scheduler group (is it running?)")
     return path
 
 
-def place(domid: int, name: str, pid: int, root=None) -> Path:
+def place(dom, pid: int, root=None) -> Path:
     """Create the domain's group and move process ``pid`` (all its threads) into it."""
     info = _info(root)
     _parent(info)
-    path = info.parent / group_name(domid, name)
+    path = info.parent / group_name(dom)
     _mkdir(path)
+    what = f"move domain {dom.name} into its cgroup"
     if info.version == 2 or (path / "cgroup.procs").exists() or not (path / "tasks").exists():
-        _write(path / "cgroup.procs", int(pid), f"move domain {name} into its cgroup")
+        _write(path / "cgroup.procs", int(pid), what)
     else:
         tids = sorted(int(t) for t in os.listdir(f"/proc/{int(pid)}/task"))
         for tid in tids:
-            _write(path / "tasks", tid, f"move domain {name} into its cgroup")
+            _write(path / "tasks", tid, what)
     return path
 
 
@@ -280,24 +296,27 @@ def _state_file(domid: int) -> Path | None:
         return None
 
 
-def _load_state(domid: int) -> dict:
-    f = _state_file(domid)
+def _load_state(dom) -> dict:
+    """The domain's sched.json, or {} when there is none or it is another domain's."""
+    f = _state_file(dom.domid)
     if f is None:
         return {}
     try:
         doc = json.loads(f.read_text())
-        return doc if isinstance(doc, dict) else {}
     except (OSError, ValueError):
         return {}
+    return doc if isinstance(doc, dict) and doc.get("uuid") == str(dom.uuid) else {}
 
 
-def _save_state(domid: int, doc: dict) -> None:
-    f = _state_file(domid)
+def _save_state(dom, doc: dict) -> None:
+    f = _state_file(dom.domid)
     if f is None or not f.parent.is_dir():   # the domain dir is the domain's own, not created here
         return
     try:
         tmp = f.with_name(f.name + ".tmp")
-        tmp.write_text(json.dumps(doc) + "\n")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with open(fd, "w") as out:
+            out.write(json.dumps(dict(doc, uuid=str(dom.uuid))) + "\n")
         tmp.replace(f)
     except OSError:
         pass
@@ -333,8 +352,7 @@ def _params(path: Path, info: CgroupInfo, state: dict) -> tuple[int, int]:
     return weight, cap
 
 
-def set_params(domid: int, name: str, weight: int | None = None, cap: int | None = None,
-               root=None) -> tuple[int, int]:
+def set_params(dom, weight: int | None = None, cap: int | None = None, root=None) -> tuple[int, int]:
     """Set the domain's weight and/or cap (None leaves it); returns the (weight, cap) now in force.
     The group must exist (``place`` first)."""
     if weight is not None:
@@ -342,8 +360,8 @@ def set_params(domid: int, name: str, weight: int | None = None, cap: int | None
     if cap is not None:
         check_cap(cap)
     info = _info(root)
-    path = _existing(domid, name, info)
-    what = f"set the scheduler parameters of domain {name}"
+    path = _existing(dom, info)
+    what = f"set the scheduler parameters of domain {dom.name}"
     if info.version == 2:
         if weight is not None:
             _write(path / "cpu.weight", v2_weight(weight), what)
@@ -358,44 +376,42 @@ def set_params(domid: int, name: str, weight: int | None = None, cap: int | None
             _write(path / "cpu.cfs_quota_us", v1_quota(cap), what)
             if not cap:
                 _write(path / "cpu.cfs_period_us", PERIOD_US, what)
-    state = _load_state(domid)
-    state["name"] = name
+    state = _load_state(dom)
     if weight is not None:
         state["weight"] = weight
     if cap is not None:
         state["cap"] = cap
-    _save_state(domid, state)
-    return _params(path, info, _load_state(domid))   # what get_params will report
+    _save_state(dom, state)
+    return _params(path, info, _load_state(dom))   # what get_params will report
 
 
-def get_params(domid: int, name: str, root=None) -> tuple[int, int]:
+def get_params(dom, root=None) -> tuple[int, int]:
     """The domain's (weight, cap) in xl units."""
     info = _info(root)
-    return _params(_existing(domid, name, info), info, _load_state(domid))
+    return _params(_existing(dom, info), info, _load_state(dom))
 
 
 def list_params(root=None) -> list[tuple[int, str, int, int]]:
-    """(domid, name, weight, cap) of every domain group hypyr has, by domid."""
+    """(domid, uuid, weight, cap) of every domain group hypyr has, by domid.  Callers match
+    (domid, uuid) against the registry: a group of a domain that is gone matches nothing."""
     info = _info(root)
     out = []
     if not info.parent.is_dir():
         return out
     for d in info.parent.iterdir():
-        m = re.fullmatch(r"dom-(\d+)-(.*)", d.name)
+        m = _GROUP_RE.fullmatch(d.name)
         if not m or not d.is_dir():
             continue
-        domid = int(m.group(1))
-        state = _load_state(domid)
-        name = state.get("name") if isinstance(state.get("name"), str) else m.group(2)
+        dom = Dom(int(m.group(1)), "", m.group(2))
         try:
-            weight, cap = _params(d, info, state)
+            weight, cap = _params(d, info, _load_state(dom))
         except HypyrError:
             continue   # a group being removed
-        out.append((domid, name, weight, cap))
+        out.append((dom.domid, dom.uuid, weight, cap))
     return sorted(out)
 
 
-def remove(domid: int, name: str, root=None, evacuate: bool = False) -> None:
+def remove(dom, root=None, evacuate: bool = False) -> None:
     """Remove the domain's group once its process has exited; a busy or absent group is left
     alone.  ``evacuate`` first moves any processes still in it to the root group (for the domain
     process itself, on its way out)."""
@@ -403,7 +419,7 @@ def remove(domid: int, name: str, root=None, evacuate: bool = False) -> None:
         info = _info(root)
     except HypyrError:
         return
-    path = group_path(domid, name, info)
+    path = group_path(dom, info)
     if not path.is_dir():
         return
     if evacuate:
@@ -424,8 +440,8 @@ def remove(domid: int, name: str, root=None, evacuate: bool = False) -> None:
             raise HypyrError(f"cannot remove the cgroup {path}: {e.strerror or e}") from None
         if e.errno != errno.ENOENT:
             return
-    f = _state_file(domid)
-    if f is not None:
+    if _load_state(dom):
+        f = _state_file(dom.domid)
         try:
             f.unlink()
         except OSError:

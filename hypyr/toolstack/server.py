@@ -22,6 +22,10 @@ domain or path, 405 wrong method (with an Allow header), 409 a domain of that na
 411/413 body without a length / over 1 MiB, 500 a hypyr bug (the traceback goes to the log,
 never to the client), 501 a toolstack part this hypyr does not have.
 
+Domain objects are those of `hypyr list --json`: name, domid, uuid (never reused, unlike the
+domid), memory, vcpus, state (xl's letters), cpu_time, status.  A body that is not JSON, or JSON
+nested too deeply to parse, is a 400.
+
 `ApiClient` is a small client for scripts and tests:
 
     c = ApiClient("/run/hypyr/api.sock")
@@ -164,6 +168,8 @@ class Request:
         except json.JSONDecodeError as e:
             raise HttpError(400, f"the request body is not valid JSON ({e.msg} at line {e.lineno} "
                                  f"column {e.colno})") from None
+        except RecursionError:
+            raise HttpError(400, "the request body is JSON nested too deeply") from None
         if not isinstance(data, dict):
             raise HttpError(400, "the request body must be a JSON object")
         return data
@@ -346,7 +352,7 @@ def _sched_reply(d, params: Any) -> Reply:
 
 def ep_get_sched(req: Request) -> Reply:
     d = _find_domain(req.params["domain"])
-    return _sched_reply(d, _sched().get_params(d.domid, d.name))
+    return _sched_reply(d, _sched().get_params(d))
 
 
 def ep_put_sched(req: Request) -> Reply:
@@ -360,8 +366,8 @@ def ep_put_sched(req: Request) -> Reply:
             raise HttpError(400, f"'{key}' must be a whole number")
     d = _find_domain(req.params["domain"])
     sched = _sched()
-    now = sched.set_params(d.domid, d.name, weight=body.get("weight"), cap=body.get("cap"))
-    return _sched_reply(d, now if now is not None else sched.get_params(d.domid, d.name))
+    now = sched.set_params(d, weight=body.get("weight"), cap=body.get("cap"))
+    return _sched_reply(d, now if now is not None else sched.get_params(d))
 
 
 # path template → {method: handler}; the OpenAPI document must describe exactly these
@@ -525,6 +531,8 @@ def openapi_document() -> dict:
                                 "version": string}},
         "Domain": {"type": "object", "required": ["name", "domid"],
                    "properties": {"name": string, "domid": integer,
+                                  "uuid": {**string, "format": "uuid",
+                                           "description": "the domain's UUID (domids are reused, UUIDs never)"},
                                   "memory": {**integer, "description": "MiB"}, "vcpus": integer,
                                   "state": {**string, "description": "xl's letters, e.g. -b----"},
                                   "cpu_time": {**number, "description": "seconds"},

@@ -21,7 +21,8 @@ Semantics (the keys hypyr uses; sizes in MiB as in xl):
 * ``name`` (required), ``type`` ``'pvh'`` (default) or ``'hvm'`` — both mean direct kernel
   boot here; ``'pv'`` is an error.  The deprecated ``builder='hvm'`` sets type hvm.
 * ``memory`` (default 128), ``maxmem`` (default memory, never less), ``vcpus`` (default 1),
-  ``maxvcpus`` (default vcpus, never less).
+  ``maxvcpus`` (default vcpus, never less); both vCPU counts are 1 to ``MAX_VCPUS`` (254, the
+  most the x86 machine can address).
 * ``kernel`` (required), ``ramdisk``; ``cmdline`` is the whole kernel command line; without it
   xl's ``root``/``extra`` give ``"root=<root> <extra>"``.  ``cmdline`` with ``root``/``extra``:
   warning, root/extra ignored (as xl).
@@ -47,7 +48,9 @@ Semantics (the keys hypyr uses; sizes in MiB as in xl):
   provide (``pci``, ``bootloader``, ...) and unknown ones give a warning.  Warnings are
   in ``DomainConfig.warnings`` and logged to the ``hypyr.xlcfg`` logger.
 
-Errors: ``XlCfgError`` (a ``HypyrError``) whose str() is ``"FILE:LINE: sentence"``.
+Errors: ``XlCfgError`` (a ``HypyrError``) whose str() is ``"FILE:LINE: sentence"``; an error
+about a key names the key as written in the file (``vcpus``, not a command-line flag).  ``load``
+reads only regular files (a FIFO or a device is refused, never waited on).
 """
 
 from __future__ import annotations
@@ -55,9 +58,11 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from typing import Any, Union
 
+from hypyr.arch.x86.acpi import MAX_VCPUS
 from hypyr.errors import HypyrError
 from hypyr.toolstack.vif import VifError, VifSpec, check_distinct, parse_vif
 
@@ -545,8 +550,8 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _INT_RULES: dict[str, tuple[int, int | None, str]] = {
     "memory": (1, None, "memory must be a positive integer (MiB)"),
     "maxmem": (1, None, "maxmem must be a positive integer (MiB)"),
-    "vcpus": (1, None, "vcpus must be an integer of at least 1"),
-    "maxvcpus": (1, None, "maxvcpus must be an integer of at least 1"),
+    "vcpus": (1, MAX_VCPUS, f"vcpus must be an integer from 1 to {MAX_VCPUS}"),
+    "maxvcpus": (1, MAX_VCPUS, f"maxvcpus must be an integer from 1 to {MAX_VCPUS}"),
     "cpu_weight": (1, 65535, "cpu_weight must be an integer from 1 to 65535"),
     "cap": (0, None, "cap must be an integer of at least 0 (percent of one CPU; 0 is no cap)"),
 }
@@ -780,7 +785,14 @@ def load(path: str | os.PathLike, cwd: str | os.PathLike | None = None) -> Domai
     """Read, parse and validate an xl.cfg file.  Raises HypyrError (XlCfgError for the contents)."""
     name = os.fspath(path)
     try:
-        with open(name, "rb") as f:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused just below
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb") as f:
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISDIR(mode):
+                raise IsADirectoryError
+            if not stat.S_ISREG(mode):
+                raise HypyrError(f"domain config file {name} is not a regular file")
             data = f.read(MAX_FILE_SIZE + 1)
     except FileNotFoundError:
         raise HypyrError(f"domain config file {name} does not exist") from None

@@ -6,11 +6,22 @@ the host's KVM) are skipped where /dev/kvm is not usable.
 
 from __future__ import annotations
 
+import os
+import pty
+import signal
+import socket
+import subprocess
+import sys
+import termios
+import uuid
+
 import pytest
 
 from hypyr import cli
 from hypyr.errors import HypyrError
 from hypyr.kvm import Kvm, KvmUnavailable
+from hypyr.toolstack import api, paths, sched
+from hypyr.toolstack.registry import Registry
 
 MiB, GiB = 1 << 20, 1 << 30
 
@@ -166,3 +177,135 @@ def test_unknown_command_is_a_usage_error(capfd):
         cli.main(["frobnicate"])
     assert e.value.code == 2
     assert "usage:" in capfd.readouterr().err
+
+
+# -- bad input to the toolstack commands (issue #13) ------------------------------------------------
+@pytest.fixture
+def state(tmp_path, monkeypatch):
+    d = tmp_path / "state"
+    monkeypatch.setenv("HYPYR_STATE_DIR", str(d))
+    return d
+
+
+def _hypyr(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    """`hypyr ARGS` in a process of its own (a hang is a TimeoutExpired, not a stuck test run)."""
+    return subprocess.run([sys.executable, "-m", "hypyr", *args], capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("op", ["pause", "destroy", "console"])
+def test_huge_domain_id_is_one_sentence(state, capfd, op):
+    assert cli.main([op, "99999999999999999999"]) == 1
+    assert _one_error_line(capfd) == "hypyr: error: no domain with id 99999999999999999999"
+
+
+@pytest.mark.parametrize("delay", ["inf", "1e308", "nan", "0", "-1"])
+def test_top_refuses_a_bad_delay(state, delay):
+    p = _hypyr("top", "-b", "-n", "2", "-d", delay)
+    assert p.returncode == 1 and p.stdout == ""
+    assert p.stderr.splitlines() == [f"hypyr: error: -d must be a number of seconds more than 0 and at most "
+                                     f"86400, not {float(delay)}"]
+
+
+def test_top_refuses_zero_iterations(state, capfd):
+    assert cli.main(["top", "-b", "-n", "0"]) == 1
+    assert _one_error_line(capfd) == "hypyr: error: -n must be at least 1, not 0"
+
+
+def test_control_operation_without_an_answer_is_one_sentence(state, capfd, monkeypatch):
+    monkeypatch.setattr(api, "CONTROL_TIMEOUT", 0.3)
+    with Registry() as reg:
+        rec = reg.reserve("web", {"memory": 64})
+        silent = socket.socket(socket.AF_UNIX)      # a domain process that never answers
+        silent.bind(str(paths.control_socket(rec.domid)))
+        silent.listen(1)
+        reg.set_running(rec.domid, os.getpid(), paths.control_socket(rec.domid), uuid=rec.uuid)
+        try:
+            assert cli.main(["pause", "web"]) == 1
+        finally:
+            silent.close()
+    assert _one_error_line(capfd) == "hypyr: error: domain web did not answer pause within 0.3 s"
+
+
+def test_create_refuses_a_fifo_without_waiting(state, tmp_path):
+    fifo = tmp_path / "web.cfg"
+    os.mkfifo(fifo)
+    p = _hypyr("create", str(fifo))
+    assert p.returncode == 1
+    assert p.stderr.splitlines() == [f"hypyr: error: domain config file {fifo} is not a regular file"]
+    assert not (state / "domains.sqlite").exists()   # nothing left behind
+
+
+def test_run_checks_vcpus_before_any_work(capfd, monkeypatch):
+    from hypyr.image import build as image
+    monkeypatch.setattr(image, "ensure", lambda: pytest.fail("the default image was built before --vcpus was checked"))
+    for vcpus in ("0", "255", "99999999999999999999"):
+        assert cli.main(["run", "--no-input", "--vcpus", vcpus]) == 1
+        assert _one_error_line(capfd) == f"hypyr: error: --vcpus must be a number from 1 to 254, not {vcpus}"
+
+
+def test_sched_credit_ignores_a_stale_group_of_the_same_domid(state, tmp_path, monkeypatch, capfd):
+    """A group left by a gone domain with the same domid is not the new domain's: no success is
+    reported for writing to it, and it is not listed as the new domain's."""
+    root = tmp_path / "cg"
+    (root / "hypyr").mkdir(parents=True)
+    (root / "cgroup.controllers").write_text("cpu\n")
+    monkeypatch.setenv(sched.ENV_ROOT, str(root))
+    with Registry() as reg:
+        rec = reg.reserve("web", {"memory": 64})
+        reg.set_running(rec.domid, os.getpid(), None, uuid=rec.uuid)
+    stale = root / "hypyr" / f"dom-{rec.domid}-{uuid.uuid4()}"
+    stale.mkdir()
+    (stale / "cpu.weight").write_text("100\n")
+    (stale / "cpu.max").write_text("max 100000\n")
+    assert cli.main(["sched-credit", "-d", "web", "-w", "512"]) == 1
+    assert _one_error_line(capfd) == "hypyr: error: domain web has no scheduler group (is it running?)"
+    assert (stale / "cpu.weight").read_text() == "100\n"
+    assert cli.main(["sched-credit"]) == 0
+    assert capfd.readouterr().out.splitlines()[1:] == []
+
+
+# -- SIGTERM to `hypyr run` (issue #13, 12) ---------------------------------------------------------
+SIGTERM_CHILD = r"""
+import os, sys, threading
+from types import SimpleNamespace
+from hypyr import cli
+from hypyr.vmm import builder
+
+class Machine:  # a guest that runs until stopped
+    def __init__(self):
+        self.reason, self.done = None, threading.Event()
+    def stop(self, reason):
+        self.reason = self.reason or reason
+        self.done.set()
+    def run(self):
+        os.write(1, b"ready\n")
+        self.done.wait()
+        return self.reason
+
+vm = SimpleNamespace(machine=Machine(), close=lambda: None,
+                     console=SimpleNamespace(enqueue_input=len, input_room=lambda: 4096))
+builder.build_linux_vm = lambda config, out: vm
+sys.exit(cli.main(["run", "--no-input", "--kernel", "/nonexistent/vmlinuz"]))
+"""
+
+
+def test_sigterm_to_run_restores_the_terminal_and_exits_130():
+    master, slave = pty.openpty()
+    saved = termios.tcgetattr(slave)
+    p = subprocess.Popen([sys.executable, "-c", SIGTERM_CHILD], stdin=slave, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    try:
+        assert p.stdout.readline() == b"ready\n"
+        assert termios.tcgetattr(slave) != saved          # raw while the guest runs
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=20)
+        assert p.returncode == 130, err
+        assert termios.tcgetattr(slave) == saved
+        assert err.decode().splitlines() == ["hypyr: stopped by SIGTERM"]
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        os.close(master)
+        os.close(slave)

@@ -178,6 +178,15 @@ def test_run_top_rejects_bad_arguments():
         monitor.run_top(interval=1, iterations=0, out=io.StringIO())
 
 
+@pytest.mark.parametrize("interval", [float("inf"), 1e308, float("nan"), 86400.5])
+def test_run_top_rejects_an_interval_it_cannot_wait(interval, monkeypatch):
+    """inf and 1e308 overflowed select(); nan made every wait 0 s, a 100 % CPU loop."""
+    monkeypatch.setattr(monitor, "sample", lambda: pytest.fail("sampled with a bad interval"))
+    with pytest.raises(HypyrError) as e:
+        monitor.run_top(interval=interval, iterations=2, out=io.StringIO(), keys=None)
+    assert str(e.value) == f"the refresh interval must be more than 0 and at most 86400 seconds, not {interval}"
+
+
 # -- keys ------------------------------------------------------------------------------------------
 class FakeKeys:
     """Presses the given keys, one per get() call (None = no key within the timeout)."""

@@ -42,9 +42,14 @@ def fake_v1(root: Path) -> Path:
     return root
 
 
-def kplace(domid, name, pid, root):
+def D(domid: int, name: str, salt: str = "") -> sched.Dom:
+    """A domain with a UUID that depends on its domid, name and ``salt``."""
+    return sched.Dom(domid, name, str(uuid.uuid5(uuid.NAMESPACE_OID, f"{domid}/{name}/{salt}")))
+
+
+def kplace(dom, pid, root):
     """sched.place, then the files the kernel would create in the new group (at their defaults)."""
-    path = sched.place(domid, name, pid, root=root)
+    path = sched.place(dom, pid, root=root)
     defaults = ({"cpu.weight": "100", "cpu.max": "max 100000"} if (path / "../../cgroup.controllers").exists()
                 else {"cpu.shares": "1024", "cpu.cfs_quota_us": "-1", "cpu.cfs_period_us": "100000"})
     for f, v in defaults.items():
@@ -105,18 +110,20 @@ def test_good_cap(cap):
 
 
 def test_set_params_validates_before_touching_anything(v2):
-    sched.place(1, "vm", 1234, root=v2)
+    sched.place(D(1, "vm"), 1234, root=v2)
     for kw in ({"weight": 0}, {"weight": 70000}, {"cap": -1}, {"cap": 401}):
         with pytest.raises(HypyrError):
-            sched.set_params(1, "vm", root=v2, **kw)
-    assert not (v2 / "hypyr" / "dom-1-vm" / "cpu.weight").exists()
+            sched.set_params(D(1, "vm"), root=v2, **kw)
+    assert not (v2 / "hypyr" / sched.group_name(D(1, "vm")) / "cpu.weight").exists()
 
 
-def test_group_name_is_sanitized():
-    assert sched.group_name(3, "web-01.example") == "dom-3-web-01.example"
-    assert sched.group_name(4, "a b/c\nd") == "dom-4-a_b_c_d"
-    assert sched.group_name(5, "..") == "dom-5-domain"
-    assert sched.group_name(6, "") == "dom-6-domain"
+def test_group_name_is_domid_and_uuid():
+    dom = D(3, "web")
+    assert sched.group_name(dom) == f"dom-3-{dom.uuid}"
+    assert sched.group_name(sched.Dom(3, "web", dom.uuid.upper())) == f"dom-3-{dom.uuid}"
+    for bad in ("../../x", "", None):
+        with pytest.raises(HypyrError, match="domain web has no valid uuid"):
+            sched.group_name(sched.Dom(3, "web", bad))
 
 
 # -- detection ---------------------------------------------------------------------------------------
@@ -186,8 +193,8 @@ def test_detect_host_other_cgroup2_with_cpu(tmp_path, monkeypatch):
 
 # -- v2 ---------------------------------------------------------------------------------------------
 def test_v2_place_enables_cpu_and_writes_pid(v2):
-    path = kplace(7, "web", 4321, root=v2)
-    assert path == v2 / "hypyr" / "dom-7-web"
+    path = kplace(D(7, "web"), 4321, root=v2)
+    assert path == v2 / "hypyr" / f"dom-7-{D(7, 'web').uuid}"
     assert (path / "cgroup.procs").read_text() == "4321\n"
     assert (v2 / "cgroup.subtree_control").read_text().split() == ["+cpu"]
     assert (v2 / "hypyr" / "cgroup.subtree_control").read_text().split() == ["+cpu"]
@@ -196,133 +203,151 @@ def test_v2_place_enables_cpu_and_writes_pid(v2):
 
 def test_v2_place_leaves_enabled_cpu_alone(tmp_path):
     root = fake_v2(tmp_path / "cg", subtree="cpu memory")
-    kplace(7, "web", 4321, root=root)
+    kplace(D(7, "web"), 4321, root=root)
     assert (root / "cgroup.subtree_control").read_text() == "cpu memory\n"
 
 
 def test_v2_set_get_round_trip(v2):
-    path = kplace(2, "db", 100, root=v2)
-    assert sched.set_params(2, "db", weight=512, cap=50, root=v2) == (512, 50)
+    path = kplace(D(2, "db"), 100, root=v2)
+    assert sched.set_params(D(2, "db"), weight=512, cap=50, root=v2) == (512, 50)
     assert (path / "cpu.weight").read_text() == "200\n"
     assert (path / "cpu.max").read_text() == "50000 100000\n"
-    assert sched.get_params(2, "db", root=v2) == (512, 50)
+    assert sched.get_params(D(2, "db"), root=v2) == (512, 50)
     # None leaves a value alone; cap 0 lifts the cap.
-    assert sched.set_params(2, "db", cap=0, root=v2) == (512, 0)
+    assert sched.set_params(D(2, "db"), cap=0, root=v2) == (512, 0)
     assert (path / "cpu.max").read_text() == "max 100000\n"
     assert (path / "cpu.weight").read_text() == "200\n"
 
 
 def test_v2_exact_weight_from_state(v2, monkeypatch):
-    kplace(2, "db", 100, root=v2)
-    sched.set_params(2, "db", weight=257, cap=0, root=v2)   # cpu.weight 100, same as 256
-    assert sched.get_params(2, "db", root=v2) == (257, 0)
+    kplace(D(2, "db"), 100, root=v2)
+    sched.set_params(D(2, "db"), weight=257, cap=0, root=v2)   # cpu.weight 100, same as 256
+    assert sched.get_params(D(2, "db"), root=v2) == (257, 0)
     monkeypatch.setattr(sched, "_state_file", lambda domid: None)   # no paths module
-    assert sched.get_params(2, "db", root=v2) == (256, 0)
+    assert sched.get_params(D(2, "db"), root=v2) == (256, 0)
 
 
 def test_v2_state_ignored_when_cgroup_changed(v2):
-    path = kplace(2, "db", 100, root=v2)
-    sched.set_params(2, "db", weight=257, root=v2)
+    path = kplace(D(2, "db"), 100, root=v2)
+    sched.set_params(D(2, "db"), weight=257, root=v2)
     (path / "cpu.weight").write_text("300\n")   # changed behind hypyr's back
-    assert sched.get_params(2, "db", root=v2)[0] == 768
+    assert sched.get_params(D(2, "db"), root=v2)[0] == 768
 
 
 def test_v2_derived_values(v2, monkeypatch):
     monkeypatch.setattr(sched, "_state_file", lambda domid: None)
-    path = kplace(3, "x", 1, root=v2)
+    path = kplace(D(3, "x"), 1, root=v2)
     (path / "cpu.weight").write_text("100\n")
     (path / "cpu.max").write_text("200000 100000\n")
-    assert sched.get_params(3, "x", root=v2) == (256, 200)
+    assert sched.get_params(D(3, "x"), root=v2) == (256, 200)
     (path / "cpu.weight").write_text("10000\n")
     (path / "cpu.max").write_text("max 100000\n")
-    assert sched.get_params(3, "x", root=v2) == (25600, 0)
+    assert sched.get_params(D(3, "x"), root=v2) == (25600, 0)
 
 
 def test_state_needs_the_domain_dir(v2, tmp_path, monkeypatch):
     monkeypatch.setattr(sched, "_state_file", lambda domid: tmp_path / "nodir" / "sched.json")
-    kplace(2, "db", 100, root=v2)
-    assert sched.set_params(2, "db", weight=257, root=v2) == (256, 0)   # derived from cpu.weight
+    kplace(D(2, "db"), 100, root=v2)
+    assert sched.set_params(D(2, "db"), weight=257, root=v2) == (256, 0)   # derived from cpu.weight
     assert not (tmp_path / "nodir").exists()
 
 
 def test_state_file_contents(v2, tmp_path):
-    kplace(2, "db", 100, root=v2)
-    sched.set_params(2, "db", weight=300, root=v2)
-    sched.set_params(2, "db", cap=10, root=v2)
+    kplace(D(2, "db"), 100, root=v2)
+    sched.set_params(D(2, "db"), weight=300, root=v2)
+    sched.set_params(D(2, "db"), cap=10, root=v2)
 
-    assert json.loads((tmp_path / "state" / "2" / "sched.json").read_text()) == \
-        {"name": "db", "weight": 300, "cap": 10}
+    f = tmp_path / "state" / "2" / "sched.json"
+    assert json.loads(f.read_text()) == {"uuid": D(2, "db").uuid, "weight": 300, "cap": 10}
+    assert f.stat().st_mode & 0o777 == 0o600
+    assert sched.get_params(D(2, "db"), root=v2) == (300, 10)
+    kplace(D(2, "db", "newer"), 100, root=v2)          # domid 2 reused: the old state is not its
+    assert sched.get_params(D(2, "db", "newer"), root=v2) == (256, 0)
 
 
 def test_set_params_needs_group(v2):
     with pytest.raises(HypyrError, match="domain ghost has no scheduler group"):
-        sched.set_params(9, "ghost", weight=256, root=v2)
+        sched.set_params(D(9, "ghost"), weight=256, root=v2)
     with pytest.raises(HypyrError, match="no scheduler group"):
-        sched.get_params(9, "ghost", root=v2)
+        sched.get_params(D(9, "ghost"), root=v2)
 
 
-def test_renamed_domain_finds_its_group(v2):
-    kplace(4, "old", 1, root=v2)
-    sched.set_params(4, "new", weight=1024, root=v2)
-    assert (v2 / "hypyr" / "dom-4-old" / "cpu.weight").read_text() == "400\n"
-    assert sched.get_params(4, "new", root=v2)[0] == 1024
+def test_renamed_domain_keeps_its_group(v2):
+    old = D(4, "old")
+    kplace(old, 1, root=v2)
+    sched.set_params(old._replace(name="new"), weight=1024, root=v2)
+    assert (v2 / "hypyr" / sched.group_name(old) / "cpu.weight").read_text() == "400\n"
+    assert sched.get_params(old._replace(name="new"), root=v2)[0] == 1024
+
+
+def test_stale_group_of_a_reused_domid_is_not_the_new_domains(v2):
+    """A group left by a domain that is gone (same domid, even the same name) is not the new domain's."""
+    kplace(D(4, "web"), 1, root=v2)
+    sched.set_params(D(4, "web"), weight=512, root=v2)
+    new = D(4, "web", "newer")
+    with pytest.raises(HypyrError, match="domain web has no scheduler group"):
+        sched.set_params(new, weight=1024, root=v2)
+    with pytest.raises(HypyrError, match="no scheduler group"):
+        sched.get_params(new, root=v2)
+    assert (v2 / "hypyr" / sched.group_name(D(4, "web")) / "cpu.weight").read_text() == "200\n"
 
 
 def test_list_params(v2):
     assert sched.list_params(root=v2) == []
-    kplace(5, "b", 1, root=v2)
-    kplace(3, "a", 2, root=v2)
-    sched.set_params(5, "b", weight=512, cap=150, root=v2)
-    sched.set_params(3, "a", weight=256, cap=0, root=v2)
+    kplace(D(5, "b"), 1, root=v2)
+    kplace(D(3, "a"), 2, root=v2)
+    sched.set_params(D(5, "b"), weight=512, cap=150, root=v2)
+    sched.set_params(D(3, "a"), weight=256, cap=0, root=v2)
     (v2 / "hypyr" / "not-a-domain").mkdir()
-    assert sched.list_params(root=v2) == [(3, "a", 256, 0), (5, "b", 512, 150)]
+    (v2 / "hypyr" / "dom-6-web").mkdir()                # an old hypyr's name: not a domain group
+    assert sched.list_params(root=v2) == [(3, D(3, "a").uuid, 256, 0), (5, D(5, "b").uuid, 512, 150)]
 
 
 def test_remove(v2, tmp_path):
-    kplace(6, "gone", 1, root=v2)
-    sched.set_params(6, "gone", weight=512, root=v2)
-    path = v2 / "hypyr" / "dom-6-gone"
-    sched.remove(6, "gone", root=v2)   # fake tree: files in it, like a busy group → left alone
+    kplace(D(6, "gone"), 1, root=v2)
+    sched.set_params(D(6, "gone"), weight=512, root=v2)
+    path = v2 / "hypyr" / sched.group_name(D(6, "gone"))
+    sched.remove(D(6, "gone"), root=v2)   # fake tree: files in it, like a busy group → left alone
     assert path.is_dir()
     for f in path.iterdir():
         f.unlink()
-    sched.remove(6, "gone", root=v2)
+    sched.remove(D(6, "gone"), root=v2)
     assert not path.exists()
     assert not (tmp_path / "state" / "6" / "sched.json").exists()
-    sched.remove(6, "gone", root=v2)   # absent: fine
-    sched.remove(6, "gone", root=tmp_path / "not-a-cgroup")   # no cgroups at all: fine
+    sched.remove(D(6, "gone"), root=v2)   # absent: fine
+    sched.remove(D(6, "gone"), root=tmp_path / "not-a-cgroup")   # no cgroups at all: fine
 
 
 def test_errors_are_one_sentence(tmp_path):
     root = fake_v2(tmp_path / "cg")
     (root / "hypyr").write_text("a file where the group should be")
     with pytest.raises(HypyrError, match="cannot create the cgroup"):
-        kplace(1, "vm", 1, root=root)
+        kplace(D(1, "vm"), 1, root=root)
 
 
 # -- v1 ---------------------------------------------------------------------------------------------
 def test_v1_place_and_params(v1):
-    path = kplace(8, "old-host", 555, root=v1)
-    assert path == v1 / "cpu" / "hypyr" / "dom-8-old-host"
+    path = kplace(D(8, "old-host"), 555, root=v1)
+    assert path == v1 / "cpu" / "hypyr" / sched.group_name(D(8, "old-host"))
     assert (path / "cgroup.procs").read_text() == "555\n"
-    assert sched.set_params(8, "old-host", weight=512, cap=25, root=v1) == (512, 25)
+    assert sched.set_params(D(8, "old-host"), weight=512, cap=25, root=v1) == (512, 25)
     assert (path / "cpu.shares").read_text() == "2048\n"
     assert (path / "cpu.cfs_quota_us").read_text() == "25000\n"
     assert (path / "cpu.cfs_period_us").read_text() == "100000\n"
-    assert sched.get_params(8, "old-host", root=v1) == (512, 25)
-    assert sched.set_params(8, "old-host", weight=1, cap=0, root=v1) == (1, 0)
+    assert sched.get_params(D(8, "old-host"), root=v1) == (512, 25)
+    assert sched.set_params(D(8, "old-host"), weight=1, cap=0, root=v1) == (1, 0)
     assert (path / "cpu.shares").read_text() == "4\n"
     assert (path / "cpu.cfs_quota_us").read_text() == "-1\n"
-    assert sched.list_params(root=v1) == [(8, "old-host", 1, 0)]
+    assert sched.list_params(root=v1) == [(8, D(8, "old-host").uuid, 1, 0)]
 
 
 def test_v1_place_by_tasks(v1, tmp_path):
     """Without cgroup.procs (very old kernels), each thread goes into tasks."""
     parent = v1 / "cpu" / "hypyr"
-    group = parent / "dom-9-t"
+    group = parent / sched.group_name(D(9, "t"))
     group.mkdir(parents=True)
     (group / "tasks").write_text("")
-    sched.place(9, "t", os.getpid(), root=v1)
+    sched.place(D(9, "t"), os.getpid(), root=v1)
     assert not (group / "cgroup.procs").exists()
     assert (group / "tasks").read_text().split()[-1] == str(max(int(t) for t in os.listdir("/proc/self/task")))
 
@@ -350,13 +375,14 @@ def test_real_cgroup(version):
     top = info.root / f"hypyr-pytest-{uuid.uuid4().hex[:8]}"
     if version == 2:
         sched._enable_cpu(info.root)
-    top.mkdir()
     fake_root = sched.CgroupInfo(version, top)
+    dom = D(11, "real")
+    path = fake_root.parent / sched.group_name(dom)
+    top.mkdir()
     child = subprocess.Popen(["sleep", "60"])
-    path = fake_root.parent / sched.group_name(11, "real")
     try:
-        assert sched.place(11, "real", child.pid, root=fake_root) == path
-        assert sched.set_params(11, "real", weight=512, cap=150, root=fake_root) == (512, 150)
+        assert sched.place(dom, child.pid, root=fake_root) == path
+        assert sched.set_params(dom, weight=512, cap=150, root=fake_root) == (512, 150)
         if version == 2:
             assert (path / "cpu.weight").read_text() == "200\n"
             assert (path / "cpu.max").read_text() == "150000 100000\n"
@@ -365,14 +391,14 @@ def test_real_cgroup(version):
             assert (path / "cpu.shares").read_text() == "2048\n"
             assert (path / "cpu.cfs_quota_us").read_text() == "150000\n"
         assert str(child.pid) in (path / "cgroup.procs").read_text().split()
-        assert sched.get_params(11, "real", root=fake_root) == (512, 150)
-        assert sched.list_params(root=fake_root) == [(11, "real", 512, 150)]
-        sched.remove(11, "real", root=fake_root)   # busy: left alone
+        assert sched.get_params(dom, root=fake_root) == (512, 150)
+        assert sched.list_params(root=fake_root) == [(11, dom.uuid, 512, 150)]
+        sched.remove(dom, root=fake_root)   # busy: left alone
         assert path.is_dir()
         child.kill()
         child.wait()
         for _ in range(50):   # the group empties as soon as the child is reaped; allow a moment
-            sched.remove(11, "real", root=fake_root)
+            sched.remove(dom, root=fake_root)
             if not path.exists():
                 break
             time.sleep(0.1)

@@ -35,11 +35,15 @@ class Record:              # the parts of registry.DomainRecord the server uses
     state: str
 
 
+WEB_UUID = "6f1c2a3e-0b1d-4c5e-8f90-123456789abc"
+DB_UUID = "0d9e8f7a-6b5c-4d3e-9f21-abcdef012345"
+
+
 class FakeToolstack:
     def __init__(self):
         self.lock = threading.Lock()
-        self.domains = {"web": DomainInfo("web", 1, 256, 2, "-b----", 1.5, "running"),
-                        "db": DomainInfo("db", 2, 512, 1, "--p---", 0.25, "paused")}
+        self.domains = {"web": DomainInfo("web", 1, 256, 2, "-b----", 1.5, "running", WEB_UUID),
+                        "db": DomainInfo("db", 2, 512, 1, "--p---", 0.25, "paused", DB_UUID)}
         self.next_id = 3
         self.calls: list[tuple] = []
         self.fail: dict[str, BaseException] = {}     # function name → exception to raise
@@ -105,18 +109,18 @@ class FakeToolstack:
         self._record("vcpu_pin", name, vcpu, set(cpus))
 
     # sched
-    def get_params(self, domid, name):
+    def get_params(self, dom):
         self._check("get_params")
-        return self.sched.get(domid, (256, 0))
+        return self.sched.get(dom.uuid, (256, 0))
 
-    def set_params(self, domid, name, weight=None, cap=None):
+    def set_params(self, dom, weight=None, cap=None):
         self._check("set_params")
         if weight is not None and not 1 <= weight <= 65535:
             raise HypyrError(f"the weight must be a whole number from 1 to 65535, not {weight!r}")
-        self._record("set_params", domid, name, weight, cap)
-        w, c = self.sched.get(domid, (256, 0))
-        self.sched[domid] = (w if weight is None else weight, c if cap is None else cap)
-        return self.sched[domid]
+        self._record("set_params", dom.domid, dom.name, dom.uuid, weight, cap)
+        w, c = self.sched.get(dom.uuid, (256, 0))
+        self.sched[dom.uuid] = (w if weight is None else weight, c if cap is None else cap)
+        return self.sched[dom.uuid]
 
     def install(self, monkeypatch) -> None:
         """Replace the toolstack functions the server calls with this fake's."""
@@ -189,7 +193,7 @@ def test_list_domains(client):
     doms = client.get("/domains")
     assert [d["name"] for d in doms] == ["web", "db"]
     assert doms[0] == {"name": "web", "domid": 1, "memory": 256, "vcpus": 2, "state": "-b----",
-                       "cpu_time": 1.5, "status": "running"}
+                       "cpu_time": 1.5, "status": "running", "uuid": WEB_UUID}
     assert [d["name"] for d in client.get("/domains?name=db")] == ["db"]
     assert [d["name"] for d in client.get("/domains?name=db&name=1")] == ["db", "web"]
     assert [d["name"] for d in client.get("/domains?name=web,db")] == ["web", "db"]
@@ -399,7 +403,7 @@ def test_sched(client, fake):
     assert client.put("/domains/web/sched", {"weight": 512, "cap": 25}) == \
         {"name": "web", "domid": 1, "weight": 512, "cap": 25}
     assert client.put("/domains/web/sched", {"cap": 50})["weight"] == 512
-    assert fake.calls == [("set_params", 1, "web", 512, 25), ("set_params", 1, "web", None, 50)]
+    assert fake.calls == [("set_params", 1, "web", WEB_UUID, 512, 25), ("set_params", 1, "web", WEB_UUID, None, 50)]
     for body in ({}, {"weight": "heavy"}, {"weight": True}, {"share": 3}):
         assert client.request("PUT", "/domains/web/sched", body).status == 400, body
     r = client.request("PUT", "/domains/web/sched", {"weight": 0})     # sched's own sentence
@@ -421,6 +425,19 @@ def test_malformed_json_is_400(client, fake):
     r = client.request("POST", "/domains/web/shutdown", raw=b"\xff\xfe")
     assert r.status == 400
     assert fake.calls == []
+
+
+@pytest.mark.parametrize("path", ["/domains", "/domains/web/shutdown"])
+def test_deeply_nested_json_is_400(client, fake, path):
+    depth = 200_000
+    r = client.request("POST", path, raw=b'{"config": ' + b"[" * depth + b"]" * depth + b"}")
+    assert r.status == 400 and r.data == {"error": "the request body is JSON nested too deeply"}
+    assert fake.calls == []
+
+
+def test_domain_objects_carry_the_uuid(client):
+    assert client.get("/domains/web")["uuid"] == WEB_UUID
+    assert "uuid" in server.openapi_document()["components"]["schemas"]["Domain"]["properties"]
 
 
 def test_oversized_body_is_413(client, fake):
@@ -583,7 +600,7 @@ def test_every_documented_route_answers(client, fake):
             r = client.request(method.upper(), path, {"cpus": "0"} if path.endswith("affinity") else None)
             assert r.status not in (404, 405), (method, path, r.data)
             if "domain" in template and method != "get":
-                fake.domains.setdefault("web", DomainInfo("web", 1, 256, 2, "-b----", 1.5, "running"))
+                fake.domains.setdefault("web", DomainInfo("web", 1, 256, 2, "-b----", 1.5, "running", WEB_UUID))
 
 
 # -- the socket and the process ------------------------------------------------------------------------

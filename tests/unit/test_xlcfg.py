@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -11,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hypyr.errors import HypyrError
-from hypyr.toolstack.xlcfg import (DiskSpec, DomainConfig, RawConfig, XlCfgError, load, loads, parse,
-                                   parse_cpulist, parse_disk, vdev_index)
+from hypyr.toolstack.xlcfg import (ConfigValueError, DiskSpec, DomainConfig, RawConfig, XlCfgError, load, loads,
+                                   parse, parse_cpulist, parse_disk, vdev_index)
 
 DATA = Path(__file__).parent / "data" / "xlcfg"
 BASE = "name = 'g'\nkernel = '/boot/vmlinuz'\n"
@@ -99,6 +101,26 @@ def test_load_missing_and_unreadable(tmp_path):
     with pytest.raises(XlCfgError, match=r"bin\.cfg:2: the file is not UTF-8 text"):
         load(tmp_path / "bin.cfg")
     assert issubclass(XlCfgError, HypyrError)
+
+
+def test_load_refuses_a_fifo_without_waiting(tmp_path):
+    fifo = tmp_path / "vm.cfg"
+    os.mkfifo(fifo)
+    result = {}
+
+    def go():
+        try:
+            load(fifo)
+        except HypyrError as e:
+            result["error"] = str(e)
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    t.join(5)
+    if t.is_alive():   # blocked waiting for a writer: release it before failing
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    assert result.get("error") == f"domain config file {fifo} is not a regular file"
+    with pytest.raises(HypyrError, match="^domain config file /dev/null is not a regular file$"):
+        load("/dev/null")
 
 
 # ---------------------------------------------------------------- syntax
@@ -194,7 +216,10 @@ def test_syntax_errors(text, line, message):
     ("memory = 0", 3, "memory must be a positive integer (MiB), not 0"),
     ("memory = -5", 3, "memory must be a positive integer (MiB), not -5"),
     ("memory = [1]", 3, "memory must be a positive integer (MiB), not a list"),
-    ("vcpus = 0", 3, "vcpus must be an integer of at least 1, not 0"),
+    ("vcpus = 0", 3, "vcpus must be an integer from 1 to 254, not 0"),
+    ("vcpus = 255", 3, "vcpus must be an integer from 1 to 254, not 255"),
+    ("maxvcpus = 100000000000", 3, "maxvcpus must be an integer from 1 to 254, not 100000000000"),
+    ("vcpus = '0x7fffffff'", 3, "vcpus must be an integer from 1 to 254, not 2147483647"),
     ("memory = 512\nmaxmem = 256", 4, "maxmem (256 MiB) must not be less than memory (512 MiB)"),
     ("maxmem = 64", 3, "maxmem (64 MiB) must not be less than memory (128 MiB)"),
     ("vcpus = 4\nmaxvcpus = 2", 4, "maxvcpus (2) must not be less than vcpus (4)"),
@@ -215,6 +240,17 @@ def test_bad_values_name_the_line(extra, line, message):
     e = err(BASE + extra + "\n")
     assert (e.line, e.message) == (line, message)
     assert str(e) == f"vm.cfg:{line}: {message}"
+
+
+def test_vcpu_counts_are_bounded_and_errors_name_the_key():
+    """A huge maxvcpus used to be accepted (then `create` hung building per-vCPU tables); a bad vcpus
+    was reported by the VMM as --vcpus, a flag the cfg file does not have."""
+    assert loads(BASE + "vcpus = 254\n").maxvcpus == 254
+    for key in ("vcpus", "maxvcpus"):
+        e = err(BASE + f"{key} = 1000\n")
+        assert e.message.startswith(f"{key} must be") and "--" not in str(e)
+        with pytest.raises(ConfigValueError, match=f"^{key} must be an integer from 1 to 254, not 10000000000$"):
+            DomainConfig(name="g", kernel="/k", **{key: 10**10})
 
 
 @pytest.mark.parametrize("name", ["", "-x", "a b", "x" * 65, "dom/0", "12", "naïve"])

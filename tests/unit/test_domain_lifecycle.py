@@ -1,0 +1,170 @@
+"""A domain process's hold on its registry row and cgroup, and `destroy` (issue #13: 7 and 9).
+
+No VM is built: the domain process fails (or is stopped) before it would need /dev/kvm.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import uuid
+from types import SimpleNamespace
+
+import pytest
+
+from hypyr.errors import HypyrError
+from hypyr.toolstack import api, domain, paths, sched
+from hypyr.toolstack.registry import Registry
+from hypyr.toolstack.xlcfg import DomainConfig
+from hypyr.vmm.machine import StopKind
+
+
+@pytest.fixture
+def state(tmp_path, monkeypatch):
+    d = tmp_path / "state"
+    monkeypatch.setenv("HYPYR_STATE_DIR", str(d))
+    return d
+
+
+@pytest.fixture
+def fake_cgroups(tmp_path, monkeypatch):
+    """A fake cgroup v2 root, so that nothing here touches the host's cgroups."""
+    root = tmp_path / "cg"
+    root.mkdir()
+    (root / "cgroup.controllers").write_text("cpu\n")
+    (root / "cgroup.subtree_control").write_text("\n")
+    monkeypatch.setenv(sched.ENV_ROOT, str(root))
+    return root
+
+
+@pytest.fixture
+def reg(state, fake_cgroups):
+    r = Registry()
+    yield r
+    r.close()
+
+
+def _cfg(name: str) -> dict:
+    return DomainConfig(name=name, kernel="/nonexistent/vmlinuz").to_dict()
+
+
+def _reused_domid(reg: Registry):
+    """a's `create` died, so a's row was reaped; b then got the same domid."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    a = reg.reserve("a", _cfg("a"), pid=dead.pid)
+    assert reg.list() == []
+    b = reg.reserve("b", _cfg("b"))
+    assert a.domid == b.domid
+    return a, b
+
+
+def test_domain_process_of_a_reused_domid_does_not_start(reg, state):
+    a, b = _reused_domid(reg)
+    r, w = os.pipe()
+    env = dict(os.environ, HYPYR_DOMAIN_UUID=a.uuid)
+    p = subprocess.run([sys.executable, "-m", "hypyr.toolstack.domain", str(a.domid), str(w)],
+                       pass_fds=(w,), env=env, capture_output=True, timeout=60)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        said = f.read().decode()
+    assert p.returncode == 1
+    assert said == f"error: domain id {a.domid} belongs to another domain (b, uuid {b.uuid})\n"
+    assert reg.get("b") == b
+
+
+class FakeMachine:
+    def __init__(self):
+        self.stops = []
+
+    @property
+    def stop_reason(self):
+        return self.stops[0] if self.stops else None
+
+    def stop(self, reason):
+        self.stops.append(reason)
+
+
+def test_orphaned_domain_process_stops_updating_and_leaves_the_new_domain_alone(reg, state):
+    a = reg.reserve("a", _cfg("a"))
+    dom = domain.Domain(a.domid, a.uuid, reg)
+    dom.vm = SimpleNamespace(machine=FakeMachine())
+    server = dom._listen()
+    try:
+        reg.remove(a.domid)                           # reaped behind its back ...
+        b = reg.reserve("b", _cfg("b"))               # ... and the domid reused
+        theirs = socket.socket(socket.AF_UNIX)
+        theirs.bind(str(paths.control_socket(b.domid)))   # b's own control socket, same path
+        dom._set_state("paused")
+        assert dom._orphaned
+        assert [s.kind for s in dom.vm.machine.stops] == [StopKind.DESTROYED]
+        assert dom._action_for(dom.vm.machine.stops[0]) == "destroy"
+        dom._set_state("running")                     # nothing more is even tried
+        dom._cleanup()
+        assert len(dom.vm.machine.stops) == 1
+        assert reg.get("b") == b
+        assert paths.control_socket(b.domid).exists()
+        theirs.close()
+    finally:
+        server.close()
+
+
+def test_failed_boot_removes_the_cgroup(reg, state, monkeypatch):
+    rec = reg.reserve("web", _cfg("web"))
+    removed = []
+    monkeypatch.setattr(sched, "remove", lambda dom, root=None, evacuate=False: removed.append((dom.uuid, evacuate)))
+
+    def no_vm(*args, **kwargs):
+        raise HypyrError("kernel file /nonexistent/vmlinuz does not exist")
+    monkeypatch.setattr(domain, "build_linux_vm", no_vm)
+    dom = domain.Domain(rec.domid, rec.uuid, reg)
+    r, w = os.pipe()
+    assert dom.run(w) == 1
+    with os.fdopen(r, "rb") as f:
+        assert f.read() == b"error: kernel file /nonexistent/vmlinuz does not exist\n"
+    assert removed == [(rec.uuid, True)]
+
+
+# -- destroy by SIGKILL, real cgroups -------------------------------------------------------------------
+@pytest.fixture
+def real_cgroup_top(monkeypatch):
+    """A private group standing in for the cgroup root (HYPYR_CGROUP_ROOT), removed afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    monkeypatch.delenv(sched.ENV_ROOT, raising=False)
+    try:
+        info = sched.cgroup_root()
+    except HypyrError as e:
+        pytest.skip(str(e))
+    if not os.access(info.root, os.W_OK):
+        pytest.skip(f"{info.root} is not writable")
+    if info.version == 2:
+        sched._enable_cpu(info.root)
+    top = info.root / f"hypyr-pytest-{uuid.uuid4().hex[:8]}"
+    top.mkdir()
+    monkeypatch.setenv(sched.ENV_ROOT, str(top))
+    yield top
+    for d in sorted(top.rglob("*"), key=lambda p: -len(p.parts)):
+        if d.is_dir():
+            d.rmdir()
+    top.rmdir()
+
+
+def test_destroy_by_sigkill_removes_the_cgroup(state, real_cgroup_top, monkeypatch):
+    monkeypatch.setattr(api, "DESTROY_TIMEOUT", 0.2)   # it has no control socket: straight to SIGKILL
+    reg = Registry()
+    rec = reg.reserve("web", _cfg("web"))
+    child = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        reg.set_running(rec.domid, child.pid, None, uuid=rec.uuid)
+        group = sched.place(rec, child.pid)
+        api.destroy("web")
+        assert child.wait(5) == -9
+        assert not group.exists()
+        assert reg.list() == []
+    finally:
+        child.kill()
+        child.wait()
+        reg.close()
