@@ -93,22 +93,20 @@ def _plug_nics(specs: list[str]):
     return nics.net_configs(vifs, taps, names), taps, nics.guest_ip_args(vifs)
 
 
+RUN_OUTPUT_LIMIT = 4 << 20   # bytes of guest console output waiting for stdout
+RUN_OUTPUT_FLUSH = 5.0       # seconds given to the waiting output once the guest stopped
+
+
 def _run_vm(args, config) -> int:
-    from hypyr.console import InputPump, Terminal
+    from hypyr.console import InputPump, OutputQueue, Terminal, write_all
     from hypyr.vmm.builder import build_linux_vm
     from hypyr.vmm.machine import StopKind, StopReason
 
     out_fd = sys.stdout.fileno()
-
-    def console_out(data: bytes) -> None:
-        try:
-            os.write(out_fd, data)
-        except BlockingIOError:
-            pass
-        except OSError:
-            pass  # stdout gone: keep the guest running, lose its output
-
-    vm = build_linux_vm(config, console_out)
+    # the vCPU hands console output to a queue drained by its own thread: a stalled terminal or
+    # pipe reader never blocks the guest; past RUN_OUTPUT_LIMIT waiting bytes output is dropped
+    out = OutputQueue(lambda data: write_all(out_fd, data), limit=RUN_OUTPUT_LIMIT, name="stdout")
+    vm = build_linux_vm(config, out.write)
     machine = vm.machine
     with _stop_on_sigterm(machine), Terminal() as term:
         pump = InputPump(vm.console.enqueue_input, vm.console.input_room,
@@ -122,6 +120,7 @@ def _run_vm(args, config) -> int:
             if not args.no_input:
                 pump.stop()
     vm.close()
+    out.close(timeout=RUN_OUTPUT_FLUSH)
     if reason.kind not in (StopKind.EXIT_STATUS, StopKind.POWEROFF) or args.verbose:
         _say(reason.message)
     if reason.registers:

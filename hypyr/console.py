@@ -175,7 +175,11 @@ class OutputQueue:
 
 
 def write_all(fd: int, data: bytes) -> None:
-    """``os.write`` until all of ``data`` is written."""
+    """``os.write`` until all of ``data`` is written (waiting, if ``fd`` is non-blocking, until it
+    takes more)."""
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        try:
+            view = view[os.write(fd, view):]
+        except BlockingIOError:
+            select.select([], [fd], [], 1.0)

@@ -373,9 +373,12 @@ class Registry:
             d = self.domain_dir(rec.domid)
             if d.is_dir():
                 for kind in ("console", "vmm"):
-                    src = d / f"{kind}.log"
-                    if src.is_file():
-                        os.replace(src, paths.kept_log(rec.name, kind, self.base))
+                    src, kept = d / f"{kind}.log", paths.kept_log(rec.name, kind, self.base)
+                    for a, b in ((paths.rotated_log(src), paths.rotated_log(kept)), (src, kept)):
+                        if a.is_file():
+                            os.replace(a, b)
+                        elif a is not src:
+                            b.unlink(missing_ok=True)  # an older domain's part must not pass for this one's
                 shutil.rmtree(d, ignore_errors=True)
         except OSError as e:
             log.warning("could not clean up after domain %s (id %d): %s", rec.name, rec.domid, e)

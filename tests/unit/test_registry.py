@@ -208,6 +208,20 @@ def test_dead_process_reaped_and_socket_removed(reg, state):
     assert reg.reap() == []
 
 
+def test_kept_logs_include_the_rotated_part_and_drop_an_older_domains(reg, state):
+    paths.log_dir().mkdir(parents=True, exist_ok=True)
+    paths.rotated_log(paths.kept_log("web", "vmm")).write_text("an older web's vmm log\n")
+    rec = reg.reserve("web", "{}")
+    d = state / "domains" / str(rec.domid)
+    (d / "console.log").write_text("newest\n")
+    (d / "console.log.1").write_text("older part\n")
+    (d / "vmm.log").write_text("vmm\n")
+    reg.remove(rec.domid, uuid=rec.uuid)
+    assert paths.kept_log("web", "console").read_text() == "newest\n"
+    assert paths.rotated_log(paths.kept_log("web", "console")).read_text() == "older part\n"
+    assert not paths.rotated_log(paths.kept_log("web", "vmm")).exists()
+
+
 def test_zombie_counts_as_dead(reg):
     rec = reg.reserve("web", "{}")
     child = _exited_child()
