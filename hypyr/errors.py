@@ -2,5 +2,38 @@ class HypyrError(Exception):
     """An error the user can fix; str() is one sentence."""
 
 
+# -- kinds of error -------------------------------------------------------------------------------
+# What went wrong, as a type: callers (the REST API's status codes, scripts) branch on these,
+# never on the sentence.  A HypyrError that is none of them is bad input of some other sort.
+class InvalidInput(HypyrError):
+    """A value that is wrong whatever the state of things: a bad name, a config that does not parse."""
+
+
+class NotFound(HypyrError):
+    """Something named in the request does not exist (a domain, a vCPU, a network)."""
+
+
+class Conflict(HypyrError):
+    """The request does not fit the current state: a name already taken, a domain that is not running."""
+
+
+class Unavailable(HypyrError):
+    """The host, or a part of hypyr, cannot serve the request just now (a lock held too long, a
+    domain process not answering, not enough free memory); the same request may work later."""
+
+
+class OperationTimeout(Unavailable):
+    """An operation did not finish within its time limit."""
+
+
+class NotSupported(HypyrError):
+    """Something this host or this hypyr cannot do at all (e.g. no cgroups for the scheduler)."""
+
+
 class VcpuCountError(HypyrError, ValueError):
     """A vCPU count that is not an integer from 1 to the most this host and hypyr allow."""
+
+
+class StateError(HypyrError):
+    """A saved device state that cannot be loaded (a field missing, of the wrong type or out of
+    range, or state that does not fit the device), or a device that cannot be saved now."""

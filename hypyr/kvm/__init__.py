@@ -15,7 +15,11 @@ from dataclasses import dataclass
 
 from . import bindings as B
 
-__all__ = ["Kvm", "Vm", "Vcpu", "KvmError", "KvmUnavailable", "CpuidEntry", "B", "MMIO_EXIT", "MMIO_EXIT_OFF", "MMIO_DATA_OFF"]
+__all__ = ["Kvm", "Vm", "Vcpu", "KvmError", "KvmUnavailable", "CpuidEntry", "B", "MMIO_EXIT", "MMIO_EXIT_OFF", "MMIO_DATA_OFF",
+           "MAX_IO_MSRS", "PAGE_SIZE"]
+
+MAX_IO_MSRS = 255  # the most MSRs one KVM_GET_MSRS/KVM_SET_MSRS takes (the kernel refuses 256)
+PAGE_SIZE = 4096   # the dirty log's granule
 
 _libc = C.CDLL(None, use_errno=True)
 _ioctl = _libc.ioctl
@@ -63,10 +67,34 @@ def _cpuid_buffer(n: int):
     return kvm_cpuid2()
 
 
+def _get_cpuid(fd: int, request: int, what: str) -> list[CpuidEntry]:
+    """KVM_GET_SUPPORTED_CPUID or KVM_GET_CPUID2, growing the buffer while KVM says E2BIG."""
+    n = 64
+    while True:
+        buf = _cpuid_buffer(n)
+        buf.nent = n
+        try:
+            _call(fd, request, buf, what=what)
+        except KvmError as e:
+            if e.errno == errno.E2BIG and n < 4096:
+                n *= 2
+                continue
+            raise
+        return [CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
+                for e in buf.entries[:buf.nent]]
+
+
+def _msrs_buffer(n: int):
+    class kvm_msrs(C.Structure):
+        _fields_ = [("nmsrs", C.c_uint32), ("pad", C.c_uint32), ("entries", B.kvm_msr_entry * n)]
+    return kvm_msrs(nmsrs=n)
+
+
 class Kvm:
     """The system fd (/dev/kvm)."""
 
     def __init__(self, path: str = "/dev/kvm"):
+        self._msr_index_list: list[int] | None = None
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -109,19 +137,25 @@ class Kvm:
         return self.check_extension(B.KVM_CAP_NR_VCPUS) or 4
 
     def supported_cpuid(self) -> list[CpuidEntry]:
-        n = 64
-        while True:
-            buf = _cpuid_buffer(n)
-            buf.nent = n
-            try:
-                _call(self.fd, B.KVM_GET_SUPPORTED_CPUID, buf, what="KVM_GET_SUPPORTED_CPUID")
+        return _get_cpuid(self.fd, B.KVM_GET_SUPPORTED_CPUID, "KVM_GET_SUPPORTED_CPUID")
+
+    def msr_index_list(self) -> list[int]:
+        """The MSRs KVM saves and restores for a vCPU (KVM_GET_MSR_INDEX_LIST), in KVM's order."""
+        if self._msr_index_list is None:
+            header = B.kvm_msr_list_header(nmsrs=0)
+            try:  # a first call with room for none says how many there are
+                _call(self.fd, B.KVM_GET_MSR_INDEX_LIST, header, what="KVM_GET_MSR_INDEX_LIST")
             except KvmError as e:
-                if e.errno == errno.E2BIG and n < 4096:
-                    n *= 2
-                    continue
-                raise
-            return [CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
-                    for e in buf.entries[:buf.nent]]
+                if e.errno != errno.E2BIG:
+                    raise
+            n = header.nmsrs
+
+            class kvm_msr_list(C.Structure):
+                _fields_ = [("nmsrs", C.c_uint32), ("indices", C.c_uint32 * n)]
+            buf = kvm_msr_list(nmsrs=n)
+            _call(self.fd, B.KVM_GET_MSR_INDEX_LIST, buf, what="KVM_GET_MSR_INDEX_LIST")
+            self._msr_index_list = list(buf.indices[:buf.nmsrs])
+        return list(self._msr_index_list)
 
     def create_vm(self) -> "Vm":
         fd = _call(self.fd, B.KVM_CREATE_VM, 0, what="KVM_CREATE_VM")
@@ -133,21 +167,109 @@ class Vm:
         self.kvm = kvm
         self.fd = fd
         self._slots = 0
+        self._regions: dict[int, B.kvm_userspace_memory_region] = {}  # slot -> as last set
         self._mapped_buffers: list = []  # buffers mapped into the guest by map_read_only()
+        self._xsave2: int | None = None
 
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
 
+    def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION on this VM (some answers, e.g. KVM_CAP_XSAVE2, are per VM)."""
+        if not self.kvm.check_extension(B.KVM_CAP_CHECK_EXTENSION_VM):
+            return self.kvm.check_extension(cap)
+        return _call(self.fd, B.KVM_CHECK_EXTENSION, cap, what="KVM_CHECK_EXTENSION")
+
+    def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
+        """KVM_ENABLE_CAP on this VM with up to four arguments."""
+        if len(args) > 4:
+            raise ValueError("KVM_ENABLE_CAP takes at most four arguments")
+        ec = B.kvm_enable_cap(cap=cap, flags=flags)
+        ec.args[:len(args)] = list(args)
+        _call(self.fd, B.KVM_ENABLE_CAP, ec, what=f"KVM_ENABLE_CAP({cap})")
+
+    @property
+    def xsave2(self) -> int:
+        """KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2) on this VM: the XSAVE size in bytes, 0 where unsupported."""
+        if self._xsave2 is None:
+            self._xsave2 = self.check_extension(B.KVM_CAP_XSAVE2)
+        return self._xsave2
+
+    @property
+    def xsave_size(self) -> int:
+        """Bytes of a vCPU's XSAVE state: KVM_CAP_XSAVE2's answer, or 4096 without that capability."""
+        return self.xsave2 or C.sizeof(B.kvm_xsave)
+
     def set_user_memory_region(self, guest_phys_addr: int, size: int, host_addr: int,
                                *, readonly: bool = False, log_dirty: bool = False) -> int:
-        region = B.kvm_userspace_memory_region(slot=self._slots, flags=(1 if log_dirty else 0) | (2 if readonly else 0),
+        flags = (B.KVM_MEM_LOG_DIRTY_PAGES if log_dirty else 0) | (B.KVM_MEM_READONLY if readonly else 0)
+        region = B.kvm_userspace_memory_region(slot=self._slots, flags=flags,
                                                guest_phys_addr=guest_phys_addr, memory_size=size,
                                                userspace_addr=host_addr)
         _call(self.fd, B.KVM_SET_USER_MEMORY_REGION, region, what="KVM_SET_USER_MEMORY_REGION")
+        self._regions[region.slot] = region
         self._slots += 1
         return region.slot
+
+    # -- dirty logging --------------------------------------------------------------------------
+    def set_dirty_logging(self, slot: int, enabled: bool) -> None:
+        """Turn KVM_MEM_LOG_DIRTY_PAGES on or off for an existing memslot (KVM allows a flags-only change)."""
+        old = self._region(slot)
+        flags = (old.flags | B.KVM_MEM_LOG_DIRTY_PAGES) if enabled else (old.flags & ~B.KVM_MEM_LOG_DIRTY_PAGES)
+        region = B.kvm_userspace_memory_region(slot=slot, flags=flags, guest_phys_addr=old.guest_phys_addr,
+                                               memory_size=old.memory_size, userspace_addr=old.userspace_addr)
+        _call(self.fd, B.KVM_SET_USER_MEMORY_REGION, region, what="KVM_SET_USER_MEMORY_REGION")
+        self._regions[slot] = region
+
+    def dirty_log_size(self, slot: int) -> int:
+        """Bytes of ``slot``'s dirty bitmap: one bit per 4 KiB page, in whole 64-bit words."""
+        pages = -(-self._region(slot).memory_size // PAGE_SIZE)
+        return -(-pages // 64) * 8
+
+    def get_dirty_log(self, slot: int) -> bytes:
+        """KVM_GET_DIRTY_LOG: the bitmap of pages of ``slot`` written since the last call (bit n = page n).
+        Without manual protection this also clears the log and write-protects the pages again."""
+        buf = C.create_string_buffer(self.dirty_log_size(slot))
+        log = B.kvm_dirty_log(slot=slot, dirty_bitmap=C.addressof(buf))
+        _call(self.fd, B.KVM_GET_DIRTY_LOG, log, what="KVM_GET_DIRTY_LOG")
+        return buf.raw
+
+    def manual_dirty_log_protect_flags(self) -> int:
+        """The KVM_DIRTY_LOG_* flags KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 supports here (0: not at all)."""
+        return self.check_extension(B.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)
+
+    def enable_manual_dirty_log_protect(self, *, initially_set: bool = False) -> None:
+        """KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2): KVM_GET_DIRTY_LOG no longer clears the log,
+        KVM_CLEAR_DIRTY_LOG does, range by range.  Raises KvmError (ENOTSUP) where it is unsupported."""
+        flags = B.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | (B.KVM_DIRTY_LOG_INITIALLY_SET if initially_set else 0)
+        supported = self.manual_dirty_log_protect_flags()
+        if flags & ~supported:
+            raise KvmError(errno.ENOTSUP, f"KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: flags {flags:#x} not supported "
+                                          f"(this host supports {supported:#x})")
+        self.enable_cap(B.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, flags)
+
+    def clear_dirty_log(self, slot: int, first_page: int, bitmap: bytes, num_pages: int | None = None) -> None:
+        """KVM_CLEAR_DIRTY_LOG: clear (and write-protect again) the pages of ``slot`` whose bits are
+        set in ``bitmap``, bit n meaning page ``first_page + n``.  ``first_page`` must be a multiple
+        of 64; ``num_pages`` (default: every bit of ``bitmap``, up to the end of the slot) too,
+        unless the range ends at the end of the slot."""
+        slot_pages = -(-self._region(slot).memory_size // PAGE_SIZE)
+        if num_pages is None:
+            num_pages = min(len(bitmap) * 8, slot_pages - first_page)
+        if num_pages > len(bitmap) * 8:
+            raise ValueError(f"a bitmap of {len(bitmap)} bytes cannot describe {num_pages} pages")
+        buf = C.create_string_buffer(bytes(bitmap), max(len(bitmap), 8))
+        clear = B.kvm_clear_dirty_log(slot=slot, num_pages=num_pages, first_page=first_page,
+                                      dirty_bitmap=C.addressof(buf))
+        _call(self.fd, B.KVM_CLEAR_DIRTY_LOG, clear, what="KVM_CLEAR_DIRTY_LOG")
+
+    def _region(self, slot: int) -> B.kvm_userspace_memory_region:
+        try:
+            return self._regions[slot]
+        except KeyError:
+            raise ValueError(f"no memslot {slot} on this VM") from None
 
     def map_read_only(self, guest_phys_addr: int, buf: memoryview) -> int:
         """Map a writable host buffer (whole pages, e.g. a memoryview of an mmap) read-only into
@@ -168,6 +290,41 @@ class Vm:
 
     def create_pit2(self) -> None:
         _call(self.fd, B.KVM_CREATE_PIT2, B.kvm_pit_config(flags=B.KVM_PIT_SPEAKER_DUMMY), what="KVM_CREATE_PIT2")
+
+    # -- in-kernel irqchip, PIT and clock state -----------------------------------------------------
+    def get_irqchip(self, chip_id: int) -> B.kvm_irqchip:
+        """KVM_GET_IRQCHIP for KVM_IRQCHIP_PIC_MASTER, _PIC_SLAVE or _IOAPIC (ENXIO: no in-kernel irqchip)."""
+        chip = B.kvm_irqchip(chip_id=chip_id)
+        _call(self.fd, B.KVM_GET_IRQCHIP, chip, what="KVM_GET_IRQCHIP")
+        return chip
+
+    def set_irqchip(self, chip: B.kvm_irqchip) -> None:
+        _call(self.fd, B.KVM_SET_IRQCHIP, chip, what="KVM_SET_IRQCHIP")
+
+    def get_pit2(self) -> B.kvm_pit_state2:
+        """KVM_GET_PIT2 (ENXIO: no in-kernel PIT)."""
+        s = B.kvm_pit_state2()
+        _call(self.fd, B.KVM_GET_PIT2, s, what="KVM_GET_PIT2")
+        return s
+
+    def set_pit2(self, s: B.kvm_pit_state2) -> None:
+        _call(self.fd, B.KVM_SET_PIT2, s, what="KVM_SET_PIT2")
+
+    def clock_flags(self) -> int:
+        """The kvm_clock_data flags this host supports (KVM_CHECK_EXTENSION(KVM_CAP_ADJUST_CLOCK))."""
+        return self.check_extension(B.KVM_CAP_ADJUST_CLOCK)
+
+    def get_clock(self) -> B.kvm_clock_data:
+        """KVM_GET_CLOCK: kvmclock in ns; with KVM_CLOCK_REALTIME in flags, the host's CLOCK_REALTIME
+        at the same instant, with KVM_CLOCK_HOST_TSC the host TSC."""
+        c = B.kvm_clock_data()
+        _call(self.fd, B.KVM_GET_CLOCK, c, what="KVM_GET_CLOCK")
+        return c
+
+    def set_clock(self, c: B.kvm_clock_data) -> None:
+        """KVM_SET_CLOCK; with KVM_CLOCK_REALTIME in flags, KVM adds the CLOCK_REALTIME time elapsed
+        since ``realtime``."""
+        _call(self.fd, B.KVM_SET_CLOCK, c, what="KVM_SET_CLOCK")
 
     def irq_line(self, irq: int, level: bool) -> None:
         _call(self.fd, B.KVM_IRQ_LINE, B.kvm_irq_level(irq=irq, level=1 if level else 0), what="KVM_IRQ_LINE")
@@ -205,6 +362,9 @@ class Vcpu:
                               prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self.run_state = B.kvm_run.from_buffer(self._map)
         self._run_req = B.KVM_RUN
+        # True after KVM_RUN returned an IO or MMIO exit: KVM finishes that instruction only on the
+        # next KVM_RUN (with immediate_exit set, it does so and returns at once, KVM_EXIT_INTR)
+        self.completion_pending = False
         # the kvm_run page as bytes, for the hot exits (no ctypes objects per exit)
         self.run_view = memoryview(self._map)
 
@@ -225,9 +385,12 @@ class Vcpu:
             e = C.get_errno()
             if e in (errno.EINTR, errno.EAGAIN):
                 self.run_state.immediate_exit = 0
+                self.completion_pending = False  # KVM completes pending I/O before it looks at signals
                 return B.KVM_EXIT_INTR
             raise KvmError(e, f"KVM_RUN: {os.strerror(e)}")
-        return _EXIT_REASON.unpack_from(self.run_view, _EXIT_REASON_OFF)[0]
+        reason = _EXIT_REASON.unpack_from(self.run_view, _EXIT_REASON_OFF)[0]
+        self.completion_pending = reason == B.KVM_EXIT_IO or reason == B.KVM_EXIT_MMIO
+        return reason
 
     # PIO data lives inside the kvm_run mapping at io.data_offset
     def io_data(self) -> memoryview:
@@ -270,23 +433,29 @@ class Vcpu:
         _call(self.fd, B.KVM_SET_CPUID2, buf, what="KVM_SET_CPUID2")
 
     def set_msrs(self, msrs: list[tuple[int, int]]) -> None:
-        class kvm_msrs(C.Structure):
-            _fields_ = [("nmsrs", C.c_uint32), ("pad", C.c_uint32), ("entries", B.kvm_msr_entry * len(msrs))]
-        buf = kvm_msrs(nmsrs=len(msrs))
-        for dst, (idx, val) in zip(buf.entries, msrs):
-            dst.index, dst.data = idx, val
-        done = _call(self.fd, B.KVM_SET_MSRS, buf, what="KVM_SET_MSRS")
-        if done != len(msrs):
-            raise KvmError(errno.EINVAL, f"KVM_SET_MSRS: MSR {msrs[done][0]:#x} was refused")
+        """KVM_SET_MSRS in list order (in batches of MAX_IO_MSRS); KvmError naming the first MSR refused."""
+        for start in range(0, len(msrs), MAX_IO_MSRS):
+            batch = msrs[start:start + MAX_IO_MSRS]
+            buf = _msrs_buffer(len(batch))
+            for dst, (idx, val) in zip(buf.entries, batch):
+                dst.index, dst.data = idx, val
+            done = _call(self.fd, B.KVM_SET_MSRS, buf, what="KVM_SET_MSRS")
+            if done != len(batch):
+                raise KvmError(errno.EINVAL, f"KVM_SET_MSRS: MSR {batch[done][0]:#x} was refused")
 
     def get_msrs(self, indices: list[int]) -> dict[int, int]:
-        class kvm_msrs(C.Structure):
-            _fields_ = [("nmsrs", C.c_uint32), ("pad", C.c_uint32), ("entries", B.kvm_msr_entry * len(indices))]
-        buf = kvm_msrs(nmsrs=len(indices))
-        for dst, idx in zip(buf.entries, indices):
-            dst.index = idx
-        n = _call(self.fd, B.KVM_GET_MSRS, buf, what="KVM_GET_MSRS")
-        return {e.index: e.data for e in buf.entries[:n]}
+        """KVM_GET_MSRS: the values of ``indices`` up to (not including) the first one KVM refuses."""
+        out: dict[int, int] = {}
+        for start in range(0, len(indices), MAX_IO_MSRS):
+            batch = indices[start:start + MAX_IO_MSRS]
+            buf = _msrs_buffer(len(batch))
+            for dst, idx in zip(buf.entries, batch):
+                dst.index = idx
+            n = _call(self.fd, B.KVM_GET_MSRS, buf, what="KVM_GET_MSRS")
+            out.update((e.index, e.data) for e in buf.entries[:n])
+            if n != len(batch):
+                break
+        return out
 
     def get_lapic(self) -> B.kvm_lapic_state:
         s = B.kvm_lapic_state()
@@ -303,3 +472,57 @@ class Vcpu:
 
     def set_mp_state(self, state: int) -> None:
         _call(self.fd, B.KVM_SET_MP_STATE, B.kvm_mp_state(mp_state=state), what="KVM_SET_MP_STATE")
+
+    def get_cpuid(self) -> list[CpuidEntry]:
+        """KVM_GET_CPUID2: the CPUID entries last set on this vCPU."""
+        return _get_cpuid(self.fd, B.KVM_GET_CPUID2, "KVM_GET_CPUID2")
+
+    def get_xsave(self) -> bytes:
+        """The XSAVE area (FPU/SSE/AVX... state): KVM_GET_XSAVE2 with ``vm.xsave_size`` bytes where
+        KVM_CAP_XSAVE2 exists, KVM_GET_XSAVE (4096 bytes) otherwise."""
+        size = self.vm.xsave_size
+        buf = C.create_string_buffer(size)
+        if self.vm.xsave2:
+            _call(self.fd, B.KVM_GET_XSAVE2, C.addressof(buf), what="KVM_GET_XSAVE2")
+        else:
+            _call(self.fd, B.KVM_GET_XSAVE, C.addressof(buf), what="KVM_GET_XSAVE")
+        return buf.raw
+
+    def set_xsave(self, data: bytes) -> None:
+        """KVM_SET_XSAVE; KVM reads ``vm.xsave_size`` bytes, so a shorter ``data`` is padded with zeros."""
+        buf = C.create_string_buffer(bytes(data), max(len(data), self.vm.xsave_size))
+        _call(self.fd, B.KVM_SET_XSAVE, C.addressof(buf), what="KVM_SET_XSAVE")
+
+    def get_xcrs(self) -> B.kvm_xcrs:
+        x = B.kvm_xcrs()
+        _call(self.fd, B.KVM_GET_XCRS, x, what="KVM_GET_XCRS")
+        return x
+
+    def set_xcrs(self, x: B.kvm_xcrs) -> None:
+        _call(self.fd, B.KVM_SET_XCRS, x, what="KVM_SET_XCRS")
+
+    def get_debugregs(self) -> B.kvm_debugregs:
+        d = B.kvm_debugregs()
+        _call(self.fd, B.KVM_GET_DEBUGREGS, d, what="KVM_GET_DEBUGREGS")
+        return d
+
+    def set_debugregs(self, d: B.kvm_debugregs) -> None:
+        _call(self.fd, B.KVM_SET_DEBUGREGS, d, what="KVM_SET_DEBUGREGS")
+
+    def get_vcpu_events(self) -> B.kvm_vcpu_events:
+        """Pending/injected exception, interrupt, NMI and SMI state, the interrupt shadow, the SIPI vector."""
+        ev = B.kvm_vcpu_events()
+        _call(self.fd, B.KVM_GET_VCPU_EVENTS, ev, what="KVM_GET_VCPU_EVENTS")
+        return ev
+
+    def set_vcpu_events(self, ev: B.kvm_vcpu_events) -> None:
+        _call(self.fd, B.KVM_SET_VCPU_EVENTS, ev, what="KVM_SET_VCPU_EVENTS")
+
+    def get_tsc_khz(self) -> int:
+        """The guest TSC frequency in kHz (KVM_GET_TSC_KHZ, needs KVM_CAP_GET_TSC_KHZ)."""
+        return _call(self.fd, B.KVM_GET_TSC_KHZ, what="KVM_GET_TSC_KHZ")
+
+    def set_tsc_khz(self, khz: int) -> None:
+        """KVM_SET_TSC_KHZ: scale the guest TSC to ``khz`` (needs KVM_CAP_TSC_CONTROL and hardware
+        TSC scaling, unless ``khz`` is already the rate)."""
+        _call(self.fd, B.KVM_SET_TSC_KHZ, khz, what="KVM_SET_TSC_KHZ")
