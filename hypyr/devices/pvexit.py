@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 from hypyr.devices.events import GuestEvent, StopCallback, StopRequest
 from hypyr.devices.ratelog import RateLimitedLog
+from hypyr.devices.state import QuiesceFree, StateReader
 
 log = logging.getLogger("hypyr.dev.pvexit")
 
@@ -50,7 +51,7 @@ class PvExitState:
         pass
 
 
-class PvExit:
+class PvExit(QuiesceFree):
     def __init__(self, stop: StopCallback):
         self._stop = stop
         self._rlog = RateLimitedLog(log)  # the guest may write the port again and again
@@ -61,6 +62,16 @@ class PvExit:
     def restore(self, s: PvExitState) -> None:
         if not isinstance(s, PvExitState):
             raise TypeError(f"expected PvExitState, got {type(s).__name__}")
+
+    STATE_KIND = "pvexit"
+    STATE_VERSION = 1
+
+    def save_state(self) -> dict:
+        """Nothing but the format: the port holds no state."""
+        return {"kind": self.STATE_KIND, "v": self.STATE_VERSION}
+
+    def load_state(self, state: dict) -> None:
+        StateReader(state, "pvexit", self.STATE_KIND, self.STATE_VERSION).done()
 
     def read(self, offset: int, size: int) -> bytes:
         try:

@@ -12,6 +12,7 @@ import logging
 
 from hypyr.devices.events import GuestEvent, StopCallback, StopRequest
 from hypyr.devices.ratelog import RateLimitedLog
+from hypyr.devices.state import QuiesceFree, StateReader
 
 log = logging.getLogger("hypyr.dev.pvpanic")
 
@@ -20,10 +21,20 @@ PVPANIC_PANICKED = 1 << 0
 PVPANIC_CRASH_LOADED = 1 << 1
 
 
-class PvPanic:
+class PvPanic(QuiesceFree):
+    STATE_KIND = "pvpanic"
+    STATE_VERSION = 1
+
     def __init__(self, stop: StopCallback):
         self._stop = stop
         self._rlog = RateLimitedLog(log)  # the guest may write the port again and again
+
+    def save_state(self) -> dict:
+        """Nothing but the format: the port holds no state (a panic stops the VM at once)."""
+        return {"kind": self.STATE_KIND, "v": self.STATE_VERSION}
+
+    def load_state(self, state: dict) -> None:
+        StateReader(state, "pvpanic", self.STATE_KIND, self.STATE_VERSION).done()
 
     def read(self, offset: int, size: int) -> bytes:
         return bytes([PVPANIC_PANICKED | PVPANIC_CRASH_LOADED]) + bytes(size - 1)

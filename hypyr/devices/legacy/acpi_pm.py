@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from hypyr.devices.events import GuestEvent, StopCallback, StopRequest
 from hypyr.devices.legacy._bytedev import ByteRegisterDevice
+from hypyr.devices.state import QuiesceFree, StateReader
 
 log = logging.getLogger("hypyr.dev.acpi_pm")
 
@@ -51,7 +52,7 @@ class AcpiPmState:
             raise ValueError("AcpiPmState.wake_status must be a bool")
 
 
-class AcpiPm(ByteRegisterDevice):
+class AcpiPm(QuiesceFree, ByteRegisterDevice):
     LENGTH = LENGTH
 
     def __init__(self, stop: StopCallback):
@@ -69,6 +70,19 @@ class AcpiPm(ByteRegisterDevice):
         s.validate()
         with self._lock:
             self._wake_status = s.wake_status
+
+    STATE_KIND = "acpi-pm"
+    STATE_VERSION = 1
+
+    def save_state(self) -> dict:
+        with self._lock:
+            return {"kind": self.STATE_KIND, "v": self.STATE_VERSION, "wake_status": self._wake_status}
+
+    def load_state(self, state: dict) -> None:
+        r = StateReader(state, "acpi-pm", self.STATE_KIND, self.STATE_VERSION)
+        s = AcpiPmState(wake_status=r.flag("wake_status"))
+        r.done()
+        self.restore(s)
 
     def _read_reg(self, offset: int) -> int:
         if offset == SLEEP_STATUS:
@@ -99,7 +113,7 @@ class AcpiResetState:
         pass
 
 
-class AcpiReset(ByteRegisterDevice):
+class AcpiReset(QuiesceFree, ByteRegisterDevice):
     """FADT RESET_REG: writing ``reset_value`` requests a reboot; reads as 0."""
 
     LENGTH = 1
@@ -117,6 +131,16 @@ class AcpiReset(ByteRegisterDevice):
     def restore(self, s: AcpiResetState) -> None:
         if not isinstance(s, AcpiResetState):
             raise TypeError(f"expected AcpiResetState, got {type(s).__name__}")
+
+    STATE_KIND = "acpi-reset"
+    STATE_VERSION = 1
+
+    def save_state(self) -> dict:
+        """Nothing but the format: the register holds no state."""
+        return {"kind": self.STATE_KIND, "v": self.STATE_VERSION}
+
+    def load_state(self, state: dict) -> None:
+        StateReader(state, "acpi-reset", self.STATE_KIND, self.STATE_VERSION).done()
 
     def _read_reg(self, offset: int) -> int:
         return 0

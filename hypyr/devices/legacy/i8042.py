@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from hypyr.devices.bus import IrqLine
 from hypyr.devices.events import GuestEvent, StopCallback, StopRequest
 from hypyr.devices.legacy._bytedev import ByteRegisterDevice
+from hypyr.devices.state import StateError, StateReader
 
 log = logging.getLogger("hypyr.dev.i8042")
 
@@ -152,6 +153,7 @@ class I8042(ByteRegisterDevice):
         self._aux_level = False
         self.data_port = _Port(self, 0)
         self.command_port = _Port(self, 4)
+        self._quiesced = False  # no host injection while saving
         self._set_state(I8042State())
 
     # ------------------------------------------------------------------ state
@@ -181,11 +183,62 @@ class I8042(ByteRegisterDevice):
             self._call(self._kbd_irq, self._kbd_level)
             self._call(self._aux_irq, self._aux_level)
 
+    # ------------------------------------------------------------------ save/restore (devices/state.py)
+    STATE_KIND = "i8042"
+    STATE_VERSION = 1
+
+    def quiesce(self) -> None:
+        """Refuse host injection (Ctrl-Alt-Del) until :meth:`resume`."""
+        with self._lock:
+            self._quiesced = True
+
+    def resume(self) -> None:
+        with self._lock:
+            self._quiesced = False
+
+    def save_state(self) -> dict:
+        """Controller RAM, output port, the output queue, pending commands and both line levels."""
+        with self._lock:
+            return {"kind": self.STATE_KIND, "v": self.STATE_VERSION, "ram": bytes(self._ram),
+                    "outport": self._outport, "output": [[b, aux] for b, aux in self._output],
+                    "pending_cmd": self._pending_cmd, "kbd_pending_cmd": self._kbd_pending_cmd,
+                    "kbd_scanning": self._kbd_scanning, "last_write_cmd": self._last_write_cmd,
+                    "kbd_irq": self._kbd_level, "aux_irq": self._aux_level}
+
+    def load_state(self, state: dict) -> None:
+        """Validate and load ``state``; both lines are driven to their restored levels; quiesced."""
+        r = StateReader(state, "i8042", self.STATE_KIND, self.STATE_VERSION)
+        output = []
+        for i, item in enumerate(r.items("output", OUTPUT_QUEUE_LIMIT)):
+            if (not isinstance(item, (list, tuple)) or len(item) != 2 or isinstance(item[0], bool)
+                    or not isinstance(item[0], int) or not 0 <= item[0] <= 0xFF or not isinstance(item[1], bool)):
+                raise StateError(f"i8042.output[{i}] must be a [byte, is_aux] pair")
+            output.append((int(item[0]), item[1]))
+        s = I8042State(ram=r.blob("ram", 32, 32), outport=r.integer("outport", 0, 0xFF), output=tuple(output),
+                       pending_cmd=r.integer("pending_cmd", 0, 0xFF),
+                       kbd_pending_cmd=r.integer("kbd_pending_cmd", 0, 0xFF),
+                       kbd_scanning=r.flag("kbd_scanning"), last_write_cmd=r.flag("last_write_cmd"))
+        levels = (r.flag("kbd_irq"), r.flag("aux_irq"))
+        r.done()
+        try:
+            s.validate()
+        except ValueError as e:
+            raise StateError(f"i8042: {e}") from None
+        probe = I8042(lambda _: None)
+        probe._set_state(s)
+        if probe._levels() != levels:
+            raise StateError("i8042: the saved interrupt line levels do not follow from the output queue")
+        self.restore(s)
+        self.quiesce()
+
     # ------------------------------------------------------------------ host side
     def inject_ctrl_alt_del(self) -> bool:
         """Queue Ctrl-Alt-Del press and release; False (nothing queued) if the keyboard is
-        disabled, not scanning, or the output queue lacks room."""
+        disabled, not scanning, or the output queue lacks room, or while quiesced."""
         with self._lock:
+            if self._quiesced:
+                log.info("i8042: quiesced for save/restore, Ctrl-Alt-Del not injected")
+                return False
             if self._ram[0] & CTR_KBDDIS or not self._kbd_scanning:
                 log.info("i8042: keyboard disabled, Ctrl-Alt-Del not injected")
                 return False

@@ -18,6 +18,11 @@ result is checked when SET is cleared).  Alarm registers and 0x0e-0x7f (except 0
 may preload RAM (e.g. memory size bytes for a BIOS) with :meth:`Rtc.set_cmos`.
 
 The clock is injectable: ``Rtc(clock=lambda: 1700000000.0)``.
+
+Save/restore keeps the guest's clock as an offset from UTC (host time), not as a time of day:
+after a restore, here or on another host, the RTC reads what it would have read had it kept
+running meanwhile, as a battery-backed RTC does while the machine is off.  While register B's
+SET bit is on, the frozen fields are saved as they are.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from hypyr.devices.legacy._bytedev import ByteRegisterDevice, bcd, from_bcd, is_bcd
+from hypyr.devices.state import QuiesceFree, StateError, StateReader
 
 log = logging.getLogger("hypyr.dev.rtc")
 
@@ -105,7 +111,7 @@ class RtcState:
             raise ValueError("RtcState.frozen must be set exactly when register B's SET bit is")
 
 
-class Rtc(ByteRegisterDevice):
+class Rtc(QuiesceFree, ByteRegisterDevice):
     """CMOS RTC.  ``clock`` returns host time as seconds since the epoch (UTC)."""
 
     LENGTH = LENGTH
@@ -134,6 +140,34 @@ class Rtc(ByteRegisterDevice):
         s.validate()
         with self._lock:
             self._set_state(s)
+
+    # ------------------------------------------------------------------ save/restore (devices/state.py)
+    STATE_KIND = "rtc-mc146818"
+    STATE_VERSION = 1
+
+    def save_state(self) -> dict:
+        """Index, NMI bit, CMOS RAM, the guest clock's offset from UTC and the fields frozen by SET."""
+        with self._lock:
+            return {"kind": self.STATE_KIND, "v": self.STATE_VERSION, "index": self._index,
+                    "nmi_disabled": self._nmi_disabled, "ram": bytes(self._ram), "offset": self._offset,
+                    "frozen": None if self._frozen is None else list(self._frozen)}
+
+    def load_state(self, state: dict) -> None:
+        r = StateReader(state, "rtc", self.STATE_KIND, self.STATE_VERSION)
+        span = _MAX_EPOCH - _MIN_EPOCH
+        frozen = r.raw("frozen")
+        if frozen is not None:
+            if (not isinstance(frozen, (list, tuple)) or len(frozen) != 6
+                    or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 9999 for v in frozen)):
+                raise StateError("rtc.frozen must be None or six integers (year, month, day, hour, minute, second)")
+            frozen = tuple(int(v) for v in frozen)
+        s = RtcState(index=r.integer("index", 0, 0x7F), nmi_disabled=r.flag("nmi_disabled"),
+                     ram=r.blob("ram", 128, 128), offset=r.integer("offset", -span, span), frozen=frozen)
+        r.done()
+        try:
+            self.restore(s)
+        except ValueError as e:
+            raise StateError(f"rtc: {e}") from None
 
     # ------------------------------------------------------------------ host side
     @property

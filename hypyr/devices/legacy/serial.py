@@ -61,6 +61,7 @@ from typing import Callable
 from hypyr.devices.bus import IrqLine
 from hypyr.devices.legacy._bytedev import ByteRegisterDevice
 from hypyr.devices.overflow import OverflowLog
+from hypyr.devices.state import StateError, StateReader
 
 log = logging.getLogger("hypyr.dev.serial")
 
@@ -182,6 +183,7 @@ class Serial(ByteRegisterDevice):
         self._irq_level = False
         self._overflow = OverflowLog(log, "serial", RX_BUFFER_SIZE)
         self._rx: collections.deque[int] = collections.deque()
+        self._quiesced = False  # host input refused (left with the caller) while saving
         self._set_state(SerialState())
 
     # ------------------------------------------------------------------ state
@@ -216,19 +218,62 @@ class Serial(ByteRegisterDevice):
             self._irq_level = self._compute_level()
             self._call_irq(self._irq_level)
 
+    # ------------------------------------------------------------------ save/restore (devices/state.py)
+    STATE_KIND = "serial-16550a"
+    STATE_VERSION = 1
+
+    def quiesce(self) -> None:
+        """Refuse host input until :meth:`resume` (callers keep what is not accepted)."""
+        with self._lock:
+            self._quiesced = True
+
+    def resume(self) -> None:
+        with self._lock:
+            self._quiesced = False
+
+    def save_state(self) -> dict:
+        """Registers, the receive buffer (FIFO and what waits behind it) and the line level."""
+        with self._lock:
+            return {"kind": self.STATE_KIND, "v": self.STATE_VERSION, "ier": self._ier, "lcr": self._lcr,
+                    "mcr": self._mcr, "fcr": self._fcr, "lsr_errors": self._lsr_errors, "msr": self._msr,
+                    "scr": self._scr, "dll": self._dll, "dlm": self._dlm, "thre_pending": self._thre_pending,
+                    "rx": bytes(self._rx), "irq": self._irq_level}
+
+    def load_state(self, state: dict) -> None:
+        """Validate and load ``state``; the line is driven to the restored level; quiesced."""
+        r = StateReader(state, "serial", self.STATE_KIND, self.STATE_VERSION)
+        regs = {name: r.integer(name, 0, 0xFF) for name in ("ier", "lcr", "mcr", "fcr", "lsr_errors", "msr",
+                                                             "scr", "dll", "dlm")}
+        s = SerialState(**regs, thre_pending=r.flag("thre_pending"), rx=r.blob("rx", RX_BUFFER_SIZE))
+        irq = r.flag("irq")
+        r.done()
+        try:
+            s.validate()
+        except ValueError as e:
+            raise StateError(f"serial: {e}") from None
+        probe = Serial(lambda _: None, lambda _: None)
+        probe._set_state(s)
+        if probe._compute_level() != irq:
+            raise StateError("serial: the saved interrupt line level does not follow from the registers")
+        self.restore(s)
+        self.quiesce()
+
     # ------------------------------------------------------------------ host side
     def input_room(self) -> int:
         """How many bytes :meth:`enqueue_input` would accept right now."""
         with self._lock:
-            return RX_BUFFER_SIZE - len(self._rx)
+            return 0 if self._quiesced else RX_BUFFER_SIZE - len(self._rx)
 
     def enqueue_input(self, data: bytes) -> int:
         """Queue bytes received from the host console; returns how many were accepted.
-        Bytes beyond the buffer bound are dropped (logged, LSR.OE set)."""
+        Bytes beyond the buffer bound are dropped (logged, LSR.OE set).  While quiesced nothing
+        is accepted (and nothing dropped)."""
         data = bytes(data)
         if not data:
             return 0
         with self._lock:
+            if self._quiesced:
+                return 0
             accepted = self._rx_push(data)
             self._update_irq()
             verdict = self._overflow.note(len(data), accepted, len(self._rx))

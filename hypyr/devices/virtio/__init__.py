@@ -3,5 +3,7 @@
 - :mod:`.queue`  — split virtqueue: descriptor chains (indirect, TTL-bounded), used ring, event index
 - :mod:`.mmio`   — the virtio-mmio (version 2, "modern") register interface
 - :mod:`.device` — the interface every device implements
-- one file per device: :mod:`.rng`, :mod:`.blk`, :mod:`.console`
+- one file per device: :mod:`.rng`, :mod:`.blk`, :mod:`.console`, :mod:`.net` (with :mod:`.tap`, :mod:`.vhost`)
+
+Save/restore: the transport's state holds its device's (:mod:`hypyr.devices.state`, docs/save-restore.md).
 """

@@ -72,6 +72,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from hypyr.devices.ratelog import RateLimitedLog
+from hypyr.devices.state import StateError, StateReader
 from hypyr.errors import HypyrError
 from hypyr.memory import GuestMemory
 
@@ -187,6 +188,7 @@ class VirtioBlk(VirtioDevice):
     device_id = VIRTIO_ID_BLOCK
     queue_max_sizes = (QUEUE_SIZE,)
     name = "virtio-blk"
+    state_kind = "virtio-blk"
 
     def __init__(self, path: str, *, read_only: bool = False, serial: str | None = None, workers: int = 4):
         super().__init__()
@@ -331,8 +333,8 @@ class VirtioBlk(VirtioDevice):
             # Pop and submit under the device lock, so each request is tagged with the generation
             # of the activation it was popped in, even if a reset races with this notify.
             with self._lock:
-                if not self.queues or self.mem is None:
-                    return
+                if not self.queues or self.mem is None or self._quiesced:
+                    return  # (quiesced: the transport looks at the queue again on resume)
                 queue, mem, gen = self.queues[0], self.mem, self._gen
                 # a QueueError (a DeviceError) goes to the transport, after what came before it
                 chains, error = queue.pop_all()
@@ -402,6 +404,58 @@ class VirtioBlk(VirtioDevice):
             raise TypeError(f"expected BlkState, got {type(s).__name__}")
         if s != self.state():
             raise ValueError(f"saved virtio-blk state {s} does not match this disk {self.state()}")
+
+    # ------------------------------------------------------------------ save/restore (devices/state.py)
+    def quiesce(self) -> None:
+        """Pop no more requests; wait for every request in flight to complete (status byte
+        written, on the used ring, interrupt raised: none is lost, none is left to be redone),
+        then ``fdatasync`` the image, so that whoever opens it next sees every acknowledged
+        write.  Waits as long as the host's I/O takes.  A failed ``fdatasync`` is the sticky
+        flush error (saved with the state)."""
+        with self._lock:
+            self._quiesced = True
+        self.wait_idle()
+        if self.read_only or self._fd < 0 or self._flush_error is not None:
+            return
+        try:
+            os.fdatasync(self._fd)
+        except OSError as e:
+            with self._lock:
+                self._flush_error = e
+            log.warning("virtio-blk: %s: flush before saving failed: %s (every later flush fails too)",
+                        self.path, e)
+
+    def resume(self) -> None:
+        with self._lock:
+            self._quiesced = False
+
+    def _state_fields(self) -> dict:
+        """What the guest sees of the disk (checked on load: the image itself is the data) and
+        the sticky flush error; the path only for the record (a destination may mount it elsewhere)."""
+        with self._lock:
+            return {"capacity": self.capacity, "read_only": self.read_only, "features": self._features,
+                    "serial": self._serial, "flush_error": self._flush_error is not None, "path": self.path}
+
+    def _parse_fields(self, r: StateReader) -> bool:
+        saved = {"capacity": r.integer("capacity", 0, (1 << 64) - 1), "read_only": r.flag("read_only"),
+                 "features": r.integer("features", 0, (1 << 64) - 1),
+                 "serial": r.blob("serial", ID_BYTES, ID_BYTES)}
+        r.text("path", 4096)
+        flush_error = r.flag("flush_error")
+        mine = {"capacity": self.capacity, "read_only": self.read_only, "features": self._features,
+                "serial": self._serial}
+        for name, value in saved.items():
+            if value != mine[name]:
+                raise StateError(f"virtio-blk: the saved disk's {name} differs from that of {self.path} "
+                                 f"(not the same disk configuration)")
+        return flush_error
+
+    def apply_state(self, parsed: object) -> None:
+        """A saved flush error stays (sticky); a disk that has one of its own keeps it too."""
+        with self._lock:
+            self._quiesced = True
+            if parsed:
+                self._flush_error = OSError(errno.EIO, "a flush failed before the device state was saved")
 
     # ------------------------------------------------------------------ request handling
     def _ticket_locked(self) -> int:

@@ -38,6 +38,7 @@ from typing import Callable
 
 from hypyr.devices.overflow import OverflowLog
 from hypyr.devices.ratelog import RateLimitedLog
+from hypyr.devices.state import StateError, StateReader
 from hypyr.memory import GuestMemory
 
 from .device import VIRTIO_ID_CONSOLE, VirtioDevice
@@ -77,6 +78,7 @@ class VirtioConsole(VirtioDevice):
     device_id = VIRTIO_ID_CONSOLE
     queue_max_sizes = (QUEUE_SIZE, QUEUE_SIZE)
     name = "virtio-console"
+    state_kind = "virtio-console"
 
     def __init__(self, out: Callable[[bytes], None]):
         super().__init__()
@@ -125,6 +127,8 @@ class VirtioConsole(VirtioDevice):
 
     def queue_notify(self, index: int) -> None:
         with self._lock:
+            if self._quiesced:
+                return  # the transport looks at every queue again on resume
             if self._rx_error is not None:  # report it now that we are on the transport's path
                 raise DeviceError(self._rx_error)
         if index == RECEIVEQ:
@@ -139,15 +143,18 @@ class VirtioConsole(VirtioDevice):
     def input_room(self) -> int:
         """How many bytes :meth:`enqueue_input` would accept right now."""
         with self._lock:
-            return RX_BUFFER_SIZE - len(self._rx)
+            return 0 if self._quiesced else RX_BUFFER_SIZE - len(self._rx)
 
     def enqueue_input(self, data: bytes) -> int:
         """Queue bytes from the host console for the guest; returns how many were accepted.
-        Bytes beyond the buffer bound are dropped (logged once until the buffer drains)."""
+        Bytes beyond the buffer bound are dropped (logged once until the buffer drains).  While
+        quiesced nothing is accepted (and nothing dropped): the caller keeps it."""
         data = bytes(data)
         if not data:
             return 0
         with self._lock:
+            if self._quiesced:
+                return 0
             take = min(RX_BUFFER_SIZE - len(self._rx), len(data))
             self._rx += data[:take]
             self._deliver_locked()
@@ -167,6 +174,38 @@ class VirtioConsole(VirtioDevice):
             self._rx = bytearray(s.rx)
             self._deliver_locked()
 
+    # ------------------------------------------------------------------ save/restore (devices/state.py)
+    def quiesce(self) -> None:
+        """Deliver no input and take no new input until :meth:`resume`; the input not yet
+        delivered is saved.  (Transmission runs only on notifications, which the transport has
+        stopped and waited for.)"""
+        with self._tx_lock, self._lock:
+            self._quiesced = True
+
+    def resume(self) -> None:
+        with self._lock:
+            self._quiesced = False
+            self._deliver_locked()
+
+    def pending_error(self) -> str | None:
+        with self._lock:
+            return self._rx_error
+
+    def _state_fields(self) -> dict:
+        """The config the guest sees (checked on load) and the input not yet delivered."""
+        with self._lock:
+            return {"cols": COLS, "rows": ROWS, "rx": bytes(self._rx)}
+
+    def _parse_fields(self, r: StateReader) -> bytes:
+        if (r.integer("cols", 0, 0xFFFF), r.integer("rows", 0, 0xFFFF)) != (COLS, ROWS):
+            raise StateError("virtio-console: the saved console has another size")
+        return r.blob("rx", RX_BUFFER_SIZE)
+
+    def apply_state(self, parsed: object) -> None:
+        with self._lock:
+            self._quiesced = True
+            self._rx = bytearray(parsed)
+
     # ------------------------------------------------------------------ internals
     def _signal(self, index: int) -> None:
         try:
@@ -176,7 +215,8 @@ class VirtioConsole(VirtioDevice):
 
     def _deliver_locked(self, raise_errors: bool = False) -> None:
         """Copy pending input into available receive buffers.  Lock held."""
-        if not self._rx or len(self.queues) != 2 or self.mem is None or self._rx_error is not None:
+        if (not self._rx or len(self.queues) != 2 or self.mem is None or self._rx_error is not None
+                or self._quiesced):
             return
         queue, mem = self.queues[RECEIVEQ], self.mem
         used = False

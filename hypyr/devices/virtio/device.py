@@ -4,12 +4,17 @@ A device knows nothing of MMIO or KVM: it declares its id, queues and feature bi
 config space, and is handed its queues, guest memory and an interrupt callback when the driver
 sets DRIVER_OK.  A device that finds the driver misbehaving raises :class:`DeviceError`; the
 transport then sets DEVICE_NEEDS_RESET and raises a config-change interrupt.
+
+Save/restore (:mod:`hypyr.devices.state`): the transport is what the VMM saves; its state holds
+its device's, which the device produces and checks through the hooks at the end of
+:class:`VirtioDevice` (``quiesce``/``resume``, ``save_state``, ``parse_state``/``apply_state``).
 """
 
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
+from hypyr.devices.state import StateReader
 from hypyr.memory import GuestMemory
 
 from .queue import DeviceError, SplitQueue  # noqa: F401  (DeviceError is part of this interface)
@@ -34,12 +39,15 @@ class VirtioDevice:
     device_id: int = 0
     queue_max_sizes: Sequence[int] = (256,)
     name: str = "virtio"
+    state_kind: str = "virtio"  # "kind" of the saved state: one per device model
+    STATE_VERSION = 1
 
     def __init__(self) -> None:
         self.mem: GuestMemory | None = None
         self.queues: list[SplitQueue] = []
         self.driver_features = 0
         self._interrupt: Callable[[int], None] | None = None
+        self._quiesced = False  # see quiesce()
 
     # -- declared by the device -----------------------------------------------------------------
     def device_features(self) -> int:
@@ -77,3 +85,49 @@ class VirtioDevice:
     def signal_used(self, index: int) -> None:
         if self._interrupt is not None:
             self._interrupt(index)
+
+    # -- save/restore (hypyr/devices/state.py), called by the transport ---------------------------
+    def quiesce(self) -> None:
+        """The transport forwards no notifications any more (and waited for those in progress):
+        finish every request in flight, or hand its chains back (:meth:`SplitQueue.unpop`), and
+        take no work from the host side until :meth:`resume`.  Afterwards no queue has a chain
+        in flight.  Raise StateError if that cannot be done."""
+        self._quiesced = True
+
+    def resume(self) -> None:
+        """Take work again (the transport then looks at every queue once)."""
+        self._quiesced = False
+
+    def pending_error(self) -> str | None:
+        """A driver error the device found off the notify path and keeps for the next notify
+        (:meth:`quiesce` does not wait for that: the transport enters NEEDS_RESET at once)."""
+        return None
+
+    def save_state(self) -> dict:
+        """The device's own state (after :meth:`quiesce`): config that the guest sees or sets and
+        what the device holds for the guest; not the queues (the transport saves those)."""
+        return {"kind": self.state_kind, "v": self.STATE_VERSION, **self._state_fields()}
+
+    def parse_state(self, state: object) -> object:
+        """Check ``state`` (a StateError for anything wrong, including a state that does not fit
+        this device's configuration) and return what :meth:`apply_state` takes; changes nothing."""
+        r = StateReader(state, self.state_kind, self.state_kind, self.STATE_VERSION)
+        parsed = self._parse_fields(r)
+        r.done()
+        return parsed
+
+    def apply_state(self, parsed: object) -> None:
+        """Load what :meth:`parse_state` returned into this reset device, before it is activated
+        again; leaves the device quiesced."""
+        self._quiesced = True
+
+    def load_state(self, state: dict) -> None:
+        """:meth:`parse_state` then :meth:`apply_state` (the transport's ``load_state`` does this
+        between its own checks and the reactivation)."""
+        self.apply_state(self.parse_state(state))
+
+    def _state_fields(self) -> dict:
+        return {}
+
+    def _parse_fields(self, r: StateReader) -> object:
+        return None

@@ -60,6 +60,12 @@ Model
   used-buffer interrupt) can be absorbed by KVM (``ack_eventfd``, an ioeventfd: no exit to
   userspace) and applied before the next change of InterruptStatus (see ``_absorb_acks``).
 
+* Save/restore (docs/save-restore.md): :meth:`~VirtioMmioTransport.quiesce` stops forwarding
+  notifications (:meth:`~VirtioMmioTransport.resume` looks at every queue once instead) and has
+  the device finish or hand back every chain; the state holds the device's own under
+  ``"device"``; :meth:`~VirtioMmioTransport.load_state` checks it all, then reactivates with the
+  ring progress saved.
+
 * :meth:`VirtioMmioTransport.register_page`: the readable registers and the config space as a
   page the VMM can map read-only over the window, kept current by every path that changes them,
   so the driver's register reads need no exit at all (see there).
@@ -88,7 +94,8 @@ from typing import Callable
 
 from hypyr.devices.bus import IrqLine
 from hypyr.devices.ratelog import RateLimitedLog
-from hypyr.memory import GuestMemory
+from hypyr.devices.state import StateError, StateReader
+from hypyr.memory import GuestMemory, GuestMemoryError
 
 from .device import (VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1,
                      VirtioDevice)
@@ -237,6 +244,9 @@ class VirtioMmioTransport:
         self._isr_sticky = 0  # INT_VRING while the device's used-buffer interrupts bypass us (vhost)
         self._config_generation = 0
         self._epoch = 0  # bumped by every reset: stale errors from before it are dropped
+        self._quiesced = False  # save/restore: notifications are not forwarded (see quiesce())
+        self._notifying = 0  # notifications being handled by the device right now
+        self._idle = threading.Condition(self._lock)  # _notifying dropped to 0 while quiesced
         self._clear_registers()
 
     def _clear_registers(self) -> None:
@@ -338,6 +348,10 @@ class VirtioMmioTransport:
         with self._lock:
             epoch = self._epoch
             status = self._status
+            if self._quiesced:  # resume() looks at every queue once
+                self._rlog.debug("notify-quiesced", "%s: notify(%d) while quiesced left for resume",
+                                 self._name, index)
+                return
             if not status & STATUS_DRIVER_OK or status & STATUS_DEVICE_NEEDS_RESET:
                 self._rlog.debug("notify-ignored", "%s: notify(%d) ignored in status %#x",
                                  self._name, index, status)
@@ -346,6 +360,7 @@ class VirtioMmioTransport:
                 self._rlog.debug("notify-ignored", "%s: notify of queue %d, which is not active, ignored",
                                  self._name, index)
                 return
+            self._notifying += 1
         try:
             self.device.queue_notify(index)
         except DeviceError as e:
@@ -355,6 +370,11 @@ class VirtioMmioTransport:
             self._rlog.exception("notify-bug", "%s: device failed handling a notification of queue %d; "
                        "device needs reset", self._name, index)
             self._enter_needs_reset(epoch)
+        finally:
+            with self._lock:
+                self._notifying -= 1
+                if self._quiesced:
+                    self._idle.notify_all()
 
     def _interrupt(self, queue_index: int) -> None:
         """Called by the device (any thread) after adding used buffers to queue ``queue_index``:
@@ -606,8 +626,7 @@ class VirtioMmioTransport:
             self._activate()
 
     def _features_acceptable(self) -> bool:
-        f = self._driver_features
-        return not f & ~self.offered_features and bool(f & VIRTIO_F_VERSION_1)
+        return self._acceptable(self._driver_features)
 
     def _activate(self) -> bool:
         """DRIVER_OK: validate and activate the ready queues, then the device.  On failure set
@@ -689,22 +708,158 @@ class VirtioMmioTransport:
             raise TypeError(f"expected VirtioMmioState, got {type(s).__name__}")
         s.validate([q.max_size for q in self.queues])
         with self._lock:
-            self._epoch += 1
-            self._reset_device_and_queues()
-            self._status = s.status
-            self._device_features_sel = s.device_features_sel
-            self._driver_features = s.driver_features
-            self._driver_features_sel = s.driver_features_sel
-            self._queue_sel = s.queue_sel
-            for q, qs in zip(self.queues, s.queues):
-                q.size, q.ready = qs.size, qs.ready
-                q.desc_table, q.avail_ring, q.used_ring = qs.desc_table, qs.avail_ring, qs.used_ring
-                q.last_avail, q.next_used, q.signalled_used = qs.last_avail, qs.next_used, qs.signalled_used
-            with self._irq_lock:
-                self._isr = s.interrupt_status
-                self._config_generation = s.config_generation
-                self._irq_level = self._isr != 0
-                self._call_irq(self._irq_level)
-            if s.status & STATUS_DRIVER_OK and not s.status & STATUS_DEVICE_NEEDS_RESET:
-                self._activate()  # keeps the ring progress just loaded; on failure: NEEDS_RESET
-            self._publish()
+            self._load_locked(s)
+
+    def _load_locked(self, s: VirtioMmioState, load_device: Callable[[], None] | None = None) -> None:
+        """Reset the device, ``load_device()`` (its own state), load the registers and queues and
+        reactivate.  With ``self._lock`` held."""
+        self._epoch += 1
+        self._reset_device_and_queues()
+        if load_device is not None:
+            load_device()
+        self._status = s.status
+        self._device_features_sel = s.device_features_sel
+        self._driver_features = s.driver_features
+        self._driver_features_sel = s.driver_features_sel
+        self._queue_sel = s.queue_sel
+        for q, qs in zip(self.queues, s.queues):
+            q.size, q.ready = qs.size, qs.ready
+            q.desc_table, q.avail_ring, q.used_ring = qs.desc_table, qs.avail_ring, qs.used_ring
+            q.last_avail, q.next_used, q.signalled_used = qs.last_avail, qs.next_used, qs.signalled_used
+        with self._irq_lock:
+            self._isr = s.interrupt_status
+            self._config_generation = s.config_generation
+            self._irq_level = self._isr != 0
+            self._call_irq(self._irq_level)
+        if s.status & STATUS_DRIVER_OK and not s.status & STATUS_DEVICE_NEEDS_RESET:
+            self._activate()  # keeps the ring progress just loaded; on failure: NEEDS_RESET
+        self._publish()
+
+    # ------------------------------------------------------------------ save/restore (devices/state.py)
+    STATE_KIND = "virtio-mmio"
+    STATE_VERSION = 1
+
+    def _running(self) -> bool:  # with self._lock held
+        return bool(self._status & STATUS_DRIVER_OK) and not self._status & STATUS_DEVICE_NEEDS_RESET
+
+    def quiesce(self) -> None:
+        """Stop forwarding notifications (the ones that arrive meanwhile are made up for by
+        :meth:`resume`), wait for those the device is handling, then quiesce the device: it
+        finishes or hands back every chain it holds.  A driver error the device keeps for the
+        next notification puts the device in NEEDS_RESET now.  Call with the vCPUs paused."""
+        with self._lock:
+            self._quiesced = True
+            self._idle.wait_for(lambda: self._notifying == 0)
+        self.device.quiesce()
+        error = self.device.pending_error()
+        if error is not None:  # it would have put the device in NEEDS_RESET at the next notify
+            with self._lock:
+                if self._running():
+                    self._rlog.warning("notify-error", "%s: %s; device needs reset", self._name, error)
+                    self._set_needs_reset()
+
+    def resume(self) -> None:
+        """Forward notifications again, resume the device and look at every active queue once
+        (a notification may have been left over while quiesced, or lost with the old VM)."""
+        with self._lock:
+            self._quiesced = False
+        self.device.resume()
+        with self._lock:
+            running = self._running()
+            with self._irq_lock:  # vhost may have started (or not) again: see _activate
+                external = running and getattr(self.device, "external_used_interrupts", False)
+                self._isr_sticky = INT_VRING if external else 0
+                self._publish_isr()
+            ready = [i for i, q in enumerate(self.queues) if q.ready] if running else []
+        for i in ready:
+            self.notify(i)
+
+    def save_state(self) -> dict:
+        """Registers, per queue its registers and ring progress, InterruptStatus, ConfigGeneration
+        and the line level, and the device's own state under ``"device"``.  Only after
+        :meth:`quiesce`; no chain may then be in flight (StateError otherwise)."""
+        with self._lock:
+            if not self._quiesced:
+                raise StateError(f"{self._name}: the device must be quiesced before it is saved")
+            if self._running():
+                for i, q in enumerate(self.queues):
+                    if q.ready and (q.in_flight or q.last_avail != q.next_used):
+                        raise StateError(f"{self._name}: queue {i} still has chains in flight after quiesce "
+                                         f"(a device bug)")
+        s = self.state()
+        queues = [{"size": q.size, "ready": q.ready, "desc_table": q.desc_table, "avail_ring": q.avail_ring,
+                   "used_ring": q.used_ring, "last_avail": q.last_avail, "next_used": q.next_used,
+                   "signalled_used": q.signalled_used} for q in s.queues]
+        return {"kind": self.STATE_KIND, "v": self.STATE_VERSION, "device_id": self.device.device_id,
+                "device_features": self.offered_features, "status": s.status,
+                "device_features_sel": s.device_features_sel, "driver_features": s.driver_features,
+                "driver_features_sel": s.driver_features_sel, "queue_sel": s.queue_sel,
+                "interrupt_status": s.interrupt_status, "irq": s.interrupt_status != 0,
+                "config_generation": s.config_generation, "queues": queues,
+                "device": self.device.save_state()}
+
+    def load_state(self, state: dict) -> None:
+        """Check everything (StateError), then load: the device is reset, gets its own state and,
+        if the driver had it running, is reactivated with every queue where it stopped.  The
+        line is driven to the restored level.  Leaves transport and device quiesced."""
+        where = self._name
+        r = StateReader(state, where, self.STATE_KIND, self.STATE_VERSION)
+        if r.integer("device_id", 0, _U32) != self.device.device_id:
+            raise StateError(f"{where}: the saved device is another kind of virtio device")
+        if r.integer("device_features", 0, _U64) != self.offered_features:
+            raise StateError(f"{where}: the saved device offered other features than this one (a different "
+                             f"device configuration)")
+        regs = {name: r.integer(name, 0, limit) for name, limit in (
+            ("status", 0xFF), ("device_features_sel", _U32), ("driver_features", _U64),
+            ("driver_features_sel", _U32), ("queue_sel", _U32), ("interrupt_status", INT_VRING | INT_CONFIG),
+            ("config_generation", _U32))}
+        irq = r.flag("irq")
+        raw_queues = r.items("queues", len(self.queues), len(self.queues))
+        device_state = self.device.parse_state(r.raw("device"))
+        r.done()
+        queues = tuple(self._parse_queue(i, raw) for i, raw in enumerate(raw_queues))
+        s = VirtioMmioState(**regs, queues=queues)
+        status = s.status
+        if irq != (s.interrupt_status != 0):
+            raise StateError(f"{where}: the saved line level does not follow from InterruptStatus")
+        if status & STATUS_DRIVER_OK and not status & STATUS_FEATURES_OK:
+            raise StateError(f"{where}: the saved status has DRIVER_OK without FEATURES_OK")
+        if status & STATUS_FEATURES_OK and not self._acceptable(s.driver_features):
+            raise StateError(f"{where}: the saved driver features are not a subset of the offered ones "
+                             f"with VERSION_1")
+        if status & STATUS_DRIVER_OK and not status & STATUS_DEVICE_NEEDS_RESET:
+            for i, qs in enumerate(queues):
+                if qs.ready:
+                    self._check_queue(i, qs)
+
+        def load_device() -> None:
+            self.device.apply_state(device_state)
+
+        with self._lock:
+            self._quiesced = True
+            self._load_locked(s, load_device)
+
+    def _parse_queue(self, i: int, raw: object) -> VirtioQueueState:
+        q = StateReader(raw, f"{self._name}.queues[{i}]")
+        fields = {name: q.integer(name, 0, limit) for name, limit in (
+            ("size", _U32), ("desc_table", _U64), ("avail_ring", _U64), ("used_ring", _U64),
+            ("last_avail", 0xFFFF), ("next_used", 0xFFFF), ("signalled_used", 0xFFFF))}
+        qs = VirtioQueueState(**fields, ready=q.flag("ready"))
+        q.done()
+        return qs
+
+    def _check_queue(self, i: int, qs: VirtioQueueState) -> None:
+        """A queue the driver had running: its rings must lie in RAM, and no chain in flight."""
+        probe = SplitQueue(self.queues[i].max_size)
+        probe.size, probe.desc_table, probe.avail_ring, probe.used_ring = (qs.size, qs.desc_table,
+                                                                           qs.avail_ring, qs.used_ring)
+        try:
+            probe.validate(self.mem)
+        except (DeviceError, GuestMemoryError) as e:
+            raise StateError(f"{self._name}: saved queue {i}: {e}") from None
+        if qs.last_avail != qs.next_used:
+            raise StateError(f"{self._name}: saved queue {i} has chains in flight (last avail index "
+                             f"{qs.last_avail}, next used index {qs.next_used})")
+
+    def _acceptable(self, features: int) -> bool:
+        return not features & ~self.offered_features and bool(features & VIRTIO_F_VERSION_1)

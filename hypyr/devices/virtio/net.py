@@ -13,6 +13,12 @@ receive chains as it needs (MRG_RXBUF) or into one.  Whatever the guest hands us
 counted, a bad ring is a DeviceError.  Chains the device keeps (receive buffers taken for a frame
 that does not fit yet, ``_rx_spare``; a transmit chain waiting for rate credit, ``_tx_held``) are
 in flight for the queue, which bounds them by its size, until they are used; a reset drops them.
+
+Save/restore (:meth:`VirtioNet.quiesce`): the held transmit chain and the spare receive chains are
+handed back to the ring unused (:meth:`SplitQueue.unpop`), to be taken again after the resume or
+restore; a frame read from the TAP and not yet delivered is saved with the state; with vhost-net
+the kernel's ring progress is fetched (VHOST_GET_VRING_BASE) and vhost is started again, from the
+queues' state, by :meth:`VirtioNet.resume`.
 """
 
 from __future__ import annotations
@@ -27,10 +33,11 @@ from typing import Callable
 
 from hypyr.devices.ratelimit import TokenBucket
 from hypyr.devices.ratelog import RateLimitedLog
+from hypyr.devices.state import StateError, StateReader
 
 from . import tap
 from .device import VIRTIO_ID_NET, VirtioDevice
-from .queue import DescriptorChain, DeviceError
+from .queue import DescriptorChain, DeviceError, QueueError
 from .vhost import QueueRing, VhostError, VhostNet
 
 log = logging.getLogger("hypyr.dev.virtio_net")
@@ -85,6 +92,7 @@ class VirtioNet(VirtioDevice):
     device_id = VIRTIO_ID_NET
     queue_max_sizes = (QUEUE_SIZE, QUEUE_SIZE)
     name = "net"
+    state_kind = "virtio-net"
 
     def __init__(self, tap_fd: int, mac: bytes, *, mtu: int | None = None, want_vhost: bool = False,
                  tx_rate: tuple[int, float] | None = None, ifname: str = "",
@@ -101,6 +109,7 @@ class VirtioNet(VirtioDevice):
         self.name = f"net({self.ifname})"
         os.set_blocking(tap_fd, False)
         self.link_up = True
+        self.offloads = 0  # what the TAP was told at the last activation (TUNSETOFFLOAD)
         self.counters = NetCounters()
         self.external_used_interrupts = False  # True while vhost signals the guest directly
         self._bucket = (TokenBucket(tx_rate[0], tx_rate[1], MAX_PACKET, **({"clock": clock} if clock else {}))
@@ -110,6 +119,7 @@ class VirtioNet(VirtioDevice):
         self._rx_buf = bytearray(MAX_PACKET)
         self._rx_len = 0                          # a frame read from the TAP and not yet delivered
         self._rx_spare: deque[DescriptorChain] = deque()  # receive chains taken, not yet used
+        self._rx_spare_mixed = False  # a receive chain taken after them was used (see quiesce)
         self._tx_held: DescriptorChain | None = None      # waiting for rate credit
         self._tx_timer: threading.Timer | None = None
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # rate-limit timer → I/O thread
@@ -158,17 +168,26 @@ class VirtioNet(VirtioDevice):
             tap.set_offload(self.tap_fd, offload)
         except OSError as e:
             raise DeviceError(f"TAP {self.ifname} refused offloads {offload:#x}: {e.strerror}") from None
+        self.offloads = offload
+        if not self._quiesced:  # (restored: resume() starts it)
+            self._start_data_path()
+
+    def _start_data_path(self) -> None:
+        """vhost-net from the queues' ring progress if it is attached and works, else the
+        userspace path."""
         if self.vhost is not None:
+            # the rings as the queues have them: at DRIVER_OK, after a resume, or as restored
             rings = [QueueRing(q.size, q.desc_table, q.avail_ring, q.used_ring, q.last_avail)
                      for q in self.queues if q.ready]
             if len(rings) == 2:
                 try:
-                    self.vhost.start(self.mem, rings, f)
+                    self.vhost.start(self.mem, rings, self.driver_features)
                     self.external_used_interrupts = True
                     _rlog(logging.INFO, "vhost", "%s: data path in the host kernel (vhost-net)", self.name)
                     return
                 except VhostError as e:
                     _rlog.warning("vhost", "%s: %s; using the userspace data path", self.name, e)
+        self.external_used_interrupts = False
         self._rx_ready()  # frames may have arrived before the driver was up
 
     def reset(self) -> None:
@@ -196,6 +215,99 @@ class VirtioNet(VirtioDevice):
     @property
     def vhost_running(self) -> bool:
         return self.vhost is not None and self.vhost.running
+
+    # ------------------------------------------------------------------ save/restore (devices/state.py)
+    def quiesce(self) -> None:
+        """Stop both data paths and hand back every chain the device holds: the transmit chain
+        waiting for rate credit and the receive chains kept for a frame that does not fit yet go
+        back to the ring unused (taken again, as new, after resume or restore: the frame is sent
+        once, the buffers filled once).  Should a too-small receive buffer have been used in
+        between (so they are not the last ones taken), the kept receive chains are returned
+        empty instead, as that one was.  The frame read from the TAP and not yet delivered stays
+        (and is saved).  With vhost-net: fetch each ring's progress from the kernel; a failure
+        there is a driver-visible error (NEEDS_RESET), not a lost or repeated packet."""
+        with self._tx_lock, self._rx_lock:
+            self._quiesced = True
+            if self.vhost_running:
+                self._take_back_from_vhost()
+            if self._tx_timer is not None:
+                self._tx_timer.cancel()
+                self._tx_timer = None
+            if self._tx_held is not None:
+                self._tx_held = None
+                self.queues[TXQ].unpop(1)  # the last transmit chain taken: nothing after it is
+            if self._rx_spare:
+                self._hand_back_rx_spare()
+
+    def _take_back_from_vhost(self) -> None:
+        self.external_used_interrupts = False
+        try:
+            bases = self.vhost.suspend()
+            for q, base in zip(self.queues, bases):
+                q.resync(base)
+                if q.in_flight:  # vhost-net uses all it takes once its backend is gone; just in case
+                    _rlog.warning("vhost", "%s: vhost-net left %d chains in flight; handed back", self.name,
+                                  q.in_flight)
+                    q.unpop(q.in_flight)
+        except (VhostError, QueueError) as e:
+            _rlog.error("vhost", "%s: cannot take the rings back from vhost-net: %s", self.name, e)
+            self._pending_error = f"cannot take the rings back from vhost-net: {e}"
+
+    def _hand_back_rx_spare(self) -> None:
+        q, n = self.queues[RXQ], len(self._rx_spare)
+        if not self._rx_spare_mixed:  # they are the last n chains taken
+            q.unpop(n)
+        else:
+            q.add_used_many([(c.head, 0) for c in self._rx_spare])
+            self.signal_used(RXQ)
+        self._rx_spare.clear()
+
+    def resume(self) -> None:
+        """Start the data path again from the queues' state (not if it runs, or if the device
+        is headed for NEEDS_RESET: the queues' state is then not to be trusted)."""
+        with self._tx_lock, self._rx_lock:
+            self._quiesced = False
+            start = (self.mem is not None and len(self.queues) == 2 and not self.vhost_running
+                     and self._pending_error is None)
+        if start:
+            self._start_data_path()
+
+    def pending_error(self) -> str | None:
+        return self._pending_error
+
+    def _state_fields(self) -> dict:
+        """MAC and MTU (checked on load), link status, the offloads the TAP was told (for the
+        record: reactivation derives them from the negotiated features again), the frame waiting
+        for receive buffers and the counters."""
+        with self._rx_lock:
+            frame = bytes(self._rx_buf[:self._rx_len])
+        c = self.counters
+        return {"mac": self.mac, "mtu": self.mtu, "link_up": self.link_up, "offloads": self.offloads,
+                "rx_frame": frame, "counters": {"rx_packets": c.rx_packets, "rx_bytes": c.rx_bytes,
+                                                "rx_dropped": c.rx_dropped, "tx_packets": c.tx_packets,
+                                                "tx_bytes": c.tx_bytes, "tx_dropped": c.tx_dropped}}
+
+    def _parse_fields(self, r: StateReader) -> tuple:
+        if r.blob("mac", 6, 6) != self.mac or r.integer("mtu", 68, 65535, optional=True) != self.mtu:
+            raise StateError(f"{self.name}: the saved NIC has another MAC address or MTU")
+        link_up = r.flag("link_up")
+        r.integer("offloads", 0, tap.TUN_F_CSUM | tap.TUN_F_TSO4 | tap.TUN_F_TSO6 | tap.TUN_F_TSO_ECN)
+        frame = r.blob("rx_frame", MAX_PACKET)
+        if 0 < len(frame) < HDR_LEN:
+            raise StateError(f"{self.name}: the saved receive frame is shorter than its header")
+        cr = r.nested("counters")
+        counters = NetCounters(**{name: cr.integer(name, 0, (1 << 64) - 1)
+                                  for name in NetCounters.__dataclass_fields__})
+        cr.done()
+        return link_up, frame, counters
+
+    def apply_state(self, parsed: object) -> None:
+        link_up, frame, counters = parsed
+        with self._tx_lock, self._rx_lock:
+            self._quiesced = True
+            self.link_up, self.counters = link_up, counters
+            self._rx_buf[:len(frame)] = frame
+            self._rx_len = len(frame)
 
     def queue_notify(self, index: int) -> None:
         if self.vhost_running:
@@ -228,7 +340,7 @@ class VirtioNet(VirtioDevice):
     def _transmit(self) -> None:
         with self._tx_lock:
             queues, mem = self.queues, self.mem
-            if len(queues) < 2 or mem is None or self.vhost_running:
+            if len(queues) < 2 or mem is None or self.vhost_running or self._quiesced:
                 return
             q = queues[TXQ]
             done: list[tuple[int, int]] = []
@@ -295,7 +407,7 @@ class VirtioNet(VirtioDevice):
     def _receive(self) -> None:
         with self._rx_lock:
             queues, mem = self.queues, self.mem
-            if len(queues) < 1 or mem is None or self.vhost_running:
+            if len(queues) < 1 or mem is None or self.vhost_running or self._quiesced:
                 return
             q = queues[RXQ]
             mergeable = bool(self.driver_features & F_MRG_RXBUF)
@@ -346,6 +458,8 @@ class VirtioNet(VirtioDevice):
         else:
             chains: list[DescriptorChain] = []
             room = 0
+            if not self._rx_spare:
+                self._rx_spare_mixed = False
             while room < n:
                 if len(chains) + len(self._rx_spare) >= q.size:  # it would never fit: not stall for ever
                     raise DeviceError(f"a {n}-byte frame needs more receive buffers than the queue holds "
@@ -360,6 +474,8 @@ class VirtioNet(VirtioDevice):
                     _rlog.warning("rxsmall", "%s: receive buffer of %d bytes is too small; returned unused",
                                   self.name, chain.writable_len)
                     done.append((chain.head, 0))
+                    if chains:  # used after chains we keep: those are no longer the last ones taken
+                        self._rx_spare_mixed = True
                     continue
                 chains.append(chain)
                 room += chain.writable_len

@@ -439,6 +439,34 @@ class SplitQueue:
             rlen = sum(words[2:4 * nread:4])
         return DescriptorChain.from_table(head, words, nread, rlen, total - rlen)
 
+    # -- save/restore --------------------------------------------------------------------------------
+    def unpop(self, count: int) -> None:
+        """Hand back the ``count`` chains popped last and not used (for save/restore: the driver
+        still owns them, and the device takes them again, as new, after a resume or a restore).
+        With EVENT_IDX, avail_event is moved back too, so the driver's next buffer notifies us."""
+        with self._lock:
+            if not 0 <= count <= self.in_flight:
+                raise ValueError(f"cannot hand back {count} chains, {self.in_flight} are in flight")
+            self.last_avail = (self.last_avail - count) & 0xFFFF
+            self.in_flight -= count
+            if count and self.event_idx and self._used_v is not None:
+                _U16.pack_into(self._used_v, 4 + 8 * self.size, self.last_avail)
+
+    def resync(self, last_avail: int) -> None:
+        """Take over the ring progress from an outside data path (vhost): ``last_avail`` as it
+        reports it, the next used index as the used ring shows it; every chain popped and not
+        used is in flight.  Raises QueueError if those disagree by more than the queue size."""
+        with self._lock:
+            if self._used_v is None:
+                return
+            used = _U16.unpack_from(self._used_v, 2)[0]
+            in_flight = (last_avail - used) & 0xFFFF
+            if in_flight > self.size:
+                raise QueueError(f"last avail index {last_avail} is {in_flight} ahead of used index {used}, "
+                                 f"more than the queue size {self.size}")
+            self.last_avail, self.next_used, self.signalled_used = last_avail & 0xFFFF, used, used
+            self.in_flight = in_flight
+
     # -- completing requests -------------------------------------------------------------------------
     def add_used(self, head: int, written: int) -> None:
         """Return chain ``head`` to the driver, with ``written`` bytes written into it."""

@@ -6,6 +6,9 @@ the count written.  No feature bits, no config space.
 
 Requests are served synchronously on the notifying thread (a vCPU on an MMIO exit, or the
 VMM's ioeventfd thread); the queue's own lock makes concurrent notifications safe.
+
+Save/restore: nothing in flight once a notification returns, and no state of its own (the saved
+state is just kind and version); the transport saves the queue.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ class VirtioRng(VirtioDevice):
     device_id = VIRTIO_ID_RNG
     queue_max_sizes = (QUEUE_SIZE,)
     name = "rng"
+    state_kind = "virtio-rng"
 
     def __init__(self) -> None:
         super().__init__()
@@ -37,7 +41,7 @@ class VirtioRng(VirtioDevice):
             self._rlog.debug("notify", "virtio-rng: notify of queue %d ignored", index)
             return
         queues, mem = self.queues, self.mem  # a concurrent reset swaps these out
-        if not queues or mem is None:
+        if not queues or mem is None or self._quiesced:
             return
         q = queues[0]
         completed = 0

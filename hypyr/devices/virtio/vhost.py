@@ -5,6 +5,18 @@ The VMM keeps the device model (config space, features, status); at DRIVER_OK it
 kernel the guest memory map, each ring's addresses and progress, the KVM ioeventfd of each
 queue (kick) and the irqfd of the device's interrupt (call), and the TAP as the backend.
 Closing the vhost descriptor stops it (device reset).
+
+Save/restore: :meth:`VhostNet.suspend` detaches the backend (the kernel finishes what it took)
+and reads each ring's last avail index back (VHOST_GET_VRING_BASE); the device model puts it in
+its queues, whose state is what gets saved, and :meth:`VhostNet.start` programs the rings from
+the (restored) queues again, with that index.  The kernel reads the used index from the ring
+itself.
+
+TODO(live migration, #11): while vhost runs, its writes into guest RAM bypass KVM's dirty-page
+log.  A pre-copy migration must either quiesce the device before the last copy round (what
+:meth:`suspend` allows: everything it wrote is then in RAM) or give vhost a dirty log
+(VHOST_SET_LOG_BASE with VHOST_F_LOG_ALL, and VHOST_VRING_F_LOG on the rings) and merge it into
+KVM's.
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ VHOST_SET_MEM_TABLE = 0x4008AF03
 VHOST_SET_VRING_NUM = 0x4008AF10
 VHOST_SET_VRING_ADDR = 0x4028AF11
 VHOST_SET_VRING_BASE = 0x4008AF12
+VHOST_GET_VRING_BASE = 0xC008AF12
 VHOST_SET_VRING_KICK = 0x4008AF20
 VHOST_SET_VRING_CALL = 0x4008AF21
 VHOST_NET_SET_BACKEND = 0x4008AF30
@@ -67,6 +80,7 @@ class VhostNet:
         self.tap_fd, self.kick_fds, self.call_fd = tap_fd, list(kick_fds), call_fd
         self._on_running = on_running
         self._fd: int | None = None
+        self._nrings = 0
 
     @property
     def running(self) -> bool:
@@ -80,6 +94,7 @@ class VhostNet:
         except OSError as e:
             raise VhostError(f"cannot open {VHOST_DEVICE}: {e.strerror}") from None
         self._fd = fd
+        self._nrings = len(rings)
         try:
             self._setup(fd, mem, rings, features)
         except OSError as e:
@@ -108,6 +123,24 @@ class VhostNet:
             self._on_running(True)
         for kick in self.kick_fds[:len(rings)]:
             os.eventfd_write(kick, 1)
+
+    def suspend(self) -> list[int]:
+        """Stop the kernel's data path for a save: detach the backend (the kernel completes
+        what it took), read each ring's last avail index, close.  Raises VhostError (vhost is
+        stopped all the same)."""
+        fd = self._fd
+        if fd is None:
+            raise VhostError("vhost-net is not running")
+        try:
+            for i in range(self._nrings):
+                _ioctl(fd, VHOST_NET_SET_BACKEND, _VRING_FILE.pack(i, -1), "NET_SET_BACKEND")
+            return [_VRING_STATE.unpack(_ioctl(fd, VHOST_GET_VRING_BASE, _VRING_STATE.pack(i, 0),
+                                               "GET_VRING_BASE"))[1] & 0xFFFF
+                    for i in range(self._nrings)]
+        except OSError as e:
+            raise VhostError(f"vhost-net could not be stopped cleanly: {e}") from None
+        finally:
+            self.stop()
 
     def stop(self) -> None:
         fd, self._fd = self._fd, None
