@@ -29,9 +29,8 @@ def parse_size(text: str, default_unit: str = "M") -> int:
 
 
 def _setup_logging(verbose: int) -> None:
-    level = os.environ.get("HYPYR_LOG", "").upper() or ("DEBUG" if verbose > 1 else "INFO" if verbose else "WARNING")
-    logging.basicConfig(level=getattr(logging, level, logging.WARNING), stream=sys.stderr,
-                        format="%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s")
+    from hypyr.toolstack import logs
+    logs.setup(logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
 
 
 def _say(msg: str) -> None:
@@ -267,16 +266,17 @@ def cmd_vcpu_pin(args) -> int:
 def cmd_sched_credit(args) -> int:
     from hypyr.toolstack import sched
     from hypyr.toolstack.registry import Registry
-    reg = Registry()
     if args.domain:
-        rec = reg.get(args.domain)
+        with Registry() as reg:
+            rec = reg.get(args.domain)
         if args.weight is not None or args.cap is not None:
             sched.set_params(rec, weight=args.weight, cap=args.cap)
         rows = [(rec.domid, rec.name, *sched.get_params(rec))]
     else:
         if args.weight is not None or args.cap is not None:
             raise HypyrError("give the domain to change with -d NAME")
-        names = {(r.domid, r.uuid): r.name for r in reg.list()}   # a stale group matches no domain
+        with Registry() as reg:
+            names = {(r.domid, r.uuid): r.name for r in reg.list()}   # a stale group matches no domain
         rows = [(d, names[d, u], w, c) for d, u, w, c in sched.list_params() if (d, u) in names]
     print(f"{'Name':<32}{'ID':>5}{'Weight':>8}{'Cap':>6}")
     for domid, name, weight, cap in rows:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from hypyr.kvm import B, Kvm, KvmUnavailable
 from hypyr.memory import GuestMemory
+from hypyr.toolstack.procfs import kvm_backend
 
 NATIVE_THRESHOLD = 20_000_000  # instructions per second
 PROBE_ITERATIONS = 100_000     # 2 instructions each
@@ -37,17 +38,6 @@ class Diagnosis:
             return "unmodified guests run natively here: use `hypyr run`."
         return ("unmodified guests are emulated here (too slow to boot Linux): "
                 "use `hypyr lab -- hypyr run …` to run them in the nested lab.")
-
-
-def kvm_backend() -> str:
-    mods = {m for m in ("kvm_pvm", "kvm_intel", "kvm_amd") if os.path.isdir(f"/sys/module/{m}")}
-    if "kvm_pvm" in mods:
-        return "PVM"
-    if "kvm_intel" in mods:
-        return "VT-x"
-    if "kvm_amd" in mods:
-        return "AMD-V"
-    return "unknown"
 
 
 def probe_rate(kvm: Kvm) -> float:

@@ -13,7 +13,11 @@ tap lives exactly as long as its domain process.
 
 Each domain has a UUID (``DomainInfo.uuid``); ``create`` hands it to the domain process in
 ``HYPYR_DOMAIN_UUID`` so that process can only ever update its own registry row.  A control
-operation that gets no answer within ``CONTROL_TIMEOUT`` seconds is a HypyrError.
+operation that gets no answer within ``CONTROL_TIMEOUT`` seconds is a DomainTimeout.
+
+Errors are typed (``hypyr.toolstack.errors``): DomainNotFound, DomainExists, DomainStateError (not
+running, paused), InvalidConfig, DomainUnreachable, DomainTimeout, ...  A domain is named by its
+name or its id wherever a ``name`` is taken.
 """
 
 from __future__ import annotations
@@ -22,24 +26,26 @@ import contextlib
 import dataclasses
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-from hypyr.errors import HypyrError
-from hypyr.toolstack import nics, paths
-from hypyr.toolstack.registry import DOMAIN0_NAME, DOMAIN0_UUID, DomainRecord, Registry, StaleDomainError
+from hypyr.errors import HypyrError, InvalidInput
+from hypyr.toolstack import nics, paths, procfs
+from hypyr.toolstack.errors import (DomainNotFound, DomainStateError, DomainTimeout, DomainUnreachable,
+                                    InsufficientResources, InvalidConfig, VcpuNotFound, from_report)
+from hypyr.toolstack.registry import (DOMAIN0_NAME, DOMAIN0_UUID, DomainRecord, DomainState, Registry,
+                                      StaleDomainError, is_alive)
 from hypyr.toolstack.xlcfg import DomainConfig, load
 
 CREATE_TIMEOUT = 120.0
 CONTROL_TIMEOUT = 30.0   # seconds a domain process may take to answer one control operation
 DESTROY_TIMEOUT = 10.0   # seconds `destroy` gives a domain process to stop before SIGKILL
 KILL_TIMEOUT = 5.0       # seconds `destroy` waits for a SIGKILLed domain process to be gone
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 class Control:
@@ -49,14 +55,14 @@ class Control:
         self.rec = rec
         self.timeout = CONTROL_TIMEOUT if timeout is None else timeout
         if not rec.socket:
-            raise HypyrError(f"domain {rec.name} has no control socket (state {rec.state})")
+            raise DomainStateError(f"domain {rec.name} has no control socket (state {rec.state})")
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(self.timeout)
         try:
             self.sock.connect(rec.socket)
         except OSError:
             self.sock.close()
-            raise HypyrError(f"domain {rec.name} is not answering on its control socket") from None
+            raise DomainUnreachable(f"domain {rec.name} is not answering on its control socket") from None
         self.file = self.sock.makefile("rb")
 
     def call(self, op: str, **args) -> dict:
@@ -65,18 +71,18 @@ class Control:
             self.sock.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
             line = self.file.readline()
         except TimeoutError:
-            raise HypyrError(f"domain {name} did not answer {op} within {self.timeout:g} s") from None
+            raise DomainTimeout(f"domain {name} did not answer {op} within {self.timeout:g} s") from None
         except OSError as e:
-            raise HypyrError(f"lost the connection to domain {name} during {op} ({e.strerror or e})") from None
+            raise DomainUnreachable(f"lost the connection to domain {name} during {op} ({e.strerror or e})") from None
         if not line:
-            raise HypyrError(f"domain {name} closed its control socket")
+            raise DomainUnreachable(f"domain {name} closed its control socket")
         try:
             reply = json.loads(line)
         except ValueError:
-            raise HypyrError(f"domain {name} answered {op} with something that is not JSON") from None
+            raise DomainUnreachable(f"domain {name} answered {op} with something that is not JSON") from None
         if not isinstance(reply, dict) or not reply.get("ok"):
             error = reply.get("error") if isinstance(reply, dict) else None
-            raise HypyrError(error or f"{op} failed")
+            raise from_report(reply.get("type") if isinstance(reply, dict) else None, error or f"{op} failed")
         return reply
 
     def close(self) -> None:
@@ -84,11 +90,10 @@ class Control:
         self.sock.close()
 
 
-def _call(name: str, op: str, *, timeout: float | None = None, **args) -> dict:
-    reg = Registry()
-    rec = reg.get(name)
-    if not reg.is_alive(rec):
-        raise HypyrError(f"domain {rec.name} is not running (state {rec.state})")
+def _control(rec: DomainRecord, op: str, *, timeout: float | None = None, **args) -> dict:
+    """One control operation on the running domain ``rec``."""
+    if not is_alive(rec):
+        raise DomainStateError(f"domain {rec.name} is not running (state {rec.state})")
     c = Control(rec, timeout)
     try:
         return c.call(op, **args)
@@ -96,13 +101,14 @@ def _call(name: str, op: str, *, timeout: float | None = None, **args) -> dict:
         c.close()
 
 
+def _record(name: str) -> DomainRecord:
+    with Registry() as reg:
+        return reg.get(name)
+
+
 # -- create ---------------------------------------------------------------------------------
 def host_free_memory_mib() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) // 1024
-    return 0
+    return procfs.memory_mib()[1]
 
 
 def host_max_vcpus() -> int | None:
@@ -123,63 +129,64 @@ def check_config(cfg: DomainConfig) -> None:
     for path, what in [(cfg.kernel, "kernel"), (cfg.ramdisk, "ramdisk")] + [(d.target, "disk") for d in cfg.disks]:
         if path and not os.path.isfile(path):
             problem = "is not a regular file" if os.path.exists(path) else "does not exist"
-            raise HypyrError(f"{what} file {path} of domain {cfg.name} {problem}")
+            raise InvalidConfig(f"{what} file {path} of domain {cfg.name} {problem}")
     limit = host_max_vcpus()
     if limit is not None and cfg.vcpus > limit:
-        raise HypyrError(f"vcpus = {cfg.vcpus} of domain {cfg.name} is more than this host's KVM allows ({limit})")
+        raise InvalidConfig(f"vcpus = {cfg.vcpus} of domain {cfg.name} is more than this host's KVM allows ({limit})")
     free = host_free_memory_mib()
     if cfg.memory > free:
-        raise HypyrError(f"domain {cfg.name} wants {cfg.memory} MiB but the host has only {free} MiB free")
+        raise InsufficientResources(f"domain {cfg.name} wants {cfg.memory} MiB but the host has only {free} MiB free")
 
 
 def create(cfg_or_path: DomainConfig | str | os.PathLike) -> DomainRecord:
     """Start a domain in its own detached process; return its registry record once it runs."""
     cfg = cfg_or_path if isinstance(cfg_or_path, DomainConfig) else load(cfg_or_path)
     check_config(cfg)
-    reg = Registry()
-    cfg = _prepare_vifs(cfg, reg)
-    rec = reg.reserve(cfg.name, json.dumps(cfg.to_dict()))
-    d = paths.domain_dir(rec.domid)
-    d.mkdir(parents=True, exist_ok=True)
-    try:
-        paths.create_private(paths.vmm_log(rec.domid))   # the domain's output: 0600, as every state file
-        taps = _open_taps(cfg, rec.domid)
-    except BaseException:
-        _forget(reg, rec)
-        raise
+    with Registry() as reg:
+        cfg = _prepare_vifs(cfg, reg)
+        rec = reg.reserve(cfg.name, json.dumps(cfg.to_dict()))
+        try:
+            _start(cfg, rec)
+        except BaseException:
+            _forget(reg, rec)   # its row, directory and cgroup
+            raise
+        return reg.get(str(rec.domid))
+
+
+def _start(cfg: DomainConfig, rec: DomainRecord) -> None:
+    """Start the domain process of the reserved row ``rec`` and wait until it reports that its VM
+    runs; on any failure it is killed (the caller removes the row)."""
+    paths.domain_dir(rec.domid).mkdir(parents=True, exist_ok=True)
+    paths.create_private(paths.vmm_log(rec.domid))   # the domain's output: 0600, as every state file
+    taps = _open_taps(cfg, rec.domid)
     r, w = os.pipe()
+    proc = None
     try:
         env = dict(os.environ, HYPYR_TAP_FDS=",".join(str(fd) for fd in taps), HYPYR_DOMAIN_UUID=rec.uuid)
-        try:
-            # The domain process logs onto vmm.log itself, rotating it (domain.VmmLogHandler); its
-            # stdout/stderr start there for what is written before that, or by a crash.
-            with open(paths.vmm_log(rec.domid), "ab") as logf:
-                proc = subprocess.Popen([sys.executable, "-m", "hypyr.toolstack.domain", str(rec.domid), str(w)],
-                                        stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w, *taps),
-                                        start_new_session=True, close_fds=True, env=env)
-        except BaseException:
-            reg.remove(rec.domid)
-            raise
+        # The domain process logs onto vmm.log itself, rotating it (domain.VmmLogHandler); its
+        # stdout/stderr start there for what is written before that, or by a crash.
+        with open(paths.vmm_log(rec.domid), "ab") as logf:
+            proc = subprocess.Popen([sys.executable, "-m", "hypyr.toolstack.domain", str(rec.domid), str(w)],
+                                    stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w, *taps),
+                                    start_new_session=True, close_fds=True, env=env)
         for fd in taps:
             os.close(fd)
         taps = []
         os.close(w)
         w = -1
-        msg = _read_ready(r, proc)
+        _wait_ready(r, proc, cfg.name)
+    except BaseException:
+        if proc is not None:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        raise
     finally:
         for fd in taps:
             os.close(fd)
         os.close(r)
         if w >= 0:
             os.close(w)
-    if msg != "ok":
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        _forget(reg, rec)   # its row, directory and cgroup
-        raise HypyrError(msg.removeprefix("error: ") if msg.startswith("error: ")
-                         else f"domain {cfg.name} failed to start (see {paths.kept_log(cfg.name, 'vmm')})")
-    return reg.get(str(rec.domid))
 
 
 def _forget(reg: Registry, rec: DomainRecord) -> None:
@@ -196,7 +203,7 @@ def _prepare_vifs(cfg: DomainConfig, reg: Registry) -> DomainConfig:
         return cfg
     used: dict[str, str] = {}
     for r in reg.list():
-        if r.state == "creating" or reg.is_alive(r):
+        if r.state is DomainState.CREATING or is_alive(r):
             for v in r.config_dict().get("vifs", ()):
                 if v.get("mac"):
                     used[v["mac"]] = f"domain {r.name} (vif {v.get('devid')})"
@@ -208,73 +215,81 @@ def _open_taps(cfg: DomainConfig, domid: int) -> list[int]:
     return nics.open_taps(cfg.vifs, [v.tap_name(domid) for v in cfg.vifs])
 
 
-def _read_ready(fd: int, proc: subprocess.Popen) -> str:
-    import select
+def _wait_ready(fd: int, proc: subprocess.Popen, name: str) -> None:
+    """Wait for the domain process's report on ``fd``: one JSON line, {"ok": true} once the VM
+    runs or {"ok": false, "error": SENTENCE, "type": ERROR TYPE}; raise the reported error."""
     deadline = time.monotonic() + CREATE_TIMEOUT
     buf = b""
-    while time.monotonic() < deadline:
+    while b"\n" not in buf:
+        if time.monotonic() >= deadline:
+            raise DomainTimeout(f"domain {name} did not start within {CREATE_TIMEOUT:g} s "
+                                f"(see {paths.kept_log(name, 'vmm')})")
         ready, _, _ = select.select([fd], [], [], 0.5)
         if ready:
             chunk = os.read(fd, 4096)
             if not chunk:
                 break
             buf += chunk
-            if b"\n" in buf:
-                break
         elif proc.poll() is not None:
             break
-    return buf.decode(errors="replace").strip() or "error: the domain process exited without reporting"
+    try:
+        report = json.loads(buf)
+    except ValueError:
+        report = None
+    if not isinstance(report, dict):
+        raise HypyrError(f"domain {name} failed to start (see {paths.kept_log(name, 'vmm')})")
+    if not report.get("ok"):
+        raise from_report(report.get("type"), str(report.get("error") or f"domain {name} failed to start"))
 
 
 # -- lifecycle ------------------------------------------------------------------------------------
 def pause(name: str) -> None:
-    _call(name, "pause")
+    _control(_record(name), "pause")
 
 
 def unpause(name: str) -> None:
-    _call(name, "unpause")
+    _control(_record(name), "unpause")
 
 
 def reboot(name: str) -> None:
-    _call(name, "reboot")
+    _control(_record(name), "reboot")
 
 
 def shutdown(name: str, wait: bool = False, timeout: float = 300.0) -> None:
-    reg = Registry()
-    rec = reg.get(name)
-    _call(name, "shutdown")
+    rec = _record(name)
+    _control(rec, "shutdown")
     if wait:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not reg.is_alive(rec):
+            if not is_alive(rec):
                 return
             time.sleep(0.2)
-        raise HypyrError(f"domain {rec.name} did not shut down within {timeout:.0f} s")
+        raise DomainTimeout(f"domain {rec.name} did not shut down within {timeout:.0f} s")
 
 
-def _wait_gone(reg: Registry, rec: DomainRecord, timeout: float) -> bool:
+def _wait_gone(rec: DomainRecord, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
-    while reg.is_alive(rec) and time.monotonic() < deadline:
+    while is_alive(rec) and time.monotonic() < deadline:
         time.sleep(0.1)
-    return not reg.is_alive(rec)
+    return not is_alive(rec)
 
 
 def destroy(name: str) -> None:
     """Stop the domain (politely, then SIGKILL) and remove its row, directory and cgroup."""
-    reg = Registry()
-    rec = reg.get(name)
-    if reg.is_alive(rec):
-        deadline = time.monotonic() + DESTROY_TIMEOUT
-        try:
-            _call(str(rec.domid), "destroy", timeout=DESTROY_TIMEOUT)
-        except HypyrError:
-            pass
-        if not _wait_gone(reg, rec, max(0.0, deadline - time.monotonic())):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(rec.pid, signal.SIGKILL)
-            if not _wait_gone(reg, rec, KILL_TIMEOUT):   # its cgroup can go only once it has
-                raise HypyrError(f"domain {rec.name} (pid {rec.pid}) is still running after SIGKILL")
-    _forget(reg, rec)
+    with Registry() as reg:
+        rec = reg.get(name)
+        if is_alive(rec):
+            deadline = time.monotonic() + DESTROY_TIMEOUT
+            try:
+                _control(rec, "destroy", timeout=DESTROY_TIMEOUT)
+            except HypyrError:
+                pass
+            if not _wait_gone(rec, max(0.0, deadline - time.monotonic())):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(rec.pid, signal.SIGKILL)
+                if not _wait_gone(rec, KILL_TIMEOUT):   # its cgroup can go only once it has
+                    raise DomainTimeout(f"domain {rec.name} (pid {rec.pid}) is still running after SIGKILL")
+        _forget(reg, rec)
 
 
 # -- information -----------------------------------------------------------------------------------
@@ -286,122 +301,112 @@ class DomainInfo:
     vcpus: int
     state: str    # xl letters, e.g. "-b----"
     cpu_time: float
-    status: str   # registry state
+    status: DomainState   # registry state (a str: "running", ...)
     uuid: str | None = None
 
 
-def _proc_cpu_seconds(pid: int, tid: int | None = None) -> float:
-    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
-    try:
-        fields = Path(path).read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+_XL_LETTER = {DomainState.PAUSED: "p", DomainState.SHUTDOWN: "s", DomainState.CRASHED: "c",
+              DomainState.DYING: "d", DomainState.CREATING: "b"}
 
 
-def _thread_running(pid: int, tid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "R"
-    except (OSError, IndexError):
-        return False
-
-
-def xl_state(status: str, running: bool) -> str:
-    letters = {"running": "r" if running else "b", "paused": "p", "shutdown": "s", "crashed": "c",
-               "dying": "d", "creating": "b"}
-    order = "rbpscd"
-    ch = letters.get(status, "-")
-    return "".join(c if c == ch else "-" for c in order)
+def xl_state(status: DomainState | str, running: bool) -> str:
+    """xl's state column, e.g. "-b----": one of the letters rbpscd set, the others dashes."""
+    ch = ("r" if running else "b") if status == DomainState.RUNNING else _XL_LETTER.get(status, "-")
+    return "".join(c if c == ch else "-" for c in "rbpscd")
 
 
 def host_domain() -> DomainInfo:
     """The host as xl's Domain-0 row: its memory, CPUs and busy CPU time since boot."""
-    total = 0
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                total = int(line.split()[1]) // 1024
-    busy = 0.0
-    with open("/proc/stat") as f:
-        fields = f.readline().split()[1:]
-        if fields:
-            ticks = [int(x) for x in fields]
-            busy = (sum(ticks[:8]) - ticks[3] - (ticks[4] if len(ticks) > 4 else 0)) / _CLK_TCK
-    return DomainInfo(DOMAIN0_NAME, 0, total, os.cpu_count() or 1, xl_state("running", True), busy, "running",
-                      DOMAIN0_UUID)
+    ticks = procfs.host_cpu_ticks()
+    busy = ticks[0] / procfs.CLK_TCK if ticks else 0.0
+    return DomainInfo(DOMAIN0_NAME, 0, procfs.memory_mib()[0], os.cpu_count() or 1,
+                      xl_state(DomainState.RUNNING, True), busy, DomainState.RUNNING, DOMAIN0_UUID)
+
+
+def describe(r: DomainRecord) -> DomainInfo:
+    """The DomainInfo (as `hypyr list` shows it) of the registry record ``r``."""
+    cfg = r.config_dict()
+    alive = bool(r.pid) and is_alive(r)
+    cpu = (procfs.cpu_seconds(r.pid) or 0.0) if alive else 0.0
+    running = alive and procfs.any_thread_running(r.pid)
+    return DomainInfo(r.name, r.domid, int(cfg.get("memory", 0)), int(cfg.get("vcpus", 1)),
+                      xl_state(r.state, running), cpu, r.state, r.uuid)
 
 
 def list_domains(names: list[str] | None = None) -> list[DomainInfo]:
-    reg = Registry()
-    recs = reg.list()
-    if names:
-        wanted = [reg.get(n).domid for n in names]
-        recs = [r for r in recs if r.domid in wanted]
-    out = []
-    for r in recs:
-        cfg = json.loads(r.config) if r.config else {}
-        running = False
-        cpu = 0.0
-        if r.pid and reg.is_alive(r):
-            cpu = _proc_cpu_seconds(r.pid)
-            try:
-                running = any(_thread_running(r.pid, int(t)) for t in os.listdir(f"/proc/{r.pid}/task"))
-            except OSError:
-                pass
-        out.append(DomainInfo(r.name, r.domid, int(cfg.get("memory", 0)), int(cfg.get("vcpus", 1)),
-                              xl_state(r.state, running), cpu, r.state, r.uuid))
-    return out
+    """The domains (by id), or those named (names or ids; DomainNotFound for an unknown one)."""
+    with Registry() as reg:
+        recs = reg.list()
+        if names:
+            wanted = [reg.get(n).domid for n in names]
+            recs = [r for r in recs if r.domid in wanted]
+    return [describe(r) for r in recs]
+
+
+def domain_info(name: str) -> DomainInfo:
+    """One domain, by name or id (DomainNotFound if there is none, or its process is gone)."""
+    with Registry() as reg:
+        reg.reap()
+        rec = reg.get(name)
+    if rec.state is DomainState.DEAD:
+        raise DomainNotFound(f"domain {rec.name} is gone ({rec.exit_reason or 'its process exited'})")
+    return describe(rec)
 
 
 def vcpu_list(name: str | None = None) -> list[dict]:
-    reg = Registry()
-    recs = [reg.get(name)] if name else reg.list()
+    with Registry() as reg:
+        recs = [reg.get(name)] if name else reg.list()
     rows = []
     for r in recs:
-        if not reg.is_alive(r):
+        if not is_alive(r):
             continue
-        info = _call(str(r.domid), "info")
+        info = _control(r, "info")
         for v in info["vcpus"]:
             tid = v["tid"]
-            cpu, affinity = None, set()
-            if tid:
-                try:
-                    cpu = int(Path(f"/proc/{r.pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()[36])
-                    affinity = os.sched_getaffinity(tid)
-                except (OSError, IndexError, ValueError):
-                    pass
-            rows.append({"name": r.name, "domid": r.domid, "vcpu": v["vcpu"], "cpu": cpu, "tid": tid,
-                         "state": "p" if info["state"] == "paused" else
-                                  ("r" if tid and _thread_running(r.pid, tid) else "b"),
-                         "time": _proc_cpu_seconds(r.pid, tid) if tid else 0.0,
-                         "affinity": sorted(affinity)})
+            st = procfs.stat(r.pid, tid) if tid else None
+            try:
+                affinity = sorted(os.sched_getaffinity(tid)) if st else []
+            except OSError:
+                affinity = []
+            rows.append({"name": r.name, "domid": r.domid, "vcpu": v["vcpu"], "cpu": st.processor if st else None,
+                         "tid": tid,
+                         "state": "p" if info["state"] == DomainState.PAUSED else
+                                  ("r" if st and st.state == "R" else "b"),
+                         "time": st.cpu_seconds if st else 0.0,
+                         "affinity": affinity})
     return rows
 
 
 def vcpu_pin(name: str, vcpu: str, cpus: set[int]) -> None:
     """Set the host CPU affinity of one vCPU thread ('all' for every vCPU)."""
-    rows = vcpu_list(name)
+    rec = _record(name)
+    rows = vcpu_list(str(rec.domid))
     if not rows:
-        raise HypyrError(f"domain {name} is not running")
+        raise DomainStateError(f"domain {rec.name} is not running")
     targets = rows if vcpu == "all" else [r for r in rows if str(r["vcpu"]) == str(vcpu)]
     if not targets:
-        raise HypyrError(f"domain {name} has no vCPU {vcpu}")
+        raise VcpuNotFound(f"domain {rec.name} has no vCPU {vcpu}")
     ncpu = os.cpu_count() or 1
     bad = [c for c in cpus if c >= ncpu]
     if bad or not cpus:
-        raise HypyrError(f"CPUs {sorted(cpus)} are not all on this host (it has CPUs 0-{ncpu - 1})")
+        raise InvalidInput(f"CPUs {sorted(cpus)} are not all on this host (it has CPUs 0-{ncpu - 1})")
     for r in targets:
-        os.sched_setaffinity(r["tid"], cpus)
+        try:
+            os.sched_setaffinity(r["tid"], cpus)
+        except ProcessLookupError:
+            raise DomainStateError(f"vCPU {r['vcpu']} of domain {rec.name} is gone (is it running?)") from None
+        except OSError as e:
+            raise InvalidInput(f"cannot pin vCPU {r['vcpu']} of domain {rec.name} to CPUs {sorted(cpus)}: "
+                               f"{e.strerror or e}") from None
 
 
 def network_list(name: str) -> list[dict]:
     """A domain's NICs as ``xl network-list``: devid, MAC, bridge, tap, and the bytes the guest
     received (rx) and transmitted (tx); None when its tap does not exist (the domain is not running)."""
     from hypyr.toolstack import network
-    reg = Registry()
-    rec = reg.get(name)
+    rec = _record(name)
     cfg = DomainConfig.from_dict(rec.config_dict())
-    alive = reg.is_alive(rec)
+    alive = is_alive(rec)
     rows = []
     for v in cfg.vifs:
         tap = v.tap_name(rec.domid)

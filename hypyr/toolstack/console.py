@@ -20,7 +20,6 @@ import threading
 from pathlib import Path
 
 from hypyr.console import ESCAPE, OutputQueue, Terminal, write_all
-from hypyr.errors import HypyrError
 from hypyr.toolstack import paths
 
 
@@ -119,11 +118,12 @@ class ConsoleHub:
 # -- `hypyr console NAME` ------------------------------------------------------------------------
 def attach(name: str) -> int:
     from hypyr.toolstack.api import Control
-    from hypyr.toolstack.registry import Registry
-    reg = Registry()
-    rec = reg.get(name)
-    if not reg.is_alive(rec):
-        raise HypyrError(f"domain {rec.name} is not running (state {rec.state})")
+    from hypyr.toolstack.errors import DomainStateError
+    from hypyr.toolstack.registry import Registry, is_alive
+    with Registry() as reg:
+        rec = reg.get(name)
+    if not is_alive(rec):
+        raise DomainStateError(f"domain {rec.name} is not running (state {rec.state})")
     ctl = Control(rec, timeout=None)
     ctl.call("console")
     inp = sys.stdin.fileno()

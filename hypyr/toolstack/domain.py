@@ -3,8 +3,9 @@
 ``python -m hypyr.toolstack.domain DOMID READY_FD`` is started (in a new session) by
 ``hypyr create``.  It builds the VM from the domain's config in the registry, listens on a private
 control socket, keeps the console in ``console.log``, and applies ``on_poweroff`` / ``on_reboot``
-/ ``on_crash`` when the guest stops.  It reports "ok" or "error: <sentence>" on READY_FD once the
-VM is running (or failed to build), so ``create`` can print one clear line.
+/ ``on_crash`` when the guest stops.  It reports one JSON line on READY_FD once the VM is running
+(``{"ok": true}``) or failed to build (``{"ok": false, "error": SENTENCE, "type": ERROR TYPE}``),
+so ``create`` can print one clear line and raise the same type of error.
 
 ``create`` passes the domain's UUID in ``HYPYR_DOMAIN_UUID``, and every registry update this
 process makes names its row by (DOMID, UUID).  If the row is no longer its own (it was reaped,
@@ -17,7 +18,8 @@ Control protocol (unix stream socket, one JSON object per line each way):
 ``{"op": "info"}`` → ``{"ok": true, "state": ..., "vcpus": [{"vcpu": 0, "tid": ...}], ...}``;
 ``pause``, ``unpause``, ``shutdown`` (Ctrl-Alt-Del to the guest), ``reboot`` (reset the VM),
 ``destroy``; ``console`` answers ``{"ok": true}`` and then the connection carries raw console
-bytes both ways.
+bytes both ways.  A refusal is ``{"ok": false, "error": SENTENCE, "type": ERROR TYPE}`` (the
+name of a ``hypyr.toolstack.errors`` type, e.g. ``DomainStateError``).
 
 NICs: ``hypyr create`` opens one tap per vif and passes the fds (inherited) with their numbers,
 in vif order, in ``HYPYR_TAP_FDS`` (e.g. ``"5,6"``).  This process keeps them for its whole
@@ -38,10 +40,11 @@ import threading
 import time
 from typing import Sequence
 
-from hypyr.errors import HypyrError
-from hypyr.toolstack import nics, paths
+from hypyr.errors import HypyrError, InvalidInput
+from hypyr.toolstack import logs, nics, paths
 from hypyr.toolstack.console import ConsoleHub
-from hypyr.toolstack.registry import Registry, StaleDomainError
+from hypyr.toolstack.errors import DomainStateError, type_name
+from hypyr.toolstack.registry import DomainState, Registry, StaleDomainError
 from hypyr.toolstack.xlcfg import DomainConfig
 from hypyr.vmm.builder import DEFAULT_CMDLINE, DiskConfig, LinuxVm, VmConfig, build_linux_vm
 from hypyr.vmm.machine import StopKind, StopReason
@@ -77,7 +80,7 @@ class Domain:
         self.sock_path = self.dir / "control.sock"
         self.console = ConsoleHub(self.dir / "console.log")
         self.vm: LinuxVm | None = None
-        self.state = "creating"
+        self.state = DomainState.CREATING
         self._lock = threading.Lock()
         self._exit = threading.Event()
         self._destroy_requested = False
@@ -90,7 +93,7 @@ class Domain:
         self.vm = build_linux_vm(vm_config(self.cfg, self.tap_fds, self.domid), self.console.write)
         self.vm.machine.start()
         self._pin_vcpus()
-        self._set_state("running")
+        self._set_state(DomainState.RUNNING)
 
     def _pin_vcpus(self) -> None:
         """xl.cfg `cpus`: host CPU affinity of each vCPU thread."""
@@ -132,7 +135,7 @@ class Domain:
                 self.vm.machine.stop(StopReason(StopKind.DESTROYED, "its registry row belongs to another domain"))
             return None
 
-    def _set_state(self, state: str, reason: str | None = None) -> None:
+    def _set_state(self, state: DomainState, reason: str | None = None) -> None:
         self.state = state
         self._own(self.registry.update_state, state, exit_reason=reason)
 
@@ -152,21 +155,21 @@ class Domain:
             self._apply_sched()
             self.boot()
         except HypyrError as e:
-            self._report(ready_fd, f"error: {e}")
+            self._report(ready_fd, e)
             return 1
         except Exception as e:  # noqa: BLE001 - reported to `create` as one line, logged in full
             log.exception("domain %s failed to start", self.name)
-            self._report(ready_fd, f"error: the domain failed to start: {e}")
+            self._report(ready_fd, HypyrError(f"the domain failed to start: {e}"))
             return 1
         self._own(self.registry.set_running, os.getpid(), str(self.sock_path))
         if self._orphaned:
-            self._report(ready_fd, f"error: domain id {self.domid} was given to another domain while "
-                                   f"{self.name} started")
+            self._report(ready_fd, StaleDomainError(f"domain id {self.domid} was given to another domain "
+                                                    f"while {self.name} started"))
             self.vm.machine.wait()
             self.vm.close()
             self._unlink_socket()
             return 1
-        self._report(ready_fd, "ok")
+        self._report(ready_fd, None)
         threading.Thread(target=self._accept_loop, args=(server,), name="control", daemon=True).start()
         return self._supervise()
 
@@ -182,17 +185,18 @@ class Domain:
                     self.boot()
                 except HypyrError as e:
                     log.error("domain %s could not restart: %s", self.name, e)
-                    self._keep("crashed", str(e))
+                    self._keep(DomainState.CRASHED, str(e))
                     return 1
                 continue
             self.vm.close()
             if action == "preserve":
-                self._keep("crashed" if reason.kind in CRASH_KINDS else "shutdown", reason.message)
+                self._keep(DomainState.CRASHED if reason.kind in CRASH_KINDS else DomainState.SHUTDOWN,
+                           reason.message)
                 return 0  # the registry keeps the row; `hypyr destroy` removes it
             self._cleanup()
             return 0
 
-    def _keep(self, state: str, reason: str) -> None:
+    def _keep(self, state: DomainState, reason: str) -> None:
         """on_*='preserve' (or a failed restart): the row stays, owned by no process."""
         self.state = state
         self._own(self.registry.release, state, reason)
@@ -222,11 +226,13 @@ class Domain:
             pass
 
     @staticmethod
-    def _report(fd: int | None, msg: str) -> None:
+    def _report(fd: int | None, error: HypyrError | None) -> None:
+        """Tell `create` (on ``fd``) that the VM runs (``error`` None) or why it does not."""
         if fd is None:
             return
+        report = {"ok": True} if error is None else {"ok": False, "error": str(error), "type": type_name(error)}
         try:
-            os.write(fd, (msg + "\n").encode())
+            os.write(fd, json.dumps(report).encode() + b"\n")
             os.close(fd)
         except OSError:
             pass
@@ -263,9 +269,9 @@ class Domain:
                         return
                     reply = self._handle(op, req)
                 except (ValueError, AttributeError):
-                    reply = {"ok": False, "error": "malformed request"}
+                    reply = {"ok": False, "error": "malformed request", "type": InvalidInput.__name__}
                 except HypyrError as e:
-                    reply = {"ok": False, "error": str(e)}
+                    reply = {"ok": False, "error": str(e), "type": type_name(e)}
                 self._send(conn, reply)
         except OSError:
             pass
@@ -286,18 +292,18 @@ class Domain:
                                "state": vt.state.value, "exits": vt.exits} for vt in machine.vcpus]}
         if op == "pause":
             machine.pause()
-            self._set_state("paused")
+            self._set_state(DomainState.PAUSED)
             return {"ok": True}
         if op == "unpause":
             machine.resume()
-            self._set_state("running")
+            self._set_state(DomainState.RUNNING)
             return {"ok": True}
         if op == "shutdown":
             if machine.paused:
-                raise HypyrError(f"domain {self.name} is paused: unpause it first")
+                raise DomainStateError(f"domain {self.name} is paused: unpause it first")
             if not vm.i8042.inject_ctrl_alt_del():
-                raise HypyrError(f"domain {self.name} has no keyboard driver listening for Ctrl-Alt-Del")
-            self._set_state("shutdown")
+                raise DomainStateError(f"domain {self.name} has no keyboard driver listening for Ctrl-Alt-Del")
+            self._set_state(DomainState.SHUTDOWN)
             return {"ok": True}
         if op == "reboot":
             self._reboot_requested = True
@@ -307,7 +313,7 @@ class Domain:
             self._destroy_requested = True
             machine.stop(StopReason(StopKind.DESTROYED, "destroyed by the toolstack"))
             return {"ok": True}
-        raise HypyrError(f"unknown operation {op!r}")
+        raise InvalidInput(f"unknown operation {op!r}")
 
     def _console_session(self, conn: socket.socket, f) -> None:
         self.console.attach(conn)
@@ -357,8 +363,7 @@ def _log_to_vmm_log(domid: int) -> None:
         handler = VmmLogHandler(paths.vmm_log(domid), paths.log_max_bytes())
     except OSError:
         handler = logging.StreamHandler(sys.stderr)
-    logging.basicConfig(level=os.environ.get("HYPYR_LOG", "INFO").upper(), handlers=[handler],
-                        format="%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s")
+    logs.setup(logging.INFO, handler)
     logging.captureWarnings(True)
 
     def thread_died(a: threading.ExceptHookArgs) -> None:
@@ -378,12 +383,13 @@ def main(argv: list[str] | None = None) -> int:
     tap_fds = [int(x) for x in os.environ.pop("HYPYR_TAP_FDS", "").split(",") if x]
     for fd in tap_fds:
         os.set_inheritable(fd, False)   # ours alone: never leaked into anything we start
-    try:
-        dom = Domain(domid, uuid, Registry(), tap_fds)
-    except HypyrError as e:
-        Domain._report(ready_fd, f"error: {e}")
-        return 1
-    return dom.run(ready_fd)
+    with Registry() as reg:
+        try:
+            dom = Domain(domid, uuid, reg, tap_fds)
+        except HypyrError as e:
+            Domain._report(ready_fd, e)
+            return 1
+        return dom.run(ready_fd)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ domains are busy.
 * ``sample()`` -> one ``Row`` per domain (cumulative process CPU time, RSS, ...);
   ``top_rows(prev, cur, dt)`` turns two samples ``dt`` seconds apart into ``TopRow``s with CPU %
   (the last one is the total over all domains).
-* ``run_top()`` shows a refreshing table (``rich`` if importable, else ANSI redraws) or, in batch
+* ``run_top()`` redraws the table in place (ANSI: alternate screen, clear, home) or, in batch
   mode, prints plain tables one after another like ``top -b -n N``.  ``q`` quits.
 * ``cli_info(args)`` / ``cli_top(args)``: the command-line entry points.
 
@@ -34,60 +34,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, TextIO
 
 from hypyr.errors import HypyrError
+from hypyr.toolstack import procfs
 
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
 QUIT_KEYS = frozenset("qQ")
 MAX_INTERVAL = 86400.0   # seconds between refreshes: at most a day
-
-
-# -- small /proc readers ---------------------------------------------------------------------------
-def _meminfo() -> dict[str, int]:
-    """/proc/meminfo in KiB."""
-    out: dict[str, int] = {}
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                parts = rest.split()
-                if parts and parts[0].isdigit():
-                    out[key] = int(parts[0])
-    except OSError:
-        pass
-    return out
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in ("model name", "Processor", "cpu model"):
-                    return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def proc_cpu_seconds(pid: int) -> float | None:
-    """utime + stime of process ``pid`` (all its threads, live and exited), or None if it is gone."""
-    try:
-        with open(f"/proc/{int(pid)}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def proc_rss_mib(pid: int) -> float | None:
-    """VmRSS of process ``pid`` in MiB, or None if it is gone."""
-    try:
-        with open(f"/proc/{int(pid)}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except (OSError, IndexError, ValueError):
-        return None
-    return None
 
 
 def _kvm_usable(device: str = "/dev/kvm") -> bool:
@@ -100,36 +50,20 @@ def _kvm_usable(device: str = "/dev/kvm") -> bool:
     return True
 
 
-def _host_cpu_ticks() -> tuple[int, int] | None:
-    """(busy, total) jiffies of all host CPUs, from the first line of /proc/stat."""
-    try:
-        with open("/proc/stat") as f:
-            vals = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    total = sum(vals[:8])  # user nice system idle iowait irq softirq steal (guest is inside user)
-    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
-    return total - idle, total
-
-
 def _live_records() -> list:
     """The registry's domains, minus gone ones (dead rows are reported once by list(); skip them)."""
-    from hypyr.toolstack.registry import Registry
-    reg = Registry()
-    try:
-        return [r for r in reg.list() if r.state != "dead"]
-    finally:
-        reg.close()
+    from hypyr.toolstack.registry import DomainState, Registry
+    with Registry() as reg:
+        return [r for r in reg.list() if r.state is not DomainState.DEAD]
 
 
 # -- info ------------------------------------------------------------------------------------------
 def host_info() -> dict[str, Any]:
     """Facts about the host and its domains, cheap to gather (no KVM probe)."""
     import hypyr
-    from hypyr.doctor import kvm_backend
 
     u = os.uname()
-    mem = _meminfo()
+    total, available = procfs.memory_mib()
     recs = _live_records()
     kvm_present = os.path.exists("/dev/kvm")
     try:
@@ -142,11 +76,11 @@ def host_info() -> dict[str, Any]:
         "version": u.version,
         "machine": u.machine,
         "nr_cpus": os.cpu_count() or 1,
-        "cpu_model": _cpu_model(),
-        "total_memory": mem.get("MemTotal", 0) // 1024,        # MiB
-        "free_memory": mem.get("MemAvailable", mem.get("MemFree", 0)) // 1024,  # MiB
+        "cpu_model": procfs.cpu_model(),
+        "total_memory": total,        # MiB
+        "free_memory": available,     # MiB
         "loadavg": [round(x, 2) for x in load],
-        "kvm_backend": kvm_backend() if kvm_present else "none",
+        "kvm_backend": procfs.kvm_backend() if kvm_present else "none",
         "kvm_usable": _kvm_usable() if kvm_present else False,
         "in_lab": os.environ.get("HYPYR_IN_LAB") == "1",
         "nr_domains": len(recs),
@@ -243,19 +177,8 @@ class TopRow:
         return self.domid is None
 
 
-def _proc_age(pid: int) -> float | None:
-    try:
-        with open(f"/proc/{int(pid)}/stat") as f:
-            start = int(f.read().rsplit(")", 1)[1].split()[19]) / _CLK_TCK
-        with open("/proc/uptime") as f:
-            up = float(f.read().split()[0])
-        return max(0.0, up - start)
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 def _row(rec, now: float) -> Row:
-    from hypyr.toolstack.api import _thread_running, xl_state
+    from hypyr.toolstack.api import xl_state
     from hypyr.toolstack.registry import is_alive
 
     cfg = rec.config_dict()
@@ -263,13 +186,10 @@ def _row(rec, now: float) -> Row:
     cpu = rss = age = None
     running = False
     if alive:
-        cpu = proc_cpu_seconds(rec.pid)
-        rss = proc_rss_mib(rec.pid)
-        age = _proc_age(rec.pid)
-        try:
-            running = any(_thread_running(rec.pid, int(t)) for t in os.listdir(f"/proc/{rec.pid}/task"))
-        except OSError:
-            pass
+        cpu = procfs.cpu_seconds(rec.pid)
+        rss = procfs.rss_mib(rec.pid)
+        age = procfs.age(rec.pid)
+        running = procfs.any_thread_running(rec.pid)
     return Row(rec.name, rec.domid, xl_state(rec.state, running), rec.pid if alive else None, cpu,
                int(cfg.get("memory", 0)), rss, int(cfg.get("vcpus", 1)), rec.started, age, now,
                _net_bytes(rec.domid, cfg) if alive else None)
@@ -386,9 +306,7 @@ class HostSnapshot:
 
 
 def host_snapshot() -> HostSnapshot:
-    mem = _meminfo()
-    return HostSnapshot(time.monotonic(), _host_cpu_ticks(), mem.get("MemTotal", 0) // 1024,
-                        mem.get("MemAvailable", mem.get("MemFree", 0)) // 1024)
+    return HostSnapshot(time.monotonic(), procfs.host_cpu_ticks(), *procfs.memory_mib())
 
 
 def header_lines(prev: HostSnapshot | None, cur: HostSnapshot, rows: list[TopRow]) -> list[str]:
@@ -510,28 +428,6 @@ def _isatty(f) -> bool:
         return False
 
 
-def _rich():
-    try:
-        from rich.console import Console
-        from rich.live import Live
-        from rich.table import Table
-        from rich.text import Text
-    except ImportError:
-        return None
-    return Console, Live, Table, Text
-
-
-def _rich_renderable(mods, head: list[str], rows: list[TopRow]):
-    Console, Live, Table, Text = mods
-    from rich.console import Group
-    table = Table(box=None, header_style="bold reverse", pad_edge=False, show_edge=False)
-    for col, a in zip(COLUMNS, _ALIGN):
-        table.add_column(col, justify="left" if a == "<" else "right", no_wrap=True)
-    for t in rows:
-        table.add_row(*_cells(t), style="bold" if t.is_total else None, end_section=False)
-    return Group(*(Text(h) for h in head), Text(""), table, Text("press q to quit", style="dim"))
-
-
 _STDIN = object()  # run_top's default key source: sys.stdin at call time
 
 
@@ -541,8 +437,8 @@ def run_top(interval: float = 1.0, iterations: int | None = None, out: TextIO | 
     """Show the domains' table every ``interval`` s until ``q``, Ctrl-C, or ``iterations`` frames.
 
     ``batch`` (default: when ``iterations`` is given or ``out`` is not a terminal) prints plain
-    tables one after another, like ``top -b -n N``; otherwise the table is redrawn in place, with
-    ``rich`` if it is importable, else with ANSI clear-screen.  ``keys`` is a key source: a terminal
+    tables one after another, like ``top -b -n N``; otherwise the table is redrawn in place on the
+    terminal's alternate screen.  ``keys`` is a key source: a terminal
     (read in cbreak mode), an object with ``get(timeout) -> str | None``, or a callable with that
     signature; None or anything else (a pipe) is not read.  ``out`` defaults to sys.stdout and
     ``keys`` to sys.stdin, both looked up at call time.  Returns 0.
@@ -557,16 +453,10 @@ def run_top(interval: float = 1.0, iterations: int | None = None, out: TextIO | 
     if batch is None:
         batch = iterations is not None or not _isatty(out)
     take = sampler or sample
-    mods = None if batch or not _isatty(out) else _rich()
     frames = 0
     try:
         with _key_source(keys) as ks, contextlib.ExitStack() as stack:
-            live = None
-            if mods is not None:
-                Console, Live = mods[0], mods[1]
-                live = stack.enter_context(Live(console=Console(file=out), auto_refresh=False,
-                                                screen=True, transient=True))
-            elif not batch:
+            if not batch:
                 out.write("\x1b[?1049h\x1b[?25l")  # alternate screen, hide the cursor
                 stack.callback(lambda: (out.write("\x1b[?25h\x1b[?1049l"), out.flush()))
             prev, prev_host = None, None
@@ -575,9 +465,7 @@ def run_top(interval: float = 1.0, iterations: int | None = None, out: TextIO | 
                 dt = cur_host.t - prev_host.t if prev_host else 0.0
                 rows = top_rows(prev, cur, dt)
                 head = header_lines(prev_host, cur_host, rows)
-                if live is not None:
-                    live.update(_rich_renderable(mods, head, rows), refresh=True)
-                elif batch:
+                if batch:
                     out.write("\n".join(head + [""] + table_lines(rows)) + "\n\n")
                 else:
                     out.write("\x1b[H\x1b[2J" + "\n".join(head + [""] + table_lines(rows) + ["", "press q to quit"]))
@@ -626,5 +514,4 @@ def cli_top(args) -> int:
 
 
 __all__ = ["Row", "TopRow", "HostSnapshot", "host_info", "info_lines", "sample", "cpu_percent", "top_rows",
-           "table_lines", "header_lines", "host_snapshot", "run_top", "cli_info", "cli_top",
-           "proc_cpu_seconds", "proc_rss_mib"]
+           "table_lines", "header_lines", "host_snapshot", "run_top", "cli_info", "cli_top"]

@@ -35,8 +35,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from hypyr.errors import HypyrError
-from hypyr.toolstack import paths
+from hypyr.errors import Conflict, HypyrError, InvalidInput, NotFound
+from hypyr.toolstack import paths, procfs
 
 DEFAULT_BRIDGE = "xenbr0"
 DEFAULT_SUBNET = "10.77.0.1/24"
@@ -58,6 +58,22 @@ _NET_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,14}")
 
 class NetworkError(HypyrError):
     """A network, bridge or tap problem; str() is one sentence."""
+
+
+class InvalidNetwork(NetworkError, InvalidInput):
+    """A network name or subnet that cannot be used."""
+
+
+class NetworkNotFound(NetworkError, NotFound):
+    """No network (or bridge) of that name."""
+
+
+class NetworkExists(NetworkError, Conflict):
+    """A network, or another interface, of that name (or an overlapping subnet) exists."""
+
+
+class NetworkInUse(NetworkError, Conflict):
+    """Taps are still attached to the network, or it is a bridge hypyr did not make."""
 
 
 @dataclass(frozen=True)
@@ -174,7 +190,7 @@ def bridge_ports(name: str) -> list[str]:
 # -- networks -------------------------------------------------------------------------------------
 def _check_name(name: str) -> None:
     if not isinstance(name, str) or not _NET_NAME.fullmatch(name):
-        raise NetworkError(f"network name {name!r} must be 1-15 letters, digits, '_' or '-' starting with a letter "
+        raise InvalidNetwork(f"network name {name!r} must be 1-15 letters, digits, '_' or '-' starting with a letter "
                            "(it is also the bridge's name)")
 
 
@@ -183,9 +199,9 @@ def _parse_subnet(name: str, subnet: str) -> str:
     try:
         net = ipaddress.IPv4Interface(subnet).network
     except (ValueError, TypeError):
-        raise NetworkError(f"network {name}: subnet {subnet!r} is not an IPv4 CIDR like 10.77.0.0/24") from None
+        raise InvalidNetwork(f"network {name}: subnet {subnet!r} is not an IPv4 CIDR like 10.77.0.0/24") from None
     if net.prefixlen > 30:
-        raise NetworkError(f"network {name}: subnet {subnet} is too small (use a prefix of /30 or shorter)")
+        raise InvalidNetwork(f"network {name}: subnet {subnet} is too small (use a prefix of /30 or shorter)")
     return f"{net.network_address + 1}/{net.prefixlen}"
 
 
@@ -197,14 +213,14 @@ def net_create(name: str, subnet: str, dhcp: bool = False, nat: bool = False) ->
     net = Network(name, host, bool(dhcp), bool(nat))
     with _locked() as recs:
         if name in recs:
-            raise NetworkError(f"network {name} already exists")
+            raise NetworkExists(f"network {name} already exists")
         for other in recs.values():
             if other.interface.network.overlaps(net.interface.network):
-                raise NetworkError(f"network {name}: subnet {net.interface.network} overlaps network "
+                raise NetworkExists(f"network {name}: subnet {net.interface.network} overlaps network "
                                    f"{other.name} ({other.interface.network})")
         with _ipr() as ipr:
             if _link(ipr, name) is not None:
-                raise NetworkError(f"an interface named {name} already exists (a bridge made by hand "
+                raise NetworkExists(f"an interface named {name} already exists (a bridge made by hand "
                                    f"is used as it is: name it in a vif's bridge= without net-create)")
             undo: list = []
             try:
@@ -239,13 +255,13 @@ def net_destroy(name: str) -> None:
             msg = _link(ipr, name)
             if net is None:
                 if msg is not None and _is_bridge(msg):
-                    raise NetworkError(f"bridge {name} was not created by hypyr net-create; hypyr never "
+                    raise NetworkInUse(f"bridge {name} was not created by hypyr net-create; hypyr never "
                                        "deletes a bridge made by hand")
-                raise NetworkError(f"no network named {name}")
+                raise NetworkNotFound(f"no network named {name}")
             if msg is not None:
                 taps = _ports(ipr, msg["index"])
                 if taps:
-                    raise NetworkError(f"network {name} still has {', '.join(taps)} attached (destroy those "
+                    raise NetworkInUse(f"network {name} still has {', '.join(taps)} attached (destroy those "
                                        "domains first)")
             _stop_dnsmasq(name)
             _nat_remove(name)
@@ -285,12 +301,12 @@ def ensure_bridge(name: str, devid: int | None = None) -> str:
                 raise NetworkError(f"{who}{name} is not a bridge")
             return name
         if name != DEFAULT_BRIDGE:
-            raise NetworkError(f"{who}bridge '{name}' does not exist (create it with: hypyr net-create "
+            raise NetworkNotFound(f"{who}bridge '{name}' does not exist (create it with: hypyr net-create "
                                f"{name} --subnet CIDR)")
         try:
             net_create(DEFAULT_BRIDGE, DEFAULT_SUBNET)
             return name
-        except NetworkError:
+        except NetworkExists:
             continue             # another hypyr created it meanwhile: look again
     raise NetworkError(f"{who}the default bridge {DEFAULT_BRIDGE} could not be created")
 
@@ -322,11 +338,9 @@ def _dnsmasq_pid(name: str) -> int | None:
     """The pid in the network's pid file if it is a running dnsmasq serving that bridge."""
     try:
         pid = int(_pid_file(name).read_text().strip())
-        comm = Path(f"/proc/{pid}/comm").read_text().strip()
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except (OSError, ValueError):
         return None
-    if comm != "dnsmasq" or f"--interface={name}".encode() not in argv:
+    if procfs.comm(pid) != "dnsmasq" or f"--interface={name}".encode() not in procfs.cmdline(pid):
         return None
     return pid
 
@@ -397,14 +411,14 @@ def open_tap(ifname: str, bridge: str, mtu: int | None = None, devid: int | None
             fcntl.ioctl(fd, TUNSETIFF, ifr)
         except OSError as e:
             if e.errno == errno.EBUSY:
-                raise NetworkError(f"{who}an interface named {ifname} already exists (choose another vifname)") \
+                raise NetworkExists(f"{who}an interface named {ifname} already exists (choose another vifname)") \
                     from None
             raise NetworkError(f"{who}cannot create tap {ifname} ({e.strerror})") from None
         fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_SIZE))
         with _ipr() as ipr:
             br = _link(ipr, bridge)
             if br is None or not _is_bridge(br):
-                raise NetworkError(f"{who}bridge '{bridge}' does not exist")
+                raise NetworkNotFound(f"{who}bridge '{bridge}' does not exist")
             idx = ipr.link_lookup(ifname=ifname)[0]
             ipr.link("set", index=idx, mtu=mtu or br.get_attr("IFLA_MTU"))
             ipr.link("set", index=idx, master=br["index"])
@@ -427,7 +441,7 @@ def tap_stats(ifname: str) -> tuple[int, int]:
     try:
         return int((base / "rx_bytes").read_text()), int((base / "tx_bytes").read_text())
     except (OSError, ValueError):
-        raise NetworkError(f"there is no interface {ifname}") from None
+        raise NetworkNotFound(f"there is no interface {ifname}") from None
 
 
 def guest_traffic(ifname: str) -> tuple[int, int] | None:

@@ -13,6 +13,7 @@ tightened to 0700.  Files in it are created mode 0600 (the registry, logs, ``sch
 Its layout::
 
     domains.sqlite        the registry (plus its -wal and -shm files): one row per domain
+    api.sock              `hypyr serve`'s socket (by default)
     domains/<domid>/      one directory per domain, created fresh by Registry.reserve():
         control.sock      the domain process's control socket
         console.log       the guest's console output
@@ -37,6 +38,7 @@ from pathlib import Path
 from hypyr.errors import HypyrError
 
 REGISTRY_FILE = "domains.sqlite"
+API_SOCKET = "api.sock"
 DOMAINS_DIR = "domains"
 LOGS_DIR = "logs"
 LOG_MAX_BYTES = 1 << 20  # default size at which console.log and vmm.log are rotated
@@ -91,6 +93,11 @@ def state_dir() -> Path:
 def registry_path(base: Path | None = None) -> Path:
     """The registry database: ``state_dir()/domains.sqlite``."""
     return (base if base is not None else state_dir()) / REGISTRY_FILE
+
+
+def api_socket(base: Path | None = None) -> Path:
+    """Where `hypyr serve` listens by default: ``state_dir()/api.sock``."""
+    return (base if base is not None else state_dir()) / API_SOCKET
 
 
 def domain_dir(domid: int, base: Path | None = None) -> Path:

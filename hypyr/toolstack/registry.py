@@ -5,7 +5,7 @@ its VM and a private control socket, and every ``hypyr`` command reads and write
 registry directly.  It is a SQLite database (``paths.registry_path()``) in WAL mode with a
 busy timeout; every write is one ``BEGIN IMMEDIATE`` transaction, so several ``hypyr create``
 at once, or a ``list`` while a ``destroy`` runs, see consistent rows and never a
-"database is locked" error (a lock held for longer than the timeout becomes a HypyrError).
+"database is locked" error (a lock held for longer than the timeout becomes a RegistryBusy).
 
 Every domain has a UUID (as Xen's), given by ``reserve()`` and never reused, while domids are.
 A row is owned by a process, recorded as its pid and its start time (``/proc/<pid>/stat``
@@ -21,8 +21,9 @@ The domain process's updates (``set_running``, ``update_state``, ``bump_restarts
 ``release``, ``remove``) name the row by (domid, uuid): a process whose row was reaped and
 whose domid went to a newer domain gets ``StaleDomainError`` instead of taking that row over.
 
-States: ``creating``, ``running``, ``paused``, ``shutdown`` (shutting down, or shut down and
-kept), ``crashed``, ``dying`` (being destroyed), ``dead``.  A row is *gone* when its state is
+States (``DomainState``, a str enum; the column holds its values): ``creating``, ``running``,
+``paused``, ``shutdown`` (shutting down, or shut down and kept), ``crashed``, ``dying`` (being
+destroyed), ``dead``.  A row is *gone* when its state is
 ``dead`` or its owner is not alive (no such pid, a zombie, or a different start time).
 *Kept* rows stay listed until ``destroy`` removes them: ``crashed`` ones, and ``shutdown`` ones
 that ``release()`` left without an owner (``on_poweroff='preserve'``).  Other gone rows are
@@ -46,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import json
 import logging
 import os
@@ -61,18 +63,33 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from hypyr.errors import HypyrError
-from hypyr.toolstack import paths
+from hypyr.toolstack import paths, procfs
+from hypyr.toolstack.errors import (DomainExists, DomainNotFound, InsufficientResources, InvalidConfig, RegistryBusy,
+                                    StaleDomainError)
+from hypyr.toolstack.names import DOMAIN0_NAME, name_problem
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
 BUSY_TIMEOUT = 10.0  # seconds
-STATES = ("creating", "running", "paused", "shutdown", "crashed", "dying", "dead")
-PRESERVED_STATES = frozenset({"crashed", "shutdown"})  # kept after their process ends (on_*=preserve)
-DOMAIN0_NAME = "Domain-0"
+
+
+class DomainState(enum.StrEnum):
+    """A registry row's state; a str, stored and shown as its value (``"running"``)."""
+
+    CREATING = "creating"
+    RUNNING = "running"
+    PAUSED = "paused"
+    SHUTDOWN = "shutdown"     # shutting down, or shut down and kept (on_poweroff='preserve')
+    CRASHED = "crashed"
+    DYING = "dying"
+    DEAD = "dead"
+
+
+STATES = tuple(DomainState)
+PRESERVED_STATES = frozenset({DomainState.CRASHED, DomainState.SHUTDOWN})  # kept after their process ends
 DOMAIN0_UUID = "00000000-0000-0000-0000-000000000000"  # as Xen's
 MAX_DOMID = 0x7FEF  # Xen's DOMID_FIRST_RESERVED - 1
-_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:+@-]{0,63}")
 _ID_RE = re.compile(r"[0-9]+")
 
 _SCHEMA = f"""
@@ -83,7 +100,7 @@ CREATE TABLE domains (  -- schema 1; _migrate adds the rest
     pid         INTEGER,
     pid_start   TEXT,
     socket      TEXT,
-    state       TEXT NOT NULL CHECK (state IN ({", ".join(repr(s) for s in STATES)})),
+    state       TEXT NOT NULL CHECK (state IN ({", ".join(repr(s.value) for s in DomainState)})),
     created     REAL NOT NULL,
     started     REAL,
     restarts    INTEGER NOT NULL DEFAULT 0,
@@ -91,10 +108,6 @@ CREATE TABLE domains (  -- schema 1; _migrate adds the rest
 )
 """
 _COLUMNS = "domid, name, config, pid, pid_start, socket, state, created, started, restarts, exit_reason, uuid"
-
-
-class StaleDomainError(HypyrError):
-    """A domain process named a row that is no longer its own (another uuid, or removed)."""
 
 
 @dataclass(frozen=True)
@@ -107,12 +120,15 @@ class DomainRecord:
     pid: int | None           # the owning process: `hypyr create` while creating, then the domain's
     pid_start: str | None     # the owner's start time, /proc/<pid>/stat field 22
     socket: str | None        # the control socket's path
-    state: str
+    state: DomainState
     created: float            # unix time
     started: float | None     # unix time of the last (re)start
     restarts: int
     exit_reason: str | None
     uuid: str                 # the domain's UUID, unique for ever (domids are reused)
+
+    def __post_init__(self):
+        object.__setattr__(self, "state", DomainState(self.state))   # the column holds the value
 
     def config_dict(self) -> dict[str, Any]:
         return json.loads(self.config) if self.config else {}
@@ -120,65 +136,46 @@ class DomainRecord:
 
 def host_record() -> DomainRecord:
     """The synthetic Domain-0 row (the host) that `list` shows first; never stored."""
-    boot = None
-    try:
-        with open("/proc/stat") as f:
-            for line in f:
-                if line.startswith("btime "):
-                    boot = float(line.split()[1])
-    except OSError:
-        pass
-    return DomainRecord(0, DOMAIN0_NAME, None, None, None, None, "running",
+    boot = procfs.boot_time()
+    return DomainRecord(0, DOMAIN0_NAME, None, None, None, None, DomainState.RUNNING,
                         boot or 0.0, boot, 0, None, DOMAIN0_UUID)
 
 
 # -- processes ------------------------------------------------------------------------------------
-def _proc_stat(pid: int) -> tuple[str, str] | None:
-    """(state letter, start time) of process ``pid``, or None if there is no such process."""
-    try:
-        with open(f"/proc/{int(pid)}/stat") as f:
-            text = f.read()
-    except (OSError, ValueError):
-        return None
-    fields = text.rpartition(")")[2].split()  # comm may contain spaces and parentheses
-    if len(fields) < 20:
-        return None
-    return fields[0], fields[19]  # fields 3 and 22
-
-
 def proc_start_time(pid: int) -> str | None:
     """The start time of process ``pid`` (clock ticks since boot, as text), or None."""
-    st = _proc_stat(pid)
-    return st[1] if st else None
+    st = procfs.stat(pid)
+    return st.start if st else None
 
 
 def is_alive(rec: DomainRecord) -> bool:
     """Is the row's owning process still running (same pid, same start time, not a zombie)?"""
     if not rec.pid or rec.pid_start is None:
         return False
-    st = _proc_stat(rec.pid)
-    return st is not None and st[0] not in ("Z", "X", "x") and st[1] == rec.pid_start
+    st = procfs.stat(rec.pid)
+    return procfs.alive(st) and st.start == rec.pid_start
 
 
 def _gone(rec: DomainRecord) -> bool:
-    return rec.state == "dead" or not is_alive(rec)
+    return rec.state is DomainState.DEAD or not is_alive(rec)
 
 
 def _kept(rec: DomainRecord) -> bool:
     """Kept until destroyed: crashed, or shut down and released by its process (preserve)."""
-    return rec.state == "crashed" or (rec.state == "shutdown" and rec.pid is None)
+    return rec.state is DomainState.CRASHED or (rec.state is DomainState.SHUTDOWN and rec.pid is None)
 
 
 def _reapable(rec: DomainRecord) -> bool:
     return not _kept(rec) and _gone(rec)
 
 
-def _fate(rec: DomainRecord) -> str | None:
+def _fate(rec: DomainRecord) -> DomainState | None:
     """The state a reapable row is kept in (its on_poweroff/on_crash is 'preserve'), or None
     when reaping removes it."""
-    if rec.state not in ("running", "paused", "shutdown"):
+    if rec.state not in (DomainState.RUNNING, DomainState.PAUSED, DomainState.SHUTDOWN):
         return None
-    key, kept = ("on_poweroff", "shutdown") if rec.state == "shutdown" else ("on_crash", "crashed")
+    key, kept = (("on_poweroff", DomainState.SHUTDOWN) if rec.state is DomainState.SHUTDOWN
+                 else ("on_crash", DomainState.CRASHED))
     try:
         action = rec.config_dict().get(key)
     except (ValueError, AttributeError):
@@ -187,21 +184,14 @@ def _fate(rec: DomainRecord) -> str | None:
 
 
 def _effective(rec: DomainRecord) -> DomainRecord:
-    if rec.state != "dead" and _reapable(rec):
-        return dataclasses.replace(rec, state=_fate(rec) or "dead")
+    if rec.state is not DomainState.DEAD and _reapable(rec):
+        return dataclasses.replace(rec, state=_fate(rec) or DomainState.DEAD)
     return rec
 
 
-def _check_name(name: str) -> None:
-    if not isinstance(name, str):
-        raise TypeError(f"a domain name must be a str, not {type(name).__name__}")
-    if name == DOMAIN0_NAME:
-        raise HypyrError(f"the name {DOMAIN0_NAME} is reserved for the host")
-    if _ID_RE.fullmatch(name):
-        raise HypyrError(f"a domain name cannot be a number like {name} (numbers are domain ids)")
-    if not _NAME_RE.fullmatch(name):
-        raise HypyrError(f"invalid domain name {name!r}: use at most 64 letters, digits and _ . : + @ -, "
-                         "starting with a letter, digit or _")
+def _locked(e: sqlite3.OperationalError) -> bool:
+    """Is this SQLITE_BUSY or SQLITE_LOCKED (another connection holds the lock)?"""
+    return getattr(e, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 def _record(row: tuple) -> DomainRecord:
@@ -271,7 +261,7 @@ class Registry:
             try:
                 return fn()
             except sqlite3.OperationalError as e:
-                if "locked" not in str(e) and "busy" not in str(e) or time.monotonic() > deadline:
+                if not _locked(e) or time.monotonic() > deadline:
                     raise
                 time.sleep(0.02)
 
@@ -338,8 +328,8 @@ class Registry:
                 raise
 
     def _busy(self, e: sqlite3.OperationalError) -> Exception:
-        if "locked" in str(e) or "busy" in str(e):
-            return HypyrError(f"the domain registry {self.path} stayed locked for {self.timeout:.0f} s; "
+        if _locked(e):
+            return RegistryBusy(f"the domain registry {self.path} stayed locked for {self.timeout:.0f} s; "
                               "try again")
         return e
 
@@ -390,9 +380,11 @@ class Registry:
 
         The row is owned by ``pid`` (default: this process) until ``set_running``; if that
         process dies first the row is reaped.  A gone (reapable) row with the same name is
-        reaped first; a duplicate name that remains is a HypyrError.
+        reaped first; a duplicate name that remains is a DomainExists.
         """
-        _check_name(name)
+        problem = name_problem(name)
+        if problem:
+            raise InvalidConfig(problem)
         if config_json is not None and not isinstance(config_json, str):
             config_json = json.dumps(config_json)
         elif config_json is not None:
@@ -404,15 +396,15 @@ class Registry:
             if row is not None:
                 old = _record(row)
                 if not _reapable(old) or self._reap_row(db, old) is None:
-                    raise HypyrError(f"a domain named {name} already exists (id {old.domid})")
+                    raise DomainExists(f"a domain named {name} already exists (id {old.domid})")
             domid = 1
             for (used,) in db.execute("SELECT domid FROM domains ORDER BY domid"):
                 if used != domid:
                     break
                 domid += 1
             if domid > MAX_DOMID:
-                raise HypyrError(f"no free domain ids: {MAX_DOMID} domains exist")
-            rec = DomainRecord(domid, name, config_json, owner, owner_start, None, "creating",
+                raise InsufficientResources(f"no free domain ids: {MAX_DOMID} domains exist")
+            rec = DomainRecord(domid, name, config_json, owner, owner_start, None, DomainState.CREATING,
                                time.time(), None, 0, None, str(uuidlib.uuid4()))
             db.execute(f"INSERT INTO domains ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                        dataclasses.astuple(rec))
@@ -444,19 +436,20 @@ class Registry:
                      (int(pid), proc_start_time(pid), None if socket is None else os.fspath(socket),
                       time.time()))
 
-    def update_state(self, domid: int, state: str, exit_reason: str | None = None, *, uuid: str) -> None:
-        """Set the row's state (one of STATES) and exit reason (None clears it)."""
+    def update_state(self, domid: int, state: DomainState | str, exit_reason: str | None = None, *,
+                     uuid: str) -> None:
+        """Set the row's state and exit reason (None clears it)."""
         if state not in STATES:
             raise ValueError(f"unknown domain state {state!r}")
-        self._update(domid, uuid, "state = ?, exit_reason = ?", (state, exit_reason))
+        self._update(domid, uuid, "state = ?, exit_reason = ?", (DomainState(state).value, exit_reason))
 
-    def release(self, domid: int, state: str, exit_reason: str | None, *, uuid: str) -> None:
+    def release(self, domid: int, state: DomainState | str, exit_reason: str | None, *, uuid: str) -> None:
         """Keep the row as ``crashed`` or ``shutdown`` with no owning process (on_*='preserve'):
         it stays listed until ``remove``."""
         if state not in PRESERVED_STATES:
             raise ValueError(f"a kept domain is crashed or shutdown, not {state!r}")
         self._update(domid, uuid, "state = ?, exit_reason = ?, pid = NULL, pid_start = NULL, socket = NULL",
-                     (state, exit_reason))
+                     (DomainState(state).value, exit_reason))
 
     def bump_restarts(self, domid: int, *, uuid: str) -> int:
         """Count a restart (on_reboot/on_crash 'restart'): restarts += 1, started = now."""
@@ -471,18 +464,19 @@ class Registry:
         key = str(name_or_id).strip()
         with self._read() as db:
             if isinstance(name_or_id, int) or _ID_RE.fullmatch(key):
-                domid = int(key)
+                digits = key.lstrip("0") or "0"      # thousands of digits would not even convert
+                domid = int(digits) if len(digits) <= len(str(MAX_DOMID)) else None
                 if domid == 0:
-                    raise HypyrError(f"domain 0 is the host ({DOMAIN0_NAME}), not a hypyr domain")
-                rec = self._row(db, domid) if domid <= MAX_DOMID else None
+                    raise DomainNotFound(f"domain 0 is the host ({DOMAIN0_NAME}), not a hypyr domain")
+                rec = self._row(db, domid) if domid is not None and domid <= MAX_DOMID else None
                 if rec is None:
-                    raise HypyrError(f"no domain with id {domid}")
+                    raise DomainNotFound(f"no domain with id {digits}")
             else:
                 if key == DOMAIN0_NAME:
-                    raise HypyrError(f"{DOMAIN0_NAME} is the host, not a hypyr domain")
+                    raise DomainNotFound(f"{DOMAIN0_NAME} is the host, not a hypyr domain")
                 row = db.execute(f"SELECT {_COLUMNS} FROM domains WHERE name = ?", (key,)).fetchone()
                 if row is None:
-                    raise HypyrError(f"no domain named {key}")
+                    raise DomainNotFound(f"no domain named {key}")
                 rec = _record(row)
         return _effective(rec)
 
@@ -515,12 +509,12 @@ class Registry:
             self._discard(db, rec)
             reason = rec.exit_reason or "its process exited"
             log.info("domain %s (id %d) is gone: %s", rec.name, rec.domid, reason)
-            return dataclasses.replace(rec, state="dead", exit_reason=reason)
-        reason = ("its process exited while it was shutting down" if rec.state == "shutdown"
+            return dataclasses.replace(rec, state=DomainState.DEAD, exit_reason=reason)
+        reason = ("its process exited while it was shutting down" if rec.state is DomainState.SHUTDOWN
                   else "its process exited unexpectedly")
         self._drop_process_leftovers(rec)
         db.execute("UPDATE domains SET state = ?, exit_reason = ?, pid = NULL, pid_start = NULL, socket = NULL "
-                   "WHERE domid = ?", (kept, reason, rec.domid))
+                   "WHERE domid = ?", (kept.value, reason, rec.domid))
         log.info("domain %s (id %d) is kept as %s (preserve): %s", rec.name, rec.domid, kept, reason)
         return None
 

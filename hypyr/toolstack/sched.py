@@ -41,7 +41,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from hypyr.errors import HypyrError
+from hypyr.errors import HypyrError, InvalidInput
+from hypyr.toolstack import procfs
+from hypyr.toolstack.errors import DomainStateError, SchedulerUnavailable
 
 DEFAULT_WEIGHT = 256
 MIN_WEIGHT, MAX_WEIGHT = 1, 65535
@@ -77,7 +79,7 @@ class CgroupInfo:
 # -- value mapping ---------------------------------------------------------------------------------
 def check_weight(weight) -> int:
     if isinstance(weight, bool) or not isinstance(weight, int) or not MIN_WEIGHT <= weight <= MAX_WEIGHT:
-        raise HypyrError(f"the weight must be a whole number from {MIN_WEIGHT} to {MAX_WEIGHT}, not {weight!r}")
+        raise InvalidInput(f"the weight must be a whole number from {MIN_WEIGHT} to {MAX_WEIGHT}, not {weight!r}")
     return weight
 
 
@@ -88,8 +90,8 @@ def host_cpus() -> int:
 def check_cap(cap, ncpus: int | None = None) -> int:
     n = ncpus or host_cpus()
     if isinstance(cap, bool) or not isinstance(cap, int) or not 0 <= cap <= 100 * n:
-        raise HypyrError(f"the cap must be 0 (no cap) or a percentage of one CPU from 1 to {100 * n} "
-                         f"(this host has {n} CPU{'s' if n != 1 else ''}), not {cap!r}")
+        raise InvalidInput(f"the cap must be 0 (no cap) or a percentage of one CPU from 1 to {100 * n} "
+                           f"(this host has {n} CPU{'s' if n != 1 else ''}), not {cap!r}")
     return cap
 
 
@@ -162,14 +164,14 @@ def _probe_dir(root: Path) -> CgroupInfo:
     if (root / "cgroup.controllers").is_file():
         if _v2_has_cpu(root):
             return CgroupInfo(2, root)
-        raise HypyrError(f"the cgroup v2 hierarchy at {root} has no cpu controller "
-                         "(it may be bound to a v1 hierarchy)")
+        raise SchedulerUnavailable(f"the cgroup v2 hierarchy at {root} has no cpu controller "
+                                   "(it may be bound to a v1 hierarchy)")
     if (root / "cpu.shares").is_file():
         return CgroupInfo(1, root)
     for sub in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
         if (root / sub / "cpu.shares").is_file():
             return CgroupInfo(1, root / sub)
-    raise HypyrError(f"{root} is not a cgroup v2 hierarchy or a v1 cpu controller mount")
+    raise SchedulerUnavailable(f"{root} is not a cgroup v2 hierarchy or a v1 cpu controller mount")
 
 
 def cgroup_root(root: Path | str | None = None, mountinfo: Path = Path("/proc/self/mountinfo")) -> CgroupInfo:
@@ -189,7 +191,7 @@ def cgroup_root(root: Path | str | None = None, mountinfo: Path = Path("/proc/se
     for fstype, point, _ in mounts:
         if fstype == "cgroup2" and _v2_has_cpu(point):
             return CgroupInfo(2, point)
-    raise HypyrError(NO_CGROUPS)
+    raise SchedulerUnavailable(NO_CGROUPS)
 
 
 def _info(root) -> CgroupInfo:
@@ -263,7 +265,7 @@ def group_path(dom, root=None) -> Path:
 def _existing(dom, info: CgroupInfo) -> Path:
     path = group_path(dom, info)
     if not path.is_dir():
-        raise HypyrError(f"domain {dom.name} has no scheduler group (is it running?)")
+        raise DomainStateError(f"domain {dom.name} has no scheduler group (is it running?)")
     return path
 
 
@@ -277,7 +279,9 @@ def place(dom, pid: int, root=None) -> Path:
     if info.version == 2 or (path / "cgroup.procs").exists() or not (path / "tasks").exists():
         _write(path / "cgroup.procs", int(pid), what)
     else:
-        tids = sorted(int(t) for t in os.listdir(f"/proc/{int(pid)}/task"))
+        tids = procfs.threads(pid)
+        if not tids:
+            raise DomainStateError(f"the process {pid} of domain {dom.name} is gone")
         for tid in tids:
             _write(path / "tasks", tid, what)
     return path

@@ -10,7 +10,7 @@ always gets virtio-net).  Xen keys hypyr does not implement (``backend``, ``gate
 are accepted with a warning naming the key.  Any other key is an error that suggests the
 closest known key, so a typo such as ``brige=`` is never silently dropped.
 
-Errors are ``VifError`` (a HypyrError) whose str() is ``"vif N: sentence"``.  This module only
+Errors are ``VifError`` (an InvalidConfig) whose str() is ``"vif N: sentence"``.  This module only
 parses; it never touches the host (see ``hypyr.toolstack.network`` for bridges and taps).
 """
 
@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from hypyr.errors import HypyrError
+from hypyr.toolstack.errors import InvalidConfig
 
 DEFAULT_RATE_INTERVAL_S = 0.05          # xl's default replenish interval: 50 ms
 XEN_OUI = (0x00, 0x16, 0x3E)
@@ -50,7 +50,7 @@ _UNIT = {"": 1, "K": 1000, "M": 1000 ** 2, "G": 1000 ** 3}
 _INTERVAL_UNIT = {"s": 1.0, "ms": 1e-3, "us": 1e-6, None: 1e-6}   # a bare number is µs, as in xl
 
 
-class VifError(HypyrError):
+class VifError(InvalidConfig):
     """A bad vif spec; str() is ``"vif DEVID: sentence"``; ``key`` names the offending key."""
 
     def __init__(self, devid: int, key: str | None, message: str):

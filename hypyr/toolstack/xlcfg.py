@@ -48,7 +48,11 @@ Semantics (the keys hypyr uses; sizes in MiB as in xl):
   provide (``pci``, ``bootloader``, ...) and unknown ones give a warning.  Warnings are
   in ``DomainConfig.warnings`` and logged to the ``hypyr.xlcfg`` logger.
 
-Errors: ``XlCfgError`` (a ``HypyrError``) whose str() is ``"FILE:LINE: sentence"``; an error
+Validation happens in one place, ``DomainConfig.__post_init__``: ``build`` only turns the parsed
+values into a DomainConfig's fields and, when that refuses one, names the line of the key (or of
+the list item) it refused.  Domain names follow ``hypyr.toolstack.names`` (the registry's rule too).
+
+Errors: ``XlCfgError`` (an ``InvalidConfig``) whose str() is ``"FILE:LINE: sentence"``; an error
 about a key names the key as written in the file (``vcpus``, not a command-line flag).  ``load``
 reads only regular files (a FIFO or a device is refused, never waited on).
 """
@@ -63,7 +67,9 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from hypyr.arch.x86.acpi import MAX_VCPUS
-from hypyr.errors import HypyrError
+from hypyr.errors import HypyrError, InvalidInput
+from hypyr.toolstack.errors import InvalidConfig
+from hypyr.toolstack.names import name_problem
 from hypyr.toolstack.vif import VifError, VifSpec, check_distinct, parse_vif
 
 log = logging.getLogger("hypyr.xlcfg")
@@ -80,7 +86,7 @@ XL_ONLY_ACTIONS = ("rename-restart", "coredump-destroy", "coredump-restart", "so
 # --------------------------------------------------------------------------- errors
 
 
-class XlCfgError(HypyrError):
+class XlCfgError(InvalidConfig):
     """A syntax or value error in an xl.cfg file; str() is ``"FILE:LINE: sentence"``."""
 
     def __init__(self, filename: str, line: int | None, message: str):
@@ -89,11 +95,14 @@ class XlCfgError(HypyrError):
         super().__init__(f"{where}: {message}")
 
 
-class ConfigValueError(HypyrError):
-    """A bad value for ``key``, found without knowing the file (e.g. building a DomainConfig)."""
+class ConfigValueError(InvalidConfig):
+    """A bad value for ``key``, found without knowing the file (e.g. building a DomainConfig).
 
-    def __init__(self, key: str, message: str):
-        self.key, self.message = key, message
+    For a list key (``disk``, ``vif``, ``cpus``) ``item`` is the index of the bad item and
+    ``other`` that of an earlier item it clashes with, if any."""
+
+    def __init__(self, key: str, message: str, item: int | None = None, other: int | None = None):
+        self.key, self.message, self.item, self.other = key, message, item, other
         super().__init__(message)
 
 
@@ -351,35 +360,35 @@ def parse_cpulist(text: str, ncpus: int) -> set[int]:
     ``^N`` / ``^N-M``.  The result is the union of the included items minus the excluded ones;
     with only exclusions the start is all CPUs.  Only the syntax is checked (and numbers are
     capped at MAX_CPU): whether the CPUs exist on the host is for the caller.  NUMA ``node:``
-    items are not supported.  Raises HypyrError with one sentence.
+    items are not supported.  Raises InvalidInput with one sentence.
     """
     if not isinstance(text, str):
-        raise HypyrError(f"{_show(text)} is not a CPU list")
+        raise InvalidInput(f"{_show(text)} is not a CPU list")
     include: set[int] = set()
     exclude: set[int] = set()
     any_include = False
     items = text.split(",")
     if not text.strip():
-        raise HypyrError("the CPU list is empty (use e.g. 'all' or '0-3')")
+        raise InvalidInput("the CPU list is empty (use e.g. 'all' or '0-3')")
     for raw_item in items:
         item = raw_item.strip()
         neg = item.startswith("^")
         body = item[1:].strip() if neg else item
         if body.startswith(("node:", "nodes:")):
-            raise HypyrError(f"NUMA node affinity ({_show(item)}) is not supported in CPU lists")
+            raise InvalidInput(f"NUMA node affinity ({_show(item)}) is not supported in CPU lists")
         if body == "all" and not neg:
             cpus = set(range(ncpus))
         else:
             m = re.fullmatch(r"([0-9]{1,6})(?:\s*-\s*([0-9]{1,6}))?", body)
             if not m:
-                raise HypyrError(f"{_show(item)} in CPU list {_show(text)} is not a CPU number, "
+                raise InvalidInput(f"{_show(item)} in CPU list {_show(text)} is not a CPU number, "
                                  "range (N-M), exclusion (^N) or 'all'")
             lo = int(m.group(1))
             hi = int(m.group(2)) if m.group(2) is not None else lo
             if hi < lo:
-                raise HypyrError(f"CPU range {_show(item)} in CPU list {_show(text)} is backwards")
+                raise InvalidInput(f"CPU range {_show(item)} in CPU list {_show(text)} is backwards")
             if hi > MAX_CPU:
-                raise HypyrError(f"CPU {hi} in CPU list {_show(text)} is beyond the limit of {MAX_CPU}")
+                raise InvalidInput(f"CPU {hi} in CPU list {_show(text)} is beyond the limit of {MAX_CPU}")
             cpus = set(range(lo, hi + 1))
         if neg:
             exclude |= cpus
@@ -420,13 +429,13 @@ class DiskSpec:
 def vdev_index(vdev: str) -> int:
     """The disk index of an xl vdev: xvda/hda/sda/vda → 0, xvdb → 1, ..., xvdz → 25, xvdaa → 26.
 
-    Raises HypyrError for partitions (xvda1) and other forms.
+    Raises InvalidConfig for partitions (xvda1) and other forms.
     """
     m = _VDEV.fullmatch(vdev)
     if not m:
         if re.fullmatch(r"(xvd|hd|sd|vd)[a-z]{1,2}[0-9]+", vdev):
-            raise HypyrError(f"vdev {vdev} is a partition; hypyr attaches whole disks (use e.g. xvda)")
-        raise HypyrError(f"vdev {_show(vdev)} is not supported (use xvdX, hdX, sdX or vdX, e.g. xvda)")
+            raise InvalidConfig(f"vdev {vdev} is a partition; hypyr attaches whole disks (use e.g. xvda)")
+        raise InvalidConfig(f"vdev {_show(vdev)} is not supported (use xvdX, hdX, sdX or vdX, e.g. xvda)")
     index = 0
     for ch in m.group(2):
         index = index * 26 + (ord(ch) - ord("a") + 1)
@@ -528,7 +537,7 @@ def parse_disk(spec: str, cwd: str | None = None) -> DiskSpec:
         bad("no vdev (the guest disk name, e.g. xvda) is given")
     try:
         index = vdev_index(vdev)
-    except HypyrError as e:
+    except InvalidConfig as e:
         bad(str(e))
     access = params.get("access", "") or "rw"
     if access in ("rw", "w"):
@@ -546,7 +555,6 @@ def parse_disk(spec: str, cwd: str | None = None) -> DiskSpec:
 
 # --------------------------------------------------------------------------- DomainConfig
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _INT_RULES: dict[str, tuple[int, int | None, str]] = {
     "memory": (1, None, "memory must be a positive integer (MiB)"),
     "maxmem": (1, None, "maxmem must be a positive integer (MiB)"),
@@ -576,15 +584,30 @@ def _check_action(key: str, value: Any) -> str:
 def _check_cpus(value: Any) -> str | tuple[str, ...] | None:
     if value is None:
         return None
-    specs = value if isinstance(value, (list, tuple)) else [value]
-    for s in specs:
+    listed = isinstance(value, (list, tuple))
+    for i, s in enumerate(value if listed else [value]):
+        item = i if listed else None
         if not isinstance(s, str):
-            raise ConfigValueError("cpus", f"cpus must be a CPU list string or a list of them, not {_show(s)}")
+            raise ConfigValueError("cpus", f"cpus must be a CPU list string or a list of them, not {_show(s)}", item)
         try:
             parse_cpulist(s, 1)
-        except HypyrError as e:
-            raise ConfigValueError("cpus", f"cpus: {e}") from None
-    return tuple(value) if isinstance(value, (list, tuple)) else value
+        except InvalidInput as e:
+            raise ConfigValueError("cpus", f"cpus: {e}", item) from None
+    return tuple(value) if listed else value
+
+
+def _check_disks(value: Any) -> tuple[DiskSpec, ...]:
+    """DiskSpecs (raw, no two the same guest disk), sorted by index."""
+    disks = tuple(value)
+    for i, d in enumerate(disks):
+        if not isinstance(d, DiskSpec):
+            raise ConfigValueError("disk", f"disks must be DiskSpec objects, not {_show(d)}", i)
+        if d.format != "raw":
+            raise ConfigValueError("disk", f"disk {d.vdev}: format {d.format} is not supported (only raw)", i)
+        for j, other in enumerate(disks[:i]):
+            if other.index == d.index:
+                raise ConfigValueError("disk", f"disk {d.vdev} is the same guest disk as {other.vdev}", i, j)
+    return tuple(sorted(disks, key=lambda d: d.index))
 
 
 def _check_vifs(value: Any) -> tuple[VifSpec, ...]:
@@ -592,13 +615,14 @@ def _check_vifs(value: Any) -> tuple[VifSpec, ...]:
     vifs = tuple(value)
     for i, v in enumerate(vifs):
         if not isinstance(v, VifSpec):
-            raise ConfigValueError("vif", f"vifs must be VifSpec objects, not {_show(v)}")
+            raise ConfigValueError("vif", f"vifs must be VifSpec objects, not {_show(v)}", i)
         if any(other.devid == v.devid for other in vifs[:i]):
-            raise ConfigValueError("vif", f"vif {v.devid} is listed twice")
+            raise ConfigValueError("vif", f"vif {v.devid} is listed twice", i)
     try:
         check_distinct(vifs)
     except VifError as e:
-        raise ConfigValueError("vif", str(e)) from None
+        item = next(i for i, v in enumerate(vifs) if v.devid == e.devid)
+        raise ConfigValueError("vif", str(e), item) from None
     return vifs
 
 
@@ -606,10 +630,10 @@ def _check_vifs(value: Any) -> tuple[VifSpec, ...]:
 class DomainConfig:
     """A validated domain configuration (what ``xl create`` would build), with xl's defaults.
 
-    Constructing one validates it (ConfigValueError, a HypyrError, naming the key); ``load``
-    turns that into an XlCfgError with the file and line.  ``maxmem``/``maxvcpus`` left as None
-    become ``memory``/``vcpus``.  ``cpus`` is None (no pinning), one CPU list string for every
-    vCPU, or a tuple of strings, one per vCPU.
+    Constructing one validates it (ConfigValueError, an InvalidConfig, naming the key and, for a
+    list, the item); ``build`` turns that into an XlCfgError with the file and line.  This is the
+    only validation.  ``maxmem``/``maxvcpus`` left as None become ``memory``/``vcpus``.  ``cpus``
+    is None (no pinning), one CPU list string for every vCPU, or a tuple of strings, one per vCPU.
     """
 
     name: str
@@ -637,11 +661,9 @@ class DomainConfig:
         def put(attr, value):
             object.__setattr__(self, attr, value)
 
-        if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
-            raise ConfigValueError("name", "name must be 1-64 letters, digits, '_', '.' or '-' starting with "
-                                           f"a letter or digit, not {_show(self.name)}")
-        if self.name.isdigit():
-            raise ConfigValueError("name", f"name must not be all digits ({self.name} would look like a domain id)")
+        problem = name_problem(self.name)
+        if problem:
+            raise ConfigValueError("name", problem)
         if self.type == "pv":
             raise ConfigValueError("type", "pv guests are not supported; use type='pvh'")
         if self.type not in ("pvh", "hvm"):
@@ -667,17 +689,7 @@ class DomainConfig:
                                                f"vcpus ({self.vcpus})")
         for key in ("on_poweroff", "on_reboot", "on_crash"):
             _check_action(key, getattr(self, key))
-        disks = tuple(self.disks)
-        seen: dict[int, DiskSpec] = {}
-        for d in disks:
-            if not isinstance(d, DiskSpec):
-                raise ConfigValueError("disk", f"disks must be DiskSpec objects, not {_show(d)}")
-            if d.format != "raw":
-                raise ConfigValueError("disk", f"disk {d.vdev}: format {d.format} is not supported (only raw)")
-            if d.index in seen:
-                raise ConfigValueError("disk", f"disk {d.vdev} is the same guest disk as {seen[d.index].vdev}")
-            seen[d.index] = d
-        put("disks", tuple(sorted(disks, key=lambda d: d.index)))
+        put("disks", _check_disks(self.disks))
         put("cpus", _check_cpus(self.cpus))
         put("vifs", _check_vifs(self.vifs))
         if isinstance(self.cpus, tuple) and len(self.cpus) > self.maxvcpus:
@@ -782,7 +794,7 @@ def loads(text: str, filename: str = "<cfg>", cwd: str | os.PathLike | None = No
 
 
 def load(path: str | os.PathLike, cwd: str | os.PathLike | None = None) -> DomainConfig:
-    """Read, parse and validate an xl.cfg file.  Raises HypyrError (XlCfgError for the contents)."""
+    """Read, parse and validate an xl.cfg file.  Raises InvalidConfig (XlCfgError for the contents)."""
     name = os.fspath(path)
     try:
         # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused just below
@@ -792,16 +804,18 @@ def load(path: str | os.PathLike, cwd: str | os.PathLike | None = None) -> Domai
             if stat.S_ISDIR(mode):
                 raise IsADirectoryError
             if not stat.S_ISREG(mode):
-                raise HypyrError(f"domain config file {name} is not a regular file")
+                raise InvalidConfig(f"domain config file {name} is not a regular file")
             data = f.read(MAX_FILE_SIZE + 1)
     except FileNotFoundError:
-        raise HypyrError(f"domain config file {name} does not exist") from None
+        raise InvalidConfig(f"domain config file {name} does not exist") from None
     except IsADirectoryError:
-        raise HypyrError(f"domain config file {name} is a directory") from None
+        raise InvalidConfig(f"domain config file {name} is a directory") from None
     except OSError as e:
-        raise HypyrError(f"cannot read domain config file {name} ({e.strerror or e})") from None
+        raise InvalidConfig(f"cannot read domain config file {name} ({e.strerror or e})") from None
+    except ValueError:          # a NUL, or a lone surrogate that has no bytes for the kernel
+        raise InvalidConfig(f"domain config file name {name!r} is not a file name") from None
     if len(data) > MAX_FILE_SIZE:
-        raise HypyrError(f"domain config file {name} is too large to be an xl.cfg file")
+        raise InvalidConfig(f"domain config file {name} is too large to be an xl.cfg file")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -811,7 +825,11 @@ def load(path: str | os.PathLike, cwd: str | os.PathLike | None = None) -> Domai
 
 
 def build(raw: RawConfig, cwd: str | os.PathLike | None = None) -> DomainConfig:
-    """Validate a RawConfig into a DomainConfig (XlCfgError naming the file and line)."""
+    """Turn a RawConfig into a DomainConfig (XlCfgError naming the file and line).
+
+    This only converts: xl's spellings (numbers written as strings, ``builder``, ``cpus = 2``,
+    disk and vif spec strings) into DomainConfig fields; the values are checked once, by
+    DomainConfig itself, and a ConfigValueError it raises gets the line of its key or item."""
     fn = raw.filename
     base = os.fspath(cwd) if cwd is not None else os.getcwd()
     warnings = list(raw.warnings)
@@ -833,23 +851,15 @@ def build(raw: RawConfig, cwd: str | os.PathLike | None = None) -> DomainConfig:
         else:
             warn(line, f"unknown key {key} is ignored")
 
-    kw: dict[str, Any] = {}
-    for key in _STRING_KEYS:
-        if key in raw:
-            v = raw.value(key)
-            if not isinstance(v, str):
-                err(key, f"{key} must be a quoted string, not {_show(v)}")
-            kw[key] = v
-    for key, (_, _, rule) in _INT_RULES.items():
+    kw: dict[str, Any] = {key: raw.value(key) for key in _STRING_KEYS if key in raw}
+    for key in _INT_RULES:
         if key in raw:
             v = raw.value(key)
             if isinstance(v, str):     # libxlu accepts numbers written as strings
                 try:
                     v = parse_int(v)
                 except ValueError:
-                    err(key, f"{rule}, not {_show(v)}")
-            if not isinstance(v, int):
-                err(key, f"{rule}, not {_show(v)}")
+                    pass               # DomainConfig says what is wrong with it
             kw[key] = v
 
     if "name" not in kw:
@@ -866,43 +876,31 @@ def build(raw: RawConfig, cwd: str | os.PathLike | None = None) -> DomainConfig:
         else:
             err("builder", f"builder must be 'generic' or 'hvm' (or use type='pvh'), not {_show(b)}")
     for key in ("kernel", "ramdisk"):
-        if kw.get(key):
+        if isinstance(kw.get(key), str) and kw[key]:
             kw[key] = os.path.abspath(os.path.join(base, kw[key]))
     if kw.get("ramdisk") == "":
         kw["ramdisk"] = None
 
+    item_lines: dict[str, list[int | None]] = {}
     if "disk" in raw:
-        disks: list[tuple[DiskSpec, int]] = []
+        disks = []
+        item_lines["disk"] = []
         for spec, line in _spec_list(raw, "disk", "disk specs", err):
             try:
-                d = parse_disk(spec, base)
+                disks.append(parse_disk(spec, base))
             except ConfigValueError as e:
                 err("disk", e.message, line)
-            for other, other_line in disks:
-                if other.index == d.index:
-                    err("disk", f"disk {_show(spec)}: vdev {d.vdev} is the same guest disk as "
-                                f"{other.vdev} (line {other_line})", line)
-            disks.append((d, line))
-        kw["disks"] = tuple(d for d, _ in disks)
-
+            item_lines["disk"].append(line)
+        kw["disks"] = tuple(disks)
     if "vif" in raw:
-        kw["vifs"] = _build_vifs(raw, warn, err)
-
+        kw["vifs"], item_lines["vif"] = _build_vifs(raw, warn, err)
     if "cpus" in raw:
         v = raw.value("cpus")
         if isinstance(v, int):
             v = str(v)
         if isinstance(v, list):
-            lines = raw.item_lines.get("cpus", [])
-            items = []
-            for item, line in zip(v, lines):
-                item = str(item) if isinstance(item, int) else item
-                try:
-                    _check_cpus(item)
-                except ConfigValueError as e:
-                    err("cpus", e.message, line)
-                items.append(item)
-            v = tuple(items)
+            v = tuple(str(item) if isinstance(item, int) else item for item in v)
+            item_lines["cpus"] = list(raw.item_lines.get("cpus", []))
         kw["cpus"] = v
 
     if "cmdline" in kw and ("root" in kw or "extra" in kw):
@@ -913,7 +911,10 @@ def build(raw: RawConfig, cwd: str | os.PathLike | None = None) -> DomainConfig:
     try:
         cfg = DomainConfig(**kw)
     except ConfigValueError as e:
-        err(e.key, e.message)
+        lines = item_lines.get(e.key, [])
+        line = lines[e.item] if e.item is not None and e.item < len(lines) else None
+        other = f" (line {lines[e.other]})" if e.other is not None and e.other < len(lines) else ""
+        err(e.key, e.message + other, line)
     line = raw.line("cmdline") if "cmdline" in kw else raw.line("root") or raw.line("extra")
     m = _XEN_DISK_NAME.search(cfg.cmdline_string())
     if m:
@@ -936,19 +937,21 @@ def _spec_list(raw: RawConfig, key: str, what: str, err) -> list[tuple[Any, int 
     return list(zip(specs, lines))
 
 
-def _build_vifs(raw: RawConfig, warn, err) -> tuple[VifSpec, ...]:
-    """``vif = [ 'spec', ... ]`` → VifSpecs (devid = position); errors name the line of the spec."""
+def _build_vifs(raw: RawConfig, warn, err) -> tuple[tuple[VifSpec, ...], list[int | None]]:
+    """``vif = [ 'spec', ... ]`` → VifSpecs (devid = position) and the line of each; a spec that
+    does not parse is an error naming its line."""
     vifs: list[VifSpec] = []
+    lines: list[int | None] = []
     for devid, (spec, line) in enumerate(_spec_list(raw, "vif", "vif specs such as [ 'bridge=xenbr0' ]", err)):
         try:
             v, vif_warnings = parse_vif(spec, devid)
-            _check_vifs(vifs + [v])
-        except (VifError, ConfigValueError) as e:
+        except VifError as e:
             err("vif", str(e), line)
         for w in vif_warnings:
             warn(line, w)
         vifs.append(v)
-    return tuple(vifs)
+        lines.append(line)
+    return tuple(vifs), lines
 
 
 def _with_warnings(cfg: DomainConfig, warnings: list[str]) -> DomainConfig:

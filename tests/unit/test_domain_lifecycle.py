@@ -5,6 +5,7 @@ No VM is built: the domain process fails (or is stopped) before it would need /d
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -16,6 +17,7 @@ import pytest
 
 from hypyr.errors import HypyrError
 from hypyr.toolstack import api, domain, paths, sched
+from hypyr.toolstack.errors import InvalidConfig
 from hypyr.toolstack.registry import Registry
 from hypyr.toolstack.xlcfg import DomainConfig
 from hypyr.vmm.machine import StopKind
@@ -71,7 +73,8 @@ def test_domain_process_of_a_reused_domid_does_not_start(reg, state):
     with os.fdopen(r, "rb") as f:
         said = f.read().decode()
     assert p.returncode == 1
-    assert said == f"error: domain id {a.domid} belongs to another domain (b, uuid {b.uuid})\n"
+    assert json.loads(said) == {"ok": False, "type": "StaleDomainError",
+                                "error": f"domain id {a.domid} belongs to another domain (b, uuid {b.uuid})"}
     assert reg.get("b") == b
 
 
@@ -117,13 +120,14 @@ def test_failed_boot_removes_the_cgroup(reg, state, monkeypatch):
     monkeypatch.setattr(sched, "remove", lambda dom, root=None, evacuate=False: removed.append((dom.uuid, evacuate)))
 
     def no_vm(*args, **kwargs):
-        raise HypyrError("kernel file /nonexistent/vmlinuz does not exist")
+        raise InvalidConfig("kernel file /nonexistent/vmlinuz does not exist")
     monkeypatch.setattr(domain, "build_linux_vm", no_vm)
     dom = domain.Domain(rec.domid, rec.uuid, reg)
     r, w = os.pipe()
     assert dom.run(w) == 1
     with os.fdopen(r, "rb") as f:
-        assert f.read() == b"error: kernel file /nonexistent/vmlinuz does not exist\n"
+        assert json.loads(f.read()) == {"ok": False, "type": "InvalidConfig",
+                                        "error": "kernel file /nonexistent/vmlinuz does not exist"}
     assert removed == [(rec.uuid, True)]
 
 

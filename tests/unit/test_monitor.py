@@ -236,7 +236,6 @@ def test_ctrl_c_is_not_a_traceback(monkeypatch):
 def test_interactive_ansi_redraw(monkeypatch):
     take, _ = _fake_sampler()
     monkeypatch.setattr(monitor, "sample", take)
-    monkeypatch.setattr(monitor, "_rich", lambda: None)
 
     class TtyOut(io.StringIO):
         def isatty(self):

@@ -21,9 +21,12 @@ from dataclasses import dataclass
 
 import pytest
 
-from hypyr.errors import HypyrError
+from hypyr.errors import Conflict, HypyrError, InvalidInput, NotFound, NotSupported, OperationTimeout, Unavailable
 from hypyr.toolstack import api, sched, server
 from hypyr.toolstack.api import DomainInfo
+from hypyr.toolstack.errors import (DomainExists, DomainNotFound, DomainStateError, DomainTimeout, DomainUnreachable,
+                                    InsufficientResources, InvalidConfig, RegistryBusy, SchedulerUnavailable,
+                                    VcpuNotFound)
 from hypyr.toolstack.server import ApiClient, ApiError, UnixHTTPConnection
 
 
@@ -54,7 +57,7 @@ class FakeToolstack:
         if fn in self.fail:
             raise self.fail[fn]
         if name is not None and name not in self.domains:
-            raise HypyrError(f"no domain named {name}")
+            raise DomainNotFound(f"no domain named {name}")
 
     def _record(self, *call) -> None:
         with self.lock:
@@ -67,12 +70,23 @@ class FakeToolstack:
             doms = sorted(self.domains.values(), key=lambda d: d.domid)
         return [DomainInfo(**vars(d)) for d in doms if not names or d.name in names]
 
+    def domain_info(self, ident):
+        self._check("domain_info")
+        with self.lock:
+            for d in self.domains.values():
+                if ident in (d.name, str(d.domid)):
+                    return DomainInfo(**vars(d))
+        raise DomainNotFound(f"no domain named {ident}")
+
+    def describe(self, rec):
+        return self.domain_info(rec.name)
+
     def create(self, cfg):
         self._check("create")
         self._record("create", cfg.name)
         with self.lock:
             if cfg.name in self.domains:
-                raise HypyrError(f"a domain named {cfg.name} already exists (id {self.domains[cfg.name].domid})")
+                raise DomainExists(f"a domain named {cfg.name} already exists (id {self.domains[cfg.name].domid})")
             d = DomainInfo(cfg.name, self.next_id, int(cfg.memory), int(cfg.vcpus), "-b----", 0.0, "running")
             self.domains[cfg.name] = d
             self.next_id += 1
@@ -115,8 +129,6 @@ class FakeToolstack:
 
     def set_params(self, dom, weight=None, cap=None):
         self._check("set_params")
-        if weight is not None and not 1 <= weight <= 65535:
-            raise HypyrError(f"the weight must be a whole number from 1 to 65535, not {weight!r}")
         self._record("set_params", dom.domid, dom.name, dom.uuid, weight, cap)
         w, c = self.sched.get(dom.uuid, (256, 0))
         self.sched[dom.uuid] = (w if weight is None else weight, c if cap is None else cap)
@@ -124,7 +136,8 @@ class FakeToolstack:
 
     def install(self, monkeypatch) -> None:
         """Replace the toolstack functions the server calls with this fake's."""
-        for fn in ("list_domains", "create", "shutdown", "destroy", "vcpu_list", "vcpu_pin"):
+        for fn in ("list_domains", "domain_info", "describe", "create", "shutdown", "destroy", "vcpu_list",
+                   "vcpu_pin"):
             monkeypatch.setattr(api, fn, getattr(self, fn))
         for op in ("pause", "unpause", "reboot"):
             monkeypatch.setattr(api, op, self._op(op))
@@ -201,7 +214,7 @@ def test_list_domains(client):
 
 def test_list_unknown_name_is_404(client):
     r = client.request("GET", "/domains?name=nope")
-    assert r.status == 404 and r.data == {"error": "there is no domain nope"}
+    assert r.status == 404 and r.data == {"error": "no domain named nope"}
 
 
 def test_get_domain_by_name_or_id(client):
@@ -216,7 +229,7 @@ def test_unknown_domain_is_404(client, fake):
                          ("POST", "/domains/nope/shutdown")]:
         r = client.request(method, path)
         assert r.status == 404, (method, path)
-        assert r.data == {"error": "there is no domain nope"}
+        assert r.data == {"error": "no domain named nope"}
         assert r.headers["content-type"] == "application/json"
     assert fake.calls == []
 
@@ -281,17 +294,7 @@ def test_create_from_path(client, fake, tmp_path):
 
 def test_create_existing_name_is_409(client, fake, tmp_path):
     r = client.request("POST", "/domains", {"config": _cfg_text("web", _kernel(tmp_path))})
-    assert r.status == 409 and r.data == {"error": "a domain named web already exists"}
-    assert fake.calls == []
-
-
-def test_create_race_on_the_name_is_409(client, fake, tmp_path, monkeypatch):
-    # the name was free when checked but the registry refuses it: still 409, with its sentence
-    real_list = fake.list_domains
-    monkeypatch.setattr(api, "list_domains",
-                        lambda names=None: [d for d in real_list(names) if d.name != "web"])
-    r = client.request("POST", "/domains", {"config": _cfg_text("web", _kernel(tmp_path))})
-    assert r.status == 409 and r.data["error"].startswith("a domain named web already exists")
+    assert r.status == 409 and r.data == {"error": "a domain named web already exists (id 1)"}
 
 
 @pytest.mark.parametrize("body,fragment", [
@@ -338,9 +341,34 @@ def test_action_bad_body_is_400(client, fake):
 
 
 def test_hypyr_error_is_400_with_its_sentence(client, fake):
-    fake.fail["pause"] = HypyrError("domain web is not running (state shutdown)")
+    fake.fail["pause"] = HypyrError("the guest did something odd")
     r = client.request("POST", "/domains/web/pause")
-    assert r.status == 400 and r.data == {"error": "domain web is not running (state shutdown)"}
+    assert r.status == 400 and r.data == {"error": "the guest did something odd"}
+
+
+@pytest.mark.parametrize("error,status", [
+    (InvalidInput, 400), (InvalidConfig, 400), (NotFound, 404), (DomainNotFound, 404), (VcpuNotFound, 404),
+    (Conflict, 409), (DomainStateError, 409), (DomainExists, 409), (NotSupported, 501),
+    (SchedulerUnavailable, 501), (Unavailable, 503), (RegistryBusy, 503), (DomainUnreachable, 503),
+    (InsufficientResources, 503), (OperationTimeout, 504), (DomainTimeout, 504)])
+def test_the_type_of_an_error_picks_the_status(client, fake, error, status):
+    # the same sentence for all of them: the status comes from the type alone
+    fake.fail["pause"] = error("domain web could not be paused")
+    r = client.request("POST", "/domains/web/pause")
+    assert (r.status, r.data) == (status, {"error": "domain web could not be paused"})
+    assert server.status_of(error("x")) == status
+
+
+def test_every_status_an_operation_can_answer_is_documented():
+    doc = server.openapi_document()
+    for template, ops in doc["paths"].items():
+        for method, o in ops.items():
+            assert {"500"} <= set(o["responses"]), (method, template)
+            if "requestBody" in o:
+                assert {"400", "411", "413"} <= set(o["responses"]), (method, template)
+            if "{domain}" in template:
+                assert {"404", "503"} <= set(o["responses"]), (method, template)
+    assert set(server.STATUS.values()) <= {400, 404, 409, 501, 503, 504}
 
 
 def test_unexpected_exception_is_500_without_details(client, fake, caplog):
@@ -365,7 +393,10 @@ def test_method_not_allowed_is_405(client):
                                 ("GET", "/domains/web/pause", "POST"),
                                 ("PATCH", "/domains/web", "DELETE, GET, HEAD"),
                                 ("POST", "/openapi.json", "GET, HEAD"),
-                                ("GET", "/domains/web/vcpus/0/affinity", "PUT")]:
+                                ("GET", "/domains/web/vcpus/0/affinity", "PUT"),
+                                ("TRACE", "/domains", "GET, HEAD, POST"),         # http.server would say 501
+                                ("FROBNICATE", "/host", "GET, HEAD"),
+                                ("get", "/host", "GET, HEAD")]:                   # methods are case-sensitive
         r = client.request(method, path)
         assert r.status == 405, (method, path)
         assert r.headers["allow"] == allow
@@ -398,22 +429,57 @@ def test_bad_affinity_is_400(client, fake, path, body):
     assert fake.calls == []
 
 
+def test_affinity_takes_exactly_what_the_document_says(client, fake):
+    n = os.cpu_count() or 1
+    cpus = server.openapi_document()["components"]["schemas"]["AffinityRequest"]["properties"]["cpus"]
+    string, array = cpus["oneOf"]
+    assert (array["minItems"], array["items"]["minimum"], array["items"]["maximum"]) == (1, 0, n - 1)
+    assert client.put("/domains/web/vcpus/0/affinity", {"cpus": [n - 1]})["cpus"] == [n - 1]
+    assert client.put("/domains/web/vcpus/0/affinity", {"cpus": " all , ^0"})["cpus"] == list(range(1, n))
+    for bad in ([-1], [n], [], [True], ["0"], [0.0], "^all", "", "0-", "1,,2", "0\t", "node:0", 0, None):
+        r = client.request("PUT", "/domains/web/vcpus/0/affinity", {"cpus": bad})
+        assert r.status == 400, bad
+        assert (isinstance(bad, str) and bool(re.search(string["pattern"], bad))) is False, bad
+    # what the pattern cannot say, the toolstack refuses with a sentence
+    for bad in ("3-1", "99999"):
+        assert re.search(string["pattern"], bad)
+        r = client.request("PUT", "/domains/web/vcpus/0/affinity", {"cpus": bad})
+        assert r.status == 400 and r.data["error"], bad
+    r = client.request("PUT", "/domains/web/vcpus/%D9%A1/affinity", {"cpus": [0]})   # a non-ASCII digit
+    assert r.status == 400 and "vCPU number" in r.data["error"]
+    assert client.put("/domains/web/vcpus/0001/affinity", {"cpus": [0]})["vcpu"] == 1
+    fake.fail["vcpu_pin"] = VcpuNotFound("domain web has no vCPU 999...")
+    r = client.request("PUT", "/domains/web/vcpus/" + "9" * 5000 + "/affinity", {"cpus": [0]})
+    assert r.status == 404                    # not a 500: more digits than int() converts
+    assert [c for c in fake.calls if c[0] == "vcpu_pin"] == [("vcpu_pin", "web", "0", {n - 1}),
+                                                              ("vcpu_pin", "web", "0", set(range(1, n))),
+                                                              ("vcpu_pin", "web", "1", {0})]
+
+
+def test_options(client):
+    r = client.request("OPTIONS", "/domains/web/sched")
+    assert r.status == 204 and r.headers["allow"] == "GET, HEAD, OPTIONS, PUT" and r.body == b""
+    assert client.request("OPTIONS", "/nope").status == 404
+
+
 def test_sched(client, fake):
     assert client.get("/domains/web/sched") == {"name": "web", "domid": 1, "weight": 256, "cap": 0}
     assert client.put("/domains/web/sched", {"weight": 512, "cap": 25}) == \
         {"name": "web", "domid": 1, "weight": 512, "cap": 25}
     assert client.put("/domains/web/sched", {"cap": 50})["weight"] == 512
     assert fake.calls == [("set_params", 1, "web", WEB_UUID, 512, 25), ("set_params", 1, "web", WEB_UUID, None, 50)]
-    for body in ({}, {"weight": "heavy"}, {"weight": True}, {"share": 3}):
+    for body in ({}, {"weight": "heavy"}, {"weight": True}, {"share": 3}, {"weight": 1.0},
+                 {"cap": 100 * (os.cpu_count() or 1) + 1}):
         assert client.request("PUT", "/domains/web/sched", body).status == 400, body
-    r = client.request("PUT", "/domains/web/sched", {"weight": 0})     # sched's own sentence
-    assert r.status == 400 and r.data["error"].startswith("the weight must be")
+    r = client.request("PUT", "/domains/web/sched", {"weight": 0})     # the document's limits
+    assert r.status == 400 and r.data["error"] == "'weight' must be a whole number from 1 to 65535, not 0"
+    assert len(fake.calls) == 2
 
 
-def test_sched_missing_is_501(client, monkeypatch):
-    monkeypatch.setitem(sys.modules, "hypyr.toolstack.sched", None)     # import raises ImportError
+def test_no_cgroups_is_501(client, fake):
+    fake.fail["get_params"] = SchedulerUnavailable(sched.NO_CGROUPS)
     r = client.request("GET", "/domains/web/sched")
-    assert r.status == 501 and "not available" in r.data["error"]
+    assert r.status == 501 and r.data == {"error": sched.NO_CGROUPS}
 
 
 # -- bodies ------------------------------------------------------------------------------------------
@@ -639,7 +705,7 @@ def test_default_socket_path(monkeypatch, sockdir):
 def test_client_errors(client, sockdir):
     with pytest.raises(ApiError) as e:
         client.get("/domains/nope")
-    assert e.value.status == 404 and str(e.value) == "there is no domain nope"
+    assert e.value.status == 404 and str(e.value) == "no domain named nope"
     with pytest.raises(HypyrError, match="not running"):
         ApiClient(os.path.join(sockdir, "nothing.sock")).get("/host")
 
@@ -674,6 +740,6 @@ def test_main_reports_a_busy_socket(srv, capsys):
 
 
 def test_domain_gone_mid_request_is_404(client, fake):
-    fake.fail["pause"] = HypyrError("no domain named web")   # the registry's sentence, after our lookup
+    fake.fail["pause"] = DomainNotFound("no domain named web")   # the registry's, after our lookup
     r = client.request("POST", "/domains/web/pause")
     assert r.status == 404 and r.data == {"error": "no domain named web"}

@@ -309,7 +309,7 @@ def test_cpus_string_form_applies_to_every_vcpu():
 def test_disk_errors_name_the_item_line():
     e = err(BASE + "disk = [\n  '/a.img,raw,xvda',\n  '/b.img,raw,hda,rw',\n]\n")
     assert e.line == 5
-    assert e.message == "disk '/b.img,raw,hda,rw': vdev hda is the same guest disk as xvda (line 4)"
+    assert e.message == "disk hda is the same guest disk as xvda (line 4)"
     e = err(BASE + "disk = [ '/a.img,raw,xvda,rw', '/c.iso,,hdc,cdrom' ]\n")
     assert (e.line, e.message) == (3, "disk '/c.iso,,hdc,cdrom': CD-ROM drives (cdrom) are not supported")
 

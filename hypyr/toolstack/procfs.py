@@ -1,0 +1,205 @@
+"""The toolstack's one reader of /proc (and of /sys/module, for the KVM backend).
+
+Host memory (``/proc/meminfo``), host CPU time (``/proc/stat``), and a process's or thread's
+state, CPU time, start time, host CPU and RSS (``/proc/PID[/task/TID]/stat``, ``status``), its
+threads, command name and arguments.
+Readers never raise for a process that is gone or a file that cannot be read: they return None
+(or an empty dict / list) and the caller shows a dash.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# -- the host ---------------------------------------------------------------------------------------
+def meminfo() -> dict[str, int]:
+    """/proc/meminfo as {key: KiB} ({} if it cannot be read)."""
+    out: dict[str, int] = {}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                parts = rest.split()
+                if parts and parts[0].isdigit():
+                    out[key] = int(parts[0])
+    except OSError:
+        pass
+    return out
+
+
+def memory_mib(info: dict[str, int] | None = None) -> tuple[int, int]:
+    """(total, available) host memory in MiB; available is MemAvailable (MemFree on old kernels)."""
+    m = meminfo() if info is None else info
+    return m.get("MemTotal", 0) // 1024, m.get("MemAvailable", m.get("MemFree", 0)) // 1024
+
+
+def host_cpu_ticks() -> tuple[int, int] | None:
+    """(busy, total) clock ticks of all host CPUs since boot, from the first line of /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    if len(vals) < 4:
+        return None
+    total = sum(vals[:8])  # user nice system idle iowait irq softirq steal (guest time is inside user)
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+    return total - idle, total
+
+
+def boot_time() -> float | None:
+    """The host's boot time (unix time), /proc/stat's btime."""
+    try:
+        with open("/proc/stat") as f:
+            for line in f:
+                if line.startswith("btime "):
+                    return float(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def uptime() -> float | None:
+    """Seconds since the host booted."""
+    try:
+        with open("/proc/uptime") as f:
+            return float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Processor", "cpu model"):
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def kvm_backend() -> str:
+    """Which KVM module is loaded: "PVM", "VT-x", "AMD-V", or "unknown"."""
+    mods = {m for m in ("kvm_pvm", "kvm_intel", "kvm_amd") if os.path.isdir(f"/sys/module/{m}")}
+    if "kvm_pvm" in mods:
+        return "PVM"
+    if "kvm_intel" in mods:
+        return "VT-x"
+    if "kvm_amd" in mods:
+        return "AMD-V"
+    return "unknown"
+
+
+# -- processes and threads --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ProcStat:
+    """The fields of /proc/PID/stat (or /proc/PID/task/TID/stat) hypyr uses."""
+
+    state: str              # field 3: R running, S sleeping, Z zombie, ...
+    utime: int              # field 14, clock ticks (guest time is counted here)
+    stime: int              # field 15, clock ticks
+    start: str              # field 22, clock ticks after boot, as text (what the registry stores)
+    processor: int | None   # field 39: the host CPU it last ran on
+
+    @property
+    def cpu_seconds(self) -> float:
+        return (self.utime + self.stime) / CLK_TCK
+
+    @property
+    def start_seconds(self) -> float:
+        """Seconds after boot at which it started."""
+        return int(self.start) / CLK_TCK
+
+
+def stat(pid: int, tid: int | None = None) -> ProcStat | None:
+    """/proc/PID/stat (or the thread TID's), or None if there is no such process or thread."""
+    try:
+        path = f"/proc/{int(pid)}/stat" if tid is None else f"/proc/{int(pid)}/task/{int(tid)}/stat"
+        with open(path) as f:
+            return parse_stat(f.read())
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def parse_stat(text: str) -> ProcStat | None:
+    """The text of a stat file as a ProcStat (None if it is not one)."""
+    fields = text.rpartition(")")[2].split()   # comm (field 2) may hold spaces and parentheses
+    try:
+        return ProcStat(fields[0], int(fields[11]), int(fields[12]), fields[19],
+                        int(fields[36]) if len(fields) > 36 else None)
+    except (IndexError, ValueError):
+        return None
+
+
+def alive(st: ProcStat | None) -> bool:
+    """A process that exists and is not a zombie."""
+    return st is not None and st.state not in ("Z", "X", "x")
+
+
+def threads(pid: int) -> list[int]:
+    """The thread ids of process ``pid`` ([] if it is gone)."""
+    try:
+        return sorted(int(t) for t in os.listdir(f"/proc/{int(pid)}/task"))
+    except (OSError, ValueError):
+        return []
+
+
+def thread_running(pid: int, tid: int) -> bool:
+    st = stat(pid, tid)
+    return st is not None and st.state == "R"
+
+
+def any_thread_running(pid: int) -> bool:
+    """Is any thread of ``pid`` on a CPU right now (xl's r, rather than b)?"""
+    return any(thread_running(pid, t) for t in threads(pid))
+
+
+def cpu_seconds(pid: int, tid: int | None = None) -> float | None:
+    """utime + stime of process ``pid`` (all its threads, live and exited) or of its thread ``tid``."""
+    st = stat(pid, tid)
+    return st.cpu_seconds if st else None
+
+
+def age(pid: int) -> float | None:
+    """Seconds since process ``pid`` started."""
+    st, up = stat(pid), uptime()
+    if st is None or up is None:
+        return None
+    return max(0.0, up - st.start_seconds)
+
+
+def comm(pid: int) -> str | None:
+    """The command name of process ``pid`` (/proc/PID/comm)."""
+    try:
+        with open(f"/proc/{int(pid)}/comm") as f:
+            return f.read().strip()
+    except (OSError, ValueError):
+        return None
+
+
+def cmdline(pid: int) -> list[bytes]:
+    """The arguments of process ``pid`` ([] if it is gone)."""
+    try:
+        with open(f"/proc/{int(pid)}/cmdline", "rb") as f:
+            return f.read().split(b"\0")
+    except (OSError, ValueError):
+        return []
+
+
+def rss_mib(pid: int) -> float | None:
+    """VmRSS of process ``pid`` in MiB, or None if it is gone."""
+    try:
+        with open(f"/proc/{int(pid)}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, IndexError, ValueError):
+        return None
+    return None

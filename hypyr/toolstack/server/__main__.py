@@ -1,0 +1,5 @@
+import sys
+
+from hypyr.toolstack.server import main
+
+sys.exit(main())
