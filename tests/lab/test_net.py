@@ -59,9 +59,13 @@ def console_log(xl, name: str) -> str:  # noqa: F811
 
 
 def wait_console(xl, name: str, marker: str, timeout: float = 300) -> str:  # noqa: F811
-    """The console log of ``name`` once it shows ``marker``; on timeout, fail showing its end."""
+    """The console log of ``name`` once it shows the whole line with ``marker`` (the console
+    arrives in pieces: a line may be half written); on timeout, fail showing its end."""
+    def whole_line(t: str) -> bool:
+        at = t.find(marker)
+        return at >= 0 and "\n" in t[at:]
     try:
-        return wait_for(lambda: (t := console_log(xl, name)) and marker in t and t, timeout=timeout,
+        return wait_for(lambda: (t := console_log(xl, name)) and whole_line(t) and t, timeout=timeout,
                         what=f"{marker!r} on {name}'s console")
     except AssertionError as e:
         tails = []
