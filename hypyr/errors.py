@@ -37,3 +37,14 @@ class VcpuCountError(HypyrError, ValueError):
 class StateError(HypyrError):
     """A saved device state that cannot be loaded (a field missing, of the wrong type or out of
     range, or state that does not fit the device), or a device that cannot be saved now."""
+
+
+class SnapshotError(HypyrError):
+    """A save file or migration stream that cannot be read or loaded (truncated, corrupt, another
+    format version, saved on an incompatible CPU, state that does not fit), or a VM that cannot
+    be saved now.  Nothing was created."""
+
+
+class MigrationError(HypyrError):
+    """A live migration that did not complete: the link dropped, or the other side refused or
+    failed.  On the source the domain runs on (unless the message says otherwise)."""

@@ -27,6 +27,10 @@ rules for holders of such views:
   host memory.  Drop views when the I/O is done.  After ``close()`` every access through
   :class:`GuestMemory` raises :class:`GuestMemoryClosedError`.
 
+Live migration: :meth:`GuestMemory.start_dirty_tracking` makes every write path here mark the
+pages it wrote (KVM's dirty log sees only the guest's writes), :meth:`GuestMemory.take_dirty`
+collects them, adding the pages under lent views (virtqueue rings, written through them).
+
 For file I/O without any per-buffer view, :meth:`GuestMemory.preadv`/:meth:`~GuestMemory.pwritev`
 (ranges as pairs) check every range in full the same way, then call libc ``preadv``/``pwritev`` with an iovec array built here from
 the region's host address (which never leaves this module), holding a view of the region for the
@@ -54,6 +58,7 @@ from typing import Iterable, Iterator, Sequence
 __all__ = ["GuestAddress", "GuestMemoryError", "GuestMemoryClosedError", "GuestRegion", "GuestMemory"]
 
 IOV_MAX = 1024  # Linux UIO_MAXIOV: at most this many buffers per preadv/pwritev
+DIRTY_PAGE = 4096  # the granule of dirty tracking (KVM's dirty log's too)
 
 
 def _load_libc_rw():
@@ -180,10 +185,11 @@ class GuestMemoryClosedError(GuestMemoryError):
     """An access to guest memory after :meth:`GuestMemory.close`."""
 
 
-def _held_elsewhere(views: list[memoryview]) -> list[memoryview]:
-    """The views someone besides ``views`` still references (CPython reference counts: one
-    referenced only by the list has three here, counting the loop variable and the argument)."""
-    return [v for v in views if sys.getrefcount(v) > 3]
+def _held_elsewhere(lent: list[tuple[memoryview, int, int]]) -> list[tuple[memoryview, int, int]]:
+    """The ``(view, offset, length)`` entries whose view someone besides ``lent`` still
+    references (CPython reference counts: a view referenced only by its entry has two here,
+    counting the argument)."""
+    return [e for e in lent if sys.getrefcount(e[0]) > 2]
 
 
 class GuestRegion:
@@ -222,7 +228,7 @@ class GuestRegion:
                 pass  # THP disabled on this host: fine, just slower
         self._off = off
         self._view = memoryview(self._map)[off:off + size]
-        self._lent: list[memoryview] = []  # views from lend(), released by close()
+        self._lent: list[tuple[memoryview, int, int]] = []  # (view, offset, length) from lend(), released by close()
         self._lock = threading.Lock()
 
     @property
@@ -244,8 +250,14 @@ class GuestRegion:
                 raise GuestMemoryClosedError("guest memory is closed")
             self._lent = _held_elsewhere(self._lent)  # forget dropped views: the list stays short
             view = self._view[offset:offset + length]
-            self._lent.append(view)
+            self._lent.append((view, offset, length))
             return view
+
+    def lent_ranges(self) -> list[tuple[int, int]]:
+        """``(offset, length)`` of every view from :meth:`lend` still held (virtqueue rings)."""
+        with self._lock:
+            self._lent = _held_elsewhere(self._lent)
+            return [(off, n) for _, off, n in self._lent]
 
     def close(self) -> None:
         """Unmap the region now (idempotent): release the lent views, then the mapping.  A view
@@ -253,7 +265,7 @@ class GuestRegion:
         address range mapped until it goes; its RAM is given back at once all the same."""
         with self._lock:
             mapping, self._map = self._map, None
-            lent, self._lent = self._lent, []
+            lent, self._lent = [v for v, _, _ in self._lent], []
         if mapping is None:
             return
         for view in lent + [self._view]:
@@ -294,6 +306,8 @@ class GuestMemory:
                          and _libc_preadv is not None else None)
         self._desc_fill: dict[int, array] = {}
         self._closed = False
+        # live migration: per region one byte per page, 1 = written by the VMM (see start_dirty_tracking)
+        self._dirty: list[bytearray] | None = None
 
     @classmethod
     def anonymous(cls, layout: Iterable[tuple[int, int]], *, hugepages: bool = True) -> "GuestMemory":
@@ -371,6 +385,8 @@ class GuestMemory:
         ranges = list(ranges)
         if not ranges:
             return []
+        if self._dirty is not None:  # the holder may write through them
+            self._mark_ranges(ranges)
         fast = self._all_in_one_region(ranges)
         if fast is not None:  # the common case: one region, every range inside it
             start, view = fast[0], fast[1]
@@ -388,7 +404,10 @@ class GuestMemory:
         short; 0 at the end of the file).  Every range is checked in full first, exactly as in
         :meth:`views` (:class:`GuestMemoryError` and no I/O if any byte is outside guest RAM), and
         the mapping is kept alive for the call.  Raises :class:`OSError` on failure."""
-        return self._rw(_libc_preadv, os.preadv, fd, ranges, offset)
+        n = self._rw(_libc_preadv, os.preadv, fd, ranges, offset)
+        if self._dirty is not None:
+            self._mark_ranges(ranges)
+        return n
 
     def pwritev(self, fd: int, ranges: Sequence[tuple[int, int]], offset: int) -> int:
         """One ``pwritev(2)`` of the guest ``ranges`` to file ``fd`` at ``offset``; as :meth:`preadv`."""
@@ -409,7 +428,11 @@ class GuestMemory:
         :data:`GUARD_SPAN` bytes of the first region's RAM, all of which is either that RAM or
         its ``PROT_NONE`` guard, so a buffer that is not RAM makes the kernel fail the call
         (EFAULT, or a short count) and nothing outside guest RAM is ever read or written."""
-        return self._rw_descs(_libc_preadv, fd, descs, first, count, offset)
+        n = self._rw_descs(_libc_preadv, fd, descs, first, count, offset)
+        if n is not None and self._dirty is not None:
+            self._mark_ranges([(descs[i] | descs[i + 1] << 32, descs[i + 2])
+                               for i in range(4 * first, 4 * (first + count), 4)])
+        return n
 
     def pwritev_descs(self, fd: int, descs: array, first: int, count: int, offset: int) -> int | None:
         """``pwritev`` from descriptor buffers; as :meth:`preadv_descs`."""
@@ -545,18 +568,80 @@ class GuestMemory:
             start, end, view = spans[0]
             if start <= addr and addr + len(data) <= end:
                 view[addr - start:addr - start + len(data)] = data
+                if self._dirty is not None:
+                    self._mark(addr, len(data))
                 return
         pieces = self._pieces(addr, len(data))  # check the whole range before writing any of it
         pos = 0
         for i, off, n in pieces:
             spans[i][2][off:off + n] = data[pos:pos + n]
             pos += n
+        if self._dirty is not None:
+            self._mark(addr, len(data))
 
     def fill(self, addr: int, length: int, value: int = 0) -> None:
         pieces = self._pieces(addr, length)
         spans = self._spans
         for i, off, n in pieces:
             spans[i][2][off:off + n] = bytes([value]) * n
+        if self._dirty is not None:
+            self._mark(addr, length)
+
+    # -- dirty tracking (live migration) ------------------------------------------------------
+    # KVM logs the pages the guest writes; the pages the VMM writes itself (virtio used rings,
+    # disk reads, received frames) it cannot see.  While tracking is on, every write path here
+    # marks its pages after writing, and take_dirty() adds the pages under lent views (the
+    # rings, written through the view).  Off, it costs each write one attribute test.
+    @property
+    def dirty_tracking(self) -> bool:
+        return self._dirty is not None
+
+    def start_dirty_tracking(self) -> None:
+        """Record from now on which pages the VMM writes (each region's pages all clean)."""
+        self._dirty = [bytearray(r.size // DIRTY_PAGE) for r in self.regions]
+
+    def stop_dirty_tracking(self) -> None:
+        self._dirty = None
+
+    def take_dirty(self) -> list[list[int]]:
+        """Per region, the sorted indices of the 4 KiB pages the VMM wrote since tracking started
+        or the last call, and of every page under a view lent by :meth:`view` (a ring the VMM
+        writes through it).  A page written while this runs is reported now or next time."""
+        dirty = self._dirty
+        if dirty is None:
+            raise RuntimeError("dirty tracking is off")
+        out = []
+        for region, marks in zip(self.regions, dirty):
+            pages = []
+            find = marks.find
+            j = find(1)
+            while j >= 0:
+                marks[j] = 0  # only what was seen: a mark set meanwhile stays for the next call
+                pages.append(j)
+                j = find(1, j + 1)
+            for off, n in region.lent_ranges():
+                if n > 0:
+                    pages.extend(range(off // DIRTY_PAGE, (off + n - 1) // DIRTY_PAGE + 1))
+            out.append(sorted(set(pages)))
+        return out
+
+    def _mark(self, addr: int, length: int) -> None:
+        dirty = self._dirty
+        if dirty is None or length <= 0:
+            return
+        for i, off, n in self._pieces(addr, length):
+            first, last = off // DIRTY_PAGE, (off + n - 1) // DIRTY_PAGE
+            if first == last:
+                dirty[i][first] = 1
+            else:
+                dirty[i][first:last + 1] = b"\x01" * (last - first + 1)
+
+    def _mark_ranges(self, ranges: Iterable[tuple[int, int]]) -> None:
+        for addr, length in ranges:
+            try:
+                self._mark(addr, length)
+            except GuestMemoryError:
+                pass  # not RAM: nothing was written there
 
     # -- integers (little endian) -----------------------------------------------------------
     def read_u8(self, addr: int) -> int:

@@ -1,8 +1,11 @@
 """Build a Linux-booting Machine from a validated config — a flat recipe of small steps.
 
-create VM and memory → vCPUs → legacy devices (each adds its command-line part) → load
-kernel/initrd and write boot tables → configure vCPUs (CPUID, MSRs, LAPIC, registers).
-The result is a Machine whose vCPUs are not yet started.
+create VM and memory → vCPUs → legacy devices → virtio devices (:func:`build_vm`), then, for a
+boot, load kernel/initrd and write boot tables → configure vCPUs (CPUID, MSRs, LAPIC,
+registers) (:func:`boot_linux`).  A restore builds the same VM with :func:`build_vm` (same
+devices, memory layout, GSIs and MMIO windows, since they follow from the config alone) and
+loads saved state instead of a kernel (:mod:`hypyr.vmm.snapshot`).  The result is a
+:class:`LinuxVm` whose vCPUs are not yet started.
 """
 
 from __future__ import annotations
@@ -116,6 +119,12 @@ class LinuxVm:
     config: VmConfig
     console: object              # where terminal input goes: the UART or the virtio console
     virtio: list = field(default_factory=list)  # VirtioDevice instances, in window order
+    # every device with state (devices/state.py), by a stable name, in build order: "serial0",
+    # "i8042", "rtc", "acpi_pm", "pvexit", "pvpanic", then "virtio0".. (the virtio-mmio transports)
+    devices: dict = field(default_factory=dict)
+    mmio_windows: list = field(default_factory=list)  # MmioDevice per virtio device (ACPI, snapshots)
+    cpuid: list | None = None     # the CPUID vCPU 0 was given (set by boot_linux or a restore)
+    saved_paused: bool = False    # restored: the domain was paused when it was saved
 
     def close(self) -> None:
         """Devices first (a disk finishes its in-flight I/O while guest memory still exists)."""
@@ -137,8 +146,9 @@ def host_available_memory() -> int:
     return 1 << 62
 
 
-def validate(config: VmConfig, kvm: Kvm | None = None) -> None:
-    """Check the config; file checks come first, so they are reported even without /dev/kvm."""
+def validate(config: VmConfig, kvm: Kvm | None = None, *, boot: bool = True) -> None:
+    """Check the config; file checks come first, so they are reported even without /dev/kvm.
+    ``boot=False``: the kernel and initrd are not needed (a restore)."""
     if len(config.disks) + len(config.nets) + 2 > MAX_VIRTIO_DEVICES:
         raise HypyrError(f"at most {MAX_VIRTIO_DEVICES - 2} disks and NICs together can be attached")
     for i, net in enumerate(config.nets):
@@ -155,7 +165,7 @@ def validate(config: VmConfig, kvm: Kvm | None = None) -> None:
         if not os.access(disk.path, os.R_OK if disk.read_only else os.R_OK | os.W_OK):
             raise HypyrError(f"no permission to {'read' if disk.read_only else 'read and write'} disk image {disk.path}")
     for path, what in ((config.kernel, "kernel"), (config.initrd, "initrd")):
-        if path is None:
+        if path is None or not boot:
             continue
         if not os.path.exists(path):
             raise HypyrError(f"{what} file {path} does not exist")
@@ -205,41 +215,68 @@ def apply_boot_state(vcpu, boot: BootCpuState) -> None:
 
 
 def build_linux_vm(config: VmConfig, console_out: Callable[[bytes], None], *, kvm: Kvm | None = None) -> LinuxVm:
-    validate(config)
-    own_kvm = kvm is None
+    """A VM ready to boot ``config``'s kernel: :func:`build_vm`, then :func:`boot_linux`."""
+    vm = build_vm(config, console_out, kvm=kvm)
     try:
-        kvm = kvm or Kvm()
-    except KvmUnavailable as e:
-        raise HypyrError(str(e)) from None
-    validate(config, kvm)
-    memory = GuestMemory.anonymous(layout.ram_layout(config.memory))
+        boot_linux(vm)
+    except BaseException:
+        vm.close()
+        raise
+    return vm
+
+
+def build_vm(config: VmConfig, console_out: Callable[[bytes], None], *, kvm: Kvm | None = None,
+             memory: GuestMemory | None = None, boot: bool = True) -> LinuxVm:
+    """The machine and every device ``config`` asks for, with no kernel loaded and the vCPUs
+    not configured.  ``memory``: guest RAM to use (a restore fills it first; it must have
+    ``config``'s layout), closed with the VM, or on failure here; ``boot=False``: the kernel
+    files are not checked."""
+    try:
+        validate(config, boot=boot)
+        own_kvm = kvm is None
+        try:
+            kvm = kvm or Kvm()
+        except KvmUnavailable as e:
+            raise HypyrError(str(e)) from None
+        try:
+            validate(config, kvm, boot=boot)
+        except BaseException:
+            if own_kvm:
+                kvm.close()
+            raise
+        ram = layout.ram_layout(config.memory)
+        if memory is None:
+            memory = GuestMemory.anonymous(ram)
+        elif [(int(r.start), r.size) for r in memory.regions] != ram:
+            raise HypyrError("the guest memory given does not have the configured layout")
+    except BaseException:
+        if memory is not None:
+            memory.close()
+        raise
     machine = None
     virtio_devices: list = []
     try:
         machine = Machine(memory, config.vcpus, kvm=kvm, own_kvm=own_kvm)
         serial = Serial(machine.irq_line(4), console_out)
         i8042 = I8042(machine.device_stop, kbd_irq=machine.irq_line(1))
+        devices: dict = {"serial0": serial, "i8042": i8042, "rtc": Rtc(), "acpi_pm": AcpiPm(machine.device_stop),
+                         "pvexit": PvExit(machine.device_stop), "pvpanic": PvPanic(machine.device_stop)}
         machine.pio.register(0x3F8, 8, serial)
         machine.pio.register(0x60, 1, i8042.data_port)
         machine.pio.register(0x64, 1, i8042.command_port)
-        machine.pio.register(0x70, 2, Rtc())
-        machine.pio.register(0x600, 2, AcpiPm(machine.device_stop))
-        machine.pio.register(0xF4, 1, PvExit(machine.device_stop))
-        machine.pio.register(PVPANIC_PORT, 1, PvPanic(machine.device_stop))
+        machine.pio.register(0x70, 2, devices["rtc"])
+        machine.pio.register(0x600, 2, devices["acpi_pm"])
+        machine.pio.register(0xF4, 1, devices["pvexit"])
+        machine.pio.register(PVPANIC_PORT, 1, devices["pvpanic"])
 
         virtio_devices = _virtio_devices(config, console_out)
-        mmio_windows = attach_virtio(machine, virtio_devices)
-
-        boot = setup_linux_boot(memory, config.kernel, config.initrd, config.full_cmdline(), config.vcpus,
-                                mmio_devices=mmio_windows)
-        supported = kvm.supported_cpuid()
-        for vt in machine.vcpus:
-            _configure_vcpu(vt.vcpu, supported, config.vcpus, boot.cpu if vt.vcpu.id == 0 else None)
-        log.info("built VM: %d MiB, %d vCPU(s), kernel %s (%s), entry %#x", config.memory >> 20, config.vcpus,
-                 config.kernel, boot.kernel.kind, boot.kernel.entry)
+        transports: list = []
+        mmio_windows = attach_virtio(machine, virtio_devices, transports)
+        for i, transport in enumerate(transports):
+            devices[f"virtio{i}"] = transport
         console = next((d for d in virtio_devices if isinstance(d, VirtioConsole)), serial)
         return LinuxVm(machine=machine, serial=serial, i8042=i8042, config=config, console=console,
-                       virtio=virtio_devices)
+                       virtio=virtio_devices, devices=devices, mmio_windows=mmio_windows)
     except BaseException:
         for dev in virtio_devices:
             getattr(dev, "close", lambda: None)()
@@ -248,6 +285,19 @@ def build_linux_vm(config: VmConfig, console_out: Callable[[bytes], None], *, kv
         else:
             memory.close()
         raise
+
+
+def boot_linux(vm: LinuxVm) -> None:
+    """Load the kernel and initrd, write the boot tables and set up every vCPU to boot."""
+    config, machine = vm.config, vm.machine
+    boot = setup_linux_boot(machine.memory, config.kernel, config.initrd, config.full_cmdline(), config.vcpus,
+                            mmio_devices=vm.mmio_windows)
+    supported = machine.kvm.supported_cpuid()
+    for vt in machine.vcpus:
+        _configure_vcpu(vt.vcpu, supported, config.vcpus, boot.cpu if vt.vcpu.id == 0 else None)
+    vm.cpuid = x86cpuid.adjust_cpuid(supported, 0, config.vcpus)
+    log.info("built VM: %d MiB, %d vCPU(s), kernel %s (%s), entry %#x", config.memory >> 20, config.vcpus,
+             config.kernel, boot.kernel.kind, boot.kernel.entry)
 
 
 def _virtio_devices(config: VmConfig, console_out: Callable[[bytes], None]) -> list:
@@ -266,8 +316,9 @@ def _virtio_devices(config: VmConfig, console_out: Callable[[bytes], None]) -> l
     return devices
 
 
-def attach_virtio(machine: Machine, devices: list) -> list[MmioDevice]:
-    """Give each device an MMIO window, a GSI and an ioeventfd per queue; return the windows."""
+def attach_virtio(machine: Machine, devices: list, transports: list | None = None) -> list[MmioDevice]:
+    """Give each device an MMIO window, a GSI and an ioeventfd per queue; return the windows
+    (and append each device's transport to ``transports``)."""
     io = IoThread(name="virtio-io")
     machine.services.append(io)
     windows = []
@@ -285,6 +336,8 @@ def attach_virtio(machine: Machine, devices: list) -> list[MmioDevice]:
         else:
             transport = VirtioMmioTransport(dev, machine.memory, machine.irq_line(gsi))
         machine.mmio.register(base, layout.VIRTIO_MMIO_SIZE, transport)
+        if transports is not None:
+            transports.append(transport)
         if read_only_pages:  # the driver reads registers from memory, with no exit (see register_page)
             machine.vm.map_read_only(base, transport.register_page())
         kicks = []

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -126,6 +127,12 @@ class Machine:
         self._eventfds: list[int] = []  # irqfds and absorbed-write eventfds, closed with the VM
         self._closed = False
         self.services: list = []  # objects with start()/stop() that live as long as the VM (I/O threads)
+        self.ram_slots: list[int] = []  # the KVM memslot of each memory region, in region order
+        # CLOCK_MONOTONIC (ns) when pause() saw the last vCPU parked, and when the first vCPU ran
+        # after start() or resume() (a migration's downtime is measured between the two)
+        self.paused_at_ns: int | None = None
+        self.running_at_ns: int | None = None
+        self._running = threading.Event()  # set when a vCPU runs after start() or resume()
         self.kvm = kvm or Kvm()
         self.vm: Vm | None = None
         try:
@@ -149,8 +156,8 @@ class Machine:
         if self.irqchip:
             vm.create_irqchip()
             vm.create_pit2()
-        for region in self.memory.regions:
-            vm.set_user_memory_region(region.start, region.size, region.host_address())
+        self.ram_slots = [vm.set_user_memory_region(region.start, region.size, region.host_address())
+                          for region in self.memory.regions]
         for i in range(nr_vcpus):
             self.vcpus.append(_VcpuThread(vm.create_vcpu(i)))
 
@@ -255,17 +262,28 @@ class Machine:
             self._done.set()
 
     def pause(self) -> None:
+        """Park every vCPU and return once all are parked.  A parked vCPU has no I/O exit left
+        for KVM to complete (see :meth:`_vcpu_loop`), so its state can be captured."""
         with self._cond:
             self._paused = True
+            self._running.clear()
         self._kick_all()
         with self._cond:
             self._cond.wait_for(lambda: self._stopping or all(
                 vt.state in (VcpuState.PAUSED, VcpuState.EXITED) for vt in self.vcpus if vt.thread))
+            if self.paused_at_ns is None:
+                self.paused_at_ns = time.monotonic_ns()
 
     def resume(self) -> None:
         with self._cond:
             self._paused = False
+            self.paused_at_ns = None
             self._cond.notify_all()
+
+    def wait_running(self, timeout: float | None = None) -> int | None:
+        """Wait until a vCPU runs (after :meth:`start` or :meth:`resume`); its CLOCK_MONOTONIC
+        time in ns, or None on timeout."""
+        return self.running_at_ns if self._running.wait(timeout) else None
 
     @property
     def paused(self) -> bool:
@@ -305,6 +323,9 @@ class Machine:
 
     # -- the vCPU loop --------------------------------------------------------------------------
     def _vcpu_main(self, vt: _VcpuThread) -> None:
+        with self._cond:
+            if not self._paused and not self._stopping:
+                self._note_running()
         try:
             self._vcpu_loop(vt)
         except Exception as e:  # a VMM bug must stop the VM, never leave a zombie thread
@@ -327,7 +348,13 @@ class Machine:
                 vt.state = VcpuState.RUNNING
             if not self._stopping:
                 vt.vcpu.run_state.immediate_exit = 0
+                self._note_running()
             return not self._stopping
+
+    def _note_running(self) -> None:  # with self._cond held
+        if not self._running.is_set():
+            self.running_at_ns = time.monotonic_ns()
+            self._running.set()
 
     def _vcpu_loop(self, vt: _VcpuThread) -> None:
         vcpu, run = vt.vcpu, vt.vcpu.run_state
@@ -336,8 +363,15 @@ class Machine:
         # MMIO exits (every virtio register access) are read straight from the kvm_run page
         view, mmio_exit, mmio_off, data_off = vcpu.run_view, MMIO_EXIT.unpack_from, MMIO_EXIT_OFF, MMIO_DATA_OFF
         while True:
-            if (self._paused or self._stopping) and not self._park_if_paused(vt):
-                return
+            if self._paused or self._stopping:
+                if vcpu.completion_pending and not self._stopping:
+                    # KVM finishes an IO/MMIO instruction only on the next KVM_RUN: enter once
+                    # more with immediate_exit set (KVM completes it and returns at once, or
+                    # with another I/O exit of the same instruction, handled below) and park
+                    # only then, so that a paused vCPU's state is complete
+                    run.immediate_exit = 1
+                elif not self._park_if_paused(vt):
+                    return
             reason = vcpu.run()
             vt.exits += 1
             if reason == B.KVM_EXIT_IO:

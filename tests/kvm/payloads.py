@@ -99,6 +99,27 @@ REPORT_ID = _p(
 )
 
 
+# save/restore and migration guests (tests/kvm/test_kvm_snapshot.py), one per vCPU: count in memory,
+# write the count into 16 pages in turn through ES (the host sets its base) and report it with
+# an OUT (an I/O exit every round); the other vCPU counts at 0x2800 and reports on port 0x11
+DIRTY_COUNTER = _p(
+    "dirty_counter", 16,
+    ("66 ff 06 00 20", "inc dword ptr [0x2000]"),
+    ("66 a1 00 20", "mov eax, dword ptr [0x2000]"),
+    ("26 66 89 07", "mov dword ptr es:[bx], eax"),
+    ("81 c3 04 10", "add bx, 0x1004"),              # the next page (64 KiB wrap: 16 pages)
+    ("66 e7 10", "out 0x10, eax"),
+    ("eb ea", "jmp . - 0x14"),
+)
+AP_COUNTER = _p(
+    "ap_counter", 16,
+    ("66 ff 06 00 28", "inc dword ptr [0x2800]"),
+    ("66 a1 00 28", "mov eax, dword ptr [0x2800]"),
+    ("66 e7 11", "out 0x11, eax"),
+    ("eb f2", "jmp . - 12"),
+)
+
+
 def exit_status(value: int) -> Payload:
     """Report ``value`` on hypyr's exit-status port (0xf4), then spin until stopped."""
     return _p(
@@ -157,7 +178,7 @@ UNMAPPED = _p(
 )
 
 ALL = [PIO_ROUNDTRIP, HLT, SPIN, COUNTER, REPORT_ID, exit_status(42), MMIO_ROUNDTRIP, UD2, DIV0,
-       TWO_SLOTS, UNMAPPED]
+       TWO_SLOTS, UNMAPPED, DIRTY_COUNTER, AP_COUNTER]
 
 
 # -- vCPU setup ---------------------------------------------------------------------------------

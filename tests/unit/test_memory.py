@@ -714,7 +714,7 @@ def test_dropped_lent_views_are_forgotten():
                 v.release()
         del v
         assert len(mem.regions[0]._lent) <= 5  # the three kept, the last two lent (not 1000)
-        assert all(any(k is v for v in mem.regions[0]._lent) for k in kept)
+        assert all(any(k is v for v, _, _ in mem.regions[0]._lent) for k in kept)
     finally:
         mem.close()
     with pytest.raises(ValueError):

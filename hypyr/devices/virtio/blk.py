@@ -271,6 +271,17 @@ class VirtioBlk(VirtioDevice):
                                  f"(or another disk of this VM)") from None
             log.debug("virtio-blk: cannot lock %s (%s); continuing without a lock", self.path, e.strerror)
 
+    def unlock_image(self) -> None:
+        """Release the image's lock, keeping it open: the hand-over to another VMM that opens
+        the same image (live migration).  Quiesce first: this device must not write any more."""
+        if self._fd >= 0:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def relock_image(self) -> None:
+        """Take the image's lock again (the hand-over failed); HypyrError if someone holds it."""
+        if self._fd >= 0:
+            self._lock_image(self._fd)
+
     def _build_config(self) -> bytes:
         rw = not self.read_only
         return _CONFIG.pack(

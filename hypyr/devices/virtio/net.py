@@ -105,6 +105,9 @@ class VirtioNet(VirtioDevice):
         self.tap_fd, self.mac, self.mtu = tap_fd, bytes(mac), mtu
         self.want_vhost = want_vhost and tx_rate is None
         self.vhost: VhostNet | None = None
+        # False: the data path stays in userspace even with vhost attached (while a live
+        # migration tracks the pages the VMM writes: vhost's writes are invisible to it)
+        self.vhost_allowed = True
         self.ifname = ifname or f"fd{tap_fd}"
         self.name = f"net({self.ifname})"
         os.set_blocking(tap_fd, False)
@@ -175,7 +178,7 @@ class VirtioNet(VirtioDevice):
     def _start_data_path(self) -> None:
         """vhost-net from the queues' ring progress if it is attached and works, else the
         userspace path."""
-        if self.vhost is not None:
+        if self.vhost is not None and self.vhost_allowed:
             # the rings as the queues have them: at DRIVER_OK, after a resume, or as restored
             rings = [QueueRing(q.size, q.desc_table, q.avail_ring, q.used_ring, q.last_avail)
                      for q in self.queues if q.ready]

@@ -12,11 +12,10 @@ its queues, whose state is what gets saved, and :meth:`VhostNet.start` programs 
 the (restored) queues again, with that index.  The kernel reads the used index from the ring
 itself.
 
-TODO(live migration, #11): while vhost runs, its writes into guest RAM bypass KVM's dirty-page
-log.  A pre-copy migration must either quiesce the device before the last copy round (what
-:meth:`suspend` allows: everything it wrote is then in RAM) or give vhost a dirty log
-(VHOST_SET_LOG_BASE with VHOST_F_LOG_ALL, and VHOST_VRING_F_LOG on the rings) and merge it into
-KVM's.
+Live migration (#11): while vhost runs, its writes into guest RAM bypass KVM's dirty-page log
+and the VMM's own, so during a migration the NIC runs on the userspace data path instead
+(``VirtioNet.vhost_allowed``, docs/migration.md).  A vhost dirty log (VHOST_SET_LOG_BASE with
+VHOST_F_LOG_ALL, VHOST_VRING_F_LOG on the rings) would keep vhost running; not done.
 """
 
 from __future__ import annotations

@@ -1,0 +1,482 @@
+"""Live migration, pre-copy, over a connected socket, in the record stream of save files.
+
+Source (:func:`migrate_send`)::
+
+    brief pause: NICs off vhost-net (onto the userspace path), dirty logging on (KVM for the
+      guest's writes, GuestMemory for the VMM's own), resume
+    HEADER; all of RAM (zero pages as ZERO runs)                         pass 1
+    repeat: dirty pages (KVM log | VMM marks) -> send them               pass 2, 3, ...
+      until they would take no longer than downtime_ms at the bandwidth measured in the last
+      pass, or max_iterations passes are done
+    pause, quiesce the devices; the dirty pages left; STATE; END         stop and copy
+    release the disk images' locks; wait for READY; send GO; wait for RUNNING
+
+Destination (:func:`migrate_receive`): the header (CPU checked), RAM into fresh memory, STATE,
+END checked; then build the VM (opening the disks the source released), load the state with
+kvmclock advanced by the time elapsed, reply READY; on GO start it and reply RUNNING with the
+time its first vCPU ran.
+
+Faults: until GO is sent, any failure (the link, the destination's FAILED, a timeout) makes the
+source undo everything (dirty logging off, disk locks back, vhost-net back, devices and vCPUs
+resumed) and raise :class:`~hypyr.errors.MigrationError`: the domain runs on as if nothing
+happened.  Once GO is sent the destination may be running the guest, so the source never
+resumes it by itself after that (if RUNNING does not come it stays paused, and says so): a
+domain must never run twice on shared disks.  The destination releases everything when it
+fails or loses the source before GO.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from hypyr.devices.virtio.net import VirtioNet
+from hypyr.errors import HypyrError, MigrationError, SnapshotError, StateError
+from hypyr.kvm import B, Kvm, KvmError
+
+from .builder import LinuxVm, VmConfig
+from .snapshot import (PAGE, PageSender, Progress, ProgressFn, SnapshotHeader, _header_payload, capture_state,
+                       load_vm, quiesce_devices, reacquire_disks, read_header_record, release_disks,
+                       resume_devices)
+from .stream import Rec, StreamReader, StreamWriter, decode_json, encode_json
+
+log = logging.getLogger("hypyr.migration")
+
+__all__ = ["migrate_send", "migrate_receive", "MigrationStats"]
+
+MIN_BANDWIDTH = 1 << 20  # bytes/s: a floor for the estimate (a pass of only zero pages says little)
+
+
+@dataclass(frozen=True)
+class MigrationStats:
+    seconds: float            # from the start to the destination's RUNNING
+    downtime_ms: float | None  # last source vCPU paused -> first destination vCPU running (None: was paused)
+    downtime_clock: str       # "monotonic" (both on one host: one CLOCK_MONOTONIC) or "realtime" (wall clocks)
+    iterations: int           # pre-copy passes, the full first one included
+    pages_data: int           # pages sent with their data (all passes)
+    pages_zero: int           # pages sent as ZERO runs
+    final_pages: int          # pages sent while the guest was paused
+    bytes: int                # bytes sent
+    bandwidth: float          # bytes/s measured in the last pre-copy pass
+
+
+def _bits(bitmap: bytes, limit: int) -> list[int]:
+    """Indices of the set bits of a KVM dirty bitmap (bit n of byte n // 8), below ``limit``."""
+    out = []
+    for wi, w in enumerate(memoryview(bitmap).cast("Q")):  # KVM's bitmaps are whole 64-bit words
+        if w:
+            base = wi * 64
+            while w:
+                low = w & -w
+                out.append(base + low.bit_length() - 1)
+                w ^= low
+    return [i for i in out if i < limit] if out and out[-1] >= limit else out
+
+
+class DirtyTracker:
+    """The pages written since the last look: KVM's dirty log of each RAM slot (the guest's
+    writes) with the pages the VMM wrote itself (GuestMemory's marks, lent views included)."""
+
+    def __init__(self, vm: LinuxVm):
+        self.machine = vm.machine
+        self.on = False
+        self._manual = False
+
+    def start(self) -> None:
+        m = self.machine
+        vm = m.vm
+        if vm.manual_dirty_log_protect_flags() & B.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:
+            try:
+                vm.enable_manual_dirty_log_protect()
+                self._manual = True
+            except KvmError as e:
+                log.debug("manual dirty-log protection unavailable: %s", e)
+        m.memory.start_dirty_tracking()
+        self.on = True
+        for slot in m.ram_slots:
+            vm.set_dirty_logging(slot, True)
+
+    def harvest(self) -> list[list[int]]:
+        """Per RAM region, the sorted indices of the pages dirtied since the last call."""
+        m = self.machine
+        vmm = m.memory.take_dirty()
+        out = []
+        for slot, region, own in zip(m.ram_slots, m.memory.regions, vmm):
+            bitmap = m.vm.get_dirty_log(slot)
+            if self._manual:
+                m.vm.clear_dirty_log(slot, 0, bitmap)
+            pages = _bits(bitmap, region.size // PAGE)
+            out.append(sorted(set(pages).union(own)) if own else pages)
+        return out
+
+    def stop(self) -> None:
+        if not self.on:
+            return
+        self.on = False
+        m = self.machine
+        m.memory.stop_dirty_tracking()
+        for slot in m.ram_slots:
+            try:
+                m.vm.set_dirty_logging(slot, False)
+            except KvmError as e:  # a closed VM: nothing to undo
+                log.debug("dirty logging off for slot %d: %s", slot, e)
+
+
+def _merge(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]]) -> list[list[int]]:
+    return [sorted(set(x).union(y)) for x, y in zip(a, b)]
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+class _Link:
+    """Records both ways on a connected socket."""
+
+    def __init__(self, sock: socket.socket, what: str):
+        self.sock = sock
+        self.wf = sock.makefile("wb")
+        self.rf = sock.makefile("rb")
+        self.writer = StreamWriter(self.wf)
+        self.reader = StreamReader(self.rf, what)
+
+    def send(self, rtype: Rec, payload: bytes = b"") -> None:
+        self.writer.record(rtype, payload)
+        self.writer.flush()
+
+    def close(self) -> None:
+        for f in (self.wf, self.rf):
+            try:
+                f.close()
+            except OSError:
+                pass
+
+
+# -- source --------------------------------------------------------------------------------------------
+class _Source:
+    """One outgoing migration and what to undo if it fails."""
+
+    def __init__(self, vm: LinuxVm, link: _Link, progress: ProgressFn | None):
+        self.vm, self.link, self.progress = vm, link, progress
+        self.machine = vm.machine
+        self.dirty = DirtyTracker(vm)
+        self.was_paused = self.machine.paused
+        self.paused = False           # we paused the vCPUs
+        self.quiesced = False         # we quiesced the devices
+        self.disks_released = False
+        self.off_vhost: list = []     # (transport, device) moved off vhost-net
+        self.committed = False        # GO sent: never resume after this
+        self.sender: PageSender | None = None
+        self.total = self.machine.memory.size // PAGE
+        self.iteration = 0
+        self.dirty_pages = 0
+        self.dirty_rate = 0.0
+        self._last_report = 0.0
+        self._last_check = time.monotonic()
+
+    # progress and the reverse channel, looked at while sending
+    def tick(self, phase: str = "iteration", force: bool = False) -> None:
+        now = time.monotonic()
+        if now - self._last_check > 0.2:
+            self._last_check = now
+            self.check_peer()
+        if self.progress is not None and (force or now - self._last_report > 0.2):
+            self._last_report = now
+            s = self.sender
+            self.progress(Progress(phase, self.iteration, self.link.writer.bytes, s.data_pages + s.zero_pages,
+                                   self.total, self.dirty_pages, self.dirty_rate))
+
+    def check_peer(self) -> None:
+        """The destination speaks only to reply, or to say it failed: if it has, stop."""
+        readable, _, _ = select.select([self.link.sock], [], [], 0)
+        if readable:
+            self.expect_reply(Rec.READY)  # raises for FAILED or a closed link
+
+    def expect_reply(self, want: Rec) -> dict:
+        try:
+            rtype, payload = self.link.reader.next(expect=(want, Rec.FAILED))
+        except SnapshotError as e:
+            if "truncated" in str(e):
+                raise MigrationError("the destination closed the connection") from None
+            raise MigrationError(f"the destination's reply is garbled: {e}") from None
+        if rtype is Rec.FAILED:
+            raise MigrationError(f"the destination failed: {payload.decode('utf-8', 'replace')}")
+        return decode_json(payload, "the destination's reply", rtype.name) if payload else {}
+
+    def begin(self) -> list:
+        """A brief pause: NICs off vhost-net, dirty logging on; returns vCPU 0's CPUID."""
+        m = self.machine
+        m.pause()
+        try:
+            if m.stop_reason is not None:
+                raise MigrationError(f"the VM has stopped ({m.stop_reason.message})")
+            for dev in self.vm.devices.values():
+                net = getattr(dev, "device", None)
+                if isinstance(net, VirtioNet) and net.vhost_running:
+                    dev.quiesce()
+                    net.vhost_allowed = False  # its writes would bypass the dirty log
+                    dev.resume()
+                    self.off_vhost.append((dev, net))
+            cpuid = self.vm.cpuid if self.vm.cpuid is not None else m.vcpus[0].vcpu.get_cpuid()
+            self.dirty.start()
+        finally:
+            if not self.was_paused:
+                m.resume()
+        return cpuid
+
+    def stop_and_copy(self) -> None:
+        m = self.machine
+        m.pause()
+        self.paused = True
+        if m.stop_reason is not None:
+            raise MigrationError(f"the VM stopped ({m.stop_reason.message}) during the migration")
+        quiesce_devices(self.vm)
+        self.quiesced = True
+
+    def rollback(self) -> None:
+        """Everything back as it was before the migration; the domain runs on."""
+        self.dirty.stop()
+        if self.disks_released:
+            reacquire_disks(self.vm)  # HypyrError: someone holds an image; the VM must stay paused
+            self.disks_released = False
+        if self.quiesced:
+            for _, net in self.off_vhost:
+                net.vhost_allowed = True
+            resume_devices(self.vm)
+        elif self.off_vhost:
+            self.machine.pause()
+            for dev, net in self.off_vhost:
+                dev.quiesce()
+                net.vhost_allowed = True
+                dev.resume()
+            if not self.paused and not self.was_paused:
+                self.machine.resume()
+        if self.paused and not self.was_paused:
+            self.machine.resume()
+
+
+def migrate_send(vm: LinuxVm, sock: socket.socket, *, downtime_ms: float = 300, max_iterations: int = 30,
+                 progress: ProgressFn | None = None, extra: dict | None = None,
+                 timeout: float = 60.0) -> MigrationStats:
+    """Migrate ``vm`` live to the :func:`migrate_receive` at the other end of ``sock`` (connected
+    by the caller, who also closes it).  On success the guest runs there and ``vm`` is left
+    paused and quiesced for the caller to destroy.  MigrationError otherwise: before the
+    switch-over the domain keeps running here as if nothing happened (the message says so if it
+    could not); ``timeout`` bounds every wait for the other side, in seconds."""
+    if not 1 <= max_iterations <= 10_000 or downtime_ms < 0:
+        raise MigrationError("max_iterations must be 1..10000 and downtime_ms not negative")
+    if vm.machine.stop_reason is not None:
+        raise MigrationError(f"the VM has stopped ({vm.machine.stop_reason.message}): there is nothing to migrate")
+    t0 = time.monotonic()
+    old_timeout = sock.gettimeout()
+    sock.settimeout(timeout)
+    link = _Link(sock, "the destination's reply")
+    src = _Source(vm, link, progress)
+    try:
+        stats = _send(src, vm, downtime_ms / 1000, max_iterations, extra, t0)
+    except BaseException as e:
+        reason = _describe(e, timeout)
+        if reason is None:  # not ours to describe (e.g. KeyboardInterrupt): undo, and let it go on
+            _abandon(src, sock)
+            raise
+        if isinstance(e, OSError) and not isinstance(e, KvmError) and not src.committed:
+            reason = _peer_reason(src) or reason  # the destination may have said why before it went
+        if src.committed:
+            src.dirty.stop()
+            raise MigrationError(reason) from None
+        _abandon(src, sock)
+        raise MigrationError(f"{reason}; the domain runs on here") from None
+    finally:
+        link.close()
+        sock.settimeout(old_timeout)
+    return stats
+
+
+def _describe(e: BaseException, timeout: float) -> str | None:
+    if isinstance(e, MigrationError):
+        return str(e)
+    if isinstance(e, (HypyrError, KvmError)):  # (a KvmError is an OSError too)
+        return f"the migration failed: {e}"
+    if isinstance(e, socket.timeout):
+        return f"the destination did not answer within {timeout:g} s"
+    if isinstance(e, OSError):
+        return f"the connection to the destination was lost ({e.strerror or e})"
+    return None
+
+
+def _peer_reason(src: _Source) -> str | None:
+    """The destination's FAILED sentence, if it sent one before the link broke."""
+    try:
+        if select.select([src.link.sock], [], [], 0.5)[0]:
+            src.expect_reply(Rec.READY)
+    except MigrationError as e:
+        if "closed the connection" not in str(e):
+            return str(e)
+    except (OSError, SnapshotError, ValueError):
+        pass
+    return None
+
+
+def _abandon(src: _Source, sock: socket.socket) -> None:
+    """Undo everything before the switch-over: the domain runs on here."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)  # the destination sees the end at once and cleans up
+    except OSError:
+        pass
+    try:
+        src.rollback()
+    except (HypyrError, KvmError, StateError) as e:
+        raise MigrationError(f"the migration failed and the domain could not be resumed here: {e}; it is "
+                             f"left paused") from None
+
+
+def _send(src: _Source, vm: LinuxVm, downtime_s: float, max_iterations: int, extra: dict | None,
+          t0: float) -> MigrationStats:
+    machine, link = vm.machine, src.link
+    w = link.writer
+    cpuid = src.begin()
+    w.preamble()
+    w.record(Rec.HEADER, _header_payload(vm, "migration", cpuid, extra))
+    src.sender = sender = PageSender(w, machine.memory, src.tick)
+
+    # pass 1: all of RAM; then the pages dirtied meanwhile, until the rest fits the downtime
+    src.iteration = 1
+    start, sent_before = time.monotonic(), w.bytes
+    sender.send_all()
+    link.writer.flush()
+    elapsed = time.monotonic() - start
+    bandwidth = max((w.bytes - sent_before) / max(elapsed, 1e-6), MIN_BANDWIDTH)
+    src.tick("memory", force=True)
+    while True:
+        dirty = src.dirty.harvest()
+        n = sum(len(p) for p in dirty)
+        src.dirty_pages, src.dirty_rate = n, n / max(elapsed, 1e-6)
+        if n * (PAGE + 16) / bandwidth <= downtime_s or src.iteration >= max_iterations:
+            break
+        src.iteration += 1
+        start, sent_before = time.monotonic(), w.bytes
+        sender.send_dirty(dirty)
+        link.writer.flush()
+        elapsed = time.monotonic() - start
+        bandwidth = max((w.bytes - sent_before) / max(elapsed, 1e-6), MIN_BANDWIDTH)
+        src.tick(force=True)
+        src.check_peer()
+
+    # stop and copy
+    src.stop_and_copy()
+    paused_ns, paused_wall = machine.paused_at_ns or time.monotonic_ns(), time.time_ns()
+    dirty = _merge(dirty, src.dirty.harvest())
+    final_pages = sender.send_dirty(dirty)
+    src.dirty_pages = 0
+    src.tick("stop-and-copy", force=True)
+    state = capture_state(vm, src.was_paused)
+    w.record(Rec.STATE, encode_json(state))
+    # switch-over: the disks' locks to the destination (which opens them once END is in), END,
+    # READY, GO, RUNNING
+    release_disks(vm)
+    src.disks_released = True
+    w.end()
+    w.flush()
+    src.expect_reply(Rec.READY)
+    link.send(Rec.GO)
+    src.committed = True
+    src.dirty.stop()
+    try:
+        running = src.expect_reply(Rec.RUNNING)
+    except (MigrationError, OSError) as e:
+        raise MigrationError(f"the destination was told to run the domain but did not confirm it ({e}); it is "
+                             f"left paused here: resume it only if it does not run there") from None
+    downtime, clock = _downtime(running, paused_ns, paused_wall, src.was_paused)
+    if src.progress is not None:
+        src.progress(Progress("done", src.iteration, w.bytes, src.total, src.total))
+    return MigrationStats(seconds=time.monotonic() - t0, downtime_ms=downtime, downtime_clock=clock,
+                          iterations=src.iteration, pages_data=sender.data_pages, pages_zero=sender.zero_pages,
+                          final_pages=final_pages, bytes=w.bytes, bandwidth=bandwidth)
+
+
+def _downtime(running: dict, paused_ns: int, paused_wall: int, was_paused: bool) -> tuple[float | None, str]:
+    mono, wall = running.get("monotonic_ns"), running.get("time_ns")
+    same_host = running.get("boot_id") == _boot_id() and _boot_id() != ""
+    if was_paused or not isinstance(mono, int) or not isinstance(wall, int):
+        return None, "monotonic" if same_host else "realtime"
+    if same_host:  # one host: both sides read the same CLOCK_MONOTONIC
+        return (mono - paused_ns) / 1e6, "monotonic"
+    return (wall - paused_wall) / 1e6, "realtime"
+
+
+# -- destination --------------------------------------------------------------------------------------------
+def migrate_receive(sock: socket.socket, console_out: Callable[[bytes], None], *, tap_fds: Sequence[int] = (),
+                    configure: Callable[[SnapshotHeader], VmConfig] | None = None, kvm: Kvm | None = None,
+                    progress: ProgressFn | None = None, timeout: float = 60.0,
+                    start: Callable[[LinuxVm], None] | None = None) -> LinuxVm:
+    """Receive a live migration from the :func:`migrate_send` at the other end of ``sock`` and
+    return the VM, running (or paused, as it was on the source).  ``start(vm)`` starts it
+    (default ``vm.machine.start()``; e.g. to pin vCPU threads too).  NICs: ``tap_fds`` or
+    ``configure(header)``, as for :func:`~hypyr.vmm.snapshot.restore`.  MigrationError, with
+    nothing left behind, if the stream fails, is refused or the source gives up before GO."""
+    old_timeout = sock.gettimeout()
+    sock.settimeout(timeout)
+    link = _Link(sock, "the migration stream")
+    vm = None
+    started = False
+    try:
+        header = read_header_record(link.reader, kvm)
+        vm = load_vm(link.reader, header, console_out, tap_fds=tap_fds, configure=configure, kvm=kvm,
+                     progress=progress, advance_clock=True)
+        link.send(Rec.READY, encode_json({"ok": True}))
+        try:
+            link.reader.next(expect=(Rec.GO,))
+        except SnapshotError:
+            raise MigrationError("the source gave up before the switch-over") from None
+        if vm.saved_paused:
+            vm.machine.pause()
+        (start or (lambda v: v.machine.start()))(vm)
+        started = True
+        mono = None if vm.saved_paused else vm.machine.wait_running(5.0)
+        wall = None if mono is None else time.time_ns() - (time.monotonic_ns() - mono)
+        try:
+            link.send(Rec.RUNNING, encode_json({"monotonic_ns": mono, "time_ns": wall, "boot_id": _boot_id()}))
+        except OSError as e:  # the source committed with GO: we run regardless
+            log.warning("migration: the source did not get the running acknowledgement: %s", e)
+        return vm
+    except BaseException as e:
+        if vm is not None and not started:
+            vm.close()
+        if started:
+            raise
+        _tell_failure(link, e)
+        if isinstance(e, MigrationError):
+            raise
+        if isinstance(e, KvmError):
+            raise MigrationError(f"the migration failed here: {e}") from None
+        if isinstance(e, socket.timeout):
+            raise MigrationError(f"the source sent nothing for {timeout:g} s") from None
+        if isinstance(e, OSError):
+            raise MigrationError(f"the connection to the source was lost ({e.strerror or e})") from None
+        if isinstance(e, SnapshotError) and "truncated" in str(e):
+            raise MigrationError("the migration stream broke off (the source gave up or the link dropped)") from None
+        if isinstance(e, HypyrError):
+            raise MigrationError(str(e)) from None
+        raise
+    finally:
+        link.close()
+        sock.settimeout(old_timeout)
+
+
+def _tell_failure(link: _Link, e: BaseException) -> None:
+    """Best effort: one FAILED record with the sentence, so that the source can say why."""
+    text = str(e) if isinstance(e, HypyrError) else f"{type(e).__name__}: {e}"
+    try:
+        link.writer.record(Rec.FAILED, text.encode()[:60_000])
+        link.writer.flush()
+        link.sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass

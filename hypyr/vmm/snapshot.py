@@ -1,0 +1,623 @@
+"""Save and restore a whole VM in the record stream of :mod:`hypyr.vmm.stream`, and the pieces
+live migration (:mod:`hypyr.vmm.migration`) shares with them.
+
+::
+
+    save(vm, f)              pause the vCPUs (none left with an I/O to complete), quiesce every
+                             device, capture device states, then VM and vCPU states; write HEADER,
+                             guest RAM (zero pages as ZERO runs), STATE, END; then resume
+                             (``keep_running``) or leave the VM paused and quiesced
+    restore(f, console_out)  HEADER (format, host CPU) -> RAM -> STATE -> END checked -> build the
+                             VM from the saved config without a kernel -> VM state, vCPUs, device
+                             states -> resume devices; returns the VM with its vCPUs not started
+
+A file that is truncated, corrupt, of another format version or from an incompatible CPU is a
+:class:`~hypyr.errors.SnapshotError` (one sentence), raised before a VM exists: its guest RAM is
+released and nothing else was made.  docs/migration.md describes the format and the checks.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from typing import BinaryIO, Callable, Sequence
+
+from hypyr.arch.x86 import cpuid as x86cpuid
+from hypyr.arch.x86 import layout
+from hypyr.arch.x86.vcpu_state import VcpuState, VmState
+from hypyr.devices.state import StateReader
+from hypyr.devices.virtio.blk import VirtioBlk
+from hypyr.errors import HypyrError, SnapshotError, StateError
+from hypyr.kvm import CpuidEntry, Kvm, KvmError, KvmUnavailable
+from hypyr.memory import GuestMemory
+
+from .builder import DiskConfig, LinuxVm, NetConfig, VmConfig, build_vm, validate
+from .stream import (MAX_RUN, PAGE, Rec, StreamReader, StreamWriter, decode_json, encode_json, pages_head,
+                     parse_pages, parse_zero, zero_payload)
+from .stream import VERSION as FORMAT_VERSION
+
+log = logging.getLogger("hypyr.snapshot")
+
+__all__ = ["save", "restore", "read_header", "release_disks", "reacquire_disks", "SnapshotHeader", "SaveStats",
+           "Progress", "FORMAT_VERSION"]
+
+_ZERO_PAGE = bytes(PAGE)
+_ZERO_RUN = bytes(MAX_RUN * PAGE)
+_MAX_ZERO_RUN = 1 << 31  # pages in one ZERO run
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What a long save, restore or migration has done so far (for a progress bar)."""
+    phase: str                # "memory" (first pass), "iteration", "stop-and-copy", "state", "loading"
+    iteration: int            # pre-copy pass (1: the full first pass)
+    bytes: int                # bytes written or read so far
+    pages: int                # pages sent or loaded so far, data and zero
+    total_pages: int          # pages of guest RAM
+    dirty_pages: int = 0      # migration: pages left to send at the last look
+    dirty_rate: float = 0.0   # migration: pages per second the guest dirtied in the last pass
+
+
+ProgressFn = Callable[[Progress], None]
+
+
+@dataclass(frozen=True)
+class SaveStats:
+    seconds: float
+    bytes: int
+    pages_data: int           # pages written with their data
+    pages_zero: int           # pages written as ZERO runs (no data)
+
+
+# -- configuration in the header ------------------------------------------------------------------
+def config_to_dict(c: VmConfig) -> dict:
+    """What rebuilds the VM, as plain data (no descriptors: the NICs' taps are the caller's)."""
+    return {"kernel": c.kernel, "initrd": c.initrd, "cmdline": c.cmdline, "memory": c.memory, "vcpus": c.vcpus,
+            "exec_cmd": c.exec_cmd, "disks": [{"path": d.path, "read_only": d.read_only} for d in c.disks],
+            "root_disk": c.root_disk, "console": c.console,
+            "nets": [{"mac": n.mac, "mtu": n.mtu, "vhost": n.vhost,
+                      "tx_rate": [n.tx_rate[0], n.tx_rate[1]] if n.tx_rate else None, "name": n.name}
+                     for n in c.nets]}
+
+
+def config_from_dict(d: object) -> VmConfig:
+    """The VmConfig of :func:`config_to_dict`'s output, checked (StateError); NICs have tap -1."""
+    r = StateReader(d, "config")
+    kernel = r.text("kernel", 4096)
+    initrd = r.text("initrd", 4096, optional=True)
+    cmdline = r.text("cmdline", 1 << 16)
+    memory = r.integer("memory", 0, 1 << 50)
+    vcpus = r.integer("vcpus", 1, 4096)
+    exec_cmd = r.text("exec_cmd", 1 << 16, optional=True)
+    disks = []
+    for i, raw in enumerate(r.items("disks", 64)):
+        dr = StateReader(raw, f"config.disks[{i}]")
+        disks.append(DiskConfig(dr.text("path", 4096), dr.flag("read_only")))
+        dr.done()
+    root_disk = r.flag("root_disk")
+    console = r.text("console", 16)
+    nets = []
+    for i, raw in enumerate(r.items("nets", 64)):
+        nr = StateReader(raw, f"config.nets[{i}]")
+        mac, mtu = nr.text("mac", 17), nr.integer("mtu", 68, 65535, optional=True)
+        vhost = nr.raw("vhost")
+        rate = nr.raw("tx_rate")
+        name = nr.text("name", 64)
+        nr.done()
+        if vhost is not None and not isinstance(vhost, bool):
+            raise StateError(f"config.nets[{i}].vhost must be a bool or None")
+        if rate is not None:
+            ok = (isinstance(rate, list) and len(rate) == 2 and isinstance(rate[0], int)
+                  and not isinstance(rate[0], bool) and isinstance(rate[1], (int, float))
+                  and not isinstance(rate[1], bool) and 0 < rate[0] < 1 << 40 and 0 < rate[1] < 3600)
+            if not ok:
+                raise StateError(f"config.nets[{i}].tx_rate must be [bytes per second, interval]")
+            rate = (rate[0], float(rate[1]))
+        nets.append(NetConfig(tap_fd=-1, mac=mac, mtu=mtu, vhost=vhost, tx_rate=rate, name=name))
+    r.done()
+    return VmConfig(kernel=kernel, initrd=initrd, cmdline=cmdline, memory=memory, vcpus=vcpus, exec_cmd=exec_cmd,
+                    disks=disks, root_disk=root_disk, console=console, nets=nets)
+
+
+# -- the host CPU ---------------------------------------------------------------------------------------
+# (leaf, subleaf, register, bits that need not match): the CPUID words that say which
+# features the guest may use; OSXSAVE, APIC and OSPKE follow the guest's own CR4/APIC base.
+_FEATURE_WORDS = ((0x1, 0, "ecx", 1 << 27), (0x1, 0, "edx", 1 << 9), (0x7, 0, "ebx", 0), (0x7, 0, "ecx", 1 << 4),
+                  (0x7, 0, "edx", 0), (0x7, 1, "eax", 0), (0xD, 1, "eax", 0), (0x80000001, 0, "ecx", 0),
+                  (0x80000001, 0, "edx", 0), (0x80000008, 0, "ebx", 0), (0x40000001, 0, "eax", 0))
+
+
+def _feature_words(entries: Sequence[CpuidEntry]) -> dict[str, int]:
+    by_leaf = {(e.function, e.index): e for e in entries}
+    out = {}
+    for leaf, sub, reg, ignore in _FEATURE_WORDS:
+        e = by_leaf.get((leaf, sub))
+        if e is not None:
+            out[f"{leaf:#x}.{sub}.{reg}"] = getattr(e, reg) & ~ignore & 0xFFFF_FFFF
+    return out
+
+
+def _signature(entries: Sequence[CpuidEntry]) -> dict:
+    eax = next((e.eax for e in entries if e.function == 1), 0)
+    family = (eax >> 8) & 0xF
+    model = (eax >> 4) & 0xF
+    if family in (6, 15):
+        model |= ((eax >> 16) & 0xF) << 4
+    if family == 15:
+        family += (eax >> 20) & 0xFF
+    return {"vendor": x86cpuid.cpu_vendor(list(entries)), "family": family, "model": model, "stepping": eax & 0xF}
+
+
+def cpu_signature(kvm: Kvm, guest_cpuid: Sequence[CpuidEntry]) -> dict:
+    """This host's CPU (vendor, family, model, stepping) and the feature words the guest was given."""
+    return {**_signature(kvm.supported_cpuid()), "features": _feature_words(guest_cpuid)}
+
+
+def check_cpu(sig: dict, kvm: Kvm, nr_vcpus: int, what: str) -> None:
+    """SnapshotError unless this host can run a guest of CPU signature ``sig``: the same vendor,
+    and every feature the guest was given offered here too (another family or model is logged)."""
+    host_entries = kvm.supported_cpuid()
+    here = _signature(host_entries)
+    if sig["vendor"] != here["vendor"]:
+        raise SnapshotError(f"{what} was made on a {sig['vendor'] or 'unknown'} CPU; this host's is "
+                            f"{here['vendor'] or 'unknown'}")
+    offered = _feature_words(x86cpuid.adjust_cpuid(host_entries, 0, nr_vcpus))
+    for key, value in sig["features"].items():
+        missing = value & ~offered.get(key, 0)
+        if missing:
+            bits = ", ".join(str(b) for b in range(32) if missing >> b & 1)
+            raise SnapshotError(f"{what} needs CPU features this host lacks (CPUID {key} bit(s) {bits})")
+    if (sig["family"], sig["model"]) != (here["family"], here["model"]):
+        log.info("%s was made on CPU family %d model %d; this host is family %d model %d", what, sig["family"],
+                 sig["model"], here["family"], here["model"])
+
+
+def _parse_cpu(raw: object) -> dict:
+    r = StateReader(raw, "cpu")
+    sig = {"vendor": r.text("vendor", 12), "family": r.integer("family", 0, 0x10F),
+           "model": r.integer("model", 0, 0xFF), "stepping": r.integer("stepping", 0, 0xF)}
+    features = r.raw("features")
+    r.done()
+    if not isinstance(features, dict) or len(features) > 64 or not all(
+            isinstance(k, str) and len(k) < 32 and isinstance(v, int) and not isinstance(v, bool)
+            and 0 <= v <= 0xFFFF_FFFF for k, v in features.items()):
+        raise StateError("cpu.features must map CPUID words to 32-bit values")
+    return {**sig, "features": features}
+
+
+# -- the header -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SnapshotHeader:
+    """The HEADER record: what a destination needs before it builds anything."""
+    kind: str                           # "save" or "migration"
+    created: float                      # time.time() on the source
+    config: VmConfig                    # NICs with tap_fd -1: the caller supplies taps
+    memory: list[tuple[int, int]]       # guest RAM regions (start, size)
+    devices: list[str]                  # LinuxVm.devices names, in build order
+    cpu: dict                           # the source's CPU signature (see cpu_signature)
+    extra: dict = field(default_factory=dict)  # the caller's own data (e.g. the domain's xl.cfg)
+
+    def vm_config(self, tap_fds: Sequence[int] = ()) -> VmConfig:
+        """The saved configuration, the NICs on ``tap_fds`` (one per NIC, in order)."""
+        nets = self.config.nets
+        if len(tap_fds) != len(nets):
+            raise SnapshotError(f"the saved VM has {len(nets)} NIC(s): give one tap for each, not {len(tap_fds)}")
+        return replace(self.config, nets=[replace(n, tap_fd=fd) for n, fd in zip(nets, tap_fds)])
+
+
+def _header_payload(vm: LinuxVm, kind: str, guest_cpuid: Sequence[CpuidEntry], extra: dict | None) -> bytes:
+    return encode_json({"format": FORMAT_VERSION, "kind": kind, "created": time.time(),
+                        "config": config_to_dict(vm.config),
+                        "memory": [[int(r.start), r.size] for r in vm.machine.memory.regions],
+                        "devices": list(vm.devices), "cpu": cpu_signature(vm.machine.kvm, guest_cpuid),
+                        "extra": extra or {}})
+
+
+def _parse_header(payload: bytes, what: str) -> SnapshotHeader:
+    d = decode_json(payload, what, "HEADER")
+    try:
+        r = StateReader(d, "header")
+        if r.integer("format", 0, 1 << 31) != FORMAT_VERSION:
+            raise StateError("its format version is not the preamble's")
+        kind = r.text("kind", 16)
+        created = r.raw("created")
+        config = config_from_dict(r.raw("config"))
+        memory = r.items("memory", 2, 1)
+        devices = r.items("devices", 64)
+        cpu = _parse_cpu(r.raw("cpu"))
+        extra = r.raw("extra")
+        r.done()
+        if kind not in ("save", "migration") or not isinstance(created, (int, float)) or isinstance(created, bool):
+            raise StateError("kind or creation time is malformed")
+        if not isinstance(extra, dict) or not all(isinstance(n, str) and len(n) <= 64 for n in devices):
+            raise StateError("extra or the device names are malformed")
+        try:
+            expected = layout.ram_layout(config.memory)
+        except HypyrError:
+            expected = None
+        if not 1 <= config.vcpus <= 254 or expected is None or memory != [list(m) for m in expected]:
+            raise StateError("the memory layout or vCPU count does not follow from the configuration")
+    except StateError as e:
+        raise SnapshotError(f"{what} is corrupt (its HEADER: {e})") from None
+    return SnapshotHeader(kind=kind, created=float(created), config=config, memory=expected,
+                          devices=list(devices), cpu=cpu, extra=extra)
+
+
+def read_header_record(reader: StreamReader, kvm: Kvm | None, *, check: bool = True) -> SnapshotHeader:
+    """Preamble and HEADER from ``reader``; with ``check``, the CPU is checked against this host."""
+    reader.preamble()
+    _, payload = reader.next(expect=(Rec.HEADER,))
+    header = _parse_header(payload, reader.what)
+    if check:
+        _with_kvm(kvm, lambda k: check_cpu(header.cpu, k, header.config.vcpus, reader.what))
+    return header
+
+
+def read_header(f: BinaryIO, *, kvm: Kvm | None = None, check: bool = True) -> SnapshotHeader:
+    """The header of save file ``f`` (to see what it holds before restoring it)."""
+    try:
+        return read_header_record(StreamReader(f, "the save file"), kvm, check=check)
+    except OSError as e:
+        raise SnapshotError(f"cannot read the save file: {e.strerror or e}") from None
+
+
+def _with_kvm(kvm: Kvm | None, use):
+    if kvm is not None:
+        return use(kvm)
+    try:
+        k = Kvm()
+    except KvmUnavailable as e:
+        raise SnapshotError(str(e)) from None
+    try:
+        return use(k)
+    finally:
+        k.close()
+
+
+# -- pausing, state -----------------------------------------------------------------------------------------
+def quiesce_devices(vm: LinuxVm) -> None:
+    for dev in vm.devices.values():
+        dev.quiesce()
+
+
+def resume_devices(vm: LinuxVm) -> None:
+    for dev in vm.devices.values():
+        dev.resume()
+
+
+def pause_and_quiesce(vm: LinuxVm) -> bool:
+    """Pause every vCPU (none left with an I/O exit to complete), then quiesce every device.
+    Returns whether the VM was paused already.  SnapshotError (and the VM as it was) if it has
+    stopped or a device cannot be quiesced."""
+    machine = vm.machine
+    if machine.stop_reason is not None:
+        raise SnapshotError(f"the VM has stopped ({machine.stop_reason.message}): there is nothing to save")
+    was_paused = machine.paused
+    machine.pause()
+    if machine.stop_reason is not None:
+        raise SnapshotError(f"the VM stopped ({machine.stop_reason.message}) while it was being paused")
+    try:
+        quiesce_devices(vm)
+    except StateError as e:
+        resume_running(vm, was_paused)
+        raise SnapshotError(f"the VM cannot be saved now: {e}") from None
+    return was_paused
+
+
+def resume_running(vm: LinuxVm, was_paused: bool) -> None:
+    """Undo :func:`pause_and_quiesce`: devices first, then the vCPUs unless they were paused."""
+    resume_devices(vm)
+    if not was_paused:
+        vm.machine.resume()
+
+
+def capture_state(vm: LinuxVm, paused: bool) -> dict:
+    """With the vCPUs paused and every device quiesced: device states (in build order), then the
+    VM's interrupt controllers, PIT and clock, then every vCPU (docs/save-restore.md)."""
+    machine = vm.machine
+    try:
+        devices = [[name, dev.save_state()] for name, dev in vm.devices.items()]
+        vm_state = VmState.capture(machine.vm)
+        msrs = machine.kvm.msr_index_list()
+        vcpus = [VcpuState.capture(vt.vcpu, msrs) for vt in machine.vcpus]
+    except StateError as e:
+        raise SnapshotError(f"the VM cannot be saved now: {e}") from None
+    except KvmError as e:
+        raise SnapshotError(f"KVM would not give the VM's state: {e}") from None
+    return {"vm": vm_state.to_dict(), "vcpus": [s.to_dict() for s in vcpus], "devices": devices, "paused": paused}
+
+
+def apply_state(vm: LinuxVm, state: object, *, advance_clock: bool, what: str) -> None:
+    """Load a STATE record's contents into ``vm`` (fresh, its RAM loaded): VM state, then every
+    vCPU, then every device; then resume the devices.  Everything is parsed first."""
+    machine = vm.machine
+    try:
+        r = StateReader(state, "its STATE")
+        vm_state = VmState.from_dict(r.raw("vm"))
+        n = len(machine.vcpus)
+        vcpus = [VcpuState.from_dict(v, f"vcpu[{i}]") for i, v in enumerate(r.items("vcpus", n, n))]
+        devices = r.items("devices", len(vm.devices), len(vm.devices))
+        paused = r.flag("paused")
+        r.done()
+        for d, mine in zip(devices, vm.devices):
+            if not isinstance(d, list) or len(d) != 2 or d[0] != mine:
+                raise StateError(f"the saved devices are not this VM's ({mine!r} expected)")
+    except StateError as e:
+        raise SnapshotError(f"{what} is corrupt ({e})") from None
+    if vcpus:
+        check_cpu({**_signature(machine.kvm.supported_cpuid()), "features": _feature_words(vcpus[0].cpuid)},
+                  machine.kvm, n, what)
+    try:
+        vm_state.restore(machine.vm, advance_clock=advance_clock)
+        for s, vt in zip(vcpus, machine.vcpus):
+            s.restore(vt.vcpu)
+        for name, dev_state in devices:
+            vm.devices[name].load_state(dev_state)
+    except StateError as e:
+        raise SnapshotError(f"{what} does not fit this VM: {e}") from None
+    except KvmError as e:
+        raise SnapshotError(f"KVM refused the state in {what}: {e}") from None
+    resume_devices(vm)
+    vm.cpuid = list(vcpus[0].cpuid) if vcpus else None
+    vm.saved_paused = paused
+
+
+# -- guest RAM --------------------------------------------------------------------------------------------
+def page_runs(pages: Sequence[int], limit: int = MAX_RUN):
+    """(first, count) runs of consecutive page numbers in sorted ``pages``, at most ``limit`` long."""
+    i, n = 0, len(pages)
+    while i < n:
+        j = i + 1
+        while j < n and j - i < limit and pages[j] == pages[j - 1] + 1:
+            j += 1
+        yield pages[i], j - i
+        i = j
+
+
+class PageSender:
+    """Writes guest RAM as PAGES records, pages that read as zeros as ZERO runs (no data)."""
+
+    def __init__(self, writer: StreamWriter, memory: GuestMemory, tick: Callable[[], None] | None = None):
+        self.w, self.mem, self._tick = writer, memory, tick
+        self.data_pages = 0
+        self.zero_pages = 0
+        self._zero: list[list[int]] = []
+
+    def send_all(self) -> None:
+        for r in self.mem.regions:
+            self._send_range(int(r.start), r.size // PAGE)
+        self.flush()
+
+    def send_dirty(self, dirty: Sequence[Sequence[int]]) -> int:
+        """Send the pages ``dirty`` lists per region (sorted page indices); return how many."""
+        total = 0
+        for r, pages in zip(self.mem.regions, dirty):
+            for first, count in page_runs(pages):
+                self._send_range(int(r.start) + first * PAGE, count)
+            total += len(pages)
+        self.flush()
+        return total
+
+    def flush(self) -> None:
+        if self._zero:
+            self.w.record(Rec.ZERO, zero_payload([(a, n) for a, n in self._zero]))
+            self._zero = []
+
+    def _send_range(self, gpa: int, npages: int) -> None:
+        for off in range(0, npages, MAX_RUN):
+            n = min(MAX_RUN, npages - off)
+            base = gpa + off * PAGE
+            data = self.mem.read(base, n * PAGE)
+            if n == MAX_RUN and data == _ZERO_RUN:
+                self._add_zero(base, n)
+            else:
+                zero = [data[k * PAGE:(k + 1) * PAGE] == _ZERO_PAGE for k in range(n)]
+                i = 0
+                while i < n:
+                    j = i + 1
+                    while j < n and zero[j] == zero[i]:
+                        j += 1
+                    if zero[i]:
+                        self._add_zero(base + i * PAGE, j - i)
+                    else:
+                        self.w.record(Rec.PAGES, pages_head(base + i * PAGE, j - i),
+                                      memoryview(data)[i * PAGE:j * PAGE])
+                        self.data_pages += j - i
+                    i = j
+            if self._tick is not None:
+                self._tick()
+
+    def _add_zero(self, gpa: int, n: int) -> None:
+        self.zero_pages += n
+        last = self._zero[-1] if self._zero else None
+        if last is not None and last[0] + last[1] * PAGE == gpa and last[1] + n <= _MAX_ZERO_RUN:
+            last[1] += n
+            return
+        self._zero.append([gpa, n])
+        if len(self._zero) >= 65536:
+            self.flush()
+
+
+class PageLoader:
+    """Puts PAGES and ZERO records into guest RAM, each range checked against its layout."""
+
+    def __init__(self, memory: GuestMemory, what: str):
+        self.mem, self.what = memory, what
+        self._starts = [int(r.start) for r in memory.regions]
+        self._written = [bytearray(r.size // PAGE) for r in memory.regions]  # pages holding data
+        self.pages = 0
+
+    def put_pages(self, payload: bytes) -> None:
+        gpa, count, data = parse_pages(payload, self.what)
+        i, first = self._locate(gpa, count)
+        self.mem.write(gpa, data)
+        self._written[i][first:first + count] = b"\x01" * count
+        self.pages += count
+
+    def put_zero(self, payload: bytes) -> None:
+        for gpa, count in parse_zero(payload, self.what):
+            i, first = self._locate(gpa, count)
+            marks = self._written[i]
+            self.pages += count
+            if marks.find(1, first, first + count) < 0:
+                continue  # never written: reads as zeros already
+            for off in range(0, count, MAX_RUN):  # a page sent earlier in a migration, zero now
+                n = min(MAX_RUN, count - off)
+                if marks.find(1, first + off, first + off + n) >= 0:
+                    self.mem.write(gpa + off * PAGE, memoryview(_ZERO_RUN)[:n * PAGE])
+            marks[first:first + count] = bytes(count)
+
+    def _locate(self, gpa: int, count: int) -> tuple[int, int]:
+        i = bisect.bisect_right(self._starts, gpa) - 1
+        r = self.mem.regions[i] if i >= 0 else None
+        if r is None or not r.contains(gpa, count * PAGE):
+            raise SnapshotError(f"{self.what} is corrupt (pages at {gpa:#x}+{count * PAGE:#x} are not guest RAM)")
+        return i, (gpa - int(r.start)) // PAGE
+
+
+def load_records(reader: StreamReader, memory: GuestMemory, progress: ProgressFn | None = None) -> object:
+    """Read PAGES/ZERO records into ``memory`` up to STATE, then END (checked); return the state."""
+    loader = PageLoader(memory, reader.what)
+    total = memory.size // PAGE
+    last = time.monotonic()
+    state = None
+    while True:
+        rtype, payload = reader.next(expect=(Rec.PAGES, Rec.ZERO, Rec.STATE) if state is None else (Rec.END,))
+        if rtype is Rec.PAGES:
+            loader.put_pages(payload)
+        elif rtype is Rec.ZERO:
+            loader.put_zero(payload)
+        elif rtype is Rec.STATE:
+            state = decode_json(payload, reader.what, "STATE")
+        else:
+            return state
+        if progress is not None and time.monotonic() - last > 0.2:
+            last = time.monotonic()
+            progress(Progress("loading", 0, reader.bytes, loader.pages, total))
+
+
+def load_vm(reader: StreamReader, header: SnapshotHeader, console_out: Callable[[bytes], None], *,
+            tap_fds: Sequence[int] = (), configure: Callable[[SnapshotHeader], VmConfig] | None = None,
+            kvm: Kvm | None = None, progress: ProgressFn | None = None, advance_clock: bool = False,
+            before_build: Callable[[], None] | None = None) -> LinuxVm:
+    """The rest of the stream after its header, as a new VM (vCPUs not started, devices
+    resumed).  RAM is read first; the VM (disks opened) is built only after END checked out,
+    and ``before_build()`` runs just before.  On any failure everything is released again."""
+    config = configure(header) if configure is not None else header.vm_config(tap_fds)
+    if layout.ram_layout(config.memory) != header.memory:
+        raise SnapshotError(f"the configuration given for {reader.what} has another memory size than the saved VM")
+    try:
+        validate(config, boot=False)
+    except HypyrError as e:
+        raise SnapshotError(f"the VM of {reader.what} cannot be built here: {e}") from None
+    memory = GuestMemory.anonymous(header.memory)
+    try:
+        state = load_records(reader, memory, progress)
+        if before_build is not None:
+            before_build()
+    except BaseException:
+        memory.close()
+        raise
+    try:
+        vm = build_vm(config, console_out, kvm=kvm, memory=memory, boot=False)
+    except SnapshotError:
+        raise
+    except (HypyrError, KvmError) as e:
+        raise SnapshotError(f"cannot rebuild the VM of {reader.what}: {e}") from None
+    try:
+        if list(vm.devices) != header.devices:
+            raise SnapshotError(f"the VM built for {reader.what} has other devices than the saved one "
+                                f"({', '.join(header.devices)})")
+        apply_state(vm, state, advance_clock=advance_clock, what=reader.what)
+    except BaseException:
+        vm.close()
+        raise
+    return vm
+
+
+# -- disks ---------------------------------------------------------------------------------------------------
+def release_disks(vm: LinuxVm) -> None:
+    """Release every disk image's lock (keeping it open) so that another VMM may open it: the
+    hand-over of shared storage.  Only with the devices quiesced (after a save or the final
+    copy of a migration); :func:`reacquire_disks` undoes it."""
+    for dev in vm.virtio:
+        if isinstance(dev, VirtioBlk):
+            dev.unlock_image()
+
+
+def reacquire_disks(vm: LinuxVm, timeout: float = 5.0) -> None:
+    """Take the disk images' locks back; HypyrError if another process still holds one after
+    ``timeout`` seconds (the VM must then not write to it)."""
+    deadline = time.monotonic() + timeout
+    for dev in vm.virtio:
+        if not isinstance(dev, VirtioBlk):
+            continue
+        while True:
+            try:
+                dev.relock_image()
+                break
+            except HypyrError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+
+# -- save and restore ------------------------------------------------------------------------------------------
+def save(vm: LinuxVm, f: BinaryIO, *, keep_running: bool = False, progress: ProgressFn | None = None,
+         extra: dict | None = None) -> SaveStats:
+    """Write ``vm`` to ``f``.  The VM is paused and its devices quiesced for the save; then it
+    runs on with ``keep_running`` (``xl save -c``; a VM paused before stays paused), or stays
+    paused and quiesced for the caller to destroy (its disks stay locked until then, or until
+    :func:`release_disks`).  ``extra``: plain data kept in the header for the caller (e.g. the
+    domain's configuration).  SnapshotError on failure, after which the VM runs on as before."""
+    t0 = time.monotonic()
+    was_paused = pause_and_quiesce(vm)
+    try:
+        state = capture_state(vm, was_paused)
+        w = StreamWriter(f)
+        w.preamble()
+        cpuid = [CpuidEntry(**e) for e in state["vcpus"][0]["cpuid"]] if state["vcpus"] else []
+        w.record(Rec.HEADER, _header_payload(vm, "save", cpuid, extra))
+        total = vm.machine.memory.size // PAGE
+        last = [time.monotonic()]
+
+        def tick() -> None:
+            if progress is not None and time.monotonic() - last[0] > 0.2:
+                last[0] = time.monotonic()
+                progress(Progress("memory", 1, w.bytes, sender.data_pages + sender.zero_pages, total))
+        sender = PageSender(w, vm.machine.memory, tick)
+        sender.send_all()
+        if progress is not None:
+            progress(Progress("state", 1, w.bytes, total, total))
+        w.record(Rec.STATE, encode_json(state))
+        w.end()
+        w.flush()
+    except BaseException as e:
+        resume_running(vm, was_paused)
+        if isinstance(e, OSError):
+            raise SnapshotError(f"cannot write the save file: {e.strerror or e}") from None
+        raise
+    if keep_running:
+        resume_running(vm, was_paused)
+    return SaveStats(seconds=time.monotonic() - t0, bytes=w.bytes, pages_data=sender.data_pages,
+                     pages_zero=sender.zero_pages)
+
+
+def restore(f: BinaryIO, console_out: Callable[[bytes], None], *, tap_fds: Sequence[int] = (),
+            configure: Callable[[SnapshotHeader], VmConfig] | None = None, kvm: Kvm | None = None,
+            progress: ProgressFn | None = None) -> LinuxVm:
+    """A new VM from save file ``f``, its vCPUs not started (``vm.machine.start()`` runs it;
+    ``pause()`` first to have it start paused; ``vm.saved_paused`` says whether it was paused
+    when saved).  kvmclock goes on from its saved value.  NICs: ``tap_fds`` (one per saved NIC),
+    or ``configure(header)`` returns the whole configuration.  SnapshotError, with nothing
+    left behind, if the file is truncated, corrupt, of another version, from another CPU, or
+    does not fit."""
+    reader = StreamReader(f, "the save file")
+    try:
+        header = read_header_record(reader, kvm)
+        return load_vm(reader, header, console_out, tap_fds=tap_fds, configure=configure, kvm=kvm,
+                       progress=progress)
+    except OSError as e:
+        raise SnapshotError(f"cannot read the save file: {e.strerror or e}") from None
