@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
+
+import pytest
+
+from hypyr.lab import parts
 
 
 def test_exec_runs_in_guest_and_returns_its_status(hypyr_run):
@@ -61,3 +66,18 @@ def test_guest_kernel_panic_is_reported_as_a_crash(hypyr_run):
     r = hypyr_run("--exec", "echo c > /proc/sysrq-trigger; sleep 30")
     assert r.returncode == 124
     assert "panicked" in r.stderr
+
+
+@pytest.mark.parametrize("vcpus", [1, 2])
+def test_debian_generic_kernel_boots_to_userspace(hypyr_run, guest_image, vcpus):
+    """Debian's generic flavour (XZ bzImage, the kernel most Debian systems run; the lab's own L1
+    kernel) boots as the cloud one does, with 1 and 2 vCPUs (its modules do not match the default
+    initrd's, which are the cloud kernel's: the init says so and goes on)."""
+    kernel = parts.lab_dir() / "vmlinuz"
+    assert kernel.is_file(), f"the lab's generic kernel is missing at {kernel}"
+    r = hypyr_run("--kernel", str(kernel), "--initrd", str(guest_image.initrd), "--vcpus", str(vcpus),
+                  "--exec", "echo release-$(uname -r); echo cpus-$(nproc)")
+    assert r.returncode == 0
+    release = re.search(r"^release-(\S+)$", r.stdout, re.M)
+    assert release and release.group(1).endswith("-amd64") and "cloud" not in release.group(1)
+    assert f"cpus-{vcpus}" in r.stdout
