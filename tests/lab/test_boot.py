@@ -78,6 +78,6 @@ def test_debian_generic_kernel_boots_to_userspace(hypyr_run, guest_image, vcpus)
     r = hypyr_run("--kernel", str(kernel), "--initrd", str(guest_image.initrd), "--vcpus", str(vcpus),
                   "--exec", "echo release-$(uname -r); echo cpus-$(nproc)")
     assert r.returncode == 0
-    release = re.search(r"^release-(\S+)$", r.stdout, re.M)
+    release = re.search(r"^release-(\S+)$", r.stdout.replace("\r", ""), re.M)
     assert release and release.group(1).endswith("-amd64") and "cloud" not in release.group(1)
     assert f"cpus-{vcpus}" in r.stdout
