@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 HYPYR := $(PY) -m hypyr
 PYTEST_LAB_OPTS ?= -q -p no:cacheprovider -p hypyr.lab.resume -o console_output_style=classic
 
-.PHONY: all deps demo test test-unit test-lab image bench clean
+.PHONY: all deps demo test test-unit test-lab lint image bench clean
 
 all: test
 
@@ -27,6 +27,11 @@ demo: image
 
 test-unit: deps
 	$(PY) -m pytest tests/unit tests/kvm -q
+
+# ruff and mypy, configured in pyproject.toml (issue #14); scripts/ holds no Python
+lint: deps
+	$(PY) -m ruff check hypyr tests bench
+	$(PY) -m mypy hypyr
 
 # One L1 boot runs every lab test.  (The host-KVM payload tests stay on the host: under QEMU
 # TCG's emulated SVM a guest spinning with interrupts off once wedged L1 in soft lockups.)

@@ -86,14 +86,14 @@ def lab_guest(kernel: str | None, initrd: str | None) -> tuple[str, str, str] | 
     return kernel, initrd, qemu
 
 
-def run_until_marker(cmd: list[str], marker: bytes, timeout: float, wait_for_exit: bool, *,
-                     what: str = "the marker", tail_len: int = 600) -> tuple[float | None, float, int | None, str, bytes]:
+def run_until_marker(cmd: list[str], marker: bytes, timeout: float, wait_for_exit: bool, *, what: str = "the marker",
+                     tail_len: int = 600) -> tuple[float | None, float, int | None, str, bytes]:
     """Start CMD with stdout on a pipe; return (marker_s, total_s, exit_status, note, output).
 
     The child runs in its own process group and is always gone when this returns: killed as soon
     as the marker appears (unless wait_for_exit), or at the deadline.
     """
-    stderr_file = tempfile.TemporaryFile()
+    stderr_file = tempfile.TemporaryFile()  # noqa: SIM115 (open for the child's lifetime; closed below)
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr_file,
                             bufsize=0, start_new_session=True)

@@ -33,7 +33,7 @@ REPO = HERE.parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE.parent))
-from _common import ensure_image, kill_all_live, lab_command, lab_guest, install_signal_handlers, run_until_marker  # noqa: E402
+from _common import ensure_image, install_signal_handlers, kill_all_live, lab_command, lab_guest, run_until_marker  # noqa: E402
 
 GUEST_MEMORY = "512M"
 SEQ_GOAL = 0.9                 # hypyr / QEMU, sequential throughput
@@ -65,7 +65,7 @@ while [ $i -lt $R ];do dd if=/dev/zero of=/dev/null bs=4k count=1 skip=$(((RANDO
 b=$(t);o forkbase_us $((b-a))
 o dd_error $e
 echo BLK done
-exit $e"""
+exit $e"""  # noqa: E501 (a guest shell script, kept compact)
 
 
 def guest_script(mib: int, seq4k: int, rand: int) -> str:
@@ -240,7 +240,8 @@ def report(samples: list[Sample]) -> None:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=5, help="boots per VMM (default 5)")
-    p.add_argument("--mib", type=int, default=128, help="disk size and sequential transfer in MiB (default 128, max 512)")
+    p.add_argument("--mib", type=int, default=128,
+                   help="disk size and sequential transfer in MiB (default 128, max 512)")
     p.add_argument("--seq4k", type=int, default=1024, help="4 KiB QD1 reads in one dd (default 1024)")
     p.add_argument("--rand", type=int, default=300, help="4 KiB random reads, one dd each (default 300)")
     p.add_argument("--timeout", type=float, default=300.0, help="per-boot limit in seconds (default 300)")

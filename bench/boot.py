@@ -31,7 +31,16 @@ REPO = HERE.parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE.parent))
-from _common import ensure_image, kill_all_live, kill_group, lab_command, lab_guest, live, install_signal_handlers, run_until_marker  # noqa: E402
+from _common import (  # noqa: E402
+    ensure_image,
+    install_signal_handlers,
+    kill_all_live,
+    kill_group,
+    lab_command,
+    lab_guest,
+    live,
+    run_until_marker,
+)
 
 MARKER = b"hypyr: init started"
 GUEST_MEMORY = "256M"
@@ -222,7 +231,8 @@ def print_report(summary: dict, mem: dict | None) -> dict:
             print(f"  peak RSS (getrusage ru_maxrss)              {mib(peak)}")
             print(f"  peak RSS - 256 MiB guest RAM (clamped at 0) {mib(max(0, peak - GUEST_MEMORY_BYTES // 1024))}")
             if mem.get("smaps_samples"):
-                print(f"  peak RSS outside the guest-RAM mapping      {mib(mem['sampled_peak_rss_excluding_guest_ram_kib'])}"
+                print("  peak RSS outside the guest-RAM mapping      "
+                      f"{mib(mem['sampled_peak_rss_excluding_guest_ram_kib'])}"
                       f"  (smaps, {mem['smaps_samples']} samples, one per"
                       f" ~{mem['wall_s'] / mem['smaps_samples']:.2f} s;"
                       f" guest RAM resident then: {mib(mem['guest_ram_resident_at_that_sample_kib'])})")

@@ -35,6 +35,7 @@ HERE = Path(__file__).resolve()
 REPO = HERE.parent.parent
 sys.path.insert(0, str(HERE.parent))
 from _common import ensure_image  # noqa: E402
+
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
@@ -373,7 +374,8 @@ def lab_side(args: argparse.Namespace) -> int:
         print(f"  host RSS, all domains      {sum(rss):.1f} MiB   (per domain: mean {statistics.mean(rss):.1f}, "
               f"{_stats(rss)})")
         if grss:
-            print(f"  guest RAM resident         {sum(grss):.1f} MiB   (per domain: mean {statistics.mean(grss):.1f} of "
+            print(f"  guest RAM resident         {sum(grss):.1f} MiB   "
+                  f"(per domain: mean {statistics.mean(grss):.1f} of "
                   f"{args.memory} MiB, {_stats(grss)})")
             print(f"  RSS excluding guest RAM    {sum(excl):.1f} MiB   (per domain: mean {statistics.mean(excl):.1f}, "
                   f"{_stats(excl)})")

@@ -36,8 +36,16 @@ REPO = HERE.parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE.parent))
-from _common import (ensure_image, install_signal_handlers, kill_all_live, kill_group, lab_command,  # noqa: E402
-                     lab_guest, live, tail_of)
+from _common import (  # noqa: E402
+    ensure_image,
+    install_signal_handlers,
+    kill_all_live,
+    kill_group,
+    lab_command,
+    lab_guest,
+    live,
+    tail_of,
+)
 
 GUEST_MEMORY = "512M"
 BRIDGE = "br0"
@@ -80,7 +88,7 @@ t(){{ k=$1;shift;o go $k;iperf3 -c "$@" -t $S -f m 2>&1|grep -E 'receiver|error'
 p(){{ o go $1;ping -q -c {pings} -i {interval} $2 2>&1|tail -1|sed "s/^/NET $1 /";}}
 t h1 $H;t h4 $H -P 4;t g1 $P;t g4 $P -P 4
 p rh $H;p rg $P
-o done"""
+o done"""  # noqa: E501 (a guest shell script, kept compact)
 PEER_SCRIPT = "iperf3 -s -D&&echo NET ready||echo NET error iperf3-s;while :;do sleep 1000;done"
 
 THROUGHPUT = {"h1": "guest->host TCP, 1 stream", "h4": "guest->host TCP, 4 streams",
@@ -169,7 +177,7 @@ def guest_command(config: str, role: str, script: str, ip: str, env: dict) -> li
                 "--memory", GUEST_MEMORY, "--vcpus", "1", "--exec", script, "--no-input",
                 "--net", f"bridge={BRIDGE},ip={ip}/{PREFIX},vhost={'on' if vhost else 'off'}"]
     cmdline = guest_cmdline(script, ip)
-    mac = "52:54:00:77:00:%02x" % int(ip.rsplit(".", 1)[1])
+    mac = "52:54:00:77:00:{:02x}".format(int(ip.rsplit(".", 1)[1]))
     tap = f"nq{role}"
     netdev = f"tap,id=n0,ifname={tap},script=no,downscript=no,vhost={'on' if vhost else 'off'}"
     if vmm == "qemu-microvm":
@@ -222,7 +230,7 @@ def cpu_seconds(pid: int) -> float:
 class Guest:
     def __init__(self, name: str, cmd: list[str]):
         self.name = name
-        self.err = tempfile.TemporaryFile()
+        self.err = tempfile.TemporaryFile()  # noqa: SIM115 (open as long as the process runs)
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self.err,
                                      bufsize=0, start_new_session=True)
         live.add(self.proc.pid)

@@ -14,7 +14,8 @@ import termios
 import threading
 import time
 import tty
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 ESCAPE = 0x1D  # Ctrl-]
 OUTPUT_LIMIT = 256 << 10  # bytes an OutputQueue holds for a reader that does not keep up
@@ -29,9 +30,9 @@ class Terminal:
     def __init__(self, fd: int | None = None):
         self.fd = sys.stdin.fileno() if fd is None else fd
         self.is_tty = os.isatty(self.fd)
-        self._saved = None
+        self._saved: list[Any] | None = None  # the termios attributes to restore
 
-    def __enter__(self) -> "Terminal":
+    def __enter__(self) -> Terminal:
         if self.is_tty:
             self._saved = termios.tcgetattr(self.fd)
             tty.setraw(self.fd, termios.TCSANOW)
@@ -54,7 +55,7 @@ class InputPump:
         self._r, self._w = os.pipe()
         self._thread = threading.Thread(target=self._main, name="console-input", daemon=True)
 
-    def start(self) -> "InputPump":
+    def start(self) -> InputPump:
         self._thread.start()
         return self
 

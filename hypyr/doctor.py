@@ -92,6 +92,7 @@ def report(d: Diagnosis) -> list[str]:
              f"backend:   {d.backend}{' (inside the hypyr lab: nested, emulated SVM)' if d.nested else ''}"]
     if d.rate is not None:
         lines.append(f"probe:     {d.rate / 1e6:.1f} M guest instructions/s "
-                     f"({'hardware virtualisation' if d.native else 'emulated'}; native needs ≥ {NATIVE_THRESHOLD / 1e6:.0f} M)")
+                     f"({'hardware virtualisation' if d.native else 'emulated'}; "
+                     f"native needs ≥ {NATIVE_THRESHOLD / 1e6:.0f} M)")
     lines.append(f"verdict:   {d.advice}")
     return lines

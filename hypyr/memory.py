@@ -32,7 +32,8 @@ pages it wrote (KVM's dirty log sees only the guest's writes), :meth:`GuestMemor
 collects them, adding the pages under lent views (virtqueue rings, written through them).
 
 For file I/O without any per-buffer view, :meth:`GuestMemory.preadv`/:meth:`~GuestMemory.pwritev`
-(ranges as pairs) check every range in full the same way, then call libc ``preadv``/``pwritev`` with an iovec array built here from
+(ranges as pairs) check every range in full the same way, then call libc ``preadv``/``pwritev``
+with an iovec array built here from
 the region's host address (which never leaves this module), holding a view of the region for the
 duration of the call so the mapping cannot be unmapped under the kernel.  Ranges spanning
 several regions (or a libc without the functions) fall back to :meth:`views` and ``os.preadv``.
@@ -44,21 +45,24 @@ from __future__ import annotations
 
 import bisect
 import ctypes
-from array import array
+import functools
 import mmap
 import operator
-import struct
-from dataclasses import dataclass
-import functools
 import os
+import struct
 import sys
 import threading
-from typing import Iterable, Iterator, Sequence
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
 
 __all__ = ["GuestAddress", "GuestMemoryError", "GuestMemoryClosedError", "GuestRegion", "GuestMemory"]
 
 IOV_MAX = 1024  # Linux UIO_MAXIOV: at most this many buffers per preadv/pwritev
 DIRTY_PAGE = 4096  # the granule of dirty tracking (KVM's dirty log's too)
+
+_Struct = TypeVar("_Struct", bound=ctypes.Structure)
 
 
 def _load_libc_rw():
@@ -160,17 +164,17 @@ class GuestAddress(int):
 
     __slots__ = ()
 
-    def __new__(cls, value: int) -> "GuestAddress":
+    def __new__(cls, value: int) -> GuestAddress:
         if value < 0 or value >= 1 << 64:
             raise GuestMemoryError(f"guest address {value:#x} out of range")
         return super().__new__(cls, value)
 
-    def __add__(self, other: int) -> "GuestAddress":  # type: ignore[override]
+    def __add__(self, other: int) -> GuestAddress:
         return GuestAddress(int(self) + int(other))
 
     __radd__ = __add__
 
-    def __sub__(self, other: int) -> "GuestAddress":  # type: ignore[override]
+    def __sub__(self, other: int) -> GuestAddress:
         return GuestAddress(int(self) - int(other))
 
     def __repr__(self) -> str:
@@ -210,6 +214,7 @@ class GuestRegion:
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
         prot = mmap.PROT_READ | mmap.PROT_WRITE
         reserve = HOST_ALIGN + max(size, GUARD_SPAN)
+        self._map: mmap.mmap | None
         try:
             self._map = mmap.mmap(-1, reserve, flags=flags, prot=prot)
         except OSError:  # e.g. strict overcommit (vm.overcommit_memory=2): RAM only, no guard
@@ -304,13 +309,13 @@ class GuestMemory:
         first = self.regions[0] if self.regions else None
         self._desc_hi = (self._hosts[0] >> 32 if first is not None and first.start == 0 and first.guarded
                          and _libc_preadv is not None else None)
-        self._desc_fill: dict[int, array] = {}
+        self._desc_fill: dict[int, tuple[array, array]] = {}  # count -> (zeros, high halves)
         self._closed = False
         # live migration: per region one byte per page, 1 = written by the VMM (see start_dirty_tracking)
         self._dirty: list[bytearray] | None = None
 
     @classmethod
-    def anonymous(cls, layout: Iterable[tuple[int, int]], *, hugepages: bool = True) -> "GuestMemory":
+    def anonymous(cls, layout: Iterable[tuple[int, int]], *, hugepages: bool = True) -> GuestMemory:
         """Create memory from ``(start, size)`` pairs."""
         return cls(GuestRegion(start, size, hugepages=hugepages) for start, size in layout)
 
@@ -472,6 +477,7 @@ class GuestMemory:
         if n > IOV_MAX:
             raise ValueError(f"{n} ranges in one call, more than {IOV_MAX}")
         spans = self._spans
+        view: memoryview | None
         if len(spans) == 1 and fn is not None:
             start, end, view = spans[0]
             # every range non-empty and wholly inside the one region (loops in C)
@@ -498,7 +504,7 @@ class GuestMemory:
         spans = self._spans
         if len(spans) == 1:  # fast path: one region, the range inside it
             start, end, _ = spans[0]
-            if start <= addr and 0 <= length and addr + length <= end:
+            if start <= addr and length >= 0 and addr + length <= end:
                 return True
         try:
             self._pieces(addr, length)
@@ -553,7 +559,7 @@ class GuestMemory:
         spans = self._spans
         if len(spans) == 1:  # fast path: one region, the range inside it
             start, end, view = spans[0]
-            if start <= addr and 0 <= length and addr + length <= end:
+            if start <= addr and length >= 0 and addr + length <= end:
                 return view[addr - start:addr - start + length].tobytes()
         pieces = self._pieces(addr, length)
         if len(pieces) == 1:
@@ -669,7 +675,7 @@ class GuestMemory:
         self.write(addr, struct.pack("<Q", v))
 
     # -- plain-data objects (ctypes Structures) -----------------------------------------------
-    def read_obj(self, addr: int, ctype: type) -> ctypes.Structure:
+    def read_obj(self, addr: int, ctype: type[_Struct]) -> _Struct:
         return ctype.from_buffer_copy(self.read(addr, ctypes.sizeof(ctype)))
 
     def write_obj(self, addr: int, obj: ctypes.Structure | ctypes.Array) -> None:

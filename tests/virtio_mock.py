@@ -10,8 +10,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from hypyr.devices.virtio.queue import (VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
-                                        SplitQueue)
+from hypyr.devices.virtio.queue import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, SplitQueue
 from hypyr.memory import GuestMemory
 
 MEM_SIZE = 1 << 20

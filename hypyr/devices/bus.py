@@ -10,7 +10,8 @@ from __future__ import annotations
 import bisect
 import logging
 import threading
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 from hypyr.devices.ratelog import RateLimitedLog
 

@@ -22,7 +22,7 @@ state).  The life cycle, the same for every device::
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, overload, runtime_checkable
 
 from hypyr.errors import StateError
 
@@ -91,6 +91,11 @@ class StateReader:
     def _fail(self, name: str, what: str) -> StateError:
         return StateError(f"{self._where}.{name}: {what}")
 
+    @overload
+    def integer(self, name: str, lo: int, hi: int, *, optional: Literal[False] = False) -> int: ...
+    @overload
+    def integer(self, name: str, lo: int, hi: int, *, optional: bool) -> int | None: ...
+
     def integer(self, name: str, lo: int, hi: int, *, optional: bool = False) -> int | None:
         v = self._get(name)
         if v is None and optional:
@@ -117,6 +122,11 @@ class StateReader:
             raise self._fail(name, f"has {len(v)} bytes, not {want}")
         return bytes(v)
 
+    @overload
+    def text(self, name: str, max_len: int, *, optional: Literal[False] = False) -> str: ...
+    @overload
+    def text(self, name: str, max_len: int, *, optional: bool) -> str | None: ...
+
     def text(self, name: str, max_len: int, *, optional: bool = False) -> str | None:
         v = self._get(name)
         if v is None and optional:
@@ -136,7 +146,7 @@ class StateReader:
             raise self._fail(name, f"has {len(v)} entries, not {want}")
         return list(v)
 
-    def nested(self, name: str) -> "StateReader":
+    def nested(self, name: str) -> StateReader:
         """The dict in field ``name``, as a reader of its own (no kind or version)."""
         return StateReader(self._get(name), f"{self._where}.{name}")
 

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -73,7 +74,7 @@ class ImagePaths:
     kernel: Path
     initrd: Path
     dir: Path
-    rootfs: Path | None = None
+    rootfs: Path
 
 
 def image_dir() -> Path:
@@ -94,7 +95,7 @@ def _sha(data: bytes) -> str:
 
 
 def stamp_for(kernel_deb: Path, busybox_deb: Path, init: bytes, modules: list[str],
-              userland: list[Path] = ()) -> str:
+              userland: Sequence[Path] = ()) -> str:
     """The stamp text for a set of inputs; equal inputs give equal stamps."""
     doc = {
         "builder": BUILDER_VERSION,

@@ -76,6 +76,7 @@ class CpioWriter:
             raise ValueError("add_file needs exactly one of data or host_path")
         if host_path is not None:
             data = Path(host_path).read_bytes()
+        assert data is not None
         self._put(Entry(_norm(path), stat.S_IFREG | (mode & 0o7777), bytes(data)))
 
     def add_symlink(self, path: str, target: str) -> None:

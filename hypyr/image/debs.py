@@ -91,7 +91,8 @@ def resolve_package(name: str) -> str:
             m = re.match(r"\s*\|?Depends:\s*(linux-image-\d\S*)", line)
             if m:
                 return m.group(1)
-        raise HypyrError(f"apt-cache could not resolve {name} to a kernel package; check that apt sources are configured.")
+        raise HypyrError(f"apt-cache could not resolve {name} to a kernel package; check that apt sources are "
+                         "configured.")
 
     return _retry_after_update(lookup)
 
@@ -221,7 +222,8 @@ def read_module(path: Path) -> bytes:
         return lzma.decompress(path.read_bytes())
     if path.name.endswith(".zst"):
         if shutil.which("zstd") is None:
-            raise HypyrError(f"The module {path.name} is zstd-compressed and the zstd command is missing; install the zstd package.")
+            raise HypyrError(f"The module {path.name} is zstd-compressed and the zstd command is missing; install "
+                             "the zstd package.")
         r = subprocess.run(["zstd", "-dc", str(path)], capture_output=True)
         if r.returncode != 0:
             raise HypyrError(f"zstd could not decompress {path.name}.")

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 from . import bindings as B
 
-__all__ = ["Kvm", "Vm", "Vcpu", "KvmError", "KvmUnavailable", "CpuidEntry", "B", "MMIO_EXIT", "MMIO_EXIT_OFF", "MMIO_DATA_OFF",
-           "MAX_IO_MSRS", "PAGE_SIZE"]
+__all__ = ["Kvm", "Vm", "Vcpu", "KvmError", "KvmUnavailable", "CpuidEntry", "B", "MMIO_EXIT", "MMIO_EXIT_OFF",
+           "MMIO_DATA_OFF", "MAX_IO_MSRS", "PAGE_SIZE"]
 
 MAX_IO_MSRS = 255  # the most MSRs one KVM_GET_MSRS/KVM_SET_MSRS takes (the kernel refuses 256)
 PAGE_SIZE = 4096   # the dirty log's granule
@@ -36,6 +36,7 @@ class KvmUnavailable(Exception):
 
 
 def _call(fd: int, request: int, arg=None, what: str = "") -> int:
+    ptr: object  # None, a c_void_p or a byref() pointer: what the ioctl's third argument takes
     if arg is None:
         ptr = None
     elif isinstance(arg, int):
@@ -98,9 +99,11 @@ class Kvm:
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
-            raise KvmUnavailable(f"{path} does not exist: load the kvm module (kvm-intel or kvm-amd) or run on a host with KVM") from None
+            raise KvmUnavailable(f"{path} does not exist: load the kvm module (kvm-intel or kvm-amd) or run on a host "
+                                 "with KVM") from None
         except PermissionError:
-            raise KvmUnavailable(f"no permission to open {path}: run as root or add your user to the 'kvm' group") from None
+            raise KvmUnavailable(f"no permission to open {path}: run as root or add your user to the 'kvm' "
+                                 "group") from None
         except OSError as e:
             raise KvmUnavailable(f"cannot open {path}: {e.strerror}") from None
         try:
@@ -157,7 +160,7 @@ class Kvm:
             self._msr_index_list = list(buf.indices[:buf.nmsrs])
         return list(self._msr_index_list)
 
-    def create_vm(self) -> "Vm":
+    def create_vm(self) -> Vm:
         fd = _call(self.fd, B.KVM_CREATE_VM, 0, what="KVM_CREATE_VM")
         return Vm(self, fd)
 
@@ -340,7 +343,7 @@ class Vm:
         ev = B.kvm_ioeventfd(datamatch=datamatch or 0, addr=addr, len=length, fd=eventfd, flags=flags)
         _call(self.fd, B.KVM_IOEVENTFD, ev, what="KVM_IOEVENTFD")
 
-    def create_vcpu(self, vcpu_id: int) -> "Vcpu":
+    def create_vcpu(self, vcpu_id: int) -> Vcpu:
         fd = _call(self.fd, B.KVM_CREATE_VCPU, vcpu_id, what="KVM_CREATE_VCPU")
         return Vcpu(self, vcpu_id, fd)
 

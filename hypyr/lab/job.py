@@ -62,9 +62,9 @@ def keep_paths(cwd: str | Path, env: Mapping[str, str]) -> list[str]:
         if not p or not os.path.isabs(p):
             continue
         p = os.path.normpath(p)
-        if p.startswith("/tmp/") and os.path.isdir(p) and _SAFE_PATH.match(p):
-            if not any(p == k or p.startswith(k + "/") for k in out):
-                out = [k for k in out if not k.startswith(p + "/")] + [p]
+        if (p.startswith("/tmp/") and os.path.isdir(p) and _SAFE_PATH.match(p)
+                and not any(p == k or p.startswith(k + "/") for k in out)):
+            out = [k for k in out if not k.startswith(p + "/")] + [p]
     return sorted(out)
 
 

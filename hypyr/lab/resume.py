@@ -57,12 +57,11 @@ def pytest_runtest_logreport(report):
         _ok_so_far[report.nodeid] = ok
     elif report.when == "call":
         _ok_so_far[report.nodeid] = _ok_so_far.get(report.nodeid, False) and ok
-    elif report.when == "teardown":
-        if _ok_so_far.pop(report.nodeid, False) and ok:
-            with open(path, "a", encoding="utf-8") as f:
-                f.write(report.nodeid + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+    elif report.when == "teardown" and _ok_so_far.pop(report.nodeid, False) and ok:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(report.nodeid + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def pytest_sessionfinish(session, exitstatus):

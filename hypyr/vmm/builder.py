@@ -14,8 +14,8 @@ import base64
 import functools
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from hypyr.arch.x86 import cpuid as x86cpuid
 from hypyr.arch.x86 import layout, msrs, setup_linux_boot
@@ -29,12 +29,12 @@ from hypyr.devices.pvexit import PvExit
 from hypyr.devices.pvpanic import PVPANIC_PORT, PvPanic
 from hypyr.devices.virtio.blk import VirtioBlk
 from hypyr.devices.virtio.console import VirtioConsole
+from hypyr.devices.virtio.mmio import INT_VRING, INTERRUPT_ACK, QUEUE_NOTIFY_OFFSET, VirtioMmioTransport
 from hypyr.devices.virtio.net import VirtioNet, parse_mac
+from hypyr.devices.virtio.rng import VirtioRng
 from hypyr.devices.virtio.tap import TapError, check_tap
 from hypyr.devices.virtio.vhost import VhostNet
 from hypyr.devices.virtio.vhost import usable as vhost_usable
-from hypyr.devices.virtio.mmio import INT_VRING, INTERRUPT_ACK, QUEUE_NOTIFY_OFFSET, VirtioMmioTransport
-from hypyr.devices.virtio.rng import VirtioRng
 from hypyr.errors import HypyrError
 from hypyr.kvm import B, Kvm, KvmUnavailable
 from hypyr.memory import GuestMemory
@@ -64,7 +64,7 @@ class DiskConfig:
     read_only: bool = False
 
     @classmethod
-    def parse(cls, spec: str) -> "DiskConfig":
+    def parse(cls, spec: str) -> DiskConfig:
         """`PATH[,ro|,rw]` as given to --disk."""
         path, _, opts = spec.partition(",")
         flags = [o for o in opts.split(",") if o]
@@ -163,7 +163,8 @@ def validate(config: VmConfig, kvm: Kvm | None = None, *, boot: bool = True) -> 
         if not os.path.isfile(disk.path):
             raise HypyrError(f"disk image {disk.path} does not exist or is not a file")
         if not os.access(disk.path, os.R_OK if disk.read_only else os.R_OK | os.W_OK):
-            raise HypyrError(f"no permission to {'read' if disk.read_only else 'read and write'} disk image {disk.path}")
+            raise HypyrError(f"no permission to {'read' if disk.read_only else 'read and write'} disk image "
+                             f"{disk.path}")
     for path, what in ((config.kernel, "kernel"), (config.initrd, "initrd")):
         if path is None or not boot:
             continue
@@ -209,7 +210,7 @@ def apply_boot_state(vcpu, boot: BootCpuState) -> None:
     s.cr0, s.cr2, s.cr3, s.cr4, s.cr8, s.efer = sr.cr0, sr.cr2, sr.cr3, sr.cr4, sr.cr8, sr.efer
     vcpu.set_sregs(s)
     r = B.kvm_regs()
-    for f, _ in B.kvm_regs._fields_:
+    for f, *_ in B.kvm_regs._fields_:
         setattr(r, f, getattr(boot.regs, f))
     vcpu.set_regs(r)
 

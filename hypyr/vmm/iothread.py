@@ -9,7 +9,7 @@ import logging
 import os
 import select
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from hypyr.devices.ratelog import RateLimitedLog
 

@@ -14,8 +14,8 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from hypyr.arch.x86 import acpi
 from hypyr.devices.bus import Bus
@@ -134,16 +134,17 @@ class Machine:
         self.running_at_ns: int | None = None
         self._running = threading.Event()  # set when a vCPU runs after start() or resume()
         self.kvm = kvm or Kvm()
-        self.vm: Vm | None = None
+        vm: Vm | None = None
         try:
             check_vcpu_count(nr_vcpus, self.kvm)  # before anything is allocated per vCPU
-            self.vm = self.kvm.create_vm()
+            vm = self.kvm.create_vm()
+            self.vm: Vm = vm
             self._setup_vm(nr_vcpus)
         except BaseException:  # close what exists; the memory stays the caller's
             for vt in self.vcpus:
                 vt.vcpu.close()
-            if self.vm is not None:
-                self.vm.close()
+            if vm is not None:
+                vm.close()
             if self._own_kvm:
                 self.kvm.close()
             raise
@@ -212,7 +213,8 @@ class Machine:
         elif req.event is GuestEvent.REBOOT:
             self.stop(StopReason(StopKind.REBOOT, f"the guest asked for a reboot ({req.detail or 'reset'})"))
         else:
-            self.stop(StopReason(StopKind.EXIT_STATUS, f"the guest reported exit status {req.status}", status=req.status))
+            self.stop(StopReason(StopKind.EXIT_STATUS, f"the guest reported exit status {req.status}",
+                                 status=req.status))
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:

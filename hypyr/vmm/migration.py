@@ -31,17 +31,29 @@ import logging
 import select
 import socket
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from hypyr.devices.virtio.net import VirtioNet
 from hypyr.errors import HypyrError, MigrationError, SnapshotError, StateError
 from hypyr.kvm import B, Kvm, KvmError
 
 from .builder import LinuxVm, VmConfig
-from .snapshot import (PAGE, PageSender, Progress, ProgressFn, SnapshotHeader, _header_payload, capture_state,
-                       load_vm, quiesce_devices, reacquire_disks, read_header_record, release_disks,
-                       resume_devices)
+from .snapshot import (
+    PAGE,
+    PageSender,
+    Progress,
+    ProgressFn,
+    SnapshotHeader,
+    _header_payload,
+    capture_state,
+    load_vm,
+    quiesce_devices,
+    reacquire_disks,
+    read_header_record,
+    release_disks,
+    resume_devices,
+)
 from .stream import Rec, StreamReader, StreamWriter, decode_json, encode_json
 
 log = logging.getLogger("hypyr.migration")
@@ -191,7 +203,8 @@ class _Source:
         if self.progress is not None and (force or now - self._last_report > 0.2):
             self._last_report = now
             s = self.sender
-            self.progress(Progress(phase, self.iteration, self.link.writer.bytes, s.data_pages + s.zero_pages,
+            pages = s.data_pages + s.zero_pages if s is not None else 0  # None: before the first page
+            self.progress(Progress(phase, self.iteration, self.link.writer.bytes, pages,
                                    self.total, self.dirty_pages, self.dirty_rate))
 
     def check_peer(self) -> None:

@@ -35,7 +35,7 @@ import enum
 import json
 import struct
 import zlib
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, overload
 
 from hypyr.errors import SnapshotError
 
@@ -160,7 +160,7 @@ class StreamReader:
         if head is None:
             raise SnapshotError(f"{self.what} is truncated (it ends before its END record)")
         rtype, length = RECORD.unpack(head)
-        if rtype not in MAX_PAYLOAD.keys():
+        if rtype not in MAX_PAYLOAD:
             raise SnapshotError(f"{self.what} is corrupt (record {self.records + 1} has unknown type {rtype})")
         rtype = Rec(rtype)
         if length > MAX_PAYLOAD[rtype] or (rtype is Rec.END and length != END.size):
@@ -188,6 +188,11 @@ class StreamReader:
             raise SnapshotError(f"{self.what} is corrupt (its END record does not match what came before: "
                                 f"records lost, repeated or reordered)")
         self.ended = True
+
+    @overload
+    def _read(self, n: int, where: str) -> bytes: ...
+    @overload
+    def _read(self, n: int, where: str, *, eof_ok: bool) -> bytes | None: ...
 
     def _read(self, n: int, where: str, *, eof_ok: bool = False) -> bytes | None:
         chunks, got = [], 0

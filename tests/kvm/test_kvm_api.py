@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 
+import payloads as P
 import pytest
 
-import payloads as P
 from hypyr.kvm import B, Kvm, KvmError, KvmUnavailable
 from hypyr.memory import GuestMemory
 

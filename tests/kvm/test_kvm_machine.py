@@ -10,9 +10,9 @@ import struct
 import threading
 import time
 
+import payloads as P
 import pytest
 
-import payloads as P
 from hypyr.devices.pvexit import PORT as PVEXIT_PORT
 from hypyr.devices.pvexit import PvExit
 from hypyr.vmm.machine import StopKind, StopReason, VcpuState

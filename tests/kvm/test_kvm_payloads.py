@@ -5,9 +5,8 @@ from __future__ import annotations
 import shutil
 import subprocess
 
-import pytest
-
 import payloads as P
+import pytest
 
 pytestmark = pytest.mark.no_kvm
 

@@ -13,8 +13,8 @@ import struct
 import pytest
 
 from hypyr.devices.virtio import mmio as M
-from hypyr.devices.virtio.rng import VirtioRng
 from hypyr.devices.virtio.device import VIRTIO_F_VERSION_1
+from hypyr.devices.virtio.rng import VirtioRng
 from hypyr.errors import HypyrError, VcpuCountError
 from hypyr.memory import GuestMemory, GuestMemoryClosedError
 from hypyr.vmm import builder

@@ -21,9 +21,9 @@ import time
 import zlib
 from pathlib import Path
 
+import payloads as P
 import pytest
 
-import payloads as P
 from hypyr.arch.x86.vcpu_state import VcpuState
 from hypyr.devices.virtio.blk import VirtioBlk
 from hypyr.errors import HypyrError, MigrationError, SnapshotError
@@ -158,7 +158,7 @@ def test_a_paused_vcpu_has_no_io_left_to_complete(guests):
         assert states[0].regs.rax & 0xFFFF_FFFF in (c0 - 1, c0)  # paused between two instructions
         assert states[1].regs.rax & 0xFFFF_FFFF in (c1 - 1, c1)
         vm.machine.resume()
-        wait_until(lambda: counts(vm)[0] > c0, "the guest to run again")
+        wait_until(lambda: counts(vm)[0] > c0, "the guest to run again")  # noqa: B023 (called at once)
 
 
 # -- save and restore ------------------------------------------------------------------------------------
@@ -324,9 +324,11 @@ def test_bad_save_files_are_one_sentence_and_leave_nothing(guests, kvm, tmp_path
             {"0x7.0.ebx": missing})), "features this host lacks"),
         "a huge memory": (_rewrite(good, header=lambda d: d["config"].update(memory=1 << 45)), "HEADER"),
         "more memory than the host has": (_rewrite(good, header=lambda d: (
-            d["config"].update(memory=1 << 45), d.update(memory=[[0, 0xD000_0000], [1 << 32, (1 << 45) - 0xD000_0000]]))),
+            d["config"].update(memory=1 << 45),
+            d.update(memory=[[0, 0xD000_0000], [1 << 32, (1 << 45) - 0xD000_0000]]))),
             "more than this host has available"),
-        "a garbled STATE": (_rewrite(good, state=lambda d: d.pop("vcpus")), "corrupt (its STATE: field 'vcpus' is missing)"),
+        "a garbled STATE": (_rewrite(good, state=lambda d: d.pop("vcpus")),
+                            "corrupt (its STATE: field 'vcpus' is missing)"),
         "a device state that does not fit": (_rewrite(good, state=lambda d: d["devices"][0][1].update(kind="x")),
                                              "does not fit this VM"),
         "a record twice": (good[:first_pages] + good[first_pages:first_pages + pages_size] * 2

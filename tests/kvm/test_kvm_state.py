@@ -15,11 +15,10 @@ import subprocess
 import time
 from pathlib import Path
 
+import payloads as P
 import pytest
 
-import payloads as P
-from hypyr.arch.x86.vcpu_state import (MSR_IA32_TSC, DebugRegs, Regs, Sregs, VcpuEvents, VcpuState,
-                                       VmState)
+from hypyr.arch.x86.vcpu_state import MSR_IA32_TSC, DebugRegs, Regs, Sregs, VcpuEvents, VcpuState, VmState
 from hypyr.errors import StateError
 from hypyr.kvm import B, KvmError
 from hypyr.memory import GuestMemory

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
+from test_toolstack import TICKER, wait_for, write_cfg, xl  # noqa: F401 (xl is a fixture)
 
 from hypyr.toolstack import api
-from test_toolstack import TICKER, wait_for, write_cfg, xl  # noqa: F401 (xl is a fixture)
 
 SUBNET_HOST = "10.80.0.1"
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from test_virtio import make_disk  # tests/lab is on sys.path (pytest rootdir-less import)
 
 
@@ -97,7 +95,8 @@ def test_three_domains_run_at_once_and_destroy_is_isolated(xl, guest_image, tmp_
     for i in range(3):
         assert f"vm{i}" in listing
     for i, n in enumerate((1, 2, 1)):
-        log = wait_for(lambda: (t := console_log(xl, f"vm{i}")) and "tick-" in t and t, what=f"vm{i} to boot")
+        log = wait_for(lambda: (t := console_log(xl, f"vm{i}")) and "tick-" in t and t,  # noqa: B023 (called at once)
+                       what=f"vm{i} to boot")
         assert f"disk-of-vm{i}" in log and f"vcpus={n}" in log
     doms = json.loads(xl("list", "--json").stdout)
     assert {d["name"]: (d["memory"], d["vcpus"]) for d in doms} == {"vm0": (128, 1), "vm1": (192, 2), "vm2": (160, 1)}
@@ -212,7 +211,8 @@ def test_weights_share_a_contended_cpu_about_2_to_1(xl, guest_image, tmp_path):
         xl("create", str(write_cfg(tmp_path, guest_image, name, command=BUSY,
                                    extra_keys=f"cpus = '0'\ncpu_weight = {weight}")))
     for name in ("heavy", "light"):
-        wait_for(lambda: "busy-start" in console_log(xl, name), what=f"{name} to start spinning")
+        wait_for(lambda: "busy-start" in console_log(xl, name), what=f"{name} to start spinning")  # noqa: B023
+
     assert "512" in xl("sched-credit", "-d", "heavy").stdout
     tids = {n: vcpu_threads(xl, n) for n in ("heavy", "light")}
     a = {n: cpu_seconds(t) for n, t in tids.items()}

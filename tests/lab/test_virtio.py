@@ -6,8 +6,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 
-import pytest
-
 MKFS = shutil.which("mkfs.ext4") or "/sbin/mkfs.ext4"
 DEBUGFS = shutil.which("debugfs") or "/sbin/debugfs"
 E2FSCK = shutil.which("e2fsck") or "/sbin/e2fsck"
@@ -68,7 +66,8 @@ def test_rootfs_boot_with_exec(hypyr_run, guest_image, tmp_path):
     root = tmp_path / "rootfs.ext4"
     shutil.copyfile(guest_image.rootfs, root)
     r = hypyr_run("--rootfs", str(root), "--exec",
-                  "grep ' / ' /proc/mounts; test -e /etc/hypyr/rootfs && echo on-rootfs; echo persisted > /root/note; sync")
+                  "grep ' / ' /proc/mounts; test -e /etc/hypyr/rootfs && echo on-rootfs; "
+                  "echo persisted > /root/note; sync")
     assert r.returncode == 0, r.stderr
     assert "/dev/vda / ext4" in r.stdout and "on-rootfs" in r.stdout
     assert debugfs_cat(root, "root/note").strip() == "persisted"

@@ -2,9 +2,9 @@ import struct
 
 import pytest
 
-from hypyr.arch.x86 import aml, acpi, layout
+from hypyr.arch.x86 import acpi, aml, layout
 from hypyr.errors import HypyrError
-from hypyr.memory import GuestMemory
+from hypyr.memory import GuestMemory, GuestMemoryError
 
 
 @pytest.fixture
@@ -48,7 +48,7 @@ def test_checksums_and_structure(mem, n):
         assert sum(t) % 256 == 0, sig
         assert t[10:16] == b"HYPYR "
         if taddr is not None:
-            assert layout.ACPI_AREA_START <= taddr and taddr + len(t) <= layout.ACPI_AREA_END
+            assert taddr >= layout.ACPI_AREA_START and taddr + len(t) <= layout.ACPI_AREA_END
     rsdt_ptrs = [a for (a,) in struct.iter_unpack("<I", tables[b"RSDT"][1][36:])]
     xsdt_ptrs = [a for (a,) in struct.iter_unpack("<Q", tables[b"XSDT"][1][36:])]
     assert rsdt_ptrs == xsdt_ptrs
@@ -80,11 +80,14 @@ def parse_name_package(aml: bytes):
     while pos < end:
         op = aml[pos]
         if op == 0x00:
-            values.append(0); pos += 1
+            values.append(0)
+            pos += 1
         elif op == 0x01:
-            values.append(1); pos += 1
+            values.append(1)
+            pos += 1
         elif op == 0x0A:
-            values.append(aml[pos + 1]); pos += 2
+            values.append(aml[pos + 1])
+            pos += 2
         else:
             raise AssertionError(f"unexpected opcode {op:#x}")
     assert pos == end == len(aml)
@@ -163,7 +166,7 @@ def test_poweroff_decoding():
 def test_tables_outside_ram_raise(mem):
     small = GuestMemory.anonymous([(0, 0x80000)], hugepages=False)
     try:
-        with pytest.raises(Exception):
+        with pytest.raises(GuestMemoryError):
             acpi.write_acpi_tables(small, 1)
     finally:
         small.close()

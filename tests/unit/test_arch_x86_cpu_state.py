@@ -1,7 +1,8 @@
 import struct
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from hypyr.arch.x86 import gdt, layout, paging, regs
 from hypyr.memory import GuestMemory

@@ -1,11 +1,18 @@
 import struct
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from hypyr.arch.x86 import msrs
-from hypyr.arch.x86.cpuid import (KVM_CPUID_FLAG_SIGNIFCANT_INDEX, VENDOR_AMD, VENDOR_INTEL, CpuidEntry,
-                                  adjust_cpuid, cpu_vendor)
+from hypyr.arch.x86.cpuid import (
+    KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+    VENDOR_AMD,
+    VENDOR_INTEL,
+    CpuidEntry,
+    adjust_cpuid,
+    cpu_vendor,
+)
 
 
 def vendor_leaf(vendor: str, max_leaf=0x1F) -> CpuidEntry:

@@ -1,7 +1,9 @@
+import itertools
 import struct
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hypyr.arch.x86 import bootparams as bp
 from hypyr.arch.x86 import layout
@@ -59,7 +61,7 @@ def test_layout_structures_do_not_overlap():
         (layout.ACPI_AREA_START, layout.ACPI_AREA_END),
     ]
     spans.sort()
-    for (a0, a1), (b0, b1) in zip(spans, spans[1:]):
+    for (_a0, a1), (b0, _b1) in itertools.pairwise(spans):
         assert a1 <= b0, (hex(a1), hex(b0))
     assert spans[-1][1] <= layout.HIGH_MEMORY_START
 
@@ -95,10 +97,10 @@ def test_boot_params_fields(mem_of):
     mem = mem_of(5 * GiB)
     p = _params(mem)
     assert len(p) == 4096
-    u8 = lambda o: p[o]
-    u16 = lambda o: struct.unpack_from("<H", p, o)[0]
-    u32 = lambda o: struct.unpack_from("<I", p, o)[0]
-    u64 = lambda o: struct.unpack_from("<Q", p, o)[0]
+    u8 = lambda o: p[o]  # noqa: E731
+    u16 = lambda o: struct.unpack_from("<H", p, o)[0]  # noqa: E731
+    u32 = lambda o: struct.unpack_from("<I", p, o)[0]  # noqa: E731
+    u64 = lambda o: struct.unpack_from("<Q", p, o)[0]  # noqa: E731
     assert p[0x202:0x206] == b"HdrS"
     assert u16(0x1FE) == 0xAA55
     assert u16(0x206) == 0x020F
@@ -158,5 +160,5 @@ def test_e820_covers_exactly_ram(pages):
     e = bp.e820_map(m)
     ram = sum(x.size for x in e if x.type == bp.E820_RAM)
     assert ram == pages * 4096 - (layout.HIGH_MEMORY_START - layout.EBDA_START)
-    for a, b in zip(e, e[1:]):
+    for a, b in itertools.pairwise(e):
         assert a.end <= b.addr

@@ -3,7 +3,8 @@ import os
 import struct
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hypyr.arch.x86 import bootparams as bp
 from hypyr.arch.x86 import layout, loader, setup_linux_boot
@@ -198,7 +199,7 @@ def test_initrd_errors(mem, write, tmp_path):
     k = loader.load_kernel(mem, write(make_bzimage()))
     with pytest.raises(HypyrError, match="empty"):
         loader.load_initrd(mem, b"", k)
-    with pytest.raises(HypyrError, match="missing.img"):
+    with pytest.raises(HypyrError, match=r"missing.img"):
         loader.load_initrd(mem, tmp_path / "missing.img", k)
 
 
@@ -221,7 +222,7 @@ def test_cmdline(mem):
 
 
 def test_cmdline_too_long(mem):
-    with pytest.raises(HypyrError, match="2048 bytes.*at most 2047"):
+    with pytest.raises(HypyrError, match=r"2048 bytes.*at most 2047"):
         loader.write_cmdline(mem, "x" * 2048, 2047)
     with pytest.raises(HypyrError, match="NUL"):
         loader.write_cmdline(mem, "a\0b", 2047)

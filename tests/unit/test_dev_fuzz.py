@@ -3,6 +3,7 @@ return exactly the requested number of bytes."""
 
 import calendar
 import contextlib
+import itertools
 import logging
 
 from hypothesis import given, settings
@@ -98,7 +99,7 @@ def test_serial_irq_calls_alternate_and_state_round_trips(writes):
     for off, val in writes:
         u.write(off, bytes([val]))
         u.read(off, 1)
-    for a, b in zip(calls, calls[1:]):
+    for a, b in itertools.pairwise(calls):
         assert a != b
     if calls:
         assert calls[0] is True

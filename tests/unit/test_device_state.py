@@ -18,29 +18,29 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_virtio_blk import _route  # noqa: E402
-from test_virtio_mmio import Line, bring_up, negotiate, rd, setup_queue, wr  # noqa: E402
-from virtio_mock import Buf, MockDriver  # noqa: E402
+from test_virtio_blk import _route
+from test_virtio_mmio import Line, bring_up, negotiate, rd, setup_queue, wr
+from virtio_mock import Buf, MockDriver
 
-from hypyr.devices.legacy import i8042 as K  # noqa: E402
-from hypyr.devices.legacy import rtc as R  # noqa: E402
-from hypyr.devices.legacy import serial as S  # noqa: E402
-from hypyr.devices.legacy.acpi_pm import AcpiPm, AcpiReset  # noqa: E402
-from hypyr.devices.legacy.i8042 import I8042  # noqa: E402
-from hypyr.devices.legacy.rtc import Rtc  # noqa: E402
-from hypyr.devices.legacy.serial import Serial  # noqa: E402
-from hypyr.devices.pvexit import PvExit  # noqa: E402
-from hypyr.devices.pvpanic import PvPanic  # noqa: E402
-from hypyr.devices.state import Stateful, StateError  # noqa: E402
-from hypyr.devices.virtio import blk as B  # noqa: E402
-from hypyr.devices.virtio import mmio as M  # noqa: E402
-from hypyr.devices.virtio import net as N  # noqa: E402
-from hypyr.devices.virtio.console import VirtioConsole  # noqa: E402
-from hypyr.devices.virtio.device import VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1  # noqa: E402
-from hypyr.devices.virtio.mmio import VirtioMmioTransport  # noqa: E402
-from hypyr.devices.virtio.rng import VirtioRng  # noqa: E402
-from hypyr.errors import HypyrError  # noqa: E402
-from hypyr.memory import GuestMemory  # noqa: E402
+from hypyr.devices.legacy import i8042 as K
+from hypyr.devices.legacy import rtc as R
+from hypyr.devices.legacy import serial as S
+from hypyr.devices.legacy.acpi_pm import AcpiPm, AcpiReset
+from hypyr.devices.legacy.i8042 import I8042
+from hypyr.devices.legacy.rtc import Rtc
+from hypyr.devices.legacy.serial import Serial
+from hypyr.devices.pvexit import PvExit
+from hypyr.devices.pvpanic import PvPanic
+from hypyr.devices.state import StateError, Stateful
+from hypyr.devices.virtio import blk as B
+from hypyr.devices.virtio import mmio as M
+from hypyr.devices.virtio import net as N
+from hypyr.devices.virtio.console import VirtioConsole
+from hypyr.devices.virtio.device import VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1
+from hypyr.devices.virtio.mmio import VirtioMmioTransport
+from hypyr.devices.virtio.rng import VirtioRng
+from hypyr.errors import HypyrError
+from hypyr.memory import GuestMemory
 
 T0 = 1_709_214_307  # 2024-02-29 13:45:07 UTC
 ACK, DRV, DRV_OK, FEAT_OK, NEEDS_RESET = 1, 2, 4, 8, 64

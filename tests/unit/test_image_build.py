@@ -6,13 +6,12 @@ import struct
 import subprocess
 
 import pytest
+from test_cpio import parse_newc  # tests/unit is on sys.path (pytest rootdir-less import)
 
 from hypyr.errors import HypyrError
 from hypyr.image import build as B
 from hypyr.image import debs
 from hypyr.image.exitport import EXIT_PORT, exit_helper_elf
-from test_cpio import parse_newc  # tests/unit is on sys.path (pytest rootdir-less import)
-
 
 needs_dpkg = pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="dpkg-deb not installed")
 
@@ -87,7 +86,8 @@ LD = "/lib64/ld-linux-x86-64.so.2"
 # package -> {path: (bytes, mode) or symlink target str}
 FAKE_USERLAND = {
     "iperf3": {"usr/bin/iperf3": (fake_dyn_elf(LD, ("libiperf.so.0", "libc.so.6")), 0o755)},
-    "libiperf0": {"usr/lib/x86_64-linux-gnu/libiperf.so.0.0.0": (fake_dyn_elf(None, ("libc.so.6", "libcrypto.so.3", "libsctp.so.1")), 0o644),
+    "libiperf0": {"usr/lib/x86_64-linux-gnu/libiperf.so.0.0.0":
+                  (fake_dyn_elf(None, ("libc.so.6", "libcrypto.so.3", "libsctp.so.1")), 0o644),
                   "usr/lib/x86_64-linux-gnu/libiperf.so.0": "libiperf.so.0.0.0"},
     "libc6": {"lib/x86_64-linux-gnu/libc.so.6": (fake_dyn_elf(LD, ("ld-linux-x86-64.so.2",)), 0o755),
               "lib/x86_64-linux-gnu/ld-linux-x86-64.so.2": (fake_dyn_elf(None), 0o755),
@@ -147,7 +147,7 @@ def test_add_programs_stores_a_file_once(tmp_path):
 
 def make_modtree(root, with_dep_file=False):
     moddir = root / "lib" / "modules" / "9.9.9-test"
-    for name, (rel, deps) in FAKE_MODS.items():
+    for _name, (rel, deps) in FAKE_MODS.items():
         p = moddir / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         data = fake_ko(deps)
@@ -155,7 +155,7 @@ def make_modtree(root, with_dep_file=False):
     (moddir / "modules.builtin").write_text("kernel/fs/ext4/ext4.ko\nkernel/fs/jbd2/jbd2.ko\n")
     if with_dep_file:
         lines = []
-        for name, (rel, deps) in FAKE_MODS.items():
+        for _name, (rel, deps) in FAKE_MODS.items():
             # modules.dep lists full transitive deps, deepest last
             lines.append(f"{rel}: " + " ".join(FAKE_MODS[d][0] for d in deps.split(",") if d))
         (moddir / "modules.dep").write_text("\n".join(lines) + "\n")

@@ -281,7 +281,7 @@ def test_integers_are_little_endian_and_bounds_checked():
                 wr(PAGE - n + 1, 0)
         with pytest.raises(GuestMemoryError):
             mem.read_u8(PAGE)
-        with pytest.raises(Exception):
+        with pytest.raises(struct.error):
             mem.write_u8(0, 256)  # struct.error: values must fit
     finally:
         mem.close()
@@ -512,7 +512,9 @@ def test_descs_inside_edges():
 
 def test_preadv_pwritev_scatter_gather(tmp_path):
     import os as _os
-    from hypyr.memory import GuestMemory as _GM, GuestMemoryError as _GME
+
+    from hypyr.memory import GuestMemory as _GM
+    from hypyr.memory import GuestMemoryError as _GME
     mem = _GM.anonymous([(0, 1 << 16)], hugepages=False)
     path = tmp_path / "f"
     path.write_bytes(bytes(range(256)) * 64)
@@ -541,7 +543,9 @@ def test_preadv_pwritev_scatter_gather(tmp_path):
 
 def test_preadv_across_regions(tmp_path):
     import os as _os
-    from hypyr.memory import GuestMemory as _GM, GuestMemoryError as _GME
+
+    from hypyr.memory import GuestMemory as _GM
+    from hypyr.memory import GuestMemoryError as _GME
     mem = _GM.anonymous([(0, 0x2000), (0x2000, 0x2000), (0x8000, 0x1000)], hugepages=False)
     path = tmp_path / "f"
     path.write_bytes(bytes(range(256)) * 64)

@@ -109,7 +109,7 @@ def test_net_create_list_destroy(netns):
         net = n.net_create("hbr0", "10.88.0.0/24")
         assert net == n.Network("hbr0", "10.88.0.1/24", False, False)
         assert n.bridge_exists("hbr0") and _addrs("hbr0") == ["10.88.0.1/24"]
-        assert open("/sys/class/net/hbr0/operstate").read().strip() in ("up", "unknown", "down")
+        assert Path("/sys/class/net/hbr0/operstate").read_text().strip() in ("up", "unknown", "down")
         [info] = n.net_list()
         assert (info.name, info.bridge, info.subnet, info.dhcp, info.nat, info.present, info.taps) == \
             ("hbr0", "hbr0", "10.88.0.1/24", False, False, True, [])
@@ -191,6 +191,7 @@ def test_nat_table_added_and_removed(netns):
 def test_hand_made_bridge_is_used_and_never_deleted(netns):
     def body():
         from pyroute2 import IPRoute
+
         from hypyr.toolstack import network as n
         with IPRoute() as ipr:
             ipr.link("add", ifname="mine", kind="bridge")
@@ -223,6 +224,7 @@ def test_open_tap_attaches_and_vanishes_on_close(netns):
     def body():
         import fcntl
         import struct
+
         from hypyr.toolstack import network as n
         n.net_create("hbr0", "10.88.0.0/24")
         fd = n.open_tap("vif7.0", "hbr0", None, 0)
@@ -370,6 +372,7 @@ def test_cli_net_commands(netns):
     def body():
         import contextlib
         import io
+
         from hypyr.cli import main
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -412,8 +415,9 @@ def test_virtio_net_on_a_real_tap(netns):
         import struct
         import sys
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from virtio_mock import Buf
         from test_virtio_net import Nic
+        from virtio_mock import Buf
+
         from hypyr.devices.virtio import net as N
         from hypyr.devices.virtio.device import VIRTIO_F_VERSION_1
         from hypyr.toolstack import network as n

@@ -12,13 +12,21 @@ import stat
 import subprocess
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
 from hypyr.errors import HypyrError
 from hypyr.toolstack import paths, sched
-from hypyr.toolstack.registry import (STATES, DomainRecord, Registry, StaleDomainError, host_record, is_alive,
-                                      proc_start_time)
+from hypyr.toolstack.registry import (
+    STATES,
+    DomainRecord,
+    Registry,
+    StaleDomainError,
+    host_record,
+    is_alive,
+    proc_start_time,
+)
 
 
 @pytest.fixture
@@ -227,7 +235,7 @@ def test_zombie_counts_as_dead(reg):
     child = _exited_child()
     try:
         for _ in range(200):
-            st = open(f"/proc/{child.pid}/stat").read().rpartition(")")[2].split()[0]
+            st = Path(f"/proc/{child.pid}/stat").read_text().rpartition(")")[2].split()[0]
             if st == "Z":
                 break
             time.sleep(0.01)
@@ -525,7 +533,7 @@ def test_state_dir_of_another_user_is_refused(state, monkeypatch):
 
 def test_state_dir_that_is_a_file_is_refused(state):
     state.write_text("not a directory")
-    with pytest.raises(HypyrError, match="^cannot create the hypyr state directory .*: File exists$"):
+    with pytest.raises(HypyrError, match=r"^cannot create the hypyr state directory .*: File exists$"):
         paths.state_dir()
 
 

@@ -100,7 +100,7 @@ def test_bad_weight(weight):
 
 @pytest.mark.parametrize("cap", [-1, 401, 1000, 2.5, "50"])
 def test_bad_cap(cap):
-    with pytest.raises(HypyrError, match="cap must be 0 .* from 1 to 400"):
+    with pytest.raises(HypyrError, match=r"cap must be 0 .* from 1 to 400"):
         sched.check_cap(cap)
 
 

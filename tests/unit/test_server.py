@@ -24,9 +24,18 @@ import pytest
 from hypyr.errors import Conflict, HypyrError, InvalidInput, NotFound, NotSupported, OperationTimeout, Unavailable
 from hypyr.toolstack import api, sched, server
 from hypyr.toolstack.api import DomainInfo
-from hypyr.toolstack.errors import (DomainExists, DomainNotFound, DomainStateError, DomainTimeout, DomainUnreachable,
-                                    InsufficientResources, InvalidConfig, RegistryBusy, SchedulerUnavailable,
-                                    VcpuNotFound)
+from hypyr.toolstack.errors import (
+    DomainExists,
+    DomainNotFound,
+    DomainStateError,
+    DomainTimeout,
+    DomainUnreachable,
+    InsufficientResources,
+    InvalidConfig,
+    RegistryBusy,
+    SchedulerUnavailable,
+    VcpuNotFound,
+)
 from hypyr.toolstack.server import ApiClient, ApiError, UnixHTTPConnection
 
 
@@ -598,7 +607,7 @@ def test_many_threads(client, fake, tmp_path):
 
     def worker(i):
         try:
-            for j in range(15):
+            for _j in range(15):
                 assert client.get("/domains/web")["domid"] == 1
                 assert len(client.get("/domains")) >= 2
                 r = client.request("GET", f"/domains/ghost{i}")

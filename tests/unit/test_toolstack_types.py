@@ -14,8 +14,18 @@ import pytest
 
 from hypyr.errors import Conflict, HypyrError, InvalidInput, NotFound, NotSupported, OperationTimeout, Unavailable
 from hypyr.toolstack import api, errors, logs, paths
-from hypyr.toolstack.errors import (DomainExists, DomainNotFound, DomainStateError, DomainTimeout, DomainUnreachable,
-                                    InvalidConfig, RegistryBusy, StaleDomainError, from_report, type_name)
+from hypyr.toolstack.errors import (
+    DomainExists,
+    DomainNotFound,
+    DomainStateError,
+    DomainTimeout,
+    DomainUnreachable,
+    InvalidConfig,
+    RegistryBusy,
+    StaleDomainError,
+    from_report,
+    type_name,
+)
 from hypyr.toolstack.names import DOMAIN0_NAME, name_problem
 from hypyr.toolstack.registry import DomainState, Registry
 from hypyr.toolstack.xlcfg import ConfigValueError, XlCfgError, loads
@@ -55,15 +65,15 @@ def test_errors_cross_a_process_boundary_by_type_name():
 
 def test_registry_errors_are_typed(reg):
     reg.reserve("web", {})
-    with pytest.raises(DomainExists, match="^a domain named web already exists"):
+    with pytest.raises(DomainExists, match=r"^a domain named web already exists"):
         reg.reserve("web", {})
-    with pytest.raises(DomainNotFound, match="^no domain named nope$"):
+    with pytest.raises(DomainNotFound, match=r"^no domain named nope$"):
         reg.get("nope")
-    with pytest.raises(DomainNotFound, match="^no domain with id 99$"):
+    with pytest.raises(DomainNotFound, match=r"^no domain with id 99$"):
         reg.get(99)
-    with pytest.raises(DomainNotFound, match="^no domain with id 99$"):
+    with pytest.raises(DomainNotFound, match=r"^no domain with id 99$"):
         reg.get("0099")
-    with pytest.raises(DomainNotFound, match="^no domain with id 9{5000}$"):
+    with pytest.raises(DomainNotFound, match=r"^no domain with id 9{5000}$"):
         reg.get("9" * 5000)                   # more digits than int() converts: not a traceback
     with pytest.raises(DomainNotFound, match="the host"):
         reg.get(DOMAIN0_NAME)
@@ -81,9 +91,8 @@ def test_a_registry_locked_too_long_is_registry_busy(state):
         blocker = sqlite3.connect(first.path, isolation_level=None)
         blocker.execute("BEGIN IMMEDIATE")
         try:
-            with Registry(first.path, timeout=0.2) as second:
-                with pytest.raises(RegistryBusy, match="stayed locked"):
-                    second.reserve("db", {})
+            with Registry(first.path, timeout=0.2) as second, pytest.raises(RegistryBusy, match="stayed locked"):
+                second.reserve("db", {})
         finally:
             blocker.execute("ROLLBACK")
             blocker.close()

@@ -11,8 +11,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hypyr.arch.x86 import vcpu_state as S
-from hypyr.arch.x86.vcpu_state import (ClockData, DebugRegs, IoapicState, IrqchipState, PicState, PitChannel,
-                                       PitState, Regs, Sregs, VcpuEvents, VcpuState, VmState, Xcr)
+from hypyr.arch.x86.vcpu_state import (
+    ClockData,
+    DebugRegs,
+    IoapicState,
+    IrqchipState,
+    PicState,
+    PitChannel,
+    PitState,
+    Regs,
+    Sregs,
+    VcpuEvents,
+    VcpuState,
+    VmState,
+    Xcr,
+)
 from hypyr.errors import HypyrError, StateError
 from hypyr.kvm import B, CpuidEntry
 
@@ -73,7 +86,7 @@ def plain(value) -> bool:
         return all(isinstance(k, str) and plain(v) for k, v in value.items())
     if isinstance(value, list):
         return all(plain(v) for v in value)
-    return value is None or isinstance(value, (int, str, bytes)) and not isinstance(value, bool)
+    return value is None or (isinstance(value, (int, str, bytes)) and not isinstance(value, bool))
 
 
 # -- round trips ---------------------------------------------------------------------------------------------
@@ -335,7 +348,7 @@ def test_restore_order():
                                     "set_vcpu_events", "set_mp_state"]
     msr_batches = [a[0] for n, a in sets if n == "set_msrs"]
     assert msr_batches == [[(0x10, 123456), (0xC0000082, 0xFFFF_FFFF_8100_0000)], [(0x6E0, 0)]]
-    xcrs = [a[0] for n, a in sets if n == "set_xcrs"][0]
+    xcrs = next(a[0] for n, a in sets if n == "set_xcrs")
     assert (xcrs.nr_xcrs, xcrs.xcrs[0].xcr, xcrs.xcrs[0].value) == (1, 0, 7)
 
 

@@ -12,13 +12,13 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from virtio_mock import Buf, MockDriver  # noqa: E402
+from virtio_mock import Buf, MockDriver
 
-from hypyr.devices.virtio import blk as B  # noqa: E402
-from hypyr.devices.virtio.blk import BlkState, VirtioBlk  # noqa: E402
-from hypyr.devices.virtio.queue import DeviceError, QueueError  # noqa: E402
-from hypyr.errors import HypyrError  # noqa: E402
-from hypyr.memory import GuestMemory  # noqa: E402
+from hypyr.devices.virtio import blk as B
+from hypyr.devices.virtio.blk import BlkState, VirtioBlk
+from hypyr.devices.virtio.queue import DeviceError, QueueError
+from hypyr.errors import HypyrError
+from hypyr.memory import GuestMemory
 
 SECTORS = 64
 ALL_FEATURES = (1 << B.VIRTIO_BLK_F_DISCARD) | (1 << B.VIRTIO_BLK_F_WRITE_ZEROES) | (1 << B.VIRTIO_BLK_F_FLUSH)
@@ -139,7 +139,7 @@ def test_unaligned_file_size_hides_tail(tmp_path, caplog):
 
 
 def test_missing_or_bad_file(tmp_path):
-    with pytest.raises(HypyrError, match="nope.img"):
+    with pytest.raises(HypyrError, match=r"nope.img"):
         VirtioBlk(str(tmp_path / "nope.img"))
     with pytest.raises(HypyrError, match=str(tmp_path)):
         VirtioBlk(str(tmp_path), read_only=True)  # a directory
@@ -225,7 +225,8 @@ def _route(monkeypatch, name, fn):
     checked views of the ranges: the device's bulk I/O then goes through ``fn``."""
     monkeypatch.setattr(GuestMemory, name, lambda self, fd, ranges, off: fn(fd, self.views(ranges), off))
     monkeypatch.setattr(GuestMemory, name + "_descs",
-                        lambda self, fd, descs, first, count, off: fn(fd, self.views(_desc_ranges(descs, first, count)), off))
+                        lambda self, fd, descs, first, count, off:
+                        fn(fd, self.views(_desc_ranges(descs, first, count)), off))
 
 
 def _desc_ranges(descs, first, count):
@@ -650,7 +651,7 @@ def test_many_requests_in_flight(image):
         used = r.run()
         assert sorted(h for h, _ in used) == sorted(expected)
         assert all(n == 513 for _, n in used)
-        for head, (data, st_addr, i) in expected.items():
+        for _head, (data, st_addr, i) in expected.items():
             assert r.drv.mem.read_u8(st_addr) == 0
             assert r.gather(data) == original[i * 512:(i + 1) * 512]
     finally:

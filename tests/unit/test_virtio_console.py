@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from virtio_mock import Buf, MockDriver  # noqa: E402
+from virtio_mock import Buf, MockDriver
 
-from hypyr.devices.virtio import console as C  # noqa: E402
-from hypyr.devices.virtio.console import ConsoleState, VirtioConsole  # noqa: E402
-from hypyr.devices.virtio.queue import DeviceError  # noqa: E402
+from hypyr.devices.virtio import console as C
+from hypyr.devices.virtio.console import ConsoleState, VirtioConsole
+from hypyr.devices.virtio.queue import DeviceError
 
 
 class Rig:

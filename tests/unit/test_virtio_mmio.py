@@ -12,14 +12,19 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from virtio_mock import MEM_SIZE, Buf, MockDriver  # noqa: E402
+from virtio_mock import MEM_SIZE, Buf, MockDriver
 
-from hypyr.devices.virtio import mmio as M  # noqa: E402
-from hypyr.devices.virtio.device import (VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC,  # noqa: E402
-                                         VIRTIO_F_VERSION_1, DeviceError, VirtioDevice)
-from hypyr.devices.virtio.mmio import MMIO_WINDOW, QUEUE_NOTIFY_OFFSET, VirtioMmioTransport  # noqa: E402
-from hypyr.devices.virtio.queue import QueueError  # noqa: E402
-from hypyr.memory import GuestMemory  # noqa: E402
+from hypyr.devices.virtio import mmio as M
+from hypyr.devices.virtio.device import (
+    VIRTIO_F_RING_EVENT_IDX,
+    VIRTIO_F_RING_INDIRECT_DESC,
+    VIRTIO_F_VERSION_1,
+    DeviceError,
+    VirtioDevice,
+)
+from hypyr.devices.virtio.mmio import MMIO_WINDOW, QUEUE_NOTIFY_OFFSET, VirtioMmioTransport
+from hypyr.devices.virtio.queue import QueueError
+from hypyr.memory import GuestMemory
 
 DEV_FEATURE = 1 << 5
 ACK, DRV, DRV_OK, FEAT_OK, NEEDS_RESET, FAILED = 1, 2, 4, 8, 64, 128

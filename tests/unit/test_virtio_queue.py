@@ -10,12 +10,19 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from virtio_mock import MEM_SIZE, Buf, MockDriver  # noqa: E402
+from virtio_mock import MEM_SIZE, Buf, MockDriver
 
-from hypyr.devices.virtio.queue import (MAX_INDIRECT, VIRTQ_AVAIL_F_NO_INTERRUPT,  # noqa: E402
-                                        VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
-                                        DescriptorChain, QueueError, SplitQueue)
-from hypyr.memory import GuestMemory  # noqa: E402
+from hypyr.devices.virtio.queue import (
+    MAX_INDIRECT,
+    VIRTQ_AVAIL_F_NO_INTERRUPT,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    DescriptorChain,
+    QueueError,
+    SplitQueue,
+)
+from hypyr.memory import GuestMemory
 
 FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -754,7 +761,7 @@ def test_returned_chains_make_room_and_reset_forgets_the_count():
     d = MockDriver(size=8)
     q = d.queue()
     buf = d.alloc(4)
-    for round_ in range(5):  # 40 chains through an 8-entry queue, returned in batches
+    for _round in range(5):  # 40 chains through an 8-entry queue, returned in batches
         heads = [d.add_chain([Buf(buf, 4, write=True)]) for _ in range(8)]
         chains, error = q.pop_all()
         assert error is None and [c.head for c in chains] == heads and q.in_flight == 8

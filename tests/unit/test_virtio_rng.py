@@ -6,14 +6,18 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from virtio_mock import MEM_SIZE, Buf, MockDriver  # noqa: E402
+from virtio_mock import MEM_SIZE, Buf, MockDriver
 
-from hypyr.devices.virtio import mmio as M  # noqa: E402
-from hypyr.devices.virtio.device import (VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC,  # noqa: E402
-                                         VIRTIO_F_VERSION_1, VIRTIO_ID_RNG)
-from hypyr.devices.virtio.mmio import QUEUE_NOTIFY_OFFSET, VirtioMmioTransport  # noqa: E402
-from hypyr.devices.virtio.queue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE  # noqa: E402
-from hypyr.devices.virtio.rng import MAX_REQUEST, VirtioRng  # noqa: E402
+from hypyr.devices.virtio import mmio as M
+from hypyr.devices.virtio.device import (
+    VIRTIO_F_RING_EVENT_IDX,
+    VIRTIO_F_RING_INDIRECT_DESC,
+    VIRTIO_F_VERSION_1,
+    VIRTIO_ID_RNG,
+)
+from hypyr.devices.virtio.mmio import QUEUE_NOTIFY_OFFSET, VirtioMmioTransport
+from hypyr.devices.virtio.queue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
+from hypyr.devices.virtio.rng import MAX_REQUEST, VirtioRng
 
 ACK, DRV, DRV_OK, FEAT_OK, NEEDS_RESET = 1, 2, 4, 8, 64
 

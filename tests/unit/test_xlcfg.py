@@ -13,8 +13,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hypyr.errors import HypyrError
-from hypyr.toolstack.xlcfg import (ConfigValueError, DiskSpec, DomainConfig, RawConfig, XlCfgError, load, loads,
-                                   parse, parse_cpulist, parse_disk, vdev_index)
+from hypyr.toolstack.xlcfg import (
+    ConfigValueError,
+    DiskSpec,
+    DomainConfig,
+    RawConfig,
+    XlCfgError,
+    load,
+    loads,
+    parse,
+    parse_cpulist,
+    parse_disk,
+    vdev_index,
+)
 
 DATA = Path(__file__).parent / "data" / "xlcfg"
 BASE = "name = 'g'\nkernel = '/boot/vmlinuz'\n"
@@ -119,7 +130,7 @@ def test_load_refuses_a_fifo_without_waiting(tmp_path):
     if t.is_alive():   # blocked waiting for a writer: release it before failing
         os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
     assert result.get("error") == f"domain config file {fifo} is not a regular file"
-    with pytest.raises(HypyrError, match="^domain config file /dev/null is not a regular file$"):
+    with pytest.raises(HypyrError, match=r"^domain config file /dev/null is not a regular file$"):
         load("/dev/null")
 
 
@@ -419,7 +430,8 @@ def test_from_dict_rejects_bad_records():
 
 
 def test_direct_construction_validates():
-    cfg = DomainConfig(name="g", kernel="/k", disks=[DiskSpec("/b", "raw", "xvdb", 1), DiskSpec("/a", "raw", "xvda", 0)])
+    cfg = DomainConfig(name="g", kernel="/k",
+                       disks=[DiskSpec("/b", "raw", "xvdb", 1), DiskSpec("/a", "raw", "xvda", 0)])
     assert [d.vdev for d in cfg.disks] == ["xvda", "xvdb"] and cfg.maxmem == 128
     with pytest.raises(HypyrError, match="vcpus must be"):
         DomainConfig(name="g", kernel="/k", vcpus=0)

@@ -79,7 +79,7 @@ ALL_PROCESSORS = 0xFF
 S5_AML = bytes([0x08, 0x5F, 0x53, 0x35, 0x5F, 0x12, 0x05, 0x02, 0x0A, SLP_TYP_S5, 0x00])
 
 
-def checksum(data: bytes) -> int:
+def checksum(data: bytes | bytearray) -> int:
     """The byte that makes ``data`` (with this byte in place of a 0) sum to 0 mod 256."""
     return (-sum(data)) & 0xFF
 

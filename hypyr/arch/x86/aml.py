@@ -39,7 +39,8 @@ def integer(v: int) -> bytes:
         return bytes([ZERO_OP])
     if v == 1:
         return bytes([ONE_OP])
-    for prefix, fmt, limit in ((BYTE_PREFIX, "<B", 1 << 8), (WORD_PREFIX, "<H", 1 << 16), (DWORD_PREFIX, "<I", 1 << 32)):
+    for prefix, fmt, limit in ((BYTE_PREFIX, "<B", 1 << 8), (WORD_PREFIX, "<H", 1 << 16),
+                               (DWORD_PREFIX, "<I", 1 << 32)):
         if 0 <= v < limit:
             return bytes([prefix]) + struct.pack(fmt, v)
     raise ValueError(f"AML integer {v} out of range")

@@ -8,8 +8,9 @@ vCPU ``n`` has APIC id ``n``.  :func:`adjust_cpuid` is pure and idempotent.
 from __future__ import annotations
 
 import struct
+from dataclasses import replace
+
 from hypyr.kvm import CpuidEntry  # plain data; the one definition lives with the KVM ABI
-from dataclasses import dataclass, replace
 
 KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1
 

@@ -175,7 +175,8 @@ def load_elf(mem: GuestMemory, data: bytes, path: str = "<kernel>") -> KernelIma
     )
 
 
-def load_initrd(mem: GuestMemory, data_or_path: bytes | str | os.PathLike, kernel: KernelImage) -> tuple[GuestAddress, int]:
+def load_initrd(mem: GuestMemory, data_or_path: bytes | str | os.PathLike,
+                kernel: KernelImage) -> tuple[GuestAddress, int]:
     """Place the initrd page-aligned as high as possible in low RAM, above the kernel; return (addr, size)."""
     if isinstance(data_or_path, (bytes, bytearray, memoryview)):
         data, name = bytes(data_or_path), "initrd"

@@ -129,6 +129,8 @@ class _Record:
     """Base of the frozen state records: :meth:`to_dict` and a validating :meth:`from_dict`."""
 
     _kind: ClassVar[str | None] = None  # top-level records carry "kind" and "v" (format version)
+    # every subclass is a dataclass; declared (never assigned here) so that the type checker knows
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
 
     def to_dict(self) -> dict:
         out: dict[str, Any] = {"kind": self._kind, "v": FORMAT_VERSION} if self._kind else {}
@@ -306,7 +308,7 @@ class Segment(_KvmRecord):
     dpl: int = _u(8)
     db: int = _u(8)
     s: int = _u(8)
-    l: int = _u(8)  # noqa: E741 (KVM's name)
+    l: int = _u(8)
     g: int = _u(8)
     avl: int = _u(8)
     unusable: int = _u(8)
@@ -405,7 +407,7 @@ class VcpuState(_Record):
     tsc_khz: int | None = _u(32, optional=True)
 
     @classmethod
-    def capture(cls, vcpu: Vcpu, msr_indices: list[int] | None = None) -> "VcpuState":
+    def capture(cls, vcpu: Vcpu, msr_indices: list[int] | None = None) -> VcpuState:
         """Read the vCPU's state (it must not be in KVM_RUN).  ``msr_indices``: the MSRs to save
         (default: KVM_GET_MSR_INDEX_LIST); those KVM refuses to read for this vCPU are left out."""
         if vcpu.completion_pending:
@@ -563,7 +565,7 @@ class VmState(_Record):
     clock: ClockData = _record(ClockData)
 
     @classmethod
-    def capture(cls, vm: Vm) -> "VmState":
+    def capture(cls, vm: Vm) -> VmState:
         """Read the VM's state; call it with every vCPU out of KVM_RUN."""
         irqchip = None
         if _exists(lambda: vm.get_irqchip(B.KVM_IRQCHIP_PIC_MASTER)):

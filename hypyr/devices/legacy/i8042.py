@@ -126,7 +126,7 @@ class I8042State:
 class _Port:
     """One of the controller's two ports as a bus device (length 1)."""
 
-    def __init__(self, ctl: "I8042", base: int):
+    def __init__(self, ctl: I8042, base: int):
         self._ctl = ctl
         self._base = base
 

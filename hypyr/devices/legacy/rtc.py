@@ -31,8 +31,8 @@ import calendar
 import datetime
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from hypyr.devices.legacy._bytedev import ByteRegisterDevice, bcd, from_bcd, is_bcd
 from hypyr.devices.state import QuiesceFree, StateError, StateReader
@@ -315,11 +315,11 @@ class Rtc(QuiesceFree, ByteRegisterDevice):
         elif index == REG_A:
             self._ram[REG_A] = value & 0x7F
         elif index == REG_B:
-            was_set = self._frozen is not None
-            if value & REG_B_SET and not was_set:
+            frozen = self._frozen
+            if value & REG_B_SET and frozen is None:
                 self._frozen = self._fields()
-            elif not value & REG_B_SET and was_set:
-                new = self._to_epoch(self._frozen)
+            elif not value & REG_B_SET and frozen is not None:
+                new = self._to_epoch(frozen)
                 if new is None:
                     self._rlog.warning("invalid-set", "rtc: guest set an invalid time %r; clock unchanged",
                                        self._frozen)

@@ -55,8 +55,8 @@ from __future__ import annotations
 
 import collections
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from hypyr.devices.bus import IrqLine
 from hypyr.devices.legacy._bytedev import ByteRegisterDevice

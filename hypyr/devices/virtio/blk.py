@@ -68,8 +68,8 @@ import os
 import stat
 import struct
 import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 from hypyr.devices.ratelog import RateLimitedLog
 from hypyr.devices.state import StateError, StateReader
@@ -689,6 +689,7 @@ class VirtioBlk(VirtioDevice):
         path then does the request and reports what is wrong with it."""
         chain = req.chain
         t = chain.table
+        assert t is not None  # the caller checked: a chain with its indirect table
         count = len(t) >> 2
         if t[2] != HEADER_SIZE or t[-2] != 1:
             return None
@@ -860,7 +861,7 @@ class VirtioBlk(VirtioDevice):
 
     def _try_fallocate(self, supported_attr: str, mode: int, offset: int, length: int) -> bool:
         """fallocate(mode); False (and remembered) if the file system does not support it."""
-        if not getattr(self, supported_attr):
+        if not getattr(self, supported_attr) or _fallocate is None:  # (the latter: never supported)
             return False
         if _fallocate(self._fd, mode, offset, length) == 0:
             return True

@@ -33,8 +33,9 @@ from __future__ import annotations
 import logging
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from typing import cast
 
 from hypyr.devices.overflow import OverflowLog
 from hypyr.devices.ratelog import RateLimitedLog
@@ -204,7 +205,7 @@ class VirtioConsole(VirtioDevice):
     def apply_state(self, parsed: object) -> None:
         with self._lock:
             self._quiesced = True
-            self._rx = bytearray(parsed)
+            self._rx = bytearray(cast(bytes, parsed))  # what _parse_fields returned
 
     # ------------------------------------------------------------------ internals
     def _signal(self, index: int) -> None:

@@ -12,7 +12,7 @@ its device's, which the device produces and checks through the hooks at the end 
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from hypyr.devices.state import StateReader
 from hypyr.memory import GuestMemory

@@ -89,16 +89,15 @@ import mmap
 import os
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from hypyr.devices.bus import IrqLine
 from hypyr.devices.ratelog import RateLimitedLog
 from hypyr.devices.state import StateError, StateReader
 from hypyr.memory import GuestMemory, GuestMemoryError
 
-from .device import (VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1,
-                     VirtioDevice)
+from .device import VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1, VirtioDevice
 from .queue import DeviceError, SplitQueue
 
 log = logging.getLogger("hypyr.dev.virtio_mmio")
@@ -464,11 +463,13 @@ class VirtioMmioTransport:
 
     def _call_irq(self, level: bool) -> None:
         try:
-            if self._trigger is not None:
+            trigger, irq = self._trigger, self._irq
+            if trigger is not None:
                 if level:
-                    self._trigger()
+                    trigger()
             else:
-                self._irq(level)
+                assert irq is not None  # __init__: exactly one of irq and trigger
+                irq(level)
         except Exception:
             log.exception("%s: interrupt (%s) failed", self._name, level)
 

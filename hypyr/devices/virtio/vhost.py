@@ -23,7 +23,7 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from hypyr.memory import GuestMemory
 
