@@ -197,6 +197,90 @@ def cmd_create(args) -> int:
     return 0
 
 
+MIB = 1 << 20
+
+
+class _ProgressLine:
+    """One line on stderr, rewritten in place, for a tty only (nothing otherwise)."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self.tty = sys.stderr.isatty()
+        self.shown = False
+
+    def __call__(self, p: dict) -> None:
+        if not self.tty:
+            return
+        try:
+            done, total = int(p.get("pages", 0)), max(1, int(p.get("total_pages", 0)))
+            text = f"{self.what}: {p.get('phase', '')} {int(p.get('bytes', 0)) / MIB:.1f} MiB"
+            if p.get("phase") in ("memory", "state", "loading"):
+                text += f" ({min(100, 100 * done // total)}% of RAM)"
+            else:
+                text += (f", pass {int(p.get('iteration', 0))}, {int(p.get('dirty_pages', 0))} pages dirty, "
+                         f"dirty rate {float(p.get('dirty_rate', 0.0)) * 4096 / MIB:.1f} MiB/s")
+        except (TypeError, ValueError):
+            return
+        sys.stderr.write(f"\r\033[K{text}")
+        sys.stderr.flush()
+        self.shown = True
+
+    def done(self) -> None:
+        if self.shown:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+            self.shown = False
+
+
+def cmd_save(args) -> int:
+    from hypyr.toolstack import api
+    bar = _ProgressLine(f"saving {args.name}")
+    try:
+        r = api.save(args.name, args.file, keep_running=args.keep_running, progress=bar)
+    finally:
+        bar.done()
+    print(f"hypyr: domain {r.name} saved to {r.file} in {r.seconds:.2f} s: {r.bytes / MIB:.1f} MiB written, "
+          f"{r.pages_data} pages data, {r.pages_zero} zero"
+          + ("; it keeps running" if r.keep_running else "; destroyed"))
+    return 0
+
+
+def cmd_restore(args) -> int:
+    from hypyr.toolstack import api
+    rec = api.restore(args.file, paused=args.paused)
+    print(f"hypyr: domain {rec.name} restored (id {rec.domid})" + (", paused" if args.paused else ""))
+    return 0
+
+
+def cmd_migrate(args) -> int:
+    from hypyr.toolstack import api
+    host, port = api.parse_address(args.host)
+    bar = _ProgressLine(f"migrating {args.name}")
+    try:
+        r = api.migrate(args.name, host, port, downtime_ms=args.downtime_ms, max_iterations=args.max_iterations,
+                        progress=bar)
+    finally:
+        bar.done()
+    down = "n/a (it was paused)" if r.downtime_ms is None else f"{r.downtime_ms:.1f} ms"
+    print(f"hypyr: domain {r.name} migrated to {r.to} in {r.seconds:.2f} s: {r.iterations} iterations, "
+          f"{r.pages_data} pages data, {r.pages_zero} zero, {r.bytes / MIB:.1f} MiB, downtime {down}")
+    return 0
+
+
+def cmd_migrate_receive(args) -> int:
+    from hypyr.toolstack import api
+    host, port = api.parse_address(args.listen, default_host="127.0.0.1")
+    r = api.migrate_receive(host, port,
+                            on_listening=lambda a: _say(f"waiting for a migration on {a[0]}:{a[1]}"),
+                            on_incoming=lambda src, name: _say(f"receiving domain {name} from {src}"))
+    if r.renamed:
+        print(f"hypyr: domain {r.name} migrated here from {r.source} (id {r.domid}) in {r.seconds:.2f} s")
+    else:
+        print(f"hypyr: domain {r.name} migrated here from {r.source} (id {r.domid}) in {r.seconds:.2f} s; "
+              f"it keeps this name: {r.note}")
+    return 0
+
+
 def cmd_list(args) -> int:
     from hypyr.toolstack import api
     doms = api.list_domains(args.names or None)
@@ -411,6 +495,36 @@ def build_parser() -> argparse.ArgumentParser:
         if op == "shutdown":
             o.add_argument("-w", dest="wait", action="store_true", help="wait until the domain is gone")
         o.set_defaults(func=cmd_domain_op)
+
+    sa = sub.add_parser("save", parents=[common], help="save a domain's state to a file and destroy it (as xl save)")
+    sa.add_argument("name", metavar="DOMAIN")
+    sa.add_argument("file", metavar="FILE")
+    sa.add_argument("-c", dest="keep_running", action="store_true", help="keep the domain running after the save")
+    sa.set_defaults(func=cmd_save)
+
+    rs = sub.add_parser("restore", parents=[common], help="restore a domain from a file made by hypyr save")
+    rs.add_argument("file", metavar="FILE")
+    rs.add_argument("-p", dest="paused", action="store_true", help="leave it paused (hypyr unpause runs it)")
+    rs.set_defaults(func=cmd_restore)
+
+    mg = sub.add_parser("migrate", parents=[common],
+                        help="migrate a domain live to a hypyr migrate-receive (as xl migrate)")
+    mg.add_argument("name", metavar="DOMAIN")
+    mg.add_argument("host", metavar="HOST[:PORT]", help="where hypyr migrate-receive listens (default port 8002)")
+    mg.add_argument("--downtime-ms", type=float, default=300.0, metavar="N",
+                    help="stop and copy once the rest fits in N ms (default 300)")
+    mg.add_argument("--max-iterations", type=int, default=30, metavar="N",
+                    help="at most N pre-copy passes, the first included (default 30)")
+    mg.set_defaults(func=cmd_migrate)
+
+    mr = sub.add_parser("migrate-receive", parents=[common],
+                        help="accept one live migration, then exit (the domain runs on)")
+    mr.add_argument("--listen", default="127.0.0.1:8002", metavar="ADDR:PORT",
+                    help="address to listen on (default 127.0.0.1:8002; anyone who can connect can send a "
+                         "domain: listen on other addresses only on a trusted network)")
+    mr.add_argument("--once", action="store_true",
+                    help="accept one migration and exit (what it always does; for scripts)")
+    mr.set_defaults(func=cmd_migrate_receive)
 
     vl = sub.add_parser("vcpu-list", parents=[common], help="list vCPUs with host CPU and affinity")
     vl.add_argument("name", nargs="?", metavar="NAME")

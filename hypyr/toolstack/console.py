@@ -22,7 +22,6 @@ from pathlib import Path
 from hypyr.console import ESCAPE, OutputQueue, Terminal, write_all
 from hypyr.toolstack import paths
 
-
 INPUT_LIMIT = 64 << 10  # typed or piped bytes `hypyr console` holds for a domain not taking input
 
 

@@ -18,7 +18,28 @@ Control protocol (unix stream socket, one JSON object per line each way):
 ``{"op": "info"}`` → ``{"ok": true, "state": ..., "vcpus": [{"vcpu": 0, "tid": ...}], ...}``;
 ``pause``, ``unpause``, ``shutdown`` (Ctrl-Alt-Del to the guest), ``reboot`` (reset the VM),
 ``destroy``; ``console`` answers ``{"ok": true}`` and then the connection carries raw console
-bytes both ways.  A refusal is ``{"ok": false, "error": SENTENCE, "type": ERROR TYPE}`` (the
+bytes both ways.  ``{"op": "save", "file": ABSOLUTE PATH, "keep_running": BOOL}`` writes the VM to
+FILE (through a temporary file in its directory, renamed when complete), sending
+``{"progress": {...}}`` lines while it runs, then ``{"ok": true, "seconds", "bytes", "pages_data",
+"pages_zero"}``; without ``keep_running`` the domain is then destroyed (after the reply), as by
+``destroy``.
+
+Restore: ``hypyr restore`` starts this process with ``HYPYR_RESTORE_FILE`` (the save file, whose
+configuration is already the row's) and ``HYPYR_RESTORE_PAUSED`` ("1": leave the vCPUs paused);
+the first "boot" is then ``hypyr.vmm.snapshot.restore`` of that file (the NICs on this domain's
+taps), and READY_FD reports once its vCPUs run.  A later reboot boots the kernel afresh.
+
+Live migration, source: ``{"op": "migrate", "host", "port", "downtime_ms", "max_iterations"}``
+connects to the destination, runs ``hypyr.vmm.migration.migrate_send`` (``{"progress": ...}`` lines
+meanwhile) and answers ``{"ok": true, ...MigrationStats}`` once the destination confirmed that the
+domain runs there; this process then destroys its (paused) VM and exits, keeping the migration
+connection open until it exits: its end is the destination's sign that the source has gone.  A
+failure is a ``MigrationFailed`` whose sentence says where the domain runs.  Destination: ``hypyr
+migrate-receive`` starts this process with ``HYPYR_MIGRATE_FD`` (the accepted connection, its
+header already looked at) and ``HYPYR_MIGRATE_WATCH_FD`` (a pipe from ``migrate-receive``: if it
+ends before the domain runs, the migration is abandoned); the first "boot" is
+``migrate_receive``.  ``{"op": "rename", "name": NAME}`` renames the domain (``NAME--incoming``
+to NAME once the source has gone).  A refusal is ``{"ok": false, "error": SENTENCE, "type": ERROR TYPE}`` (the
 name of a ``hypyr.toolstack.errors`` type, e.g. ``DomainStateError``).
 
 NICs: ``hypyr create`` opens one tap per vif and passes the fds (inherited) with their numbers,
@@ -30,20 +51,22 @@ given, else /24); a vif without ``ip=`` on a network made with ``--dhcp`` gets `
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import logging.handlers
 import os
 import socket
 import sys
+import tempfile
 import threading
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from hypyr.errors import HypyrError, InvalidInput
 from hypyr.toolstack import logs, nics, paths
 from hypyr.toolstack.console import ConsoleHub
-from hypyr.toolstack.errors import DomainStateError, type_name
+from hypyr.toolstack.errors import DomainStateError, MigrationFailed, SaveFileError, save_file_sentence, type_name
 from hypyr.toolstack.registry import DomainState, Registry, StaleDomainError
 from hypyr.toolstack.xlcfg import DomainConfig
 from hypyr.vmm.builder import DEFAULT_CMDLINE, DiskConfig, LinuxVm, VmConfig, build_linux_vm
@@ -65,8 +88,15 @@ def vm_config(cfg: DomainConfig, tap_fds: Sequence[int] = (), domid: int = 0) ->
 
 
 class Domain:
-    def __init__(self, domid: int, uuid: str, registry: Registry, tap_fds: Sequence[int] = ()):
+    def __init__(self, domid: int, uuid: str, registry: Registry, tap_fds: Sequence[int] = (),
+                 restore: str | None = None, restore_paused: bool = False, incoming_fd: int | None = None,
+                 watch_fd: int | None = None):
         self.domid = domid
+        self.incoming_fd = incoming_fd         # the first boot receives a live migration on this socket
+        self.watch_fd = watch_fd
+        self._migration_sock: socket.socket | None = None   # source: open until this process exits
+        self.restore_file = restore            # the first boot restores this save file
+        self.restore_paused = restore_paused
         self.uuid = uuid
         self.tap_fds = list(tap_fds)
         self.registry = registry
@@ -82,6 +112,7 @@ class Domain:
         self.vm: LinuxVm | None = None
         self.state = DomainState.CREATING
         self._lock = threading.Lock()
+        self._busy = threading.Lock()   # one save (or migration) at a time
         self._exit = threading.Event()
         self._destroy_requested = False
         self._reboot_requested = False
@@ -90,10 +121,193 @@ class Domain:
 
     # -- lifecycle ----------------------------------------------------------------------------
     def boot(self) -> None:
-        self.vm = build_linux_vm(vm_config(self.cfg, self.tap_fds, self.domid), self.console.write)
+        if self.incoming_fd is not None:
+            fd, self.incoming_fd = self.incoming_fd, None
+            self.vm = self._receive(fd)
+            self._pin_vcpus()
+            self._set_state(DomainState.PAUSED if self.vm.machine.paused else DomainState.RUNNING)
+            return
+        if self.restore_file is not None:
+            path, self.restore_file = self.restore_file, None   # a later reboot boots afresh
+            self.vm = self._restore(path)
+            paused = self.restore_paused or self.vm.saved_paused
+            if paused:
+                self.vm.machine.pause()        # before start: the vCPUs start parked
+        else:
+            self.vm = build_linux_vm(vm_config(self.cfg, self.tap_fds, self.domid), self.console.write)
+            paused = False
         self.vm.machine.start()
         self._pin_vcpus()
-        self._set_state(DomainState.RUNNING)
+        self._set_state(DomainState.PAUSED if paused else DomainState.RUNNING)
+
+    def _restore(self, path: str) -> LinuxVm:
+        """The VM saved in ``path``, its NICs on this domain's taps (named for this domid)."""
+        from hypyr.errors import SnapshotError
+        from hypyr.vmm import snapshot
+        try:
+            with open(path, "rb") as f:
+                return snapshot.restore(f, self.console.write, configure=self._configure_nets())
+        except OSError as e:
+            raise SaveFileError(f"cannot read the save file {path}: {e.strerror or e}") from None
+        except SnapshotError as e:
+            raise SaveFileError(save_file_sentence(path, e)) from None
+
+    def _configure_nets(self):
+        """``configure`` for a restore or migration: the saved VM, its NICs on this domain's taps."""
+        names = [v.tap_name(self.domid) for v in self.cfg.vifs]
+
+        def configure(header) -> VmConfig:
+            c = header.vm_config(self.tap_fds)
+            return dataclasses.replace(c, nets=[dataclasses.replace(n, name=name) for n, name in zip(c.nets, names)])
+        return configure
+
+    def _receive(self, fd: int) -> LinuxVm:
+        """Receive the live migration on the connection ``fd``; abandon it if `migrate-receive`
+        goes away (its watch pipe ends) before the VM runs."""
+        from hypyr.errors import MigrationError
+        from hypyr.vmm import migration
+        sock = socket.socket(fileno=fd)
+        done = threading.Event()
+        watch_fd, self.watch_fd = self.watch_fd, None
+
+        def watch(watch_fd: int) -> None:
+            try:
+                while os.read(watch_fd, 64):
+                    pass
+            except OSError:
+                pass
+            if not done.is_set():
+                log.warning("domain %s: migrate-receive went away: abandoning the migration", self.name)
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            os.close(watch_fd)
+        if watch_fd is not None:
+            threading.Thread(target=watch, args=(watch_fd,), name="migrate-watch", daemon=True).start()
+        try:
+            vm = migration.migrate_receive(sock, self.console.write, configure=self._configure_nets())
+        except MigrationError as e:
+            raise MigrationFailed(str(e)) from None
+        finally:
+            done.set()
+            sock.close()
+        return vm
+
+    def _migrate(self, conn: socket.socket, req: dict) -> dict:
+        """The ``migrate`` operation (source side); the caller stops the VM after answering."""
+        from hypyr.errors import MigrationError
+        from hypyr.vmm import migration
+        host, port = req.get("host"), req.get("port")
+        downtime, iterations = req.get("downtime_ms", 300), req.get("max_iterations", 30)
+        if not isinstance(host, str) or not host or isinstance(port, bool) or not isinstance(port, int) \
+                or not 1 <= port <= 65535 or isinstance(downtime, bool) or not isinstance(downtime, (int, float)) \
+                or downtime < 0 or isinstance(iterations, bool) or not isinstance(iterations, int) \
+                or not 1 <= iterations <= 10_000:
+            raise InvalidInput("migrate takes a host, a port 1-65535, downtime_ms >= 0 and max_iterations 1-10000")
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if not self._busy.acquire(blocking=False):
+            raise DomainStateError(f"domain {self.name} is already being saved or migrated")
+        try:
+            vm = self.vm
+            if vm is None or vm.machine.stop_reason is not None:
+                raise DomainStateError(f"domain {self.name} is not running")
+            try:
+                sock = socket.create_connection((host, port), timeout=10)
+            except OSError as e:
+                raise MigrationFailed(f"cannot connect to {where} ({e.strerror or e}); "
+                                      f"domain {self.name} runs on here") from None
+            try:
+                stats = migration.migrate_send(vm, sock, downtime_ms=downtime, max_iterations=iterations,
+                                               progress=self._progress_to(conn), extra=self._save_extra())
+            except MigrationError as e:
+                sock.close()
+                if vm.machine.paused and self.state is DomainState.RUNNING:
+                    self._set_state(DomainState.PAUSED)   # left paused (it may run there): say so in the list
+                raise MigrationFailed(f"migration of {self.name} to {where} failed: {e}") from None
+            except BaseException:
+                sock.close()
+                raise
+            self._migration_sock = sock       # closed when this process exits: "the source has gone"
+            log.info("domain %s migrated to %s in %.2f s (%d iterations, downtime %s ms); destroying it here",
+                     self.name, where, stats.seconds, stats.iterations, stats.downtime_ms)
+            return {"ok": True, "to": where, **dataclasses.asdict(stats)}
+        finally:
+            self._busy.release()
+
+    def _rename(self, req: dict) -> dict:
+        name = req.get("name")
+        if not isinstance(name, str):
+            raise InvalidInput("rename takes a name")
+        self._own(self.registry.rename, name)
+        if not self._orphaned:
+            old, self.name = self.name, name
+            self.cfg = dataclasses.replace(self.cfg, name=name)
+            log.info("domain %s is now called %s", old, name)
+        return {"ok": True, "name": self.name}
+
+    def _save_extra(self) -> dict:
+        """What `hypyr restore` needs to rebuild this domain: kept in the save file's header."""
+        return {"hypyr_domain": 1, "name": self.name, "uuid": self.uuid, "domid": self.domid,
+                "config": self.cfg.to_dict()}
+
+    def _progress_to(self, conn: socket.socket):
+        """A progress callback that sends ``{"progress": {...}}`` lines on ``conn`` (best effort:
+        a CLI that went away does not stop the operation)."""
+        def progress(p) -> None:
+            try:
+                self._send(conn, {"progress": dataclasses.asdict(p)})
+            except OSError:
+                pass
+        return progress
+
+    def _save(self, conn: socket.socket, req: dict) -> dict:
+        """The ``save`` operation: write the VM to ``req["file"]``; the caller stops the domain
+        afterwards unless ``keep_running``."""
+        from hypyr.errors import SnapshotError
+        from hypyr.vmm import snapshot
+        path, keep = req.get("file"), req.get("keep_running", False)
+        if not isinstance(path, str) or not os.path.isabs(path) or "\0" in path or not isinstance(keep, bool):
+            raise InvalidInput("save takes an absolute file name and keep_running true or false")
+        if not self._busy.acquire(blocking=False):
+            raise DomainStateError(f"domain {self.name} is already being saved or migrated")
+        try:
+            vm = self.vm
+            if vm is None or vm.machine.stop_reason is not None:
+                raise DomainStateError(f"domain {self.name} is not running")
+            try:
+                fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.",
+                                           suffix=".part")
+            except OSError as e:
+                raise SaveFileError(f"cannot write the save file {path}: {e.strerror or e}") from None
+            was_paused = vm.machine.paused
+            saved = False
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    stats = snapshot.save(vm, f, keep_running=keep, progress=self._progress_to(conn),
+                                          extra=self._save_extra())
+                    saved = True
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException as e:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+                if saved and not keep:      # saved but not safely on disk: the domain runs on
+                    snapshot.resume_running(vm, was_paused)
+                if isinstance(e, OSError):
+                    raise SaveFileError(f"cannot write the save file {path}: {e.strerror or e}") from None
+                if isinstance(e, SnapshotError):
+                    raise SaveFileError(str(e)) from None
+                raise
+            log.info("domain %s saved to %s (%d bytes in %.2f s)%s", self.name, path, stats.bytes, stats.seconds,
+                     "" if keep else "; destroying it")
+            return {"ok": True, "file": path, "seconds": stats.seconds, "bytes": stats.bytes,
+                    "pages_data": stats.pages_data, "pages_zero": stats.pages_zero, "keep_running": keep}
+        finally:
+            self._busy.release()
 
     def _pin_vcpus(self) -> None:
         """xl.cfg `cpus`: host CPU affinity of each vCPU thread."""
@@ -161,7 +375,10 @@ class Domain:
             log.exception("domain %s failed to start", self.name)
             self._report(ready_fd, HypyrError(f"the domain failed to start: {e}"))
             return 1
+        paused = self.state is DomainState.PAUSED     # restored paused (set_running says running)
         self._own(self.registry.set_running, os.getpid(), str(self.sock_path))
+        if paused:
+            self._set_state(DomainState.PAUSED)
         if self._orphaned:
             self._report(ready_fd, StaleDomainError(f"domain id {self.domid} was given to another domain "
                                                     f"while {self.name} started"))
@@ -267,7 +484,19 @@ class Domain:
                         self._send(conn, {"ok": True})
                         self._console_session(conn, f)
                         return
-                    reply = self._handle(op, req)
+                    if op == "save":
+                        reply = self._save(conn, req)
+                        if not reply["keep_running"]:   # answer first: stopping ends this process
+                            self._answer_then_stop(conn, reply, f"saved to {reply['file']}")
+                            continue
+                    elif op == "migrate":
+                        reply = self._migrate(conn, req)
+                        self._answer_then_stop(conn, reply, f"migrated to {reply['to']}")
+                        continue
+                    elif op == "rename":
+                        reply = self._rename(req)
+                    else:
+                        reply = self._handle(op, req)
                 except (ValueError, AttributeError):
                     reply = {"ok": False, "error": "malformed request", "type": InvalidInput.__name__}
                 except HypyrError as e:
@@ -277,6 +506,15 @@ class Domain:
             pass
         finally:
             conn.close()
+
+    def _answer_then_stop(self, conn: socket.socket, reply: dict, why: str) -> None:
+        """Answer, then destroy the VM (saved or migrated away) even if the answer cannot be sent:
+        stopping ends this process, so the answer goes first."""
+        try:
+            self._send(conn, reply)
+        finally:
+            self._destroy_requested = True
+            self.vm.machine.stop(StopReason(StopKind.DESTROYED, why))
 
     @staticmethod
     def _send(conn: socket.socket, obj: dict) -> None:
@@ -381,11 +619,20 @@ def main(argv: list[str] | None = None) -> int:
     os.umask(0o077)   # console.log and everything else this process creates: 0600
     _log_to_vmm_log(domid)
     tap_fds = [int(x) for x in os.environ.pop("HYPYR_TAP_FDS", "").split(",") if x]
+    restore = os.environ.pop("HYPYR_RESTORE_FILE", "") or None
+    incoming = os.environ.pop("HYPYR_MIGRATE_FD", "")
+    watch = os.environ.pop("HYPYR_MIGRATE_WATCH_FD", "")
+    incoming_fd, watch_fd = (int(incoming) if incoming else None), (int(watch) if watch else None)
+    for fd in (incoming_fd, watch_fd):
+        if fd is not None:
+            os.set_inheritable(fd, False)
+    restore_paused = os.environ.pop("HYPYR_RESTORE_PAUSED", "") == "1"
     for fd in tap_fds:
         os.set_inheritable(fd, False)   # ours alone: never leaked into anything we start
     with Registry() as reg:
         try:
-            dom = Domain(domid, uuid, reg, tap_fds)
+            dom = Domain(domid, uuid, reg, tap_fds, restore=restore, restore_paused=restore_paused,
+                         incoming_fd=incoming_fd, watch_fd=watch_fd)
         except HypyrError as e:
             Domain._report(ready_fd, e)
             return 1

@@ -53,6 +53,24 @@ class DomainTimeout(OperationTimeout):
     """A domain did not do something within its time limit (answer an operation, shut down, die)."""
 
 
+class SaveFileError(InvalidInput):
+    """A save file that cannot be written, read or restored: missing, truncated, corrupt, of
+    another format version, not made by `hypyr save`, from a CPU this host cannot offer."""
+
+
+def save_file_sentence(path: str, e: BaseException) -> str:
+    """A SnapshotError's sentence about "the save file", naming the file."""
+    text = str(e)
+    if text.startswith("the save file"):
+        return text.replace("the save file", f"the save file {path}", 1)
+    return f"the save file {path}: {text}"
+
+
+class MigrationFailed(Unavailable):
+    """A live migration that did not happen: the destination refused or could not be reached,
+    the link dropped; the sentence says where the domain runs now."""
+
+
 class SchedulerUnavailable(NotSupported):
     """No cgroup with the cpu controller on this host: no weights or caps."""
 
@@ -63,7 +81,8 @@ class SchedulerUnavailable(NotSupported):
 _BY_NAME = {cls.__name__: cls for cls in (
     HypyrError, InvalidInput, NotFound, Conflict, Unavailable, OperationTimeout, NotSupported,
     InvalidConfig, DomainNotFound, StaleDomainError, VcpuNotFound, DomainExists, DomainStateError,
-    RegistryBusy, InsufficientResources, DomainUnreachable, DomainTimeout, SchedulerUnavailable)}
+    RegistryBusy, InsufficientResources, DomainUnreachable, DomainTimeout, SchedulerUnavailable,
+    SaveFileError, MigrationFailed)}
 
 
 def type_name(e: BaseException) -> str:

@@ -30,8 +30,9 @@ import select
 import socket
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, TextIO
+from typing import Any, TextIO
 
 from hypyr.errors import HypyrError
 from hypyr.toolstack import procfs
@@ -352,7 +353,7 @@ class _TtyKeys:
         self.fd = stream.fileno()
         self._saved = None
 
-    def __enter__(self) -> "_TtyKeys":
+    def __enter__(self) -> _TtyKeys:
         import termios
         import tty
         try:

@@ -31,9 +31,10 @@ import signal
 import struct
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from hypyr.errors import Conflict, HypyrError, InvalidInput, NotFound
 from hypyr.toolstack import paths, procfs
@@ -153,7 +154,7 @@ def _load() -> dict[str, Network]:
 
 # -- netlink --------------------------------------------------------------------------------------
 def _ipr():
-    from pyroute2 import IPRoute   # lazy: the VMM never imports pyroute2
+    from pyroute2 import IPRoute  # lazy: the VMM never imports pyroute2
     return IPRoute()
 
 

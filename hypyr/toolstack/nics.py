@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from hypyr.errors import HypyrError
 from hypyr.toolstack.vif import VifSpec, random_mac
@@ -49,7 +50,7 @@ def open_taps(vifs: Sequence[VifSpec], names: Sequence[str]) -> list[int]:
 
 def net_configs(vifs: Sequence[VifSpec], tap_fds: Sequence[int], names: Sequence[str]) -> list[NetConfig]:
     """The VMM's NIC configs: vif i on the open TAP ``tap_fds[i]``."""
-    from hypyr.vmm.builder import NetConfig   # only where a VM is built: `hypyr list` never loads the VMM
+    from hypyr.vmm.builder import NetConfig  # only where a VM is built: `hypyr list` never loads the VMM
     if len(tap_fds) != len(vifs):
         raise HypyrError(f"{len(vifs)} vifs but {len(tap_fds)} taps (domains with vifs are started by hypyr create)")
     return [NetConfig(tap_fd=fd, mac=v.mac, mtu=v.mtu, vhost=v.vhost,

@@ -58,14 +58,21 @@ import stat
 import threading
 import time
 import uuid as uuidlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from hypyr.errors import HypyrError
 from hypyr.toolstack import paths, procfs
-from hypyr.toolstack.errors import (DomainExists, DomainNotFound, InsufficientResources, InvalidConfig, RegistryBusy,
-                                    StaleDomainError)
+from hypyr.toolstack.errors import (
+    DomainExists,
+    DomainNotFound,
+    InsufficientResources,
+    InvalidConfig,
+    RegistryBusy,
+    StaleDomainError,
+)
 from hypyr.toolstack.names import DOMAIN0_NAME, name_problem
 
 log = logging.getLogger(__name__)
@@ -375,8 +382,12 @@ class Registry:
         db.execute("DELETE FROM domains WHERE domid = ?", (rec.domid,))
 
     # -- API ------------------------------------------------------------------------------------
-    def reserve(self, name: str, config_json: str | dict | None, *, pid: int | None = None) -> DomainRecord:
+    def reserve(self, name: str, config_json: str | dict | None, *, pid: int | None = None,
+                uuid: str | None = None) -> DomainRecord:
         """Allocate the smallest free domid and insert a ``creating`` row for ``name``.
+
+        ``uuid``: the UUID to give it (``hypyr restore`` keeps the saved domain's, as xl does),
+        unless a row that is not reapable has it, in which case the row gets a new one.
 
         The row is owned by ``pid`` (default: this process) until ``set_running``; if that
         process dies first the row is reaped.  A gone (reapable) row with the same name is
@@ -404,8 +415,19 @@ class Registry:
                 domid += 1
             if domid > MAX_DOMID:
                 raise InsufficientResources(f"no free domain ids: {MAX_DOMID} domains exist")
+            new_uuid = str(uuidlib.uuid4())
+            if uuid is not None:
+                try:
+                    new_uuid = str(uuidlib.UUID(str(uuid)))
+                except ValueError:
+                    pass
+                row = db.execute(f"SELECT {_COLUMNS} FROM domains WHERE uuid = ?", (new_uuid,)).fetchone()
+                if row is not None:
+                    old = _record(row)
+                    if not _reapable(old) or self._reap_row(db, old) is None:
+                        new_uuid = str(uuidlib.uuid4())   # a domain that is still there has it
             rec = DomainRecord(domid, name, config_json, owner, owner_start, None, DomainState.CREATING,
-                               time.time(), None, 0, None, str(uuidlib.uuid4()))
+                               time.time(), None, 0, None, new_uuid)
             db.execute(f"INSERT INTO domains ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                        dataclasses.astuple(rec))
             d = self.domain_dir(domid)
@@ -450,6 +472,29 @@ class Registry:
             raise ValueError(f"a kept domain is crashed or shutdown, not {state!r}")
         self._update(domid, uuid, "state = ?, exit_reason = ?, pid = NULL, pid_start = NULL, socket = NULL",
                      (DomainState(state).value, exit_reason))
+
+    def rename(self, domid: int, name: str, *, uuid: str) -> None:
+        """Give the row (domid, uuid) the name ``name`` (a domain received by a migration takes its
+        own name once the source has gone).  A gone (reapable) row of that name is reaped first;
+        one that remains is a DomainExists."""
+        problem = name_problem(name)
+        if problem:
+            raise InvalidConfig(problem)
+        with self._write() as db:
+            mine = self._own_row(db, domid, uuid)
+            row = db.execute(f"SELECT {_COLUMNS} FROM domains WHERE name = ?", (name,)).fetchone()
+            if row is not None and _record(row).domid != mine.domid:
+                old = _record(row)
+                if not _reapable(old) or self._reap_row(db, old) is None:
+                    raise DomainExists(f"a domain named {name} already exists (id {old.domid})")
+            config = mine.config
+            try:
+                d = json.loads(config) if config else None
+                if isinstance(d, dict) and "name" in d:
+                    config = json.dumps({**d, "name": name})
+            except ValueError:
+                pass
+            db.execute("UPDATE domains SET name = ?, config = ? WHERE domid = ?", (name, config, mine.domid))
 
     def bump_restarts(self, domid: int, *, uuid: str) -> int:
         """Count a restart (on_reboot/on_crash 'restart'): restarts += 1, started = now."""

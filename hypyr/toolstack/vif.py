@@ -20,8 +20,9 @@ import difflib
 import ipaddress
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from hypyr.toolstack.errors import InvalidConfig
 
@@ -191,7 +192,7 @@ class VifSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "VifSpec":
+    def from_dict(cls, d: dict[str, Any]) -> VifSpec:
         kw = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         if kw.get("rate") is not None:
             kw["rate"] = RateLimit(int(kw["rate"]["bytes_per_sec"]), float(kw["rate"]["interval_s"]))

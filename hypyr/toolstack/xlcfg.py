@@ -729,7 +729,7 @@ class DomainConfig:
                 "vifs": [v.to_dict() for v in self.vifs]}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "DomainConfig":
+    def from_dict(cls, d: dict) -> DomainConfig:
         """Rebuild (and re-validate) from ``to_dict`` output; unknown keys are ignored."""
         try:
             kw = {k: v for k, v in d.items() if k in _FIELDS and k != "warnings"}

@@ -21,8 +21,9 @@ from __future__ import annotations
 import bisect
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import BinaryIO, Callable, Sequence
+from typing import BinaryIO
 
 from hypyr.arch.x86 import cpuid as x86cpuid
 from hypyr.arch.x86 import layout
@@ -34,8 +35,19 @@ from hypyr.kvm import CpuidEntry, Kvm, KvmError, KvmUnavailable
 from hypyr.memory import GuestMemory
 
 from .builder import DiskConfig, LinuxVm, NetConfig, VmConfig, build_vm, validate
-from .stream import (MAX_RUN, PAGE, Rec, StreamReader, StreamWriter, decode_json, encode_json, pages_head,
-                     parse_pages, parse_zero, zero_payload)
+from .stream import (
+    MAX_RUN,
+    PAGE,
+    Rec,
+    StreamReader,
+    StreamWriter,
+    decode_json,
+    encode_json,
+    pages_head,
+    parse_pages,
+    parse_zero,
+    zero_payload,
+)
 from .stream import VERSION as FORMAT_VERSION
 
 log = logging.getLogger("hypyr.snapshot")
@@ -163,7 +175,15 @@ def check_cpu(sig: dict, kvm: Kvm, nr_vcpus: int, what: str) -> None:
     if sig["vendor"] != here["vendor"]:
         raise SnapshotError(f"{what} was made on a {sig['vendor'] or 'unknown'} CPU; this host's is "
                             f"{here['vendor'] or 'unknown'}")
-    offered = _feature_words(x86cpuid.adjust_cpuid(host_entries, 0, nr_vcpus))
+    adjusted = x86cpuid.adjust_cpuid(host_entries, 0, nr_vcpus)
+    offered = _feature_words(adjusted)
+    if any(value & ~offered.get(key, 0) for key, value in sig["features"].items()):
+        # Some KVMs give a vCPU more than KVM_GET_SUPPORTED_CPUID lists (KVM_GET_CPUID2 then reads
+        # back more than was set, and the saved state holds that): a word exactly what a vCPU set
+        # up the same way reads back here is offered here.
+        for key, value in _probe_features(kvm, adjusted).items():
+            if sig["features"].get(key) == value:
+                offered[key] = offered.get(key, 0) | value
     for key, value in sig["features"].items():
         missing = value & ~offered.get(key, 0)
         if missing:
@@ -172,6 +192,26 @@ def check_cpu(sig: dict, kvm: Kvm, nr_vcpus: int, what: str) -> None:
     if (sig["family"], sig["model"]) != (here["family"], here["model"]):
         log.info("%s was made on CPU family %d model %d; this host is family %d model %d", what, sig["family"],
                  sig["model"], here["family"], here["model"])
+
+
+def _probe_features(kvm: Kvm, entries: Sequence[CpuidEntry]) -> dict[str, int]:
+    """The feature words a scratch vCPU given ``entries`` reads back (KVM_GET_CPUID2); {} if
+    that cannot be done."""
+    try:
+        vm = kvm.create_vm()
+    except (AttributeError, KvmError, OSError):
+        return {}
+    try:
+        vcpu = vm.create_vcpu(0)
+        try:
+            vcpu.set_cpuid(list(entries))
+            return _feature_words(vcpu.get_cpuid())
+        finally:
+            vcpu.close()
+    except (KvmError, OSError):
+        return {}
+    finally:
+        vm.close()
 
 
 def _parse_cpu(raw: object) -> dict:

@@ -55,8 +55,9 @@ srv = socket.socket(socket.AF_UNIX)
 srv.bind(path)
 srv.listen(16)
 state = "running"
-def reply(op):
+def reply(req):
     global state
+    op = req.get("op")
     if op == "info":
         return {"ok": True, "state": state, "vcpus": [{"vcpu": i, "tid": t} for i, t in enumerate(sorted(tids))]}
     if op in ("pause", "unpause"):
@@ -66,11 +67,19 @@ def reply(op):
         return {"ok": False, "error": "domain is paused: unpause it first", "type": "DomainStateError"}
     if op in ("shutdown", "reboot", "destroy"):
         return {"ok": True, "exit": op != "reboot"}
+    if op == "save":     # writes nothing: the file names are generated
+        keep = bool(req.get("keep_running"))
+        return {"ok": True, "file": req.get("file"), "seconds": 0.01, "bytes": 4096, "pages_data": 1,
+                "pages_zero": 0, "keep_running": keep, "exit": not keep}
+    if op == "migrate":  # as if the destination took it: the domain goes
+        return {"ok": True, "to": f"{req.get('host')}:{req.get('port')}", "seconds": 0.5, "downtime_ms": 12.5,
+                "downtime_clock": "monotonic", "iterations": 2, "pages_data": 10, "pages_zero": 90,
+                "final_pages": 1, "bytes": 40960, "bandwidth": 1e8, "exit": True}
     return {"ok": False, "error": f"unknown operation {op!r}", "type": "InvalidInput"}
 def serve(conn):
     with conn, conn.makefile("rb") as f:
         for line in f:
-            r = reply(json.loads(line).get("op"))
+            r = reply(json.loads(line))
             conn.sendall(json.dumps(r).encode() + b"\n")
             if r.pop("exit", False):
                 os._exit(0)
@@ -198,10 +207,11 @@ def _narrowed(doc: dict) -> dict:
 
 
 # Valid requests may still be refused for what the schema cannot say: the state of things (404 a
-# domain that went away, 409 a paused one, 501/503/504), and, for these two, semantic rules on a
-# string (xl.cfg text; a CPU list naming CPUs this host lacks or a backwards range): 400.
+# domain that went away, 409 a paused one, 501/503/504), and, for these, semantic rules on a
+# string (xl.cfg text; a CPU list naming CPUs this host lacks or a backwards range; a file name
+# that is a directory, in no directory, or not a save file): 400.
 ACCEPTED = ["2XX", "404", "409", "501", "503", "504"]
-SEMANTIC_400 = ("createDomain", "pinVcpu")
+SEMANTIC_400 = ("createDomain", "pinVcpu", "saveDomain", "restoreDomain")
 
 
 CONFIG = schemathesis.Config.from_dict({

@@ -31,7 +31,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from hypyr.errors import HypyrError
 from hypyr.toolstack import logs, paths

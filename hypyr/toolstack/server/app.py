@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 import re
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from hypyr.errors import Conflict, HypyrError, InvalidInput, NotFound, NotSupported, OperationTimeout, Unavailable
 from hypyr.toolstack.server import bodies, openapi

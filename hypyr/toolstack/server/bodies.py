@@ -13,7 +13,8 @@ import dataclasses
 import json
 import os
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from hypyr.errors import InvalidInput
 

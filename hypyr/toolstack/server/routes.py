@@ -74,6 +74,25 @@ def _action(op: str):
     return ep
 
 
+def ep_save(req: Request) -> Reply:
+    d = _find(req)
+    r = api.save(d.name, req.body["file"], keep_running=req.body.get("keep_running", False))
+    return Reply(200, r)
+
+
+def ep_restore(req: Request) -> Reply:
+    rec = api.restore(req.body["file"], paused=req.body.get("paused", False))
+    return Reply(201, api.describe(rec), {"Location": f"/domains/{urllib.parse.quote(rec.name, safe='')}"})
+
+
+def ep_migrate(req: Request) -> Reply:
+    d = _find(req)
+    b = req.body
+    r = api.migrate(d.name, b["host"], b.get("port", api.MIGRATION_PORT), downtime_ms=b.get("downtime_ms", 300),
+                    max_iterations=b.get("max_iterations", 30))
+    return Reply(200, r)
+
+
 def ep_vcpus(req: Request) -> Reply:
     return Reply(200, api.vcpu_list(_find(req).name))
 
@@ -144,6 +163,26 @@ ROUTES: dict[str, dict[str, Operation]] = {
     "/domains/{domain}/shutdown": {"POST": _action_op("shutdown", "Ask the guest to power off (like `hypyr "
                                                                   "shutdown`)")},
     "/domains/{domain}/destroy": {"POST": _action_op("destroy", "Stop a domain at once (like `hypyr destroy`)")},
+    "/domains/{domain}/save": {
+        "POST": Operation(ep_save, "saveDomain", "Save the domain to a file on the host, then destroy it unless "
+                                                 "keep_running (like `hypyr save [-c]`)",
+                          _ok("200", "SaveResult", "saved (and, without keep_running, destroyed)"),
+                          errors=(404, 409, 503, 504), body="SaveRequest"),
+    },
+    "/domains/{domain}/migrate": {
+        "POST": Operation(ep_migrate, "migrateDomain", "Migrate the domain live to a `hypyr migrate-receive` "
+                                                       "(like `hypyr migrate`); answers once it runs there",
+                          _ok("200", "MigrationResult", "the domain runs at the destination and is gone here"),
+                          errors=(404, 409, 503, 504), body="MigrateRequest"),
+    },
+    "/restore": {
+        "POST": Operation(ep_restore, "restoreDomain", "Restore a domain from a file made by save (like `hypyr "
+                                                       "restore [-p]`)",
+                          _ok("201", "Domain", "the domain runs (or is paused)",
+                              headers={"Location": {"schema": {"type": "string"},
+                                                    "description": "/domains/{name}"}}),
+                          errors=(409, 503, 504), body="RestoreRequest"),
+    },
     "/domains/{domain}/vcpus": {
         "GET": Operation(ep_vcpus, "listVcpus", "The domain's vCPUs (like `hypyr vcpu-list`)",
                          _ok("200", {"type": "array", "items": openapi.ref("Vcpu")}, "one row per vCPU"),

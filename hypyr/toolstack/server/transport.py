@@ -19,7 +19,7 @@ import socket
 import stat
 import struct
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from hypyr.errors import HypyrError
 from hypyr.toolstack.server.app import App, HttpError

@@ -1,0 +1,178 @@
+"""Save, restore and live migration of real guests (same host, as xl's localhost case): the
+guest's counters go on (same boot, uptime growing), its disk has every line once, its console
+and a TCP stream keep working, a dirtied memory region checks out, both vCPUs run after, and a
+destination that dies mid-stream leaves the source running."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from test_net import SUBNET_HOST, Sink, lan  # noqa: F401 (lan is a fixture)
+from test_toolstack import wait_for, write_cfg, xl  # noqa: F401 (xl is a fixture)
+from test_virtio import debugfs_cat, make_disk
+
+# One line on the console every 0.1 s: its count (a shell variable: guest memory), the boot id
+# and the uptime; the same count appended to a file on the disk, synced every 10 lines.
+COUNTER = ("mount /dev/vda /mnt; b=$(cat /proc/sys/kernel/random/boot_id); i=0; "
+           "while true; do i=$((i+1)); echo n-$i >> /mnt/log; [ $((i % 10)) = 0 ] && sync; "
+           "echo \"c-$i $b $(cut -d' ' -f1 /proc/uptime)\"; sleep 0.1; done")
+LINE = re.compile(r"^c-(\d+) (\S+) ([\d.]+)$", re.M)
+
+
+def counts(text: str) -> list[tuple[int, str, float]]:
+    return [(int(n), b, float(u)) for n, b, u in LINE.findall(text.replace("\r", ""))]
+
+
+def domain_console(xl, name: str) -> str:  # noqa: F811
+    """The live domain's console log ('' while it has none)."""
+    p = xl("list", "--json", check=False)
+    doms = {d["name"]: d for d in json.loads(p.stdout)} if p.returncode == 0 else {}
+    if name not in doms:
+        return ""
+    path = xl.state / "domains" / str(doms[name]["domid"]) / "console.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def wait_count(xl, name: str, above: int, timeout: float = 240) -> list[tuple[int, str, float]]:  # noqa: F811
+    return wait_for(lambda: (c := counts(domain_console(xl, name))) and c[-1][0] > above and c,
+                    timeout=timeout, what=f"{name}'s counter past {above}")
+
+
+def assert_continues(before: list, after: list) -> None:
+    """The counter went on from where it was: no reset, no reboot, uptime still growing."""
+    last_n, boot, last_up = before[-1]
+    first_n, boot2, first_up = after[0]
+    assert boot2 == boot, "the guest rebooted"
+    assert last_n < first_n <= last_n + 2, f"counter went from {last_n} to {first_n}"  # (+2: a line cut at the pause)
+    assert first_up >= last_up
+    assert [n for n, _, _ in after] == list(range(first_n, first_n + len(after)))
+
+
+def disk_lines_once(disk) -> int:
+    """The disk's log holds n-1, n-2, … each exactly once, in order; returns how many."""
+    lines = debugfs_cat(disk, "log").split()
+    assert lines == [f"n-{i}" for i in range(1, len(lines) + 1)], lines[:5] + ["…"] + lines[-5:]
+    return len(lines)
+
+
+def test_save_restore_keeps_the_guest_going_and_refuses_a_truncated_file(xl, guest_image, tmp_path):  # noqa: F811
+    disk = make_disk(tmp_path / "disk.img")
+    xl("create", str(write_cfg(tmp_path, guest_image, "sv", memory=160, command=COUNTER, disks=[disk])))
+    wait_count(xl, "sv", 20)
+    image = tmp_path / "sv.save"
+    p = xl("save", "sv", str(image))
+    assert "saved" in p.stdout
+    assert json.loads(xl("list", "--json").stdout) == []  # xl save: the domain is gone
+    before = counts((xl.state / "logs" / "sv.console.log").read_text(errors="replace"))
+
+    bad = tmp_path / "truncated.save"
+    bad.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
+    p = xl("restore", str(bad), check=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert json.loads(xl("list", "--json").stdout) == []  # nothing created
+
+    p = xl("restore", str(image))
+    assert re.search(r"restored \(id \d+\)", p.stdout + p.stderr)
+    after = wait_count(xl, "sv", before[-1][0] + 15)
+    assert_continues(before, after)
+    xl("destroy", "sv")
+    assert disk_lines_once(disk) >= before[-1][0] - 10  # synced every 10 lines
+
+
+# Two vCPUs each count (pinned; vCPU 0 also appends its count to the disk, synced every 10); an
+# 8 MiB tmpfs file is hashed every 3 s while another loop keeps rewriting 16 MiB of random data;
+# a TCP stream of numbered lines goes to L1 all along.
+SMP = ("mount /dev/vda /mnt; "
+       "dd if=/dev/urandom of=/dev/shm/keep bs=1M count=8 2>/dev/null; "
+       "(while true; do echo keep-$(sha256sum </dev/shm/keep | cut -c1-64); sleep 3; done) & "
+       "(while true; do dd if=/dev/urandom of=/dev/shm/churn bs=1M count=16 conv=notrunc 2>/dev/null; done) & "
+       "taskset -c 0 sh -c 'i=0; while true; do i=$((i+1)); echo n-$i >> /mnt/log; "
+       "[ $((i % 10)) = 0 ] && sync; echo cpu0-$i; sleep 0.2; done' & "
+       "taskset -c 1 sh -c 'i=0; while true; do i=$((i+1)); echo cpu1-$i; sleep 0.2; done' & "
+       f"until ping -c 1 -W 1 {SUBNET_HOST} >/dev/null; do sleep 1; done; "
+       f"i=0; while true; do echo line-$i; i=$((i+1)); sleep 0.1; done | nc {SUBNET_HOST} 5005")
+
+
+def cpu_counts(text: str, cpu: int) -> list[int]:
+    return [int(n) for n in re.findall(rf"^cpu{cpu}-(\d+)$", text.replace("\r", ""), re.M)]
+
+
+def newest_kept_console(xl) -> str:  # noqa: F811
+    kept = sorted((xl.state / "logs").glob("*.console.log"), key=lambda p: p.stat().st_mtime)
+    assert kept, "the source domain's console log was not kept"
+    return kept[-1].read_text(errors="replace")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def receiver(port: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "hypyr", "migrate-receive", "--listen", f"127.0.0.1:{port}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def test_live_migration_of_a_busy_smp_guest_with_a_tcp_stream(xl, lan, guest_image, tmp_path):  # noqa: F811
+    lan("lan0", f"{SUBNET_HOST}/24")
+    sink = Sink(SUBNET_HOST, 5005, lines=True)
+    disk = make_disk(tmp_path / "disk.img")
+    xl("create", str(write_cfg(tmp_path, guest_image, "mg", memory=192, vcpus=2, command=SMP, disks=[disk],
+                               extra_keys="vif = [ 'bridge=lan0,ip=10.80.0.40' ]")))
+    log = wait_for(lambda: (t := domain_console(xl, "mg")) and "keep-" in t and cpu_counts(t, 1) and t,
+                   what="the guest's loops to start")
+    keep = set(re.findall(r"keep-([0-9a-f]{64})", log))
+    wait_for(lambda: len(sink.lines) > 10, timeout=120, what="lines over TCP")
+
+    # a destination that dies mid-stream: the source runs on
+    port = free_port()
+    dest = receiver(port)
+    time.sleep(2)
+    src = subprocess.Popen([sys.executable, "-m", "hypyr", "migrate", "mg", f"127.0.0.1:{port}"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(3)
+    dest.send_signal(signal.SIGKILL)
+    out, _ = src.communicate(timeout=120)
+    dest.wait(30)
+    print(out)
+    assert src.returncode != 0 and "Traceback" not in out
+    assert [d["name"] for d in json.loads(xl("list", "--json").stdout)] == ["mg"]
+    n0 = cpu_counts(domain_console(xl, "mg"), 0)[-1]
+    wait_for(lambda: cpu_counts(domain_console(xl, "mg"), 0)[-1] > n0 + 5, timeout=60, what="the source to go on")
+
+    # the real migration
+    port = free_port()
+    dest = receiver(port)
+    time.sleep(2)
+    p = xl("migrate", "mg", f"127.0.0.1:{port}", timeout=600)
+    out, _ = dest.communicate(timeout=120)
+    print(out)
+    assert dest.returncode == 0
+    m = re.search(r"downtime (\d+(?:\.\d+)?) ?ms", p.stdout + p.stderr)
+    assert "migrated" in p.stdout + p.stderr and m, p.stdout + p.stderr
+    print(f"reported downtime: {m.group(1)} ms")
+    assert [d["name"] for d in json.loads(xl("list", "--json").stdout)] == ["mg"]
+    before = newest_kept_console(xl)  # the source's console, kept when it went
+    for cpu in (0, 1):  # both vCPUs run on: each pinned counter goes on from where it was
+        last = cpu_counts(before, cpu)[-1]
+        got = wait_for(lambda: (c := cpu_counts(domain_console(xl, "mg"), cpu)) and c[-1] > last + 5 and c,
+                       timeout=120, what=f"cpu{cpu}'s counter after the migration")
+        assert last < got[0] <= last + 2, (cpu, last, got[0])
+    sent = len(sink.lines)
+    wait_for(lambda: len(sink.lines) > sent + 20, timeout=120, what="TCP lines after the migration")
+    assert sink.lines == [f"line-{i}" for i in range(len(sink.lines))] and not sink.done.is_set()
+    # the region written once before hashes the same after the migration, under the churn
+    n_before = before.count("keep-")
+    after = wait_for(lambda: (t := domain_console(xl, "mg")) and t.count("keep-") > 1 and t, timeout=120,
+                     what="a hash after the migration")
+    assert n_before >= 1 and set(re.findall(r"keep-([0-9a-f]{64})", after)) == keep
+    last_disk = cpu_counts(domain_console(xl, "mg"), 0)[-1]
+    xl("destroy", "mg")
+    assert disk_lines_once(disk) >= last_disk - 10 > 0
