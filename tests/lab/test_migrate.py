@@ -11,7 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
-import time
+import threading
 
 from test_net import SUBNET_HOST, Sink, lan  # noqa: F401 (lan is a fixture)
 from test_toolstack import wait_for, write_cfg, xl  # noqa: F401 (xl is a fixture)
@@ -116,8 +116,23 @@ def free_port() -> int:
 
 
 def receiver(port: int) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "hypyr", "migrate-receive", "--listen", f"127.0.0.1:{port}"],
+    """`hypyr migrate-receive` on ``port``; its output lines are collected in ``.lines``."""
+    proc = subprocess.Popen([sys.executable, "-m", "hypyr", "migrate-receive", "--listen", f"127.0.0.1:{port}"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc.lines = []  # type: ignore[attr-defined]
+
+    def collect() -> None:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            print("receiver:", line, end="")
+            proc.lines.append(line)  # type: ignore[attr-defined]
+    threading.Thread(target=collect, daemon=True).start()
+    return proc
+
+
+def wait_line(proc: subprocess.Popen, text: str, timeout: float = 60) -> None:
+    """Wait until ``proc`` (from :func:`receiver`) printed a line containing ``text``."""
+    wait_for(lambda: any(text in line for line in proc.lines), timeout=timeout, step=0.1,  # type: ignore[attr-defined]
+             what=f"{text!r} from {proc.args}")
 
 
 def test_live_migration_of_a_busy_smp_guest_with_a_tcp_stream(xl, lan, guest_image, tmp_path):  # noqa: F811
@@ -131,30 +146,29 @@ def test_live_migration_of_a_busy_smp_guest_with_a_tcp_stream(xl, lan, guest_ima
     keep = set(re.findall(r"keep-([0-9a-f]{64})", log))
     wait_for(lambda: len(sink.lines) > 10, timeout=120, what="lines over TCP")
 
-    # a destination that dies mid-stream: the source runs on
+    # a destination that dies mid-stream (killed as soon as it takes the connection): the source runs on
     port = free_port()
     dest = receiver(port)
-    time.sleep(2)
+    wait_line(dest, "waiting for a migration")
     src = subprocess.Popen([sys.executable, "-m", "hypyr", "migrate", "mg", f"127.0.0.1:{port}"],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    time.sleep(3)
+    wait_line(dest, "receiving domain")
     dest.send_signal(signal.SIGKILL)
-    out, _ = src.communicate(timeout=120)
+    out, _ = src.communicate(timeout=180)
     dest.wait(30)
     print(out)
-    assert src.returncode != 0 and "Traceback" not in out
-    assert [d["name"] for d in json.loads(xl("list", "--json").stdout)] == ["mg"]
+    assert src.returncode != 0 and "Traceback" not in out and "runs on here" in out
+    wait_for(lambda: [d["name"] for d in json.loads(xl("list", "--json").stdout)] == ["mg"], timeout=60,
+             what="only the source domain to be left")
     n0 = cpu_counts(domain_console(xl, "mg"), 0)[-1]
     wait_for(lambda: cpu_counts(domain_console(xl, "mg"), 0)[-1] > n0 + 5, timeout=60, what="the source to go on")
 
     # the real migration
     port = free_port()
     dest = receiver(port)
-    time.sleep(2)
+    wait_line(dest, "waiting for a migration")
     p = xl("migrate", "mg", f"127.0.0.1:{port}", timeout=600)
-    out, _ = dest.communicate(timeout=120)
-    print(out)
-    assert dest.returncode == 0
+    assert dest.wait(120) == 0
     m = re.search(r"downtime (\d+(?:\.\d+)?) ?ms", p.stdout + p.stderr)
     assert "migrated" in p.stdout + p.stderr and m, p.stdout + p.stderr
     print(f"reported downtime: {m.group(1)} ms")
@@ -162,8 +176,9 @@ def test_live_migration_of_a_busy_smp_guest_with_a_tcp_stream(xl, lan, guest_ima
     before = newest_kept_console(xl)  # the source's console, kept when it went
     for cpu in (0, 1):  # both vCPUs run on: each pinned counter goes on from where it was
         last = cpu_counts(before, cpu)[-1]
-        got = wait_for(lambda: (c := cpu_counts(domain_console(xl, "mg"), cpu)) and c[-1] > last + 5 and c,
-                       timeout=120, what=f"cpu{cpu}'s counter after the migration")
+        def past(cpu=cpu, last=last):
+            return (c := cpu_counts(domain_console(xl, "mg"), cpu)) and c[-1] > last + 5 and c
+        got = wait_for(past, timeout=120, what=f"cpu{cpu}'s counter after the migration")
         assert last < got[0] <= last + 2, (cpu, last, got[0])
     sent = len(sink.lines)
     wait_for(lambda: len(sink.lines) > sent + 20, timeout=120, what="TCP lines after the migration")
