@@ -12,14 +12,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from virtio_mock import MEM_SIZE, Buf, MockDriver  # noqa: E402
+from virtio_mock import MEM_SIZE, Buf, MockDriver
 
-from hypyr.devices.ratelimit import TokenBucket  # noqa: E402
-from hypyr.devices.virtio import mmio as M  # noqa: E402
-from hypyr.devices.virtio import net as N  # noqa: E402
-from hypyr.devices.virtio.device import VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1  # noqa: E402
-from hypyr.devices.virtio.mmio import VirtioMmioTransport  # noqa: E402
-from hypyr.memory import GuestMemory  # noqa: E402
+from hypyr.devices.ratelimit import TokenBucket
+from hypyr.devices.virtio import mmio as M
+from hypyr.devices.virtio import net as N
+from hypyr.devices.virtio.device import VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1
+from hypyr.devices.virtio.mmio import VirtioMmioTransport
+from hypyr.memory import GuestMemory
 
 ACK, DRV, DRV_OK, FEAT_OK, NEEDS_RESET = 1, 2, 4, 8, 64
 MAC = bytes.fromhex("00163e123456")
@@ -283,7 +283,7 @@ def test_hostile_receive_buffers_never_write_outside(nic, bufs, frame_len, merge
             pass
     n.host.send(hdr() + bytes(frame_len))
     n.dev._rx_ready()  # must not raise
-    for head, written in n.rx.take_used():
+    for _head, written in n.rx.take_used():
         assert written <= 12 + frame_len
 
 
@@ -400,3 +400,132 @@ def test_many_rounds_through_a_small_ring_never_exceed_it(nic):
             pass
     assert (got, sent) == (48, 48) and not n.status() & NEEDS_RESET
     assert [q.in_flight for q in n.t.queues] == [0, 0]
+
+
+# -- the direct receive path (MRG_RXBUF: the TAP read straight into the guest's buffers)
+def _ring_of(n, count, size):
+    bufs = [n.rx.alloc(size) for _ in range(count)]
+    return bufs, [n.rx.add_chain([Buf(a, size, write=True)]) for a in bufs]
+
+
+def test_direct_receive_spans_many_buffers_and_keeps_the_rest(nic):
+    n = nic(size=64)
+    bufs, heads = _ring_of(n, 40, 4096)
+    big = os.urandom(65535 + 14)
+    n.host.send(hdr() + big)
+    n.dev._rx_ready()
+    used = n.rx.take_used()
+    k = -(-(12 + len(big)) // 4096)
+    assert [h for h, _ in used] == heads[:k]
+    assert [w for _, w in used] == [4096] * (k - 1) + [12 + len(big) - 4096 * (k - 1)]
+    got = b"".join(n.mem.read(bufs[i], w) for i, (_, w) in enumerate(used))
+    assert got == hdr(num_buffers=k) + big
+    assert n.dev.counters.rx_packets == 1 and n.dev.counters.rx_bytes == len(big)
+    # the spare chains (taken for the largest frame) carry over to the next frames, in order
+    assert n.t.queues[0].in_flight == len(n.dev._rx_spare) > 0
+    small = [os.urandom(4084), os.urandom(100)]
+    for f in small:
+        n.host.send(hdr() + f)
+    n.dev._rx_ready()
+    assert n.rx.take_used() == [(heads[k], 4096), (heads[k + 1], 112)]
+    assert n.mem.read(bufs[k], 4096) == hdr(num_buffers=1) + small[0]
+    assert n.mem.read(bufs[k + 1], 112) == hdr(num_buffers=1) + small[1]
+    # quiesce hands the spare chains back unused: the ring is where the driver left it
+    n.t.quiesce()
+    assert n.t.queues[0].in_flight == 0 and n.t.queues[0].last_avail == k + 2 and not n.dev._rx_spare
+
+
+def test_direct_receive_exact_fit_and_header_split_across_descriptors(nic):
+    n = nic(size=64)
+    # the first chain's header in two descriptors (5 + 3000 bytes), then 4096-byte chains
+    a, b = n.rx.alloc(5), n.rx.alloc(3000)
+    h0 = n.rx.add_chain([Buf(a, 5, write=True), Buf(b, 3000, write=True)])
+    bufs, heads = _ring_of(n, 20, 4096)
+    frame = os.urandom(3005 + 4096 - 12)  # exactly fills the first two chains
+    n.host.send(hdr() + frame)
+    n.dev._rx_ready()
+    assert n.rx.take_used() == [(h0, 3005), (heads[0], 4096)]
+    got = n.mem.read(a, 5) + n.mem.read(b, 3000) + n.mem.read(bufs[0], 4096)
+    assert got == hdr(num_buffers=2) + frame
+
+
+def test_direct_receive_drops_buffers_too_small(nic):
+    n = nic(size=64)
+    tiny = n.rx.add_chain([Buf(n.rx.alloc(8), 8, write=True)])     # smaller than the header: first
+    bufs, heads = _ring_of(n, 2, 4096)
+    empty = n.rx.add_chain([Buf(n.rx.alloc(16), 0, write=True)])    # no room at all, in the middle
+    one = n.rx.add_chain([Buf(n.rx.alloc(1), 1, write=True)])       # 1 byte: fine after the header
+    more, heads2 = _ring_of(n, 20, 4096)
+    frame = os.urandom(8192 - 12 + 1 + 50)
+    n.host.send(hdr() + frame)
+    n.dev._rx_ready()
+    used = n.rx.take_used()
+    assert used == [(tiny, 0), (empty, 0), (heads[0], 4096), (heads[1], 4096), (one, 1), (heads2[0], 50)]
+    got = n.mem.read(bufs[0], 4096) + n.mem.read(bufs[1], 4096)
+    assert got[:12] == hdr(num_buffers=4) and got[12:] == frame[:8180]
+    assert n.mem.read(more[0], 50) == frame[-50:]
+    assert n.dev.counters.rx_dropped == 2
+    # a used chain followed kept ones: quiesce returns the kept ones empty, not to the ring
+    n.t.quiesce()
+    assert n.t.queues[0].in_flight == 0
+    assert all(w == 0 for _, w in n.rx.take_used())
+
+
+def test_direct_receive_without_room_for_the_largest_frame_uses_the_bounce_buffer(nic):
+    n = nic(size=16)
+    bufs, heads = _ring_of(n, 4, 2048)   # 8 KiB: not room for a 64 KiB frame, enough for this one
+    frame = os.urandom(5000)
+    n.host.send(hdr() + frame)
+    n.dev._rx_ready()
+    assert [w for _, w in n.rx.take_used()] == [2048, 2048, 5012 - 4096]
+    assert (n.mem.read(bufs[0], 2048) + n.mem.read(bufs[1], 2048) + n.mem.read(bufs[2], 916)) == \
+        hdr(num_buffers=3) + frame
+    assert n.t.queues[0].in_flight == 1  # the fourth one is kept
+
+
+def test_direct_receive_marks_the_pages_it_writes_while_tracking(nic):
+    n = nic(size=64)
+    bufs, heads = _ring_of(n, 20, 4096)
+    n.host.send(hdr() + bytes(100))
+    n.dev._rx_ready()                    # views kept from before the tracking...
+    n.mem.start_dirty_tracking()
+    n.host.send(hdr() + bytes(6000))
+    n.dev._rx_ready()                    # ...are not trusted to mark: these pages are
+    dirty = set(n.mem.take_dirty()[0])
+    assert [h for h, _ in n.rx.take_used()] == heads[:3]
+    assert {bufs[1] // 4096, bufs[2] // 4096} <= dirty
+
+
+def test_direct_receive_hostile_ring_needs_reset(nic):
+    n = nic(size=64)
+    _ring_of(n, 5, 4096)
+    n.rx.add_chain([Buf(MEM_SIZE - 100, 4096, write=True)])  # runs out of RAM
+    _ring_of(n, 20, 4096)
+    n.host.send(hdr() + b"x" * 100)
+    n.dev._rx_ready()
+    assert n.rx.take_used() == []
+    n.t.notify(0)
+    assert n.status() & NEEDS_RESET
+    wr(n.t, M.STATUS, 0)
+    assert n.t.queues[0].in_flight == 0 and not n.dev._rx_spare
+
+
+def test_pop_many_matches_pop():
+    from virtio_mock import MockDriver
+
+    from hypyr.devices.virtio.queue import QueueError
+    drv = MockDriver(size=8)
+    q = drv.queue(event_idx=True)
+    for i in range(3):
+        drv.add_chain([Buf(0x10000 + 0x100 * i, 0x100, write=True)])
+    drv.add_chain([Buf(0x20000, 16), Buf(0x20100, 64, write=True)])   # not a single writable buffer
+    chains, err = q.pop_many(10)
+    assert err is None and [c.head for c in chains] == [0, 1, 2, 3]
+    assert [c.writable for c in chains] == [[(0x10000 + 0x100 * i, 0x100)] for i in range(3)] + [[(0x20100, 64)]]
+    assert chains[3].readable == [(0x20000, 16)] and q.in_flight == 4 and q.last_avail == 4
+    assert drv.mem.read_u16(drv.used + 4 + 8 * 8) == 4  # avail_event follows
+    drv.add_chain([Buf(0x10000, 0x100, write=True)])
+    drv.add_chain([Buf(MEM_SIZE, 0x100, write=True)])                   # outside RAM
+    chains, err = q.pop_many(5)
+    assert [c.head for c in chains] == [5] and isinstance(err, QueueError)
+    assert q.pop_many(0) == ([], None)

@@ -7,8 +7,11 @@ side takes is told to the TAP (TUNSETOFFLOAD) from the features the driver acked
 this class only keeps the config space and lifecycle.  docs/networking.md has the details.
 
 Userspace data path (the I/O thread): transmit pops every chain and ``writev``s its readable
-buffers to the TAP; receive reads one frame into a bounce buffer and copies it into as many
-receive chains as it needs (MRG_RXBUF) or into one.  Whatever the guest hands us is checked
+buffers to the TAP; receive, with MRG_RXBUF, keeps receive chains holding at least the largest
+packet taken (``_rx_spare``, with their views) and ``readv``s each frame straight into them
+(:meth:`VirtioNet._receive_direct`); without MRG_RXBUF, or while the guest has not posted that
+much room, it reads one frame into a bounce buffer and copies it into as many receive chains as
+it needs (MRG_RXBUF) or into one.  Whatever the guest hands us is checked
 (the queue checks addresses; here lengths and headers' room); a bad packet is dropped and
 counted, a bad ring is a DeviceError.  Chains the device keeps (receive buffers taken for a frame
 that does not fit yet, ``_rx_spare``; a transmit chain waiting for rate credit, ``_tx_held``) are
@@ -28,12 +31,14 @@ import os
 import struct
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from typing import cast
 
 from hypyr.devices.ratelimit import TokenBucket
 from hypyr.devices.ratelog import RateLimitedLog
 from hypyr.devices.state import StateError, StateReader
+from hypyr.memory import IOV_MAX
 
 from . import tap
 from .device import VIRTIO_ID_NET, VirtioDevice
@@ -64,6 +69,9 @@ HDR_LEN = tap.VNET_HDR_LEN
 MAX_FRAME = 65535 + 14 + 4       # the largest (GSO) frame plus Ethernet and VLAN headers
 MAX_PACKET = HDR_LEN + MAX_FRAME  # header + frame: a transmit chain longer than this is dropped
 _NUM_BUFFERS = struct.Struct("<H")
+# the direct receive path reads when its buffers hold MAX_PACKET, and tops them up (views, and
+# chains if available) to this much, so that small frames do not cost a refill each
+_RX_VIEW_ROOM = 2 * MAX_PACKET
 _CONFIG = struct.Struct("<6sHHH")  # mac, status, max_virtqueue_pairs, mtu
 
 
@@ -123,6 +131,8 @@ class VirtioNet(VirtioDevice):
         self._rx_len = 0                          # a frame read from the TAP and not yet delivered
         self._rx_spare: deque[DescriptorChain] = deque()  # receive chains taken, not yet used
         self._rx_spare_mixed = False  # a receive chain taken after them was used (see quiesce)
+        # _receive_direct's views of the first spare chains: (chains, views, views per chain, room)
+        self._rx_cache: tuple[list[DescriptorChain], list[memoryview], list[int], int] = ([], [], [], 0)
         self._tx_held: DescriptorChain | None = None      # waiting for rate credit
         self._tx_timer: threading.Timer | None = None
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # rate-limit timer → I/O thread
@@ -183,6 +193,7 @@ class VirtioNet(VirtioDevice):
             rings = [QueueRing(q.size, q.desc_table, q.avail_ring, q.used_ring, q.last_avail)
                      for q in self.queues if q.ready]
             if len(rings) == 2:
+                assert self.mem is not None  # the queues are ready: activate() gave the memory
                 try:
                     self.vhost.start(self.mem, rings, self.driver_features)
                     self.external_used_interrupts = True
@@ -204,6 +215,7 @@ class VirtioNet(VirtioDevice):
             self._tx_held = None
             self._rx_len = 0
             self._rx_spare.clear()
+            self._rx_cache = ([], [], [], 0)
             self._pending_error = None
             super().reset()
 
@@ -245,6 +257,7 @@ class VirtioNet(VirtioDevice):
     def _take_back_from_vhost(self) -> None:
         self.external_used_interrupts = False
         try:
+            assert self.vhost is not None  # only while vhost-net runs the queues
             bases = self.vhost.suspend()
             for q, base in zip(self.queues, bases):
                 q.resync(base)
@@ -264,6 +277,7 @@ class VirtioNet(VirtioDevice):
             q.add_used_many([(c.head, 0) for c in self._rx_spare])
             self.signal_used(RXQ)
         self._rx_spare.clear()
+        self._rx_cache = ([], [], [], 0)
 
     def resume(self) -> None:
         """Start the data path again from the queues' state (not if it runs, or if the device
@@ -305,7 +319,7 @@ class VirtioNet(VirtioDevice):
         return link_up, frame, counters
 
     def apply_state(self, parsed: object) -> None:
-        link_up, frame, counters = parsed
+        link_up, frame, counters = cast(tuple[bool, bytes, NetCounters], parsed)  # from _parse_fields
         with self._tx_lock, self._rx_lock:
             self._quiesced = True
             self.link_up, self.counters = link_up, counters
@@ -365,7 +379,9 @@ class VirtioNet(VirtioDevice):
                         chain = q.pop()
                         if chain is None:
                             break
-                    if not self._bucket.take(chain.readable_len):
+                    bucket = self._bucket
+                    assert bucket is not None  # a chain is held only under a rate limit
+                    if not bucket.take(chain.readable_len):
                         self._hold(chain)
                         break
                     self._send(mem, chain)
@@ -378,6 +394,7 @@ class VirtioNet(VirtioDevice):
     def _hold(self, chain: DescriptorChain) -> None:
         """Keep ``chain`` until the rate limit allows it; a timer wakes the I/O thread then."""
         self._tx_held = chain
+        assert self._bucket is not None  # only _transmit() under a rate limit holds chains
         delay = self._bucket.wait_time(chain.readable_len)
         t = threading.Timer(delay, os.eventfd_write, (self.wake_fd, 1))
         t.daemon = True
@@ -417,6 +434,13 @@ class VirtioNet(VirtioDevice):
             done: list[tuple[int, int]] = []
             try:
                 while True:
+                    if not self._rx_len and mergeable:
+                        direct = self._receive_direct(q, mem, done)
+                        if direct is not None:
+                            if not direct:
+                                break  # the TAP is empty
+                            continue
+                        # not room for the largest frame yet: through the bounce buffer
                     if not self._rx_len:
                         try:
                             self._rx_len = os.readv(self.tap_fd, [self._rx_buf])
@@ -434,6 +458,122 @@ class VirtioNet(VirtioDevice):
                 if done:
                     q.add_used_many(done)
                     self.signal_used(RXQ)
+
+    def _drop_rx_chain(self, chain: DescriptorChain, done: list[tuple[int, int]]) -> None:
+        self.counters.rx_dropped += 1
+        _rlog.warning("rxsmall", "%s: receive buffer of %d bytes is too small; returned unused",
+                      self.name, chain.writable_len)
+        done.append((chain.head, 0))
+
+    def _receive_direct(self, q, mem, done: list[tuple[int, int]]) -> bool | None:
+        """MRG_RXBUF: read one frame from the TAP straight into the guest's receive buffers.
+        Takes receive chains into ``_rx_spare`` (in order, in flight) until their room from the
+        front holds the largest packet (MAX_PACKET: the read can then never cut a frame), reads
+        with one ``readv`` into those chains' buffers, sets num_buffers in the
+        header (in the first buffer), uses the chains the frame filled and keeps the rest for the
+        next frame.  Returns True if a frame was read, False if the TAP had none, None if there
+        is not room for MAX_PACKET (or too many pieces for one readv): the bounce path then.
+        Unusable chains are returned empty as by :meth:`_deliver`."""
+        spare = self._rx_spare
+        if not spare:
+            self._rx_spare_mixed = False
+        while spare and spare[0].writable_len < HDR_LEN:  # the first buffer must hold the header
+            self._drop_rx_chain(spare.popleft(), done)     # (the rest stay the last ones taken)
+        # the views of the spare chains from the front, kept from frame to frame (while they stay
+        # at the front: other paths only pop there, or push back what they popped) until they
+        # hold MAX_PACKET; made afresh while dirty tracking is on (views() marks the pages)
+        chains, views, nviews, room = self._rx_cache
+        if mem.dirty_tracking or not chains or not spare or chains[0] is not spare[0]:
+            chains, views, nviews, room = [], [], [], 0
+        i = len(chains)
+        while room < MAX_PACKET:
+            if i < len(spare):  # views of the next spare chains, made in one go
+                new: list[DescriptorChain] = []
+                ranges: list[tuple[int, int]] = []
+                counts: list[int] = []
+                while i < len(spare) and room < _RX_VIEW_ROOM:
+                    c = spare[i]
+                    i += 1
+                    w = c.writable
+                    new.append(c)
+                    ranges += w
+                    counts.append(len(w))
+                    room += c.writable_len
+                vs = mem.views(ranges)
+                if len(vs) != len(ranges):  # a buffer across two RAM regions: chain by chain
+                    vs, counts = [], []
+                    for c in new:
+                        v = mem.views(c.writable)
+                        vs += v
+                        counts.append(len(v))
+                chains += new
+                views += vs
+                nviews += counts
+                continue
+            per = spare[-1].writable_len if spare else 4096
+            got, err = q.pop_many(min(q.size, -(-(_RX_VIEW_ROOM - room) // max(per, 1))))
+            for c in got:
+                if c.writable_len < (1 if spare else HDR_LEN):
+                    if spare:  # used after chains we keep: those are no longer the last ones taken
+                        self._rx_spare_mixed = True
+                    self._drop_rx_chain(c, done)
+                    continue
+                spare.append(c)
+            if err is not None:
+                self._rx_cache = (chains, views, nviews, room)
+                raise err
+            if not got:
+                self._rx_cache = (chains, views, nviews, room)
+                return None
+        self._rx_cache = (chains, views, nviews, room)
+        if len(views) > IOV_MAX:
+            return None
+        try:
+            n = os.readv(self.tap_fd, views)
+        except BlockingIOError:
+            return False
+        except OSError as e:
+            _rlog.warning("tapread", "%s: TAP read failed: %s", self.name, e.strerror)
+            return False
+        if n < HDR_LEN:
+            return True  # (as the bounce path: nothing to deliver)
+        first = views[0]
+        used = consumed = 0
+        left = n
+        while left > 0:
+            c = spare.popleft()
+            part = c.writable_len
+            consumed += part
+            if part > left:
+                part = left
+            done.append((c.head, part))
+            left -= part
+            used += 1
+        if len(first) >= HDR_LEN:
+            _NUM_BUFFERS.pack_into(first, 10, used)
+        else:  # a header in several descriptors of the first chain
+            self._write_num_buffers(mem, chains[0].writable, used)
+        del views[:sum(nviews[:used])], nviews[:used], chains[:used]
+        self._rx_cache = (chains, views, nviews, room - consumed)
+        self.counters.rx_packets += 1
+        self.counters.rx_bytes += n - HDR_LEN
+        return True
+
+    @staticmethod
+    def _write_num_buffers(mem, ranges: list[tuple[int, int]], used: int) -> None:
+        """num_buffers (bytes 10..11 of the header) when the header spans several buffers."""
+        data = memoryview(_NUM_BUFFERS.pack(used))
+        skip, pos = 10, 0
+        for addr, n in ranges:
+            if skip >= n:
+                skip -= n
+                continue
+            k = min(n - skip, len(data) - pos)
+            mem.write(addr + skip, data[pos:pos + k])
+            pos += k
+            skip = 0
+            if pos == len(data):
+                return
 
     def _take_rx(self, q) -> DescriptorChain | None:
         if self._rx_spare:
@@ -464,7 +604,7 @@ class VirtioNet(VirtioDevice):
             if not self._rx_spare:
                 self._rx_spare_mixed = False
             while room < n:
-                if len(chains) + len(self._rx_spare) >= q.size:  # it would never fit: not stall for ever
+                if not self._rx_spare and len(chains) >= q.size:  # it would never fit: not stall for ever
                     raise DeviceError(f"a {n}-byte frame needs more receive buffers than the queue holds "
                                       f"({q.size})")
                 chain = self._take_rx(q)

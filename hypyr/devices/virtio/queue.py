@@ -2,7 +2,8 @@
 
 Everything the driver wrote is untrusted: ring indices, descriptor indices, addresses, lengths,
 flags.  All of it is read through :class:`~hypyr.memory.GuestMemory` (bounds-checked) and
-validated here; a violation raises :class:`QueueError` (a :class:`DeviceError`) and the transport puts the device into NEEDS_RESET.
+validated here; a violation raises :class:`QueueError` (a :class:`DeviceError`) and the transport
+puts the device into NEEDS_RESET.
 
 - the rings and the descriptor table must each lie wholly in one region of guest RAM (checked
   when the queue is activated; the queue then reads and writes them through views of exactly
@@ -22,7 +23,8 @@ Speed (every Python operation counts when the VMM itself runs under emulation): 
 table is read with one copy into an ``array('I')`` and, in the layout every driver uses
 (descriptor *i* chains to *i+1*, readable buffers first), checked with a few C-level array
 comparisons instead of a walk, its buffers against RAM all at once
-(:meth:`GuestMemory.descs_inside <hypyr.memory.GuestMemory.descs_inside>`); such a chain keeps the table (:attr:`DescriptorChain.table`,
+(:meth:`GuestMemory.descs_inside <hypyr.memory.GuestMemory.descs_inside>`); such a chain keeps
+the table (:attr:`DescriptorChain.table`,
 :attr:`~DescriptorChain.nread`) so a device can hand its buffers straight to
 :meth:`GuestMemory.preadv_descs <hypyr.memory.GuestMemory.preadv_descs>`, and builds its
 ``readable``/``writable`` lists only if someone asks.  :meth:`SplitQueue.add_used_many` completes
@@ -74,8 +76,9 @@ class DescriptorChain:
                  writable: list[tuple[int, int]] | None = None,
                  readable_len: int | None = None, writable_len: int | None = None):
         self.head = head
-        self._readable = [] if readable is None else readable
-        self._writable = [] if writable is None else writable
+        # None in a chain made by from_table: made from the table on first use
+        self._readable: list[tuple[int, int]] | None = [] if readable is None else readable
+        self._writable: list[tuple[int, int]] | None = [] if writable is None else writable
         self._readable_len = readable_len
         self._writable_len = writable_len
         self.table: array | None = None
@@ -83,7 +86,7 @@ class DescriptorChain:
 
     @classmethod
     def from_table(cls, head: int, table: array, nread: int, readable_len: int | None,
-                   writable_len: int | None) -> "DescriptorChain":
+                   writable_len: int | None) -> DescriptorChain:
         c = cls.__new__(cls)
         c.head, c.table, c.nread = head, table, nread
         c._readable = c._writable = None
@@ -92,11 +95,13 @@ class DescriptorChain:
 
     def _buffers(self, lo: int, hi: int) -> list[tuple[int, int]]:
         t = self.table
+        assert t is not None  # only chains from from_table() lack their lists
         return [(t[i] | t[i + 1] << 32, t[i + 2]) for i in range(4 * lo, 4 * hi, 4) if t[i + 2]]
 
     def table_buffer(self, index: int) -> tuple[int, int]:
         """(address, length) of descriptor ``index`` (negative: from the end) of :attr:`table`."""
         t, i = self.table, 4 * index
+        assert t is not None, "a chain without a descriptor table"
         return t[i] | t[i + 1] << 32, t[i + 2]
 
     @property
@@ -108,6 +113,7 @@ class DescriptorChain:
     @property
     def writable(self) -> list[tuple[int, int]]:
         if self._writable is None:
+            assert self.table is not None  # only chains from from_table() lack their lists
             self._writable = self._buffers(self.nread, len(self.table) // 4)
         return self._writable
 
@@ -179,7 +185,7 @@ class DescriptorChain:
             return mem.read(*ranges[0])
         return b"".join(mem.read(a, n) for a, n in ranges)
 
-    def write(self, mem: GuestMemory, data: bytes, offset: int = 0) -> int:
+    def write(self, mem: GuestMemory, data: bytes | bytearray | memoryview, offset: int = 0) -> int:
         """Scatter ``data`` into the writable buffers starting at byte ``offset`` of them."""
         if offset < 0 or offset + len(data) > self.writable_len:
             raise QueueError(f"write of {len(data)} bytes at {offset} into a chain with "
@@ -302,7 +308,8 @@ class SplitQueue:
     # -- consuming requests -------------------------------------------------------------------------
     def has_available(self) -> bool:
         with self._lock:
-            return self.mem is not None and _U16.unpack_from(self._avail_v, 2)[0] != self.last_avail
+            avail = self._avail_v  # set with mem, by activate()
+            return self.mem is not None and avail is not None and _U16.unpack_from(avail, 2)[0] != self.last_avail
 
     def pop(self) -> DescriptorChain | None:
         """The next available chain, or None.  Raises QueueError on any protocol violation."""
@@ -324,12 +331,57 @@ class SplitQueue:
                 return chains, e
         return chains, None
 
+    def pop_many(self, count: int) -> tuple[list[DescriptorChain], QueueError | None]:
+        """Up to ``count`` available chains, in order, taken under one lock; and the QueueError
+        that stopped the popping early (the chains before the bad one are returned), or None.
+        Every check of :meth:`pop` applies (the in-flight bound included).  A chain of one
+        device-writable descriptor (a receive buffer, as Linux's virtio-net posts them) is
+        taken without the general walk."""
+        chains: list[DescriptorChain] = []
+        if count <= 0:
+            return chains, None
+        with self._lock:
+            try:
+                while len(chains) < count and (pending := self._pending_locked()):
+                    self._take_many_locked(min(pending, count - len(chains)), chains)
+            except QueueError as e:
+                return chains, e
+        return chains, None
+
+    def _take_many_locked(self, count: int, out: list[DescriptorChain]) -> None:
+        """Append the next ``count`` available chains (the caller knows there are that many) to
+        ``out``; as ``count`` calls of :meth:`_take_locked`, which takes any chain that is not a
+        single writable buffer inside RAM."""
+        size, mem, avail, used, table = self.size, self.mem, self._avail_v, self._used_v, self._desc_v
+        assert mem is not None and avail is not None and used is not None and table is not None
+        unpack_desc, unpack_u16, check_range = _DESC.unpack_from, _U16.unpack_from, mem.check_range
+        new = DescriptorChain.__new__
+        append = out.append
+        for _ in range(count):
+            last = self.last_avail
+            head = unpack_u16(avail, 4 + 2 * (last % size))[0]
+            if head < size and self.in_flight < size:
+                addr, length, flags, _ = unpack_desc(table, DESC_SIZE * head)
+                if flags == VIRTQ_DESC_F_WRITE and length and check_range(addr, length):
+                    self.last_avail = last = (last + 1) & 0xFFFF
+                    if self.event_idx:
+                        _U16.pack_into(used, 4 + 8 * size, last)
+                    c = new(DescriptorChain)
+                    c.head, c._readable, c._writable, c._readable_len, c._writable_len = \
+                        head, [], [(addr, length)], 0, length
+                    c.table, c.nread = None, 0
+                    self.in_flight += 1
+                    append(c)
+                    continue
+            append(self._take_locked())  # anything else, and every error, the general way
+
     def _pending_locked(self) -> int:
         """How many chains the driver has made available that we have not taken (0 while the
         queue is not active)."""
-        if self.mem is None:
+        avail = self._avail_v  # set with mem, by activate()
+        if self.mem is None or avail is None:
             return 0
-        avail_idx = _U16.unpack_from(self._avail_v, 2)[0]
+        avail_idx = _U16.unpack_from(avail, 2)[0]
         pending = (avail_idx - self.last_avail) & 0xFFFF
         if pending > self.size:
             raise QueueError(f"avail.idx {avail_idx} is {pending} ahead of {self.last_avail}, "
@@ -339,15 +391,17 @@ class SplitQueue:
     def _take_locked(self) -> DescriptorChain:
         """Take the next available chain (the caller knows there is one)."""
         size, last = self.size, self.last_avail
+        mem, avail, used = self.mem, self._avail_v, self._used_v
+        assert mem is not None and avail is not None and used is not None  # active: the caller checked
         if self.in_flight >= size:  # a driver publishing heads we still hold
             raise QueueError(f"Virtqueue size exceeded: {self.in_flight} chains in flight and "
                              f"another published (queue size {size})")
-        head = _U16.unpack_from(self._avail_v, 4 + 2 * (last % size))[0]
+        head = _U16.unpack_from(avail, 4 + 2 * (last % size))[0]
         self.last_avail = last = (last + 1) & 0xFFFF
         if self.event_idx:  # avail_event: notify us again when the driver passes this index
-            _U16.pack_into(self._used_v, 4 + 8 * size, last)
+            _U16.pack_into(used, 4 + 8 * size, last)
         try:
-            chain = self._walk(self.mem, head)
+            chain = self._walk(mem, head)
         except GuestMemoryError as e:
             raise QueueError(str(e)) from None
         self.in_flight += 1
@@ -360,7 +414,8 @@ class SplitQueue:
         readable: list[tuple[int, int]] = []
         writable: list[tuple[int, int]] = []
         rlen = wlen = 0
-        table = self._desc_v         # the table being walked: the queue's, or an indirect one
+        table: bytes | memoryview | None = self._desc_v  # the table walked: the queue's, or an indirect one
+        assert table is not None     # set with mem, by activate()
         count = ttl = size
         in_indirect = False
         unpack_from = _DESC.unpack_from
@@ -386,7 +441,8 @@ class SplitQueue:
                 if flags & VIRTQ_DESC_F_NEXT:
                     raise QueueError("indirect descriptor with NEXT set")
                 if length == 0 or length % DESC_SIZE or length // DESC_SIZE > MAX_INDIRECT:
-                    raise QueueError(f"indirect table length {length} is not a multiple of 16 in 16..{MAX_INDIRECT * 16}")
+                    raise QueueError(f"indirect table length {length} is not a multiple of 16 in "
+                                     f"16..{MAX_INDIRECT * 16}")
                 if not mem.check_range(addr, length):
                     raise QueueError(f"indirect table at {addr:#x}+{length:#x} is not in guest RAM")
                 table = mem.read(addr, length)  # one snapshot of the whole table
