@@ -120,7 +120,7 @@ RECV = ("nc -l -p 5001 | sha256sum > /tmp/sum; "  # hashed as it arrives (64 MiB
 
 
 # The issue asks for 64 MiB.  In whole-suite lab runs a 64 MiB guest->guest transfer failed in 3
-# of 4 runs (2026-12-04/05: the sending guest spinning at 100 % CPU over vhost-net, or the
+# of 6 runs, the last 3 (2026-12-04/05: the sending guest spinning at 100 % CPU over vhost-net, or the
 # receiver's "input.0:id N is not a head!" on the userspace path) while it passed in all 8 runs of
 # the test or its file alone; not understood (docs/networking.md).  `make test` moves 8 MiB each way;
 # HYPYR_LAB_BULK=1 moves 64.
