@@ -22,11 +22,12 @@ state).  The life cycle, the same for every device::
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Literal, Protocol, overload, runtime_checkable
 
 from hypyr.errors import StateError
 
-__all__ = ["Stateful", "StateError", "StateReader", "QuiesceFree"]
+__all__ = ["HostInputGate", "QuiesceFree", "StateError", "StateReader", "Stateful"]
 
 
 @runtime_checkable
@@ -48,6 +49,23 @@ class QuiesceFree:
 
     def resume(self) -> None:
         pass
+
+
+class HostInputGate:
+    """For devices whose only work from outside is host input (serial input, Ctrl-Alt-Del): quiesce
+    sets ``_quiesced`` under the device's ``_lock`` and the device refuses that input until
+    resume.  The device initialises both attributes."""
+
+    _lock: threading.Lock
+    _quiesced: bool
+
+    def quiesce(self) -> None:
+        with self._lock:
+            self._quiesced = True
+
+    def resume(self) -> None:
+        with self._lock:
+            self._quiesced = False
 
 
 def _show(value: object) -> str:

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from hypyr.devices.bus import IrqLine
 from hypyr.devices.events import GuestEvent, StopCallback, StopRequest
 from hypyr.devices.legacy._bytedev import ByteRegisterDevice
-from hypyr.devices.state import StateError, StateReader
+from hypyr.devices.state import HostInputGate, StateError, StateReader
 
 log = logging.getLogger("hypyr.dev.i8042")
 
@@ -137,7 +137,7 @@ class _Port:
         self._ctl.write(self._base + offset if offset == 0 else -1, data)
 
 
-class I8042(ByteRegisterDevice):
+class I8042(HostInputGate, ByteRegisterDevice):
     """The controller.  As a single bus device its offsets are 0 (data) and 4 (status/command);
     prefer registering :attr:`data_port` and :attr:`command_port` separately (length 1)."""
 
@@ -186,15 +186,6 @@ class I8042(ByteRegisterDevice):
     # ------------------------------------------------------------------ save/restore (devices/state.py)
     STATE_KIND = "i8042"
     STATE_VERSION = 1
-
-    def quiesce(self) -> None:
-        """Refuse host injection (Ctrl-Alt-Del) until :meth:`resume`."""
-        with self._lock:
-            self._quiesced = True
-
-    def resume(self) -> None:
-        with self._lock:
-            self._quiesced = False
 
     def save_state(self) -> dict:
         """Controller RAM, output port, the output queue, pending commands and both line levels."""

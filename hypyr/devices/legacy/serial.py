@@ -61,7 +61,7 @@ from dataclasses import dataclass
 from hypyr.devices.bus import IrqLine
 from hypyr.devices.legacy._bytedev import ByteRegisterDevice
 from hypyr.devices.overflow import OverflowLog
-from hypyr.devices.state import StateError, StateReader
+from hypyr.devices.state import HostInputGate, StateError, StateReader
 
 log = logging.getLogger("hypyr.dev.serial")
 
@@ -171,7 +171,7 @@ class SerialState:
             raise ValueError("SerialState.rx must be bytes of at most RX_BUFFER_SIZE")
 
 
-class Serial(ByteRegisterDevice):
+class Serial(HostInputGate, ByteRegisterDevice):
     """16550A UART.  ``irq`` is the UART's (OUT2-gated) interrupt line; ``out`` gets TX bytes."""
 
     LENGTH = LENGTH
@@ -221,15 +221,6 @@ class Serial(ByteRegisterDevice):
     # ------------------------------------------------------------------ save/restore (devices/state.py)
     STATE_KIND = "serial-16550a"
     STATE_VERSION = 1
-
-    def quiesce(self) -> None:
-        """Refuse host input until :meth:`resume` (callers keep what is not accepted)."""
-        with self._lock:
-            self._quiesced = True
-
-    def resume(self) -> None:
-        with self._lock:
-            self._quiesced = False
 
     def save_state(self) -> dict:
         """Registers, the receive buffer (FIFO and what waits behind it) and the line level."""
