@@ -51,6 +51,7 @@ given, else /24); a vif without ``ip=`` on a network made with ``--dhcp`` gets `
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -206,12 +207,7 @@ class Domain:
                 or not 1 <= iterations <= 10_000:
             raise InvalidInput("migrate takes a host, a port 1-65535, downtime_ms >= 0 and max_iterations 1-10000")
         where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        if not self._busy.acquire(blocking=False):
-            raise DomainStateError(f"domain {self.name} is already being saved or migrated")
-        try:
-            vm = self.vm
-            if vm is None or vm.machine.stop_reason is not None:
-                raise DomainStateError(f"domain {self.name} is not running")
+        with self._running_vm() as vm:
             try:
                 sock = socket.create_connection((host, port), timeout=10)
             except OSError as e:
@@ -232,8 +228,6 @@ class Domain:
             log.info("domain %s migrated to %s in %.2f s (%d iterations, downtime %s ms); destroying it here",
                      self.name, where, stats.seconds, stats.iterations, stats.downtime_ms)
             return {"ok": True, "to": where, **dataclasses.asdict(stats)}
-        finally:
-            self._busy.release()
 
     def _rename(self, req: dict) -> dict:
         name = req.get("name")
@@ -245,6 +239,19 @@ class Domain:
             self.cfg = dataclasses.replace(self.cfg, name=name)
             log.info("domain %s is now called %s", old, name)
         return {"ok": True, "name": self.name}
+
+    @contextlib.contextmanager
+    def _running_vm(self):
+        """The running VM, held for one save or migration at a time."""
+        if not self._busy.acquire(blocking=False):
+            raise DomainStateError(f"domain {self.name} is already being saved or migrated")
+        try:
+            vm = self.vm
+            if vm is None or vm.machine.stop_reason is not None:
+                raise DomainStateError(f"domain {self.name} is not running")
+            yield vm
+        finally:
+            self._busy.release()
 
     def _save_extra(self) -> dict:
         """What `hypyr restore` needs to rebuild this domain: kept in the save file's header."""
@@ -269,12 +276,7 @@ class Domain:
         path, keep = req.get("file"), req.get("keep_running", False)
         if not isinstance(path, str) or not os.path.isabs(path) or "\0" in path or not isinstance(keep, bool):
             raise InvalidInput("save takes an absolute file name and keep_running true or false")
-        if not self._busy.acquire(blocking=False):
-            raise DomainStateError(f"domain {self.name} is already being saved or migrated")
-        try:
-            vm = self.vm
-            if vm is None or vm.machine.stop_reason is not None:
-                raise DomainStateError(f"domain {self.name} is not running")
+        with self._running_vm() as vm:
             try:
                 fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.",
                                            suffix=".part")
@@ -306,8 +308,6 @@ class Domain:
                      "" if keep else "; destroying it")
             return {"ok": True, "file": path, "seconds": stats.seconds, "bytes": stats.bytes,
                     "pages_data": stats.pages_data, "pages_zero": stats.pages_zero, "keep_running": keep}
-        finally:
-            self._busy.release()
 
     def _pin_vcpus(self) -> None:
         """xl.cfg `cpus`: host CPU affinity of each vCPU thread."""
