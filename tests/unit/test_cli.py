@@ -180,13 +180,6 @@ def test_unknown_command_is_a_usage_error(capfd):
 
 
 # -- bad input to the toolstack commands (issue #13) ------------------------------------------------
-@pytest.fixture
-def state(tmp_path, monkeypatch):
-    d = tmp_path / "state"
-    monkeypatch.setenv("HYPYR_STATE_DIR", str(d))
-    return d
-
-
 def _hypyr(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
     """`hypyr ARGS` in a process of its own (a hang is a TimeoutExpired, not a stuck test run)."""
     return subprocess.run([sys.executable, "-m", "hypyr", *args], capture_output=True, text=True,

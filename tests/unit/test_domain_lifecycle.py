@@ -24,13 +24,6 @@ from hypyr.vmm.machine import StopKind
 
 
 @pytest.fixture
-def state(tmp_path, monkeypatch):
-    d = tmp_path / "state"
-    monkeypatch.setenv("HYPYR_STATE_DIR", str(d))
-    return d
-
-
-@pytest.fixture
 def fake_cgroups(tmp_path, monkeypatch):
     """A fake cgroup v2 root, so that nothing here touches the host's cgroups."""
     root = tmp_path / "cg"

@@ -21,13 +21,6 @@ INFO_KEYS = {"host", "release", "machine", "nr_cpus", "cpu_model", "total_memory
              "kvm_backend", "kvm_usable", "nr_domains", "domain_memory", "hypyr_version"}
 
 
-@pytest.fixture
-def state(tmp_path, monkeypatch):
-    d = tmp_path / "state"
-    monkeypatch.setenv("HYPYR_STATE_DIR", str(d))
-    return d
-
-
 def _row(name="web", domid=1, cpu=1.0, t=100.0, pid=4242, memory=64, rss=80.0, vcpus=1,
          started=None, age=None, state="-b----") -> Row:
     return Row(name, domid, state, pid, cpu, memory, rss, vcpus, started, age, t)

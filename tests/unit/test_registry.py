@@ -29,20 +29,6 @@ from hypyr.toolstack.registry import (
 )
 
 
-@pytest.fixture
-def state(tmp_path, monkeypatch):
-    d = tmp_path / "state"
-    monkeypatch.setenv("HYPYR_STATE_DIR", str(d))
-    return d
-
-
-@pytest.fixture
-def reg(state):
-    r = Registry()
-    yield r
-    r.close()
-
-
 def _exited_child() -> subprocess.Popen:
     """A `sleep 0` child, left a zombie (its /proc entry is still readable)."""
     return subprocess.Popen(["sleep", "0"])

@@ -31,19 +31,6 @@ from hypyr.toolstack.registry import DomainState, Registry
 from hypyr.toolstack.xlcfg import ConfigValueError, XlCfgError, loads
 
 
-@pytest.fixture
-def state(tmp_path, monkeypatch):
-    d = tmp_path / "state"
-    monkeypatch.setenv("HYPYR_STATE_DIR", str(d))
-    return d
-
-
-@pytest.fixture
-def reg(state):
-    with Registry() as r:
-        yield r
-
-
 # -- errors ---------------------------------------------------------------------------------------
 def test_every_toolstack_error_is_a_kind():
     kinds = (InvalidInput, NotFound, Conflict, Unavailable, NotSupported)
