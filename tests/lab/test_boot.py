@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 
 import pytest
 
@@ -72,12 +71,17 @@ def test_guest_kernel_panic_is_reported_as_a_crash(hypyr_run):
 def test_debian_generic_kernel_boots_to_userspace(hypyr_run, guest_image, vcpus):
     """Debian's generic flavour (XZ bzImage, the kernel most Debian systems run; the lab's own L1
     kernel) boots as the cloud one does, with 1 and 2 vCPUs (its modules do not match the default
-    initrd's, which are the cloud kernel's: the init says so and goes on)."""
+    initrd's, which are the cloud kernel's: the init says so and goes on).
+
+    The guest checks its own release and CPU count and reports through the exit port: its output
+    goes over the serial port (no virtio_console without matching modules), whose transmit stalled
+    for good in one CI run (docs/guest-interface.md, "Serial output stall")."""
     kernel = parts.lab_dir() / "vmlinuz"
     assert kernel.is_file(), f"the lab's generic kernel is missing at {kernel}"
+    check = ('r=$(uname -r); echo release-$r cpus-$(nproc); '
+             f'case "$r" in *cloud*) exit 3;; *-amd64) ;; *) exit 4;; esac; [ "$(nproc)" = {vcpus} ] || exit 5')
     r = hypyr_run("--kernel", str(kernel), "--initrd", str(guest_image.initrd), "--vcpus", str(vcpus),
-                  "--exec", "echo release-$(uname -r); echo cpus-$(nproc)")
-    assert r.returncode == 0
-    release = re.search(r"^release-(\S+)$", r.stdout.replace("\r", ""), re.M)
-    assert release and release.group(1).endswith("-amd64") and "cloud" not in release.group(1)
-    assert f"cpus-{vcpus}" in r.stdout
+                  "--exec", check)
+    assert "hypyr: init started" in r.stdout
+    assert r.returncode == 0, {3: "the cloud kernel ran", 4: "not a Debian amd64 kernel",
+                               5: f"the guest does not see {vcpus} CPUs"}.get(r.returncode, "no clean boot")
