@@ -34,6 +34,7 @@ FLAG_AVL = 1 << 12
 FLAG_P = 1 << 7
 FLAG_S = 1 << 4  # code/data (not system) descriptor
 
+CODE32_FLAGS = FLAG_G | FLAG_DB | FLAG_P | FLAG_S | 0xB  # 0xc09b: 32-bit execute/read, accessed
 CODE64_FLAGS = FLAG_G | FLAG_L | FLAG_P | FLAG_S | 0xB  # 0xa09b: execute/read, accessed
 DATA_FLAGS = FLAG_G | FLAG_DB | FLAG_P | FLAG_S | 0x3  # 0xc093: read/write, accessed
 TSS_FLAGS = FLAG_P | 0xB  # 0x008b: busy 64-bit TSS (what VM entry requires of TR)
@@ -125,9 +126,21 @@ def boot_gdt() -> bytes:
     ])
 
 
-def write_gdt(mem: GuestMemory) -> DescriptorTable:
-    """Write the boot GDT and the empty IDT; return the GDTR value."""
-    gdt = boot_gdt()
+def boot_gdt32() -> bytes:
+    """The GDT for a 32-bit protected-mode entry (multiboot, PVH): the same selectors as
+    :func:`boot_gdt`, with a flat 32-bit code segment at BOOT_CS and a 32-bit busy TSS."""
+    return b"".join([
+        encode_descriptor(0, 0, 0),
+        encode_descriptor(0, 0, 0),
+        encode_descriptor(0, 0xFFFFF, CODE32_FLAGS),
+        encode_descriptor(0, 0xFFFFF, DATA_FLAGS),
+        encode_descriptor(0, TSS_LIMIT, TSS_FLAGS),
+    ])
+
+
+def write_gdt(mem: GuestMemory, table: bytes | None = None) -> DescriptorTable:
+    """Write the boot GDT (or ``table``) and the empty IDT; return the GDTR value."""
+    gdt = boot_gdt() if table is None else table
     assert len(gdt) <= layout.GDT_MAX_ENTRIES * 8
     mem.write(layout.GDT_ADDR, gdt)
     mem.fill(layout.IDT_ADDR, 16)

@@ -7,6 +7,7 @@ Low memory (first MiB)::
     0x07000  boot_params ("zero page", 4 KiB)
     0x08000  boot stack (grows down from BOOT_STACK_POINTER)
     0x09000  PML4, 0x0a000 PDPT, 0x0b000-0x0efff four page directories
+    0x10000  multiboot information or PVH hvm_start_info, with their tables and strings
     0x20000  kernel command line
     0x9fc00  reserved (where a BIOS would keep its EBDA)
     0xe0000  ACPI tables (RSDP first), reserved in the e820 map up to 1 MiB
@@ -38,6 +39,8 @@ PML4_ADDR = 0x9000
 PDPT_ADDR = 0xA000
 PD_ADDR = 0xB000  # four consecutive page directories: 0xb000, 0xc000, 0xd000, 0xe000
 PAGE_TABLES_END = PD_ADDR + 4 * PAGE_SIZE
+BOOT_INFO_ADDR = 0x10000  # multiboot info / hvm_start_info and what they point to (not for bzImage)
+BOOT_INFO_MAX_SIZE = 0x10000
 CMDLINE_ADDR = 0x20000
 CMDLINE_MAX_SIZE = 0x10000  # bytes available at CMDLINE_ADDR, NUL included
 DEFAULT_CMDLINE_SIZE = 2047  # for kernels that do not say (ELF vmlinux): COMMAND_LINE_SIZE - 1

@@ -1,4 +1,7 @@
-"""Loading a Linux kernel (bzImage or ELF vmlinux), an initrd and the command line into guest memory."""
+"""Loading a Linux kernel (bzImage or ELF vmlinux), an initrd and the command line into guest memory.
+
+:func:`detect_format` decides how any kernel file boots (bzImage, ELF, PVH, multiboot);
+:mod:`.boot` dispatches on it (PVH and multiboot live in :mod:`.pvh` and :mod:`.multiboot`)."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from hypyr.errors import HypyrError
 from hypyr.memory import GuestAddress, GuestMemory
 
 from . import bootparams as bp
-from . import layout
+from . import elf, layout, multiboot, pvh
 
 ELF_MAGIC = b"\x7fELF"
 MIN_PROTOCOL = 0x0206
@@ -25,9 +28,9 @@ class KernelImage:
     """A kernel loaded into guest memory."""
 
     path: str
-    kind: str  # "bzImage" or "elf"
+    kind: str  # KIND_BZIMAGE, KIND_ELF, KIND_PVH or KIND_MULTIBOOT
     load_addr: GuestAddress
-    entry: GuestAddress  # 64-bit entry point (rip)
+    entry: GuestAddress  # entry point (rip: 64-bit for bzImage/elf, 32-bit for pvh/multiboot)
     end: GuestAddress  # first byte after the kernel and the memory it needs (init_size)
     setup_header: bytes  # bytes from offset 0x1f1 to copy into boot_params
     protocol_version: int
@@ -73,10 +76,52 @@ def _check_fits(mem: GuestMemory, path: str, start: int, end: int) -> None:
             f"which needs RAM at {start:#x}-{end:#x}.")
 
 
+# kernel formats (KernelImage.kind and detect_format's answers)
+KIND_BZIMAGE = "bzImage"      # Linux 64-bit boot protocol, entered in long mode with boot_params
+KIND_ELF = "elf"              # an x86-64 ELF vmlinux without a PVH note: the same 64-bit entry
+KIND_PVH = "pvh"              # an ELF with XEN_ELFNOTE_PHYS32_ENTRY: 32-bit entry with hvm_start_info
+KIND_MULTIBOOT = "multiboot"  # a multiboot (v1) header in the first 8 KiB: 32-bit entry with multiboot info
+
+
+def detect_format(data: bytes) -> str:
+    """Which boot protocol ``data`` (a whole kernel file) is booted with; the one place that decides.
+
+    bzImage (the "HdrS" setup header) first; an ELF64 with a PVH note boots through PVH, and so
+    does an ELF32 with one unless it also has a multiboot header (then multiboot, as in QEMU);
+    other ELF files with a multiboot header boot as multiboot, the rest by the 64-bit ELF path;
+    a non-ELF file with a multiboot header (the a.out kludge) as multiboot.  Anything else is
+    left to the bzImage loader, whose error says what is wrong."""
+    if data[bp.HDR_HEADER:bp.HDR_HEADER + 4] == bp.HDRS_MAGIC:
+        return KIND_BZIMAGE
+    if elf.is_elf(data):
+        try:
+            image = elf.parse(data, "")
+        except HypyrError:
+            image = None
+        has_mb = multiboot.find_header(data) is not None
+        if image is not None and pvh.phys32_entry(image) is not None and (image.bits == 64 or not has_mb):
+            return KIND_PVH  # an ELF32 with both (Xen itself) boots as multiboot, as QEMU does
+        return KIND_MULTIBOOT if has_mb else KIND_ELF
+    if multiboot.find_header(data) is not None:
+        return KIND_MULTIBOOT
+    return KIND_BZIMAGE
+
+
+def read_kernel(path: str | os.PathLike) -> bytes:
+    return _read_file(path, "kernel")
+
+
+def kernel_format(path: str | os.PathLike) -> str:
+    """:func:`detect_format` of the file at ``path`` (HypyrError if it cannot be read)."""
+    return detect_format(read_kernel(path))
+
+
 def load_kernel(mem: GuestMemory, path: str | os.PathLike) -> KernelImage:
-    """Load a bzImage or an x86-64 ELF vmlinux into ``mem``."""
-    data = _read_file(path, "kernel")
-    name = os.fspath(path)
+    """Load a bzImage or an x86-64 ELF vmlinux into ``mem`` (the 64-bit Linux entry)."""
+    return load_kernel_data(mem, read_kernel(path), os.fspath(path))
+
+
+def load_kernel_data(mem: GuestMemory, data: bytes, name: str) -> KernelImage:
     if data[:4] == ELF_MAGIC:
         return load_elf(mem, data, name)
     return load_bzimage(mem, data, name)
@@ -85,7 +130,8 @@ def load_kernel(mem: GuestMemory, path: str | os.PathLike) -> KernelImage:
 def load_bzimage(mem: GuestMemory, data: bytes, path: str = "<kernel>") -> KernelImage:
     not_bz = "is not a bzImage Linux kernel (or is too old)"
     if len(data) < bp.HDR_HEADER + 6 or data[bp.HDR_HEADER:bp.HDR_HEADER + 4] != bp.HDRS_MAGIC:
-        raise _fail(path, not_bz)
+        raise _fail(path, "is not a kernel hypyr can boot: not a bzImage Linux kernel, an ELF vmlinux "
+                          "or a multiboot kernel")
     version = _u16(data, bp.HDR_VERSION)
     hdr_end = bp.HDR_HEADER + data[bp.HDR_JUMP + 1]
     if version < MIN_PROTOCOL:

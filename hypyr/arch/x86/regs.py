@@ -95,3 +95,26 @@ def boot_cpu_state(entry: int, *, cr3: int = layout.PML4_ADDR, gdt_table: bytes 
     regs = GeneralRegisters(rip=int(entry), rsi=boot_params, rsp=layout.BOOT_STACK_POINTER,
                             rbp=layout.BOOT_STACK_POINTER, rflags=RFLAGS_RESERVED)
     return BootCpuState(sregs=sregs, regs=regs)
+
+
+PROTECTED_CR0 = X86_CR0_PE | X86_CR0_ET  # paging off, no FPU emulation bits; what a loader leaves
+
+
+def protected_mode_cpu_state(entry: int, *, eax: int = 0, ebx: int = 0,
+                             esp: int = layout.BOOT_STACK_POINTER) -> BootCpuState:
+    """32-bit protected mode with paging off (multiboot and PVH entry): flat 4 GiB code at
+    BOOT_CS and data at BOOT_DS from :func:`gdt.boot_gdt32`, a 32-bit busy TSS, CR4 = EFER = 0,
+    interrupts off, eip = ``entry``."""
+    table = gdtmod.boot_gdt32()
+    code = gdtmod.segment_for(table, gdtmod.BOOT_CS)
+    data = [gdtmod.segment_for(table, gdtmod.BOOT_DS) for _ in range(5)]
+    tr = gdtmod.decode_descriptor(table[gdtmod.BOOT_TSS:gdtmod.BOOT_TSS + 8], gdtmod.BOOT_TSS)
+    sregs = SpecialRegisters(
+        cs=code, ds=data[0], es=data[1], fs=data[2], gs=data[3], ss=data[4], tr=tr,
+        ldt=gdtmod.null_ldt(),
+        gdt=gdtmod.DescriptorTable(base=layout.GDT_ADDR, limit=len(table) - 1),
+        idt=gdtmod.DescriptorTable(base=layout.IDT_ADDR, limit=layout.IDT_LIMIT),
+        cr0=PROTECTED_CR0, cr2=0, cr3=0, cr4=0, cr8=0, efer=0,
+    )
+    regs = GeneralRegisters(rip=int(entry), rax=eax, rbx=ebx, rsp=esp, rflags=RFLAGS_RESERVED)
+    return BootCpuState(sregs=sregs, regs=regs)

@@ -1,0 +1,113 @@
+"""The uncompressed ``vmlinux`` inside a bzImage.
+
+A bzImage's protected-mode part (after the ``setup_sects`` + 1 sectors of setup code) holds
+the decompressor and, at ``payload_offset`` (setup header 0x248, protocol 2.08+) for
+``payload_length`` bytes (0x24c), the compressed vmlinux, an ELF file.  The format is known by
+its magic bytes; kernels append the uncompressed size as a 32-bit little-endian word.  Python
+decompresses gzip, xz, lzma and bzip2 itself; zstd and lz4 need the ``zstandard`` / ``lz4``
+modules, and LZO is not supported (each refusal is one sentence).
+"""
+
+from __future__ import annotations
+
+import bz2
+import lzma
+import os
+import struct
+import zlib
+
+from hypyr.errors import HypyrError
+
+from . import bootparams as bp
+
+HDR_PAYLOAD_OFFSET = 0x248  # u32, relative to the protected-mode code
+HDR_PAYLOAD_LENGTH = 0x24C  # u32
+MIN_PROTOCOL = 0x0208
+MAX_VMLINUX_SIZE = 1 << 30  # a decompression bomb stops here
+
+MAGICS = (  # (magic, name)
+    (b"\x1f\x8b", "gzip"),
+    (b"\xfd7zXZ\x00", "xz"),
+    (b"BZh", "bzip2"),
+    (b"\x5d\x00\x00", "lzma"),
+    (b"\x28\xb5\x2f\xfd", "zstd"),
+    (b"\x02\x21\x4c\x18", "lz4"),
+    (b"\x89LZO", "lzo"),
+)
+
+
+def _fail(path: str, why: str) -> HypyrError:
+    return HypyrError(f"Kernel {path} {why}.")
+
+
+def payload(data: bytes, path: str = "<kernel>") -> tuple[str, bytes]:
+    """``(compression, compressed bytes)`` of a bzImage's payload."""
+    if len(data) < bp.HDR_END or data[bp.HDR_HEADER:bp.HDR_HEADER + 4] != bp.HDRS_MAGIC:
+        raise _fail(path, "is not a bzImage")
+    if struct.unpack_from("<H", data, bp.HDR_VERSION)[0] < MIN_PROTOCOL:
+        raise _fail(path, "uses a boot protocol older than 2.08, whose header does not locate the payload")
+    pm_offset = ((data[bp.HDR_SETUP_SECTS] or 4) + 1) * 512
+    offset, length = struct.unpack_from("<II", data, HDR_PAYLOAD_OFFSET)
+    start = pm_offset + offset
+    if length == 0 or start + length > len(data):
+        raise _fail(path, "has a payload_offset/payload_length outside the file")
+    blob = data[start:start + length]
+    for magic, name in MAGICS:
+        if blob.startswith(magic):
+            return name, blob
+    raise _fail(path, f"has a payload in an unknown compression format (it starts with {blob[:6].hex()})")
+
+
+def _decompress(name: str, blob: bytes) -> tuple[bytes, bool]:
+    """(output, whether the stream ended) — at most MAX_VMLINUX_SIZE + 1 bytes of output."""
+    limit = MAX_VMLINUX_SIZE + 1
+    if name in ("gzip", "xz", "lzma", "bzip2"):
+        d: zlib._Decompress | lzma.LZMADecompressor | bz2.BZ2Decompressor
+        if name == "gzip":
+            d = zlib.decompressobj(wbits=31)
+        elif name == "bzip2":
+            d = bz2.BZ2Decompressor()
+        else:
+            d = lzma.LZMADecompressor(format=lzma.FORMAT_XZ if name == "xz" else lzma.FORMAT_ALONE)
+        out = d.decompress(blob, limit)
+        return out, d.eof
+    if name == "zstd":
+        try:
+            import zstandard  # type: ignore[import-not-found]
+        except ImportError:
+            raise HypyrError("needs the zstandard module to decompress zstd") from None
+        return zstandard.ZstdDecompressor().decompressobj().decompress(blob), True
+    if name == "lz4":
+        try:
+            import lz4.frame  # type: ignore[import-not-found]
+        except ImportError:
+            raise HypyrError("needs the lz4 module to decompress lz4") from None
+        return lz4.frame.decompress(blob), True
+    raise HypyrError(f"cannot decompress {name}")
+
+
+def extract(data: bytes, path: str = "<kernel>") -> bytes:
+    """The vmlinux (an ELF file) compressed inside the bzImage ``data``."""
+    name, blob = payload(data, path)
+    try:
+        out, complete = _decompress(name, blob)
+    except HypyrError as e:
+        raise _fail(path, f"is compressed with {name}, and hypyr {e}") from None
+    except (OSError, EOFError, ValueError, lzma.LZMAError, zlib.error) as e:
+        raise _fail(path, f"has a corrupt {name} payload ({e})") from None
+    if len(out) > MAX_VMLINUX_SIZE:
+        raise _fail(path, f"decompresses to more than {MAX_VMLINUX_SIZE >> 20} MiB")
+    if not complete:
+        raise _fail(path, f"has a corrupt {name} payload (it ends before its stream does)")
+    if out[:4] != b"\x7fELF":
+        raise _fail(path, f"has a {name} payload that is not an ELF vmlinux")
+    return out
+
+
+def extract_file(path: str | os.PathLike) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise HypyrError(f"Cannot read kernel {os.fspath(path)}: {e.strerror or e}.") from None
+    return extract(data, os.fspath(path))
