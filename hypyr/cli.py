@@ -57,21 +57,50 @@ def cmd_run(args) -> int:
             args.rootfs = str(img.rootfs)
     if args.rootfs is not None:
         disks.insert(0, DiskConfig(args.rootfs))
-    cmdline = args.cmdline if args.cmdline is not None else DEFAULT_CMDLINE
+    modules = _multiboot_modules(args, kernel, initrd)  # None: a Linux kernel
+    if modules is not None:
+        initrd = None  # its files are the first modules
+    cmdline = args.cmdline if args.cmdline is not None else DEFAULT_CMDLINE if modules is None else ""
     if args.append:
-        cmdline = f"{cmdline} {args.append}"
+        cmdline = f"{cmdline} {args.append}".strip()
     config = VmConfig(kernel=kernel, initrd=initrd, cmdline=cmdline, memory=parse_size(args.memory),
                       vcpus=args.vcpus, exec_cmd=args.exec_cmd, disks=disks,
-                      root_disk=args.rootfs is not None, console=args.console)
+                      root_disk=args.rootfs is not None, console=args.console, seccomp=args.seccomp,
+                      modules=modules or [])
     taps: list[int] = []
     try:
         if args.net:
             config.nets, taps, extra = _plug_nics(args.net)
-            config.cmdline = f"{config.cmdline} {extra}".strip()
+            if modules is None:  # a multiboot kernel gets no Linux ip= arguments
+                config.cmdline = f"{config.cmdline} {extra}".strip()
         return _run_vm(args, config)
     finally:
         for fd in taps:
             os.close(fd)  # the TAP goes away with its last descriptor
+
+
+def _multiboot_modules(args, kernel: str, initrd: str | None) -> list[tuple[str, str]] | None:
+    """None for a Linux kernel; for a multiboot one, its modules: --initrd's comma-separated
+    files, then each --module PATH[,ARGS].  What only a Linux guest understands is refused."""
+    from hypyr.arch.x86 import loader
+    try:
+        multiboot = os.path.isfile(kernel) and loader.kernel_format(kernel) == loader.KIND_MULTIBOOT
+    except HypyrError:
+        multiboot = False  # unreadable: the builder says so
+    if not multiboot:
+        if args.module:
+            raise HypyrError(f"--module is only for multiboot kernels, and {kernel} is not one "
+                             "(give a Linux kernel its initrd with --initrd)")
+        return None
+    for option, given in (("--exec", args.exec_cmd is not None), ("--rootfs", args.rootfs is not None),
+                          ("--console virtio", args.console == "virtio")):
+        if given:
+            raise HypyrError(f"{option} needs the default image's Linux init, and {kernel} is a multiboot kernel")
+    paths = initrd.split(",") if initrd else []
+    modules = [(p, "") for p in paths] + [(spec.partition(",")[0], spec.partition(",")[2]) for spec in args.module]
+    if any(not p for p, _ in modules):
+        raise HypyrError("a multiboot module (--initrd A,B or --module PATH[,ARGS]) has an empty path")
+    return modules
 
 
 def _plug_nics(specs: list[str]):
@@ -436,8 +465,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     r = sub.add_parser("run", parents=[common], help="boot a Linux guest with its serial console on this terminal")
-    r.add_argument("--kernel", help="bzImage or ELF vmlinux (default: the default guest image)")
-    r.add_argument("--initrd", help="initial ramdisk (default: the default image's, when --kernel is not given)")
+    r.add_argument("--kernel", help="bzImage, ELF vmlinux (PVH when it has the note) or multiboot kernel "
+                                    "(default: the default guest image)")
+    r.add_argument("--initrd", help="initial ramdisk (default: the default image's, when --kernel is not given); "
+                                    "for a multiboot kernel, modules A,B,...")
+    r.add_argument("--module", action="append", default=[], metavar="PATH[,ARGS]",
+                   help="a multiboot module with its arguments (repeatable; after --initrd's)")
     r.add_argument("--cmdline", help="kernel command line (replaces hypyr's default)")
     r.add_argument("--append", help="text appended to the kernel command line")
     r.add_argument("--memory", default="256M", help="guest RAM, e.g. 256M or 1G (default 256M)")
@@ -454,6 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--net", action="append", default=[], metavar="VIF",
                    help="a NIC, in xl vif syntax: bridge=BR[,mac=M][,ip=A/P][,rate=10Mb/s][,vhost=off]... "
                         "(repeatable; default bridge xenbr0)")
+    r.add_argument("--seccomp", choices=("kill", "log", "off"), default="kill",
+                   help="seccomp filters of the VMM threads: kill (default), log (the kernel logs what would "
+                        "be killed) or off; see docs/confinement.md")
     r.add_argument("--no-input", action="store_true", help="do not forward this terminal's input to the guest")
     r.set_defaults(func=cmd_run)
 

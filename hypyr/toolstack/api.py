@@ -635,6 +635,7 @@ class DomainInfo:
     cpu_time: float
     status: DomainState   # registry state (a str: "running", ...)
     uuid: str | None = None
+    seccomp: str = "kill"   # the VMM's seccomp filter mode: kill, log or off (off for the host)
 
 
 _XL_LETTER = {DomainState.PAUSED: "p", DomainState.SHUTDOWN: "s", DomainState.CRASHED: "c",
@@ -652,7 +653,7 @@ def host_domain() -> DomainInfo:
     ticks = procfs.host_cpu_ticks()
     busy = ticks[0] / procfs.CLK_TCK if ticks else 0.0
     return DomainInfo(DOMAIN0_NAME, 0, procfs.memory_mib()[0], os.cpu_count() or 1,
-                      xl_state(DomainState.RUNNING, True), busy, DomainState.RUNNING, DOMAIN0_UUID)
+                      xl_state(DomainState.RUNNING, True), busy, DomainState.RUNNING, DOMAIN0_UUID, "off")
 
 
 def describe(r: DomainRecord) -> DomainInfo:
@@ -662,7 +663,7 @@ def describe(r: DomainRecord) -> DomainInfo:
     cpu = (procfs.cpu_seconds(r.pid) or 0.0) if alive else 0.0
     running = alive and procfs.any_thread_running(r.pid)
     return DomainInfo(r.name, r.domid, int(cfg.get("memory", 0)), int(cfg.get("vcpus", 1)),
-                      xl_state(r.state, running), cpu, r.state, r.uuid)
+                      xl_state(r.state, running), cpu, r.state, r.uuid, str(cfg.get("seccomp", "kill")))
 
 
 def list_domains(names: list[str] | None = None) -> list[DomainInfo]:

@@ -42,6 +42,12 @@ ends before the domain runs, the migration is abandoned); the first "boot" is
 to NAME once the source has gone).  A refusal is ``{"ok": false, "error": SENTENCE, "type": ERROR TYPE}`` (the
 name of a ``hypyr.toolstack.errors`` type, e.g. ``DomainStateError``).
 
+seccomp (docs/confinement.md): once the VM runs, every thread of this process is confined to the
+allow-list of its kind (vCPU, I/O, control, main), in the mode of the cfg's ``seccomp``.  With
+``HYPYR_TEST_HOOKS=1`` in the environment, ``{"op": "test-forbidden-syscall", "kind": KIND}``
+makes a thread of that kind call a syscall no list allows (under ``kill`` this process dies of
+SIGSYS); without it the operation does not exist.
+
 NICs: ``hypyr create`` opens one tap per vif and passes the fds (inherited) with their numbers,
 in vif order, in ``HYPYR_TAP_FDS`` (e.g. ``"5,6"``).  This process keeps them for its whole
 life (across reboots); they close, and the taps vanish, when it exits.  A vif's ``ip=`` reaches
@@ -70,6 +76,7 @@ from hypyr.toolstack.console import ConsoleHub
 from hypyr.toolstack.errors import DomainStateError, MigrationFailed, SaveFileError, save_file_sentence, type_name
 from hypyr.toolstack.registry import DomainState, Registry, StaleDomainError
 from hypyr.toolstack.xlcfg import DomainConfig
+from hypyr.vmm import seccomp
 from hypyr.vmm.builder import DEFAULT_CMDLINE, DiskConfig, LinuxVm, VmConfig, build_linux_vm
 from hypyr.vmm.machine import StopKind, StopReason
 
@@ -85,7 +92,7 @@ def vm_config(cfg: DomainConfig, tap_fds: Sequence[int] = (), domid: int = 0) ->
     cmdline = " ".join(x for x in (DEFAULT_CMDLINE, cfg.cmdline_string(), nics.guest_ip_args(cfg.vifs)) if x)
     return VmConfig(kernel=cfg.kernel, initrd=cfg.ramdisk, cmdline=cmdline,
                     memory=cfg.memory << 20, vcpus=cfg.vcpus,
-                    disks=[DiskConfig(d.target, d.read_only) for d in cfg.disks], nets=nets)
+                    disks=[DiskConfig(d.target, d.read_only) for d in cfg.disks], nets=nets, seccomp=cfg.seccomp)
 
 
 class Domain:
@@ -119,6 +126,8 @@ class Domain:
         self._reboot_requested = False
         self._orphaned = False      # our row is another domain's now: update nothing more
         self._sock_id = None        # (st_dev, st_ino) of the control socket we bound
+        self._test_hooks = os.environ.get("HYPYR_TEST_HOOKS") == "1"
+        self._main_call = None      # the test hook's call for the main thread
 
     # -- lifecycle ----------------------------------------------------------------------------
     def boot(self) -> None:
@@ -159,7 +168,8 @@ class Domain:
 
         def configure(header) -> VmConfig:
             c = header.vm_config(self.tap_fds)
-            return dataclasses.replace(c, nets=[dataclasses.replace(n, name=name) for n, name in zip(c.nets, names)])
+            return dataclasses.replace(c, nets=[dataclasses.replace(n, name=name) for n, name in zip(c.nets, names)],
+                                       seccomp=self.cfg.seccomp)   # this domain's filters, not the saver's
         return configure
 
     def _receive(self, fd: int) -> LinuxVm:
@@ -172,6 +182,7 @@ class Domain:
         watch_fd, self.watch_fd = self.watch_fd, None
 
         def watch(watch_fd: int) -> None:
+            seccomp.install("control", self.cfg.seccomp)
             try:
                 while os.read(watch_fd, 64):
                     pass
@@ -386,13 +397,27 @@ class Domain:
             self.vm.close()
             self._unlink_socket()
             return 1
-        self._report(ready_fd, None)
+        # the control thread confines itself to its own list: started before this thread takes
+        # the "main" one, which would otherwise bound it too (filters stack)
         threading.Thread(target=self._accept_loop, args=(server,), name="control", daemon=True).start()
+        try:   # the VM runs: from now on this thread only supervises it (docs/confinement.md)
+            seccomp.install("main", self.cfg.seccomp)
+        except HypyrError as e:
+            log.error("domain %s: %s", self.name, e)
+            self._report(ready_fd, e)
+            self.vm.machine.stop(StopReason(StopKind.DESTROYED, str(e)))
+            self.vm.machine.wait()
+            self.vm.close()
+            self._cleanup()
+            return 1
+        self._report(ready_fd, None)
         return self._supervise()
 
     def _supervise(self) -> int:
         while True:
             reason = self.vm.machine.wait()
+            if self._main_call is not None:   # the test hook (HYPYR_TEST_HOOKS)
+                self._main_call()
             action = self._action_for(reason)
             log.info("domain %s stopped (%s): %s", self.name, reason.message, action)
             if action == "restart":
@@ -469,6 +494,7 @@ class Domain:
         return s
 
     def _accept_loop(self, server: socket.socket) -> None:
+        seccomp.install("control", self.cfg.seccomp)   # the connection threads inherit it
         while True:
             conn, _ = server.accept()
             threading.Thread(target=self._serve, args=(conn,), name="control-conn", daemon=True).start()
@@ -525,7 +551,7 @@ class Domain:
         machine = vm.machine
         if op == "info":
             return {"ok": True, "state": self.state, "domid": self.domid, "name": self.name,
-                    "pid": os.getpid(), "memory": self.cfg.memory,
+                    "pid": os.getpid(), "memory": self.cfg.memory, "seccomp": self.cfg.seccomp,
                     "vcpus": [{"vcpu": vt.vcpu.id, "tid": vt.thread.native_id if vt.thread else None,
                                "state": vt.state.value, "exits": vt.exits} for vt in machine.vcpus]}
         if op == "pause":
@@ -551,7 +577,30 @@ class Domain:
             self._destroy_requested = True
             machine.stop(StopReason(StopKind.DESTROYED, "destroyed by the toolstack"))
             return {"ok": True}
+        if op == "test-forbidden-syscall" and self._test_hooks:
+            return self._forbidden_syscall(req.get("kind"))
         raise InvalidInput(f"unknown operation {op!r}")
+
+    def _forbidden_syscall(self, kind: object) -> dict:
+        """The test hook (only with HYPYR_TEST_HOOKS=1 in this process's environment): a thread
+        of ``kind`` makes a syscall no filter allows; under ``seccomp = "kill"`` this process
+        dies of SIGSYS (the answer may never come)."""
+        machine = self.vm.machine
+        if kind == "control":
+            seccomp.forbidden_syscall()
+        elif kind == "vcpu":
+            machine.pause()
+            self._set_state(DomainState.PAUSED)
+            machine.call_on_parked_vcpu(seccomp.forbidden_syscall)
+        elif kind == "io":
+            io = next(s for s in machine.services if hasattr(s, "add_eventfd"))
+            os.eventfd_write(io.add_eventfd(seccomp.forbidden_syscall), 1)
+        elif kind == "main":
+            self._main_call = seccomp.forbidden_syscall
+            machine.stop(StopReason(StopKind.DESTROYED, "test hook: a forbidden syscall on the main thread"))
+        else:
+            raise InvalidInput(f"kind must be one of {', '.join(seccomp.KINDS)}")
+        return {"ok": True, "kind": kind}
 
     def _console_session(self, conn: socket.socket, f) -> None:
         self.console.attach(conn)

@@ -41,6 +41,9 @@ Semantics (the keys hypyr uses; sizes in MiB as in xl):
 * ``cpus``: host CPU affinity, a CPU list string for all vCPUs or a list of strings, one per
   vCPU (vCPUs past the end are unpinned); see ``parse_cpulist``.  ``cpu_weight`` 1-65535
   (default 256), ``cap`` >= 0 (percent of one CPU, 0 = none).
+* ``seccomp`` (a hypyr extension): the VMM's seccomp filters, ``"kill"`` (default), ``"log"``
+  (debugging: what would be killed is only logged by the kernel) or ``"off"``; see
+  docs/confinement.md.
 * ``vif``: a list of xl-network-configuration(5) specs, one NIC each, devid = position
   (``vif = [ '' ]`` is one NIC with every default); see ``hypyr.toolstack.vif``.  Keys hypyr does
   not implement are warnings, unknown keys and bad values errors.
@@ -655,6 +658,7 @@ class DomainConfig:
     cpu_weight: int = 256
     cap: int = 0
     vifs: tuple[VifSpec, ...] = ()
+    seccomp: str = "kill"
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self):
@@ -689,6 +693,8 @@ class DomainConfig:
                                                f"vcpus ({self.vcpus})")
         for key in ("on_poweroff", "on_reboot", "on_crash"):
             _check_action(key, getattr(self, key))
+        if self.seccomp not in ("kill", "log", "off"):
+            raise ConfigValueError("seccomp", f"seccomp must be 'kill', 'log' or 'off', not {_show(self.seccomp)}")
         put("disks", _check_disks(self.disks))
         put("cpus", _check_cpus(self.cpus))
         put("vifs", _check_vifs(self.vifs))
@@ -726,7 +732,7 @@ class DomainConfig:
                 "on_reboot": self.on_reboot, "on_crash": self.on_crash,
                 "cpus": list(self.cpus) if isinstance(self.cpus, tuple) else self.cpus,
                 "cpu_weight": self.cpu_weight, "cap": self.cap,
-                "vifs": [v.to_dict() for v in self.vifs]}
+                "vifs": [v.to_dict() for v in self.vifs], "seccomp": self.seccomp}
 
     @classmethod
     def from_dict(cls, d: dict) -> DomainConfig:
@@ -748,7 +754,7 @@ _FIELDS = {f for f in DomainConfig.__dataclass_fields__}
 # --------------------------------------------------------------------------- raw → DomainConfig
 
 _STRING_KEYS = ("name", "type", "kernel", "ramdisk", "cmdline", "root", "extra",
-                "on_poweroff", "on_reboot", "on_crash")
+                "on_poweroff", "on_reboot", "on_crash", "seccomp")
 _HANDLED = set(_STRING_KEYS) | set(_INT_RULES) | {"disk", "cpus", "builder", "vif"}
 # Keys with no effect on a direct-boot virtio guest: ignored with a debug note.
 _IGNORED_KEYS = {

@@ -98,6 +98,9 @@ class VmConfig:
     root_disk: bool = False          # the first disk is the root filesystem (root=/dev/vda)
     console: str = "serial"          # "serial" (ttyS0) or "virtio" (hvc0)
     nets: list[NetConfig] = field(default_factory=list)      # eth0, eth1, ...
+    # multiboot kernels only: (path, arguments) per module, after the initrd if there is one
+    modules: list[tuple[str, str]] = field(default_factory=list)
+    seccomp: str = "kill"            # the VMM threads' seccomp filters: kill, log or off (hypyr.vmm.seccomp)
 
     def full_cmdline(self) -> str:
         parts = [self.cmdline]
@@ -157,6 +160,8 @@ def validate(config: VmConfig, kvm: Kvm | None = None, *, boot: bool = True) -> 
             check_tap(net.tap_fd)
         except (ValueError, TapError) as e:
             raise HypyrError(f"NIC {i}: {e}") from None
+    if config.seccomp not in ("kill", "log", "off"):
+        raise HypyrError(f"seccomp must be kill, log or off, not {config.seccomp!r}")
     if config.console not in ("serial", "virtio"):
         raise HypyrError(f"--console must be serial or virtio, not {config.console!r}")
     for disk in config.disks:
@@ -165,7 +170,8 @@ def validate(config: VmConfig, kvm: Kvm | None = None, *, boot: bool = True) -> 
         if not os.access(disk.path, os.R_OK if disk.read_only else os.R_OK | os.W_OK):
             raise HypyrError(f"no permission to {'read' if disk.read_only else 'read and write'} disk image "
                              f"{disk.path}")
-    for path, what in ((config.kernel, "kernel"), (config.initrd, "initrd")):
+    files = [(config.kernel, "kernel"), (config.initrd, "initrd")] + [(p, "module") for p, _ in config.modules]
+    for path, what in files:
         if path is None or not boot:
             continue
         if not os.path.exists(path):
@@ -257,7 +263,7 @@ def build_vm(config: VmConfig, console_out: Callable[[bytes], None], *, kvm: Kvm
     machine = None
     virtio_devices: list = []
     try:
-        machine = Machine(memory, config.vcpus, kvm=kvm, own_kvm=own_kvm)
+        machine = Machine(memory, config.vcpus, kvm=kvm, own_kvm=own_kvm, seccomp=config.seccomp)
         serial = Serial(machine.irq_line(4), console_out)
         i8042 = I8042(machine.device_stop, kbd_irq=machine.irq_line(1))
         devices: dict = {"serial0": serial, "i8042": i8042, "rtc": Rtc(), "acpi_pm": AcpiPm(machine.device_stop),
@@ -292,7 +298,7 @@ def boot_linux(vm: LinuxVm) -> None:
     """Load the kernel and initrd, write the boot tables and set up every vCPU to boot."""
     config, machine = vm.config, vm.machine
     boot = setup_linux_boot(machine.memory, config.kernel, config.initrd, config.full_cmdline(), config.vcpus,
-                            mmio_devices=vm.mmio_windows)
+                            mmio_devices=vm.mmio_windows, modules=config.modules)
     supported = machine.kvm.supported_cpuid()
     for vt in machine.vcpus:
         _configure_vcpu(vt.vcpu, supported, config.vcpus, boot.cpu if vt.vcpu.id == 0 else None)
@@ -320,7 +326,7 @@ def _virtio_devices(config: VmConfig, console_out: Callable[[bytes], None]) -> l
 def attach_virtio(machine: Machine, devices: list, transports: list | None = None) -> list[MmioDevice]:
     """Give each device an MMIO window, a GSI and an ioeventfd per queue; return the windows
     (and append each device's transport to ``transports``)."""
-    io = IoThread(name="virtio-io")
+    io = IoThread(name="virtio-io", seccomp=machine.seccomp)
     machine.services.append(io)
     windows = []
     read_only_pages = bool(machine.kvm.check_extension(B.KVM_CAP_READONLY_MEM))

@@ -17,7 +17,8 @@ log = logging.getLogger("hypyr.vmm.io")
 
 
 class IoThread:
-    def __init__(self, name: str = "io"):
+    def __init__(self, name: str = "io", seccomp: str = "off"):
+        self.seccomp = seccomp  # the mode of the "io" filter the thread installs on itself
         self._epoll = select.epoll()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._epoll.register(self._wake_r, select.EPOLLIN)
@@ -80,6 +81,13 @@ class IoThread:
         self._owned_elsewhere = set()
 
     def _main(self) -> None:
+        if self.seccomp != "off":
+            from hypyr.vmm import seccomp
+            try:
+                seccomp.install("io", self.seccomp)   # block workers and timers it starts inherit it
+            except Exception:
+                log.exception("the I/O thread cannot confine itself: it serves no request")
+                return
         poll, handlers = self._epoll.poll, self._handlers
         while not self._stopping:
             try:

@@ -110,9 +110,12 @@ class Machine:
     """A VM: memory, buses, vCPUs.  Built by :mod:`hypyr.vmm.builder` or directly by tests."""
 
     def __init__(self, memory: GuestMemory, nr_vcpus: int, *, irqchip: bool = True, kvm: Kvm | None = None,
-                 own_kvm: bool | None = None):
+                 own_kvm: bool | None = None, seccomp: str = "off"):
         """``kvm``: an open /dev/kvm to use (default: open one); the machine closes it on close()
-        if it opened it itself or ``own_kvm`` is true."""
+        if it opened it itself or ``own_kvm`` is true.  ``seccomp``: the mode of the filter each
+        vCPU thread installs on itself (:mod:`hypyr.vmm.seccomp`; the builder passes VmConfig's)."""
+        self.seccomp = seccomp
+        self._parked_call: Callable[[], object] | None = None  # run by a parked vCPU (call_on_parked_vcpu)
         self._own_kvm = kvm is None if own_kvm is None else own_kvm
         self.memory = memory
         self.pio = Bus("pio")
@@ -287,6 +290,15 @@ class Machine:
         time in ns, or None on timeout."""
         return self.running_at_ns if self._running.wait(timeout) else None
 
+    def call_on_parked_vcpu(self, fn: Callable[[], object]) -> None:
+        """Have one parked vCPU thread of this paused machine call ``fn`` (under the machine's
+        lock; a debugging and test aid, e.g. the seccomp test hook)."""
+        with self._cond:
+            if not self._paused:
+                raise RuntimeError("the machine is not paused")
+            self._parked_call = fn
+            self._cond.notify_all()
+
     @property
     def paused(self) -> bool:
         return self._paused
@@ -325,10 +337,13 @@ class Machine:
 
     # -- the vCPU loop --------------------------------------------------------------------------
     def _vcpu_main(self, vt: _VcpuThread) -> None:
-        with self._cond:
-            if not self._paused and not self._stopping:
-                self._note_running()
         try:
+            if self.seccomp != "off":   # before any guest code runs (hypyr/vmm/seccomp.py)
+                from hypyr.vmm import seccomp
+                seccomp.install("vcpu", self.seccomp)
+            with self._cond:
+                if not self._paused and not self._stopping:
+                    self._note_running()
             self._vcpu_loop(vt)
         except Exception as e:  # a VMM bug must stop the VM, never leave a zombie thread
             log.exception("vCPU %d: unexpected error", vt.vcpu.id)
@@ -346,7 +361,12 @@ class Machine:
             if self._paused and not self._stopping:
                 vt.state = VcpuState.PAUSED
                 self._cond.notify_all()
-                self._cond.wait_for(lambda: not self._paused or self._stopping)
+                while True:
+                    self._cond.wait_for(lambda: not self._paused or self._stopping or self._parked_call is not None)
+                    call, self._parked_call = self._parked_call, None
+                    if call is None:
+                        break
+                    call()
                 vt.state = VcpuState.RUNNING
             if not self._stopping:
                 vt.vcpu.run_state.immediate_exit = 0

@@ -43,6 +43,8 @@ def schemas(ncpus: int | None = None) -> dict[str, dict]:
         "state": {**_string, "pattern": "^[r-][b-][p-][s-][c-][d-]$", "description": "xl's letters, e.g. -b----"},
         "cpu_time": {**_number, "description": "seconds"},
         "status": {**_string, "enum": [s.value for s in DomainState], "description": "the registry's state"},
+        "seccomp": {**_string, "enum": ["kill", "log", "off"],
+                    "description": "the VMM's seccomp filter mode (docs/confinement.md)"},
     }
     return {
         "Error": _object({"error": {**_string, "description": "one sentence"}}, ["error"]),
