@@ -94,7 +94,7 @@ def test_debian_generic_vmlinux_boots_through_pvh(hypyr_run, guest_image, tmp_pa
     hvm_start_info with the default initrd as its module) to userspace.
 
     A PVH boot is visible in the guest: Linux builds its boot_params from hvm_start_info with
-    protocol version 0x0212 (a bzImage boot keeps its own header's version).  The guest checks
+    protocol version 0x020c, 2.12 (a bzImage boot keeps its own header's, 0x020f for 6.1).  The guest checks
     that, its release and its CPU count, and reports through the exit port (as the generic-kernel
     test above, whose serial output once stalled)."""
     from hypyr.arch.x86 import loader, vmlinux
@@ -106,10 +106,105 @@ def test_debian_generic_vmlinux_boots_through_pvh(hypyr_run, guest_image, tmp_pa
     assert loader.kernel_format(elf) == loader.KIND_PVH
     check = ('r=$(uname -r); v=$(cat /sys/kernel/boot_params/version); echo release-$r cpus-$(nproc) bp-$v; '
              'case "$r" in *cloud*) exit 3;; *-amd64) ;; *) exit 4;; esac; '
-             f'[ "$(nproc)" = {vcpus} ] || exit 5; [ "$v" = 0x0212 ] || exit 6')
+             f'[ "$(nproc)" = {vcpus} ] || exit 5; [ "$v" = 0x020c ] || exit 6')
     r = hypyr_run("--kernel", str(elf), "--initrd", str(guest_image.initrd), "--vcpus", str(vcpus),
                   "--exec", check)
     assert "hypyr: init started" in r.stdout
     assert r.returncode == 0, {3: "the cloud kernel ran", 4: "not a Debian amd64 kernel",
                                5: f"the guest does not see {vcpus} CPUs",
                                6: "the kernel did not come in through PVH"}.get(r.returncode, "no clean boot")
+
+
+# -- booting from the disk's own boot loader config (hypyr run --boot disk, xl bootloader = "pygrub")
+DISK_GRUB = """\
+set default="1"
+set timeout=5
+menuentry 'Not this one' {{
+    linux /boot/vmlinuz-hypyr hypyr.marker=wrong-entry
+    initrd /boot/initrd.img-hypyr
+}}
+menuentry 'Default guest' --id guest {{
+    search --no-floppy --fs-uuid --set=root {uuid}
+    linux {kernel} ro quiet hypyr.marker=from-grub-cfg-{tag}
+    initrd {initrd}
+}}
+submenu 'Advanced options' {{
+    menuentry 'Second guest' {{
+        linux /vmlinuz hypyr.marker=second-entry-{tag}
+        initrd /boot/initrd.img-hypyr
+    }}
+}}
+"""
+BOOT_UUID = "0b007b00-7b00-4b00-8b00-0000000b0070"
+
+
+def _diskimages():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import diskimages
+    return diskimages
+
+
+def _bare_boot_disk(tmp_path, guest_image, tag: str):
+    """An ext4 image as a distribution leaves /boot: the default image's kernel and initrd,
+    a /vmlinuz symlink, and a grub.cfg whose default entry (index 1) carries a marker."""
+    di = _diskimages()
+    cfg = DISK_GRUB.format(uuid=BOOT_UUID, kernel="/boot/vmlinuz-hypyr", initrd="/boot/initrd.img-hypyr", tag=tag)
+    return di.ext4(tmp_path / "boot-disk.img", {
+        "boot/grub/grub.cfg": cfg, "boot/vmlinuz-hypyr": guest_image.kernel.read_bytes(),
+        "boot/initrd.img-hypyr": guest_image.initrd.read_bytes(), "vmlinuz": "->boot/vmlinuz-hypyr"},
+        size_mib=64, fs_uuid=BOOT_UUID)
+
+
+def test_boot_disk_default_grub_entry(hypyr_run, guest_image, tmp_path):
+    """`hypyr run --disk IMG --boot disk` boots the default entry of the image's own grub.cfg:
+    its kernel, initrd and command line (with console=ttyS0 added and --exec's hypyr.exec=).
+    The guest checks its command line and reports through the exit port."""
+    import hashlib
+    img = _bare_boot_disk(tmp_path, guest_image, "a1")
+    before = hashlib.sha256(img.read_bytes()).hexdigest()
+    check = ('c=$(cat /proc/cmdline); echo "cmdline: $c"; '
+             'case "$c" in *hypyr.marker=from-grub-cfg-a1*) ;; *) exit 3;; esac; '
+             'case "$c" in *wrong-entry*) exit 4;; esac; '
+             'case "$c" in *console=ttyS0*) ;; *) exit 5;; esac; [ -b /dev/vda ] || exit 6')
+    r = hypyr_run("--disk", f"{img},ro", "--boot", "disk", "--exec", check)
+    assert "hypyr: init started" in r.stdout
+    assert r.returncode == 0, {3: "not the default entry's command line", 4: "the wrong entry booted",
+                               5: "console=ttyS0 was not added", 6: "the disk is not /dev/vda"}.get(
+                                   r.returncode, "no clean boot")
+    assert hashlib.sha256(img.read_bytes()).hexdigest() == before
+
+
+def test_boot_disk_named_entry_in_submenu(hypyr_run, guest_image, tmp_path):
+    img = _bare_boot_disk(tmp_path, guest_image, "b2")
+    r = hypyr_run("--disk", str(img), "--boot", "disk", "--boot-entry", "2>0",
+                  "--exec", 'grep -q hypyr.marker=second-entry-b2 /proc/cmdline || exit 3')
+    assert r.returncode == 0, "the submenu's entry (through the /vmlinuz symlink) did not boot"
+
+
+def test_boot_disk_gpt_separate_boot_and_root(hypyr_run, guest_image, tmp_path):
+    """A GPT disk as an installer leaves it: an ESP-typed gap, /boot on partition 2 (grub.cfg at
+    /grub/grub.cfg, found through `search --fs-uuid`) and the default image's rootfs on partition
+    3, root=/dev/vda3: the initramfs switches to it, and the command runs there."""
+    di = _diskimages()
+    cfg = DISK_GRUB.format(uuid=BOOT_UUID, kernel="/vmlinuz-hypyr root=/dev/vda3", initrd="/initrd.img-hypyr",
+                           tag="c3")
+    boot = di.ext4(tmp_path / "boot.ext4", {"grub/grub.cfg": cfg, "vmlinuz-hypyr": guest_image.kernel.read_bytes(),
+                                            "initrd.img-hypyr": guest_image.initrd.read_bytes()},
+                   size_mib=48, fs_uuid=BOOT_UUID)
+    disk = tmp_path / "gpt-disk.img"
+    di.gpt_disk(disk, [(None, di.ESP, 2048), (boot, di.LINUX_FS, 0), (guest_image.rootfs, di.LINUX_FS, 0)])
+    check = ('grep -q hypyr.marker=from-grub-cfg-c3 /proc/cmdline || exit 3; '
+             '[ -e /etc/hypyr/rootfs ] || exit 4; echo on-the-root-partition')
+    r = hypyr_run("--disk", str(disk), "--boot", "disk", "--exec", check)
+    assert r.returncode == 0, {3: "not the default entry's command line",
+                               4: "the root partition was not mounted"}.get(r.returncode, "no clean boot")
+
+
+def test_boot_disk_missing_kernel_is_one_sentence(hypyr_run, guest_image, tmp_path):
+    di = _diskimages()
+    img = di.ext4(tmp_path / "nokernel.img", {"boot/grub/grub.cfg": "menuentry 'x' {\n linux /boot/gone\n}\n"})
+    r = hypyr_run("--disk", str(img), "--boot", "disk", "--exec", "true")
+    lines = [l for l in r.stderr.strip().splitlines() if l]
+    assert r.returncode == 1 and len(lines) == 1 and "/boot/gone" in lines[0] and str(img) in lines[0]
