@@ -10,8 +10,12 @@ import re
 import signal
 import sys
 import threading
+from typing import TYPE_CHECKING
 
 from hypyr.errors import HypyrError
+
+if TYPE_CHECKING:
+    from hypyr.vmm.machine import StopReason
 
 EXIT_ERROR = 1
 EXIT_NOT_NATIVE = 3  # `hypyr doctor --native`: KVM works but guests would be emulated
@@ -42,12 +46,46 @@ def _say(msg: str) -> None:
 # -- run ------------------------------------------------------------------------------------------
 def cmd_run(args) -> int:
     from hypyr.arch.x86.acpi import MAX_VCPUS
-    from hypyr.vmm.builder import DEFAULT_CMDLINE, DiskConfig, VmConfig
+    from hypyr.vmm.builder import DiskConfig
 
     if not 1 <= args.vcpus <= MAX_VCPUS:   # before any work (building the default image)
         raise HypyrError(f"--vcpus must be a number from 1 to {MAX_VCPUS}, not {args.vcpus}")
+    if args.boot_entry is not None and args.boot != "disk":
+        raise HypyrError("--boot-entry chooses an entry of the disk's boot loader config: give --boot disk too")
     kernel, initrd = args.kernel, args.initrd
     disks = [DiskConfig.parse(spec) for spec in args.disk]
+    boot = _disk_boot(args, disks) if args.boot == "disk" else None
+    try:
+        if boot is not None:
+            kernel, initrd = boot.kernel, boot.initrd
+        return _run_with(args, kernel, initrd, disks, boot.cmdline if boot is not None else None)
+    finally:
+        if boot is not None:
+            boot.close()   # the extracted kernel and initrd: private temporary files
+
+
+def _disk_boot(args, disks):
+    """--boot disk: the kernel, initrd and command line of the first --disk's own boot loader
+    config (hypyr.image.diskboot), extracted into temporary files the caller closes."""
+    from hypyr.image import diskboot
+    given = [o for o, v in (("--kernel", args.kernel), ("--initrd", args.initrd), ("--cmdline", args.cmdline),
+                            ("--module", args.module), ("--rootfs", args.rootfs is not None)) if v]
+    if given:
+        raise HypyrError(f"--boot disk takes the kernel, initrd and command line from the disk's boot loader "
+                         f"config, so {given[0]} cannot be given with it")
+    if not disks:
+        raise HypyrError("--boot disk needs a --disk whose boot loader config (e.g. /boot/grub/grub.cfg) to boot")
+    boot = diskboot.load(disks[0].path, args.boot_entry)
+    for w in boot.warnings:
+        _say(f"warning: {w}")
+    if args.verbose:
+        _say(f"booting {boot.title!r} from {boot.config}")
+    return boot
+
+
+def _run_with(args, kernel, initrd, disks, disk_cmdline: str | None) -> int:
+    from hypyr.vmm.builder import DEFAULT_CMDLINE, DiskConfig, VmConfig
+
     if kernel is None or args.rootfs == "":
         from hypyr.image import build as image
         img = image.ensure()
@@ -61,6 +99,8 @@ def cmd_run(args) -> int:
     if modules is not None:
         initrd = None  # its files are the first modules
     cmdline = args.cmdline if args.cmdline is not None else DEFAULT_CMDLINE if modules is None else ""
+    if disk_cmdline is not None:
+        cmdline = disk_cmdline
     if args.append:
         cmdline = f"{cmdline} {args.append}".strip()
     config = VmConfig(kernel=kernel, initrd=initrd, cmdline=cmdline, memory=parse_size(args.memory),
@@ -153,7 +193,20 @@ def _run_vm(args, config) -> int:
         _say(reason.message)
     if reason.registers:
         sys.stderr.write(reason.registers + "\n")
-    return reason.exit_code
+    return run_exit_code(reason)
+
+
+# `hypyr run` exit codes by how the guest stopped, keyed by StopKind's value (docs/exit-codes.md);
+# a stop through the exit-status port exits with the guest's own status
+RUN_EXIT_CODES = {"poweroff": 0, "halt": 0, "reboot": 120, "triple-fault": 121, "crash": 124,
+                  "internal-error": 122, "fail-entry": 123, "destroyed": 130}
+
+
+def run_exit_code(reason: StopReason) -> int:
+    """`hypyr run`'s exit status for a machine's StopReason."""
+    if reason.kind.value == "exit-status":
+        return reason.status or 0
+    return RUN_EXIT_CODES[reason.kind.value]
 
 
 @contextlib.contextmanager
@@ -490,6 +543,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seccomp", choices=("kill", "log", "off"), default="kill",
                    help="seccomp filters of the VMM threads: kill (default), log (the kernel logs what would "
                         "be killed) or off; see docs/confinement.md")
+    r.add_argument("--boot", choices=("kernel", "disk"), default="kernel",
+                   help="disk: boot the kernel, initrd and command line of the first --disk's own "
+                        "/boot/grub/grub.cfg or extlinux.conf (as Xen's pygrub; docs/boot.md)")
+    r.add_argument("--boot-entry", metavar="NAME",
+                   help="with --boot disk: the entry to boot, by title, id, index or GRUB path such as 1>2 "
+                        "(default: the config's default)")
     r.add_argument("--no-input", action="store_true", help="do not forward this terminal's input to the guest")
     r.set_defaults(func=cmd_run)
 
@@ -616,7 +675,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--socket", metavar="PATH", help="default: <state dir>/api.sock")
     sv.set_defaults(func=cmd_serve)
 
-    lab = sub.add_parser("lab", parents=[common], help="run a command inside the nested lab (QEMU TCG with emulated SVM)")
+    lab = sub.add_parser("lab", parents=[common],
+                         help="run a command inside the nested lab (QEMU TCG with emulated SVM)")
     lab.add_argument("--cpus", type=int, default=2, help="L1 vCPUs (default 2)")
     lab.add_argument("--memory", default="4G", help="L1 memory (default 4G)")
     lab.add_argument("--timeout", type=float, metavar="SECONDS",

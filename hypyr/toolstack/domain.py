@@ -68,9 +68,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from hypyr.errors import HypyrError, InvalidInput
+from hypyr.image.diskboot import DiskBoot
 from hypyr.toolstack import logs, nics, paths
 from hypyr.toolstack.console import ConsoleHub
 from hypyr.toolstack.errors import DomainStateError, MigrationFailed, SaveFileError, save_file_sentence, type_name
@@ -85,12 +86,16 @@ log = logging.getLogger("hypyr.domain")
 CRASH_KINDS = (StopKind.TRIPLE_FAULT, StopKind.CRASH, StopKind.INTERNAL_ERROR, StopKind.FAIL_ENTRY)
 
 
-def vm_config(cfg: DomainConfig, tap_fds: Sequence[int] = (), domid: int = 0) -> VmConfig:
+def vm_config(cfg: DomainConfig, tap_fds: Sequence[int] = (), domid: int = 0, boot: DiskBoot | None = None) -> VmConfig:
     """The VMM's view of an xl.cfg domain: direct boot, disks in vdev order, one NIC per vif
-    (``tap_fds[i]`` is vif i's open tap)."""
+    (``tap_fds[i]`` is vif i's open tap).  With ``bootloader = "pygrub"``, ``boot`` is what
+    ``hypyr.image.diskboot`` extracted: its kernel, initrd and command line (then the cfg's)."""
     nets = nics.net_configs(cfg.vifs, tap_fds, [v.tap_name(domid) for v in cfg.vifs])
-    cmdline = " ".join(x for x in (DEFAULT_CMDLINE, cfg.cmdline_string(), nics.guest_ip_args(cfg.vifs)) if x)
-    return VmConfig(kernel=cfg.kernel, initrd=cfg.ramdisk, cmdline=cmdline,
+    kernel, initrd, base = cfg.kernel, cfg.ramdisk, DEFAULT_CMDLINE
+    if boot is not None:
+        kernel, initrd, base = boot.kernel, boot.initrd, boot.cmdline
+    cmdline = " ".join(x for x in (base, cfg.cmdline_string(), nics.guest_ip_args(cfg.vifs)) if x)
+    return VmConfig(kernel=kernel, initrd=initrd, cmdline=cmdline,
                     memory=cfg.memory << 20, vcpus=cfg.vcpus,
                     disks=[DiskConfig(d.target, d.read_only) for d in cfg.disks], nets=nets, seccomp=cfg.seccomp)
 
@@ -112,7 +117,7 @@ class Domain:
         if rec.uuid != uuid:
             raise StaleDomainError(f"domain id {domid} belongs to another domain ({rec.name}, uuid {rec.uuid})")
         self.name = rec.name
-        self.cfg = DomainConfig.from_dict(json.loads(rec.config))
+        self.cfg = DomainConfig.from_dict(rec.config_dict())
         self.dir = paths.domain_dir(domid)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.sock_path = self.dir / "control.sock"
@@ -125,12 +130,16 @@ class Domain:
         self._destroy_requested = False
         self._reboot_requested = False
         self._orphaned = False      # our row is another domain's now: update nothing more
-        self._sock_id = None        # (st_dev, st_ino) of the control socket we bound
+        self._sock_id: tuple[int, int] | None = None   # (st_dev, st_ino) of the control socket we bound
         self._test_hooks = os.environ.get("HYPYR_TEST_HOOKS") == "1"
-        self._main_call = None      # the test hook's call for the main thread
+        self._main_call: Callable[[], object] | None = None   # the test hook's call for the main thread
+        self._boot: DiskBoot | None = None   # bootloader = "pygrub": the extracted kernel and initrd
+        self._boot_error: str | None = None  # why they could not be extracted (restore, migration)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def boot(self) -> None:
+        if self.cfg.bootloader is not None and (self.incoming_fd is not None or self.restore_file is not None):
+            self._prefetch_disk_boot()     # for later reboots, while this process may still run debugfs
         if self.incoming_fd is not None:
             fd, self.incoming_fd = self.incoming_fd, None
             self.vm = self._receive(fd)
@@ -144,11 +153,39 @@ class Domain:
             if paused:
                 self.vm.machine.pause()        # before start: the vCPUs start parked
         else:
-            self.vm = build_linux_vm(vm_config(self.cfg, self.tap_fds, self.domid), self.console.write)
+            self.vm = build_linux_vm(vm_config(self.cfg, self.tap_fds, self.domid, self._disk_boot()),
+                                     self.console.write)
             paused = False
         self.vm.machine.start()
         self._pin_vcpus()
         self._set_state(DomainState.PAUSED if paused else DomainState.RUNNING)
+
+    def _disk_boot(self) -> DiskBoot | None:
+        """bootloader = "pygrub": the first disk's default (or --entry) kernel, initrd and command
+        line, extracted into this domain's directory.  Done once, when the domain first boots,
+        and kept for its reboots: once the VM runs this process is confined by seccomp and may
+        not start debugfs (docs/boot.md); the files go when the process ends."""
+        if self.cfg.bootloader is None:
+            return None
+        if self._boot is None and self._boot_error is not None:
+            raise HypyrError(self._boot_error)   # confined now: no second try
+        if self._boot is None:
+            from hypyr.image import diskboot
+            self._boot = diskboot.load(self.cfg.disks[0].target, self.cfg.boot_entry, tmp_parent=str(self.dir))
+            for w in self._boot.warnings:
+                log.warning("domain %s: %s", self.name, w)
+            log.info("domain %s boots %r from %s", self.name, self._boot.title, self._boot.config)
+        return self._boot
+
+    def _prefetch_disk_boot(self) -> None:
+        """A restored or migrated-in domain does not boot from its disk now, but a later reboot
+        will, when this process is confined: extract the files now; a failure only fails that
+        reboot, with the same sentence."""
+        try:
+            self._disk_boot()
+        except HypyrError as e:
+            log.warning("domain %s: a reboot will fail: %s", self.name, e)
+            self._boot_error = str(e)
 
     def _restore(self, path: str) -> LinuxVm:
         """The VM saved in ``path``, its NICs on this domain's taps (named for this domid)."""
@@ -325,7 +362,7 @@ class Domain:
         affinity = self.cfg.cpu_affinity(os.cpu_count() or 1)
         if affinity is None:
             return
-        for vt in self.vm.machine.vcpus:
+        for vt in self._live.machine.vcpus:
             cpus = affinity[vt.vcpu.id] if vt.vcpu.id < len(affinity) else None
             if cpus and vt.thread is not None and vt.thread.native_id:
                 try:
@@ -369,6 +406,8 @@ class Domain:
         try:
             return self._run(ready_fd)
         finally:
+            if self._boot is not None:
+                self._boot.close()
             try:
                 sched.remove(self, evacuate=True)
             except HypyrError as e:
@@ -393,8 +432,8 @@ class Domain:
         if self._orphaned:
             self._report(ready_fd, StaleDomainError(f"domain id {self.domid} was given to another domain "
                                                     f"while {self.name} started"))
-            self.vm.machine.wait()
-            self.vm.close()
+            self._live.machine.wait()
+            self._live.close()
             self._unlink_socket()
             return 1
         # the control thread confines itself to its own list: started before this thread takes
@@ -405,23 +444,30 @@ class Domain:
         except HypyrError as e:
             log.error("domain %s: %s", self.name, e)
             self._report(ready_fd, e)
-            self.vm.machine.stop(StopReason(StopKind.DESTROYED, str(e)))
-            self.vm.machine.wait()
-            self.vm.close()
+            self._live.machine.stop(StopReason(StopKind.DESTROYED, str(e)))
+            self._live.machine.wait()
+            self._live.close()
             self._cleanup()
             return 1
         self._report(ready_fd, None)
         return self._supervise()
 
+    @property
+    def _live(self) -> LinuxVm:
+        """The domain's VM, from boot() on (before, a RuntimeError: a bug)."""
+        if self.vm is None:
+            raise RuntimeError(f"domain {self.name} has no VM yet")
+        return self.vm
+
     def _supervise(self) -> int:
         while True:
-            reason = self.vm.machine.wait()
+            reason = self._live.machine.wait()
             if self._main_call is not None:   # the test hook (HYPYR_TEST_HOOKS)
                 self._main_call()
             action = self._action_for(reason)
             log.info("domain %s stopped (%s): %s", self.name, reason.message, action)
             if action == "restart":
-                self.vm.close()
+                self._live.close()
                 self._own(self.registry.bump_restarts)
                 try:
                     self.boot()
@@ -430,7 +476,7 @@ class Domain:
                     self._keep(DomainState.CRASHED, str(e))
                     return 1
                 continue
-            self.vm.close()
+            self._live.close()
             if action == "preserve":
                 self._keep(DomainState.CRASHED if reason.kind in CRASH_KINDS else DomainState.SHUTDOWN,
                            reason.message)
@@ -540,14 +586,14 @@ class Domain:
             self._send(conn, reply)
         finally:
             self._destroy_requested = True
-            self.vm.machine.stop(StopReason(StopKind.DESTROYED, why))
+            self._live.machine.stop(StopReason(StopKind.DESTROYED, why))
 
     @staticmethod
     def _send(conn: socket.socket, obj: dict) -> None:
         conn.sendall(json.dumps(obj).encode() + b"\n")
 
     def _handle(self, op: str, req: dict) -> dict:
-        vm = self.vm
+        vm = self._live
         machine = vm.machine
         if op == "info":
             return {"ok": True, "state": self.state, "domid": self.domid, "name": self.name,
@@ -585,7 +631,7 @@ class Domain:
         """The test hook (only with HYPYR_TEST_HOOKS=1 in this process's environment): a thread
         of ``kind`` makes a syscall no filter allows; under ``seccomp = "kill"`` this process
         dies of SIGSYS (the answer may never come)."""
-        machine = self.vm.machine
+        machine = self._live.machine
         if kind == "control":
             seccomp.forbidden_syscall()
         elif kind == "vcpu":
@@ -609,7 +655,7 @@ class Domain:
                 data = f.read1(4096) if hasattr(f, "read1") else conn.recv(4096)
                 if not data:
                     return
-                target = self.vm.console
+                target = self._live.console
                 while data:
                     n = target.enqueue_input(data)
                     data = data[n:]
@@ -640,12 +686,14 @@ class VmmLogHandler(logging.handlers.RotatingFileHandler):
                 pass
         super().doRollover()
         for fd in follow:
-            os.dup2(self.stream.fileno(), fd)
+            if self.stream is not None:
+                os.dup2(self.stream.fileno(), fd)
 
 
 def _log_to_vmm_log(domid: int) -> None:
     """Log onto the domain's vmm.log through VmmLogHandler, as are uncaught exceptions in threads
     and warnings; stderr (also vmm.log, from `create`) is then only written by a crash."""
+    handler: logging.Handler
     try:
         handler = VmmLogHandler(paths.vmm_log(domid), paths.log_max_bytes())
     except OSError:
@@ -656,7 +704,7 @@ def _log_to_vmm_log(domid: int) -> None:
     def thread_died(a: threading.ExceptHookArgs) -> None:
         if a.exc_type is not SystemExit:
             log.error("thread %s died", a.thread.name if a.thread else "?",
-                      exc_info=(a.exc_type, a.exc_value, a.exc_traceback))
+                      exc_info=a.exc_value)
     threading.excepthook = thread_died
 
 

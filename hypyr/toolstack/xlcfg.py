@@ -1,20 +1,9 @@
-"""xl.cfg(5) domain configuration files: a safe parser and a validated ``DomainConfig``.
+"""xl.cfg(5) domain configuration files: what the settings mean, and a validated ``DomainConfig``.
 
-``hypyr create FILE.cfg`` reads the same files as Xen's ``xl create``.  This module never
-evaluates anything: it has its own small tokenizer and parser for the xl syntax.
-
-Syntax (as xl.cfg(5)):
-
-* ``KEY = VALUE`` settings, separated by new lines or ``;``.  Keys are identifiers
-  (letters, digits, ``_``; not starting with a digit).  ``#`` starts a comment (outside strings).
-* Values: strings in ``'single'`` or ``"double"`` quotes with C escapes (``\\n \\t \\\\ \\' \\"
-  \\a \\b \\f \\r \\v \\xHH \\OOO``; a string may not span lines or contain NUL); numbers in
-  decimal, octal (``0`` prefix) or hex (``0x`` prefix); lists ``[ v, v, ... ]`` that may span
-  lines, nest, and end with a trailing comma.  BOOLEANs are numbers (0 false, other true) as in
-  xl; bare words such as ``true`` or ``restart`` are an error with a hint to quote them.
-* As in libxlu, a number given as a quoted string (``memory = "512"``) is accepted where a number
-  is expected.
-* A key set twice: the later value wins (as in xl), with a warning naming both lines.
+``hypyr create FILE.cfg`` reads the same files as Xen's ``xl create``.  Nothing is ever
+evaluated: the syntax (tokenizer and parser, text → ``RawConfig``) is :mod:`hypyr.toolstack.xlsyntax`;
+this module gives the settings their meaning (``build``: ``RawConfig`` → ``DomainConfig``) and
+validates them, once, in ``DomainConfig``.
 
 Semantics (the keys hypyr uses; sizes in MiB as in xl):
 
@@ -26,6 +15,12 @@ Semantics (the keys hypyr uses; sizes in MiB as in xl):
 * ``kernel`` (required), ``ramdisk``; ``cmdline`` is the whole kernel command line; without it
   xl's ``root``/``extra`` give ``"root=<root> <extra>"``.  ``cmdline`` with ``root``/``extra``:
   warning, root/extra ignored (as xl).
+* ``bootloader = "pygrub"`` (or a path ending in ``/pygrub``): no ``kernel``; the kernel, initrd
+  and command line come from the first disk's own grub.cfg or extlinux.conf, read by
+  ``hypyr.image.diskboot`` when the domain starts (docs/boot.md).  ``bootloader_args`` (a list, or
+  one string split at spaces) takes pygrub's ``--entry=NAME`` (title, id, index or GRUB path);
+  other arguments are warnings.  ``cmdline``/``root``/``extra`` are appended to the entry's
+  command line; a ``kernel``/``ramdisk`` set as well is ignored with a warning.
 * Relative ``kernel``/``ramdisk`` paths are relative to the current directory (as xl, which
   opens them from where it runs), not to the cfg file; they are stored absolute.
 * ``disk``: xl-disk-configuration(5) specs (positional, key=value with ``target=`` last,
@@ -66,36 +61,27 @@ import logging
 import os
 import re
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 from hypyr.arch.x86.acpi import MAX_VCPUS
 from hypyr.errors import HypyrError, InvalidInput
 from hypyr.toolstack.errors import InvalidConfig
 from hypyr.toolstack.names import name_problem
 from hypyr.toolstack.vif import VifError, VifSpec, check_distinct, parse_vif
+from hypyr.toolstack.xlsyntax import RawConfig, XlCfgError, parse, parse_int
+from hypyr.toolstack.xlsyntax import show_value as _show
 
 log = logging.getLogger("hypyr.xlcfg")
 
-Value = Union[str, int, list]
-
 MAX_FILE_SIZE = 1 << 20          # an xl.cfg is a few hundred bytes; refuse megabytes of "config"
-MAX_NESTING = 32                 # list nesting depth
 MAX_CPU = 65535                  # highest host CPU number a CPU list may name
 ACTIONS = ("destroy", "restart", "preserve")
 XL_ONLY_ACTIONS = ("rename-restart", "coredump-destroy", "coredump-restart", "soft-reset")
 
 
 # --------------------------------------------------------------------------- errors
-
-
-class XlCfgError(InvalidConfig):
-    """A syntax or value error in an xl.cfg file; str() is ``"FILE:LINE: sentence"``."""
-
-    def __init__(self, filename: str, line: int | None, message: str):
-        self.filename, self.line, self.message = filename, line, message
-        where = f"{filename}:{line}" if line is not None else filename
-        super().__init__(f"{where}: {message}")
 
 
 class ConfigValueError(InvalidConfig):
@@ -107,250 +93,6 @@ class ConfigValueError(InvalidConfig):
     def __init__(self, key: str, message: str, item: int | None = None, other: int | None = None):
         self.key, self.message, self.item, self.other = key, message, item, other
         super().__init__(message)
-
-
-def _show(value: Any, limit: int = 60) -> str:
-    """A value as it would be written in the cfg, shortened, for messages."""
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, str):
-        s = value if len(value) <= limit else value[:limit] + "..."
-        return "'" + s.encode("unicode_escape").decode("ascii").replace("'", "\\'") + "'"
-    return str(value)
-
-
-# --------------------------------------------------------------------------- tokenizer
-
-_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_NUMBER_TOKEN = re.compile(r"-?[0-9][0-9A-Za-z_.]*")
-_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "a": "\a", "b": "\b", "f": "\f", "v": "\v",
-            "\\": "\\", "'": "'", '"': '"'}
-
-
-@dataclass(frozen=True)
-class _Tok:
-    kind: str          # "ident", "string", "number", "nl", "eof", or one of = [ ] , ;
-    value: Any
-    line: int
-
-    def describe(self) -> str:
-        return {"ident": f"'{self.value}'", "string": "a string", "number": "a number",
-                "nl": "the end of the line", "eof": "the end of the file"}.get(self.kind, f"'{self.kind}'")
-
-
-def parse_int(text: str) -> int:
-    """An xl NUMBER: decimal, octal (0 prefix) or hex (0x prefix), optionally negative.
-
-    Raises ValueError for anything else (the caller words the error).
-    """
-    s = text.strip()
-    neg = s.startswith("-")
-    body = s[1:] if neg else s
-    if len(body) > 40:
-        raise ValueError(text)
-    if re.fullmatch(r"0[xX][0-9a-fA-F]+", body):
-        n = int(body[2:], 16)
-    elif re.fullmatch(r"0[0-7]*", body):
-        n = int(body, 8)
-    elif re.fullmatch(r"[1-9][0-9]*", body):
-        n = int(body, 10)
-    else:
-        raise ValueError(text)
-    return -n if neg else n
-
-
-def _tokenize(text: str, filename: str) -> list[_Tok]:
-    toks: list[_Tok] = []
-    i, n, line = 0, len(text), 1
-
-    def fail(ln: int, msg: str):
-        raise XlCfgError(filename, ln, msg)
-
-    while i < n:
-        c = text[i]
-        if c == "\n":
-            toks.append(_Tok("nl", None, line))
-            line += 1
-            i += 1
-        elif c in " \t\r\f\v":
-            i += 1
-        elif c == "#":
-            j = text.find("\n", i)
-            i = n if j < 0 else j
-        elif c in "'\"":
-            s, i = _scan_string(text, i, line, fail)
-            toks.append(_Tok("string", s, line))
-        elif c in "=[],;":
-            toks.append(_Tok(c, c, line))
-            i += 1
-        elif c.isascii() and (c.isalpha() or c == "_"):
-            m = _IDENT.match(text, i)
-            toks.append(_Tok("ident", m.group(), line))
-            i = m.end()
-        elif (c.isascii() and c.isdigit()) or (c == "-" and i + 1 < n and text[i + 1].isascii()
-                                                and text[i + 1].isdigit()):
-            m = _NUMBER_TOKEN.match(text, i)
-            try:
-                num = parse_int(m.group())
-            except ValueError:
-                fail(line, f"{_show(m.group(), 20)} is not a number (use decimal, 0x hex or 0 octal)")
-            toks.append(_Tok("number", num, line))
-            i = m.end()
-        else:
-            fail(line, f"unexpected character {c!r}")
-    toks.append(_Tok("eof", None, line))
-    return toks
-
-
-def _scan_string(text: str, start: int, line: int, fail) -> tuple[str, int]:
-    """Scan the quoted string at text[start]; return (value, index after the closing quote)."""
-    quote = text[start]
-    out: list[str] = []
-    i, n = start + 1, len(text)
-    unterminated = f"unterminated string: the {quote} has no closing {quote} on the same line"
-    while True:
-        if i >= n or text[i] == "\n":
-            fail(line, unterminated)
-        c = text[i]
-        if c == quote:
-            return "".join(out), i + 1
-        if c == "\0":
-            fail(line, "strings cannot contain NUL characters")
-        if c != "\\":
-            out.append(c)
-            i += 1
-            continue
-        if i + 1 >= n or text[i + 1] == "\n":
-            fail(line, unterminated)
-        e = text[i + 1]
-        if e in _ESCAPES:
-            out.append(_ESCAPES[e])
-            i += 2
-        elif e == "x":
-            digits = text[i + 2:i + 4]
-            if not re.fullmatch(r"[0-9a-fA-F]{2}", digits):
-                fail(line, "\\x in a string must be followed by two hex digits")
-            out.append(chr(int(digits, 16)))
-            i += 4
-        elif e in "01234567":
-            m = re.match(r"[0-7]{1,3}", text[i + 1:i + 4])
-            v = int(m.group(), 8)
-            if v == 0:
-                fail(line, "strings cannot contain NUL characters")
-            if v > 0o377:
-                fail(line, f"octal escape \\{m.group()} is out of range")
-            out.append(chr(v))
-            i += 1 + len(m.group())
-        else:
-            fail(line, f"unknown escape sequence \\{e} in a string (write \\\\ for a backslash)")
-
-
-# --------------------------------------------------------------------------- parser
-
-
-class RawConfig(dict):
-    """Parsed settings in file order: key → (value, line of the key).
-
-    ``value`` is a str, an int or a (possibly nested) list of those.  ``item_lines[key]`` gives the
-    line of each top-level item of a list value; ``warnings`` holds parse-level warnings
-    (duplicate keys).
-    """
-
-    def __init__(self, filename: str = "<cfg>"):
-        super().__init__()
-        self.filename = filename
-        self.warnings: list[str] = []
-        self.item_lines: dict[str, list[int]] = {}
-
-    def line(self, key: str) -> int | None:
-        return self[key][1] if key in self else None
-
-    def value(self, key: str, default: Any = None) -> Any:
-        return self[key][0] if key in self else default
-
-
-def parse(text: str, filename: str = "<cfg>") -> RawConfig:
-    """Parse xl.cfg text into a RawConfig; raises XlCfgError (and nothing else) on bad syntax."""
-    toks = _tokenize(text, filename)
-    raw = RawConfig(filename)
-    p = 0
-    while True:
-        t = toks[p]
-        if t.kind == "eof":
-            return raw
-        if t.kind in ("nl", ";"):
-            p += 1
-            continue
-        if t.kind != "ident":
-            raise XlCfgError(filename, t.line, f"expected a setting such as memory = 512, found {t.describe()}")
-        key = t.value
-        if toks[p + 1].kind != "=":
-            raise XlCfgError(filename, t.line, f"expected '=' after {key}, found {toks[p + 1].describe()}")
-        p += 2
-        if toks[p].kind in ("nl", ";", "eof"):
-            raise XlCfgError(filename, t.line, f"{key} has no value")
-        value, item_lines, p = _parse_value(toks, p, filename, key, 0)
-        end = toks[p]
-        if end.kind not in ("nl", ";", "eof"):
-            raise XlCfgError(filename, end.line, f"expected a new line or ';' after the value of {key}, "
-                                                 f"found {end.describe()}")
-        if key in raw:
-            raw.warnings.append(f"{filename}:{t.line}: {key} is set again (first on line {raw.line(key)}); "
-                                "the later value is used")
-            del raw[key]
-        raw[key] = (value, t.line)
-        raw.item_lines.pop(key, None)
-        if item_lines is not None:
-            raw.item_lines[key] = item_lines
-
-
-def _parse_value(toks: list[_Tok], p: int, filename: str, key: str, depth: int):
-    """Parse one value at toks[p]; return (value, item lines if a list else None, next index)."""
-    t = toks[p]
-    if t.kind in ("string", "number"):
-        return t.value, None, p + 1
-    if t.kind == "ident":
-        hint = "write 1 or 0" if t.value.lower() in ("true", "false", "yes", "no", "on", "off") \
-            else f"quote it: {key} = '{t.value}'"
-        raise XlCfgError(filename, t.line, f"the value of {key} must be a quoted string, a number or a list, "
-                                           f"not the bare word {t.value} ({hint})")
-    if t.kind != "[":
-        raise XlCfgError(filename, t.line, f"expected a value for {key}, found {t.describe()}")
-    if depth >= MAX_NESTING:
-        raise XlCfgError(filename, t.line, f"lists are nested too deeply in {key}")
-    open_line = t.line
-    items: list = []
-    lines: list[int] = []
-    p += 1
-
-    def unclosed(tok: _Tok):
-        where = "the end of the file" if tok.kind == "eof" else f"{tok.describe()} on line {tok.line}"
-        raise XlCfgError(filename, open_line, f"the list for {key} is not closed with ']' (found {where})")
-
-    while True:
-        while toks[p].kind == "nl":
-            p += 1
-        t = toks[p]
-        if t.kind == "]":
-            return items, lines, p + 1
-        if t.kind == ",":
-            raise XlCfgError(filename, t.line, f"unexpected ',' in the list for {key} (an item is missing)")
-        if t.kind not in ("string", "number", "["):
-            unclosed(t)
-        v, _, p = _parse_value(toks, p, filename, key, depth + 1)
-        items.append(v)
-        lines.append(t.line)
-        while toks[p].kind == "nl":
-            p += 1
-        t = toks[p]
-        if t.kind == ",":
-            p += 1
-        elif t.kind == "]":
-            return items, lines, p + 1
-        elif t.kind in ("string", "number", "["):
-            raise XlCfgError(filename, t.line, f"missing ',' between items of the list for {key}")
-        else:
-            unclosed(t)
 
 
 # --------------------------------------------------------------------------- CPU lists
@@ -640,7 +382,7 @@ class DomainConfig:
     """
 
     name: str
-    kernel: str
+    kernel: str = ""
     type: str = "pvh"
     memory: int = 128
     maxmem: int | None = None
@@ -659,6 +401,8 @@ class DomainConfig:
     cap: int = 0
     vifs: tuple[VifSpec, ...] = ()
     seccomp: str = "kill"
+    bootloader: str | None = None        # "pygrub": boot the first disk's own config
+    bootloader_args: tuple[str, ...] = ()
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self):
@@ -676,20 +420,23 @@ class DomainConfig:
             v = getattr(self, key)
             if not (v is None and key != "kernel") and not isinstance(v, str):
                 raise ConfigValueError(key, f"{key} must be a quoted string, not {_show(v)}")
-        if not self.kernel:
+        if self.bootloader is not None:
+            _check_bootloader(self)
+            put("bootloader_args", tuple(self.bootloader_args))
+        elif not self.kernel:
             raise ConfigValueError("kernel", "kernel must be the path of a Linux kernel image, not ''")
         for key in _INT_RULES:
             if getattr(self, key) is not None:
                 _check_int(key, getattr(self, key))
-        if self.maxmem is None:
-            put("maxmem", self.memory)
-        if self.maxvcpus is None:
-            put("maxvcpus", self.vcpus)
-        if self.maxmem < self.memory:
-            raise ConfigValueError("maxmem", f"maxmem ({self.maxmem} MiB) must not be less than "
+        maxmem = self.memory if self.maxmem is None else self.maxmem
+        maxvcpus = self.vcpus if self.maxvcpus is None else self.maxvcpus
+        put("maxmem", maxmem)
+        put("maxvcpus", maxvcpus)
+        if maxmem < self.memory:
+            raise ConfigValueError("maxmem", f"maxmem ({maxmem} MiB) must not be less than "
                                              f"memory ({self.memory} MiB)")
-        if self.maxvcpus < self.vcpus:
-            raise ConfigValueError("maxvcpus", f"maxvcpus ({self.maxvcpus}) must not be less than "
+        if maxvcpus < self.vcpus:
+            raise ConfigValueError("maxvcpus", f"maxvcpus ({maxvcpus}) must not be less than "
                                                f"vcpus ({self.vcpus})")
         for key in ("on_poweroff", "on_reboot", "on_crash"):
             _check_action(key, getattr(self, key))
@@ -698,9 +445,9 @@ class DomainConfig:
         put("disks", _check_disks(self.disks))
         put("cpus", _check_cpus(self.cpus))
         put("vifs", _check_vifs(self.vifs))
-        if isinstance(self.cpus, tuple) and len(self.cpus) > self.maxvcpus:
+        if isinstance(self.cpus, tuple) and len(self.cpus) > maxvcpus:
             raise ConfigValueError("cpus", f"cpus lists {len(self.cpus)} vCPUs but the domain has only "
-                                           f"{self.maxvcpus}")
+                                           f"{maxvcpus}")
         put("warnings", tuple(self.warnings))
 
     def cmdline_string(self) -> str:
@@ -718,10 +465,11 @@ class DomainConfig:
         """Host CPUs for each vCPU (0..maxvcpus-1), or None when ``cpus`` is not set."""
         if self.cpus is None:
             return None
+        n = self.vcpus if self.maxvcpus is None else self.maxvcpus   # (never None after __post_init__)
         if isinstance(self.cpus, str):
-            return [parse_cpulist(self.cpus, ncpus) for _ in range(self.maxvcpus)]
+            return [parse_cpulist(self.cpus, ncpus) for _ in range(n)]
         return [parse_cpulist(self.cpus[v], ncpus) if v < len(self.cpus) else set(range(ncpus))
-                for v in range(self.maxvcpus)]
+                for v in range(n)]
 
     def to_dict(self) -> dict:
         """A JSON-able dict (for the registry); ``from_dict`` reverses it.  Warnings are left out."""
@@ -732,7 +480,19 @@ class DomainConfig:
                 "on_reboot": self.on_reboot, "on_crash": self.on_crash,
                 "cpus": list(self.cpus) if isinstance(self.cpus, tuple) else self.cpus,
                 "cpu_weight": self.cpu_weight, "cap": self.cap,
-                "vifs": [v.to_dict() for v in self.vifs], "seccomp": self.seccomp}
+                "vifs": [v.to_dict() for v in self.vifs], "seccomp": self.seccomp,
+                "bootloader": self.bootloader, "bootloader_args": list(self.bootloader_args)}
+
+    @property
+    def boot_entry(self) -> str | None:
+        """The entry pygrub's ``--entry=NAME`` in ``bootloader_args`` names, if any."""
+        entry = None
+        for i, a in enumerate(self.bootloader_args):
+            if a.startswith("--entry="):
+                entry = a[len("--entry="):]
+            elif a in ("--entry", "-e") and i + 1 < len(self.bootloader_args):
+                entry = self.bootloader_args[i + 1]
+        return entry
 
     @classmethod
     def from_dict(cls, d: dict) -> DomainConfig:
@@ -743,6 +503,7 @@ class DomainConfig:
             if isinstance(kw.get("cpus"), list):
                 kw["cpus"] = tuple(kw["cpus"])
             kw["vifs"] = tuple(VifSpec.from_dict(x) for x in d.get("vifs", ()))
+            kw["bootloader_args"] = tuple(d.get("bootloader_args") or ())
             return cls(**kw)
         except (TypeError, AttributeError, KeyError, ValueError, ConfigValueError, VifError) as e:
             raise HypyrError(f"the stored domain configuration is not valid ({e})") from None
@@ -751,11 +512,23 @@ class DomainConfig:
 _FIELDS = {f for f in DomainConfig.__dataclass_fields__}
 
 
+def _check_bootloader(cfg: DomainConfig) -> None:
+    if not isinstance(cfg.bootloader, str) or os.path.basename(cfg.bootloader) != "pygrub":
+        raise ConfigValueError("bootloader", f"bootloader must be 'pygrub' (hypyr reads the disk's grub.cfg or "
+                                             f"extlinux.conf itself), not {_show(cfg.bootloader)}")
+    if not cfg.disks:
+        raise ConfigValueError("bootloader", "bootloader = 'pygrub' boots the first disk's own boot loader config, "
+                                             "but the domain has no disk")
+    for i, a in enumerate(cfg.bootloader_args):
+        if not isinstance(a, str):
+            raise ConfigValueError("bootloader_args", f"bootloader_args must be strings, not {_show(a)}", i)
+
+
 # --------------------------------------------------------------------------- raw → DomainConfig
 
 _STRING_KEYS = ("name", "type", "kernel", "ramdisk", "cmdline", "root", "extra",
-                "on_poweroff", "on_reboot", "on_crash", "seccomp")
-_HANDLED = set(_STRING_KEYS) | set(_INT_RULES) | {"disk", "cpus", "builder", "vif"}
+                "on_poweroff", "on_reboot", "on_crash", "seccomp", "bootloader")
+_HANDLED = set(_STRING_KEYS) | set(_INT_RULES) | {"disk", "cpus", "builder", "vif", "bootloader_args"}
 # Keys with no effect on a direct-boot virtio guest: ignored with a debug note.
 _IGNORED_KEYS = {
     "uuid", "serial", "vnc", "vnclisten", "vncdisplay", "vncunused", "vncpasswd", "sdl", "opengl",
@@ -769,8 +542,6 @@ _IGNORED_KEYS = {
 # Keys that ask for something hypyr does not provide: a warning when set to a non-empty value.
 _UNSUPPORTED_KEYS = {
     "pci": "PCI passthrough is not supported",
-    "bootloader": "bootloaders are not supported; hypyr boots kernel= directly",
-    "bootloader_args": "bootloaders are not supported",
     "firmware": "firmware boot is not supported; hypyr boots kernel= directly",
     "vfb": "virtual framebuffers are not supported",
     "channel": "channels are not supported",
@@ -870,8 +641,30 @@ def build(raw: RawConfig, cwd: str | os.PathLike | None = None) -> DomainConfig:
 
     if "name" not in kw:
         err("name", "name is required (e.g. name = 'guest1')")
-    if "kernel" not in kw:
-        err("kernel", "kernel is required: hypyr boots a Linux kernel directly (e.g. kernel = '/boot/vmlinuz')")
+    if kw.get("bootloader") == "":
+        del kw["bootloader"]           # bootloader = "": none, as in xl
+    if "kernel" not in kw and "bootloader" not in kw:
+        err("kernel", "kernel is required: hypyr boots a Linux kernel directly (e.g. kernel = '/boot/vmlinuz'), "
+                      "or the disk's own grub.cfg with bootloader = 'pygrub'")
+    if "bootloader" in kw:
+        for key in ("kernel", "ramdisk"):
+            if key in kw:
+                warn(raw.line(key), f"{key} is ignored: bootloader = 'pygrub' boots what the disk's config names")
+                del kw[key]
+    if "bootloader_args" in raw:
+        args = raw.value("bootloader_args")
+        if isinstance(args, str):
+            args = args.split()
+        if not isinstance(args, list):
+            err("bootloader_args", f"bootloader_args must be a list of strings, not {_show(args)}")
+        for a in args:
+            if isinstance(a, str) and not (a.startswith("--entry=") or a in ("--entry", "-e") or
+                                           (args.index(a) > 0 and args[args.index(a) - 1] in ("--entry", "-e"))):
+                warn(raw.line("bootloader_args"), f"bootloader_args {a!r} is ignored (hypyr takes --entry=NAME)")
+        kw["bootloader_args"] = tuple(args)
+        if "bootloader" not in kw:
+            warn(raw.line("bootloader_args"), "bootloader_args is ignored: no bootloader is set")
+            del kw["bootloader_args"]
     if "builder" in raw:
         b = raw.value("builder")
         if b == "hvm":
@@ -935,7 +728,7 @@ def _spec_list(raw: RawConfig, key: str, what: str, err) -> list[tuple[Any, int 
     """The (spec, line) pairs of a list key such as ``disk`` or ``vif`` (a lone string is a
     one-item list)."""
     specs = raw.value(key)
-    lines = raw.item_lines.get(key, [])
+    lines: Sequence[int | None] = raw.item_lines.get(key, [])
     if isinstance(specs, str):
         specs, lines = [specs], [raw.line(key)]
     if not isinstance(specs, list):

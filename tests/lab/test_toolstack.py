@@ -236,3 +236,27 @@ def test_cap_holds_a_busy_domain_near_25_percent(xl, guest_image, tmp_path):
     assert 15 <= pct <= 35
     xl("sched-credit", "-d", "capped", "-c", "50")
     assert xl("sched-credit", "-d", "capped").stdout.split()[-1] == "50"
+
+
+def test_bootloader_pygrub_boots_the_disks_own_entry(xl, guest_image, tmp_path):
+    """xl.cfg `bootloader = "pygrub"` with `bootloader_args = ["--entry=..."]`: the domain boots
+    the named entry of its first disk's grub.cfg (no kernel= in the cfg); `extra` is appended."""
+    from test_boot import _bare_boot_disk
+    img = _bare_boot_disk(tmp_path, guest_image, "d4")
+    command = "grep -o 'hypyr.marker=[^ ]*' /proc/cmdline; " + TICKER
+    cfg = tmp_path / "pg.cfg"
+    cfg.write_text(f"""name = "pg"
+memory = 128
+bootloader = "pygrub"
+bootloader_args = [ "--entry=Second guest" ]
+disk = [ '{img},raw,xvda,ro' ]
+extra = "hypyr.exec={base64.b64encode(command.encode()).decode()}"
+""")
+    xl("create", str(cfg))
+    wait_for(lambda: ticks(console_log(xl, "pg")) > 1, what="boot")
+    assert "hypyr.marker=second-entry-d4" in console_log(xl, "pg")
+    domdir = xl.state / "domains" / str(json.loads(xl("list", "--json", "pg").stdout)[0]["domid"])
+    assert len(list(domdir.glob("hypyr-boot-*/kernel"))) == 1   # kept for reboots, private to the domain
+    xl("destroy", "pg")
+    assert json.loads(xl("list", "--json").stdout) == []
+    assert not list(domdir.glob("hypyr-boot-*"))

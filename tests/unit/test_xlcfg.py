@@ -184,9 +184,9 @@ def test_duplicate_key_later_wins_with_warning():
 
 
 def test_unknown_key_is_a_warning_not_an_error():
-    cfg = loads(BASE + "frobnicate = 7\nvif = []\nbootloader = 'pygrub'\n", "vm.cfg")
+    cfg = loads(BASE + "frobnicate = 7\nvif = []\nfirmware = 'ovmf'\n", "vm.cfg")
     assert cfg.warnings == ("vm.cfg:3: unknown key frobnicate is ignored",
-                            "vm.cfg:5: bootloader is ignored: bootloaders are not supported; "
+                            "vm.cfg:5: firmware is ignored: firmware boot is not supported; "
                             "hypyr boots kernel= directly")
 
 
