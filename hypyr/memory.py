@@ -57,27 +57,18 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+from hypyr.libc import IOV_MAX, optional_function
+
 __all__ = ["GuestAddress", "GuestMemoryError", "GuestMemoryClosedError", "GuestRegion", "GuestMemory"]
 
-IOV_MAX = 1024  # Linux UIO_MAXIOV: at most this many buffers per preadv/pwritev
 DIRTY_PAGE = 4096  # the granule of dirty tracking (KVM's dirty log's too)
 
 _Struct = TypeVar("_Struct", bound=ctypes.Structure)
 
 
-def _load_libc_rw():
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fns = libc.preadv, libc.pwritev
-    except (OSError, AttributeError):
-        return None, None
-    for fn in fns:
-        fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]  # iovecs: bytes or an address
-        fn.restype = ctypes.c_ssize_t
-    return fns
-
-
-_libc_preadv, _libc_pwritev = _load_libc_rw()
+_RW_ARGS = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]  # iovecs: bytes or an address
+_libc_preadv = optional_function("preadv", _RW_ARGS, ctypes.c_ssize_t)
+_libc_pwritev = optional_function("pwritev", _RW_ARGS, ctypes.c_ssize_t)
 
 
 def _libc_rw(fn, fd: int, iov, count: int, offset: int, region_view: memoryview) -> int:
@@ -140,17 +131,7 @@ def _buffer_address(obj) -> int:
         del c
 
 
-def _load_mprotect():
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).mprotect
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_libc_mprotect = _load_mprotect()
+_libc_mprotect = optional_function("mprotect", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int])
 
 
 def _mprotect_none(addr: int, length: int) -> bool:

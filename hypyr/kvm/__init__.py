@@ -8,23 +8,24 @@ from __future__ import annotations
 
 import ctypes as C
 import errno
+import functools
 import mmap
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
+
+from hypyr.libc import function
 
 from . import bindings as B
 
-__all__ = ["Kvm", "Vm", "Vcpu", "KvmError", "KvmUnavailable", "CpuidEntry", "B", "MMIO_EXIT", "MMIO_EXIT_OFF",
-           "MMIO_DATA_OFF", "MAX_IO_MSRS", "PAGE_SIZE"]
+__all__ = ["Kvm", "Vm", "Vcpu", "KvmError", "KvmUnavailable", "CpuidEntry", "B", "IoExit", "MmioExit",
+           "MAX_IO_MSRS", "PAGE_SIZE"]
 
 MAX_IO_MSRS = 255  # the most MSRs one KVM_GET_MSRS/KVM_SET_MSRS takes (the kernel refuses 256)
 PAGE_SIZE = 4096   # the dirty log's granule
 
-_libc = C.CDLL(None, use_errno=True)
-_ioctl = _libc.ioctl
-_ioctl.argtypes = [C.c_int, C.c_ulong, C.c_void_p]
-_ioctl.restype = C.c_int
+_ioctl = function("ioctl", [C.c_int, C.c_ulong, C.c_void_p])
 
 
 class KvmError(OSError):
@@ -348,12 +349,23 @@ class Vm:
         return Vcpu(self, vcpu_id, fd)
 
 
+# -- the kvm_run page: its layout stays in this package; Vcpu decodes the exits it reports ----------
 _EXIT_REASON = struct.Struct("=I")
 _EXIT_REASON_OFF = B.kvm_run.exit_reason.offset
+# struct kvm_run.io: direction u8, size u8, port u16, count u32, data_offset u64
+_IO_EXIT = struct.Struct("=BBHIQ")
+_IO_EXIT_OFF = B.kvm_run.exit.offset + B._exit_union.io.offset
 # struct kvm_run.mmio: phys_addr u64, data[8], len u32, is_write u8
-MMIO_EXIT = struct.Struct("=Q8sIB")
-MMIO_EXIT_OFF = B.kvm_run.exit.offset + B._exit_union.mmio.offset
-MMIO_DATA_OFF = MMIO_EXIT_OFF + 8
+_MMIO_EXIT = struct.Struct("=Q8sIB")
+_MMIO_EXIT_OFF = B.kvm_run.exit.offset + B._exit_union.mmio.offset
+_MMIO_DATA_OFF = _MMIO_EXIT_OFF + 8
+
+IoExit = tuple[bool, int, int, int, memoryview]
+"""KVM_EXIT_IO decoded: (is_out, port, size, count, data); ``data`` is the ``size * count`` bytes in
+the kvm_run page that an OUT wrote, or where an IN's result goes (``count`` items of ``size``)."""
+MmioExit = tuple[int, bytes, int, int]
+"""KVM_EXIT_MMIO decoded: (guest physical address, 8 data bytes (a write's are the first
+``length``), length, is_write); a read's result goes to :attr:`Vcpu.mmio_data`."""
 
 
 class Vcpu:
@@ -363,18 +375,24 @@ class Vcpu:
         self.fd = fd
         self._map = mmap.mmap(fd, vm.kvm.vcpu_mmap_size, flags=mmap.MAP_SHARED,
                               prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        self.run_state = B.kvm_run.from_buffer(self._map)
+        self._run = B.kvm_run.from_buffer(self._map)
         self._run_req = B.KVM_RUN
         # True after KVM_RUN returned an IO or MMIO exit: KVM finishes that instruction only on the
         # next KVM_RUN (with immediate_exit set, it does so and returns at once, KVM_EXIT_INTR)
         self.completion_pending = False
         # the kvm_run page as bytes, for the hot exits (no ctypes objects per exit)
-        self.run_view = memoryview(self._map)
+        self._view = memoryview(self._map)
+        self.mmio_exit: Callable[[], MmioExit] = functools.partial(_MMIO_EXIT.unpack_from, self._view,
+                                                                   _MMIO_EXIT_OFF)
+        """After KVM_EXIT_MMIO: the exit as an :data:`MmioExit` (a C call: no Python frame per exit)."""
+        self.mmio_data = self._view[_MMIO_DATA_OFF:_MMIO_DATA_OFF + 8]
+        """Where an MMIO read's result goes (its first ``length`` bytes) before the next KVM_RUN."""
 
     def close(self) -> None:
         if self.fd >= 0:
-            del self.run_state
-            self.run_view.release()
+            del self._run
+            self.mmio_data.release()
+            self._view.release()
             try:
                 self._map.close()
             except BufferError:
@@ -387,21 +405,45 @@ class Vcpu:
         if _ioctl(self.fd, self._run_req, None) < 0:
             e = C.get_errno()
             if e in (errno.EINTR, errno.EAGAIN):
-                self.run_state.immediate_exit = 0
+                self._run.immediate_exit = 0
                 self.completion_pending = False  # KVM completes pending I/O before it looks at signals
                 return B.KVM_EXIT_INTR
             raise KvmError(e, f"KVM_RUN: {os.strerror(e)}")
-        reason = _EXIT_REASON.unpack_from(self.run_view, _EXIT_REASON_OFF)[0]
+        reason = _EXIT_REASON.unpack_from(self._view, _EXIT_REASON_OFF)[0]
         self.completion_pending = reason == B.KVM_EXIT_IO or reason == B.KVM_EXIT_MMIO
         return reason
 
-    # PIO data lives inside the kvm_run mapping at io.data_offset
-    def io_data(self) -> memoryview:
-        io = self.run_state.exit.io
-        n = io.size * io.count
-        if io.data_offset + n > len(self._map):
+    @property
+    def immediate_exit(self) -> bool:
+        """kvm_run.immediate_exit: set, the next KVM_RUN returns at once (KVM_EXIT_INTR) after
+        completing a pending IO/MMIO instruction.  Safe to set from another thread (a kick)."""
+        return bool(self._run.immediate_exit)
+
+    @immediate_exit.setter
+    def immediate_exit(self, on: bool) -> None:
+        self._run.immediate_exit = 1 if on else 0
+
+    def io_exit(self) -> IoExit:
+        """After KVM_EXIT_IO: the exit as an :data:`IoExit` (KvmError if KVM's data offset points
+        outside the kvm_run mapping)."""
+        direction, size, port, count, off = _IO_EXIT.unpack_from(self._view, _IO_EXIT_OFF)
+        end = off + size * count
+        if end > len(self._view):
             raise KvmError(errno.EFAULT, "PIO data outside the kvm_run page")
-        return memoryview(self._map)[io.data_offset:io.data_offset + n]
+        return direction == B.KVM_EXIT_IO_OUT, port, size, count, self._view[off:end]
+
+    def system_event(self) -> int:
+        """After KVM_EXIT_SYSTEM_EVENT: its type (KVM_SYSTEM_EVENT_SHUTDOWN, _RESET, _CRASH, ...)."""
+        return self._run.exit.system_event.type
+
+    def fail_entry_reason(self) -> int:
+        """After KVM_EXIT_FAIL_ENTRY: the hardware's entry failure reason."""
+        return self._run.exit.fail_entry.hardware_entry_failure_reason
+
+    def internal_error(self) -> tuple[int, tuple[int, ...]]:
+        """After KVM_EXIT_INTERNAL_ERROR: (suberror, its data words)."""
+        ie = self._run.exit.internal
+        return ie.suberror, tuple(ie.data[:min(ie.ndata, 16)])
 
     def get_regs(self) -> B.kvm_regs:
         r = B.kvm_regs()

@@ -300,6 +300,13 @@ def shutdown(name: str, wait: bool = False, timeout: float = 300.0) -> None:
         raise DomainTimeout(f"domain {rec.name} did not shut down within {timeout:.0f} s")
 
 
+def _sigkill(rec: DomainRecord) -> None:
+    """SIGKILL the domain's process (if the row still names one)."""
+    if rec.pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(rec.pid, signal.SIGKILL)
+
+
 def _wait_gone(rec: DomainRecord, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while is_alive(rec) and time.monotonic() < deadline:
@@ -318,8 +325,7 @@ def destroy(name: str) -> None:
             except HypyrError:
                 pass
             if not _wait_gone(rec, max(0.0, deadline - time.monotonic())):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(rec.pid, signal.SIGKILL)
+                _sigkill(rec)
                 if not _wait_gone(rec, KILL_TIMEOUT):   # its cgroup can go only once it has
                     raise DomainTimeout(f"domain {rec.name} (pid {rec.pid}) is still running after SIGKILL")
         _forget(reg, rec)
@@ -363,8 +369,7 @@ def _finish_destroy(rec: DomainRecord) -> None:
     """After a domain process was told to stop (saved, migrated away): wait for it to go (SIGKILL
     if it does not) and remove its row if it is still there."""
     if not _wait_gone(rec, DESTROY_TIMEOUT):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(rec.pid, signal.SIGKILL)
+        _sigkill(rec)
         if not _wait_gone(rec, KILL_TIMEOUT):
             raise DomainTimeout(f"domain {rec.name} (pid {rec.pid}) is still running after SIGKILL")
     with Registry() as reg:
@@ -638,8 +643,9 @@ class DomainInfo:
     seccomp: str = "kill"   # the VMM's seccomp filter mode: kill, log or off (off for the host)
 
 
-_XL_LETTER = {DomainState.PAUSED: "p", DomainState.SHUTDOWN: "s", DomainState.CRASHED: "c",
-              DomainState.DYING: "d", DomainState.CREATING: "b"}
+_XL_LETTER: dict[DomainState | str, str] = {DomainState.PAUSED: "p", DomainState.SHUTDOWN: "s",
+                                            DomainState.CRASHED: "c", DomainState.DYING: "d",
+                                            DomainState.CREATING: "b"}
 
 
 def xl_state(status: DomainState | str, running: bool) -> str:
@@ -659,9 +665,9 @@ def host_domain() -> DomainInfo:
 def describe(r: DomainRecord) -> DomainInfo:
     """The DomainInfo (as `hypyr list` shows it) of the registry record ``r``."""
     cfg = r.config_dict()
-    alive = bool(r.pid) and is_alive(r)
-    cpu = (procfs.cpu_seconds(r.pid) or 0.0) if alive else 0.0
-    running = alive and procfs.any_thread_running(r.pid)
+    pid = r.pid if is_alive(r) else None
+    cpu = (procfs.cpu_seconds(pid) or 0.0) if pid else 0.0
+    running = pid is not None and procfs.any_thread_running(pid)
     return DomainInfo(r.name, r.domid, int(cfg.get("memory", 0)), int(cfg.get("vcpus", 1)),
                       xl_state(r.state, running), cpu, r.state, r.uuid, str(cfg.get("seccomp", "kill")))
 
@@ -691,7 +697,7 @@ def vcpu_list(name: str | None = None) -> list[dict]:
         recs = [reg.get(name)] if name else reg.list()
     rows = []
     for r in recs:
-        if not is_alive(r):
+        if r.pid is None or not is_alive(r):
             continue
         info = _control(r, "info")
         for v in info["vcpus"]:

@@ -32,7 +32,7 @@ class RotatingLog:
     def __init__(self, path: str | os.PathLike, max_bytes: int | None = None):
         self.path = Path(path)
         self.max_bytes = paths.log_max_bytes() if max_bytes is None else max_bytes
-        self._f = open(self.path, "ab")
+        self._f = open(self.path, "ab")  # noqa: SIM115 - held for the log's life, closed by close()
         self._size = os.fstat(self._f.fileno()).st_size
 
     def write(self, data: bytes) -> None:
@@ -52,7 +52,7 @@ class RotatingLog:
             os.replace(self.path, paths.rotated_log(self.path))
         except FileNotFoundError:
             pass
-        self._f = open(self.path, "ab")
+        self._f = open(self.path, "ab")  # noqa: SIM115 - held for the log's life, closed by close()
         self._size = 0
 
     def close(self) -> None:

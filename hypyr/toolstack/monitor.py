@@ -14,7 +14,7 @@ domains are busy.
 * ``cli_info(args)`` / ``cli_top(args)``: the command-line entry points.
 
 CPU % is the domain process's CPU time (utime + stime of all its threads, vCPU threads included:
-guest time is counted as user time) over wall time, × 100: 100 % is one host CPU fully busy, so a
+guest time is counted as user time) over wall time, x 100: 100 % is one host CPU fully busy, so a
 domain with several busy vCPUs can exceed 100 %.  On the first frame, where there is no earlier
 sample, it is the average since the domain process started (as top's first frame).
 """
@@ -351,7 +351,7 @@ class _TtyKeys:
 
     def __init__(self, stream: TextIO):
         self.fd = stream.fileno()
-        self._saved = None
+        self._saved: list[Any] | None = None   # termios attributes to restore
 
     def __enter__(self) -> _TtyKeys:
         import termios

@@ -6,7 +6,7 @@ import re
 
 DOMAIN0_NAME = "Domain-0"   # the host, as in Xen: never a hypyr domain's name
 MAX_NAME = 64
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,%d}" % (MAX_NAME - 1))
+_NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.-]{{0,{MAX_NAME - 1}}}")
 
 
 def name_problem(name: object) -> str | None:

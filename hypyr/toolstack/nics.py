@@ -32,6 +32,13 @@ def assign(vifs: Sequence[VifSpec], used: dict[str, str]) -> tuple[VifSpec, ...]
     return tuple(out)
 
 
+def _assigned(v: VifSpec) -> tuple[str, str]:
+    """The (MAC, bridge) :func:`assign` gave vif ``v``."""
+    if v.mac is None or v.bridge is None:
+        raise HypyrError(f"vif {v.devid} has no MAC or bridge yet (nics.assign gives them)")
+    return v.mac, v.bridge
+
+
 def open_taps(vifs: Sequence[VifSpec], names: Sequence[str]) -> list[int]:
     """Open and attach one TAP per vif (named ``names[i]``); on failure close those opened."""
     if not vifs:
@@ -40,7 +47,7 @@ def open_taps(vifs: Sequence[VifSpec], names: Sequence[str]) -> list[int]:
     fds: list[int] = []
     try:
         for v, name in zip(vifs, names):
-            fds.append(network.open_tap(name, v.bridge, v.mtu, v.devid))
+            fds.append(network.open_tap(name, _assigned(v)[1], v.mtu, v.devid))
     except BaseException:
         for fd in fds:
             os.close(fd)
@@ -53,7 +60,7 @@ def net_configs(vifs: Sequence[VifSpec], tap_fds: Sequence[int], names: Sequence
     from hypyr.vmm.builder import NetConfig  # only where a VM is built: `hypyr list` never loads the VMM
     if len(tap_fds) != len(vifs):
         raise HypyrError(f"{len(vifs)} vifs but {len(tap_fds)} taps (domains with vifs are started by hypyr create)")
-    return [NetConfig(tap_fd=fd, mac=v.mac, mtu=v.mtu, vhost=v.vhost,
+    return [NetConfig(tap_fd=fd, mac=_assigned(v)[0], mtu=v.mtu, vhost=v.vhost,
                       tx_rate=(v.rate.bytes_per_sec, v.rate.interval_s) if v.rate else None, name=name)
             for v, fd, name in zip(vifs, tap_fds, names)]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import platform
 from dataclasses import dataclass
+from typing import TypeGuard
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -138,7 +139,7 @@ def parse_stat(text: str) -> ProcStat | None:
         return None
 
 
-def alive(st: ProcStat | None) -> bool:
+def alive(st: ProcStat | None) -> TypeGuard[ProcStat]:
     """A process that exists and is not a zombie."""
     return st is not None and st.state not in ("Z", "X", "x")
 

@@ -45,6 +45,7 @@ Schema 2 added the ``uuid`` column; opening a schema-1 registry gives each row a
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import dataclasses
 import enum
@@ -537,12 +538,9 @@ class Registry:
         With ``uuid`` (a domain process removing its own row) another domain's row is a
         StaleDomainError."""
         with self._write() as db:
-            if uuid is not None:
-                rec = self._own_row(db, domid, uuid)
-            else:
-                rec = self._row(db, _domid(domid))
-                if rec is None:
-                    return False
+            rec = self._own_row(db, domid, uuid) if uuid is not None else self._row(db, _domid(domid))
+            if rec is None:
+                return False
             self._discard(db, rec)
         return True
 
@@ -563,7 +561,7 @@ class Registry:
         log.info("domain %s (id %d) is kept as %s (preserve): %s", rec.name, rec.domid, kept, reason)
         return None
 
-    def reap(self) -> list[DomainRecord]:
+    def reap(self) -> builtins.list[DomainRecord]:   # (``list`` here is the method above)
         """Apply the on_poweroff/on_crash action of every gone domain (see the module docstring);
         return the removed ones, in state ``dead``."""
         with self._read() as db:

@@ -10,13 +10,13 @@ by putting that process into its own cpu cgroup:
   groups, so v2's "no internal processes" rule is respected.  The group goes when the domain
   does: the domain process removes it on its way out, the registry when it removes or reaps
   the domain's row.
-* **weight** (xl: 1–65535, default 256; CPU time under contention is shared in proportion to the
-  weights).  v2 ``cpu.weight`` (1–10000, default 100) = ``max(1, min(10000, round(w * 100 / 256)))``:
+* **weight** (xl: 1-65535, default 256; CPU time under contention is shared in proportion to the
+  weights).  v2 ``cpu.weight`` (1-10000, default 100) = ``max(1, min(10000, round(w * 100 / 256)))``:
   256 → 100 (the v2 default), 512 → 200, so the 512:256 ratio (any ratio of multiples of 64) is
   kept exactly; weights above 25600 clamp to 10000 and small weights round to at least 1.
   v1 ``cpu.shares`` = ``max(2, w * 1024 // 256)`` (256 → 1024, the v1 default; exact ratios).
 * **cap** (xl: % of ONE host CPU, 0 = no cap; 50 = half a CPU, 200 = two CPUs; at most
-  100 × host CPUs).  v2 ``cpu.max`` = ``"max 100000"`` or ``"<cap*1000> 100000"``; v1
+  100 x host CPUs).  v2 ``cpu.max`` = ``"max 100000"`` or ``"<cap*1000> 100000"``; v1
   ``cpu.cfs_period_us`` = 100000 and ``cpu.cfs_quota_us`` = -1 or ``cap * 1000``.
 
 The exact xl values are also kept in the domain's state directory (``sched.json``, with the
@@ -134,7 +134,7 @@ def _read(path: Path) -> str:
 
 def _mounts(mountinfo: Path = Path("/proc/self/mountinfo")) -> list[tuple[str, Path, set[str]]]:
     """(fstype, mount point, super options) of every mount."""
-    out = []
+    out: list[tuple[str, Path, set[str]]] = []
     try:
         lines = mountinfo.read_text().splitlines()
     except OSError:
@@ -350,9 +350,9 @@ def _params(path: Path, info: CgroupInfo, state: dict) -> tuple[int, int]:
     raw, weight, quota, period = _cgroup_values(path, info)
     cap = cap_from_quota(quota, period)
     w = state.get("weight")
-    if isinstance(w, int) and MIN_WEIGHT <= w <= MAX_WEIGHT:
-        if (v2_weight(w) if info.version == 2 else v1_shares(w)) == raw:
-            weight = w   # the exact xl value, still what the cgroup holds
+    if (isinstance(w, int) and MIN_WEIGHT <= w <= MAX_WEIGHT
+            and (v2_weight(w) if info.version == 2 else v1_shares(w)) == raw):
+        weight = w   # the exact xl value, still what the cgroup holds
     return weight, cap
 
 
@@ -399,7 +399,7 @@ def list_params(root=None) -> list[tuple[int, str, int, int]]:
     """(domid, uuid, weight, cap) of every domain group hypyr has, by domid.  Callers match
     (domid, uuid) against the registry: a group of a domain that is gone matches nothing."""
     info = _info(root)
-    out = []
+    out: list[tuple[int, str, int, int]] = []
     if not info.parent.is_dir():
         return out
     for d in info.parent.iterdir():
@@ -444,9 +444,9 @@ def remove(dom, root=None, evacuate: bool = False) -> None:
             raise HypyrError(f"cannot remove the cgroup {path}: {e.strerror or e}") from None
         if e.errno != errno.ENOENT:
             return
-    if _load_state(dom):
-        f = _state_file(dom.domid)
+    state = _state_file(dom.domid) if _load_state(dom) else None
+    if state is not None:
         try:
-            f.unlink()
+            state.unlink()
         except OSError:
             pass

@@ -65,12 +65,12 @@ class DiskConfig:
 
     @classmethod
     def parse(cls, spec: str) -> DiskConfig:
-        """`PATH[,ro|,rw]` as given to --disk."""
+        """A disk given as `PATH[,ro|,rw]`."""
         path, _, opts = spec.partition(",")
         flags = [o for o in opts.split(",") if o]
         bad = [o for o in flags if o not in ("ro", "rw")]
         if not path or bad:
-            raise HypyrError(f"--disk {spec!r} is not PATH[,ro]")
+            raise HypyrError(f"disk {spec!r} is not PATH[,ro]")
         return cls(path, read_only="ro" in flags)
 
 
@@ -120,7 +120,7 @@ class LinuxVm:
     serial: Serial
     i8042: I8042
     config: VmConfig
-    console: object              # where terminal input goes: the UART or the virtio console
+    console: Serial | VirtioConsole   # where terminal input goes: the UART or the virtio console
     virtio: list = field(default_factory=list)  # VirtioDevice instances, in window order
     # every device with state (devices/state.py), by a stable name, in build order: "serial0",
     # "i8042", "rtc", "acpi_pm", "pvexit", "pvpanic", then "virtio0".. (the virtio-mmio transports)
@@ -163,7 +163,7 @@ def validate(config: VmConfig, kvm: Kvm | None = None, *, boot: bool = True) -> 
     if config.seccomp not in ("kill", "log", "off"):
         raise HypyrError(f"seccomp must be kill, log or off, not {config.seccomp!r}")
     if config.console not in ("serial", "virtio"):
-        raise HypyrError(f"--console must be serial or virtio, not {config.console!r}")
+        raise HypyrError(f"the console must be serial or virtio, not {config.console!r}")
     for disk in config.disks:
         if not os.path.isfile(disk.path):
             raise HypyrError(f"disk image {disk.path} does not exist or is not a file")
@@ -221,7 +221,7 @@ def apply_boot_state(vcpu, boot: BootCpuState) -> None:
     vcpu.set_regs(r)
 
 
-def build_linux_vm(config: VmConfig, console_out: Callable[[bytes], None], *, kvm: Kvm | None = None) -> LinuxVm:
+def build_linux_vm(config: VmConfig, console_out: Callable[[bytes], object], *, kvm: Kvm | None = None) -> LinuxVm:
     """A VM ready to boot ``config``'s kernel: :func:`build_vm`, then :func:`boot_linux`."""
     vm = build_vm(config, console_out, kvm=kvm)
     try:
@@ -232,7 +232,7 @@ def build_linux_vm(config: VmConfig, console_out: Callable[[bytes], None], *, kv
     return vm
 
 
-def build_vm(config: VmConfig, console_out: Callable[[bytes], None], *, kvm: Kvm | None = None,
+def build_vm(config: VmConfig, console_out: Callable[[bytes], object], *, kvm: Kvm | None = None,
              memory: GuestMemory | None = None, boot: bool = True) -> LinuxVm:
     """The machine and every device ``config`` asks for, with no kernel loaded and the vCPUs
     not configured.  ``memory``: guest RAM to use (a restore fills it first; it must have
@@ -307,8 +307,8 @@ def boot_linux(vm: LinuxVm) -> None:
              config.kernel, boot.kernel.kind, boot.kernel.entry)
 
 
-def _virtio_devices(config: VmConfig, console_out: Callable[[bytes], None]) -> list:
-    """Disks first (so the first --disk is /dev/vda), then NICs, the console, the entropy device."""
+def _virtio_devices(config: VmConfig, console_out: Callable[[bytes], object]) -> list:
+    """Disks first (so the first disk is /dev/vda), then NICs, the console, the entropy device."""
     devices: list = [VirtioBlk(d.path, read_only=d.read_only, serial=f"hypyr-vd{chr(ord('a') + i)}")
                      for i, d in enumerate(config.disks)]
     want_vhost = None

@@ -16,12 +16,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import overload
 
 from hypyr.arch.x86 import acpi
 from hypyr.devices.bus import Bus
 from hypyr.devices.events import GuestEvent, StopRequest
 from hypyr.errors import VcpuCountError
-from hypyr.kvm import MMIO_DATA_OFF, MMIO_EXIT, MMIO_EXIT_OFF, B, Kvm, KvmError, Vcpu, Vm
+from hypyr.kvm import B, Kvm, KvmError, Vcpu, Vm
 from hypyr.memory import GuestMemory
 
 log = logging.getLogger("hypyr.vmm")
@@ -59,19 +60,6 @@ class StopKind(enum.Enum):
     DESTROYED = "destroyed"          # stopped by the host (user, signal)
 
 
-# `hypyr run` exit codes (docs/exit-codes.md).  EXIT_STATUS carries the guest's own status.
-EXIT_CODES = {
-    StopKind.POWEROFF: 0,
-    StopKind.HALT: 0,
-    StopKind.REBOOT: 120,
-    StopKind.TRIPLE_FAULT: 121,
-    StopKind.CRASH: 124,
-    StopKind.INTERNAL_ERROR: 122,
-    StopKind.FAIL_ENTRY: 123,
-    StopKind.DESTROYED: 130,
-}
-
-
 @dataclass(frozen=True)
 class StopReason:
     kind: StopKind
@@ -79,12 +67,6 @@ class StopReason:
     status: int | None = None        # guest exit status for EXIT_STATUS
     vcpu: int | None = None
     registers: str = ""              # register dump for faults
-
-    @property
-    def exit_code(self) -> int:
-        if self.kind is StopKind.EXIT_STATUS:
-            return self.status or 0
-        return EXIT_CODES[self.kind]
 
 
 class VcpuState(enum.Enum):
@@ -230,6 +212,11 @@ class Machine:
             vt.state = VcpuState.RUNNING
             vt.thread.start()
 
+    @overload
+    def wait(self, timeout: None = None) -> StopReason: ...
+    @overload
+    def wait(self, timeout: float) -> StopReason | None: ...
+
     def wait(self, timeout: float | None = None) -> StopReason | None:
         """Block until the machine stops; return why (None on timeout)."""
         if not self._done.wait(timeout):
@@ -248,7 +235,7 @@ class Machine:
                     return reason
         except KeyboardInterrupt:
             self.stop(StopReason(StopKind.DESTROYED, "interrupted"))
-            return self.wait()  # type: ignore[return-value]
+            return self.wait()
 
     @property
     def stop_reason(self) -> StopReason | None:
@@ -327,7 +314,7 @@ class Machine:
     def _kick_all(self) -> None:
         me = threading.current_thread()
         for vt in self.vcpus:
-            vt.vcpu.run_state.immediate_exit = 1
+            vt.vcpu.immediate_exit = True
             t = vt.thread
             if t is not None and t is not me and t.is_alive() and t.ident is not None:
                 try:
@@ -369,7 +356,7 @@ class Machine:
                     call()
                 vt.state = VcpuState.RUNNING
             if not self._stopping:
-                vt.vcpu.run_state.immediate_exit = 0
+                vt.vcpu.immediate_exit = False
                 self._note_running()
             return not self._stopping
 
@@ -379,11 +366,10 @@ class Machine:
             self._running.set()
 
     def _vcpu_loop(self, vt: _VcpuThread) -> None:
-        vcpu, run = vt.vcpu, vt.vcpu.run_state
+        vcpu = vt.vcpu
         pio_read, pio_write = self.pio.read, self.pio.write
         mmio_read, mmio_write = self.mmio.read, self.mmio.write
-        # MMIO exits (every virtio register access) are read straight from the kvm_run page
-        view, mmio_exit, mmio_off, data_off = vcpu.run_view, MMIO_EXIT.unpack_from, MMIO_EXIT_OFF, MMIO_DATA_OFF
+        io_exit, mmio_exit, mmio_data = vcpu.io_exit, vcpu.mmio_exit, vcpu.mmio_data
         while True:
             if self._paused or self._stopping:
                 if vcpu.completion_pending and not self._stopping:
@@ -391,30 +377,28 @@ class Machine:
                     # more with immediate_exit set (KVM completes it and returns at once, or
                     # with another I/O exit of the same instruction, handled below) and park
                     # only then, so that a paused vCPU's state is complete
-                    run.immediate_exit = 1
+                    vcpu.immediate_exit = True
                 elif not self._park_if_paused(vt):
                     return
             reason = vcpu.run()
             vt.exits += 1
             if reason == B.KVM_EXIT_IO:
-                io = run.exit.io
-                size, port, count = io.size, io.port, io.count
-                data = vcpu.io_data()
-                if io.direction == B.KVM_EXIT_IO_OUT:
+                is_out, port, size, count, data = io_exit()
+                if is_out:
                     for i in range(count):
                         pio_write(port, bytes(data[i * size:(i + 1) * size]))
                 else:
                     for i in range(count):
                         data[i * size:(i + 1) * size] = pio_read(port, size)
             elif reason == B.KVM_EXIT_MMIO:
-                addr, data, n, is_write = mmio_exit(view, mmio_off)
+                addr, value, n, is_write = mmio_exit()
                 if n not in (1, 2, 4, 8):
                     self._fault(vt, StopKind.INTERNAL_ERROR, f"MMIO access of impossible width {n}")
                     return
                 if is_write:
-                    mmio_write(addr, data[:n])
+                    mmio_write(addr, value[:n])
                 else:
-                    view[data_off:data_off + n] = mmio_read(addr, n)  # the bus returns exactly n bytes
+                    mmio_data[:n] = mmio_read(addr, n)  # the bus returns exactly n bytes
             elif reason == B.KVM_EXIT_INTR:
                 continue
             elif reason == B.KVM_EXIT_HLT:
@@ -424,7 +408,7 @@ class Machine:
                 self._fault(vt, StopKind.TRIPLE_FAULT, "the guest triple-faulted (KVM_EXIT_SHUTDOWN)")
                 return
             elif reason == B.KVM_EXIT_SYSTEM_EVENT:
-                t = run.exit.system_event.type
+                t = vcpu.system_event()
                 if t == B.KVM_SYSTEM_EVENT_SHUTDOWN:
                     self.stop(StopReason(StopKind.POWEROFF, "the guest powered off (system event)", vcpu=vcpu.id))
                 elif t == B.KVM_SYSTEM_EVENT_RESET:
@@ -433,14 +417,14 @@ class Machine:
                     self._fault(vt, StopKind.CRASH, f"the guest crashed (system event {t})")
                 return
             elif reason == B.KVM_EXIT_FAIL_ENTRY:
-                hw = run.exit.fail_entry.hardware_entry_failure_reason
+                hw = vcpu.fail_entry_reason()
                 self._fault(vt, StopKind.FAIL_ENTRY, f"KVM could not enter the guest (hardware reason {hw:#x})")
                 return
             elif reason == B.KVM_EXIT_INTERNAL_ERROR:
-                ie = run.exit.internal
-                extra = " ".join(f"{ie.data[i]:#x}" for i in range(min(ie.ndata, 16)))
+                suberror, words = vcpu.internal_error()
+                extra = " ".join(f"{w:#x}" for w in words)
                 self._fault(vt, StopKind.INTERNAL_ERROR,
-                            f"KVM internal error (suberror {ie.suberror}{', data ' + extra if extra else ''})")
+                            f"KVM internal error (suberror {suberror}{', data ' + extra if extra else ''})")
                 return
             else:
                 name = B.EXIT_REASON_NAMES.get(reason, str(reason))

@@ -41,6 +41,7 @@ import threading
 from collections.abc import Iterable
 
 from hypyr.errors import HypyrError
+from hypyr.libc import function
 
 MODES = ("kill", "log", "off")
 DEFAULT_MODE = "kill"
@@ -140,7 +141,9 @@ class _ArgCmp(ctypes.Structure):
 
 
 _lib: ctypes.CDLL | None = None
-_libc = ctypes.CDLL(None, use_errno=True)
+_prctl = function("prctl")        # variadic: arguments unchecked
+_syscall = function("syscall")
+_free = function("free", [ctypes.c_void_p], None)
 _lib_lock = threading.Lock()
 
 
@@ -184,7 +187,7 @@ def syscall_name(nr: int) -> str | None:
     try:
         return ctypes.string_at(p).decode()
     finally:
-        _libc.free(ctypes.c_void_p(p))
+        _free(p)
 
 
 def check_mode(mode: object, what: str = "seccomp") -> str:
@@ -263,7 +266,7 @@ def build(kind: str, mode: str, extra: Iterable[str] = ()) -> _Filter:
 
 
 def _no_new_privs() -> None:
-    if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+    if _prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         e = ctypes.get_errno()
         raise SeccompError(f"prctl(PR_SET_NO_NEW_PRIVS) failed: {os.strerror(e)}")
 
@@ -300,7 +303,7 @@ def install(kind: str, mode: str) -> None:
 
 def filtered() -> bool:
     """Does the calling thread run under a seccomp filter?"""
-    return _libc.prctl(PR_GET_SECCOMP, 0, 0, 0, 0) == 2
+    return _prctl(PR_GET_SECCOMP, 0, 0, 0, 0) == 2
 
 
 # -- the test-only hook ---------------------------------------------------------------------------
@@ -310,7 +313,7 @@ SYS_personality = 135   # x86-64; in every kind's DENIED, and harmless if let th
 def forbidden_syscall() -> int:
     """Make one syscall that no thread kind allows (``personality(0xffffffff)``, which only reads
     the persona when it does run): under a ``kill`` filter the process dies of SIGSYS."""
-    return _libc.syscall(SYS_personality, ctypes.c_ulong(0xFFFFFFFF))
+    return _syscall(SYS_personality, ctypes.c_ulong(0xFFFFFFFF))
 
 
 __all__ = ["MODES", "DEFAULT_MODE", "KINDS", "ALLOW", "DENIED", "PYTHON", "SeccompError", "check_mode",

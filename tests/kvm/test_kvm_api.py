@@ -117,19 +117,21 @@ def test_raw_pio_exits_and_io_data(ram, vcpus):
     ram.write(0x1000, code)
     v = vcpus()
     P.setup_real_mode(v)
-    io = v.run_state.exit.io
 
     assert v.run() == B.KVM_EXIT_IO
-    assert (io.direction, io.port, io.size, io.count) == (B.KVM_EXIT_IO_OUT, 0x42, 1, 1)
-    assert bytes(v.io_data()) == b"\x5a"
+    is_out, port, size, count, data = v.io_exit()
+    assert (is_out, port, size, count) == (True, 0x42, 1, 1)
+    assert bytes(data) == b"\x5a"
 
     assert v.run() == B.KVM_EXIT_IO
-    assert (io.direction, io.port, io.size, io.count) == (B.KVM_EXIT_IO_IN, 0x43, 1, 1)
-    v.io_data()[0] = 0xA7
+    is_out, port, size, count, data = v.io_exit()
+    assert (is_out, port, size, count) == (False, 0x43, 1, 1)
+    data[0] = 0xA7
 
     assert v.run() == B.KVM_EXIT_IO
-    assert (io.direction, io.port) == (B.KVM_EXIT_IO_OUT, 0x44)
-    assert bytes(v.io_data()) == b"\xa7"
+    is_out, port, size, count, data = v.io_exit()
+    assert (is_out, port) == (True, 0x44)
+    assert bytes(data) == b"\xa7"
 
     assert v.run() == B.KVM_EXIT_HLT
     assert v.get_regs().rip == 0x1000 + len(code)
@@ -139,9 +141,9 @@ def test_immediate_exit_returns_intr_and_is_cleared(ram, vcpus):
     ram.write(0x1000, P.HLT.code)
     v = vcpus()
     P.setup_real_mode(v)
-    v.run_state.immediate_exit = 1
+    v.immediate_exit = True
     assert v.run() == B.KVM_EXIT_INTR
-    assert v.run_state.immediate_exit == 0
+    assert not v.immediate_exit
     assert v.get_regs().rip == 0x1000  # the guest did not run
     assert v.run() == B.KVM_EXIT_HLT
 

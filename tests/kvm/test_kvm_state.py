@@ -99,14 +99,14 @@ def next_report(vcpu, port: int) -> int:
     """Run ``vcpu`` to its next OUT to ``port`` and return the dword written."""
     reason = vcpu.run()
     assert reason == B.KVM_EXIT_IO, B.EXIT_REASON_NAMES.get(reason, reason)
-    io = vcpu.run_state.exit.io
-    assert (io.direction, io.port, io.size, io.count) == (B.KVM_EXIT_IO_OUT, port, 4, 1)
-    return int.from_bytes(vcpu.io_data(), "little")
+    is_out, got_port, size, count, data = vcpu.io_exit()
+    assert (is_out, got_port, size, count) == (True, port, 4, 1)
+    return int.from_bytes(data, "little")
 
 
 def complete_io(vcpu) -> None:
     """Let KVM finish the last I/O instruction without running another one."""
-    vcpu.run_state.immediate_exit = 1
+    vcpu.immediate_exit = True
     assert vcpu.run() == B.KVM_EXIT_INTR
     assert not vcpu.completion_pending
 

@@ -72,6 +72,17 @@ def test_parse_size_rejects(text):
     assert "\n" not in str(e.value)
 
 
+# -- exit codes -------------------------------------------------------------------------------------
+def test_run_exit_codes_cover_every_stop_kind():
+    from hypyr.vmm.machine import StopKind, StopReason
+    expected = {StopKind.POWEROFF: 0, StopKind.HALT: 0, StopKind.REBOOT: 120, StopKind.TRIPLE_FAULT: 121,
+                StopKind.CRASH: 124, StopKind.INTERNAL_ERROR: 122, StopKind.FAIL_ENTRY: 123,
+                StopKind.DESTROYED: 130}   # docs/exit-codes.md
+    assert {k: cli.run_exit_code(StopReason(k, "")) for k in expected} == expected
+    assert set(expected) | {StopKind.EXIT_STATUS} == set(StopKind)
+    assert cli.run_exit_code(StopReason(StopKind.EXIT_STATUS, "", status=7)) == 7
+
+
 # -- one-line errors --------------------------------------------------------------------------------
 def _one_error_line(capfd) -> str:
     out, err = capfd.readouterr()

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from hypyr.errors import HypyrError
+from hypyr.libc import LIBC
 
 CLONE_NEWNS, CLONE_NEWNET = 0x00020000, 0x40000000
 MS_REC, MS_PRIVATE = 0x4000, 0x40000
@@ -33,7 +34,7 @@ def in_netns(fn, state_dir: Path):
         os.close(r)
         result: tuple = ("ok", None)
         try:
-            libc = ctypes.CDLL(None, use_errno=True)
+            libc = LIBC
             if libc.unshare(CLONE_NEWNET | CLONE_NEWNS) != 0:
                 result = ("skip", f"unshare: {os.strerror(ctypes.get_errno())}")
             elif (libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0

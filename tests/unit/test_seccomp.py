@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from hypyr.errors import HypyrError
+from hypyr.libc import LIBC
 from hypyr.vmm import seccomp
 
 try:
@@ -26,7 +27,7 @@ try:
 except seccomp.SeccompError:
     pytest.skip("libseccomp is not installed", allow_module_level=True)
 
-libc = ctypes.CDLL(None, use_errno=True)
+libc = LIBC
 SIGSYS = signal.SIGSYS
 
 

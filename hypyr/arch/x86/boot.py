@@ -46,7 +46,7 @@ def setup_linux_boot(mem: GuestMemory, kernel_path: str | os.PathLike,
             (src, _module_string(src, args)) for src, args in modules]
         return _setup_multiboot(mem, data, name, mods, cmdline, rsdp_addr)
     if modules:
-        raise HypyrError(f"Kernel {name} is a Linux kernel, not a multiboot one: it takes one initrd (--initrd), "
+        raise HypyrError(f"Kernel {name} is a Linux kernel, not a multiboot one: it takes one initrd, "
                          "not multiboot modules.")
     if kind == loader.KIND_PVH:
         return _setup_pvh(mem, data, name, initrd, cmdline, rsdp_addr)

@@ -176,7 +176,7 @@ class Serial(HostInputGate, ByteRegisterDevice):
 
     LENGTH = LENGTH
 
-    def __init__(self, irq: IrqLine, out: Callable[[bytes], None]):
+    def __init__(self, irq: IrqLine, out: Callable[[bytes], object]):
         super().__init__(log)
         self._irq = irq
         self._out = out

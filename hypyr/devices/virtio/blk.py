@@ -74,6 +74,7 @@ from dataclasses import dataclass
 from hypyr.devices.ratelog import RateLimitedLog
 from hypyr.devices.state import StateError, StateReader
 from hypyr.errors import HypyrError
+from hypyr.libc import IOV_MAX, optional_function
 from hypyr.memory import GuestMemory
 
 from .device import VIRTIO_ID_BLOCK, VirtioDevice
@@ -124,7 +125,6 @@ MAX_WRITE_ZEROES_SECTORS = 0x3FFFFF
 MAX_WRITE_ZEROES_SEG = 32
 
 IO_CHUNK = 4 << 20                       # at most this many bytes per preadv/pwritev/pwrite
-IOV_MAX = 1024                           # at most this many buffers per preadv/pwritev (Linux UIO_MAXIOV)
 RESET_WAIT = 5.0                         # seconds reset() waits for in-flight requests
 
 # struct virtio_blk_config up to write_zeroes_may_unmap and its padding (60 bytes)
@@ -135,17 +135,8 @@ _FALLOC_FL_PUNCH_HOLE = 0x02
 _FALLOC_FL_ZERO_RANGE = 0x10
 
 
-def _load_fallocate() -> Callable[..., int] | None:
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).fallocate
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_fallocate = _load_fallocate()
+_fallocate: Callable[..., int] | None = optional_function(
+    "fallocate", [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64])
 
 
 @dataclass(frozen=True)

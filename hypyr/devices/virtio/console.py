@@ -81,7 +81,7 @@ class VirtioConsole(VirtioDevice):
     name = "virtio-console"
     state_kind = "virtio-console"
 
-    def __init__(self, out: Callable[[bytes], None]):
+    def __init__(self, out: Callable[[bytes], object]):
         super().__init__()
         self._out = out
         self._lock = threading.Lock()      # receive side, queues, lifecycle

@@ -38,7 +38,7 @@ from typing import cast
 from hypyr.devices.ratelimit import TokenBucket
 from hypyr.devices.ratelog import RateLimitedLog
 from hypyr.devices.state import StateError, StateReader
-from hypyr.memory import IOV_MAX
+from hypyr.libc import IOV_MAX
 
 from . import tap
 from .device import VIRTIO_ID_NET, VirtioDevice

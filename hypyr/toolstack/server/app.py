@@ -131,7 +131,7 @@ class App:
         found = self.match(split.path)
         if found is None:
             raise HttpError(404, f"there is no {split.path} in this API (see GET /openapi.json)")
-        template, methods, params = found
+        _template, methods, params = found
         if method == "OPTIONS":
             return Reply(204, None, {"Allow": self.allowed(methods, options=True)})
         op = methods.get("GET" if method == "HEAD" else method)

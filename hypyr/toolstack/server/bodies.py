@@ -13,7 +13,7 @@ import dataclasses
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from hypyr.errors import InvalidInput
@@ -39,7 +39,8 @@ def decode(raw: bytes) -> Any:
         raise BadRequest(f"the request body is not JSON this server can read ({e})") from None
 
 
-_KINDS = {
+# JSON Schema type name → (its test, how a sentence names it); keyed by object: schemas are untyped
+_KINDS: dict[object, tuple[Callable[[Any], bool], str]] = {
     "object": (lambda v: isinstance(v, dict), "a JSON object"),
     "array": (lambda v: isinstance(v, list), "a list"),
     "string": (lambda v: isinstance(v, str), "a string"),
@@ -110,13 +111,15 @@ def check(value: Any, schema: Mapping, what: str, components: Mapping) -> None:
             raise BadRequest(f"{what} must be {noun}{_range(schema)}{more}, not {_shown(value)}")
     if "enum" in schema and value not in schema["enum"]:
         raise BadRequest(f"{what} must be one of {', '.join(map(str, schema['enum']))}, not {_shown(value)}")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if ("minimum" in schema and value < schema["minimum"]) or ("maximum" in schema and value > schema["maximum"]):
-            noun = _KINDS.get(schema.get("type"), (None, "a number"))[1]
-            raise BadRequest(f"{what} must be {noun}{_range(schema)}, not {_shown(value)}")
-    if isinstance(value, str):
-        if len(value) < schema.get("minLength", 0) or ("pattern" in schema and not re.search(schema["pattern"], value)):
-            raise BadRequest(f"{what} must be {_what(schema, components)}, not {_shown(value)}")
+    if (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and (("minimum" in schema and value < schema["minimum"])
+                 or ("maximum" in schema and value > schema["maximum"]))):
+        kind = _KINDS.get(schema.get("type"))
+        noun = kind[1] if kind else "a number"
+        raise BadRequest(f"{what} must be {noun}{_range(schema)}, not {_shown(value)}")
+    if isinstance(value, str) and (len(value) < schema.get("minLength", 0)
+                                   or ("pattern" in schema and not re.search(schema["pattern"], value))):
+        raise BadRequest(f"{what} must be {_what(schema, components)}, not {_shown(value)}")
     if isinstance(value, list):
         if len(value) < schema.get("minItems", 0):
             raise BadRequest(f"{what} must be {_what(schema, components)}, not an empty list"

@@ -45,10 +45,8 @@ def ep_list_domains(req: Request) -> Reply:
 
 
 def ep_create_domain(req: Request) -> Reply:
-    if "config" in req.body:              # errors read "<request>:LINE: sentence"
-        cfg = xlcfg.loads(req.body["config"], "<request>")
-    else:
-        cfg = xlcfg.load(req.body["path"])
+    # errors of a config given inline read "<request>:LINE: sentence"
+    cfg = xlcfg.loads(req.body["config"], "<request>") if "config" in req.body else xlcfg.load(req.body["path"])
     rec = api.create(cfg)
     data = dataclasses.asdict(api.describe(rec))
     if cfg.warnings:

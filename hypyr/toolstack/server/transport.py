@@ -41,6 +41,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
     server_version = "hypyr-serve"
     timeout = IDLE_TIMEOUT
     error_content_type = "application/json"
+    server: ApiServer   # (socketserver sets it: the server that accepted this connection)
 
     def __getattr__(self, name: str):
         # every method goes to the app, which answers 405 (with Allow) for one a path does not take;
@@ -160,15 +161,17 @@ class ApiServer(http.server.ThreadingHTTPServer):
 
     def __init__(self, socket_path: str, app: App):
         self.app = app
+        self.socket_path = socket_path
         _prepare_socket_path(socket_path)
         try:
-            super().__init__(socket_path, RequestHandler)
+            # typeshed types a TCPServer's address as (host, port); an AF_UNIX one is a path
+            super().__init__(socket_path, RequestHandler)  # type: ignore[arg-type]
         except OSError as e:
             raise HypyrError(f"cannot listen on {socket_path}: {e.strerror or e}") from None
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind would split server_address as (host, port) and do a DNS lookup
-        path = self.server_address
+        path = self.socket_path
         old = os.umask(0o177)        # the socket is born 0600, no window where others can connect
         try:
             self.socket.bind(path)
@@ -190,9 +193,9 @@ class ApiServer(http.server.ThreadingHTTPServer):
     def remove_socket(self) -> None:
         """Unlink the socket file if it is still ours (not one a later server bound)."""
         try:
-            st = os.stat(self.server_address)
+            st = os.stat(self.socket_path)
             if (st.st_dev, st.st_ino) == getattr(self, "_inode", None):
-                os.unlink(self.server_address)
+                os.unlink(self.socket_path)
         except OSError:
             pass
 
@@ -239,9 +242,9 @@ def serve(server: ApiServer, ready: Callable[[str], None] | None = None) -> None
         for sig in (signal.SIGTERM, signal.SIGINT):
             old[sig] = signal.signal(sig, stop)
     try:
-        log.info("serving the hypyr API on %s", server.server_address)
+        log.info("serving the hypyr API on %s", server.socket_path)
         if ready:
-            ready(server.server_address)
+            ready(server.socket_path)
         server.serve_forever(poll_interval=0.2)
     finally:
         for sig, h in old.items():
