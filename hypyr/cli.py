@@ -246,11 +246,41 @@ def cmd_image(args) -> int:
     if args.image_cmd == "path":
         print(image.image_dir())
         return 0
+    if args.system:   # a bootable Debian disk image (hypyr/image/system.py, docs/boot.md)
+        return _image_build_system(args)
+    if args.out or args.root_password or args.ssh_key or args.packages:
+        raise HypyrError("--out, --root-password, --ssh-key and --packages go with --system")
+    if args.dir:   # another image beside the default one (e.g. for a second kernel)
+        os.environ["HYPYR_IMAGE_DIR"] = os.path.abspath(args.dir)
     deb = args.kernel_deb
+    if deb is not None and args.kernel_package:
+        raise HypyrError("give the kernel as --kernel-deb FILE or as --kernel-package NAME, not both")
     if deb is not None and not os.path.isfile(deb):
         raise HypyrError(f"kernel package {deb} does not exist")
+    if args.kernel_package:
+        from hypyr.image import debs
+        deb = debs.download(debs.resolve_package(args.kernel_package))
     paths = image.build(kernel_deb=deb, force=args.force)
     print(paths.dir)
+    return 0
+
+
+def _image_build_system(args) -> int:
+    from hypyr.image import system
+    if args.kernel_deb or args.kernel_package or args.dir:
+        raise HypyrError("--kernel-deb, --kernel-package and --dir are for the default image, not --system")
+    pw = args.root_password
+    if pw == "-":   # from stdin (asked for on a terminal): keeps the password out of the process list
+        if sys.stdin.isatty():
+            import getpass
+            pw = getpass.getpass("root password for the image: ")
+        else:
+            pw = sys.stdin.readline().rstrip("\n")
+    out = args.out or system.default_out(create_dir=True)
+    spec = system.make_spec(out, size=args.size, hostname=args.hostname, root_password=pw,
+                            ssh_key_file=args.ssh_key, force=args.force,
+                            packages=[p for a in args.packages for p in a.split(",")])
+    print(system.build(spec))
     return 0
 
 
@@ -563,7 +593,20 @@ def build_parser() -> argparse.ArgumentParser:
     isub = i.add_subparsers(dest="image_cmd", required=True, metavar="ACTION")
     ib = isub.add_parser("build", help="build (or refresh) the default guest image")
     ib.add_argument("--kernel-deb", metavar="FILE", help="use this Debian kernel package instead of the cloud kernel")
-    ib.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    ib.add_argument("--kernel-package", metavar="NAME",
+                    help="fetch this Debian kernel package (e.g. linux-image-6.12-cloud-amd64) and use it")
+    ib.add_argument("--dir", metavar="DIR", help="build into DIR instead of the default image's directory")
+    ib.add_argument("--force", action="store_true", help="rebuild even if up to date (--system: replace --out)")
+    ib.add_argument("--system", action="store_true",
+                    help="build a bootable Debian disk image instead (systemd, DHCP, serial login; needs root "
+                         "and mmdebstrap; docs/boot.md)")
+    ib.add_argument("--out", metavar="FILE", help="--system: the image file (default ~/.cache/hypyr/system/system.img)")
+    ib.add_argument("--size", default="2G", help="--system: the image's size (default 2G)")
+    ib.add_argument("--root-password", metavar="PW", help="--system: root's password ('-': one line from stdin)")
+    ib.add_argument("--ssh-key", metavar="FILE", help="--system: a public key file for root (installs OpenSSH)")
+    ib.add_argument("--hostname", default="hypyr", help="--system: the host name (default hypyr)")
+    ib.add_argument("--packages", action="append", default=[], metavar="A,B",
+                    help="--system: more Debian packages to install (repeatable)")
     isub.add_parser("path", help="print the image directory")
     i.set_defaults(func=cmd_image)
 

@@ -79,10 +79,11 @@ def _retry_after_update(fn):
 def resolve_package(name: str) -> str:
     """Turn a metapackage such as linux-image-cloud-amd64 into the concrete package it pulls in.
 
-    A package that ships its own files (busybox-static, linux-image-6.1.0-NN-amd64) is returned
-    unchanged.
+    A package that ships its own files (busybox-static, linux-image-6.1.0-NN-amd64,
+    linux-image-6.12.NN+deb12-cloud-amd64) is returned unchanged; a series metapackage such as
+    linux-image-6.12-cloud-amd64 is resolved too.
     """
-    if not name.startswith("linux-image-") or re.match(r"linux-image-\d", name):
+    if not name.startswith("linux-image-") or re.match(r"linux-image-\d+\.\d+\.\d+", name):
         return name
 
     def lookup() -> str:
