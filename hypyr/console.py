@@ -6,6 +6,7 @@ Ctrl-] (0x1d) is the escape: it ends the session (the caller decides what that m
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import select
@@ -34,15 +35,26 @@ class Terminal:
 
     def __enter__(self) -> Terminal:
         if self.is_tty:
-            self._saved = termios.tcgetattr(self.fd)
-            tty.setraw(self.fd, termios.TCSANOW)
+            self._saved = _no_eintr(termios.tcgetattr, self.fd)
+            _no_eintr(tty.setraw, self.fd, termios.TCSANOW)
             # keep output post-processing off too: the guest sends its own \r\n
         return self
 
     def __exit__(self, *exc) -> None:
         if self._saved is not None:
-            termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
+            _no_eintr(termios.tcsetattr, self.fd, termios.TCSADRAIN, self._saved)
             self._saved = None
+
+
+def _no_eintr(fn, *args):
+    """Call a termios function again when a signal interrupted it (Python does not retry these:
+    a SIGTERM while `hypyr run` set up its terminal raised EINTR)."""
+    while True:
+        try:
+            return fn(*args)
+        except termios.error as e:
+            if e.args[0] != errno.EINTR:
+                raise
 
 
 class InputPump:
