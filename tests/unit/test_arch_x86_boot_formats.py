@@ -74,22 +74,6 @@ def pvh_elf64(entry=16 * MiB + 0x40, desc_size=4):
     return bytes(data)
 
 
-@pytest.fixture
-def mem():
-    m = GuestMemory.anonymous(layout.ram_layout(64 * MiB), hugepages=False)
-    yield m
-    m.close()
-
-
-@pytest.fixture
-def write(tmp_path):
-    def w(data, name="kernel"):
-        p = tmp_path / name
-        p.write_bytes(data)
-        return p
-    return w
-
-
 # -- detection --------------------------------------------------------------------------------------
 def test_detect_format():
     assert loader.detect_format(make_bzimage()) == loader.KIND_BZIMAGE

@@ -50,22 +50,6 @@ def make_elf(segments, entry):
     return ehdr + phdrs + blobs
 
 
-@pytest.fixture
-def mem():
-    m = GuestMemory.anonymous(layout.ram_layout(64 * MiB), hugepages=False)
-    yield m
-    m.close()
-
-
-@pytest.fixture
-def write(tmp_path):
-    def w(data, name="vmlinuz"):
-        p = tmp_path / name
-        p.write_bytes(data)
-        return p
-    return w
-
-
 @pytest.mark.parametrize("setup_sects", [0, 4, 27])
 def test_bzimage_loads_at_pref_address(mem, write, setup_sects):
     payload = bytes(range(256)) * 40
