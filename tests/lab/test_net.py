@@ -1,6 +1,5 @@
 """Networking end to end, inside the lab's L1 only (it has no NIC to the outside): domains on
-hypyr networks (bridges) ping each other, move a blob (8 MiB; 64 with HYPYR_LAB_BULK=1) intact
-guest→guest and guest→host over
+hypyr networks (bridges) ping each other, move a 64 MiB blob intact guest→guest and guest→host over
 vhost-net and over the userspace path, stay isolated on separate bridges, get DHCP leases, obey
 a vif rate, keep TCP across pause and the MAC across reboot, and leave nothing behind."""
 
@@ -119,12 +118,10 @@ RECV = ("nc -l -p 5001 | sha256sum > /tmp/sum; "  # hashed as it arrives (64 MiB
         "ping -c 3 {peer} && echo ping-back-ok; " + TICKER)
 
 
-# The issue asks for 64 MiB.  In whole-suite lab runs a 64 MiB guest->guest transfer failed in 3
-# of 6 runs, the last 3 (2026-12-04/05: the sending guest spinning at 100 % CPU over vhost-net, or the
-# receiver's "input.0:id N is not a head!" on the userspace path) while it passed in all 8 runs of
-# the test or its file alone; not understood (docs/networking.md).  `make test` moves 8 MiB each way;
-# HYPYR_LAB_BULK=1 moves 64.
-BULK_MIB = 64 if os.environ.get("HYPYR_LAB_BULK") == "1" else 8
+# 64 MiB each way, as the issue asks.  Whole-suite lab runs under QEMU 7.2 (and once under 10) saw
+# this transfer stall (docs/networking.md, "Bulk transfers in whole-suite lab runs");
+# HYPYR_LAB_BULK_MIB=N moves N MiB instead, to tell a size effect from a lab fault.
+BULK_MIB = int(os.environ.get("HYPYR_LAB_BULK_MIB", "64"))
 
 
 @pytest.mark.parametrize("vhost", ["on", "off"])
@@ -134,7 +131,7 @@ def test_two_domains_talk_and_move_a_blob_intact(xl, lan, guest_image, tmp_path,
     domain(xl, tmp_path, guest_image, "rx", [f"bridge=lan0,ip=10.80.0.11,vhost={vhost}"],
            RECV.format(peer="10.80.0.10"))
     domain(xl, tmp_path, guest_image, "tx", [f"bridge=lan0,ip=10.80.0.10,vhost={vhost}"],
-           SEND.format(peer="10.80.0.11", host=SUBNET_HOST, mib=BULK_MIB), memory=192)
+           SEND.format(peer="10.80.0.11", host=SUBNET_HOST, mib=BULK_MIB), memory=256)  # blob in RAM
     tx = wait_console(xl, "tx", "sent-to-host", timeout=400)
     rx = wait_console(xl, "rx", "ping-back-ok", timeout=120)
     blob = re.search(r"blob-([0-9a-f]{64})", tx).group(1)
