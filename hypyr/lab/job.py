@@ -20,13 +20,16 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _SAFE_PATH = re.compile(r"/[A-Za-z0-9._/+@%:=,-]*\Z")
 
 EXIT_LAB_FAILED = 125
+PYCACHE = "/tmp/.pycache"  # in L1 (tmpfs)
 
 
 def job_env(host_env: Mapping[str, str], jobdir: Path, extra_env: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment the command sees inside L1."""
     env = {k: host_env[k] for k in PASSED_ENV if k in host_env}
     env.update({k: v for k, v in host_env.items() if k.startswith("HYPYR_")})
-    env["PYTHONDONTWRITEBYTECODE"] = "1"  # the shared root is read-only
+    # the shared root is read-only: bytecode goes to L1's tmpfs, so each module is compiled once
+    # per lab boot rather than in every Python process (each hypyr command, each domain's VMM)
+    env["PYTHONPYCACHEPREFIX"] = PYCACHE
     env["HYPYR_IN_LAB"] = "1"
     env["HYPYR_LAB_SCRATCH"] = str(Path(jobdir) / "scratch")
     env.pop("HYPYR_LAB_KEEP", None)

@@ -17,7 +17,8 @@ def test_job_env_contents(tmp_path):
     env = job.job_env(host, tmp_path, {"EXTRA": "a b", "PATH": "/opt/bin:/usr/bin"})
     assert env["HYPYR_FOO"] == "1" and env["LANG"] == "C.UTF-8" and env["PYTHONPATH"] == "/src"
     assert "SECRET" not in env and "HYPYR_LAB_KEEP" not in env
-    assert env["PYTHONDONTWRITEBYTECODE"] == "1" and env["HYPYR_IN_LAB"] == "1"
+    assert "PYTHONDONTWRITEBYTECODE" not in env and env["PYTHONPYCACHEPREFIX"] == "/tmp/.pycache"
+    assert env["HYPYR_IN_LAB"] == "1"
     assert env["HYPYR_LAB_SCRATCH"] == str(tmp_path / "scratch")
     assert env["EXTRA"] == "a b" and env["PATH"] == "/opt/bin:/usr/bin"  # extra_env wins
     with pytest.raises(HypyrError):
