@@ -43,10 +43,11 @@ def _fail(path: str, why: str) -> HypyrError:
     return HypyrError(f"Kernel {path} {why}.")
 
 
-def _read_file(path: str | os.PathLike, what: str) -> bytes:
+def _read_file(path: str | os.PathLike, what: str, limit: int = -1) -> bytes:
+    """The file's bytes (its first ``limit`` bytes if given), or one sentence why not."""
     try:
         with open(path, "rb") as f:
-            return f.read()
+            return f.read(limit)
     except OSError as e:
         raise HypyrError(f"Cannot read {what} {os.fspath(path)}: {e.strerror or e}.") from None
 
@@ -112,7 +113,11 @@ def read_kernel(path: str | os.PathLike) -> bytes:
 
 
 def kernel_format(path: str | os.PathLike) -> str:
-    """:func:`detect_format` of the file at ``path`` (HypyrError if it cannot be read)."""
+    """:func:`detect_format` of the file at ``path`` (HypyrError if it cannot be read); a
+    bzImage is told by its first page, without reading the rest."""
+    head = _read_file(path, "kernel", 4096)
+    if head[bp.HDR_HEADER:bp.HDR_HEADER + 4] == bp.HDRS_MAGIC:
+        return KIND_BZIMAGE
     return detect_format(read_kernel(path))
 
 

@@ -1,0 +1,126 @@
+#!/usr/bin/env python3
+"""VMM start-up: wall time from `hypyr run` process start to the first KVM_RUN, on this host.
+
+No guest needs to boot: the host's /dev/kvm (even PVM-backed) is enough to reach KVM_RUN. Each
+round starts `python -m hypyr run -vv` with the default image (or --kernel/--initrd), reads its
+log until the debug line the VMM writes as the first vCPU enters the guest (CLOCK_MONOTONIC, the
+same clock as this process), then kills it. Also printed, as medians over the rounds:
+- the interpreter alone (`python -c pass`) and `import hypyr.vmm.builder` in a fresh interpreter,
+  to tell Python's own start from hypyr's;
+- the VMM's resident memory at that moment outside guest RAM (the process's Rss less the Rss of
+  mappings of guest-RAM size or more).
+
+    .venv/bin/python bench/startup.py [--rounds N] [--memory SIZE] [--kernel K --initrd I]
+
+It prints figures and never asserts; see bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import select
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+REPO = HERE.parent.parent
+sys.path.insert(0, str(HERE.parent))
+from _common import ensure_image  # noqa: E402
+
+FIRST_RUN = re.compile(rb"first KVM_RUN at CLOCK_MONOTONIC (\d+) ns")
+
+
+def interpreter_ms(code: str) -> float:
+    """Wall time of a fresh interpreter running ``code`` (in the repository, as `hypyr run` is)."""
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def rss_outside_ram(pid: int, ram_bytes: int) -> float:
+    """MiB resident in ``pid`` outside mappings of ``ram_bytes`` or more (guest RAM)."""
+    total = ram = 0
+    size = 0
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            if line[0] in "0123456789abcdef" and "-" in line.split()[0]:
+                lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+                size = hi - lo
+            elif line.startswith("Rss:"):
+                kb = int(line.split()[1])
+                total += kb
+                if size >= ram_bytes:
+                    ram += kb
+    return (total - ram) / 1024
+
+
+def one_start(cmd: list[str], ram_bytes: int, timeout: float) -> tuple[float, float]:
+    """(ms from process start to the first KVM_RUN, MiB resident outside guest RAM then)."""
+    t0 = time.monotonic_ns()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    assert proc.stderr is not None
+    buf = b""
+    try:
+        deadline = time.monotonic() + timeout
+        while (m := FIRST_RUN.search(buf)) is None:
+            left = deadline - time.monotonic()
+            if left <= 0 or (proc.poll() is not None and not select.select([proc.stderr], [], [], 0)[0]):
+                tail = buf.decode(errors="replace")[-800:]
+                raise SystemExit(f"bench: no first KVM_RUN within {timeout:.0f} s; the VMM said:\n{tail}")
+            if select.select([proc.stderr], [], [], left)[0]:
+                buf += os.read(proc.stderr.fileno(), 65536)
+        rss = rss_outside_ram(proc.pid, ram_bytes)
+        return (int(m.group(1)) - t0) / 1e6, rss
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--memory", default="256M", help="guest RAM (default 256M)")
+    ap.add_argument("--kernel")
+    ap.add_argument("--initrd")
+    ap.add_argument("--timeout", type=float, default=60)
+    args = ap.parse_args()
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        print("bench: /dev/kvm is not usable here", file=sys.stderr)
+        return 1
+    if args.kernel is None and ensure_image() != 0:
+        return 1
+    sys.path.insert(0, str(REPO))
+    from hypyr.cli import parse_size
+    ram = parse_size(args.memory)
+    cmd = [sys.executable, "-m", "hypyr", "run", "-vv", "--no-input", "--memory", args.memory]
+    if args.kernel:
+        cmd += ["--kernel", args.kernel] + (["--initrd", args.initrd] if args.initrd else [])
+    bare, imports, starts, rss = [], [], [], []
+    one_start(cmd, ram, args.timeout)  # warm the page cache (image files, .pyc)
+    for _ in range(args.rounds):
+        bare.append(interpreter_ms("pass"))
+        imports.append(interpreter_ms("import hypyr.vmm.builder"))
+        ms, mib = one_start(cmd, ram, args.timeout)
+        starts.append(ms)
+        rss.append(mib)
+    med = statistics.median
+    print(f"startup ({args.rounds} rounds, medians; min-max in brackets), python {sys.version.split()[0]}:")
+    print(f"  python -c pass                       {med(bare):6.1f} ms [{min(bare):.1f}-{max(bare):.1f}]")
+    print(f"  python -c 'import hypyr.vmm.builder' {med(imports):6.1f} ms [{min(imports):.1f}-{max(imports):.1f}]")
+    print(f"  hypyr run: process start → first KVM_RUN {med(starts):6.1f} ms [{min(starts):.1f}-{max(starts):.1f}]")
+    print(f"  VMM resident outside guest RAM then  {med(rss):6.1f} MiB [{min(rss):.1f}-{max(rss):.1f}]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
