@@ -625,7 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
     co.set_defaults(func=cmd_console)
 
     for op, text in (("pause", "pause a domain"), ("unpause", "unpause a domain"),
-                     ("shutdown", "ask a domain to power off (Ctrl-Alt-Del to the guest)"),
+                     ("shutdown", "ask a domain to power off (the ACPI power button, else Ctrl-Alt-Del)"),
                      ("reboot", "reset a domain (a hard reboot; on_reboot applies)"),
                      ("destroy", "stop a domain immediately")):
         o = sub.add_parser(op, parents=[common], help=text)

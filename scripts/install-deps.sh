@@ -46,6 +46,7 @@ command -v dpkg-deb >/dev/null || need+=(dpkg)
 { command -v nft || [ -x /usr/sbin/nft ]; } >/dev/null || need+=(nftables)
 command -v iperf3 >/dev/null || need+=(iperf3)
 /sbin/ldconfig -p 2>/dev/null | grep -q 'libseccomp\.so\.2' || need+=(libseccomp2)
+command -v iasl >/dev/null || need+=(acpica-tools)  # tests check the DSDT with ACPICA's disassembler
 backports_source
 if [ ${#need[@]} -eq 0 ]; then backports_qemu; exit 0; fi
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then

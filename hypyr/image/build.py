@@ -32,6 +32,7 @@ BUSYBOX_PACKAGE = "busybox-static"
 GUEST_MODULES = [
     "virtio_mmio", "virtio_blk", "virtio_console", "virtio_rng", "virtio_net",
     "virtio_balloon", "vmw_vsock_virtio_transport", "ext4", "pvpanic_mmio",
+    "button", "evdev",  # the ACPI power button `hypyr shutdown` presses, as an input device
 ]
 # Dynamically linked programs added beside busybox, with their ELF interpreter and libraries,
 # taken from these Debian packages (unpacked, not installed).

@@ -3,14 +3,16 @@
 echo "hypyr: init started"
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin
 
-# Ctrl-Alt-Del (what `hypyr shutdown` sends) means: power off cleanly.  With ctrl-alt-del set
-# to 0 the kernel sends SIGINT to init instead of rebooting at once.
+# `hypyr shutdown` presses the ACPI power button (a watcher below turns it into SIGUSR1) or, if
+# the kernel's ACPI does not listen to it, sends Ctrl-Alt-Del: both mean power off cleanly.  With
+# ctrl-alt-del set to 0 the kernel sends SIGINT to init instead of rebooting at once.
 graceful_poweroff() {
-    echo "hypyr: Ctrl-Alt-Del received, powering off"
+    echo "hypyr: $1, powering off"
     sync
     poweroff -f
 }
-trap graceful_poweroff INT
+trap 'graceful_poweroff "Ctrl-Alt-Del received"' INT
+trap 'graceful_poweroff "power button pressed"' USR1
 
 # (the same script is /sbin/init on the default rootfs, where these may already be mounted)
 [ -e /proc/self ] || mount -t proc proc /proc
@@ -29,6 +31,17 @@ if [ -f /etc/hypyr/modules ]; then
         insmod "/lib/modules/$mod" 2>/dev/null || echo "hypyr: could not load module $mod"
     done < /etc/hypyr/modules
 fi
+
+# The ACPI power button (the button and evdev modules): any event from it means power off.
+for d in /sys/class/input/input*; do
+    [ "$(cat "$d/name" 2>/dev/null)" = "Power Button" ] || continue
+    for e in "$d"/event*; do
+        [ -r "$e/dev" ] || continue
+        dev="/dev/input/${e##*/}"
+        [ -c "$dev" ] || { mkdir -p /dev/input; mknod "$dev" c $(tr : ' ' < "$e/dev"); }
+        (dd if="$dev" of=/dev/null bs=24 count=1 2>/dev/null && kill -USR1 1) &
+    done
+done
 
 exec_b64=""
 console=/dev/console

@@ -611,8 +611,11 @@ class Domain:
         if op == "shutdown":
             if machine.paused:
                 raise DomainStateError(f"domain {self.name} is paused: unpause it first")
-            if not vm.i8042.inject_ctrl_alt_del():
-                raise DomainStateError(f"domain {self.name} has no keyboard driver listening for Ctrl-Alt-Del")
+            sent = vm.request_poweroff()
+            if not sent:
+                raise DomainStateError(f"domain {self.name} listens neither to the ACPI power button nor to "
+                                       "Ctrl-Alt-Del (its kernel has not set up either yet)")
+            log.info("shutdown: sent %s to the guest", sent)
             self._set_state(DomainState.SHUTDOWN)
             return {"ok": True}
         if op == "reboot":

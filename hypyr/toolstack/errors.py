@@ -34,7 +34,7 @@ class DomainExists(Conflict):
 
 class DomainStateError(Conflict):
     """The domain is not in a state that allows the operation (not running, paused, no scheduler
-    group, no keyboard driver listening for Ctrl-Alt-Del)."""
+    group, neither the power button nor Ctrl-Alt-Del listened to)."""
 
 
 class RegistryBusy(Unavailable):

@@ -17,10 +17,11 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from hypyr.arch.x86 import acpi, layout, msrs, setup_linux_boot
 from hypyr.arch.x86 import cpuid as x86cpuid
-from hypyr.arch.x86 import layout, msrs, setup_linux_boot
 from hypyr.arch.x86.acpi import MmioDevice
 from hypyr.arch.x86.regs import BootCpuState
+from hypyr.devices.legacy.acpi_ged import AcpiGed
 from hypyr.devices.legacy.acpi_pm import AcpiPm
 from hypyr.devices.legacy.i8042 import I8042
 from hypyr.devices.legacy.rtc import Rtc
@@ -123,11 +124,23 @@ class LinuxVm:
     console: Serial | VirtioConsole   # where terminal input goes: the UART or the virtio console
     virtio: list = field(default_factory=list)  # VirtioDevice instances, in window order
     # every device with state (devices/state.py), by a stable name, in build order: "serial0",
-    # "i8042", "rtc", "acpi_pm", "pvexit", "pvpanic", then "virtio0".. (the virtio-mmio transports)
+    # "i8042", "rtc", "acpi_pm", "pvexit", "pvpanic", "acpi_ged", then "virtio0".. (the virtio-mmio
+    # transports)
     devices: dict = field(default_factory=dict)
     mmio_windows: list = field(default_factory=list)  # MmioDevice per virtio device (ACPI, snapshots)
     cpuid: list | None = None     # the CPUID vCPU 0 was given (set by boot_linux or a restore)
     saved_paused: bool = False    # restored: the domain was paused when it was saved
+
+    def request_poweroff(self) -> str:
+        """Ask the guest to power off as Xen and QEMU do: press the ACPI power button if the
+        guest's ACPI listens to it (its GED interrupt is unmasked), else send Ctrl-Alt-Del if
+        its keyboard driver is up.  Returns which of the two was sent, or "" for neither."""
+        if self.machine.gsi_unmasked(acpi.GED_GSI):
+            self.devices["acpi_ged"].press_power_button()
+            return "the ACPI power button"
+        if self.i8042.inject_ctrl_alt_del():
+            return "Ctrl-Alt-Del"
+        return ""
 
     def close(self) -> None:
         """Devices first (a disk finishes its in-flight I/O while guest memory still exists)."""
@@ -267,7 +280,8 @@ def build_vm(config: VmConfig, console_out: Callable[[bytes], object], *, kvm: K
         serial = Serial(machine.irq_line(4), console_out)
         i8042 = I8042(machine.device_stop, kbd_irq=machine.irq_line(1))
         devices: dict = {"serial0": serial, "i8042": i8042, "rtc": Rtc(), "acpi_pm": AcpiPm(machine.device_stop),
-                         "pvexit": PvExit(machine.device_stop), "pvpanic": PvPanic(machine.device_stop)}
+                         "pvexit": PvExit(machine.device_stop), "pvpanic": PvPanic(machine.device_stop),
+                         "acpi_ged": AcpiGed(machine.irq_line(acpi.GED_GSI))}
         machine.pio.register(0x3F8, 8, serial)
         machine.pio.register(0x60, 1, i8042.data_port)
         machine.pio.register(0x64, 1, i8042.command_port)
@@ -275,6 +289,7 @@ def build_vm(config: VmConfig, console_out: Callable[[bytes], object], *, kvm: K
         machine.pio.register(0x600, 2, devices["acpi_pm"])
         machine.pio.register(0xF4, 1, devices["pvexit"])
         machine.pio.register(PVPANIC_PORT, 1, devices["pvpanic"])
+        machine.pio.register(acpi.GED_PORT, 1, devices["acpi_ged"])
 
         virtio_devices = _virtio_devices(config, console_out)
         transports: list = []

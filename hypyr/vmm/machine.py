@@ -27,6 +27,7 @@ from hypyr.memory import GuestMemory
 
 log = logging.getLogger("hypyr.vmm")
 
+IOAPIC_REDIR_MASKED = 1 << 16  # the mask bit of an IOAPIC redirection entry
 KICK_SIGNAL = signal.SIGRTMIN  # interrupts KVM_RUN in a vCPU thread
 
 MAX_VCPUS = acpi.MAX_VCPUS  # the most our MADT can describe (8-bit xAPIC ids, no x2APIC entries)
@@ -155,6 +156,14 @@ class Machine:
         def line(level: bool) -> None:
             vm.irq_line(irq, level)
         return line
+
+    def gsi_unmasked(self, gsi: int) -> bool:
+        """Whether the guest has unmasked IOAPIC pin ``gsi`` (a driver listens on it); False
+        without the in-kernel irqchip."""
+        if not self.irqchip:
+            return False
+        ioapic = self.vm.get_irqchip(B.KVM_IRQCHIP_IOAPIC).chip.ioapic
+        return not ioapic.redirtbl[gsi] & IOAPIC_REDIR_MASKED
 
     def _kvm_eventfd(self, register: Callable[[int], None]) -> int:
         """A new eventfd handed to KVM by ``register(fd)``; closed with the VM."""
@@ -364,6 +373,7 @@ class Machine:
         if not self._running.is_set():
             self.running_at_ns = time.monotonic_ns()
             self._running.set()
+            log.debug("first KVM_RUN at CLOCK_MONOTONIC %d ns", self.running_at_ns)  # bench/startup.py
 
     def _vcpu_loop(self, vt: _VcpuThread) -> None:
         vcpu = vt.vcpu

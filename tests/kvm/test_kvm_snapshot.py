@@ -181,7 +181,8 @@ def test_save_then_restore_carries_on_where_it_was(guests, kvm, tmp_path):
         header = snapshot.read_header(f)
     assert (header.kind, header.extra, header.config.vcpus, header.memory) == ("save", {"name": "web"}, 2,
                                                                                  [(0, MEMORY)])
-    assert header.devices == ["serial0", "i8042", "rtc", "acpi_pm", "pvexit", "pvpanic", "virtio0", "virtio1"]
+    assert header.devices == ["serial0", "i8042", "rtc", "acpi_pm", "pvexit", "pvpanic", "acpi_ged", "virtio0",
+                              "virtio1"]
     with open(path, "rb") as f:
         vm2 = guests.track(snapshot.restore(f, guests.out.append, kvm=kvm))
     assert vm2.machine.memory.read(0, MEMORY) == ram

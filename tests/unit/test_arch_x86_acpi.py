@@ -1,4 +1,6 @@
+import shutil
 import struct
+import subprocess
 
 import pytest
 
@@ -114,6 +116,36 @@ def test_dsdt_describes_com1():
     assert body[:2] == bytes([aml.BYTE_PREFIX, 13])
     assert body[2:10] == bytes([0x47, 0x01, 0xF8, 0x03, 0xF8, 0x03, 0x01, 0x08])
     assert body[10:13] == bytes([0x22, 0x10, 0x00]) and body[13:15] == bytes([0x79, 0x00])
+
+
+def test_dsdt_power_button_disassembles_to_a_ged_that_notifies_pnp0c0c(tmp_path):
+    """ACPICA's own disassembler (iasl, from acpica-tools: scripts/install-deps.sh) reads the DSDT
+    back: a GED with an edge interrupt on GED_GSI whose _EVT reads the byte at GED_PORT and
+    notifies the PNP0C0C power button with 0x80 when bit 0 is set."""
+    if shutil.which("iasl") is None:
+        pytest.fail("iasl is missing: run scripts/install-deps.sh (it installs acpica-tools)")
+    (tmp_path / "dsdt.aml").write_bytes(acpi.dsdt([acpi.MmioDevice(0xD0000000, 0x200, 16, edge=True)]))
+    r = subprocess.run(["iasl", "-d", "dsdt.aml"], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    dsl = " ".join((tmp_path / "dsdt.dsl").read_text().split())  # whitespace folded
+    assert 'Device (GED0) { Name (_HID, "ACPI0013" /* Generic Event Device */)' in dsl
+    assert f"Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, ) {{ 0x{acpi.GED_GSI:08X}, }}" in dsl
+    assert f"OperationRegion (GDST, SystemIO, 0x{acpi.GED_PORT:04X}, One)" in dsl
+    assert "Field (GDST, ByteAcc, NoLock, Preserve) { GDAT, 8 }" in dsl
+    assert ("Method (_EVT, 1, Serialized) // _EVT: Event { Local0 = GDAT /* \\_SB_.GED0.GDAT */ "
+            "If ((Local0 & One)) { Notify (\\_SB.PWRB, 0x80) // Status Change } }") in dsl
+    assert 'Device (PWRB) { Name (_HID, EisaId ("PNP0C0C") /* Power Button Device */)' in dsl
+    assert "Device (VR00)" in dsl   # the virtio-mmio devices still follow
+
+
+def test_aml_name_paths_and_methods():
+    assert aml.name_path("GDAT") == b"GDAT"
+    assert aml.name_path("\\_SB.PWRB") == b"\\\x2e_SB_PWRB"
+    with pytest.raises(ValueError):
+        aml.name_path("\\_SB.A.B")
+    with pytest.raises(ValueError):
+        aml.method("_EVT", 8)
+    assert aml.method("_EVT", 1, serialized=True) == bytes([aml.METHOD_OP, 6]) + b"_EVT" + bytes([9])
 
 
 def test_aml_pkg_length_encodings():

@@ -25,6 +25,7 @@ from virtio_mock import Buf, MockDriver
 from hypyr.devices.legacy import i8042 as K
 from hypyr.devices.legacy import rtc as R
 from hypyr.devices.legacy import serial as S
+from hypyr.devices.legacy.acpi_ged import AcpiGed
 from hypyr.devices.legacy.acpi_pm import AcpiPm, AcpiReset
 from hypyr.devices.legacy.i8042 import I8042
 from hypyr.devices.legacy.rtc import Rtc
@@ -71,8 +72,8 @@ def test_every_device_has_the_one_contract(tmp_path):
     img.write_bytes(bytes(4096))
     a, _ = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     blk = B.VirtioBlk(str(img))
-    devices = [Serial(nop, nop), I8042(nop), Rtc(), AcpiPm(nop), AcpiReset(nop), PvExit(nop), PvPanic(nop),
-               VirtioRng(), VirtioConsole(nop), blk, N.VirtioNet(a.fileno(), bytes(6)),
+    devices = [Serial(nop, nop), I8042(nop), Rtc(), AcpiPm(nop), AcpiReset(nop), AcpiGed(nop), PvExit(nop),
+               PvPanic(nop), VirtioRng(), VirtioConsole(nop), blk, N.VirtioNet(a.fileno(), bytes(6)),
                VirtioMmioTransport(VirtioRng(), GuestMemory.anonymous([(0, 1 << 16)], hugepages=False), nop)]
     kinds = set()
     for d in devices:

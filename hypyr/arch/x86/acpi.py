@@ -136,6 +136,30 @@ COM1_AML = aml.scope(
 )
 
 
+# The power button (hypyr.devices.legacy.acpi_ged): a Generic Event Device whose _EVT reads its
+# event register and notifies the PNP0C0C button, as Cloud Hypervisor's and QEMU's microvm do.
+GED_PORT = 0x606
+GED_GSI = 5           # an ISA interrupt no other device of the machine uses
+GED_POWER_BUTTON = 0x01
+GED_AML = aml.scope(
+    "\\_SB",
+    aml.device("GED0",
+               aml.name("_HID", aml.string("ACPI0013")),
+               aml.name("_UID", aml.integer(0)),
+               aml.name("_CRS", aml.resource_template(aml.interrupt(GED_GSI, edge=True))),
+               aml.op_region_io("GDST", GED_PORT, 1),
+               aml.field_bytes("GDST", "GDAT"),
+               aml.method("_EVT", 1,
+                          aml.store(aml.name_path("GDAT"), aml.LOCAL0),
+                          aml.if_(aml.and_(aml.LOCAL0, aml.integer(GED_POWER_BUTTON)),
+                                  aml.notify("\\_SB.PWRB", 0x80)),
+                          serialized=True)),
+    aml.device("PWRB",
+               aml.name("_HID", aml.eisa_id("PNP0C0C")),
+               aml.name("_UID", aml.integer(0))),
+)
+
+
 @dataclass(frozen=True)
 class MmioDevice:
     """A virtio-mmio window announced to the guest (ACPI id LNRO0005, as QEMU and Firecracker do)."""
@@ -158,7 +182,7 @@ def virtio_mmio_aml(devices: list[MmioDevice]) -> bytes:
 
 
 def dsdt(devices: list[MmioDevice] | None = None) -> bytes:
-    return sdt(b"DSDT", 2, S5_AML + COM1_AML + virtio_mmio_aml(devices or []))
+    return sdt(b"DSDT", 2, S5_AML + COM1_AML + GED_AML + virtio_mmio_aml(devices or []))
 
 
 def fadt(dsdt_addr: int) -> bytes:

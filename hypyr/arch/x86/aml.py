@@ -7,10 +7,15 @@ from __future__ import annotations
 
 import struct
 
-NAME_OP, SCOPE_OP, BUFFER_OP, PACKAGE_OP = 0x08, 0x10, 0x11, 0x12
+NAME_OP, SCOPE_OP, BUFFER_OP, PACKAGE_OP, METHOD_OP = 0x08, 0x10, 0x11, 0x12, 0x14
 BYTE_PREFIX, WORD_PREFIX, DWORD_PREFIX, STRING_PREFIX = 0x0A, 0x0B, 0x0C, 0x0D
 ZERO_OP, ONE_OP = 0x00, 0x01
-EXT_OP_PREFIX, DEVICE_OP = 0x5B, 0x82
+EXT_OP_PREFIX, DEVICE_OP, OP_REGION_OP, FIELD_OP = 0x5B, 0x82, 0x80, 0x81
+LOCAL0_OP, STORE_OP, AND_OP, NOTIFY_OP, IF_OP = 0x60, 0x70, 0x7B, 0x86, 0xA0
+DUAL_NAME_PREFIX = 0x2E
+REGION_SYSTEM_IO = 0x01
+FIELD_BYTE_ACC = 0x01  # AccessType ByteAcc, NoLock, Preserve
+LOCAL0 = bytes([LOCAL0_OP])
 
 
 def pkg_length(body_len: int) -> bytes:
@@ -32,6 +37,17 @@ def name_seg(name: str) -> bytes:
     if not 1 <= len(seg) <= 4 or not seg.replace("_", "A").isalnum() or seg[0].isdigit():
         raise ValueError(f"bad AML name {name!r}")
     return (b"\\" if root else b"") + seg.ljust(4, "_").encode("ascii")
+
+
+def name_path(path: str) -> bytes:
+    """A NameString: one NameSeg, or a dotted path (``\\_SB.PWRB``) of two."""
+    segs = path.lstrip("\\").split(".")
+    root = b"\\" if path.startswith("\\") else b""
+    if len(segs) == 1:
+        return root + name_seg(segs[0])
+    if len(segs) == 2:
+        return root + bytes([DUAL_NAME_PREFIX]) + name_seg(segs[0]) + name_seg(segs[1])
+    raise ValueError(f"AML name path {path!r} has more than two segments")
 
 
 def integer(v: int) -> bytes:
@@ -68,6 +84,46 @@ def scope(n: str, *children: bytes) -> bytes:
 def device(n: str, *children: bytes) -> bytes:
     body = name_seg(n) + b"".join(children)
     return bytes([EXT_OP_PREFIX, DEVICE_OP]) + pkg_length(len(body)) + body
+
+
+def method(n: str, args: int, *body: bytes, serialized: bool = False) -> bytes:
+    """Method(n, args, Serialized|NotSerialized) { body }."""
+    if not 0 <= args <= 7:
+        raise ValueError("an AML method takes 0 to 7 arguments")
+    inner = name_seg(n) + bytes([args | (8 if serialized else 0)]) + b"".join(body)
+    return bytes([METHOD_OP]) + pkg_length(len(inner)) + inner
+
+
+def op_region_io(n: str, port: int, length: int) -> bytes:
+    """OperationRegion(n, SystemIO, port, length)."""
+    return (bytes([EXT_OP_PREFIX, OP_REGION_OP]) + name_seg(n) + bytes([REGION_SYSTEM_IO])
+            + integer(port) + integer(length))
+
+
+def field_bytes(region: str, *fields: str) -> bytes:
+    """Field(region, ByteAcc, NoLock, Preserve) { f0, 8, f1, 8, ... }: one byte per name."""
+    inner = name_seg(region) + bytes([FIELD_BYTE_ACC]) + b"".join(name_seg(f) + bytes([8]) for f in fields)
+    return bytes([EXT_OP_PREFIX, FIELD_OP]) + pkg_length(len(inner)) + inner
+
+
+def store(source: bytes, target: bytes) -> bytes:
+    """Store(source, target): ``target = source``."""
+    return bytes([STORE_OP]) + source + target
+
+
+def and_(a: bytes, b: bytes) -> bytes:
+    """And(a, b) with no target: the value, for a predicate."""
+    return bytes([AND_OP]) + a + b + bytes([ZERO_OP])
+
+
+def if_(predicate: bytes, *body: bytes) -> bytes:
+    inner = predicate + b"".join(body)
+    return bytes([IF_OP]) + pkg_length(len(inner)) + inner
+
+
+def notify(path: str, value: int) -> bytes:
+    """Notify(path, value)."""
+    return bytes([NOTIFY_OP]) + name_path(path) + integer(value)
 
 
 def string(text: str) -> bytes:
