@@ -3,42 +3,8 @@
 Every read or write of guest memory made by the VMM or a device goes through
 :class:`GuestMemory`, which checks the whole range (start *and* end) against the
 regions on every call.  Nothing outside this module (and :mod:`hypyr.kvm`) sees a
-host pointer.
-
-Scatter/gather for devices: :meth:`GuestMemory.views` turns a list of guest ranges (a driver's
-buffers) into writable :class:`memoryview` objects covering *exactly* those bytes, split where a
-range crosses from one region into the next, after checking every range in full (a range with
-any byte outside RAM raises :class:`GuestMemoryError` and no view is returned).  This is the
-equivalent of vm-memory's ``VolatileSlice``: a device gets views of the buffers the driver gave
-it, never the whole mapping, and can hand them straight to ``os.preadv``/``os.pwritev``.  The
-rules for holders of such views:
-
-* a view is only as trustworthy as the range it was made from: obtain views from ranges the
-  driver handed over (and that the device is allowed to access in that direction), never from
-  an address computed outside the checked range;
-* guest memory is shared with the running guest: its contents can change under the view at any
-  time (read a value once, copy it if it must stay stable);
-* :meth:`GuestMemory.close` unmaps guest RAM at once, whoever still references the memory (a
-  reboot must not leave the old RAM to the garbage collector).  It releases every view made by
-  :meth:`GuestMemory.view` (the long-lived kind: a virtqueue's rings), so a late access through
-  one raises ``ValueError``.  A view it cannot release (one from :meth:`GuestMemory.views`, or
-  one a system call is using right now) keeps the address range mapped until it goes, with the
-  RAM already given back (it reads as zeros).  Either way a late access never touches freed
-  host memory.  Drop views when the I/O is done.  After ``close()`` every access through
-  :class:`GuestMemory` raises :class:`GuestMemoryClosedError`.
-
-Live migration: :meth:`GuestMemory.start_dirty_tracking` makes every write path here mark the
-pages it wrote (KVM's dirty log sees only the guest's writes), :meth:`GuestMemory.take_dirty`
-collects them, adding the pages under lent views (virtqueue rings, written through them).
-
-For file I/O without any per-buffer view, :meth:`GuestMemory.preadv`/:meth:`~GuestMemory.pwritev`
-(ranges as pairs) check every range in full the same way, then call libc ``preadv``/``pwritev``
-with an iovec array built here from
-the region's host address (which never leaves this module), holding a view of the region for the
-duration of the call so the mapping cannot be unmapped under the kernel.  Ranges spanning
-several regions (or a libc without the functions) fall back to :meth:`views` and ``os.preadv``.
-``preadv_descs``/``pwritev_descs`` take the buffers as a virtqueue descriptor table instead (see
-:class:`GuestRegion` for the layout that makes this cheap and safe).
+host pointer.  Devices get views of exactly the driver's buffers (:meth:`GuestMemory.views`).
+Rules for holding views, and the file I/O paths: docs/architecture.md, "Views and file I/O for devices".
 """
 
 from __future__ import annotations

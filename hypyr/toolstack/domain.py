@@ -1,58 +1,10 @@
 """The domain process: one detached VMM process per domain, as Xen's xl runs without a daemon.
 
-``python -m hypyr.toolstack.domain DOMID READY_FD`` is started (in a new session) by
-``hypyr create``.  It builds the VM from the domain's config in the registry, listens on a private
-control socket, keeps the console in ``console.log``, and applies ``on_poweroff`` / ``on_reboot``
-/ ``on_crash`` when the guest stops.  It reports one JSON line on READY_FD once the VM is running
-(``{"ok": true}``) or failed to build (``{"ok": false, "error": SENTENCE, "type": ERROR TYPE}``),
-so ``create`` can print one clear line and raise the same type of error.
-
-``create`` passes the domain's UUID in ``HYPYR_DOMAIN_UUID``, and every registry update this
-process makes names its row by (DOMID, UUID).  If the row is no longer its own (it was reaped,
-e.g. because ``create`` died, and the domid went to a newer domain), the update fails with
-``StaleDomainError``: this process then updates nothing more, stops its VM and exits, leaving the
-newer domain's row, socket and cgroup alone.  Its files are created mode 0600, and its scheduler
-cgroup is removed on every way out.
-
-Control protocol (unix stream socket, one JSON object per line each way):
-``{"op": "info"}`` → ``{"ok": true, "state": ..., "vcpus": [{"vcpu": 0, "tid": ...}], ...}``;
-``pause``, ``unpause``, ``shutdown`` (Ctrl-Alt-Del to the guest), ``reboot`` (reset the VM),
-``destroy``; ``console`` answers ``{"ok": true}`` and then the connection carries raw console
-bytes both ways.  ``{"op": "save", "file": ABSOLUTE PATH, "keep_running": BOOL}`` writes the VM to
-FILE (through a temporary file in its directory, renamed when complete), sending
-``{"progress": {...}}`` lines while it runs, then ``{"ok": true, "seconds", "bytes", "pages_data",
-"pages_zero"}``; without ``keep_running`` the domain is then destroyed (after the reply), as by
-``destroy``.
-
-Restore: ``hypyr restore`` starts this process with ``HYPYR_RESTORE_FILE`` (the save file, whose
-configuration is already the row's) and ``HYPYR_RESTORE_PAUSED`` ("1": leave the vCPUs paused);
-the first "boot" is then ``hypyr.vmm.snapshot.restore`` of that file (the NICs on this domain's
-taps), and READY_FD reports once its vCPUs run.  A later reboot boots the kernel afresh.
-
-Live migration, source: ``{"op": "migrate", "host", "port", "downtime_ms", "max_iterations"}``
-connects to the destination, runs ``hypyr.vmm.migration.migrate_send`` (``{"progress": ...}`` lines
-meanwhile) and answers ``{"ok": true, ...MigrationStats}`` once the destination confirmed that the
-domain runs there; this process then destroys its (paused) VM and exits, keeping the migration
-connection open until it exits: its end is the destination's sign that the source has gone.  A
-failure is a ``MigrationFailed`` whose sentence says where the domain runs.  Destination: ``hypyr
-migrate-receive`` starts this process with ``HYPYR_MIGRATE_FD`` (the accepted connection, its
-header already looked at) and ``HYPYR_MIGRATE_WATCH_FD`` (a pipe from ``migrate-receive``: if it
-ends before the domain runs, the migration is abandoned); the first "boot" is
-``migrate_receive``.  ``{"op": "rename", "name": NAME}`` renames the domain (``NAME--incoming``
-to NAME once the source has gone).  A refusal is ``{"ok": false, "error": SENTENCE, "type": ERROR TYPE}`` (the
-name of a ``hypyr.toolstack.errors`` type, e.g. ``DomainStateError``).
-
-seccomp (docs/confinement.md): once the VM runs, every thread of this process is confined to the
-allow-list of its kind (vCPU, I/O, control, main), in the mode of the cfg's ``seccomp``.  With
-``HYPYR_TEST_HOOKS=1`` in the environment, ``{"op": "test-forbidden-syscall", "kind": KIND}``
-makes a thread of that kind call a syscall no list allows (under ``kill`` this process dies of
-SIGSYS); without it the operation does not exist.
-
-NICs: ``hypyr create`` opens one tap per vif and passes the fds (inherited) with their numbers,
-in vif order, in ``HYPYR_TAP_FDS`` (e.g. ``"5,6"``).  This process keeps them for its whole
-life (across reboots); they close, and the taps vanish, when it exits.  A vif's ``ip=`` reaches
-the default image's init as ``hypyr.ip.N=ADDR/PREFIX`` (the prefix of its network when not
-given, else /24); a vif without ``ip=`` on a network made with ``--dhcp`` gets ``hypyr.ip.N=dhcp``.
+``python -m hypyr.toolstack.domain DOMID READY_FD``, started in a new session by ``hypyr create``
+(or ``restore``, ``migrate-receive``), builds the VM, serves its control socket (one JSON object per
+line each way) and applies ``on_poweroff``/``on_reboot``/``on_crash``.  Its registry updates name
+its row by (DOMID, UUID): on ``StaleDomainError`` it updates nothing more, stops its VM and exits.
+Design notes and the control protocol: docs/toolstack.md, "The domain process".
 """
 
 from __future__ import annotations

@@ -1,46 +1,11 @@
 """The domain registry: which domains exist, which process owns each, and in what state.
 
-Like Xen's ``xl`` there is no central daemon: each domain is one detached process owning
-its VM and a private control socket, and every ``hypyr`` command reads and writes this
-registry directly.  It is a SQLite database (``paths.registry_path()``) in WAL mode with a
-busy timeout; every write is one ``BEGIN IMMEDIATE`` transaction, so several ``hypyr create``
-at once, or a ``list`` while a ``destroy`` runs, see consistent rows and never a
-"database is locked" error (a lock held for longer than the timeout becomes a RegistryBusy).
-
-Every domain has a UUID (as Xen's), given by ``reserve()`` and never reused, while domids are.
-A row is owned by a process, recorded as its pid and its start time (``/proc/<pid>/stat``
-field 22), so that a reused pid is not mistaken for the owner:
-
-* ``reserve()`` allocates the smallest unused domid >= 1 (0 is the host, Domain-0, which is
-  never stored) and a new UUID, and inserts a row in state ``creating`` owned by the calling
-  process (the ``hypyr create`` that waits for the domain to come up) and creates a fresh,
-  empty domain directory;
-* ``set_running()`` hands the row to the domain process and marks it ``running``.
-
-The domain process's updates (``set_running``, ``update_state``, ``bump_restarts``,
-``release``, ``remove``) name the row by (domid, uuid): a process whose row was reaped and
-whose domid went to a newer domain gets ``StaleDomainError`` instead of taking that row over.
-
-States (``DomainState``, a str enum; the column holds its values): ``creating``, ``running``,
-``paused``, ``shutdown`` (shutting down, or shut down and kept), ``crashed``, ``dying`` (being
-destroyed), ``dead``.  A row is *gone* when its state is
-``dead`` or its owner is not alive (no such pid, a zombie, or a different start time).
-*Kept* rows stay listed until ``destroy`` removes them: ``crashed`` ones, and ``shutdown`` ones
-that ``release()`` left without an owner (``on_poweroff='preserve'``).  Other gone rows are
-reaped (``reap()``, which ``list()`` runs first).  A domain whose process died while it was
-``running``/``paused`` gets its ``on_crash`` action, one that was ``shutdown`` (shutting down)
-its ``on_poweroff``: ``preserve`` keeps the row (``crashed`` / ``shutdown``, no owner); anything
-else removes it (``restart`` needs the domain process, which is gone).  Removed rows are
-reported once as ``dead``.  ``list()`` and ``get()`` never report a gone process as running:
-their records carry the state reaping will give them.
-
-Removing a row (``remove()`` or reaping) deletes its control socket, its scheduler cgroup
-(``sched.remove``) and its domain directory but first moves ``console.log`` and ``vmm.log`` to
-``paths.kept_log(name, kind)`` (``logs/<name>.console.log``, ``logs/<name>.vmm.log``; a later
-domain of the same name overwrites them).  Files are cleaned inside the write transaction, so
-the domid cannot be handed to a new domain while its old directory is being removed.
-
-Schema 2 added the ``uuid`` column; opening a schema-1 registry gives each row a UUID.
+A SQLite database (``paths.registry_path()``, WAL) that every ``hypyr`` command reads and writes
+directly, as there is no daemon; every write is one ``BEGIN IMMEDIATE`` transaction.  A row is
+owned by a process (pid and start time, against pid reuse) and named by (domid, uuid): domids are
+reused, UUIDs never.  States are :class:`DomainState`; a row whose owner is gone is reaped
+(``reap()``, which ``list()`` runs first) with its ``on_crash``/``on_poweroff`` action.
+Design notes (ownership, states, reaping, removal, schema): docs/toolstack.md, "The registry".
 """
 
 from __future__ import annotations

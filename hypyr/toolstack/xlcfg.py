@@ -1,58 +1,10 @@
 """xl.cfg(5) domain configuration files: what the settings mean, and a validated ``DomainConfig``.
 
-``hypyr create FILE.cfg`` reads the same files as Xen's ``xl create``.  Nothing is ever
-evaluated: the syntax (tokenizer and parser, text → ``RawConfig``) is :mod:`hypyr.toolstack.xlsyntax`;
-this module gives the settings their meaning (``build``: ``RawConfig`` → ``DomainConfig``) and
-validates them, once, in ``DomainConfig``.
-
-Semantics (the keys hypyr uses; sizes in MiB as in xl):
-
-* ``name`` (required), ``type`` ``'pvh'`` (default) or ``'hvm'`` — both mean direct kernel
-  boot here; ``'pv'`` is an error.  The deprecated ``builder='hvm'`` sets type hvm.
-* ``memory`` (default 128), ``maxmem`` (default memory, never less), ``vcpus`` (default 1),
-  ``maxvcpus`` (default vcpus, never less); both vCPU counts are 1 to ``MAX_VCPUS`` (254, the
-  most the x86 machine can address).
-* ``kernel`` (required), ``ramdisk``; ``cmdline`` is the whole kernel command line; without it
-  xl's ``root``/``extra`` give ``"root=<root> <extra>"``.  ``cmdline`` with ``root``/``extra``:
-  warning, root/extra ignored (as xl).
-* ``bootloader = "pygrub"`` (or a path ending in ``/pygrub``): no ``kernel``; the kernel, initrd
-  and command line come from the first disk's own grub.cfg or extlinux.conf, read by
-  ``hypyr.image.diskboot`` when the domain starts (docs/boot.md).  ``bootloader_args`` (a list, or
-  one string split at spaces) takes pygrub's ``--entry=NAME`` (title, id, index or GRUB path);
-  other arguments are warnings.  ``cmdline``/``root``/``extra`` are appended to the entry's
-  command line; a ``kernel``/``ramdisk`` set as well is ignored with a warning.
-* Relative ``kernel``/``ramdisk`` paths are relative to the current directory (as xl, which
-  opens them from where it runs), not to the cfg file; they are stored absolute.
-* ``disk``: xl-disk-configuration(5) specs (positional, key=value with ``target=`` last,
-  deprecated ``phy:``/``file:``/``raw:`` prefixes and ``vdev:cdrom``).  Only ``format=raw``;
-  vdevs ``xvdX``, ``hdX``, ``sdX``, ``vdX`` (whole disks; the letters give the index, xvda → 0,
-  xvdb → 1, hda and xvda are the same index).  The guest sees virtio disks named in index order
-  with gaps closed: the lowest index is ``/dev/vda``, the next ``/dev/vdb``, ...  (so xl's
-  ``xvda`` becomes ``vda``).  A relative target is, as xl documents, under ``/dev``
-  (``'sdb,,xvdb'`` → ``/dev/sdb``); hypyr's one extension is that a target starting ``./`` or
-  ``../`` is relative to the current directory.
-* ``on_poweroff`` (default destroy), ``on_reboot`` (restart), ``on_crash`` (destroy): one of
-  destroy, restart, preserve.
-* ``cpus``: host CPU affinity, a CPU list string for all vCPUs or a list of strings, one per
-  vCPU (vCPUs past the end are unpinned); see ``parse_cpulist``.  ``cpu_weight`` 1-65535
-  (default 256), ``cap`` >= 0 (percent of one CPU, 0 = none).
-* ``seccomp`` (a hypyr extension): the VMM's seccomp filters, ``"kill"`` (default), ``"log"``
-  (debugging: what would be killed is only logged by the kernel) or ``"off"``; see
-  docs/confinement.md.
-* ``vif``: a list of xl-network-configuration(5) specs, one NIC each, devid = position
-  (``vif = [ '' ]`` is one NIC with every default); see ``hypyr.toolstack.vif``.  Keys hypyr does
-  not implement are warnings, unknown keys and bad values errors.
-* Other keys: harmless ones are ignored with a debug log note, ones whose meaning hypyr cannot
-  provide (``pci``, ``bootloader``, ...) and unknown ones give a warning.  Warnings are
-  in ``DomainConfig.warnings`` and logged to the ``hypyr.xlcfg`` logger.
-
-Validation happens in one place, ``DomainConfig.__post_init__``: ``build`` only turns the parsed
-values into a DomainConfig's fields and, when that refuses one, names the line of the key (or of
-the list item) it refused.  Domain names follow ``hypyr.toolstack.names`` (the registry's rule too).
-
-Errors: ``XlCfgError`` (an ``InvalidConfig``) whose str() is ``"FILE:LINE: sentence"``; an error
-about a key names the key as written in the file (``vcpus``, not a command-line flag).  ``load``
-reads only regular files (a FIFO or a device is refused, never waited on).
+``hypyr create FILE.cfg`` reads the same files as Xen's ``xl create``.  Nothing is ever evaluated:
+the syntax (text → ``RawConfig``) is :mod:`hypyr.toolstack.xlsyntax`; this module gives the settings
+their meaning (``build``: ``RawConfig`` → ``DomainConfig``).  Validation happens in one place,
+``DomainConfig.__post_init__``; errors are ``XlCfgError`` (``"FILE:LINE: sentence"``).
+Settings, defaults, warnings and errors: docs/toolstack.md, "xl.cfg".
 """
 
 from __future__ import annotations

@@ -1,41 +1,10 @@
 """A minimal i8042 PS/2 keyboard controller with an attached AT keyboard and no mouse.
 
-Wiring: the controller answers at two non-adjacent ports, so it exposes two bus devices,
-each to be registered with length 1 (do not register 0x60..0x64 as one range: 0x61 is
-port B of the PC's system control logic)::
-
-    ctl = I8042(stop, kbd_irq=irq1)
-    io_bus.register(0x60, 1, ctl.data_port)     # DATA_PORT: output buffer / data
-    io_bus.register(0x64, 1, ctl.command_port)  # COMMAND_PORT: status / command
-
-Behaviour
----------
-* Status (read 0x64): bit 0 OBF (output buffer full), bit 1 IBF (always 0: input is
-  processed at once), bit 2 SYS (mirrors the command byte's system flag), bit 3 A2 (1 when
-  the last write went to 0x64), bit 4 "keyboard not inhibited" (always 1), bit 5 AUX data.
-  With nothing queued after a command it reads 0x1c.
-* Controller commands (write 0x64): 0x20-0x3f read RAM (0x20 = command byte), 0x60-0x7f
-  write RAM (next data byte), 0xa7/0xa8 aux disable/enable, 0xa9 aux interface test -> 0x00,
-  0xaa self test -> 0x55 (sets SYS), 0xab keyboard interface test -> 0x00, 0xad/0xae keyboard
-  disable/enable, 0xc0 read input port, 0xd0/0xd1 read/write output port (writing bit 0 = 0
-  resets the machine), 0xd2/0xd3 write keyboard/aux output buffer, 0xd4 write to aux device
-  (no mouse: answers 0xfe), 0xdd/0xdf A20 off/on, 0xf0-0xff pulse output lines: any command
-  with bit 0 clear (0xfe in practice) pulses the reset line.  Reset calls
-  ``stop(StopRequest(GuestEvent.REBOOT, detail="i8042 reset"))`` (outside the device lock).
-* Keyboard commands (write 0x60 with no controller command pending) are answered like an AT
-  keyboard: 0xff reset -> fa aa, 0xf2 identify -> fa ab 83, 0xee echo -> ee, 0xed/0xf0/0xf3
-  take one parameter (each byte acked with fa; 0xf0 0x00 reports scan set 2), 0xf4/0xf5
-  enable/disable scanning, everything else -> fa.  This is what Linux's i8042 and atkbd probes
-  need (with or without ``i8042.noaux``).
-* Output buffer: a small queue (``OUTPUT_QUEUE_LIMIT`` bytes); the head is what port 0x60
-  reads.  ``kbd_irq`` (ISA IRQ 1) is asserted while a keyboard byte is at the head and the
-  command byte enables keyboard interrupts (bit 0); ``aux_irq`` (IRQ 12, optional) likewise
-  for aux bytes (bit 1).  Lines are only driven on level changes; reading a byte drops the
-  line before the next queued byte raises it again, so an edge-triggered PIC sees one
-  rising edge per byte.
-* :meth:`I8042.inject_ctrl_alt_del` queues Ctrl-Alt-Del make and break scancodes (set 1
-  when the command byte's translate bit is set, which is the reset default and what Linux
-  keeps; set 2 otherwise).
+It exposes two bus devices, each registered with length 1: :attr:`I8042.data_port` at 0x60 and
+:attr:`I8042.command_port` at 0x64 (not 0x60..0x64 as one range: 0x61 is port B of the PC's system
+control logic).  It answers what Linux's i8042 and atkbd probes need; a reset (e.g. command 0xfe)
+calls ``stop(StopRequest(GuestEvent.REBOOT, detail="i8042 reset"))`` outside the device lock.
+Design notes (status bits, commands, output queue, IRQs): docs/devices.md, "i8042 keyboard controller".
 """
 
 from __future__ import annotations

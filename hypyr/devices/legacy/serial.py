@@ -1,54 +1,10 @@
 """A 16550A-compatible UART (8250 family), as used for COM1.
 
-Register it at port 0x3f8 with length 8; its interrupt line is ISA IRQ 4.
-
-Registers (offset: read / write)::
-
-    0  RBR receive buffer      / THR transmit holding      (DLAB=0)
-       DLL divisor latch low   / DLL                       (DLAB=1)
-    1  IER interrupt enable    / IER                       (DLAB=0)
-       DLM divisor latch high  / DLM                       (DLAB=1)
-    2  IIR interrupt ident.    / FCR FIFO control
-    3  LCR line control        / LCR (bit 7 = DLAB)
-    4  MCR modem control       / MCR (bit 4 = loopback)
-    5  LSR line status         / (ignored)
-    6  MSR modem status        / (ignored)
-    7  SCR scratch             / SCR
-
-Model
------
-* Transmission is instantaneous: a THR write hands the byte to ``out`` (or, in loopback mode,
-  to the receive FIFO) and THR/transmitter are empty again, so LSR.THRE and LSR.TEMT always
-  read 1 and the THRE interrupt is re-armed after every THR write.
-* Interrupt sources, highest priority first: receiver line status (overrun, when host input
-  had to be dropped), received data (IIR 0x04 when the FIFO holds at least the trigger level,
-  otherwise 0x0C "character timeout"; with FIFOs off always 0x04), THR empty (0x02), modem
-  status (0x00).  IIR bits 7:6 read 11 when FIFOs are enabled.
-* THRE follows the real 16550: reading IIR while THRE is the reported source clears it; a THR
-  write re-arms it; writing IER so that ETBEI goes 0->1 while THR is empty arms it (Linux's
-  tty layer and its startup THRE test depend on this — without it a guest's userspace output
-  to ttyS0 never drains).
-* Output line: ``irq(True)`` while an enabled source is pending *and* MCR.OUT2 is set (on a
-  PC, OUT2 gates the UART's INTR onto the ISA bus), ``irq(False)`` otherwise.  ``irq`` is only
-  called when that level changes.  Like real hardware (THRE drops while a byte is in flight),
-  a THR write that clears and re-arms THRE is evaluated in two steps, so if THRE was the only
-  pending source the line pulses low then high: an edge-triggered PIC that stays latched
-  on a level that never drops would otherwise miss the next interrupt (e.g. after Linux's ISR
-  gives up with "too much work").
-* Loopback (MCR bit 4): transmitted bytes go to the receive FIFO instead of ``out``; MSR's
-  upper nibble reflects MCR (CTS=RTS, DSR=DTR, RI=OUT1, DCD=OUT2) with the delta bits set
-  accordingly, as Linux's autoconfig probe expects (MCR=0x1A -> MSR & 0xF0 == 0x90).  The
-  OUT2 gate uses the MCR.OUT2 bit in loopback too.
-* Outside loopback the modem inputs read CTS, DSR and DCD asserted (a connected terminal).
-* Host input (:meth:`Serial.enqueue_input`) goes to a bounded receive buffer
-  (``RX_BUFFER_SIZE`` = 64 KiB), the head of which is the 16-byte hardware FIFO (1 byte with
-  FIFOs off): an FCR "clear receive FIFO" drops only that part.  Input beyond the bound is
-  dropped, logged, and reported to the guest as an overrun (LSR.OE).  Callers that can wait
-  should check :meth:`Serial.input_room` first.
-
-Threading: all state is guarded by one lock.  ``irq`` and ``out`` are called with that lock
-held (this keeps line levels and output bytes in order across vCPU threads); they must not
-call back into this device.
+Register it at port 0x3f8 with length 8; its interrupt line is ISA IRQ 4 (gated by MCR.OUT2).
+Transmission is instantaneous; THRE is re-armed on every THR write and on ETBEI 0->1, as on a real
+16550 (Linux's tty layer depends on it).  All state is guarded by one lock; ``irq`` and ``out``
+are called with it held and must not call back into this device.
+Design notes (registers, interrupt sources, loopback, input buffer): docs/devices.md, "8250 UART (COM1)".
 """
 
 from __future__ import annotations

@@ -1,60 +1,11 @@
-"""virtio-blk (virtio 1.2 §5.2): a raw disk image file as a block device.
+"""virtio-blk (virtio 1.2 §5.2): a raw disk image file as a block device, with one request queue.
 
-One request queue.  A request is a descriptor chain::
-
-    header   (device-readable, 16 bytes: type u32, reserved u32, sector u64)
-    data     (device-readable for OUT/DISCARD/WRITE_ZEROES, device-writable for IN/GET_ID)
-    status   (the last device-writable byte: OK 0, IOERR 1, UNSUPP 2)
-
-Everything in a chain is untrusted.  A chain with no device-writable byte has nowhere to report
-an error and raises :class:`DeviceError` (the transport then sets NEEDS_RESET); any other
-malformed request completes with IOERR (bad length, sector range, write to a read-only disk,
-host I/O error, a header that is not device-readable) or UNSUPP (unknown type, feature not
-negotiated, unknown flags), never an exception.  The image is never read or written outside
-``[0, capacity * 512)`` and a read-only image is opened ``O_RDONLY``.  Rejected requests are
-logged at warning level, rate-limited per kind (the kinds are fixed, never the guest's values).
-The queue bounds the requests in flight by its size (see :mod:`.queue`), and so what the device
-holds: the groups of requests below, and what a FLUSH waits for.
-
-I/O runs off the vCPU threads: :meth:`VirtioBlk.queue_notify` (called on the VM's I/O thread,
-from the queue's ioeventfd) pops every available chain (reading each request header once,
-there) and splits the batch into a few groups (at most one per worker, so several requests are
-still in flight at once; a FLUSH is a group of its own).  The last group, unless it is a FLUSH,
-is run by the notifying thread itself and the others by a thread pool, so a lone request (queue
-depth 1, the usual case) costs no thread switch.  Each group runs its requests in order, then
-completes them together: status bytes, one used-ring update, one interrupt.  Data moves
-directly between the image and the guest's buffers: for the usual layout (an indirect table:
-header, data buffers, status byte) :meth:`GuestMemory.preadv_descs
-<hypyr.memory.GuestMemory.preadv_descs>`/``pwritev_descs`` take the data descriptors straight
-from the table the queue checked; otherwise ``preadv``/``pwritev`` (which check every range and
-build the iovec array themselves, no per-buffer memoryview) of exactly the data part of the
-chain (after the 16-byte header, before the status byte), in syscalls of at most
-:data:`IO_CHUNK` bytes and :data:`IOV_MAX` buffers, looping on short transfers, so a hostile
-chain covering gigabytes of guest RAM costs time, not host memory.
-Ordering and lifetime:
-
-* FLUSH waits for every request submitted before it, then ``fdatasync``; an OUT is completed
-  only after ``pwritev`` returned, so data acknowledged by a FLUSH is on the disk.  Once an
-  ``fdatasync`` failed, every later FLUSH fails, for the device's life (a driver reset keeps
-  it): the data written before it may be lost.
-* Every activation and reset starts a new *generation*.  Status bytes, GET_ID data and
-  used-ring updates of a request are written under the device lock and only if its generation is
-  current, so a request that finishes after :meth:`reset` never completes, never writes its
-  status byte and never touches the new queue.  Bulk data is different: each ``preadv`` into
-  guest memory is started only if the request's generation is current, but it is *not* made
-  under the device lock (that would serialise all I/O and let a stuck host read block
-  :meth:`reset` for ever).  So a read that is already in the kernel when the device is reset
-  can still land, later, in the guest buffers the driver handed over for it.  That is safe for
-  the VMM: the iovecs cover exactly those buffers, which are guest RAM, and GuestMemory keeps the
-  mapping alive for the call (never freed host memory); it is what a real DMA device that has not quiesced would do.
-  :meth:`reset` waits (bounded, :data:`RESET_WAIT`) for in-flight requests, so normally their
-  reads and file writes have finished before it returns and nothing lands late at all.
-
-Callers must :meth:`VirtioBlk.close` the device when the VM is torn down: it starts a new
-generation too (requests in flight start no more I/O), waits for every request, whichever
-thread runs it, stops the workers and only then closes the image, so that no late request
-writes into a file that gets the descriptor number next.  The image is ``flock``-ed (exclusive
-for read-write, shared for read-only) so that two VMs cannot write one image at once.
+Every chain is untrusted: a malformed request completes with IOERR or UNSUPP (one with no
+device-writable byte raises :class:`DeviceError`), and the image is never read or written outside
+``[0, capacity * 512)``.  I/O runs off the vCPU threads; every activation and reset starts a new
+generation, and only a request of the current one completes.  Callers must
+:meth:`VirtioBlk.close` the device when the VM is torn down.
+Design notes (I/O path, FLUSH ordering, generations, image lock): docs/devices.md, "virtio-blk".
 """
 
 from __future__ import annotations

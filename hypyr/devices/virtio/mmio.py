@@ -1,85 +1,11 @@
 """The virtio-mmio transport, version 2 ("modern", virtio 1.2 §4.2), as a bus device.
 
-Register it on the MMIO bus with length :data:`MMIO_WINDOW`; its interrupt is level or edge
-triggered (see Model).  The register block (offsets relative to the window)::
-
-    0x000 MagicValue          R   0x74726976 ("virt")
-    0x004 Version             R   2
-    0x008 DeviceID            R   device.device_id
-    0x00c VendorID            R   0x52595048 ("HPYR")
-    0x010 DeviceFeatures      R   32 bits of the offered features, selected by 0x014
-    0x014 DeviceFeaturesSel   W
-    0x020 DriverFeatures      W   32 bits of the accepted features, selected by 0x024
-    0x024 DriverFeaturesSel   W
-    0x030 QueueSel            W
-    0x034 QueueNumMax         R   0 if the selected queue does not exist
-    0x038 QueueNum            W
-    0x044 QueueReady          RW
-    0x050 QueueNotify         W   value = queue index (also :meth:`VirtioMmioTransport.notify`)
-    0x060 InterruptStatus     R   bit 0 used buffer, bit 1 configuration change
-    0x064 InterruptACK        W   clears the written bits
-    0x070 Status              RW
-    0x080/0x084 QueueDescLow/High      W
-    0x090/0x094 QueueDriverLow/High    W   (the available ring)
-    0x0a0/0x0a4 QueueDeviceLow/High    W   (the used ring)
-    0x0ac SHMSel              W   no shared memory regions: SHMLen/SHMBase read all ones
-    0x0fc ConfigGeneration    R
-    0x100+ device configuration space (any width), delegated to the device
-
-Model
------
-* Registers below 0x100 take aligned 32-bit accesses only; other accesses are logged (debug)
-  and ignored, reads of them return zeros.  Reads of write-only or reserved registers return
-  zero; writes to read-only or reserved registers are ignored.
-* Offered features: the device's, plus VERSION_1, RING_INDIRECT_DESC and RING_EVENT_IDX.
-  DriverFeatures writes are ignored once FEATURES_OK is set.
-* Status: writing 0 resets the device (device hook, queues, features, interrupt status; the line
-  drops).  Otherwise bits are only ever added; a write that would clear one is logged and
-  ignored (DEVICE_NEEDS_RESET belongs to the device and is neither set nor cleared by writes).
-  FEATURES_OK is accepted only if the driver's features are a subset of the offered ones and
-  include VERSION_1 (otherwise the bit stays clear, the driver reads it back and fails).
-  DRIVER_OK is ignored without FEATURES_OK.  On DRIVER_OK every queue with QueueReady=1 is
-  validated and activated with the negotiated EVENT_IDX / INDIRECT_DESC, then
-  ``device.activate(mem, queues, driver_features, interrupt)`` is called with *all* the
-  device's queues, indexed by queue number (queues that are not ready stay inactive: ``pop()``
-  returns None).  Any failure puts the device in DEVICE_NEEDS_RESET.
-* Queue registers may be written only before DRIVER_OK; QueueNum and the ring addresses only
-  while the selected queue is not ready.  Other writes are logged and ignored.
-* DEVICE_NEEDS_RESET (a queue or device error, e.g. more chains in flight than the queue
-  holds) sets InterruptStatus bit 1 and asserts the line; the transport then stops forwarding
-  notifications until the driver resets the device.
-* Every log line the driver can cause (ignored accesses, refused setups, device errors) is
-  rate-limited per kind (:class:`~hypyr.devices.ratelog.RateLimitedLog`, fixed keys).
-* Interrupts are level triggered (``irq``): the line is high exactly while InterruptStatus is
-  non-zero, and ``irq`` is called only when that level changes; or edge triggered (``trigger``,
-  e.g. a KVM irqfd): one edge each time bits are set in InterruptStatus, as virtio-mmio in
-  Firecracker and cloud-hypervisor.  An edge that arrives while the driver is in its handler is
-  latched by the interrupt controller and delivered again after its EOI, so none is lost; the
-  InterruptACK write then only clears bits and costs no interrupt-controller call.  With an
-  edge trigger, InterruptACK writes of exactly INT_VRING (what Linux writes after every
-  used-buffer interrupt) can be absorbed by KVM (``ack_eventfd``, an ioeventfd: no exit to
-  userspace) and applied before the next change of InterruptStatus (see ``_absorb_acks``).
-
-* Save/restore (docs/save-restore.md): :meth:`~VirtioMmioTransport.quiesce` stops forwarding
-  notifications (:meth:`~VirtioMmioTransport.resume` looks at every queue once instead) and has
-  the device finish or hand back every chain; the state holds the device's own under
-  ``"device"``; :meth:`~VirtioMmioTransport.load_state` checks it all, then reactivates with the
-  ring progress saved.
-
-* :meth:`VirtioMmioTransport.register_page`: the readable registers and the config space as a
-  page the VMM can map read-only over the window, kept current by every path that changes them,
-  so the driver's register reads need no exit at all (see there).
-
-Threading
----------
-Two locks.  ``_lock`` guards the registers and the status state machine; the device's
-``activate``, ``reset`` and ``config_read``/``config_write`` hooks are called with it held.
-``_irq_lock`` guards InterruptStatus, the line level and ConfigGeneration and is the only lock
-taken by :meth:`_interrupt` and :meth:`config_changed`, which device worker threads call; it
-is always taken after ``_lock``, never before.  ``irq`` is called with ``_irq_lock`` held (this
-keeps line levels in order) and must not call back into the transport.
-``device.queue_notify`` is called with no transport lock held.  Device threads must not call
-:meth:`read`/:meth:`write`.
+Register it on the MMIO bus with length :data:`MMIO_WINDOW`; its interrupt is level triggered
+(``irq``) or edge triggered (``trigger``, e.g. a KVM irqfd).  Everything the driver writes is
+untrusted: accesses it does not take are logged (rate-limited) and ignored, and a queue or device
+error puts the device in DEVICE_NEEDS_RESET.  Locks: ``_irq_lock`` is always taken after ``_lock``,
+never before, and ``irq`` must not call back into the transport.
+Design notes (registers, status machine, interrupts, threading): docs/devices.md, "virtio-mmio transport".
 """
 
 from __future__ import annotations
