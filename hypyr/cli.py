@@ -176,7 +176,7 @@ def _run_vm(args, config) -> int:
     out = OutputQueue(lambda data: write_all(out_fd, data), limit=RUN_OUTPUT_LIMIT, name="stdout")
     vm = build_linux_vm(config, out.write)
     machine = vm.machine
-    with _stop_on_sigterm(machine), Terminal() as term:
+    with _stop_on_sigterm(machine), Terminal(attach=not args.no_input) as term:
         pump = InputPump(vm.console.enqueue_input, vm.console.input_room,
                          on_escape=lambda: machine.stop(StopReason(StopKind.DESTROYED, "stopped with Ctrl-]")),
                          escape=term.is_tty)

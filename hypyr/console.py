@@ -26,11 +26,13 @@ log = logging.getLogger(__name__)
 
 
 class Terminal:
-    """Puts a tty into raw mode for the duration of a ``with`` block; a no-op for non-ttys."""
+    """Puts a tty into raw mode for the duration of a ``with`` block; a no-op for non-ttys and
+    when not ``attach``ed (a process that takes no input leaves the terminal alone: changing it
+    from a background job would stop that job with SIGTTOU)."""
 
-    def __init__(self, fd: int | None = None):
+    def __init__(self, fd: int | None = None, attach: bool = True):
         self.fd = sys.stdin.fileno() if fd is None else fd
-        self.is_tty = os.isatty(self.fd)
+        self.is_tty = attach and os.isatty(self.fd)
         self._saved: list[Any] | None = None  # the termios attributes to restore
 
     def __enter__(self) -> Terminal:
