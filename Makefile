@@ -31,7 +31,7 @@ matrix-image: deps
 
 # The lab's system-image test (tests/lab/test_system_image.py): a bootable Debian disk made with
 # mmdebstrap (`hypyr image build --system`: root, ~150 MB download, a minute or a few; installs
-# mmdebstrap if missing).  Not part of `make test`; a second run with nothing changed does nothing.
+# mmdebstrap if missing).  `make test-lab` builds it; a second run with nothing changed does nothing.
 SYSTEM_IMAGE ?= $(HOME)/.cache/hypyr/system/system.img
 .PHONY: system-image
 system-image: deps
@@ -66,11 +66,12 @@ lint: deps
 LAB_BUDGET ?= 3600
 LAB_ATTEMPTS ?= 4
 LAB_STATE ?= $(CURDIR)/.lab-state
-test-lab: image matrix-image
+test-lab: image matrix-image system-image
 	@rm -rf $(LAB_STATE) && mkdir -p $(LAB_STATE); start=$$SECONDS; attempt=1; \
 	while :; do \
 	  left=$$(( $(LAB_BUDGET) - (SECONDS - start) )); \
-	  HYPYR_LAB_PASSED=$(LAB_STATE)/passed HYPYR_MATRIX_IMAGE=$(MATRIX_IMAGE) $(HYPYR) lab --timeout $$left --share $(LAB_STATE) -- \
+	  HYPYR_LAB_PASSED=$(LAB_STATE)/passed HYPYR_MATRIX_IMAGE=$(MATRIX_IMAGE) \
+	  HYPYR_LAB_SYSTEM=1 HYPYR_SYSTEM_IMAGE=$(SYSTEM_IMAGE) $(HYPYR) lab --timeout $$left --share $(LAB_STATE) -- \
 	    $(PY) -m pytest tests/lab $(PYTEST_LAB_OPTS); rc=$$?; \
 	  [ $$rc -eq 125 ] || exit $$rc; \
 	  left=$$(( $(LAB_BUDGET) - (SECONDS - start) )); \
