@@ -290,7 +290,7 @@ class Machine:  # a guest that runs until stopped
 vm = SimpleNamespace(machine=Machine(), close=lambda: None,
                      console=SimpleNamespace(enqueue_input=len, input_room=lambda: 4096))
 builder.build_linux_vm = lambda config, out: vm
-sys.exit(cli.main(["run", "--no-input", "--kernel", "/nonexistent/vmlinuz"]))
+sys.exit(cli.main(["run", "--kernel", "/nonexistent/vmlinuz"]))
 """
 
 
