@@ -2,10 +2,12 @@
 """Boot-time benchmark: hypyr against QEMU/KVM (-M microvm and -M pc) on the same guest.
 
 Measures the wall time from launching the VMM to the guest's first userspace line
-("hypyr: init started", printed first by the default image's /init) on the serial console.
+("hypyr: init started", printed first by the default image's /init) on the serial console; with
+--system IMG, to the serial login prompt of a system image (`hypyr image build --system`) booted
+from its own grub.cfg, against QEMU direct-booting that entry's kernel, initrd and command line.
 Runs inside the lab (nested KVM); started on the host it re-executes itself there:
 
-    .venv/bin/python bench/boot.py [--rounds N] [--timeout S] [--json FILE]
+    .venv/bin/python bench/boot.py [--rounds N] [--timeout S] [--json FILE] [--kernel K --initrd I | --system IMG]
 
 It prints figures and exits 0 even when the goal (hypyr <= 1.5 x the faster QEMU) is not met;
 it exits non-zero only when it could not run at all. See bench/README.md.
@@ -43,10 +45,14 @@ from _common import (  # noqa: E402
 )
 
 MARKER = b"hypyr: init started"
+SYSTEM_MARKER = b" login: "      # agetty on ttyS0
 GUEST_MEMORY = "256M"
 GUEST_MEMORY_BYTES = 256 << 20
+SYSTEM_MEMORY = "512M"           # systemd wants more than the default image
+SYSTEM_COPY = "/tmp/bench-boot-system.img"  # a fresh copy per boot (L1's tmpfs), made untimed
 EXEC_CMD = "true"
 RATIO_GOAL = 1.5
+PC_RATIO_GOAL = 0.75  # issue #14: hypyr <= 0.75 x QEMU -M pc
 JSON_LINE_PREFIX = "@@hypyr-bench-json@@ "
 
 CONFIGS = ("hypyr", "qemu-microvm", "qemu-pc")
@@ -73,17 +79,39 @@ def guest_cmdline() -> str:
     return VmConfig(kernel="-", exec_cmd=EXEC_CMD).full_cmdline()
 
 
+def _qemu_common(memory: str, kernel: str, initrd: str, cmdline: str) -> list[str]:
+    return ["-accel", "kvm", "-cpu", "host", "-m", memory, "-smp", "1",
+            "-nodefaults", "-no-user-config", "-no-reboot", "-display", "none", "-serial", "stdio",
+            "-kernel", kernel, "-initrd", initrd, "-append", cmdline]
+
+
 def commands(kernel: str, initrd: str, qemu: str) -> dict[str, list[str]]:
-    cmdline = guest_cmdline()
-    common_qemu = ["-accel", "kvm", "-cpu", "host", "-m", GUEST_MEMORY, "-smp", "1",
-                   "-nodefaults", "-no-user-config", "-no-reboot", "-display", "none", "-serial", "stdio",
-                   "-kernel", kernel, "-initrd", initrd, "-append", cmdline]
+    common_qemu = _qemu_common(GUEST_MEMORY, kernel, initrd, guest_cmdline())
     return {
         "hypyr": [sys.executable, "-m", "hypyr", "run", "--kernel", kernel, "--initrd", initrd,
                   "--memory", GUEST_MEMORY, "--vcpus", "1", "--exec", EXEC_CMD, "--no-input"],
         "qemu-microvm": [qemu, "-M", "microvm,x-option-roms=off,isa-serial=on"] + common_qemu,
         "qemu-pc": [qemu, "-M", "pc"] + common_qemu,
     }
+
+
+def system_commands(kernel: str, initrd: str, cmdline: str, qemu: str) -> dict[str, list[str]]:
+    """hypyr boots the disk copy through its own grub.cfg (pygrub); QEMU gets that entry's
+    kernel, initrd and command line (as hypyr extracts them) and the same disk as virtio-blk."""
+    common_qemu = _qemu_common(SYSTEM_MEMORY, kernel, initrd, cmdline)
+    drive = ["-drive", f"file={SYSTEM_COPY},if=none,id=d0,format=raw,cache=none,aio=threads"]
+    return {
+        "hypyr": [sys.executable, "-m", "hypyr", "run", "--disk", SYSTEM_COPY, "--boot", "disk",
+                  "--memory", SYSTEM_MEMORY, "--vcpus", "1", "--no-input"],
+        "qemu-microvm": [qemu, "-M", "microvm,x-option-roms=off,isa-serial=on"] + common_qemu + drive
+        + ["-device", "virtio-blk-device,drive=d0"],
+        "qemu-pc": [qemu, "-M", "pc"] + common_qemu + drive + ["-device", "virtio-blk-pci,drive=d0"],
+    }
+
+
+def fresh_system_copy(image: str) -> None:
+    """A pristine copy of the system image for the next boot (each boot writes to its disk)."""
+    subprocess.run(["cp", "--sparse=always", image, SYSTEM_COPY], check=True)
 
 
 # -- memory probe (runs in its own process so RUSAGE_CHILDREN covers hypyr only) ---------------------
@@ -220,6 +248,11 @@ def print_report(summary: dict, mem: dict | None) -> dict:
         result.update(ratio=ratio, fastest_qemu=name, goal_met=ratio <= RATIO_GOAL)
         print(f"\nRatio hypyr / fastest QEMU ({name}, median {best:.2f} s): {ratio:.2f}  "
               f"(goal <= {RATIO_GOAL}: {'met' if ratio <= RATIO_GOAL else 'NOT met'})")
+        pc = summary["qemu-pc"]["median_s"]
+        if pc is not None:
+            result["ratio_pc"] = h / pc
+            print(f"Ratio hypyr / QEMU -M pc (median {pc:.2f} s): {h / pc:.2f}  "
+                  f"(issue #14's goal <= {PC_RATIO_GOAL}: {'met' if h / pc <= PC_RATIO_GOAL else 'NOT met'})")
     else:
         print("\nRatio hypyr / fastest QEMU: n/a (no successful samples to compare)")
     if mem is not None:
@@ -251,18 +284,28 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-memory", action="store_true", help="skip the extra run that measures hypyr's RSS")
     p.add_argument("--kernel", help="guest kernel (default: the default image's)")
     p.add_argument("--initrd", help="guest initrd (default: the default image's)")
+    p.add_argument("--system", metavar="IMG", help="boot this system image (hypyr image build --system) "
+                   "to its login prompt instead (512 MiB; no memory probe)")
     p.add_argument("--_json-stdout", dest="json_stdout", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_rss-probe", dest="rss_probe", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("probe_cmd", nargs="*", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.rounds < 1:
         p.error("--rounds must be at least 1")
+    if a.system and (a.kernel or a.initrd):
+        p.error("--system boots the image's own kernel: not with --kernel/--initrd")
+    if a.system:
+        a.system = os.path.abspath(a.system)
+        a.no_memory = True
     return a
 
 
 def host_side(argv: list[str], args: argparse.Namespace) -> int:
     """Outside the lab: make sure the image exists (the cache is read-only in the lab), then re-exec."""
-    if args.kernel is None and (rc := ensure_image()) != 0:
+    if args.system and not os.path.isfile(args.system):
+        print(f"bench: no system image at {args.system} (make system-image)", file=sys.stderr)
+        return 2
+    if args.kernel is None and not args.system and (rc := ensure_image()) != 0:
         return rc
     inner = lab_command(HERE, argv)
     if args.json:
@@ -297,11 +340,28 @@ def lab_side(args: argparse.Namespace) -> int:
     if guest is None:
         return 2
     kernel, initrd, qemu = guest
+    marker, memory, cmdline, boot = MARKER, GUEST_MEMORY, guest_cmdline(), None
+    if args.system:
+        from hypyr.image import diskboot
+        boot = diskboot.load(args.system)  # what hypyr's pygrub path picks, for QEMU's direct boot
+        kernel, initrd, cmdline = boot.kernel, boot.initrd or "", boot.cmdline
+        marker, memory = SYSTEM_MARKER, SYSTEM_MEMORY
+        cmds = system_commands(kernel, initrd, cmdline, qemu)
+    else:
+        cmds = commands(kernel, initrd, qemu)
+    try:
+        return _rounds(args, cmds, kernel, initrd, cmdline, marker, memory)
+    finally:
+        if boot is not None:
+            boot.close()
 
-    cmds = commands(kernel, initrd, qemu)
-    print(f"hypyr boot benchmark: {args.rounds} round(s), 256 MiB, 1 vCPU, per-boot limit {args.timeout:.0f} s")
-    print(f"  kernel  {kernel}\n  initrd  {initrd}\n  cmdline {guest_cmdline()}")
-    print(f"  marker  {MARKER.decode()!r} on the serial console (stdout pipe)")
+
+def _rounds(args: argparse.Namespace, cmds: dict[str, list[str]], kernel: str, initrd: str, cmdline: str,
+            marker: bytes, memory: str) -> int:
+    what = f"system image {args.system}" if args.system else "the default image's /init"
+    print(f"hypyr boot benchmark: {args.rounds} round(s), {memory}, 1 vCPU, per-boot limit {args.timeout:.0f} s")
+    print(f"  guest   {what}\n  kernel  {kernel}\n  initrd  {initrd}\n  cmdline {cmdline}")
+    print(f"  marker  {marker.decode()!r} on the serial console (stdout pipe)")
     for c in CONFIGS:
         print(f"  {c:<13} {' '.join(cmds[c])}")
     print(flush=True)
@@ -311,14 +371,17 @@ def lab_side(args: argparse.Namespace) -> int:
         k = (rnd - 1) % len(CONFIGS)
         order = CONFIGS[k:] + CONFIGS[:k]  # rotate the start so no VMM always goes first
         for c in order:
-            wait = c == "hypyr"  # hypyr powers off by itself: let it, and record its exit status
-            marker_s, total_s, status, note, _ = run_until_marker(cmds[c], MARKER, args.timeout, wait_for_exit=wait)
+            if args.system:
+                fresh_system_copy(args.system)
+            # hypyr powers the default image off by itself: let it, and record its exit status
+            wait = c == "hypyr" and not args.system
+            marker_s, total_s, status, note, _ = run_until_marker(cmds[c], marker, args.timeout, wait_for_exit=wait)
             s = Sample(c, rnd, marker_s is not None, marker_s, total_s, status, note)
-            if c == "hypyr" and s.ok and status != 0 and not note:
+            if wait and s.ok and status != 0 and not note:
                 s.note = f"exit status {status}"
             samples.append(s)
             extra = ""
-            if s.ok and c == "hypyr":
+            if s.ok and wait:
                 extra = f"  (exited {status} after {total_s:.2f} s)"
             elif s.ok:
                 extra = "  (killed at the marker)"
@@ -334,7 +397,7 @@ def lab_side(args: argparse.Namespace) -> int:
     result = print_report(summary, mem)
 
     doc = {"rounds": args.rounds, "timeout_s": args.timeout, "kernel": kernel, "initrd": initrd,
-           "cmdline": guest_cmdline(), "commands": cmds, "marker": MARKER.decode(),
+           "system": args.system, "cmdline": cmdline, "commands": cmds, "marker": marker.decode(),
            "host": platform.node(), "samples": [asdict(s) for s in samples], "summary": summary,
            **result, "memory": mem}
     if args.json_stdout:

@@ -8,7 +8,8 @@ same clock as this process), then kills it. Also printed, as medians over the ro
 - the interpreter alone (`python -c pass`) and `import hypyr.vmm.builder` in a fresh interpreter,
   to tell Python's own start from hypyr's;
 - the VMM's resident memory at that moment outside guest RAM (the process's Rss less the Rss of
-  mappings of guest-RAM size or more).
+  mappings of guest-RAM size or more);
+each with Python's bytecode cached (as users run it) and with none written (every start compiles).
 
     .venv/bin/python bench/startup.py [--rounds N] [--memory SIZE] [--kernel K --initrd I]
 
@@ -25,6 +26,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,11 +38,22 @@ from _common import ensure_image  # noqa: E402
 FIRST_RUN = re.compile(rb"first KVM_RUN at CLOCK_MONOTONIC (\d+) ns")
 
 
-def interpreter_ms(code: str) -> float:
+def interpreter_ms(code: str, env: dict[str, str]) -> float:
     """Wall time of a fresh interpreter running ``code`` (in the repository, as `hypyr run` is)."""
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, env=env)
     return (time.perf_counter() - t0) * 1e3
+
+
+def bytecode_env(prefix: str, write: bool) -> dict[str, str]:
+    """This environment with Python's bytecode cache under ``prefix``: written there and loaded
+    from there (as users run hypyr: compiled once), or, with ``write`` False and ``prefix`` empty,
+    none at all (every start compiles)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX")}
+    env["PYTHONPYCACHEPREFIX"] = prefix
+    if not write:
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return env
 
 
 def rss_outside_ram(pid: int, ram_bytes: int) -> float:
@@ -60,11 +73,11 @@ def rss_outside_ram(pid: int, ram_bytes: int) -> float:
     return (total - ram) / 1024
 
 
-def one_start(cmd: list[str], ram_bytes: int, timeout: float) -> tuple[float, float]:
+def one_start(cmd: list[str], ram_bytes: int, timeout: float, env: dict[str, str]) -> tuple[float, float]:
     """(ms from process start to the first KVM_RUN, MiB resident outside guest RAM then)."""
     t0 = time.monotonic_ns()
     proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
+                            stderr=subprocess.PIPE, start_new_session=True, env=env)
     assert proc.stderr is not None
     buf = b""
     try:
@@ -105,20 +118,25 @@ def main() -> int:
     cmd = [sys.executable, "-m", "hypyr", "run", "-vv", "--no-input", "--memory", args.memory]
     if args.kernel:
         cmd += ["--kernel", args.kernel] + (["--initrd", args.initrd] if args.initrd else [])
-    bare, imports, starts, rss = [], [], [], []
-    one_start(cmd, ram, args.timeout)  # warm the page cache (image files, .pyc)
-    for _ in range(args.rounds):
-        bare.append(interpreter_ms("pass"))
-        imports.append(interpreter_ms("import hypyr.vmm.builder"))
-        ms, mib = one_start(cmd, ram, args.timeout)
-        starts.append(ms)
-        rss.append(mib)
     med = statistics.median
     print(f"startup ({args.rounds} rounds, medians; min-max in brackets), python {sys.version.split()[0]}:")
-    print(f"  python -c pass                       {med(bare):6.1f} ms [{min(bare):.1f}-{max(bare):.1f}]")
-    print(f"  python -c 'import hypyr.vmm.builder' {med(imports):6.1f} ms [{min(imports):.1f}-{max(imports):.1f}]")
-    print(f"  hypyr run: process start → first KVM_RUN {med(starts):6.1f} ms [{min(starts):.1f}-{max(starts):.1f}]")
-    print(f"  VMM resident outside guest RAM then  {med(rss):6.1f} MiB [{min(rss):.1f}-{max(rss):.1f}]")
+    with tempfile.TemporaryDirectory(prefix="hypyr-startup-pyc-") as cache:
+        for label, env in (("bytecode cached", bytecode_env(os.path.join(cache, "pyc"), True)),
+                           ("no bytecode cache", bytecode_env(os.path.join(cache, "empty"), False))):
+            bare, imports, starts, rss = [], [], [], []
+            one_start(cmd, ram, args.timeout, env)  # warm the page cache (and fill the bytecode cache)
+            for _ in range(args.rounds):
+                bare.append(interpreter_ms("pass", env))
+                imports.append(interpreter_ms("import hypyr.vmm.builder", env))
+                ms, mib = one_start(cmd, ram, args.timeout, env)
+                starts.append(ms)
+                rss.append(mib)
+            print(f" {label}:")
+            for what, xs, unit in (("python -c pass", bare, "ms"),
+                                   ("python -c 'import hypyr.vmm.builder'", imports, "ms"),
+                                   ("hypyr run: process start -> first KVM_RUN", starts, "ms"),
+                                   ("VMM resident outside guest RAM then", rss, "MiB")):
+                print(f"  {what:<44} {med(xs):7.1f} {unit} [{min(xs):.1f}-{max(xs):.1f}]")
     return 0
 
 
