@@ -180,12 +180,15 @@ def _run_vm(args, config) -> int:
         pump = InputPump(vm.console.enqueue_input, vm.console.input_room,
                          on_escape=lambda: machine.stop(StopReason(StopKind.DESTROYED, "stopped with Ctrl-]")),
                          escape=term.is_tty)
-        if not args.no_input:
+        forward = not args.no_input and not term.background
+        if term.background and not args.no_input:
+            _say("not in the terminal's foreground: its input is not forwarded to the guest")
+        if forward:
             pump.start()
         try:
             reason = machine.run()
         finally:
-            if not args.no_input:
+            if forward:
                 pump.stop()
     vm.close()
     out.close(timeout=RUN_OUTPUT_FLUSH)

@@ -26,13 +26,15 @@ log = logging.getLogger(__name__)
 
 
 class Terminal:
-    """Puts a tty into raw mode for the duration of a ``with`` block; a no-op for non-ttys and
-    when not ``attach``ed (a process that takes no input leaves the terminal alone: changing it
-    from a background job would stop that job with SIGTTOU)."""
+    """Puts a tty into raw mode for the duration of a ``with`` block; a no-op for non-ttys, when
+    not ``attach``ed, and for a background job (:attr:`background`: changing or reading its
+    terminal would stop it with SIGTTOU/SIGTTIN, e.g. under timeout(1), which looks like a hang)."""
 
     def __init__(self, fd: int | None = None, attach: bool = True):
         self.fd = sys.stdin.fileno() if fd is None else fd
-        self.is_tty = attach and os.isatty(self.fd)
+        tty_in = os.isatty(self.fd)
+        self.background = tty_in and _background(self.fd)
+        self.is_tty = attach and tty_in and not self.background
         self._saved: list[Any] | None = None  # the termios attributes to restore
 
     def __enter__(self) -> Terminal:
@@ -46,6 +48,14 @@ class Terminal:
         if self._saved is not None:
             _no_eintr(termios.tcsetattr, self.fd, termios.TCSADRAIN, self._saved)
             self._saved = None
+
+
+def _background(fd: int) -> bool:
+    """Whether this process is not in the foreground process group of the terminal ``fd``."""
+    try:
+        return os.tcgetpgrp(fd) != os.getpgrp()
+    except OSError:  # not our controlling terminal: job control does not apply
+        return False
 
 
 def _no_eintr(fn, *args):

@@ -31,3 +31,33 @@ def test_not_attached_leaves_the_terminal_alone():
     finally:
         os.close(master)
         os.close(slave)
+
+
+def test_a_background_job_leaves_the_terminal_alone():
+    """A process not in its terminal's foreground group (as under timeout(1)) must not set raw mode:
+    the kernel would stop it with SIGTTOU, before its guest ever ran."""
+    import fcntl
+    import subprocess
+    import sys
+
+    def own_session_with_the_pty():
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)      # the pty is now our controlling terminal
+
+    child = ("import os, termios\n"
+             "from hypyr.console import Terminal\n"
+             "if os.fork() == 0:\n"
+             "    os.setpgid(0, 0)\n"                # a new process group: a background job of the pty
+             "    before = termios.tcgetattr(0)\n"
+             "    with Terminal() as t:\n"
+             "        print(t.background, t.is_tty, termios.tcgetattr(0) == before, flush=True)\n"
+             "    os._exit(0)\n"
+             "os.wait()\n")
+    master, slave = pty.openpty()
+    try:
+        p = subprocess.run([sys.executable, "-c", child], stdin=slave, capture_output=True, text=True,
+                           timeout=30, preexec_fn=own_session_with_the_pty)
+        assert p.stdout.split() == ["True", "False", "True"], p.stdout + p.stderr
+    finally:
+        os.close(master)
+        os.close(slave)
