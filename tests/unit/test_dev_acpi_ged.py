@@ -2,7 +2,8 @@
 
 import pytest
 
-from hypyr.devices.legacy.acpi_ged import EVENT_POWER_BUTTON, AcpiGed
+from hypyr.arch.x86.acpi import GED_POWER_BUTTON
+from hypyr.devices.legacy.acpi_ged import AcpiGed
 from hypyr.devices.state import StateError
 
 
@@ -12,7 +13,7 @@ def test_press_pulses_the_line_and_read_clears_the_event():
     assert ged.read(0, 1) == b"\0"            # nothing pending
     ged.press_power_button()
     assert levels == [True, False]            # one edge
-    assert ged.read(0, 1) == bytes([EVENT_POWER_BUTTON])
+    assert ged.read(0, 1) == bytes([GED_POWER_BUTTON])
     assert ged.read(0, 1) == b"\0"            # read to clear, as _EVT expects
     ged.write(0, b"\xff")                      # writes do nothing
     assert ged.read(0, 1) == b"\0" and levels == [True, False]
@@ -24,7 +25,7 @@ def test_state_round_trip_keeps_a_pending_press():
     state = ged.save_state()
     other = AcpiGed(lambda level: None)
     other.load_state(state)
-    assert other.read(0, 1) == bytes([EVENT_POWER_BUTTON])
+    assert other.read(0, 1) == bytes([GED_POWER_BUTTON])
 
 
 @pytest.mark.parametrize("bad", [{}, {"kind": "acpi-ged", "v": 1, "pending": 2},

@@ -17,12 +17,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from hypyr.arch.x86.acpi import GED_POWER_BUTTON
 from hypyr.devices.legacy._bytedev import ByteRegisterDevice
 from hypyr.devices.state import QuiesceFree, StateReader
 
 log = logging.getLogger("hypyr.dev.acpi_ged")
-
-EVENT_POWER_BUTTON = 0x01  # the bit _EVT tests (acpi.GED_POWER_BUTTON)
 
 
 class AcpiGed(QuiesceFree, ByteRegisterDevice):
@@ -40,7 +39,7 @@ class AcpiGed(QuiesceFree, ByteRegisterDevice):
     def press_power_button(self) -> None:
         """Mark the event and raise the interrupt (from any thread)."""
         with self._lock:
-            self._pending |= EVENT_POWER_BUTTON
+            self._pending |= GED_POWER_BUTTON
         self._irq(True)
         self._irq(False)
 
@@ -57,7 +56,7 @@ class AcpiGed(QuiesceFree, ByteRegisterDevice):
 
     def load_state(self, state: dict) -> None:
         r = StateReader(state, "acpi-ged", self.STATE_KIND, self.STATE_VERSION)
-        pending = r.integer("pending", 0, EVENT_POWER_BUTTON)
+        pending = r.integer("pending", 0, GED_POWER_BUTTON)
         r.done()
         with self._lock:
             self._pending = pending
