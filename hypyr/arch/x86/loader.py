@@ -84,6 +84,11 @@ KIND_PVH = "pvh"              # an ELF with XEN_ELFNOTE_PHYS32_ENTRY: 32-bit ent
 KIND_MULTIBOOT = "multiboot"  # a multiboot (v1) header in the first 8 KiB: 32-bit entry with multiboot info
 
 
+def _is_bzimage(data: bytes) -> bool:
+    """The setup header's "HdrS" magic (in the first page of a bzImage)."""
+    return data[bp.HDR_HEADER:bp.HDR_HEADER + 4] == bp.HDRS_MAGIC
+
+
 def detect_format(data: bytes) -> str:
     """Which boot protocol ``data`` (a whole kernel file) is booted with; the one place that decides.
 
@@ -92,7 +97,7 @@ def detect_format(data: bytes) -> str:
     other ELF files with a multiboot header boot as multiboot, the rest by the 64-bit ELF path;
     a non-ELF file with a multiboot header (the a.out kludge) as multiboot.  Anything else is
     left to the bzImage loader, whose error says what is wrong."""
-    if data[bp.HDR_HEADER:bp.HDR_HEADER + 4] == bp.HDRS_MAGIC:
+    if _is_bzimage(data):
         return KIND_BZIMAGE
     if elf.is_elf(data):
         try:
@@ -115,8 +120,7 @@ def read_kernel(path: str | os.PathLike) -> bytes:
 def kernel_format(path: str | os.PathLike) -> str:
     """:func:`detect_format` of the file at ``path`` (HypyrError if it cannot be read); a
     bzImage is told by its first page, without reading the rest."""
-    head = _read_file(path, "kernel", 4096)
-    if head[bp.HDR_HEADER:bp.HDR_HEADER + 4] == bp.HDRS_MAGIC:
+    if _is_bzimage(_read_file(path, "kernel", 4096)):
         return KIND_BZIMAGE
     return detect_format(read_kernel(path))
 
@@ -134,7 +138,7 @@ def load_kernel_data(mem: GuestMemory, data: bytes, name: str) -> KernelImage:
 
 def load_bzimage(mem: GuestMemory, data: bytes, path: str = "<kernel>") -> KernelImage:
     not_bz = "is not a bzImage Linux kernel (or is too old)"
-    if len(data) < bp.HDR_HEADER + 6 or data[bp.HDR_HEADER:bp.HDR_HEADER + 4] != bp.HDRS_MAGIC:
+    if len(data) < bp.HDR_HEADER + 6 or not _is_bzimage(data):
         raise _fail(path, "is not a kernel hypyr can boot: not a bzImage Linux kernel, an ELF vmlinux "
                           "or a multiboot kernel")
     version = _u16(data, bp.HDR_VERSION)
