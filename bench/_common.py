@@ -4,6 +4,7 @@ re-exec into the lab (benchmarks of real guests run there; see bench/README.md).
 from __future__ import annotations
 
 import os
+import re
 import select
 import signal
 import subprocess
@@ -151,3 +152,27 @@ def run_until_marker(cmd: list[str], marker: bytes, timeout: float, wait_for_exi
         if tail:
             note += f"; output tail: {tail}"
     return marker_s, total_s, status, note, bytes(buf)
+
+
+def smaps_split(pid: int, guest_kib: int) -> tuple[int, int] | None:
+    """(total Rss KiB, Rss KiB of the anonymous mapping(s) holding guest RAM) from /proc/PID/smaps."""
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            text = f.read()
+    except OSError:
+        return None
+    total = guest = 0
+    is_guest = False
+    for line in text.splitlines():
+        head = line.split(None, 1)[0] if line else ""
+        if re.fullmatch(r"[0-9a-f]+-[0-9a-f]+", head):
+            parts = line.split()
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            anon = len(parts) < 6 or parts[5] == ""
+            is_guest = anon and (hi - lo) == guest_kib * 1024
+        elif line.startswith("Rss:"):
+            kib = int(line.split()[1])
+            total += kib
+            if is_guest:
+                guest += kib
+    return total, guest

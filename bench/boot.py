@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import select
 import statistics
 import subprocess
@@ -42,6 +41,7 @@ from _common import (  # noqa: E402
     lab_guest,
     live,
     run_until_marker,
+    smaps_split,
 )
 
 MARKER = b"hypyr: init started"
@@ -115,30 +115,6 @@ def fresh_system_copy(image: str) -> None:
 
 
 # -- memory probe (runs in its own process so RUSAGE_CHILDREN covers hypyr only) ---------------------
-def _smaps_split(pid: int, guest_kib: int) -> tuple[int, int] | None:
-    """(total Rss KiB, Rss KiB of the anonymous mapping(s) holding guest RAM) from /proc/PID/smaps."""
-    try:
-        with open(f"/proc/{pid}/smaps") as f:
-            text = f.read()
-    except OSError:
-        return None
-    total = guest = 0
-    is_guest = False
-    for line in text.splitlines():
-        head = line.split(None, 1)[0] if line else ""
-        if re.fullmatch(r"[0-9a-f]+-[0-9a-f]+", head):
-            parts = line.split()
-            lo, hi = (int(x, 16) for x in head.split("-"))
-            anon = len(parts) < 6 or parts[5] == ""
-            is_guest = anon and (hi - lo) == guest_kib * 1024
-        elif line.startswith("Rss:"):
-            kib = int(line.split()[1])
-            total += kib
-            if is_guest:
-                guest += kib
-    return total, guest
-
-
 def rss_probe(cmd: list[str], timeout: float) -> dict:
     """Run CMD (hypyr) once; report its peak RSS (getrusage) and sampled RSS split from smaps."""
     import resource
@@ -156,7 +132,7 @@ def rss_probe(cmd: list[str], timeout: float) -> dict:
     marker_s = None
     try:
         while proc.poll() is None and time.monotonic() - t0 < timeout:
-            split = _smaps_split(proc.pid, guest_kib)
+            split = smaps_split(proc.pid, guest_kib)
             if split is not None:
                 samples += 1
                 last = split

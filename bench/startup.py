@@ -8,7 +8,7 @@ same clock as this process), then kills it. Also printed, as medians over the ro
 - the interpreter alone (`python -c pass`) and `import hypyr.vmm.builder` in a fresh interpreter,
   to tell Python's own start from hypyr's;
 - the VMM's resident memory at that moment outside guest RAM (the process's Rss less the Rss of
-  mappings of guest-RAM size or more);
+  the anonymous mapping of guest-RAM size);
 each with Python's bytecode cached (as users run it) and with none written (every start compiles).
 
     .venv/bin/python bench/startup.py [--rounds N] [--memory SIZE] [--kernel K --initrd I]
@@ -33,7 +33,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve()
 REPO = HERE.parent.parent
 sys.path.insert(0, str(HERE.parent))
-from _common import ensure_image  # noqa: E402
+from _common import ensure_image, smaps_split  # noqa: E402
 
 FIRST_RUN = re.compile(rb"first KVM_RUN at CLOCK_MONOTONIC (\d+) ns")
 
@@ -57,19 +57,11 @@ def bytecode_env(prefix: str, write: bool) -> dict[str, str]:
 
 
 def rss_outside_ram(pid: int, ram_bytes: int) -> float:
-    """MiB resident in ``pid`` outside mappings of ``ram_bytes`` or more (guest RAM)."""
-    total = ram = 0
-    size = 0
-    with open(f"/proc/{pid}/smaps") as f:
-        for line in f:
-            if line[0] in "0123456789abcdef" and "-" in line.split()[0]:
-                lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
-                size = hi - lo
-            elif line.startswith("Rss:"):
-                kb = int(line.split()[1])
-                total += kb
-                if size >= ram_bytes:
-                    ram += kb
+    """MiB resident in ``pid`` outside the anonymous mapping of guest RAM."""
+    split = smaps_split(pid, ram_bytes // 1024)
+    if split is None:
+        raise SystemExit(f"bench: cannot read /proc/{pid}/smaps")
+    total, ram = split
     return (total - ram) / 1024
 
 
