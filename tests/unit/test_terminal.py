@@ -4,36 +4,37 @@ import os
 import pty
 import termios
 
+import pytest
+
 from hypyr.console import Terminal
 
 
-def test_raw_mode_while_attached_and_restored_after():
+@pytest.fixture
+def slave():
+    """The terminal end of a fresh pty (both ends closed afterwards)."""
     master, slave = pty.openpty()
-    try:
-        before = termios.tcgetattr(slave)
-        with Terminal(slave) as term:
-            assert term.is_tty
-            assert not termios.tcgetattr(slave)[3] & termios.ICANON   # raw: no line editing
-        assert termios.tcgetattr(slave) == before
-    finally:
-        os.close(master)
-        os.close(slave)
+    yield slave
+    os.close(master)
+    os.close(slave)
 
 
-def test_not_attached_leaves_the_terminal_alone():
+def test_raw_mode_while_attached_and_restored_after(slave):
+    before = termios.tcgetattr(slave)
+    with Terminal(slave) as term:
+        assert term.is_tty
+        assert not termios.tcgetattr(slave)[3] & termios.ICANON   # raw: no line editing
+    assert termios.tcgetattr(slave) == before
+
+
+def test_not_attached_leaves_the_terminal_alone(slave):
     """`hypyr run --no-input`: a background job must not touch the terminal (SIGTTOU would stop it)."""
-    master, slave = pty.openpty()
-    try:
-        before = termios.tcgetattr(slave)
-        with Terminal(slave, attach=False) as term:
-            assert not term.is_tty
-            assert termios.tcgetattr(slave) == before
-    finally:
-        os.close(master)
-        os.close(slave)
+    before = termios.tcgetattr(slave)
+    with Terminal(slave, attach=False) as term:
+        assert not term.is_tty
+        assert termios.tcgetattr(slave) == before
 
 
-def test_a_background_job_leaves_the_terminal_alone():
+def test_a_background_job_leaves_the_terminal_alone(slave):
     """A process not in its terminal's foreground group (as under timeout(1)) must not set raw mode:
     the kernel would stop it with SIGTTOU, before its guest ever ran."""
     import fcntl
@@ -53,11 +54,6 @@ def test_a_background_job_leaves_the_terminal_alone():
              "        print(t.background, t.is_tty, termios.tcgetattr(0) == before, flush=True)\n"
              "    os._exit(0)\n"
              "os.wait()\n")
-    master, slave = pty.openpty()
-    try:
-        p = subprocess.run([sys.executable, "-c", child], stdin=slave, capture_output=True, text=True,
-                           timeout=30, preexec_fn=own_session_with_the_pty)
-        assert p.stdout.split() == ["True", "False", "True"], p.stdout + p.stderr
-    finally:
-        os.close(master)
-        os.close(slave)
+    p = subprocess.run([sys.executable, "-c", child], stdin=slave, capture_output=True, text=True,
+                       timeout=30, preexec_fn=own_session_with_the_pty)
+    assert p.stdout.split() == ["True", "False", "True"], p.stdout + p.stderr
