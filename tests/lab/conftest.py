@@ -7,7 +7,6 @@ They need hardware virtualisation: inside the lab (`hypyr lab -- pytest tests/la
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from dataclasses import dataclass
 
@@ -15,6 +14,7 @@ import pytest
 
 from hypyr import doctor
 from hypyr.image import build as image
+from hypyr.lab.testguard import run_bounded
 
 
 def _native() -> bool:
@@ -48,7 +48,7 @@ class Result:
 def hypyr_run(guest_image):
     def run(*args: str, timeout: float = 300) -> Result:
         cmd = [sys.executable, "-m", "hypyr", "run", "--no-input", *args]
-        p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+        p = run_bounded(cmd, timeout)
         r = Result(p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace"))
         print(f"$ {' '.join(cmd)}\n--- rc={r.returncode}\n--- stdout:\n{r.stdout}\n--- stderr:\n{r.stderr}")
         return r

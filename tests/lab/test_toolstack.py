@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from test_virtio import make_disk  # tests/lab is on sys.path (pytest rootdir-less import)
 
+from hypyr.lab.testguard import run_bounded
+
 
 @pytest.fixture
 def xl(guest_image, tmp_path, monkeypatch):
@@ -23,8 +25,7 @@ def xl(guest_image, tmp_path, monkeypatch):
     monkeypatch.setenv("HYPYR_STATE_DIR", str(state))
 
     def run(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
-        p = subprocess.run([sys.executable, "-m", "hypyr", *args], capture_output=True, text=True,
-                           stdin=subprocess.DEVNULL, timeout=timeout)
+        p = run_bounded([sys.executable, "-m", "hypyr", *args], timeout, text=True)
         print(f"$ hypyr {' '.join(args)} -> {p.returncode}\n{p.stdout}{p.stderr}")
         if check:
             assert p.returncode == 0, p.stderr

@@ -1,0 +1,140 @@
+"""A pytest plugin (``-p hypyr.lab.testguard``) that keeps a hung lab test from eating the lab's budget.
+
+A lab test hangs either on our side (a guest or VMM stopped making progress: the test fails, with
+what it printed so far) or in L1's kernel (a process that SIGKILL cannot end, as when nested KVM
+under TCG goes wrong: exit 125, "the lab failed", so that `make test-lab` boots L1 again and
+resumes). ``run_bounded`` is the subprocess call for the tests; the per-test watchdog
+(HYPYR_LAB_TEST_TIMEOUT seconds, default 600) catches a hang anywhere else. Both print where
+every process stood (state, wait channel, kernel stack) before giving up. See docs/lab.md.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+LAB_FAILED = 125
+KILL_GRACE_S = 60.0
+TEST_TIMEOUT_ENV = "HYPYR_LAB_TEST_TIMEOUT"
+DEFAULT_TEST_TIMEOUT_S = 600.0
+_SIGKILL_BIT = 1 << (signal.SIGKILL - 1)
+
+# The terminal, before pytest's capture takes fd 2 over (-p plugins are imported first).
+_TERMINAL = os.dup(2)
+
+
+def _say(text: str) -> None:
+    os.write(_TERMINAL, text.encode(errors="replace") + b"\n")
+
+
+def _status(pid: str) -> dict[str, str]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return fields
+
+
+def _kill_pending(fields: dict[str, str]) -> bool:
+    return any(int(fields.get(k, "0"), 16) & _SIGKILL_BIT for k in ("SigPnd", "ShdPnd"))
+
+
+def process_report() -> tuple[str, bool]:
+    """Every process's state, wait channel and command line, with the kernel stacks of those
+    asleep uninterruptibly or with a SIGKILL pending; and whether any is stuck with SIGKILL pending."""
+    lines, stuck = [], False
+    for proc in sorted(Path("/proc").glob("[0-9]*"), key=lambda p: int(p.name)):
+        try:
+            fields = _status(proc.name)
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:150]
+            wchan = (proc / "wchan").read_text()
+        except OSError:
+            continue
+        pending = _kill_pending(fields)
+        state = fields.get("State", "?")
+        lines.append(f"{proc.name:>6} {fields.get('PPid', '?'):>6} {state[:1]} {wchan or '-':<28} "
+                     f"{'SIGKILL-pending ' if pending else ''}{cmd or fields.get('Name', '')}")
+        if pending and not state.startswith("Z"):
+            stuck = True
+        if pending or state.startswith("D"):
+            for task in sorted(proc.glob("task/*")):
+                try:
+                    stack = (task / "stack").read_text().strip() or "(empty)"
+                except OSError:
+                    stack = "(no stack)"
+                lines.append(f"         task {task.name}:\n           " + stack.replace("\n", "\n           "))
+    return "   pid   ppid S wchan\n" + "\n".join(lines), stuck
+
+
+def lab_failed(reason: str) -> None:
+    """End the session with exit 125: L1's kernel, not the test, failed."""
+    report, _ = process_report()
+    _say(f"\nhypyr lab: {reason}; this is L1's kernel failing, not a test result. Processes:\n{report}")
+    pytest.exit(reason, returncode=LAB_FAILED)
+
+
+def run_bounded(cmd: list[str], timeout: float, **popen_kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, timeout=...)`` in its own session, whose wait after
+    the timeout is bounded too: the session is SIGKILLed, and a process still there KILL_GRACE_S
+    later ends the lab run (``lab_failed``). Otherwise raises TimeoutExpired with the output so far."""
+    popen_kwargs.setdefault("stdin", subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            **popen_kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            out, err = proc.communicate(timeout=KILL_GRACE_S)
+        except subprocess.TimeoutExpired:
+            if proc.poll() is None:
+                lab_failed(f"{' '.join(cmd[:6])} (pid {proc.pid}) outlived SIGKILL by {KILL_GRACE_S:g} s")
+            out, err = None, None  # dead, but something it started still holds its output open
+        raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _test_timeout() -> float:
+    try:
+        return float(os.environ.get(TEST_TIMEOUT_ENV, DEFAULT_TEST_TIMEOUT_S))
+    except ValueError:
+        return DEFAULT_TEST_TIMEOUT_S
+
+
+def _on_test_timeout(nodeid: str, limit: float) -> None:
+    """Runs in the timer thread: say where everything stood, then end pytest (125 when a
+    process is stuck with SIGKILL pending, else 1: the test hung)."""
+    _say(f"\nhypyr lab: {nodeid} still running after {limit:g} s; pytest's threads:")
+    faulthandler.dump_traceback(file=_TERMINAL, all_threads=True)
+    report, stuck = process_report()
+    _say("processes:\n" + report)
+    code = LAB_FAILED if stuck else 1
+    _say(f"hypyr lab: ending the test run with {code} "
+         f"({'a process outlives SIGKILL: L1 failed' if stuck else 'the test hung'})")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    limit = _test_timeout()
+    timer = threading.Timer(limit, _on_test_timeout, args=(item.nodeid, limit)) if limit > 0 else None
+    if timer:
+        timer.daemon = True
+        timer.start()
+    try:
+        yield
+    finally:
+        if timer:
+            timer.cancel()
