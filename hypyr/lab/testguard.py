@@ -100,8 +100,17 @@ def run_bounded(cmd: list[str], timeout: float, **popen_kwargs) -> subprocess.Co
             if proc.poll() is None:
                 lab_failed(f"{' '.join(cmd[:6])} (pid {proc.pid}) outlived SIGKILL by {KILL_GRACE_S:g} s")
             out, err = None, None  # dead, but something it started still holds its output open
+        _show_partial(cmd, timeout, out, err)
         raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _show_partial(cmd: list[str], timeout: float, out, err) -> None:
+    """Print (into the test's captured output) what a timed-out command printed before it was killed."""
+    def text(b) -> str:
+        return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
+    print(f"$ {' '.join(cmd)}\n--- killed after {timeout:g} s; stdout so far:\n{text(out)}\n"
+          f"--- stderr so far:\n{text(err)}")
 
 
 def _test_timeout() -> float:

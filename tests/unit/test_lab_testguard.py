@@ -18,7 +18,7 @@ def test_run_bounded_returns_what_subprocess_run_would():
     assert r.stdout == "text\n"
 
 
-def test_run_bounded_kills_the_whole_session_on_timeout_and_keeps_the_output(tmp_path):
+def test_run_bounded_kills_the_whole_session_on_timeout_and_keeps_the_output(tmp_path, capsys):
     pidfile = tmp_path / "child.pid"
     script = (f"import subprocess, sys, time; c = subprocess.Popen(['sleep', '600']); "
               f"open({str(pidfile)!r}, 'w').write(str(c.pid)); print('started', flush=True); time.sleep(600)")
@@ -27,6 +27,7 @@ def test_run_bounded_kills_the_whole_session_on_timeout_and_keeps_the_output(tmp
         testguard.run_bounded([sys.executable, "-c", script], timeout=3)
     assert time.monotonic() - t0 < 30
     assert e.value.stdout == b"started\n"
+    assert "killed after 3 s; stdout so far:\nstarted\n" in capsys.readouterr().out
     grandchild = int(pidfile.read_text())
     for _ in range(100):  # the grandchild in the same session is gone too (reaped by init)
         try:
