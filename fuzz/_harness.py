@@ -457,8 +457,8 @@ class DeviceRig:
 def legacy(name: str) -> Callable[[bytes], None]:
     """A fuzz function for one of the legacy devices of tests/unit/test_dev_fuzz.py (built as
     there, fresh per input): fuzzed reads and writes at any offset (a little outside the device's
-    ports too) and width, host input (serial), Ctrl-Alt-Del (i8042), state save/restore round
-    trips.  Oracles: nothing raises, reads return exactly the bytes asked for, no ERROR line at
+    ports too) and width, host input (serial), Ctrl-Alt-Del (i8042), the power button (acpi_ged),
+    state save/restore round trips.  Oracles: nothing raises, reads return exactly the bytes asked for, no ERROR line at
     all, a restored state reads back equal; the serial port's IRQ calls alternate, starting high."""
     from test_dev_fuzz import _devices
 
@@ -490,15 +490,17 @@ def legacy(name: str) -> Callable[[bytes], None]:
                     serial.enqueue_input(fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 40)))
                 elif name == "i8042":
                     i8042.inject_ctrl_alt_del()
+                elif name == "acpi_ged":
+                    owner.press_power_button()
             else:
-                st = owner.state()
+                st = owner.save_state()
                 if name == "serial":  # restore drives the line to the saved level, whatever it was
                     check(all(a != b for a, b in itertools.pairwise(calls)), "serial: the IRQ line was "
                           "driven twice alike")
                     calls.clear()
                     restored = True
-                owner.restore(st)
-                check(owner.state() == st, f"{name}: a restored state reads back different")
+                owner.load_state(st)
+                check(owner.save_state() == st, f"{name}: a restored state reads back different")
         if name == "serial":
             check(all(a != b for a, b in itertools.pairwise(calls)), "serial: the IRQ line was driven twice alike")
             check(not calls or restored or calls[0] is True, "serial: the IRQ line was first driven low")

@@ -28,7 +28,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-TARGETS = ("queue", "mmio", "blk", "console", "rng", "net", "serial", "i8042", "rtc", "acpi_pm", "xlcfg", "rest")
+TARGETS = ("queue", "mmio", "blk", "console", "rng", "net", "serial", "i8042", "rtc", "acpi_pm", "acpi_ged",
+           "xlcfg", "rest")
 SEEDS = {"xlcfg": ROOT / "tests" / "unit" / "data" / "xlcfg"}
 DICTS = {"xlcfg": HERE / "dicts" / "xlcfg.dict"}
 STATUS = re.compile(r"^#(\d+)\s+\w+\s+cov: (\d+) ft: (\d+) corp: (\d+)/\S+.*?rss: (\d+)Mb")

@@ -9,6 +9,7 @@ import logging
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hypyr.devices.legacy.acpi_ged import AcpiGed
 from hypyr.devices.legacy.acpi_pm import AcpiPm, AcpiReset
 from hypyr.devices.legacy.i8042 import I8042
 from hypyr.devices.legacy.rtc import Rtc
@@ -53,12 +54,13 @@ def _devices():
         "rtc": (Rtc(clock=lambda: T0), 2),
         "acpi_pm": (AcpiPm(sink), 2),
         "acpi_reset": (AcpiReset(sink), 1),
+        "acpi_ged": (AcpiGed(lines.append), 1),
         "pvexit": (PvExit(sink), 1),
     }, serial, i8042
 
 
 op = st.tuples(
-    st.sampled_from(["r", "w", "in", "cad", "state"]),
+    st.sampled_from(["r", "w", "in", "cad", "button", "state"]),
     st.integers(min_value=-2, max_value=10),
     st.sampled_from([1, 2, 4, 8]),
     st.integers(min_value=0, max_value=2**64 - 1),
@@ -67,7 +69,7 @@ op = st.tuples(
 
 @settings(max_examples=300, deadline=None)
 @given(st.sampled_from(["serial", "i8042", "i8042.data", "i8042.cmd", "rtc", "acpi_pm",
-                        "acpi_reset", "pvexit"]),
+                        "acpi_reset", "acpi_ged", "pvexit"]),
        st.lists(op, max_size=80))
 def test_arbitrary_accesses_never_raise(name, ops):
     devs, serial, i8042 = _devices()
@@ -87,8 +89,13 @@ def _run(dev, owner, serial, i8042, ops):
             serial.enqueue_input(value.to_bytes(8, "little")[:size])
         elif kind == "cad":
             i8042.inject_ctrl_alt_del()
+        elif kind == "button":
+            if isinstance(owner, AcpiGed):
+                owner.press_power_button()
         else:
-            owner.restore(owner.state())
+            saved = owner.save_state()
+            owner.load_state(saved)
+            assert owner.save_state() == saved
 
 
 @settings(max_examples=200, deadline=None)
