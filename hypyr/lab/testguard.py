@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -80,29 +81,38 @@ def lab_failed(reason: str) -> None:
     pytest.exit(reason, returncode=LAB_FAILED)
 
 
-def run_bounded(cmd: list[str], timeout: float, **popen_kwargs) -> subprocess.CompletedProcess:
-    """``subprocess.run(cmd, capture_output=True, timeout=...)`` in its own session, whose wait after
-    the timeout is bounded too: the session is SIGKILLed, and a process still there KILL_GRACE_S
-    later ends the lab run (``lab_failed``). Otherwise raises TimeoutExpired with the output so far."""
+def run_bounded(cmd: list[str], timeout: float, text: bool = False, **popen_kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, timeout=...)``, with two differences. The output
+    goes to files, not pipes: no reader in this process wakes for every write the guest's console
+    makes (docs/lab.md: concurrent wake-ups in L1 make nested guests fail more often). And the
+    wait after the timeout is bounded: the command's session is SIGKILLed, and a process still
+    there KILL_GRACE_S later ends the lab run (``lab_failed``); otherwise TimeoutExpired is raised
+    with the output so far."""
     popen_kwargs.setdefault("stdin", subprocess.DEVNULL)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                            **popen_kwargs)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
+    with tempfile.TemporaryFile() as out_f, tempfile.TemporaryFile() as err_f:
+        proc = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, start_new_session=True, **popen_kwargs)
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        try:
-            out, err = proc.communicate(timeout=KILL_GRACE_S)
+            proc.wait(timeout)
+            timed_out = False
         except subprocess.TimeoutExpired:
-            if proc.poll() is None:
+            timed_out = True
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            try:
+                proc.wait(KILL_GRACE_S)
+            except subprocess.TimeoutExpired:
                 lab_failed(f"{' '.join(cmd[:6])} (pid {proc.pid}) outlived SIGKILL by {KILL_GRACE_S:g} s")
-            out, err = None, None  # dead, but something it started still holds its output open
-        _show_partial(cmd, timeout, out, err)
-        raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+        outputs = []
+        for f in (out_f, err_f):
+            f.seek(0)
+            data = f.read()
+            outputs.append(data.decode(errors="replace") if text else data)
+    if timed_out:
+        _show_partial(cmd, timeout, *outputs)
+        raise subprocess.TimeoutExpired(cmd, timeout, *outputs)
+    return subprocess.CompletedProcess(cmd, proc.returncode, *outputs)
 
 
 def _show_partial(cmd: list[str], timeout: float, out, err) -> None:
