@@ -246,11 +246,11 @@ def build_linux_vm(config: VmConfig, console_out: Callable[[bytes], object], *, 
 
 
 def build_vm(config: VmConfig, console_out: Callable[[bytes], object], *, kvm: Kvm | None = None,
-             memory: GuestMemory | None = None, boot: bool = True) -> LinuxVm:
+             memory: GuestMemory | None = None, boot: bool = True, lock_disks: bool = True) -> LinuxVm:
     """The machine and every device ``config`` asks for, with no kernel loaded and the vCPUs
-    not configured.  ``memory``: guest RAM to use (a restore fills it first; it must have
-    ``config``'s layout), closed with the VM, or on failure here; ``boot=False``: the kernel
-    files are not checked."""
+    not configured.  ``memory``: guest RAM to use (it must have ``config``'s layout), closed
+    with the VM, or on failure here; ``boot=False``: the kernel files are not checked;
+    ``lock_disks=False``: the images are opened unlocked (see ``VirtioBlk.relock_image``)."""
     try:
         validate(config, boot=boot)
         own_kvm = kvm is None
@@ -291,7 +291,7 @@ def build_vm(config: VmConfig, console_out: Callable[[bytes], object], *, kvm: K
         machine.pio.register(PVPANIC_PORT, 1, devices["pvpanic"])
         machine.pio.register(acpi.GED_PORT, 1, devices["acpi_ged"])
 
-        virtio_devices = _virtio_devices(config, console_out)
+        virtio_devices = _virtio_devices(config, console_out, lock_disks)
         transports: list = []
         mmio_windows = attach_virtio(machine, virtio_devices, transports)
         for i, transport in enumerate(transports):
@@ -322,9 +322,9 @@ def boot_linux(vm: LinuxVm) -> None:
              config.kernel, boot.kernel.kind, boot.kernel.entry)
 
 
-def _virtio_devices(config: VmConfig, console_out: Callable[[bytes], object]) -> list:
+def _virtio_devices(config: VmConfig, console_out: Callable[[bytes], object], lock_disks: bool = True) -> list:
     """Disks first (so the first disk is /dev/vda), then NICs, the console, the entropy device."""
-    devices: list = [VirtioBlk(d.path, read_only=d.read_only, serial=f"hypyr-vd{chr(ord('a') + i)}")
+    devices: list = [VirtioBlk(d.path, read_only=d.read_only, serial=f"hypyr-vd{chr(ord('a') + i)}", lock=lock_disks)
                      for i, d in enumerate(config.disks)]
     want_vhost = None
     for n in config.nets:

@@ -443,7 +443,7 @@ def migrate_receive(sock: socket.socket, console_out: Callable[[bytes], None], *
     try:
         header = read_header_record(link.reader, kvm)
         vm = load_vm(link.reader, header, console_out, tap_fds=tap_fds, configure=configure, kvm=kvm,
-                     progress=progress, advance_clock=True)
+                     progress=progress, advance_clock=True, lock_disks_at_end=True)
         link.send(Rec.READY, encode_json({"ok": True}))
         try:
             link.reader.next(expect=(Rec.GO,))

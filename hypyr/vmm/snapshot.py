@@ -541,10 +541,12 @@ def load_records(reader: StreamReader, memory: GuestMemory, progress: ProgressFn
 def load_vm(reader: StreamReader, header: SnapshotHeader, console_out: Callable[[bytes], None], *,
             tap_fds: Sequence[int] = (), configure: Callable[[SnapshotHeader], VmConfig] | None = None,
             kvm: Kvm | None = None, progress: ProgressFn | None = None, advance_clock: bool = False,
-            before_build: Callable[[], None] | None = None) -> LinuxVm:
+            lock_disks_at_end: bool = False) -> LinuxVm:
     """The rest of the stream after its header, as a new VM (vCPUs not started, devices
-    resumed).  RAM is read first; the VM (disks opened) is built only after END checked out,
-    and ``before_build()`` runs just before.  On any failure everything is released again."""
+    resumed).  The VM is built first (so that a live migration's downtime does not include
+    it), then RAM is read into it and, after END checked out, the state loaded.
+    ``lock_disks_at_end``: the images are opened unlocked and locked only after END (the
+    source lets go of them just before).  On any failure everything is released again."""
     config = configure(header) if configure is not None else header.vm_config(tap_fds)
     if layout.ram_layout(config.memory) != header.memory:
         raise SnapshotError(f"the configuration given for {reader.what} has another memory size than the saved VM")
@@ -552,16 +554,9 @@ def load_vm(reader: StreamReader, header: SnapshotHeader, console_out: Callable[
         validate(config, boot=False)
     except HypyrError as e:
         raise SnapshotError(f"the VM of {reader.what} cannot be built here: {e}") from None
-    memory = GuestMemory.anonymous(header.memory)
     try:
-        state = load_records(reader, memory, progress)
-        if before_build is not None:
-            before_build()
-    except BaseException:
-        memory.close()
-        raise
-    try:
-        vm = build_vm(config, console_out, kvm=kvm, memory=memory, boot=False)
+        vm = build_vm(config, console_out, kvm=kvm, memory=GuestMemory.anonymous(header.memory), boot=False,
+                      lock_disks=not lock_disks_at_end)
     except SnapshotError:
         raise
     except (HypyrError, KvmError) as e:
@@ -570,6 +565,9 @@ def load_vm(reader: StreamReader, header: SnapshotHeader, console_out: Callable[
         if list(vm.devices) != header.devices:
             raise SnapshotError(f"the VM built for {reader.what} has other devices than the saved one "
                                 f"({', '.join(header.devices)})")
+        state = load_records(reader, vm.machine.memory, progress)
+        if lock_disks_at_end:
+            reacquire_disks(vm)
         apply_state(vm, state, advance_clock=advance_clock, what=reader.what)
     except BaseException:
         vm.close()

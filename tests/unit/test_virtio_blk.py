@@ -159,6 +159,22 @@ def test_image_is_locked(image):
     VirtioBlk(str(image[0])).close()  # released by close()
 
 
+def test_an_image_opened_unlocked_is_locked_only_when_the_holder_lets_go(image):
+    """A live migration's destination: it opens the image while the source still holds it."""
+    source = VirtioBlk(str(image[0]))
+    destination = VirtioBlk(str(image[0]), lock=False)
+    try:
+        with pytest.raises(HypyrError, match="in use"):
+            destination.relock_image()
+        source.unlock_image()
+        destination.relock_image()
+        with pytest.raises(HypyrError, match="in use"):
+            source.relock_image()
+    finally:
+        source.close()
+        destination.close()
+
+
 # -- reads and writes ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("indirect", [False, True])

@@ -132,7 +132,10 @@ class VirtioBlk(VirtioDevice):
     name = "virtio-blk"
     state_kind = "virtio-blk"
 
-    def __init__(self, path: str, *, read_only: bool = False, serial: str | None = None, workers: int = 4):
+    def __init__(self, path: str, *, read_only: bool = False, serial: str | None = None, workers: int = 4,
+                 lock: bool = True):
+        """``lock=False``: open the image without taking its lock; :meth:`relock_image` takes it
+        (a live migration's destination, before the source has let go)."""
         super().__init__()
         if workers < 1:
             raise ValueError("workers must be at least 1")
@@ -150,7 +153,8 @@ class VirtioBlk(VirtioDevice):
             mode = os.fstat(fd).st_mode
             if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
                 raise HypyrError(f"disk image {self.path} is not a regular file or block device")
-            self._lock_image(fd)
+            if lock:
+                self._lock_image(fd)
             size = os.lseek(fd, 0, os.SEEK_END)
         except HypyrError:
             os.close(fd)
@@ -220,7 +224,7 @@ class VirtioBlk(VirtioDevice):
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def relock_image(self) -> None:
-        """Take the image's lock again (the hand-over failed); HypyrError if someone holds it."""
+        """Take the image's lock (again, if the hand-over failed); HypyrError if someone holds it."""
         if self._fd >= 0:
             self._lock_image(self._fd)
 
