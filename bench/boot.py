@@ -212,6 +212,8 @@ def print_report(summary: dict, mem: dict | None) -> dict:
     print(f"  {'VMM':<14} {'median':>7} {'min':>7} {'max':>7}   ok/runs")
     for c in CONFIGS:
         s = summary[c]
+        if not s["n"]:
+            continue  # left out with --only
         print(f"  {c:<14} {fmt_s(s['median_s']):>7} {fmt_s(s['min_s']):>7} {fmt_s(s['max_s']):>7}   "
               f"{s['ok']}/{s['n']}")
     qemu = [(summary[c]["median_s"], c) for c in ("qemu-microvm", "qemu-pc") if summary[c]["median_s"] is not None]
