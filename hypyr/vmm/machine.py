@@ -300,12 +300,18 @@ class Machine:
         return self._paused
 
     def close(self) -> None:
-        """Release everything the machine holds (idempotent).  Guest RAM is unmapped here and now,
-        even while the machine is still referenced (a reboot holds the old one while it builds
-        the next)."""
+        """Release everything the machine holds (idempotent), stopping its vCPU threads first if
+        they still run.  Guest RAM is unmapped here and now, even while the machine is still
+        referenced (a reboot holds the old one while it builds the next)."""
         if self._closed:
             return
         self._closed = True
+        me = threading.current_thread()
+        live = [t for t in (vt.thread for vt in self.vcpus) if t is not None and t.is_alive() and t is not me]
+        if live:  # e.g. parked vCPU threads of a VM given up before it ran: stop them first
+            self.stop(StopReason(StopKind.DESTROYED, "the machine was closed"))
+            for t in live:
+                t.join()
         try:
             for service in reversed(self.services):
                 service.stop()

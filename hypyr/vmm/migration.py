@@ -429,12 +429,14 @@ def _downtime(running: dict, paused_ns: int, paused_wall: int, was_paused: bool)
 def migrate_receive(sock: socket.socket, console_out: Callable[[bytes], None], *, tap_fds: Sequence[int] = (),
                     configure: Callable[[SnapshotHeader], VmConfig] | None = None, kvm: Kvm | None = None,
                     progress: ProgressFn | None = None, timeout: float = 60.0,
-                    start: Callable[[LinuxVm], None] | None = None) -> LinuxVm:
+                    before_run: Callable[[LinuxVm], None] | None = None) -> LinuxVm:
     """Receive a live migration from the :func:`migrate_send` at the other end of ``sock`` and
-    return the VM, running (or paused, as it was on the source).  ``start(vm)`` starts it
-    (default ``vm.machine.start()``; e.g. to pin vCPU threads too).  NICs: ``tap_fds`` or
-    ``configure(header)``, as for :func:`~hypyr.vmm.snapshot.restore`.  MigrationError, with
-    nothing left behind, if the stream fails, is refused or the source gives up before GO."""
+    return the VM, running (or paused, as it was on the source).  Its vCPU threads start, parked,
+    as soon as it is built, so that starting them is not part of the downtime; ``before_run(vm)``
+    runs with the state loaded, just before READY (e.g. to pin them).  NICs:
+    ``tap_fds`` or ``configure(header)``, as for :func:`~hypyr.vmm.snapshot.restore`.
+    MigrationError, with nothing left behind, if the stream fails, is refused or the source
+    gives up before GO."""
     old_timeout = sock.gettimeout()
     sock.settimeout(timeout)
     link = _Link(sock, "the migration stream")
@@ -443,15 +445,16 @@ def migrate_receive(sock: socket.socket, console_out: Callable[[bytes], None], *
     try:
         header = read_header_record(link.reader, kvm)
         vm = load_vm(link.reader, header, console_out, tap_fds=tap_fds, configure=configure, kvm=kvm,
-                     progress=progress, advance_clock=True, lock_disks_at_end=True)
+                     progress=progress, advance_clock=True, lock_disks_at_end=True, on_built=_start_parked)
+        if before_run is not None:
+            before_run(vm)
         link.send(Rec.READY, encode_json({"ok": True}))
         try:
             link.reader.next(expect=(Rec.GO,))
         except SnapshotError:
             raise MigrationError("the source gave up before the switch-over") from None
-        if vm.saved_paused:
-            vm.machine.pause()
-        (start or (lambda v: v.machine.start()))(vm)
+        if not vm.saved_paused:
+            vm.machine.resume()
         started = True
         mono = None if vm.saved_paused else vm.machine.wait_running(5.0)
         wall = None if mono is None else time.time_ns() - (time.monotonic_ns() - mono)
@@ -482,6 +485,11 @@ def migrate_receive(sock: socket.socket, console_out: Callable[[bytes], None], *
     finally:
         link.close()
         sock.settimeout(old_timeout)
+
+
+def _start_parked(vm: LinuxVm) -> None:
+    vm.machine.pause()
+    vm.machine.start()
 
 
 def _tell_failure(link: _Link, e: BaseException) -> None:

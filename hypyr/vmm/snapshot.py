@@ -541,12 +541,13 @@ def load_records(reader: StreamReader, memory: GuestMemory, progress: ProgressFn
 def load_vm(reader: StreamReader, header: SnapshotHeader, console_out: Callable[[bytes], None], *,
             tap_fds: Sequence[int] = (), configure: Callable[[SnapshotHeader], VmConfig] | None = None,
             kvm: Kvm | None = None, progress: ProgressFn | None = None, advance_clock: bool = False,
-            lock_disks_at_end: bool = False) -> LinuxVm:
+            lock_disks_at_end: bool = False, on_built: Callable[[LinuxVm], None] | None = None) -> LinuxVm:
     """The rest of the stream after its header, as a new VM (vCPUs not started, devices
     resumed).  The VM is built first (so that a live migration's downtime does not include
     it), then RAM is read into it and, after END checked out, the state loaded.
     ``lock_disks_at_end``: the images are opened unlocked and locked only after END (the
-    source lets go of them just before).  On any failure everything is released again."""
+    source lets go of them just before).  ``on_built(vm)`` runs once the VM is built, before
+    its RAM is read.  On any failure everything is released again."""
     config = configure(header) if configure is not None else header.vm_config(tap_fds)
     if layout.ram_layout(config.memory) != header.memory:
         raise SnapshotError(f"the configuration given for {reader.what} has another memory size than the saved VM")
@@ -565,6 +566,8 @@ def load_vm(reader: StreamReader, header: SnapshotHeader, console_out: Callable[
         if list(vm.devices) != header.devices:
             raise SnapshotError(f"the VM built for {reader.what} has other devices than the saved one "
                                 f"({', '.join(header.devices)})")
+        if on_built is not None:
+            on_built(vm)
         state = load_records(reader, vm.machine.memory, progress)
         if lock_disks_at_end:
             reacquire_disks(vm)

@@ -350,17 +350,16 @@ def test_bad_save_files_are_one_sentence_and_leave_nothing(guests, kvm, tmp_path
 
 # -- live migration ---------------------------------------------------------------------------------------
 def _receive_in_thread(kvm, out, sock_or_server, result: dict, **kw) -> threading.Thread:
-    def start(vm):
+    def before_run(vm):
         result["ram"] = vm.machine.memory.read(0, MEMORY)  # as switched over, before it runs
         attach_dma(vm)
-        vm.machine.start()
 
     def run():
         sock = sock_or_server
         try:
             if sock.family == socket.AF_INET:  # a listening socket
                 sock, _ = sock_or_server.accept()
-            result["vm"] = migration.migrate_receive(sock, out.append, kvm=kvm, start=start, **kw)
+            result["vm"] = migration.migrate_receive(sock, out.append, kvm=kvm, before_run=before_run, **kw)
         except Exception as e:  # noqa: BLE001 - the test looks at it
             result["error"] = e
         finally:
@@ -482,7 +481,7 @@ def test_the_destination_leaves_nothing_when_the_stream_breaks(guests, kvm, tmp_
         snapshot.save(vm, f)
     guests.destroy(vm)
     data = path.read_bytes()
-    fds, maps = open_fds(), ram_mappings()
+    fds, maps, threads = open_fds(), ram_mappings(), threading.active_count()
     for cut in (len(data) // 2, len(data) - 1):
         a, b = socket.socketpair()
         result: dict = {}
@@ -495,4 +494,5 @@ def test_the_destination_leaves_nothing_when_the_stream_breaks(guests, kvm, tmp_
         assert isinstance(result.get("error"), MigrationError), result
         assert "broke off" in str(result["error"])
         assert (open_fds(), ram_mappings()) == (fds, maps)
+        assert threading.active_count() == threads  # the parked vCPU threads were stopped too
     VirtioBlk(str(guests.disk)).close()
