@@ -97,6 +97,7 @@ class Kvm:
 
     def __init__(self, path: str = "/dev/kvm"):
         self._msr_index_list: list[int] | None = None
+        self._supported_cpuid: tuple[CpuidEntry, ...] | None = None
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -141,7 +142,11 @@ class Kvm:
         return self.check_extension(B.KVM_CAP_NR_VCPUS) or 4
 
     def supported_cpuid(self) -> list[CpuidEntry]:
-        return _get_cpuid(self.fd, B.KVM_GET_SUPPORTED_CPUID, "KVM_GET_SUPPORTED_CPUID")
+        """KVM_GET_SUPPORTED_CPUID, asked once per handle (it does not change; a migration's
+        downtime asks for it twice)."""
+        if self._supported_cpuid is None:
+            self._supported_cpuid = tuple(_get_cpuid(self.fd, B.KVM_GET_SUPPORTED_CPUID, "KVM_GET_SUPPORTED_CPUID"))
+        return list(self._supported_cpuid)
 
     def msr_index_list(self) -> list[int]:
         """The MSRs KVM saves and restores for a vCPU (KVM_GET_MSR_INDEX_LIST), in KVM's order."""
