@@ -63,10 +63,17 @@ class CpuidEntry:
     edx: int = 0
 
 
+_CPUID_BUFFER_TYPES: dict[int, type] = {}
+
+
 def _cpuid_buffer(n: int):
-    class kvm_cpuid2(C.Structure):
-        _fields_ = [("nent", C.c_uint32), ("padding", C.c_uint32), ("entries", B.kvm_cpuid_entry2 * n)]
-    return kvm_cpuid2()
+    """A kvm_cpuid2 with room for ``n`` entries (its ctypes type made once per ``n``)."""
+    cls = _CPUID_BUFFER_TYPES.get(n)
+    if cls is None:
+        class kvm_cpuid2(C.Structure):
+            _fields_ = [("nent", C.c_uint32), ("padding", C.c_uint32), ("entries", B.kvm_cpuid_entry2 * n)]
+        cls = _CPUID_BUFFER_TYPES[n] = kvm_cpuid2
+    return cls()
 
 
 def _get_cpuid(fd: int, request: int, what: str) -> list[CpuidEntry]:

@@ -125,6 +125,19 @@ def _check_keys(data: object, names: list[str], where: str) -> dict:
     return data
 
 
+_FIELDS: dict[type, tuple[tuple[str, Any, tuple[str, ...]], ...]] = {}
+
+
+def _fields(cls: type) -> tuple[tuple[str, Any, tuple[str, ...]], ...]:
+    """(name, metadata, path of the KVM struct member) of each field of a record class, worked
+    out once per class (a migration's downtime converts every vCPU's records both ways)."""
+    spec = _FIELDS.get(cls)
+    if spec is None:
+        spec = _FIELDS[cls] = tuple((f.name, f.metadata, tuple((f.metadata.get("kvm") or f.name).split(".")))
+                                    for f in dataclasses.fields(cls))
+    return spec
+
+
 class _Record:
     """Base of the frozen state records: :meth:`to_dict` and a validating :meth:`from_dict`."""
 
@@ -134,8 +147,8 @@ class _Record:
 
     def to_dict(self) -> dict:
         out: dict[str, Any] = {"kind": self._kind, "v": FORMAT_VERSION} if self._kind else {}
-        for f in dataclasses.fields(self):
-            out[f.name] = _to_plain(f.metadata, getattr(self, f.name))
+        for name, meta, _ in _fields(type(self)):
+            out[name] = _to_plain(meta, getattr(self, name))
         return out
 
     @classmethod
@@ -143,8 +156,8 @@ class _Record:
         """The record ``data`` describes; :class:`StateError` naming the field for anything missing,
         unknown, of the wrong type or out of range (and nothing else)."""
         where = where or (cls._kind or cls.__name__)
-        fields = dataclasses.fields(cls)
-        names = [f.name for f in fields] + (["kind", "v"] if cls._kind else [])
+        fields = _fields(cls)
+        names = [name for name, _, _ in fields] + (["kind", "v"] if cls._kind else [])
         data = _check_keys(data, names, where)
         if cls._kind:
             if data["kind"] != cls._kind:
@@ -153,7 +166,7 @@ class _Record:
             if v != FORMAT_VERSION:
                 raise StateError(f"{where}: state format version {v} is not supported "
                                  f"(this hypyr reads version {FORMAT_VERSION})")
-        return cls(**{f.name: _from_plain(f.metadata, data[f.name], f"{where}.{f.name}") for f in fields})
+        return cls(**{name: _from_plain(meta, data[name], f"{where}.{name}") for name, meta, _ in fields})
 
 
 def _to_plain(meta, value) -> Any:
@@ -234,26 +247,24 @@ class _KvmRecord(_Record):
     @classmethod
     def from_kvm(cls, s):
         values = {}
-        for f in dataclasses.fields(cls):
-            meta = f.metadata
-            raw = _get_path(s, meta.get("kvm") or f.name)
+        for name, meta, path in _fields(cls):
+            raw = _get_path(s, path)
             if meta["kind"] == "record":
-                values[f.name] = meta["cls"].from_kvm(raw)
+                values[name] = meta["cls"].from_kvm(raw)
             elif meta["kind"] == "records":
-                values[f.name] = tuple(meta["cls"].from_kvm(x) for x in raw)
+                values[name] = tuple(meta["cls"].from_kvm(x) for x in raw)
             elif meta["kind"] == "uints":
-                values[f.name] = tuple(raw)
+                values[name] = tuple(raw)
             else:
-                values[f.name] = int(raw)
+                values[name] = int(raw)
         return cls(**values)
 
     def to_kvm(self, s=None):
         """The KVM struct (or fill ``s``, e.g. a struct nested in another, in place)."""
         s = self._kvm() if s is None else s
-        for f in dataclasses.fields(self):
-            meta, value = f.metadata, getattr(self, f.name)
-            *parents, name = (meta.get("kvm") or f.name).split(".")
-            owner = _get_path(s, ".".join(parents)) if parents else s
+        for field_name, meta, (*parents, name) in _fields(type(self)):
+            value = getattr(self, field_name)
+            owner = _get_path(s, parents)
             if meta["kind"] == "record":
                 value.to_kvm(getattr(owner, name))
             elif meta["kind"] == "records":
@@ -267,8 +278,8 @@ class _KvmRecord(_Record):
         return s
 
 
-def _get_path(s, path: str):
-    for name in path.split("."):
+def _get_path(s, path):
+    for name in path:
         s = getattr(s, name)
     return s
 
