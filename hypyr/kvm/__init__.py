@@ -191,6 +191,7 @@ class Vm:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        self._mapped_buffers.clear()  # the guest is gone: their owners may unmap them now
 
     def check_extension(self, cap: int) -> int:
         """KVM_CHECK_EXTENSION on this VM (some answers, e.g. KVM_CAP_XSAVE2, are per VM)."""

@@ -149,6 +149,9 @@ class LinuxVm:
             if close is not None:
                 close()
         self.machine.close()
+        for dev in self.devices.values():
+            if isinstance(dev, VirtioMmioTransport):
+                dev.release_register_page()
 
 
 def host_available_memory() -> int:

@@ -165,6 +165,7 @@ class VirtioMmioTransport:
             device.on_config_change = self.config_changed
         self._irq_level = False
         self._page: memoryview | None = None  # see register_page()
+        self._page_map: mmap.mmap | None = None
         self._isr = 0
         self._isr_sticky = 0  # INT_VRING while the device's used-buffer interrupts bypass us (vhost)
         self._config_generation = 0
@@ -246,9 +247,21 @@ class VirtioMmioTransport:
         unaligned register reads then see the register's bytes instead of zeros."""
         with self._lock:
             if self._page is None:
-                self._page = memoryview(mmap.mmap(-1, MMIO_WINDOW))
+                self._page_map = mmap.mmap(-1, MMIO_WINDOW)
+                self._page = memoryview(self._page_map)
                 self._publish()
             return self._page
+
+    def release_register_page(self) -> None:
+        """Unmap the register page now (once the VM that mapped it is closed), not whenever the
+        garbage collector gets to this transport: a rebooting domain builds new ones each time."""
+        with self._lock, self._irq_lock:
+            page, self._page = self._page, None
+            page_map, self._page_map = self._page_map, None
+        if page is not None:
+            page.release()
+        if page_map is not None:
+            page_map.close()
 
     def _publish(self) -> None:  # with self._lock held, self._irq_lock not
         page = self._page
@@ -337,7 +350,10 @@ class VirtioMmioTransport:
                 _U32_LE.pack_into(self._page, CONFIG_GENERATION, self._config_generation)
                 self._publish_isr()
         if self._page is not None:
-            self._page[CONFIG:] = self._config_read(0, MMIO_WINDOW - CONFIG)
+            config = self._config_read(0, MMIO_WINDOW - CONFIG)
+            with self._irq_lock:  # (release_register_page holds it too)
+                if self._page is not None:
+                    self._page[CONFIG:] = config
 
     def _enter_needs_reset(self, epoch: int | None = None) -> None:
         """Set DEVICE_NEEDS_RESET and raise the configuration-change interrupt.  ``epoch`` is the
