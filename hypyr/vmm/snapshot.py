@@ -34,7 +34,7 @@ from hypyr.errors import HypyrError, SnapshotError, StateError
 from hypyr.kvm import CpuidEntry, Kvm, KvmError, KvmUnavailable
 from hypyr.memory import GuestMemory
 
-from .builder import DiskConfig, LinuxVm, NetConfig, VmConfig, build_vm, validate
+from .builder import DiskConfig, LinuxVm, NetConfig, VmConfig, build_vm
 from .stream import (
     MAX_RUN,
     PAGE,
@@ -551,17 +551,12 @@ def load_vm(reader: StreamReader, header: SnapshotHeader, console_out: Callable[
     config = configure(header) if configure is not None else header.vm_config(tap_fds)
     if layout.ram_layout(config.memory) != header.memory:
         raise SnapshotError(f"the configuration given for {reader.what} has another memory size than the saved VM")
-    try:
-        validate(config, boot=False)
-    except HypyrError as e:
-        raise SnapshotError(f"the VM of {reader.what} cannot be built here: {e}") from None
-    try:
-        vm = build_vm(config, console_out, kvm=kvm, memory=GuestMemory.anonymous(header.memory), boot=False,
-                      lock_disks=not lock_disks_at_end)
+    try:  # (validates the config before it allocates the RAM, which has the header's layout)
+        vm = build_vm(config, console_out, kvm=kvm, boot=False, lock_disks=not lock_disks_at_end)
     except SnapshotError:
         raise
     except (HypyrError, KvmError) as e:
-        raise SnapshotError(f"cannot rebuild the VM of {reader.what}: {e}") from None
+        raise SnapshotError(f"the VM of {reader.what} cannot be built here: {e}") from None
     try:
         if list(vm.devices) != header.devices:
             raise SnapshotError(f"the VM built for {reader.what} has other devices than the saved one "
