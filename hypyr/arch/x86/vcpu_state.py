@@ -36,6 +36,7 @@ import dataclasses
 import errno
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -278,7 +279,7 @@ class _KvmRecord(_Record):
         return s
 
 
-def _get_path(s, path):
+def _get_path(s, path: Sequence[str]):
     for name in path:
         s = getattr(s, name)
     return s
