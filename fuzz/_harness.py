@@ -458,8 +458,9 @@ def legacy(name: str) -> Callable[[bytes], None]:
     """A fuzz function for one of the legacy devices of tests/unit/test_dev_fuzz.py (built as
     there, fresh per input): fuzzed reads and writes at any offset (a little outside the device's
     ports too) and width, host input (serial), Ctrl-Alt-Del (i8042), the power button (acpi_ged),
-    state save/restore round trips.  Oracles: nothing raises, reads return exactly the bytes asked for, no ERROR line at
-    all, a restored state reads back equal; the serial port's IRQ calls alternate, starting high."""
+    state save/restore round trips.  Oracles: nothing raises, reads return exactly the bytes
+    asked for, no ERROR line at all, a restored state reads back equal; the serial port's IRQ
+    calls alternate, starting high."""
     from test_dev_fuzz import _devices
 
     def one_input(data: bytes) -> None:
