@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from hypyr.toolstack import procfs
+
 LAB_FAILED = 125
 KILL_GRACE_S = 60.0
 TEST_TIMEOUT_ENV = "HYPYR_LAB_TEST_TIMEOUT"
@@ -35,14 +37,6 @@ def _say(text: str) -> None:
     os.write(_TERMINAL, text.encode(errors="replace") + b"\n")
 
 
-def _status(pid: str) -> dict[str, str]:
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        fields[key] = value.strip()
-    return fields
-
-
 def _kill_pending(fields: dict[str, str]) -> bool:
     return any(int(fields.get(k, "0"), 16) & _SIGKILL_BIT for k in ("SigPnd", "ShdPnd"))
 
@@ -52,12 +46,15 @@ def process_report() -> tuple[str, bool]:
     asleep uninterruptibly or with a SIGKILL pending; and whether any is stuck with SIGKILL pending."""
     lines, stuck = [], False
     for proc in sorted(Path("/proc").glob("[0-9]*"), key=lambda p: int(p.name)):
+        pid = int(proc.name)
+        fields = procfs.status(pid)
         try:
-            fields = _status(proc.name)
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:150]
             wchan = (proc / "wchan").read_text()
         except OSError:
             continue
+        if not fields:
+            continue  # gone meanwhile
+        cmd = b" ".join(procfs.cmdline(pid)).decode(errors="replace").strip()[:150]
         pending = _kill_pending(fields)
         state = fields.get("State", "?")
         lines.append(f"{proc.name:>6} {fields.get('PPid', '?'):>6} {state[:1]} {wchan or '-':<28} "

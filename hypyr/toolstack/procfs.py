@@ -1,8 +1,8 @@
 """The toolstack's one reader of /proc (and of /sys/module, for the KVM backend).
 
 Host memory (``/proc/meminfo``), host CPU time (``/proc/stat``), and a process's or thread's
-state, CPU time, start time, host CPU and RSS (``/proc/PID[/task/TID]/stat``, ``status``), its
-threads, command name and arguments.
+state, CPU time, start time, host CPU, RSS and other status fields (``/proc/PID[/task/TID]/stat``,
+``status``), its threads, command name and arguments.
 Readers never raise for a process that is gone or a file that cannot be read: they return None
 (or an empty dict / list) and the caller shows a dash.
 """
@@ -194,13 +194,18 @@ def cmdline(pid: int) -> list[bytes]:
         return []
 
 
+def status(pid: int) -> dict[str, str]:
+    """/proc/PID/status as {field: value} (e.g. "VmRSS": "1234 kB"), or {} if it is gone."""
+    try:
+        with open(f"/proc/{int(pid)}/status") as f:
+            return {key: value.strip() for key, _, value in (line.partition(":") for line in f)}
+    except (OSError, ValueError):
+        return {}
+
+
 def rss_mib(pid: int) -> float | None:
     """VmRSS of process ``pid`` in MiB, or None if it is gone."""
     try:
-        with open(f"/proc/{int(pid)}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except (OSError, IndexError, ValueError):
+        return int(status(pid)["VmRSS"].split()[0]) / 1024
+    except (KeyError, IndexError, ValueError):
         return None
-    return None

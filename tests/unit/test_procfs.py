@@ -31,6 +31,7 @@ def test_this_process():
     assert procfs.alive(st) and procfs.cpu_seconds(os.getpid()) > 0
     assert 0 <= procfs.age(os.getpid()) < 86400 * 365
     assert procfs.rss_mib(os.getpid()) > 1
+    assert procfs.status(os.getpid())["Pid"] == str(os.getpid())
     assert threading.get_native_id() in procfs.threads(os.getpid())
     assert procfs.thread_running(os.getpid(), threading.get_native_id())
     assert procfs.stat(os.getpid(), threading.get_native_id()).processor in range(os.cpu_count() or 1)
@@ -42,6 +43,7 @@ def test_gone_processes_are_none_not_errors():
     for reader in (procfs.stat, procfs.cpu_seconds, procfs.age, procfs.rss_mib):
         assert reader(p.pid) is None
     assert procfs.threads(p.pid) == [] and not procfs.any_thread_running(p.pid)
+    assert procfs.status(p.pid) == {}
     assert procfs.stat(os.getpid(), 2 ** 22 + 1) is None
     assert not procfs.alive(None)
 
