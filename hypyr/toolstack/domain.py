@@ -15,19 +15,22 @@ import json
 import logging
 import logging.handlers
 import os
+import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
 
+from hypyr import preopened
 from hypyr.errors import HypyrError, InvalidInput
 from hypyr.image.diskboot import DiskBoot
-from hypyr.toolstack import logs, nics, paths
+from hypyr.toolstack import logs, nics, paths, supervisor
 from hypyr.toolstack.console import ConsoleHub
+from hypyr.toolstack.jail import Jail
 from hypyr.toolstack.errors import DomainStateError, MigrationFailed, SaveFileError, save_file_sentence, type_name
 from hypyr.toolstack.registry import DomainState, Registry, StaleDomainError
+from hypyr.toolstack.supervisor import SaveFiles, SupervisorLink
 from hypyr.toolstack.xlcfg import DomainConfig
 from hypyr.vmm import seccomp
 from hypyr.vmm.builder import DEFAULT_CMDLINE, DiskConfig, LinuxVm, VmConfig, build_linux_vm
@@ -64,7 +67,9 @@ class Domain:
         self.restore_paused = restore_paused
         self.uuid = uuid
         self.tap_fds = list(tap_fds)
-        self.registry = registry
+        self.registry: Registry | SupervisorLink = registry   # jailed: the link to its supervisor
+        self.save_files: SaveFiles | SupervisorLink = SaveFiles()
+        self.jail: Jail | None = None        # the VMM's jail, once it is in one
         rec = registry.get(str(domid))
         if rec.uuid != uuid:
             raise StaleDomainError(f"domain id {domid} belongs to another domain ({rec.name}, uuid {rec.uuid})")
@@ -144,7 +149,7 @@ class Domain:
         from hypyr.errors import SnapshotError
         from hypyr.vmm import snapshot
         try:
-            with open(path, "rb") as f:
+            with open(preopened.open_file(path, os.O_RDONLY | os.O_CLOEXEC), "rb") as f:
                 return snapshot.restore(f, self.console.write, configure=self._configure_nets())
         except OSError as e:
             raise SaveFileError(f"cannot read the save file {path}: {e.strerror or e}") from None
@@ -277,11 +282,7 @@ class Domain:
         if not isinstance(path, str) or not os.path.isabs(path) or "\0" in path or not isinstance(keep, bool):
             raise InvalidInput("save takes an absolute file name and keep_running true or false")
         with self._running_vm() as vm:
-            try:
-                fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.",
-                                           suffix=".part")
-            except OSError as e:
-                raise SaveFileError(f"cannot write the save file {path}: {e.strerror or e}") from None
+            fd, tmp = self.save_files.create(path)
             was_paused = vm.machine.paused
             saved = False
             try:
@@ -291,12 +292,9 @@ class Domain:
                     saved = True
                     f.flush()
                     os.fsync(f.fileno())
-                os.replace(tmp, path)
+                self.save_files.commit(tmp)
             except BaseException as e:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
+                self.save_files.discard(tmp)
                 if saved and not keep:      # saved but not safely on disk: the domain runs on
                     snapshot.resume_running(vm, was_paused)
                 if isinstance(e, OSError):
@@ -323,12 +321,13 @@ class Domain:
                     raise HypyrError(f"cannot pin vCPU {vt.vcpu.id} of {self.name} to CPUs {sorted(cpus)}: "
                                      f"{e.strerror}") from None
 
-    def _apply_sched(self) -> None:
-        """xl.cfg `cpu_weight`/`cap` through cgroups; without cgroups only the defaults are allowed."""
+    def _apply_sched(self, pid: int) -> None:
+        """xl.cfg `cpu_weight`/`cap` through cgroups for the VMM process ``pid``; without cgroups
+        only the defaults are allowed."""
         from hypyr.toolstack import sched
         custom = self.cfg.cpu_weight != 256 or self.cfg.cap != 0
         try:
-            sched.place(self, os.getpid())
+            sched.place(self, pid)
             sched.set_params(self, weight=self.cfg.cpu_weight, cap=self.cfg.cap)
         except HypyrError as e:
             if custom:
@@ -365,10 +364,13 @@ class Domain:
             except HypyrError as e:
                 log.warning("domain %s: %s", self.name, e)
 
-    def _run(self, ready_fd: int | None) -> int:
+    def _run(self, ready_fd: int | None, server: socket.socket | None = None) -> int:
+        """Boot, serve and supervise the VM in this process (``server``: the control socket a
+        jailed VMM's supervisor bound, which also placed it in its cgroup)."""
         try:
-            server = self._listen()
-            self._apply_sched()
+            if server is None:
+                server = self._listen()
+                self._apply_sched(os.getpid())
             self.boot()
         except HypyrError as e:
             self._report(ready_fd, e)
@@ -403,6 +405,102 @@ class Domain:
             return 1
         self._report(ready_fd, None)
         return self._supervise()
+
+    # -- the jail (docs/confinement.md) ---------------------------------------------------------
+    def wants_jail(self) -> bool:
+        """Jail the VMM: ``jail = "on"`` (the default) and this process may (it runs as root)."""
+        if self.cfg.jail == "off":
+            return False
+        if os.geteuid() != 0:
+            log.info("domain %s: its VMM is not jailed (the toolstack runs as uid %d, not root)",
+                     self.name, os.geteuid())
+            return False
+        return True
+
+    def run_jailed(self, ready_fd: int | None) -> int:
+        """Supervise a jailed VMM child (hypyr.toolstack.supervisor) until it exits; its exit code."""
+        from hypyr.toolstack import jail, sched
+        try:
+            server = self._listen()
+            if self.cfg.bootloader is not None:
+                self._prefetch_disk_boot()     # debugfs runs here, never in the jail
+            self._open_for_vmm()
+            spec = jail.plan(self.domid, str(self.dir), self.cfg.memory << 20, str(paths.jail_dir()))
+            jail.give_directory(spec, str(self.dir), ("control.sock", "console.log", "console.log.1",
+                                                      "vmm.log", "vmm.log.1"))
+        except HypyrError as e:
+            self._report(ready_fd, e)
+            return 1
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:   # the VMM
+            mine.close()
+            code = 1
+            try:
+                code = self._run_in_jail(theirs, server, spec, ready_fd)
+            except BaseException:  # noqa: BLE001 - the child never returns into the supervisor's code
+                log.exception("domain %s: its VMM failed", self.name)
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        theirs.close()
+        server.close()
+        self.console.close()
+        preopened.close_all()
+        try:
+            try:
+                self._apply_sched(pid)
+            except HypyrError as e:
+                os.kill(pid, signal.SIGKILL)
+                self._report(ready_fd, e)
+            else:
+                if ready_fd is not None:
+                    os.close(ready_fd)    # the VMM reports; its end alone tells `create` if it dies
+                mine.sendall(b"go")
+                with Registry() as reg:
+                    supervisor.Supervisor(mine, reg, self.domid, self.uuid, pid, str(self.sock_path)).serve()
+            status = os.waitpid(pid, 0)[1]
+        finally:
+            mine.close()
+            if self._boot is not None:
+                self._boot.close()
+            try:
+                sched.remove(self, evacuate=True)
+            except HypyrError as e:
+                log.warning("domain %s: %s", self.name, e)
+        code = os.waitstatus_to_exitcode(status)
+        if code < 0:
+            log.error("domain %s: its VMM (pid %d) was killed by signal %d", self.name, pid, -code)
+            return 128 - code
+        return code
+
+    def _open_for_vmm(self) -> None:
+        """Open the files the jailed VMM reads by path (hypyr.preopened): disk images, kernel,
+        initrd, a save file to restore."""
+        kernel, initrd = (self._boot.kernel, self._boot.initrd) if self._boot is not None \
+            else (self.cfg.kernel, self.cfg.ramdisk)
+        files = [(d.target, not d.read_only) for d in self.cfg.disks]
+        files += [(p, False) for p in (kernel, initrd, self.restore_file) if p]
+        for path, writable in files:
+            try:
+                fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+            except OSError:
+                continue     # the VMM's own open fails the same way, with the usual sentence
+            preopened.register(path, writable, fd)
+
+    def _run_in_jail(self, sock: socket.socket, server: socket.socket, spec, ready_fd: int | None) -> int:
+        """The VMM child: wait for the supervisor's go, confine itself, run the domain."""
+        from hypyr.toolstack import jail
+        if sock.recv(16) != b"go":
+            return 1
+        try:
+            jail.enter(spec)
+        except HypyrError as e:
+            self._report(ready_fd, e)
+            return 1
+        self.registry = self.save_files = supervisor.SupervisorLink(sock)
+        self.jail = spec
+        return self._run(ready_fd, server)
 
     @property
     def _live(self) -> LinuxVm:
@@ -550,6 +648,7 @@ class Domain:
         if op == "info":
             return {"ok": True, "state": self.state, "domid": self.domid, "name": self.name,
                     "pid": os.getpid(), "memory": self.cfg.memory, "seccomp": self.cfg.seccomp,
+                    "jail": self.jail.describe() if self.jail is not None else None,
                     "vcpus": [{"vcpu": vt.vcpu.id, "tid": vt.thread.native_id if vt.thread else None,
                                "state": vt.state.value, "exits": vt.exits} for vt in machine.vcpus]}
         if op == "pause":
@@ -688,6 +787,9 @@ def main(argv: list[str] | None = None) -> int:
         except HypyrError as e:
             Domain._report(ready_fd, e)
             return 1
+        if dom.wants_jail():
+            reg.close()         # the supervisor opens its own; the jailed VMM never sees it
+            return dom.run_jailed(ready_fd)
         return dom.run(ready_fd)
 
 

@@ -22,6 +22,7 @@ Its layout::
                           log_max_bytes() (1 MiB, or $HYPYR_LOG_MAX_BYTES), one old part kept
     logs/                 logs kept after a domain is gone: <name>.console.log, <name>.vmm.log
                           (the newest domain of that name wins; see Registry.remove)
+    jail/                 empty: each jailed VMM mounts its root here, seen only by itself
 
 Every helper takes an optional ``base`` (a state directory) so that a registry opened at
 an explicit path keeps its domain directories next to it; by default it is ``state_dir()``.
@@ -41,6 +42,7 @@ REGISTRY_FILE = "domains.sqlite"
 API_SOCKET = "api.sock"
 DOMAINS_DIR = "domains"
 LOGS_DIR = "logs"
+JAIL_DIR = "jail"
 LOG_MAX_BYTES = 1 << 20  # default size at which console.log and vmm.log are rotated
 
 
@@ -103,6 +105,12 @@ def api_socket(base: Path | None = None) -> Path:
 def domain_dir(domid: int, base: Path | None = None) -> Path:
     """The directory of domain ``domid``: ``state_dir()/domains/<domid>/`` (not created here)."""
     return (base if base is not None else state_dir()) / DOMAINS_DIR / str(int(domid))
+
+
+def jail_dir(base: Path | None = None) -> Path:
+    """``state_dir()/jail/``: an empty directory each jailed VMM mounts its own root on, in its
+    own mount namespace (hypyr.toolstack.jail); created here."""
+    return private_dir((base if base is not None else state_dir()) / JAIL_DIR)
 
 
 def control_socket(domid: int, base: Path | None = None) -> Path:

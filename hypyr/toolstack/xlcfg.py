@@ -353,6 +353,7 @@ class DomainConfig:
     cap: int = 0
     vifs: tuple[VifSpec, ...] = ()
     seccomp: str = "kill"
+    jail: str = "on"                     # the VMM's jail (a hypyr extension): on (when root) or off
     bootloader: str | None = None        # "pygrub": boot the first disk's own config
     bootloader_args: tuple[str, ...] = ()
     warnings: tuple[str, ...] = field(default=(), compare=False)
@@ -394,6 +395,8 @@ class DomainConfig:
             _check_action(key, getattr(self, key))
         if self.seccomp not in ("kill", "log", "off"):
             raise ConfigValueError("seccomp", f"seccomp must be 'kill', 'log' or 'off', not {_show(self.seccomp)}")
+        if self.jail not in ("on", "off"):
+            raise ConfigValueError("jail", f"jail must be 'on' or 'off', not {_show(self.jail)}")
         put("disks", _check_disks(self.disks))
         put("cpus", _check_cpus(self.cpus))
         put("vifs", _check_vifs(self.vifs))
@@ -433,7 +436,7 @@ class DomainConfig:
                 "cpus": list(self.cpus) if isinstance(self.cpus, tuple) else self.cpus,
                 "cpu_weight": self.cpu_weight, "cap": self.cap,
                 "vifs": [v.to_dict() for v in self.vifs], "seccomp": self.seccomp,
-                "bootloader": self.bootloader, "bootloader_args": list(self.bootloader_args)}
+                "jail": self.jail, "bootloader": self.bootloader, "bootloader_args": list(self.bootloader_args)}
 
     @property
     def boot_entry(self) -> str | None:
@@ -479,7 +482,7 @@ def _check_bootloader(cfg: DomainConfig) -> None:
 # --------------------------------------------------------------------------- raw → DomainConfig
 
 _STRING_KEYS = ("name", "type", "kernel", "ramdisk", "cmdline", "root", "extra",
-                "on_poweroff", "on_reboot", "on_crash", "seccomp", "bootloader")
+                "on_poweroff", "on_reboot", "on_crash", "seccomp", "jail", "bootloader")
 _HANDLED = set(_STRING_KEYS) | set(_INT_RULES) | {"disk", "cpus", "builder", "vif", "bootloader_args"}
 # Keys with no effect on a direct-boot virtio guest: ignored with a debug note.
 _IGNORED_KEYS = {

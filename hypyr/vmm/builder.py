@@ -17,6 +17,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from hypyr import preopened
 from hypyr.arch.x86 import acpi, layout, msrs, setup_linux_boot
 from hypyr.arch.x86 import cpuid as x86cpuid
 from hypyr.arch.x86.acpi import MmioDevice
@@ -181,18 +182,18 @@ def validate(config: VmConfig, kvm: Kvm | None = None, *, boot: bool = True) -> 
     if config.console not in ("serial", "virtio"):
         raise HypyrError(f"the console must be serial or virtio, not {config.console!r}")
     for disk in config.disks:
-        if not os.path.isfile(disk.path):
+        if not preopened.is_file(disk.path):
             raise HypyrError(f"disk image {disk.path} does not exist or is not a file")
-        if not os.access(disk.path, os.R_OK if disk.read_only else os.R_OK | os.W_OK):
+        if not preopened.can_open(disk.path, not disk.read_only):
             raise HypyrError(f"no permission to {'read' if disk.read_only else 'read and write'} disk image "
                              f"{disk.path}")
     files = [(config.kernel, "kernel"), (config.initrd, "initrd")] + [(p, "module") for p, _ in config.modules]
     for path, what in files:
         if path is None or not boot:
             continue
-        if not os.path.exists(path):
+        if not preopened.is_file(path) and not os.path.exists(path):
             raise HypyrError(f"{what} file {path} does not exist")
-        if not os.path.isfile(path) or not os.access(path, os.R_OK):
+        if not preopened.is_file(path) or not preopened.can_open(path, False):
             raise HypyrError(f"{what} file {path} is not a readable file")
     check_vcpu_count(config.vcpus, kvm)  # VcpuCountError; without kvm, hypyr's own limit only
     if config.memory < 16 << 20:

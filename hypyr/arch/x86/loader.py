@@ -10,6 +10,7 @@ import os
 import struct
 from dataclasses import dataclass
 
+from hypyr import preopened
 from hypyr.errors import HypyrError
 from hypyr.memory import GuestAddress, GuestMemory
 
@@ -46,8 +47,7 @@ def _fail(path: str, why: str) -> HypyrError:
 def _read_file(path: str | os.PathLike, what: str, limit: int = -1) -> bytes:
     """The file's bytes (its first ``limit`` bytes if given), or one sentence why not."""
     try:
-        with open(path, "rb") as f:
-            return f.read(limit)
+        return preopened.read_bytes(path, limit)
     except OSError as e:
         raise HypyrError(f"Cannot read {what} {os.fspath(path)}: {e.strerror or e}.") from None
 

@@ -20,6 +20,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from hypyr import preopened
 from hypyr.errors import HypyrError
 from hypyr.memory import GuestAddress, GuestMemory
 
@@ -193,8 +194,7 @@ def build_info(base: int, *, mem_lower: int, mem_upper: int, cmdline_addr: int |
 
 def _read(path: str | os.PathLike, what: str) -> bytes:
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        return preopened.read_bytes(path)
     except OSError as e:
         raise HypyrError(f"Cannot read {what} {os.fspath(path)}: {e.strerror or e}.") from None
 

@@ -16,6 +16,7 @@ import os
 import struct
 import zlib
 
+from hypyr import preopened
 from hypyr.errors import HypyrError
 
 from . import bootparams as bp
@@ -106,8 +107,7 @@ def extract(data: bytes, path: str = "<kernel>") -> bytes:
 
 def extract_file(path: str | os.PathLike) -> bytes:
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = preopened.read_bytes(path)
     except OSError as e:
         raise HypyrError(f"Cannot read kernel {os.fspath(path)}: {e.strerror or e}.") from None
     return extract(data, os.fspath(path))

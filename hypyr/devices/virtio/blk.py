@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from hypyr.devices.ratelog import RateLimitedLog
 from hypyr.devices.state import StateError, StateReader
+from hypyr import preopened
 from hypyr.errors import HypyrError
 from hypyr.libc import IOV_MAX, optional_function
 from hypyr.memory import GuestMemory
@@ -144,7 +145,7 @@ class VirtioBlk(VirtioDevice):
         self._serial = self._encode_serial(serial)
         flags = (os.O_RDONLY if self.read_only else os.O_RDWR) | os.O_CLOEXEC
         try:
-            fd = os.open(self.path, flags)
+            fd = preopened.open_file(self.path, flags)
         except OSError as e:
             raise HypyrError(f"cannot open disk image {self.path} "
                              f"{'read-only' if self.read_only else 'for reading and writing'}: "
