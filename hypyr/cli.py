@@ -529,6 +529,24 @@ def cmd_network_list(args) -> int:
 
 
 def cmd_info(args) -> int:
+    if args.domain is not None:
+        import json
+
+        from hypyr.toolstack import api
+        info = api.vmm_info(args.domain)
+        jail = info.get("jail")
+        if args.json:
+            print(json.dumps(info, indent=2))
+            return 0
+        print(f"domain {info.get('name')} (id {info.get('domid')}): {info.get('state')}, VMM pid {info.get('pid')}, "
+              f"seccomp {info.get('seccomp')}")
+        if jail:
+            print(f"jail: uid {jail['uid']} gid {jail['gid']}, capabilities {jail['capabilities']}, root "
+                  f"{jail['root']} holding {', '.join(jail['read_only'])} (read-only), "
+                  f"{', '.join(jail['writable'])} (read-write), {', '.join(jail['devices'])}")
+        else:
+            print("jail: none (jail = \"off\", or the toolstack does not run as root)")
+        return 0
     from hypyr.toolstack import monitor
     return monitor.cli_info(args)
 
@@ -707,7 +725,9 @@ def build_parser() -> argparse.ArgumentParser:
     nwl.add_argument("--json", action="store_true", help="machine-readable output")
     nwl.set_defaults(func=cmd_network_list)
 
-    inf = sub.add_parser("info", parents=[common], help="host information (CPUs, memory, KVM backend)")
+    inf = sub.add_parser("info", parents=[common], help="host information (CPUs, memory, KVM backend), or "
+                                                      "a domain's VMM: pid, seccomp mode, jail")
+    inf.add_argument("domain", nargs="?", metavar="DOMAIN", help="a domain's name or id")
     inf.add_argument("--json", action="store_true")
     inf.set_defaults(func=cmd_info)
 

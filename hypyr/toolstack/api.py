@@ -641,6 +641,7 @@ class DomainInfo:
     status: DomainState   # registry state (a str: "running", ...)
     uuid: str | None = None
     seccomp: str = "kill"   # the VMM's seccomp filter mode: kill, log or off (off for the host)
+    jail_uid: int | None = None   # the uid of its jailed VMM (None: not jailed)
 
 
 _XL_LETTER: dict[DomainState | str, str] = {DomainState.PAUSED: "p", DomainState.SHUTDOWN: "s",
@@ -669,7 +670,23 @@ def describe(r: DomainRecord) -> DomainInfo:
     cpu = (procfs.cpu_seconds(pid) or 0.0) if pid else 0.0
     running = pid is not None and procfs.any_thread_running(pid)
     return DomainInfo(r.name, r.domid, int(cfg.get("memory", 0)), int(cfg.get("vcpus", 1)),
-                      xl_state(r.state, running), cpu, r.state, r.uuid, str(cfg.get("seccomp", "kill")))
+                      xl_state(r.state, running), cpu, r.state, r.uuid, str(cfg.get("seccomp", "kill")),
+                      _jail_uid(pid) if pid else None)
+
+
+def _jail_uid(pid: int) -> int | None:
+    """The real uid of the VMM ``pid`` if it is not this toolstack's own (a jailed VMM's)."""
+    try:
+        uid = int(procfs.status(pid)["Uid"].split()[0])
+    except (KeyError, IndexError, ValueError):
+        return None
+    return uid if uid != os.geteuid() else None
+
+
+def vmm_info(name: str) -> dict:
+    """What the domain's VMM says of itself (its `info` operation): state, pid, vCPUs, seccomp
+    mode, jail (uid, gid, what it sees, rlimits)."""
+    return _control(_record(name), "info")
 
 
 def list_domains(names: list[str] | None = None) -> list[DomainInfo]:

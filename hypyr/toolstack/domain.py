@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import logging.handlers
@@ -27,8 +28,8 @@ from hypyr.errors import HypyrError, InvalidInput
 from hypyr.image.diskboot import DiskBoot
 from hypyr.toolstack import logs, nics, paths, supervisor
 from hypyr.toolstack.console import ConsoleHub
-from hypyr.toolstack.jail import Jail
 from hypyr.toolstack.errors import DomainStateError, MigrationFailed, SaveFileError, save_file_sentence, type_name
+from hypyr.toolstack.jail import Jail
 from hypyr.toolstack.registry import DomainState, Registry, StaleDomainError
 from hypyr.toolstack.supervisor import SaveFiles, SupervisorLink
 from hypyr.toolstack.xlcfg import DomainConfig
@@ -679,7 +680,20 @@ class Domain:
             return {"ok": True}
         if op == "test-forbidden-syscall" and self._test_hooks:
             return self._forbidden_syscall(req.get("kind"))
+        if op == "test-open" and self._test_hooks:
+            return self._test_open(req.get("path"), req.get("write") is True)
         raise InvalidInput(f"unknown operation {op!r}")
+
+    @staticmethod
+    def _test_open(path: object, write: bool) -> dict:
+        """The test hook (HYPYR_TEST_HOOKS=1): may this VMM open ``path``?  (Its jail's test.)"""
+        if not isinstance(path, str):
+            raise InvalidInput("test-open takes a path")
+        try:
+            os.close(os.open(path, (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC))
+        except OSError as e:
+            return {"ok": True, "opened": False, "errno": errno.errorcode.get(e.errno or 0, str(e.errno))}
+        return {"ok": True, "opened": True}
 
     def _forbidden_syscall(self, kind: object) -> dict:
         """The test hook (only with HYPYR_TEST_HOOKS=1 in this process's environment): a thread

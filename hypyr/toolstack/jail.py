@@ -139,9 +139,12 @@ def _check(rc: int, what: str) -> None:
         raise JailError(f"cannot confine the VMM: {what} failed: {os.strerror(e)}")
 
 
+def _encode(s: str | None) -> bytes | None:
+    return None if s is None else s.encode()
+
+
 def _mount_call(src: str | None, dst: str, fstype: str | None, flags: int, data: str | None, what: str) -> None:
-    enc = (lambda s: None if s is None else s.encode())
-    _check(_mount(enc(src), enc(dst), enc(fstype), flags, enc(data)), what)
+    _check(_mount(_encode(src), _encode(dst), _encode(fstype), flags, _encode(data)), what)
 
 
 def _make_point(root: str, path: str, is_dir: bool) -> str:
@@ -202,6 +205,6 @@ def enter(jail: Jail) -> None:
     _check(_prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "PR_SET_PDEATHSIG")   # cleared by setresuid
     for res, value in ((resource.RLIMIT_NOFILE, OPEN_FILES), (resource.RLIMIT_NPROC, THREADS),
                        (resource.RLIMIT_AS, jail.address_space), (resource.RLIMIT_CORE, 0)):
-        soft, hard = resource.getrlimit(res)
+        _soft, hard = resource.getrlimit(res)
         limit = value if hard == resource.RLIM_INFINITY else min(value, hard)
         resource.setrlimit(res, (limit, limit))

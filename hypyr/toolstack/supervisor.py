@@ -15,7 +15,6 @@ import os
 import socket
 import tempfile
 import threading
-from collections.abc import Callable
 
 from hypyr.errors import HypyrError
 from hypyr.toolstack.errors import SaveFileError, from_report, type_name
@@ -53,6 +52,10 @@ class SaveFiles:
         except OSError as e:
             self._temps[tmp] = path
             raise SaveFileError(f"cannot write the save file {path}: {e.strerror or e}") from None
+
+    def is_pending(self, tmp: str) -> bool:
+        """Is ``tmp`` a temporary file :meth:`create` made and nothing has committed or discarded?"""
+        return tmp in self._temps
 
     def discard(self, tmp: str) -> None:
         if self._temps.pop(tmp, None) is not None:
@@ -139,38 +142,44 @@ class Supervisor:
         self.sock, self.registry, self.domid, self.uuid = sock, registry, domid, uuid
         self.child_pid, self.socket_path = child_pid, socket_path
         self.files = SaveFiles()
-        self._ops: dict[str, Callable[[dict], tuple[object, int | None]]] = {
-            "set_running": lambda a: (self.registry.set_running(self.domid, self.child_pid, self.socket_path,
-                                                                uuid=self.uuid), None),
-            "update_state": lambda a: (self.registry.update_state(self.domid, DomainState(a["state"]),
-                                                                  _reason(a.get("reason")), uuid=self.uuid), None),
-            "release": self._release,
-            "bump_restarts": lambda a: (self.registry.bump_restarts(self.domid, uuid=self.uuid), None),
-            "rename": self._rename,
-            "remove": lambda a: (self.registry.remove(self.domid, uuid=self.uuid), None),
-            "save_create": self._save_create,
-            "save_commit": lambda a: (self.files.commit(self._temp(a)), None),
-            "save_discard": lambda a: (self.files.discard(self._temp(a)), None),
-        }
 
-    def _release(self, a: dict) -> tuple[object, None]:
-        state = DomainState(a["state"])
-        if state not in PRESERVED_STATES:
-            raise ValueError("release keeps a row crashed or shut down")
-        return self.registry.release(self.domid, state, _reason(a.get("reason")), uuid=self.uuid), None
+    def _answer(self, req: dict) -> tuple[object, int | None]:
+        """(result, file to send) for one request; ValueError/KeyError/TypeError if malformed."""
+        op, reg, domid, uuid = req["op"], self.registry, self.domid, self.uuid
+        if op == "set_running":
+            reg.set_running(domid, self.child_pid, self.socket_path, uuid=uuid)
+        elif op == "update_state":
+            reg.update_state(domid, DomainState(req["state"]), _reason(req.get("reason")), uuid=uuid)
+        elif op == "release":
+            state = DomainState(req["state"])
+            if state not in PRESERVED_STATES:
+                raise ValueError("release keeps a row crashed or shut down")
+            reg.release(domid, state, _reason(req.get("reason")), uuid=uuid)
+        elif op == "bump_restarts":
+            return reg.bump_restarts(domid, uuid=uuid), None
+        elif op == "rename":
+            if not isinstance(req.get("name"), str):
+                raise ValueError("rename takes a name")
+            reg.rename(domid, req["name"], uuid=uuid)
+        elif op == "remove":
+            return reg.remove(domid, uuid=uuid), None
+        elif op == "save_create":
+            path = req.get("path")
+            if not isinstance(path, str):
+                raise ValueError("save_create takes a path")
+            fd, tmp = self.files.create(path)
+            return tmp, fd
+        elif op == "save_commit":
+            self.files.commit(self._temp(req))
+        elif op == "save_discard":
+            self.files.discard(self._temp(req))
+        else:
+            raise ValueError(f"no operation {op!r}")
+        return None, None
 
-    def _rename(self, a: dict) -> tuple[object, None]:
-        if not isinstance(a.get("name"), str):
-            raise ValueError("rename takes a name")
-        return self.registry.rename(self.domid, a["name"], uuid=self.uuid), None
-
-    def _save_create(self, a: dict) -> tuple[object, int]:
-        fd, tmp = self.files.create(a.get("path"))   # type: ignore[arg-type] - checked there
-        return tmp, fd
-
-    def _temp(self, a: dict) -> str:
-        tmp = a.get("tmp")
-        if not isinstance(tmp, str) or tmp not in self.files._temps:
+    def _temp(self, req: dict) -> str:
+        tmp = req.get("tmp")
+        if not isinstance(tmp, str) or not self.files.is_pending(tmp):
             raise ValueError("not a save file this domain is writing")
         return tmp
 
@@ -186,7 +195,7 @@ class Supervisor:
             fd = None
             try:
                 req = json.loads(data)
-                result, fd = self._ops[req["op"]](req)
+                result, fd = self._answer(req)
                 reply: dict = {"ok": True, "result": result}
                 if fd is not None:
                     reply["tmp"] = result

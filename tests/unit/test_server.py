@@ -215,7 +215,8 @@ def test_list_domains(client):
     doms = client.get("/domains")
     assert [d["name"] for d in doms] == ["web", "db"]
     assert doms[0] == {"name": "web", "domid": 1, "memory": 256, "vcpus": 2, "state": "-b----",
-                       "cpu_time": 1.5, "status": "running", "uuid": WEB_UUID, "seccomp": "kill"}
+                       "cpu_time": 1.5, "status": "running", "uuid": WEB_UUID, "seccomp": "kill",
+                       "jail_uid": None}
     assert [d["name"] for d in client.get("/domains?name=db")] == ["db"]
     assert [d["name"] for d in client.get("/domains?name=db&name=1")] == ["db", "web"]
     assert [d["name"] for d in client.get("/domains?name=web,db")] == ["web", "db"]

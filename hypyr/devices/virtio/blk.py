@@ -22,9 +22,9 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from hypyr import preopened
 from hypyr.devices.ratelog import RateLimitedLog
 from hypyr.devices.state import StateError, StateReader
-from hypyr import preopened
 from hypyr.errors import HypyrError
 from hypyr.libc import IOV_MAX, optional_function
 from hypyr.memory import GuestMemory

@@ -45,6 +45,8 @@ def schemas(ncpus: int | None = None) -> dict[str, dict]:
         "status": {**_string, "enum": [s.value for s in DomainState], "description": "the registry's state"},
         "seccomp": {**_string, "enum": ["kill", "log", "off"],
                     "description": "the VMM's seccomp filter mode (docs/confinement.md)"},
+        "jail_uid": {**_integer, "nullable": True,
+                     "description": "the uid its jailed VMM runs as; null when not jailed (docs/confinement.md)"},
     }
     return {
         "Error": _object({"error": {**_string, "description": "one sentence"}}, ["error"]),
