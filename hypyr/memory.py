@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import ctypes
 import functools
+import logging
 import mmap
 import operator
 import os
@@ -24,6 +25,8 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from hypyr.libc import IOV_MAX, optional_function
+
+log = logging.getLogger("hypyr.memory")
 
 __all__ = ["GuestAddress", "GuestMemoryError", "GuestMemoryClosedError", "GuestRegion", "GuestMemory"]
 
@@ -143,6 +146,12 @@ def _held_elsewhere(lent: list[tuple[memoryview, int, int]]) -> list[tuple[memor
     return [e for e in lent if sys.getrefcount(e[0]) > 2]
 
 
+def address_space(ram_bytes: int, regions: int = 2) -> int:
+    """Address space the guest RAM of ``ram_bytes`` in at most ``regions`` regions reserves
+    (each region: HOST_ALIGN + max(its size, GUARD_SPAN); see GuestRegion), for RLIMIT_AS."""
+    return ram_bytes + regions * (HOST_ALIGN + GUARD_SPAN)
+
+
 class GuestRegion:
     """One contiguous range of guest RAM backed by an anonymous host mapping.
 
@@ -165,6 +174,8 @@ class GuestRegion:
         try:
             self._map = mmap.mmap(-1, reserve, flags=flags, prot=prot)
         except OSError:  # e.g. strict overcommit (vm.overcommit_memory=2): RAM only, no guard
+            log.warning("guest RAM at %#x: no address space for its %d GiB reservation (RLIMIT_AS or strict "
+                        "overcommit): block and network I/O take the slower path", start, reserve >> 30)
             self._map = mmap.mmap(-1, size, flags=flags, prot=prot)
             reserve = size
         base = _buffer_address(self._map)

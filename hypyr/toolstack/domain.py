@@ -42,15 +42,19 @@ log = logging.getLogger("hypyr.domain")
 CRASH_KINDS = (StopKind.TRIPLE_FAULT, StopKind.CRASH, StopKind.INTERNAL_ERROR, StopKind.FAIL_ENTRY)
 
 
-def vm_config(cfg: DomainConfig, tap_fds: Sequence[int] = (), domid: int = 0, boot: DiskBoot | None = None) -> VmConfig:
+def vm_config(cfg: DomainConfig, tap_fds: Sequence[int] = (), domid: int = 0, boot: DiskBoot | None = None,
+              ip_args: str | None = None) -> VmConfig:
     """The VMM's view of an xl.cfg domain: direct boot, disks in vdev order, one NIC per vif
     (``tap_fds[i]`` is vif i's open tap).  With ``bootloader = "pygrub"``, ``boot`` is what
-    ``hypyr.image.diskboot`` extracted: its kernel, initrd and command line (then the cfg's)."""
+    ``hypyr.image.diskboot`` extracted: its kernel, initrd and command line (then the cfg's).
+    ``ip_args``: the vifs' addresses for the guest (default: looked up in the networks now)."""
     nets = nics.net_configs(cfg.vifs, tap_fds, [v.tap_name(domid) for v in cfg.vifs])
     kernel, initrd, base = cfg.kernel, cfg.ramdisk, DEFAULT_CMDLINE
     if boot is not None:
         kernel, initrd, base = boot.kernel, boot.initrd, boot.cmdline
-    cmdline = " ".join(x for x in (base, cfg.cmdline_string(), nics.guest_ip_args(cfg.vifs)) if x)
+    if ip_args is None:
+        ip_args = nics.guest_ip_args(cfg.vifs)
+    cmdline = " ".join(x for x in (base, cfg.cmdline_string(), ip_args) if x)
     return VmConfig(kernel=kernel, initrd=initrd, cmdline=cmdline,
                     memory=cfg.memory << 20, vcpus=cfg.vcpus,
                     disks=[DiskConfig(d.target, d.read_only) for d in cfg.disks], nets=nets, seccomp=cfg.seccomp)
@@ -76,6 +80,8 @@ class Domain:
             raise StaleDomainError(f"domain id {domid} belongs to another domain ({rec.name}, uuid {rec.uuid})")
         self.name = rec.name
         self.cfg = DomainConfig.from_dict(rec.config_dict())
+        # the vifs' guest addresses, from the networks (state the jailed VMM cannot read): once
+        self.ip_args = nics.guest_ip_args(self.cfg.vifs)
         self.dir = paths.domain_dir(domid)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.sock_path = self.dir / "control.sock"
@@ -111,7 +117,8 @@ class Domain:
             if paused:
                 self.vm.machine.pause()        # before start: the vCPUs start parked
         else:
-            self.vm = build_linux_vm(vm_config(self.cfg, self.tap_fds, self.domid, self._disk_boot()),
+            self.vm = build_linux_vm(vm_config(self.cfg, self.tap_fds, self.domid, self._disk_boot(),
+                                               self.ip_args),
                                      self.console.write)
             paused = False
         self.vm.machine.start()
@@ -448,6 +455,9 @@ class Domain:
         server.close()
         self.console.close()
         preopened.close_all()
+        for fd in (*self.tap_fds, self.incoming_fd, self.watch_fd):   # the VMM's alone
+            if fd is not None:
+                os.close(fd)
         try:
             try:
                 self._apply_sched(pid)

@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 
 from hypyr.errors import HypyrError
 from hypyr.libc import function
+from hypyr.memory import address_space
 
 UID_BASE = 0x70000000   # domain d's VMM runs as uid = gid = UID_BASE + d (an unused range; $HYPYR_JAIL_UID_BASE)
-ADDRESS_SPACE_EXTRA = 8 << 30   # RLIMIT_AS: guest RAM plus this (thread stacks, malloc arenas, libraries)
+ADDRESS_SPACE_EXTRA = 8 << 30   # RLIMIT_AS: guest RAM's reservation plus this (thread stacks, malloc arenas, libraries)
 OPEN_FILES = 4096
 THREADS = 4096          # RLIMIT_NPROC: the VMM's uid is its own, so this bounds its threads
 
@@ -110,7 +111,7 @@ def plan(domid: int, domain_dir: str, memory: int, root: str) -> Jail:
             devices.append((path, mode, owned, st.st_rdev))
     return Jail(uid=base + domid, gid=base + domid, root=root,
                 read_only=_outermost(ro) + files, writable=(os.path.abspath(domain_dir),),
-                devices=tuple(devices), address_space=memory + ADDRESS_SPACE_EXTRA)
+                devices=tuple(devices), address_space=address_space(memory) + ADDRESS_SPACE_EXTRA)
 
 
 def give_directory(jail: Jail, path: str, files: tuple[str, ...]) -> None:

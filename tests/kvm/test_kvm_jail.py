@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from test_kvm_seccomp import _wait, toolstack  # noqa: F401 - the fixture
 
+from hypyr import memory
 from hypyr.toolstack import api, jail, paths
 from hypyr.toolstack.registry import Registry
 
@@ -54,6 +55,8 @@ def test_the_vmm_runs_as_its_own_user_without_capabilities(toolstack):  # noqa: 
     for caps in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
         assert int(st[caps], 16) == 0, (caps, st[caps])
     assert st["NoNewPrivs"] == "1" and st["Seccomp"] == "2"
+    # RLIMIT_AS leaves room for guest RAM's address-space reservation (its guard: the fast I/O path)
+    assert int(st["VmSize"].split()[0]) << 10 >= memory.address_space(32 << 20, regions=1) - (32 << 20)
     supervisor = int(st["PPid"])
     assert _status(supervisor)["Uid"].split()[0] == "0"        # the supervisor keeps root
     # its own mount namespace

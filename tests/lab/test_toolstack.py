@@ -101,6 +101,10 @@ def test_three_domains_run_at_once_and_destroy_is_isolated(xl, guest_image, tmp_
         assert f"disk-of-vm{i}" in log and f"vcpus={n}" in log
     doms = json.loads(xl("list", "--json").stdout)
     assert {d["name"]: (d["memory"], d["vcpus"]) for d in doms} == {"vm0": (128, 1), "vm1": (192, 2), "vm2": (160, 1)}
+    # each VMM is jailed (the default): its own uid, and it cannot see the others' disks
+    assert len({d["jail_uid"] for d in doms}) == 3 and None not in {d["jail_uid"] for d in doms}
+    jail = json.loads(xl("info", "vm0", "--json").stdout)["jail"]
+    assert jail["uid"] == doms[0]["jail_uid"] and str(disks[1]) not in " ".join(jail["read_only"] + jail["writable"])
     xl("destroy", "vm1")
     names = [d["name"] for d in json.loads(xl("list", "--json").stdout)]
     assert names == ["vm0", "vm2"]
