@@ -361,16 +361,21 @@ class Domain:
         self._own(self.registry.update_state, state, exit_reason=reason)
 
     def run(self, ready_fd: int | None) -> int:
-        from hypyr.toolstack import sched
         try:
             return self._run(ready_fd)
         finally:
-            if self._boot is not None:
-                self._boot.close()
-            try:
-                sched.remove(self, evacuate=True)
-            except HypyrError as e:
-                log.warning("domain %s: %s", self.name, e)
+            self._end_host_side()
+
+    def _end_host_side(self) -> None:
+        """What the domain process (or a jailed VMM's supervisor) undoes at its end: the files a
+        pygrub boot extracted, the cgroup."""
+        from hypyr.toolstack import sched
+        if self._boot is not None:
+            self._boot.close()
+        try:
+            sched.remove(self, evacuate=True)
+        except HypyrError as e:
+            log.warning("domain %s: %s", self.name, e)
 
     def _run(self, ready_fd: int | None, server: socket.socket | None = None) -> int:
         """Boot, serve and supervise the VM in this process (``server``: the control socket a
@@ -427,7 +432,7 @@ class Domain:
 
     def run_jailed(self, ready_fd: int | None) -> int:
         """Supervise a jailed VMM child (hypyr.toolstack.supervisor) until it exits; its exit code."""
-        from hypyr.toolstack import jail, sched
+        from hypyr.toolstack import jail
         try:
             server = self._listen()
             if self.cfg.bootloader is not None:
@@ -473,12 +478,7 @@ class Domain:
             status = os.waitpid(pid, 0)[1]
         finally:
             mine.close()
-            if self._boot is not None:
-                self._boot.close()
-            try:
-                sched.remove(self, evacuate=True)
-            except HypyrError as e:
-                log.warning("domain %s: %s", self.name, e)
+            self._end_host_side()
         code = os.waitstatus_to_exitcode(status)
         if code < 0:
             log.error("domain %s: its VMM (pid %d) was killed by signal %d", self.name, pid, -code)
