@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import stat
 
-__all__ = ["register", "registered", "close_all", "open_file", "read_bytes", "is_file", "can_open"]
+__all__ = ["register", "close_all", "open_file", "read_bytes", "is_file", "can_open"]
 
 _files: dict[tuple[str, bool], int] = {}
 
@@ -24,11 +24,6 @@ def _key(path: str | os.PathLike, writable: bool) -> tuple[str, bool]:
 def register(path: str | os.PathLike, writable: bool, fd: int) -> None:
     """``fd`` (opened read-write if ``writable``, else read-only) is what :func:`open_file` gives for ``path``."""
     _files[_key(path, writable)] = fd
-
-
-def registered() -> dict[tuple[str, bool], int]:
-    """The registered files: (absolute path, writable) -> fd."""
-    return dict(_files)
 
 
 def open_file(path: str | os.PathLike, flags: int) -> int:
@@ -57,8 +52,9 @@ def is_file(path: str | os.PathLike) -> bool:
 
 
 def can_open(path: str | os.PathLike, writable: bool) -> bool:
-    """``os.access`` for reading (and writing if ``writable``); a registered file is open with that access."""
-    if _key(path, writable) in _files or (not writable and _key(path, True) in _files):
+    """``os.access`` for reading (and writing if ``writable``), or True for a file registered with
+    that access (the one :func:`open_file` then gives)."""
+    if _key(path, writable) in _files:
         return True
     return os.access(path, os.R_OK | (os.W_OK if writable else 0))
 

@@ -26,12 +26,10 @@ from collections.abc import Callable, Sequence
 from hypyr import preopened
 from hypyr.errors import HypyrError, InvalidInput
 from hypyr.image.diskboot import DiskBoot
-from hypyr.toolstack import logs, nics, paths, supervisor
+from hypyr.toolstack import jail, logs, nics, paths, supervisor
 from hypyr.toolstack.console import ConsoleHub
 from hypyr.toolstack.errors import DomainStateError, MigrationFailed, SaveFileError, save_file_sentence, type_name
-from hypyr.toolstack.jail import Jail
 from hypyr.toolstack.registry import DomainState, Registry, StaleDomainError
-from hypyr.toolstack.supervisor import SaveFiles, SupervisorLink
 from hypyr.toolstack.xlcfg import DomainConfig
 from hypyr.vmm import seccomp
 from hypyr.vmm.builder import DEFAULT_CMDLINE, DiskConfig, LinuxVm, VmConfig, build_linux_vm
@@ -72,9 +70,9 @@ class Domain:
         self.restore_paused = restore_paused
         self.uuid = uuid
         self.tap_fds = list(tap_fds)
-        self.registry: Registry | SupervisorLink = registry   # jailed: the link to its supervisor
-        self.save_files: SaveFiles | SupervisorLink = SaveFiles()
-        self.jail: Jail | None = None        # the VMM's jail, once it is in one
+        self.registry: Registry | supervisor.SupervisorLink = registry   # jailed: the link to its supervisor
+        self.save_files: supervisor.SaveFiles | supervisor.SupervisorLink = supervisor.SaveFiles()
+        self.jail: jail.Jail | None = None        # the VMM's jail, once it is in one
         rec = registry.get(str(domid))
         if rec.uuid != uuid:
             raise StaleDomainError(f"domain id {domid} belongs to another domain ({rec.name}, uuid {rec.uuid})")
@@ -432,7 +430,6 @@ class Domain:
 
     def run_jailed(self, ready_fd: int | None) -> int:
         """Supervise a jailed VMM child (hypyr.toolstack.supervisor) until it exits; its exit code."""
-        from hypyr.toolstack import jail
         try:
             server = self._listen()
             if self.cfg.bootloader is not None:
@@ -443,6 +440,7 @@ class Domain:
                                                       "vmm.log", "vmm.log.1"))
         except HypyrError as e:
             self._report(ready_fd, e)
+            self._end_host_side()
             return 1
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = os.fork()
@@ -499,15 +497,18 @@ class Domain:
                 continue     # the VMM's own open fails the same way, with the usual sentence
             preopened.register(path, writable, fd)
 
-    def _run_in_jail(self, sock: socket.socket, server: socket.socket, spec, ready_fd: int | None) -> int:
+    def _run_in_jail(self, sock: socket.socket, server: socket.socket, spec: jail.Jail,
+                     ready_fd: int | None) -> int:
         """The VMM child: wait for the supervisor's go, confine itself, run the domain."""
-        from hypyr.toolstack import jail
         if sock.recv(16) != b"go":
             return 1
+        parent = os.getppid()
         try:
             jail.enter(spec)
         except HypyrError as e:
             self._report(ready_fd, e)
+            return 1
+        if os.getppid() != parent:   # the supervisor died before PDEATHSIG was armed
             return 1
         self.registry = self.save_files = supervisor.SupervisorLink(sock)
         self.jail = spec

@@ -148,17 +148,18 @@ def _mount_call(src: str | None, dst: str, fstype: str | None, flags: int, data:
     _check(_mount(_encode(src), _encode(dst), _encode(fstype), flags, _encode(data)), what)
 
 
-def _make_point(root: str, path: str, is_dir: bool) -> str:
-    """The mount point of host ``path`` inside ``root`` (its parents made 0755)."""
+def _inside(root: str, path: str, is_dir: bool = False) -> str:
+    """Host ``path``'s place inside ``root``, its parent directories made (0755; itself too if ``is_dir``)."""
     target = root + path
     os.makedirs(target if is_dir else os.path.dirname(target), mode=0o755, exist_ok=True)
-    if not is_dir and not os.path.exists(target):
-        os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
     return target
 
 
 def _bind(root: str, path: str, read_only: bool) -> None:
-    target = _make_point(root, path, os.path.isdir(path))
+    is_dir = os.path.isdir(path)
+    target = _inside(root, path, is_dir)
+    if not is_dir and not os.path.exists(target):   # a file's mount point is a file
+        os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
     _mount_call(path, target, None, MS_BIND, None, f"binding {path}")
     flags = MS_BIND | MS_REMOUNT | MS_NOSUID | MS_NODEV | (MS_RDONLY if read_only else MS_NOEXEC)
     _mount_call(None, target, None, flags, None, f"making {path} {'read-only' if read_only else 'nosuid'}")
@@ -167,7 +168,7 @@ def _bind(root: str, path: str, read_only: bool) -> None:
 def enter(jail: Jail) -> None:
     """Confine this process (single-threaded: a fork of the domain process) to ``jail``; JailError if not."""
     if os.geteuid() != 0:
-        raise JailError("cannot confine the VMM: it does not run as root (jail = 0 runs it unconfined)")
+        raise JailError('cannot confine the VMM: it does not run as root (jail = "off" runs it unconfined)')
     with open("/proc/sys/kernel/cap_last_cap") as f:
         last_cap = int(f.read())
     sys.path[:] = [os.getcwd() if p == "" else p for p in sys.path]
@@ -183,8 +184,7 @@ def enter(jail: Jail) -> None:
         if os.path.islink(d):
             os.symlink(os.readlink(d), jail.root + d)
     for path, mode, owned, rdev in jail.devices:
-        target = _make_point(jail.root, path, False)
-        os.unlink(target)
+        target = _inside(jail.root, path)
         os.mknod(target, stat.S_IFCHR | mode, rdev)
         os.chmod(target, mode)
         if owned:

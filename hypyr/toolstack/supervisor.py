@@ -32,7 +32,7 @@ class SaveFiles:
     def __init__(self) -> None:
         self._temps: dict[str, str] = {}    # temporary file -> the save file it becomes
 
-    def create(self, path: str) -> tuple[int, str]:
+    def create(self, path: object) -> tuple[int, str]:
         """(fd, name) of a new temporary file in ``path``'s directory; SaveFileError if not."""
         if not isinstance(path, str) or not os.path.isabs(path) or "\0" in path:
             raise SaveFileError("a save file needs an absolute file name")
@@ -118,7 +118,7 @@ class SupervisorLink:
         reply, fds = self._call("save_create", want_fd=True, path=path)
         if len(fds) != 1:
             raise SaveFileError(f"cannot write the save file {path}: the supervisor sent no file")
-        return fds[0], str(reply["tmp"])
+        return fds[0], str(reply["result"])
 
     def commit(self, tmp: str) -> None:
         self._call("save_commit", tmp=tmp)
@@ -164,10 +164,7 @@ class Supervisor:
         elif op == "remove":
             return reg.remove(domid, uuid=uuid), None
         elif op == "save_create":
-            path = req.get("path")
-            if not isinstance(path, str):
-                raise ValueError("save_create takes a path")
-            fd, tmp = self.files.create(path)
+            fd, tmp = self.files.create(req.get("path"))
             return tmp, fd
         elif op == "save_commit":
             self.files.commit(self._temp(req))
@@ -197,8 +194,6 @@ class Supervisor:
                 req = json.loads(data)
                 result, fd = self._answer(req)
                 reply: dict = {"ok": True, "result": result}
-                if fd is not None:
-                    reply["tmp"] = result
             except StaleDomainError as e:
                 reply = {"ok": False, "stale": True, "error": str(e)}
             except HypyrError as e:
