@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 HYPYR := $(PY) -m hypyr
-PYTEST_LAB_OPTS ?= -q -p no:cacheprovider -p hypyr.lab.resume -p hypyr.lab.testguard --durations=12 -o console_output_style=classic
+PYTEST_LAB_OPTS ?= -q -p no:cacheprovider -p hypyr.lab.resume -p hypyr.lab.testguard -p hypyr.lab.rerun --durations=12 -o console_output_style=classic
 
 .PHONY: all deps demo test test-unit test-lab lint image matrix-image bench clean fuzz fuzz-smoke
 

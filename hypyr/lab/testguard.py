@@ -142,15 +142,24 @@ def _on_test_timeout(nodeid: str, limit: float) -> None:
     os._exit(code)
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_protocol(item, nextitem):
+_watchdog: list[threading.Timer] = []
+
+
+def pytest_runtest_logstart(nodeid, location):
+    """Arm the watchdog; each attempt of a test (pytest-rerunfailures starts it again) gets the whole limit."""
+    _disarm()
     limit = _test_timeout()
-    timer = threading.Timer(limit, _on_test_timeout, args=(item.nodeid, limit)) if limit > 0 else None
-    if timer:
+    if limit > 0:
+        timer = threading.Timer(limit, _on_test_timeout, args=(nodeid, limit))
         timer.daemon = True
         timer.start()
-    try:
-        yield
-    finally:
-        if timer:
-            timer.cancel()
+        _watchdog.append(timer)
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    _disarm()
+
+
+def _disarm() -> None:
+    while _watchdog:
+        _watchdog.pop().cancel()

@@ -14,6 +14,7 @@ import pytest
 
 from hypyr import doctor
 from hypyr.image import build as image
+from hypyr.lab.rerun import record_output
 from hypyr.lab.testguard import run_bounded
 
 
@@ -45,11 +46,12 @@ class Result:
 
 
 @pytest.fixture
-def hypyr_run(guest_image):
+def hypyr_run(guest_image, request):
     def run(*args: str, timeout: float = 300) -> Result:
         cmd = [sys.executable, "-m", "hypyr", "run", "--no-input", *args]
         p = run_bounded(cmd, timeout)
         r = Result(p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace"))
+        record_output(request.node, r.stderr)
         print(f"$ {' '.join(cmd)}\n--- rc={r.returncode}\n--- stdout:\n{r.stdout}\n--- stderr:\n{r.stderr}")
         return r
     return run
