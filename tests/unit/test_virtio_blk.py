@@ -1,3 +1,4 @@
+import errno
 import logging
 import os
 import struct
@@ -323,6 +324,36 @@ def test_syscalls_are_bounded(image, monkeypatch):
             assert all(k <= 3 and b <= 1536 for k, b, _ in calls)
             offs = [off for _, _, off in calls]
             assert offs == sorted(offs) and offs[0] == 10 * 512
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("indirect", [False, True])
+@pytest.mark.parametrize("rtype", [B.VIRTIO_BLK_T_IN, B.VIRTIO_BLK_T_OUT])
+def test_an_io_error_fails_the_request_once_without_redoing_it(image, monkeypatch, caplog, indirect, rtype):
+    """A failing preadv/pwritev is IOERR with one log line: the request is tried once, in
+    whichever layout (an indirect table goes straight from the table, a direct chain by ranges)."""
+    path, original = image
+    calls = []
+
+    def fail(fd, views, off):
+        calls.append(off)
+        raise OSError(errno.EIO, "Input/output error")
+
+    _route(monkeypatch, "preadv" if rtype == B.VIRTIO_BLK_T_IN else "pwritev", fail)
+    r = Rig(path)
+    try:
+        with caplog.at_level(logging.WARNING, logger="hypyr.dev.virtio-blk"):
+            if rtype == B.VIRTIO_BLK_T_IN:
+                head, _, st_addr = r.request(rtype, 4, in_len=2 * 512, pieces=2, indirect=indirect)
+            else:
+                head, _, st_addr = r.request(rtype, 4, out=pattern(2 * 512, 3), pieces=2, indirect=indirect)
+            assert [h for h, _ in r.run()] == [head]
+        assert r.drv.mem.read_u8(st_addr) == B.VIRTIO_BLK_S_IOERR
+        assert calls == [4 * 512]
+        kind = "read" if rtype == B.VIRTIO_BLK_T_IN else "write"
+        assert caplog.text.count(f"{kind} error: [Errno 5] Input/output error") == 1
+        assert path.read_bytes() == original
     finally:
         r.close()
 

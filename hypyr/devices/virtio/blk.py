@@ -536,30 +536,23 @@ class VirtioBlk(VirtioDevice):
         return 0 <= sector <= self.capacity and nsectors <= self.capacity - sector
 
     def _execute(self, req: _Request, ticket: int) -> int:
-        chain = req.chain
+        """The one request path: the header was read once when the chain was popped; each type
+        is checked, then done, and its status returned (errors logged once, here or below)."""
         if req.header is None:
             self._rlog.warning("header", "virtio-blk: %s: request with a %d-byte header; failing it",
-                               self.path, chain.readable_len)
+                               self.path, req.chain.readable_len)
             return VIRTIO_BLK_S_IOERR
         rtype, _reserved, sector = req.header
-        if rtype <= VIRTIO_BLK_T_OUT and chain.table is not None:  # IN or OUT in the usual layout
-            status = self._rw_table(req, rtype, sector)
-            if status is not None:
-                return status
-        data_in = chain.writable_len - 1           # device-writable bytes before the status byte
-        data_out = chain.readable_len - HEADER_SIZE  # device-readable bytes after the header
-        if rtype == VIRTIO_BLK_T_IN:
-            return self._do_in(req, sector, data_in)
-        if rtype == VIRTIO_BLK_T_OUT:
-            return self._do_out(req, sector, data_out)
+        if rtype in (VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT):
+            return self._do_rw(req, sector, rtype == VIRTIO_BLK_T_IN)
         if rtype == VIRTIO_BLK_T_FLUSH:
             return self._do_flush(req, ticket)
         if rtype == VIRTIO_BLK_T_GET_ID:
-            n = min(ID_BYTES, data_in)
+            n = min(ID_BYTES, req.chain.writable_len - 1)
             self._guest_write(req, self._serial[:n], 0)
             return VIRTIO_BLK_S_OK
         if rtype in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
-            return self._do_discard_or_zero(req, rtype, data_out)
+            return self._do_discard_or_zero(req, rtype, req.chain.readable_len - HEADER_SIZE)
         self._rlog.warning("type", "virtio-blk: %s: unsupported request type %d", self.path, rtype)
         return VIRTIO_BLK_S_UNSUPP
 
@@ -576,48 +569,50 @@ class VirtioBlk(VirtioDevice):
             return False
         return True
 
-    def _do_in(self, req: _Request, sector: int, nbytes: int) -> int:
-        if not self._check_rw("read", sector, nbytes):
+    def _do_rw(self, req: _Request, sector: int, into_guest: bool) -> int:
+        """IN (``into_guest``: the device-writable bytes before the status byte, read from the
+        image) or OUT (the device-readable bytes after the header, written to it)."""
+        chain = req.chain
+        if into_guest:
+            kind, nbytes = "read", chain.writable_len - 1
+        else:
+            if self.read_only:
+                self._rlog.warning("ro-write", "virtio-blk: %s: write to a read-only disk; failing it", self.path)
+                return VIRTIO_BLK_S_IOERR
+            kind, nbytes = "write", chain.readable_len - HEADER_SIZE
+        if not self._check_rw(kind, sector, nbytes):
             return VIRTIO_BLK_S_IOERR
         base = sector * SECTOR_SIZE
         try:
-            got = self._transfer(req, req.chain.writable_ranges(0, nbytes), base, nbytes, True)
+            done = self._transfer(req, base, nbytes, into_guest)
         except OSError as e:
-            self._rlog.warning("read-error", "virtio-blk: %s: read error: %s", self.path, e)
+            self._rlog.warning(f"{kind}-error", "virtio-blk: %s: %s error: %s", self.path, kind, e)
             return VIRTIO_BLK_S_IOERR
-        if got < nbytes:
+        if done < nbytes:
             self._rlog.warning("eof", "virtio-blk: %s: unexpected end of file at %d (image shrunk?)",
-                               self.path, base + got)
+                               self.path, base + done)
             return VIRTIO_BLK_S_IOERR
         return VIRTIO_BLK_S_OK
 
-    def _do_out(self, req: _Request, sector: int, nbytes: int) -> int:
-        if self.read_only:
-            self._rlog.warning("ro-write", "virtio-blk: %s: write to a read-only disk; failing it", self.path)
-            return VIRTIO_BLK_S_IOERR
-        if not self._check_rw("write", sector, nbytes):
-            return VIRTIO_BLK_S_IOERR
-        try:
-            self._transfer(req, req.chain.readable_ranges(HEADER_SIZE, nbytes), sector * SECTOR_SIZE,
-                           nbytes, False)
-        except OSError as e:
-            self._rlog.warning("write-error", "virtio-blk: %s: write error: %s", self.path, e)
-            return VIRTIO_BLK_S_IOERR
-        return VIRTIO_BLK_S_OK
-
-    def _transfer(self, req: _Request, ranges: list[tuple[int, int]], offset: int, nbytes: int,
-                  into_guest: bool) -> int:
-        """``preadv`` the image at ``offset`` into the guest ``ranges`` (``into_guest``), or
+    def _transfer(self, req: _Request, offset: int, nbytes: int, into_guest: bool) -> int:
+        """``preadv`` the image at ``offset`` into the request's data buffers (``into_guest``), or
         ``pwritev`` them to it, ``nbytes`` in all; returns the bytes moved (fewer only at the end
-        of the file, for reads).  Syscalls are bounded by IO_CHUNK bytes and IOV_MAX buffers; the
-        request's generation is checked before each one."""
-        chunk_max, iov_max = IO_CHUNK, IOV_MAX
-        if nbytes <= chunk_max and len(ranges) <= iov_max:
+        of the file, for reads).  The usual layout goes straight from the descriptor table
+        (:meth:`_transfer_table`); the rest, or all of a request in any other layout, goes by
+        range lists, in syscalls bounded by IO_CHUNK bytes and IOV_MAX buffers.  The request's
+        generation is checked before each syscall."""
+        done = self._transfer_table(req, offset, nbytes, into_guest)
+        if done == nbytes:
+            return done
+        chain = req.chain
+        left = nbytes - done
+        ranges = (chain.writable_ranges(done, left) if into_guest
+                  else chain.readable_ranges(HEADER_SIZE + done, left))
+        if left <= IO_CHUNK and len(ranges) <= IOV_MAX:
             # the usual case: one syscall, whose byte total is known
-            chunks: Iterable[tuple[list[tuple[int, int]], int]] = ((ranges, nbytes),)
+            chunks: Iterable[tuple[list[tuple[int, int]], int]] = ((ranges, left),)
         else:
-            chunks = self._split_ranges(ranges, chunk_max, iov_max)
-        done = 0
+            chunks = self._split_ranges(ranges, IO_CHUNK, IOV_MAX)
         for chunk, size in chunks:
             n, eof = self._transfer_chunk(req, chunk, size, offset + done, into_guest)
             done += n
@@ -627,56 +622,27 @@ class VirtioBlk(VirtioDevice):
                 break
         return done
 
-    def _rw_table(self, req: _Request, rtype: int, sector: int) -> int | None:
-        """IN or OUT in the usual layout (an indirect table: a 16-byte header buffer, the data
-        buffers, a 1-byte status buffer), moved by one ``preadv_descs``/``pwritev_descs``
-        straight from the table, no range lists; a short transfer is continued with range lists.
-        Returns the status (IOERR, logged by :meth:`_check_rw`, for a misaligned or out-of-range
-        request), or None (nothing done) for anything else, other errors included: the general
-        path then does the request and reports what is wrong with it."""
+    def _transfer_table(self, req: _Request, offset: int, nbytes: int, into_guest: bool) -> int:
+        """One ``preadv_descs``/``pwritev_descs`` straight from the chain's indirect table, no
+        range lists, when the request has the usual layout (a 16-byte header buffer, the data
+        buffers, a 1-byte status buffer) and fits one syscall; returns the bytes moved (0 when
+        this does not apply: :meth:`_transfer` then does it all)."""
         chain = req.chain
         t = chain.table
-        assert t is not None  # the caller checked: a chain with its indirect table
+        if t is None or not 0 < nbytes <= IO_CHUNK or t[2] != HEADER_SIZE or t[-2] != 1:
+            return 0
         count = len(t) >> 2
-        if t[2] != HEADER_SIZE or t[-2] != 1:
-            return None
-        into_guest = rtype == VIRTIO_BLK_T_IN
-        if into_guest:
-            if chain.nread != 1:
-                return None
-            nbytes = chain.writable_len - 1
-        else:
-            if chain.nread != count - 1 or self.read_only:
-                return None
-            nbytes = chain.readable_len - HEADER_SIZE
-        if not 0 < nbytes <= IO_CHUNK:
-            return None
-        if not self._check_rw("read" if into_guest else "write", sector, nbytes):
-            return VIRTIO_BLK_S_IOERR
+        if chain.nread != (1 if into_guest else count - 1):
+            return 0
         if req.gen != self._gen:
             raise _Stale()
-        offset = sector * SECTOR_SIZE
         op = req.mem.preadv_descs if into_guest else req.mem.pwritev_descs
-        try:
-            r = op(self._fd, t, 1, count - 2, offset)
-            if r is None:
-                return None
-            if r != nbytes:  # a short transfer (rare): the rest with range lists
-                if r <= 0:
-                    return None  # end of file, or nothing written: the general path reports it
-                if into_guest:
-                    req.written = r
-                    ranges = chain.writable_ranges(r, nbytes - r)
-                else:
-                    ranges = chain.readable_ranges(HEADER_SIZE + r, nbytes - r)
-                r += self._transfer(req, ranges, offset + r, nbytes - r, into_guest)
-                if r != nbytes:
-                    return None
-        except OSError:
-            return None  # the general path redoes the request and reports the error
+        r = op(self._fd, t, 1, count - 2, offset)
+        if not r:
+            return 0  # None (not for this RAM layout) or 0: the range path goes on (and reports)
         if into_guest:
             req.written = r
-        return VIRTIO_BLK_S_OK
+        return r
 
     @staticmethod
     def _split_ranges(ranges: list[tuple[int, int]], chunk_max: int, iov_max: int):

@@ -477,6 +477,7 @@ class VirtioMmioTransport:
         return 0
 
     def _write_register(self, offset: int, value: int) -> None:
+        """The registers but InterruptACK and QueueNotify (:meth:`write` takes those, lock-free)."""
         if offset == DEVICE_FEATURES_SEL:
             self._device_features_sel = value
         elif offset == DRIVER_FEATURES_SEL:
@@ -488,10 +489,6 @@ class VirtioMmioTransport:
         elif offset in (QUEUE_NUM, QUEUE_READY, QUEUE_DESC_LOW, QUEUE_DESC_HIGH, QUEUE_DRIVER_LOW,
                         QUEUE_DRIVER_HIGH, QUEUE_DEVICE_LOW, QUEUE_DEVICE_HIGH):
             self._write_queue_register(offset, value)
-        elif offset == INTERRUPT_ACK:
-            with self._irq_lock:
-                self._isr &= ~value
-                self._update_irq()
         elif offset == STATUS:
             self._write_status(value)
         elif offset == SHM_SEL:

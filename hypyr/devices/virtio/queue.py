@@ -68,34 +68,29 @@ class DescriptorChain:
 
     A chain built from an indirect table in the usual layout also has :attr:`table` (the
     table's descriptors as an ``array('I')``, four words each) and :attr:`nread` (how many of
-    them are readable); its lists are then made on first use.  Do not change the lists."""
+    them are readable); its lists are then made from the table on first use.  Do not change
+    the lists."""
 
     __slots__ = ("head", "_readable", "_writable", "_readable_len", "_writable_len", "table", "nread")
 
     def __init__(self, head: int, readable: list[tuple[int, int]] | None = None,
                  writable: list[tuple[int, int]] | None = None,
-                 readable_len: int | None = None, writable_len: int | None = None):
+                 readable_len: int | None = None, writable_len: int | None = None, *,
+                 table: array | None = None, nread: int = 0):
         self.head = head
-        # None in a chain made by from_table: made from the table on first use
-        self._readable: list[tuple[int, int]] | None = [] if readable is None else readable
-        self._writable: list[tuple[int, int]] | None = [] if writable is None else writable
+        self.table = table
+        self.nread = nread
+        if table is None:
+            readable = [] if readable is None else readable
+            writable = [] if writable is None else writable
+        self._readable = readable
+        self._writable = writable
         self._readable_len = readable_len
         self._writable_len = writable_len
-        self.table: array | None = None
-        self.nread = 0
-
-    @classmethod
-    def from_table(cls, head: int, table: array, nread: int, readable_len: int | None,
-                   writable_len: int | None) -> DescriptorChain:
-        c = cls.__new__(cls)
-        c.head, c.table, c.nread = head, table, nread
-        c._readable = c._writable = None
-        c._readable_len, c._writable_len = readable_len, writable_len
-        return c
 
     def _buffers(self, lo: int, hi: int) -> list[tuple[int, int]]:
         t = self.table
-        assert t is not None  # only chains from from_table() lack their lists
+        assert t is not None  # only chains with a table lack their lists
         return [(t[i] | t[i + 1] << 32, t[i + 2]) for i in range(4 * lo, 4 * hi, 4) if t[i + 2]]
 
     def table_buffer(self, index: int) -> tuple[int, int]:
@@ -113,7 +108,7 @@ class DescriptorChain:
     @property
     def writable(self) -> list[tuple[int, int]]:
         if self._writable is None:
-            assert self.table is not None  # only chains from from_table() lack their lists
+            assert self.table is not None  # only chains with a table lack their lists
             self._writable = self._buffers(self.nread, len(self.table) // 4)
         return self._writable
 
@@ -479,7 +474,7 @@ class SplitQueue:
         the bytes."""
         count = len(words) >> 2
         if not mem.descs_inside(table):  # outside RAM, or RAM in several regions: one buffer at a time
-            chain = DescriptorChain.from_table(head, words, nread, None, None)  # lengths: from the lists
+            chain = DescriptorChain(head, table=words, nread=nread)  # lengths: from the lists
             bad = mem.first_outside(chain.readable + chain.writable)
             if bad is not None:
                 raise QueueError(f"buffer at {bad[0]:#x}+{bad[1]:#x} is not in guest RAM")
@@ -493,7 +488,7 @@ class SplitQueue:
             rlen = total - words[-2]
         else:
             rlen = sum(words[2:4 * nread:4])
-        return DescriptorChain.from_table(head, words, nread, rlen, total - rlen)
+        return DescriptorChain(head, readable_len=rlen, writable_len=total - rlen, table=words, nread=nread)
 
     # -- save/restore --------------------------------------------------------------------------------
     def unpop(self, count: int) -> None:
