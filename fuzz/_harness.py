@@ -180,7 +180,7 @@ class WriteWatch:
     """Guest memory must change, across a device call, only inside the device-writable buffers
     of chains popped (since :meth:`forget`) and inside the used rings of ``queues``."""
 
-    CHUNK = 4096
+    STEPS = (1 << 16, 1 << 12, 1 << 8)   # how :func:`_differing` narrows down a change
 
     def __init__(self, mem: GuestMemory, size: int = MEM_SIZE):
         self.mem, self.size = mem, size
@@ -212,14 +212,27 @@ class WriteWatch:
         allowed = self._rings + self._used_rings() + self.extra
         for c in _popped:
             allowed.extend(c.writable)
-        b, a, step = self.before, after, self.CHUNK
-        for base in range(0, self.size, step):
-            if b[base:base + step] == a[base:base + step]:
+        b, a = self.before, after
+        for lo, hi in _differing(b, a, 0, self.size, self.STEPS):
+            if any(s <= lo and hi <= s + n for s, n in allowed):
                 continue
-            for i in range(base, min(base + step, self.size)):
+            for i in range(lo, hi):
                 if b[i] != a[i] and not any(s <= i < s + n for s, n in allowed):
                     raise Failure(f"guest byte {i:#x} changed ({b[i]:#04x} -> {a[i]:#04x}) outside every "
                                   f"device-writable buffer and used ring")
+
+
+def _differing(b: bytes, a: bytes, lo: int, hi: int, steps: tuple[int, ...]):
+    """Yield the (start, end) pieces of ``steps[-1]`` bytes in [lo, hi) where ``a`` and ``b``
+    differ, narrowing down by ``steps`` (big pieces first: few slices compared)."""
+    step, finer = steps[0], steps[1:]
+    for base in range(lo, hi, step):
+        end = min(base + step, hi)
+        if b[base:end] != a[base:end]:
+            if finer:
+                yield from _differing(b, a, base, end, finer)
+            else:
+                yield base, end
 
 
 # -- a hostile guest ---------------------------------------------------------------------------------
