@@ -20,8 +20,7 @@ import struct
 import sys
 import threading
 from array import array
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 from typing import TypeVar
 
 from hypyr.libc import IOV_MAX, optional_function
@@ -242,13 +241,6 @@ class GuestRegion:
             mapping.madvise(mmap.MADV_DONTNEED, self._off, self.size)
 
 
-@dataclass(frozen=True)
-class _Chunk:
-    region: GuestRegion
-    offset: int
-    length: int
-
-
 class GuestMemory:
     """All of a guest's RAM: a sorted list of non-overlapping regions."""
 
@@ -289,14 +281,21 @@ class GuestMemory:
         """Unmap guest RAM now (idempotent); any access afterwards raises
         :class:`GuestMemoryClosedError` (see the module docstring for views)."""
         self._closed = True
-        self._spans = []      # every fast path now falls through to _pieces(), which refuses
+        self._spans = []      # every fast path now falls through to _walk()'s slow part, which refuses
         self._desc_hi = None  # preadv_descs/pwritev_descs decline
         for r in self.regions:
             r.close()
 
     # -- range checking ---------------------------------------------------------------------
-    def _pieces(self, addr: int, length: int) -> list[tuple[int, int, int]]:
-        """Split [addr, addr+length) into (region index, offset, length) or raise if any byte is not RAM."""
+    def _walk(self, addr: int, length: int) -> list[tuple[int, int, int]]:
+        """The one walk under every single-range accessor: [addr, addr+length) as (region index,
+        offset, length) pieces, or :class:`GuestMemoryError` if any byte is not RAM (nothing for
+        length 0).  The usual case (one region, the range inside it) is one test."""
+        spans = self._spans
+        if len(spans) == 1:
+            start, end, _ = spans[0]
+            if start <= addr and length > 0 and addr + length <= end:
+                return [(0, addr - start, length)]
         if self._closed:
             raise GuestMemoryClosedError(f"guest memory is closed (access at {addr:#x})")
         if length < 0:
@@ -305,7 +304,6 @@ class GuestMemory:
             raise GuestMemoryError(f"range {addr:#x}+{length:#x} overflows the address space")
         if length == 0:
             return []
-        spans = self._spans
         i = bisect.bisect_right(self._starts, addr) - 1
         pos, left = addr, length
         pieces = []
@@ -322,16 +320,11 @@ class GuestMemory:
             raise GuestMemoryError(f"guest range {addr:#x}+{length:#x} is not all RAM (stops at {pos:#x})")
         return pieces
 
-    def _chunks(self, addr: int, length: int) -> Iterator[_Chunk]:
-        """Split [addr, addr+length) into per-region pieces or raise if any byte is not RAM."""
-        regions = self.regions
-        return iter([_Chunk(regions[i], off, n) for i, off, n in self._pieces(addr, length)])
-
     # -- scatter/gather -----------------------------------------------------------------------
     def view(self, addr: int, length: int) -> memoryview:
         """A writable view of exactly ``[addr, addr+length)``, which must lie in one region
         (:class:`GuestMemoryError` otherwise); the rules of :meth:`views` apply."""
-        pieces = self._pieces(addr, length)
+        pieces = self._walk(addr, length)
         if len(pieces) != 1:
             raise GuestMemoryError(f"guest range {addr:#x}+{length:#x} is not inside one RAM region")
         i, off, n = pieces[0]
@@ -423,31 +416,16 @@ class GuestMemory:
     def _rw(self, fn, fallback, fd: int, ranges: Sequence[tuple[int, int]], offset: int) -> int:
         if not ranges:
             return 0
-        addrs, lengths = zip(*ranges)
-        return self._rw_cols(fn, fallback, fd, addrs, lengths, offset)
-
-    def _rw_cols(self, fn, fallback, fd: int, addrs: Sequence[int], lengths: Sequence[int], offset: int) -> int:
-        n = len(addrs)
-        if n != len(lengths):
-            raise ValueError("addrs and lengths differ in length")
-        if not n:
-            return 0
-        if n > IOV_MAX:
-            raise ValueError(f"{n} ranges in one call, more than {IOV_MAX}")
-        spans = self._spans
-        view: memoryview | None
-        if len(spans) == 1 and fn is not None:
-            start, end, view = spans[0]
-            # every range non-empty and wholly inside the one region (loops in C)
-            if not (min(addrs) >= start and min(lengths) > 0 and max(map(operator.add, addrs, lengths)) <= end):
-                view = None
-        else:
-            view = None
-        if view is None:  # several regions, empty ranges, a bad range or no libc: checked views
-            views = self.views(zip(addrs, lengths))  # raises GuestMemoryError for any bad byte
+        if len(ranges) > IOV_MAX:
+            raise ValueError(f"{len(ranges)} ranges in one call, more than {IOV_MAX}")
+        fast = self._all_in_one_region(ranges) if fn is not None else None
+        if fast is None:  # several regions, empty ranges, a bad range or no libc: checked views
+            views = self.views(ranges)  # raises GuestMemoryError for any bad byte
             if len(views) > IOV_MAX:
                 views = views[:IOV_MAX]
             return fallback(fd, views, offset) if views else 0
+        start, view, addrs, lengths = fast
+        n = len(addrs)
         flat = [0] * (2 * n)
         delta = self._hosts[0] - start
         flat[0::2] = map(delta.__add__, addrs)
@@ -456,16 +434,11 @@ class GuestMemory:
 
     def _views_slow(self, addr: int, length: int) -> list[memoryview]:
         spans = self._spans
-        return [spans[i][2][off:off + n] for i, off, n in self._pieces(addr, length)]
+        return [spans[i][2][off:off + n] for i, off, n in self._walk(addr, length)]
 
     def check_range(self, addr: int, length: int) -> bool:
-        spans = self._spans
-        if len(spans) == 1:  # fast path: one region, the range inside it
-            start, end, _ = spans[0]
-            if start <= addr and length >= 0 and addr + length <= end:
-                return True
         try:
-            self._pieces(addr, length)
+            self._walk(addr, length)
             return True
         except GuestMemoryError:
             return False
@@ -500,7 +473,7 @@ class GuestMemory:
             return False
         return not start or (addrs + low_bias) & top == one << _LANE_TOP  # every address >= start
 
-    def _all_in_one_region(self, ranges: list[tuple[int, int]]) -> tuple[int, memoryview, tuple, tuple] | None:
+    def _all_in_one_region(self, ranges: Sequence[tuple[int, int]]) -> tuple[int, memoryview, tuple, tuple] | None:
         """Fast path (loops in C): if every range is non-empty and inside the first region while
         that is the only one, return (region start, region view, addrs, lengths); else None."""
         spans = self._spans
@@ -515,11 +488,7 @@ class GuestMemory:
     # -- bytes ------------------------------------------------------------------------------
     def read(self, addr: int, length: int) -> bytes:
         spans = self._spans
-        if len(spans) == 1:  # fast path: one region, the range inside it
-            start, end, view = spans[0]
-            if start <= addr and length >= 0 and addr + length <= end:
-                return view[addr - start:addr - start + length].tobytes()
-        pieces = self._pieces(addr, length)
+        pieces = self._walk(addr, length)
         if len(pieces) == 1:
             i, off, n = pieces[0]
             return spans[i][2][off:off + n].tobytes()
@@ -528,23 +497,20 @@ class GuestMemory:
     def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         data = memoryview(data).cast("B")
         spans = self._spans
-        if len(spans) == 1:  # fast path: one region, the range inside it
-            start, end, view = spans[0]
-            if start <= addr and addr + len(data) <= end:
-                view[addr - start:addr - start + len(data)] = data
-                if self._dirty is not None:
-                    self._mark(addr, len(data))
-                return
-        pieces = self._pieces(addr, len(data))  # check the whole range before writing any of it
-        pos = 0
-        for i, off, n in pieces:
-            spans[i][2][off:off + n] = data[pos:pos + n]
-            pos += n
+        pieces = self._walk(addr, len(data))  # the whole range is checked before any of it is written
+        if len(pieces) == 1:
+            i, off, n = pieces[0]
+            spans[i][2][off:off + n] = data
+        else:
+            pos = 0
+            for i, off, n in pieces:
+                spans[i][2][off:off + n] = data[pos:pos + n]
+                pos += n
         if self._dirty is not None:
             self._mark(addr, len(data))
 
     def fill(self, addr: int, length: int, value: int = 0) -> None:
-        pieces = self._pieces(addr, length)
+        pieces = self._walk(addr, length)
         spans = self._spans
         for i, off, n in pieces:
             spans[i][2][off:off + n] = bytes([value]) * n
@@ -593,7 +559,7 @@ class GuestMemory:
         dirty = self._dirty
         if dirty is None or length <= 0:
             return
-        for i, off, n in self._pieces(addr, length):
+        for i, off, n in self._walk(addr, length):
             first, last = off // DIRTY_PAGE, (off + n - 1) // DIRTY_PAGE
             if first == last:
                 dirty[i][first] = 1
