@@ -164,9 +164,6 @@ BOOT_UUID = "0b007b00-7b00-4b00-8b00-0000000b0070"
 
 
 def _diskimages():
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import diskimages
     return diskimages
 

@@ -8,20 +8,17 @@ import gzip
 import lzma
 import os
 import struct
-import sys
 from pathlib import Path
 
+import bootkernels as K
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_arch_x86_loader import make_bzimage, make_elf
 
 from hypyr.arch.x86 import bootparams, elf, layout, loader, multiboot, pvh, setup_linux_boot, vmlinux
 from hypyr.errors import HypyrError
 from hypyr.memory import GuestMemory
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "kvm"))
-import bootkernels as K
-from test_arch_x86_loader import make_bzimage, make_elf
 
 MiB = layout.MiB
 MB_HDR_OFF = 0x200

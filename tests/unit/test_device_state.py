@@ -7,17 +7,12 @@ import copy
 import os
 import socket
 import struct
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_virtio_blk import _route
 from test_virtio_mmio import Line, bring_up, negotiate, rd, setup_queue, wr
 from virtio_mock import Buf, MockDriver

@@ -10,9 +10,9 @@ import hashlib
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
+import diskimages as di
 import pytest
 
 from hypyr import cli
@@ -21,9 +21,6 @@ from hypyr.image import bootcfg, diskboot, partitions
 from hypyr.image.bootcfg import parse_extlinux, parse_grub
 from hypyr.toolstack import xlcfg
 from hypyr.toolstack.domain import vm_config
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import diskimages as di
 
 DATA = Path(__file__).parent / "data"
 needs_e2fs = pytest.mark.skipif(di.mke2fs() is None or shutil.which("debugfs", path="/usr/sbin:/sbin:/usr/bin")

@@ -414,8 +414,7 @@ def test_virtio_net_on_a_real_tap(netns):
     def body():
         import socket
         import struct
-        import sys
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
         from test_virtio_net import Nic
         from virtio_mock import Buf
 

@@ -213,7 +213,6 @@ def test_python_runtime_works_under_every_filter(kind, tmp_path):
 
 def test_virtio_blk_requests_and_workers_under_the_io_filter(tmp_path):
     """In, out, flush, write-zeroes, discard and a batch for the worker pool, on an "io" thread."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from test_virtio_blk import ALL_FEATURES, Rig, make_image, seg  # noqa: F401
 
     from hypyr.devices.virtio import blk as B

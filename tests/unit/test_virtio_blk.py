@@ -2,7 +2,6 @@ import errno
 import logging
 import os
 import struct
-import sys
 import tempfile
 import threading
 import time
@@ -11,8 +10,6 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from virtio_mock import Buf, MockDriver
 
 from hypyr.devices.virtio import blk as B

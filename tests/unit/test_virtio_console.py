@@ -1,12 +1,8 @@
 import logging
 import struct
-import sys
 import threading
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from virtio_mock import Buf, MockDriver
 
 from hypyr.devices.virtio import console as C

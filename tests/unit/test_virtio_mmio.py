@@ -3,15 +3,11 @@
 import contextlib
 import logging
 import struct
-import sys
 import threading
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from virtio_mock import MEM_SIZE, Buf, MockDriver
 
 from hypyr.devices.virtio import mmio as M

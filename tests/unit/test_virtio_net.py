@@ -4,14 +4,10 @@ read or write per frame, as a TAP), so frames really cross; hostile chains come 
 import os
 import socket
 import struct
-import sys
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from virtio_mock import MEM_SIZE, Buf, MockDriver
 
 from hypyr.devices.ratelimit import TokenBucket

@@ -1,15 +1,11 @@
 """The split virtqueue against a mock driver, including a hostile one."""
 
 import struct
-import sys
 import time
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from virtio_mock import MEM_SIZE, Buf, MockDriver
 
 from hypyr.devices.virtio.queue import (

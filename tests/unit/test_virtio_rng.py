@@ -2,10 +2,7 @@
 
 import logging
 import struct
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from virtio_mock import MEM_SIZE, Buf, MockDriver
 
 from hypyr.devices.virtio import mmio as M
