@@ -10,7 +10,8 @@ import re
 import signal
 import sys
 import threading
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from hypyr.errors import HypyrError
 
@@ -561,12 +562,46 @@ def cmd_serve(args) -> int:
     return server.cli_main(args.socket)
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _NotBuilt:
+    """Stands in for the parser of a command this command line does not run (see build_parser)."""
+
+    def __getattr__(self, name: str) -> Callable[..., _NotBuilt]:
+        return lambda *args, **kwargs: self
+
+
+class _OnlyCommand:
+    """The subcommands, of which only ``only`` gets a real parser."""
+
+    def __init__(self, sub: argparse._SubParsersAction, only: str):
+        self.sub, self.only, self.built = sub, only, False
+
+    def add_parser(self, name: str, **kwargs: Any) -> Any:
+        if name != self.only:
+            return _NotBuilt()
+        self.built = True
+        return self.sub.add_parser(name, **kwargs)
+
+
+def _command_word(argv: list[str]) -> str | None:
+    """The command of ``argv`` (its first word that is not an option), or None for help."""
+    for arg in argv:
+        if arg in ("-h", "--help", "--"):
+            return None
+        if not arg.startswith("-"):
+            return arg
+    return None
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The command line's parser; with ``only``, with that command's parser alone (the whole
+    set takes about as long to build as importing this module), or all if it is not one."""
     p = argparse.ArgumentParser(prog="hypyr", description="A Xen-style hypervisor in Python on Linux KVM.")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     common = argparse.ArgumentParser(add_help=False)  # so `hypyr run -v` works as well as `hypyr -v run`
     common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more log output")
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    sub: Any = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    if only is not None:
+        sub = _OnlyCommand(sub, only)
 
     r = sub.add_parser("run", parents=[common], help="boot a Linux guest with its serial console on this terminal")
     r.add_argument("--kernel", help="bzImage, ELF vmlinux (PVH when it has the note) or multiboot kernel "
@@ -755,11 +790,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "(the rest of the host is read-only there)")
     lab.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
     lab.set_defaults(func=cmd_lab)
+    if isinstance(sub, _OnlyCommand) and not sub.built:
+        return build_parser()  # not a command: the whole parser says so, and lists them
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(_command_word(argv)).parse_args(argv)
     _setup_logging(args.verbose)
     try:
         return args.func(args)

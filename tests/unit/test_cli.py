@@ -6,6 +6,7 @@ the host's KVM) are skipped where /dev/kvm is not usable.
 
 from __future__ import annotations
 
+import argparse
 import os
 import pty
 import signal
@@ -313,3 +314,22 @@ def test_sigterm_to_run_restores_the_terminal_and_exits_130():
             p.wait()
         os.close(master)
         os.close(slave)
+
+
+def _commands(parser) -> dict:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def test_a_parser_built_for_one_command_parses_as_the_whole_one():
+    """main() builds only the parser of the command on the command line: its usage, help and
+    defaults are the whole parser's; a word that is no command gets the whole parser."""
+    full = cli.build_parser()
+    for name, whole in _commands(full).items():
+        only = cli.build_parser(name)
+        assert list(_commands(only)) == [name]
+        assert _commands(only)[name].format_help() == whole.format_help()
+    assert cli._command_word(["-v", "run", "--kernel", "k"]) == "run"
+    assert cli._command_word(["--help", "run"]) is None
+    assert vars(cli.build_parser("run").parse_args(["run", "--vcpus", "2"])) == \
+        vars(full.parse_args(["run", "--vcpus", "2"]))
+    assert list(_commands(cli.build_parser("nonsense"))) == list(_commands(full))
