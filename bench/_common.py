@@ -66,7 +66,7 @@ def lab_guest(kernel: str | None, initrd: str | None) -> tuple[str, str, str] | 
         sys.path.insert(0, str(REPO))
     import shutil
 
-    from hypyr.image import build as image
+    from hypyr.image import default as image
     if not kernel:
         d = image.image_dir()
         kernel, initrd = str(d / "vmlinuz"), initrd or str(d / "initrd.img")

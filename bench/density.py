@@ -255,7 +255,7 @@ def destroy_all(doms: list[Dom], state: Path) -> list[str]:
 
 # -- the run ----------------------------------------------------------------------------------------
 def lab_side(args: argparse.Namespace) -> int:
-    from hypyr.image import build as image
+    from hypyr.image import default as image
     from hypyr.toolstack import monitor
 
     d = image.image_dir()

@@ -134,8 +134,8 @@ def pci_initrd(initrd: str, out: str) -> str | None:
     module list, for `-M pc`: the default image loads only virtio_mmio.  Returns a problem or None."""
     import json
 
-    from hypyr.image import build as image
     from hypyr.image import debs
+    from hypyr.image import default as image
     from hypyr.image.cpio import CpioWriter
     try:
         stamp = json.loads((Path(initrd).parent / image.STAMP).read_text())

@@ -354,8 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         rest = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--lab"]
         os.execvp(sys.executable, lab_command(Path(__file__).resolve(), rest))
 
-    from hypyr.image import build as image_build
-    paths = image_build.paths()
+    from hypyr.image import default as image
+    paths = image.paths()
 
     class Image:
         kernel = Path(args.kernel) if args.kernel else paths.kernel

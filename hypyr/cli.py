@@ -88,7 +88,7 @@ def _run_with(args, kernel, initrd, disks, disk_cmdline: str | None) -> int:
     from hypyr.vmm.builder import DEFAULT_CMDLINE, DiskConfig, VmConfig
 
     if kernel is None or args.rootfs == "":
-        from hypyr.image import build as image
+        from hypyr.image import default as image
         img = image.ensure()
         if kernel is None:
             kernel, initrd = str(img.kernel), (initrd or str(img.initrd))
@@ -247,8 +247,9 @@ def cmd_doctor(args) -> int:
 # -- image ----------------------------------------------------------------------------------------
 def cmd_image(args) -> int:
     from hypyr.image import build as image
+    from hypyr.image import default
     if args.image_cmd == "path":
-        print(image.image_dir())
+        print(default.image_dir())
         return 0
     if args.system:   # a bootable Debian disk image (hypyr/image/system.py, docs/boot.md)
         return _image_build_system(args)

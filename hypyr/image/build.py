@@ -7,7 +7,6 @@ does nothing unless forced. Outputs are byte-identical across rebuilds.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -15,32 +14,20 @@ import shutil
 import subprocess
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 from hypyr.errors import HypyrError
-from hypyr.image import debs
+from hypyr.image import debs, default
 from hypyr.image.cpio import CpioWriter
+from hypyr.image.default import ImagePaths, paths
 from hypyr.image.exitport import exit_helper_elf
 
 log = logging.getLogger("hypyr.image")
 
-BUILDER_VERSION = 4
-KERNEL_PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
-GUEST_MODULES = [
-    "virtio_mmio", "virtio_blk", "virtio_console", "virtio_rng", "virtio_net",
-    "virtio_balloon", "vmw_vsock_virtio_transport", "ext4", "pvpanic_mmio",
-    "button", "evdev",  # the ACPI power button `hypyr shutdown` presses, as an input device
-]
-# Dynamically linked programs added beside busybox, with their ELF interpreter and libraries,
-# taken from these Debian packages (unpacked, not installed).
-USERLAND_PACKAGES = ["iperf3", "libiperf0", "libc6", "libsctp1", "libssl3"]
 USERLAND_PROGRAMS = ["usr/bin/iperf3"]
 BASE_DIRS = ["bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "tmp", "mnt", "root",
              "etc", "etc/hypyr", "lib/modules", "run", "var"]
-STAMP = "image.stamp"
 
 # busybox udhcpc calls this with $1 = deconfig|bound|renew|leasefail|nak and, when bound, the
 # lease in $interface, $ip, $mask (prefix length), $subnet, $router, $dns.
@@ -70,39 +57,14 @@ exit 0
 ROOTFS_SIZE = "64M"
 
 
-@dataclass(frozen=True)
-class ImagePaths:
-    kernel: Path
-    initrd: Path
-    dir: Path
-    rootfs: Path
-
-
-def image_dir() -> Path:
-    return debs.hypyr_cache("image", "HYPYR_IMAGE_DIR")
-
-
-def paths() -> ImagePaths:
-    d = image_dir()
-    return ImagePaths(kernel=d / "vmlinuz", initrd=d / "initrd.img", dir=d, rootfs=d / "rootfs.ext4")
-
-
-def init_script() -> bytes:
-    return resources.files("hypyr.image").joinpath("init.sh").read_bytes()
-
-
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def stamp_for(kernel_deb: Path, busybox_deb: Path, init: bytes, modules: list[str],
               userland: Sequence[Path] = ()) -> str:
     """The stamp text for a set of inputs; equal inputs give equal stamps."""
     doc = {
-        "builder": BUILDER_VERSION,
+        "builder": default.BUILDER_VERSION,
         "kernel": [Path(kernel_deb).name, debs.file_sha256(kernel_deb)],
         "busybox": [Path(busybox_deb).name, debs.file_sha256(busybox_deb)],
-        "init": _sha(init),
+        "init": default.sha256_hex(init),
         "modules": list(modules),
         "userland": [[Path(d).name, debs.file_sha256(d)] for d in userland],
     }
@@ -111,7 +73,7 @@ def stamp_for(kernel_deb: Path, busybox_deb: Path, init: bytes, modules: list[st
 
 def is_current(out: ImagePaths, stamp: str) -> bool:
     """True when the outputs exist and were built from the inputs that `stamp` describes."""
-    f = out.dir / STAMP
+    f = out.dir / default.STAMP
     return (out.kernel.is_file() and out.initrd.is_file() and out.rootfs.is_file() and f.is_file()
             and f.read_text() == stamp)
 
@@ -233,11 +195,11 @@ def build(kernel_deb: Path | None = None, force: bool = False) -> ImagePaths:
         if not kernel_deb.is_file():
             raise HypyrError(f"The kernel package {kernel_deb} does not exist.")
     else:
-        kernel_deb = debs.download(debs.resolve_package(KERNEL_PACKAGE))
+        kernel_deb = debs.download(debs.resolve_package(default.KERNEL_PACKAGE))
     busybox_deb = debs.download(BUSYBOX_PACKAGE)
-    userland_debs = [debs.download(p) for p in USERLAND_PACKAGES]
-    init = init_script()
-    stamp = stamp_for(kernel_deb, busybox_deb, init, GUEST_MODULES, userland_debs)
+    userland_debs = [debs.download(p) for p in default.USERLAND_PACKAGES]
+    init = default.init_script()
+    stamp = stamp_for(kernel_deb, busybox_deb, init, default.GUEST_MODULES, userland_debs)
     if not force and is_current(out, stamp):
         log.info("guest image in %s is up to date", out.dir)
         return out
@@ -256,7 +218,7 @@ def build(kernel_deb: Path | None = None, force: bool = False) -> ImagePaths:
     add_busybox(w, busybox)
     add_programs(w, userland_roots, USERLAND_PROGRAMS)
     w.add_file("etc/hypyr/udhcpc.script", UDHCPC_SCRIPT, mode=0o755)
-    order = add_modules(w, kroot / "lib" / "modules" / release, GUEST_MODULES, "etc/hypyr/modules")
+    order = add_modules(w, kroot / "lib" / "modules" / release, default.GUEST_MODULES, "etc/hypyr/modules")
     w.add_file("etc/hostname", b"hypyr\n")
     w.add_file("etc/hypyr/kernel-release", f"{release}\n".encode())
     w.add_file("bin/hypyr-exit", exit_helper_elf(), mode=0o755)
@@ -276,35 +238,18 @@ def build(kernel_deb: Path | None = None, force: bool = False) -> ImagePaths:
     r.add_file("bin/hypyr-exit", exit_helper_elf(), mode=0o755)
     r.add_file("sbin/init", init, mode=0o755)
     debs.progress(f"making the root filesystem ({ROOTFS_SIZE}, ext4)")
-    (out.dir / STAMP).unlink(missing_ok=True)
+    (out.dir / default.STAMP).unlink(missing_ok=True)
     make_ext4(r, out.rootfs)
 
-    (out.dir / STAMP).unlink(missing_ok=True)
+    (out.dir / default.STAMP).unlink(missing_ok=True)
     tmp = out.kernel.with_name(out.kernel.name + ".tmp")
     shutil.copyfile(find_vmlinuz(kroot), tmp)
     tmp.replace(out.kernel)
     _write_atomic(out.initrd, initrd)
-    _write_atomic(out.dir / STAMP, stamp.encode())
+    _write_atomic(out.dir / default.STAMP, stamp.encode())
     debs.progress(f"guest image ready: kernel {release}, initrd {len(initrd) / 1e6:.1f} MB "
                   f"({time.monotonic() - t0:.1f} s)")
     return out
-
-
-def ensure() -> ImagePaths:
-    """The guest image, built first if it is missing (no package look-up when it exists)."""
-    out = paths()
-    stamp = out.dir / STAMP
-    if out.kernel.is_file() and out.initrd.is_file() and out.rootfs.is_file() and stamp.is_file():
-        try:
-            doc = json.loads(stamp.read_text())
-        except ValueError:
-            doc = {}
-        # Without asking apt, a changed init script, module list or builder still rebuilds.
-        if (doc.get("builder") == BUILDER_VERSION and doc.get("modules") == GUEST_MODULES
-                and doc.get("init") == _sha(init_script())
-                and [u[0].split("_")[0] for u in doc.get("userland", [])] == USERLAND_PACKAGES):
-            return out
-    return build()
 
 
 def main(argv: list[str] | None = None) -> int:

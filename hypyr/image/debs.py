@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hypyr.errors import HypyrError
+from hypyr.image.default import hypyr_cache
 
 log = logging.getLogger("hypyr.image")
 
@@ -32,15 +33,6 @@ _updated = False  # `apt-get update` is run at most once per process
 def progress(msg: str) -> None:
     """One progress line on stderr for long-running steps."""
     print(f"hypyr: {msg}", file=sys.stderr, flush=True)
-
-
-def hypyr_cache(sub: str, env_var: str) -> Path:
-    """``$env_var`` if set, else ``$XDG_CACHE_HOME/hypyr/<sub>`` (default ``~/.cache/hypyr/<sub>``)."""
-    env = os.environ.get(env_var)
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "hypyr" / sub
 
 
 def cache_dir() -> Path:

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from hypyr.errors import HypyrError
 from hypyr.image import debs
+from hypyr.image.default import hypyr_cache
 
 log = logging.getLogger("hypyr.image")
 
@@ -95,7 +96,7 @@ class SystemSpec:
 
 def default_out(create_dir: bool = False) -> Path:
     """``$HYPYR_SYSTEM_DIR/system.img`` (default ``~/.cache/hypyr/system/system.img``)."""
-    d = debs.hypyr_cache("system", "HYPYR_SYSTEM_DIR")
+    d = hypyr_cache("system", "HYPYR_SYSTEM_DIR")
     if create_dir:
         d.mkdir(parents=True, exist_ok=True)
     return d / "system.img"

@@ -17,6 +17,7 @@ from hypyr.errors import HypyrError
 from hypyr.image import debs
 from hypyr.image.build import add_base, add_busybox, add_modules, find_vmlinuz
 from hypyr.image.cpio import CpioWriter
+from hypyr.image.default import hypyr_cache
 
 log = logging.getLogger("hypyr.lab")
 
@@ -46,7 +47,7 @@ class LabParts:
 
 
 def lab_dir() -> Path:
-    return debs.hypyr_cache("lab", "HYPYR_LAB_DIR")
+    return hypyr_cache("lab", "HYPYR_LAB_DIR")
 
 
 def init_script() -> bytes:

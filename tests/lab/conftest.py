@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pytest
 
 from hypyr import doctor
-from hypyr.image import build as image
+from hypyr.image import default as image
 from hypyr.lab.rerun import record_output
 from hypyr.lab.testguard import run_bounded
 

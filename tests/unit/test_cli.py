@@ -242,7 +242,7 @@ def test_create_refuses_a_fifo_without_waiting(state, tmp_path):
 
 
 def test_run_checks_vcpus_before_any_work(capfd, monkeypatch):
-    from hypyr.image import build as image
+    from hypyr.image import default as image
     monkeypatch.setattr(image, "ensure", lambda: pytest.fail("the default image was built before --vcpus was checked"))
     for vcpus in ("0", "255", "99999999999999999999"):
         assert cli.main(["run", "--no-input", "--vcpus", vcpus]) == 1

@@ -11,6 +11,7 @@ from test_cpio import parse_newc  # tests/unit is on sys.path (pytest rootdir-le
 from hypyr.errors import HypyrError
 from hypyr.image import build as B
 from hypyr.image import debs
+from hypyr.image import default as D
 from hypyr.image.exitport import EXIT_PORT, exit_helper_elf
 
 needs_dpkg = pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="dpkg-deb not installed")
@@ -214,7 +215,7 @@ def test_exit_helper_elf_shape():
 
 
 def test_init_script_contract():
-    init = B.init_script().decode()
+    init = D.init_script().decode()
     lines = [l for l in init.splitlines() if l.strip() and not l.lstrip().startswith("#")]
     assert lines[0] == 'echo "hypyr: init started"'
     for needle in ("hypyr.exec=", "base64 -d", "seek=244", "/bin/hypyr-exit", "poweroff -f",
@@ -224,7 +225,7 @@ def test_init_script_contract():
 
 
 def _net_part() -> str:
-    init = B.init_script().decode()
+    init = D.init_script().decode()
     start = init.index("net_wait() {")
     end = init.index("\n", init.index('[ -z "$netgw" ]'))
     return init[start:end]
@@ -278,7 +279,7 @@ done
 
 @pytest.mark.skipif(shutil.which("sh") is None, reason="no sh")
 def test_init_script_parses():
-    r = subprocess.run(["sh", "-n"], input=B.init_script(), capture_output=True)
+    r = subprocess.run(["sh", "-n"], input=D.init_script(), capture_output=True)
     assert r.returncode == 0, r.stderr
 
 
@@ -333,7 +334,7 @@ def test_build_contents_and_stamp(fake_env, capsys):
     entries = {e["name"]: e for e in parse_newc(gzip.decompress(out.initrd.read_bytes()))}
     init = entries["init"]
     assert stat.S_ISREG(init["mode"]) and init["mode"] & 0o111
-    assert init["data"] == B.init_script()
+    assert init["data"] == D.init_script()
     assert stat.S_ISCHR(entries["dev/console"]["mode"]) and stat.S_ISCHR(entries["dev/null"]["mode"])
     for d in ("proc", "sys", "dev", "tmp", "mnt", "root", "etc"):
         assert stat.S_ISDIR(entries[d]["mode"])
@@ -355,28 +356,28 @@ def test_build_contents_and_stamp(fake_env, capsys):
     assert "building" not in capsys.readouterr().err
     B.build(force=True)  # forced: rebuilt, byte-identical
     assert out.initrd.read_bytes() == first
-    assert B.ensure() == out
+    assert D.ensure() == out
 
 
 @needs_dpkg
 def test_stamp_changes_with_inputs(fake_env, monkeypatch):
     out = B.build()
-    old = (out.dir / B.STAMP).read_text()
-    monkeypatch.setattr(B, "init_script", lambda: b"#!/bin/sh\necho \"hypyr: init started\"\n")
+    old = (out.dir / D.STAMP).read_text()
+    monkeypatch.setattr(D, "init_script", lambda: b"#!/bin/sh\necho \"hypyr: init started\"\n")
     B.build()
-    assert (out.dir / B.STAMP).read_text() != old
-    monkeypatch.setattr(B, "GUEST_MODULES", ["virtio_blk"])
-    s2 = (out.dir / B.STAMP).read_text()
+    assert (out.dir / D.STAMP).read_text() != old
+    monkeypatch.setattr(D, "GUEST_MODULES", ["virtio_blk"])
+    s2 = (out.dir / D.STAMP).read_text()
     B.build()
-    assert (out.dir / B.STAMP).read_text() != s2
+    assert (out.dir / D.STAMP).read_text() != s2
 
 
 def test_image_dir_env(monkeypatch, tmp_path):
     monkeypatch.setenv("HYPYR_IMAGE_DIR", str(tmp_path / "x"))
-    assert B.image_dir() == tmp_path / "x" and B.paths().initrd == tmp_path / "x" / "initrd.img"
+    assert D.image_dir() == tmp_path / "x" and D.paths().initrd == tmp_path / "x" / "initrd.img"
     monkeypatch.delenv("HYPYR_IMAGE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "c"))
-    assert B.image_dir() == tmp_path / "c" / "hypyr" / "image"
+    assert D.image_dir() == tmp_path / "c" / "hypyr" / "image"
 
 
 def test_build_rejects_missing_kernel_deb(tmp_path, monkeypatch):
@@ -400,9 +401,9 @@ def test_real_build(tmp_path, monkeypatch):
 
 @needs_dpkg
 def test_ensure_rebuilds_when_init_changes(fake_env, monkeypatch):
-    out = B.ensure()
+    out = D.ensure()
     before = out.initrd.read_bytes()
-    assert B.ensure() == out and out.initrd.read_bytes() == before
-    monkeypatch.setattr(B, "init_script", lambda: b"#!/bin/sh\necho \"hypyr: init started\"\n# v2\n")
-    B.ensure()
+    assert D.ensure() == out and out.initrd.read_bytes() == before
+    monkeypatch.setattr(D, "init_script", lambda: b"#!/bin/sh\necho \"hypyr: init started\"\n# v2\n")
+    D.ensure()
     assert out.initrd.read_bytes() != before
