@@ -156,7 +156,7 @@ def load_bzimage(mem: GuestMemory, data: bytes, path: str = "<kernel>") -> Kerne
     pm_size = _u32(data, bp.HDR_SYSSIZE) * 16
     if pm_size == 0 or len(data) < pm_offset + pm_size:
         raise _fail(path, "is truncated")
-    pm_code = data[pm_offset:]  # anything after syssize (e.g. signatures) is harmless
+    pm_code = memoryview(data)[pm_offset:]  # no copy; anything after syssize (e.g. signatures) is harmless
 
     load_addr = _u64(data, bp.HDR_PREF_ADDRESS) or layout.DEFAULT_KERNEL_ADDR
     init_size = _u32(data, bp.HDR_INIT_SIZE)
