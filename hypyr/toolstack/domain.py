@@ -22,10 +22,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from hypyr import preopened
 from hypyr.errors import HypyrError, InvalidInput
-from hypyr.image.diskboot import DiskBoot
 from hypyr.toolstack import jail, logs, nics, paths, supervisor
 from hypyr.toolstack.console import ConsoleHub
 from hypyr.toolstack.errors import DomainStateError, MigrationFailed, SaveFileError, save_file_sentence, type_name
@@ -34,6 +34,9 @@ from hypyr.toolstack.xlcfg import DomainConfig
 from hypyr.vmm import seccomp
 from hypyr.vmm.builder import DEFAULT_CMDLINE, DiskConfig, LinuxVm, VmConfig, build_linux_vm
 from hypyr.vmm.machine import StopKind, StopReason
+
+if TYPE_CHECKING:
+    from hypyr.image.diskboot import DiskBoot  # pygrub's (imported when a domain uses it)
 
 log = logging.getLogger("hypyr.domain")
 
