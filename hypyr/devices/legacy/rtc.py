@@ -27,7 +27,6 @@ SET bit is on, the frozen fields are saved as they are.
 
 from __future__ import annotations
 
-import calendar
 import datetime
 import logging
 import time
@@ -70,8 +69,23 @@ REG_D_VRT = 0x80
 _TIME_REGS = (REG_SECONDS, REG_MINUTES, REG_HOURS, REG_WEEKDAY, REG_DAY, REG_MONTH, REG_YEAR,
               REG_CENTURY)
 
-_MIN_EPOCH = calendar.timegm((1, 1, 1, 0, 0, 0))
-_MAX_EPOCH = calendar.timegm((9999, 12, 31, 23, 59, 59))
+_UNIX_EPOCH = datetime.datetime(1970, 1, 1)
+_SECOND = datetime.timedelta(seconds=1)
+
+
+def _timegm(when: datetime.datetime) -> int:
+    """Seconds since 1970 of a (UTC) date and time, as ``calendar.timegm``."""
+    return (when - _UNIX_EPOCH) // _SECOND
+
+
+def _days_in_month(year: int, month: int) -> int:
+    if month == 12:
+        return 31
+    return (datetime.date(year, month + 1, 1) - datetime.date(year, month, 1)).days
+
+
+_MIN_EPOCH = _timegm(datetime.datetime(1, 1, 1))
+_MAX_EPOCH = _timegm(datetime.datetime(9999, 12, 31, 23, 59, 59))
 
 
 def _default_ram() -> bytes:
@@ -272,7 +286,7 @@ class Rtc(QuiesceFree, ByteRegisterDevice):
             self._frozen = (year, month, day, hour, minute, sec)
             return
         if 1 <= month <= 12:  # e.g. 29 Feb 2024 -> year 2030 keeps the 28th
-            day = min(day, calendar.monthrange(year, month)[1])
+            day = min(day, _days_in_month(year, month))
         new = self._to_epoch((year, month, day, hour, minute, sec))
         if new is None:
             self._rlog.debug("invalid-time", "rtc: write %#04x to register %#x gives an invalid time; ignored",
@@ -283,7 +297,7 @@ class Rtc(QuiesceFree, ByteRegisterDevice):
     @staticmethod
     def _to_epoch(f: Fields) -> int | None:
         try:
-            return calendar.timegm(datetime.datetime(*f).timetuple())
+            return _timegm(datetime.datetime(*f))
         except (ValueError, OverflowError):
             return None
 
