@@ -488,26 +488,30 @@ class GuestMemory:
     # -- bytes ------------------------------------------------------------------------------
     def read(self, addr: int, length: int) -> bytes:
         spans = self._spans
-        pieces = self._walk(addr, length)
-        if len(pieces) == 1:
-            i, off, n = pieces[0]
-            return spans[i][2][off:off + n].tobytes()
-        return b"".join(spans[i][2][off:off + n].tobytes() for i, off, n in pieces)
+        if len(spans) == 1:  # _walk's usual case inlined: ~5% of a virtio-blk request (bench/blk_micro.py)
+            start, end, view = spans[0]
+            if start <= addr and length > 0 and addr + length <= end:
+                return view[addr - start:addr - start + length].tobytes()
+        return b"".join(spans[i][2][off:off + n].tobytes() for i, off, n in self._walk(addr, length))
 
     def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         data = memoryview(data).cast("B")
         spans = self._spans
-        pieces = self._walk(addr, len(data))  # the whole range is checked before any of it is written
-        if len(pieces) == 1:
-            i, off, n = pieces[0]
-            spans[i][2][off:off + n] = data
-        else:
-            pos = 0
-            for i, off, n in pieces:
-                spans[i][2][off:off + n] = data[pos:pos + n]
-                pos += n
+        n = len(data)
+        if len(spans) == 1 and n:  # _walk's usual case inlined, as in read()
+            start, end, view = spans[0]
+            if start <= addr and addr + n <= end:
+                view[addr - start:addr - start + n] = data
+                if self._dirty is not None:
+                    self._mark(addr, n)
+                return
+        pieces = self._walk(addr, n)  # the whole range is checked before any of it is written
+        pos = 0
+        for i, off, k in pieces:
+            spans[i][2][off:off + k] = data[pos:pos + k]
+            pos += k
         if self._dirty is not None:
-            self._mark(addr, len(data))
+            self._mark(addr, n)
 
     def fill(self, addr: int, length: int, value: int = 0) -> None:
         pieces = self._walk(addr, length)
