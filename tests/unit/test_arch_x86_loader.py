@@ -173,6 +173,34 @@ def test_initrd_from_path(mem, write):
     assert mem.read(addr, 3) == b"abc" and size == 3
 
 
+def test_a_file_that_shrinks_while_it_loads_is_one_sentence(mem, write, monkeypatch):
+    """Kernel code and initrd go from the file straight into guest memory: a file shorter than
+    its size said when it was opened fails the boot in one sentence, not with a half-loaded guest."""
+    big = make_bzimage(payload=b"\x90" * 8192)
+    kernel = write(big)
+    real_fstat = os.fstat
+
+    class Grown:
+        def __init__(self, st):
+            self.st_size, self.st_mode = st.st_size + 4096, st.st_mode
+
+    monkeypatch.setattr(loader.os, "fstat", lambda fd: Grown(real_fstat(fd)))
+    with pytest.raises(HypyrError, match=r"kernel .* shrank while it was being loaded"):
+        loader.load_kernel(mem, kernel)
+    monkeypatch.undo()
+    k = loader.load_kernel(mem, kernel)
+    monkeypatch.setattr(loader.os, "fstat", lambda fd: Grown(real_fstat(fd)))
+    with pytest.raises(HypyrError, match=r"initrd .*initrd.img shrank"):
+        loader.load_initrd(mem, write(b"abc" * 1000, "initrd.img"), k)
+
+
+def test_a_big_initrd_from_a_file_arrives_whole(mem, write):
+    k = loader.load_kernel(mem, write(make_bzimage()))
+    data = os.urandom(3 * MiB + 123)
+    addr, size = loader.load_initrd(mem, write(data, "initrd.img"), k)
+    assert size == len(data) and mem.read(addr, size) == data
+
+
 def test_initrd_too_big(mem, write):
     k = loader.load_kernel(mem, write(make_bzimage()))
     with pytest.raises(HypyrError, match="does not fit"):

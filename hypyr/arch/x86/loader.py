@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from hypyr import preopened
@@ -22,6 +23,8 @@ MIN_PROTOCOL = 0x0206
 # xloadflags (which says whether there is a 64-bit entry) appeared in protocol 2.12
 MIN_PROTOCOL_64 = 0x020C
 ENTRY_64_OFFSET = 0x200
+# a bzImage's setup header lies in its first page (it ends by 0x202 + 255)
+_HEAD_BYTES = 4096
 
 
 @dataclass
@@ -44,12 +47,60 @@ def _fail(path: str, why: str) -> HypyrError:
     return HypyrError(f"Kernel {path} {why}.")
 
 
+def _cannot_read(path: str | os.PathLike, what: str, e: OSError) -> HypyrError:
+    return HypyrError(f"Cannot read {what} {os.fspath(path)}: {e.strerror or e}.")
+
+
 def _read_file(path: str | os.PathLike, what: str, limit: int = -1) -> bytes:
     """The file's bytes (its first ``limit`` bytes if given), or one sentence why not."""
     try:
         return preopened.read_bytes(path, limit)
     except OSError as e:
-        raise HypyrError(f"Cannot read {what} {os.fspath(path)}: {e.strerror or e}.") from None
+        raise _cannot_read(path, what, e) from None
+
+
+class _File:
+    """A kernel or initrd file open for loading: its size, and copies of its parts straight from
+    the page cache into guest memory (no bytes object on the way: for a 14 MB kernel that halves
+    the copying and the page faults of a start).  A context manager; OSError becomes one sentence."""
+
+    def __init__(self, path: str | os.PathLike, what: str):
+        self.path, self.what = path, what
+        try:
+            self.fd = preopened.open_file(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise _cannot_read(path, what, e) from None
+        try:
+            self.size = os.fstat(self.fd).st_size
+        except OSError as e:
+            os.close(self.fd)
+            raise _cannot_read(path, what, e) from None
+
+    def __enter__(self) -> _File:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+
+    def head(self, length: int) -> bytes:
+        """Its first ``length`` bytes (fewer if it is shorter)."""
+        try:
+            return os.pread(self.fd, length, 0)
+        except OSError as e:
+            raise _cannot_read(self.path, self.what, e) from None
+
+    def copy_to(self, mem: GuestMemory, addr: int, offset: int, length: int) -> None:
+        """Bytes ``[offset, offset+length)`` of the file into guest memory at ``addr`` (already
+        checked to be RAM); HypyrError if the file is shorter now or cannot be read."""
+        done = 0
+        while done < length:
+            try:
+                n = mem.preadv(self.fd, [(addr + done, length - done)], offset + done)
+            except OSError as e:
+                raise _cannot_read(self.path, self.what, e) from None
+            if n <= 0:
+                raise HypyrError(f"The {self.what} {os.fspath(self.path)} shrank while it was being loaded.")
+            done += n
 
 
 def _u8(d: bytes, off: int) -> int:
@@ -117,16 +168,24 @@ def read_kernel(path: str | os.PathLike) -> bytes:
     return _read_file(path, "kernel")
 
 
+def is_bzimage_file(path: str | os.PathLike) -> bool:
+    """Whether the file at ``path`` is a bzImage, told by its first page (HypyrError if it cannot be read)."""
+    return _is_bzimage(_read_file(path, "kernel", _HEAD_BYTES))
+
+
 def kernel_format(path: str | os.PathLike) -> str:
     """:func:`detect_format` of the file at ``path`` (HypyrError if it cannot be read); a
     bzImage is told by its first page, without reading the rest."""
-    if _is_bzimage(_read_file(path, "kernel", 4096)):
-        return KIND_BZIMAGE
-    return detect_format(read_kernel(path))
+    return KIND_BZIMAGE if is_bzimage_file(path) else detect_format(read_kernel(path))
 
 
 def load_kernel(mem: GuestMemory, path: str | os.PathLike) -> KernelImage:
-    """Load a bzImage or an x86-64 ELF vmlinux into ``mem`` (the 64-bit Linux entry)."""
+    """Load a bzImage or an x86-64 ELF vmlinux into ``mem`` (the 64-bit Linux entry); a
+    bzImage's code goes from the file straight into guest memory."""
+    with _File(path, "kernel") as f:
+        head = f.head(_HEAD_BYTES)
+        if _is_bzimage(head):
+            return _load_bzimage(mem, head, f.size, os.fspath(path), f.copy_to)
     return load_kernel_data(mem, read_kernel(path), os.fspath(path))
 
 
@@ -137,6 +196,17 @@ def load_kernel_data(mem: GuestMemory, data: bytes, name: str) -> KernelImage:
 
 
 def load_bzimage(mem: GuestMemory, data: bytes, path: str = "<kernel>") -> KernelImage:
+    """Load the bzImage ``data`` (a whole kernel file) into ``mem``."""
+    def copy(mem: GuestMemory, addr: int, offset: int, length: int) -> None:
+        mem.write(addr, memoryview(data)[offset:offset + length])
+    return _load_bzimage(mem, data, len(data), path, copy)
+
+
+def _load_bzimage(mem: GuestMemory, data: bytes, size: int, path: str,
+                  copy: Callable[[GuestMemory, int, int, int], None]) -> KernelImage:
+    """The one bzImage loader: ``data`` holds at least the file's first :data:`_HEAD_BYTES`,
+    ``size`` is the whole file's, and ``copy(mem, addr, offset, length)`` puts its bytes
+    ``[offset, offset+length)`` at guest ``addr``."""
     not_bz = "is not a bzImage Linux kernel (or is too old)"
     if len(data) < bp.HDR_HEADER + 6 or not _is_bzimage(data):
         raise _fail(path, "is not a kernel hypyr can boot: not a bzImage Linux kernel, an ELF vmlinux "
@@ -154,16 +224,16 @@ def load_bzimage(mem: GuestMemory, data: bytes, path: str = "<kernel>") -> Kerne
     setup_sects = _u8(data, bp.HDR_SETUP_SECTS) or 4
     pm_offset = (setup_sects + 1) * 512
     pm_size = _u32(data, bp.HDR_SYSSIZE) * 16
-    if pm_size == 0 or len(data) < pm_offset + pm_size:
+    if pm_size == 0 or size < pm_offset + pm_size:
         raise _fail(path, "is truncated")
-    pm_code = memoryview(data)[pm_offset:]  # no copy; anything after syssize (e.g. signatures) is harmless
+    pm_length = size - pm_offset  # anything after syssize (e.g. signatures) is loaded too, harmlessly
 
     load_addr = _u64(data, bp.HDR_PREF_ADDRESS) or layout.DEFAULT_KERNEL_ADDR
     init_size = _u32(data, bp.HDR_INIT_SIZE)
-    end = load_addr + max(init_size, len(pm_code))
+    end = load_addr + max(init_size, pm_length)
     end = (end + layout.PAGE_SIZE - 1) & ~(layout.PAGE_SIZE - 1)
     _check_fits(mem, path, load_addr, end)
-    mem.write(load_addr, pm_code)
+    copy(mem, load_addr, pm_offset, pm_length)
 
     return KernelImage(
         path=path, kind="bzImage",
@@ -234,12 +304,18 @@ def load_initrd(mem: GuestMemory, data_or_path: bytes | str | os.PathLike,
                 kernel: KernelImage) -> tuple[GuestAddress, int]:
     """Place the initrd page-aligned as high as possible in low RAM, above the kernel; return (addr, size)."""
     if isinstance(data_or_path, (bytes, bytearray, memoryview)):
-        data, name = bytes(data_or_path), "initrd"
-    else:
-        data, name = _read_file(data_or_path, "initrd"), f"initrd {os.fspath(data_or_path)}"
-    if not data:
+        data = memoryview(data_or_path)
+        return _place_initrd(mem, data.nbytes, "initrd", kernel,
+                             lambda addr: mem.write(addr, data))
+    with _File(data_or_path, "initrd") as f:
+        return _place_initrd(mem, f.size, f"initrd {os.fspath(data_or_path)}", kernel,
+                             lambda addr: f.copy_to(mem, addr, 0, f.size))
+
+
+def _place_initrd(mem: GuestMemory, size: int, name: str, kernel: KernelImage,
+                  copy: Callable[[int], None]) -> tuple[GuestAddress, int]:
+    if not size:
         raise HypyrError(f"The {name} is empty.")
-    size = len(data)
 
     low = next((r for r in mem.regions if r.contains(kernel.load_addr)), None)
     ceiling = min(kernel.initrd_addr_max + 1, low.end if low else 0, layout.MMIO_HOLE_START, layout.FOUR_GIB)
@@ -249,7 +325,7 @@ def load_initrd(mem: GuestMemory, data_or_path: bytes | str | os.PathLike,
         raise HypyrError(
             f"The {name} ({size / layout.MiB:.1f} MiB) does not fit in guest memory between the kernel "
             f"(ending at {floor:#x}) and {ceiling:#x}; give the guest more memory.")
-    mem.write(addr, data)
+    copy(addr)
     return GuestAddress(addr), size
 
 
