@@ -6,6 +6,7 @@ triple faults"). Such a failure is re-raised as :class:`L2GuestTripleFault`, the
 failure chained, and pytest-rerunfailures runs the test once more; a second failure is final.
 A guest triple-faulted if hypyr's stop reason for it is in a `*.log` file under the test's
 ``tmp_path`` (domain logs) or in an output given to :func:`record_output` (`hypyr run`'s stderr).
+The stop reason and the register dump after it are printed, so the CI log keeps each fault's evidence.
 """
 
 from __future__ import annotations
@@ -30,18 +31,41 @@ def pytest_collection_modifyitems(items):
         item.add_marker(pytest.mark.flaky(reruns=1, only_rerun=[L2GuestTripleFault.__name__]))
 
 
-def triple_fault_seen(item: pytest.Item) -> str | None:
-    """Where a guest of ``item`` triple-faulted in this attempt, or None."""
-    if any(TRIPLE_FAULT in text for text in item.stash.get(_OUTPUTS, [])):
-        return "a `hypyr run` guest's output"
+def triple_fault_seen(item: pytest.Item) -> tuple[str, str] | None:
+    """Where a guest of ``item`` triple-faulted in this attempt and the lines that say so (the stop
+    reason and the register dump after it), or None."""
+    for text in item.stash.get(_OUTPUTS, []):
+        if TRIPLE_FAULT in text:
+            return "a `hypyr run` guest's output", _excerpt(text)
     tmp = getattr(item, "funcargs", {}).get("tmp_path")
     for log in sorted(tmp.rglob("*.log")) if tmp else ():
         try:
-            if log.is_file() and TRIPLE_FAULT in log.read_text(errors="replace"):
-                return str(log)
+            text = log.read_text(errors="replace") if log.is_file() else ""
         except OSError:
             continue
+        if TRIPLE_FAULT in text:
+            return str(log), _excerpt(text)
     return None
+
+
+def _show(item: pytest.Item, text: str) -> None:
+    """Write ``text`` to the terminal now, past pytest's output capture."""
+    plugins = item.config.pluginmanager
+    reporter, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin("capturemanager")
+    if reporter is None:
+        return
+    if capture is None:
+        reporter.write_line(text)
+        return
+    with capture.global_and_fixture_disabled():
+        reporter.write_line(text)
+
+
+def _excerpt(text: str, lines: int = 9) -> str:
+    """The line with the first triple fault and the ``lines`` - 1 after it (hypyr's register dump)."""
+    at = text.index(TRIPLE_FAULT)
+    start = text.rfind("\n", 0, at) + 1
+    return "\n".join(text[start:].splitlines()[:lines])
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -54,7 +78,9 @@ def pytest_runtest_call(item):
     try:
         return (yield)
     except Exception as failure:
-        where = triple_fault_seen(item)
-        if where is None:
+        seen = triple_fault_seen(item)
+        if seen is None:
             raise
+        where, excerpt = seen
+        _show(item, f"\n{item.nodeid}: a guest triple-faulted ({where}):\n{excerpt}")
         raise L2GuestTripleFault(f"the test failed after a guest triple-faulted ({where})") from failure

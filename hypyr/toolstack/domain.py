@@ -531,6 +531,9 @@ class Domain:
                 self._main_call()
             action = self._action_for(reason)
             log.info("domain %s stopped (%s): %s", self.name, reason.message, action)
+            if reason.registers:   # a crash: the vCPU's registers, on one line as every record
+                log.warning("domain %s: registers of vCPU %s: %s", self.name, reason.vcpu,
+                            reason.registers.replace("\n", " | "))
             if action == "restart":
                 self._live.close()
                 self._own(self.registry.bump_restarts)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from hypyr.toolstack import api, sched
+from hypyr.toolstack import api, paths, sched
 from hypyr.toolstack.registry import DomainState, Registry, is_alive
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -141,6 +141,20 @@ def test_a_forbidden_syscall_kills_the_vmm_and_the_domain_is_crashed(toolstack, 
     assert _hook(rec, kind) in (None, {"ok": True, "kind": kind})
     assert _wait(lambda: not is_alive(rec)), "the VMM survived a forbidden syscall"
     assert _wait(lambda: _state(name) is DomainState.CRASHED), _state(name)
+
+
+def test_a_guest_that_triple_faults_is_crashed_and_its_registers_are_logged(toolstack):
+    """Not seccomp's doing, but the same report: the domain is crashed, and its vmm.log keeps the
+    faulting vCPU's register dump on one line (the lab's CI log quotes it when a guest crashes)."""
+    tmp_path, _ = toolstack
+    kernel = tmp_path / "ud2.elf"
+    kernel.write_bytes(tiny_elf(bytes.fromhex("0f 0b")))   # ud2 with no IDT: a triple fault
+    rec = _create(tmp_path, kernel, "tf")
+    assert _wait(lambda: _state("tf") is DomainState.CRASHED), _state("tf")
+    log = paths.vmm_log(rec.domid).read_text()
+    line = next(x for x in log.splitlines() if "registers of vCPU 0:" in x)
+    assert "rip=" in line and " | cr0=" in line and "efer=" in line, line
+    assert "the guest triple-faulted (KVM_EXIT_SHUTDOWN)" in log
 
 
 def test_log_mode_lets_the_syscall_through(toolstack):

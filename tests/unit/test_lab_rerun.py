@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+from hypyr.lab.rerun import TRIPLE_FAULT
+
 TESTS = '''
 import time
 from pathlib import Path
@@ -24,7 +26,8 @@ def test_fault_in_a_domain_log_then_passes(tmp_path):
     time.sleep(2.5)   # both attempts together outlast the 4 s watchdog: each attempt gets the whole limit
     if attempt("log") == 1:
         (tmp_path / "logs").mkdir()
-        (tmp_path / "logs" / "d.vmm.log").write_text("msg=stopping: vCPU 1: " + TRIPLE_FAULT + "\\n")
+        (tmp_path / "logs" / "d.vmm.log").write_text("boot\\nmsg=stopping: vCPU 1: " + TRIPLE_FAULT
+                                                      + "\\nrip=ffffffff81000000  rsp=0\\n")
         assert False, "timed out waiting for the console"
 
 
@@ -60,3 +63,6 @@ def test_only_failures_after_a_triple_fault_run_again_and_once(tmp_path):
     assert "2 failed, 2 passed, 3 rerun" in r.stdout
     assert "L2GuestTripleFault: the test failed after a guest triple-faulted" in r.stdout
     assert "still running" not in r.stderr
+    # the evidence stays in the log: the stop reason and the register dump after it, not what came before
+    assert "msg=stopping: vCPU 1: " + TRIPLE_FAULT + "\nrip=ffffffff81000000  rsp=0" in r.stdout
+    assert "boot\nmsg=stopping" not in r.stdout
