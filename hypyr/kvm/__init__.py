@@ -93,10 +93,18 @@ def _get_cpuid(fd: int, request: int, what: str) -> list[CpuidEntry]:
                 for e in buf.entries[:buf.nent]]
 
 
+_MSRS_TYPES: dict[int, type[C.Structure]] = {}
+
+
 def _msrs_buffer(n: int):
-    class kvm_msrs(C.Structure):
-        _fields_ = [("nmsrs", C.c_uint32), ("pad", C.c_uint32), ("entries", B.kvm_msr_entry * n)]
-    return kvm_msrs(nmsrs=n)
+    """A zeroed struct kvm_msrs with ``n`` (1..MAX_IO_MSRS) entries; its type is made once per size
+    (making a ctypes type costs ~0.2 ms: a vCPU's state asks for several, within a migration's downtime)."""
+    cls = _MSRS_TYPES.get(n)
+    if cls is None:
+        class kvm_msrs(C.Structure):
+            _fields_ = [("nmsrs", C.c_uint32), ("pad", C.c_uint32), ("entries", B.kvm_msr_entry * n)]
+        cls = _MSRS_TYPES[n] = kvm_msrs
+    return cls(nmsrs=n)
 
 
 class Kvm:

@@ -126,16 +126,21 @@ def _check_keys(data: object, names: list[str], where: str) -> dict:
     return data
 
 
-_FIELDS: dict[type, tuple[tuple[str, Any, tuple[str, ...]], ...]] = {}
+_Spec = tuple[tuple[str, Any, tuple[str, ...], int], ...]
+_FIELDS: dict[type, _Spec] = {}
 
 
-def _fields(cls: type) -> tuple[tuple[str, Any, tuple[str, ...]], ...]:
-    """(name, metadata, path of the KVM struct member) of each field of a record class, worked
-    out once per class (a migration's downtime converts every vCPU's records both ways)."""
+def _fields(cls: type) -> _Spec:
+    """(name, metadata, path of the KVM struct member, largest value or -1) of each field of a
+    record class, worked out once per class (a migration's downtime converts every vCPU's records
+    both ways).  The largest value is a plain unsigned integer field's: one that a good value
+    passes with one comparison (the general path names the field only for a bad one)."""
     spec = _FIELDS.get(cls)
     if spec is None:
-        spec = _FIELDS[cls] = tuple((f.name, f.metadata, tuple((f.metadata.get("kvm") or f.name).split(".")))
-                                    for f in dataclasses.fields(cls))
+        spec = _FIELDS[cls] = tuple(
+            (f.name, f.metadata, tuple((f.metadata.get("kvm") or f.name).split(".")),
+             (1 << f.metadata["bits"]) - 1 if f.metadata["kind"] == "uint" else -1)
+            for f in dataclasses.fields(cls))
     return spec
 
 
@@ -148,8 +153,9 @@ class _Record:
 
     def to_dict(self) -> dict:
         out: dict[str, Any] = {"kind": self._kind, "v": FORMAT_VERSION} if self._kind else {}
-        for name, meta, _ in _fields(type(self)):
-            out[name] = _to_plain(meta, getattr(self, name))
+        for name, meta, _, hi in _fields(type(self)):
+            value = getattr(self, name)
+            out[name] = value if hi >= 0 else _to_plain(meta, value)
         return out
 
     @classmethod
@@ -158,7 +164,7 @@ class _Record:
         unknown, of the wrong type or out of range (and nothing else)."""
         where = where or (cls._kind or cls.__name__)
         fields = _fields(cls)
-        names = [name for name, _, _ in fields] + (["kind", "v"] if cls._kind else [])
+        names = [name for name, _, _, _ in fields] + (["kind", "v"] if cls._kind else [])
         data = _check_keys(data, names, where)
         if cls._kind:
             if data["kind"] != cls._kind:
@@ -167,7 +173,14 @@ class _Record:
             if v != FORMAT_VERSION:
                 raise StateError(f"{where}: state format version {v} is not supported "
                                  f"(this hypyr reads version {FORMAT_VERSION})")
-        return cls(**{name: _from_plain(meta, data[name], f"{where}.{name}") for name, meta, _ in fields})
+        values = {}
+        for name, meta, _, hi in fields:
+            value = data[name]
+            if type(value) is int and 0 <= value <= hi:   # the usual field: a good unsigned integer
+                values[name] = value
+            else:
+                values[name] = _from_plain(meta, value, f"{where}.{name}")
+        return cls(**values)
 
 
 def _to_plain(meta, value) -> Any:
@@ -185,7 +198,7 @@ def _to_plain(meta, value) -> Any:
     if kind == "records":
         return [r.to_dict() for r in value]
     if kind == "cpuid":
-        return [dataclasses.asdict(e) for e in value]
+        return [{n: getattr(e, n) for n in _CPUID_FIELDS} for e in value]
     if kind == "msrs":
         return [[index, data] for index, data in value.items()]
     raise AssertionError(kind)
@@ -224,17 +237,22 @@ def _from_plain(meta, value, where: str) -> Any:
         entries = []
         for i, e in enumerate(items):
             e = _check_keys(e, _CPUID_FIELDS, f"{where}[{i}]")
-            entries.append(CpuidEntry(**{n: _check_int(e[n], 0, 0xFFFF_FFFF, f"{where}[{i}].{n}")
-                                         for n in _CPUID_FIELDS}))
+            words = [e[n] for n in _CPUID_FIELDS]
+            if not all(type(w) is int and 0 <= w <= 0xFFFF_FFFF for w in words):   # name the bad one
+                words = [_check_int(e[n], 0, 0xFFFF_FFFF, f"{where}[{i}].{n}") for n in _CPUID_FIELDS]
+            entries.append(CpuidEntry(*words))
         return tuple(entries)
     if kind == "msrs":
         msrs: dict[int, int] = {}
         for i, pair in enumerate(_check_list(value, 0, MAX_MSRS, where)):
-            index, data = _check_list(pair, 2, 2, f"{where}[{i}]")
-            index = _check_int(index, 0, 0xFFFF_FFFF, f"{where}[{i}][0]")
+            index, data = pair if type(pair) is list and len(pair) == 2 else _check_list(pair, 2, 2, f"{where}[{i}]")
+            if not (type(index) is int and 0 <= index <= 0xFFFF_FFFF):
+                index = _check_int(index, 0, 0xFFFF_FFFF, f"{where}[{i}][0]")
             if index in msrs:
                 raise StateError(f"{where}[{i}]: MSR {index:#x} appears twice")
-            msrs[index] = _check_int(data, 0, (1 << 64) - 1, f"{where}[{i}][1]")
+            if not (type(data) is int and 0 <= data < 1 << 64):
+                data = _check_int(data, 0, (1 << 64) - 1, f"{where}[{i}][1]")
+            msrs[index] = data
         return msrs
     raise AssertionError(kind)
 
@@ -248,9 +266,11 @@ class _KvmRecord(_Record):
     @classmethod
     def from_kvm(cls, s):
         values = {}
-        for name, meta, path in _fields(cls):
-            raw = _get_path(s, path)
-            if meta["kind"] == "record":
+        for name, meta, path, hi in _fields(cls):
+            raw = getattr(s, path[0]) if len(path) == 1 else _get_path(s, path)
+            if hi >= 0:
+                values[name] = int(raw)
+            elif meta["kind"] == "record":
                 values[name] = meta["cls"].from_kvm(raw)
             elif meta["kind"] == "records":
                 values[name] = tuple(meta["cls"].from_kvm(x) for x in raw)
@@ -263,10 +283,12 @@ class _KvmRecord(_Record):
     def to_kvm(self, s=None):
         """The KVM struct (or fill ``s``, e.g. a struct nested in another, in place)."""
         s = self._kvm() if s is None else s
-        for field_name, meta, (*parents, name) in _fields(type(self)):
+        for field_name, meta, (*parents, name), hi in _fields(type(self)):
             value = getattr(self, field_name)
-            owner = _get_path(s, parents)
-            if meta["kind"] == "record":
+            owner = _get_path(s, parents) if parents else s
+            if hi >= 0:
+                setattr(owner, name, value)
+            elif meta["kind"] == "record":
                 value.to_kvm(getattr(owner, name))
             elif meta["kind"] == "records":
                 array = getattr(owner, name)
