@@ -265,7 +265,7 @@ class _KvmRecord(_Record):
 
     @classmethod
     def from_kvm(cls, s):
-        values = {}
+        values: dict[str, Any] = {}
         for name, meta, path, hi in _fields(cls):
             raw = getattr(s, path[0]) if len(path) == 1 else _get_path(s, path)
             if hi >= 0:
