@@ -128,6 +128,7 @@ def _check_keys(data: object, names: list[str], where: str) -> dict:
 
 _Spec = tuple[tuple[str, Any, tuple[str, ...], int], ...]
 _FIELDS: dict[type, _Spec] = {}
+_KEYS: dict[type, frozenset[str]] = {}   # the keys of a record class's plain form
 
 
 def _fields(cls: type) -> _Spec:
@@ -164,8 +165,13 @@ class _Record:
         unknown, of the wrong type or out of range (and nothing else)."""
         where = where or (cls._kind or cls.__name__)
         fields = _fields(cls)
-        names = [name for name, _, _, _ in fields] + (["kind", "v"] if cls._kind else [])
-        data = _check_keys(data, names, where)
+        names = _KEYS.get(cls)
+        if names is None:
+            names = _KEYS[cls] = frozenset(name for name, _, _, _ in fields) | (
+                {"kind", "v"} if cls._kind else set())
+        if not isinstance(data, dict) or data.keys() != names:   # say which key is missing or unknown
+            data = _check_keys(data, [name for name, _, _, _ in fields] + (["kind", "v"] if cls._kind else []),
+                               where)
         if cls._kind:
             if data["kind"] != cls._kind:
                 raise StateError(f"{where}: this is {_show(data['kind'])} state, not {cls._kind!r} state")
