@@ -63,17 +63,23 @@ class CpuidEntry:
     edx: int = 0
 
 
-_CPUID_BUFFER_TYPES: dict[int, type] = {}
+_COUNTED_TYPES: dict[tuple[str, int], type[C.Structure]] = {}
+
+
+def _counted(name: str, count: str, entry: type[C.Structure], n: int) -> C.Structure:
+    """A zeroed KVM struct ``name`` of a u32 ``count`` (set to ``n``), u32 padding and ``n`` entries.
+    Its ctypes type is made once per (name, n): making one costs ~0.2 ms, and a vCPU's state
+    asks for several within a migration's downtime."""
+    cls = _COUNTED_TYPES.get((name, n))
+    if cls is None:
+        fields = [(count, C.c_uint32), ("padding", C.c_uint32), ("entries", entry * n)]
+        cls = _COUNTED_TYPES[(name, n)] = type(name, (C.Structure,), {"_fields_": fields})
+    return cls(**{count: n})
 
 
 def _cpuid_buffer(n: int):
-    """A kvm_cpuid2 with room for ``n`` entries (its ctypes type made once per ``n``)."""
-    cls = _CPUID_BUFFER_TYPES.get(n)
-    if cls is None:
-        class kvm_cpuid2(C.Structure):
-            _fields_ = [("nent", C.c_uint32), ("padding", C.c_uint32), ("entries", B.kvm_cpuid_entry2 * n)]
-        cls = _CPUID_BUFFER_TYPES[n] = kvm_cpuid2
-    return cls()
+    """A kvm_cpuid2 with room for ``n`` entries."""
+    return _counted("kvm_cpuid2", "nent", B.kvm_cpuid_entry2, n)
 
 
 def _get_cpuid(fd: int, request: int, what: str) -> list[CpuidEntry]:
@@ -81,7 +87,6 @@ def _get_cpuid(fd: int, request: int, what: str) -> list[CpuidEntry]:
     n = 64
     while True:
         buf = _cpuid_buffer(n)
-        buf.nent = n
         try:
             _call(fd, request, buf, what=what)
         except KvmError as e:
@@ -93,18 +98,9 @@ def _get_cpuid(fd: int, request: int, what: str) -> list[CpuidEntry]:
                 for e in buf.entries[:buf.nent]]
 
 
-_MSRS_TYPES: dict[int, type[C.Structure]] = {}
-
-
 def _msrs_buffer(n: int):
-    """A zeroed struct kvm_msrs with ``n`` (1..MAX_IO_MSRS) entries; its type is made once per size
-    (making a ctypes type costs ~0.2 ms: a vCPU's state asks for several, within a migration's downtime)."""
-    cls = _MSRS_TYPES.get(n)
-    if cls is None:
-        class kvm_msrs(C.Structure):
-            _fields_ = [("nmsrs", C.c_uint32), ("pad", C.c_uint32), ("entries", B.kvm_msr_entry * n)]
-        cls = _MSRS_TYPES[n] = kvm_msrs
-    return cls(nmsrs=n)
+    """A kvm_msrs with ``n`` (1..MAX_IO_MSRS) entries."""
+    return _counted("kvm_msrs", "nmsrs", B.kvm_msr_entry, n)
 
 
 class Kvm:
@@ -492,7 +488,6 @@ class Vcpu:
 
     def set_cpuid(self, entries: list[CpuidEntry]) -> None:
         buf = _cpuid_buffer(len(entries))
-        buf.nent = len(entries)
         for dst, e in zip(buf.entries, entries):
             dst.function, dst.index, dst.flags = e.function, e.index, e.flags
             dst.eax, dst.ebx, dst.ecx, dst.edx = e.eax, e.ebx, e.ecx, e.edx

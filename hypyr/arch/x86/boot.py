@@ -39,19 +39,20 @@ def setup_linux_boot(mem: GuestMemory, kernel_path: str | os.PathLike,
     arguments)`` each).  ``cmdline`` is used as given (a multiboot kernel sees its path first)."""
     rsdp_addr = acpi.write_acpi_tables(mem, nr_vcpus, mmio_devices)  # checks nr_vcpus before anything slow
     name = os.fspath(kernel_path)
-    # the usual kernel, a bzImage, is told by its first page and loaded straight from its file
-    data = None if loader.is_bzimage_file(kernel_path) else loader.read_kernel(kernel_path)
-    kind = loader.KIND_BZIMAGE if data is None else loader.detect_format(data)
-    if data is not None and kind == loader.KIND_MULTIBOOT:
+    kernel = loader.load_bzimage_file(mem, kernel_path)  # the usual kernel, loaded straight from its file
+    data = b"" if kernel is not None else loader.read_kernel(kernel_path)
+    kind = loader.KIND_BZIMAGE if kernel is not None else loader.detect_format(data)
+    if kind == loader.KIND_MULTIBOOT:
         mods = ([(initrd, _module_string(initrd, ""))] if initrd is not None else []) + [
             (src, _module_string(src, args)) for src, args in modules]
         return _setup_multiboot(mem, data, name, mods, cmdline, rsdp_addr)
     if modules:
         raise HypyrError(f"Kernel {name} is a Linux kernel, not a multiboot one: it takes one initrd, "
                          "not multiboot modules.")
-    if data is not None and kind == loader.KIND_PVH:
+    if kind == loader.KIND_PVH:
         return _setup_pvh(mem, data, name, initrd, cmdline, rsdp_addr)
-    kernel = loader.load_kernel(mem, kernel_path) if data is None else loader.load_kernel_data(mem, data, name)
+    if kernel is None:
+        kernel = loader.load_kernel_data(mem, data, name)
     initrd_range = loader.load_initrd(mem, initrd, kernel) if initrd is not None else None
     cmdline_addr = loader.write_cmdline(mem, cmdline, kernel.cmdline_size)
     cr3 = paging.write_page_tables(mem)

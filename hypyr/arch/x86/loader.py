@@ -180,13 +180,18 @@ def kernel_format(path: str | os.PathLike) -> str:
 
 
 def load_kernel(mem: GuestMemory, path: str | os.PathLike) -> KernelImage:
-    """Load a bzImage or an x86-64 ELF vmlinux into ``mem`` (the 64-bit Linux entry); a
-    bzImage's code goes from the file straight into guest memory."""
+    """Load a bzImage or an x86-64 ELF vmlinux into ``mem`` (the 64-bit Linux entry)."""
+    return load_bzimage_file(mem, path) or load_kernel_data(mem, read_kernel(path), os.fspath(path))
+
+
+def load_bzimage_file(mem: GuestMemory, path: str | os.PathLike) -> KernelImage | None:
+    """Load the file at ``path`` into ``mem`` if it is a bzImage (told by its first page; its
+    code goes from the file straight into guest memory); None if it is not one."""
     with _File(path, "kernel") as f:
         head = f.head(_HEAD_BYTES)
-        if _is_bzimage(head):
-            return _load_bzimage(mem, head, f.size, os.fspath(path), f.copy_to)
-    return load_kernel_data(mem, read_kernel(path), os.fspath(path))
+        if not _is_bzimage(head):
+            return None
+        return _load_bzimage(mem, head, f.size, os.fspath(path), f.copy_to)
 
 
 def load_kernel_data(mem: GuestMemory, data: bytes, name: str) -> KernelImage:
