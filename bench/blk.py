@@ -74,7 +74,7 @@ def guest_script(mib: int, seq4k: int, rand: int) -> str:
 
 def guest_cmdline(script: str) -> str:
     """Exactly the kernel command line `hypyr run --exec SCRIPT` gives the guest."""
-    from hypyr.vmm.builder import VmConfig
+    from hypyr.vmm.config import VmConfig
     return VmConfig(kernel="-", exec_cmd=script).full_cmdline()
 
 

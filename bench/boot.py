@@ -75,7 +75,7 @@ class Sample:
 # -- the three command lines ------------------------------------------------------------------------
 def guest_cmdline() -> str:
     """Exactly the kernel command line `hypyr run --exec true` gives the guest."""
-    from hypyr.vmm.builder import VmConfig
+    from hypyr.vmm.config import VmConfig
     return VmConfig(kernel="-", exec_cmd=EXEC_CMD).full_cmdline()
 
 

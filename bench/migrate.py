@@ -231,7 +231,7 @@ class Qemu:
         return s
 
     def round(self, workload: str) -> dict:
-        from hypyr.vmm.builder import VmConfig
+        from hypyr.vmm.config import VmConfig
         cmdline = " ".join(w for w in VmConfig(kernel="-", exec_cmd=WORKLOADS[workload]).full_cmdline().split()
                            if w != "pci=off")
         out: dict = {}

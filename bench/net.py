@@ -125,7 +125,7 @@ class Sample:
 # -- guests ---------------------------------------------------------------------------------------
 def guest_cmdline(script: str, ip: str) -> str:
     """Exactly what `hypyr run --exec SCRIPT --net ...,ip=IP/PREFIX` gives the guest."""
-    from hypyr.vmm.builder import DEFAULT_CMDLINE, VmConfig
+    from hypyr.vmm.config import DEFAULT_CMDLINE, VmConfig
     return VmConfig(kernel="-", cmdline=f"{DEFAULT_CMDLINE} hypyr.ip.0={ip}/{PREFIX}", exec_cmd=script).full_cmdline()
 
 

@@ -22,7 +22,8 @@ import tempfile
 import time
 
 from hypyr.vmm import snapshot, stream
-from hypyr.vmm.builder import DiskConfig, VmConfig, build_vm
+from hypyr.vmm.builder import build_vm
+from hypyr.vmm.config import DiskConfig, VmConfig
 
 MiB = 1 << 20
 

@@ -47,7 +47,7 @@ def _say(msg: str) -> None:
 # -- run ------------------------------------------------------------------------------------------
 def cmd_run(args) -> int:
     from hypyr.arch.x86.acpi import MAX_VCPUS
-    from hypyr.vmm.builder import DiskConfig
+    from hypyr.vmm.config import DiskConfig
 
     if not 1 <= args.vcpus <= MAX_VCPUS:   # before any work (building the default image)
         raise HypyrError(f"--vcpus must be a number from 1 to {MAX_VCPUS}, not {args.vcpus}")
@@ -85,7 +85,7 @@ def _disk_boot(args, disks):
 
 
 def _run_with(args, kernel, initrd, disks, disk_cmdline: str | None) -> int:
-    from hypyr.vmm.builder import DEFAULT_CMDLINE, DiskConfig, VmConfig
+    from hypyr.vmm.config import DEFAULT_CMDLINE, DiskConfig, VmConfig
 
     if kernel is None or args.rootfs == "":
         from hypyr.image import default as image

@@ -382,11 +382,11 @@ def read_save_file(file: str | os.PathLike):
     save file this hypyr can restore.  The host CPU is checked by the domain process (here no
     ioctl is made)."""
     from hypyr.errors import SnapshotError
-    from hypyr.vmm import snapshot
+    from hypyr.vmm.header import read_header
     path = os.path.abspath(os.fspath(file))
     try:
         with open(path, "rb") as f:
-            header = snapshot.read_header(f, check=False)
+            header = read_header(f)
     except OSError as e:
         raise SaveFileError(f"cannot read the save file {path}: {e.strerror or e}") from None
     except SnapshotError as e:
@@ -527,7 +527,7 @@ def _peek_header(conn: socket.socket, timeout: float):
     import io
 
     from hypyr.errors import SnapshotError
-    from hypyr.vmm import snapshot
+    from hypyr.vmm.header import read_header_record
     from hypyr.vmm.stream import StreamReader
     deadline = time.monotonic() + timeout
     want = 4096
@@ -545,8 +545,7 @@ def _peek_header(conn: socket.socket, timeout: float):
         if not data:
             raise MigrationFailed("the source closed the connection before sending a migration stream")
         try:
-            return snapshot.read_header_record(StreamReader(io.BytesIO(data), "the migration stream"), None,
-                                               check=False)
+            return read_header_record(StreamReader(io.BytesIO(data), "the migration stream"))
         except SnapshotError as e:
             if "truncated" not in str(e):
                 raise MigrationFailed(str(e)) from None

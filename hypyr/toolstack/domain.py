@@ -32,7 +32,8 @@ from hypyr.toolstack.errors import DomainStateError, MigrationFailed, SaveFileEr
 from hypyr.toolstack.registry import DomainState, Registry, StaleDomainError
 from hypyr.toolstack.xlcfg import DomainConfig
 from hypyr.vmm import seccomp
-from hypyr.vmm.builder import DEFAULT_CMDLINE, DiskConfig, LinuxVm, VmConfig, build_linux_vm
+from hypyr.vmm.builder import LinuxVm, build_linux_vm
+from hypyr.vmm.config import DEFAULT_CMDLINE, DiskConfig, VmConfig
 from hypyr.vmm.machine import StopKind, StopReason
 
 if TYPE_CHECKING:

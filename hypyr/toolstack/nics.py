@@ -12,7 +12,7 @@ from hypyr.errors import HypyrError
 from hypyr.toolstack.vif import VifSpec, random_mac
 
 if TYPE_CHECKING:
-    from hypyr.vmm.builder import NetConfig
+    from hypyr.vmm.config import NetConfig
 
 
 def assign(vifs: Sequence[VifSpec], used: dict[str, str]) -> tuple[VifSpec, ...]:
@@ -57,7 +57,7 @@ def open_taps(vifs: Sequence[VifSpec], names: Sequence[str]) -> list[int]:
 
 def net_configs(vifs: Sequence[VifSpec], tap_fds: Sequence[int], names: Sequence[str]) -> list[NetConfig]:
     """The VMM's NIC configs: vif i on the open TAP ``tap_fds[i]``."""
-    from hypyr.vmm.builder import NetConfig  # only where a VM is built: `hypyr list` never loads the VMM
+    from hypyr.vmm.config import NetConfig  # only where a VM is built: `hypyr list` never loads the VMM
     if len(tap_fds) != len(vifs):
         raise HypyrError(f"{len(vifs)} vifs but {len(tap_fds)} taps (domains with vifs are started by hypyr create)")
     return [NetConfig(tap_fd=fd, mac=_assigned(v)[0], mtu=v.mtu, vhost=v.vhost,

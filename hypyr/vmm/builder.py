@@ -10,7 +10,6 @@ loads saved state instead of a kernel (:mod:`hypyr.vmm.snapshot`).  The result i
 
 from __future__ import annotations
 
-import base64
 import functools
 import logging
 import os
@@ -18,9 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from hypyr import preopened
-from hypyr.arch.x86 import acpi, layout, msrs, setup_linux_boot
+from hypyr.arch.x86 import acpi, layout, msrs
 from hypyr.arch.x86 import cpuid as x86cpuid
 from hypyr.arch.x86.acpi import MmioDevice
+from hypyr.arch.x86.boot import setup_linux_boot
 from hypyr.arch.x86.regs import BootCpuState
 from hypyr.devices.legacy.acpi_ged import AcpiGed
 from hypyr.devices.legacy.acpi_pm import AcpiPm
@@ -41,14 +41,11 @@ from hypyr.errors import HypyrError
 from hypyr.kvm import B, Kvm, KvmUnavailable
 from hypyr.memory import GuestMemory
 
+from .config import VmConfig
 from .iothread import IoThread
 from .machine import Machine, check_vcpu_count
 
 log = logging.getLogger("hypyr.vmm")
-
-# Firecracker-like defaults: no PCI, the i8042 only as a reset line, panics reboot (→ exit code).
-DEFAULT_CMDLINE = ("console=ttyS0 reboot=k panic=-1 pci=off nomodeset i8042.noaux i8042.nomux "
-                   "i8042.dumbkbd 8250.nr_uarts=1 tsc=reliable no_timer_check quiet")
 
 APIC_LVT_LINT0 = 0x350
 APIC_LVT_LINT1 = 0x360
@@ -58,61 +55,6 @@ APIC_MODE_EXTINT = 0x7
 
 VIRTIO_GSI_BASE = 16        # IOAPIC pins 16-23: no ISA device can claim them
 MAX_VIRTIO_DEVICES = 8
-
-
-@dataclass(frozen=True)
-class DiskConfig:
-    path: str
-    read_only: bool = False
-
-    @classmethod
-    def parse(cls, spec: str) -> DiskConfig:
-        """A disk given as `PATH[,ro|,rw]`."""
-        path, _, opts = spec.partition(",")
-        flags = [o for o in opts.split(",") if o]
-        bad = [o for o in flags if o not in ("ro", "rw")]
-        if not path or bad:
-            raise HypyrError(f"disk {spec!r} is not PATH[,ro]")
-        return cls(path, read_only="ro" in flags)
-
-
-@dataclass(frozen=True)
-class NetConfig:
-    """One NIC.  The TAP is opened and attached to its bridge by the toolstack (host plumbing
-    never happens in the VMM); the VMM is handed the descriptor and never closes it."""
-    tap_fd: int                 # an open TAP (IFF_TAP|IFF_NO_PI|IFF_VNET_HDR)
-    mac: str                    # "00:16:3e:12:34:56"
-    mtu: int | None = None
-    vhost: bool | None = None   # None: vhost-net when /dev/vhost-net is usable; False: userspace path
-    tx_rate: tuple[int, float] | None = None   # (bytes per second, interval in seconds)
-    name: str = ""              # the TAP's name, for logs
-
-
-@dataclass
-class VmConfig:
-    kernel: str
-    initrd: str | None = None
-    cmdline: str = DEFAULT_CMDLINE
-    memory: int = 256 << 20          # bytes
-    vcpus: int = 1
-    exec_cmd: str | None = None      # run under `sh -c` by the default init, then power off
-    disks: list[DiskConfig] = field(default_factory=list)   # /dev/vda, /dev/vdb, ...
-    root_disk: bool = False          # the first disk is the root filesystem (root=/dev/vda)
-    console: str = "serial"          # "serial" (ttyS0) or "virtio" (hvc0)
-    nets: list[NetConfig] = field(default_factory=list)      # eth0, eth1, ...
-    # multiboot kernels only: (path, arguments) per module, after the initrd if there is one
-    modules: list[tuple[str, str]] = field(default_factory=list)
-    seccomp: str = "kill"            # the VMM threads' seccomp filters: kill, log or off (hypyr.vmm.seccomp)
-
-    def full_cmdline(self) -> str:
-        parts = [self.cmdline]
-        if self.root_disk:
-            parts.append("root=/dev/vda rw")
-        if self.console == "virtio":
-            parts.append("hypyr.console=hvc0")
-        if self.exec_cmd is not None:
-            parts.append("hypyr.exec=" + base64.b64encode(self.exec_cmd.encode()).decode())
-        return " ".join(p for p in parts if p)
 
 
 @dataclass

@@ -38,19 +38,20 @@ from hypyr.devices.virtio.net import VirtioNet
 from hypyr.errors import HypyrError, MigrationError, SnapshotError, StateError
 from hypyr.kvm import B, Kvm, KvmError
 
-from .builder import LinuxVm, VmConfig
+from .builder import LinuxVm
+from .config import VmConfig
+from .header import SnapshotHeader
 from .snapshot import (
     PAGE,
     PageSender,
     Progress,
     ProgressFn,
-    SnapshotHeader,
     _header_payload,
     capture_state,
     load_vm,
     quiesce_devices,
     reacquire_disks,
-    read_header_record,
+    read_checked_header,
     release_disks,
     resume_devices,
 )
@@ -443,7 +444,7 @@ def migrate_receive(sock: socket.socket, console_out: Callable[[bytes], None], *
     vm = None
     started = False
     try:
-        header = read_header_record(link.reader, kvm)
+        header = read_checked_header(link.reader, kvm)
         vm = load_vm(link.reader, header, console_out, tap_fds=tap_fds, configure=configure, kvm=kvm,
                      progress=progress, advance_clock=True, lock_disks_at_end=True, on_built=_start_parked)
         if before_run is not None:

@@ -22,7 +22,7 @@ import bisect
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import BinaryIO
 
 from hypyr.arch.x86 import cpuid as x86cpuid
@@ -34,7 +34,9 @@ from hypyr.errors import HypyrError, SnapshotError, StateError
 from hypyr.kvm import CpuidEntry, Kvm, KvmError, KvmUnavailable
 from hypyr.memory import GuestMemory
 
-from .builder import DiskConfig, LinuxVm, NetConfig, VmConfig, build_vm
+from .builder import LinuxVm, build_vm
+from .config import VmConfig
+from .header import SnapshotHeader, encode_header, read_header_record
 from .stream import (
     MAX_RUN,
     PAGE,
@@ -81,56 +83,6 @@ class SaveStats:
     bytes: int
     pages_data: int           # pages written with their data
     pages_zero: int           # pages written as ZERO runs (no data)
-
-
-# -- configuration in the header ------------------------------------------------------------------
-def config_to_dict(c: VmConfig) -> dict:
-    """What rebuilds the VM, as plain data (no descriptors: the NICs' taps are the caller's)."""
-    return {"kernel": c.kernel, "initrd": c.initrd, "cmdline": c.cmdline, "memory": c.memory, "vcpus": c.vcpus,
-            "exec_cmd": c.exec_cmd, "disks": [{"path": d.path, "read_only": d.read_only} for d in c.disks],
-            "root_disk": c.root_disk, "console": c.console,
-            "nets": [{"mac": n.mac, "mtu": n.mtu, "vhost": n.vhost,
-                      "tx_rate": [n.tx_rate[0], n.tx_rate[1]] if n.tx_rate else None, "name": n.name}
-                     for n in c.nets]}
-
-
-def config_from_dict(d: object) -> VmConfig:
-    """The VmConfig of :func:`config_to_dict`'s output, checked (StateError); NICs have tap -1."""
-    r = StateReader(d, "config")
-    kernel = r.text("kernel", 4096)
-    initrd = r.text("initrd", 4096, optional=True)
-    cmdline = r.text("cmdline", 1 << 16)
-    memory = r.integer("memory", 0, 1 << 50)
-    vcpus = r.integer("vcpus", 1, 4096)
-    exec_cmd = r.text("exec_cmd", 1 << 16, optional=True)
-    disks = []
-    for i, raw in enumerate(r.items("disks", 64)):
-        dr = StateReader(raw, f"config.disks[{i}]")
-        disks.append(DiskConfig(dr.text("path", 4096), dr.flag("read_only")))
-        dr.done()
-    root_disk = r.flag("root_disk")
-    console = r.text("console", 16)
-    nets = []
-    for i, raw in enumerate(r.items("nets", 64)):
-        nr = StateReader(raw, f"config.nets[{i}]")
-        mac, mtu = nr.text("mac", 17), nr.integer("mtu", 68, 65535, optional=True)
-        vhost = nr.raw("vhost")
-        rate = nr.raw("tx_rate")
-        name = nr.text("name", 64)
-        nr.done()
-        if vhost is not None and not isinstance(vhost, bool):
-            raise StateError(f"config.nets[{i}].vhost must be a bool or None")
-        if rate is not None:
-            ok = (isinstance(rate, list) and len(rate) == 2 and isinstance(rate[0], int)
-                  and not isinstance(rate[0], bool) and isinstance(rate[1], (int, float))
-                  and not isinstance(rate[1], bool) and 0 < rate[0] < 1 << 40 and 0 < rate[1] < 3600)
-            if not ok:
-                raise StateError(f"config.nets[{i}].tx_rate must be [bytes per second, interval]")
-            rate = (rate[0], float(rate[1]))
-        nets.append(NetConfig(tap_fd=-1, mac=mac, mtu=mtu, vhost=vhost, tx_rate=rate, name=name))
-    r.done()
-    return VmConfig(kernel=kernel, initrd=initrd, cmdline=cmdline, memory=memory, vcpus=vcpus, exec_cmd=exec_cmd,
-                    disks=disks, root_disk=root_disk, console=console, nets=nets)
 
 
 # -- the host CPU ---------------------------------------------------------------------------------------
@@ -214,91 +166,22 @@ def _probe_features(kvm: Kvm, entries: Sequence[CpuidEntry]) -> dict[str, int]:
         vm.close()
 
 
-def _parse_cpu(raw: object) -> dict:
-    r = StateReader(raw, "cpu")
-    sig = {"vendor": r.text("vendor", 12), "family": r.integer("family", 0, 0x10F),
-           "model": r.integer("model", 0, 0xFF), "stepping": r.integer("stepping", 0, 0xF)}
-    features = r.raw("features")
-    r.done()
-    if not isinstance(features, dict) or len(features) > 64 or not all(
-            isinstance(k, str) and len(k) < 32 and isinstance(v, int) and not isinstance(v, bool)
-            and 0 <= v <= 0xFFFF_FFFF for k, v in features.items()):
-        raise StateError("cpu.features must map CPUID words to 32-bit values")
-    return {**sig, "features": features}
-
-
-# -- the header -------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class SnapshotHeader:
-    """The HEADER record: what a destination needs before it builds anything."""
-    kind: str                           # "save" or "migration"
-    created: float                      # time.time() on the source
-    config: VmConfig                    # NICs with tap_fd -1: the caller supplies taps
-    memory: list[tuple[int, int]]       # guest RAM regions (start, size)
-    devices: list[str]                  # LinuxVm.devices names, in build order
-    cpu: dict                           # the source's CPU signature (see cpu_signature)
-    extra: dict = field(default_factory=dict)  # the caller's own data (e.g. the domain's xl.cfg)
-
-    def vm_config(self, tap_fds: Sequence[int] = ()) -> VmConfig:
-        """The saved configuration, the NICs on ``tap_fds`` (one per NIC, in order)."""
-        nets = self.config.nets
-        if len(tap_fds) != len(nets):
-            raise SnapshotError(f"the saved VM has {len(nets)} NIC(s): give one tap for each, not {len(tap_fds)}")
-        return replace(self.config, nets=[replace(n, tap_fd=fd) for n, fd in zip(nets, tap_fds)])
-
-
 def _header_payload(vm: LinuxVm, kind: str, guest_cpuid: Sequence[CpuidEntry], extra: dict | None) -> bytes:
-    return encode_json({"format": FORMAT_VERSION, "kind": kind, "created": time.time(),
-                        "config": config_to_dict(vm.config),
-                        "memory": [[int(r.start), r.size] for r in vm.machine.memory.regions],
-                        "devices": list(vm.devices), "cpu": cpu_signature(vm.machine.kvm, guest_cpuid),
-                        "extra": extra or {}})
+    return encode_header(kind, vm.config, [(int(r.start), r.size) for r in vm.machine.memory.regions],
+                         list(vm.devices), cpu_signature(vm.machine.kvm, guest_cpuid), extra)
 
 
-def _parse_header(payload: bytes, what: str) -> SnapshotHeader:
-    d = decode_json(payload, what, "HEADER")
-    try:
-        r = StateReader(d, "header")
-        if r.integer("format", 0, 1 << 31) != FORMAT_VERSION:
-            raise StateError("its format version is not the preamble's")
-        kind = r.text("kind", 16)
-        created = r.raw("created")
-        config = config_from_dict(r.raw("config"))
-        memory = r.items("memory", 2, 1)
-        devices = r.items("devices", 64)
-        cpu = _parse_cpu(r.raw("cpu"))
-        extra = r.raw("extra")
-        r.done()
-        if kind not in ("save", "migration") or not isinstance(created, (int, float)) or isinstance(created, bool):
-            raise StateError("kind or creation time is malformed")
-        if not isinstance(extra, dict) or not all(isinstance(n, str) and len(n) <= 64 for n in devices):
-            raise StateError("extra or the device names are malformed")
-        try:
-            expected = layout.ram_layout(config.memory)
-        except HypyrError:
-            expected = None
-        if not 1 <= config.vcpus <= 254 or expected is None or memory != [list(m) for m in expected]:
-            raise StateError("the memory layout or vCPU count does not follow from the configuration")
-    except StateError as e:
-        raise SnapshotError(f"{what} is corrupt (its HEADER: {e})") from None
-    return SnapshotHeader(kind=kind, created=float(created), config=config, memory=expected,
-                          devices=list(devices), cpu=cpu, extra=extra)
-
-
-def read_header_record(reader: StreamReader, kvm: Kvm | None, *, check: bool = True) -> SnapshotHeader:
-    """Preamble and HEADER from ``reader``; with ``check``, the CPU is checked against this host."""
-    reader.preamble()
-    _, payload = reader.next(expect=(Rec.HEADER,))
-    header = _parse_header(payload, reader.what)
-    if check:
-        _with_kvm(kvm, lambda k: check_cpu(header.cpu, k, header.config.vcpus, reader.what))
+def read_checked_header(reader: StreamReader, kvm: Kvm | None) -> SnapshotHeader:
+    """Preamble and HEADER from ``reader``, the CPU checked against this host's."""
+    header = read_header_record(reader)
+    _with_kvm(kvm, lambda k: check_cpu(header.cpu, k, header.config.vcpus, reader.what))
     return header
 
 
-def read_header(f: BinaryIO, *, kvm: Kvm | None = None, check: bool = True) -> SnapshotHeader:
-    """The header of save file ``f`` (to see what it holds before restoring it)."""
+def read_header(f: BinaryIO, *, kvm: Kvm | None = None) -> SnapshotHeader:
+    """The header of save file ``f``, the CPU checked against this host's."""
     try:
-        return read_header_record(StreamReader(f, "the save file"), kvm, check=check)
+        return read_checked_header(StreamReader(f, "the save file"), kvm)
     except OSError as e:
         raise SnapshotError(f"cannot read the save file: {e.strerror or e}") from None
 
@@ -652,7 +535,7 @@ def restore(f: BinaryIO, console_out: Callable[[bytes], None], *, tap_fds: Seque
     does not fit."""
     reader = StreamReader(f, "the save file")
     try:
-        header = read_header_record(reader, kvm)
+        header = read_checked_header(reader, kvm)
         return load_vm(reader, header, console_out, tap_fds=tap_fds, configure=configure, kvm=kvm,
                        progress=progress)
     except OSError as e:

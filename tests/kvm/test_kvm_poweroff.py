@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from hypyr.arch.x86 import acpi
 from hypyr.kvm import B
-from hypyr.vmm.builder import VmConfig, build_vm
+from hypyr.vmm.builder import build_vm
+from hypyr.vmm.config import VmConfig
 
 MEMORY = 64 << 20
 

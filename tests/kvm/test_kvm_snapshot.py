@@ -29,7 +29,8 @@ from hypyr.devices.virtio.blk import VirtioBlk
 from hypyr.errors import HypyrError, MigrationError, SnapshotError
 from hypyr.kvm import B, KvmError
 from hypyr.vmm import migration, snapshot, stream
-from hypyr.vmm.builder import DiskConfig, VmConfig, build_vm
+from hypyr.vmm.builder import build_vm
+from hypyr.vmm.config import DiskConfig, VmConfig
 from hypyr.vmm.machine import StopKind, StopReason
 
 MiB = 1 << 20

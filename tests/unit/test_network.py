@@ -345,7 +345,7 @@ def test_network_list_rows(netns, tmp_path):
 
 def test_vm_config_nets_and_ip_args(tmp_path, monkeypatch):
     from hypyr.toolstack import domain, network
-    from hypyr.vmm.builder import NetConfig
+    from hypyr.vmm.config import NetConfig
     monkeypatch.setenv("HYPYR_STATE_DIR", str(tmp_path / "state"))
     with network._locked() as recs:
         recs["dh0"] = network.Network("dh0", "10.90.0.1/16", dhcp=True)

@@ -25,8 +25,8 @@ from hypyr.toolstack import api, paths, sched
 from hypyr.toolstack.errors import DomainExists, MigrationFailed, SaveFileError
 from hypyr.toolstack.registry import Registry, is_alive
 from hypyr.toolstack.xlcfg import DomainConfig
-from hypyr.vmm import snapshot, stream
-from hypyr.vmm.builder import VmConfig
+from hypyr.vmm import stream
+from hypyr.vmm.config import VmConfig, config_to_dict
 from hypyr.vmm.stream import Rec, StreamWriter
 
 MiB = 1 << 20
@@ -64,7 +64,7 @@ def _one_error_line(capsys) -> str:
 def _header(kind: str = "save", extra: dict | None = None, **changes) -> bytes:
     cfg = DomainConfig(name="rs", kernel="/nonexistent/vmlinuz", memory=64, vcpus=1)
     d = {"format": 1, "kind": kind, "created": 1.5,
-         "config": snapshot.config_to_dict(VmConfig(kernel="/nonexistent/vmlinuz", memory=64 * MiB, vcpus=1)),
+         "config": config_to_dict(VmConfig(kernel="/nonexistent/vmlinuz", memory=64 * MiB, vcpus=1)),
          "memory": [list(m) for m in layout.ram_layout(64 * MiB)], "devices": ["serial0"],
          "cpu": {"vendor": "GenuineIntel", "family": 6, "model": 85, "stepping": 4, "features": {}},
          "extra": {"name": "rs", "uuid": "0b5e0a4e-1111-4222-8333-944455556666", "config": cfg.to_dict()}
@@ -135,6 +135,19 @@ def test_listen_address_may_omit_the_host():
 def test_bad_addresses_are_one_sentence(state, capsys, args):
     assert cli.main(args) == cli.EXIT_ERROR
     assert "port" in _one_error_line(capsys)
+
+
+def test_reading_a_save_file_header_loads_no_device_model(tmp_path):
+    """`hypyr restore` looks at the file in the CLI process, which must stay light (every module
+    costs start-up time, many times over in the lab): no builder, devices, KVM or boot code."""
+    f = tmp_path / "ok.save"
+    f.write_bytes(_stream(_header()))
+    code = ("import sys; from hypyr.toolstack import api; h, cfg, _ = api.read_save_file(sys.argv[1]); "
+            "print(cfg.name, sorted(m for m in sys.modules if m.startswith(('hypyr.vmm.builder', 'hypyr.devices.',"
+            " 'hypyr.kvm', 'hypyr.arch.x86.boot', 'hypyr.vmm.snapshot', 'hypyr.vmm.machine')) "
+            "and m != 'hypyr.devices.state'))")
+    out = subprocess.run([sys.executable, "-c", code, str(f)], capture_output=True, text=True, check=True)
+    assert out.stdout.split(" ", 1) == ["rs", "[]\n"]
 
 
 # -- restore: bad files are one sentence and leave nothing --------------------------------------------------

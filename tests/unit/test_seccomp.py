@@ -292,7 +292,8 @@ def test_xl_cfg_key(tmp_path):
 def test_vm_config_of_a_domain_carries_the_mode():
     from hypyr.toolstack.domain import vm_config
     from hypyr.toolstack.xlcfg import DomainConfig
-    from hypyr.vmm.builder import VmConfig, validate
+    from hypyr.vmm.builder import validate
+    from hypyr.vmm.config import VmConfig
     assert vm_config(DomainConfig(name="a", kernel="/k", seccomp="off")).seccomp == "off"
     assert VmConfig(kernel="/k").seccomp == "kill"
     with pytest.raises(HypyrError, match="seccomp must be kill, log or off, not 'no'"):

@@ -18,7 +18,8 @@ from hypyr.errors import SnapshotError
 from hypyr.kvm import CpuidEntry
 from hypyr.memory import GuestMemory
 from hypyr.vmm import snapshot, stream
-from hypyr.vmm.builder import DiskConfig, NetConfig, VmConfig
+from hypyr.vmm.config import DiskConfig, NetConfig, VmConfig, config_from_dict, config_to_dict
+from hypyr.vmm.header import parse_header
 from hypyr.vmm.stream import PAGE, Rec, StreamReader, StreamWriter
 
 MiB = 1 << 20
@@ -170,14 +171,14 @@ CONFIG = VmConfig(kernel="/boot/vmlinuz", initrd=None, memory=64 * MiB, vcpus=2,
 
 
 def test_config_round_trip_keeps_everything_but_the_tap():
-    d = json.loads(json.dumps(snapshot.config_to_dict(CONFIG)))
-    back = snapshot.config_from_dict(d)
+    d = json.loads(json.dumps(config_to_dict(CONFIG)))
+    back = config_from_dict(d)
     assert back.nets[0].tap_fd == -1
     assert back == VmConfig(**{**CONFIG.__dict__, "nets": [NetConfig(**{**CONFIG.nets[0].__dict__, "tap_fd": -1})]})
 
 
 def header_payload(**changes) -> bytes:
-    d = {"format": 1, "kind": "save", "created": 1.5, "config": snapshot.config_to_dict(CONFIG),
+    d = {"format": 1, "kind": "save", "created": 1.5, "config": config_to_dict(CONFIG),
          "memory": [[0, 64 * MiB]], "devices": ["serial0"],
          "cpu": {"vendor": "GenuineIntel", "family": 6, "model": 85, "stepping": 4, "features": {"0x1.0.ecx": 1}},
          "extra": {"name": "web"}}
@@ -186,7 +187,7 @@ def header_payload(**changes) -> bytes:
 
 
 def test_header_parse_and_vm_config():
-    h = snapshot._parse_header(header_payload(), "the file")
+    h = parse_header(header_payload(), "the file")
     assert (h.kind, h.memory, h.devices, h.extra) == ("save", [(0, 64 * MiB)], ["serial0"], {"name": "web"})
     assert h.vm_config([9]).nets[0].tap_fd == 9
     with pytest.raises(SnapshotError, match="1 NIC"):
@@ -196,11 +197,11 @@ def test_header_parse_and_vm_config():
 @pytest.mark.parametrize("changes", [{"format": 2}, {"kind": "other"}, {"memory": [[0, 32 * MiB]]},
                                      {"memory": [[0, 64 * MiB], [1 << 32, MiB]]}, {"extra": []},
                                      {"devices": [1]}, {"cpu": {"vendor": "x"}}, {"surprise": 1},
-                                     {"config": {**snapshot.config_to_dict(CONFIG), "vcpus": 0}},
-                                     {"config": {**snapshot.config_to_dict(CONFIG), "memory": 12345}}])
+                                     {"config": {**config_to_dict(CONFIG), "vcpus": 0}},
+                                     {"config": {**config_to_dict(CONFIG), "memory": 12345}}])
 def test_bad_headers_are_one_sentence(changes):
     with pytest.raises(SnapshotError, match=r"^the file is corrupt \(its HEADER: ") as e:
-        snapshot._parse_header(header_payload(**changes), "the file")
+        parse_header(header_payload(**changes), "the file")
     assert "\n" not in str(e.value)
 
 

@@ -1,9 +1,8 @@
 """x86 guest setup for a direct Linux boot: memory layout, kernel loading, boot_params,
-page tables, GDT, boot register state, CPUID/MSRs and ACPI tables.
+page tables, GDT, boot register state, CPUID/MSRs and ACPI tables (:mod:`.boot` puts them
+together).
 
 Pure computation writing into :class:`hypyr.memory.GuestMemory`; nothing here touches KVM.
+Importing the package loads none of its modules, so a light one (``layout``, ``acpi``'s
+limits) costs only itself.
 """
-
-from .boot import BootSetup, setup_linux_boot
-
-__all__ = ["BootSetup", "setup_linux_boot"]
