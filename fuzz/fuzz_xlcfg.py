@@ -9,7 +9,7 @@ import os
 from _harness import check, check_rss, errors_logged, fuzz, instrumented, scratch
 
 with instrumented():
-    from hypyr.arch.x86.acpi import MAX_VCPUS
+    from hypyr.arch.x86.layout import MAX_VCPUS
     from hypyr.toolstack import xlcfg
     from hypyr.toolstack.errors import InvalidConfig
     from hypyr.toolstack.names import name_problem

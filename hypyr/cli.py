@@ -46,7 +46,7 @@ def _say(msg: str) -> None:
 
 # -- run ------------------------------------------------------------------------------------------
 def cmd_run(args) -> int:
-    from hypyr.arch.x86.acpi import MAX_VCPUS
+    from hypyr.arch.x86.layout import MAX_VCPUS
     from hypyr.vmm.config import DiskConfig
 
     if not 1 <= args.vcpus <= MAX_VCPUS:   # before any work (building the default image)

@@ -142,7 +142,7 @@ def host_free_memory_mib() -> int:
 
 def host_max_vcpus() -> int | None:
     """The most vCPUs this host's KVM gives a VM, or None if /dev/kvm cannot be used here."""
-    from hypyr.arch.x86.acpi import MAX_VCPUS
+    from hypyr.arch.x86.layout import MAX_VCPUS
     from hypyr.kvm import Kvm, KvmUnavailable
     try:
         kvm = Kvm()

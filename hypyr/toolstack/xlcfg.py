@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from hypyr.arch.x86.acpi import MAX_VCPUS
+from hypyr.arch.x86.layout import MAX_VCPUS
 from hypyr.errors import HypyrError, InvalidInput
 from hypyr.toolstack.errors import InvalidConfig
 from hypyr.toolstack.names import name_problem

@@ -69,7 +69,7 @@ def parse_header(payload: bytes, what: str) -> SnapshotHeader:
             expected = layout.ram_layout(config.memory)
         except HypyrError:
             expected = None
-        if not 1 <= config.vcpus <= 254 or expected is None or memory != [list(m) for m in expected]:
+        if not 1 <= config.vcpus <= layout.MAX_VCPUS or expected is None or memory != [list(m) for m in expected]:
             raise StateError("the memory layout or vCPU count does not follow from the configuration")
     except StateError as e:
         raise SnapshotError(f"{what} is corrupt (its HEADER: {e})") from None

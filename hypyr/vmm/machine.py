@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import overload
 
-from hypyr.arch.x86 import acpi
+from hypyr.arch.x86 import layout
 from hypyr.devices.bus import Bus
 from hypyr.devices.events import GuestEvent, StopRequest
 from hypyr.errors import VcpuCountError
@@ -30,7 +30,7 @@ log = logging.getLogger("hypyr.vmm")
 IOAPIC_REDIR_MASKED = 1 << 16  # the mask bit of an IOAPIC redirection entry
 KICK_SIGNAL = signal.SIGRTMIN  # interrupts KVM_RUN in a vCPU thread
 
-MAX_VCPUS = acpi.MAX_VCPUS  # the most our MADT can describe (8-bit xAPIC ids, no x2APIC entries)
+MAX_VCPUS = layout.MAX_VCPUS  # the most our MADT can describe (8-bit xAPIC ids, no x2APIC entries)
 
 
 def vcpu_limit(kvm: Kvm | None = None) -> int:

@@ -144,7 +144,8 @@ def test_reading_a_save_file_header_loads_no_device_model(tmp_path):
     f.write_bytes(_stream(_header()))
     code = ("import sys; from hypyr.toolstack import api; h, cfg, _ = api.read_save_file(sys.argv[1]); "
             "print(cfg.name, sorted(m for m in sys.modules if m.startswith(('hypyr.vmm.builder', 'hypyr.devices.',"
-            " 'hypyr.kvm', 'hypyr.arch.x86.boot', 'hypyr.vmm.snapshot', 'hypyr.vmm.machine')) "
+            " 'hypyr.kvm', 'hypyr.memory', 'hypyr.arch.x86.acpi', 'hypyr.arch.x86.boot', 'hypyr.vmm.snapshot',"
+            " 'hypyr.vmm.machine')) "
             "and m != 'hypyr.devices.state'))")
     out = subprocess.run([sys.executable, "-c", code, str(f)], capture_output=True, text=True, check=True)
     assert out.stdout.split(" ", 1) == ["rs", "[]\n"]

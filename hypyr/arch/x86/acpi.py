@@ -18,6 +18,7 @@ from hypyr.errors import HypyrError
 from hypyr.memory import GuestMemory
 
 from . import aml, layout
+from .layout import MAX_VCPUS
 
 OEM_ID = b"HYPYR "
 OEM_TABLE_ID = b"HYPYRVM "
@@ -34,8 +35,6 @@ SLP_TYP_MASK = 0x7 << SLP_TYP_SHIFT
 SLP_EN = 1 << 5
 WAK_STS = 1 << 7  # in the sleep status register
 POWEROFF_VALUE = SLP_EN | SLP_TYP_S5 << SLP_TYP_SHIFT  # 0x34
-
-MAX_VCPUS = 254  # 8-bit xAPIC ids, 0xff is broadcast, and the IOAPIC takes id nr_vcpus
 
 SDT_HEADER_SIZE = 36
 RSDP_SIZE = 36

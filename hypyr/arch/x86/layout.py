@@ -65,6 +65,7 @@ LAPIC_ADDR = 0xFEE0_0000
 FOUR_GIB = 4 * GiB
 IDENTITY_MAP_SIZE = FOUR_GIB  # the boot page tables map [0, 4 GiB) with 2 MiB pages
 
+MAX_VCPUS = 254  # 8-bit xAPIC ids, 0xff is broadcast, and the IOAPIC takes id nr_vcpus
 MIN_MEMORY_SIZE = 2 * MiB
 
 
