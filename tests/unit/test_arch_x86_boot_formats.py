@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_arch_x86_loader import make_bzimage, make_elf
 
-from hypyr.arch.x86 import bootparams, elf, layout, loader, multiboot, pvh, setup_linux_boot, vmlinux
+from hypyr.arch.x86 import bootparams, elf, layout, loader, multiboot, pvh, vmlinux
+from hypyr.arch.x86.boot import setup_linux_boot
 from hypyr.errors import HypyrError
 from hypyr.memory import GuestMemory
 

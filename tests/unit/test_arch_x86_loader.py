@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hypyr.arch.x86 import bootparams as bp
-from hypyr.arch.x86 import layout, loader, setup_linux_boot
+from hypyr.arch.x86 import layout, loader
+from hypyr.arch.x86.boot import setup_linux_boot
 from hypyr.errors import HypyrError
 from hypyr.memory import GuestMemory
 
