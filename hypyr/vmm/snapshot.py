@@ -37,6 +37,7 @@ from hypyr.memory import GuestMemory
 from .builder import LinuxVm, build_vm
 from .config import VmConfig
 from .header import SnapshotHeader, encode_header, read_header_record
+from .header import read_header as read_saved_header
 from .stream import (
     MAX_RUN,
     PAGE,
@@ -173,17 +174,18 @@ def _header_payload(vm: LinuxVm, kind: str, guest_cpuid: Sequence[CpuidEntry], e
 
 def read_checked_header(reader: StreamReader, kvm: Kvm | None) -> SnapshotHeader:
     """Preamble and HEADER from ``reader``, the CPU checked against this host's."""
-    header = read_header_record(reader)
-    _with_kvm(kvm, lambda k: check_cpu(header.cpu, k, header.config.vcpus, reader.what))
-    return header
+    return _checked(read_header_record(reader), kvm, reader.what)
 
 
 def read_header(f: BinaryIO, *, kvm: Kvm | None = None) -> SnapshotHeader:
-    """The header of save file ``f``, the CPU checked against this host's."""
-    try:
-        return read_checked_header(StreamReader(f, "the save file"), kvm)
-    except OSError as e:
-        raise SnapshotError(f"cannot read the save file: {e.strerror or e}") from None
+    """The header of save file ``f`` (:func:`hypyr.vmm.header.read_header`), the CPU checked
+    against this host's."""
+    return _checked(read_saved_header(f), kvm, "the save file")
+
+
+def _checked(header: SnapshotHeader, kvm: Kvm | None, what: str) -> SnapshotHeader:
+    _with_kvm(kvm, lambda k: check_cpu(header.cpu, k, header.config.vcpus, what))
+    return header
 
 
 def _with_kvm(kvm: Kvm | None, use):
