@@ -2,12 +2,12 @@
 """The VM and vCPU state steps of a migration's downtime, on this host's /dev/kvm (no guest boots).
 
 Builds two VMs as a restore does (no kernel; serial, i8042, RTC, ACPI, virtio-blk on a scratch
-image, virtio-rng; ``--vcpus`` vCPUs, never run) and times, per round, each step the source and
-the destination take between the last vCPU pausing and the first one running again:
-``capture_state`` (KVM's state into records, then plain data), ``encode_json`` (the STATE
-record's payload), ``decode_json`` and ``apply_state`` (checked records, then the KVM ioctls).
-Prints the median and range of each, in ms.  Compare two trees by running it with each on
-``PYTHONPATH``; see bench/README.md.
+image, virtio-rng; ``--vcpus`` vCPUs with the CPUID a boot gives them, never run) and times,
+per round, each step the source and the destination take between the last vCPU pausing and
+the first one running again: ``capture_state`` (KVM's state into records, then plain data),
+``encode_json`` (the STATE record's payload), ``decode_json`` and ``apply_state`` (checked
+records, then the KVM ioctls).  Prints the median and range of each, in ms.  Compare two trees
+by running it with each on ``PYTHONPATH``; see bench/README.md.
 
     .venv/bin/python bench/state_micro.py [--rounds N] [--vcpus N]
 """
@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 
+from hypyr.arch.x86 import cpuid as x86cpuid
 from hypyr.vmm import snapshot, stream
 from hypyr.vmm.builder import build_vm
 from hypyr.vmm.config import DiskConfig, VmConfig
@@ -43,6 +44,10 @@ def main() -> int:
             config = VmConfig(kernel="", memory=16 * MiB, vcpus=args.vcpus, disks=[DiskConfig(disk)])
             vms.append(build_vm(config, lambda _b: None, boot=False))
         src, dst = vms
+        supported = src.machine.kvm.supported_cpuid()
+        for vm in vms:   # each vCPU's CPUID as a boot gives it (it is part of what a migration moves)
+            for vt in vm.machine.vcpus:
+                vt.vcpu.set_cpuid(x86cpuid.adjust_cpuid(supported, vt.vcpu.id, args.vcpus))
         try:
             for dev in (*src.devices.values(), *dst.devices.values()):
                 dev.quiesce()   # as pause_and_quiesce leaves them (apply_state resumes dst's)

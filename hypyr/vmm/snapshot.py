@@ -27,7 +27,7 @@ from typing import BinaryIO
 
 from hypyr.arch.x86 import cpuid as x86cpuid
 from hypyr.arch.x86 import layout
-from hypyr.arch.x86.vcpu_state import VcpuState, VmState
+from hypyr.arch.x86.vcpu_state import VcpuState, VmState, cpuid_from_plain, cpuid_to_plain
 from hypyr.devices.state import StateReader
 from hypyr.devices.virtio.blk import VirtioBlk
 from hypyr.errors import HypyrError, SnapshotError, StateError
@@ -238,6 +238,43 @@ def resume_running(vm: LinuxVm, was_paused: bool) -> None:
         vm.machine.resume()
 
 
+def capture_cpuid(vm: LinuxVm) -> list[list[CpuidEntry]]:
+    """Every vCPU's CPUID table, with the vCPUs out of KVM_RUN (a vCPU ioctl waits for it).  It
+    cannot change once a vCPU has run, so a migration takes it before the final pause."""
+    try:
+        return [vt.vcpu.get_cpuid() for vt in vm.machine.vcpus]
+    except KvmError as e:
+        raise SnapshotError(f"KVM would not give the VM's CPUID: {e}") from None
+
+
+def cpuid_payload(tables: Sequence[Sequence[CpuidEntry]]) -> bytes:
+    """The CPUID record's payload."""
+    return encode_json({"vcpus": [cpuid_to_plain(t) for t in tables]})
+
+
+def load_cpuid(vm: LinuxVm, reader: StreamReader) -> None:
+    """Read the CPUID record and give each vCPU its table, before any other vCPU state: KVM checks
+    much of that against it.  SnapshotError if it is corrupt, does not fit the VM, or asks for
+    features this host's KVM lacks."""
+    _, payload = reader.next(expect=(Rec.CPUID,))
+    machine = vm.machine
+    n = len(machine.vcpus)
+    try:
+        r = StateReader(decode_json(payload, reader.what, "CPUID"), "its CPUID")
+        tables = [cpuid_from_plain(t, f"the CPUID of vcpu[{i}]") for i, t in enumerate(r.items("vcpus", n, n))]
+        r.done()
+    except StateError as e:
+        raise SnapshotError(f"{reader.what} is corrupt ({e})") from None
+    if tables:
+        check_cpu({**_signature(machine.kvm.supported_cpuid()), "features": _feature_words(tables[0])},
+                  machine.kvm, n, reader.what)
+    try:
+        for table, vt in zip(tables, machine.vcpus):
+            vt.vcpu.set_cpuid(table)
+    except KvmError as e:
+        raise SnapshotError(f"KVM refused the CPUID in {reader.what}: {e}") from None
+
+
 def capture_state(vm: LinuxVm, paused: bool) -> dict:
     """With the vCPUs paused and every device quiesced: device states (in build order), then the
     VM's interrupt controllers, PIT and clock, then every vCPU (docs/save-restore.md)."""
@@ -271,9 +308,6 @@ def apply_state(vm: LinuxVm, state: object, *, advance_clock: bool, what: str) -
                 raise StateError(f"the saved devices are not this VM's ({mine!r} expected)")
     except StateError as e:
         raise SnapshotError(f"{what} is corrupt ({e})") from None
-    if vcpus:
-        check_cpu({**_signature(machine.kvm.supported_cpuid()), "features": _feature_words(vcpus[0].cpuid)},
-                  machine.kvm, n, what)
     try:
         vm_state.restore(machine.vm, advance_clock=advance_clock)
         for s, vt in zip(vcpus, machine.vcpus):
@@ -285,7 +319,6 @@ def apply_state(vm: LinuxVm, state: object, *, advance_clock: bool, what: str) -
     except KvmError as e:
         raise SnapshotError(f"KVM refused the state in {what}: {e}") from None
     resume_devices(vm)
-    vm.cpuid = list(vcpus[0].cpuid) if vcpus else None
     vm.saved_paused = paused
 
 
@@ -446,6 +479,7 @@ def load_vm(reader: StreamReader, header: SnapshotHeader, console_out: Callable[
         if list(vm.devices) != header.devices:
             raise SnapshotError(f"the VM built for {reader.what} has other devices than the saved one "
                                 f"({', '.join(header.devices)})")
+        load_cpuid(vm, reader)
         if on_built is not None:
             on_built(vm)
         state = load_records(reader, vm.machine.memory, progress)
@@ -497,10 +531,11 @@ def save(vm: LinuxVm, f: BinaryIO, *, keep_running: bool = False, progress: Prog
     was_paused = pause_and_quiesce(vm)
     try:
         state = capture_state(vm, was_paused)
+        cpuid = capture_cpuid(vm)
         w = StreamWriter(f)
         w.preamble()
-        cpuid = [CpuidEntry(**e) for e in state["vcpus"][0]["cpuid"]] if state["vcpus"] else []
-        w.record(Rec.HEADER, _header_payload(vm, "save", cpuid, extra))
+        w.record(Rec.HEADER, _header_payload(vm, "save", cpuid[0] if cpuid else [], extra))
+        w.record(Rec.CPUID, cpuid_payload(cpuid))
         total = vm.machine.memory.size // PAGE
         last = [time.monotonic()]
 

@@ -85,7 +85,7 @@ def test_magic_version_and_preamble_checksum():
     with pytest.raises(SnapshotError, match="not a hypyr save file"):
         read_all(b"GARBAGE!" + data[8:])
     head = stream.PREAMBLE.pack(stream.MAGIC, 7, 0, 0)[:12]
-    with pytest.raises(SnapshotError, match="format version 7; this hypyr reads version 1"):
+    with pytest.raises(SnapshotError, match=f"format version 7; this hypyr reads version {stream.VERSION}"):
         read_all(head + stream.CRC.pack(zlib.crc32(head)) + data[16:])
     with pytest.raises(SnapshotError, match="preamble"):
         read_all(head + data[12:])
@@ -178,7 +178,7 @@ def test_config_round_trip_keeps_everything_but_the_tap():
 
 
 def header_payload(**changes) -> bytes:
-    d = {"format": 1, "kind": "save", "created": 1.5, "config": config_to_dict(CONFIG),
+    d = {"format": stream.VERSION, "kind": "save", "created": 1.5, "config": config_to_dict(CONFIG),
          "memory": [[0, 64 * MiB]], "devices": ["serial0"],
          "cpu": {"vendor": "GenuineIntel", "family": 6, "model": 85, "stepping": 4, "features": {"0x1.0.ecx": 1}},
          "extra": {"name": "web"}}
@@ -194,7 +194,7 @@ def test_header_parse_and_vm_config():
         h.vm_config()
 
 
-@pytest.mark.parametrize("changes", [{"format": 2}, {"kind": "other"}, {"memory": [[0, 32 * MiB]]},
+@pytest.mark.parametrize("changes", [{"format": stream.VERSION + 1}, {"kind": "other"}, {"memory": [[0, 32 * MiB]]},
                                      {"memory": [[0, 64 * MiB], [1 << 32, MiB]]}, {"extra": []},
                                      {"devices": [1]}, {"cpu": {"vendor": "x"}}, {"surprise": 1},
                                      {"config": {**config_to_dict(CONFIG), "vcpus": 0}},

@@ -15,6 +15,8 @@ the IOAPIC or PIC re-delivers is then overwritten by the captured local APIC), t
 in this order (QEMU's, near enough; Firecracker puts REGS before SREGS and MP_STATE second):
 
 1. CPUID: KVM checks much of what follows against it (XCR0 and XSAVE features, EFER.LME, MSRs).
+   It is not part of :class:`VcpuState`: it cannot change once the vCPU has run, so the caller
+   sets it first (:func:`cpuid_to_plain`), and a migration sends it before the guest stops.
 2. TSC frequency, when it differs from this host's: the IA32_TSC write is taken at that rate.
 3. SREGS before REGS: control registers, EFER and the APIC base (which can reset the LAPIC).
 4. REGS, XSAVE, XCRS, DEBUGREGS.
@@ -53,7 +55,7 @@ LAPIC_SIZE = 1024
 LEGACY_XSAVE_SIZE = 4096
 MAX_CPUID_ENTRIES = 4096
 MAX_MSRS = 4096
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # of the kvm-vcpu and kvm-vm records; 2: CPUID left kvm-vcpu (its own stream record)
 
 
 # -- plain data <-> records -------------------------------------------------------------------------
@@ -203,14 +205,29 @@ def _to_plain(meta, value) -> Any:
         return value.to_dict()
     if kind == "records":
         return [r.to_dict() for r in value]
-    if kind == "cpuid":
-        return [{n: getattr(e, n) for n in _CPUID_FIELDS} for e in value]
     if kind == "msrs":
         return [[index, data] for index, data in value.items()]
     raise AssertionError(kind)
 
 
 _CPUID_FIELDS = [f.name for f in dataclasses.fields(CpuidEntry)]
+
+
+def cpuid_to_plain(entries: Sequence[CpuidEntry]) -> list[dict[str, int]]:
+    """A vCPU's CPUID table as plain data (one dict per entry)."""
+    return [{n: getattr(e, n) for n in _CPUID_FIELDS} for e in entries]
+
+
+def cpuid_from_plain(value: object, where: str) -> list[CpuidEntry]:
+    """The CPUID table :func:`cpuid_to_plain` made; :class:`StateError` naming the bad entry."""
+    entries = []
+    for i, e in enumerate(_check_list(value, 0, MAX_CPUID_ENTRIES, where)):
+        e = _check_keys(e, _CPUID_FIELDS, f"{where}[{i}]")
+        words = [e[n] for n in _CPUID_FIELDS]
+        if not all(type(w) is int and 0 <= w <= 0xFFFF_FFFF for w in words):   # name the bad one
+            words = [_check_int(e[n], 0, 0xFFFF_FFFF, f"{where}[{i}].{n}") for n in _CPUID_FIELDS]
+        entries.append(CpuidEntry(*words))
+    return entries
 
 
 def _from_plain(meta, value, where: str) -> Any:
@@ -238,16 +255,6 @@ def _from_plain(meta, value, where: str) -> Any:
     if kind == "records":
         items = _check_list(value, meta["min"], meta["max"], where)
         return tuple(meta["cls"].from_dict(v, f"{where}[{i}]") for i, v in enumerate(items))
-    if kind == "cpuid":
-        items = _check_list(value, 0, MAX_CPUID_ENTRIES, where)
-        entries = []
-        for i, e in enumerate(items):
-            e = _check_keys(e, _CPUID_FIELDS, f"{where}[{i}]")
-            words = [e[n] for n in _CPUID_FIELDS]
-            if not all(type(w) is int and 0 <= w <= 0xFFFF_FFFF for w in words):   # name the bad one
-                words = [_check_int(e[n], 0, 0xFFFF_FFFF, f"{where}[{i}].{n}") for n in _CPUID_FIELDS]
-            entries.append(CpuidEntry(*words))
-        return tuple(entries)
     if kind == "msrs":
         msrs: dict[int, int] = {}
         for i, pair in enumerate(_check_list(value, 0, MAX_MSRS, where)):
@@ -443,7 +450,6 @@ class VcpuState(_Record):
     lapic: bytes = _blob(LAPIC_SIZE, LAPIC_SIZE)
     msrs: dict[int, int] = _custom("msrs")
     events: VcpuEvents = _record(VcpuEvents)
-    cpuid: tuple[CpuidEntry, ...] = _custom("cpuid")
     tsc_khz: int | None = _u(32, optional=True)
 
     @classmethod
@@ -464,13 +470,12 @@ class VcpuState(_Record):
         debugregs = DebugRegs.from_kvm(vcpu.get_debugregs())
         lapic = bytes(vcpu.get_lapic().regs)
         tsc_khz = vcpu.get_tsc_khz() if vcpu.vm.kvm.check_extension(B.KVM_CAP_GET_TSC_KHZ) else None
-        cpuid = tuple(vcpu.get_cpuid())
         if msr_indices is None:
             msr_indices = vcpu.vm.kvm.msr_index_list()
         msrs = _read_msrs(vcpu, msr_indices)
         events = VcpuEvents.from_kvm(vcpu.get_vcpu_events())
         return cls(vcpu_id=vcpu.id, mp_state=mp_state, regs=regs, sregs=sregs, xsave=xsave, xcrs=xcrs,
-                   debugregs=debugregs, lapic=lapic, msrs=msrs, events=events, cpuid=cpuid, tsc_khz=tsc_khz)
+                   debugregs=debugregs, lapic=lapic, msrs=msrs, events=events, tsc_khz=tsc_khz)
 
     def restore(self, vcpu: Vcpu) -> None:
         """Load this state into ``vcpu`` (of a fresh VM, after :meth:`VmState.restore`), in the
@@ -478,7 +483,6 @@ class VcpuState(_Record):
         or the MSR)."""
         if vcpu.id != self.vcpu_id:
             raise StateError(f"this is the state of vCPU {self.vcpu_id}, not of vCPU {vcpu.id}")
-        vcpu.set_cpuid(list(self.cpuid))
         self._restore_tsc_khz(vcpu)
         vcpu.set_sregs(self.sregs.to_kvm())
         vcpu.set_regs(self.regs.to_kvm())
