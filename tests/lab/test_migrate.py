@@ -16,7 +16,7 @@ import threading
 
 import pytest
 from test_net import SUBNET_HOST, Sink, lan  # noqa: F401 (lan is a fixture)
-from test_toolstack import wait_for, write_cfg, xl  # noqa: F401 (xl is a fixture)
+from test_toolstack import console_log, wait_for, write_cfg, xl  # noqa: F401 (xl is a fixture)
 from test_virtio import debugfs_cat, make_disk
 
 # One line on the console every 0.1 s: its count (a shell variable: guest memory), the boot id
@@ -31,18 +31,8 @@ def counts(text: str) -> list[tuple[int, str, float]]:
     return [(int(n), b, float(u)) for n, b, u in LINE.findall(text.replace("\r", ""))]
 
 
-def domain_console(xl, name: str) -> str:  # noqa: F811
-    """The live domain's console log ('' while it has none)."""
-    p = xl("list", "--json", check=False)
-    doms = {d["name"]: d for d in json.loads(p.stdout)} if p.returncode == 0 else {}
-    if name not in doms:
-        return ""
-    path = xl.state / "domains" / str(doms[name]["domid"]) / "console.log"
-    return path.read_text(errors="replace") if path.exists() else ""
-
-
 def wait_count(xl, name: str, above: int, timeout: float = 240) -> list[tuple[int, str, float]]:  # noqa: F811
-    return wait_for(lambda: (c := counts(domain_console(xl, name))) and c[-1][0] > above and c,
+    return wait_for(lambda: (c := counts(console_log(xl, name))) and c[-1][0] > above and c,
                     timeout=timeout, what=f"{name}'s counter past {above}")
 
 
@@ -150,7 +140,7 @@ def test_live_migration_of_a_busy_smp_guest_with_a_tcp_stream(xl, lan, guest_ima
     disk = make_disk(tmp_path / "disk.img")
     xl("create", str(write_cfg(tmp_path, guest_image, "mg", memory=192, vcpus=2, command=SMP, disks=[disk],
                                extra_keys="vif = [ 'bridge=lan0,ip=10.80.0.40' ]")))
-    log = wait_for(lambda: (t := domain_console(xl, "mg")) and "keep-" in t and cpu_counts(t, 1) and t,
+    log = wait_for(lambda: (t := console_log(xl, "mg")) and "keep-" in t and cpu_counts(t, 1) and t,
                    what="the guest's loops to start")
     keep = set(re.findall(r"keep-([0-9a-f]{64})", log))
     wait_for(lambda: len(sink.lines) > 10, timeout=120, what="lines over TCP")
@@ -169,8 +159,8 @@ def test_live_migration_of_a_busy_smp_guest_with_a_tcp_stream(xl, lan, guest_ima
     assert src.returncode != 0 and "Traceback" not in out and "runs on here" in out
     wait_for(lambda: [d["name"] for d in json.loads(xl("list", "--json").stdout)] == ["mg"], timeout=60,
              what="only the source domain to be left")
-    n0 = cpu_counts(domain_console(xl, "mg"), 0)[-1]
-    wait_for(lambda: cpu_counts(domain_console(xl, "mg"), 0)[-1] > n0 + 5, timeout=60, what="the source to go on")
+    n0 = cpu_counts(console_log(xl, "mg"), 0)[-1]
+    wait_for(lambda: cpu_counts(console_log(xl, "mg"), 0)[-1] > n0 + 5, timeout=60, what="the source to go on")
 
     # the real migration
     port = free_port()
@@ -186,7 +176,7 @@ def test_live_migration_of_a_busy_smp_guest_with_a_tcp_stream(xl, lan, guest_ima
     for cpu in (0, 1):  # both vCPUs run on: each pinned counter goes on from where it was
         last = cpu_counts(before, cpu)[-1]
         def past(cpu=cpu, last=last):
-            return (c := cpu_counts(domain_console(xl, "mg"), cpu)) and c[-1] > last + 5 and c
+            return (c := cpu_counts(console_log(xl, "mg"), cpu)) and c[-1] > last + 5 and c
         got = wait_for(past, timeout=120, what=f"cpu{cpu}'s counter after the migration")
         assert last < got[0] <= last + 2, (cpu, last, got[0])
     sent = len(sink.lines)
@@ -194,9 +184,9 @@ def test_live_migration_of_a_busy_smp_guest_with_a_tcp_stream(xl, lan, guest_ima
     assert sink.lines == [f"line-{i}" for i in range(len(sink.lines))] and not sink.done.is_set()
     # the region written once before hashes the same after the migration, under the churn
     n_before = before.count("keep-")
-    after = wait_for(lambda: (t := domain_console(xl, "mg")) and t.count("keep-") > 1 and t, timeout=120,
+    after = wait_for(lambda: (t := console_log(xl, "mg")) and t.count("keep-") > 1 and t, timeout=120,
                      what="a hash after the migration")
     assert n_before >= 1 and set(re.findall(r"keep-([0-9a-f]{64})", after)) == keep
-    last_disk = cpu_counts(domain_console(xl, "mg"), 0)[-1]
+    last_disk = cpu_counts(console_log(xl, "mg"), 0)[-1]
     xl("destroy", "mg")
     assert disk_lines_once(disk) >= last_disk - 10 > 0

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_toolstack import TICKER, wait_for, write_cfg, xl  # noqa: F401 (xl is a fixture)
+from test_toolstack import TICKER, console_log, wait_for, write_cfg, xl  # noqa: F401 (xl is a fixture)
 
 SUBNET_HOST = "10.80.0.1"
 
@@ -43,18 +43,6 @@ def lan(xl):  # noqa: F811
 def domain(xl, tmp_path, image, name: str, vifs: list[str], command: str, memory: int = 160) -> None:  # noqa: F811
     vif = "vif = [ " + ", ".join(f"'{v}'" for v in vifs) + " ]"
     xl("create", str(write_cfg(tmp_path, image, name, memory=memory, command=command, extra_keys=vif)))
-
-
-_DOMIDS: dict[tuple[str, str], int] = {}
-
-
-def console_log(xl, name: str) -> str:  # noqa: F811
-    """The domain's console log (its id looked up once: `hypyr list` on every poll floods the test log)."""
-    key = (str(xl.state), name)
-    if key not in _DOMIDS:
-        _DOMIDS[key] = domid(xl, name)
-    path = xl.state / "domains" / str(_DOMIDS[key]) / "console.log"
-    return path.read_text(errors="replace") if path.exists() else ""
 
 
 def wait_console(xl, name: str, marker: str, timeout: float = 300) -> str:  # noqa: F811

@@ -17,6 +17,9 @@ import pytest
 from test_virtio import make_disk  # tests/lab is on sys.path (pytest rootdir-less import)
 
 from hypyr.lab.testguard import run_bounded
+from hypyr.toolstack import paths
+from hypyr.toolstack.errors import DomainNotFound
+from hypyr.toolstack.registry import Registry
 
 
 @pytest.fixture
@@ -64,8 +67,15 @@ disk = [ {disk_list} ]
 
 
 def console_log(xl, name: str) -> str:
-    doms = {d["name"]: d for d in json.loads(xl("list", "--json").stdout)}
-    path = xl.state / "domains" / str(doms[name]["domid"]) / "console.log"
+    """The console log of domain ``name`` ('' while it has none, or there is no such domain).
+    Its id comes from the registry, read in this process: a `hypyr list` per look would take
+    seconds of L1's CPU from the guests under test at every poll."""
+    try:
+        with Registry(paths.registry_path(xl.state)) as reg:
+            domid = reg.get(name).domid
+    except DomainNotFound:
+        return ""
+    path = xl.state / "domains" / str(domid) / "console.log"
     return path.read_text(errors="replace") if path.exists() else ""
 
 
