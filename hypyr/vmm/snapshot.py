@@ -324,14 +324,36 @@ def apply_state(vm: LinuxVm, state: object, *, advance_clock: bool, what: str) -
 
 # -- guest RAM --------------------------------------------------------------------------------------------
 def page_runs(pages: Sequence[int], limit: int = MAX_RUN):
-    """(first, count) runs of consecutive page numbers in sorted ``pages``, at most ``limit`` long."""
+    """(first, count) runs of consecutive page numbers in ``pages`` (sorted, no repeats), at
+    most ``limit`` long.  Each run's end is found by bisection: ``pages[j] - pages[i] == j - i``
+    holds exactly while ``pages[i:j + 1]`` is consecutive."""
     i, n = 0, len(pages)
     while i < n:
-        j = i + 1
-        while j < n and j - i < limit and pages[j] == pages[j - 1] + 1:
-            j += 1
-        yield pages[i], j - i
-        i = j
+        lo, hi = i + 1, min(i + limit, n)  # the run is pages[i:lo] at least, pages[i:hi] at most
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if pages[mid - 1] - pages[i] == mid - 1 - i:
+                lo = mid
+            else:
+                hi = mid - 1
+        yield pages[i], lo - i
+        i = lo
+
+
+def zero_pages(data: bytes) -> bytearray:
+    """One flag per page of ``data``: 1 if it reads as zeros.  A zero page starts with a zero
+    byte, so only such pages are compared in full (guest RAM rarely has many)."""
+    n = len(data) // PAGE
+    if len(data) == len(_ZERO_RUN) and data == _ZERO_RUN:
+        return bytearray(b"\x01" * n)
+    flags = bytearray(n)
+    firsts, view = data[::PAGE], memoryview(data)
+    k = firsts.find(0)
+    while k >= 0:
+        if view[k * PAGE:(k + 1) * PAGE] == _ZERO_PAGE:
+            flags[k] = 1
+        k = firsts.find(0, k + 1)
+    return flags
 
 
 class PageSender:
@@ -368,22 +390,18 @@ class PageSender:
             n = min(MAX_RUN, npages - off)
             base = gpa + off * PAGE
             data = self.mem.read(base, n * PAGE)
-            if n == MAX_RUN and data == _ZERO_RUN:
-                self._add_zero(base, n)
-            else:
-                zero = [data[k * PAGE:(k + 1) * PAGE] == _ZERO_PAGE for k in range(n)]
-                i = 0
-                while i < n:
-                    j = i + 1
-                    while j < n and zero[j] == zero[i]:
-                        j += 1
-                    if zero[i]:
-                        self._add_zero(base + i * PAGE, j - i)
-                    else:
-                        self.w.record(Rec.PAGES, pages_head(base + i * PAGE, j - i),
-                                      memoryview(data)[i * PAGE:j * PAGE])
-                        self.data_pages += j - i
-                    i = j
+            zero = zero_pages(data)
+            i = 0
+            while i < n:  # runs of data pages as PAGES, of zero pages as ZERO
+                j = zero.find(zero[i] ^ 1, i)
+                j = n if j < 0 else j
+                if zero[i]:
+                    self._add_zero(base + i * PAGE, j - i)
+                else:
+                    self.w.record(Rec.PAGES, pages_head(base + i * PAGE, j - i),
+                                  memoryview(data)[i * PAGE:j * PAGE])
+                    self.data_pages += j - i
+                i = j
             if self._tick is not None:
                 self._tick()
 

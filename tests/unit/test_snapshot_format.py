@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import array
 import io
+import itertools
 import json
 import os
 import struct
@@ -280,6 +281,26 @@ def test_page_runs():
     assert list(snapshot.page_runs([1, 2, 3, 7, 8, 10])) == [(1, 3), (7, 2), (10, 1)]
     assert list(snapshot.page_runs(list(range(600)), 256)) == [(0, 256), (256, 256), (512, 88)]
     assert list(snapshot.page_runs([])) == []
+
+
+@settings(max_examples=300)
+@given(st.sets(st.integers(0, 2000)), st.integers(1, 300))
+def test_page_runs_are_the_maximal_consecutive_runs(pages, limit):
+    pages = sorted(pages)
+    runs = list(snapshot.page_runs(pages, limit))
+    assert [p for first, count in runs for p in range(first, first + count)] == pages
+    assert all(1 <= count <= limit for _, count in runs)
+    for (a, n), (b, _) in itertools.pairwise(runs):   # a run ends at a gap or at the limit
+        assert a + n < b or n == limit
+
+
+@settings(max_examples=200)
+@given(st.lists(st.sampled_from(["zero", "data", "zero-but-last", "zero-first"]), min_size=1, max_size=256))
+def test_zero_pages_flags_exactly_the_pages_of_zeros(kinds):
+    pages = {"zero": bytes(PAGE), "data": b"\x01" * PAGE, "zero-but-last": bytes(PAGE - 1) + b"\x07",
+             "zero-first": b"\x00" + b"\x05" * (PAGE - 1)}
+    data = b"".join(pages[k] for k in kinds)
+    assert list(snapshot.zero_pages(data)) == [int(k == "zero") for k in kinds]
 
 
 # -- GuestMemory's dirty tracking -----------------------------------------------------------------------------
