@@ -81,11 +81,16 @@ class MigrationStats:
     bandwidth: float          # bytes/s measured in the last pre-copy pass
 
 
+_ALL_64 = (1 << 64) - 1
+
+
 def _bits(bitmap: bytes, limit: int) -> list[int]:
     """Indices of the set bits of a KVM dirty bitmap (bit n of byte n // 8), below ``limit``."""
-    out = []
+    out: list[int] = []
     for wi, w in enumerate(memoryview(bitmap).cast("Q")):  # KVM's bitmaps are whole 64-bit words
-        if w:
+        if w == _ALL_64:  # a guest writing a buffer dirties whole words
+            out.extend(range(wi * 64, wi * 64 + 64))
+        elif w:
             base = wi * 64
             while w:
                 low = w & -w

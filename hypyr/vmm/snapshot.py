@@ -340,14 +340,15 @@ def page_runs(pages: Sequence[int], limit: int = MAX_RUN):
         i = lo
 
 
-def zero_pages(data: bytes) -> bytearray:
+def zero_pages(data: bytes | memoryview) -> bytearray:
     """One flag per page of ``data``: 1 if it reads as zeros.  A zero page starts with a zero
     byte, so only such pages are compared in full (guest RAM rarely has many)."""
     n = len(data) // PAGE
-    if len(data) == len(_ZERO_RUN) and data == _ZERO_RUN:
+    view = memoryview(data)
+    if len(data) == len(_ZERO_RUN) and view == _ZERO_RUN:
         return bytearray(b"\x01" * n)
     flags = bytearray(n)
-    firsts, view = data[::PAGE], memoryview(data)
+    firsts = bytes(view[::PAGE])
     k = firsts.find(0)
     while k >= 0:
         if view[k * PAGE:(k + 1) * PAGE] == _ZERO_PAGE:
@@ -389,8 +390,11 @@ class PageSender:
         for off in range(0, npages, MAX_RUN):
             n = min(MAX_RUN, npages - off)
             base = gpa + off * PAGE
-            data = self.mem.read(base, n * PAGE)
-            zero = zero_pages(data)
+            # Looked at in place, copied only to be sent (the record's CRC must cover what is
+            # sent).  The guest may write meanwhile: it dirties the page again, so a later pass
+            # (or the stop and copy) sends it again.
+            live = self.mem.read_view(base, n * PAGE)
+            zero = zero_pages(live)
             i = 0
             while i < n:  # runs of data pages as PAGES, of zero pages as ZERO
                 j = zero.find(zero[i] ^ 1, i)
@@ -398,8 +402,7 @@ class PageSender:
                 if zero[i]:
                     self._add_zero(base + i * PAGE, j - i)
                 else:
-                    self.w.record(Rec.PAGES, pages_head(base + i * PAGE, j - i),
-                                  memoryview(data)[i * PAGE:j * PAGE])
+                    self.w.record(Rec.PAGES, pages_head(base + i * PAGE, j - i), live[i * PAGE:j * PAGE].tobytes())
                     self.data_pages += j - i
                 i = j
             if self._tick is not None:
