@@ -330,16 +330,6 @@ class GuestMemory:
         i, off, n = pieces[0]
         return self.regions[i].lend(off, n)
 
-    def read_view(self, addr: int, length: int) -> memoryview:
-        """A read-only view of ``[addr, addr+length)``, which must lie in one region, to look at
-        guest RAM without copying it (it is live: the guest may change it meanwhile).  Not lent,
-        so nothing is marked dirty."""
-        pieces = self._walk(addr, length)
-        if len(pieces) != 1:
-            raise GuestMemoryError(f"guest range {addr:#x}+{length:#x} is not inside one RAM region")
-        i, off, n = pieces[0]
-        return self._spans[i][2][off:off + n].toreadonly()
-
     def views(self, ranges: Iterable[tuple[int, int]]) -> list[memoryview]:
         """Writable views of exactly the bytes of ``ranges`` (``(addr, length)`` pairs), in order.
 

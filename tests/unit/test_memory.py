@@ -424,26 +424,6 @@ def test_views_single_and_multi_region():
         mem.close()
 
 
-def test_read_view_is_live_read_only_and_marks_nothing_dirty():
-    mem = GuestMemory.anonymous([(0, 2 * PAGE), (2 * PAGE, PAGE)], hugepages=False)
-    try:
-        mem.write(0, payload_for(2 * PAGE))
-        mem.start_dirty_tracking()
-        v = mem.read_view(PAGE - 8, 16)
-        assert v.readonly and v.tobytes() == payload_for(2 * PAGE)[PAGE - 8:PAGE + 8]
-        mem.write(PAGE, b"live")
-        assert v[8:12].tobytes() == b"live"   # a view, not a copy
-        with pytest.raises(TypeError):
-            v[0] = 1
-        del v
-        assert mem.take_dirty() == [[1], []]  # only the write
-        for bad in ((2 * PAGE - 1, 2), (-1, 1), (0, 3 * PAGE + 1)):
-            with pytest.raises(GuestMemoryError):
-                mem.read_view(*bad)
-    finally:
-        mem.close()
-
-
 @pytest.mark.parametrize("addr,length", [(-1, 1), (0, -1), (U64 - 1, 2), (U64, 1), (1 << 70, 1), (PAGE, -PAGE),
                                          (PAGE, 1), (PAGE - 1, 2), (0, PAGE + 1)])
 def test_views_wild_ranges_raise(addr, length):
