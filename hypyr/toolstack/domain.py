@@ -619,7 +619,7 @@ class Domain:
         try:
             for line in f:
                 try:
-                    req = json.loads(line)
+                    req = _parse_request(line)
                     op = req.get("op")
                     if op == "console":
                         self._send(conn, {"ok": True})
@@ -638,14 +638,17 @@ class Domain:
                         reply = self._rename(req)
                     else:
                         reply = self._handle(op, req)
-                except (ValueError, AttributeError):
-                    reply = {"ok": False, "error": "malformed request", "type": InvalidInput.__name__}
                 except HypyrError as e:
                     reply = {"ok": False, "error": str(e), "type": type_name(e)}
+                except Exception as e:  # a bug of ours: say so, with its traceback in the log
+                    log.exception("control request %.60r failed", line)
+                    reply = {"ok": False, "error": f"internal error in domain {self.name}'s VMM: "
+                             f"{type(e).__name__}: {e} (traceback in its log)", "type": HypyrError.__name__}
                 self._send(conn, reply)
         except OSError:
             pass
         finally:
+            f.close()       # (a logged traceback may keep this frame, and so f, alive)
             conn.close()
 
     def _answer_then_stop(self, conn: socket.socket, reply: dict, why: str) -> None:
@@ -823,6 +826,17 @@ def main(argv: list[str] | None = None) -> int:
             reg.close()         # the supervisor opens its own; the jailed VMM never sees it
             return dom.run_jailed(ready_fd)
         return dom.run(ready_fd)
+
+
+def _parse_request(line: bytes) -> dict:
+    """One control request: a JSON object on one line (InvalidInput otherwise)."""
+    try:
+        req = json.loads(line)
+    except ValueError:
+        req = None
+    if not isinstance(req, dict):
+        raise InvalidInput("malformed request: one JSON object per line expected")
+    return req
 
 
 if __name__ == "__main__":

@@ -165,3 +165,27 @@ def test_destroy_by_sigkill_removes_the_cgroup(state, real_cgroup_top, monkeypat
         child.kill()
         child.wait()
         reg.close()
+
+
+def test_control_requests_malformed_and_failing_get_distinct_answers(caplog):
+    """A request that is not a JSON object is "malformed"; a bug of ours inside an operation
+    (here a ValueError) is reported as an internal error with its traceback in the log, not
+    passed off as the caller's malformed request."""
+    def handle(op, req):
+        if op == "boom":
+            raise ValueError("a bug inside the operation")
+        return {"ok": True, "op": op}
+    dom = SimpleNamespace(name="d1", _handle=handle, _send=domain.Domain._send)
+    ours, theirs = socket.socketpair()
+    try:
+        theirs.sendall(b"not json\n[1, 2]\n" + b'{"op": "boom"}\n{"op": "info"}\n')
+        theirs.shutdown(socket.SHUT_WR)
+        domain.Domain._serve(dom, ours)
+        replies = [json.loads(line) for line in theirs.makefile("rb")]
+    finally:
+        theirs.close()
+    assert [r["ok"] for r in replies] == [False, False, False, True]
+    assert "malformed request" in replies[0]["error"] and "malformed request" in replies[1]["error"]
+    assert replies[2]["error"].startswith("internal error in domain d1's VMM: ValueError: a bug inside")
+    assert "malformed" not in replies[2]["error"]
+    assert any(r.exc_info and "a bug inside the operation" in str(r.exc_info[1]) for r in caplog.records)
