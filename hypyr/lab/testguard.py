@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,39 @@ def process_report() -> tuple[str, bool]:
     return "   pid   ppid S wchan\n" + "\n".join(lines), stuck
 
 
+def session_threads(sid: int, sample_s: float = 2.0) -> str:
+    """Every thread of the processes in session ``sid``: state, CPU time used over ``sample_s``
+    seconds, wait channel and the top of its kernel stack (a vCPU thread in the guest shows
+    KVM_RUN's frames; one blocked in the VMM shows where)."""
+    def read(path: Path) -> str:
+        try:
+            return path.read_text().strip()
+        except OSError:
+            return ""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if os.getsid(int(proc.name)) == sid:
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    before = {(pid, tid): procfs.cpu_seconds(pid, tid) for pid in pids for tid in procfs.threads(pid)}
+    time.sleep(sample_s)
+    lines = []
+    for pid in sorted(pids):
+        lines.append(f"pid {pid}: {b' '.join(procfs.cmdline(pid)).decode(errors='replace')[:150]}")
+        for tid in procfs.threads(pid):
+            st, cpu0 = procfs.stat(pid, tid), before.get((pid, tid))
+            if st is None:
+                continue
+            used = f"{st.cpu_seconds - cpu0:.2f}" if cpu0 is not None else "?"
+            task = Path(f"/proc/{pid}/task/{tid}")
+            frames = [ln.split("]", 1)[-1].strip() for ln in read(task / "stack").splitlines()[:6]]
+            lines.append(f"  tid {tid} {st.state} cpu {used}/{sample_s:g} s wchan {read(task / 'wchan') or '-'}: "
+                         f"{' < '.join(frames) or '(no stack)'}")
+    return "\n".join(lines) or "(no process left in the session)"
+
+
 def lab_failed(reason: str) -> None:
     """End the session with exit 125: L1's kernel, not the test, failed."""
     report, _ = process_report()
@@ -93,6 +127,8 @@ def run_bounded(cmd: list[str], timeout: float, text: bool = False, **popen_kwar
             timed_out = False
         except subprocess.TimeoutExpired:
             timed_out = True
+            print(f"$ {' '.join(cmd)}\n--- still running after {timeout:g} s; its threads:\n"
+                  f"{session_threads(proc.pid)}")
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:

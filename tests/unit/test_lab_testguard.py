@@ -27,8 +27,12 @@ def test_run_bounded_kills_the_whole_session_on_timeout_and_keeps_the_output(tmp
         testguard.run_bounded([sys.executable, "-c", script], timeout=3)
     assert time.monotonic() - t0 < 30
     assert e.value.stdout == b"started\n"
-    assert "killed after 3 s; stdout so far:\nstarted\n" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "killed after 3 s; stdout so far:\nstarted\n" in out
     grandchild = int(pidfile.read_text())
+    # before the kill, every thread of the session was shown, with where it waited
+    assert "still running after 3 s; its threads:" in out
+    assert f"pid {grandchild}: sleep 600" in out and f"  tid {grandchild} S cpu " in out
     for _ in range(100):  # the grandchild in the same session is gone too (reaped by init)
         try:
             with open(f"/proc/{grandchild}/stat") as f:
