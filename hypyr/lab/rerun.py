@@ -1,24 +1,28 @@
 """A pytest plugin (``-p hypyr.lab.rerun``): a lab test that fails after one of its guests
-triple-faulted runs once more.
+triple-faulted, or hung without leaving guest mode, runs once more.
 
-The lab's emulated SVM crashes an L2 guest now and then, whatever the VMM (docs/lab.md, "Guest
-triple faults"). Such a failure is re-raised as :class:`L2GuestTripleFault`, the test's own
-failure chained, and pytest-rerunfailures runs the test once more; a second failure is final.
-A guest triple-faulted if hypyr's stop reason for it is in a `*.log` file under the test's
-``tmp_path`` (domain logs) or in an output given to :func:`record_output` (`hypyr run`'s stderr).
-The stop reason and the register dump after it are printed, so the CI log keeps each fault's evidence.
+The lab's emulated SVM crashes or wedges an L2 guest now and then, whatever the VMM (docs/lab.md,
+"Guest triple faults", "Hung tests"). Such a failure is re-raised as :class:`L2GuestFault`, the
+test's own failure chained, and pytest-rerunfailures runs the test once more; a second failure is
+final. A guest triple-faulted if hypyr's stop reason for it is in a `*.log` file under the test's
+``tmp_path`` (domain logs) or in an output given to :func:`record_output` (`hypyr run`'s stderr);
+it hung if a `hypyr run` timed out while a vCPU thread ran guest code all the time
+(``testguard.GuestNeverLeft``). The evidence is printed, so the CI log keeps a count.
 """
 
 from __future__ import annotations
 
 import pytest
 
+from hypyr.lab.testguard import GuestNeverLeft
+
 TRIPLE_FAULT = "the guest triple-faulted (KVM_EXIT_SHUTDOWN)"   # hypyr.vmm.machine's stop reason
 _OUTPUTS = pytest.StashKey[list]()
 
 
-class L2GuestTripleFault(Exception):
-    """A lab test failed after one of its guests triple-faulted; the test's failure is chained."""
+class L2GuestFault(Exception):
+    """A lab test failed after one of its guests triple-faulted or hung in guest mode; the test's
+    failure is chained."""
 
 
 def record_output(item: pytest.Item, text: str) -> None:
@@ -28,7 +32,7 @@ def record_output(item: pytest.Item, text: str) -> None:
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        item.add_marker(pytest.mark.flaky(reruns=1, only_rerun=[L2GuestTripleFault.__name__]))
+        item.add_marker(pytest.mark.flaky(reruns=1, only_rerun=[L2GuestFault.__name__]))
 
 
 def triple_fault_seen(item: pytest.Item) -> tuple[str, str] | None:
@@ -79,8 +83,12 @@ def pytest_runtest_call(item):
         return (yield)
     except Exception as failure:
         seen = triple_fault_seen(item)
-        if seen is None:
-            raise
-        where, excerpt = seen
-        _show(item, f"\n{item.nodeid}: a guest triple-faulted ({where}):\n{excerpt}")
-        raise L2GuestTripleFault(f"the test failed after a guest triple-faulted ({where})") from failure
+        if seen is not None:
+            where, excerpt = seen
+            _show(item, f"\n{item.nodeid}: a guest triple-faulted ({where}):\n{excerpt}")
+            raise L2GuestFault(f"the test failed after a guest triple-faulted ({where})") from failure
+        if isinstance(failure, GuestNeverLeft):
+            _show(item, f"\n{item.nodeid}: a guest hung without leaving guest mode; the command's threads:\n"
+                        f"{failure.threads}")
+            raise L2GuestFault("the test failed after a guest hung without one exit to the VMM") from failure
+        raise

@@ -72,10 +72,22 @@ def process_report() -> tuple[str, bool]:
     return "   pid   ppid S wchan\n" + "\n".join(lines), stuck
 
 
-def session_threads(sid: int, sample_s: float = 2.0) -> str:
-    """Every thread of the processes in session ``sid``: state, CPU time used over ``sample_s``
-    seconds, wait channel and the top of its kernel stack (a vCPU thread in the guest shows
-    KVM_RUN's frames; one blocked in the VMM shows where)."""
+GUEST_BOUND = 0.9   # a thread that ran guest code this share of the sample never left the guest
+
+
+class GuestNeverLeft(subprocess.TimeoutExpired):
+    """A command timed out while a vCPU thread of it ran guest code all the time: the guest was
+    stuck without one exit to the VMM (docs/lab.md, "Hung tests"). ``threads``: the evidence."""
+
+    def __init__(self, cmd, timeout, output, stderr, threads: str):
+        super().__init__(cmd, timeout, output, stderr)
+        self.threads = threads
+
+
+def session_threads(sid: int, sample_s: float = 2.0) -> tuple[str, list[int]]:
+    """Every thread of the processes in session ``sid``: state, CPU and guest time used over
+    ``sample_s`` seconds, wait channel and the top of its kernel stack; and the threads that ran
+    guest code for GUEST_BOUND of the sample or more."""
     def read(path: Path) -> str:
         try:
             return path.read_text().strip()
@@ -88,21 +100,28 @@ def session_threads(sid: int, sample_s: float = 2.0) -> str:
                 pids.append(int(proc.name))
         except OSError:
             continue
-    before = {(pid, tid): procfs.cpu_seconds(pid, tid) for pid in pids for tid in procfs.threads(pid)}
+    before = {(pid, tid): procfs.stat(pid, tid) for pid in pids for tid in procfs.threads(pid)}
     time.sleep(sample_s)
-    lines = []
+    lines, in_guest = [], []
     for pid in sorted(pids):
         lines.append(f"pid {pid}: {b' '.join(procfs.cmdline(pid)).decode(errors='replace')[:150]}")
         for tid in procfs.threads(pid):
-            st, cpu0 = procfs.stat(pid, tid), before.get((pid, tid))
+            st, st0 = procfs.stat(pid, tid), before.get((pid, tid))
             if st is None:
                 continue
-            used = f"{st.cpu_seconds - cpu0:.2f}" if cpu0 is not None else "?"
+            cpu = guest = "?"
+            if st0 is not None:
+                cpu = f"{st.cpu_seconds - st0.cpu_seconds:.2f}"
+                if st.guest is not None and st0.guest is not None:
+                    guest_s = (st.guest - st0.guest) / procfs.CLK_TCK
+                    guest = f"{guest_s:.2f}"
+                    if guest_s >= GUEST_BOUND * sample_s:
+                        in_guest.append(tid)
             task = Path(f"/proc/{pid}/task/{tid}")
             frames = [ln.split("]", 1)[-1].strip() for ln in read(task / "stack").splitlines()[:6]]
-            lines.append(f"  tid {tid} {st.state} cpu {used}/{sample_s:g} s wchan {read(task / 'wchan') or '-'}: "
-                         f"{' < '.join(frames) or '(no stack)'}")
-    return "\n".join(lines) or "(no process left in the session)"
+            lines.append(f"  tid {tid} {st.state} cpu {cpu} s (guest {guest} s) of {sample_s:g} s, "
+                         f"wchan {read(task / 'wchan') or '-'}: {' < '.join(frames) or '(no stack)'}")
+    return "\n".join(lines) or "(no process left in the session)", in_guest
 
 
 def lab_failed(reason: str) -> None:
@@ -118,17 +137,18 @@ def run_bounded(cmd: list[str], timeout: float, text: bool = False, **popen_kwar
     makes (docs/lab.md: concurrent wake-ups in L1 make nested guests fail more often). And the
     wait after the timeout is bounded: the command's session is SIGKILLed, and a process still
     there KILL_GRACE_S later ends the lab run (``lab_failed``); otherwise TimeoutExpired is raised
-    with the output so far."""
+    with the output so far (GuestNeverLeft if a vCPU thread of it ran guest code all the time)."""
     popen_kwargs.setdefault("stdin", subprocess.DEVNULL)
     with tempfile.TemporaryFile() as out_f, tempfile.TemporaryFile() as err_f:
         proc = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, start_new_session=True, **popen_kwargs)
+        threads, in_guest = "", list[int]()
         try:
             proc.wait(timeout)
             timed_out = False
         except subprocess.TimeoutExpired:
             timed_out = True
-            print(f"$ {' '.join(cmd)}\n--- still running after {timeout:g} s; its threads:\n"
-                  f"{session_threads(proc.pid)}")
+            threads, in_guest = session_threads(proc.pid)
+            print(f"$ {' '.join(cmd)}\n--- still running after {timeout:g} s; its threads:\n{threads}")
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -144,6 +164,8 @@ def run_bounded(cmd: list[str], timeout: float, text: bool = False, **popen_kwar
             outputs.append(data.decode(errors="replace") if text else data)
     if timed_out:
         _show_partial(cmd, timeout, *outputs)
+        if in_guest:
+            raise GuestNeverLeft(cmd, timeout, outputs[0], outputs[1], threads)
         raise subprocess.TimeoutExpired(cmd, timeout, *outputs)
     return subprocess.CompletedProcess(cmd, proc.returncode, *outputs)
 

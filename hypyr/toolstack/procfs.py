@@ -108,6 +108,7 @@ class ProcStat:
     stime: int              # field 15, clock ticks
     start: str              # field 22, clock ticks after boot, as text (what the registry stores)
     processor: int | None   # field 39: the host CPU it last ran on
+    guest: int | None = None  # field 43, clock ticks: of utime, those spent running guest code
 
     @property
     def cpu_seconds(self) -> float:
@@ -134,7 +135,7 @@ def parse_stat(text: str) -> ProcStat | None:
     fields = text.rpartition(")")[2].split()   # comm (field 2) may hold spaces and parentheses
     try:
         return ProcStat(fields[0], int(fields[11]), int(fields[12]), fields[19],
-                        int(fields[36]) if len(fields) > 36 else None)
+                        int(fields[36]) if len(fields) > 36 else None, int(fields[40]) if len(fields) > 40 else None)
     except (IndexError, ValueError):
         return None
 

@@ -1,4 +1,5 @@
-"""hypyr.lab.rerun: a lab test that failed after a guest triple-faulted runs once more, and only then."""
+"""hypyr.lab.rerun: a lab test that failed after a guest triple-faulted or hung in guest mode runs
+once more, and only then."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import sys
 from hypyr.lab.rerun import TRIPLE_FAULT
 
 TESTS = '''
+import subprocess
 import time
 from pathlib import Path
 
 from hypyr.lab.rerun import TRIPLE_FAULT, record_output
+from hypyr.lab.testguard import GuestNeverLeft
 
 
 def attempt(name):
@@ -37,6 +40,16 @@ def test_fault_in_hypyr_run_output_then_passes(request):
         assert False, "exit 121"
 
 
+def test_guest_that_never_left_guest_mode_then_passes():
+    if attempt("spin") == 1:
+        raise GuestNeverLeft(["hypyr", "run"], 300, b"", b"", "  tid 7 R cpu 2.00 s (guest 1.98 s) of 2 s")
+
+
+def test_plain_timeout_is_final():
+    attempt("timeout")
+    raise subprocess.TimeoutExpired(["hypyr", "run"], 300)
+
+
 def test_failure_without_a_fault_is_final():
     attempt("plain")
     assert False, "a real failure"
@@ -49,7 +62,7 @@ def test_fault_twice_is_final(tmp_path):
 '''
 
 
-def test_only_failures_after_a_triple_fault_run_again_and_once(tmp_path):
+def test_only_failures_after_a_triple_fault_or_a_hang_in_guest_mode_run_again_and_once(tmp_path):
     (tmp_path / "test_lab_like.py").write_text(TESTS)
     env = dict(os.environ, HYPYR_LAB_TEST_TIMEOUT="10")
     env.pop("PYTEST_ADDOPTS", None)
@@ -57,11 +70,14 @@ def test_only_failures_after_a_triple_fault_run_again_and_once(tmp_path):
                         "-p", "hypyr.lab.rerun", "test_lab_like.py"], env=env, capture_output=True, text=True,
                        cwd=tmp_path, timeout=120)
     print(r.stdout, r.stderr)
-    runs = {name: int((tmp_path / f"attempts.{name}").read_text()) for name in ("log", "out", "plain", "twice")}
-    assert runs == {"log": 2, "out": 2, "plain": 1, "twice": 2}
+    names = ("log", "out", "spin", "timeout", "plain", "twice")
+    runs = {name: int((tmp_path / f"attempts.{name}").read_text()) for name in names}
+    assert runs == {"log": 2, "out": 2, "spin": 2, "timeout": 1, "plain": 1, "twice": 2}
     assert r.returncode == 1
-    assert "2 failed, 2 passed, 3 rerun" in r.stdout
-    assert "L2GuestTripleFault: the test failed after a guest triple-faulted" in r.stdout
+    assert "3 failed, 3 passed, 4 rerun" in r.stdout
+    assert "L2GuestFault: the test failed after a guest triple-faulted" in r.stdout
+    assert "a guest hung without leaving guest mode; the command's threads:\n  tid 7 R cpu 2.00 s (guest 1.98 s)" \
+        in r.stdout
     assert "still running" not in r.stderr
     # the evidence stays in the log: the stop reason and the register dump after it, not what came before
     assert "msg=stopping: vCPU 1: " + TRIPLE_FAULT + "\nrip=ffffffff81000000  rsp=0" in r.stdout

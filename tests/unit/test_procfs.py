@@ -11,15 +11,15 @@ from hypyr.toolstack import procfs, registry
 
 
 def _stat_line(comm: str, state: str = "S", utime: int = 150, stime: int = 50, start: int = 4242,
-               cpu: int = 3) -> str:
+               cpu: int = 3, guest: int = 120) -> str:
     fields = ["1", "1", "1", "0", "-1", "4194560", "0", "0", "0", "0", str(utime), str(stime), "0", "0", "20",
-              "0", "3", "0", str(start)] + ["0"] * 16 + [str(cpu)] + ["0"] * 12
+              "0", "3", "0", str(start)] + ["0"] * 16 + [str(cpu)] + ["0"] * 3 + [str(guest)] + ["0"] * 8
     return f"4321 ({comm}) {state} " + " ".join(fields) + "\n"
 
 
 def test_parse_stat_takes_fields_after_the_last_parenthesis():
     st = procfs.parse_stat(_stat_line("a) b (c) S 1"))    # comm may hold ") " and words
-    assert st == procfs.ProcStat("S", 150, 50, "4242", 3)
+    assert st == procfs.ProcStat("S", 150, 50, "4242", 3, 120)
     assert st.cpu_seconds == 200 / procfs.CLK_TCK and st.start_seconds == 4242 / procfs.CLK_TCK
     assert procfs.parse_stat("4321 (x) R 1 2 3") is None
     assert procfs.parse_stat("") is None
