@@ -27,8 +27,15 @@ COUNTER = ("mount /dev/vda /mnt; b=$(cat /proc/sys/kernel/random/boot_id); i=0; 
 LINE = re.compile(r"^c-(\d+) (\S+) ([\d.]+)$", re.M)
 
 
+def whole_lines(text: str) -> str:
+    """A console log without its carriage returns and without a last line not yet ended: the log
+    may stop halfway through one ("cpu0-12" of "cpu0-123"), as a source's does when it stops."""
+    text = text.replace("\r", "")
+    return text[:text.rfind("\n") + 1]
+
+
 def counts(text: str) -> list[tuple[int, str, float]]:
-    return [(int(n), b, float(u)) for n, b, u in LINE.findall(text.replace("\r", ""))]
+    return [(int(n), b, float(u)) for n, b, u in LINE.findall(whole_lines(text))]
 
 
 def wait_count(xl, name: str, above: int, timeout: float = 240) -> list[tuple[int, str, float]]:  # noqa: F811
@@ -92,7 +99,7 @@ SMP = ("mount /dev/vda /mnt; "
 
 
 def cpu_counts(text: str, cpu: int) -> list[int]:
-    return [int(n) for n in re.findall(rf"^cpu{cpu}-(\d+)$", text.replace("\r", ""), re.M)]
+    return [int(n) for n in re.findall(rf"^cpu{cpu}-(\d+)$", whole_lines(text), re.M)]
 
 
 def newest_kept_console(xl) -> str:  # noqa: F811
