@@ -619,8 +619,7 @@ class Domain:
         try:
             for line in f:
                 try:
-                    req = _parse_request(line)
-                    op = req.get("op")
+                    op, req = _parse_request(line)
                     if op == "console":
                         self._send(conn, {"ok": True})
                         self._console_session(conn, f)
@@ -828,15 +827,16 @@ def main(argv: list[str] | None = None) -> int:
         return dom.run(ready_fd)
 
 
-def _parse_request(line: bytes) -> dict:
-    """One control request: a JSON object on one line (InvalidInput otherwise)."""
+def _parse_request(line: bytes) -> tuple[str, dict]:
+    """One control request, a JSON object on one line with a string ``op``: (op, the object).
+    InvalidInput otherwise."""
     try:
         req = json.loads(line)
     except ValueError:
         req = None
-    if not isinstance(req, dict):
-        raise InvalidInput("malformed request: one JSON object per line expected")
-    return req
+    if not isinstance(req, dict) or not isinstance(req.get("op"), str):
+        raise InvalidInput("malformed request: one JSON object with an \"op\" per line expected")
+    return req["op"], req
 
 
 if __name__ == "__main__":
