@@ -1,13 +1,15 @@
 """A pytest plugin (``-p hypyr.lab.rerun``): a lab test that fails after one of its guests
-triple-faulted, or hung without leaving guest mode, runs once more.
+triple-faulted, found its virtio-net receive ring corrupt, or hung without leaving guest mode,
+runs once more.
 
 The lab's emulated SVM crashes or wedges an L2 guest now and then, whatever the VMM (docs/lab.md,
 "Guest triple faults", "Hung tests"). Such a failure is re-raised as :class:`L2GuestFault`, the
 test's own failure chained, and pytest-rerunfailures runs the test once more; a second failure is
-final. A guest triple-faulted if hypyr's stop reason for it is in a `*.log` file under the test's
-``tmp_path`` (domain logs) or in an output given to :func:`record_output` (`hypyr run`'s stderr);
-it hung if a `hypyr run` timed out while a vCPU thread ran guest code all the time
-(``testguard.GuestNeverLeft``). The evidence is printed, so the CI log keeps a count.
+final. A fault is seen when one of FAULTS (hypyr's triple-fault stop reason, or the guest kernel's
+"input.0:id N is not a head!", which QEMU's own L2 guests printed too) is in a `*.log` file under
+the test's ``tmp_path`` (domain and console logs) or in an output given to :func:`record_output`
+(`hypyr run`'s stderr); a hang, when a `hypyr run` timed out while a vCPU thread ran guest code
+all the time (``testguard.GuestNeverLeft``). The evidence is printed, so the CI log keeps a count.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ import pytest
 from hypyr.lab.testguard import GuestNeverLeft
 
 TRIPLE_FAULT = "the guest triple-faulted (KVM_EXIT_SHUTDOWN)"   # hypyr.vmm.machine's stop reason
+RING_NOT_A_HEAD = "is not a head!"   # Linux's virtio_net: a used receive buffer it never gave
+FAULTS = {TRIPLE_FAULT: "triple-faulted", RING_NOT_A_HEAD: "found a used virtio-net buffer it never gave"}
 _OUTPUTS = pytest.StashKey[list]()
 
 
 class L2GuestFault(Exception):
-    """A lab test failed after one of its guests triple-faulted or hung in guest mode; the test's
-    failure is chained."""
+    """A lab test failed after one of its guests faulted or hung in guest mode; the test's failure
+    is chained."""
 
 
 def record_output(item: pytest.Item, text: str) -> None:
@@ -35,20 +39,26 @@ def pytest_collection_modifyitems(items):
         item.add_marker(pytest.mark.flaky(reruns=1, only_rerun=[L2GuestFault.__name__]))
 
 
-def triple_fault_seen(item: pytest.Item) -> tuple[str, str] | None:
-    """Where a guest of ``item`` triple-faulted in this attempt and the lines that say so (the stop
-    reason and the register dump after it), or None."""
+def fault_seen(item: pytest.Item) -> tuple[str, str, str] | None:
+    """What a guest of ``item`` did in this attempt (a FAULTS value), where it was seen and the
+    lines that say so (the first with the fault and those after it: hypyr's register dump after
+    a triple fault), or None."""
+    def found(text: str) -> tuple[str, str] | None:
+        for mark, what in FAULTS.items():
+            if mark in text:
+                return what, _excerpt(text, mark)
+        return None
     for text in item.stash.get(_OUTPUTS, []):
-        if TRIPLE_FAULT in text:
-            return "a `hypyr run` guest's output", _excerpt(text)
+        if hit := found(text):
+            return hit[0], "a `hypyr run` guest's output", hit[1]
     tmp = getattr(item, "funcargs", {}).get("tmp_path")
     for log in sorted(tmp.rglob("*.log")) if tmp else ():
         try:
             text = log.read_text(errors="replace") if log.is_file() else ""
         except OSError:
             continue
-        if TRIPLE_FAULT in text:
-            return str(log), _excerpt(text)
+        if hit := found(text):
+            return hit[0], str(log), hit[1]
     return None
 
 
@@ -65,9 +75,9 @@ def _show(item: pytest.Item, text: str) -> None:
         reporter.write_line(text)
 
 
-def _excerpt(text: str, lines: int = 9) -> str:
-    """The line with the first triple fault and the ``lines`` - 1 after it (hypyr's register dump)."""
-    at = text.index(TRIPLE_FAULT)
+def _excerpt(text: str, mark: str, lines: int = 9) -> str:
+    """The line with the first ``mark`` and the ``lines`` - 1 after it."""
+    at = text.index(mark)
     start = text.rfind("\n", 0, at) + 1
     return "\n".join(text[start:].splitlines()[:lines])
 
@@ -82,11 +92,11 @@ def pytest_runtest_call(item):
     try:
         return (yield)
     except Exception as failure:
-        seen = triple_fault_seen(item)
+        seen = fault_seen(item)
         if seen is not None:
-            where, excerpt = seen
-            _show(item, f"\n{item.nodeid}: a guest triple-faulted ({where}):\n{excerpt}")
-            raise L2GuestFault(f"the test failed after a guest triple-faulted ({where})") from failure
+            what, where, excerpt = seen
+            _show(item, f"\n{item.nodeid}: a guest {what} ({where}):\n{excerpt}")
+            raise L2GuestFault(f"the test failed after a guest {what} ({where})") from failure
         if isinstance(failure, GuestNeverLeft):
             _show(item, f"\n{item.nodeid}: a guest hung without leaving guest mode; the command's threads:\n"
                         f"{failure.threads}")

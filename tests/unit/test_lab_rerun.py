@@ -1,5 +1,5 @@
-"""hypyr.lab.rerun: a lab test that failed after a guest triple-faulted or hung in guest mode runs
-once more, and only then."""
+"""hypyr.lab.rerun: a lab test that failed after a guest triple-faulted, found its receive ring
+corrupt or hung in guest mode runs once more, and only then."""
 
 from __future__ import annotations
 
@@ -40,6 +40,13 @@ def test_fault_in_hypyr_run_output_then_passes(request):
         assert False, "exit 121"
 
 
+def test_ring_fault_in_a_console_log_then_passes(tmp_path):
+    if attempt("ring") == 1:
+        (tmp_path / "console.log").write_text("hypyr: init started\\n"
+                                              "[   63.498134] virtio_net virtio0: input.0:id 86 is not a head!\\n")
+        assert False, "timed out waiting for 'sent-to-host'"
+
+
 def test_guest_that_never_left_guest_mode_then_passes():
     if attempt("spin") == 1:
         raise GuestNeverLeft(["hypyr", "run"], 300, b"", b"", "  tid 7 R cpu 2.00 s (guest 1.98 s) of 2 s")
@@ -62,7 +69,7 @@ def test_fault_twice_is_final(tmp_path):
 '''
 
 
-def test_only_failures_after_a_triple_fault_or_a_hang_in_guest_mode_run_again_and_once(tmp_path):
+def test_only_failures_after_a_guest_fault_or_a_hang_in_guest_mode_run_again_and_once(tmp_path):
     (tmp_path / "test_lab_like.py").write_text(TESTS)
     env = dict(os.environ, HYPYR_LAB_TEST_TIMEOUT="10")
     env.pop("PYTEST_ADDOPTS", None)
@@ -70,11 +77,13 @@ def test_only_failures_after_a_triple_fault_or_a_hang_in_guest_mode_run_again_an
                         "-p", "hypyr.lab.rerun", "test_lab_like.py"], env=env, capture_output=True, text=True,
                        cwd=tmp_path, timeout=120)
     print(r.stdout, r.stderr)
-    names = ("log", "out", "spin", "timeout", "plain", "twice")
+    names = ("log", "out", "ring", "spin", "timeout", "plain", "twice")
     runs = {name: int((tmp_path / f"attempts.{name}").read_text()) for name in names}
-    assert runs == {"log": 2, "out": 2, "spin": 2, "timeout": 1, "plain": 1, "twice": 2}
+    assert runs == {"log": 2, "out": 2, "ring": 2, "spin": 2, "timeout": 1, "plain": 1, "twice": 2}
     assert r.returncode == 1
-    assert "3 failed, 3 passed, 4 rerun" in r.stdout
+    assert "3 failed, 4 passed, 5 rerun" in r.stdout
+    assert ("a guest found a used virtio-net buffer it never gave (" in r.stdout
+            and "virtio_net virtio0: input.0:id 86 is not a head!" in r.stdout)
     assert "L2GuestFault: the test failed after a guest triple-faulted" in r.stdout
     assert "a guest hung without leaving guest mode; the command's threads:\n  tid 7 R cpu 2.00 s (guest 1.98 s)" \
         in r.stdout
