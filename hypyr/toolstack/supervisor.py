@@ -198,7 +198,8 @@ class Supervisor:
                 reply = {"ok": False, "stale": True, "error": str(e)}
             except HypyrError as e:
                 reply = {"ok": False, "error": str(e), "type": type_name(e)}
-            except (ValueError, KeyError, TypeError, AttributeError):
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+                # RecursionError: JSON nested deeper than the parser's stack (b"[" * 5000)
                 log.warning("domain %d: its VMM sent a malformed request to its supervisor", self.domid)
                 reply = {"ok": False, "error": "malformed request to the supervisor", "type": "InvalidInput"}
             try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import socket
 import threading
 
@@ -58,8 +59,10 @@ def test_the_supervisor_answers_for_its_own_row_whatever_the_child_says(link):
 def test_garbage_and_unknown_requests_get_an_error_and_the_supervisor_goes_on(link):
     lk, reg, sock = link
     for junk in (b"\xff\x00", b"[]", b'{"op": "chmod", "path": "/etc/shadow"}', b'{"op": "update_state"}',
-                 b'{"op": "update_state", "state": "running", "reason": 5}', b'{"op": "release", "state": "running"}'):
+                 b'{"op": "update_state", "state": "running", "reason": 5}', b'{"op": "release", "state": "running"}',
+                 b"[" * 5000):
         os.write(sock.fileno(), junk)
+        assert select.select([sock], [], [], 10)[0], f"no answer to {junk[:20]!r}: the supervisor died"
         assert b'"ok": false' in os.read(sock.fileno(), 65536)
     assert reg.calls == []
     lk.update_state(7, DomainState.RUNNING, uuid="uuid-7")     # still answering
