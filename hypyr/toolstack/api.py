@@ -97,7 +97,7 @@ class Control:
                 if on_progress is not None:
                     try:
                         on_progress(json.loads(line)["progress"])
-                    except (ValueError, KeyError, TypeError):
+                    except (ValueError, KeyError, TypeError, RecursionError):
                         pass
         except TimeoutError:
             raise DomainTimeout(f"domain {name} did not answer {op} within {self.timeout:g} s") from None
@@ -107,7 +107,7 @@ class Control:
             raise DomainUnreachable(f"domain {name} closed its control socket")
         try:
             reply = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):     # RecursionError: nested deeper than the parser goes
             raise DomainUnreachable(f"domain {name} answered {op} with something that is not JSON") from None
         if not isinstance(reply, dict) or not reply.get("ok"):
             error = reply.get("error") if isinstance(reply, dict) else None
@@ -267,7 +267,7 @@ def _wait_ready(fd: int, proc: subprocess.Popen, name: str, timeout: float = CRE
             break
     try:
         report = json.loads(buf)
-    except ValueError:
+    except (ValueError, RecursionError):
         report = None
     if not isinstance(report, dict):
         raise HypyrError(f"domain {name} failed to start (see {paths.kept_log(name, 'vmm')})")

@@ -832,7 +832,7 @@ def _parse_request(line: bytes) -> tuple[str, dict]:
     InvalidInput otherwise."""
     try:
         req = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):
         req = None
     if not isinstance(req, dict) or not isinstance(req.get("op"), str):
         raise InvalidInput("malformed request: one JSON object with an \"op\" per line expected")

@@ -178,14 +178,14 @@ def test_control_requests_malformed_and_failing_get_distinct_answers(caplog):
     dom = SimpleNamespace(name="d1", _handle=handle, _send=domain.Domain._send)
     ours, theirs = socket.socketpair()
     try:
-        theirs.sendall(b'not json\n[1, 2]\n{"op": 7}\n{"op": "boom"}\n{"op": "info"}\n')
+        theirs.sendall(b'not json\n[1, 2]\n{"op": 7}\n' + b"[" * 5000 + b'\n{"op": "boom"}\n{"op": "info"}\n')
         theirs.shutdown(socket.SHUT_WR)
         domain.Domain._serve(dom, ours)
         replies = [json.loads(line) for line in theirs.makefile("rb")]
     finally:
         theirs.close()
-    assert [r["ok"] for r in replies] == [False, False, False, False, True]
-    assert all("malformed request" in r["error"] for r in replies[:3])
-    assert replies[3]["error"].startswith("internal error in domain d1's VMM: ValueError: a bug inside")
-    assert "malformed" not in replies[3]["error"]
+    assert [r["ok"] for r in replies] == [False, False, False, False, False, True]
+    assert all("malformed request" in r["error"] for r in replies[:4])
+    assert replies[4]["error"].startswith("internal error in domain d1's VMM: ValueError: a bug inside")
+    assert "malformed" not in replies[4]["error"]
     assert any(r.exc_info and "a bug inside the operation" in str(r.exc_info[1]) for r in caplog.records)

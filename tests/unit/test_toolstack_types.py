@@ -85,8 +85,10 @@ def test_a_registry_locked_too_long_is_registry_busy(state):
             blocker.close()
 
 
-def _serve_control(path: str, reply: dict) -> socket.socket:
-    """A domain process's control socket that answers every operation with ``reply``."""
+def _serve_control(path: str, reply: dict | bytes) -> socket.socket:
+    """A domain process's control socket that answers every operation with ``reply`` (a dict as
+    its JSON line; bytes as they are)."""
+    line = reply if isinstance(reply, bytes) else json.dumps(reply).encode() + b"\n"
     srv = socket.socket(socket.AF_UNIX)
     srv.bind(path)
     srv.listen(4)
@@ -99,7 +101,7 @@ def _serve_control(path: str, reply: dict) -> socket.socket:
                 return
             with conn, conn.makefile("rb") as f:
                 for _line in f:
-                    conn.sendall(json.dumps(reply).encode() + b"\n")
+                    conn.sendall(line)
     threading.Thread(target=loop, daemon=True).start()
     return srv
 
@@ -118,6 +120,20 @@ def test_a_domain_process_refusal_keeps_its_type(reg, reply, error):
         with pytest.raises(error) as e:
             api.shutdown("web")
         assert type(e.value) is error and str(e.value) == reply["error"]
+    finally:
+        srv.close()
+
+
+@pytest.mark.parametrize("line", [b"not json\n", b"[" * 5000 + b"\n"], ids=["text", "nested"])
+def test_a_domain_process_answer_that_is_not_json_is_unreachable(reg, line):
+    """The control socket is served by the jailed VMM: whatever it answers, the CLI says one sentence."""
+    rec = reg.reserve("web", {})
+    sock = paths.control_socket(rec.domid)
+    srv = _serve_control(str(sock), line)
+    try:
+        reg.set_running(rec.domid, os.getpid(), sock, uuid=rec.uuid)
+        with pytest.raises(DomainUnreachable, match=r"^domain web answered pause with something that is not JSON$"):
+            api.pause("web")
     finally:
         srv.close()
 
