@@ -540,8 +540,9 @@ def cmd_info(args) -> int:
         if args.json:
             print(json.dumps(info, indent=2))
             return 0
+        filtered = info.get("seccomp_filtered") or [0, 0]
         print(f"domain {info.get('name')} (id {info.get('domid')}): {info.get('state')}, VMM pid {info.get('pid')}, "
-              f"seccomp {info.get('seccomp')}")
+              f"seccomp {info.get('seccomp')} (a filter on {filtered[0]} of its {filtered[1]} threads)")
         if jail:
             print(f"jail: uid {jail['uid']} gid {jail['gid']}, capabilities {jail['capabilities']}, root "
                   f"{jail['root']} holding {', '.join(jail['read_only'])} (read-only), "

@@ -684,8 +684,12 @@ def _jail_uid(pid: int) -> int | None:
 
 def vmm_info(name: str) -> dict:
     """What the domain's VMM says of itself (its `info` operation): state, pid, vCPUs, seccomp
-    mode, jail (uid, gid, what it sees, rlimits)."""
-    return _control(_record(name), "info")
+    mode, jail (uid, gid, what it sees, rlimits); and what the kernel says of its threads'
+    seccomp filters ("seccomp_filtered": [filtered, threads], from /proc)."""
+    info = _control(_record(name), "info")
+    if isinstance(info.get("pid"), int):
+        info["seccomp_filtered"] = list(procfs.seccomp_filtered(info["pid"]))
+    return info
 
 
 def list_domains(names: list[str] | None = None) -> list[DomainInfo]:

@@ -195,13 +195,23 @@ def cmdline(pid: int) -> list[bytes]:
         return []
 
 
-def status(pid: int) -> dict[str, str]:
-    """/proc/PID/status as {field: value} (e.g. "VmRSS": "1234 kB"), or {} if it is gone."""
+def status(pid: int, tid: int | None = None) -> dict[str, str]:
+    """/proc/PID/status (or its thread TID's) as {field: value} (e.g. "VmRSS": "1234 kB"), or {}
+    if it is gone."""
+    path = f"/proc/{int(pid)}/status" if tid is None else f"/proc/{int(pid)}/task/{int(tid)}/status"
     try:
-        with open(f"/proc/{int(pid)}/status") as f:
+        with open(path) as f:
             return {key: value.strip() for key, _, value in (line.partition(":") for line in f)}
     except (OSError, ValueError):
         return {}
+
+
+def seccomp_filtered(pid: int) -> tuple[int, int]:
+    """(threads of ``pid`` the kernel shows under a seccomp filter, threads read): the filters in
+    force, not the configured mode."""
+    modes = [status(pid, tid).get("Seccomp") for tid in threads(pid)]
+    read = [m for m in modes if m is not None]
+    return sum(m == "2" for m in read), len(read)
 
 
 def rss_mib(pid: int) -> float | None:

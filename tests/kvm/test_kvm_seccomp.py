@@ -117,6 +117,11 @@ def test_every_thread_of_a_domain_is_filtered_and_list_shows_the_mode(toolstack)
         _thread_filters(rec.pid)
     [info] = api.list_domains(["sc-all"])
     assert info.seccomp == "kill" and info.status == DomainState.RUNNING
+    vmm = api.vmm_info("sc-all")           # `hypyr info`: the kernel's view of the filters too
+    assert vmm["seccomp"] == "kill" and vmm["seccomp_filtered"][0] == vmm["seccomp_filtered"][1] >= 4
+    text = subprocess.run([sys.executable, "-m", "hypyr", "info", "sc-all"], capture_output=True, text=True,
+                          timeout=60).stdout
+    assert f"VMM pid {rec.pid}, seccomp kill (a filter on " in text, text
     # the domain works under its filters: pause, unpause, save -c, and a reboot, where the
     # confined main thread builds the VM again (its new threads stack their filters on main's)
     api.pause("sc-all")
