@@ -65,6 +65,8 @@ def test_the_vmm_runs_as_its_own_user_without_capabilities(toolstack):  # noqa: 
     assert info.jail_uid == uid
     vmm = api.vmm_info("jailed")
     assert vmm["jail"]["uid"] == uid and vmm["jail"]["capabilities"] == "none"
+    for log in (paths.console_log(rec.domid), paths.vmm_log(rec.domid)):   # private, like every state file
+        assert log.stat().st_mode & 0o077 == 0, (log, oct(log.stat().st_mode))
 
 
 def test_the_vmm_cannot_open_files_outside_its_jail(toolstack):  # noqa: F811
