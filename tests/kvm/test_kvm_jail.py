@@ -113,3 +113,22 @@ def test_jail_off_runs_the_vmm_unconfined(toolstack):  # noqa: F811
     assert _status(rec.pid)["Uid"].split()[0] == "0"
     [info] = api.list_domains(["free"])
     assert info.jail_uid is None and api.vmm_info("free")["jail"] is None
+
+
+def test_a_jailed_vmm_rotates_its_console_log(toolstack, monkeypatch):  # noqa: F811
+    """The guest prints without end; the jailed VMM (its own uid) rotates console.log in the
+    domain's directory as an unjailed one does, and goes on running."""
+    from test_kvm_seccomp import tiny_elf
+    tmp_path, _ = toolstack
+    monkeypatch.setenv("HYPYR_LOG_MAX_BYTES", "4096")
+    kernel = tmp_path / "chatty.elf"
+    # mov dx, 0x3f8; 1: mov al, "x"; out dx, al; jmp 1b
+    kernel.write_bytes(tiny_elf(bytes.fromhex("66 ba f8 03 b0 78 ee eb fb")))
+    rec = _create(tmp_path, kernel, "chatty")
+    log = paths.console_log(rec.domid)
+    old = paths.rotated_log(log)
+    assert _wait(lambda: old.exists() and old.stat().st_size >= 4096), "console.log was never rotated"
+    assert log.stat().st_size <= 4096 + 4096 and old.stat().st_size <= 4096 + 4096
+    assert set(old.read_bytes()) == {ord("x")}
+    assert int(_status(rec.pid)["Uid"].split()[0]) == jail.uid_base() + rec.domid
+    assert _hook(rec, op="info")["state"] == "running"
