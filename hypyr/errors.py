@@ -45,6 +45,15 @@ class SnapshotError(HypyrError):
     be saved now.  Nothing was created."""
 
 
+class SnapshotTruncated(SnapshotError):
+    """A save file or migration stream that ends early: a short file, or a link that closed (or
+    data that has not all arrived yet)."""
+
+
 class MigrationError(HypyrError):
     """A live migration that did not complete: the link dropped, or the other side refused or
     failed.  On the source the domain runs on (unless the message says otherwise)."""
+
+
+class PeerClosed(MigrationError):
+    """The other side of a migration closed the connection without saying why."""

@@ -526,7 +526,7 @@ def _peek_header(conn: socket.socket, timeout: float):
     domain process reads the whole stream.  MigrationFailed if it is not one."""
     import io
 
-    from hypyr.errors import SnapshotError
+    from hypyr.errors import SnapshotError, SnapshotTruncated
     from hypyr.vmm.header import read_header_record
     from hypyr.vmm.stream import StreamReader
     deadline = time.monotonic() + timeout
@@ -546,13 +546,13 @@ def _peek_header(conn: socket.socket, timeout: float):
             raise MigrationFailed("the source closed the connection before sending a migration stream")
         try:
             return read_header_record(StreamReader(io.BytesIO(data), "the migration stream"))
-        except SnapshotError as e:
-            if "truncated" not in str(e):
-                raise MigrationFailed(str(e)) from None
+        except SnapshotTruncated:        # not all of it has arrived yet
             if len(data) == want and want < (4 << 20):
                 want *= 2
             else:
                 time.sleep(0.02)     # the rest has not arrived yet
+        except SnapshotError as e:
+            raise MigrationFailed(str(e)) from None
 
 
 def migrate_receive(host: str = "127.0.0.1", port: int = MIGRATION_PORT, *, on_listening=None,

@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from hypyr.devices.virtio.net import VirtioNet
-from hypyr.errors import HypyrError, MigrationError, SnapshotError, StateError
+from hypyr.errors import HypyrError, MigrationError, PeerClosed, SnapshotError, SnapshotTruncated, StateError
 from hypyr.kvm import B, Kvm, KvmError
 
 from .builder import LinuxVm
@@ -217,9 +217,9 @@ class _Source:
     def expect_reply(self, want: Rec) -> dict:
         try:
             rtype, payload = self.link.reader.next(expect=(want, Rec.FAILED))
+        except SnapshotTruncated:
+            raise PeerClosed("the destination closed the connection") from None
         except SnapshotError as e:
-            if "truncated" in str(e):
-                raise MigrationError("the destination closed the connection") from None
             raise MigrationError(f"the destination's reply is garbled: {e}") from None
         if rtype is Rec.FAILED:
             raise MigrationError(f"the destination failed: {payload.decode('utf-8', 'replace')}")
@@ -331,9 +331,10 @@ def _peer_reason(src: _Source) -> str | None:
     try:
         if select.select([src.link.sock], [], [], 0.5)[0]:
             src.expect_reply(Rec.READY)
+    except PeerClosed:
+        pass
     except MigrationError as e:
-        if "closed the connection" not in str(e):
-            return str(e)
+        return str(e)
     except (OSError, SnapshotError, ValueError):
         pass
     return None
@@ -478,7 +479,7 @@ def migrate_receive(sock: socket.socket, console_out: Callable[[bytes], None], *
             raise MigrationError(f"the source sent nothing for {timeout:g} s") from None
         if isinstance(e, OSError):
             raise MigrationError(f"the connection to the source was lost ({e.strerror or e})") from None
-        if isinstance(e, SnapshotError) and "truncated" in str(e):
+        if isinstance(e, SnapshotTruncated):
             raise MigrationError("the migration stream broke off (the source gave up or the link dropped)") from None
         if isinstance(e, HypyrError):
             raise MigrationError(str(e)) from None

@@ -37,7 +37,7 @@ import struct
 import zlib
 from typing import Any, BinaryIO, overload
 
-from hypyr.errors import SnapshotError
+from hypyr.errors import SnapshotError, SnapshotTruncated
 
 MAGIC = b"HYPYRSNP"
 VERSION = 1
@@ -158,7 +158,7 @@ class StreamReader:
         allowed now (anything else is an error)."""
         head = self._read(RECORD.size, "a record header", eof_ok=True)
         if head is None:
-            raise SnapshotError(f"{self.what} is truncated (it ends before its END record)")
+            raise SnapshotTruncated(f"{self.what} is truncated (it ends before its END record)")
         rtype, length = RECORD.unpack(head)
         if rtype not in MAX_PAYLOAD:
             raise SnapshotError(f"{self.what} is corrupt (record {self.records + 1} has unknown type {rtype})")
@@ -201,7 +201,7 @@ class StreamReader:
             if not data:
                 if eof_ok and got == 0:
                     return None
-                raise SnapshotError(f"{self.what} is truncated (it ends inside {where})")
+                raise SnapshotTruncated(f"{self.what} is truncated (it ends inside {where})")
             chunks.append(data)
             got += len(data)
         self.bytes += n

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hypyr.errors import SnapshotError
+from hypyr.errors import SnapshotError, SnapshotTruncated
 from hypyr.kvm import CpuidEntry
 from hypyr.memory import GuestMemory
 from hypyr.vmm import snapshot, stream
@@ -63,11 +63,12 @@ def test_round_trip_and_end():
 
 
 def test_every_truncation_is_one_sentence():
+    """...and of its own type: a migration's receiver waits for more data on it, and only on it."""
     data = write_stream(SAMPLE)
     for cut in range(len(data)):
-        with pytest.raises(SnapshotError, match="truncated") as e:
+        with pytest.raises(SnapshotTruncated, match="truncated") as e:
             read_all(data[:cut])
-        assert "\n" not in str(e.value)
+        assert "\n" not in str(e.value) and isinstance(e.value, SnapshotError)
 
 
 def test_every_flipped_byte_is_caught():
