@@ -92,9 +92,13 @@ def run_boot(cmd: list[str], timeout: float, wait_for_exit: bool) -> tuple[bool,
 
 
 # -- commands -------------------------------------------------------------------------------------
-def commands(kernel: str, initrd: str, qemu: str, disk: str, script: str) -> dict[str, list[str]]:
+def commands(kernel: str, initrd: str, qemu: str, disk: str, script: str,
+             tree: str | None = None) -> dict[str, list[str]]:
+    """The two VMMs' command lines; ``tree``: run hypyr from that checkout (an older commit, for a
+    before/after comparison) instead of this one."""
+    python = ["env", "-C", tree, f"PYTHONPATH={tree}", sys.executable] if tree else [sys.executable]
     return {
-        "hypyr": [sys.executable, "-m", "hypyr", "run", "--kernel", kernel, "--initrd", initrd,
+        "hypyr": [*python, "-m", "hypyr", "run", "--kernel", kernel, "--initrd", initrd,
                   "--memory", GUEST_MEMORY, "--vcpus", "1", "--disk", disk, "--exec", script, "--no-input"],
         # -M pc cannot be used: the guest command line has pci=off and the initrd has no virtio_pci.
         # microvm announces its virtio-mmio transports in ACPI (LNRO0005), as hypyr does.
@@ -247,6 +251,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=300.0, help="per-boot limit in seconds (default 300)")
     p.add_argument("--kernel", help="guest kernel (default: the default image's)")
     p.add_argument("--initrd", help="guest initrd (default: the default image's)")
+    p.add_argument("--hypyr-tree", metavar="DIR",
+                   help="run hypyr from this checkout (e.g. `git worktree add --detach DIR COMMIT`) for a "
+                        "before/after comparison; default: this one")
     a = p.parse_args(argv)
     if a.rounds < 1:
         p.error("--rounds must be at least 1")
@@ -291,10 +298,10 @@ def lab_side(args: argparse.Namespace) -> int:
     disk = os.path.join(tmpdir, "disk.img")
     try:
         make_disk(disk, args.mib)
-        cmds = commands(kernel, initrd, qemu, disk, script)
+        cmds = commands(kernel, initrd, qemu, disk, script, args.hypyr_tree)
         print(f"hypyr block I/O benchmark: {args.rounds} round(s), {GUEST_MEMORY} guest RAM, 1 vCPU, "
               f"per-boot limit {args.timeout:.0f} s")
-        print(f"  kernel  {kernel}\n  initrd  {initrd}")
+        print(f"  kernel  {kernel}\n  initrd  {initrd}\n  hypyr   from {args.hypyr_tree or REPO}")
         print(f"  disk    {disk} ({args.mib} MiB raw, on {'tmpfs' if _is_tmpfs(tmpdir) else 'disk'}), /dev/vda")
         print(f"  guest   sequential {args.mib} MiB write+read (bs=1M, O_DIRECT), {args.seq4k} x 4 KiB QD1 reads, "
               f"{args.rand} x 4 KiB random reads (+ the same loop on /dev/zero as fork baseline)")

@@ -38,11 +38,12 @@ from _common import ensure_image  # noqa: E402
 
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+from hypyr import procfs  # noqa: E402
 
 GUEST_MIB = 80  # the default kernel needs RAM up to 0x4378000 (67.5 MiB) plus the initrd: 64 MiB is refused
 GUEST_CMD = "echo up; while true; do sleep 1000; done"
 UP_RE = re.compile(rb"(?m)^up\r?$")
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+CLK_TCK = procfs.CLK_TCK
 NAME_PREFIX = "dens-"
 
 
@@ -54,42 +55,19 @@ def _on_term(signum, _frame):
     raise Terminated(signal.Signals(signum).name)
 
 
-# -- /proc readers ----------------------------------------------------------------------------------
+# -- /proc readers (hypyr.procfs; here only the figures this script prints) -------------------------
 def meminfo_mib() -> dict[str, int]:
-    out = {}
-    with open("/proc/meminfo") as f:
-        for line in f:
-            k, _, v = line.partition(":")
-            parts = v.split()
-            if parts and parts[0].isdigit():
-                out[k] = int(parts[0]) // 1024
-    return out
+    return {k: v // 1024 for k, v in procfs.meminfo().items()}
 
 
 def cpu_ticks(pid: int) -> int | None:
     """utime + stime (clock ticks) of process pid, all threads."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return int(fields[11]) + int(fields[12])
-    except (OSError, IndexError, ValueError):
-        return None
+    st = procfs.stat(pid)
+    return st.utime + st.stime if st else None
 
 
 def host_busy_ticks() -> tuple[int, int]:
-    with open("/proc/stat") as f:
-        vals = [int(v) for v in f.readline().split()[1:]]
-    total = sum(vals[:8])
-    return total - vals[3] - vals[4], total
-
-
-def vm_rss_mib(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    return procfs.host_cpu_ticks() or (0, 0)
 
 
 def guest_ram_rss_mib(pid: int, guest_mib: int) -> tuple[float | None, str]:
@@ -314,7 +292,7 @@ def lab_side(args: argparse.Namespace) -> int:
         # -- memory -------------------------------------------------------------------------------
         mem1 = meminfo_mib()
         for x in up:
-            x.rss = vm_rss_mib(x.pid)
+            x.rss = procfs.rss_mib(x.pid)
             x.guest_rss, x.guest_how = guest_ram_rss_mib(x.pid, args.memory)
 
         # -- idle CPU -----------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from hypyr.kvm import B, Kvm, KvmUnavailable
 from hypyr.memory import GuestMemory
-from hypyr.toolstack.procfs import kvm_backend
+from hypyr.procfs import kvm_backend
 
 NATIVE_THRESHOLD = 20_000_000  # instructions per second
 PROBE_ITERATIONS = 100_000     # 2 instructions each

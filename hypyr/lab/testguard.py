@@ -18,11 +18,10 @@ import sys
 import tempfile
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-from hypyr.toolstack import procfs
+from hypyr import procfs
 
 LAB_FAILED = 125
 KILL_GRACE_S = 60.0
@@ -46,29 +45,22 @@ def process_report() -> tuple[str, bool]:
     """Every process's state, wait channel and command line, with the kernel stacks of those
     asleep uninterruptibly or with a SIGKILL pending; and whether any is stuck with SIGKILL pending."""
     lines, stuck = [], False
-    for proc in sorted(Path("/proc").glob("[0-9]*"), key=lambda p: int(p.name)):
-        pid = int(proc.name)
+    for pid in procfs.pids():
         fields = procfs.status(pid)
-        try:
-            wchan = (proc / "wchan").read_text()
-        except OSError:
-            continue
-        if not fields:
+        wchan = procfs.wchan(pid)
+        if not fields or wchan is None:
             continue  # gone meanwhile
         cmd = b" ".join(procfs.cmdline(pid)).decode(errors="replace").strip()[:150]
         pending = _kill_pending(fields)
         state = fields.get("State", "?")
-        lines.append(f"{proc.name:>6} {fields.get('PPid', '?'):>6} {state[:1]} {wchan or '-':<28} "
+        lines.append(f"{pid:>6} {fields.get('PPid', '?'):>6} {state[:1]} {wchan or '-':<28} "
                      f"{'SIGKILL-pending ' if pending else ''}{cmd or fields.get('Name', '')}")
         if pending and not state.startswith("Z"):
             stuck = True
         if pending or state.startswith("D"):
-            for task in sorted(proc.glob("task/*")):
-                try:
-                    stack = (task / "stack").read_text().strip() or "(empty)"
-                except OSError:
-                    stack = "(no stack)"
-                lines.append(f"         task {task.name}:\n           " + stack.replace("\n", "\n           "))
+            for tid in procfs.threads(pid):
+                stack = procfs.kernel_stack(pid, tid)
+                lines.append(f"         task {tid}:\n           " + ("\n           ".join(stack) or "(no stack)"))
     return "   pid   ppid S wchan\n" + "\n".join(lines), stuck
 
 
@@ -88,16 +80,11 @@ def session_threads(sid: int, sample_s: float = 2.0) -> tuple[str, list[int]]:
     """Every thread of the processes in session ``sid``: state, CPU and guest time used over
     ``sample_s`` seconds, wait channel and the top of its kernel stack; and the threads that ran
     guest code for GUEST_BOUND of the sample or more."""
-    def read(path: Path) -> str:
-        try:
-            return path.read_text().strip()
-        except OSError:
-            return ""
     pids = []
-    for proc in Path("/proc").glob("[0-9]*"):
+    for pid in procfs.pids():
         try:
-            if os.getsid(int(proc.name)) == sid:
-                pids.append(int(proc.name))
+            if os.getsid(pid) == sid:
+                pids.append(pid)
         except OSError:
             continue
     before = {(pid, tid): procfs.stat(pid, tid) for pid in pids for tid in procfs.threads(pid)}
@@ -117,10 +104,9 @@ def session_threads(sid: int, sample_s: float = 2.0) -> tuple[str, list[int]]:
                     guest = f"{guest_s:.2f}"
                     if guest_s >= GUEST_BOUND * sample_s:
                         in_guest.append(tid)
-            task = Path(f"/proc/{pid}/task/{tid}")
-            frames = [ln.split("]", 1)[-1].strip() for ln in read(task / "stack").splitlines()[:6]]
+            frames = procfs.kernel_stack(pid, tid)[:6]
             lines.append(f"  tid {tid} {st.state} cpu {cpu} s (guest {guest} s) of {sample_s:g} s, "
-                         f"wchan {read(task / 'wchan') or '-'}: {' < '.join(frames) or '(no stack)'}")
+                         f"wchan {procfs.wchan(pid, tid) or '-'}: {' < '.join(frames) or '(no stack)'}")
     return "\n".join(lines) or "(no process left in the session)", in_guest
 
 

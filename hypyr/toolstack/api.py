@@ -35,8 +35,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from hypyr import procfs
 from hypyr.errors import HypyrError, InvalidInput
-from hypyr.toolstack import nics, paths, procfs
+from hypyr.toolstack import nics, paths
 from hypyr.toolstack.errors import (
     DomainNotFound,
     DomainStateError,

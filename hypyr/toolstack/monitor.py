@@ -34,8 +34,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from hypyr import procfs
 from hypyr.errors import HypyrError
-from hypyr.toolstack import procfs
 
 QUIT_KEYS = frozenset("qQ")
 MAX_INTERVAL = 86400.0   # seconds between refreshes: at most a day

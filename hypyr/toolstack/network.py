@@ -36,8 +36,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hypyr import procfs
 from hypyr.errors import Conflict, HypyrError, InvalidInput, NotFound
-from hypyr.toolstack import paths, procfs
+from hypyr.toolstack import paths
 
 DEFAULT_BRIDGE = "xenbr0"
 DEFAULT_SUBNET = "10.77.0.1/24"

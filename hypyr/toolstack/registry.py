@@ -29,8 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hypyr import procfs
 from hypyr.errors import HypyrError
-from hypyr.toolstack import paths, procfs
+from hypyr.toolstack import paths
 from hypyr.toolstack.errors import (
     DomainExists,
     DomainNotFound,

@@ -41,8 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from hypyr import procfs
 from hypyr.errors import HypyrError, InvalidInput
-from hypyr.toolstack import procfs
 from hypyr.toolstack.errors import DomainStateError, SchedulerUnavailable
 
 DEFAULT_WEIGHT = 256

@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from hypyr import preopened
+from hypyr import preopened, procfs
 from hypyr.arch.x86 import acpi, layout, msrs
 from hypyr.arch.x86 import cpuid as x86cpuid
 from hypyr.arch.x86.acpi import MmioDevice
@@ -98,14 +98,9 @@ class LinuxVm:
 
 
 def host_available_memory() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 62
+    """MemAvailable in bytes (as good as unlimited if /proc/meminfo cannot be read)."""
+    kib = procfs.meminfo().get("MemAvailable")
+    return kib * 1024 if kib is not None else 1 << 62
 
 
 def validate(config: VmConfig, kvm: Kvm | None = None, *, boot: bool = True) -> None:

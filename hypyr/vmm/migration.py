@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from hypyr import procfs
 from hypyr.devices.virtio.net import VirtioNet
 from hypyr.errors import HypyrError, MigrationError, PeerClosed, SnapshotError, SnapshotTruncated, StateError
 from hypyr.kvm import B, Kvm, KvmError
@@ -141,14 +142,6 @@ class DirtyTracker:
 
 def _merge(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]]) -> list[list[int]]:
     return [sorted(set(x).union(y)) for x, y in zip(a, b)]
-
-
-def _boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
 
 
 class _Link:
@@ -419,7 +412,7 @@ def _send(src: _Source, vm: LinuxVm, downtime_s: float, max_iterations: int, ext
 
 def _downtime(running: dict, paused_ns: int, paused_wall: int, was_paused: bool) -> tuple[float | None, str]:
     mono, wall = running.get("monotonic_ns"), running.get("time_ns")
-    same_host = running.get("boot_id") == _boot_id() and _boot_id() != ""
+    same_host = running.get("boot_id") == procfs.boot_id() and procfs.boot_id() != ""
     if was_paused or not isinstance(mono, int) or not isinstance(wall, int):
         return None, "monotonic" if same_host else "realtime"
     if same_host:  # one host: both sides read the same CLOCK_MONOTONIC
@@ -461,7 +454,7 @@ def migrate_receive(sock: socket.socket, console_out: Callable[[bytes], None], *
         mono = None if vm.saved_paused else vm.machine.wait_running(5.0)
         wall = None if mono is None else time.time_ns() - (time.monotonic_ns() - mono)
         try:
-            link.send(Rec.RUNNING, encode_json({"monotonic_ns": mono, "time_ns": wall, "boot_id": _boot_id()}))
+            link.send(Rec.RUNNING, encode_json({"monotonic_ns": mono, "time_ns": wall, "boot_id": procfs.boot_id()}))
         except OSError as e:  # the source committed with GO: we run regardless
             log.warning("migration: the source did not get the running acknowledgement: %s", e)
         return vm

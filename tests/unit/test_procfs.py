@@ -1,4 +1,4 @@
-"""hypyr.toolstack.procfs: the toolstack's one reader of /proc."""
+"""hypyr.procfs: the one reader of /proc."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import subprocess
 import threading
 import time
 
-from hypyr.toolstack import procfs, registry
+from hypyr import procfs
+from hypyr.toolstack import registry
 
 
 def _stat_line(comm: str, state: str = "S", utime: int = 150, stime: int = 50, start: int = 4242,

@@ -13,7 +13,8 @@ import socket
 import urllib.parse
 
 import hypyr
-from hypyr.toolstack import api, procfs, sched, xlcfg
+from hypyr import procfs
+from hypyr.toolstack import api, sched, xlcfg
 from hypyr.toolstack.server import openapi
 from hypyr.toolstack.server.app import Operation, Reply, Request
 

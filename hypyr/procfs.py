@@ -1,6 +1,6 @@
-"""The toolstack's one reader of /proc (and of /sys/module, for the KVM backend).
+"""hypyr's one reader of /proc (and of /sys/module, for the KVM backend), for every layer.
 
-Host memory (``/proc/meminfo``), host CPU time (``/proc/stat``), and a process's or thread's
+Host memory (``/proc/meminfo``), host CPU time (``/proc/stat``), the boot id, and a process's or thread's
 state, CPU time, start time, host CPU, RSS and other status fields (``/proc/PID[/task/TID]/stat``,
 ``status``), its threads, command name and arguments.
 Readers never raise for a process that is gone or a file that cannot be read: they return None
@@ -10,7 +10,6 @@ Readers never raise for a process that is gone or a file that cannot be read: th
 from __future__ import annotations
 
 import os
-import platform
 from dataclasses import dataclass
 from typing import TypeGuard
 
@@ -74,6 +73,15 @@ def uptime() -> float | None:
         return None
 
 
+def boot_id() -> str:
+    """This boot's id (/proc/sys/kernel/random/boot_id), or "" if it cannot be read."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -83,6 +91,7 @@ def cpu_model() -> str:
                     return value.strip()
     except OSError:
         pass
+    import platform
     return platform.processor() or "unknown"
 
 
@@ -143,6 +152,32 @@ def parse_stat(text: str) -> ProcStat | None:
 def alive(st: ProcStat | None) -> TypeGuard[ProcStat]:
     """A process that exists and is not a zombie."""
     return st is not None and st.state not in ("Z", "X", "x")
+
+
+def pids() -> list[int]:
+    """Every process id, in order."""
+    return sorted(int(name) for name in os.listdir("/proc") if name.isdigit())
+
+
+def _task_text(pid: int, tid: int | None, name: str) -> str | None:
+    path = f"/proc/{int(pid)}/{name}" if tid is None else f"/proc/{int(pid)}/task/{int(tid)}/{name}"
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except (OSError, ValueError):
+        return None
+
+
+def wchan(pid: int, tid: int | None = None) -> str | None:
+    """Where the process (or its thread) sleeps in the kernel ("" when it runs; None if gone)."""
+    return _task_text(pid, tid, "wchan")
+
+
+def kernel_stack(pid: int, tid: int) -> list[str]:
+    """Thread ``tid``'s kernel stack, innermost frame first, as function names (root only;
+    [] if it cannot be read)."""
+    text = _task_text(pid, tid, "stack") or ""
+    return [line.split("]", 1)[-1].strip() for line in text.splitlines()]
 
 
 def threads(pid: int) -> list[int]:
