@@ -9,6 +9,9 @@ same clock as this process), then kills it. Also printed, as medians over the ro
   to tell Python's own start from hypyr's;
 - the VMM's resident memory at that moment outside guest RAM (the process's Rss less the Rss of
   the anonymous mapping of guest-RAM size);
+- the floors under both: the interpreter's own resident memory (`python -c pass`), and the
+  VMM's work after its imports (the same `hypyr run` started by a prelude that imports hypyr.cli
+  and hypyr.vmm.builder first: imports done -> first KVM_RUN);
 each with Python's bytecode cached (as users run it) and with none written (every start compiles).
 
     .venv/bin/python bench/startup.py [--rounds N] [--memory SIZE] [--kernel K --initrd I]
@@ -36,6 +39,11 @@ sys.path.insert(0, str(HERE.parent))
 from _common import ensure_image, smaps_split  # noqa: E402
 
 FIRST_RUN = re.compile(rb"first KVM_RUN at CLOCK_MONOTONIC (\d+) ns")
+IMPORTED = re.compile(rb"imports done at (\d+) ns")
+# `hypyr run` with its imports done first, the moment written on stderr (CLOCK_MONOTONIC)
+PRELUDE = ("import runpy, sys, time; import hypyr.cli, hypyr.vmm.builder; "
+           "sys.stderr.write(f'imports done at {time.monotonic_ns()} ns\\n'); sys.stderr.flush(); "
+           "sys.argv[0] = 'hypyr'; runpy.run_module('hypyr', run_name='__main__', alter_sys=True)")
 
 
 def interpreter_ms(code: str, env: dict[str, str]) -> float:
@@ -56,6 +64,13 @@ def bytecode_env(prefix: str, write: bool) -> dict[str, str]:
     return env
 
 
+def interpreter_rss_mib(env: dict[str, str]) -> float:
+    """VmRSS of a fresh interpreter that runs nothing (`python -c pass`, read by itself at its end)."""
+    out = subprocess.run([sys.executable, "-c", "print(open('/proc/self/status').read())"], cwd=REPO, check=True,
+                         env=env, capture_output=True, text=True).stdout
+    return int(re.search(r"^VmRSS:\s+(\d+) kB", out, re.M).group(1)) / 1024  # type: ignore[union-attr]
+
+
 def rss_outside_ram(pid: int, ram_bytes: int) -> float:
     """MiB resident in ``pid`` outside the anonymous mapping of guest RAM."""
     split = smaps_split(pid, ram_bytes // 1024)
@@ -65,8 +80,9 @@ def rss_outside_ram(pid: int, ram_bytes: int) -> float:
     return (total - ram) / 1024
 
 
-def one_start(cmd: list[str], ram_bytes: int, timeout: float, env: dict[str, str]) -> tuple[float, float]:
-    """(ms from process start to the first KVM_RUN, MiB resident outside guest RAM then)."""
+def one_start(cmd: list[str], ram_bytes: int, timeout: float, env: dict[str, str]) -> tuple[float, float, float]:
+    """(ms from process start to the first KVM_RUN, MiB resident outside guest RAM then, ms from
+    the PRELUDE's "imports done" to the first KVM_RUN, or NaN without a prelude)."""
     t0 = time.monotonic_ns()
     proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True, env=env)
@@ -82,7 +98,9 @@ def one_start(cmd: list[str], ram_bytes: int, timeout: float, env: dict[str, str
             if select.select([proc.stderr], [], [], left)[0]:
                 buf += os.read(proc.stderr.fileno(), 65536)
         rss = rss_outside_ram(proc.pid, ram_bytes)
-        return (int(m.group(1)) - t0) / 1e6, rss
+        run_ns = int(m.group(1))
+        imported = IMPORTED.search(buf)
+        return (run_ns - t0) / 1e6, rss, (run_ns - int(imported.group(1))) / 1e6 if imported else float("nan")
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -107,28 +125,34 @@ def main() -> int:
     sys.path.insert(0, str(REPO))
     from hypyr.cli import parse_size
     ram = parse_size(args.memory)
-    cmd = [sys.executable, "-m", "hypyr", "run", "-vv", "--no-input", "--memory", args.memory]
+    run_args = ["run", "-vv", "--no-input", "--memory", args.memory]
     if args.kernel:
-        cmd += ["--kernel", args.kernel] + (["--initrd", args.initrd] if args.initrd else [])
+        run_args += ["--kernel", args.kernel] + (["--initrd", args.initrd] if args.initrd else [])
+    cmd = [sys.executable, "-m", "hypyr", *run_args]
+    preluded = [sys.executable, "-c", PRELUDE, *run_args]
     med = statistics.median
     print(f"startup ({args.rounds} rounds, medians; min-max in brackets), python {sys.version.split()[0]}:")
     with tempfile.TemporaryDirectory(prefix="hypyr-startup-pyc-") as cache:
         for label, env in (("bytecode cached", bytecode_env(os.path.join(cache, "pyc"), True)),
                            ("no bytecode cache", bytecode_env(os.path.join(cache, "empty"), False))):
-            bare, imports, starts, rss = [], [], [], []
+            bare, bare_rss, imports, starts, rss, work = [], [], [], [], [], []
             one_start(cmd, ram, args.timeout, env)  # warm the page cache (and fill the bytecode cache)
             for _ in range(args.rounds):
                 bare.append(interpreter_ms("pass", env))
+                bare_rss.append(interpreter_rss_mib(env))
                 imports.append(interpreter_ms("import hypyr.vmm.builder", env))
-                ms, mib = one_start(cmd, ram, args.timeout, env)
+                ms, mib, _ = one_start(cmd, ram, args.timeout, env)
                 starts.append(ms)
                 rss.append(mib)
+                work.append(one_start(preluded, ram, args.timeout, env)[2])
             print(f" {label}:")
             for what, xs, unit in (("python -c pass", bare, "ms"),
+                                   ("python -c pass: resident", bare_rss, "MiB"),
                                    ("python -c 'import hypyr.vmm.builder'", imports, "ms"),
                                    ("hypyr run: process start -> first KVM_RUN", starts, "ms"),
+                                   ("hypyr run: its imports done -> first KVM_RUN", work, "ms"),
                                    ("VMM resident outside guest RAM then", rss, "MiB")):
-                print(f"  {what:<44} {med(xs):7.1f} {unit} [{min(xs):.1f}-{max(xs):.1f}]")
+                print(f"  {what:<46} {med(xs):7.1f} {unit} [{min(xs):.1f}-{max(xs):.1f}]")
     return 0
 
 
