@@ -26,15 +26,14 @@ import threading
 import time
 
 import pytest
+import requests  # the [test] extra brings schemathesis and these: a missing one fails, never skips
+import schemathesis
+import urllib3
 
-schemathesis = pytest.importorskip("schemathesis")
-requests = pytest.importorskip("requests")
-urllib3 = pytest.importorskip("urllib3")
-
-from hypyr.toolstack import paths, sched  # noqa: E402
-from hypyr.toolstack.registry import Registry, is_alive  # noqa: E402
-from hypyr.toolstack.server import ApiClient, make_server, openapi_document  # noqa: E402
-from hypyr.toolstack.xlcfg import DomainConfig  # noqa: E402
+from hypyr.toolstack import paths, sched
+from hypyr.toolstack.registry import Registry, is_alive
+from hypyr.toolstack.server import ApiClient, make_server, openapi_document
+from hypyr.toolstack.xlcfg import DomainConfig
 
 DOMAINS = ("web", "db")
 FUZZ_EXAMPLES = 30          # generated requests per operation, besides the coverage phase's

@@ -465,7 +465,7 @@ class VirtioNet(VirtioDevice):
                       self.name, chain.writable_len)
         done.append((chain.head, 0))
 
-    def _receive_direct(self, q, mem, done: list[tuple[int, int]]) -> bool | None:
+    def _receive_direct(self, q, mem, done: list[tuple[int, int]]) -> bool | None:  # noqa: C901 (too complex: pyproject.toml)
         """MRG_RXBUF: read one frame from the TAP straight into the guest's receive buffers.
         Takes receive chains into ``_rx_spare`` (in order, in flight) until their room from the
         front holds the largest packet (MAX_PACKET: the read can then never cut a frame), reads
