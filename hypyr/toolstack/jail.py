@@ -79,10 +79,14 @@ def uid_base() -> int:
 
 
 def _python_dirs() -> list[str]:
-    """Where this interpreter imports from: sys.path's directories and hypyr's package."""
+    """Where this interpreter imports from: sys.path's directories and hypyr's package.  The
+    directory holding the package (a checkout on sys.path, as an editable install puts it) is
+    not: of a checkout, the VMM sees the package alone."""
     import hypyr
-    dirs = [p for p in sys.path if p and os.path.isdir(p) and os.path.abspath(p) != os.getcwd()]
-    dirs.append(os.path.dirname(os.path.abspath(hypyr.__file__)))
+    package = os.path.dirname(os.path.abspath(hypyr.__file__))
+    skip = (os.getcwd(), os.path.dirname(package))
+    dirs = [p for p in sys.path if p and os.path.isdir(p) and os.path.abspath(p) not in skip]
+    dirs.append(package)
     return dirs
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from test_kvm_seccomp import _wait, toolstack  # noqa: F401 - the fixture
 
+import hypyr
 from hypyr import memory
 from hypyr.toolstack import api, jail, paths
 from hypyr.toolstack.registry import Registry
@@ -77,7 +78,8 @@ def test_the_vmm_cannot_open_files_outside_its_jail(toolstack):  # noqa: F811
     rec = _create(tmp_path, kernel, "walled")
     state = paths.state_dir()
     for path in (str(secret), str(kernel), str(state / "domains.sqlite"), "/etc/shadow", "/etc/passwd",
-                 "/proc/self/status", "/dev/sda", "/dev/net/tun"):
+                 "/proc/self/status", "/dev/sda", "/dev/net/tun",
+                 str(Path(hypyr.__file__).parent.parent / "pyproject.toml")):   # the checkout beside the package
         r = _hook(rec, op="test-open", path=path)
         assert r["ok"] and not r["opened"], (path, r)
     # what it does need is there, read-only where it should be
