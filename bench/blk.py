@@ -8,7 +8,7 @@ busybox script in the guest that times sequential write/read, 4 KiB reads at que
 4 KiB random reads. Runs inside the lab (nested KVM); started on the host it re-executes itself
 there:
 
-    .venv/bin/python bench/blk.py [--rounds N] [--mib M] [--seq4k N] [--rand N] [--timeout S]
+    .venv/bin/python bench/blk.py [--rounds N] [--mib M] [--seq4k N] [--rand N] [--timeout S] [--hypyr-tree DIR]
 
 It prints every sample, medians and hypyr/QEMU ratios, and exits 0 whether or not the goal
 (hypyr >= 0.9 x QEMU for sequential throughput) is met; non-zero only when it could not run.
