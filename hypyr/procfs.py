@@ -129,10 +129,15 @@ class ProcStat:
         return int(self.start) / CLK_TCK
 
 
+def _path(pid: int, tid: int | None, name: str) -> str:
+    """/proc/PID/NAME, or its thread's /proc/PID/task/TID/NAME (ValueError for a non-number)."""
+    return f"/proc/{int(pid)}/{name}" if tid is None else f"/proc/{int(pid)}/task/{int(tid)}/{name}"
+
+
 def stat(pid: int, tid: int | None = None) -> ProcStat | None:
     """/proc/PID/stat (or the thread TID's), or None if there is no such process or thread."""
     try:
-        path = f"/proc/{int(pid)}/stat" if tid is None else f"/proc/{int(pid)}/task/{int(tid)}/stat"
+        path = _path(pid, tid, "stat")
         with open(path) as f:
             return parse_stat(f.read())
     except (OSError, ValueError, TypeError):
@@ -160,9 +165,8 @@ def pids() -> list[int]:
 
 
 def _task_text(pid: int, tid: int | None, name: str) -> str | None:
-    path = f"/proc/{int(pid)}/{name}" if tid is None else f"/proc/{int(pid)}/task/{int(tid)}/{name}"
     try:
-        with open(path) as f:
+        with open(_path(pid, tid, name)) as f:
             return f.read().strip()
     except (OSError, ValueError):
         return None
@@ -233,9 +237,8 @@ def cmdline(pid: int) -> list[bytes]:
 def status(pid: int, tid: int | None = None) -> dict[str, str]:
     """/proc/PID/status (or its thread TID's) as {field: value} (e.g. "VmRSS": "1234 kB"), or {}
     if it is gone."""
-    path = f"/proc/{int(pid)}/status" if tid is None else f"/proc/{int(pid)}/task/{int(tid)}/status"
     try:
-        with open(path) as f:
+        with open(_path(pid, tid, "status")) as f:
             return {key: value.strip() for key, _, value in (line.partition(":") for line in f)}
     except (OSError, ValueError):
         return {}
