@@ -429,6 +429,12 @@ def cmd_domain_op(args) -> int:
     return 0
 
 
+def cmd_trigger(args) -> int:
+    from hypyr.toolstack import api
+    api.trigger(args.name, args.what, args.vcpu)
+    return 0
+
+
 def cmd_vcpu_list(args) -> int:
     from hypyr.toolstack import api
     rows = api.vcpu_list(args.name)
@@ -691,6 +697,13 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         if op == "shutdown":
             o.add_argument("-w", dest="wait", action="store_true", help="wait until the domain is gone")
         o.set_defaults(func=cmd_domain_op)
+
+    tr = sub.add_parser("trigger", parents=[common], help="send an NMI to a vCPU of a domain (as xl trigger); a "
+                        "guest booted with unknown_nmi_panic prints where it was and panics")
+    tr.add_argument("name", metavar="DOMAIN")
+    tr.add_argument("what", metavar="nmi")
+    tr.add_argument("vcpu", metavar="VCPU", type=int, nargs="?", default=0, help="the vCPU (default 0)")
+    tr.set_defaults(func=cmd_trigger)
 
     sa = sub.add_parser("save", parents=[common], help="save a domain's state to a file and destroy it (as xl save)")
     sa.add_argument("name", metavar="DOMAIN")

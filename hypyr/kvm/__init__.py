@@ -534,6 +534,11 @@ class Vcpu:
     def set_mp_state(self, state: int) -> None:
         _call(self.fd, B.KVM_SET_MP_STATE, B.kvm_mp_state(mp_state=state), what="KVM_SET_MP_STATE")
 
+    def nmi(self) -> None:
+        """Queue an NMI on this vCPU (KVM_NMI; from its own thread: another thread's call waits
+        until the vCPU's KVM_RUN returns)."""
+        _call(self.fd, B.KVM_NMI, what="KVM_NMI")
+
     def get_cpuid(self) -> list[CpuidEntry]:
         """KVM_GET_CPUID2: the CPUID entries last set on this vCPU."""
         return _get_cpuid(self.fd, B.KVM_GET_CPUID2, "KVM_GET_CPUID2")

@@ -311,6 +311,7 @@ KVM_SET_CPUID2 = _IOW(0x90, kvm_cpuid2_header)
 KVM_GET_CPUID2 = _IOWR(0x91, kvm_cpuid2_header)
 KVM_GET_MP_STATE = _IOR(0x98, kvm_mp_state)
 KVM_SET_MP_STATE = _IOW(0x99, kvm_mp_state)
+KVM_NMI = _IO(0x9A)
 KVM_GET_PIT2 = _IOR(0x9F, kvm_pit_state2)          # VM ioctl; shares 0x9f with the vCPU's GET_VCPU_EVENTS
 KVM_SET_PIT2 = _IOW(0xA0, kvm_pit_state2)
 KVM_GET_VCPU_EVENTS = _IOR(0x9F, kvm_vcpu_events)

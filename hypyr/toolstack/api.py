@@ -289,6 +289,11 @@ def reboot(name: str) -> None:
     _control(_record(name), "reboot")
 
 
+def trigger(name: str, what: str, vcpu: int = 0) -> None:
+    """Send ``what`` (``nmi``) to one vCPU of the domain, as Xen's `xl trigger`."""
+    _control(_record(name), "trigger", what=what, vcpu=vcpu)
+
+
 def shutdown(name: str, wait: bool = False, timeout: float = 300.0) -> None:
     rec = _record(name)
     _control(rec, "shutdown")

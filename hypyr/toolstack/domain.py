@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hypyr.domain")
 
+TRIGGERS = ("nmi",)   # what `hypyr trigger` can send (Xen's `xl trigger` also has reset, init, power, ...)
 CRASH_KINDS = (StopKind.TRIPLE_FAULT, StopKind.CRASH, StopKind.INTERNAL_ERROR, StopKind.FAIL_ENTRY)
 
 
@@ -690,6 +691,8 @@ class Domain:
             log.info("shutdown: sent %s to the guest", sent)
             self._set_state(DomainState.SHUTDOWN)
             return {"ok": True}
+        if op == "trigger":
+            return self._trigger(machine, req)
         if op == "reboot":
             self._reboot_requested = True
             machine.stop(StopReason(StopKind.REBOOT, "rebooted by the toolstack"))
@@ -703,6 +706,18 @@ class Domain:
         if op == "test-open" and self._test_hooks:
             return self._test_open(req.get("path"), req.get("write") is True)
         raise InvalidInput(f"unknown operation {op!r}")
+
+    @staticmethod
+    def _trigger(machine, req: dict) -> dict:
+        """`hypyr trigger DOMAIN nmi [VCPU]`: an NMI to one vCPU (vCPU 0 by default)."""
+        what, vcpu = req.get("what"), req.get("vcpu", 0)
+        if what not in TRIGGERS:
+            raise InvalidInput(f"trigger takes one of {', '.join(TRIGGERS)}, not {what!r}")
+        if type(vcpu) is not int:
+            raise InvalidInput("the vCPU is a number")
+        machine.inject_nmi(vcpu)
+        log.info("trigger: NMI sent to vCPU %d", vcpu)
+        return {"ok": True, "trigger": what, "vcpu": vcpu}
 
     @staticmethod
     def _test_open(path: object, write: bool) -> dict:

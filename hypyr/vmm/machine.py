@@ -21,7 +21,7 @@ from typing import overload
 from hypyr.arch.x86 import layout
 from hypyr.devices.bus import Bus
 from hypyr.devices.events import GuestEvent, StopRequest
-from hypyr.errors import VcpuCountError
+from hypyr.errors import Conflict, NotFound, VcpuCountError
 from hypyr.kvm import B, Kvm, KvmError, Vcpu, Vm
 from hypyr.memory import GuestMemory
 
@@ -87,6 +87,7 @@ class _VcpuThread:
     thread: threading.Thread | None = None
     state: VcpuState = VcpuState.CREATED
     exits: int = 0
+    nmi_pending: bool = False   # set by Machine.inject_nmi, delivered by the vCPU's own thread
 
 
 class Machine:
@@ -295,6 +296,26 @@ class Machine:
             self._parked_call = fn
             self._cond.notify_all()
 
+    def inject_nmi(self, index: int) -> None:
+        """Queue an NMI on vCPU ``index`` (Xen's `xl trigger DOMAIN nmi`): its thread is kicked
+        out of KVM_RUN and issues KVM_NMI itself before it enters again; a paused vCPU gets it
+        when it resumes.  NotFound for no such vCPU, Conflict if its thread has ended."""
+        if not 0 <= index < len(self.vcpus):
+            raise NotFound(f"vCPU {index} does not exist (this domain has {len(self.vcpus)})")
+        vt = self.vcpus[index]
+        if vt.thread is None or not vt.thread.is_alive():
+            raise Conflict(f"vCPU {index} is not running")
+        vt.nmi_pending = True
+        self._kick(vt)
+
+    @staticmethod
+    def _deliver_nmi(vt: _VcpuThread) -> None:
+        """On ``vt``'s own thread, outside KVM_RUN: issue the NMI :meth:`inject_nmi` queued, if any."""
+        if vt.nmi_pending:
+            vt.nmi_pending = False
+            vt.vcpu.nmi()
+            log.info("vCPU %d: NMI injected", vt.vcpu.id)
+
     @property
     def paused(self) -> bool:
         return self._paused
@@ -327,15 +348,19 @@ class Machine:
                 self.kvm.close()
 
     def _kick_all(self) -> None:
-        me = threading.current_thread()
         for vt in self.vcpus:
-            vt.vcpu.immediate_exit = True
-            t = vt.thread
-            if t is not None and t is not me and t.is_alive() and t.ident is not None:
-                try:
-                    signal.pthread_kill(t.ident, KICK_SIGNAL)
-                except (ProcessLookupError, OSError):
-                    pass
+            self._kick(vt)
+
+    @staticmethod
+    def _kick(vt: _VcpuThread) -> None:
+        """Make ``vt``'s thread leave KVM_RUN (or not enter it): immediate_exit and a signal."""
+        vt.vcpu.immediate_exit = True
+        t = vt.thread
+        if t is not None and t is not threading.current_thread() and t.is_alive() and t.ident is not None:
+            try:
+                signal.pthread_kill(t.ident, KICK_SIGNAL)
+            except (ProcessLookupError, OSError):
+                pass
 
     # -- the vCPU loop --------------------------------------------------------------------------
     def _vcpu_main(self, vt: _VcpuThread) -> None:
@@ -373,6 +398,7 @@ class Machine:
             if not self._stopping:
                 vt.vcpu.immediate_exit = False
                 self._note_running()
+                self._deliver_nmi(vt)
             return not self._stopping
 
     def _note_running(self) -> None:  # with self._cond held
@@ -415,7 +441,8 @@ class Machine:
                     mmio_write(addr, value[:n])
                 else:
                     mmio_data[:n] = mmio_read(addr, n)  # the bus returns exactly n bytes
-            elif reason == B.KVM_EXIT_INTR:
+            elif reason == B.KVM_EXIT_INTR:   # a kick: pause, stop, or an NMI to issue
+                self._deliver_nmi(vt)
                 continue
             elif reason == B.KVM_EXIT_HLT:
                 self.stop(StopReason(StopKind.HALT, f"vCPU {vcpu.id} halted", vcpu=vcpu.id))

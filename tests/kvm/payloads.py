@@ -98,6 +98,16 @@ REPORT_ID = _p(
     ("eb fe", "jmp ."),
 )
 
+# the NMI handler of the trigger test: real mode's interrupt vector 2 (IVT entry at 0x8) points
+# here; it reports 0x4e ('N') on PIO_BASE (ID_PORT is the in-kernel PIC's), then spins
+NMI_HANDLER_ADDR = 0x1100
+NMI_REPORT = _p(
+    "nmi_report", 16,
+    ("b0 4e", "mov al, 0x4e"),
+    ("e6 10", "out 0x10, al"),
+    ("eb fe", "jmp ."),
+)
+
 
 # save/restore and migration guests (tests/kvm/test_kvm_snapshot.py), one per vCPU: count in memory,
 # write the count into 16 pages in turn through ES (the host sets its base) and report it with
@@ -177,7 +187,7 @@ UNMAPPED = _p(
     ("f4", "hlt"),
 )
 
-ALL = [PIO_ROUNDTRIP, HLT, SPIN, COUNTER, REPORT_ID, exit_status(42), MMIO_ROUNDTRIP, UD2, DIV0,
+ALL = [PIO_ROUNDTRIP, HLT, SPIN, COUNTER, REPORT_ID, NMI_REPORT, exit_status(42), MMIO_ROUNDTRIP, UD2, DIV0,
        TWO_SLOTS, UNMAPPED, DIRTY_COUNTER, AP_COUNTER]
 
 

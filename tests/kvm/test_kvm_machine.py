@@ -16,6 +16,7 @@ import pytest
 from hypyr.cli import run_exit_code
 from hypyr.devices.pvexit import PORT as PVEXIT_PORT
 from hypyr.devices.pvexit import PvExit
+from hypyr.errors import Conflict, NotFound
 from hypyr.vmm.machine import StopKind, StopReason, VcpuState
 
 MiB = 1 << 20
@@ -289,6 +290,47 @@ def test_stop_before_start_and_wait_timeout(make_machine):
     assert m.wait(0.05) is None
     m.stop(StopReason(StopKind.DESTROYED, "never started"))
     assert m.wait(1).message == "never started"
+
+
+@pytest.mark.parametrize("irqchip,paused", [(False, False), (True, False), (False, True)])
+def test_inject_nmi_runs_the_guests_nmi_handler(make_machine, irqchip, paused):
+    """A spinning vCPU is kicked out of KVM_RUN to take the NMI; a paused one takes it on resume."""
+    m = make_machine(irqchip=irqchip)
+    P.load(m.memory, P.SPIN)
+    P.load(m.memory, P.NMI_REPORT, P.NMI_HANDLER_ADDR)
+    m.memory.write(2 * 4, struct.pack("<HH", P.NMI_HANDLER_ADDR, 0))   # IVT[2]: offset, segment
+    seen: list[int] = []
+
+    class IdPort:
+        def read(self, offset, size):
+            return b"\0" * size
+
+        def write(self, offset, data):
+            seen.append(data[0])
+
+    m.pio.register(P.PIO_BASE, 1, IdPort())
+    P.setup_real_mode(m.vcpus[0].vcpu)
+    with pytest.raises(Conflict):
+        m.inject_nmi(0)          # no vCPU thread yet
+    m.start()
+    try:
+        wait_until(lambda: m.vcpus[0].thread.is_alive(), what="the vCPU thread")
+        if paused:
+            m.pause()
+        else:
+            time.sleep(0.2)      # spinning inside KVM_RUN
+        m.inject_nmi(0)
+        if paused:
+            time.sleep(0.2)
+            assert seen == []    # held while parked
+            m.resume()
+        wait_until(lambda: seen, what="the guest's NMI handler")
+        assert seen == [0x4E]
+        with pytest.raises(NotFound):
+            m.inject_nmi(1)
+    finally:
+        m.stop(StopReason(StopKind.DESTROYED, "test done"))
+    assert m.wait(TIMEOUT) is not None
 
 
 # -- 9. bad input ---------------------------------------------------------------------------------

@@ -162,6 +162,26 @@ def test_a_guest_that_triple_faults_is_crashed_and_its_registers_are_logged(tool
     assert "the guest triple-faulted (KVM_EXIT_SHUTDOWN)" in log
 
 
+def test_trigger_nmi_reaches_the_guest_and_bad_triggers_get_one_sentence(toolstack):
+    """`hypyr trigger DOMAIN nmi` (as xl trigger): the idle guest (``cli; hlt``, no IDT) cannot
+    mask an NMI and has no handler for it, so it triple-faults and the domain is crashed."""
+    tmp_path, kernel = toolstack
+    rec = _create(tmp_path, kernel, "nmi")
+
+    def hypyr(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "hypyr", *args], capture_output=True, text=True, timeout=60)
+    for args, sentence in ((("reset",), "trigger takes one of nmi, not 'reset'"),
+                           (("nmi", "1"), "vCPU 1 does not exist (this domain has 1)")):
+        p = hypyr("trigger", "nmi", *args)
+        assert p.returncode != 0 and sentence in p.stderr and len(p.stderr.strip().splitlines()) == 1, p
+    assert _state("nmi") is DomainState.RUNNING
+    p = hypyr("trigger", "nmi", "nmi")
+    assert p.returncode == 0, p
+    assert _wait(lambda: _state("nmi") is DomainState.CRASHED), _state("nmi")
+    log = paths.vmm_log(rec.domid).read_text()
+    assert "vCPU 0: NMI injected" in log and "the guest triple-faulted (KVM_EXIT_SHUTDOWN)" in log
+
+
 def test_log_mode_lets_the_syscall_through(toolstack):
     tmp_path, kernel = toolstack
     rec = _create(tmp_path, kernel, "sc-log", mode="log")

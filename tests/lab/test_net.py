@@ -17,7 +17,12 @@ import time
 from pathlib import Path
 
 import pytest
-from test_toolstack import TICKER, console_log, wait_for, write_cfg, xl  # noqa: F401 (xl is a fixture)
+from test_toolstack import SHOW_WHERE_ON_NMI, TICKER, console_log, wait_for, write_cfg, xl  # noqa: F401 (xl is a fixture)
+
+from hypyr import procfs
+from hypyr.toolstack import paths
+from hypyr.toolstack.errors import DomainNotFound
+from hypyr.toolstack.registry import Registry
 
 SUBNET_HOST = "10.80.0.1"
 
@@ -42,7 +47,8 @@ def lan(xl):  # noqa: F811
 
 def domain(xl, tmp_path, image, name: str, vifs: list[str], command: str, memory: int = 160) -> None:  # noqa: F811
     vif = "vif = [ " + ", ".join(f"'{v}'" for v in vifs) + " ]"
-    xl("create", str(write_cfg(tmp_path, image, name, memory=memory, command=command, extra_keys=vif)))
+    xl("create", str(write_cfg(tmp_path, image, name, memory=memory, command=command, extra_keys=vif,
+                               options=SHOW_WHERE_ON_NMI)))
 
 
 def wait_console(xl, name: str, marker: str, timeout: float = 300) -> str:  # noqa: F811
@@ -55,11 +61,59 @@ def wait_console(xl, name: str, marker: str, timeout: float = 300) -> str:  # no
         return wait_for(lambda: (t := console_log(xl, name)) and whole_line(t) and t, timeout=timeout,
                         what=f"{marker!r} on {name}'s console")
     except AssertionError as e:
-        tails = []
-        for d in json.loads(xl("list", "--json").stdout):  # every domain's: the fault may be the peer's
-            lines = [x for x in console_log(xl, d["name"]).splitlines() if not x.startswith("tick-")]
-            tails.append(f"--- {d['name']}'s console ends with:\n" + "\n".join(lines[-25:]))
-        raise AssertionError(f"{e}\n" + "\n".join(tails)) from None
+        raise AssertionError(f"{e}\n{where_stuck(xl)}") from None
+
+
+def where_stuck(xl) -> str:  # noqa: F811
+    """What each domain was doing when a test gave up on it: its console's end; its VMM's
+    threads' CPU use over 5 s (guest code, VMM code, host kernel) and vCPU exits; then its
+    guest's own backtrace: `hypyr trigger nmi` into a guest booted with unknown_nmi_panic."""
+    names = [d["name"] for d in json.loads(xl("list", "--json").stdout)]  # all: the fault may be the peer's
+    before = {n: (_thread_ticks(xl, n), _vcpu_exits(xl, n)) for n in names}
+    time.sleep(5)
+    out = []
+    for n in names:
+        lines = [x for x in console_log(xl, n).splitlines() if not x.startswith("tick-")]
+        out.append(f"--- {n}'s console ends with:\n" + "\n".join(lines[-25:]))
+        ticks, exits = _thread_ticks(xl, n), _vcpu_exits(xl, n)
+        rows = []
+        for tid, (comm, now) in ticks.items():
+            was = before[n][0].get(tid, (comm, (0, 0, 0)))[1]
+            guest, user, kernel = (b - a for a, b in zip(was, now))
+            rows.append(f"{comm} {tid}: guest {guest}, user {user}, kernel {kernel}")
+        out.append(f"--- {n}'s VMM threads, clock ticks in 5 s: " + "; ".join(rows) +
+                   f"; vCPU exits in 5 s: {[b - a for a, b in zip(before[n][1], exits)]}")
+        size = len(console_log(xl, n))
+        xl("trigger", n, "nmi", check=False)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and "end Kernel panic" not in console_log(xl, n)[size:]:
+            time.sleep(1)
+        out.append(f"--- {n}'s console after an NMI:\n" + console_log(xl, n)[size:][-6000:])
+    return "\n".join(out)
+
+
+def _thread_ticks(xl, name: str) -> dict[int, tuple[str, tuple[int, int, int]]]:  # noqa: F811
+    """Each thread of ``name``'s VMM: its name and (guest, user outside the guest, kernel) ticks."""
+    try:
+        with Registry(paths.registry_path(xl.state)) as reg:
+            pid = reg.get(name).pid
+    except DomainNotFound:
+        return {}
+    rows = {}
+    for tid in procfs.threads(pid):
+        st = procfs.stat(pid, tid)
+        if st is not None:
+            guest = st.guest or 0
+            rows[tid] = (procfs.comm(tid) or "?", (guest, st.utime - guest, st.stime))
+    return rows
+
+
+def _vcpu_exits(xl, name: str) -> list[int]:  # noqa: F811
+    p = xl("info", name, "--json", check=False)
+    try:
+        return [v["exits"] for v in json.loads(p.stdout)["vcpus"]]
+    except (ValueError, KeyError, TypeError):
+        return []
 
 
 def domid(xl, name: str) -> int:  # noqa: F811

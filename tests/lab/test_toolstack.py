@@ -46,10 +46,19 @@ def xl(guest_image, tmp_path, monkeypatch):
         print(f"--- {log.name} (last 30 of {len(lines)} lines)\n" + "\n".join(lines[-30:]))
 
 
-def write_cfg(tmp_path: Path, image, name: str, *, memory=128, vcpus=1, command=None, disks=(), extra_keys="") -> Path:
-    extra = ""
+# Guest kernel options with which `hypyr trigger NAME nmi` makes a guest print where it is: the NMI
+# panics it, and without pvpanic (which would stop the VM first: printk defers output from NMI
+# context until after the panic notifiers) it prints its backtrace, then stays.
+SHOW_WHERE_ON_NMI = "unknown_nmi_panic module_blacklist=pvpanic_mmio"
+
+
+def write_cfg(tmp_path: Path, image, name: str, *, memory=128, vcpus=1, command=None, disks=(), extra_keys="",
+              options="") -> Path:
+    """An xl.cfg for the image's kernel; ``command`` runs as the guest's init (hypyr.exec=),
+    ``options`` go on its kernel command line."""
+    extra = options
     if command is not None:
-        extra = "hypyr.exec=" + base64.b64encode(command.encode()).decode()
+        extra += " hypyr.exec=" + base64.b64encode(command.encode()).decode()
     disk_list = ", ".join(f"'{d},raw,xvd{chr(ord('a') + i)},rw'" for i, d in enumerate(disks))
     cfg = tmp_path / f"{name}.cfg"
     cfg.write_text(f"""# hypyr domain {name}
@@ -59,7 +68,7 @@ memory = {memory}
 vcpus = {vcpus}
 kernel = "{image.kernel}"
 ramdisk = "{image.initrd}"
-extra = "{extra}"
+extra = "{extra.strip()}"
 disk = [ {disk_list} ]
 {extra_keys}
 """)
@@ -168,6 +177,24 @@ def test_on_crash_preserve_keeps_domain_listed_as_crashed(xl, guest_image, tmp_p
              what="the crashed state")
     xl("destroy", "cr")
     assert json.loads(xl("list", "--json").stdout) == []
+
+
+def test_trigger_nmi_makes_the_guest_show_where_it_is(xl, guest_image, tmp_path):
+    """`hypyr trigger NAME nmi` (as xl trigger) reaches the guest kernel: booted with
+    SHOW_WHERE_ON_NMI, it panics and prints its registers and backtrace (what the lab tests show
+    of a guest that stopped making progress), and stops ticking."""
+    xl("create", str(write_cfg(tmp_path, guest_image, "nm", command=TICKER, options=SHOW_WHERE_ON_NMI)))
+    wait_for(lambda: ticks(console_log(xl, "nm")) > 1, what="boot")
+    bad = xl("trigger", "nm", "nmi", "3", check=False)
+    assert bad.returncode == 1 and bad.stderr.strip() == "hypyr: error: vCPU 3 does not exist (this domain has 1)"
+    xl("trigger", "nm", "nmi")
+    text = wait_for(lambda: (t := console_log(xl, "nm")) and "end Kernel panic" in t and t, timeout=120,
+                    what="the guest's panic")
+    assert "Kernel panic - not syncing: NMI: Not continuing" in text and "Call Trace:" in text
+    assert re.search(r"RIP: 0010:\w+", text), text[-3000:]
+    stopped = ticks(console_log(xl, "nm"))
+    time.sleep(2)
+    assert ticks(console_log(xl, "nm")) == stopped
 
 
 def test_killed_domain_process_is_never_listed_running(xl, guest_image, tmp_path):

@@ -66,6 +66,10 @@ def reply(req):
         return {"ok": False, "error": "domain is paused: unpause it first", "type": "DomainStateError"}
     if op in ("shutdown", "reboot", "destroy"):
         return {"ok": True, "exit": op != "reboot"}
+    if op == "trigger":  # as the VMM: vCPUs 0 and 1 exist
+        if req.get("vcpu") not in (0, 1):
+            return {"ok": False, "error": f"vCPU {req.get('vcpu')} does not exist", "type": "NotFound"}
+        return {"ok": True, "trigger": req.get("what"), "vcpu": req.get("vcpu")}
     if op == "save":     # writes nothing: the file names are generated
         keep = bool(req.get("keep_running"))
         return {"ok": True, "file": req.get("file"), "seconds": 0.01, "bytes": 4096, "pages_data": 1,

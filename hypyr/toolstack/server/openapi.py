@@ -87,6 +87,12 @@ def schemas(ncpus: int | None = None) -> dict[str, dict]:
                                "pages_zero": {**_integer, "minimum": 0, "description": "zero pages (no data)"}},
                               ["name", "domid", "file", "keep_running", "seconds", "bytes", "pages_data",
                                "pages_zero"]),
+        "TriggerRequest": _object(
+            {"trigger": {**_string, "enum": ["nmi"], "description": "what to send (`hypyr trigger DOMAIN nmi`)"},
+             "vcpu": {**_integer, "minimum": 0, "maximum": 4095, "default": 0, "description": "the vCPU"}},
+            ["trigger"]),
+        "TriggerResult": _object({"name": _string, "domid": _integer, "trigger": _string, "vcpu": _integer},
+                                 ["name", "domid", "trigger", "vcpu"]),
         "RestoreRequest": _object(
             {"file": {**_string, "pattern": "^/[^\\u0000]*$",
                       "description": "an absolute file name on the host of a file made by save"},

@@ -92,6 +92,13 @@ def ep_migrate(req: Request) -> Reply:
     return Reply(200, r)
 
 
+def ep_trigger(req: Request) -> Reply:
+    d = _find(req)
+    what, vcpu = req.body["trigger"], req.body.get("vcpu", 0)
+    api.trigger(d.name, what, vcpu)
+    return Reply(200, {"name": d.name, "domid": d.domid, "trigger": what, "vcpu": vcpu})
+
+
 def ep_vcpus(req: Request) -> Reply:
     return Reply(200, api.vcpu_list(_find(req).name))
 
@@ -173,6 +180,11 @@ ROUTES: dict[str, dict[str, Operation]] = {
                                                        "(like `hypyr migrate`); answers once it runs there",
                           _ok("200", "MigrationResult", "the domain runs at the destination and is gone here"),
                           errors=(404, 409, 503, 504), body="MigrateRequest"),
+    },
+    "/domains/{domain}/trigger": {
+        "POST": Operation(ep_trigger, "triggerDomain", "Send an NMI to one of the domain's vCPUs (like `hypyr "
+                                                       "trigger`)",
+                          _ok("200", "TriggerResult", "sent"), errors=(404, 409, 503, 504), body="TriggerRequest"),
     },
     "/restore": {
         "POST": Operation(ep_restore, "restoreDomain", "Restore a domain from a file made by save (like `hypyr "
