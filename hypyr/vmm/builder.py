@@ -71,7 +71,6 @@ class LinuxVm:
     # transports)
     devices: dict = field(default_factory=dict)
     mmio_windows: list = field(default_factory=list)  # MmioDevice per virtio device (ACPI, snapshots)
-    cpuid: list | None = None     # the CPUID vCPU 0 was given (set by boot_linux or a restore)
     saved_paused: bool = False    # restored: the domain was paused when it was saved
 
     def request_poweroff(self) -> str:
@@ -258,7 +257,6 @@ def boot_linux(vm: LinuxVm) -> None:
     supported = machine.kvm.supported_cpuid()
     for vt in machine.vcpus:
         _configure_vcpu(vt.vcpu, supported, config.vcpus, boot.cpu if vt.vcpu.id == 0 else None)
-    vm.cpuid = x86cpuid.adjust_cpuid(supported, 0, config.vcpus)
     log.info("built VM: %d MiB, %d vCPU(s), kernel %s (%s), entry %#x", config.memory >> 20, config.vcpus,
              config.kernel, boot.kernel.kind, boot.kernel.entry)
 

@@ -4,17 +4,18 @@ Source (:func:`migrate_send`)::
 
     brief pause: NICs off vhost-net (onto the userspace path), dirty logging on (KVM for the
       guest's writes, GuestMemory for the VMM's own), resume
-    HEADER; all of RAM (zero pages as ZERO runs)                         pass 1
+    HEADER, CPUID; all of RAM (zero pages as ZERO runs)                  pass 1
     repeat: dirty pages (KVM log | VMM marks) -> send them               pass 2, 3, ...
       until they would take no longer than downtime_ms at the bandwidth measured in the last
-      pass, or max_iterations passes are done
+      pass and another pass would not halve them (or are a few pages), or max_iterations
+      passes are done
     pause, quiesce the devices; the dirty pages left; STATE; END         stop and copy
     release the disk images' locks; wait for READY; send GO; wait for RUNNING
 
-Destination (:func:`migrate_receive`): the header (CPU checked), RAM into fresh memory, STATE,
-END checked; then build the VM (opening the disks the source released), load the state with
-kvmclock advanced by the time elapsed, reply READY; on GO start it and reply RUNNING with the
-time its first vCPU ran.
+Destination (:func:`migrate_receive`): the header (CPU checked); build the VM (disks opened,
+not locked), give each vCPU its CPUID, start its vCPU threads parked; RAM; STATE and END
+checked; lock the disks the source released, load the state with kvmclock advanced by the time
+elapsed, reply READY; on GO unpark the vCPUs and reply RUNNING with the time the first one ran.
 
 Faults: until GO is sent, any failure (the link, the destination's FAILED, a timeout) makes the
 source undo everything (dirty logging off, disk locks back, vhost-net back, devices and vCPUs
@@ -48,7 +49,9 @@ from .snapshot import (
     Progress,
     ProgressFn,
     _header_payload,
+    capture_cpuid,
     capture_state,
+    cpuid_payload,
     load_vm,
     quiesce_devices,
     reacquire_disks,
@@ -63,6 +66,7 @@ log = logging.getLogger("hypyr.migration")
 __all__ = ["migrate_send", "migrate_receive", "MigrationStats"]
 
 MIN_BANDWIDTH = 1 << 20  # bytes/s: a floor for the estimate (a pass of only zero pages says little)
+FEW_PAGES = 64  # dirty pages not worth another pass (a quarter MiB)
 
 
 @dataclass(frozen=True)
@@ -78,11 +82,16 @@ class MigrationStats:
     bandwidth: float          # bytes/s measured in the last pre-copy pass
 
 
+_ALL_64 = (1 << 64) - 1
+
+
 def _bits(bitmap: bytes, limit: int) -> list[int]:
     """Indices of the set bits of a KVM dirty bitmap (bit n of byte n // 8), below ``limit``."""
-    out = []
+    out: list[int] = []
     for wi, w in enumerate(memoryview(bitmap).cast("Q")):  # KVM's bitmaps are whole 64-bit words
-        if w:
+        if w == _ALL_64:  # a guest writing a buffer dirties whole words
+            out.extend(range(wi * 64, wi * 64 + 64))
+        elif w:
             base = wi * 64
             while w:
                 low = w & -w
@@ -219,7 +228,8 @@ class _Source:
         return decode_json(payload, "the destination's reply", rtype.name) if payload else {}
 
     def begin(self) -> list:
-        """A brief pause: NICs off vhost-net, dirty logging on; returns vCPU 0's CPUID."""
+        """A brief pause: NICs off vhost-net, dirty logging on; returns every vCPU's CPUID (it
+        cannot change from now on, so it travels before the guest stops)."""
         m = self.machine
         m.pause()
         try:
@@ -232,7 +242,7 @@ class _Source:
                     net.vhost_allowed = False  # its writes would bypass the dirty log
                     dev.resume()
                     self.off_vhost.append((dev, net))
-            cpuid = self.vm.cpuid if self.vm.cpuid is not None else m.vcpus[0].vcpu.get_cpuid()
+            cpuid = capture_cpuid(self.vm)
             self.dirty.start()
         finally:
             if not self.was_paused:
@@ -352,7 +362,8 @@ def _send(src: _Source, vm: LinuxVm, downtime_s: float, max_iterations: int, ext
     w = link.writer
     cpuid = src.begin()
     w.preamble()
-    w.record(Rec.HEADER, _header_payload(vm, "migration", cpuid, extra))
+    w.record(Rec.HEADER, _header_payload(vm, "migration", cpuid[0] if cpuid else [], extra))
+    w.record(Rec.CPUID, cpuid_payload(cpuid))
     src.sender = sender = PageSender(w, machine.memory, src.tick)
 
     # pass 1: all of RAM; then the pages dirtied meanwhile, until the rest fits the downtime
@@ -363,13 +374,15 @@ def _send(src: _Source, vm: LinuxVm, downtime_s: float, max_iterations: int, ext
     elapsed = time.monotonic() - start
     bandwidth = max((w.bytes - sent_before) / max(elapsed, 1e-6), MIN_BANDWIDTH)
     src.tick("memory", force=True)
+    last_pass = machine.memory.size // PAGE
     while True:
         dirty = src.dirty.harvest()
         n = sum(len(p) for p in dirty)
         src.dirty_pages, src.dirty_rate = n, n / max(elapsed, 1e-6)
-        if n * (PAGE + 16) / bandwidth <= downtime_s or src.iteration >= max_iterations:
+        if src.iteration >= max_iterations or not another_pass(n, last_pass, bandwidth, downtime_s):
             break
         src.iteration += 1
+        last_pass = n
         start, sent_before = time.monotonic(), w.bytes
         sender.send_dirty(dirty)
         link.writer.flush()
@@ -408,6 +421,16 @@ def _send(src: _Source, vm: LinuxVm, downtime_s: float, max_iterations: int, ext
     return MigrationStats(seconds=time.monotonic() - t0, downtime_ms=downtime, downtime_clock=clock,
                           iterations=src.iteration, pages_data=sender.data_pages, pages_zero=sender.zero_pages,
                           final_pages=final_pages, bytes=w.bytes, bandwidth=bandwidth)
+
+
+def another_pass(dirty: int, last_pass: int, bandwidth: float, downtime_s: float) -> bool:
+    """Whether to send the ``dirty`` pages in another pass (``last_pass`` pages went in the last
+    one) rather than stop the guest and copy them: while they would not fit the downtime at
+    ``bandwidth`` (bytes/s), and after that while passes still halve them (what is left is
+    copied with the guest stopped), unless they are a few pages."""
+    if dirty * (PAGE + 16) / bandwidth > downtime_s:
+        return True
+    return dirty > FEW_PAGES and 2 * dirty <= last_pass
 
 
 def _downtime(running: dict, paused_ns: int, paused_wall: int, was_paused: bool) -> tuple[float | None, str]:

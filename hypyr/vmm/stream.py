@@ -11,6 +11,8 @@ All integers little endian.  The records (docs/migration.md has the payloads in 
 =========  ====  ===========================================================================
 HEADER        1  JSON: format version, kind, the VM's configuration, memory layout, device
                  names, host CPU signature; checked before anything is built
+CPUID         6  JSON: every vCPU's CPUID table, right after HEADER (fixed once a vCPU has
+                 run, so a migration sends it before the guest stops)
 PAGES         2  u64 guest address | u32 page count | the pages (4 KiB each)
 ZERO          3  runs of (u64 guest address | u32 page count): pages that read as zeros, no data
 STATE         4  JSON, bytes as ``{"$b64": "..."}``: kvm-vm, kvm-vcpu and device states
@@ -40,7 +42,7 @@ from typing import Any, BinaryIO, overload
 from hypyr.errors import SnapshotError, SnapshotTruncated
 
 MAGIC = b"HYPYRSNP"
-VERSION = 1
+VERSION = 2  # 2: CPUID is its own record, no longer in each kvm-vcpu state
 PAGE = 4096
 MAX_RUN = 256  # pages in one PAGES record (1 MiB)
 
@@ -57,6 +59,7 @@ class Rec(enum.IntEnum):
     ZERO = 3
     STATE = 4
     END = 5
+    CPUID = 6
     READY = 16
     GO = 17
     RUNNING = 18
@@ -70,6 +73,7 @@ MAX_PAYLOAD = {
     Rec.ZERO: RUN.size * 65536,
     Rec.STATE: 64 << 20,
     Rec.END: END.size,
+    Rec.CPUID: 16 << 20,
     Rec.READY: 64 << 10,
     Rec.GO: 0,
     Rec.RUNNING: 64 << 10,

@@ -256,9 +256,10 @@ def test_restore_in_another_process(guests, tmp_path):
     assert (b0, b1) == (c0, c1) and a0 >= c0 + 50 and a1 >= c1 + 50
 
 
-def _rewrite(data: bytes, *, header=None, state=None, version: int | None = None) -> bytes:
-    """``data`` re-encoded record by record (so every checksum holds), the HEADER's or STATE's
-    JSON changed by ``header(dict)``/``state(dict)``, or the preamble's version replaced."""
+def _rewrite(data: bytes, *, header=None, cpuid=None, state=None, version: int | None = None) -> bytes:
+    """``data`` re-encoded record by record (so every checksum holds), the HEADER's, CPUID's or
+    STATE's JSON changed by ``header(dict)``/``cpuid(dict)``/``state(dict)``, or the preamble's
+    version replaced."""
     reader = stream.StreamReader(io.BytesIO(data))
     reader.preamble()
     out = io.BytesIO()
@@ -268,7 +269,7 @@ def _rewrite(data: bytes, *, header=None, state=None, version: int | None = None
         rtype, payload = reader.next()
         if rtype is stream.Rec.END:
             break
-        change = {stream.Rec.HEADER: header, stream.Rec.STATE: state}.get(rtype)
+        change = {stream.Rec.HEADER: header, stream.Rec.CPUID: cpuid, stream.Rec.STATE: state}.get(rtype)
         if change is not None:
             d = stream.decode_json(payload, "", "")
             change(d)
@@ -320,7 +321,7 @@ def test_bad_save_files_are_one_sentence_and_leave_nothing(guests, kvm, tmp_path
         "in END": (good[:-3], "truncated"),
         "a flipped bit": (bytes(flipped), "checksum"),
         "not a save file": (b"#!/bin/sh\n" + good[10:], "not a hypyr save file"),
-        "another version": (_rewrite(good, version=2), "format version 2"),
+        "another version": (_rewrite(good, version=stream.VERSION + 1), f"format version {stream.VERSION + 1}"),
         "another vendor": (_rewrite(good, header=lambda d: d["cpu"].update(vendor=vendor)), f"{vendor} CPU"),
         "a missing feature": (_rewrite(good, header=lambda d: d["cpu"]["features"].update(
             {"0x7.0.ebx": missing})), "features this host lacks"),
@@ -329,6 +330,11 @@ def test_bad_save_files_are_one_sentence_and_leave_nothing(guests, kvm, tmp_path
             d["config"].update(memory=1 << 45),
             d.update(memory=[[0, 0xD000_0000], [1 << 32, (1 << 45) - 0xD000_0000]]))),
             "more than this host has available"),
+        "a garbled CPUID": (_rewrite(good, cpuid=lambda d: d["vcpus"][0].insert(0, {"function": 7})),
+                            "corrupt (the CPUID of vcpu[0][0]: field 'index' is missing)"),
+        "a CPUID with a feature this host lacks": (_rewrite(good, cpuid=lambda d: d["vcpus"][0].insert(0, {
+            "function": 7, "index": 0, "flags": 1, "eax": 0, "ebx": missing, "ecx": 0, "edx": 0})),
+            "features this host lacks"),
         "a garbled STATE": (_rewrite(good, state=lambda d: d.pop("vcpus")),
                             "corrupt (its STATE: field 'vcpus' is missing)"),
         "a device state that does not fit": (_rewrite(good, state=lambda d: d["devices"][0][1].update(kind="x")),

@@ -63,7 +63,7 @@ def _one_error_line(capsys) -> str:
 # -- hand-made streams ------------------------------------------------------------------------------------
 def _header(kind: str = "save", extra: dict | None = None, **changes) -> bytes:
     cfg = DomainConfig(name="rs", kernel="/nonexistent/vmlinuz", memory=64, vcpus=1)
-    d = {"format": 1, "kind": kind, "created": 1.5,
+    d = {"format": stream.VERSION, "kind": kind, "created": 1.5,
          "config": config_to_dict(VmConfig(kernel="/nonexistent/vmlinuz", memory=64 * MiB, vcpus=1)),
          "memory": [list(m) for m in layout.ram_layout(64 * MiB)], "devices": ["serial0"],
          "cpu": {"vendor": "GenuineIntel", "family": 6, "model": 85, "stepping": 4, "features": {}},
@@ -158,7 +158,7 @@ BAD_FILES = {
     "garbage": b"#!/bin/sh\necho hello\n" * 4,
     "truncated preamble": _stream(_header())[:10],
     "truncated header": _stream(_header())[:40],
-    "another version": _stream(_header(), version=2),
+    "another version": _stream(_header(), version=stream.VERSION + 1),
     "a migration stream": _stream(_header(kind="migration")),
     "no domain in it": _stream(_header(extra={})),
     "a domain that does not fit": _stream(_header(extra={"name": "rs", "config": DomainConfig(

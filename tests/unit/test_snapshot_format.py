@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import array
 import io
+import itertools
 import json
 import os
 import struct
@@ -86,7 +87,7 @@ def test_magic_version_and_preamble_checksum():
     with pytest.raises(SnapshotError, match="not a hypyr save file"):
         read_all(b"GARBAGE!" + data[8:])
     head = stream.PREAMBLE.pack(stream.MAGIC, 7, 0, 0)[:12]
-    with pytest.raises(SnapshotError, match="format version 7; this hypyr reads version 1"):
+    with pytest.raises(SnapshotError, match=f"format version 7; this hypyr reads version {stream.VERSION}"):
         read_all(head + stream.CRC.pack(zlib.crc32(head)) + data[16:])
     with pytest.raises(SnapshotError, match="preamble"):
         read_all(head + data[12:])
@@ -179,7 +180,7 @@ def test_config_round_trip_keeps_everything_but_the_tap():
 
 
 def header_payload(**changes) -> bytes:
-    d = {"format": 1, "kind": "save", "created": 1.5, "config": config_to_dict(CONFIG),
+    d = {"format": stream.VERSION, "kind": "save", "created": 1.5, "config": config_to_dict(CONFIG),
          "memory": [[0, 64 * MiB]], "devices": ["serial0"],
          "cpu": {"vendor": "GenuineIntel", "family": 6, "model": 85, "stepping": 4, "features": {"0x1.0.ecx": 1}},
          "extra": {"name": "web"}}
@@ -195,7 +196,7 @@ def test_header_parse_and_vm_config():
         h.vm_config()
 
 
-@pytest.mark.parametrize("changes", [{"format": 2}, {"kind": "other"}, {"memory": [[0, 32 * MiB]]},
+@pytest.mark.parametrize("changes", [{"format": stream.VERSION + 1}, {"kind": "other"}, {"memory": [[0, 32 * MiB]]},
                                      {"memory": [[0, 64 * MiB], [1 << 32, MiB]]}, {"extra": []},
                                      {"devices": [1]}, {"cpu": {"vendor": "x"}}, {"surprise": 1},
                                      {"config": {**config_to_dict(CONFIG), "vcpus": 0}},
@@ -281,6 +282,26 @@ def test_page_runs():
     assert list(snapshot.page_runs([1, 2, 3, 7, 8, 10])) == [(1, 3), (7, 2), (10, 1)]
     assert list(snapshot.page_runs(list(range(600)), 256)) == [(0, 256), (256, 256), (512, 88)]
     assert list(snapshot.page_runs([])) == []
+
+
+@settings(max_examples=300)
+@given(st.sets(st.integers(0, 2000)), st.integers(1, 300))
+def test_page_runs_are_the_maximal_consecutive_runs(pages, limit):
+    pages = sorted(pages)
+    runs = list(snapshot.page_runs(pages, limit))
+    assert [p for first, count in runs for p in range(first, first + count)] == pages
+    assert all(1 <= count <= limit for _, count in runs)
+    for (a, n), (b, _) in itertools.pairwise(runs):   # a run ends at a gap or at the limit
+        assert a + n < b or n == limit
+
+
+@settings(max_examples=200)
+@given(st.lists(st.sampled_from(["zero", "data", "zero-but-last", "zero-first"]), min_size=1, max_size=256))
+def test_zero_pages_flags_exactly_the_pages_of_zeros(kinds):
+    pages = {"zero": bytes(PAGE), "data": b"\x01" * PAGE, "zero-but-last": bytes(PAGE - 1) + b"\x07",
+             "zero-first": b"\x00" + b"\x05" * (PAGE - 1)}
+    data = b"".join(pages[k] for k in kinds)
+    assert list(snapshot.zero_pages(data)) == [int(k == "zero") for k in kinds]
 
 
 # -- GuestMemory's dirty tracking -----------------------------------------------------------------------------

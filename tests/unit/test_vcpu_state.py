@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -50,9 +51,6 @@ def _field_values(meta) -> st.SearchStrategy:
         s = records(meta["cls"])
     elif kind == "records":
         s = st.lists(records(meta["cls"]), min_size=meta["min"], max_size=meta["max"]).map(tuple)
-    elif kind == "cpuid":
-        u32 = st.integers(0, 0xFFFF_FFFF)
-        s = st.lists(st.builds(CpuidEntry, u32, u32, u32, u32, u32, u32, u32), max_size=8).map(tuple)
     elif kind == "msrs":
         s = st.dictionaries(st.integers(0, 0xFFFF_FFFF), st.integers(0, (1 << 64) - 1), max_size=8)
     else:
@@ -67,8 +65,7 @@ def sample_vcpu_state() -> VcpuState:
         sregs=Sregs.from_kvm(B.kvm_sregs(cr0=0x80050033, efer=0x500, apic_base=0xFEE00800)),
         xsave=bytes(4096), xcrs=(Xcr(xcr=0, value=7),), debugregs=DebugRegs.from_kvm(B.kvm_debugregs(dr6=0xFFFF0FF0)),
         lapic=bytes(1024), msrs={0x10: 123456, 0x6E0: 0, 0xC0000082: 0xFFFF_FFFF_8100_0000},
-        events=VcpuEvents.from_kvm(B.kvm_vcpu_events(flags=B.KVM_VCPUEVENT_VALID_SHADOW)),
-        cpuid=(CpuidEntry(0, eax=0xD, ebx=0x756E6547), CpuidEntry(0xD, 1, 1, eax=0xF)), tsc_khz=2_596_136)
+        events=VcpuEvents.from_kvm(B.kvm_vcpu_events(flags=B.KVM_VCPUEVENT_VALID_SHADOW)), tsc_khz=2_596_136)
 
 
 def sample_vm_state() -> VmState:
@@ -166,7 +163,7 @@ BAD_VCPU = [
     (_delete(["regs"]), "field 'regs' is missing"),
     (_set(["bogus"], 1), "unknown field 'bogus'"),
     (_set(["kind"], "kvm-vm"), "not 'kvm-vcpu' state"),
-    (_set(["v"], 2), "version 2 is not supported"),
+    (_set(["v"], S.FORMAT_VERSION + 1), f"version {S.FORMAT_VERSION + 1} is not supported"),
     (_set(["regs", "rax"], "1"), "kvm-vcpu.regs.rax: must be an integer, not '1'"),
     (_set(["regs", "rax"], True), "kvm-vcpu.regs.rax: must be an integer, not a bool"),
     (_set(["regs", "rip"], -1), "kvm-vcpu.regs.rip: -1 is out of range"),
@@ -187,8 +184,6 @@ BAD_VCPU = [
     (_set(["msrs"], [[0x10, 1, 2]]), "kvm-vcpu.msrs[0]: has 3 entries, not 2"),
     (_set(["msrs"], [[0x10, 1 << 64]]), "kvm-vcpu.msrs[0][1]"),
     (_set(["msrs"], {"16": 1}), "kvm-vcpu.msrs: must be a list, not a dict"),
-    (_delete(["cpuid", 1, "edx"]), "kvm-vcpu.cpuid[1]: field 'edx' is missing"),
-    (_set(["cpuid", 0, "eax"], -5), "kvm-vcpu.cpuid[0].eax"),
     (_set(["events", "nmi_pending"], 256), "kvm-vcpu.events.nmi_pending"),
     (_set(["tsc_khz"], "fast"), "kvm-vcpu.tsc_khz: must be an integer"),
     (_set(["mp_state"], None), "kvm-vcpu.mp_state: must be an integer, not a NoneType"),
@@ -203,6 +198,27 @@ def test_garbled_vcpu_state_is_refused_naming_the_field(mutate, message):
         VcpuState.from_dict(d)
     assert message in str(exc.value)
     assert isinstance(exc.value, HypyrError)
+
+
+SAMPLE_CPUID = [CpuidEntry(0, eax=0xD, ebx=0x756E6547), CpuidEntry(0xD, 1, 1, eax=0xF)]
+
+
+def test_cpuid_table_round_trips_through_json():
+    plain = json.loads(json.dumps(S.cpuid_to_plain(SAMPLE_CPUID)))
+    assert S.cpuid_from_plain(plain, "vcpu[0]") == SAMPLE_CPUID
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda t: t[1].pop("edx"), "vcpu[0][1]: field 'edx' is missing"),
+    (lambda t: t[0].update(eax=-5), "vcpu[0][0].eax"),
+    (lambda t: t[0].update(leaf=1), "vcpu[0][0]: unknown field 'leaf'"),
+    (lambda t: t.extend(t * 2048), "vcpu[0]: has 4098 entries, not 0..4096"),
+])
+def test_garbled_cpuid_table_is_refused_naming_the_entry(mutate, message):
+    table = S.cpuid_to_plain(SAMPLE_CPUID)
+    mutate(table)
+    with pytest.raises(StateError, match=re.escape(message)):
+        S.cpuid_from_plain(table, "vcpu[0]")
 
 
 def test_garbled_vm_state_is_refused_naming_the_field():
@@ -298,7 +314,7 @@ class FakeVcpu:
         def call(*args):
             self.calls.append((name, args))
             if op == "get":
-                return {"mp": 0, "xsave": bytes(4096), "cpuid": [], "tsc": self.tsc}.get(what.split("_")[0]) \
+                return {"mp": 0, "xsave": bytes(4096), "tsc": self.tsc}.get(what.split("_")[0]) \
                     if what not in kinds else kinds[what]()
         return call
 
@@ -343,7 +359,7 @@ def test_restore_order():
     v = FakeVcpu()
     sample_vcpu_state().restore(v)
     sets = [(n, a) for n, a in v.calls if n.startswith("set_")]
-    assert [n for n, _ in sets] == ["set_cpuid", "set_sregs", "set_regs", "set_xsave", "set_xcrs",
+    assert [n for n, _ in sets] == ["set_sregs", "set_regs", "set_xsave", "set_xcrs",
                                     "set_debugregs", "set_lapic", "set_msrs", "set_msrs",
                                     "set_vcpu_events", "set_mp_state"]
     msr_batches = [a[0] for n, a in sets if n == "set_msrs"]
