@@ -37,6 +37,7 @@ from typing import Any
 
 from hypyr import procfs
 from hypyr.errors import HypyrError, InvalidInput
+from hypyr.messages import json_object
 from hypyr.toolstack import nics, paths
 from hypyr.toolstack.errors import (
     DomainNotFound,
@@ -95,10 +96,11 @@ class Control:
                 line = self.file.readline()
                 if not line.startswith(b'{"progress"'):
                     break
-                if on_progress is not None:
+                progress = (json_object(line) or {}).get("progress")
+                if on_progress is not None and isinstance(progress, dict):
                     try:
-                        on_progress(json.loads(line)["progress"])
-                    except (ValueError, KeyError, TypeError, RecursionError):
+                        on_progress(progress)
+                    except (ValueError, KeyError, TypeError):   # fields of the wrong type or missing
                         pass
         except TimeoutError:
             raise DomainTimeout(f"domain {name} did not answer {op} within {self.timeout:g} s") from None
@@ -106,13 +108,11 @@ class Control:
             raise DomainUnreachable(f"lost the connection to domain {name} during {op} ({e.strerror or e})") from None
         if not line:
             raise DomainUnreachable(f"domain {name} closed its control socket")
-        try:
-            reply = json.loads(line)
-        except (ValueError, RecursionError):     # RecursionError: nested deeper than the parser goes
-            raise DomainUnreachable(f"domain {name} answered {op} with something that is not JSON") from None
-        if not isinstance(reply, dict) or not reply.get("ok"):
-            error = reply.get("error") if isinstance(reply, dict) else None
-            raise from_report(reply.get("type") if isinstance(reply, dict) else None, error or f"{op} failed")
+        reply = json_object(line)
+        if reply is None:
+            raise DomainUnreachable(f"domain {name} answered {op} with something that is not a JSON object")
+        if not reply.get("ok"):
+            raise from_report(reply.get("type"), reply.get("error") or f"{op} failed")
         return reply
 
     def close(self) -> None:
@@ -266,11 +266,8 @@ def _wait_ready(fd: int, proc: subprocess.Popen, name: str, timeout: float = CRE
             buf += chunk
         elif proc.poll() is not None:
             break
-    try:
-        report = json.loads(buf)
-    except (ValueError, RecursionError):
-        report = None
-    if not isinstance(report, dict):
+    report = json_object(buf)
+    if report is None:
         raise HypyrError(f"domain {name} failed to start (see {paths.kept_log(name, 'vmm')})")
     if not report.get("ok"):
         raise from_report(report.get("type"), str(report.get("error") or f"domain {name} failed to start"))

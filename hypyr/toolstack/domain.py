@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from hypyr import preopened
 from hypyr.errors import HypyrError, InvalidInput
+from hypyr.messages import json_object
 from hypyr.toolstack import jail, logs, nics, paths, supervisor
 from hypyr.toolstack.console import ConsoleHub
 from hypyr.toolstack.errors import DomainStateError, MigrationFailed, SaveFileError, save_file_sentence, type_name
@@ -845,11 +846,8 @@ def main(argv: list[str] | None = None) -> int:
 def _parse_request(line: bytes) -> tuple[str, dict]:
     """One control request, a JSON object on one line with a string ``op``: (op, the object).
     InvalidInput otherwise."""
-    try:
-        req = json.loads(line)
-    except (ValueError, RecursionError):
-        req = None
-    if not isinstance(req, dict) or not isinstance(req.get("op"), str):
+    req = json_object(line)
+    if req is None or not isinstance(req.get("op"), str):
         raise InvalidInput("malformed request: one JSON object with an \"op\" per line expected")
     return req["op"], req
 

@@ -17,6 +17,7 @@ import tempfile
 import threading
 
 from hypyr.errors import HypyrError
+from hypyr.messages import json_object
 from hypyr.toolstack.errors import SaveFileError, from_report, type_name
 from hypyr.toolstack.registry import PRESERVED_STATES, DomainState, Registry, StaleDomainError
 
@@ -191,15 +192,16 @@ class Supervisor:
                 return
             fd = None
             try:
-                req = json.loads(data)
+                req = json_object(data)
+                if req is None:
+                    raise ValueError("not a JSON object")
                 result, fd = self._answer(req)
                 reply: dict = {"ok": True, "result": result}
             except StaleDomainError as e:
                 reply = {"ok": False, "stale": True, "error": str(e)}
             except HypyrError as e:
                 reply = {"ok": False, "error": str(e), "type": type_name(e)}
-            except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
-                # RecursionError: JSON nested deeper than the parser's stack (b"[" * 5000)
+            except (ValueError, KeyError, TypeError, AttributeError):
                 log.warning("domain %d: its VMM sent a malformed request to its supervisor", self.domid)
                 reply = {"ok": False, "error": "malformed request to the supervisor", "type": "InvalidInput"}
             try:

@@ -124,15 +124,16 @@ def test_a_domain_process_refusal_keeps_its_type(reg, reply, error):
         srv.close()
 
 
-@pytest.mark.parametrize("line", [b"not json\n", b"[" * 5000 + b"\n"], ids=["text", "nested"])
-def test_a_domain_process_answer_that_is_not_json_is_unreachable(reg, line):
+@pytest.mark.parametrize("line", [b"not json\n", b"[" * 5000 + b"\n", b"[1]\n"], ids=["text", "nested", "list"])
+def test_a_domain_process_answer_that_is_not_a_json_object_is_unreachable(reg, line):
     """The control socket is served by the jailed VMM: whatever it answers, the CLI says one sentence."""
     rec = reg.reserve("web", {})
     sock = paths.control_socket(rec.domid)
     srv = _serve_control(str(sock), line)
     try:
         reg.set_running(rec.domid, os.getpid(), sock, uuid=rec.uuid)
-        with pytest.raises(DomainUnreachable, match=r"^domain web answered pause with something that is not JSON$"):
+        with pytest.raises(DomainUnreachable, match=r"^domain web answered pause with something that is not a JSON "
+                                                    r"object$"):
             api.pause("web")
     finally:
         srv.close()
