@@ -71,7 +71,9 @@ def where_stuck(xl) -> str:  # noqa: F811
     names = [d["name"] for d in json.loads(xl("list", "--json").stdout)]  # all: the fault may be the peer's
     before = {n: (_thread_ticks(xl, n), _vcpu_exits(xl, n)) for n in names}
     time.sleep(5)
-    out = []
+    mem, tmp = procfs.meminfo(), os.statvfs("/tmp")
+    out = [f"--- this host: {mem.get('MemAvailable', 0) >> 10} of {mem.get('MemTotal', 0) >> 10} MiB available, "
+           f"{(tmp.f_blocks - tmp.f_bfree) * tmp.f_frsize >> 20} MiB used in /tmp (in the lab: RAM)"]
     for n in names:
         lines = [x for x in console_log(xl, n).splitlines() if not x.startswith("tick-")]
         out.append(f"--- {n}'s console ends with:\n" + "\n".join(lines[-25:]))
