@@ -537,6 +537,11 @@ def cmd_network_list(args) -> int:
 
 
 def cmd_info(args) -> int:
+    if args.domain is not None and args.registers:
+        from hypyr.toolstack import api
+        for i, text in enumerate(api.vcpu_registers(args.domain)):
+            print(f"vCPU {i}:\n{text}")
+        return 0
     if args.domain is not None:
         import json
 
@@ -779,6 +784,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                                                       "a domain's VMM: pid, seccomp mode, jail")
     inf.add_argument("domain", nargs="?", metavar="DOMAIN", help="a domain's name or id")
     inf.add_argument("--json", action="store_true")
+    inf.add_argument("--registers", action="store_true",
+                     help="each vCPU's registers and pending events (the domain pauses for the instant; as xenctx)")
     inf.set_defaults(func=cmd_info)
 
     tp = sub.add_parser("top", parents=[common], help="live table of domains: CPU %%, memory, state (q quits)")

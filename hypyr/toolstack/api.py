@@ -685,6 +685,12 @@ def _jail_uid(pid: int) -> int | None:
     return uid if uid != os.geteuid() else None
 
 
+def vcpu_registers(name: str) -> list[str]:
+    """Each vCPU's registers and pending events, read with the domain paused for the instant
+    (`hypyr info DOMAIN --registers`, as Xen's xenctx)."""
+    return [str(v) for v in _control(_record(name), "registers").get("vcpus", [])]
+
+
 def vmm_info(name: str) -> dict:
     """What the domain's VMM says of itself (its `info` operation): state, pid, vCPUs, seccomp
     mode, jail (uid, gid, what it sees, rlimits); and what the kernel says of its threads'

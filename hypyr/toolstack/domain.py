@@ -35,7 +35,7 @@ from hypyr.toolstack.xlcfg import DomainConfig
 from hypyr.vmm import seccomp
 from hypyr.vmm.builder import LinuxVm, build_linux_vm
 from hypyr.vmm.config import DEFAULT_CMDLINE, DiskConfig, VmConfig
-from hypyr.vmm.machine import StopKind, StopReason
+from hypyr.vmm.machine import StopKind, StopReason, vcpu_report
 
 if TYPE_CHECKING:
     from hypyr.image.diskboot import DiskBoot  # pygrub's (imported when a domain uses it)
@@ -94,6 +94,7 @@ class Domain:
         self.state = DomainState.CREATING
         self._lock = threading.Lock()
         self._busy = threading.Lock()   # one save (or migration) at a time
+        self._pause_lock = threading.Lock()   # pause, unpause, and the pause around a register read
         self._exit = threading.Event()
         self._destroy_requested = False
         self._reboot_requested = False
@@ -675,11 +676,13 @@ class Domain:
                     "vcpus": [{"vcpu": vt.vcpu.id, "tid": vt.thread.native_id if vt.thread else None,
                                "state": vt.state.value, "exits": vt.exits} for vt in machine.vcpus]}
         if op == "pause":
-            machine.pause()
+            with self._pause_lock:
+                machine.pause()
             self._set_state(DomainState.PAUSED)
             return {"ok": True}
         if op == "unpause":
-            machine.resume()
+            with self._pause_lock:
+                machine.resume()
             self._set_state(DomainState.RUNNING)
             return {"ok": True}
         if op == "shutdown":
@@ -694,6 +697,15 @@ class Domain:
             return {"ok": True}
         if op == "trigger":
             return self._trigger(machine, req)
+        if op == "registers":
+            with self._pause_lock:
+                was_paused = machine.paused
+                machine.pause()
+                try:
+                    return {"ok": True, "vcpus": [vcpu_report(vt.vcpu) for vt in machine.vcpus]}
+                finally:
+                    if not was_paused:
+                        machine.resume()
         if op == "reboot":
             self._reboot_requested = True
             machine.stop(StopReason(StopKind.REBOOT, "rebooted by the toolstack"))

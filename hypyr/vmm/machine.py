@@ -482,6 +482,21 @@ class Machine:
         self.stop(StopReason(kind, f"vCPU {vt.vcpu.id}: {message}", vcpu=vt.vcpu.id, registers=dump))
 
 
+def vcpu_report(vcpu: Vcpu) -> str:
+    """:func:`register_dump` and what is pending on the vCPU (``hypyr info DOMAIN --registers``):
+    the syscall entry (LSTAR: with the kernel's System.map it gives the KASLR offset) and the
+    NMI, interrupt and exception KVM holds for it."""
+    ev = vcpu.get_vcpu_events()
+    lstar = vcpu.get_msrs([MSR_LSTAR]).get(MSR_LSTAR, 0)
+    return (f"{register_dump(vcpu)}\nlstar={lstar:016x}  mp_state={vcpu.get_mp_state()}"
+            f"  nmi: injected={ev.nmi.injected} pending={ev.nmi.pending} masked={ev.nmi.masked}"
+            f"  interrupt: injected={ev.interrupt.injected} nr={ev.interrupt.nr} shadow={ev.interrupt.shadow}"
+            f"  exception: injected={ev.exception.injected} nr={ev.exception.nr}")
+
+
+MSR_LSTAR = 0xC0000082
+
+
 def register_dump(vcpu: Vcpu) -> str:
     r, s = vcpu.get_regs(), vcpu.get_sregs()
     g = lambda *names: "  ".join(f"{n}={getattr(r, n):016x}" for n in names)  # noqa: E731

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -174,6 +175,11 @@ def test_trigger_nmi_reaches_the_guest_and_bad_triggers_get_one_sentence(toolsta
                            (("nmi", "1"), "vCPU 1 does not exist (this domain has 1)")):
         p = hypyr("trigger", "nmi", *args)
         assert p.returncode != 0 and sentence in p.stderr and len(p.stderr.strip().splitlines()) == 1, p
+    assert _state("nmi") is DomainState.RUNNING
+    regs = hypyr("info", "nmi", "--registers")     # as xenctx: the idle guest sits on its hlt
+    assert regs.returncode == 0 and regs.stdout.startswith("vCPU 0:\n"), regs
+    rip = int(re.search(r"rip=([0-9a-f]{16})", regs.stdout).group(1), 16)
+    assert LOAD <= rip <= LOAD + len(IDLE) and "nmi: injected=0 pending=0 masked=0" in regs.stdout, regs.stdout
     assert _state("nmi") is DomainState.RUNNING
     p = hypyr("trigger", "nmi", "nmi")
     assert p.returncode == 0, p

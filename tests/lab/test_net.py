@@ -66,8 +66,9 @@ def wait_console(xl, name: str, marker: str, timeout: float = 300) -> str:  # no
 
 def where_stuck(xl) -> str:  # noqa: F811
     """What each domain was doing when a test gave up on it: its console's end; its VMM's
-    threads' CPU use over 5 s (guest code, VMM code, host kernel) and vCPU exits; then its
-    guest's own backtrace: `hypyr trigger nmi` into a guest booted with unknown_nmi_panic."""
+    threads' CPU use over 5 s (guest code, VMM code, host kernel) and vCPU exits; its vCPUs'
+    registers twice, a second apart; then its guest's own backtrace: `hypyr trigger nmi` into
+    a guest booted with SHOW_WHERE_ON_NMI (it then reboots)."""
     names = [d["name"] for d in json.loads(xl("list", "--json").stdout)]  # all: the fault may be the peer's
     before = {n: (_thread_ticks(xl, n), _vcpu_exits(xl, n)) for n in names}
     time.sleep(5)
@@ -85,10 +86,13 @@ def where_stuck(xl) -> str:  # noqa: F811
             rows.append(f"{comm} {tid}: guest {guest}, user {user}, kernel {kernel}")
         out.append(f"--- {n}'s VMM threads, clock ticks in 5 s: " + "; ".join(rows) +
                    f"; vCPU exits in 5 s: {[b - a for a, b in zip(before[n][1], exits)]}")
+        for _ in range(2):   # is it moving?
+            out.append(f"--- {n}'s registers:\n" + xl("info", n, "--registers", check=False).stdout)
+            time.sleep(1)
         size = len(console_log(xl, n))
         xl("trigger", n, "nmi", check=False)
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and "end Kernel panic" not in console_log(xl, n)[size:]:
+        while time.monotonic() < deadline and "Kernel Offset:" not in console_log(xl, n)[size:]:
             time.sleep(1)
         out.append(f"--- {n}'s console after an NMI:\n" + console_log(xl, n)[size:][-6000:])
     return "\n".join(out)
