@@ -9,14 +9,15 @@ final. A fault is seen when one of FAULTS (hypyr's triple-fault stop reason, or 
 "input.0:id N is not a head!", which QEMU's own L2 guests printed too) is in a `*.log` file under
 the test's ``tmp_path`` (domain and console logs) or in an output given to :func:`record_output`
 (`hypyr run`'s stderr); a hang, when a `hypyr run` timed out while a vCPU thread ran guest code
-all the time (``testguard.GuestNeverLeft``). The evidence is printed, so the CI log keeps a count.
+all the time (``testguard.GuestNeverLeft``), or a domain's did and its guest ignored an NMI
+(``testguard.GuestStuck``). The evidence is printed, so the CI log keeps a count.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from hypyr.lab.testguard import GuestNeverLeft
+from hypyr.lab.testguard import GuestNeverLeft, GuestStuck
 
 TRIPLE_FAULT = "the guest triple-faulted (KVM_EXIT_SHUTDOWN)"   # hypyr.vmm.machine's stop reason
 RING_NOT_A_HEAD = "is not a head!"   # Linux's virtio_net: a used receive buffer it never gave
@@ -101,4 +102,9 @@ def pytest_runtest_call(item):
             _show(item, f"\n{item.nodeid}: a guest hung without leaving guest mode; the command's threads:\n"
                         f"{failure.threads}")
             raise L2GuestFault("the test failed after a guest hung without one exit to the VMM") from failure
+        if isinstance(failure, GuestStuck):
+            _show(item, f"\n{item.nodeid}: a domain's guest hung in guest mode and did not answer an NMI:\n"
+                        f"{failure}")
+            raise L2GuestFault("the test failed after a domain's guest hung without one exit to the VMM") \
+                from failure
         raise

@@ -76,6 +76,12 @@ class GuestNeverLeft(subprocess.TimeoutExpired):
         self.threads = threads
 
 
+class GuestStuck(AssertionError):
+    """A test gave up waiting on a domain whose vCPU thread ran guest code all the time without
+    one exit to the VMM, and whose guest did not answer an NMI (a guest that runs its own code
+    takes one): stuck in guest mode, as :class:`GuestNeverLeft` (docs/lab.md, "Hung tests")."""
+
+
 def session_threads(sid: int, sample_s: float = 2.0) -> tuple[str, list[int]]:
     """Every thread of the processes in session ``sid``: state, CPU and guest time used over
     ``sample_s`` seconds, wait channel and the top of its kernel stack; and the threads that ran

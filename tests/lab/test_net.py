@@ -20,6 +20,7 @@ import pytest
 from test_toolstack import SHOW_WHERE_ON_NMI, TICKER, console_log, wait_for, write_cfg, xl  # noqa: F401 (xl is a fixture)
 
 from hypyr import procfs
+from hypyr.lab.testguard import GUEST_BOUND, GuestStuck
 from hypyr.toolstack import paths
 from hypyr.toolstack.errors import DomainNotFound
 from hypyr.toolstack.registry import Registry
@@ -61,31 +62,42 @@ def wait_console(xl, name: str, marker: str, timeout: float = 300) -> str:  # no
         return wait_for(lambda: (t := console_log(xl, name)) and whole_line(t) and t, timeout=timeout,
                         what=f"{marker!r} on {name}'s console")
     except AssertionError as e:
-        raise AssertionError(f"{e}\n{where_stuck(xl)}") from None
+        report, stuck = where_stuck(xl)
+        raise (GuestStuck if stuck else AssertionError)(f"{e}\n{report}") from None
 
 
-def where_stuck(xl) -> str:  # noqa: F811
-    """What each domain was doing when a test gave up on it: its console's end; its VMM's
-    threads' CPU use over 5 s (guest code, VMM code, host kernel) and vCPU exits; its vCPUs'
-    registers twice, a second apart; then its guest's own backtrace: `hypyr trigger nmi` into
-    a guest booted with SHOW_WHERE_ON_NMI (it then reboots)."""
+SAMPLE_S = 5
+
+
+def where_stuck(xl) -> tuple[str, list[str]]:  # noqa: F811
+    """What each domain was doing when a test gave up on it, and which were stuck in guest mode.
+
+    Shown: the end of its console; its VMM's threads' CPU use over SAMPLE_S seconds (guest code,
+    VMM code, host kernel) and vCPU exits; its vCPUs' registers twice, a second apart; then its
+    guest's own backtrace: `hypyr trigger nmi` into a guest booted with SHOW_WHERE_ON_NMI (it
+    then reboots).  Stuck: a vCPU thread ran guest code GUEST_BOUND of the sample without one
+    exit, and the guest printed nothing in 30 s after the NMI."""
     names = [d["name"] for d in json.loads(xl("list", "--json").stdout)]  # all: the fault may be the peer's
-    before = {n: (_thread_ticks(xl, n), _vcpu_exits(xl, n)) for n in names}
-    time.sleep(5)
+    before = {n: (_thread_ticks(xl, n), _vcpus(xl, n)) for n in names}
+    time.sleep(SAMPLE_S)
     mem, tmp = procfs.meminfo(), os.statvfs("/tmp")
     out = [f"--- this host: {mem.get('MemAvailable', 0) >> 10} of {mem.get('MemTotal', 0) >> 10} MiB available, "
            f"{(tmp.f_blocks - tmp.f_bfree) * tmp.f_frsize >> 20} MiB used in /tmp (in the lab: RAM)"]
+    stuck = []
     for n in names:
         lines = [x for x in console_log(xl, n).splitlines() if not x.startswith("tick-")]
         out.append(f"--- {n}'s console ends with:\n" + "\n".join(lines[-25:]))
-        ticks, exits = _thread_ticks(xl, n), _vcpu_exits(xl, n)
-        rows = []
+        ticks, vcpus = _thread_ticks(xl, n), _vcpus(xl, n)
+        rows, in_guest = [], False
         for tid, (comm, now) in ticks.items():
             was = before[n][0].get(tid, (comm, (0, 0, 0)))[1]
             guest, user, kernel = (b - a for a, b in zip(was, now))
             rows.append(f"{comm} {tid}: guest {guest}, user {user}, kernel {kernel}")
-        out.append(f"--- {n}'s VMM threads, clock ticks in 5 s: " + "; ".join(rows) +
-                   f"; vCPU exits in 5 s: {[b - a for a, b in zip(before[n][1], exits)]}")
+            exits = vcpus.get(tid, 0) - before[n][1].get(tid, 0)
+            in_guest |= tid in vcpus and exits == 0 and guest >= GUEST_BOUND * SAMPLE_S * procfs.CLK_TCK
+        out.append(f"--- {n}'s VMM threads, clock ticks in {SAMPLE_S} s: " + "; ".join(rows) +
+                   f"; vCPU thread: exits in {SAMPLE_S} s: " +
+                   ", ".join(f"{tid}: {c - before[n][1].get(tid, 0)}" for tid, c in vcpus.items()))
         for _ in range(2):   # is it moving?
             out.append(f"--- {n}'s registers:\n" + xl("info", n, "--registers", check=False).stdout)
             time.sleep(1)
@@ -94,8 +106,11 @@ def where_stuck(xl) -> str:  # noqa: F811
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and "Kernel Offset:" not in console_log(xl, n)[size:]:
             time.sleep(1)
-        out.append(f"--- {n}'s console after an NMI:\n" + console_log(xl, n)[size:][-6000:])
-    return "\n".join(out)
+        answer = console_log(xl, n)[size:]
+        out.append(f"--- {n}'s console after an NMI:\n" + answer[-6000:])
+        if in_guest and not answer:
+            stuck.append(n)
+    return "\n".join(out), stuck
 
 
 def _thread_ticks(xl, name: str) -> dict[int, tuple[str, tuple[int, int, int]]]:  # noqa: F811
@@ -114,12 +129,13 @@ def _thread_ticks(xl, name: str) -> dict[int, tuple[str, tuple[int, int, int]]]:
     return rows
 
 
-def _vcpu_exits(xl, name: str) -> list[int]:  # noqa: F811
+def _vcpus(xl, name: str) -> dict[int, int]:  # noqa: F811
+    """Each vCPU thread of ``name``'s VMM: its exits to the VMM so far."""
     p = xl("info", name, "--json", check=False)
     try:
-        return [v["exits"] for v in json.loads(p.stdout)["vcpus"]]
-    except (ValueError, KeyError, TypeError):
-        return []
+        return {v["tid"]: v["exits"] for v in json.loads(p.stdout)["vcpus"] if isinstance(v.get("tid"), int)}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return {}
 
 
 def domid(xl, name: str) -> int:  # noqa: F811
