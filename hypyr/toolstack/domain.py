@@ -260,7 +260,7 @@ class Domain:
 
     @contextlib.contextmanager
     def _running_vm(self):
-        """The running VM, held for one save or migration at a time."""
+        """The running VM, held for one save, migration or register read at a time."""
         if not self._busy.acquire(blocking=False):
             raise DomainStateError(f"domain {self.name} is already being saved or migrated")
         try:
@@ -698,14 +698,7 @@ class Domain:
         if op == "trigger":
             return self._trigger(machine, req)
         if op == "registers":
-            with self._pause_lock:
-                was_paused = machine.paused
-                machine.pause()
-                try:
-                    return {"ok": True, "vcpus": [vcpu_report(vt.vcpu) for vt in machine.vcpus]}
-                finally:
-                    if not was_paused:
-                        machine.resume()
+            return self._registers()
         if op == "reboot":
             self._reboot_requested = True
             machine.stop(StopReason(StopKind.REBOOT, "rebooted by the toolstack"))
@@ -719,6 +712,19 @@ class Domain:
         if op == "test-open" and self._test_hooks:
             return self._test_open(req.get("path"), req.get("write") is True)
         raise InvalidInput(f"unknown operation {op!r}")
+
+    def _registers(self) -> dict:
+        """`hypyr info DOMAIN --registers`: each vCPU's report, the domain paused for the
+        instant (not during a save or migration, whose own pause it would end)."""
+        with self._running_vm() as vm, self._pause_lock:
+            machine = vm.machine
+            was_paused = machine.paused
+            machine.pause()
+            try:
+                return {"ok": True, "vcpus": [vcpu_report(vt.vcpu) for vt in machine.vcpus]}
+            finally:
+                if not was_paused:
+                    machine.resume()
 
     @staticmethod
     def _trigger(machine, req: dict) -> dict:
