@@ -681,6 +681,9 @@ class Domain:
             self._set_state(DomainState.PAUSED)
             return {"ok": True}
         if op == "unpause":
+            if self._busy.locked():   # a save or migration paused it, and will end its pause itself
+                raise DomainStateError(f"domain {self.name} is being saved or migrated: it runs on by itself "
+                                       "if it is to")
             with self._pause_lock:
                 machine.resume()
             self._set_state(DomainState.RUNNING)

@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import uuid
 from types import SimpleNamespace
 
@@ -17,7 +18,7 @@ import pytest
 
 from hypyr.errors import HypyrError
 from hypyr.toolstack import api, domain, paths, sched
-from hypyr.toolstack.errors import InvalidConfig
+from hypyr.toolstack.errors import DomainStateError, InvalidConfig
 from hypyr.toolstack.registry import Registry
 from hypyr.toolstack.xlcfg import DomainConfig
 from hypyr.vmm.machine import StopKind
@@ -189,3 +190,17 @@ def test_control_requests_malformed_and_failing_get_distinct_answers(caplog):
     assert replies[4]["error"].startswith("internal error in domain d1's VMM: ValueError: a bug inside")
     assert "malformed" not in replies[4]["error"]
     assert any(r.exc_info and "a bug inside the operation" in str(r.exc_info[1]) for r in caplog.records)
+
+
+def test_unpause_is_refused_while_a_save_or_migration_holds_the_domain():
+    """A save or migration pauses the guest for its last pass; an unpause then would let the guest
+    run while its state is read.  Outside them, unpause resumes."""
+    resumed = []
+    machine = SimpleNamespace(resume=lambda: resumed.append(True))
+    dom = SimpleNamespace(name="d1", _live=SimpleNamespace(machine=machine), _busy=threading.Lock(),
+                          _pause_lock=threading.Lock(), _set_state=lambda *a: None)
+    with dom._busy, pytest.raises(DomainStateError, match=r"^domain d1 is being saved or migrated"):
+        domain.Domain._handle(dom, "unpause", {})
+    assert resumed == []
+    assert domain.Domain._handle(dom, "unpause", {}) == {"ok": True}
+    assert resumed == [True]
