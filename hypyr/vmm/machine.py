@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import overload
 
 from hypyr.arch.x86 import layout
+from hypyr.arch.x86.msrs import MSR_LSTAR
 from hypyr.devices.bus import Bus
 from hypyr.devices.events import GuestEvent, StopRequest
 from hypyr.errors import Conflict, NotFound, VcpuCountError
@@ -492,9 +493,6 @@ def vcpu_report(vcpu: Vcpu) -> str:
             f"  nmi: injected={ev.nmi.injected} pending={ev.nmi.pending} masked={ev.nmi.masked}"
             f"  interrupt: injected={ev.interrupt.injected} nr={ev.interrupt.nr} shadow={ev.interrupt.shadow}"
             f"  exception: injected={ev.exception.injected} nr={ev.exception.nr}")
-
-
-MSR_LSTAR = 0xC0000082
 
 
 def register_dump(vcpu: Vcpu) -> str:
