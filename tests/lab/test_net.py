@@ -20,7 +20,7 @@ import pytest
 from test_toolstack import SHOW_WHERE_ON_NMI, TICKER, console_log, wait_for, write_cfg, xl  # noqa: F401 (xl is a fixture)
 
 from hypyr import procfs
-from hypyr.lab.testguard import GUEST_BOUND, GuestStuck
+from hypyr.lab.testguard import GuestStuck, session_threads
 from hypyr.toolstack import paths
 from hypyr.toolstack.errors import DomainNotFound
 from hypyr.toolstack.registry import Registry
@@ -73,14 +73,13 @@ NMI_ANSWER_S = 20   # a running guest prints its panic within a few seconds, eve
 def where_stuck(xl) -> tuple[str, list[str]]:  # noqa: F811
     """What each domain was doing when a test gave up on it, and which were stuck in guest mode.
 
-    Shown: the end of its console; its VMM's threads' CPU use over SAMPLE_S seconds (guest code,
-    VMM code, host kernel) and vCPU exits; its vCPUs' registers; then its guest's own backtrace:
-    `hypyr trigger nmi` into a guest booted with SHOW_WHERE_ON_NMI (it then reboots).  Stuck: a
-    vCPU thread ran guest code GUEST_BOUND of the sample without one exit, and the guest printed
-    nothing in NMI_ANSWER_S after the NMI.  (A 400 s wait and this fit the lab's 600 s limit.)"""
+    Shown: the end of its console; every thread of its VMM's session over SAMPLE_S seconds
+    (testguard.session_threads: CPU and guest time, wait channel, kernel stack) and its vCPUs'
+    exits then; its vCPUs' registers; then its guest's own backtrace: `hypyr trigger nmi` into a
+    guest booted with SHOW_WHERE_ON_NMI (it then reboots).  Stuck: a vCPU thread ran guest code
+    GUEST_BOUND of the sample without one exit, and the guest printed nothing in NMI_ANSWER_S
+    after the NMI.  (A 400 s wait and this fit the lab's 600 s limit.)"""
     names = [d["name"] for d in json.loads(xl("list", "--json").stdout)]  # all: the fault may be the peer's
-    before = {n: (_thread_ticks(xl, n), _vcpus(xl, n)) for n in names}
-    time.sleep(SAMPLE_S)
     mem, tmp = procfs.meminfo(), os.statvfs("/tmp")
     out = [f"--- this host: {mem.get('MemAvailable', 0) >> 10} of {mem.get('MemTotal', 0) >> 10} MiB available, "
            f"{(tmp.f_blocks - tmp.f_bfree) * tmp.f_frsize >> 20} MiB used in /tmp (in the lab: RAM)"]
@@ -88,17 +87,13 @@ def where_stuck(xl) -> tuple[str, list[str]]:  # noqa: F811
     for n in names:
         lines = [x for x in console_log(xl, n).splitlines() if not x.startswith("tick-")]
         out.append(f"--- {n}'s console ends with:\n" + "\n".join(lines[-25:]))
-        ticks, vcpus = _thread_ticks(xl, n), _vcpus(xl, n)
-        rows, in_guest = [], False
-        for tid, (comm, now) in ticks.items():
-            was = before[n][0].get(tid, (comm, (0, 0, 0)))[1]
-            guest, user, kernel = (b - a for a, b in zip(was, now))
-            rows.append(f"{comm} {tid}: guest {guest}, user {user}, kernel {kernel}")
-            exits = vcpus.get(tid, 0) - before[n][1].get(tid, 0)
-            in_guest |= tid in vcpus and exits == 0 and guest >= GUEST_BOUND * SAMPLE_S * procfs.CLK_TCK
-        out.append(f"--- {n}'s VMM threads, clock ticks in {SAMPLE_S} s: " + "; ".join(rows) +
-                   f"; vCPU thread: exits in {SAMPLE_S} s: " +
-                   ", ".join(f"{tid}: {c - before[n][1].get(tid, 0)}" for tid, c in vcpus.items()))
+        before = _vcpus(xl, n)
+        sid = _session(xl, n)
+        threads, in_guest = session_threads(sid, SAMPLE_S) if sid is not None else ("(gone)", [])
+        exits = {tid: c - before.get(tid, 0) for tid, c in _vcpus(xl, n).items()}
+        out.append(f"--- {n}'s VMM session over {SAMPLE_S} s:\n{threads}\n--- its vCPU threads' exits then: "
+                   + ", ".join(f"{tid}: {e}" for tid, e in exits.items()))
+        never_left = any(exits.get(tid) == 0 for tid in in_guest)
         out.append(f"--- {n}'s registers:\n" + xl("info", n, "--registers", check=False).stdout)
         size = len(console_log(xl, n))
         xl("trigger", n, "nmi", check=False)
@@ -107,25 +102,19 @@ def where_stuck(xl) -> tuple[str, list[str]]:  # noqa: F811
             time.sleep(1)
         answer = console_log(xl, n)[size:]
         out.append(f"--- {n}'s console after an NMI:\n" + answer[-6000:])
-        if in_guest and not answer:
+        if never_left and not answer:
             stuck.append(n)
     return "\n".join(out), stuck
 
 
-def _thread_ticks(xl, name: str) -> dict[int, tuple[str, tuple[int, int, int]]]:  # noqa: F811
-    """Each thread of ``name``'s VMM: its name and (guest, user outside the guest, kernel) ticks."""
+def _session(xl, name: str) -> int | None:  # noqa: F811
+    """The session of ``name``'s VMM process, or None if it is gone."""
     try:
         with Registry(paths.registry_path(xl.state)) as reg:
             pid = reg.get(name).pid
-    except DomainNotFound:
-        return {}
-    rows = {}
-    for tid in procfs.threads(pid):
-        st = procfs.stat(pid, tid)
-        if st is not None:
-            guest = st.guest or 0
-            rows[tid] = (procfs.comm(tid) or "?", (guest, st.utime - guest, st.stime))
-    return rows
+        return os.getsid(pid) if pid else None
+    except (DomainNotFound, OSError):
+        return None
 
 
 def _vcpus(xl, name: str) -> dict[int, int]:  # noqa: F811
