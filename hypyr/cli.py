@@ -111,9 +111,10 @@ def _run_with(args, kernel, initrd, disks, disk_cmdline: str | None) -> int:
     taps: list[int] = []
     try:
         if args.net:
-            config.nets, taps, extra = _plug_nics(args.net)
+            nets, taps, extra = _plug_nics(args.net)
+            config = config._replace(nets=nets)
             if modules is None:  # a multiboot kernel gets no Linux ip= arguments
-                config.cmdline = f"{config.cmdline} {extra}".strip()
+                config = config._replace(cmdline=f"{config.cmdline} {extra}".strip())
         return _run_vm(args, config)
     finally:
         for fd in taps:

@@ -10,8 +10,7 @@ Readers never raise for a process that is gone or a file that cannot be read: th
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import TypeGuard
+from typing import NamedTuple, TypeGuard
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -108,8 +107,7 @@ def kvm_backend() -> str:
 
 
 # -- processes and threads --------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ProcStat:
+class ProcStat(NamedTuple):
     """The fields of /proc/PID/stat (or /proc/PID/task/TID/stat) hypyr uses."""
 
     state: str              # field 3: R running, S sleeping, Z zombie, ...

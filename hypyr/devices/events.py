@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
 class GuestEvent(enum.Enum):
@@ -14,8 +14,7 @@ class GuestEvent(enum.Enum):
     PANIC = "panic"            # the guest kernel panicked (pvpanic)
 
 
-@dataclass(frozen=True)
-class StopRequest:
+class StopRequest(NamedTuple):
     event: GuestEvent
     status: int | None = None  # for EXIT_STATUS: 0..255
     detail: str = ""

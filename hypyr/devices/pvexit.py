@@ -29,7 +29,7 @@ that lie wholly inside a registered range.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from hypyr.devices.events import GuestEvent, StopCallback, StopRequest
 from hypyr.devices.ratelog import RateLimitedLog
@@ -43,8 +43,7 @@ WIDE_LENGTH = 4
 MAGIC = 0x48  # 'H'
 
 
-@dataclass(frozen=True)
-class PvExitState:
+class PvExitState(NamedTuple):
     """The port is stateless; kept for a uniform save/restore interface."""
 
     def validate(self) -> None:

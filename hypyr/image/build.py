@@ -64,7 +64,7 @@ def stamp_for(kernel_deb: Path, busybox_deb: Path, init: bytes, modules: list[st
         "builder": default.BUILDER_VERSION,
         "kernel": [Path(kernel_deb).name, debs.file_sha256(kernel_deb)],
         "busybox": [Path(busybox_deb).name, debs.file_sha256(busybox_deb)],
-        "init": default.sha256_hex(init),
+        "init": default.init_digest(init),
         "modules": list(modules),
         "userland": [[Path(d).name, debs.file_sha256(d)] for d in userland],
     }

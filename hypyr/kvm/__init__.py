@@ -13,7 +13,7 @@ import mmap
 import os
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from hypyr.libc import function
 
@@ -51,11 +51,10 @@ def _call(fd: int, request: int, arg=None, what: str = "") -> int:
     return ret
 
 
-@dataclass(frozen=True)
-class CpuidEntry:
+class CpuidEntry(NamedTuple):
     """One CPUID leaf/subleaf as plain data (mirrors kvm_cpuid_entry2)."""
     function: int
-    index: int = 0
+    index: int = 0  # type: ignore[assignment]  # kvm_cpuid_entry2.index (hides tuple.index)
     flags: int = 0
     eax: int = 0
     ebx: int = 0

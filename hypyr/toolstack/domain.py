@@ -175,8 +175,8 @@ class Domain:
 
         def configure(header) -> VmConfig:
             c = header.vm_config(self.tap_fds)
-            return dataclasses.replace(c, nets=[dataclasses.replace(n, name=name) for n, name in zip(c.nets, names)],
-                                       seccomp=self.cfg.seccomp)   # this domain's filters, not the saver's
+            return c._replace(nets=[n._replace(name=name) for n, name in zip(c.nets, names)],
+                              seccomp=self.cfg.seccomp)   # this domain's filters, not the saver's
         return configure
 
     def _receive(self, fd: int) -> LinuxVm:

@@ -14,7 +14,6 @@ import functools
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from hypyr import preopened, procfs
 from hypyr.arch.x86 import acpi, layout, msrs
@@ -57,21 +56,25 @@ VIRTIO_GSI_BASE = 16        # IOAPIC pins 16-23: no ISA device can claim them
 MAX_VIRTIO_DEVICES = 8
 
 
-@dataclass
 class LinuxVm:
     """A built VM: the machine plus the devices the front end talks to."""
-    machine: Machine
-    serial: Serial
-    i8042: I8042
-    config: VmConfig
-    console: Serial | VirtioConsole   # where terminal input goes: the UART or the virtio console
-    virtio: list = field(default_factory=list)  # VirtioDevice instances, in window order
-    # every device with state (devices/state.py), by a stable name, in build order: "serial0",
-    # "i8042", "rtc", "acpi_pm", "pvexit", "pvpanic", "acpi_ged", then "virtio0".. (the virtio-mmio
-    # transports)
-    devices: dict = field(default_factory=dict)
-    mmio_windows: list = field(default_factory=list)  # MmioDevice per virtio device (ACPI, snapshots)
-    saved_paused: bool = False    # restored: the domain was paused when it was saved
+
+    def __init__(self, machine: Machine, serial: Serial, i8042: I8042, config: VmConfig,
+                 console: Serial | VirtioConsole, virtio: list | None = None, devices: dict | None = None,
+                 mmio_windows: list | None = None):
+        self.machine = machine
+        self.serial = serial
+        self.i8042 = i8042
+        self.config = config
+        self.console = console   # where terminal input goes: the UART or the virtio console
+        self.virtio: list = [] if virtio is None else virtio   # VirtioDevice instances, in window order
+        # every device with state (devices/state.py), by a stable name, in build order: "serial0",
+        # "i8042", "rtc", "acpi_pm", "pvexit", "pvpanic", "acpi_ged", then "virtio0".. (the
+        # virtio-mmio transports)
+        self.devices: dict = {} if devices is None else devices
+        # MmioDevice per virtio device (ACPI, snapshots)
+        self.mmio_windows: list = [] if mmio_windows is None else mmio_windows
+        self.saved_paused = False   # restored: the domain was paused when it was saved
 
     def request_poweroff(self) -> str:
         """Ask the guest to power off as Xen and QEMU do: press the ACPI power button if the

@@ -5,7 +5,8 @@ the toolstack can read a save file's header without loading the device model."""
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from typing import NamedTuple
 
 from hypyr.devices.state import StateReader
 from hypyr.errors import HypyrError, StateError
@@ -15,8 +16,7 @@ DEFAULT_CMDLINE = ("console=ttyS0 reboot=k panic=-1 pci=off nomodeset i8042.noau
                    "i8042.dumbkbd 8250.nr_uarts=1 tsc=reliable no_timer_check quiet")
 
 
-@dataclass(frozen=True)
-class DiskConfig:
+class DiskConfig(NamedTuple):
     path: str
     read_only: bool = False
 
@@ -31,8 +31,7 @@ class DiskConfig:
         return cls(path, read_only="ro" in flags)
 
 
-@dataclass(frozen=True)
-class NetConfig:
+class NetConfig(NamedTuple):
     """One NIC.  The TAP is opened and attached to its bridge by the toolstack (host plumbing
     never happens in the VMM); the VMM is handed the descriptor and never closes it."""
     tap_fd: int                 # an open TAP (IFF_TAP|IFF_NO_PI|IFF_VNET_HDR)
@@ -43,20 +42,19 @@ class NetConfig:
     name: str = ""              # the TAP's name, for logs
 
 
-@dataclass
-class VmConfig:
+class VmConfig(NamedTuple):
     kernel: str
     initrd: str | None = None
     cmdline: str = DEFAULT_CMDLINE
     memory: int = 256 << 20          # bytes
     vcpus: int = 1
     exec_cmd: str | None = None      # run under `sh -c` by the default init, then power off
-    disks: list[DiskConfig] = field(default_factory=list)   # /dev/vda, /dev/vdb, ...
+    disks: Sequence[DiskConfig] = ()   # /dev/vda, /dev/vdb, ...
     root_disk: bool = False          # the first disk is the root filesystem (root=/dev/vda)
     console: str = "serial"          # "serial" (ttyS0) or "virtio" (hvc0)
-    nets: list[NetConfig] = field(default_factory=list)      # eth0, eth1, ...
+    nets: Sequence[NetConfig] = ()      # eth0, eth1, ...
     # multiboot kernels only: (path, arguments) per module, after the initrd if there is one
-    modules: list[tuple[str, str]] = field(default_factory=list)
+    modules: Sequence[tuple[str, str]] = ()
     seccomp: str = "kill"            # the VMM threads' seccomp filters: kill, log or off (hypyr.vmm.seccomp)
 
     def full_cmdline(self) -> str:

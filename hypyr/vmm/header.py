@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from hypyr.arch.x86 import layout
@@ -36,7 +36,7 @@ class SnapshotHeader:
         nets = self.config.nets
         if len(tap_fds) != len(nets):
             raise SnapshotError(f"the saved VM has {len(nets)} NIC(s): give one tap for each, not {len(tap_fds)}")
-        return replace(self.config, nets=[replace(n, tap_fd=fd) for n, fd in zip(nets, tap_fds)])
+        return self.config._replace(nets=[n._replace(tap_fd=fd) for n, fd in zip(nets, tap_fds)])
 
 
 def encode_header(kind: str, config: VmConfig, memory: Sequence[tuple[int, int]], devices: Sequence[str],

@@ -15,8 +15,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import overload
+from typing import NamedTuple, overload
 
 from hypyr.arch.x86 import layout
 from hypyr.arch.x86.msrs import MSR_LSTAR
@@ -62,8 +61,7 @@ class StopKind(enum.Enum):
     DESTROYED = "destroyed"          # stopped by the host (user, signal)
 
 
-@dataclass(frozen=True)
-class StopReason:
+class StopReason(NamedTuple):
     kind: StopKind
     message: str
     status: int | None = None        # guest exit status for EXIT_STATUS
@@ -82,13 +80,17 @@ def _ignore_signal(signum, frame) -> None:  # the signal's only job is to interr
     pass
 
 
-@dataclass
 class _VcpuThread:
-    vcpu: Vcpu
-    thread: threading.Thread | None = None
-    state: VcpuState = VcpuState.CREATED
-    exits: int = 0
-    nmi_pending: bool = False   # set by Machine.inject_nmi, delivered by the vCPU's own thread
+    """One vCPU and the thread that runs it."""
+
+    __slots__ = ("vcpu", "thread", "state", "exits", "nmi_pending")
+
+    def __init__(self, vcpu: Vcpu):
+        self.vcpu = vcpu
+        self.thread: threading.Thread | None = None
+        self.state = VcpuState.CREATED
+        self.exits = 0
+        self.nmi_pending = False   # set by Machine.inject_nmi, delivered by the vCPU's own thread
 
 
 class Machine:

@@ -176,7 +176,7 @@ def test_config_round_trip_keeps_everything_but_the_tap():
     d = json.loads(json.dumps(config_to_dict(CONFIG)))
     back = config_from_dict(d)
     assert back.nets[0].tap_fd == -1
-    assert back == VmConfig(**{**CONFIG.__dict__, "nets": [NetConfig(**{**CONFIG.nets[0].__dict__, "tap_fd": -1})]})
+    assert back == CONFIG._replace(nets=[CONFIG.nets[0]._replace(tap_fd=-1)])
 
 
 def header_payload(**changes) -> bytes:

@@ -12,7 +12,7 @@ scans this area for it, besides reading boot_params.acpi_rsdp_addr).
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from hypyr.errors import HypyrError
 from hypyr.memory import GuestMemory
@@ -159,8 +159,7 @@ GED_AML = aml.scope(
 )
 
 
-@dataclass(frozen=True)
-class MmioDevice:
+class MmioDevice(NamedTuple):
     """A virtio-mmio window announced to the guest (ACPI id LNRO0005, as QEMU and Firecracker do)."""
     base: int
     size: int
@@ -218,8 +217,7 @@ def ioapic_id(nr_vcpus: int) -> int:
     return nr_vcpus
 
 
-@dataclass
-class AcpiTables:
+class AcpiTables(NamedTuple):
     """Where each table went (guest addresses) and the end of the area used."""
 
     rsdp: int

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from hypyr.errors import HypyrError
 from hypyr.memory import GuestAddress, GuestMemory
@@ -15,8 +15,7 @@ from .loader import KernelImage
 from .regs import BootCpuState, boot_cpu_state, protected_mode_cpu_state
 
 
-@dataclass
-class BootSetup:
+class BootSetup(NamedTuple):
     cpu: BootCpuState  # for vCPU 0 only; the others wait for SIPI
     kernel: KernelImage
     initrd: tuple[GuestAddress, int] | None  # (address, size); multiboot: the first module

@@ -8,7 +8,7 @@ loader's fields are filled in.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from hypyr.errors import HypyrError
 from hypyr.memory import GuestMemory
@@ -79,8 +79,7 @@ E820_ACPI = 3
 E820_NVS = 4
 
 
-@dataclass(frozen=True)
-class E820Entry:
+class E820Entry(NamedTuple):
     addr: int
     size: int
     type: int

@@ -8,7 +8,6 @@ vCPU ``n`` has APIC id ``n``.  :func:`adjust_cpuid` is pure and idempotent.
 from __future__ import annotations
 
 import struct
-from dataclasses import replace
 
 from hypyr.kvm import CpuidEntry  # plain data; the one definition lives with the KVM ABI
 
@@ -75,18 +74,18 @@ def adjust_cpuid(entries: list[CpuidEntry], vcpu_id: int, nr_vcpus: int,
         if f == 1:
             ebx = (e.ebx & 0x0000FFFF) | (vcpu_id & 0xFF) << 24 | logical << 16
             edx = e.edx | LEAF1_EDX_HTT if nr_vcpus > 1 else e.edx & ~LEAF1_EDX_HTT
-            e = replace(e, ebx=ebx, ecx=e.ecx | LEAF1_ECX_HYPERVISOR, edx=edx)
+            e = e._replace(ebx=ebx, ecx=e.ecx | LEAF1_ECX_HYPERVISOR, edx=edx)
         elif f == 4:
             cache_type = e.eax & 0x1F
             if cache_type:
                 level = (e.eax >> 5) & 0x7
                 sharing = nr_vcpus - 1 if level >= 3 else 0  # L1/L2 per core, L3 per socket
                 eax = (e.eax & 0x3FFF) | (min(sharing, 0xFFF) << 14) | (min(nr_vcpus - 1, 0x3F) << 26)
-                e = replace(e, eax=eax)
+                e = e._replace(eax=eax)
             else:
-                e = replace(e, eax=e.eax & 0x3FFF)
+                e = e._replace(eax=e.eax & 0x3FFF)
         elif f == 6:
-            e = replace(e, ecx=e.ecx & ~LEAF6_ECX_EPB)
+            e = e._replace(ecx=e.ecx & ~LEAF6_ECX_EPB)
         elif f in (0xB, 0x1F):
             if f not in topology_done:
                 topology_done.add(f)
@@ -94,9 +93,9 @@ def adjust_cpuid(entries: list[CpuidEntry], vcpu_id: int, nr_vcpus: int,
             continue
         elif f == 0x80000008:
             ecx = (e.ecx & ~0xF0FF) | (min(nr_vcpus - 1, 0xFF)) | _order(nr_vcpus) << 12
-            e = replace(e, ecx=ecx) if amd_like else e
+            e = e._replace(ecx=ecx) if amd_like else e
         elif f == 0x8000001E and amd_like:
-            e = replace(e, eax=vcpu_id, ebx=vcpu_id & 0xFF, ecx=0)
+            e = e._replace(eax=vcpu_id, ebx=vcpu_id & 0xFF, ecx=0)
         elif f == KVM_CPUID_SIGNATURE:
             e = _kvm_signature(e, have)
         out.append(e)
@@ -108,4 +107,4 @@ def adjust_cpuid(entries: list[CpuidEntry], vcpu_id: int, nr_vcpus: int,
 def _kvm_signature(e: CpuidEntry, have: set[int]) -> CpuidEntry:
     ebx, ecx, edx = struct.unpack("<III", KVM_SIGNATURE)
     max_leaf = KVM_CPUID_FEATURES if KVM_CPUID_FEATURES in have else KVM_CPUID_SIGNATURE
-    return replace(e, eax=max_leaf, ebx=ebx, ecx=ecx, edx=edx)
+    return e._replace(eax=max_leaf, ebx=ebx, ecx=ecx, edx=edx)

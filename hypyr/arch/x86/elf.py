@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from hypyr.errors import HypyrError
 from hypyr.memory import GuestMemory
@@ -26,8 +26,7 @@ SHT_NOTE = 7
 MAX_HEADERS = 4096  # program or section headers; real kernels have a handful
 
 
-@dataclass(frozen=True)
-class Segment:
+class Segment(NamedTuple):
     paddr: int
     vaddr: int
     offset: int
@@ -39,15 +38,13 @@ class Segment:
         return self.paddr + self.memsz
 
 
-@dataclass(frozen=True)
-class Note:
+class Note(NamedTuple):
     name: bytes  # without the NUL
     type: int
     desc: bytes
 
 
-@dataclass(frozen=True)
-class ElfImage:
+class ElfImage(NamedTuple):
     bits: int  # 32 or 64
     machine: int
     entry: int

@@ -16,7 +16,7 @@ bits 0-7 and AVL, L, D/B, G in bits 12-15; e.g. 0xa09b is a 64-bit code segment.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from hypyr.memory import GuestMemory
 
@@ -43,8 +43,7 @@ TSS_LIMIT = 0x67  # a minimal 104-byte TSS
 SYSTEM_TYPE_LDT = 0x2
 
 
-@dataclass
-class Segment:
+class Segment(NamedTuple):
     """A segment register as KVM wants it (``limit`` is in bytes, already scaled by G)."""
 
     base: int
@@ -61,8 +60,7 @@ class Segment:
     unusable: bool = False
 
 
-@dataclass
-class DescriptorTable:
+class DescriptorTable(NamedTuple):
     base: int
     limit: int
 

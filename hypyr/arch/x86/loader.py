@@ -9,7 +9,7 @@ import io
 import os
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from hypyr import preopened
 from hypyr.errors import HypyrError
@@ -27,8 +27,7 @@ ENTRY_64_OFFSET = 0x200
 _HEAD_BYTES = 4096
 
 
-@dataclass
-class KernelImage:
+class KernelImage(NamedTuple):
     """A kernel loaded into guest memory."""
 
     path: str

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from hypyr import preopened
 from hypyr.errors import HypyrError
@@ -65,8 +65,7 @@ BOOT_LOADER_NAME = "hypyr"
 MAX_MODULES = 256
 
 
-@dataclass(frozen=True)
-class Header:
+class Header(NamedTuple):
     offset: int  # in the file
     flags: int
     # the a.out-kludge fields (valid when flags has HF_AOUT_KLUDGE)
@@ -77,8 +76,7 @@ class Header:
     entry_addr: int = 0
 
 
-@dataclass(frozen=True)
-class Module:
+class Module(NamedTuple):
     """A module as loaded: its guest range and its string."""
     start: int
     end: int  # first byte after it (mod_end)

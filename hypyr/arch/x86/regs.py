@@ -6,7 +6,7 @@ they wait for INIT/SIPI in the in-kernel local APIC.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from . import gdt as gdtmod
 from . import layout
@@ -30,8 +30,7 @@ BOOT_EFER = EFER_LME | EFER_LMA
 RFLAGS_RESERVED = 0x2
 
 
-@dataclass
-class SpecialRegisters:
+class SpecialRegisters(NamedTuple):
     cs: gdtmod.Segment
     ds: gdtmod.Segment
     es: gdtmod.Segment
@@ -50,8 +49,7 @@ class SpecialRegisters:
     efer: int
 
 
-@dataclass
-class GeneralRegisters:
+class GeneralRegisters(NamedTuple):
     rax: int = 0
     rbx: int = 0
     rcx: int = 0
@@ -72,10 +70,9 @@ class GeneralRegisters:
     rflags: int = RFLAGS_RESERVED
 
 
-@dataclass
-class BootCpuState:
+class BootCpuState(NamedTuple):
     sregs: SpecialRegisters
-    regs: GeneralRegisters = field(default_factory=GeneralRegisters)
+    regs: GeneralRegisters = GeneralRegisters()
 
 
 def boot_cpu_state(entry: int, *, cr3: int = layout.PML4_ADDR, gdt_table: bytes | None = None,

@@ -227,7 +227,7 @@ def _to_plain(meta, value) -> Any:
     raise AssertionError(kind)
 
 
-_CPUID_FIELDS = [f.name for f in dataclasses.fields(CpuidEntry)]
+_CPUID_FIELDS = list(CpuidEntry._fields)
 
 
 def cpuid_to_plain(entries: Sequence[CpuidEntry]) -> list[dict[str, int]]:

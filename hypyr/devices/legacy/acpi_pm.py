@@ -20,7 +20,7 @@ path tries this first on ACPI systems.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from hypyr.devices.events import GuestEvent, StopCallback, StopRequest
 from hypyr.devices.legacy._bytedev import ByteRegisterDevice
@@ -43,8 +43,7 @@ RESET_PORT = 0x604
 RESET_VALUE = 0x0F
 
 
-@dataclass(frozen=True)
-class AcpiPmState:
+class AcpiPmState(NamedTuple):
     wake_status: bool = False
 
     def validate(self) -> None:
@@ -107,8 +106,7 @@ class AcpiPm(QuiesceFree, ByteRegisterDevice):
             self._wake_status = True
 
 
-@dataclass(frozen=True)
-class AcpiResetState:
+class AcpiResetState(NamedTuple):
     def validate(self) -> None:
         pass
 

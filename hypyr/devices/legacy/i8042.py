@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import collections
 import logging
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from hypyr.devices.bus import IrqLine
 from hypyr.devices.events import GuestEvent, StopCallback, StopRequest
@@ -62,8 +62,7 @@ _CAD_SET1 = bytes([0x1D, 0x38, 0xE0, 0x53, 0xE0, 0xD3, 0xB8, 0x9D])
 _CAD_SET2 = bytes([0x14, 0x11, 0xE0, 0x71, 0xE0, 0xF0, 0x71, 0xF0, 0x11, 0xF0, 0x14])
 
 
-@dataclass(frozen=True)
-class I8042State:
+class I8042State(NamedTuple):
     ram: bytes = bytes([CTR_DEFAULT]) + bytes(31)  # RAM[0] is the command byte
     outport: int = OUT_DEFAULT
     output: tuple[tuple[int, bool], ...] = ()  # queued (byte, is_aux), head first

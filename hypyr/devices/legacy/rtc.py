@@ -31,7 +31,7 @@ import datetime
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from hypyr.devices.legacy._bytedev import ByteRegisterDevice, bcd, from_bcd, is_bcd
 from hypyr.devices.state import QuiesceFree, StateError, StateReader
@@ -99,9 +99,8 @@ def _default_ram() -> bytes:
 Fields = tuple[int, int, int, int, int, int]  # year, month, day, hour, minute, second
 
 
-@dataclass(frozen=True)
-class RtcState:
-    index: int = 0
+class RtcState(NamedTuple):
+    index: int = 0  # type: ignore[assignment]  # the selected register (hides tuple.index)
     nmi_disabled: bool = False
     ram: bytes = _default_ram()  # time registers' bytes here are unused (computed)
     offset: int = 0  # guest time minus host time, seconds

@@ -12,7 +12,7 @@ from __future__ import annotations
 import collections
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from hypyr.devices.bus import IrqLine
 from hypyr.devices.legacy._bytedev import ByteRegisterDevice
@@ -98,8 +98,7 @@ MSR_DELTAS = 0x0F
 _HOST_LINES = MSR_CTS | MSR_DSR | MSR_DCD
 
 
-@dataclass(frozen=True)
-class SerialState:
+class SerialState(NamedTuple):
     ier: int = 0
     lcr: int = 0
     mcr: int = 0

@@ -20,7 +20,7 @@ import stat
 import struct
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from hypyr import preopened
 from hypyr.devices.ratelog import RateLimitedLog
@@ -91,8 +91,7 @@ _fallocate: Callable[..., int] | None = optional_function(
     "fallocate", [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64])
 
 
-@dataclass(frozen=True)
-class BlkState:
+class BlkState(NamedTuple):
     path: str
     read_only: bool
     capacity: int  # in 512-byte sectors

@@ -34,8 +34,7 @@ import logging
 import struct
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import cast
+from typing import NamedTuple, cast
 
 from hypyr.devices.overflow import OverflowLog
 from hypyr.devices.ratelog import RateLimitedLog
@@ -64,8 +63,7 @@ _CONFIG = struct.pack("<HHII", COLS, ROWS, 0, 0)
 _EMERG_WR = 8
 
 
-@dataclass(frozen=True)
-class ConsoleState:
+class ConsoleState(NamedTuple):
     rx: bytes = b""  # host input not yet delivered to the guest
 
     def validate(self) -> None:

@@ -16,7 +16,7 @@ import os
 import struct
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from hypyr.devices.bus import IrqLine
 from hypyr.devices.ratelog import RateLimitedLog
@@ -89,8 +89,7 @@ _U32 = 0xFFFFFFFF
 _U64 = (1 << 64) - 1
 
 
-@dataclass(frozen=True)
-class VirtioQueueState:
+class VirtioQueueState(NamedTuple):
     """One queue's registers and ring progress (the free-running 16-bit indices).  Chains a
     device held are not saved: the restored queue starts with none in flight."""
     size: int
@@ -113,8 +112,7 @@ class VirtioQueueState:
             raise ValueError("VirtioQueueState.ready must be a bool")
 
 
-@dataclass(frozen=True)
-class VirtioMmioState:
+class VirtioMmioState(NamedTuple):
     status: int = 0
     device_features_sel: int = 0
     driver_features: int = 0

@@ -32,7 +32,6 @@ import struct
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import cast
 
 from hypyr.devices.ratelimit import TokenBucket
@@ -82,14 +81,19 @@ def parse_mac(text: str) -> bytes:
     return bytes(int(p, 16) for p in parts)
 
 
-@dataclass
 class NetCounters:
-    rx_packets: int = 0
-    rx_bytes: int = 0
-    rx_dropped: int = 0
-    tx_packets: int = 0
-    tx_bytes: int = 0
-    tx_dropped: int = 0
+    """Packets and bytes through the NIC (saved with its state)."""
+
+    FIELDS = ("rx_packets", "rx_bytes", "rx_dropped", "tx_packets", "tx_bytes", "tx_dropped")
+    __slots__ = FIELDS
+
+    def __init__(self, rx_packets: int = 0, rx_bytes: int = 0, rx_dropped: int = 0,
+                 tx_packets: int = 0, tx_bytes: int = 0, tx_dropped: int = 0):
+        self.rx_packets, self.rx_bytes, self.rx_dropped = rx_packets, rx_bytes, rx_dropped
+        self.tx_packets, self.tx_bytes, self.tx_dropped = tx_packets, tx_bytes, tx_dropped
+
+    def __repr__(self) -> str:
+        return "NetCounters(" + ", ".join(f"{n}={getattr(self, n)}" for n in self.FIELDS) + ")"
 
 
 class VirtioNet(VirtioDevice):
@@ -314,7 +318,7 @@ class VirtioNet(VirtioDevice):
             raise StateError(f"{self.name}: the saved receive frame is shorter than its header")
         cr = r.nested("counters")
         counters = NetCounters(**{name: cr.integer(name, 0, (1 << 64) - 1)
-                                  for name in NetCounters.__dataclass_fields__})
+                                  for name in NetCounters.FIELDS})
         cr.done()
         return link_up, frame, counters
 
