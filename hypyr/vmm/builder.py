@@ -93,10 +93,10 @@ class LinuxVm:
             close = getattr(dev, "close", None)
             if close is not None:
                 close()
-        self.machine.close()
         for dev in self.devices.values():
             if isinstance(dev, VirtioMmioTransport):
                 dev.release_register_page()
+        self.machine.close()
 
 
 def host_available_memory() -> int:
@@ -219,7 +219,10 @@ def build_vm(config: VmConfig, console_out: Callable[[bytes], object], *, kvm: K
     machine = None
     virtio_devices: list = []
     try:
-        machine = Machine(memory, config.vcpus, kvm=kvm, own_kvm=own_kvm, seccomp=config.seccomp)
+        virtio_devices = _virtio_devices(config, console_out, lock_disks)
+        # the transports' register pages (see attach_virtio), mapped before the irqchip is made
+        machine = Machine(memory, config.vcpus, kvm=kvm, own_kvm=own_kvm, seccomp=config.seccomp,
+                          read_only_pages=(layout.VIRTIO_MMIO_BASE, len(virtio_devices)))
         serial = Serial(machine.irq_line(4), console_out)
         i8042 = I8042(machine.device_stop, kbd_irq=machine.irq_line(1))
         devices: dict = {"serial0": serial, "i8042": i8042, "rtc": Rtc(), "acpi_pm": AcpiPm(machine.device_stop),
@@ -234,7 +237,6 @@ def build_vm(config: VmConfig, console_out: Callable[[bytes], object], *, kvm: K
         machine.pio.register(PVPANIC_PORT, 1, devices["pvpanic"])
         machine.pio.register(acpi.GED_PORT, 1, devices["acpi_ged"])
 
-        virtio_devices = _virtio_devices(config, console_out, lock_disks)
         transports: list = []
         mmio_windows = attach_virtio(machine, virtio_devices, transports)
         for i, transport in enumerate(transports):
@@ -286,7 +288,6 @@ def attach_virtio(machine: Machine, devices: list, transports: list | None = Non
     io = IoThread(name="virtio-io", seccomp=machine.seccomp)
     machine.services.append(io)
     windows = []
-    read_only_pages = bool(machine.kvm.check_extension(B.KVM_CAP_READONLY_MEM))
     for i, dev in enumerate(devices):
         base = layout.VIRTIO_MMIO_BASE + i * layout.VIRTIO_MMIO_SIZE
         gsi = VIRTIO_GSI_BASE + i
@@ -302,8 +303,9 @@ def attach_virtio(machine: Machine, devices: list, transports: list | None = Non
         machine.mmio.register(base, layout.VIRTIO_MMIO_SIZE, transport)
         if transports is not None:
             transports.append(transport)
-        if read_only_pages:  # the driver reads registers from memory, with no exit (see register_page)
-            machine.vm.map_read_only(base, transport.register_page())
+        page = machine.read_only_page(i)   # mapped over the window, if the machine has the pages
+        if page is not None:  # the driver reads registers from memory, with no exit
+            transport.use_register_page(page)
         kicks = []
         for q in range(len(dev.queue_max_sizes)):
             efd = io.add_eventfd(functools.partial(transport.notify, q))

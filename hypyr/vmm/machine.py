@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import mmap
 import os
 import signal
 import threading
@@ -97,10 +98,12 @@ class Machine:
     """A VM: memory, buses, vCPUs.  Built by :mod:`hypyr.vmm.builder` or directly by tests."""
 
     def __init__(self, memory: GuestMemory, nr_vcpus: int, *, irqchip: bool = True, kvm: Kvm | None = None,
-                 own_kvm: bool | None = None, seccomp: str = "off"):
+                 own_kvm: bool | None = None, seccomp: str = "off", read_only_pages: tuple[int, int] | None = None):
         """``kvm``: an open /dev/kvm to use (default: open one); the machine closes it on close()
         if it opened it itself or ``own_kvm`` is true.  ``seccomp``: the mode of the filter each
-        vCPU thread installs on itself (:mod:`hypyr.vmm.seccomp`; the builder passes VmConfig's)."""
+        vCPU thread installs on itself (:mod:`hypyr.vmm.seccomp`; the builder passes VmConfig's).
+        ``read_only_pages``: (guest address, count) of pages the VMM writes and the guest only
+        reads (:meth:`read_only_page`), mapped when KVM has read-only memslots."""
         self.seccomp = seccomp
         self._parked_call: Callable[[], object] | None = None  # run by a parked vCPU (call_on_parked_vcpu)
         self._own_kvm = kvm is None if own_kvm is None else own_kvm
@@ -118,6 +121,8 @@ class Machine:
         self._closed = False
         self.services: list = []  # objects with start()/stop() that live as long as the VM (I/O threads)
         self.ram_slots: list[int] = []  # the KVM memslot of each memory region, in region order
+        self._read_only_area: mmap.mmap | None = None   # see read_only_page()
+        self._read_only_views: list[memoryview] = []
         # CLOCK_MONOTONIC (ns) when pause() saw the last vCPU parked, and when the first vCPU ran
         # after start() or resume() (a migration's downtime is measured between the two)
         self.paused_at_ns: int | None = None
@@ -129,7 +134,7 @@ class Machine:
             check_vcpu_count(nr_vcpus, self.kvm)  # before anything is allocated per vCPU
             vm = self.kvm.create_vm()
             self.vm: Vm = vm
-            self._setup_vm(nr_vcpus)
+            self._setup_vm(nr_vcpus, read_only_pages)
         except BaseException:  # close what exists; the memory stays the caller's
             for vt in self.vcpus:
                 vt.vcpu.close()
@@ -139,18 +144,34 @@ class Machine:
                 self.kvm.close()
             raise
 
-    def _setup_vm(self, nr_vcpus: int) -> None:
+    def _setup_vm(self, nr_vcpus: int, read_only_pages: tuple[int, int] | None) -> None:
         vm = self.vm
         # x86 needs these two pages reserved for VMX real-mode emulation; they lie in the MMIO hole
         vm.set_tss_addr(0xFFFBD000)
         vm.set_identity_map_addr(0xFFFBC000)
+        # memslots before the irqchip: once it exists, each memslot change costs KVM an SRCU
+        # grace period (5-11 ms on this project's hosts, ~0.2 ms before it)
+        self.ram_slots = [vm.set_user_memory_region(region.start, region.size, region.host_address())
+                          for region in self.memory.regions]
+        if read_only_pages and read_only_pages[1] and self.kvm.check_extension(B.KVM_CAP_READONLY_MEM):
+            self._read_only_area = mmap.mmap(-1, read_only_pages[1] * mmap.PAGESIZE)
+            view = memoryview(self._read_only_area)
+            self._read_only_views.append(view)
+            vm.map_read_only(read_only_pages[0], view)
         if self.irqchip:
             vm.create_irqchip()
             vm.create_pit2()
-        self.ram_slots = [vm.set_user_memory_region(region.start, region.size, region.host_address())
-                          for region in self.memory.regions]
         for i in range(nr_vcpus):
             self.vcpus.append(_VcpuThread(vm.create_vcpu(i)))
+
+    def read_only_page(self, index: int) -> memoryview | None:
+        """Page ``index`` of the ``read_only_pages`` area (the VMM writes it, the guest reads it
+        with no exit), or None without one.  Valid until close()."""
+        if self._read_only_area is None:
+            return None
+        view = self._read_only_views[0][index * mmap.PAGESIZE:(index + 1) * mmap.PAGESIZE]
+        self._read_only_views.append(view)
+        return view
 
     # -- interrupts ---------------------------------------------------------------------------
     def irq_line(self, irq: int) -> Callable[[bool], None]:
@@ -347,6 +368,10 @@ class Machine:
             self._eventfds = []
         finally:
             self.memory.close()
+            for view in self._read_only_views:
+                view.release()
+            if self._read_only_area is not None:
+                self._read_only_area.close()
             if self._own_kvm:
                 self.kvm.close()
 

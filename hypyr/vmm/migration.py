@@ -409,12 +409,13 @@ def _send(src: _Source, vm: LinuxVm, downtime_s: float, max_iterations: int, ext
     src.expect_reply(Rec.READY)
     link.send(Rec.GO)
     src.committed = True
-    src.dirty.stop()
     try:
         running = src.expect_reply(Rec.RUNNING)
     except (MigrationError, OSError) as e:
+        src.dirty.stop()
         raise MigrationError(f"the destination was told to run the domain but did not confirm it ({e}); it is "
                              f"left paused here: resume it only if it does not run there") from None
+    src.dirty.stop()   # once the domain runs there: each memslot change costs KVM a grace period
     downtime, clock = _downtime(running, paused_ns, paused_wall, src.was_paused)
     if src.progress is not None:
         src.progress(Progress("done", src.iteration, w.bytes, src.total, src.total))

@@ -210,6 +210,7 @@ def test_save_keep_running_and_the_disk_lock(guests, kvm, tmp_path):
         assert (open_fds(), ram_mappings()) == (fds, maps)
     c0, c1 = counts(vm)
     counting_on(vm, c0, c1)
+    c0, c1 = counts(vm)   # where the source got to: 50 counts or more past the save
     guests.destroy(vm)
     with open(path, "rb") as f:
         vm2 = guests.track(snapshot.restore(f, guests.out.append, kvm=kvm))

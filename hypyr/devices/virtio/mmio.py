@@ -11,7 +11,6 @@ Design notes (registers, status machine, interrupts, threading): docs/devices.md
 from __future__ import annotations
 
 import logging
-import mmap
 import os
 import struct
 import threading
@@ -65,7 +64,7 @@ SHM_BASE_HIGH = 0x0BC
 QUEUE_RESET = 0x0C0
 CONFIG_GENERATION = 0x0FC
 CONFIG = 0x100
-# what register_page() publishes besides InterruptStatus and ConfigGeneration (the other
+# what use_register_page() publishes besides InterruptStatus and ConfigGeneration (the other
 # registers read as zero)
 _PAGE_REGISTERS = (MAGIC, VERSION, DEVICE_ID, VENDOR, DEVICE_FEATURES, QUEUE_NUM_MAX, QUEUE_READY, STATUS,
                    SHM_LEN_LOW, SHM_LEN_HIGH, SHM_BASE_LOW, SHM_BASE_HIGH)
@@ -162,8 +161,7 @@ class VirtioMmioTransport:
         if hasattr(device, "on_config_change"):
             device.on_config_change = self.config_changed
         self._irq_level = False
-        self._page: memoryview | None = None  # see register_page()
-        self._page_map: mmap.mmap | None = None
+        self._page: memoryview | None = None  # see use_register_page()
         self._isr = 0
         self._isr_sticky = 0  # INT_VRING while the device's used-buffer interrupts bypass us (vhost)
         self._config_generation = 0
@@ -235,31 +233,24 @@ class VirtioMmioTransport:
             self._publish()
 
     # ------------------------------------------------------------------ register page
-    def register_page(self) -> memoryview:
-        """A page holding what a read of each register and of the config space returns, kept up
-        to date from now on (InterruptStatus and the status are updated by whichever thread
-        changes them, everything else after each register write).  The VMM maps it read-only
-        over the window (a read-only KVM memslot): the driver's reads, above all the read of
-        InterruptStatus in every interrupt handler, are then plain memory reads with no exit,
-        while its writes still exit (or hit an ioeventfd) and reach :meth:`write`.  Narrow or
-        unaligned register reads then see the register's bytes instead of zeros."""
+    def use_register_page(self, page: memoryview) -> None:
+        """Keep ``page`` (one window's bytes) holding what a read of each register and of the
+        config space returns, from now on (InterruptStatus and the status are updated by
+        whichever thread changes them, everything else after each register write).  The VMM
+        maps it read-only over the window (a read-only KVM memslot): the driver's reads, above
+        all the read of InterruptStatus in every interrupt handler, are then plain memory reads
+        with no exit, while its writes still exit (or hit an ioeventfd) and reach :meth:`write`.
+        Narrow or unaligned register reads then see the register's bytes instead of zeros."""
+        if len(page) != MMIO_WINDOW:
+            raise ValueError(f"a register page is {MMIO_WINDOW} bytes, not {len(page)}")
         with self._lock:
-            if self._page is None:
-                self._page_map = mmap.mmap(-1, MMIO_WINDOW)
-                self._page = memoryview(self._page_map)
-                self._publish()
-            return self._page
+            self._page = page
+            self._publish()
 
     def release_register_page(self) -> None:
-        """Unmap the register page now (once the VM that mapped it is closed), not whenever the
-        garbage collector gets to this transport: a rebooting domain builds new ones each time."""
+        """Stop writing the register page (before its owner unmaps it)."""
         with self._lock, self._irq_lock:
-            page, self._page = self._page, None
-            page_map, self._page_map = self._page_map, None
-        if page is not None:
-            page.release()
-        if page_map is not None:
-            page_map.close()
+            self._page = None
 
     def _publish(self) -> None:  # with self._lock held, self._irq_lock not
         page = self._page
