@@ -47,7 +47,8 @@ class Rig:
         self.mem, self.drivers, self.watch = self.base.mem, self.base.drivers, self.base.watch
         self.line = Line()
         self.t = M.VirtioMmioTransport(dev, self.mem, self.line)
-        self.page = self.t.register_page()
+        self.page = memoryview(bytearray(M.MMIO_WINDOW))
+        self.t.use_register_page(self.page)
         self.watch.queues = self.t.queues
         self.ops = GuestOps(self.mem, self.drivers, self.watch, self.op, 7)
 
