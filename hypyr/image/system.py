@@ -266,20 +266,21 @@ def is_current(spec: SystemSpec) -> bool:
 
 # -- the build ------------------------------------------------------------------------------------
 def check_host(spec: SystemSpec) -> None:
-    """Refusals that need no work: not root, no mmdebstrap or mke2fs, the output already there."""
+    """Refusals that need no work: not root, the output's place, then no mmdebstrap or mke2fs
+    (what the user asked is judged before this host's tools)."""
     if os.geteuid() != 0:
         raise SystemImageError("building a system image needs root (mmdebstrap installs packages as root "
                                "into a directory): run it with sudo")
+    if not spec.out.parent.is_dir():
+        raise SystemImageError(f"the directory {spec.out.parent} for the image does not exist")
+    if (spec.out.exists() or os.path.islink(spec.out)) and not spec.force:
+        raise SystemImageError(f"{spec.out} already exists: give --force to replace it")
     if _tool("chroot") is None:
         raise SystemImageError("chroot is missing: install it with `apt-get install coreutils`")
     if _tool("mmdebstrap") is None:
         raise SystemImageError("mmdebstrap is missing: install it with `apt-get install mmdebstrap`")
     if _mke2fs() is None:
         raise SystemImageError("mke2fs is missing: install it with `apt-get install e2fsprogs`")
-    if not spec.out.parent.is_dir():
-        raise SystemImageError(f"the directory {spec.out.parent} for the image does not exist")
-    if (spec.out.exists() or os.path.islink(spec.out)) and not spec.force:
-        raise SystemImageError(f"{spec.out} already exists: give --force to replace it")
 
 
 def _path() -> str:

@@ -186,8 +186,8 @@ def test_guest_continues_exactly_in_a_fresh_vm(kvm, new_vm):
     after = VmState.capture(dst.vm)
     assert after.irqchip.ioapic == vm_state.irqchip.ioapic
     assert after.irqchip.pic_master.imr == 0xFB and after.irqchip.pic_slave == vm_state.irqchip.pic_slave
-    assert [dataclasses.replace(c, count_load_time=0) for c in after.pit.channels] == \
-           [dataclasses.replace(c, count_load_time=0) for c in vm_state.pit.channels]
+    assert [c.replace(count_load_time=0) for c in after.pit.channels] == \
+           [c.replace(count_load_time=0) for c in vm_state.pit.channels]
 
     # the guest carries on from where it was: next counter values, in registers and memory
     bsp2, ap2 = dst.vcpus
@@ -240,7 +240,7 @@ def test_real_mode_and_waiting_ap_round_trip(kvm, new_vm):
     for s, v in zip(states, dst.vcpus):
         back = VcpuState.capture(v)
         back.msrs.pop(MSR_IA32_TSC)
-        assert dataclasses.replace(back, msrs={}) == dataclasses.replace(s, msrs={})
+        assert back.replace(msrs={}) == s.replace(msrs={})
         assert back.msrs == {i: val for i, val in s.msrs.items() if i != MSR_IA32_TSC}
 
 
@@ -271,8 +271,8 @@ def test_kvmclock_advance_through_kvm_clock_realtime(new_vm):
         pytest.skip("KVM_CAP_ADJUST_CLOCK lacks KVM_CLOCK_REALTIME here")
     state = VmState.capture(vm)
     # as if captured 2 s ago on a host whose KVM_GET_CLOCK reported CLOCK_REALTIME
-    clock = dataclasses.replace(state.clock, flags=B.KVM_CLOCK_REALTIME, realtime=time.time_ns() - 2_000_000_000)
-    dataclasses.replace(state, clock=clock).restore(vm, advance_clock=True)
+    clock = state.clock.replace(flags=B.KVM_CLOCK_REALTIME, realtime=time.time_ns() - 2_000_000_000)
+    state.replace(clock=clock).restore(vm, advance_clock=True)
     assert clock.clock + 2_000_000_000 <= vm.get_clock().clock < clock.clock + 5_000_000_000
 
 
@@ -280,22 +280,21 @@ def test_kvmclock_advance_through_kvm_clock_realtime(new_vm):
 def test_irqchip_and_pit_round_trip(new_vm):
     state = VmState.capture(new_vm(0).vm)
     chips = state.irqchip
-    master = dataclasses.replace(chips.pic_master, imr=0x5A, irq_base=0x20, init4=1, elcr=0x08, auto_eoi=1)
-    slave = dataclasses.replace(chips.pic_slave, imr=0xA5, irq_base=0x28, init4=1, elcr=0x0C)
+    master = chips.pic_master.replace(imr=0x5A, irq_base=0x20, init4=1, elcr=0x08, auto_eoi=1)
+    slave = chips.pic_slave.replace(imr=0xA5, irq_base=0x28, init4=1, elcr=0x0C)
     redirtbl = tuple(0x1_0000 | (0x30 + pin) | (pin % 3) << 56 for pin in range(24))  # masked, vectors 0x30+
-    ioapic = dataclasses.replace(chips.ioapic, id=5 << 24, ioregsel=0x12, redirtbl=redirtbl)
-    channels = (dataclasses.replace(state.pit.channels[0], count=0x2345, mode=2, rw_mode=3, gate=1),
-                dataclasses.replace(state.pit.channels[1], count=0x12, mode=3, rw_mode=1),
-                dataclasses.replace(state.pit.channels[2], count=0x4000, mode=0, rw_mode=3, gate=0))
-    wanted = dataclasses.replace(state, irqchip=dataclasses.replace(chips, pic_master=master, pic_slave=slave,
-                                                                    ioapic=ioapic),
-                                 pit=dataclasses.replace(state.pit, channels=channels))
+    ioapic = chips.ioapic.replace(id=5 << 24, ioregsel=0x12, redirtbl=redirtbl)
+    channels = (state.pit.channels[0].replace(count=0x2345, mode=2, rw_mode=3, gate=1),
+                state.pit.channels[1].replace(count=0x12, mode=3, rw_mode=1),
+                state.pit.channels[2].replace(count=0x4000, mode=0, rw_mode=3, gate=0))
+    wanted = state.replace(irqchip=chips.replace(pic_master=master, pic_slave=slave, ioapic=ioapic),
+                           pit=state.pit.replace(channels=channels))
     vm = new_vm(0).vm
     wanted.restore(vm)
     back = VmState.capture(vm)
     assert back.irqchip == wanted.irqchip
-    assert [dataclasses.replace(c, count_load_time=0) for c in back.pit.channels] == \
-           [dataclasses.replace(c, count_load_time=0) for c in channels]  # KVM restarts the counts
+    assert [c.replace(count_load_time=0) for c in back.pit.channels] == \
+           [c.replace(count_load_time=0) for c in channels]  # KVM restarts the counts
     assert back.pit.flags == wanted.pit.flags
 
 
@@ -325,7 +324,7 @@ def test_tsc_khz_within_tolerance_needs_no_scaling(kvm, new_vm):
     state = VcpuState.capture(v)
     assert state.tsc_khz and state.tsc_khz == v.get_tsc_khz()
     v2 = new_vm(1).vcpus[0]
-    dataclasses.replace(state, tsc_khz=state.tsc_khz + state.tsc_khz // 10_000).restore(v2)  # +100 ppm
+    state.replace(tsc_khz=state.tsc_khz + state.tsc_khz // 10_000).restore(v2)  # +100 ppm
     assert v2.get_tsc_khz() == state.tsc_khz
 
 
@@ -334,7 +333,7 @@ def test_tsc_khz_that_the_host_cannot_give_is_an_error(kvm, new_vm):
         pytest.skip("this host has KVM_CAP_TSC_CONTROL: it may well scale the TSC")
     state = VcpuState.capture(new_vm(1).vcpus[0])
     with pytest.raises(KvmError, match="KVM_SET_TSC_KHZ"):
-        dataclasses.replace(state, tsc_khz=state.tsc_khz // 2).restore(new_vm(1).vcpus[0])
+        state.replace(tsc_khz=state.tsc_khz // 2).restore(new_vm(1).vcpus[0])
 
 
 def test_msr_index_list(kvm, new_vm):

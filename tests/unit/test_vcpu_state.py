@@ -3,7 +3,6 @@ the KVM struct mapping, and the order capture()/restore() call the vCPU ioctls i
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 
@@ -26,6 +25,7 @@ from hypyr.arch.x86.vcpu_state import (
     VcpuState,
     VmState,
     Xcr,
+    record_fields,
 )
 from hypyr.errors import HypyrError, StateError
 from hypyr.kvm import B, CpuidEntry
@@ -33,7 +33,7 @@ from hypyr.kvm import B, CpuidEntry
 
 # -- strategies built from the records' own field descriptions ------------------------------------------
 def records(cls) -> st.SearchStrategy:
-    return st.builds(cls, **{f.name: _field_values(f.metadata) for f in dataclasses.fields(cls)})
+    return st.builds(cls, **{name: _field_values(meta) for name, meta in record_fields(cls)})
 
 
 def _field_values(meta) -> st.SearchStrategy:
@@ -378,7 +378,7 @@ def test_restore_scales_the_tsc_only_beyond_the_tolerance():
     assert ("set_tsc_khz", (state.tsc_khz,)) in v.calls
     assert v.names().index("set_tsc_khz") < v.names().index("set_sregs")  # before the TSC MSR write
     v = FakeVcpu(tsc_khz=1)
-    dataclasses.replace(state, tsc_khz=None).restore(v)
+    state.replace(tsc_khz=None).restore(v)
     assert "set_tsc_khz" not in v.names()
 
 

@@ -34,12 +34,10 @@ kvmclock unless :meth:`VmState.restore` is asked to advance it by the time elaps
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from hypyr.errors import StateError
@@ -62,32 +60,36 @@ FORMAT_VERSION = 2  # of the kvm-vcpu and kvm-vm records; 2: CPUID left kvm-vcpu
 # Each record field says in its metadata what it looks like as plain data ("kind") and, for
 # records mirroring a KVM struct, where it lives in that struct ("kvm", a dotted path).
 
-def _u(bits: int, kvm: str | None = None, *, optional: bool = False):
-    return field(metadata={"kind": "uint", "bits": bits, "kvm": kvm, "optional": optional})
+class _Meta(dict):
+    """A record field's metadata, given as the field's value in the class body."""
 
 
-def _s(bits: int, kvm: str | None = None):
-    return field(metadata={"kind": "sint", "bits": bits, "kvm": kvm})
+def _u(bits: int, kvm: str | None = None, *, optional: bool = False) -> Any:
+    return _Meta(kind="uint", bits=bits, kvm=kvm, optional=optional)
 
 
-def _uints(bits: int, n: int, kvm: str | None = None):
-    return field(metadata={"kind": "uints", "bits": bits, "n": n, "kvm": kvm})
+def _s(bits: int, kvm: str | None = None) -> Any:
+    return _Meta(kind="sint", bits=bits, kvm=kvm)
 
 
-def _blob(min_len: int, max_len: int, multiple: int = 1):
-    return field(metadata={"kind": "bytes", "min": min_len, "max": max_len, "multiple": multiple})
+def _uints(bits: int, n: int, kvm: str | None = None) -> Any:
+    return _Meta(kind="uints", bits=bits, n=n, kvm=kvm)
 
 
-def _record(cls: type, kvm: str | None = None, *, optional: bool = False):
-    return field(metadata={"kind": "record", "cls": cls, "kvm": kvm, "optional": optional})
+def _blob(min_len: int, max_len: int, multiple: int = 1) -> Any:
+    return _Meta(kind="bytes", min=min_len, max=max_len, multiple=multiple)
 
 
-def _records(cls: type, min_n: int, max_n: int, kvm: str | None = None):
-    return field(metadata={"kind": "records", "cls": cls, "min": min_n, "max": max_n, "kvm": kvm})
+def _record(cls: type, kvm: str | None = None, *, optional: bool = False) -> Any:
+    return _Meta(kind="record", cls=cls, kvm=kvm, optional=optional)
 
 
-def _custom(kind: str):
-    return field(metadata={"kind": kind})
+def _records(cls: type, min_n: int, max_n: int, kvm: str | None = None) -> Any:
+    return _Meta(kind="records", cls=cls, min=min_n, max=max_n, kvm=kvm)
+
+
+def _custom(kind: str) -> Any:
+    return _Meta(kind=kind)
 
 
 def _show(value: object) -> str:
@@ -129,35 +131,62 @@ def _check_keys(data: object, names: list[str], where: str) -> dict:
 
 
 _Spec = tuple[tuple[str, Any, tuple[str, ...], int], ...]
-_FIELDS: dict[type, _Spec] = {}
-_KEYS: dict[type, frozenset[str]] = {}   # the keys of a record class's plain form
 
 
 def _fields(cls: type) -> _Spec:
     """(name, metadata, path of the KVM struct member, largest value or -1) of each field of a
-    record class, worked out once per class (a migration's downtime converts every vCPU's records
-    both ways).  The largest value is a plain unsigned integer field's: one that a good value
-    passes with one comparison (the general path names the field only for a bad one)."""
-    spec = _FIELDS.get(cls)
-    if spec is None:
-        spec = _FIELDS[cls] = tuple(
-            (f.name, f.metadata, tuple((f.metadata.get("kvm") or f.name).split(".")),
-             (1 << f.metadata["bits"]) - 1 if f.metadata["kind"] == "uint" else -1)
-            for f in dataclasses.fields(cls))
-    return spec
+    record class, worked out once, when the class is made (a migration's downtime converts every
+    vCPU's records both ways).  The largest value is a plain unsigned integer field's: one that a
+    good value passes with one comparison (the general path names the field only for a bad one)."""
+    return cls._spec   # type: ignore[attr-defined]
+
+
+def record_fields(cls: type) -> list[tuple[str, dict]]:
+    """(name, metadata) of each field of a record class, in order."""
+    return [(name, meta) for name, meta, _, _ in _fields(cls)]
 
 
 class _Record:
-    """Base of the frozen state records: :meth:`to_dict` and a validating :meth:`from_dict`."""
+    """Base of the frozen state records: keyword (or positional) construction of every field,
+    equality, hashing and repr over the fields, :meth:`replace`, :meth:`to_dict` and a validating
+    :meth:`from_dict`.  A subclass lists its fields as ``name: type = _u(...)`` (or ``_record``,
+    ``_blob``...).  Not dataclasses: making one compiles its methods, ~30 ms each in the lab."""
 
     _kind: ClassVar[str | None] = None  # top-level records carry "kind" and "v" (format version)
-    # every subclass is a dataclass; declared (never assigned here) so that the type checker knows
-    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
+    _spec: ClassVar[_Spec] = ()
+    _names: ClassVar[tuple[str, ...]] = ()
+    _keys: ClassVar[frozenset[str]] = frozenset()   # the keys of the plain form
 
-    # equality, hashing and repr over the fields, made once here rather than by @dataclass for
-    # each of the 15 record classes (that costs ~0.4 s of a restore in the lab)
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        fields = [(name, meta) for name, meta in vars(cls).items() if isinstance(meta, _Meta)]
+        for name, _ in fields:
+            delattr(cls, name)
+        cls._spec = tuple((name, meta, tuple((meta.get("kvm") or name).split(".")),
+                           (1 << meta["bits"]) - 1 if meta["kind"] == "uint" else -1) for name, meta in fields)
+        cls._names = tuple(name for name, _ in fields)
+        cls._keys = frozenset(cls._names) | ({"kind", "v"} if cls._kind else set())
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        names = self._names
+        values = dict(zip(names, args))
+        if len(args) > len(names) or not values.keys().isdisjoint(kwargs):
+            raise TypeError(f"{type(self).__name__}: too many or repeated arguments")
+        values.update(kwargs)
+        if len(values) != len(names) or not values.keys() <= set(names):
+            wrong = sorted(set(names) ^ values.keys())
+            raise TypeError(f"{type(self).__name__}: missing or unknown fields {wrong}")
+        self.__dict__.update(values)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__} is frozen: use replace()")
+
+    def replace(self, **changes: Any):
+        """A copy with ``changes``."""
+        return type(self)(**{**self.__dict__, **changes})
+
     def _values(self) -> tuple:
-        return tuple(getattr(self, name) for name, _, _, _ in _fields(type(self)))
+        return tuple(getattr(self, name) for name in self._names)
 
     def __eq__(self, other: object) -> bool:
         if other.__class__ is not self.__class__:
@@ -168,7 +197,7 @@ class _Record:
         return hash((self.__class__, self._values()))
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name, _, _, _ in _fields(type(self)))
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._names)
         return f"{self.__class__.__name__}({fields})"
 
     def to_dict(self) -> dict:
@@ -184,10 +213,7 @@ class _Record:
         unknown, of the wrong type or out of range (and nothing else)."""
         where = where or (cls._kind or cls.__name__)
         fields = _fields(cls)
-        names = _KEYS.get(cls)
-        if names is None:
-            names = _KEYS[cls] = frozenset(name for name, _, _, _ in fields) | (
-                {"kind", "v"} if cls._kind else set())
+        names = cls._keys
         if not isinstance(data, dict) or data.keys() != names:   # say which key is missing or unknown
             data = _check_keys(data, [name for name, _, _, _ in fields] + (["kind", "v"] if cls._kind else []),
                                where)
@@ -338,7 +364,6 @@ def _get_path(s, path: Sequence[str]):
 
 
 # -- vCPU records ------------------------------------------------------------------------------------
-@dataclass(frozen=True, repr=False, eq=False)
 class Regs(_KvmRecord):
     _kvm = B.kvm_regs
     rax: int = _u(64)
@@ -361,7 +386,6 @@ class Regs(_KvmRecord):
     rflags: int = _u(64)
 
 
-@dataclass(frozen=True, repr=False, eq=False)
 class Segment(_KvmRecord):
     _kvm = B.kvm_segment
     base: int = _u(64)
@@ -378,14 +402,12 @@ class Segment(_KvmRecord):
     unusable: int = _u(8)
 
 
-@dataclass(frozen=True, repr=False, eq=False)
 class DescriptorTable(_KvmRecord):
     _kvm = B.kvm_dtable
     base: int = _u(64)
     limit: int = _u(16)
 
 
-@dataclass(frozen=True, repr=False, eq=False)
 class Sregs(_KvmRecord):
     _kvm = B.kvm_sregs
     cs: Segment = _record(Segment)
@@ -408,14 +430,12 @@ class Sregs(_KvmRecord):
     interrupt_bitmap: tuple[int, ...] = _uints(64, 4)
 
 
-@dataclass(frozen=True, repr=False, eq=False)
 class Xcr(_KvmRecord):
     _kvm = B.kvm_xcr
     xcr: int = _u(32)  # which XCR (0: XCR0)
     value: int = _u(64)
 
 
-@dataclass(frozen=True, repr=False, eq=False)
 class DebugRegs(_KvmRecord):
     _kvm = B.kvm_debugregs
     db: tuple[int, ...] = _uints(64, 4)
@@ -424,7 +444,6 @@ class DebugRegs(_KvmRecord):
     flags: int = _u(64)
 
 
-@dataclass(frozen=True, repr=False, eq=False)
 class VcpuEvents(_KvmRecord):
     """kvm_vcpu_events, flattened (``exception.nr`` is ``exception_nr``)."""
     _kvm = B.kvm_vcpu_events
@@ -451,7 +470,6 @@ class VcpuEvents(_KvmRecord):
     exception_payload: int = _u(64)
 
 
-@dataclass(frozen=True, repr=False, eq=False)
 class VcpuState(_Record):
     """Everything KVM holds for one x86 vCPU.  ``msrs`` maps index to value in KVM's order;
     ``tsc_khz`` is None where the host cannot tell (no KVM_CAP_GET_TSC_KHZ)."""
@@ -540,7 +558,6 @@ def _read_msrs(vcpu: Vcpu, indices: list[int]) -> dict[int, int]:
 
 
 # -- VM records --------------------------------------------------------------------------------------
-@dataclass(frozen=True, repr=False, eq=False)
 class PicState(_KvmRecord):
     _kvm = B.kvm_pic_state
     last_irr: int = _u(8)
@@ -561,7 +578,6 @@ class PicState(_KvmRecord):
     elcr_mask: int = _u(8)
 
 
-@dataclass(frozen=True, repr=False, eq=False)
 class IoapicState(_KvmRecord):
     """The IOAPIC; each redirection table entry is its raw 64-bit value."""
     _kvm = B.kvm_ioapic_state
@@ -572,14 +588,12 @@ class IoapicState(_KvmRecord):
     redirtbl: tuple[int, ...] = _uints(64, B.KVM_IOAPIC_NUM_PINS)
 
 
-@dataclass(frozen=True, repr=False, eq=False)
 class IrqchipState(_Record):
     pic_master: PicState = _record(PicState)
     pic_slave: PicState = _record(PicState)
     ioapic: IoapicState = _record(IoapicState)
 
 
-@dataclass(frozen=True, repr=False, eq=False)
 class PitChannel(_KvmRecord):
     """One i8254 channel.  ``count_load_time`` is host time: KVM restarts the count on restore."""
     _kvm = B.kvm_pit_channel_state
@@ -598,14 +612,12 @@ class PitChannel(_KvmRecord):
     count_load_time: int = _s(64)
 
 
-@dataclass(frozen=True, repr=False, eq=False)
 class PitState(_KvmRecord):
     _kvm = B.kvm_pit_state2
     channels: tuple[PitChannel, ...] = _records(PitChannel, 3, 3)
     flags: int = _u(32)
 
 
-@dataclass(frozen=True, repr=False, eq=False)
 class ClockData(_Record):
     """kvmclock at capture.  ``realtime`` is the host's CLOCK_REALTIME (ns) at that instant: KVM's
     own reading when ``flags`` has KVM_CLOCK_REALTIME, else hypyr's, right after KVM_GET_CLOCK."""
@@ -615,7 +627,6 @@ class ClockData(_Record):
     host_tsc: int = _u(64)
 
 
-@dataclass(frozen=True, repr=False, eq=False)
 class VmState(_Record):
     """The VM-wide KVM state: in-kernel PICs and IOAPIC, PIT, kvmclock.  ``irqchip``/``pit`` are
     None for a VM created without them."""
