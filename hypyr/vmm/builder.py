@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from hypyr import preopened, procfs
 from hypyr.arch.x86 import acpi, layout, msrs
@@ -28,14 +29,10 @@ from hypyr.devices.legacy.rtc import Rtc
 from hypyr.devices.legacy.serial import Serial
 from hypyr.devices.pvexit import PvExit
 from hypyr.devices.pvpanic import PVPANIC_PORT, PvPanic
-from hypyr.devices.virtio.blk import VirtioBlk
 from hypyr.devices.virtio.console import VirtioConsole
+from hypyr.devices.virtio.device import VIRTIO_ID_NET
 from hypyr.devices.virtio.mmio import INT_VRING, INTERRUPT_ACK, QUEUE_NOTIFY_OFFSET, VirtioMmioTransport
-from hypyr.devices.virtio.net import VirtioNet, parse_mac
 from hypyr.devices.virtio.rng import VirtioRng
-from hypyr.devices.virtio.tap import TapError, check_tap
-from hypyr.devices.virtio.vhost import VhostNet
-from hypyr.devices.virtio.vhost import usable as vhost_usable
 from hypyr.errors import HypyrError
 from hypyr.kvm import B, Kvm, KvmUnavailable
 from hypyr.memory import GuestMemory
@@ -43,6 +40,9 @@ from hypyr.memory import GuestMemory
 from .config import VmConfig
 from .iothread import IoThread
 from .machine import Machine, check_vcpu_count
+
+if TYPE_CHECKING:
+    from hypyr.devices.virtio.net import VirtioNet
 
 log = logging.getLogger("hypyr.vmm")
 
@@ -110,6 +110,9 @@ def validate(config: VmConfig, kvm: Kvm | None = None, *, boot: bool = True) -> 
     ``boot=False``: the kernel and initrd are not needed (a restore)."""
     if len(config.disks) + len(config.nets) + 2 > MAX_VIRTIO_DEVICES:
         raise HypyrError(f"at most {MAX_VIRTIO_DEVICES - 2} disks and NICs together can be attached")
+    if config.nets:   # the NIC modules only for a VM with NICs (hypyr run's start, issue #14)
+        from hypyr.devices.virtio.net import parse_mac
+        from hypyr.devices.virtio.tap import TapError, check_tap
     for i, net in enumerate(config.nets):
         try:
             parse_mac(net.mac)
@@ -267,7 +270,13 @@ def boot_linux(vm: LinuxVm) -> None:
 
 
 def _virtio_devices(config: VmConfig, console_out: Callable[[bytes], object], lock_disks: bool = True) -> list:
-    """Disks first (so the first disk is /dev/vda), then NICs, the console, the entropy device."""
+    """Disks first (so the first disk is /dev/vda), then NICs, the console, the entropy device.
+    The disk and NIC modules are imported only for a VM that has them."""
+    if config.disks:
+        from hypyr.devices.virtio.blk import VirtioBlk
+    if config.nets:
+        from hypyr.devices.virtio.net import VirtioNet, parse_mac
+        from hypyr.devices.virtio.vhost import usable as vhost_usable
     devices: list = [VirtioBlk(d.path, read_only=d.read_only, serial=f"hypyr-vd{chr(ord('a') + i)}", lock=lock_disks)
                      for i, d in enumerate(config.disks)]
     want_vhost = None
@@ -311,7 +320,7 @@ def attach_virtio(machine: Machine, devices: list, transports: list | None = Non
             efd = io.add_eventfd(functools.partial(transport.notify, q))
             machine.vm.ioeventfd(efd, base + QUEUE_NOTIFY_OFFSET, 4, datamatch=q)
             kicks.append(efd)
-        if isinstance(dev, VirtioNet):
+        if dev.device_id == VIRTIO_ID_NET:
             _attach_net(io, dev, kicks, irq_fd)
         windows.append(MmioDevice(base, layout.VIRTIO_MMIO_SIZE, gsi, edge=machine.irqchip))
         log.info("virtio-%s at %#x, GSI %d", dev.name, base, gsi)
@@ -332,4 +341,5 @@ def _attach_net(io: IoThread, dev: VirtioNet, kicks: list[int], irq_fd: int | No
     def on_running(running: bool) -> None:
         for fd in kicks + [dev.tap_fd]:
             io.watch(fd, not running)
+    from hypyr.devices.virtio.vhost import VhostNet
     dev.attach_vhost(VhostNet(dev.tap_fd, kicks, irq_fd, on_running))

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from hypyr.errors import HypyrError
 from hypyr.memory import GuestAddress, GuestMemory
 
-from . import acpi, bootparams, elf, gdt, layout, loader, multiboot, paging, pvh
+from . import acpi, bootparams, gdt, layout, loader, paging
 from .loader import KernelImage
 from .regs import BootCpuState, boot_cpu_state, protected_mode_cpu_state
+
+if TYPE_CHECKING:
+    from . import elf
 
 
 class BootSetup(NamedTuple):
@@ -83,6 +86,7 @@ def _kernel_image(kind: str, path: str, segments: Sequence[elf.Segment], entry: 
 def _setup_multiboot(mem: GuestMemory, data: bytes, path: str,
                      modules: Sequence[tuple[bytes | str | os.PathLike, str]], cmdline: str,
                      rsdp_addr: int) -> BootSetup:
+    from . import elf, multiboot  # only for these kernels (hypyr run's start, issue #14)
     _header, segments, entry = multiboot.image_layout(data, path)
     elf.check_segments(mem, path, segments, limit=layout.FOUR_GIB)
     elf.load_segments(mem, data, segments)
@@ -104,6 +108,7 @@ def _setup_multiboot(mem: GuestMemory, data: bytes, path: str,
 
 def _setup_pvh(mem: GuestMemory, data: bytes, path: str, initrd: bytes | str | os.PathLike | None, cmdline: str,
                rsdp_addr: int) -> BootSetup:
+    from . import elf, pvh  # only for these kernels
     image = elf.parse(data, path)
     entry = pvh.phys32_entry(image)
     assert entry is not None  # detect_format said PVH

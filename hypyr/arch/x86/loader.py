@@ -16,7 +16,7 @@ from hypyr.errors import HypyrError
 from hypyr.memory import GuestAddress, GuestMemory
 
 from . import bootparams as bp
-from . import elf, layout, multiboot, pvh
+from . import layout
 
 ELF_MAGIC = b"\x7fELF"
 MIN_PROTOCOL = 0x0206
@@ -149,6 +149,7 @@ def detect_format(data: bytes) -> str:
     left to the bzImage loader, whose error says what is wrong."""
     if _is_bzimage(data):
         return KIND_BZIMAGE
+    from . import elf, multiboot, pvh  # only for the other formats (hypyr run's start, issue #14)
     if elf.is_elf(data):
         try:
             image = elf.parse(data, "")

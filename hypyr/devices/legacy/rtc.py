@@ -27,7 +27,6 @@ SET bit is on, the frozen fields are saved as they are.
 
 from __future__ import annotations
 
-import datetime
 import logging
 import time
 from collections.abc import Callable
@@ -69,23 +68,28 @@ REG_D_VRT = 0x80
 _TIME_REGS = (REG_SECONDS, REG_MINUTES, REG_HOURS, REG_WEEKDAY, REG_DAY, REG_MONTH, REG_YEAR,
               REG_CENTURY)
 
-_UNIX_EPOCH = datetime.datetime(1970, 1, 1)
-_SECOND = datetime.timedelta(seconds=1)
-
-
-def _timegm(when: datetime.datetime) -> int:
-    """Seconds since 1970 of a (UTC) date and time, as ``calendar.timegm``."""
-    return (when - _UNIX_EPOCH) // _SECOND
+def _days_from_civil(year: int, month: int, day: int) -> int:
+    """Days from 1970-01-01 to a date of the proleptic Gregorian calendar (H. Hinnant's
+    algorithm; plain integers, so the RTC needs no datetime import)."""
+    year -= month <= 2
+    era = year // 400
+    yoe = year - era * 400
+    doy = (153 * (month + (-3 if month > 2 else 9)) + 2) // 5 + day - 1
+    return era * 146097 + yoe * 365 + yoe // 4 - yoe // 100 + doy - 719468
 
 
 def _days_in_month(year: int, month: int) -> int:
-    if month == 12:
-        return 31
-    return (datetime.date(year, month + 1, 1) - datetime.date(year, month, 1)).days
+    if month == 2:
+        return 29 if year % 4 == 0 and (year % 100 != 0 or year % 400 == 0) else 28
+    return 30 if month in (4, 6, 9, 11) else 31
 
 
-_MIN_EPOCH = _timegm(datetime.datetime(1, 1, 1))
-_MAX_EPOCH = _timegm(datetime.datetime(9999, 12, 31, 23, 59, 59))
+def _valid_date(year: int, month: int, day: int) -> bool:
+    return 1 <= year <= 9999 and 1 <= month <= 12 and 1 <= day <= _days_in_month(year, month)
+
+
+_MIN_EPOCH = _days_from_civil(1, 1, 1) * 86400
+_MAX_EPOCH = _days_from_civil(9999, 12, 31) * 86400 + 86399
 
 
 def _default_ram() -> bytes:
@@ -237,10 +241,8 @@ class Rtc(QuiesceFree, ByteRegisterDevice):
                 return self._encode(hour)
             return self._encode(hour % 12 or 12) | (0x80 if hour >= 12 else 0)
         if reg == REG_WEEKDAY:
-            try:
-                wday = datetime.date(year, month, day).isoweekday() % 7 + 1  # Sunday = 1
-            except ValueError:
-                wday = 1  # a half-set date while SET is on
+            # Sunday = 1 (1970-01-01 was a Thursday); 1 for a half-set date while SET is on
+            wday = (_days_from_civil(year, month, day) + 4) % 7 + 1 if _valid_date(year, month, day) else 1
             return self._encode(wday)
         if reg == REG_DAY:
             return self._encode(day)
@@ -295,10 +297,10 @@ class Rtc(QuiesceFree, ByteRegisterDevice):
 
     @staticmethod
     def _to_epoch(f: Fields) -> int | None:
-        try:
-            return _timegm(datetime.datetime(*f))
-        except (ValueError, OverflowError):
+        year, month, day, hour, minute, sec = f
+        if not (_valid_date(year, month, day) and 0 <= hour < 24 and 0 <= minute < 60 and 0 <= sec < 60):
             return None
+        return _days_from_civil(year, month, day) * 86400 + hour * 3600 + minute * 60 + sec
 
     # ------------------------------------------------------------------ registers
     def _read_index(self, index: int) -> int:
