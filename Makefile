@@ -14,7 +14,9 @@ $(VENV)/.installed: pyproject.toml scripts/install-deps.sh
 	bash scripts/install-deps.sh
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip >/dev/null
-	$(PY) -m pip install -q -e '.[test]'
+	# compat: the tree on sys.path by a .pth line, not setuptools' import hook, which every
+	# Python process (each VMM) would import first: ~0.16 s per process in the lab (bench/README.md)
+	$(PY) -m pip install -q --config-settings editable_mode=compat -e '.[test]'
 	touch $@
 
 deps: $(VENV)/.installed
@@ -95,7 +97,7 @@ FUZZ_TARGETS ?=
 FUZZ_RUNS ?= 0
 FUZZ_DIR ?= $(HOME)/.cache/hypyr/fuzz
 $(VENV)/.fuzz-installed: $(VENV)/.installed
-	$(PY) -m pip install -q -e '.[test,fuzz]'
+	$(PY) -m pip install -q --config-settings editable_mode=compat -e '.[test,fuzz]'
 	touch $@
 
 fuzz: $(VENV)/.fuzz-installed

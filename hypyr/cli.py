@@ -89,11 +89,14 @@ def _run_with(args, kernel, initrd, disks, disk_cmdline: str | None) -> int:
 
     if kernel is None or args.rootfs == "":
         from hypyr.image import default as image
-        img = image.ensure()
+        files = image.current()
+        if files is None:   # build it (the common case needs no pathlib: see hypyr.image.default)
+            img = image.ensure()
+            files = (str(img.kernel), str(img.initrd), str(img.rootfs))
         if kernel is None:
-            kernel, initrd = str(img.kernel), (initrd or str(img.initrd))
+            kernel, initrd = files[0], (initrd or files[1])
         if args.rootfs == "":
-            args.rootfs = str(img.rootfs)
+            args.rootfs = files[2]
     if args.rootfs is not None:
         disks.insert(0, DiskConfig(args.rootfs))
     modules = _multiboot_modules(args, kernel, initrd)  # None: a Linux kernel

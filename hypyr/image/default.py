@@ -1,7 +1,8 @@
 """The default guest image: what it is made of, where it lives, and whether it is current.
 
-`hypyr run` checks it at every start, so this module is light; building it is
-:mod:`hypyr.image.build`'s (imported only to build).
+`hypyr run` checks it at every start (:func:`current`), so this module is light: os.path and
+strings on that path (pathlib's import alone costs more than the check in the lab); building it
+is :mod:`hypyr.image.build`'s (imported only to build).
 """
 
 from __future__ import annotations
@@ -9,8 +10,10 @@ from __future__ import annotations
 import json
 import os
 import zlib
-from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 BUILDER_VERSION = 4
 KERNEL_PACKAGE = "linux-image-cloud-amd64"
@@ -25,13 +28,18 @@ USERLAND_PACKAGES = ["iperf3", "libiperf0", "libc6", "libsctp1", "libssl3"]
 STAMP = "image.stamp"
 
 
-def hypyr_cache(sub: str, env_var: str) -> Path:
-    """``$env_var`` if set, else ``$XDG_CACHE_HOME/hypyr/<sub>`` (default ``~/.cache/hypyr/<sub>``)."""
+def _cache_dir(sub: str, env_var: str) -> str:
     env = os.environ.get(env_var)
     if env:
-        return Path(env)
+        return env
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "hypyr" / sub
+    return os.path.join(base, "hypyr", sub)
+
+
+def hypyr_cache(sub: str, env_var: str) -> Path:
+    """``$env_var`` if set, else ``$XDG_CACHE_HOME/hypyr/<sub>`` (default ``~/.cache/hypyr/<sub>``)."""
+    from pathlib import Path
+    return Path(_cache_dir(sub, env_var))
 
 
 class ImagePaths(NamedTuple):
@@ -52,7 +60,8 @@ def paths() -> ImagePaths:
 
 def init_script() -> bytes:
     """The guest's /init (hypyr/image/init.sh, package data)."""
-    return Path(__file__).with_name("init.sh").read_bytes()
+    with open(os.path.join(os.path.dirname(__file__), "init.sh"), "rb") as f:
+        return f.read()
 
 
 def init_digest(init: bytes) -> str:
@@ -61,19 +70,29 @@ def init_digest(init: bytes) -> str:
     return f"crc32:{zlib.crc32(init):08x}"
 
 
+def current() -> tuple[str, str, str] | None:
+    """(kernel, initrd, root filesystem) of the default image if it is complete and made from
+    today's inputs, else None.  Without asking apt: a changed init script, module list, userland
+    or builder makes it out of date."""
+    d = _cache_dir("image", "HYPYR_IMAGE_DIR")
+    kernel, initrd, rootfs = (os.path.join(d, n) for n in ("vmlinuz", "initrd.img", "rootfs.ext4"))
+    if not all(os.path.isfile(p) for p in (kernel, initrd, rootfs)):
+        return None
+    try:
+        with open(os.path.join(d, STAMP), "rb") as f:
+            doc = json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+    if (isinstance(doc, dict) and doc.get("builder") == BUILDER_VERSION and doc.get("modules") == GUEST_MODULES
+            and doc.get("init") == init_digest(init_script())
+            and [u[0].split("_")[0] for u in doc.get("userland", [])] == USERLAND_PACKAGES):
+        return kernel, initrd, rootfs
+    return None
+
+
 def ensure() -> ImagePaths:
-    """The guest image, built first if it is missing (no package look-up when it exists)."""
-    out = paths()
-    stamp = out.dir / STAMP
-    if out.kernel.is_file() and out.initrd.is_file() and out.rootfs.is_file() and stamp.is_file():
-        try:
-            doc = json.loads(stamp.read_text())
-        except ValueError:
-            doc = {}
-        # Without asking apt, a changed init script, module list or builder still rebuilds.
-        if (doc.get("builder") == BUILDER_VERSION and doc.get("modules") == GUEST_MODULES
-                and doc.get("init") == init_digest(init_script())
-                and [u[0].split("_")[0] for u in doc.get("userland", [])] == USERLAND_PACKAGES):
-            return out
+    """The guest image, built first if it is missing or out of date (see :func:`current`)."""
+    if current() is not None:
+        return paths()
     from hypyr.image import build
     return build.build()
