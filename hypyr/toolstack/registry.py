@@ -23,7 +23,6 @@ import sqlite3
 import stat
 import threading
 import time
-import uuid as uuidlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +80,20 @@ CREATE TABLE domains (  -- schema 1; _migrate adds the rest
     exit_reason TEXT
 )
 """
+
+
+def _new_uuid(given: object = None) -> str:
+    """``given`` in canonical form if it is a UUID, else a random UUID (the uuid module is
+    imported here: it costs each domain process's start, which never makes one)."""
+    import uuid
+    if given is not None:
+        try:
+            return str(uuid.UUID(str(given)))
+        except ValueError:
+            pass
+    return str(uuid.uuid4())
+
+
 _COLUMNS = "domid, name, config, pid, pid_start, socket, state, created, started, restarts, exit_reason, uuid"
 
 
@@ -254,7 +267,7 @@ class Registry:
             if version < 2:   # every domain gets a UUID
                 db.execute("ALTER TABLE domains ADD COLUMN uuid TEXT")
                 for (domid,) in db.execute("SELECT domid FROM domains").fetchall():
-                    db.execute("UPDATE domains SET uuid = ? WHERE domid = ?", (str(uuidlib.uuid4()), domid))
+                    db.execute("UPDATE domains SET uuid = ? WHERE domid = ?", (_new_uuid(), domid))
                 db.execute("CREATE UNIQUE INDEX domains_uuid ON domains (uuid)")
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             db.execute("COMMIT")
@@ -382,17 +395,13 @@ class Registry:
                 domid += 1
             if domid > MAX_DOMID:
                 raise InsufficientResources(f"no free domain ids: {MAX_DOMID} domains exist")
-            new_uuid = str(uuidlib.uuid4())
+            new_uuid = _new_uuid(uuid)
             if uuid is not None:
-                try:
-                    new_uuid = str(uuidlib.UUID(str(uuid)))
-                except ValueError:
-                    pass
                 row = db.execute(f"SELECT {_COLUMNS} FROM domains WHERE uuid = ?", (new_uuid,)).fetchone()
                 if row is not None:
                     old = _record(row)
                     if not _reapable(old) or self._reap_row(db, old) is None:
-                        new_uuid = str(uuidlib.uuid4())   # a domain that is still there has it
+                        new_uuid = _new_uuid()   # a domain that is still there has it
             rec = DomainRecord(domid, name, config_json, owner, owner_start, None, DomainState.CREATING,
                                time.time(), None, 0, None, new_uuid)
             db.execute(f"INSERT INTO domains ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",

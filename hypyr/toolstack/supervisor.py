@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import socket
-import tempfile
 import threading
 
 from hypyr.errors import HypyrError
@@ -37,6 +36,7 @@ class SaveFiles:
         """(fd, name) of a new temporary file in ``path``'s directory; SaveFileError if not."""
         if not isinstance(path, str) or not os.path.isabs(path) or "\0" in path:
             raise SaveFileError("a save file needs an absolute file name")
+        import tempfile  # only for a save: not every domain process's start
         try:
             fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.",
                                        suffix=".part")
