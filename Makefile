@@ -15,8 +15,9 @@ $(VENV)/.installed: pyproject.toml scripts/install-deps.sh
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip >/dev/null
 	# compat: the tree on sys.path by a .pth line, not setuptools' import hook, which every
-	# Python process (each VMM) would import first: ~0.16 s per process in the lab (bench/README.md)
-	$(PY) -m pip install -q --config-settings editable_mode=compat -e '.[test]'
+	# Python process (each VMM) would import first: ~0.16 s per process in the lab (bench/README.md).
+	# setuptools calls the mode transitional: without it, the default install still works.
+	$(PY) -m pip install -q --config-settings editable_mode=compat -e '.[test]' || $(PY) -m pip install -q -e '.[test]'
 	touch $@
 
 deps: $(VENV)/.installed
@@ -97,7 +98,7 @@ FUZZ_TARGETS ?=
 FUZZ_RUNS ?= 0
 FUZZ_DIR ?= $(HOME)/.cache/hypyr/fuzz
 $(VENV)/.fuzz-installed: $(VENV)/.installed
-	$(PY) -m pip install -q --config-settings editable_mode=compat -e '.[test,fuzz]'
+	$(PY) -m pip install -q --config-settings editable_mode=compat -e '.[test,fuzz]' || $(PY) -m pip install -q -e '.[test,fuzz]'
 	touch $@
 
 fuzz: $(VENV)/.fuzz-installed
