@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import select
 import statistics
 import subprocess
@@ -45,6 +46,8 @@ from _common import (  # noqa: E402
 )
 
 MARKER = b"hypyr: init started"
+# the default image's /init prints the kernel's uptime ahead of the marker: "[1.23] hypyr: init started"
+UPTIME = re.compile(rb"\[([0-9]+\.[0-9]+)\] hypyr: init started")
 SYSTEM_MARKER = b" login: "      # agetty on ttyS0
 GUEST_MEMORY = "256M"
 GUEST_MEMORY_BYTES = 256 << 20
@@ -67,6 +70,7 @@ class Sample:
     round: int
     ok: bool
     marker_s: float | None = None      # launch -> first userspace line
+    uptime_s: float | None = None      # the guest kernel's own uptime at that line (default image)
     total_s: float | None = None       # launch -> process gone (QEMU: killed right after the marker)
     exit_status: int | None = None
     note: str = ""
@@ -200,22 +204,24 @@ def summarise(samples: list[Sample]) -> dict:
     for c in CONFIGS:
         ok = [s.marker_s for s in samples if s.config == c and s.ok]
         n = sum(1 for s in samples if s.config == c)
+        up = [s.uptime_s for s in samples if s.config == c and s.ok and s.uptime_s is not None]
         out[c] = {"n": n, "ok": len(ok),
                   "median_s": statistics.median(ok) if ok else None,
-                  "min_s": min(ok) if ok else None, "max_s": max(ok) if ok else None}
+                  "min_s": min(ok) if ok else None, "max_s": max(ok) if ok else None,
+                  "median_uptime_s": statistics.median(up) if up else None}
     return out
 
 
 def print_report(summary: dict, mem: dict | None) -> dict:
     print()
     print("Time from launch to the guest's first userspace line (s):")
-    print(f"  {'VMM':<14} {'median':>7} {'min':>7} {'max':>7}   ok/runs")
+    print(f"  {'VMM':<14} {'median':>7} {'min':>7} {'max':>7}   ok/runs   guest uptime then (median)")
     for c in CONFIGS:
         s = summary[c]
         if not s["n"]:
             continue  # left out with --only
         print(f"  {c:<14} {fmt_s(s['median_s']):>7} {fmt_s(s['min_s']):>7} {fmt_s(s['max_s']):>7}   "
-              f"{s['ok']}/{s['n']}")
+              f"{s['ok']}/{s['n']:<6} {fmt_s(s['median_uptime_s'])}")
     qemu = [(summary[c]["median_s"], c) for c in ("qemu-microvm", "qemu-pc") if summary[c]["median_s"] is not None]
     ratio = None
     result = {"ratio": None, "fastest_qemu": None, "goal": RATIO_GOAL, "goal_met": None}
@@ -358,8 +364,10 @@ def _rounds(args: argparse.Namespace, cmds: dict[str, list[str]], kernel: str, i
                 fresh_system_copy(args.system)
             # hypyr powers the default image off by itself: let it, and record its exit status
             wait = c == "hypyr" and not args.system
-            marker_s, total_s, status, note, _ = run_until_marker(cmds[c], marker, args.timeout, wait_for_exit=wait)
-            s = Sample(c, rnd, marker_s is not None, marker_s, total_s, status, note)
+            marker_s, total_s, status, note, out = run_until_marker(cmds[c], marker, args.timeout,
+                                                                    wait_for_exit=wait)
+            m = UPTIME.search(out)
+            s = Sample(c, rnd, marker_s is not None, marker_s, float(m.group(1)) if m else None, total_s, status, note)
             if wait and s.ok and status != 0 and not note:
                 s.note = f"exit status {status}"
             samples.append(s)
@@ -368,6 +376,8 @@ def _rounds(args: argparse.Namespace, cmds: dict[str, list[str]], kernel: str, i
                 extra = f"  (exited {status} after {total_s:.2f} s)"
             elif s.ok:
                 extra = "  (killed at the marker)"
+            if s.ok and s.uptime_s is not None:
+                extra += f"  guest uptime {s.uptime_s:.2f} s: {s.marker_s - s.uptime_s:.2f} s before the kernel's clock"
             if s.note:
                 extra += f"  [{s.note}]"
             print(f"round {rnd}  {c:<13} {'FAILED' if not s.ok else f'{marker_s:6.2f} s'}{extra}", flush=True)

@@ -217,7 +217,9 @@ def test_exit_helper_elf_shape():
 def test_init_script_contract():
     init = D.init_script().decode()
     lines = [l for l in init.splitlines() if l.strip() and not l.lstrip().startswith("#")]
-    assert lines[0] == 'echo "hypyr: init started"'
+    first_echo = next(l for l in lines if l.startswith("echo"))
+    assert first_echo == 'echo "[${uptime:-?}] hypyr: init started"'   # the first line it prints
+    assert lines.index(first_echo) == 2   # after reading the uptime (mount /proc, read), nothing else
     for needle in ("hypyr.exec=", "base64 -d", "seek=244", "/bin/hypyr-exit", "poweroff -f",
                    "hypyr guest ready", "hypyr.console=", "/etc/hypyr/modules",
                    "ip link set lo up", "ip=*)", "hypyr.ip.*=*)", "udhcpc -i", "/etc/hypyr/udhcpc.script"):
