@@ -1,35 +1,8 @@
-"""seccomp-BPF allow-lists per VMM thread kind (issue #13, "Confinement").
+"""seccomp-BPF allow-lists per VMM thread kind (``vcpu``, ``io``, ``control``, ``main``; issue #13).
 
-Each thread installs the filter of its kind on itself (:func:`install`) before it starts its
-work; a filter binds the thread that loads it and every thread it creates later (which may add
-its own on top: the kernel runs every filter of the chain and the strictest answer wins).
-Kinds:
-
-``vcpu``     a vCPU thread: KVM_RUN and the device models it dispatches to (serial, i8042, RTC,
-             virtio registers), console and log output (with rotation).
-``io``       the VM's I/O thread and what it starts (virtio-blk workers, virtio-net timers):
-             epoll, vectored and positioned file I/O, fdatasync, fallocate.
-``control``  the domain process's control socket threads: accept, send/receive, save files,
-             the registry (SQLite), and a socket + connect for a live migration.
-``main``     the domain process's supervising thread once its VM runs: it rebuilds the VM on
-             a reboot (opens images and /dev/kvm, creates threads) and cleans up at the end.
-
-Every kind also allows what the Python runtime itself does on any thread (allocator, GC,
-lazy imports, logging with rotation, thread creation and exit).  A thread may create threads
-(``clone`` with ``CLONE_THREAD``) but never a process (``clone`` without it, ``fork``,
-``vfork``); ``clone3`` fails with ENOSYS so that glibc falls back to ``clone``, whose flags a
-filter can see.  ``socket`` is allowed only to the control kind, and only for AF_UNIX, AF_INET,
-AF_INET6 and AF_NETLINK/NETLINK_ROUTE (name resolution).  Syscalls of another ABI than x86-64
-(x32, i386) kill the process in every mode.  A second small filter on every thread refuses the
-terminal ioctls that reach outside the process (:data:`DENIED_IOCTLS`: TIOCSTI, ...).
-
-Modes: ``kill`` (default) kills the whole process (SECCOMP_RET_KILL_PROCESS) on a syscall
-outside the list; ``log`` lets it through and has the kernel log it (``dmesg``/audit: ``type=1326
-... syscall=N``); ``off`` installs nothing.
-
-Implementation: a small ctypes binding of libseccomp (``libseccomp.so.2``), loaded on the
-first :func:`install`; importing this module costs no more than ``ctypes``.  See
-docs/confinement.md for the lists, how they were found and how to debug them.
+Each thread installs its kind's filter on itself (:func:`install`) before it starts its work;
+modes ``kill`` (default), ``log`` and ``off``.  A small ctypes binding of libseccomp, loaded on
+the first install.  docs/confinement.md has the kinds, the lists and how to debug them.
 """
 
 from __future__ import annotations

@@ -1,35 +1,8 @@
 """The complete KVM-side state of an x86 vCPU (:class:`VcpuState`) and of a VM's in-kernel
 interrupt controllers, PIT and kvmclock (:class:`VmState`): captured, restored, and turned into
-plain data (ints, lists, dicts, bytes) and back.
-
-Unlike the rest of :mod:`hypyr.arch.x86`, this module calls the vCPU and VM wrappers of
-:mod:`hypyr.kvm`; guest memory and device models are not its business.
-
-Capture with every vCPU out of KVM_RUN and with no I/O exit left to complete: KVM finishes
-an IO/MMIO instruction only on the next KVM_RUN, so after such an exit re-enter once with
-``immediate_exit`` set (KVM completes it and returns at once) before capturing;
-:meth:`VcpuState.capture` refuses a vCPU whose last exit was IO/MMIO.
-
-Restore into a fresh VM with the same memory contents, VM state first (so that an interrupt
-the IOAPIC or PIC re-delivers is then overwritten by the captured local APIC), then each vCPU
-in this order (QEMU's, near enough; Firecracker puts REGS before SREGS and MP_STATE second):
-
-1. CPUID: KVM checks much of what follows against it (XCR0 and XSAVE features, EFER.LME, MSRs).
-   It is not part of :class:`VcpuState`: it cannot change once the vCPU has run, so the caller
-   sets it first (:func:`cpuid_to_plain`), and a migration sends it before the guest stops.
-2. TSC frequency, when it differs from this host's: the IA32_TSC write is taken at that rate.
-3. SREGS before REGS: control registers, EFER and the APIC base (which can reset the LAPIC).
-4. REGS, XSAVE, XCRS, DEBUGREGS.
-5. LAPIC: after SREGS (APIC base), before the MSRs (TSC_DEADLINE only arms in deadline mode).
-6. MSRs in KVM's order, IA32_TSC_DEADLINE last: KVM arms the deadline timer against the guest
-   TSC, so IA32_TSC has to be in place first.
-7. VCPU_EVENTS: KVM_SET_REGS drops pending exceptions and SET_SREGS may queue an interrupt;
-   the captured pending/injected exception, interrupt, NMI and SMI state is the last word.
-8. MP_STATE last: SET_SREGS can mark a vCPU runnable, and whether KVM takes INIT_RECEIVED
-   depends on the latched INIT/SMI state VCPU_EVENTS sets.
-
-The guest TSC goes on from its captured value (the time spent saved is not counted), and so does
-kvmclock unless :meth:`VmState.restore` is asked to advance it by the time elapsed (migration).
+plain data (ints, lists, dicts, bytes) and back.  Unlike the rest of :mod:`hypyr.arch.x86`, it
+calls the vCPU and VM wrappers of :mod:`hypyr.kvm`.  When to capture, and the order of a restore
+(CPUID first, MP_STATE last): docs/save-restore.md, "vCPU and VM state".
 """
 
 from __future__ import annotations

@@ -1,34 +1,9 @@
 """The split virtqueue (virtio 1.2 §2.7), device side.
 
-Everything the driver wrote is untrusted: ring indices, descriptor indices, addresses, lengths,
-flags.  All of it is read through :class:`~hypyr.memory.GuestMemory` (bounds-checked) and
-validated here; a violation raises :class:`QueueError` (a :class:`DeviceError`) and the transport
-puts the device into NEEDS_RESET.
-
-- the rings and the descriptor table must each lie wholly in one region of guest RAM (checked
-  when the queue is activated; the queue then reads and writes them through views of exactly
-  those bytes);
-- descriptor chains are walked with a time-to-live (the queue size, or the indirect table's
-  length), so loops end; nested indirect tables are refused;
-- every buffer must lie wholly in guest RAM; device-readable buffers must precede writable ones;
-- the used ring is written only at indices we own; ``avail.idx`` jumping by more than the
-  queue size is an error;
-- at most a queue size of chains are in flight (popped and not yet returned by
-  :meth:`~SplitQueue.add_used`/:meth:`~SplitQueue.add_used_many`): a driver that publishes
-  heads it has not got back can otherwise make the device take unbounded work.  Exceeding it is
-  an error (QEMU: "Virtqueue size exceeded").  A device must return every chain it pops (or
-  reset the queue).
-
-Speed (every Python operation counts when the VMM itself runs under emulation): an indirect
-table is read with one copy into an ``array('I')`` and, in the layout every driver uses
-(descriptor *i* chains to *i+1*, readable buffers first), checked with a few C-level array
-comparisons instead of a walk, its buffers against RAM all at once
-(:meth:`GuestMemory.descs_inside <hypyr.memory.GuestMemory.descs_inside>`); such a chain keeps
-the table (:attr:`DescriptorChain.table`,
-:attr:`~DescriptorChain.nread`) so a device can hand its buffers straight to
-:meth:`GuestMemory.preadv_descs <hypyr.memory.GuestMemory.preadv_descs>`, and builds its
-``readable``/``writable`` lists only if someone asks.  :meth:`SplitQueue.add_used_many` completes
-several chains with one used-index update.
+Everything the driver wrote is untrusted: it is read through
+:class:`~hypyr.memory.GuestMemory` (bounds-checked) and validated here, and a violation raises
+:class:`QueueError`, which puts the device into NEEDS_RESET.  The checks, the bound on chains in
+flight and the fast path for indirect tables: docs/devices.md, "The split virtqueue".
 """
 
 from __future__ import annotations
