@@ -1,29 +1,8 @@
-"""Live migration, pre-copy, over a connected socket, in the record stream of save files.
-
-Source (:func:`migrate_send`)::
-
-    brief pause: NICs off vhost-net (onto the userspace path), dirty logging on (KVM for the
-      guest's writes, GuestMemory for the VMM's own), resume
-    HEADER, CPUID; all of RAM (zero pages as ZERO runs)                  pass 1
-    repeat: dirty pages (KVM log | VMM marks) -> send them               pass 2, 3, ...
-      until they would take no longer than downtime_ms at the bandwidth measured in the last
-      pass and another pass would not halve them (or are a few pages), or max_iterations
-      passes are done
-    pause, quiesce the devices; the dirty pages left; STATE; END         stop and copy
-    release the disk images' locks; wait for READY; send GO; wait for RUNNING
-
-Destination (:func:`migrate_receive`): the header (CPU checked); build the VM (disks opened,
-not locked), give each vCPU its CPUID, start its vCPU threads parked; RAM; STATE and END
-checked; lock the disks the source released, load the state with kvmclock advanced by the time
-elapsed, reply READY; on GO unpark the vCPUs and reply RUNNING with the time the first one ran.
-
-Faults: until GO is sent, any failure (the link, the destination's FAILED, a timeout) makes the
-source undo everything (dirty logging off, disk locks back, vhost-net back, devices and vCPUs
-resumed) and raise :class:`~hypyr.errors.MigrationError`: the domain runs on as if nothing
-happened.  Once GO is sent the destination may be running the guest, so the source never
-resumes it by itself after that (if RUNNING does not come it stays paused, and says so): a
-domain must never run twice on shared disks.  The destination releases everything when it
-fails or loses the source before GO.
+"""Live migration, pre-copy, over a connected socket, in the record stream of save files:
+:func:`migrate_send` on the source, :func:`migrate_receive` on the destination.  Until GO is
+sent any failure undoes everything on the source (the domain runs on) and raises
+:class:`~hypyr.errors.MigrationError`; after it the source never resumes the domain by itself.
+The steps of both sides and the faults: docs/migration.md, "Live migration" and "Faults".
 """
 
 from __future__ import annotations

@@ -1,32 +1,9 @@
-"""The record stream of save files and live migration: one versioned, self-describing format.
-
-::
-
-    stream   = preamble record*
-    preamble = "HYPYRSNP" | u16 version | u16 0 | u32 CRC-32 of the 12 bytes before it
-    record   = u32 type | u32 length | payload (length bytes) | u32 CRC-32 of type, length and payload
-
-All integers little endian.  The records (docs/migration.md has the payloads in full):
-
-=========  ====  ===========================================================================
-HEADER        1  JSON: format version, kind, the VM's configuration, memory layout, device
-                 names, host CPU signature; checked before anything is built
-CPUID         6  JSON: every vCPU's CPUID table, right after HEADER (fixed once a vCPU has
-                 run, so a migration sends it before the guest stops)
-PAGES         2  u64 guest address | u32 page count | the pages (4 KiB each)
-ZERO          3  runs of (u64 guest address | u32 page count): pages that read as zeros, no data
-STATE         4  JSON, bytes as ``{"$b64": "..."}``: kvm-vm, kvm-vcpu and device states
-END           5  u64 records before it | u64 bytes before it | u32 CRC-32 over the CRCs of
-                 those records (so over the whole stream)
-READY        16  migration, destination -> source: the VM is built and loaded (JSON)
-GO           17  migration, source -> destination: run it (empty)
-RUNNING      18  migration, destination -> source: it runs (JSON: when)
-FAILED       19  migration, destination -> source: one sentence (UTF-8)
-=========  ====  ===========================================================================
-
-Every length is checked against its type's maximum before anything is read or allocated;
-anything wrong is a :class:`~hypyr.errors.SnapshotError` in one sentence.  I/O errors
-(:class:`OSError`) are left to the caller, who knows whether a file or a link failed.
+"""The record stream of save files and live migration: one versioned, self-describing format
+(a checked preamble, then typed, length-bounded, CRC-32-checked records: HEADER, CPUID, PAGES,
+ZERO, STATE, END, and READY/GO/RUNNING/FAILED on a migration's link).  docs/migration.md, "The
+format", has every record and its payload.  Anything wrong is a
+:class:`~hypyr.errors.SnapshotError` in one sentence; I/O errors (:class:`OSError`) are left to
+the caller, who knows whether a file or a link failed.
 """
 
 from __future__ import annotations
