@@ -1,33 +1,8 @@
-"""Credit-scheduler knobs (``xl sched-credit``): per-domain weight and cap through cgroups.
-
-Each domain is one VMM process (one thread per vCPU), so a domain's share of the host CPUs is set
-by putting that process into its own cpu cgroup:
-
-* hypyr's parent group is ``<root>/hypyr`` (cgroup v2, the unified hierarchy at /sys/fs/cgroup) or
-  ``<cpu mount>/hypyr`` (cgroup v1 cpu controller); each domain gets
-  ``<parent>/dom-<domid>-<uuid>``: domids are reused but UUIDs never are, so a group left behind
-  by an old domain is never taken for a new one's.  hypyr's own groups hold only the leaf domain
-  groups, so v2's "no internal processes" rule is respected.  The group goes when the domain
-  does: the domain process removes it on its way out, the registry when it removes or reaps
-  the domain's row.
-* **weight** (xl: 1-65535, default 256; CPU time under contention is shared in proportion to the
-  weights).  v2 ``cpu.weight`` (1-10000, default 100) = ``max(1, min(10000, round(w * 100 / 256)))``:
-  256 → 100 (the v2 default), 512 → 200, so the 512:256 ratio (any ratio of multiples of 64) is
-  kept exactly; weights above 25600 clamp to 10000 and small weights round to at least 1.
-  v1 ``cpu.shares`` = ``max(2, w * 1024 // 256)`` (256 → 1024, the v1 default; exact ratios).
-* **cap** (xl: % of ONE host CPU, 0 = no cap; 50 = half a CPU, 200 = two CPUs; at most
-  100 x host CPUs).  v2 ``cpu.max`` = ``"max 100000"`` or ``"<cap*1000> 100000"``; v1
-  ``cpu.cfs_period_us`` = 100000 and ``cpu.cfs_quota_us`` = -1 or ``cap * 1000``.
-
-The exact xl values are also kept in the domain's state directory (``sched.json``, with the
-domain's uuid), since the cgroup values lose precision (v2 weight); ``get_params`` reports them
-while they still match the cgroup, and derives the values from the cgroup otherwise.
-
-A domain is named by any object with ``domid``, ``name`` and ``uuid`` (a registry
-``DomainRecord``, an ``api.DomainInfo``, a ``Dom``).
-
-Every function takes an optional ``root``: a cgroup mount (or a fake tree in tests).  Without it,
-``HYPYR_CGROUP_ROOT`` is used if set, otherwise the host's cgroups are detected (``cgroup_root``).
+"""Credit-scheduler knobs (``xl sched-credit``): per-domain weight and cap through a cpu
+cgroup per domain (``<parent>/dom-<domid>-<uuid>``, cgroup v2 or v1).  The mapping of xl's values
+onto each version, and why the exact values are also kept in ``sched.json``: docs/toolstack.md,
+"Scheduling".  Every function takes an optional ``root``: a cgroup mount (or a fake tree in
+tests); without it ``HYPYR_CGROUP_ROOT``, else the host's (``cgroup_root``).
 """
 
 from __future__ import annotations
