@@ -1,33 +1,11 @@
 """Where the toolstack keeps its state: the domain registry, per-domain directories, logs.
 
-The state directory is, in order of preference:
-
-1. ``$HYPYR_STATE_DIR`` if set (tests and unusual setups);
-2. ``/run/hypyr`` when running as root and ``/run`` is writable (like Xen's ``/var/run/xen``);
-3. ``$XDG_RUNTIME_DIR/hypyr`` when ``$XDG_RUNTIME_DIR`` names an existing directory;
-4. ``~/.local/state/hypyr`` otherwise.
-
-It is created on first use with mode 0700.  An existing one is checked every time: a directory
-owned by another user (or not a directory) is refused with a HypyrError, and a looser mode is
-tightened to 0700.  Files in it are created mode 0600 (the registry, logs, ``sched.json``).
-Its layout::
-
-    domains.sqlite        the registry (plus its -wal and -shm files): one row per domain
-    api.sock              `hypyr serve`'s socket (by default)
-    domains/<domid>/      one directory per domain, created fresh by Registry.reserve():
-        control.sock      the domain process's control socket
-        console.log       the guest's console output
-        vmm.log           the domain process's own log (and its stdout/stderr, for crashes)
-        *.log.1           the previous part of a log: console.log and vmm.log are rotated at
-                          log_max_bytes() (1 MiB, or $HYPYR_LOG_MAX_BYTES), one old part kept
-    logs/                 logs kept after a domain is gone: <name>.console.log, <name>.vmm.log
-                          (the newest domain of that name wins; see Registry.remove)
-    jail/                 empty: each jailed VMM mounts its root here, seen only by itself
-
-Every helper takes an optional ``base`` (a state directory) so that a registry opened at
-an explicit path keeps its domain directories next to it; by default it is ``state_dir()``.
-Note that AF_UNIX socket paths are limited to 107 bytes, so a deep ``$HYPYR_STATE_DIR``
-may be too long for ``control.sock``.
+The state directory is ``$HYPYR_STATE_DIR``, else ``/run/hypyr`` as root, else
+``$XDG_RUNTIME_DIR/hypyr``, else ``~/.local/state/hypyr``; it must be the user's own, is kept
+mode 0700 and its files are 0600.  Its layout: docs/toolstack.md, "State directory".  Every
+helper takes an optional ``base`` (a state directory; default :func:`state_dir`).  AF_UNIX
+socket paths are limited to 107 bytes: a deep ``$HYPYR_STATE_DIR`` may be too long for
+``control.sock``.
 """
 
 from __future__ import annotations
