@@ -1,31 +1,8 @@
 """virtio-console (virtio 1.2 §5.3): a single-port console (no MULTIPORT), e.g. Linux's hvc0.
 
-Queues: 0 receiveq (host -> guest), 1 transmitq (guest -> host).
-
-* Transmit: on a notify of queue 1 every available chain is popped; its device-readable bytes
-  go to ``out`` in order (in bounded chunks, so a hostile chain covering much of guest RAM costs
-  time, not host memory), the chain is returned with length 0, and the queue is signalled once.
-  A chain with only device-writable buffers is returned unused (and logged, rate-limited, as
-  every line the driver can cause).
-* Receive: host input (:meth:`VirtioConsole.enqueue_input`, the same API as the UART's) goes to
-  a bounded buffer (``RX_BUFFER_SIZE`` = 64 KiB) and is copied into the receive buffers the
-  driver has made available, when input arrives and when the driver adds buffers.  Input that
-  arrives before the driver is ready (or while it has no buffers) waits in the buffer; it
-  survives a device reset (it is the user's typing, not the old driver's state).
-* Config space: cols u16 @0, rows u16 @2 (VIRTIO_CONSOLE_F_SIZE, 80x25), max_nr_ports u32 @4
-  (0: MULTIPORT not offered), emerg_wr u32 @8 (VIRTIO_CONSOLE_F_EMERG_WRITE: a write sends its
-  low byte to ``out``).
-
-Threading: :meth:`enqueue_input` may be called from a console thread while the transport
-calls :meth:`queue_notify` from vCPU or I/O threads.  Receive-side state is guarded by one lock,
-transmission by another (so a slow ``out`` does not block input).  The interrupt callback is
-called with the receive lock held and ``out`` with the transmit lock held; neither may call
-back into this device.
-
-A protocol violation found on the notify path raises :class:`DeviceError`.  One found while
-delivering input from the console thread cannot be reported to the transport through this
-interface; the receive queue is then disabled (logged), and the next :meth:`queue_notify` of
-any queue raises it as a :class:`DeviceError`.
+Queue 0 carries host input to the guest (kept in a bounded buffer until the driver has room),
+queue 1 the guest's output to ``out`` (in bounded chunks).  The queues, the config space, the
+threading and how protocol violations are reported: docs/devices.md, "virtio-console".
 """
 
 from __future__ import annotations
