@@ -1,28 +1,8 @@
-"""MC146818 CMOS real-time clock and 128-byte CMOS RAM.
+"""MC146818 CMOS real-time clock and 128-byte CMOS RAM, at ports 0x70-0x71.
 
-Register it at port 0x70 with length 2: offset 0 (port 0x70) selects the CMOS index
-(bits 6:0; bit 7 is the NMI-disable bit, remembered but not acted on), offset 1 (port 0x71)
-reads/writes the selected byte.  Port 0x70 is write-only on real hardware and reads 0xff.
-
-Time registers 0x00-0x09 (seconds, alarm seconds, minutes, alarm minutes, hours, alarm
-hours, day of week (Sunday = 1), day of month, month, year % 100) and the century byte
-0x32 are computed from the host clock in UTC plus a guest offset, in BCD or binary per
-register B's DM bit (bit 2) and in 24- or 12-hour form per bit 1 (12-hour: bit 7 of the
-hour = PM).  Register A reads with UIP (bit 7) always clear (reset value 0x26); B resets to
-0x02 (24 h, BCD); C (interrupt flags) reads 0 — this model raises no interrupts; D reads
-0x80 (valid RAM and time).  Writes to time registers move the guest's clock (an offset from
-host time): immediately, or, while register B's SET bit (bit 7) is set, on the write that
-clears SET (the clock is frozen while SET is set, as on the real part).  Nonsensical dates
-are logged and ignored (while SET is on, fields may pass through invalid combinations; the
-result is checked when SET is cleared).  Alarm registers and 0x0e-0x7f (except 0x32) are plain RAM; the VMM
-may preload RAM (e.g. memory size bytes for a BIOS) with :meth:`Rtc.set_cmos`.
-
-The clock is injectable: ``Rtc(clock=lambda: 1700000000.0)``.
-
-Save/restore keeps the guest's clock as an offset from UTC (host time), not as a time of day:
-after a restore, here or on another host, the RTC reads what it would have read had it kept
-running meanwhile, as a battery-backed RTC does while the machine is off.  While register B's
-SET bit is on, the frozen fields are saved as they are.
+The time registers are computed from the host clock in UTC plus the guest's offset (writes move
+the offset); the clock is injectable (``Rtc(clock=...)``).  The registers, the SET bit and what
+save/restore keeps: docs/devices.md, "CMOS RTC".
 """
 
 from __future__ import annotations
