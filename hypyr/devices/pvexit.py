@@ -1,29 +1,9 @@
-r"""hypyr's paravirtual exit-status port.
+"""hypyr's paravirtual exit-status port, I/O port 0xf4 (docs/guest-interface.md).
 
-Guest interface
----------------
-* I/O port **0xf4** (244), 8 bits wide.
-* **Write** a byte ``v`` -> the VM stops and hypyr reports exit status ``v`` (0..255):
-  the device calls ``stop(StopRequest(GuestEvent.EXIT_STATUS, status=v))``.  The status is
-  exactly the byte written (unlike QEMU's isa-debug-exit, there is no ``(v << 1) | 1``
-  encoding).  A 16- or 32-bit write at 0xf4 uses its low byte (the byte at 0xf4) — provided
-  the VMM registered a range wide enough for the bus to deliver it (see below); writes that
-  start at 0xf5..0xf7 are ignored.
-* **Read** at 0xf4 -> ``0x48`` (ASCII ``'H'``), so a guest can tell the port is present (an
-  unclaimed port reads 0xff).  Other offsets read 0.  Reading has no side effect.
-* From a guest shell, report ``$rc``::
-
-      printf "\\$(printf %03o "$rc")" | dd of=/dev/port bs=1 seek=244 count=1
-
-  (``printf %03o`` turns the status into a three-digit octal escape, the outer ``printf``
-  emits that single byte, and ``dd`` writes it at offset 244 of ``/dev/port``, i.e. an
-  ``outb`` to port 0xf4.)  From C: ``outb(rc, 0xf4)`` after ``ioperm(0xf4, 1, 1)``.
-* The VM stops asynchronously: instructions after the write may still run briefly, so a
-  guest should halt or loop after writing.
-
-VMM wiring: ``io_bus.register(0xf4, 1, PvExit(stop))`` (``LENGTH``); register 4 instead
-(``WIDE_LENGTH``) to also honour ``outw``/``outl`` at 0xf4 — the bus only delivers accesses
-that lie wholly inside a registered range.
+A byte written there stops the VM with that byte as its exit status (exactly the byte: no
+``(v << 1) | 1`` as QEMU's isa-debug-exit); a read returns 0x48 ('H').  Register it with
+``LENGTH`` (1, as the builder does), or ``WIDE_LENGTH`` (4) for the bus to deliver
+``outw``/``outl`` too (their low byte).
 """
 
 from __future__ import annotations
