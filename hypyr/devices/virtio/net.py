@@ -1,27 +1,10 @@
 """virtio-net (virtio 1.2 §5.1) over a TAP device: device id 1, queues receiveq (0) and transmitq (1).
 
-The TAP carries the same 12-byte ``virtio_net_hdr_v1`` the guest uses (IFF_VNET_HDR), so
-checksum and segmentation offloads pass through untouched; which offloads the guest's receive
-side takes is told to the TAP (TUNSETOFFLOAD) from the features the driver acked.  With a
-:class:`~hypyr.devices.virtio.vhost.VhostNet` the data path runs in the host kernel instead and
-this class only keeps the config space and lifecycle.  docs/networking.md has the details.
-
-Userspace data path (the I/O thread): transmit pops every chain and ``writev``s its readable
-buffers to the TAP; receive, with MRG_RXBUF, keeps receive chains holding at least the largest
-packet taken (``_rx_spare``, with their views) and ``readv``s each frame straight into them
-(:meth:`VirtioNet._receive_direct`); without MRG_RXBUF, or while the guest has not posted that
-much room, it reads one frame into a bounce buffer and copies it into as many receive chains as
-it needs (MRG_RXBUF) or into one.  Whatever the guest hands us is checked
-(the queue checks addresses; here lengths and headers' room); a bad packet is dropped and
-counted, a bad ring is a DeviceError.  Chains the device keeps (receive buffers taken for a frame
-that does not fit yet, ``_rx_spare``; a transmit chain waiting for rate credit, ``_tx_held``) are
-in flight for the queue, which bounds them by its size, until they are used; a reset drops them.
-
-Save/restore (:meth:`VirtioNet.quiesce`): the held transmit chain and the spare receive chains are
-handed back to the ring unused (:meth:`SplitQueue.unpop`), to be taken again after the resume or
-restore; a frame read from the TAP and not yet delivered is saved with the state; with vhost-net
-the kernel's ring progress is fetched (VHOST_GET_VRING_BASE) and vhost is started again, from the
-queues' state, by :meth:`VirtioNet.resume`.
+The TAP carries the guest's own 12-byte ``virtio_net_hdr_v1`` (IFF_VNET_HDR), so offloads pass
+through.  The userspace data path runs on the I/O thread (``writev`` out; ``readv`` straight
+into receive chains with MRG_RXBUF, else through a bounce buffer); with a
+:class:`~hypyr.devices.virtio.vhost.VhostNet` the host kernel runs it and this class keeps the
+config space and lifecycle.  docs/networking.md, "The device", has the data path and save/restore.
 """
 
 from __future__ import annotations

@@ -1,29 +1,9 @@
-"""`hypyr serve`: the toolstack's REST API, HTTP/1.1 + JSON on a unix socket.
-
-    GET    /openapi.json                            this API, as an OpenAPI 3.0 document
-    GET    /host                                    CPUs, memory, KVM backend, hypyr version
-    GET    /domains[?name=N]                        `hypyr list [N...]`
-    POST   /domains                                 `hypyr create`: {"config": "<xl.cfg>"} or {"path": "/abs.cfg"}
-    GET    /domains/{domain}                        one domain (name or id)
-    DELETE /domains/{domain}                        `hypyr destroy`
-    POST   /domains/{domain}/pause|unpause|reboot|destroy
-    POST   /domains/{domain}/shutdown               optional {"wait": true}
-    GET    /domains/{domain}/vcpus                  `hypyr vcpu-list`
-    PUT    /domains/{domain}/vcpus/{vcpu}/affinity  `hypyr vcpu-pin`: {"cpus": "0-1"} or {"cpus": [0, 1]}
-    GET    /domains/{domain}/sched                  credit-scheduler weight and cap
-    PUT    /domains/{domain}/sched                  {"weight": 512, "cap": 25}
-
-The parts, one concern each:
-
-* ``openapi``: the document and its schemas, the one description of what is taken and given;
-* ``bodies``: JSON in (decoded, checked against those schemas) and out;
-* ``app``: routing (404, 405 with Allow), dispatch, and ``STATUS``, the one mapping from a kind of
-  error (``hypyr.errors``) to a status: 400 bad input, 404 not found, 409 conflict, 501 not
-  supported, 503 unavailable, 504 timed out; 500 is a bug (the traceback goes to the log, never
-  to the client);
-* ``routes``: the operations, each calling ``hypyr.toolstack.api`` as the CLI does;
-* ``transport``: HTTP/1.1 on the unix socket (0600), body limits (411, 413), JSON for every answer;
-* ``client``: ``ApiClient``, for scripts and tests.
+"""`hypyr serve`: the toolstack's REST API, HTTP/1.1 + JSON on a unix socket (docs/api.md has
+the routes).  One concern per module: ``openapi`` (the document and its schemas: what is taken
+and given), ``bodies`` (JSON in, checked against them, and out), ``app`` (routing, 404/405, and
+``STATUS``, the one map from an error kind to a status; 500 is a bug), ``routes`` (the
+operations, calling ``hypyr.toolstack.api`` as the CLI does), ``transport`` (HTTP/1.1 on the
+socket, body limits) and ``client`` (``ApiClient``, for scripts and tests).
 """
 
 from __future__ import annotations
