@@ -26,6 +26,7 @@ GUEST_MODULES = [
 # taken from these Debian packages (unpacked, not installed).
 USERLAND_PACKAGES = ["iperf3", "libiperf0", "libc6", "libsctp1", "libssl3"]
 STAMP = "image.stamp"
+FILES = ("vmlinuz", "initrd.img", "rootfs.ext4")   # kernel, initrd, root filesystem
 
 
 def _cache_dir(sub: str, env_var: str) -> str:
@@ -55,7 +56,8 @@ def image_dir() -> Path:
 
 def paths() -> ImagePaths:
     d = image_dir()
-    return ImagePaths(kernel=d / "vmlinuz", initrd=d / "initrd.img", dir=d, rootfs=d / "rootfs.ext4")
+    kernel, initrd, rootfs = (d / name for name in FILES)
+    return ImagePaths(kernel=kernel, initrd=initrd, dir=d, rootfs=rootfs)
 
 
 def init_script() -> bytes:
@@ -75,7 +77,7 @@ def current() -> tuple[str, str, str] | None:
     today's inputs, else None.  Without asking apt: a changed init script, module list, userland
     or builder makes it out of date."""
     d = _cache_dir("image", "HYPYR_IMAGE_DIR")
-    kernel, initrd, rootfs = (os.path.join(d, n) for n in ("vmlinuz", "initrd.img", "rootfs.ext4"))
+    kernel, initrd, rootfs = (os.path.join(d, name) for name in FILES)
     if not all(os.path.isfile(p) for p in (kernel, initrd, rootfs)):
         return None
     try:

@@ -60,20 +60,19 @@ class LinuxVm:
     """A built VM: the machine plus the devices the front end talks to."""
 
     def __init__(self, machine: Machine, serial: Serial, i8042: I8042, config: VmConfig,
-                 console: Serial | VirtioConsole, virtio: list | None = None, devices: dict | None = None,
-                 mmio_windows: list | None = None):
+                 console: Serial | VirtioConsole, virtio: list, devices: dict, mmio_windows: list):
         self.machine = machine
         self.serial = serial
         self.i8042 = i8042
         self.config = config
         self.console = console   # where terminal input goes: the UART or the virtio console
-        self.virtio: list = [] if virtio is None else virtio   # VirtioDevice instances, in window order
+        self.virtio = virtio   # VirtioDevice instances, in window order
         # every device with state (devices/state.py), by a stable name, in build order: "serial0",
         # "i8042", "rtc", "acpi_pm", "pvexit", "pvpanic", "acpi_ged", then "virtio0".. (the
         # virtio-mmio transports)
-        self.devices: dict = {} if devices is None else devices
+        self.devices = devices
         # MmioDevice per virtio device (ACPI, snapshots)
-        self.mmio_windows: list = [] if mmio_windows is None else mmio_windows
+        self.mmio_windows = mmio_windows
         self.saved_paused = False   # restored: the domain was paused when it was saved
 
     def request_poweroff(self) -> str:

@@ -128,6 +128,7 @@ class _Record:
     _kind: ClassVar[str | None] = None  # top-level records carry "kind" and "v" (format version)
     _spec: ClassVar[_Spec] = ()
     _names: ClassVar[tuple[str, ...]] = ()
+    _name_set: ClassVar[frozenset[str]] = frozenset()
     _keys: ClassVar[frozenset[str]] = frozenset()   # the keys of the plain form
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -138,7 +139,8 @@ class _Record:
         cls._spec = tuple((name, meta, tuple((meta.get("kvm") or name).split(".")),
                            (1 << meta["bits"]) - 1 if meta["kind"] == "uint" else -1) for name, meta in fields)
         cls._names = tuple(name for name, _ in fields)
-        cls._keys = frozenset(cls._names) | ({"kind", "v"} if cls._kind else set())
+        cls._name_set = frozenset(cls._names)
+        cls._keys = cls._name_set | ({"kind", "v"} if cls._kind else set())
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         names = self._names
@@ -146,8 +148,8 @@ class _Record:
         if len(args) > len(names) or not values.keys().isdisjoint(kwargs):
             raise TypeError(f"{type(self).__name__}: too many or repeated arguments")
         values.update(kwargs)
-        if len(values) != len(names) or not values.keys() <= set(names):
-            wrong = sorted(set(names) ^ values.keys())
+        if values.keys() != self._name_set:
+            wrong = sorted(self._name_set ^ values.keys())
             raise TypeError(f"{type(self).__name__}: missing or unknown fields {wrong}")
         self.__dict__.update(values)
 
