@@ -10,14 +10,15 @@ final. A fault is seen when one of FAULTS (hypyr's triple-fault stop reason, or 
 the test's ``tmp_path`` (domain and console logs) or in an output given to :func:`record_output`
 (`hypyr run`'s stderr); a hang, when a `hypyr run` timed out while a vCPU thread ran guest code
 all the time (``testguard.GuestNeverLeft``), or a domain's did and its guest ignored an NMI
-(``testguard.GuestStuck``). The evidence is printed, so the CI log keeps a count.
+(``testguard.GuestStuck``); a stall, when a `hypyr run` timed out with its output cut mid-line
+(``testguard.OutputStalled``). The evidence is printed, so the CI log keeps a count.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from hypyr.lab.testguard import GuestNeverLeft, GuestStuck
+from hypyr.lab.testguard import GuestNeverLeft, GuestStuck, OutputStalled
 
 TRIPLE_FAULT = "the guest triple-faulted (KVM_EXIT_SHUTDOWN)"   # hypyr.vmm.machine's stop reason
 RING_NOT_A_HEAD = "is not a head!"   # Linux's virtio_net: a used receive buffer it never gave
@@ -102,6 +103,11 @@ def pytest_runtest_call(item):
             _show(item, f"\n{item.nodeid}: a guest hung without leaving guest mode; the command's threads:\n"
                         f"{failure.threads}")
             raise L2GuestFault("the test failed after a guest hung without one exit to the VMM") from failure
+        if isinstance(failure, OutputStalled):
+            out = failure.output or b""
+            tail = (out.decode(errors="replace") if isinstance(out, bytes) else out)[-300:]
+            _show(item, f"\n{item.nodeid}: a guest's output stopped mid-line until the timeout; it ends:\n{tail}")
+            raise L2GuestFault("the test failed after a guest's output stalled mid-line") from failure
         if isinstance(failure, GuestStuck):
             _show(item, f"\n{item.nodeid}: a domain's guest hung in guest mode and did not answer an NMI:\n"
                         f"{failure}")

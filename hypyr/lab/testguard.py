@@ -76,6 +76,12 @@ class GuestNeverLeft(subprocess.TimeoutExpired):
         self.threads = threads
 
 
+class OutputStalled(subprocess.TimeoutExpired):
+    """A command timed out with its guest's output stopped in the middle of a line: the signature
+    of the open "Serial output stall" (docs/guest-interface.md), a transmit interrupt that never
+    came."""
+
+
 class GuestStuck(AssertionError):
     """A test gave up waiting on a domain whose vCPU thread ran guest code all the time without
     one exit to the VMM, and whose guest did not answer an NMI (a guest that runs its own code
@@ -129,7 +135,8 @@ def run_bounded(cmd: list[str], timeout: float, text: bool = False, **popen_kwar
     makes (docs/lab.md: concurrent wake-ups in L1 make nested guests fail more often). And the
     wait after the timeout is bounded: the command's session is SIGKILLed, and a process still
     there KILL_GRACE_S later ends the lab run (``lab_failed``); otherwise TimeoutExpired is raised
-    with the output so far (GuestNeverLeft if a vCPU thread of it ran guest code all the time)."""
+    with the output so far (GuestNeverLeft if a vCPU thread of it ran guest code all the time,
+    OutputStalled if its output stopped mid-line)."""
     popen_kwargs.setdefault("stdin", subprocess.DEVNULL)
     with tempfile.TemporaryFile() as out_f, tempfile.TemporaryFile() as err_f:
         proc = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, start_new_session=True, **popen_kwargs)
@@ -158,8 +165,15 @@ def run_bounded(cmd: list[str], timeout: float, text: bool = False, **popen_kwar
         _show_partial(cmd, timeout, *outputs)
         if in_guest:
             raise GuestNeverLeft(cmd, timeout, outputs[0], outputs[1], threads)
+        if _mid_line(outputs[0]):
+            raise OutputStalled(cmd, timeout, *outputs)
         raise subprocess.TimeoutExpired(cmd, timeout, *outputs)
     return subprocess.CompletedProcess(cmd, proc.returncode, *outputs)
+
+
+def _mid_line(out: str | bytes) -> bool:
+    """Whether ``out`` is not empty and its last line is cut short (no newline)."""
+    return bool(out) and out[-1:] not in ("\n", b"\n")
 
 
 def _show_partial(cmd: list[str], timeout: float, out, err) -> None:

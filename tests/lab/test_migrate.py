@@ -15,7 +15,7 @@ import sys
 import threading
 
 import pytest
-from test_net import SUBNET_HOST, Sink, lan  # noqa: F401 (lan is a fixture)
+from test_net import SUBNET_HOST, lan, sink  # noqa: F401 (lan and sink are fixtures)
 from test_toolstack import console_log, wait_for, write_cfg, xl  # noqa: F401 (xl is a fixture)
 from test_virtio import debugfs_cat, make_disk
 
@@ -141,16 +141,16 @@ def wait_line(proc: subprocess.Popen, text: str, timeout: float = 60) -> None:
 # both (docs/lab.md, "Guest triple faults"), so it stays opt-in.
 @pytest.mark.skipif(os.environ.get("HYPYR_LAB_MIGRATE_SMP") != "1",
                     reason="opt-in: its guest triple-faulted before migrating in 1 of 3 lab runs")
-def test_live_migration_of_a_busy_smp_guest_with_a_tcp_stream(xl, lan, guest_image, tmp_path):  # noqa: F811
+def test_live_migration_of_a_busy_smp_guest_with_a_tcp_stream(xl, lan, sink, guest_image, tmp_path):  # noqa: F811
     lan("lan0", f"{SUBNET_HOST}/24")
-    sink = Sink(SUBNET_HOST, 5005, lines=True)
+    server = sink(SUBNET_HOST, 5005, lines=True)
     disk = make_disk(tmp_path / "disk.img")
     xl("create", str(write_cfg(tmp_path, guest_image, "mg", memory=192, vcpus=2, command=SMP, disks=[disk],
                                extra_keys="vif = [ 'bridge=lan0,ip=10.80.0.40' ]")))
     log = wait_for(lambda: (t := console_log(xl, "mg")) and "keep-" in t and cpu_counts(t, 1) and t,
                    what="the guest's loops to start")
     keep = set(re.findall(r"keep-([0-9a-f]{64})", log))
-    wait_for(lambda: len(sink.lines) > 10, timeout=120, what="lines over TCP")
+    wait_for(lambda: len(server.lines) > 10, timeout=120, what="lines over TCP")
 
     # a destination that dies mid-stream (killed as soon as it takes the connection): the source runs on
     port = free_port()
@@ -186,9 +186,9 @@ def test_live_migration_of_a_busy_smp_guest_with_a_tcp_stream(xl, lan, guest_ima
             return (c := cpu_counts(console_log(xl, "mg"), cpu)) and c[-1] > last + 5 and c
         got = wait_for(past, timeout=120, what=f"cpu{cpu}'s counter after the migration")
         assert last < got[0] <= last + 2, (cpu, last, got[0])
-    sent = len(sink.lines)
-    wait_for(lambda: len(sink.lines) > sent + 20, timeout=120, what="TCP lines after the migration")
-    assert sink.lines == [f"line-{i}" for i in range(len(sink.lines))] and not sink.done.is_set()
+    sent = len(server.lines)
+    wait_for(lambda: len(server.lines) > sent + 20, timeout=120, what="TCP lines after the migration")
+    assert server.lines == [f"line-{i}" for i in range(len(server.lines))] and not server.done.is_set()
     # the region written once before hashes the same after the migration, under the churn
     n_before = before.count("keep-")
     after = wait_for(lambda: (t := console_log(xl, "mg")) and t.count("keep-") > 1 and t, timeout=120,

@@ -58,9 +58,15 @@ def wait_console(xl, name: str, marker: str, timeout: float = 300) -> str:  # no
     def whole_line(t: str) -> bool:
         at = t.find(marker)
         return at >= 0 and "\n" in t[at:]
+    return wait_or_show(xl, lambda: (t := console_log(xl, name)) and whole_line(t) and t, timeout,
+                        f"{marker!r} on {name}'s console")
+
+
+def wait_or_show(xl, pred, timeout: float, what: str):  # noqa: F811
+    """``pred()``'s first true value within ``timeout``; else fail showing where every domain is
+    (:func:`where_stuck`), as GuestStuck if one hung in guest mode."""
     try:
-        return wait_for(lambda: (t := console_log(xl, name)) and whole_line(t) and t, timeout=timeout,
-                        what=f"{marker!r} on {name}'s console")
+        return wait_for(pred, timeout=timeout, what=what)
     except AssertionError as e:
         report, stuck = where_stuck(xl)
         raise (GuestStuck if stuck else AssertionError)(f"{e}\n{report}") from None
@@ -136,14 +142,29 @@ class Sink:
     def __init__(self, addr: str, port: int, lines: bool = False):
         self.sock = socket.create_server((addr, port), reuse_port=False)
         self.sock.settimeout(400)
+        self.conn: socket.socket | None = None
         self.sha, self.count, self.lines = hashlib.sha256(), 0, [] if lines else None
         self.first = self.last = 0.0
         self.done = threading.Event()
-        threading.Thread(target=self._serve, daemon=True).start()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop listening and drop the connection now, so the port is free for the next test
+        (or this test's rerun) even if no guest ever connected."""
+        for s in (self.sock, self.conn):
+            try:
+                if s is not None:
+                    s.shutdown(socket.SHUT_RDWR)   # wakes the thread's accept() or recv()
+            except OSError:
+                pass
+        self._thread.join(10)
+        self.sock.close()
 
     def _serve(self) -> None:
         try:
             conn, _ = self.sock.accept()
+            self.conn = conn
             buf = b""
             with conn:
                 while chunk := conn.recv(1 << 20):
@@ -156,9 +177,24 @@ class Sink:
                         buf += chunk
                         *done, buf = buf.split(b"\n")
                         self.lines.extend(x.decode() for x in done)
+        except OSError:
+            pass   # closed by close(), or no guest connected in time: the test sees done and count
         finally:
-            self.sock.close()
             self.done.set()
+
+
+@pytest.fixture
+def sink():
+    """Make :class:`Sink` servers; afterwards close them all (a failed test's port is free for
+    its rerun)."""
+    made: list[Sink] = []
+
+    def make(addr: str, port: int, lines: bool = False) -> Sink:
+        made.append(Sink(addr, port, lines))
+        return made[-1]
+    yield make
+    for s in made:
+        s.close()
 
 
 SEND = ("until ping -c 1 -W 1 {peer} >/dev/null; do sleep 1; done; ping -c 3 {peer} && echo ping-ok; "
@@ -177,9 +213,9 @@ BULK_MIB = int(os.environ.get("HYPYR_LAB_BULK_MIB", "64"))
 
 
 @pytest.mark.parametrize("vhost", ["on", "off"])
-def test_two_domains_talk_and_move_a_blob_intact(xl, lan, guest_image, tmp_path, vhost):  # noqa: F811
+def test_two_domains_talk_and_move_a_blob_intact(xl, lan, sink, guest_image, tmp_path, vhost):  # noqa: F811
     lan("lan0", f"{SUBNET_HOST}/24")
-    sink = Sink(SUBNET_HOST, 5002)
+    server = sink(SUBNET_HOST, 5002)
     domain(xl, tmp_path, guest_image, "rx", [f"bridge=lan0,ip=10.80.0.11,vhost={vhost}"],
            RECV.format(peer="10.80.0.10"))
     domain(xl, tmp_path, guest_image, "tx", [f"bridge=lan0,ip=10.80.0.10,vhost={vhost}"],
@@ -190,7 +226,7 @@ def test_two_domains_talk_and_move_a_blob_intact(xl, lan, guest_image, tmp_path,
     assert "ping-ok" in tx
     got = re.search(r"got-(\S*)", rx)
     assert got and got.group(1) == blob, f"sent {blob}, received {got and got.group(1)}"  # guest→guest intact
-    assert sink.done.wait(60) and sink.count == BULK_MIB << 20 and sink.sha.hexdigest() == blob  # guest→host
+    assert server.done.wait(60) and server.count == BULK_MIB << 20 and server.sha.hexdigest() == blob  # guest→host
     vmm_log = (xl.state / "domains" / str(domid(xl, "tx")) / "vmm.log").read_text()
     assert ("vhost-net" in vmm_log) == (vhost == "on")
     nics = json.loads(xl("network-list", "tx", "--json").stdout)
@@ -226,36 +262,37 @@ def test_dhcp_leases_are_in_the_subnet_and_distinct(xl, lan, guest_image, tmp_pa
     assert addrs[0] != addrs[1] and SUBNET_HOST not in addrs
 
 
-def test_vif_rate_limits_transmit(xl, lan, guest_image, tmp_path):  # noqa: F811
+def test_vif_rate_limits_transmit(xl, lan, sink, guest_image, tmp_path):  # noqa: F811
     lan("lan0", f"{SUBNET_HOST}/24")
-    sink = Sink(SUBNET_HOST, 5003)
+    server = sink(SUBNET_HOST, 5003)
     cmd = (f"until ping -c 1 -W 1 {SUBNET_HOST} >/dev/null; do sleep 1; done; "
            f"dd if=/dev/zero bs=64K count=128 2>/dev/null | nc {SUBNET_HOST} 5003; echo sent; " + TICKER)
     domain(xl, tmp_path, guest_image, "slow", ["bridge=lan0,ip=10.80.0.20,rate=8Mb/s@20ms"], cmd)
-    assert sink.done.wait(300) and sink.count == 8 << 20
-    rate = sink.count / (sink.last - sink.first)
+    wait_or_show(xl, server.done.is_set, 300, "the guest's 8 MiB to reach the host")
+    assert server.count == 8 << 20
+    rate = server.count / (server.last - server.first)
     print(f"measured {rate / 1e6:.2f} MB/s against a limit of 1.00 MB/s")
     assert 0.8e6 <= rate <= 1.2e6
 
 
-def test_tcp_survives_pause_and_mac_survives_reboot(xl, lan, guest_image, tmp_path):  # noqa: F811
+def test_tcp_survives_pause_and_mac_survives_reboot(xl, lan, sink, guest_image, tmp_path):  # noqa: F811
     lan("lan0", f"{SUBNET_HOST}/24")
-    sink = Sink(SUBNET_HOST, 5004, lines=True)
+    server = sink(SUBNET_HOST, 5004, lines=True)
     cmd = (f"echo mac-$(cat /sys/class/net/eth0/address); "
            f"until ping -c 1 -W 1 {SUBNET_HOST} >/dev/null; do sleep 1; done; "
            f"i=0; while true; do echo line-$i; i=$((i+1)); sleep 0.2; done | nc {SUBNET_HOST} 5004; "
            + TICKER)  # after the reboot nobody listens: the guest just ticks
     domain(xl, tmp_path, guest_image, "pz", ["bridge=lan0,ip=10.80.0.30"], cmd)
-    wait_for(lambda: len(sink.lines) > 5, timeout=300, what="lines over TCP")
+    wait_for(lambda: len(server.lines) > 5, timeout=300, what="lines over TCP")
     xl("pause", "pz")
     time.sleep(0.5)
-    paused_at = len(sink.lines)
+    paused_at = len(server.lines)
     time.sleep(4)
-    assert len(sink.lines) <= paused_at + 1
+    assert len(server.lines) <= paused_at + 1
     xl("unpause", "pz")
-    wait_for(lambda: len(sink.lines) > paused_at + 10, timeout=60, what="lines after unpause")
-    assert sink.lines == [f"line-{i}" for i in range(len(sink.lines))]  # one connection, nothing lost
-    assert not sink.done.is_set()
+    wait_for(lambda: len(server.lines) > paused_at + 10, timeout=60, what="lines after unpause")
+    assert server.lines == [f"line-{i}" for i in range(len(server.lines))]  # one connection, nothing lost
+    assert not server.done.is_set()
     mac = json.loads(xl("network-list", "pz", "--json").stdout)[0]["mac"]
     assert f"mac-{mac}" in console_log(xl, "pz")
     xl("reboot", "pz")

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from hypyr.lab.rerun import TRIPLE_FAULT, record_output
-from hypyr.lab.testguard import GuestNeverLeft, GuestStuck
+from hypyr.lab.testguard import GuestNeverLeft, GuestStuck, OutputStalled
 
 
 def attempt(name):
@@ -52,6 +52,11 @@ def test_guest_that_never_left_guest_mode_then_passes():
         raise GuestNeverLeft(["hypyr", "run"], 300, b"", b"", "  tid 7 R cpu 2.00 s (guest 1.98 s) of 2 s")
 
 
+def test_output_stalled_mid_line_then_passes():
+    if attempt("stall") == 1:
+        raise OutputStalled(["hypyr", "run"], 300, b"hypyr: could not load module pvpanic.k", b"")
+
+
 def test_domain_stuck_in_guest_mode_then_passes():
     if attempt("stuck") == 1:
         raise GuestStuck("timed out waiting for 'sent-to-host' on tx's console; tx ignored an NMI")
@@ -82,17 +87,20 @@ def test_only_failures_after_a_guest_fault_or_a_hang_in_guest_mode_run_again_and
                         "-p", "hypyr.lab.rerun", "test_lab_like.py"], env=env, capture_output=True, text=True,
                        cwd=tmp_path, timeout=120)
     print(r.stdout, r.stderr)
-    names = ("log", "out", "ring", "spin", "stuck", "timeout", "plain", "twice")
+    names = ("log", "out", "ring", "spin", "stall", "stuck", "timeout", "plain", "twice")
     runs = {name: int((tmp_path / f"attempts.{name}").read_text()) for name in names}
-    assert runs == {"log": 2, "out": 2, "ring": 2, "spin": 2, "stuck": 2, "timeout": 1, "plain": 1, "twice": 2}
+    assert runs == {"log": 2, "out": 2, "ring": 2, "spin": 2, "stall": 2, "stuck": 2, "timeout": 1, "plain": 1,
+                    "twice": 2}
     assert r.returncode == 1
-    assert "3 failed, 5 passed, 6 rerun" in r.stdout
+    assert "3 failed, 6 passed, 7 rerun" in r.stdout
     assert ("a guest found a used virtio-net buffer it never gave (" in r.stdout
             and "virtio_net virtio0: input.0:id 86 is not a head!" in r.stdout)
     assert "L2GuestFault: the test failed after a guest triple-faulted" in r.stdout
     assert "a guest hung without leaving guest mode; the command's threads:\n  tid 7 R cpu 2.00 s (guest 1.98 s)" \
         in r.stdout
     assert "a domain's guest hung in guest mode and did not answer an NMI:\ntimed out waiting for 'sent-to-host'" \
+        in r.stdout
+    assert "a guest's output stopped mid-line until the timeout; it ends:\nhypyr: could not load module pvpanic.k" \
         in r.stdout
     assert "still running" not in r.stderr
     # the evidence stays in the log: the stop reason and the register dump after it, not what came before

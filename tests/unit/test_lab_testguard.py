@@ -45,6 +45,18 @@ def test_run_bounded_kills_the_whole_session_on_timeout_and_keeps_the_output(tmp
         pytest.fail("the timed-out command's child survived")
 
 
+def test_run_bounded_says_when_the_output_stopped_mid_line():
+    script = ("import sys, time; sys.stdout.write('hypyr: could not load module pvpanic.k'); sys.stdout.flush(); "
+              "time.sleep(600)")
+    with pytest.raises(testguard.OutputStalled) as e:
+        testguard.run_bounded([sys.executable, "-c", script], timeout=3)
+    assert e.value.stdout == b"hypyr: could not load module pvpanic.k"
+    with pytest.raises(subprocess.TimeoutExpired) as e:   # whole lines: a plain timeout
+        testguard.run_bounded([sys.executable, "-c", "print('line', flush=True); import time; time.sleep(600)"],
+                              timeout=3, text=True)
+    assert type(e.value) is subprocess.TimeoutExpired and e.value.stdout == "line\n"
+
+
 def test_kill_pending_reads_both_signal_masks():
     none = {"SigPnd": "0000000000000000", "ShdPnd": "0000000000000000"}
     assert not testguard._kill_pending(none)
