@@ -184,6 +184,17 @@ def test_doctor_on_a_missing_device(capfd, tmp_path):
     assert "does not exist" in out
 
 
+def test_help_is_as_wide_as_the_terminal_and_the_parser_needs_no_shutil():
+    env = dict(os.environ, COLUMNS="60")
+    out = subprocess.run([sys.executable, "-c", "import sys; from hypyr import cli; "
+                          "cli.build_parser('run').parse_args(['run', '--memory', '128']); "
+                          "print('shutil' in sys.modules); cli.build_parser('run').parse_args(['run', '-h'])"],
+                         capture_output=True, text=True, env=env).stdout
+    first, *lines = out.splitlines()
+    assert first == "False" and "--kernel KERNEL" in out
+    assert max(map(len, lines)) <= 58 < max(map(len, lines)) + 10   # argparse fills to COLUMNS - 2
+
+
 def test_unknown_command_is_a_usage_error(capfd):
     with pytest.raises(SystemExit) as e:
         cli.main(["frobnicate"])
