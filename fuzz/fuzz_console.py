@@ -37,7 +37,8 @@ rig.extra_ops += [host_input, config]
 
 def one_input(data: bytes) -> None:
     rig.run(data)
-    dev.restore(C.ConsoleState())  # drop the input left over (it survives resets by design)
+    dev.load_state({**dev.save_state(), "rx": b""})  # drop the input left over (it survives resets by design)
+    dev.resume()
 
 
 if __name__ == "__main__":

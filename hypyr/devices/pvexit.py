@@ -9,7 +9,6 @@ A byte written there stops the VM with that byte as its exit status (exactly the
 from __future__ import annotations
 
 import logging
-from typing import NamedTuple
 
 from hypyr.devices.events import GuestEvent, StopCallback, StopRequest
 from hypyr.devices.ratelog import RateLimitedLog
@@ -23,24 +22,10 @@ WIDE_LENGTH = 4
 MAGIC = 0x48  # 'H'
 
 
-class PvExitState(NamedTuple):
-    """The port is stateless; kept for a uniform save/restore interface."""
-
-    def validate(self) -> None:
-        pass
-
-
 class PvExit(QuiesceFree):
     def __init__(self, stop: StopCallback):
         self._stop = stop
         self._rlog = RateLimitedLog(log)  # the guest may write the port again and again
-
-    def state(self) -> PvExitState:
-        return PvExitState()
-
-    def restore(self, s: PvExitState) -> None:
-        if not isinstance(s, PvExitState):
-            raise TypeError(f"expected PvExitState, got {type(s).__name__}")
 
     STATE_KIND = "pvexit"
     STATE_VERSION = 1

@@ -3,8 +3,9 @@ import pytest
 from hypyr.devices.bus import Bus
 from hypyr.devices.events import GuestEvent, StopRequest
 from hypyr.devices.legacy import acpi_pm as A
-from hypyr.devices.legacy.acpi_pm import AcpiPm, AcpiPmState, AcpiReset
+from hypyr.devices.legacy.acpi_pm import AcpiPm, AcpiReset
 from hypyr.devices.pvexit import MAGIC, PvExit
+from hypyr.errors import StateError
 
 
 def test_acpi_s5_powers_off():
@@ -41,11 +42,12 @@ def test_acpi_via_bus_and_state():
     bus.register(A.PORT, A.LENGTH, pm)
     bus.write(0x600, bytes([0x34]))
     assert [s.event for s in stops] == [GuestEvent.POWEROFF]
-    pm.restore(AcpiPmState(wake_status=True))
-    assert pm.state() == AcpiPmState(wake_status=True)
+    state = {**pm.save_state(), "wake_status": True}
+    pm.load_state(state)
+    assert pm.save_state() == state
     assert bus.read(0x601, 1) == b"\x80"
-    with pytest.raises(ValueError):
-        pm.restore(AcpiPmState(wake_status=1))  # type: ignore[arg-type]
+    with pytest.raises(StateError):
+        pm.load_state({**state, "wake_status": 1})
 
 
 def test_acpi_reset_register():

@@ -110,10 +110,10 @@ def test_serial_irq_calls_alternate_and_state_round_trips(writes):
         assert a != b
     if calls:
         assert calls[0] is True
-    st_ = u.state()
+    st_ = u.save_state()
     v = Serial(lambda _: None, lambda b: None)
-    v.restore(st_)
-    assert v.state() == st_
+    v.load_state(st_)
+    assert v.save_state() == st_
 
 
 @settings(max_examples=200, deadline=None)
@@ -123,10 +123,10 @@ def test_i8042_state_round_trips(writes):
     for off, val in writes:
         k.write(off, bytes([val]))
         k.read(off ^ 4, 1)
-    s = k.state()
+    s = k.save_state()
     k2 = I8042(lambda r: None)
-    k2.restore(s)
-    assert k2.state() == s
+    k2.load_state(s)
+    assert k2.save_state() == s
 
 
 @settings(max_examples=200, deadline=None)
@@ -136,7 +136,7 @@ def test_rtc_state_round_trips(writes):
     for off, val in writes:
         r.write(off, bytes([val]))
         r.read(1, 1)
-    s = r.state()
+    s = r.save_state()
     r2 = Rtc(clock=lambda: T0)
-    r2.restore(s)
-    assert r2.state() == s
+    r2.load_state(s)
+    assert r2.save_state() == s

@@ -3,7 +3,8 @@ import pytest
 from hypyr.devices.bus import Bus
 from hypyr.devices.events import GuestEvent, StopRequest
 from hypyr.devices.legacy import i8042 as K
-from hypyr.devices.legacy.i8042 import I8042, I8042State
+from hypyr.devices.legacy.i8042 import I8042
+from hypyr.errors import StateError
 
 
 class Line:
@@ -175,17 +176,15 @@ def test_state_round_trip():
     data(bus, 0x47)
     data(bus, 0xF2)
     data(bus, 0xED)
-    st = ctl.state()
-    assert isinstance(st, I8042State)
+    st = ctl.save_state()
     kbd2 = Line()
     other = I8042(lambda r: None, kbd_irq=kbd2)
-    other.restore(st)
-    assert other.state() == st
+    other.load_state(st)
+    assert other.save_state() == st
     assert kbd2.calls == [True]
-    with pytest.raises(ValueError):
-        other.restore(I8042State(ram=b"\0"))
-    with pytest.raises(ValueError):
-        other.restore(I8042State(output=((0x100, False),)))
+    for bad in ({**st, "ram": b"\0"}, {**st, "output": [[0x100, False]]}, {**st, "pending_cmd": 0x01}):
+        with pytest.raises(StateError):
+            other.load_state(bad)
 
 
 def test_single_device_offsets():

@@ -3,7 +3,8 @@ import calendar
 import pytest
 
 from hypyr.devices.legacy import rtc as R
-from hypyr.devices.legacy.rtc import Rtc, RtcState
+from hypyr.devices.legacy.rtc import Rtc
+from hypyr.errors import StateError
 
 # 2024-02-29 (a Thursday) 13:45:07 UTC
 T0 = calendar.timegm((2024, 2, 29, 13, 45, 7))
@@ -118,16 +119,14 @@ def test_state_round_trip():
     r = Rtc(clock=clock)
     setreg(r, 0x50, 0x99)
     setreg(r, R.REG_YEAR, 0x25)
-    st = r.state()
-    assert isinstance(st, RtcState)
+    st = r.save_state()
     r2 = Rtc(clock=clock)
-    r2.restore(st)
-    assert r2.state() == st
+    r2.load_state(st)
+    assert r2.save_state() == st
     assert reg(r2, 0x50) == 0x99 and reg(r2, R.REG_YEAR) == 0x25
-    with pytest.raises(ValueError):
-        r2.restore(RtcState(index=0x80))
-    with pytest.raises(ValueError):
-        r2.restore(RtcState(frozen=T0))  # SET bit not set in RAM
+    for bad in ({**st, "index": 0x80}, {**st, "frozen": [2026, 1, 1, 0, 0, 0]}):   # SET bit not set in RAM
+        with pytest.raises(StateError):
+            r2.load_state(bad)
 
 
 def test_set_mode_allows_invalid_intermediate_dates():

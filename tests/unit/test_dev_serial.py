@@ -4,7 +4,8 @@ import pytest
 
 from hypyr.devices.bus import Bus
 from hypyr.devices.legacy import serial as S
-from hypyr.devices.legacy.serial import Serial, SerialState
+from hypyr.devices.legacy.serial import Serial
+from hypyr.errors import StateError
 
 
 class Line:
@@ -284,20 +285,16 @@ def test_state_round_trip_and_validation():
     wr(u, S.MCR, S.MCR_OUT2)
     wr(u, S.IER, S.IER_ERBFI)
     u.enqueue_input(b"hello")
-    st = u.state()
-    assert isinstance(st, SerialState)
+    st = u.save_state()
     line2 = Line()
     v = Serial(line2, lambda b: None)
-    v.restore(st)
-    assert v.state() == st
+    v.load_state(st)
+    assert v.save_state() == st
     assert line2.calls == [True]
     assert bytes(rd(v, S.RBR) for _ in range(5)) == b"hello"
-    with pytest.raises(ValueError):
-        v.restore(SerialState(ier=0x10))
-    with pytest.raises(ValueError):
-        v.restore(SerialState(rx=b"x" * (S.RX_BUFFER_SIZE + 1)))
-    with pytest.raises(TypeError):
-        v.restore("nope")  # type: ignore[arg-type]
+    for bad in ({**st, "ier": 0x10}, {**st, "rx": b"x" * (S.RX_BUFFER_SIZE + 1)}, "nope"):
+        with pytest.raises(StateError):
+            v.load_state(bad)  # type: ignore[arg-type]
 
 
 def test_concurrent_input_and_reads():

@@ -6,8 +6,9 @@ import pytest
 from virtio_mock import Buf, MockDriver
 
 from hypyr.devices.virtio import console as C
-from hypyr.devices.virtio.console import ConsoleState, VirtioConsole
+from hypyr.devices.virtio.console import VirtioConsole
 from hypyr.devices.virtio.queue import DeviceError
+from hypyr.errors import StateError
 
 
 class Rig:
@@ -152,7 +153,7 @@ def test_input_is_bounded():
     assert r.dev.input_room() == 0
     assert r.dev.enqueue_input(b"y") == 0
     assert r.dev.enqueue_input(b"") == 0
-    assert r.dev.state().rx == bytes(C.RX_BUFFER_SIZE - 10) + b"x" * 10
+    assert r.dev.save_state()["rx"] == bytes(C.RX_BUFFER_SIZE - 10) + b"x" * 10
 
 
 def test_input_survives_reset_and_state_roundtrip():
@@ -161,15 +162,14 @@ def test_input_survives_reset_and_state_roundtrip():
     r.dev.reset()
     assert r.dev.queues == []
     assert r.dev.enqueue_input(b"!") == 1
-    s = r.dev.state()
-    assert s == ConsoleState(rx=b"pending!")
+    s = r.dev.save_state()
+    assert s["rx"] == b"pending!"
     other = VirtioConsole(lambda b: None)
-    other.restore(s)
-    assert other.state() == s
-    with pytest.raises(ValueError):
-        other.restore(ConsoleState(rx=bytes(C.RX_BUFFER_SIZE + 1)))
-    with pytest.raises(TypeError):
-        other.restore("nope")
+    other.load_state(s)
+    assert other.save_state() == s
+    for bad in ({**s, "rx": bytes(C.RX_BUFFER_SIZE + 1)}, "nope"):
+        with pytest.raises(StateError):
+            other.load_state(bad)  # type: ignore[arg-type]
 
 
 def test_receive_chain_without_writable_space_returned_unused():

@@ -20,7 +20,6 @@ path tries this first on ACPI systems.
 from __future__ import annotations
 
 import logging
-from typing import NamedTuple
 
 from hypyr.devices.events import GuestEvent, StopCallback, StopRequest
 from hypyr.devices.legacy._bytedev import ByteRegisterDevice
@@ -43,14 +42,6 @@ RESET_PORT = 0x604
 RESET_VALUE = 0x0F
 
 
-class AcpiPmState(NamedTuple):
-    wake_status: bool = False
-
-    def validate(self) -> None:
-        if not isinstance(self.wake_status, bool):
-            raise ValueError("AcpiPmState.wake_status must be a bool")
-
-
 class AcpiPm(QuiesceFree, ByteRegisterDevice):
     LENGTH = LENGTH
 
@@ -58,17 +49,6 @@ class AcpiPm(QuiesceFree, ByteRegisterDevice):
         super().__init__(log)
         self._stop = stop
         self._wake_status = False
-
-    def state(self) -> AcpiPmState:
-        with self._lock:
-            return AcpiPmState(wake_status=self._wake_status)
-
-    def restore(self, s: AcpiPmState) -> None:
-        if not isinstance(s, AcpiPmState):
-            raise TypeError(f"expected AcpiPmState, got {type(s).__name__}")
-        s.validate()
-        with self._lock:
-            self._wake_status = s.wake_status
 
     STATE_KIND = "acpi-pm"
     STATE_VERSION = 1
@@ -79,9 +59,10 @@ class AcpiPm(QuiesceFree, ByteRegisterDevice):
 
     def load_state(self, state: dict) -> None:
         r = StateReader(state, "acpi-pm", self.STATE_KIND, self.STATE_VERSION)
-        s = AcpiPmState(wake_status=r.flag("wake_status"))
+        wake_status = r.flag("wake_status")
         r.done()
-        self.restore(s)
+        with self._lock:
+            self._wake_status = wake_status
 
     def _read_reg(self, offset: int) -> int:
         if offset == SLEEP_STATUS:
@@ -106,11 +87,6 @@ class AcpiPm(QuiesceFree, ByteRegisterDevice):
             self._wake_status = True
 
 
-class AcpiResetState(NamedTuple):
-    def validate(self) -> None:
-        pass
-
-
 class AcpiReset(QuiesceFree, ByteRegisterDevice):
     """FADT RESET_REG: writing ``reset_value`` requests a reboot; reads as 0."""
 
@@ -122,13 +98,6 @@ class AcpiReset(QuiesceFree, ByteRegisterDevice):
             raise ValueError(f"reset value {reset_value:#x} out of range")
         self._stop = stop
         self._reset_value = reset_value
-
-    def state(self) -> AcpiResetState:
-        return AcpiResetState()
-
-    def restore(self, s: AcpiResetState) -> None:
-        if not isinstance(s, AcpiResetState):
-            raise TypeError(f"expected AcpiResetState, got {type(s).__name__}")
 
     STATE_KIND = "acpi-reset"
     STATE_VERSION = 1

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import logging
-from typing import NamedTuple
 
 from hypyr.devices.bus import IrqLine
 from hypyr.devices.events import GuestEvent, StopCallback, StopRequest
@@ -62,33 +61,18 @@ _CAD_SET1 = bytes([0x1D, 0x38, 0xE0, 0x53, 0xE0, 0xD3, 0xB8, 0x9D])
 _CAD_SET2 = bytes([0x14, 0x11, 0xE0, 0x71, 0xE0, 0xF0, 0x71, 0xF0, 0x11, 0xF0, 0x14])
 
 
-class I8042State(NamedTuple):
-    ram: bytes = bytes([CTR_DEFAULT]) + bytes(31)  # RAM[0] is the command byte
-    outport: int = OUT_DEFAULT
-    output: tuple[tuple[int, bool], ...] = ()  # queued (byte, is_aux), head first
-    pending_cmd: int = 0  # controller command waiting for a data byte, 0 = none
-    kbd_pending_cmd: int = 0  # keyboard command waiting for its parameter, 0 = none
-    kbd_scanning: bool = True
-    last_write_cmd: bool = True  # status bit 3
-
-    def validate(self) -> None:
-        if not isinstance(self.ram, (bytes, bytearray)) or len(self.ram) != 32:
-            raise ValueError("I8042State.ram must be 32 bytes")
-        if not isinstance(self.outport, int) or not 0 <= self.outport <= 0xFF:
-            raise ValueError(f"I8042State.outport={self.outport!r} out of range")
-        if len(self.output) > OUTPUT_QUEUE_LIMIT:
-            raise ValueError("I8042State.output too long")
-        for item in self.output:
-            if (not isinstance(item, tuple) or len(item) != 2 or not isinstance(item[0], int)
-                    or not 0 <= item[0] <= 0xFF or not isinstance(item[1], bool)):
-                raise ValueError(f"I8042State.output entry {item!r} invalid")
-        if self.pending_cmd not in (0, _CMD_WRITE_OUTPORT, _CMD_WRITE_KBD_OBUF, _CMD_WRITE_AUX_OBUF,
-                                    _CMD_WRITE_AUX) and not 0x60 <= self.pending_cmd <= 0x7F:
-            raise ValueError(f"I8042State.pending_cmd={self.pending_cmd!r} invalid")
-        if self.kbd_pending_cmd not in (0,) + _KBD_PARAM_CMDS:
-            raise ValueError(f"I8042State.kbd_pending_cmd={self.kbd_pending_cmd!r} invalid")
-        if not isinstance(self.kbd_scanning, bool) or not isinstance(self.last_write_cmd, bool):
-            raise ValueError("I8042State flags must be bools")
+# The controller's state at reset, field by field as a save holds it.
+_RESET = {
+    "ram": bytes([CTR_DEFAULT]) + bytes(31),   # RAM[0] is the command byte
+    "outport": OUT_DEFAULT,
+    "output": (),              # queued (byte, is_aux), head first
+    "pending_cmd": 0,          # controller command waiting for a data byte, 0 = none
+    "kbd_pending_cmd": 0,      # keyboard command waiting for its parameter, 0 = none
+    "kbd_scanning": True,
+    "last_write_cmd": True,    # status bit 3
+}
+# The controller commands that wait for a data byte (as do 0x60-0x7F, writes to controller RAM)
+_DATA_CMDS = (_CMD_WRITE_OUTPORT, _CMD_WRITE_KBD_OBUF, _CMD_WRITE_AUX_OBUF, _CMD_WRITE_AUX)
 
 
 class _Port:
@@ -122,38 +106,20 @@ class I8042(HostInputGate, ByteRegisterDevice):
         self.data_port = _Port(self, 0)
         self.command_port = _Port(self, 4)
         self._quiesced = False  # no host injection while saving
-        self._set_state(I8042State())
-
-    # ------------------------------------------------------------------ state
-    def _set_state(self, s: I8042State) -> None:
-        self._ram = bytearray(s.ram)
-        self._outport = s.outport
-        self._output: collections.deque[tuple[int, bool]] = collections.deque(s.output)
-        self._pending_cmd = s.pending_cmd
-        self._kbd_pending_cmd = s.kbd_pending_cmd
-        self._kbd_scanning = s.kbd_scanning
-        self._last_write_cmd = s.last_write_cmd
-
-    def state(self) -> I8042State:
-        with self._lock:
-            return I8042State(ram=bytes(self._ram), outport=self._outport, output=tuple(self._output),
-                              pending_cmd=self._pending_cmd, kbd_pending_cmd=self._kbd_pending_cmd,
-                              kbd_scanning=self._kbd_scanning, last_write_cmd=self._last_write_cmd)
-
-    def restore(self, s: I8042State) -> None:
-        """Load ``s`` (validated); drives both interrupt lines to their restored levels."""
-        if not isinstance(s, I8042State):
-            raise TypeError(f"expected I8042State, got {type(s).__name__}")
-        s.validate()
-        with self._lock:
-            self._set_state(s)
-            self._kbd_level, self._aux_level = self._levels()
-            self._call(self._kbd_irq, self._kbd_level)
-            self._call(self._aux_irq, self._aux_level)
+        self._set_fields(_RESET)
 
     # ------------------------------------------------------------------ save/restore (devices/state.py)
     STATE_KIND = "i8042"
     STATE_VERSION = 1
+
+    def _set_fields(self, f: dict) -> None:
+        self._ram = bytearray(f["ram"])
+        self._outport = f["outport"]
+        self._output: collections.deque[tuple[int, bool]] = collections.deque(f["output"])
+        self._pending_cmd = f["pending_cmd"]
+        self._kbd_pending_cmd = f["kbd_pending_cmd"]
+        self._kbd_scanning = f["kbd_scanning"]
+        self._last_write_cmd = f["last_write_cmd"]
 
     def save_state(self) -> dict:
         """Controller RAM, output port, the output queue, pending commands and both line levels."""
@@ -173,21 +139,25 @@ class I8042(HostInputGate, ByteRegisterDevice):
                     or not isinstance(item[0], int) or not 0 <= item[0] <= 0xFF or not isinstance(item[1], bool)):
                 raise StateError(f"i8042.output[{i}] must be a [byte, is_aux] pair")
             output.append((int(item[0]), item[1]))
-        s = I8042State(ram=r.blob("ram", 32, 32), outport=r.integer("outport", 0, 0xFF), output=tuple(output),
-                       pending_cmd=r.integer("pending_cmd", 0, 0xFF),
-                       kbd_pending_cmd=r.integer("kbd_pending_cmd", 0, 0xFF),
-                       kbd_scanning=r.flag("kbd_scanning"), last_write_cmd=r.flag("last_write_cmd"))
+        pending, kbd_pending = r.integer("pending_cmd", 0, 0xFF), r.integer("kbd_pending_cmd", 0, 0xFF)
+        f = {"ram": r.blob("ram", 32, 32), "outport": r.integer("outport", 0, 0xFF), "output": output,
+             "pending_cmd": pending, "kbd_pending_cmd": kbd_pending,
+             "kbd_scanning": r.flag("kbd_scanning"), "last_write_cmd": r.flag("last_write_cmd")}
         levels = (r.flag("kbd_irq"), r.flag("aux_irq"))
         r.done()
-        try:
-            s.validate()
-        except ValueError as e:
-            raise StateError(f"i8042: {e}") from None
+        if pending not in (0, *_DATA_CMDS) and not 0x60 <= pending <= 0x7F:
+            raise StateError(f"i8042: pending_cmd={pending:#04x} is not a command that waits for data")
+        if kbd_pending not in (0, *_KBD_PARAM_CMDS):
+            raise StateError(f"i8042: kbd_pending_cmd={kbd_pending:#04x} is not a command that waits for a parameter")
         probe = I8042(lambda _: None)
-        probe._set_state(s)
+        probe._set_fields(f)
         if probe._levels() != levels:
             raise StateError("i8042: the saved interrupt line levels do not follow from the output queue")
-        self.restore(s)
+        with self._lock:
+            self._set_fields(f)
+            self._kbd_level, self._aux_level = self._levels()
+            self._call(self._kbd_irq, self._kbd_level)
+            self._call(self._aux_irq, self._aux_level)
         self.quiesce()
 
     # ------------------------------------------------------------------ host side

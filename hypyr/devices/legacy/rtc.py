@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import NamedTuple
 
 from hypyr.devices.legacy._bytedev import ByteRegisterDevice, bcd, from_bcd, is_bcd
 from hypyr.devices.state import QuiesceFree, StateError, StateReader
@@ -83,31 +82,6 @@ def _default_ram() -> bytes:
 Fields = tuple[int, int, int, int, int, int]  # year, month, day, hour, minute, second
 
 
-class RtcState(NamedTuple):
-    index: int = 0  # type: ignore[assignment]  # the selected register (hides tuple.index)
-    nmi_disabled: bool = False
-    ram: bytes = _default_ram()  # time registers' bytes here are unused (computed)
-    offset: int = 0  # guest time minus host time, seconds
-    frozen: Fields | None = None  # the clock fields while register B's SET bit is set
-
-    def validate(self) -> None:
-        if not isinstance(self.index, int) or not 0 <= self.index <= 0x7F:
-            raise ValueError(f"RtcState.index={self.index!r} out of range")
-        if not isinstance(self.nmi_disabled, bool):
-            raise ValueError("RtcState.nmi_disabled must be a bool")
-        if not isinstance(self.ram, (bytes, bytearray)) or len(self.ram) != 128:
-            raise ValueError("RtcState.ram must be 128 bytes")
-        if not isinstance(self.offset, int) or isinstance(self.offset, bool):
-            raise ValueError("RtcState.offset must be an int")
-        if self.frozen is not None:
-            f = self.frozen
-            if (not isinstance(f, tuple) or len(f) != 6 or not all(isinstance(v, int) for v in f)
-                    or not 1 <= f[0] <= 9999 or not all(0 <= v <= 99 for v in f[1:])):
-                raise ValueError(f"RtcState.frozen={f!r} invalid")
-        if bool(self.ram[REG_B] & REG_B_SET) != (self.frozen is not None):
-            raise ValueError("RtcState.frozen must be set exactly when register B's SET bit is")
-
-
 class Rtc(QuiesceFree, ByteRegisterDevice):
     """CMOS RTC.  ``clock`` returns host time as seconds since the epoch (UTC)."""
 
@@ -116,27 +90,11 @@ class Rtc(QuiesceFree, ByteRegisterDevice):
     def __init__(self, clock: Callable[[], float] = time.time):
         super().__init__(log)
         self._clock = clock
-        self._set_state(RtcState())
-
-    # ------------------------------------------------------------------ state
-    def _set_state(self, s: RtcState) -> None:
-        self._index = s.index
-        self._nmi_disabled = s.nmi_disabled
-        self._ram = bytearray(s.ram)
-        self._offset = s.offset
-        self._frozen = s.frozen
-
-    def state(self) -> RtcState:
-        with self._lock:
-            return RtcState(index=self._index, nmi_disabled=self._nmi_disabled, ram=bytes(self._ram),
-                            offset=self._offset, frozen=self._frozen)
-
-    def restore(self, s: RtcState) -> None:
-        if not isinstance(s, RtcState):
-            raise TypeError(f"expected RtcState, got {type(s).__name__}")
-        s.validate()
-        with self._lock:
-            self._set_state(s)
+        self._index = 0                # the selected register
+        self._nmi_disabled = False
+        self._ram = bytearray(_default_ram())   # the time registers' bytes here are unused (computed)
+        self._offset = 0               # guest time minus host time, seconds
+        self._frozen: Fields | None = None   # the clock fields while register B's SET bit is set
 
     # ------------------------------------------------------------------ save/restore (devices/state.py)
     STATE_KIND = "rtc-mc146818"
@@ -155,16 +113,18 @@ class Rtc(QuiesceFree, ByteRegisterDevice):
         frozen = r.raw("frozen")
         if frozen is not None:
             if (not isinstance(frozen, (list, tuple)) or len(frozen) != 6
-                    or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 9999 for v in frozen)):
+                    or not all(isinstance(v, int) and not isinstance(v, bool) for v in frozen)
+                    or not 1 <= frozen[0] <= 9999 or not all(0 <= v <= 99 for v in frozen[1:])):
                 raise StateError("rtc.frozen must be None or six integers (year, month, day, hour, minute, second)")
             frozen = tuple(int(v) for v in frozen)
-        s = RtcState(index=r.integer("index", 0, 0x7F), nmi_disabled=r.flag("nmi_disabled"),
-                     ram=r.blob("ram", 128, 128), offset=r.integer("offset", -span, span), frozen=frozen)
+        index, nmi_disabled = r.integer("index", 0, 0x7F), r.flag("nmi_disabled")
+        ram, offset = r.blob("ram", 128, 128), r.integer("offset", -span, span)
         r.done()
-        try:
-            self.restore(s)
-        except ValueError as e:
-            raise StateError(f"rtc: {e}") from None
+        if bool(ram[REG_B] & REG_B_SET) != (frozen is not None):
+            raise StateError("rtc: frozen must be set exactly when register B's SET bit is")
+        with self._lock:
+            self._index, self._nmi_disabled, self._ram = index, nmi_disabled, bytearray(ram)
+            self._offset, self._frozen = offset, frozen
 
     # ------------------------------------------------------------------ host side
     @property

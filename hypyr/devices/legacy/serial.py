@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import logging
 from collections.abc import Callable
-from typing import NamedTuple
 
 from hypyr.devices.bus import IrqLine
 from hypyr.devices.legacy._bytedev import ByteRegisterDevice
@@ -98,32 +97,14 @@ MSR_DELTAS = 0x0F
 _HOST_LINES = MSR_CTS | MSR_DSR | MSR_DCD
 
 
-class SerialState(NamedTuple):
-    ier: int = 0
-    lcr: int = 0
-    mcr: int = 0
-    fcr: int = 0  # as programmed: FCR_ENABLE | FCR_DMA | trigger bits (clear bits never stored)
-    lsr_errors: int = 0  # sticky LSR error bits (OE/PE/FE/BI), cleared by reading LSR
-    msr: int = _HOST_LINES  # lines in bits 7:4, deltas in bits 3:0
-    scr: int = 0
-    dll: int = 0x0C  # 9600 baud
-    dlm: int = 0
-    thre_pending: bool = True
-    rx: bytes = b""
-
-    def validate(self) -> None:
-        for name, limit in (("ier", 0x0F), ("lcr", 0xFF), ("mcr", MCR_MASK), ("fcr", 0xFF),
-                            ("lsr_errors", LSR_ERRORS), ("msr", 0xFF), ("scr", 0xFF),
-                            ("dll", 0xFF), ("dlm", 0xFF)):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v & ~limit:
-                raise ValueError(f"SerialState.{name}={v!r} out of range")
-        if self.fcr & ~(FCR_ENABLE | FCR_DMA | FCR_TRIGGER_MASK):
-            raise ValueError(f"SerialState.fcr={self.fcr:#x} has non-persistent bits")
-        if not isinstance(self.thre_pending, bool):
-            raise ValueError("SerialState.thre_pending must be a bool")
-        if not isinstance(self.rx, (bytes, bytearray)) or len(self.rx) > RX_BUFFER_SIZE:
-            raise ValueError("SerialState.rx must be bytes of at most RX_BUFFER_SIZE")
+# The registers a save holds: name, the bits it can have set, its value at reset.
+_REGISTERS = (
+    ("ier", 0x0F, 0), ("lcr", 0xFF, 0), ("mcr", MCR_MASK, 0),
+    ("fcr", FCR_ENABLE | FCR_DMA | FCR_TRIGGER_MASK, 0),   # as programmed (the clear bits are not kept)
+    ("lsr_errors", LSR_ERRORS, 0),   # sticky LSR error bits (OE/PE/FE/BI), cleared by reading LSR
+    ("msr", 0xFF, _HOST_LINES),      # lines in bits 7:4, deltas in bits 3:0
+    ("scr", 0xFF, 0), ("dll", 0xFF, 0x0C), ("dlm", 0xFF, 0),   # 9600 baud
+)
 
 
 class Serial(HostInputGate, ByteRegisterDevice):
@@ -139,69 +120,44 @@ class Serial(HostInputGate, ByteRegisterDevice):
         self._overflow = OverflowLog(log, "serial", RX_BUFFER_SIZE)
         self._rx: collections.deque[int] = collections.deque()
         self._quiesced = False  # host input refused (left with the caller) while saving
-        self._set_state(SerialState())
-
-    # ------------------------------------------------------------------ state
-    def _set_state(self, s: SerialState) -> None:
-        self._ier = s.ier
-        self._lcr = s.lcr
-        self._mcr = s.mcr
-        self._fcr = s.fcr
-        self._lsr_errors = s.lsr_errors
-        self._msr = s.msr
-        self._scr = s.scr
-        self._dll = s.dll
-        self._dlm = s.dlm
-        self._thre_pending = s.thre_pending
-        self._rx = collections.deque(s.rx)
-
-    def state(self) -> SerialState:
-        with self._lock:
-            return SerialState(ier=self._ier, lcr=self._lcr, mcr=self._mcr, fcr=self._fcr,
-                               lsr_errors=self._lsr_errors, msr=self._msr, scr=self._scr,
-                               dll=self._dll, dlm=self._dlm, thre_pending=self._thre_pending,
-                               rx=bytes(self._rx))
-
-    def restore(self, s: SerialState) -> None:
-        """Load ``s`` (validated).  Drives the interrupt line to the restored level
-        unconditionally, since the line's previous level is unknown to the caller."""
-        if not isinstance(s, SerialState):
-            raise TypeError(f"expected SerialState, got {type(s).__name__}")
-        s.validate()
-        with self._lock:
-            self._set_state(s)
-            self._irq_level = self._compute_level()
-            self._call_irq(self._irq_level)
+        self._set_registers({name: reset for name, _, reset in _REGISTERS}, thre_pending=True, rx=b"")
 
     # ------------------------------------------------------------------ save/restore (devices/state.py)
     STATE_KIND = "serial-16550a"
     STATE_VERSION = 1
 
+    def _set_registers(self, regs: dict[str, int], thre_pending: bool, rx: bytes) -> None:
+        self._ier, self._lcr, self._mcr, self._fcr = regs["ier"], regs["lcr"], regs["mcr"], regs["fcr"]
+        self._lsr_errors, self._msr, self._scr = regs["lsr_errors"], regs["msr"], regs["scr"]
+        self._dll, self._dlm = regs["dll"], regs["dlm"]
+        self._thre_pending = thre_pending
+        self._rx = collections.deque(rx)
+
     def save_state(self) -> dict:
         """Registers, the receive buffer (FIFO and what waits behind it) and the line level."""
         with self._lock:
-            return {"kind": self.STATE_KIND, "v": self.STATE_VERSION, "ier": self._ier, "lcr": self._lcr,
-                    "mcr": self._mcr, "fcr": self._fcr, "lsr_errors": self._lsr_errors, "msr": self._msr,
-                    "scr": self._scr, "dll": self._dll, "dlm": self._dlm, "thre_pending": self._thre_pending,
-                    "rx": bytes(self._rx), "irq": self._irq_level}
+            return {"kind": self.STATE_KIND, "v": self.STATE_VERSION,
+                    **{name: getattr(self, "_" + name) for name, _, _ in _REGISTERS},
+                    "thre_pending": self._thre_pending, "rx": bytes(self._rx), "irq": self._irq_level}
 
     def load_state(self, state: dict) -> None:
-        """Validate and load ``state``; the line is driven to the restored level; quiesced."""
+        """Validate and load ``state``; the line is driven to the restored level (the caller
+        does not know its level before); quiesced."""
         r = StateReader(state, "serial", self.STATE_KIND, self.STATE_VERSION)
-        regs = {name: r.integer(name, 0, 0xFF) for name in ("ier", "lcr", "mcr", "fcr", "lsr_errors", "msr",
-                                                             "scr", "dll", "dlm")}
-        s = SerialState(**regs, thre_pending=r.flag("thre_pending"), rx=r.blob("rx", RX_BUFFER_SIZE))
-        irq = r.flag("irq")
+        regs = {name: r.integer(name, 0, 0xFF) for name, _, _ in _REGISTERS}
+        thre_pending, rx, irq = r.flag("thre_pending"), r.blob("rx", RX_BUFFER_SIZE), r.flag("irq")
         r.done()
-        try:
-            s.validate()
-        except ValueError as e:
-            raise StateError(f"serial: {e}") from None
+        for name, bits, _ in _REGISTERS:
+            if regs[name] & ~bits:
+                raise StateError(f"serial: {name}={regs[name]:#04x} has bits the UART does not keep")
         probe = Serial(lambda _: None, lambda _: None)
-        probe._set_state(s)
+        probe._set_registers(regs, thre_pending, rx)
         if probe._compute_level() != irq:
             raise StateError("serial: the saved interrupt line level does not follow from the registers")
-        self.restore(s)
+        with self._lock:
+            self._set_registers(regs, thre_pending, rx)
+            self._irq_level = self._compute_level()
+            self._call_irq(self._irq_level)
         self.quiesce()
 
     # ------------------------------------------------------------------ host side

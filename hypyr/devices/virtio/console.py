@@ -11,7 +11,7 @@ import logging
 import struct
 import threading
 from collections.abc import Callable
-from typing import NamedTuple, cast
+from typing import cast
 
 from hypyr.devices.overflow import OverflowLog
 from hypyr.devices.ratelog import RateLimitedLog
@@ -38,14 +38,6 @@ TX_CHUNK = 64 * 1024
 
 _CONFIG = struct.pack("<HHII", COLS, ROWS, 0, 0)
 _EMERG_WR = 8
-
-
-class ConsoleState(NamedTuple):
-    rx: bytes = b""  # host input not yet delivered to the guest
-
-    def validate(self) -> None:
-        if not isinstance(self.rx, (bytes, bytearray)) or len(self.rx) > RX_BUFFER_SIZE:
-            raise ValueError("ConsoleState.rx must be bytes of at most RX_BUFFER_SIZE")
 
 
 class VirtioConsole(VirtioDevice):
@@ -137,18 +129,6 @@ class VirtioConsole(VirtioDevice):
             verdict = self._overflow.note(len(data), take, len(self._rx))
         self._overflow.emit(*verdict)
         return take
-
-    def state(self) -> ConsoleState:
-        with self._lock:
-            return ConsoleState(rx=bytes(self._rx))
-
-    def restore(self, s: ConsoleState) -> None:
-        if not isinstance(s, ConsoleState):
-            raise TypeError(f"expected ConsoleState, got {type(s).__name__}")
-        s.validate()
-        with self._lock:
-            self._rx = bytearray(s.rx)
-            self._deliver_locked()
 
     # ------------------------------------------------------------------ save/restore (devices/state.py)
     def quiesce(self) -> None:
