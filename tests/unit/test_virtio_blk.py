@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from virtio_mock import Buf, MockDriver
 
 from hypyr.devices.virtio import blk as B
-from hypyr.devices.virtio.blk import BlkState, VirtioBlk
+from hypyr.devices.virtio.blk import VirtioBlk
 from hypyr.devices.virtio.queue import DeviceError, QueueError
-from hypyr.errors import HypyrError
+from hypyr.errors import HypyrError, StateError
 from hypyr.memory import GuestMemory
 
 SECTORS = 64
@@ -118,10 +118,11 @@ def test_config_space(rig):
                 B.VIRTIO_BLK_F_DISCARD, B.VIRTIO_BLK_F_WRITE_ZEROES):
         assert f & (1 << bit)
     assert not f & (1 << B.VIRTIO_BLK_F_RO)
-    assert dev.state() == BlkState(str(rig.dev.path), False, SECTORS, f)
-    dev.restore(dev.state())
-    with pytest.raises(ValueError):
-        dev.restore(BlkState("other", False, SECTORS, f))
+    s = dev.save_state()
+    assert (s["path"], s["read_only"], s["capacity"], s["features"]) == (str(rig.dev.path), False, SECTORS, f)
+    dev.parse_state(s)   # this disk's own state fits it; another disk's does not
+    with pytest.raises(StateError):
+        dev.parse_state({**s, "capacity": SECTORS + 1})
 
 
 def test_unaligned_file_size_hides_tail(tmp_path, caplog):

@@ -20,6 +20,7 @@ from hypyr.devices.virtio.device import (
 )
 from hypyr.devices.virtio.mmio import MMIO_WINDOW, QUEUE_NOTIFY_OFFSET, VirtioMmioTransport
 from hypyr.devices.virtio.queue import QueueError
+from hypyr.errors import StateError
 from hypyr.memory import GuestMemory
 
 DEV_FEATURE = 1 << 5
@@ -194,7 +195,7 @@ def test_no_shared_memory_regions_and_reserved_registers():
 def test_features_ok_accepted_for_subset_with_version_1():
     t, dev, drv, _ = make()
     _, ok = negotiate(t, accept=VIRTIO_F_VERSION_1 | DEV_FEATURE)
-    assert ok and t.state().driver_features == VIRTIO_F_VERSION_1 | DEV_FEATURE
+    assert ok and t.registers()["driver_features"] == VIRTIO_F_VERSION_1 | DEV_FEATURE
     assert rd(t, M.STATUS) == ACK | DRV | FEAT_OK
 
 
@@ -223,14 +224,14 @@ def test_driver_features_frozen_after_features_ok():
     negotiate(t, accept=VIRTIO_F_VERSION_1)
     wr(t, M.DRIVER_FEATURES_SEL, 0)
     wr(t, M.DRIVER_FEATURES, DEV_FEATURE)
-    assert t.state().driver_features == VIRTIO_F_VERSION_1
+    assert t.registers()["driver_features"] == VIRTIO_F_VERSION_1
 
 
 def test_driver_features_beyond_word_1_ignored():
     t, _, _, _ = make()
     wr(t, M.DRIVER_FEATURES_SEL, 7)
     wr(t, M.DRIVER_FEATURES, 0xFFFFFFFF)
-    assert t.state().driver_features == 0
+    assert t.registers()["driver_features"] == 0
 
 
 # ---------------------------------------------------------------------------- status machine
@@ -281,8 +282,8 @@ def test_reset_after_bring_up():
     assert dev.calls == [("reset",)]
     assert rd(t, M.STATUS) == 0 and rd(t, M.INTERRUPT_STATUS) == 0 and line.calls == [True, False]
     assert all(q.mem is None and not q.ready for q in t.queues)
-    s = t.state()
-    assert (s.driver_features, s.queue_sel, s.device_features_sel, s.driver_features_sel) == (0, 0, 0, 0)
+    s = t.registers()
+    assert (s["driver_features"], s["queue_sel"], s["device_features_sel"], s["driver_features_sel"]) == (0, 0, 0, 0)
     wr(t, M.QUEUE_SEL, 0)
     assert rd(t, M.QUEUE_READY) == 0
     # and the device can be brought up again
@@ -641,39 +642,37 @@ def test_state_restore_round_trip():
     drv.set_used_event(0)
     dev.signal_used(0)
     wr(t, M.QUEUE_SEL, 1)
-    s = t.state()
-    assert s.status == ACK | DRV | FEAT_OK | DRV_OK and s.interrupt_status == 1 and s.queue_sel == 1
-    assert s.queues[0].ready and s.queues[0].last_avail == 1 and s.queues[0].next_used == 1
+    t.quiesce()
+    s = t.save_state()
+    assert s["status"] == ACK | DRV | FEAT_OK | DRV_OK and s["interrupt_status"] == 1 and s["queue_sel"] == 1
+    assert s["queues"][0]["ready"] and s["queues"][0]["last_avail"] == 1 and s["queues"][0]["next_used"] == 1
 
     dev2, line2 = FakeDevice(), Line()
     t2 = VirtioMmioTransport(dev2, drv.mem, line2)
-    t2.restore(s)
-    assert t2.state() == s
+    t2.load_state(s)
+    assert t2.save_state() == s
     assert line2.calls == [True]
     assert dev2.names() == ["reset", "activate"] and dev2.queues[0].mem is drv.mem
     # the restored queue carries on where the old one stopped
+    t2.resume()
     c = dev2.queues[0].pop()
     assert c is not None and dev2.queues[0].last_avail == 2
-    with pytest.raises(TypeError):
-        t2.restore("nope")
-    with pytest.raises(ValueError):
-        t2.restore(M.VirtioMmioState(status=0x100, queues=s.queues))
-    with pytest.raises(ValueError):
-        t2.restore(M.VirtioMmioState(queues=s.queues[:1]))
+    for bad in ("nope", {**s, "status": 0x100}, {**s, "queues": s["queues"][:1]}):
+        with pytest.raises(StateError):
+            t2.load_state(bad)  # type: ignore[arg-type]
 
 
-def test_restore_of_bad_queue_needs_reset():
+def test_load_of_a_queue_outside_ram_is_refused_and_changes_nothing():
     t, dev, drv, _ = make()
     bring_up(t, drv)
-    s = t.state()
-    bad = M.VirtioQueueState(size=16, ready=True, desc_table=MEM_SIZE, avail_ring=drv.avail, used_ring=drv.used)
-    line2 = Line()
-    t2 = VirtioMmioTransport(FakeDevice(), drv.mem, line2)
-    with captured(logging.WARNING):
-        t2.restore(M.VirtioMmioState(status=s.status, driver_features=s.driver_features, queues=(bad, s.queues[1])))
-    assert rd(t2, M.STATUS) & NEEDS_RESET and rd(t2, M.INTERRUPT_STATUS) == 2
-    assert line2.calls == [False, True]  # restored level first, then the config interrupt
-    assert t2.queues[0].mem is None
+    t.quiesce()
+    s = t.save_state()
+    bad = {**s, "queues": [{**s["queues"][0], "desc_table": MEM_SIZE}, s["queues"][1]]}
+    line2, dev2 = Line(), FakeDevice()
+    t2 = VirtioMmioTransport(dev2, drv.mem, line2)
+    with pytest.raises(StateError, match="saved queue 0"):
+        t2.load_state(bad)
+    assert rd(t2, M.STATUS) == 0 and line2.calls == [] and dev2.names() == []
 
 
 # ---------------------------------------------------------------------------- hostile driver
@@ -749,13 +748,13 @@ def test_register_fuzz_never_raises_or_touches_memory(ops, seed):
                 t.write(off, value.to_bytes(8, "little")[:size])
             else:
                 assert len(t.read(off, size)) == size
-            s = t.state()
+            s = t.registers()
             # the line is high exactly while InterruptStatus is non-zero; irq only on changes
-            assert line.level == (s.interrupt_status != 0)
+            assert line.level == (s["interrupt_status"] != 0)
             assert all(a != b for a, b in zip(line.calls, line.calls[1:]))
-            assert not s.status & ~0xFF
+            assert not s["status"] & ~0xFF
     assert not errors, [r.getMessage() for r in errors]
-    final = t.state().status
+    final = t.registers()["status"]
     event(f"activated={dev.ever_active} features_ok={bool(final & FEAT_OK)} needs_reset={bool(final & NEEDS_RESET)}")
     after = mem.read(0, SMALL_MEM)
     if not dev.ever_active:

@@ -20,7 +20,6 @@ import stat
 import struct
 import threading
 from collections.abc import Callable, Iterable
-from typing import NamedTuple
 
 from hypyr import preopened
 from hypyr.devices.ratelog import RateLimitedLog
@@ -89,13 +88,6 @@ _FALLOC_FL_ZERO_RANGE = 0x10
 
 _fallocate: Callable[..., int] | None = optional_function(
     "fallocate", [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64])
-
-
-class BlkState(NamedTuple):
-    path: str
-    read_only: bool
-    capacity: int  # in 512-byte sectors
-    features: int  # device-specific feature bits offered
 
 
 class _Stale(Exception):
@@ -350,17 +342,6 @@ class VirtioBlk(VirtioDevice):
         self._executor.shutdown(wait=True)
         os.close(self._fd)
         self._fd = -1
-
-    def state(self) -> BlkState:
-        return BlkState(path=self.path, read_only=self.read_only, capacity=self.capacity,
-                        features=self._features)
-
-    def restore(self, s: BlkState) -> None:
-        """Check that ``s`` describes this disk (the image itself is the state)."""
-        if not isinstance(s, BlkState):
-            raise TypeError(f"expected BlkState, got {type(s).__name__}")
-        if s != self.state():
-            raise ValueError(f"saved virtio-blk state {s} does not match this disk {self.state()}")
 
     # ------------------------------------------------------------------ save/restore (devices/state.py)
     def quiesce(self) -> None:

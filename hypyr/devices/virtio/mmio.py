@@ -15,7 +15,6 @@ import os
 import struct
 import threading
 from collections.abc import Callable
-from typing import NamedTuple
 
 from hypyr.devices.bus import IrqLine
 from hypyr.devices.ratelog import RateLimitedLog
@@ -88,52 +87,15 @@ _U32 = 0xFFFFFFFF
 _U64 = (1 << 64) - 1
 
 
-class VirtioQueueState(NamedTuple):
-    """One queue's registers and ring progress (the free-running 16-bit indices).  Chains a
-    device held are not saved: the restored queue starts with none in flight."""
-    size: int
-    ready: bool = False
-    desc_table: int = 0
-    avail_ring: int = 0
-    used_ring: int = 0
-    last_avail: int = 0
-    next_used: int = 0
-    signalled_used: int = 0
-
-    def validate(self, max_size: int) -> None:
-        for name, limit in (("size", _U32), ("desc_table", _U64), ("avail_ring", _U64),
-                            ("used_ring", _U64), ("last_avail", 0xFFFF), ("next_used", 0xFFFF),
-                            ("signalled_used", 0xFFFF)):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v > limit:
-                raise ValueError(f"VirtioQueueState.{name}={v!r} out of range")
-        if not isinstance(self.ready, bool):
-            raise ValueError("VirtioQueueState.ready must be a bool")
-
-
-class VirtioMmioState(NamedTuple):
-    status: int = 0
-    device_features_sel: int = 0
-    driver_features: int = 0
-    driver_features_sel: int = 0
-    queue_sel: int = 0
-    interrupt_status: int = 0
-    config_generation: int = 0
-    queues: tuple[VirtioQueueState, ...] = ()
-
-    def validate(self, max_sizes: list[int]) -> None:
-        for name, limit in (("status", 0xFF), ("device_features_sel", _U32), ("driver_features", _U64),
-                            ("driver_features_sel", _U32), ("queue_sel", _U32),
-                            ("interrupt_status", INT_VRING | INT_CONFIG), ("config_generation", _U32)):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v & ~limit:
-                raise ValueError(f"VirtioMmioState.{name}={v!r} out of range")
-        if not isinstance(self.queues, tuple) or len(self.queues) != len(max_sizes):
-            raise ValueError(f"VirtioMmioState.queues must be a tuple of {len(max_sizes)} queue states")
-        for qs, m in zip(self.queues, max_sizes):
-            if not isinstance(qs, VirtioQueueState):
-                raise ValueError("VirtioMmioState.queues must hold VirtioQueueState")
-            qs.validate(m)
+# What a save holds of the transport (besides the device's own state): each register with its
+# largest value or the bits it can have, and per queue its registers and ring progress (the
+# free-running 16-bit indices; chains a device held are not saved: the restored queue starts with
+# none in flight).
+_REGISTERS = (("status", 0xFF), ("device_features_sel", _U32), ("driver_features", _U64),
+              ("driver_features_sel", _U32), ("queue_sel", _U32), ("interrupt_status", INT_VRING | INT_CONFIG),
+              ("config_generation", _U32))
+_QUEUE_FIELDS = (("size", _U32), ("desc_table", _U64), ("avail_ring", _U64), ("used_ring", _U64),
+                 ("last_avail", 0xFFFF), ("next_used", 0xFFFF), ("signalled_used", 0xFFFF))
 
 
 class VirtioMmioTransport:
@@ -613,54 +575,43 @@ class VirtioMmioTransport:
         self._publish()
 
     # ------------------------------------------------------------------ snapshot
-    def state(self) -> VirtioMmioState:
+    def registers(self) -> dict:
+        """The transport's registers (as a save holds them, with the not-readable ones such as
+        the driver's features) and per queue its registers and ring progress."""
         with self._lock:
             with self._irq_lock:
                 self._absorb_acks()
                 isr, gen = self._isr, self._config_generation
-            queues = tuple(VirtioQueueState(size=q.size, ready=q.ready, desc_table=q.desc_table,
-                                            avail_ring=q.avail_ring, used_ring=q.used_ring,
-                                            last_avail=q.last_avail, next_used=q.next_used,
-                                            signalled_used=q.signalled_used) for q in self.queues)
-            return VirtioMmioState(status=self._status, device_features_sel=self._device_features_sel,
-                                   driver_features=self._driver_features,
-                                   driver_features_sel=self._driver_features_sel, queue_sel=self._queue_sel,
-                                   interrupt_status=isr, config_generation=gen, queues=queues)
+            queues = [{"size": q.size, "ready": q.ready, "desc_table": q.desc_table, "avail_ring": q.avail_ring,
+                       "used_ring": q.used_ring, "last_avail": q.last_avail, "next_used": q.next_used,
+                       "signalled_used": q.signalled_used} for q in self.queues]
+            return {"status": self._status, "device_features_sel": self._device_features_sel,
+                    "driver_features": self._driver_features, "driver_features_sel": self._driver_features_sel,
+                    "queue_sel": self._queue_sel, "interrupt_status": isr, "config_generation": gen,
+                    "queues": queues}
 
-    def restore(self, s: VirtioMmioState) -> None:
-        """Load ``s`` (validated).  Calls ``device.reset()``; then, if ``s`` has DRIVER_OK and
-        not NEEDS_RESET, validates and activates the ready queues (with their saved ring
-        progress) and calls ``device.activate()`` again.  Device-specific state beyond that is
-        the device's own business.  Drives the line to the restored level unconditionally
-        (a failed activation may then raise it)."""
-        if not isinstance(s, VirtioMmioState):
-            raise TypeError(f"expected VirtioMmioState, got {type(s).__name__}")
-        s.validate([q.max_size for q in self.queues])
-        with self._lock:
-            self._load_locked(s)
-
-    def _load_locked(self, s: VirtioMmioState, load_device: Callable[[], None] | None = None) -> None:
-        """Reset the device, ``load_device()`` (its own state), load the registers and queues and
-        reactivate.  With ``self._lock`` held."""
+    def _load_locked(self, regs: dict, queues: list[dict], load_device: Callable[[], None]) -> None:
+        """Reset the device, ``load_device()`` (its own state), load the checked registers and
+        queues and reactivate.  With ``self._lock`` held."""
         self._epoch += 1
         self._reset_device_and_queues()
-        if load_device is not None:
-            load_device()
-        self._status = s.status
-        self._device_features_sel = s.device_features_sel
-        self._driver_features = s.driver_features
-        self._driver_features_sel = s.driver_features_sel
-        self._queue_sel = s.queue_sel
-        for q, qs in zip(self.queues, s.queues):
-            q.size, q.ready = qs.size, qs.ready
-            q.desc_table, q.avail_ring, q.used_ring = qs.desc_table, qs.avail_ring, qs.used_ring
-            q.last_avail, q.next_used, q.signalled_used = qs.last_avail, qs.next_used, qs.signalled_used
+        load_device()
+        status = regs["status"]
+        self._status = status
+        self._device_features_sel = regs["device_features_sel"]
+        self._driver_features = regs["driver_features"]
+        self._driver_features_sel = regs["driver_features_sel"]
+        self._queue_sel = regs["queue_sel"]
+        for q, qs in zip(self.queues, queues):
+            q.size, q.ready = qs["size"], qs["ready"]
+            q.desc_table, q.avail_ring, q.used_ring = qs["desc_table"], qs["avail_ring"], qs["used_ring"]
+            q.last_avail, q.next_used, q.signalled_used = qs["last_avail"], qs["next_used"], qs["signalled_used"]
         with self._irq_lock:
-            self._isr = s.interrupt_status
-            self._config_generation = s.config_generation
+            self._isr = regs["interrupt_status"]
+            self._config_generation = regs["config_generation"]
             self._irq_level = self._isr != 0
             self._call_irq(self._irq_level)
-        if s.status & STATUS_DRIVER_OK and not s.status & STATUS_DEVICE_NEEDS_RESET:
+        if status & STATUS_DRIVER_OK and not status & STATUS_DEVICE_NEEDS_RESET:
             self._activate()  # keeps the ring progress just loaded; on failure: NEEDS_RESET
         self._publish()
 
@@ -715,16 +666,9 @@ class VirtioMmioTransport:
                     if q.ready and (q.in_flight or q.last_avail != q.next_used):
                         raise StateError(f"{self._name}: queue {i} still has chains in flight after quiesce "
                                          f"(a device bug)")
-        s = self.state()
-        queues = [{"size": q.size, "ready": q.ready, "desc_table": q.desc_table, "avail_ring": q.avail_ring,
-                   "used_ring": q.used_ring, "last_avail": q.last_avail, "next_used": q.next_used,
-                   "signalled_used": q.signalled_used} for q in s.queues]
+        regs = self.registers()
         return {"kind": self.STATE_KIND, "v": self.STATE_VERSION, "device_id": self.device.device_id,
-                "device_features": self.offered_features, "status": s.status,
-                "device_features_sel": s.device_features_sel, "driver_features": s.driver_features,
-                "driver_features_sel": s.driver_features_sel, "queue_sel": s.queue_sel,
-                "interrupt_status": s.interrupt_status, "irq": s.interrupt_status != 0,
-                "config_generation": s.config_generation, "queues": queues,
+                "device_features": self.offered_features, **regs, "irq": regs["interrupt_status"] != 0,
                 "device": self.device.save_state()}
 
     def load_state(self, state: dict) -> None:
@@ -738,27 +682,23 @@ class VirtioMmioTransport:
         if r.integer("device_features", 0, _U64) != self.offered_features:
             raise StateError(f"{where}: the saved device offered other features than this one (a different "
                              f"device configuration)")
-        regs = {name: r.integer(name, 0, limit) for name, limit in (
-            ("status", 0xFF), ("device_features_sel", _U32), ("driver_features", _U64),
-            ("driver_features_sel", _U32), ("queue_sel", _U32), ("interrupt_status", INT_VRING | INT_CONFIG),
-            ("config_generation", _U32))}
+        regs = {name: r.integer(name, 0, limit) for name, limit in _REGISTERS}
         irq = r.flag("irq")
         raw_queues = r.items("queues", len(self.queues), len(self.queues))
         device_state = self.device.parse_state(r.raw("device"))
         r.done()
-        queues = tuple(self._parse_queue(i, raw) for i, raw in enumerate(raw_queues))
-        s = VirtioMmioState(**regs, queues=queues)
-        status = s.status
-        if irq != (s.interrupt_status != 0):
+        queues = [self._parse_queue(i, raw) for i, raw in enumerate(raw_queues)]
+        status = regs["status"]
+        if irq != (regs["interrupt_status"] != 0):
             raise StateError(f"{where}: the saved line level does not follow from InterruptStatus")
         if status & STATUS_DRIVER_OK and not status & STATUS_FEATURES_OK:
             raise StateError(f"{where}: the saved status has DRIVER_OK without FEATURES_OK")
-        if status & STATUS_FEATURES_OK and not self._acceptable(s.driver_features):
+        if status & STATUS_FEATURES_OK and not self._acceptable(regs["driver_features"]):
             raise StateError(f"{where}: the saved driver features are not a subset of the offered ones "
                              f"with VERSION_1")
         if status & STATUS_DRIVER_OK and not status & STATUS_DEVICE_NEEDS_RESET:
             for i, qs in enumerate(queues):
-                if qs.ready:
+                if qs["ready"]:
                     self._check_queue(i, qs)
 
         def load_device() -> None:
@@ -766,29 +706,27 @@ class VirtioMmioTransport:
 
         with self._lock:
             self._quiesced = True
-            self._load_locked(s, load_device)
+            self._load_locked(regs, queues, load_device)
 
-    def _parse_queue(self, i: int, raw: object) -> VirtioQueueState:
+    def _parse_queue(self, i: int, raw: object) -> dict:
         q = StateReader(raw, f"{self._name}.queues[{i}]")
-        fields = {name: q.integer(name, 0, limit) for name, limit in (
-            ("size", _U32), ("desc_table", _U64), ("avail_ring", _U64), ("used_ring", _U64),
-            ("last_avail", 0xFFFF), ("next_used", 0xFFFF), ("signalled_used", 0xFFFF))}
-        qs = VirtioQueueState(**fields, ready=q.flag("ready"))
+        fields = {name: q.integer(name, 0, limit) for name, limit in _QUEUE_FIELDS}
+        fields["ready"] = q.flag("ready")
         q.done()
-        return qs
+        return fields
 
-    def _check_queue(self, i: int, qs: VirtioQueueState) -> None:
+    def _check_queue(self, i: int, qs: dict) -> None:
         """A queue the driver had running: its rings must lie in RAM, and no chain in flight."""
         probe = SplitQueue(self.queues[i].max_size)
-        probe.size, probe.desc_table, probe.avail_ring, probe.used_ring = (qs.size, qs.desc_table,
-                                                                           qs.avail_ring, qs.used_ring)
+        probe.size, probe.desc_table, probe.avail_ring, probe.used_ring = (qs["size"], qs["desc_table"],
+                                                                           qs["avail_ring"], qs["used_ring"])
         try:
             probe.validate(self.mem)
         except (DeviceError, GuestMemoryError) as e:
             raise StateError(f"{self._name}: saved queue {i}: {e}") from None
-        if qs.last_avail != qs.next_used:
+        if qs["last_avail"] != qs["next_used"]:
             raise StateError(f"{self._name}: saved queue {i} has chains in flight (last avail index "
-                             f"{qs.last_avail}, next used index {qs.next_used})")
+                             f"{qs['last_avail']}, next used index {qs['next_used']})")
 
     def _acceptable(self, features: int) -> bool:
         return not features & ~self.offered_features and bool(features & VIRTIO_F_VERSION_1)
