@@ -165,6 +165,7 @@ class Sink:
         try:
             conn, _ = self.sock.accept()
             self.conn = conn
+            self.sock.close()   # one connection: a later one (the guest after a reboot) is refused
             buf = b""
             with conn:
                 while chunk := conn.recv(1 << 20):
