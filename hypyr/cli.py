@@ -590,13 +590,15 @@ def _columns() -> int:
     """The terminal's width as shutil.get_terminal_size() finds it ($COLUMNS, then stdout's
     terminal, else 80), without importing shutil (with bz2 and lzma: ~2 ms of every start)."""
     try:
-        return int(os.environ["COLUMNS"])
-    except (KeyError, ValueError):
-        pass
-    try:
-        return os.get_terminal_size(sys.__stdout__.fileno()).columns or 80 if sys.__stdout__ else 80
-    except (ValueError, OSError):
-        return 80
+        columns = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        columns = 0
+    if columns <= 0 and sys.__stdout__ is not None:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (ValueError, OSError):
+            pass
+    return columns if columns > 0 else 80
 
 
 class _Formatter(argparse.HelpFormatter):
