@@ -88,9 +88,9 @@ _U64 = (1 << 64) - 1
 
 
 # What a save holds of the transport (besides the device's own state): each register with its
-# largest value or the bits it can have, and per queue its registers and ring progress (the
-# free-running 16-bit indices; chains a device held are not saved: the restored queue starts with
-# none in flight).
+# largest value or the bits it can have, and per queue, besides "ready", its registers and ring
+# progress, named as SplitQueue's attributes (the free-running 16-bit indices; chains a device
+# held are not saved: the restored queue starts with none in flight).
 _REGISTERS = (("status", 0xFF), ("device_features_sel", _U32), ("driver_features", _U64),
               ("driver_features_sel", _U32), ("queue_sel", _U32), ("interrupt_status", INT_VRING | INT_CONFIG),
               ("config_generation", _U32))
@@ -582,9 +582,8 @@ class VirtioMmioTransport:
             with self._irq_lock:
                 self._absorb_acks()
                 isr, gen = self._isr, self._config_generation
-            queues = [{"size": q.size, "ready": q.ready, "desc_table": q.desc_table, "avail_ring": q.avail_ring,
-                       "used_ring": q.used_ring, "last_avail": q.last_avail, "next_used": q.next_used,
-                       "signalled_used": q.signalled_used} for q in self.queues]
+            queues = [{"ready": q.ready, **{name: getattr(q, name) for name, _ in _QUEUE_FIELDS}}
+                      for q in self.queues]
             return {"status": self._status, "device_features_sel": self._device_features_sel,
                     "driver_features": self._driver_features, "driver_features_sel": self._driver_features_sel,
                     "queue_sel": self._queue_sel, "interrupt_status": isr, "config_generation": gen,
@@ -603,9 +602,9 @@ class VirtioMmioTransport:
         self._driver_features_sel = regs["driver_features_sel"]
         self._queue_sel = regs["queue_sel"]
         for q, qs in zip(self.queues, queues):
-            q.size, q.ready = qs["size"], qs["ready"]
-            q.desc_table, q.avail_ring, q.used_ring = qs["desc_table"], qs["avail_ring"], qs["used_ring"]
-            q.last_avail, q.next_used, q.signalled_used = qs["last_avail"], qs["next_used"], qs["signalled_used"]
+            q.ready = qs["ready"]
+            for name, _ in _QUEUE_FIELDS:
+                setattr(q, name, qs[name])
         with self._irq_lock:
             self._isr = regs["interrupt_status"]
             self._config_generation = regs["config_generation"]
