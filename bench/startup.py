@@ -41,7 +41,7 @@ from _common import ensure_image, smaps_split  # noqa: E402
 FIRST_RUN = re.compile(rb"first KVM_RUN at CLOCK_MONOTONIC (\d+) ns")
 IMPORTED = re.compile(rb"imports done at (\d+) ns")
 # `hypyr run` with its imports done first, the moment written on stderr (CLOCK_MONOTONIC)
-PRELUDE = ("import runpy, sys, time; import hypyr.cli, hypyr.vmm.builder; "
+PRELUDE = ("import runpy, sys, time; import hypyr.cli, hypyr.cli.run, hypyr.vmm.builder; "
            "sys.stderr.write(f'imports done at {time.monotonic_ns()} ns\\n'); sys.stderr.flush(); "
            "sys.argv[0] = 'hypyr'; runpy.run_module('hypyr', run_name='__main__', alter_sys=True)")
 
@@ -123,7 +123,7 @@ def main() -> int:
     if args.kernel is None and ensure_image() != 0:
         return 1
     sys.path.insert(0, str(REPO))
-    from hypyr.cli import parse_size
+    from hypyr.cli.common import parse_size
     ram = parse_size(args.memory)
     run_args = ["run", "-vv", "--no-input", "--memory", args.memory]
     if args.kernel:

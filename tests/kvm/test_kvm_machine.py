@@ -13,7 +13,7 @@ import time
 import payloads as P
 import pytest
 
-from hypyr.cli import run_exit_code
+from hypyr.cli.run import run_exit_code
 from hypyr.devices.pvexit import PORT as PVEXIT_PORT
 from hypyr.devices.pvexit import PvExit
 from hypyr.errors import Conflict, NotFound

@@ -367,7 +367,7 @@ def _run_args(*argv):
 
 
 def test_cli_multiboot_modules(write):
-    from hypyr.cli import _multiboot_modules
+    from hypyr.cli.run import _multiboot_modules
     mb, linux = str(write(K.multiboot_elf(), "mb.elf")), str(write(make_bzimage(), "bz"))
     args = _run_args("--kernel", mb, "--module", "/m/c,x=1,y", "--module", "/m/d")
     assert _multiboot_modules(args, mb, "/m/a,/m/b") == [("/m/a", ""), ("/m/b", ""), ("/m/c", "x=1,y"),

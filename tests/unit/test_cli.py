@@ -19,6 +19,8 @@ import uuid
 import pytest
 
 from hypyr import cli
+from hypyr.cli.common import parse_size
+from hypyr.cli.run import run_exit_code
 from hypyr.errors import HypyrError
 from hypyr.kvm import Kvm, KvmUnavailable
 from hypyr.toolstack import api, paths, sched
@@ -55,20 +57,20 @@ needs_kvm = pytest.mark.skipif(not KVM, reason="/dev/kvm is not usable here")
     ("007M", 7 * MiB),
 ])
 def test_parse_size(text, expected):
-    assert cli.parse_size(text) == expected
+    assert parse_size(text) == expected
 
 
 def test_parse_size_default_unit():
-    assert cli.parse_size("4", default_unit="G") == 4 * GiB
-    assert cli.parse_size("4", default_unit="K") == 4096
-    assert cli.parse_size("4M", default_unit="G") == 4 * MiB
+    assert parse_size("4", default_unit="G") == 4 * GiB
+    assert parse_size("4", default_unit="K") == 4096
+    assert parse_size("4M", default_unit="G") == 4 * MiB
 
 
 @pytest.mark.parametrize("text", ["", " ", "M", "-1M", "1.5G", "1e3", "10X", "1P", "0x10M", "1 G B", "1GiBs",
                                   "½G", "256 M M"])
 def test_parse_size_rejects(text):
     with pytest.raises(HypyrError) as e:
-        cli.parse_size(text)
+        parse_size(text)
     assert "is not a size" in str(e.value)
     assert "\n" not in str(e.value)
 
@@ -79,9 +81,9 @@ def test_run_exit_codes_cover_every_stop_kind():
     expected = {StopKind.POWEROFF: 0, StopKind.HALT: 0, StopKind.REBOOT: 120, StopKind.TRIPLE_FAULT: 121,
                 StopKind.CRASH: 124, StopKind.INTERNAL_ERROR: 122, StopKind.FAIL_ENTRY: 123,
                 StopKind.DESTROYED: 130}   # docs/exit-codes.md
-    assert {k: cli.run_exit_code(StopReason(k, "")) for k in expected} == expected
+    assert {k: run_exit_code(StopReason(k, "")) for k in expected} == expected
     assert set(expected) | {StopKind.EXIT_STATUS} == set(StopKind)
-    assert cli.run_exit_code(StopReason(StopKind.EXIT_STATUS, "", status=7)) == 7
+    assert run_exit_code(StopReason(StopKind.EXIT_STATUS, "", status=7)) == 7
 
 
 # -- one-line errors --------------------------------------------------------------------------------
@@ -286,6 +288,8 @@ SIGTERM_CHILD = r"""
 import os, sys, threading
 from types import SimpleNamespace
 from hypyr import cli
+from hypyr.cli.common import parse_size
+from hypyr.cli.run import run_exit_code
 from hypyr.vmm import builder
 
 class Machine:  # a guest that runs until stopped
@@ -335,6 +339,7 @@ def test_a_parser_built_for_one_command_parses_as_the_whole_one():
     """main() builds only the parser of the command on the command line: its usage, help and
     defaults are the whole parser's; a word that is no command gets the whole parser."""
     full = cli.build_parser()
+    assert [n for names in cli.COMMAND_MODULES.values() for n in names] == list(_commands(full))
     for name, whole in _commands(full).items():
         only = cli.build_parser(name)
         assert list(_commands(only)) == [name]

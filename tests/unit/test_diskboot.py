@@ -309,7 +309,7 @@ def test_cli_passes_the_entry_to_the_vmm(tmp_path, monkeypatch, no_leftovers):
         seen["config"] = config
         seen["kernel"] = Path(config.kernel).read_bytes()
         return 0
-    monkeypatch.setattr(cli, "_run_vm", fake_run)
+    monkeypatch.setattr("hypyr.cli.run._run_vm", fake_run)
     assert cli.main(["run", "--boot", "disk", "--boot-entry", "old", "--disk", str(img), "--exec", "true",
                      "--append", "extra=1"]) == 0
     c = seen["config"]

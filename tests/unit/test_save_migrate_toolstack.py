@@ -20,6 +20,8 @@ import pytest
 
 from hypyr import cli
 from hypyr.arch.x86 import layout
+from hypyr.cli import domains
+from hypyr.cli.common import EXIT_ERROR
 from hypyr.errors import InvalidInput
 from hypyr.toolstack import api, paths, sched
 from hypyr.toolstack.errors import DomainExists, MigrationFailed, SaveFileError
@@ -94,17 +96,17 @@ def _stream(header: bytes, *, version: int | None = None) -> bytes:
 def test_parsing():
     p = cli.build_parser()
     a = p.parse_args(["save", "web", "web.save", "-c"])
-    assert (a.func, a.name, a.file, a.keep_running) == (cli.cmd_save, "web", "web.save", True)
+    assert (a.func, a.name, a.file, a.keep_running) == (domains.cmd_save, "web", "web.save", True)
     assert p.parse_args(["save", "web", "f"]).keep_running is False
     a = p.parse_args(["restore", "-p", "f"])
-    assert (a.func, a.file, a.paused) == (cli.cmd_restore, "f", True)
+    assert (a.func, a.file, a.paused) == (domains.cmd_restore, "f", True)
     a = p.parse_args(["migrate", "web", "otherhost:9000", "--downtime-ms", "50", "--max-iterations", "5"])
-    assert (a.func, a.name, a.host, a.downtime_ms, a.max_iterations) == (cli.cmd_migrate, "web", "otherhost:9000",
+    assert (a.func, a.name, a.host, a.downtime_ms, a.max_iterations) == (domains.cmd_migrate, "web", "otherhost:9000",
                                                                         50.0, 5)
     a = p.parse_args(["migrate", "web", "h"])
     assert (a.downtime_ms, a.max_iterations) == (300.0, 30)
     a = p.parse_args(["migrate-receive"])
-    assert (a.func, a.listen, a.once) == (cli.cmd_migrate_receive, "127.0.0.1:8002", False)
+    assert (a.func, a.listen, a.once) == (domains.cmd_migrate_receive, "127.0.0.1:8002", False)
     assert p.parse_args(["migrate-receive", "--listen", "0.0.0.0:9", "--once"]).once
 
 
@@ -133,7 +135,7 @@ def test_listen_address_may_omit_the_host():
 @pytest.mark.parametrize("args", [["migrate", "web", "h:0"], ["migrate", "web", "h:99999"],
                                   ["migrate-receive", "--listen", "127.0.0.1:http"]])
 def test_bad_addresses_are_one_sentence(state, capsys, args):
-    assert cli.main(args) == cli.EXIT_ERROR
+    assert cli.main(args) == EXIT_ERROR
     assert "port" in _one_error_line(capsys)
 
 
@@ -172,7 +174,7 @@ def test_restore_of_a_bad_file_is_one_sentence_and_creates_nothing(state, tmp_pa
     f = tmp_path / "bad.save"
     if BAD_FILES[case] is not None:
         f.write_bytes(BAD_FILES[case])
-    assert cli.main(["restore", str(f)]) == cli.EXIT_ERROR
+    assert cli.main(["restore", str(f)]) == EXIT_ERROR
     line = _one_error_line(capsys)
     assert str(f) in line
     assert _rows() == [] and _leftovers(state) == []
@@ -185,7 +187,7 @@ def test_restore_that_fails_in_the_domain_process_leaves_nothing(state, tmp_path
     missing: that process fails, and its row, directory and process go."""
     f = tmp_path / "header-only.save"
     f.write_bytes(_stream(_header()))
-    assert cli.main(["restore", str(f)]) == cli.EXIT_ERROR
+    assert cli.main(["restore", str(f)]) == EXIT_ERROR
     _one_error_line(capsys)
     assert _rows() == [] and _leftovers(state) == []
 
@@ -194,7 +196,7 @@ def test_restore_clashing_with_a_live_domain_is_one_sentence(state, tmp_path, ca
     with FakeDomain("rs") as dom:
         f = tmp_path / "rs.save"
         f.write_bytes(_stream(_header()))
-        assert cli.main(["restore", str(f)]) == cli.EXIT_ERROR
+        assert cli.main(["restore", str(f)]) == EXIT_ERROR
         assert "a domain named rs already exists" in _one_error_line(capsys)
         assert [r.name for r in _rows()] == ["rs"] and dom.alive()
 
@@ -331,19 +333,19 @@ def test_save_c_keeps_the_domain(state, tmp_path, capsys):
 def test_save_to_a_bad_place_is_one_sentence_and_sends_nothing(state, tmp_path, capsys, monkeypatch, where, words):
     monkeypatch.chdir(tmp_path)
     with FakeDomain("web") as dom:
-        assert cli.main(["save", "web", where]) == cli.EXIT_ERROR
+        assert cli.main(["save", "web", where]) == EXIT_ERROR
         assert words in _one_error_line(capsys)
         assert dom.requests() == [] and dom.alive()
 
 
 def test_save_of_an_unknown_domain(state, capsys, tmp_path):
-    assert cli.main(["save", "ghost", str(tmp_path / "x")]) == cli.EXIT_ERROR
+    assert cli.main(["save", "ghost", str(tmp_path / "x")]) == EXIT_ERROR
     assert "ghost" in _one_error_line(capsys)
 
 
 def test_migrate_refused_is_one_sentence_and_the_source_runs_on(state, capsys):
     with FakeDomain("web", mode="refuse") as dom:
-        assert cli.main(["migrate", "web", "127.0.0.1:1"]) == cli.EXIT_ERROR
+        assert cli.main(["migrate", "web", "127.0.0.1:1"]) == EXIT_ERROR
         line = _one_error_line(capsys)
         assert "Connection refused" in line and "runs on here" in line
         assert dom.requests() == [{"op": "migrate", "host": "127.0.0.1", "port": 1, "downtime_ms": 300.0,
@@ -433,5 +435,5 @@ def test_migrate_receive_cannot_listen(state, capsys):
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
         port = busy.getsockname()[1]
-        assert cli.main(["migrate-receive", "--listen", f"127.0.0.1:{port}"]) == cli.EXIT_ERROR
+        assert cli.main(["migrate-receive", "--listen", f"127.0.0.1:{port}"]) == EXIT_ERROR
         assert "cannot listen on" in _one_error_line(capsys)
