@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import pytest
 
-from hypyr.lab.testguard import GuestNeverLeft, GuestStuck, OutputStalled
+from hypyr.lab.testguard import GuestNeverLeft, GuestStuck, OutputStalled, as_text
 
 TRIPLE_FAULT = "the guest triple-faulted (KVM_EXIT_SHUTDOWN)"   # hypyr.vmm.machine's stop reason
 RING_NOT_A_HEAD = "is not a head!"   # Linux's virtio_net: a used receive buffer it never gave
@@ -104,8 +104,7 @@ def pytest_runtest_call(item):
                         f"{failure.threads}")
             raise L2GuestFault("the test failed after a guest hung without one exit to the VMM") from failure
         if isinstance(failure, OutputStalled):
-            out = failure.output or b""
-            tail = (out.decode(errors="replace") if isinstance(out, bytes) else out)[-300:]
+            tail = as_text(failure.output)[-300:]
             _show(item, f"\n{item.nodeid}: a guest's output stopped mid-line until the timeout; it ends:\n{tail}")
             raise L2GuestFault("the test failed after a guest's output stalled mid-line") from failure
         if isinstance(failure, GuestStuck):

@@ -176,12 +176,15 @@ def _mid_line(out: str | bytes) -> bool:
     return bool(out) and out[-1:] not in ("\n", b"\n")
 
 
+def as_text(output: str | bytes | None) -> str:
+    """A command's captured output (bytes, text or None) as text."""
+    return output.decode(errors="replace") if isinstance(output, bytes) else (output or "")
+
+
 def _show_partial(cmd: list[str], timeout: float, out, err) -> None:
     """Print (into the test's captured output) what a timed-out command printed before it was killed."""
-    def text(b) -> str:
-        return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
-    print(f"$ {' '.join(cmd)}\n--- killed after {timeout:g} s; stdout so far:\n{text(out)}\n"
-          f"--- stderr so far:\n{text(err)}")
+    print(f"$ {' '.join(cmd)}\n--- killed after {timeout:g} s; stdout so far:\n{as_text(out)}\n"
+          f"--- stderr so far:\n{as_text(err)}")
 
 
 def _test_timeout() -> float:

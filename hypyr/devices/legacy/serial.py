@@ -118,7 +118,6 @@ class Serial(HostInputGate, ByteRegisterDevice):
         self._out = out
         self._irq_level = False
         self._overflow = OverflowLog(log, "serial", RX_BUFFER_SIZE)
-        self._rx: collections.deque[int] = collections.deque()
         self._quiesced = False  # host input refused (left with the caller) while saving
         self._set_registers({name: reset for name, _, reset in _REGISTERS}, thre_pending=True, rx=b"")
 
@@ -131,7 +130,7 @@ class Serial(HostInputGate, ByteRegisterDevice):
         self._lsr_errors, self._msr, self._scr = regs["lsr_errors"], regs["msr"], regs["scr"]
         self._dll, self._dlm = regs["dll"], regs["dlm"]
         self._thre_pending = thre_pending
-        self._rx = collections.deque(rx)
+        self._rx: collections.deque[int] = collections.deque(rx)
 
     def save_state(self) -> dict:
         """Registers, the receive buffer (FIFO and what waits behind it) and the line level."""
