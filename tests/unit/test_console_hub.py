@@ -78,6 +78,37 @@ def test_a_client_that_never_reads_does_not_block_console_output(tmp_path, pairs
     hub.close()
 
 
+def test_a_guest_printing_to_its_uart_never_waits_for_a_client_that_does_not_read(tmp_path, pairs):
+    """Issue #13's case end to end: the 8250 transmits into a domain's ConsoleHub while its only
+    client never reads and its socket buffer is full.  The vCPU writing THR and another one
+    polling LSR (both take the UART's lock) go on; the log gets every byte."""
+    from hypyr.devices.legacy.serial import Serial
+    hub = ConsoleHub(tmp_path / "console.log", max_bytes=64 * MiB, client_limit=4096)
+    stuck, stuck_peer = pairs()
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    hub.attach(stuck)
+    uart = Serial(lambda level: None, hub.write)
+    total = 256 << 10
+    polls = []
+
+    def vcpu0():
+        for i in range(total):
+            uart.write(0, bytes([i & 0xFF]))    # THR
+
+    def vcpu1():
+        while printer.is_alive():
+            polls.append(uart.read(5, 1)[0])  # LSR
+    printer = run_in_thread(vcpu0)
+    poller = run_in_thread(vcpu1)
+    printer.join(20.0)
+    assert not printer.is_alive(), "a vCPU writing the UART blocked on a console client that does not read"
+    poller.join(5.0)
+    assert polls and all(lsr & 0x60 == 0x60 for lsr in polls)  # THRE|TEMT: the UART never looked busy
+    assert (tmp_path / "console.log").read_bytes() == bytes(i & 0xFF for i in range(total))
+    assert hub.stats()["dropped"] > 0
+    hub.close()
+
+
 def test_other_clients_get_all_output_while_one_is_stuck(tmp_path, pairs):
     hub = ConsoleHub(tmp_path / "console.log")
     stuck, _ = pairs()
