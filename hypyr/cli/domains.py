@@ -3,6 +3,7 @@ REST server.  Each is a client of hypyr.toolstack.api (or the module named), imp
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from typing import Any
@@ -232,7 +233,6 @@ def cmd_list(args) -> int:
     doms = api.list_domains(args.names or None)
     if args.json:
         import dataclasses
-        import json
         print(json.dumps([dataclasses.asdict(d) for d in doms], indent=2))
         return 0
     print(f"{'Name':<40}{'ID':>5}{'Mem':>6}{'VCPUs':>6}\t{'State':<8}{'Time(s)':>8}")
@@ -268,7 +268,6 @@ def cmd_vcpu_list(args) -> int:
     from hypyr.toolstack import api
     rows = api.vcpu_list(args.name)
     if args.json:
-        import json
         print(json.dumps(rows, indent=2))
         return 0
     print(f"{'Name':<32}{'ID':>5}{'VCPU':>6}{'CPU':>5}{'State':>7}{'Time(s)':>9}  Affinity (Hard)")
@@ -333,7 +332,6 @@ def cmd_net_list(args) -> int:
     from hypyr.toolstack import network
     nets = network.net_list()
     if args.json:
-        import json
         print(json.dumps([network.info_dict(n) for n in nets], indent=2))
         return 0
     print(f"{'Name':<16}{'Bridge':<16}{'Subnet':<20}{'DHCP':<6}{'NAT':<5}Taps")
@@ -354,7 +352,6 @@ def cmd_network_list(args) -> int:
     from hypyr.toolstack import api
     rows = api.network_list(args.name)
     if args.json:
-        import json
         print(json.dumps(rows, indent=2))
         return 0
     print(f"{'Idx':<4}{'MAC':<19}{'Bridge':<16}{'Tap':<16}{'RxBytes':>14}{'TxBytes':>14}")
@@ -372,8 +369,6 @@ def cmd_info(args) -> int:
             print(f"vCPU {i}:\n{text}")
         return 0
     if args.domain is not None:
-        import json
-
         from hypyr.toolstack import api
         info = api.vmm_info(args.domain)
         jail = info.get("jail")
@@ -391,12 +386,19 @@ def cmd_info(args) -> int:
             print("jail: none (jail = \"off\", or the toolstack does not run as root)")
         return 0
     from hypyr.toolstack import monitor
-    return monitor.cli_info(args)
+    host = monitor.host_info()
+    print(json.dumps(host, indent=2) if args.json else "\n".join(monitor.info_lines(host)))
+    return 0
 
 
 def cmd_top(args) -> int:
     from hypyr.toolstack import monitor
-    return monitor.cli_top(args)
+    if not monitor.good_interval(args.delay):
+        raise HypyrError(f"-d must be a number of seconds more than 0 and at most {monitor.MAX_INTERVAL:g}, "
+                         f"not {args.delay}")
+    if args.iterations is not None and args.iterations < 1:
+        raise HypyrError(f"-n must be at least 1, not {args.iterations}")
+    return monitor.run_top(interval=float(args.delay), iterations=args.iterations, batch=True if args.batch else None)
 
 
 def cmd_serve(args) -> int:

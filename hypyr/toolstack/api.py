@@ -505,7 +505,7 @@ def migrate(name: str, host: str, port: int = MIGRATION_PORT, *, downtime_ms: fl
     if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
         raise InvalidInput(f"the port must be a number from 1 to 65535, not {port!r}")
     if not 1 <= max_iterations <= 10_000 or downtime_ms < 0:
-        raise InvalidInput("--max-iterations must be 1-10000 and --downtime-ms not negative")
+        raise InvalidInput("the number of iterations must be 1-10000 and the downtime target not negative")
     r = _control(rec, "migrate", timeout=MIGRATE_TIMEOUT, on_progress=progress, host=host, port=port,
                  downtime_ms=downtime_ms, max_iterations=max_iterations)
     _finish_destroy(rec)

@@ -22,7 +22,6 @@ sample, it is the average since the domain process started (as top's first frame
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import platform
@@ -446,7 +445,7 @@ def run_top(interval: float = 1.0, iterations: int | None = None, out: TextIO | 
     """
     out = sys.stdout if out is None else out
     keys = sys.stdin if keys is _STDIN else keys
-    if not _good_interval(interval):
+    if not good_interval(interval):
         raise HypyrError(f"the refresh interval must be more than 0 and at most {MAX_INTERVAL:g} seconds, "
                          f"not {interval}")
     if iterations is not None and iterations < 1:
@@ -485,34 +484,10 @@ def run_top(interval: float = 1.0, iterations: int | None = None, out: TextIO | 
     return 0
 
 
-def _good_interval(interval) -> bool:
+def good_interval(interval) -> bool:
     """A finite number of seconds in (0, MAX_INTERVAL] (nan, inf and 1e308 are not)."""
     return isinstance(interval, (int, float)) and math.isfinite(interval) and 0 < interval <= MAX_INTERVAL
 
 
-# -- command line ----------------------------------------------------------------------------------
-def cli_info(args) -> int:
-    """`hypyr info [--json]`."""
-    d = host_info()
-    if getattr(args, "json", False):
-        print(json.dumps(d, indent=2))
-    else:
-        print("\n".join(info_lines(d)))
-    return 0
-
-
-def cli_top(args) -> int:
-    """`hypyr top [-d DELAY] [-n ITERATIONS] [-b]`."""
-    delay = getattr(args, "delay", None)
-    iterations = getattr(args, "iterations", None)
-    batch = getattr(args, "batch", False)
-    delay = 1.0 if delay is None else delay
-    if not _good_interval(delay):
-        raise HypyrError(f"-d must be a number of seconds more than 0 and at most {MAX_INTERVAL:g}, not {delay}")
-    if iterations is not None and iterations < 1:
-        raise HypyrError(f"-n must be at least 1, not {iterations}")
-    return run_top(interval=float(delay), iterations=iterations, batch=True if batch else None)
-
-
 __all__ = ["Row", "TopRow", "HostSnapshot", "host_info", "info_lines", "sample", "cpu_percent", "top_rows",
-           "table_lines", "header_lines", "host_snapshot", "run_top", "cli_info", "cli_top"]
+           "table_lines", "header_lines", "host_snapshot", "run_top", "good_interval", "MAX_INTERVAL"]

@@ -320,7 +320,7 @@ def _pid_file(name: str) -> Path:
 
 def _start_dnsmasq(net: Network) -> None:
     if not os.access(DNSMASQ, os.X_OK):
-        raise NetworkError(f"network {net.name}: --dhcp needs dnsmasq ({DNSMASQ}; Debian package dnsmasq-base)")
+        raise NetworkError(f"network {net.name}: DHCP needs dnsmasq ({DNSMASQ}; Debian package dnsmasq-base)")
     first, last = net.dhcp_range()
     d = _net_dir()
     cmd = [DNSMASQ, f"--pid-file={d / (net.name + '.pid')}", "--conf-file=/dev/null", "--bind-interfaces",
@@ -367,7 +367,7 @@ def _nft(script: str) -> subprocess.CompletedProcess:
     try:
         return subprocess.run([NFT, "-f", "-"], input=script, capture_output=True, text=True, timeout=30)
     except FileNotFoundError:
-        raise NetworkError("--nat needs nft (Debian package nftables)") from None
+        raise NetworkError("NAT needs nft (Debian package nftables)") from None
 
 
 def _nat_add(net: Network) -> None:

@@ -8,10 +8,10 @@ import os
 import pty
 import termios
 import time
-from types import SimpleNamespace
 
 import pytest
 
+from hypyr import cli
 from hypyr.errors import HypyrError
 from hypyr.toolstack import monitor
 from hypyr.toolstack.monitor import Row
@@ -63,9 +63,9 @@ def test_info_lines_are_xl_style(state):
 
 
 def test_cli_info_json(state, capsys):
-    assert monitor.cli_info(SimpleNamespace(json=True)) == 0
+    assert cli.main(["info", "--json"]) == 0
     assert json.loads(capsys.readouterr().out).keys() >= INFO_KEYS
-    assert monitor.cli_info(SimpleNamespace(json=False)) == 0
+    assert cli.main(["info"]) == 0
     assert "hypyr_version" in capsys.readouterr().out
 
 
@@ -160,7 +160,7 @@ def test_cli_top_batch(monkeypatch, capsys):
     take, n = _fake_sampler()
     monkeypatch.setattr(monitor, "sample", take)
     monkeypatch.setattr("sys.stdin", io.StringIO(""))
-    assert monitor.cli_top(SimpleNamespace(delay=0.01, iterations=3, batch=True)) == 0
+    assert cli.main(["top", "-d", "0.01", "-n", "3", "-b"]) == 0
     assert capsys.readouterr().out.count("NAME") == 3
 
 
