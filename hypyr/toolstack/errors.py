@@ -16,6 +16,17 @@ class InvalidConfig(InvalidInput):
     there) that cannot be used."""
 
 
+class ConfigValueError(InvalidConfig):
+    """A bad value for ``key``, found without knowing the file (e.g. building a DomainConfig).
+
+    For a list key (``disk``, ``vif``, ``cpus``) ``item`` is the index of the bad item and
+    ``other`` that of an earlier item it clashes with, if any."""
+
+    def __init__(self, key: str, message: str, item: int | None = None, other: int | None = None):
+        self.key, self.message, self.item, self.other = key, message, item, other
+        super().__init__(message)
+
+
 class DomainNotFound(NotFound):
     """No domain of that name or id (or it is Domain-0, the host)."""
 

@@ -13,19 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hypyr.errors import HypyrError
-from hypyr.toolstack.xlcfg import (
-    ConfigValueError,
-    DiskSpec,
-    DomainConfig,
-    RawConfig,
-    XlCfgError,
-    load,
-    loads,
-    parse,
-    parse_cpulist,
-    parse_disk,
-    vdev_index,
-)
+from hypyr.toolstack.errors import ConfigValueError
+from hypyr.toolstack.xlcfg import DomainConfig, RawConfig, XlCfgError, load, loads, parse, parse_cpulist
+from hypyr.toolstack.xldisk import DiskSpec, parse_disk, vdev_index
 
 DATA = Path(__file__).parent / "data" / "xlcfg"
 BASE = "name = 'g'\nkernel = '/boot/vmlinuz'\n"
