@@ -20,14 +20,12 @@ import signal
 import socket
 import sys
 import threading
-import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from hypyr import preopened
 from hypyr.errors import HypyrError, InvalidInput
-from hypyr.messages import json_object
-from hypyr.toolstack import jail, logs, nics, paths, supervisor
+from hypyr.toolstack import control, jail, logs, nics, paths, supervisor
 from hypyr.toolstack.console import ConsoleHub
 from hypyr.toolstack.errors import DomainStateError, MigrationFailed, SaveFileError, save_file_sentence, type_name
 from hypyr.toolstack.registry import DomainState, Registry, StaleDomainError
@@ -213,7 +211,7 @@ class Domain:
             sock.close()
         return vm
 
-    def _migrate(self, conn: socket.socket, req: dict) -> dict:
+    def _migrate(self, progress, req: dict) -> dict:
         """The ``migrate`` operation (source side); the caller stops the VM after answering."""
         from hypyr.errors import MigrationError
         from hypyr.vmm import migration
@@ -233,7 +231,7 @@ class Domain:
                                       f"domain {self.name} runs on here") from None
             try:
                 stats = migration.migrate_send(vm, sock, downtime_ms=downtime, max_iterations=iterations,
-                                               progress=self._progress_to(conn), extra=self._save_extra())
+                                               progress=progress, extra=self._save_extra())
             except MigrationError as e:
                 sock.close()
                 if vm.machine.paused and self.state is DomainState.RUNNING:
@@ -276,17 +274,7 @@ class Domain:
         return {"hypyr_domain": 1, "name": self.name, "uuid": self.uuid, "domid": self.domid,
                 "config": self.cfg.to_dict()}
 
-    def _progress_to(self, conn: socket.socket):
-        """A progress callback that sends ``{"progress": {...}}`` lines on ``conn`` (best effort:
-        a CLI that went away does not stop the operation)."""
-        def progress(p) -> None:
-            try:
-                self._send(conn, {"progress": dataclasses.asdict(p)})
-            except OSError:
-                pass
-        return progress
-
-    def _save(self, conn: socket.socket, req: dict) -> dict:
+    def _save(self, progress, req: dict) -> dict:
         """The ``save`` operation: write the VM to ``req["file"]``; the caller stops the domain
         afterwards unless ``keep_running``."""
         from hypyr.errors import SnapshotError
@@ -300,7 +288,7 @@ class Domain:
             saved = False
             try:
                 with os.fdopen(fd, "wb") as f:
-                    stats = snapshot.save(vm, f, keep_running=keep, progress=self._progress_to(conn),
+                    stats = snapshot.save(vm, f, keep_running=keep, progress=progress,
                                           extra=self._save_extra())
                     saved = True
                     f.flush()
@@ -387,7 +375,7 @@ class Domain:
         jailed VMM's supervisor bound, which also placed it in its cgroup)."""
         try:
             if server is None:
-                server = self._listen()
+                server, self._sock_id = control.bind(self.sock_path)
                 self._apply_sched(os.getpid())
             self.boot()
         except HypyrError as e:
@@ -410,7 +398,8 @@ class Domain:
             return 1
         # the control thread confines itself to its own list: started before this thread takes
         # the "main" one, which would otherwise bound it too (filters stack)
-        threading.Thread(target=self._accept_loop, args=(server,), name="control", daemon=True).start()
+        threading.Thread(target=control.ControlServer(self, self.cfg.seccomp).accept_loop, args=(server,),
+                         name="control", daemon=True).start()
         try:   # the VM runs: from now on this thread only supervises it (docs/confinement.md)
             seccomp.install("main", self.cfg.seccomp)
         except HypyrError as e:
@@ -438,7 +427,7 @@ class Domain:
     def run_jailed(self, ready_fd: int | None) -> int:
         """Supervise a jailed VMM child (hypyr.toolstack.supervisor) until it exits; its exit code."""
         try:
-            server = self._listen()
+            server, self._sock_id = control.bind(self.sock_path)
             if self.cfg.bootloader is not None:
                 self._prefetch_disk_boot()     # debugfs runs here, never in the jail
             self._open_for_vmm()
@@ -597,74 +586,32 @@ class Domain:
         except OSError:
             pass
 
-    # -- control socket -------------------------------------------------------------------------
-    def _listen(self) -> socket.socket:
-        try:
-            self.sock_path.unlink()
-        except FileNotFoundError:
-            pass
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.bind(str(self.sock_path))
-        os.chmod(self.sock_path, 0o600)
-        st = self.sock_path.lstat()
-        self._sock_id = (st.st_dev, st.st_ino)
-        s.listen(8)
-        return s
+    # -- operations (the control socket's: hypyr.toolstack.control) ------------------------------
+    def operate(self, op: str, req: dict, progress) -> tuple[dict, str | None]:
+        """Do the control operation ``op``; its reply, and why the domain stops once the reply
+        is sent (a save that does not keep it running, a migration), or None."""
+        if op == "save":
+            reply = self._save(progress, req)
+            return reply, None if reply["keep_running"] else f"saved to {reply['file']}"
+        if op == "migrate":
+            reply = self._migrate(progress, req)
+            return reply, f"migrated to {reply['to']}"
+        if op == "rename":
+            return self._rename(req), None
+        return self._handle(op, req), None
 
-    def _accept_loop(self, server: socket.socket) -> None:
-        seccomp.install("control", self.cfg.seccomp)   # the connection threads inherit it
-        while True:
-            conn, _ = server.accept()
-            threading.Thread(target=self._serve, args=(conn,), name="control-conn", daemon=True).start()
+    def stop_after_answer(self, why: str) -> None:
+        self._destroy_requested = True
+        self._live.machine.stop(StopReason(StopKind.DESTROYED, why))
 
-    def _serve(self, conn: socket.socket) -> None:
-        f = conn.makefile("rb")
-        try:
-            for line in f:
-                try:
-                    op, req = _parse_request(line)
-                    if op == "console":
-                        self._send(conn, {"ok": True})
-                        self._console_session(conn, f)
-                        return
-                    if op == "save":
-                        reply = self._save(conn, req)
-                        if not reply["keep_running"]:   # answer first: stopping ends this process
-                            self._answer_then_stop(conn, reply, f"saved to {reply['file']}")
-                            continue
-                    elif op == "migrate":
-                        reply = self._migrate(conn, req)
-                        self._answer_then_stop(conn, reply, f"migrated to {reply['to']}")
-                        continue
-                    elif op == "rename":
-                        reply = self._rename(req)
-                    else:
-                        reply = self._handle(op, req)
-                except HypyrError as e:
-                    reply = {"ok": False, "error": str(e), "type": type_name(e)}
-                except Exception as e:  # a bug of ours: say so, with its traceback in the log
-                    log.exception("control request %.60r failed", line)
-                    reply = {"ok": False, "error": f"internal error in domain {self.name}'s VMM: "
-                             f"{type(e).__name__}: {e} (traceback in its log)", "type": HypyrError.__name__}
-                self._send(conn, reply)
-        except OSError:
-            pass
-        finally:
-            f.close()       # (a logged traceback may keep this frame, and so f, alive)
-            conn.close()
+    def console_attach(self, conn: socket.socket) -> None:
+        self.console.attach(conn)
 
-    def _answer_then_stop(self, conn: socket.socket, reply: dict, why: str) -> None:
-        """Answer, then destroy the VM (saved or migrated away) even if the answer cannot be sent:
-        stopping ends this process, so the answer goes first."""
-        try:
-            self._send(conn, reply)
-        finally:
-            self._destroy_requested = True
-            self._live.machine.stop(StopReason(StopKind.DESTROYED, why))
+    def console_detach(self, conn: socket.socket) -> None:
+        self.console.detach(conn)
 
-    @staticmethod
-    def _send(conn: socket.socket, obj: dict) -> None:
-        conn.sendall(json.dumps(obj).encode() + b"\n")
+    def console_input(self, data: bytes) -> int:
+        return self._live.console.enqueue_input(data)
 
     def _handle(self, op: str, req: dict) -> dict:
         vm = self._live
@@ -773,25 +720,6 @@ class Domain:
             raise InvalidInput(f"kind must be one of {', '.join(seccomp.KINDS)}")
         return {"ok": True, "kind": kind}
 
-    def _console_session(self, conn: socket.socket, f) -> None:
-        self.console.attach(conn)
-        try:
-            while True:
-                data = f.read1(4096) if hasattr(f, "read1") else conn.recv(4096)
-                if not data:
-                    return
-                target = self._live.console
-                while data:
-                    n = target.enqueue_input(data)
-                    data = data[n:]
-                    if data:
-                        time.sleep(0.01)
-        except OSError:
-            return
-        finally:
-            self.console.detach(conn)
-
-
 class VmmLogHandler(logging.handlers.RotatingFileHandler):
     """``vmm.log``, rotated at ``max_bytes`` (one old part, ``vmm.log.1``, is kept); those of
     ``fds`` (stdout, stderr: where only crashes still write) that were on the log move to each
@@ -862,15 +790,6 @@ def main(argv: list[str] | None = None) -> int:
             reg.close()         # the supervisor opens its own; the jailed VMM never sees it
             return dom.run_jailed(ready_fd)
         return dom.run(ready_fd)
-
-
-def _parse_request(line: bytes) -> tuple[str, dict]:
-    """One control request, a JSON object on one line with a string ``op``: (op, the object).
-    InvalidInput otherwise."""
-    req = json_object(line)
-    if req is None or not isinstance(req.get("op"), str):
-        raise InvalidInput("malformed request: one JSON object with an \"op\" per line expected")
-    return req["op"], req
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 
 from hypyr.errors import HypyrError
-from hypyr.toolstack import api, domain, paths, sched
+from hypyr.toolstack import api, control, domain, paths, sched
 from hypyr.toolstack.errors import DomainStateError, InvalidConfig
 from hypyr.toolstack.registry import Registry
 from hypyr.toolstack.xlcfg import DomainConfig
@@ -88,7 +88,7 @@ def test_orphaned_domain_process_stops_updating_and_leaves_the_new_domain_alone(
     a = reg.reserve("a", _cfg("a"))
     dom = domain.Domain(a.domid, a.uuid, reg)
     dom.vm = SimpleNamespace(machine=FakeMachine())
-    server = dom._listen()
+    server, dom._sock_id = control.bind(dom.sock_path)
     try:
         reg.remove(a.domid)                           # reaped behind its back ...
         b = reg.reserve("b", _cfg("b"))               # ... and the domid reused
@@ -172,16 +172,16 @@ def test_control_requests_malformed_and_failing_get_distinct_answers(caplog):
     """A request that is not a JSON object is "malformed"; a bug of ours inside an operation
     (here a ValueError) is reported as an internal error with its traceback in the log, not
     passed off as the caller's malformed request."""
-    def handle(op, req):
+    def operate(op, req, progress):
         if op == "boom":
             raise ValueError("a bug inside the operation")
-        return {"ok": True, "op": op}
-    dom = SimpleNamespace(name="d1", _handle=handle, _send=domain.Domain._send)
+        return {"ok": True, "op": op}, None
+    dom = SimpleNamespace(name="d1", operate=operate)
     ours, theirs = socket.socketpair()
     try:
         theirs.sendall(b'not json\n[1, 2]\n{"op": 7}\n' + b"[" * 5000 + b'\n{"op": "boom"}\n{"op": "info"}\n')
         theirs.shutdown(socket.SHUT_WR)
-        domain.Domain._serve(dom, ours)
+        control.ControlServer(dom, "off").serve(ours)
         replies = [json.loads(line) for line in theirs.makefile("rb")]
     finally:
         theirs.close()
@@ -190,6 +190,32 @@ def test_control_requests_malformed_and_failing_get_distinct_answers(caplog):
     assert replies[4]["error"].startswith("internal error in domain d1's VMM: ValueError: a bug inside")
     assert "malformed" not in replies[4]["error"]
     assert any(r.exc_info and "a bug inside the operation" in str(r.exc_info[1]) for r in caplog.records)
+
+
+def test_an_operation_that_ends_the_domain_is_answered_before_it_stops():
+    """A save (not kept running) or a migration ends the domain process: its reply goes out
+    first, and the domain stops even when the reply cannot be sent (the client went away)."""
+    events = []
+
+    def operate(op, req, progress):
+        events.append(("operate", op))
+        return {"ok": True, "file": "/x"}, "saved to /x"
+    dom = SimpleNamespace(name="d1", operate=operate, stop_after_answer=lambda why: events.append(("stop", why)))
+    for client_waits in (True, False):
+        events.clear()
+        ours, theirs = socket.socketpair()
+        try:
+            theirs.sendall(b'{"op": "save"}\n')
+            if client_waits:
+                theirs.shutdown(socket.SHUT_WR)
+            else:
+                theirs.close()   # gone before the answer: sending it fails
+            control.ControlServer(dom, "off").serve(ours)
+            if client_waits:
+                assert [json.loads(line) for line in theirs.makefile("rb")] == [{"ok": True, "file": "/x"}]
+        finally:
+            theirs.close()
+        assert events == [("operate", "save"), ("stop", "saved to /x")]
 
 
 def test_unpause_is_refused_while_a_save_or_migration_holds_the_domain():
