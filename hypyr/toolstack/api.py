@@ -3,17 +3,9 @@
 The toolstack never issues an ioctl: it talks to domain processes over their control sockets,
 reads the registry, and uses ordinary OS interfaces (/proc, sched_setaffinity, cgroups).
 
-Networking at ``create``: each vif gets a MAC (random in Xen's OUI unless given; stored in the
-registry's config so the domain keeps it across reboots; refused if another live domain uses
-it) and its bridge (``xenbr0`` unless given; see ``network.ensure_bridge``).  ``create`` opens
-the taps (``network.open_tap``, named ``vifname`` or ``vif<domid>.<devid>``) and hands them to
-the domain process: their fds are inherited (``pass_fds``) and listed, in vif order, in the
-environment variable ``HYPYR_TAP_FDS`` (e.g. ``"5,6"``); ``create`` then closes its copies, so a
-tap lives exactly as long as its domain process.
-
-Each domain has a UUID (``DomainInfo.uuid``); ``create`` hands it to the domain process in
-``HYPYR_DOMAIN_UUID`` so that process can only ever update its own registry row.  A control
-operation that gets no answer within ``CONTROL_TIMEOUT`` seconds is a DomainTimeout.
+``create`` opens each vif's tap and hands it to the domain process (docs/networking.md), with
+the domain's UUID, by which that process updates only its own registry row (docs/toolstack.md).
+A control operation that gets no answer within ``CONTROL_TIMEOUT`` seconds is a DomainTimeout.
 
 Errors are typed (``hypyr.toolstack.errors``): DomainNotFound, DomainExists, DomainStateError (not
 running, paused), InvalidConfig, DomainUnreachable, DomainTimeout, ...  A domain is named by its

@@ -11,7 +11,6 @@ domains are busy.
   (the last one is the total over all domains).
 * ``run_top()`` redraws the table in place (ANSI: alternate screen, clear, home) or, in batch
   mode, prints plain tables one after another like ``top -b -n N``.  ``q`` quits.
-* ``cli_info(args)`` / ``cli_top(args)``: the command-line entry points.
 
 CPU % is the domain process's CPU time (utime + stime of all its threads, vCPU threads included:
 guest time is counted as user time) over wall time, x 100: 100 % is one host CPU fully busy, so a
