@@ -38,7 +38,7 @@ backports_qemu() {
     apt-get install -y -q --no-install-recommends -t bookworm-backports qemu-system-x86 >/dev/null
 }
 need=()
-python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
+"${PYTHON:-python3}" -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v dpkg-deb >/dev/null || need+=(dpkg)
 { command -v mkfs.ext4 || [ -x /sbin/mkfs.ext4 ]; } >/dev/null || need+=(e2fsprogs)
