@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from virtio_mock import Buf, MockDriver
 
+from hypyr.devices import diskimage
 from hypyr.devices.virtio import blk as B
 from hypyr.devices.virtio.blk import VirtioBlk
 from hypyr.devices.virtio.queue import DeviceError, QueueError
@@ -542,7 +543,7 @@ def test_write_zeroes_and_discard(rig, image):
 
 
 def test_write_zeroes_fallback_without_fallocate(image, monkeypatch):
-    monkeypatch.setattr(B, "_fallocate", None)
+    monkeypatch.setattr(diskimage, "_fallocate", None)
     r = Rig(image[0])
     try:
         _, _, st_addr = r.request(B.VIRTIO_BLK_T_WRITE_ZEROES, 0, out=seg(4, 2, 1) + seg(7, 1))

@@ -11,21 +11,17 @@ Design notes (I/O path, FLUSH ordering, generations, image lock): docs/devices.m
 from __future__ import annotations
 
 import concurrent.futures
-import ctypes
 import errno
-import fcntl
 import logging
-import os
-import stat
 import struct
 import threading
 from collections.abc import Callable, Iterable
 
-from hypyr import preopened
+from hypyr.devices.diskimage import DiskImage
 from hypyr.devices.ratelog import RateLimitedLog
 from hypyr.devices.state import StateError, StateReader
 from hypyr.errors import HypyrError
-from hypyr.libc import IOV_MAX, optional_function
+from hypyr.libc import IOV_MAX
 from hypyr.memory import GuestMemory
 
 from .device import VIRTIO_ID_BLOCK, VirtioDevice
@@ -81,15 +77,6 @@ RESET_WAIT = 5.0                         # seconds reset() waits for in-flight r
 # struct virtio_blk_config up to write_zeroes_may_unmap and its padding (60 bytes)
 _CONFIG = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3x")
 
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_FALLOC_FL_ZERO_RANGE = 0x10
-
-
-_fallocate: Callable[..., int] | None = optional_function(
-    "fallocate", [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64])
-
-
 class _Stale(Exception):
     """The request belongs to an earlier generation (the device was reset): abandon it."""
 
@@ -134,27 +121,8 @@ class VirtioBlk(VirtioDevice):
         self.path = str(path)
         self.read_only = bool(read_only)
         self._serial = self._encode_serial(serial)
-        flags = (os.O_RDONLY if self.read_only else os.O_RDWR) | os.O_CLOEXEC
-        try:
-            fd = preopened.open_file(self.path, flags)
-        except OSError as e:
-            raise HypyrError(f"cannot open disk image {self.path} "
-                             f"{'read-only' if self.read_only else 'for reading and writing'}: "
-                             f"{e.strerror}") from None
-        try:
-            mode = os.fstat(fd).st_mode
-            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
-                raise HypyrError(f"disk image {self.path} is not a regular file or block device")
-            if lock:
-                self._lock_image(fd)
-            size = os.lseek(fd, 0, os.SEEK_END)
-        except HypyrError:
-            os.close(fd)
-            raise
-        except OSError as e:
-            os.close(fd)
-            raise HypyrError(f"cannot use disk image {self.path}: {e.strerror}") from None
-        self._fd = fd
+        self._image = DiskImage(self.path, read_only=self.read_only, lock=lock)
+        size = self._image.size
         self.capacity = size // SECTOR_SIZE
         if size % SECTOR_SIZE:
             log.warning("virtio-blk: %s is %d bytes, not a multiple of %d; the last %d bytes are not "
@@ -181,8 +149,6 @@ class VirtioBlk(VirtioDevice):
         self._workers = workers
         self._closed = False
         self._rlog = RateLimitedLog(log)  # keys are fixed strings, never the guest's values
-        self._punch_supported = _fallocate is not None
-        self._zero_range_supported = _fallocate is not None
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=workers,
                                                                thread_name_prefix="virtio-blk")
         log.info("virtio-blk: %s, %d sectors%s", self.path, self.capacity, " (read-only)" if self.read_only else "")
@@ -200,25 +166,14 @@ class VirtioBlk(VirtioDevice):
             raise HypyrError(f"disk serial {serial!r} must be at most {ID_BYTES} ASCII characters without NULs")
         return raw.ljust(ID_BYTES, b"\0")
 
-    def _lock_image(self, fd: int) -> None:
-        try:
-            fcntl.flock(fd, (fcntl.LOCK_SH if self.read_only else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise HypyrError(f"disk image {self.path} is in use by another process "
-                                 f"(or another disk of this VM)") from None
-            log.debug("virtio-blk: cannot lock %s (%s); continuing without a lock", self.path, e.strerror)
-
     def unlock_image(self) -> None:
         """Release the image's lock, keeping it open: the hand-over to another VMM that opens
         the same image (live migration).  Quiesce first: this device must not write any more."""
-        if self._fd >= 0:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        self._image.unlock()
 
     def relock_image(self) -> None:
         """Take the image's lock (again, if the hand-over failed); HypyrError if someone holds it."""
-        if self._fd >= 0:
-            self._lock_image(self._fd)
+        self._image.lock()
 
     def _build_config(self) -> bytes:
         rw = not self.read_only
@@ -340,8 +295,7 @@ class VirtioBlk(VirtioDevice):
             self._gen += 1
         self.wait_idle()
         self._executor.shutdown(wait=True)
-        os.close(self._fd)
-        self._fd = -1
+        self._image.close()
 
     # ------------------------------------------------------------------ save/restore (devices/state.py)
     def quiesce(self) -> None:
@@ -353,10 +307,10 @@ class VirtioBlk(VirtioDevice):
         with self._lock:
             self._quiesced = True
         self.wait_idle()
-        if self.read_only or self._fd < 0 or self._flush_error is not None:
+        if self.read_only or self._image.fd < 0 or self._flush_error is not None:
             return
         try:
-            os.fdatasync(self._fd)
+            self._image.sync()
         except OSError as e:
             with self._lock:
                 self._flush_error = e
@@ -506,8 +460,7 @@ class VirtioBlk(VirtioDevice):
 
     def _guest_write(self, req: _Request, data: bytes, offset: int) -> None:
         with self._lock:
-            if req.gen != self._gen:
-                raise _Stale()
+            self._check_current(req)
             req.chain.write(req.mem, data, offset)
             req.written = max(req.written, offset + len(data))
 
@@ -614,10 +567,9 @@ class VirtioBlk(VirtioDevice):
         count = len(t) >> 2
         if chain.nread != (1 if into_guest else count - 1):
             return 0
-        if req.gen != self._gen:
-            raise _Stale()
+        self._check_current(req)
         op = req.mem.preadv_descs if into_guest else req.mem.pwritev_descs
-        r = op(self._fd, t, 1, count - 2, offset)
+        r = op(self._image.fd, t, 1, count - 2, offset)
         if not r:
             return 0  # None (not for this RAM layout) or 0: the range path goes on (and reports)
         if into_guest:
@@ -649,11 +601,10 @@ class VirtioBlk(VirtioDevice):
         file was met first (reads only)."""
         mem = req.mem
         op = mem.preadv if into_guest else mem.pwritev
-        fd = self._fd
+        fd = self._image.fd
         done = 0
         while left:
-            if req.gen != self._gen:  # reset: start no more I/O for this request
-                raise _Stale()
+            self._check_current(req)  # reset: start no more I/O for this request
             r = op(fd, ranges, offset + done)
             if r <= 0:
                 if into_guest:
@@ -682,13 +633,12 @@ class VirtioBlk(VirtioDevice):
         A failed ``fdatasync`` may have lost data already acknowledged, so the error is sticky
         for the device's life (as QEMU until the image is reopened): a driver reset keeps it."""
         self._wait_locked_for(lambda: min(self._pending) == ticket)
-        if req.gen != self._gen:
-            raise _Stale()
+        self._check_current(req)
         if self.read_only:
             return VIRTIO_BLK_S_OK
         if self._flush_error is None:
             try:
-                os.fdatasync(self._fd)
+                self._image.sync()
                 return VIRTIO_BLK_S_OK
             except OSError as e:
                 self._flush_error = e
@@ -725,53 +675,18 @@ class VirtioBlk(VirtioDevice):
                 return VIRTIO_BLK_S_IOERR
         try:
             for sector, count, flags in segments:
-                if req.gen != self._gen:
-                    raise _Stale()
+                self._check_current(req)
                 off, length = sector * SECTOR_SIZE, count * SECTOR_SIZE
                 if not length:
                     continue
-                if discard or flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP:
-                    if self._try_fallocate("_punch_supported", _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
-                                           off, length):
-                        continue
-                elif self._try_fallocate("_zero_range_supported", _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE,
-                                         off, length):
-                    continue
-                self._write_zeroes(req, off, length)
+                self._image.zero(off, length, unmap=discard or bool(flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP),
+                                 check=lambda: self._check_current(req))
         except OSError as e:
             self._rlog.warning(f"{kind}-error", "virtio-blk: %s: %s error: %s", self.path, kind, e)
             return VIRTIO_BLK_S_IOERR
         return VIRTIO_BLK_S_OK
 
-    # ------------------------------------------------------------------ file I/O
-    def _pwrite_full(self, data: bytes, offset: int) -> None:
-        view = memoryview(data)
-        while view:
-            r = os.pwrite(self._fd, view, offset)
-            if r <= 0:
-                raise OSError(errno.EIO, "short write")
-            view, offset = view[r:], offset + r
-
-    def _try_fallocate(self, supported_attr: str, mode: int, offset: int, length: int) -> bool:
-        """fallocate(mode); False (and remembered) if the file system does not support it."""
-        if not getattr(self, supported_attr) or _fallocate is None:  # (the latter: never supported)
-            return False
-        if _fallocate(self._fd, mode, offset, length) == 0:
-            return True
-        err = ctypes.get_errno()
-        if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-            setattr(self, supported_attr, False)
-            log.info("virtio-blk: %s: fallocate mode %#x not supported (%s); writing zeroes instead",
-                     self.path, mode, os.strerror(err))
-            return False
-        raise OSError(err, os.strerror(err))
-
-    def _write_zeroes(self, req: _Request, offset: int, length: int) -> None:
-        zeros = bytes(min(IO_CHUNK, 1 << 20, length))
-        end = offset + length
-        while offset < end:
-            if req.gen != self._gen:
-                raise _Stale()
-            n = min(len(zeros), end - offset)
-            self._pwrite_full(zeros[:n] if n < len(zeros) else zeros, offset)
-            offset += n
+    def _check_current(self, req: _Request) -> None:
+        """Raise _Stale if the device was reset (or closed) since ``req`` was popped."""
+        if req.gen != self._gen:
+            raise _Stale()
