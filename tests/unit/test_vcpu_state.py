@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hypyr.arch.x86 import vcpu_state as S
+from hypyr.arch.x86.records import record_fields
 from hypyr.arch.x86.vcpu_state import (
     ClockData,
     DebugRegs,
@@ -25,7 +26,6 @@ from hypyr.arch.x86.vcpu_state import (
     VcpuState,
     VmState,
     Xcr,
-    record_fields,
 )
 from hypyr.errors import HypyrError, StateError
 from hypyr.kvm import B, CpuidEntry
