@@ -39,6 +39,15 @@ class StateError(HypyrError):
     range, or state that does not fit the device), or a device that cannot be saved now."""
 
 
+def show_untrusted(value: object) -> str:
+    """A short description of an untrusted value for an error message (never a huge repr)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value) if -(1 << 64) < value < 1 << 64 else f"a {value.bit_length()}-bit integer"
+    if isinstance(value, str):
+        return repr(value[:40] + ("..." if len(value) > 40 else ""))
+    return f"a {type(value).__name__}"
+
+
 class SnapshotError(HypyrError):
     """A save file or migration stream that cannot be read or loaded (truncated, corrupt, another
     format version, saved on an incompatible CPU, state that does not fit), or a VM that cannot

@@ -25,7 +25,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Literal, Protocol, overload, runtime_checkable
 
-from hypyr.errors import StateError
+from hypyr.errors import StateError, show_untrusted
 
 __all__ = ["HostInputGate", "QuiesceFree", "StateError", "StateReader", "Stateful"]
 
@@ -68,15 +68,6 @@ class HostInputGate:
             self._quiesced = False
 
 
-def _show(value: object) -> str:
-    """A short description of an untrusted value for an error message (never a huge repr)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value) if -(1 << 64) < value < 1 << 64 else f"a {value.bit_length()}-bit integer"
-    if isinstance(value, str):
-        return repr(value[:40] + ("..." if len(value) > 40 else ""))
-    return f"a {type(value).__name__}"
-
-
 class StateReader:
     """Reads the fields of an untrusted state dict; every problem is a :class:`StateError` naming
     the field.  ``kind``/``version`` check the ``"kind"`` and ``"v"`` fields; :meth:`done` refuses
@@ -93,7 +84,7 @@ class StateReader:
         if kind is not None:
             got = self.text("kind", 64)
             if got != kind:
-                raise StateError(f"{where}: this is the state of a {_show(got)} device, not of a {kind!r}")
+                raise StateError(f"{where}: this is the state of a {show_untrusted(got)} device, not of a {kind!r}")
         if version is not None:
             v = self.integer("v", 0, 1 << 31)
             if v != version:
@@ -122,7 +113,7 @@ class StateReader:
             raise self._fail(name, f"must be an integer{' or None' if optional else ''}, not {type(v).__name__}")
         v = int(v)
         if not lo <= v <= hi:
-            raise self._fail(name, f"{_show(v)} is out of range {lo}..{hi}")
+            raise self._fail(name, f"{show_untrusted(v)} is out of range {lo}..{hi}")
         return v
 
     def flag(self, name: str) -> bool:
@@ -174,5 +165,5 @@ class StateReader:
 
     def done(self) -> None:
         if self._unread:
-            names = ", ".join(_show(n) for n in sorted(self._unread)[:4])
+            names = ", ".join(show_untrusted(n) for n in sorted(self._unread)[:4])
             raise StateError(f"{self._where}: unknown field(s) {names}")

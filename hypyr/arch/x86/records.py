@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from hypyr.errors import StateError
+from hypyr.errors import StateError, show_untrusted
 
 MAX_MSRS = 4096   # entries of an "msrs" field
 
@@ -48,26 +48,17 @@ def custom(kind: str) -> Any:
     return Meta(kind=kind)
 
 
-def show(value: object) -> str:
-    """A short description of an untrusted value (never a huge repr)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value) if -(1 << 64) < value < 1 << 64 else f"a {value.bit_length()}-bit integer"
-    if isinstance(value, str):
-        return repr(value[:40] + ("..." if len(value) > 40 else ""))
-    return f"a {type(value).__name__}"
-
-
 def check_int(value: object, lo: int, hi: int, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise StateError(f"{where}: must be an integer, not {show(value)}")
+        raise StateError(f"{where}: must be an integer, not {show_untrusted(value)}")
     if not lo <= value <= hi:
-        raise StateError(f"{where}: {show(value)} is out of range {lo}..{hi}")
+        raise StateError(f"{where}: {show_untrusted(value)} is out of range {lo}..{hi}")
     return int(value)
 
 
 def check_list(value: object, lo: int, hi: int, where: str) -> list:
     if not isinstance(value, (list, tuple)):
-        raise StateError(f"{where}: must be a list, not {show(value)}")
+        raise StateError(f"{where}: must be a list, not {show_untrusted(value)}")
     if not lo <= len(value) <= hi:
         raise StateError(f"{where}: has {len(value)} entries, not {lo}..{hi}" if lo != hi
                          else f"{where}: has {len(value)} entries, not {lo}")
@@ -76,13 +67,13 @@ def check_list(value: object, lo: int, hi: int, where: str) -> list:
 
 def check_keys(data: object, names: list[str], where: str) -> dict:
     if not isinstance(data, dict):
-        raise StateError(f"{where}: must be a dict, not {show(data)}")
+        raise StateError(f"{where}: must be a dict, not {show_untrusted(data)}")
     missing = [n for n in names if n not in data]
     if missing:
         raise StateError(f"{where}: field {missing[0]!r} is missing")
     extra = [k for k in data if k not in names]
     if extra:
-        raise StateError(f"{where}: unknown field {show(extra[0])}")
+        raise StateError(f"{where}: unknown field {show_untrusted(extra[0])}")
     return data
 
 
@@ -178,7 +169,7 @@ class Record:
                                where)
         if cls._kind:
             if data["kind"] != cls._kind:
-                raise StateError(f"{where}: this is {show(data['kind'])} state, not {cls._kind!r} state")
+                raise StateError(f"{where}: this is {show_untrusted(data['kind'])} state, not {cls._kind!r} state")
             v = check_int(data["v"], 0, 1 << 31, f"{where}.v")
             if v != cls._version:
                 raise StateError(f"{where}: state format version {v} is not supported "
@@ -226,7 +217,7 @@ def _from_plain(meta, value, where: str) -> Any:
         return tuple(check_int(v, 0, (1 << meta["bits"]) - 1, f"{where}[{i}]") for i, v in enumerate(items))
     if kind == "bytes":
         if not isinstance(value, (bytes, bytearray)):
-            raise StateError(f"{where}: must be bytes, not {show(value)}")
+            raise StateError(f"{where}: must be bytes, not {show_untrusted(value)}")
         if not meta["min"] <= len(value) <= meta["max"] or len(value) % meta["multiple"]:
             size = (f"{meta['min']}" if meta["min"] == meta["max"]
                     else f"{meta['min']}..{meta['max']}, a multiple of {meta['multiple']}")
