@@ -92,13 +92,11 @@ class ControlServer:
                     log.exception("control request %.60r failed", line)
                     reply = {"ok": False, "error": f"internal error in domain {self.domain.name}'s VMM: "
                              f"{type(e).__name__}: {e} (traceback in its log)", "type": HypyrError.__name__}
-                if stop_why is None:
+                try:
                     send(conn, reply)
-                    continue
-                try:   # the answer first: stopping ends this process
-                    send(conn, reply)
-                finally:
-                    self.domain.stop_after_answer(stop_why)
+                finally:   # the answer first: stopping ends this process
+                    if stop_why is not None:
+                        self.domain.stop_after_answer(stop_why)
         except OSError:
             pass
         finally:
