@@ -216,7 +216,7 @@ def destroy_all(doms: list[Dom], state: Path) -> list[str]:
         if p.name.isdigit():
             try:
                 if needle in (p / "environ").read_bytes().split(b"\0") and \
-                        b"hypyr.toolstack.domain" in (p / "cmdline").read_bytes():
+                        b"hypyr" in (p / "cmdline").read_bytes():
                     pids.add(int(p.name))
             except OSError:
                 pass

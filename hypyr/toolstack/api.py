@@ -21,8 +21,6 @@ import os
 import select
 import signal
 import socket
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +28,7 @@ from typing import Any
 from hypyr import procfs
 from hypyr.errors import HypyrError, InvalidInput
 from hypyr.messages import json_object
-from hypyr.toolstack import nics, paths
+from hypyr.toolstack import nics, paths, spawn
 from hypyr.toolstack.errors import (
     DomainNotFound,
     DomainStateError,
@@ -168,14 +166,14 @@ def create(cfg_or_path: DomainConfig | str | os.PathLike) -> DomainRecord:
         cfg = _prepare_vifs(cfg, reg)
         rec = reg.reserve(cfg.name, json.dumps(cfg.to_dict()))
         try:
-            _start(cfg, rec)
+            _start(reg, cfg, rec)
         except BaseException:
             _forget(reg, rec)   # its row, directory and cgroup
             raise
         return reg.get(str(rec.domid))
 
 
-def _start(cfg: DomainConfig, rec: DomainRecord, extra_env: dict[str, str] | None = None,
+def _start(reg: Registry, cfg: DomainConfig, rec: DomainRecord, extra_env: dict[str, str] | None = None,
            extra_fds: tuple[int, ...] = (), timeout: float | None = None) -> None:
     """Start the domain process of the reserved row ``rec`` and wait until it reports that its VM
     runs; on any failure it is killed (the caller removes the row).  ``extra_env``: e.g. what
@@ -186,15 +184,13 @@ def _start(cfg: DomainConfig, rec: DomainRecord, extra_env: dict[str, str] | Non
     r, w = os.pipe()
     proc = None
     try:
-        env = dict(os.environ, HYPYR_TAP_FDS=",".join(str(fd) for fd in taps), HYPYR_DOMAIN_UUID=rec.uuid,
+        env = dict(HYPYR_TAP_FDS=",".join(str(fd) for fd in taps), HYPYR_DOMAIN_UUID=rec.uuid,
                    **(extra_env or {}))
         # The domain process logs onto vmm.log itself, rotating it (domain.VmmLogHandler); its
         # stdout/stderr start there for what is written before that, or by a crash.
+        reg.close()    # SQLite's per-process state must not cross a fork; it reopens on next use
         with open(paths.vmm_log(rec.domid), "ab") as logf:
-            proc = subprocess.Popen([sys.executable, "-m", "hypyr.toolstack.domain", str(rec.domid), str(w)],
-                                    stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                    pass_fds=(w, *taps, *extra_fds),
-                                    start_new_session=True, close_fds=True, env=env)
+            proc = spawn.start_domain(rec.domid, w, logf.fileno(), (*taps, *extra_fds), env)
         for fd in taps:
             os.close(fd)
         taps = []
@@ -241,7 +237,7 @@ def _open_taps(cfg: DomainConfig, domid: int) -> list[int]:
     return nics.open_taps(cfg.vifs, [v.tap_name(domid) for v in cfg.vifs])
 
 
-def _wait_ready(fd: int, proc: subprocess.Popen, name: str, timeout: float = CREATE_TIMEOUT) -> None:
+def _wait_ready(fd: int, proc: spawn.DomainProcess, name: str, timeout: float = CREATE_TIMEOUT) -> None:
     """Wait for the domain process's report on ``fd``: one JSON line, {"ok": true} once the VM
     runs or {"ok": false, "error": SENTENCE, "type": ERROR TYPE}; raise the reported error."""
     deadline = time.monotonic() + timeout
@@ -432,7 +428,7 @@ def restore(file: str | os.PathLike, paused: bool = False) -> DomainRecord:
         cfg = _prepare_vifs(cfg, reg)       # the saved MACs (refused if a live domain has one), bridges made
         rec = reg.reserve(cfg.name, json.dumps(cfg.to_dict()), uuid=uuid)
         try:
-            _start(cfg, rec, {"HYPYR_RESTORE_FILE": path, "HYPYR_RESTORE_PAUSED": "1" if paused else "0"})
+            _start(reg, cfg, rec, {"HYPYR_RESTORE_FILE": path, "HYPYR_RESTORE_PAUSED": "1" if paused else "0"})
         except BaseException:
             _forget(reg, rec)
             raise
@@ -582,7 +578,7 @@ def migrate_receive(host: str = "127.0.0.1", port: int = MIGRATION_PORT, *, on_l
             rec = reg.reserve(cfg.name, json.dumps(cfg.to_dict()), uuid=uuid)
             watch_r, watch_w = os.pipe()
             try:
-                _start(cfg, rec, {"HYPYR_MIGRATE_FD": str(conn.fileno()), "HYPYR_MIGRATE_WATCH_FD": str(watch_r)},
+                _start(reg, cfg, rec, {"HYPYR_MIGRATE_FD": str(conn.fileno()), "HYPYR_MIGRATE_WATCH_FD": str(watch_r)},
                        (conn.fileno(), watch_r), timeout=MIGRATE_TIMEOUT)
             except BaseException:
                 os.close(watch_w)
