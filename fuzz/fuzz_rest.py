@@ -13,7 +13,7 @@ import json
 from _harness import FDP, check, check_rss, errors_logged, fuzz, instrumented
 
 with instrumented():
-    from hypyr.toolstack import api, sched
+    from hypyr.toolstack import api, sched, transfer
     from hypyr.toolstack.errors import DomainStateError
     from hypyr.toolstack.server.app import App
     from hypyr.toolstack.server.routes import ROUTES
@@ -29,7 +29,7 @@ sched.get_params, sched.set_params = fake.get_params, fake.set_params
 
 def _save(name, file, keep_running=False, progress=None):
     d = fake.domain_info(name)
-    return api.SaveResult(d.name, d.domid, str(file), keep_running, 0.1, 4096, 1, 0)
+    return transfer.SaveResult(d.name, d.domid, str(file), keep_running, 0.1, 4096, 1, 0)
 
 
 def _restore(file, paused=False):
@@ -38,12 +38,12 @@ def _restore(file, paused=False):
 
 def _migrate(name, host, port=8002, *, downtime_ms=300, max_iterations=30, progress=None):
     d = fake.domain_info(name)
-    fields = {f.name: 0 for f in dataclasses.fields(api.MigrationResult)}
+    fields = {f.name: 0 for f in dataclasses.fields(transfer.MigrationResult)}
     fields.update(name=d.name, domid=d.domid, to=f"{host}:{port}", downtime_clock="monotonic")
-    return api.MigrationResult(**fields)
+    return transfer.MigrationResult(**fields)
 
 
-api.save, api.restore, api.migrate = _save, _restore, _migrate
+transfer.save, transfer.restore, transfer.migrate = _save, _restore, _migrate
 
 app = App(ROUTES)
 TEMPLATES = sorted(ROUTES)

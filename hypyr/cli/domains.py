@@ -180,10 +180,10 @@ class _ProgressLine:
 
 
 def cmd_save(args) -> int:
-    from hypyr.toolstack import api
+    from hypyr.toolstack import transfer
     bar = _ProgressLine(f"saving {args.name}")
     try:
-        r = api.save(args.name, args.file, keep_running=args.keep_running, progress=bar)
+        r = transfer.save(args.name, args.file, keep_running=args.keep_running, progress=bar)
     finally:
         bar.done()
     print(f"hypyr: domain {r.name} saved to {r.file} in {r.seconds:.2f} s: {r.bytes / MIB:.1f} MiB written, "
@@ -193,18 +193,18 @@ def cmd_save(args) -> int:
 
 
 def cmd_restore(args) -> int:
-    from hypyr.toolstack import api
-    rec = api.restore(args.file, paused=args.paused)
+    from hypyr.toolstack import transfer
+    rec = transfer.restore(args.file, paused=args.paused)
     print(f"hypyr: domain {rec.name} restored (id {rec.domid})" + (", paused" if args.paused else ""))
     return 0
 
 
 def cmd_migrate(args) -> int:
-    from hypyr.toolstack import api
-    host, port = api.parse_address(args.host)
+    from hypyr.toolstack import transfer
+    host, port = transfer.parse_address(args.host)
     bar = _ProgressLine(f"migrating {args.name}")
     try:
-        r = api.migrate(args.name, host, port, downtime_ms=args.downtime_ms, max_iterations=args.max_iterations,
+        r = transfer.migrate(args.name, host, port, downtime_ms=args.downtime_ms, max_iterations=args.max_iterations,
                         progress=bar)
     finally:
         bar.done()
@@ -215,9 +215,9 @@ def cmd_migrate(args) -> int:
 
 
 def cmd_migrate_receive(args) -> int:
-    from hypyr.toolstack import api
-    host, port = api.parse_address(args.listen, default_host="127.0.0.1")
-    r = api.migrate_receive(host, port,
+    from hypyr.toolstack import transfer
+    host, port = transfer.parse_address(args.listen, default_host="127.0.0.1")
+    r = transfer.migrate_receive(host, port,
                             on_listening=lambda a: say(f"waiting for a migration on {a[0]}:{a[1]}"),
                             on_incoming=lambda src, name: say(f"receiving domain {name} from {src}"))
     if r.renamed:

@@ -116,7 +116,7 @@ class ConsoleHub:
 
 # -- `hypyr console NAME` ------------------------------------------------------------------------
 def attach(name: str) -> int:
-    from hypyr.toolstack.api import Control
+    from hypyr.toolstack.client import Control
     from hypyr.toolstack.errors import DomainStateError
     from hypyr.toolstack.registry import Registry, is_alive
     with Registry() as reg:

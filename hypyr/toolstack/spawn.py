@@ -9,16 +9,28 @@ there could inherit a lock that another thread holds.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Mapping, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+from hypyr.errors import HypyrError
+from hypyr.messages import json_object
+from hypyr.toolstack import nics, paths
+from hypyr.toolstack.errors import DomainTimeout, from_report
+from hypyr.toolstack.registry import DomainRecord, Registry, StaleDomainError, is_alive
+
+if TYPE_CHECKING:
+    from hypyr.toolstack.xlcfg import DomainConfig
 
 
 class DomainProcess(Protocol):
@@ -114,3 +126,108 @@ def _become_detached(log_fd: int, keep: Sequence[int]) -> None:
     sys.stdout = open(1, "w", buffering=1, closefd=False)   # noqa: SIM115 - fds 1 and 2, not a caller's
     sys.stderr = open(2, "w", buffering=1, errors="backslashreplace", closefd=False)  # noqa: SIM115
     logging.root.handlers.clear()
+
+
+CREATE_TIMEOUT = 120.0
+DESTROY_TIMEOUT = 10.0   # seconds `destroy` gives a domain process to stop before SIGKILL
+KILL_TIMEOUT = 5.0       # seconds `destroy` waits for a SIGKILLed domain process to be gone
+
+
+def start(reg: Registry, cfg: DomainConfig, rec: DomainRecord, extra_env: dict[str, str] | None = None,
+           extra_fds: tuple[int, ...] = (), timeout: float | None = None) -> None:
+    """Start the domain process of the reserved row ``rec`` and wait until it reports that its VM
+    runs; on any failure it is killed (the caller removes the row).  ``extra_env``: e.g. what
+    makes it restore a save file instead of booting."""
+    paths.domain_dir(rec.domid).mkdir(parents=True, exist_ok=True)
+    paths.create_private(paths.vmm_log(rec.domid))   # the domain's output: 0600, as every state file
+    taps = _open_taps(cfg, rec.domid)
+    r, w = os.pipe()
+    proc = None
+    try:
+        env = dict(HYPYR_TAP_FDS=",".join(str(fd) for fd in taps), HYPYR_DOMAIN_UUID=rec.uuid,
+                   **(extra_env or {}))
+        # The domain process logs onto vmm.log itself, rotating it (domain.VmmLogHandler); its
+        # stdout/stderr start there for what is written before that, or by a crash.
+        reg.close()    # SQLite's per-process state must not cross a fork; it reopens on next use
+        with open(paths.vmm_log(rec.domid), "ab") as logf:
+            proc = start_domain(rec.domid, w, logf.fileno(), (*taps, *extra_fds), env)
+        for fd in taps:
+            os.close(fd)
+        taps = []
+        os.close(w)
+        w = -1
+        wait_ready(r, proc, cfg.name, CREATE_TIMEOUT if timeout is None else timeout)
+    except BaseException:
+        if proc is not None:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        raise
+    finally:
+        for fd in taps:
+            os.close(fd)
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+
+
+def forget(reg: Registry, rec: DomainRecord) -> None:
+    """Remove the row of a domain that did not come up (only if it is still this domain's)."""
+    try:
+        reg.remove(rec.domid, uuid=rec.uuid)
+    except StaleDomainError:
+        pass
+
+
+def _open_taps(cfg: DomainConfig, domid: int) -> list[int]:
+    """Open and attach one tap per vif; on failure close the ones opened and re-raise."""
+    return nics.open_taps(cfg.vifs, [v.tap_name(domid) for v in cfg.vifs])
+
+
+def wait_ready(fd: int, proc: DomainProcess, name: str, timeout: float = CREATE_TIMEOUT) -> None:
+    """Wait for the domain process's report on ``fd``: one JSON line, {"ok": true} once the VM
+    runs or {"ok": false, "error": SENTENCE, "type": ERROR TYPE}; raise the reported error."""
+    deadline = time.monotonic() + timeout
+    buf = b""
+    while b"\n" not in buf:
+        if time.monotonic() >= deadline:
+            raise DomainTimeout(f"domain {name} did not start within {timeout:g} s "
+                                f"(see {paths.kept_log(name, 'vmm')})")
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            buf += chunk
+        elif proc.poll() is not None:
+            break
+    report = json_object(buf)
+    if report is None:
+        raise HypyrError(f"domain {name} failed to start (see {paths.kept_log(name, 'vmm')})")
+    if not report.get("ok"):
+        raise from_report(report.get("type"), str(report.get("error") or f"domain {name} failed to start"))
+
+
+def kill(rec: DomainRecord) -> None:
+    """SIGKILL the domain's process (if the row still names one)."""
+    if rec.pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(rec.pid, signal.SIGKILL)
+
+
+def wait_gone(rec: DomainRecord, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while is_alive(rec) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not is_alive(rec)
+
+
+def reap(rec: DomainRecord, timeout: float = DESTROY_TIMEOUT) -> None:
+    """After a domain process was told to stop (destroyed, saved, migrated away): wait ``timeout``
+    s for it to go (then SIGKILL it) and remove its row, directory and cgroup if still its."""
+    if not wait_gone(rec, timeout):
+        kill(rec)
+        if not wait_gone(rec, KILL_TIMEOUT):   # its cgroup can go only once it has
+            raise DomainTimeout(f"domain {rec.name} (pid {rec.pid}) is still running after SIGKILL")
+    with Registry() as reg:
+        forget(reg, rec)

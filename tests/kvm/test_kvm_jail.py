@@ -18,7 +18,7 @@ from test_kvm_seccomp import _wait, toolstack  # noqa: F401 - the fixture
 
 import hypyr
 from hypyr import memory
-from hypyr.toolstack import api, jail, paths
+from hypyr.toolstack import api, jail, paths, transfer
 from hypyr.toolstack.registry import Registry
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="a jail needs root")
@@ -97,9 +97,9 @@ def test_a_jailed_domain_saves_restores_and_reboots(toolstack):  # noqa: F811
     disk.chmod(0o600)                   # root's alone: the supervisor opens it for the VMM
     rec = _create(tmp_path, kernel, "moving", f'disk = ["{disk},raw,xvda,rw"]\n')
     save = tmp_path / "moving.save"
-    api.save("moving", str(save))
+    transfer.save("moving", str(save))
     assert save.stat().st_uid == 0 and save.stat().st_size > 0
-    restored = api.restore(str(save))
+    restored = transfer.restore(str(save))
     assert restored.name == "moving"
     with Registry() as reg:
         rec = reg.get("moving")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from hypyr.toolstack import api, paths, sched
+from hypyr.toolstack import api, paths, sched, transfer
 from hypyr.toolstack.registry import DomainState, Registry, is_alive
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -129,7 +129,7 @@ def test_every_thread_of_a_domain_is_filtered_and_list_shows_the_mode(toolstack)
     assert _state("sc-all") is DomainState.PAUSED
     api.unpause("sc-all")
     assert _state("sc-all") is DomainState.RUNNING
-    api.save("sc-all", str(tmp_path / "sc-all.save"), keep_running=True)
+    transfer.save("sc-all", str(tmp_path / "sc-all.save"), keep_running=True)
     old = set(_thread_filters(rec.pid))
     api.reboot("sc-all")
     assert _wait(lambda: len(set(_thread_filters(rec.pid)) - old) >= 2), "no new vCPU and I/O threads"
@@ -231,13 +231,13 @@ def _migrate_here(tmp: Path) -> None:
 
     def receive():
         try:
-            got["r"] = api.migrate_receive("127.0.0.1", 8002, on_listening=lambda a: listening.set())
+            got["r"] = transfer.migrate_receive("127.0.0.1", 8002, on_listening=lambda a: listening.set())
         finally:
             listening.set()
     t = threading.Thread(target=receive)
     t.start()
     assert listening.wait(20)
-    api.migrate("m", "127.0.0.1", 8002)
+    transfer.migrate("m", "127.0.0.1", 8002)
     t.join(30)
     assert got["r"].renamed and not is_alive(src)
     [d] = api.list_domains()

@@ -23,7 +23,7 @@ from hypyr.cli.common import parse_size
 from hypyr.cli.run import run_exit_code
 from hypyr.errors import HypyrError
 from hypyr.kvm import Kvm, KvmUnavailable
-from hypyr.toolstack import api, paths, sched
+from hypyr.toolstack import client, paths, sched
 from hypyr.toolstack.registry import Registry
 
 MiB, GiB = 1 << 20, 1 << 30
@@ -231,7 +231,7 @@ def test_top_refuses_zero_iterations(state, capfd):
 
 
 def test_control_operation_without_an_answer_is_one_sentence(state, capfd, monkeypatch):
-    monkeypatch.setattr(api, "CONTROL_TIMEOUT", 0.3)
+    monkeypatch.setattr(client, "CONTROL_TIMEOUT", 0.3)
     with Registry() as reg:
         rec = reg.reserve("web", {"memory": 64})
         silent = socket.socket(socket.AF_UNIX)      # a domain process that never answers

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 
 from hypyr.errors import HypyrError
-from hypyr.toolstack import api, control, domain, paths, sched
+from hypyr.toolstack import api, control, domain, paths, sched, spawn
 from hypyr.toolstack.errors import DomainStateError, InvalidConfig
 from hypyr.toolstack.registry import Registry
 from hypyr.toolstack.xlcfg import DomainConfig
@@ -151,7 +151,7 @@ def real_cgroup_top(monkeypatch):
 
 
 def test_destroy_by_sigkill_removes_the_cgroup(state, real_cgroup_top, monkeypatch):
-    monkeypatch.setattr(api, "DESTROY_TIMEOUT", 0.2)   # it has no control socket: straight to SIGKILL
+    monkeypatch.setattr(spawn, "DESTROY_TIMEOUT", 0.2)   # it has no control socket: straight to SIGKILL
     reg = Registry()
     rec = reg.reserve("web", _cfg("web"))
     child = subprocess.Popen(["sleep", "60"], start_new_session=True)

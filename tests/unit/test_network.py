@@ -309,7 +309,7 @@ def test_create_refuses_a_mac_of_a_live_domain(netns, tmp_path):
         assert msg == "vif 0: mac 00:16:3e:00:00:01 is already used by domain other (vif 0)"
         assert [r.name for r in reg.list()] == ["other"]
         # MACs and bridges are filled in and kept in the stored config
-        cfg = api._prepare_vifs(_cfg(tmp_path, "'', 'bridge=xenbr0'"), reg)
+        cfg = api.prepare_vifs(_cfg(tmp_path, "'', 'bridge=xenbr0'"), reg)
         assert [v.bridge for v in cfg.vifs] == ["xenbr0", "xenbr0"]
         assert all(v.mac and v.mac.startswith("00:16:3e:") for v in cfg.vifs)
         assert len({v.mac for v in cfg.vifs} | {"00:16:3e:00:00:01"}) == 3
@@ -320,12 +320,12 @@ def test_create_refuses_a_mac_of_a_live_domain(netns, tmp_path):
 
 def test_network_list_rows(netns, tmp_path):
     def body():
-        from hypyr.toolstack import api, network
+        from hypyr.toolstack import api, network, spawn
         from hypyr.toolstack.registry import Registry
         reg = Registry()
-        cfg = api._prepare_vifs(_cfg(tmp_path, "'mac=00:16:3e:00:00:02', 'vifname=web1'"), reg)
+        cfg = api.prepare_vifs(_cfg(tmp_path, "'mac=00:16:3e:00:00:02', 'vifname=web1'"), reg)
         rec = reg.reserve("web", json.dumps(cfg.to_dict()))
-        fds = api._open_taps(cfg, rec.domid)
+        fds = spawn._open_taps(cfg, rec.domid)
         try:
             rows = api.network_list("web")
             assert rows == [

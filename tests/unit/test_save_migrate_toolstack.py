@@ -23,7 +23,7 @@ from hypyr.arch.x86 import layout
 from hypyr.cli import domains
 from hypyr.cli.common import EXIT_ERROR
 from hypyr.errors import InvalidInput
-from hypyr.toolstack import api, paths, sched
+from hypyr.toolstack import paths, sched, transfer
 from hypyr.toolstack.errors import DomainExists, MigrationFailed, SaveFileError
 from hypyr.toolstack.registry import Registry, is_alive
 from hypyr.toolstack.xlcfg import DomainConfig
@@ -115,21 +115,21 @@ def test_parsing():
     ("[::1]:8003", ("::1", 8003)), ("[fe80::1]", ("fe80::1", 8002)), ("::1", ("::1", 8002)),
 ])
 def test_parse_address(text, expected):
-    assert api.parse_address(text) == expected
+    assert transfer.parse_address(text) == expected
 
 
 @pytest.mark.parametrize("text", ["", ":80", "host:0", "host:65536", "host:x", "host:", "[::1", "[::1]x",
                                   "a b:1", "a/b"])
 def test_parse_address_refuses(text):
     if text == "host:":
-        assert api.parse_address(text) == ("host", 8002)
+        assert transfer.parse_address(text) == ("host", 8002)
         return
     with pytest.raises(InvalidInput):
-        api.parse_address(text)
+        transfer.parse_address(text)
 
 
 def test_listen_address_may_omit_the_host():
-    assert api.parse_address(":9000", default_host="127.0.0.1") == ("127.0.0.1", 9000)
+    assert transfer.parse_address(":9000", default_host="127.0.0.1") == ("127.0.0.1", 9000)
 
 
 @pytest.mark.parametrize("args", [["migrate", "web", "h:0"], ["migrate", "web", "h:99999"],
@@ -144,7 +144,7 @@ def test_reading_a_save_file_header_loads_no_device_model(tmp_path):
     costs start-up time, many times over in the lab): no builder, devices, KVM or boot code."""
     f = tmp_path / "ok.save"
     f.write_bytes(_stream(_header()))
-    code = ("import sys; from hypyr.toolstack import api; h, cfg, _ = api.read_save_file(sys.argv[1]); "
+    code = ("import sys; from hypyr.toolstack import transfer; h, cfg, _ = transfer.read_save_file(sys.argv[1]); "
             "print(cfg.name, sorted(m for m in sys.modules if m.startswith(('hypyr.vmm.builder', 'hypyr.devices.',"
             " 'hypyr.kvm', 'hypyr.memory', 'hypyr.arch.x86.acpi', 'hypyr.arch.x86.boot', 'hypyr.vmm.snapshot',"
             " 'hypyr.vmm.machine')) "
@@ -179,7 +179,7 @@ def test_restore_of_a_bad_file_is_one_sentence_and_creates_nothing(state, tmp_pa
     assert str(f) in line
     assert _rows() == [] and _leftovers(state) == []
     with pytest.raises(SaveFileError):
-        api.restore(f)
+        transfer.restore(f)
 
 
 def test_restore_that_fails_in_the_domain_process_leaves_nothing(state, tmp_path, capsys):
@@ -352,13 +352,13 @@ def test_migrate_refused_is_one_sentence_and_the_source_runs_on(state, capsys):
                                    "max_iterations": 30}]
         assert dom.alive() and [r.name for r in _rows()] == ["web"]
         with pytest.raises(MigrationFailed):
-            api.migrate("web", "127.0.0.1", 1)
+            transfer.migrate("web", "127.0.0.1", 1)
 
 
 def test_migrate_success_prints_the_summary_and_destroys_the_source(state, capsys):
     with FakeDomain("web") as dom:
         seen = []
-        r = api.migrate("web", "otherhost", 9000, downtime_ms=50, max_iterations=4, progress=seen.append)
+        r = transfer.migrate("web", "otherhost", 9000, downtime_ms=50, max_iterations=4, progress=seen.append)
         assert (r.to, r.iterations, r.downtime_ms) == ("otherhost:9000", 3, 42.5)
         assert [p["iteration"] for p in seen] == [1, 2, 3]
         assert dom.requests()[-1] == {"op": "migrate", "host": "otherhost", "port": 9000, "downtime_ms": 50,
@@ -384,7 +384,7 @@ def _receive_in_thread(port: int):
 
     def run():
         try:
-            result["ok"] = api.migrate_receive("127.0.0.1", port, on_listening=lambda a: listening.set())
+            result["ok"] = transfer.migrate_receive("127.0.0.1", port, on_listening=lambda a: listening.set())
         except Exception as e:  # noqa: BLE001 - the test looks at it
             result["error"] = e
     listening = threading.Event()

@@ -1,75 +1,75 @@
-"""hypyr.toolstack.spawn: a domain process forked from a single-threaded caller."""
+"""hypyr.toolstack.spawn: a domain process forked from a single-threaded caller.
+
+Each case runs in a fresh interpreter (one thread, as the CLI), with ``domain.main`` replaced by
+a probe that reports what the child was given."""
 
 from __future__ import annotations
 
 import json
 import os
-import threading
+import subprocess
+import sys
 
-import pytest
-
+CHILD = r'''
+import json, os, sys
 from hypyr.toolstack import domain, spawn
 
+tmp, mode = sys.argv[1], sys.argv[2]
+secret = open(os.path.join(tmp, "parent-only"), "w")   # a descriptor the child must not keep
+ready_r, ready_w = os.pipe()
+kept_r, kept_w = os.pipe()
 
-def _descriptors() -> dict[int, str]:
-    out = {}
+def probe(argv):
+    if mode == "raise":
+        raise RuntimeError("the domain failed")
+    fds = {}
     for name in os.listdir("/proc/self/fd"):
         try:
-            out[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+            fds[name] = os.readlink(f"/proc/self/fd/{name}")
         except OSError:
             pass
-    return out
+    report = {"argv": argv, "leader": os.getsid(0) == os.getpid(), "fds": fds,
+              "env": os.environ.get("HYPYR_TEST_SPAWN"), "ready_w": ready_w, "kept_w": kept_w}
+    os.write(int(argv[1]), json.dumps(report).encode() + b"\n")
+    print("on the log")
+    return 3
+
+domain.main = probe
+with open(os.path.join(tmp, "vmm.log"), "ab") as logf:
+    proc = spawn.start_domain(7, ready_w, logf.fileno(), (kept_w,), {"HYPYR_TEST_SPAWN": "yes"})
+os.close(ready_w)
+os.close(kept_w)
+code = proc.wait()
+with os.fdopen(ready_r) as f:
+    line = f.readline()
+print(json.dumps({"kind": type(proc).__name__, "code": code, "report": json.loads(line) if line else None,
+                  "parent_env": os.environ.get("HYPYR_TEST_SPAWN")}))
+'''
 
 
-def test_a_forked_domain_process_is_detached_and_holds_only_what_it_was_given(tmp_path, monkeypatch):
-    if threading.active_count() > 1:
-        pytest.skip("another thread runs in this test process: start_domain would not fork")
-    secret = open(tmp_path / "parent-only", "w")   # noqa: SIM115 - a descriptor the child must not keep
-    ready_r, ready_w = os.pipe()
-    kept_r, kept_w = os.pipe()
-    log = tmp_path / "vmm.log"
-
-    def fake_main(argv: list[str]) -> int:
-        report = {"argv": argv, "leader": os.getsid(0) == os.getpid(), "fds": _descriptors(),
-                  "env": os.environ.get("HYPYR_TEST_SPAWN")}
-        os.write(int(argv[1]), json.dumps(report).encode() + b"\n")
-        print("on the log")
-        return 3
-
-    monkeypatch.setattr(domain, "main", fake_main)
-    with open(log, "ab") as logf:
-        proc = spawn.start_domain(7, ready_w, logf.fileno(), (kept_w,), {"HYPYR_TEST_SPAWN": "yes"})
-    os.close(ready_w)
-    os.close(kept_w)
-    try:
-        assert isinstance(proc, spawn.ForkedProcess)
-        assert proc.wait() == 3
-        with os.fdopen(ready_r) as f:
-            report = json.loads(f.readline())
-        assert report["argv"] == ["7", str(ready_w)] and report["leader"] and report["env"] == "yes"
-        fds = {int(k): v for k, v in report["fds"].items()}
-        assert fds[0] == os.devnull and fds[1] == fds[2] == str(log)
-        assert fds[ready_w].startswith("pipe:") and fds[kept_w].startswith("pipe:")
-        assert not any(v == str(tmp_path / "parent-only") for v in fds.values())
-        assert log.read_text() == "on the log\n"
-        assert "HYPYR_TEST_SPAWN" not in os.environ     # the parent's environment is untouched
-    finally:
-        secret.close()
-        os.close(kept_r)
+def _run(tmp_path, mode: str) -> dict:
+    p = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path), mode], capture_output=True, text=True,
+                       timeout=60, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def test_a_child_that_raises_exits_1_with_its_traceback_on_the_log(tmp_path, monkeypatch):
-    if threading.active_count() > 1:
-        pytest.skip("another thread runs in this test process: start_domain would not fork")
-    r, w = os.pipe()
+def test_a_forked_domain_process_is_detached_and_holds_only_what_it_was_given(tmp_path):
+    out = _run(tmp_path, "report")
+    assert out["kind"] == "ForkedProcess" and out["code"] == 3
+    report = out["report"]
+    assert report["argv"] == ["7", str(report["ready_w"])] and report["leader"] and report["env"] == "yes"
+    fds = {int(k): v for k, v in report["fds"].items()}
+    log = str(tmp_path / "vmm.log")
+    assert fds[0] == os.devnull and fds[1] == fds[2] == log
+    assert fds[report["ready_w"]].startswith("pipe:") and fds[report["kept_w"]].startswith("pipe:")
+    assert str(tmp_path / "parent-only") not in fds.values()
+    assert len(fds) == 5, fds      # 0-2 and the two given
+    assert (tmp_path / "vmm.log").read_text() == "on the log\n"
+    assert out["parent_env"] is None     # the parent's environment is untouched
 
-    def boom(argv: list[str]) -> int:
-        raise RuntimeError("the domain failed")
 
-    monkeypatch.setattr(domain, "main", boom)
-    with open(tmp_path / "vmm.log", "ab") as logf:
-        proc = spawn.start_domain(1, w, logf.fileno(), (), {})
-    os.close(w)
-    os.close(r)
-    assert proc.wait() == 1
+def test_a_child_that_raises_exits_1_with_its_traceback_on_the_log(tmp_path):
+    out = _run(tmp_path, "raise")
+    assert out["kind"] == "ForkedProcess" and out["code"] == 1 and out["report"] is None
     assert "RuntimeError: the domain failed" in (tmp_path / "vmm.log").read_text()

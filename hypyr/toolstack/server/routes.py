@@ -14,7 +14,7 @@ import urllib.parse
 
 import hypyr
 from hypyr import procfs
-from hypyr.toolstack import api, sched, xlcfg
+from hypyr.toolstack import api, sched, transfer, xlcfg
 from hypyr.toolstack.server import openapi
 from hypyr.toolstack.server.app import Operation, Reply, Request
 
@@ -75,20 +75,20 @@ def _action(op: str):
 
 def ep_save(req: Request) -> Reply:
     d = _find(req)
-    r = api.save(d.name, req.body["file"], keep_running=req.body.get("keep_running", False))
+    r = transfer.save(d.name, req.body["file"], keep_running=req.body.get("keep_running", False))
     return Reply(200, r)
 
 
 def ep_restore(req: Request) -> Reply:
-    rec = api.restore(req.body["file"], paused=req.body.get("paused", False))
+    rec = transfer.restore(req.body["file"], paused=req.body.get("paused", False))
     return Reply(201, api.describe(rec), {"Location": f"/domains/{urllib.parse.quote(rec.name, safe='')}"})
 
 
 def ep_migrate(req: Request) -> Reply:
     d = _find(req)
     b = req.body
-    r = api.migrate(d.name, b["host"], b.get("port", api.MIGRATION_PORT), downtime_ms=b.get("downtime_ms", 300),
-                    max_iterations=b.get("max_iterations", 30))
+    r = transfer.migrate(d.name, b["host"], b.get("port", transfer.MIGRATION_PORT),
+                         downtime_ms=b.get("downtime_ms", 300), max_iterations=b.get("max_iterations", 30))
     return Reply(200, r)
 
 
