@@ -12,6 +12,8 @@ Run on the host: it re-executes itself in the lab (see bench/README.md). Per rou
 Figures: total migration time, downtime (hypyr: last source vCPU paused to first destination vCPU
 running; QEMU: its own `downtime`, measured on the source), data sent, iterations, save time and
 restore time (to running). Goal of issue #11: hypyr's downtime and restore time <= QEMU's.
+With HYPYR_LOG=DEBUG it also prints the domains' "migration:" log lines (the stop-and-copy's
+phases, on both sides).
 """
 
 from __future__ import annotations
@@ -121,6 +123,11 @@ class Hypyr:
                 raise RuntimeError(f"unexpected migrate output: {p.stdout.strip()}")
             out.update(migrate_s=float(m[1]), iterations=int(m[2]), sent_mib=float(m[5]), downtime_ms=float(m[6]))
             out["dirty_mibs"] = dirty_rate(self.console(name))
+            if self.env.get("HYPYR_LOG", "").upper() == "DEBUG":   # the migration's phase lines
+                for log in sorted(self.state.rglob("*vmm.log")):
+                    for line in log.read_text(errors="replace").splitlines():
+                        if "migration: " in line:
+                            print(f"  {log.name}: {line}", flush=True)
             save = self.workdir / f"{name}.save"
             p = self.cli("save", name, str(save))
             m = re.search(r"in ([\d.]+) s", p.stdout)

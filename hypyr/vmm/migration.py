@@ -373,19 +373,24 @@ def _send(src: _Source, vm: LinuxVm, downtime_s: float, max_iterations: int, ext
     # stop and copy
     src.stop_and_copy()
     paused_ns, paused_wall = machine.paused_at_ns or time.monotonic_ns(), time.time_ns()
+    marks = [("harvested", time.monotonic_ns())]
     dirty = _merge(dirty, src.dirty.harvest())
     final_pages = sender.send_dirty(dirty)
     src.dirty_pages = 0
+    marks.append(("pages", time.monotonic_ns()))
     src.tick("stop-and-copy", force=True)
     state = capture_state(vm, src.was_paused)
     w.record(Rec.STATE, encode_json(state))
+    marks.append(("state", time.monotonic_ns()))
     # switch-over: the disks' locks to the destination (which opens them once END is in), END,
     # READY, GO, RUNNING
     release_disks(vm)
     src.disks_released = True
     w.end()
     w.flush()
+    marks.append(("sent", time.monotonic_ns()))
     src.expect_reply(Rec.READY)
+    marks.append(("ready", time.monotonic_ns()))
     link.send(Rec.GO)
     src.committed = True
     try:
@@ -394,7 +399,10 @@ def _send(src: _Source, vm: LinuxVm, downtime_s: float, max_iterations: int, ext
         src.dirty.stop()
         raise MigrationError(f"the destination was told to run the domain but did not confirm it ({e}); it is "
                              f"left paused here: resume it only if it does not run there") from None
+    marks.append(("running", time.monotonic_ns()))
     src.dirty.stop()   # once the domain runs there: each memslot change costs KVM a grace period
+    log.debug("migration: stop-and-copy of %d pages; ms after the pause: %s", final_pages,
+              ", ".join(f"{name} {(t - paused_ns) / 1e6:.1f}" for name, t in marks))
     downtime, clock = _downtime(running, paused_ns, paused_wall, src.was_paused)
     if src.progress is not None:
         src.progress(Progress("done", src.iteration, w.bytes, src.total, src.total))
@@ -446,15 +454,19 @@ def migrate_receive(sock: socket.socket, console_out: Callable[[bytes], None], *
                      progress=progress, advance_clock=True, lock_disks_at_end=True, on_built=_start_parked)
         if before_run is not None:
             before_run(vm)
+        ready_ns = time.monotonic_ns()
         link.send(Rec.READY, encode_json({"ok": True}))
         try:
             link.reader.next(expect=(Rec.GO,))
         except SnapshotError:
             raise MigrationError("the source gave up before the switch-over") from None
+        go_ns = time.monotonic_ns()
         if not vm.saved_paused:
             vm.machine.resume()
         started = True
         mono = None if vm.saved_paused else vm.machine.wait_running(5.0)
+        log.debug("migration: received; CLOCK_MONOTONIC ns: loaded %d, GO %d, first vCPU running %s",
+                  ready_ns, go_ns, mono)
         wall = None if mono is None else time.time_ns() - (time.monotonic_ns() - mono)
         try:
             link.send(Rec.RUNNING, encode_json({"monotonic_ns": mono, "time_ns": wall, "boot_id": procfs.boot_id()}))
