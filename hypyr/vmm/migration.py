@@ -13,6 +13,7 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import BinaryIO, cast
 
 from hypyr import procfs
 from hypyr.devices.virtio.net import VirtioNet
@@ -143,8 +144,8 @@ class _Link:
 
     def __init__(self, sock: socket.socket, what: str):
         self.sock = sock
-        self.wf = sock.makefile("wb", buffering=LINK_BUFFER)
-        self.rf = sock.makefile("rb", buffering=LINK_BUFFER)
+        self.wf = cast(BinaryIO, sock.makefile("wb", buffering=LINK_BUFFER))
+        self.rf = cast(BinaryIO, sock.makefile("rb", buffering=LINK_BUFFER))
         self.writer = StreamWriter(self.wf)
         self.reader = StreamReader(self.rf, what)
 
