@@ -204,8 +204,8 @@ def cmd_migrate(args) -> int:
     host, port = transfer.parse_address(args.host)
     bar = _ProgressLine(f"migrating {args.name}")
     try:
-        r = transfer.migrate(args.name, host, port, downtime_ms=args.downtime_ms, max_iterations=args.max_iterations,
-                        progress=bar)
+        r = transfer.migrate(args.name, host, port, downtime_ms=args.downtime_ms,
+                             max_iterations=args.max_iterations, progress=bar)
     finally:
         bar.done()
     down = "n/a (it was paused)" if r.downtime_ms is None else f"{r.downtime_ms:.1f} ms"
@@ -218,8 +218,8 @@ def cmd_migrate_receive(args) -> int:
     from hypyr.toolstack import transfer
     host, port = transfer.parse_address(args.listen, default_host="127.0.0.1")
     r = transfer.migrate_receive(host, port,
-                            on_listening=lambda a: say(f"waiting for a migration on {a[0]}:{a[1]}"),
-                            on_incoming=lambda src, name: say(f"receiving domain {name} from {src}"))
+                                 on_listening=lambda a: say(f"waiting for a migration on {a[0]}:{a[1]}"),
+                                 on_incoming=lambda src, name: say(f"receiving domain {name} from {src}"))
     if r.renamed:
         print(f"hypyr: domain {r.name} migrated here from {r.source} (id {r.domid}) in {r.seconds:.2f} s")
     else:

@@ -1,11 +1,12 @@
-"""The toolstack's Python API: what `hypyr create/list/pause/...` and `hypyr serve` call.
+"""The toolstack's Python API: what `hypyr create/list/pause/...` and `hypyr serve` call (save,
+restore and migration: hypyr.toolstack.transfer).
 
 The toolstack never issues an ioctl: it talks to domain processes over their control sockets,
 reads the registry, and uses ordinary OS interfaces (/proc, sched_setaffinity, cgroups).
 
 ``create`` opens each vif's tap and hands it to the domain process (docs/networking.md), with
 the domain's UUID, by which that process updates only its own registry row (docs/toolstack.md).
-A control operation that gets no answer within ``CONTROL_TIMEOUT`` seconds is a DomainTimeout.
+A control operation that gets no answer within ``client.CONTROL_TIMEOUT`` seconds is a DomainTimeout.
 
 Errors are typed (``hypyr.toolstack.errors``): DomainNotFound, DomainExists, DomainStateError (not
 running, paused), InvalidConfig, DomainUnreachable, DomainTimeout, ...  A domain is named by its

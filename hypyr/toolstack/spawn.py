@@ -1,6 +1,7 @@
-"""Starting a domain process, detached in its own session, with its output on its vmm.log.
+"""A domain's process: started detached (its own session, its output on its vmm.log), waited for
+until it reports that its VM runs, reaped once it was told to stop.
 
-A single-threaded caller (the `hypyr` CLI) forks: the child already has the modules the two
+How it starts: a single-threaded caller (the `hypyr` CLI) forks: the child already has the modules the two
 share and runs ``hypyr.toolstack.domain.main`` at once, which saves an interpreter start and
 those imports (most of a `restore`'s time in the lab: bench/README.md, "migrate.py").  A caller
 with other threads (`hypyr serve`) starts ``python -m hypyr.toolstack.domain`` instead: a fork
@@ -31,6 +32,10 @@ from hypyr.toolstack.registry import DomainRecord, Registry, StaleDomainError, i
 
 if TYPE_CHECKING:
     from hypyr.toolstack.xlcfg import DomainConfig
+
+CREATE_TIMEOUT = 120.0
+DESTROY_TIMEOUT = 10.0   # seconds `destroy` gives a domain process to stop before SIGKILL
+KILL_TIMEOUT = 5.0       # seconds `destroy` waits for a SIGKILLed domain process to be gone
 
 
 class DomainProcess(Protocol):
@@ -128,13 +133,8 @@ def _become_detached(log_fd: int, keep: Sequence[int]) -> None:
     logging.root.handlers.clear()
 
 
-CREATE_TIMEOUT = 120.0
-DESTROY_TIMEOUT = 10.0   # seconds `destroy` gives a domain process to stop before SIGKILL
-KILL_TIMEOUT = 5.0       # seconds `destroy` waits for a SIGKILLed domain process to be gone
-
-
 def start(reg: Registry, cfg: DomainConfig, rec: DomainRecord, extra_env: dict[str, str] | None = None,
-           extra_fds: tuple[int, ...] = (), timeout: float | None = None) -> None:
+          extra_fds: tuple[int, ...] = (), timeout: float | None = None) -> None:
     """Start the domain process of the reserved row ``rec`` and wait until it reports that its VM
     runs; on any failure it is killed (the caller removes the row).  ``extra_env``: e.g. what
     makes it restore a save file instead of booting."""
