@@ -32,14 +32,7 @@ from hypyr.toolstack.errors import (
     InvalidConfig,
     VcpuNotFound,
 )
-from hypyr.toolstack.registry import (
-    DOMAIN0_NAME,
-    DOMAIN0_UUID,
-    DomainRecord,
-    DomainState,
-    Registry,
-    is_alive,
-)
+from hypyr.toolstack.registry import DOMAIN0_NAME, DOMAIN0_UUID, DomainRecord, DomainState, Registry, is_alive
 from hypyr.toolstack.xlcfg import DomainConfig, load
 
 

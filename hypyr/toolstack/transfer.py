@@ -21,10 +21,7 @@ from hypyr.toolstack.errors import (
     SaveFileError,
     save_file_sentence,
 )
-from hypyr.toolstack.registry import (
-    DomainRecord,
-    Registry,
-)
+from hypyr.toolstack.registry import DomainRecord, Registry
 from hypyr.toolstack.xlcfg import DomainConfig
 
 # -- save and restore ---------------------------------------------------------------------------------
