@@ -23,9 +23,8 @@ from hypyr.kvm import B, Kvm, KvmError
 from .builder import LinuxVm
 from .config import VmConfig
 from .header import SnapshotHeader
+from .pages import PageSender
 from .snapshot import (
-    PAGE,
-    PageSender,
     Progress,
     ProgressFn,
     _header_payload,
@@ -39,7 +38,7 @@ from .snapshot import (
     release_disks,
     resume_devices,
 )
-from .stream import Rec, StreamReader, StreamWriter, decode_json, encode_json
+from .stream import PAGE, Rec, StreamReader, StreamWriter, decode_json, encode_json
 
 log = logging.getLogger("hypyr.migration")
 

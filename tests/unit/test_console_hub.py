@@ -179,8 +179,9 @@ def test_detach_stops_output_to_a_client(tmp_path, pairs):
 def test_detach_ends_a_send_blocked_on_a_client_that_stopped_reading(tmp_path, pairs):
     hub = ConsoleHub(tmp_path / "console.log", client_limit=8 * MiB)
     conn, _ = pairs()
+    before = set(threading.enumerate())   # (an earlier test's drain thread may still be ending)
     hub.attach(conn)
-    [drain] = [t for t in threading.enumerate() if t.name == f"console client {conn.fileno()}"]
+    [drain] = [t for t in set(threading.enumerate()) - before if t.name == f"console client {conn.fileno()}"]
     hub.write(b"x" * (8 * MiB))
     wait_for(lambda: hub.stats()["pending"] == 0)  # all of it in one send, which cannot finish
     hub.detach(conn)

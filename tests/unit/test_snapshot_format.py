@@ -21,6 +21,7 @@ from hypyr.memory import GuestMemory
 from hypyr.vmm import snapshot, stream
 from hypyr.vmm.config import DiskConfig, NetConfig, VmConfig, config_from_dict, config_to_dict
 from hypyr.vmm.header import parse_header
+from hypyr.vmm.pages import PageSender, page_runs, zero_pages
 from hypyr.vmm.stream import PAGE, Rec, StreamReader, StreamWriter
 
 MiB = 1 << 20
@@ -241,7 +242,7 @@ def test_pages_round_trip_with_zero_runs():
         out = io.BytesIO()
         w = StreamWriter(out)
         w.preamble()
-        sender = snapshot.PageSender(w, src)
+        sender = PageSender(w, src)
         sender.send_all()
         assert (sender.data_pages, sender.zero_pages) == (6, 768 - 6)
         assert out.tell() < 7 * (PAGE + 32) + 200  # the zero pages cost no data
@@ -279,16 +280,16 @@ def test_pages_outside_ram_are_refused(record):
 
 
 def test_page_runs():
-    assert list(snapshot.page_runs([1, 2, 3, 7, 8, 10])) == [(1, 3), (7, 2), (10, 1)]
-    assert list(snapshot.page_runs(list(range(600)), 256)) == [(0, 256), (256, 256), (512, 88)]
-    assert list(snapshot.page_runs([])) == []
+    assert list(page_runs([1, 2, 3, 7, 8, 10])) == [(1, 3), (7, 2), (10, 1)]
+    assert list(page_runs(list(range(600)), 256)) == [(0, 256), (256, 256), (512, 88)]
+    assert list(page_runs([])) == []
 
 
 @settings(max_examples=300)
 @given(st.sets(st.integers(0, 2000)), st.integers(1, 300))
 def test_page_runs_are_the_maximal_consecutive_runs(pages, limit):
     pages = sorted(pages)
-    runs = list(snapshot.page_runs(pages, limit))
+    runs = list(page_runs(pages, limit))
     assert [p for first, count in runs for p in range(first, first + count)] == pages
     assert all(1 <= count <= limit for _, count in runs)
     for (a, n), (b, _) in itertools.pairwise(runs):   # a run ends at a gap or at the limit
@@ -301,7 +302,7 @@ def test_zero_pages_flags_exactly_the_pages_of_zeros(kinds):
     pages = {"zero": bytes(PAGE), "data": b"\x01" * PAGE, "zero-but-last": bytes(PAGE - 1) + b"\x07",
              "zero-first": b"\x00" + b"\x05" * (PAGE - 1)}
     data = b"".join(pages[k] for k in kinds)
-    assert list(snapshot.zero_pages(data)) == [int(k == "zero") for k in kinds]
+    assert list(zero_pages(data)) == [int(k == "zero") for k in kinds]
 
 
 # -- GuestMemory's dirty tracking -----------------------------------------------------------------------------
