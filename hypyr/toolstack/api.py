@@ -83,8 +83,6 @@ def create(cfg_or_path: DomainConfig | str | os.PathLike) -> DomainRecord:
         return reg.get(str(rec.domid))
 
 
-
-
 def prepare_vifs(cfg: DomainConfig, reg: Registry) -> DomainConfig:
     """Give every vif a MAC (unique among live domains) and a bridge that exists."""
     if not cfg.vifs:
@@ -96,8 +94,6 @@ def prepare_vifs(cfg: DomainConfig, reg: Registry) -> DomainConfig:
                 if v.get("mac"):
                     used[v["mac"]] = f"domain {r.name} (vif {v.get('devid')})"
     return dataclasses.replace(cfg, vifs=nics.assign(cfg.vifs, used))
-
-
 
 
 # -- lifecycle ------------------------------------------------------------------------------------
@@ -128,8 +124,6 @@ def shutdown(name: str, wait: bool = False, timeout: float = 300.0) -> None:
                 return
             time.sleep(0.2)
         raise DomainTimeout(f"domain {rec.name} did not shut down within {timeout:.0f} s")
-
-
 
 
 def destroy(name: str) -> None:

@@ -2,8 +2,9 @@
 
 ``main([DOMID, READY_FD])``, started in a new session by ``hypyr create`` (or ``restore``,
 ``migrate-receive``) through hypyr.toolstack.spawn, builds the VM, serves its control socket (one
-JSON object per line each way) and applies ``on_poweroff``/``on_reboot``/``on_crash``.  Its registry updates name
-its row by (DOMID, UUID): on ``StaleDomainError`` it updates nothing more, stops its VM and exits.
+JSON object per line each way) and applies ``on_poweroff``/``on_reboot``/``on_crash``.  Its
+registry updates name its row by (DOMID, UUID): on ``StaleDomainError`` it updates nothing more,
+stops its VM and exits.
 Design notes and the control protocol: docs/toolstack.md, "The domain process".
 """
 

@@ -58,8 +58,6 @@ def save(name: str, file: str | os.PathLike, keep_running: bool = False, progres
                       int(r.get("bytes", 0)), int(r.get("pages_data", 0)), int(r.get("pages_zero", 0)))
 
 
-
-
 def read_save_file(file: str | os.PathLike):
     """The header of save file ``file`` and the domain configuration `hypyr save` kept in it:
     (SnapshotHeader, DomainConfig, uuid or None).  SaveFileError, one sentence, if it is not a

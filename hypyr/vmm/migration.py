@@ -379,7 +379,7 @@ def _send(src: _Source, vm: LinuxVm, downtime_s: float, max_iterations: int, ext
     # stop and copy
     src.stop_and_copy()
     paused_ns, paused_wall = machine.paused_at_ns or time.monotonic_ns(), time.time_ns()
-    marks = [("harvested", time.monotonic_ns())]
+    marks = [("quiesced", time.monotonic_ns())]   # each phase: when it ended
     dirty = _merge(dirty, src.dirty.harvest())
     final_pages = sender.send_dirty(dirty)
     src.dirty_pages = 0
