@@ -82,9 +82,9 @@ def where_stuck(xl) -> tuple[str, list[str]]:  # noqa: F811
     Shown: the end of its console; every thread of its VMM's session over SAMPLE_S seconds
     (testguard.session_threads: CPU and guest time, wait channel, kernel stack) and its vCPUs'
     exits then; its vCPUs' registers; then its guest's own backtrace: `hypyr trigger nmi` into a
-    guest booted with SHOW_WHERE_ON_NMI (it then reboots).  Stuck: a vCPU thread ran guest code
-    GUEST_BOUND of the sample without one exit, and the guest printed nothing in NMI_ANSWER_S
-    after the NMI.  (A 400 s wait and this fit the lab's 600 s limit.)"""
+    guest booted with SHOW_WHERE_ON_NMI (it then reboots).  Stuck: a vCPU thread stayed inside
+    KVM_RUN (testguard.session_threads) the whole sample without one exit, and the guest printed
+    nothing in NMI_ANSWER_S after the NMI.  (A 400 s wait and this fit the lab's 600 s limit.)"""
     names = [d["name"] for d in json.loads(xl("list", "--json").stdout)]  # all: the fault may be the peer's
     mem, tmp = procfs.meminfo(), os.statvfs("/tmp")
     out = [f"--- this host: {mem.get('MemAvailable', 0) >> 10} of {mem.get('MemTotal', 0) >> 10} MiB available, "

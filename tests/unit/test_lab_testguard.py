@@ -57,6 +57,27 @@ def test_run_bounded_says_when_the_output_stopped_mid_line():
     assert type(e.value) is subprocess.TimeoutExpired and e.value.stdout == "line\n"
 
 
+def test_session_threads_counts_a_thread_that_stayed_inside_kvm_run(monkeypatch):
+    """Stuck inside KVM_RUN: on the CPU 90 % of the sample and in guest mode half of it or more
+    (the rest is L1's KVM handling nested page faults, as in the official CI run of 4e69ecf). A VMM
+    thread spinning in its own code (no guest time) or a guest that idles is not."""
+    hz = testguard.procfs.CLK_TCK
+    seen = {1: (0, 0), 2: (0, 0), 3: (0, 0), 4: (0, 0)}   # tid: (utime, guest) ticks so far
+    after = {1: (5.0, 3.9), 2: (5.0, 0.0), 3: (1.0, 1.0), 4: (5.0, 5.0)}   # seconds over the sample
+    sampled = set()
+
+    def stat(pid, tid=None):
+        utime, guest = (round(x * hz) for x in after[tid]) if tid in sampled else seen[tid]
+        return testguard.procfs.ProcStat("R", utime, 0, "0", 0, guest)
+
+    monkeypatch.setattr(testguard.procfs, "pids", lambda: [os.getpid()])
+    monkeypatch.setattr(testguard.procfs, "threads", lambda pid: sorted(seen))
+    monkeypatch.setattr(testguard.procfs, "stat", stat)
+    monkeypatch.setattr(testguard.time, "sleep", lambda s: sampled.update(seen))
+    _, in_kvm = testguard.session_threads(os.getsid(0), sample_s=5.0)
+    assert in_kvm == [1, 4]
+
+
 def test_kill_pending_reads_both_signal_masks():
     none = {"SigPnd": "0000000000000000", "ShdPnd": "0000000000000000"}
     assert not testguard._kill_pending(none)
