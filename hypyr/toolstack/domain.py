@@ -11,8 +11,6 @@ Design notes and the control protocol: docs/toolstack.md, "The domain process".
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import errno
 import json
 import logging
 import logging.handlers
@@ -25,8 +23,8 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from hypyr import preopened
-from hypyr.errors import HypyrError, InvalidInput
-from hypyr.toolstack import control, jail, logs, nics, paths, supervisor
+from hypyr.errors import HypyrError
+from hypyr.toolstack import control, domain_ops, jail, nics, paths, supervisor, vmmlog
 from hypyr.toolstack.console import ConsoleHub
 from hypyr.toolstack.errors import DomainStateError, MigrationFailed, SaveFileError, save_file_sentence, type_name
 from hypyr.toolstack.registry import DomainState, Registry, StaleDomainError
@@ -34,14 +32,13 @@ from hypyr.toolstack.xlcfg import DomainConfig
 from hypyr.vmm import seccomp
 from hypyr.vmm.builder import LinuxVm, build_linux_vm
 from hypyr.vmm.config import DEFAULT_CMDLINE, DiskConfig, VmConfig
-from hypyr.vmm.machine import StopKind, StopReason, vcpu_report
+from hypyr.vmm.machine import StopKind, StopReason
 
 if TYPE_CHECKING:
     from hypyr.image.diskboot import DiskBoot  # pygrub's (imported when a domain uses it)
 
 log = logging.getLogger("hypyr.domain")
 
-TRIGGERS = ("nmi",)   # what `hypyr trigger` can send (Xen's `xl trigger` also has reset, init, power, ...)
 CRASH_KINDS = (StopKind.TRIPLE_FAULT, StopKind.CRASH, StopKind.INTERNAL_ERROR, StopKind.FAIL_ENTRY)
 
 
@@ -70,7 +67,7 @@ class Domain:
         self.domid = domid
         self.incoming_fd = incoming_fd         # the first boot receives a live migration on this socket
         self.watch_fd = watch_fd
-        self._migration_sock: socket.socket | None = None   # source: open until this process exits
+        self.migration_sock: socket.socket | None = None   # source: open until this process exits
         self.restore_file = restore            # the first boot restores this save file
         self.restore_paused = restore_paused
         self.uuid = uuid
@@ -92,15 +89,15 @@ class Domain:
         self.vm: LinuxVm | None = None
         self.state = DomainState.CREATING
         self._lock = threading.Lock()
-        self._busy = threading.Lock()   # one save (or migration) at a time
-        self._pause_lock = threading.Lock()   # pause, unpause, and the pause around a register read
+        self.busy = threading.Lock()   # one save (or migration) at a time
+        self.pause_lock = threading.Lock()   # pause, unpause, and the pause around a register read
         self._exit = threading.Event()
-        self._destroy_requested = False
-        self._reboot_requested = False
-        self._orphaned = False      # our row is another domain's now: update nothing more
+        self.destroy_requested = False
+        self.reboot_requested = False
+        self.orphaned = False      # our row is another domain's now: update nothing more
         self._sock_id: tuple[int, int] | None = None   # (st_dev, st_ino) of the control socket we bound
-        self._test_hooks = os.environ.get("HYPYR_TEST_HOOKS") == "1"
-        self._main_call: Callable[[], object] | None = None   # the test hook's call for the main thread
+        self.test_hooks = os.environ.get("HYPYR_TEST_HOOKS") == "1"
+        self.main_call: Callable[[], object] | None = None   # the test hook's call for the main thread
         self._boot: DiskBoot | None = None   # bootloader = "pygrub": the extracted kernel and initrd
         self._boot_error: str | None = None  # why they could not be extracted (restore, migration)
 
@@ -112,7 +109,7 @@ class Domain:
             fd, self.incoming_fd = self.incoming_fd, None
             self.vm = self._receive(fd)
             self._pin_vcpus()
-            self._set_state(DomainState.PAUSED if self.vm.machine.paused else DomainState.RUNNING)
+            self.set_state(DomainState.PAUSED if self.vm.machine.paused else DomainState.RUNNING)
             return
         if self.restore_file is not None:
             path, self.restore_file = self.restore_file, None   # a later reboot boots afresh
@@ -127,7 +124,7 @@ class Domain:
             paused = False
         self.vm.machine.start()
         self._pin_vcpus()
-        self._set_state(DomainState.PAUSED if paused else DomainState.RUNNING)
+        self.set_state(DomainState.PAUSED if paused else DomainState.RUNNING)
 
     def _disk_boot(self) -> DiskBoot | None:
         """bootloader = "pygrub": the first disk's default (or --entry) kernel, initrd and command
@@ -212,55 +209,10 @@ class Domain:
             sock.close()
         return vm
 
-    def _migrate(self, progress, req: dict) -> dict:
-        """The ``migrate`` operation (source side); the caller stops the VM after answering."""
-        from hypyr.errors import MigrationError
-        from hypyr.vmm import migration
-        host, port = req.get("host"), req.get("port")
-        downtime, iterations = req.get("downtime_ms", 300), req.get("max_iterations", 30)
-        if not isinstance(host, str) or not host or isinstance(port, bool) or not isinstance(port, int) \
-                or not 1 <= port <= 65535 or isinstance(downtime, bool) or not isinstance(downtime, (int, float)) \
-                or downtime < 0 or isinstance(iterations, bool) or not isinstance(iterations, int) \
-                or not 1 <= iterations <= 10_000:
-            raise InvalidInput("migrate takes a host, a port 1-65535, downtime_ms >= 0 and max_iterations 1-10000")
-        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        with self._running_vm() as vm:
-            try:
-                sock = socket.create_connection((host, port), timeout=10)
-            except OSError as e:
-                raise MigrationFailed(f"cannot connect to {where} ({e.strerror or e}); "
-                                      f"domain {self.name} runs on here") from None
-            try:
-                stats = migration.migrate_send(vm, sock, downtime_ms=downtime, max_iterations=iterations,
-                                               progress=progress, extra=self._save_extra())
-            except MigrationError as e:
-                sock.close()
-                if vm.machine.paused and self.state is DomainState.RUNNING:
-                    self._set_state(DomainState.PAUSED)   # left paused (it may run there): say so in the list
-                raise MigrationFailed(f"migration of {self.name} to {where} failed: {e}") from None
-            except BaseException:
-                sock.close()
-                raise
-            self._migration_sock = sock       # closed when this process exits: "the source has gone"
-            log.info("domain %s migrated to %s in %.2f s (%d iterations, downtime %s ms); destroying it here",
-                     self.name, where, stats.seconds, stats.iterations, stats.downtime_ms)
-            return {"ok": True, "to": where, **dataclasses.asdict(stats)}
-
-    def _rename(self, req: dict) -> dict:
-        name = req.get("name")
-        if not isinstance(name, str):
-            raise InvalidInput("rename takes a name")
-        self._own(self.registry.rename, name)
-        if not self._orphaned:
-            old, self.name = self.name, name
-            self.cfg = dataclasses.replace(self.cfg, name=name)
-            log.info("domain %s is now called %s", old, name)
-        return {"ok": True, "name": self.name}
-
     @contextlib.contextmanager
-    def _running_vm(self):
+    def running_vm(self):
         """The running VM, held for one save, migration or register read at a time."""
-        if not self._busy.acquire(blocking=False):
+        if not self.busy.acquire(blocking=False):
             raise DomainStateError(f"domain {self.name} is already being saved or migrated")
         try:
             vm = self.vm
@@ -268,53 +220,19 @@ class Domain:
                 raise DomainStateError(f"domain {self.name} is not running")
             yield vm
         finally:
-            self._busy.release()
+            self.busy.release()
 
-    def _save_extra(self) -> dict:
+    def save_extra(self) -> dict:
         """What `hypyr restore` needs to rebuild this domain: kept in the save file's header."""
         return {"hypyr_domain": 1, "name": self.name, "uuid": self.uuid, "domid": self.domid,
                 "config": self.cfg.to_dict()}
-
-    def _save(self, progress, req: dict) -> dict:
-        """The ``save`` operation: write the VM to ``req["file"]``; the caller stops the domain
-        afterwards unless ``keep_running``."""
-        from hypyr.errors import SnapshotError
-        from hypyr.vmm import snapshot
-        path, keep = req.get("file"), req.get("keep_running", False)
-        if not isinstance(path, str) or not os.path.isabs(path) or "\0" in path or not isinstance(keep, bool):
-            raise InvalidInput("save takes an absolute file name and keep_running true or false")
-        with self._running_vm() as vm:
-            fd, tmp = self.save_files.create(path)
-            was_paused = vm.machine.paused
-            saved = False
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    stats = snapshot.save(vm, f, keep_running=keep, progress=progress,
-                                          extra=self._save_extra())
-                    saved = True
-                    f.flush()
-                    os.fsync(f.fileno())
-                self.save_files.commit(tmp)
-            except BaseException as e:
-                self.save_files.discard(tmp)
-                if saved and not keep:      # saved but not safely on disk: the domain runs on
-                    snapshot.resume_running(vm, was_paused)
-                if isinstance(e, OSError):
-                    raise SaveFileError(f"cannot write the save file {path}: {e.strerror or e}") from None
-                if isinstance(e, SnapshotError):
-                    raise SaveFileError(str(e)) from None
-                raise
-            log.info("domain %s saved to %s (%d bytes in %.2f s)%s", self.name, path, stats.bytes, stats.seconds,
-                     "" if keep else "; destroying it")
-            return {"ok": True, "file": path, "seconds": stats.seconds, "bytes": stats.bytes,
-                    "pages_data": stats.pages_data, "pages_zero": stats.pages_zero, "keep_running": keep}
 
     def _pin_vcpus(self) -> None:
         """xl.cfg `cpus`: host CPU affinity of each vCPU thread."""
         affinity = self.cfg.cpu_affinity(os.cpu_count() or 1)
         if affinity is None:
             return
-        for vt in self._live.machine.vcpus:
+        for vt in self.live.machine.vcpus:
             cpus = affinity[vt.vcpu.id] if vt.vcpu.id < len(affinity) else None
             if cpus and vt.thread is not None and vt.thread.native_id:
                 try:
@@ -336,23 +254,23 @@ class Domain:
                 raise
             log.info("domain %s: no scheduler group (%s)", self.name, e)
 
-    def _own(self, update, *args, **kw):
+    def own(self, update, *args, **kw):
         """A registry update of our row (domid, uuid).  Once the row is another domain's, log it,
         update nothing more and stop the VM."""
-        if self._orphaned:
+        if self.orphaned:
             return None
         try:
             return update(self.domid, *args, uuid=self.uuid, **kw)
         except StaleDomainError as e:
-            self._orphaned = True
+            self.orphaned = True
             log.error("domain %s: %s; stopping this orphaned domain process", self.name, e)
             if self.vm is not None and self.vm.machine.stop_reason is None:   # not stopped (and closed) yet
                 self.vm.machine.stop(StopReason(StopKind.DESTROYED, "its registry row belongs to another domain"))
             return None
 
-    def _set_state(self, state: DomainState, reason: str | None = None) -> None:
+    def set_state(self, state: DomainState, reason: str | None = None) -> None:
         self.state = state
-        self._own(self.registry.update_state, state, exit_reason=reason)
+        self.own(self.registry.update_state, state, exit_reason=reason)
 
     def run(self, ready_fd: int | None) -> int:
         try:
@@ -387,14 +305,14 @@ class Domain:
             self._report(ready_fd, HypyrError(f"the domain failed to start: {e}"))
             return 1
         paused = self.state is DomainState.PAUSED     # restored paused (set_running says running)
-        self._own(self.registry.set_running, os.getpid(), str(self.sock_path))
+        self.own(self.registry.set_running, os.getpid(), str(self.sock_path))
         if paused:
-            self._set_state(DomainState.PAUSED)
-        if self._orphaned:
+            self.set_state(DomainState.PAUSED)
+        if self.orphaned:
             self._report(ready_fd, StaleDomainError(f"domain id {self.domid} was given to another domain "
                                                     f"while {self.name} started"))
-            self._live.machine.wait()
-            self._live.close()
+            self.live.machine.wait()
+            self.live.close()
             self._unlink_socket()
             return 1
         # the control thread confines itself to its own list: started before this thread takes
@@ -406,9 +324,9 @@ class Domain:
         except HypyrError as e:
             log.error("domain %s: %s", self.name, e)
             self._report(ready_fd, e)
-            self._live.machine.stop(StopReason(StopKind.DESTROYED, str(e)))
-            self._live.machine.wait()
-            self._live.close()
+            self.live.machine.stop(StopReason(StopKind.DESTROYED, str(e)))
+            self.live.machine.wait()
+            self.live.close()
             self._cleanup()
             return 1
         self._report(ready_fd, None)
@@ -512,7 +430,7 @@ class Domain:
         return self._run(ready_fd, server)
 
     @property
-    def _live(self) -> LinuxVm:
+    def live(self) -> LinuxVm:
         """The domain's VM, from boot() on (before, a RuntimeError: a bug)."""
         if self.vm is None:
             raise RuntimeError(f"domain {self.name} has no VM yet")
@@ -520,17 +438,17 @@ class Domain:
 
     def _supervise(self) -> int:
         while True:
-            reason = self._live.machine.wait()
-            if self._main_call is not None:   # the test hook (HYPYR_TEST_HOOKS)
-                self._main_call()
+            reason = self.live.machine.wait()
+            if self.main_call is not None:   # the test hook (HYPYR_TEST_HOOKS)
+                self.main_call()
             action = self._action_for(reason)
             log.info("domain %s stopped (%s): %s", self.name, reason.message, action)
             if reason.registers:   # a crash: the vCPU's registers, on one line as every record
                 log.warning("domain %s: registers of vCPU %s: %s", self.name, reason.vcpu,
                             reason.registers.replace("\n", " | "))
             if action == "restart":
-                self._live.close()
-                self._own(self.registry.bump_restarts)
+                self.live.close()
+                self.own(self.registry.bump_restarts)
                 try:
                     self.boot()
                 except HypyrError as e:
@@ -538,7 +456,7 @@ class Domain:
                     self._keep(DomainState.CRASHED, str(e))
                     return 1
                 continue
-            self._live.close()
+            self.live.close()
             if action == "preserve":
                 self._keep(DomainState.CRASHED if reason.kind in CRASH_KINDS else DomainState.SHUTDOWN,
                            reason.message)
@@ -549,14 +467,14 @@ class Domain:
     def _keep(self, state: DomainState, reason: str) -> None:
         """on_*='preserve' (or a failed restart): the row stays, owned by no process."""
         self.state = state
-        self._own(self.registry.release, state, reason)
+        self.own(self.registry.release, state, reason)
         self._unlink_socket()
 
     def _action_for(self, reason: StopReason) -> str:
-        if self._destroy_requested or self._orphaned or reason.kind is StopKind.DESTROYED:
+        if self.destroy_requested or self.orphaned or reason.kind is StopKind.DESTROYED:
             return "destroy"
-        if self._reboot_requested or reason.kind is StopKind.REBOOT:
-            self._reboot_requested = False
+        if self.reboot_requested or reason.kind is StopKind.REBOOT:
+            self.reboot_requested = False
             return self.cfg.on_reboot
         if reason.kind in CRASH_KINDS:
             return self.cfg.on_crash
@@ -564,7 +482,7 @@ class Domain:
 
     def _cleanup(self) -> None:
         self._unlink_socket()
-        self._own(self.registry.remove)
+        self.own(self.registry.remove)
 
     def _unlink_socket(self) -> None:
         """Remove our control socket, never one a newer domain bound at the same path."""
@@ -589,21 +507,12 @@ class Domain:
 
     # -- operations (the control socket's: hypyr.toolstack.control) ------------------------------
     def operate(self, op: str, req: dict, progress) -> tuple[dict, str | None]:
-        """Do the control operation ``op``; its reply, and why the domain stops once the reply
-        is sent (a save that does not keep it running, a migration), or None."""
-        if op == "save":
-            reply = self._save(progress, req)
-            return reply, None if reply["keep_running"] else f"saved to {reply['file']}"
-        if op == "migrate":
-            reply = self._migrate(progress, req)
-            return reply, f"migrated to {reply['to']}"
-        if op == "rename":
-            return self._rename(req), None
-        return self._handle(op, req), None
+        """Do the control operation ``op`` (hypyr.toolstack.domain_ops)."""
+        return domain_ops.operate(self, op, req, progress)
 
     def stop_after_answer(self, why: str) -> None:
-        self._destroy_requested = True
-        self._live.machine.stop(StopReason(StopKind.DESTROYED, why))
+        self.destroy_requested = True
+        self.live.machine.stop(StopReason(StopKind.DESTROYED, why))
 
     def console_attach(self, conn: socket.socket) -> None:
         self.console.attach(conn)
@@ -612,154 +521,7 @@ class Domain:
         self.console.detach(conn)
 
     def console_input(self, data: bytes) -> int:
-        return self._live.console.enqueue_input(data)
-
-    def _handle(self, op: str, req: dict) -> dict:
-        vm = self._live
-        machine = vm.machine
-        if op == "info":
-            return {"ok": True, "state": self.state, "domid": self.domid, "name": self.name,
-                    "pid": os.getpid(), "memory": self.cfg.memory, "seccomp": self.cfg.seccomp,
-                    "jail": self.jail.describe() if self.jail is not None else None,
-                    "vcpus": [{"vcpu": vt.vcpu.id, "tid": vt.thread.native_id if vt.thread else None,
-                               "state": vt.state.value, "exits": vt.exits} for vt in machine.vcpus]}
-        if op == "pause":
-            with self._pause_lock:
-                machine.pause()
-            self._set_state(DomainState.PAUSED)
-            return {"ok": True}
-        if op == "unpause":
-            if self._busy.locked():   # a save or migration paused it, and will end its pause itself
-                raise DomainStateError(f"domain {self.name} is being saved or migrated: it runs on by itself "
-                                       "if it is to")
-            with self._pause_lock:
-                machine.resume()
-            self._set_state(DomainState.RUNNING)
-            return {"ok": True}
-        if op == "shutdown":
-            if machine.paused:
-                raise DomainStateError(f"domain {self.name} is paused: unpause it first")
-            sent = vm.request_poweroff()
-            if not sent:
-                raise DomainStateError(f"domain {self.name} listens neither to the ACPI power button nor to "
-                                       "Ctrl-Alt-Del (its kernel has not set up either yet)")
-            log.info("shutdown: sent %s to the guest", sent)
-            self._set_state(DomainState.SHUTDOWN)
-            return {"ok": True}
-        if op == "trigger":
-            return self._trigger(machine, req)
-        if op == "registers":
-            return self._registers()
-        if op == "reboot":
-            self._reboot_requested = True
-            machine.stop(StopReason(StopKind.REBOOT, "rebooted by the toolstack"))
-            return {"ok": True}
-        if op == "destroy":
-            self._destroy_requested = True
-            machine.stop(StopReason(StopKind.DESTROYED, "destroyed by the toolstack"))
-            return {"ok": True}
-        if op == "test-forbidden-syscall" and self._test_hooks:
-            return self._forbidden_syscall(req.get("kind"))
-        if op == "test-open" and self._test_hooks:
-            return self._test_open(req.get("path"), req.get("write") is True)
-        raise InvalidInput(f"unknown operation {op!r}")
-
-    def _registers(self) -> dict:
-        """`hypyr info DOMAIN --registers`: each vCPU's report, the domain paused for the
-        instant (not during a save or migration, whose own pause it would end)."""
-        with self._running_vm() as vm, self._pause_lock:
-            machine = vm.machine
-            was_paused = machine.paused
-            machine.pause()
-            try:
-                return {"ok": True, "vcpus": [vcpu_report(vt.vcpu) for vt in machine.vcpus]}
-            finally:
-                if not was_paused:
-                    machine.resume()
-
-    @staticmethod
-    def _trigger(machine, req: dict) -> dict:
-        """`hypyr trigger DOMAIN nmi [VCPU]`: an NMI to one vCPU (vCPU 0 by default)."""
-        what, vcpu = req.get("what"), req.get("vcpu", 0)
-        if what not in TRIGGERS:
-            raise InvalidInput(f"trigger takes one of {', '.join(TRIGGERS)}, not {what!r}")
-        if type(vcpu) is not int:
-            raise InvalidInput("the vCPU is a number")
-        machine.inject_nmi(vcpu)
-        log.info("trigger: NMI sent to vCPU %d", vcpu)
-        return {"ok": True, "trigger": what, "vcpu": vcpu}
-
-    @staticmethod
-    def _test_open(path: object, write: bool) -> dict:
-        """The test hook (HYPYR_TEST_HOOKS=1): may this VMM open ``path``?  (Its jail's test.)"""
-        if not isinstance(path, str):
-            raise InvalidInput("test-open takes a path")
-        try:
-            os.close(os.open(path, (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC))
-        except OSError as e:
-            return {"ok": True, "opened": False, "errno": errno.errorcode.get(e.errno or 0, str(e.errno))}
-        return {"ok": True, "opened": True}
-
-    def _forbidden_syscall(self, kind: object) -> dict:
-        """The test hook (only with HYPYR_TEST_HOOKS=1 in this process's environment): a thread
-        of ``kind`` makes a syscall no filter allows; under ``seccomp = "kill"`` this process
-        dies of SIGSYS (the answer may never come)."""
-        machine = self._live.machine
-        if kind == "control":
-            seccomp.forbidden_syscall()
-        elif kind == "vcpu":
-            machine.pause()
-            self._set_state(DomainState.PAUSED)
-            machine.call_on_parked_vcpu(seccomp.forbidden_syscall)
-        elif kind == "io":
-            io = next(s for s in machine.services if hasattr(s, "add_eventfd"))
-            os.eventfd_write(io.add_eventfd(seccomp.forbidden_syscall), 1)
-        elif kind == "main":
-            self._main_call = seccomp.forbidden_syscall
-            machine.stop(StopReason(StopKind.DESTROYED, "test hook: a forbidden syscall on the main thread"))
-        else:
-            raise InvalidInput(f"kind must be one of {', '.join(seccomp.KINDS)}")
-        return {"ok": True, "kind": kind}
-
-class VmmLogHandler(logging.handlers.RotatingFileHandler):
-    """``vmm.log``, rotated at ``max_bytes`` (one old part, ``vmm.log.1``, is kept); those of
-    ``fds`` (stdout, stderr: where only crashes still write) that were on the log move to each
-    new file, so nothing keeps growing the old one."""
-
-    def __init__(self, path: os.PathLike, max_bytes: int, fds: Sequence[int] = (1, 2)):
-        super().__init__(path, maxBytes=max_bytes, backupCount=1, encoding="utf-8")
-        self.fds = tuple(fds)
-
-    def doRollover(self) -> None:
-        follow = []
-        for fd in self.fds:
-            try:
-                if self.stream and os.path.sameopenfile(fd, self.stream.fileno()):
-                    follow.append(fd)
-            except OSError:
-                pass
-        super().doRollover()
-        for fd in follow:
-            if self.stream is not None:
-                os.dup2(self.stream.fileno(), fd)
-
-
-def _log_to_vmm_log(domid: int) -> None:
-    """Log onto the domain's vmm.log through VmmLogHandler, as are uncaught exceptions in threads
-    and warnings; stderr (also vmm.log, from `create`) is then only written by a crash."""
-    handler: logging.Handler
-    try:
-        handler = VmmLogHandler(paths.vmm_log(domid), paths.log_max_bytes())
-    except OSError:
-        handler = logging.StreamHandler(sys.stderr)
-    logs.setup(logging.INFO, handler)
-    logging.captureWarnings(True)
-
-    def thread_died(a: threading.ExceptHookArgs) -> None:
-        if a.exc_type is not SystemExit:
-            log.error("thread %s died", a.thread.name if a.thread else "?",
-                      exc_info=a.exc_value)
-    threading.excepthook = thread_died
+        return self.live.console.enqueue_input(data)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -768,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     ready_fd = int(argv[1]) if len(argv) > 1 else None
     uuid = os.environ.pop("HYPYR_DOMAIN_UUID", "")
     os.umask(0o077)   # console.log and everything else this process creates: 0600
-    _log_to_vmm_log(domid)
+    vmmlog.log_to_vmm_log(domid)
     tap_fds = [int(x) for x in os.environ.pop("HYPYR_TAP_FDS", "").split(",") if x]
     restore = os.environ.pop("HYPYR_RESTORE_FILE", "") or None
     incoming = os.environ.pop("HYPYR_MIGRATE_FD", "")

@@ -146,7 +146,7 @@ def start(reg: Registry, cfg: DomainConfig, rec: DomainRecord, extra_env: dict[s
     try:
         env = dict(HYPYR_TAP_FDS=",".join(str(fd) for fd in taps), HYPYR_DOMAIN_UUID=rec.uuid,
                    **(extra_env or {}))
-        # The domain process logs onto vmm.log itself, rotating it (domain.VmmLogHandler); its
+        # The domain process logs onto vmm.log itself, rotating it (vmmlog.VmmLogHandler); its
         # stdout/stderr start there for what is written before that, or by a crash.
         reg.close()    # SQLite's per-process state must not cross a fork; it reopens on next use
         with open(paths.vmm_log(rec.domid), "ab") as logf:

@@ -13,7 +13,7 @@ import pytest
 from hypyr.console import write_all
 from hypyr.toolstack import paths
 from hypyr.toolstack.console import ConsoleHub, RotatingLog, relay
-from hypyr.toolstack.domain import VmmLogHandler
+from hypyr.toolstack.vmmlog import VmmLogHandler
 
 MiB = 1 << 20
 

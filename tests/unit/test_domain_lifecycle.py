@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 
 from hypyr.errors import HypyrError
-from hypyr.toolstack import api, control, domain, paths, sched, spawn
+from hypyr.toolstack import api, control, domain, domain_ops, paths, sched, spawn
 from hypyr.toolstack.errors import DomainStateError, InvalidConfig
 from hypyr.toolstack.registry import Registry
 from hypyr.toolstack.xlcfg import DomainConfig
@@ -94,11 +94,11 @@ def test_orphaned_domain_process_stops_updating_and_leaves_the_new_domain_alone(
         b = reg.reserve("b", _cfg("b"))               # ... and the domid reused
         theirs = socket.socket(socket.AF_UNIX)
         theirs.bind(str(paths.control_socket(b.domid)))   # b's own control socket, same path
-        dom._set_state("paused")
-        assert dom._orphaned
+        dom.set_state("paused")
+        assert dom.orphaned
         assert [s.kind for s in dom.vm.machine.stops] == [StopKind.DESTROYED]
         assert dom._action_for(dom.vm.machine.stops[0]) == "destroy"
-        dom._set_state("running")                     # nothing more is even tried
+        dom.set_state("running")                     # nothing more is even tried
         dom._cleanup()
         assert len(dom.vm.machine.stops) == 1
         assert reg.get("b") == b
@@ -223,10 +223,10 @@ def test_unpause_is_refused_while_a_save_or_migration_holds_the_domain():
     run while its state is read.  Outside them, unpause resumes."""
     resumed = []
     machine = SimpleNamespace(resume=lambda: resumed.append(True))
-    dom = SimpleNamespace(name="d1", _live=SimpleNamespace(machine=machine), _busy=threading.Lock(),
-                          _pause_lock=threading.Lock(), _set_state=lambda *a: None)
-    with dom._busy, pytest.raises(DomainStateError, match=r"^domain d1 is being saved or migrated"):
-        domain.Domain._handle(dom, "unpause", {})
+    dom = SimpleNamespace(name="d1", live=SimpleNamespace(machine=machine), busy=threading.Lock(),
+                          pause_lock=threading.Lock(), set_state=lambda *a: None)
+    with dom.busy, pytest.raises(DomainStateError, match=r"^domain d1 is being saved or migrated"):
+        domain_ops.handle(dom, "unpause", {})
     assert resumed == []
-    assert domain.Domain._handle(dom, "unpause", {}) == {"ok": True}
+    assert domain_ops.handle(dom, "unpause", {}) == {"ok": True}
     assert resumed == [True]

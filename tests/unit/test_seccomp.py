@@ -191,7 +191,7 @@ def _python_work(tmp: Path):
         text = traceback.format_exc()
     assert "raise ValueError" in text
     # logging with rotation, as vmm.log's handler does it (rename, open, dup2 of stderr)
-    from hypyr.toolstack.domain import VmmLogHandler
+    from hypyr.toolstack.vmmlog import VmmLogHandler
     h = VmmLogHandler(tmp / "vmm.log", max_bytes=2000, fds=())
     lg = logging.getLogger("seccomp-test")
     lg.addHandler(h)
