@@ -55,11 +55,18 @@ def host_max_vcpus() -> int | None:
         kvm.close()
 
 
-def check_config(cfg: DomainConfig) -> None:
-    for path, what in [(cfg.kernel, "kernel"), (cfg.ramdisk, "ramdisk")] + [(d.target, "disk") for d in cfg.disks]:
+def check_files(cfg: DomainConfig, disks_only: bool = False, where: str = "") -> None:
+    """InvalidConfig unless the domain's kernel, ramdisk (unless ``disks_only``: a restore's) and
+    disk images are regular files; ``where`` ends the sentence (" here": a restore, a migration)."""
+    files = [] if disks_only else [(cfg.kernel, "kernel"), (cfg.ramdisk, "ramdisk")]
+    for path, what in files + [(d.target, "disk") for d in cfg.disks]:
         if path and not os.path.isfile(path):
             problem = "is not a regular file" if os.path.exists(path) else "does not exist"
-            raise InvalidConfig(f"{what} file {path} of domain {cfg.name} {problem}")
+            raise InvalidConfig(f"{what} file {path} of domain {cfg.name} {problem}{where}")
+
+
+def check_config(cfg: DomainConfig) -> None:
+    check_files(cfg)
     limit = host_max_vcpus()
     if limit is not None and cfg.vcpus > limit:
         raise InvalidConfig(f"vcpus = {cfg.vcpus} of domain {cfg.name} is more than this host's KVM allows ({limit})")

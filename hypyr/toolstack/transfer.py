@@ -16,7 +16,6 @@ from hypyr.errors import HypyrError, InvalidInput
 from hypyr.toolstack import api, client, nics, spawn
 from hypyr.toolstack.errors import (
     InsufficientResources,
-    InvalidConfig,
     MigrationFailed,
     SaveFileError,
     save_file_sentence,
@@ -97,13 +96,6 @@ def _domain_of(header, what: str, kind: str) -> tuple[DomainConfig, str | None]:
     return cfg, extra.get("uuid") if isinstance(extra.get("uuid"), str) else None
 
 
-def _check_disks(cfg: DomainConfig) -> None:
-    for d in cfg.disks:
-        if not os.path.isfile(d.target):
-            problem = "is not a regular file" if os.path.exists(d.target) else "does not exist"
-            raise InvalidConfig(f"disk file {d.target} of domain {cfg.name} {problem} here")
-
-
 def restore(file: str | os.PathLike, paused: bool = False) -> DomainRecord:
     """``xl restore [-p]``: a new domain (the saved name and, unless a live domain has it, the
     saved UUID) whose process restores ``file`` instead of booting; its vifs get taps on the same
@@ -111,7 +103,7 @@ def restore(file: str | os.PathLike, paused: bool = False) -> DomainRecord:
     file is a SaveFileError and creates nothing."""
     path = os.path.abspath(os.fspath(file))
     _, cfg, uuid = read_save_file(path)
-    _check_disks(cfg)
+    api.check_files(cfg, disks_only=True, where=" here")
     free = api.host_free_memory_mib()
     if cfg.memory > free:
         raise InsufficientResources(f"domain {cfg.name} needs {cfg.memory} MiB but the host has only {free} MiB free")
@@ -262,7 +254,7 @@ def migrate_receive(host: str = "127.0.0.1", port: int = MIGRATION_PORT, *, on_l
         cfg = dataclasses.replace(cfg, name=final[:64 - len(INCOMING_SUFFIX)] + INCOMING_SUFFIX)
         if on_incoming is not None:
             on_incoming(source, final)
-        _check_disks(cfg)
+        api.check_files(cfg, disks_only=True, where=" here")
         with Registry() as reg:
             # the same MACs as on the source, which may be this host: no uniqueness check here
             cfg = dataclasses.replace(cfg, vifs=nics.assign(cfg.vifs, {}))

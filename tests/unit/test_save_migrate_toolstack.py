@@ -27,6 +27,7 @@ from hypyr.toolstack import paths, sched, transfer
 from hypyr.toolstack.errors import DomainExists, MigrationFailed, SaveFileError
 from hypyr.toolstack.registry import Registry, is_alive
 from hypyr.toolstack.xlcfg import DomainConfig
+from hypyr.toolstack.xldisk import DiskSpec
 from hypyr.vmm import stream
 from hypyr.vmm.config import VmConfig, config_to_dict
 from hypyr.vmm.stream import Rec, StreamWriter
@@ -189,6 +190,18 @@ def test_restore_that_fails_in_the_domain_process_leaves_nothing(state, tmp_path
     f.write_bytes(_stream(_header()))
     assert cli.main(["restore", str(f)]) == EXIT_ERROR
     _one_error_line(capsys)
+    assert _rows() == [] and _leftovers(state) == []
+
+
+def test_restore_without_the_disk_image_is_one_sentence_and_creates_nothing(state, tmp_path, capsys):
+    """Disks are shared storage: a restore (or migration) on a host without the image refuses at once.
+    The kernel is not looked for: the saved RAM holds the running one."""
+    cfg = DomainConfig(name="rs", kernel="/nonexistent/vmlinuz", memory=64, vcpus=1,
+                       disks=(DiskSpec(str(tmp_path / "gone.img"), "raw", "xvda", 0),))
+    f = tmp_path / "rs.save"
+    f.write_bytes(_stream(_header(extra={"name": "rs", "config": cfg.to_dict()})))
+    assert cli.main(["restore", str(f)]) == EXIT_ERROR
+    assert _one_error_line(capsys).endswith(f"disk file {tmp_path / 'gone.img'} of domain rs does not exist here")
     assert _rows() == [] and _leftovers(state) == []
 
 
