@@ -154,14 +154,16 @@ def run_until_marker(cmd: list[str], marker: bytes, timeout: float, wait_for_exi
     return marker_s, total_s, status, note, bytes(buf)
 
 
-def smaps_split(pid: int, guest_kib: int) -> tuple[int, int] | None:
-    """(total Rss KiB, Rss KiB of the anonymous mapping(s) holding guest RAM) from /proc/PID/smaps."""
+def smaps_split(pid: int, guest_kib: int) -> tuple[int, int, int] | None:
+    """From /proc/PID/smaps, in KiB: the total Rss, the Rss of the anonymous mapping(s) holding
+    guest RAM, and the private pages (Private_Clean + Private_Dirty) outside them: what this one
+    process alone holds, against shared pages (libpython, libc) every Python process maps."""
     try:
         with open(f"/proc/{pid}/smaps") as f:
             text = f.read()
     except OSError:
         return None
-    total = guest = 0
+    total = guest = private = 0
     is_guest = False
     for line in text.splitlines():
         head = line.split(None, 1)[0] if line else ""
@@ -175,4 +177,6 @@ def smaps_split(pid: int, guest_kib: int) -> tuple[int, int] | None:
             total += kib
             if is_guest:
                 guest += kib
-    return total, guest
+        elif line.startswith(("Private_Clean:", "Private_Dirty:")) and not is_guest:
+            private += int(line.split()[1])
+    return total, guest, private

@@ -34,7 +34,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve()
 REPO = HERE.parent.parent
 sys.path.insert(0, str(HERE.parent))
-from _common import ensure_image  # noqa: E402
+from _common import ensure_image, smaps_split  # noqa: E402
 
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -125,6 +125,7 @@ class Dom:
     rss: float | None = None
     guest_rss: float | None = None
     guest_how: str = ""
+    private: float | None = None     # MiB outside guest RAM no other process shares
     idle_ticks: int | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -294,6 +295,8 @@ def lab_side(args: argparse.Namespace) -> int:
         for x in up:
             x.rss = procfs.rss_mib(x.pid)
             x.guest_rss, x.guest_how = guest_ram_rss_mib(x.pid, args.memory)
+            split = smaps_split(x.pid, args.memory * 1024)
+            x.private = None if split is None else split[2] / 1024
 
         # -- idle CPU -----------------------------------------------------------------------------
         print(f"measuring idle CPU over {args.idle:.0f} s ...", flush=True)
@@ -357,6 +360,10 @@ def lab_side(args: argparse.Namespace) -> int:
                   f"{args.memory} MiB, {_stats(grss)})")
             print(f"  RSS excluding guest RAM    {sum(excl):.1f} MiB   (per domain: mean {statistics.mean(excl):.1f}, "
                   f"{_stats(excl)})")
+        own = [x.private for x in up if x.private is not None]
+        if own:
+            print(f"  of it private (not shared) {sum(own):.1f} MiB   (per domain: mean {statistics.mean(own):.1f}, "
+                  f"{_stats(own)})")
         print(f"  host MemAvailable          {mem0.get('MemAvailable')} MiB before, {mem1.get('MemAvailable')} MiB "
               f"with {n} domains up (-{mem0.get('MemAvailable', 0) - mem1.get('MemAvailable', 0)} MiB, "
               f"{(mem0.get('MemAvailable', 0) - mem1.get('MemAvailable', 0)) / n:.1f} MiB per domain); "

@@ -8,7 +8,8 @@ same clock as this process), then kills it. Also printed, as medians over the ro
 - the interpreter alone (`python -c pass`) and `import hypyr.vmm.builder` in a fresh interpreter,
   to tell Python's own start from hypyr's;
 - the VMM's resident memory at that moment outside guest RAM (the process's Rss less the Rss of
-  the anonymous mapping of guest-RAM size);
+  the anonymous mapping of guest-RAM size), and the private part of it (pages no other process
+  shares: libpython's and libc's code are shared by every Python process on the host);
 - the floors under both: the interpreter's own resident memory (`python -c pass`), and the
   VMM's work after its imports (the same `hypyr run` started by a prelude that imports hypyr.cli
   and hypyr.vmm.builder first: imports done -> first KVM_RUN);
@@ -71,18 +72,19 @@ def interpreter_rss_mib(env: dict[str, str]) -> float:
     return int(re.search(r"^VmRSS:\s+(\d+) kB", out, re.M).group(1)) / 1024  # type: ignore[union-attr]
 
 
-def rss_outside_ram(pid: int, ram_bytes: int) -> float:
-    """MiB resident in ``pid`` outside the anonymous mapping of guest RAM."""
+def rss_outside_ram(pid: int, ram_bytes: int) -> tuple[float, float]:
+    """MiB resident in ``pid`` outside the anonymous mapping of guest RAM, and of those the
+    private ones (not shared with other processes: what one more domain costs the host)."""
     split = smaps_split(pid, ram_bytes // 1024)
     if split is None:
         raise SystemExit(f"bench: cannot read /proc/{pid}/smaps")
-    total, ram = split
-    return (total - ram) / 1024
+    total, ram, private = split
+    return (total - ram) / 1024, private / 1024
 
 
 def one_start(cmd: list[str], ram_bytes: int, timeout: float, env: dict[str, str]) -> tuple[float, float, float]:
-    """(ms from process start to the first KVM_RUN, MiB resident outside guest RAM then, ms from
-    the PRELUDE's "imports done" to the first KVM_RUN, or NaN without a prelude)."""
+    """(ms from process start to the first KVM_RUN, (MiB resident, MiB private) outside guest RAM
+    then, ms from the PRELUDE's "imports done" to the first KVM_RUN, or NaN without a prelude)."""
     t0 = time.monotonic_ns()
     proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True, env=env)
@@ -139,15 +141,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="hypyr-startup-pyc-") as cache:
         for label, env in (("bytecode cached", bytecode_env(os.path.join(cache, "pyc"), True)),
                            ("no bytecode cache", bytecode_env(os.path.join(cache, "empty"), False))):
-            bare, bare_rss, imports, starts, rss, work, script_starts = [], [], [], [], [], [], []
+            bare, bare_rss, imports, starts, rss, private, work, script_starts = [], [], [], [], [], [], [], []
             one_start(cmd, ram, args.timeout, env)  # warm the page cache (and fill the bytecode cache)
             for _ in range(args.rounds):
                 bare.append(interpreter_ms("pass", env))
                 bare_rss.append(interpreter_rss_mib(env))
                 imports.append(interpreter_ms("import hypyr.vmm.builder", env))
-                ms, mib, _ = one_start(cmd, ram, args.timeout, env)
+                ms, (mib, own), _ = one_start(cmd, ram, args.timeout, env)
                 starts.append(ms)
                 rss.append(mib)
+                private.append(own)
                 work.append(one_start(preluded, ram, args.timeout, env)[2])
                 if installed:
                     script_starts.append(one_start(installed, ram, args.timeout, env)[0])
@@ -158,6 +161,7 @@ def main() -> int:
                                    ("hypyr run: process start -> first KVM_RUN", starts, "ms"),
                                    ("hypyr run: its imports done -> first KVM_RUN", work, "ms"),
                                    ("VMM resident outside guest RAM then", rss, "MiB"),
+                                   ("  of it private (not shared)", private, "MiB"),
                                    (f"{script} run: start -> first KVM_RUN", script_starts, "ms")):
                 if xs:
                     print(f"  {what:<46} {med(xs):7.1f} {unit} [{min(xs):.1f}-{max(xs):.1f}]")
