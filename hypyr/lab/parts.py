@@ -23,6 +23,7 @@ log = logging.getLogger("hypyr.lab")
 
 LAB_VERSION = 1
 KERNEL_PACKAGE = "linux-image-amd64"  # the generic kernel: has kvm-amd and 9p as modules
+KERNEL_PACKAGE_ENV = "HYPYR_LAB_KERNEL"   # another L1 kernel package, e.g. linux-image-6.12-amd64
 BUSYBOX_PACKAGE = "busybox-static"
 QEMU_BINARY = "qemu-system-x86_64"
 QEMU_PACKAGE = "qemu-system-x86"
@@ -44,6 +45,11 @@ class LabParts:
     kernel: Path
     initrd: Path
     kernel_release: str
+
+
+def kernel_package() -> str:
+    """The Debian package of L1's kernel: ``$HYPYR_LAB_KERNEL`` or the generic one."""
+    return os.environ.get(KERNEL_PACKAGE_ENV) or KERNEL_PACKAGE
 
 
 def lab_dir() -> Path:
@@ -103,6 +109,7 @@ def _cached_parts() -> LabParts | None:
             return None
         # Without asking apt, a changed init script or module list still forces a rebuild.
         if (doc.get("lab") != LAB_VERSION or doc.get("modules") != L1_MODULES
+                or doc.get("kernel_package", KERNEL_PACKAGE) != kernel_package()
                 or doc.get("init") != hashlib.sha256(init_script()).hexdigest()):
             return None
         return LabParts(q, d / "vmlinuz", d / "l1-initrd.img", release)
@@ -123,12 +130,13 @@ def ensure_parts(refresh: bool = False) -> LabParts:
     qemu = ensure_qemu()
     d = lab_dir()
     d.mkdir(parents=True, exist_ok=True)
-    kernel_deb = debs.download(debs.resolve_package(KERNEL_PACKAGE))
+    kernel_deb = debs.download(debs.resolve_package(kernel_package()))
     busybox_deb = debs.download(BUSYBOX_PACKAGE)
     init = init_script()
     stamp_doc = {
         "lab": LAB_VERSION,
         "kernel": [kernel_deb.name, debs.file_sha256(kernel_deb)],
+        "kernel_package": kernel_package(),
         "busybox": [busybox_deb.name, debs.file_sha256(busybox_deb)],
         "init": hashlib.sha256(init).hexdigest(),
         "modules": L1_MODULES,
