@@ -5,7 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hypyr.vmm.migration import FEW_PAGES, _bits, another_pass
+from hypyr.vmm.dirty import bitmap_pages
+from hypyr.vmm.migration import FEW_PAGES, another_pass
 
 MB = 1 << 20  # bytes/s of the link in these cases: 256 pages a second
 
@@ -35,4 +36,4 @@ def test_zero_downtime_iterates_until_nothing_is_dirty():
 def test_dirty_bitmap_bits_are_the_set_bits_below_the_limit(words, limit):
     bitmap = b"".join(w.to_bytes(8, "little") for w in words)
     want = [i for i in range(len(words) * 64) if bitmap[i // 8] >> (i % 8) & 1 and i < limit]
-    assert _bits(bitmap, limit) == want
+    assert bitmap_pages(bitmap, limit) == want
