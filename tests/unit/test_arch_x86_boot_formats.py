@@ -11,7 +11,9 @@ import struct
 from pathlib import Path
 
 import bootkernels as K
+import lz4.block
 import pytest
+import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_arch_x86_loader import make_bzimage, make_elf
@@ -315,25 +317,49 @@ def bzimage_with(payload: bytes, offset=0x40) -> bytes:
     return bytes(img)
 
 
+def zstd_piped(data: bytes) -> bytes:
+    """As the kernel's build compresses: through a pipe, so the frame does not say its size."""
+    z = zstandard.ZstdCompressor().compressobj()
+    return z.compress(data) + z.flush()
+
+
+def lz4_legacy(data: bytes, block: int = 4096) -> bytes:
+    """The kernel's legacy lz4 format (`lz4 -l`): the magic, then (u32 size, lz4 block) pairs."""
+    out = bytearray(vmlinux.LZ4_LEGACY_MAGIC)
+    for i in range(0, len(data), block):
+        b = lz4.block.compress(data[i:i + block], store_size=False)
+        out += struct.pack("<I", len(b)) + b
+    return bytes(out)
+
+
 @pytest.mark.parametrize("compress", [gzip.compress, lzma.compress, bz2.compress,
-                                      lambda d: lzma.compress(d, format=lzma.FORMAT_ALONE)],
-                         ids=["gzip", "xz", "bzip2", "lzma"])
+                                      lambda d: lzma.compress(d, format=lzma.FORMAT_ALONE), zstd_piped, lz4_legacy],
+                         ids=["gzip", "xz", "bzip2", "lzma", "zstd", "lz4"])
 def test_vmlinux_extraction(compress):
     assert vmlinux.extract(bzimage_with(compress(VMLINUX))) == VMLINUX
 
 
 @pytest.mark.parametrize("payload,why", [
-    (b"\x28\xb5\x2f\xfd" + bytes(20), "zstd"),
-    (b"\x02\x21\x4c\x18" + bytes(20), "lz4"),
+    (b"\x28\xb5\x2f\xfd" + bytes(20), "corrupt zstd"),
+    (zstd_piped(VMLINUX)[:-30], "corrupt zstd"),
+    (b"\x02\x21\x4c\x18" + bytes(20), "corrupt lz4"),
+    (lz4_legacy(VMLINUX)[:-30], "corrupt lz4"),
     (b"\x89LZO" + bytes(20), "lzo"),
     (b"NOPE" * 5, "unknown compression"),
     (gzip.compress(VMLINUX)[:-30], "corrupt gzip"),
     (gzip.compress(b"not an elf"), "not an ELF"),
-], ids=["zstd", "lz4", "lzo", "unknown", "truncated", "not-elf"])
+], ids=["zstd", "zstd-truncated", "lz4", "lz4-truncated", "lzo", "unknown", "truncated", "not-elf"])
 def test_vmlinux_extraction_errors(payload, why):
     with pytest.raises(HypyrError, match=why) as e:
         vmlinux.extract(bzimage_with(payload), "k.bz")
     assert "k.bz" in str(e.value)
+
+
+@pytest.mark.parametrize("compress", [gzip.compress, zstd_piped, lz4_legacy], ids=["gzip", "zstd", "lz4"])
+def test_vmlinux_decompression_is_bounded(compress, monkeypatch):
+    monkeypatch.setattr(vmlinux, "MAX_VMLINUX_SIZE", len(VMLINUX) // 2)
+    with pytest.raises(HypyrError, match="decompresses to more than"):
+        vmlinux.extract(bzimage_with(compress(VMLINUX)))
 
 
 def test_vmlinux_payload_outside_the_file():

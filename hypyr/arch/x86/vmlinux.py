@@ -4,8 +4,9 @@ A bzImage's protected-mode part (after the ``setup_sects`` + 1 sectors of setup 
 the decompressor and, at ``payload_offset`` (setup header 0x248, protocol 2.08+) for
 ``payload_length`` bytes (0x24c), the compressed vmlinux, an ELF file.  The format is known by
 its magic bytes; kernels append the uncompressed size as a 32-bit little-endian word.  Python
-decompresses gzip, xz, lzma and bzip2 itself; zstd and lz4 need the ``zstandard`` / ``lz4``
-modules, and LZO is not supported (each refusal is one sentence).
+decompresses gzip, xz, lzma and bzip2 itself; zstd (Debian's kernels since 6.12, Ubuntu's,
+Fedora's) and lz4 (the kernel's legacy lz4 format) with the ``zstandard`` and ``lz4`` packages,
+imported only then; LZO is not supported (each refusal is one sentence).
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ def payload(data: bytes, path: str = "<kernel>") -> tuple[str, bytes]:
     raise _fail(path, f"has a payload in an unknown compression format (it starts with {blob[:6].hex()})")
 
 
+class _TooBig(Exception):
+    """The payload decompresses to more than MAX_VMLINUX_SIZE."""
+
+
 def _decompress(name: str, blob: bytes) -> tuple[bytes, bool]:
     """(output, whether the stream ended) — at most MAX_VMLINUX_SIZE + 1 bytes of output."""
     limit = MAX_VMLINUX_SIZE + 1
@@ -74,17 +79,56 @@ def _decompress(name: str, blob: bytes) -> tuple[bytes, bool]:
         return out, d.eof
     if name == "zstd":
         try:
-            import zstandard  # type: ignore[import-not-found]
+            import zstandard
         except ImportError:
             raise HypyrError("needs the zstandard module to decompress zstd") from None
-        return zstandard.ZstdDecompressor().decompressobj().decompress(blob), True
+        frame = blob[:-4]   # (the size the kernel appends is not zstd's)
+        try:   # the kernel's frame does not say its size: counted first, in chunks, against a bomb
+            reader, total = zstandard.ZstdDecompressor().stream_reader(frame), 0
+            while chunk := reader.read(16 << 20):
+                total += len(chunk)
+                if total >= limit:
+                    raise _TooBig()
+            z = zstandard.ZstdDecompressor().decompressobj()
+            return z.decompress(frame), z.eof
+        except zstandard.ZstdError as e:
+            raise ValueError(str(e)) from None
     if name == "lz4":
         try:
-            import lz4.frame  # type: ignore[import-not-found]
+            import lz4.block  # type: ignore[import-untyped]
         except ImportError:
             raise HypyrError("needs the lz4 module to decompress lz4") from None
-        return lz4.frame.decompress(blob), True
+        return _lz4_legacy(lz4.block, blob, limit)
     raise HypyrError(f"cannot decompress {name}")
+
+
+LZ4_LEGACY_MAGIC = b"\x02\x21\x4c\x18"
+LZ4_LEGACY_BLOCK = 8 << 20   # the most a block of the legacy format decompresses to
+
+
+def _lz4_legacy(block, blob: bytes, limit: int) -> tuple[bytes, bool]:
+    """The kernel's legacy lz4 stream (`lz4 -l`): the magic, then blocks, each a u32 LE
+    compressed size and an lz4 block of at most 8 MiB (the magic may repeat between blocks), and
+    the 4-byte size the kernel appends.  Complete when exactly that size is left after a block."""
+    out = bytearray()
+    pos = len(LZ4_LEGACY_MAGIC)
+    while len(out) < limit:
+        if blob[pos:pos + 4] == LZ4_LEGACY_MAGIC:
+            pos += 4
+            continue
+        if len(blob) - pos == 4:
+            return bytes(out), True
+        if len(blob) - pos < 4:
+            break
+        size = int.from_bytes(blob[pos:pos + 4], "little")
+        if size == 0 or pos + 4 + size > len(blob):
+            break
+        try:
+            out += block.decompress(blob[pos + 4:pos + 4 + size], uncompressed_size=LZ4_LEGACY_BLOCK)
+        except block.LZ4BlockError as e:
+            raise ValueError(str(e)) from None
+        pos += 4 + size
+    return bytes(out), False
 
 
 def extract(data: bytes, path: str = "<kernel>") -> bytes:
@@ -94,6 +138,8 @@ def extract(data: bytes, path: str = "<kernel>") -> bytes:
         out, complete = _decompress(name, blob)
     except HypyrError as e:
         raise _fail(path, f"is compressed with {name}, and hypyr {e}") from None
+    except _TooBig:
+        raise _fail(path, f"decompresses to more than {MAX_VMLINUX_SIZE >> 20} MiB") from None
     except (OSError, EOFError, ValueError, lzma.LZMAError, zlib.error) as e:
         raise _fail(path, f"has a corrupt {name} payload ({e})") from None
     if len(out) > MAX_VMLINUX_SIZE:
