@@ -92,6 +92,25 @@ def test_backports_kernel_series_boots_with_its_modules(hypyr_run, tmp_path, vcp
                                6: "the disk is not readable"}.get(r.returncode, "no clean boot")
 
 
+def test_backports_kernel_vmlinux_from_zstd_boots_through_pvh(hypyr_run, tmp_path):
+    """The 6.12 series' bzImage carries its vmlinux compressed with zstd (as Debian's kernels since
+    6.12, Ubuntu's and Fedora's do): extracted, it boots through its PVH entry (boot_params
+    version 2.12, set by Linux's PVH code) with its own initrd."""
+    from hypyr.arch.x86 import loader, vmlinux
+    image = matrix_image()
+    assert (image / "vmlinuz").is_file(), f"no kernel-matrix image in {image}: run `make matrix-image`"
+    assert vmlinux.payload((image / "vmlinuz").read_bytes())[0] == "zstd"
+    elf = tmp_path / "vmlinux"
+    elf.write_bytes(vmlinux.extract_file(image / "vmlinuz"))
+    assert loader.kernel_format(elf) == loader.KIND_PVH
+    check = ('r=$(uname -r); v=$(cat /sys/kernel/boot_params/version); echo release-$r bp-$v; '
+             'case "$r" in 6.12.*) ;; *) exit 3;; esac; [ "$v" = 0x020c ] || exit 6')
+    r = hypyr_run("--kernel", str(elf), "--initrd", str(image / "initrd.img"), "--exec", check)
+    assert "hypyr: init started" in r.stdout and "could not load module" not in r.stdout
+    assert r.returncode == 0, {3: "not the 6.12 kernel", 6: "the kernel did not come in through PVH"}.get(
+        r.returncode, "no clean boot")
+
+
 @pytest.mark.parametrize("vcpus", [1, 2])
 def test_debian_generic_kernel_boots_to_userspace(hypyr_run, guest_image, vcpus):
     """Debian's generic flavour (XZ bzImage, the kernel most Debian systems run; the lab's own L1
