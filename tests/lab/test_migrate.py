@@ -111,6 +111,9 @@ def cpu_counts(text: str, cpu: int) -> list[int]:
     return [int(n) for n in re.findall(rf"^cpu{cpu}-(\d+)$", whole_lines(text), re.M)]
 
 
+KEEP = re.compile(r"keep-([0-9a-f]{64})$", re.M)
+
+
 def stream_lines(text: str) -> list[int]:
     """The numbers of the peer's TCP lines a console printed, in order."""
     return [int(n) for n in re.findall(r"got-line-(\d+)$", whole_lines(text), re.M)]  # (after a cut line too)
@@ -174,10 +177,10 @@ def test_live_migration_of_a_busy_guest_with_a_tcp_stream(xl, lan, guest_image, 
     disk = make_disk(tmp_path / "disk.img")
     xl("create", str(write_cfg(tmp_path, guest_image, "mg", memory=192, vcpus=vcpus, command=busy_command(vcpus),
                                disks=[disk], extra_keys=f"vif = [ 'bridge=lan0,ip={MG_ADDR}' ]")))
-    log = wait_for(lambda: (t := console_log(xl, "mg")) and "keep-" in t and cpu_counts(t, vcpus - 1) and t,
-                   what="the guest's loops to start")
-    keep = set(re.findall(r"keep-([0-9a-f]{64})", log))
-    assert len(keep) == 1, log[-2000:]   # the guest hashed its 8 MiB (in /tmp: the guest's tmpfs)
+    log = wait_for(lambda: (t := console_log(xl, "mg")) and KEEP.search(whole_lines(t)) and cpu_counts(t, vcpus - 1)
+                   and t, what="the guest's loops to start (and its hash of 8 MiB in /tmp, the guest's tmpfs)")
+    keep = set(KEEP.findall(whole_lines(log)))
+    assert len(keep) == 1, keep
     xl("create", str(write_cfg(tmp_path, guest_image, "peer", memory=128, command=PEER_COMMAND,
                                extra_keys=f"vif = [ 'bridge=lan0,ip={PEER_ADDR}' ]")))
     wait_for(lambda: len(stream_lines(console_log(xl, "mg"))) > 10, timeout=180, what="the peer's lines over TCP")
@@ -230,7 +233,7 @@ def test_live_migration_of_a_busy_guest_with_a_tcp_stream(xl, lan, guest_image, 
     n_before = before.count("keep-")
     after = wait_for(lambda: (t := console_log(xl, "mg")) and t.count("keep-") > 1 and t, timeout=120,
                      what="a hash after the migration")
-    assert n_before >= 1 and set(re.findall(r"keep-([0-9a-f]{64})", after)) == keep
+    assert n_before >= 1 and set(KEEP.findall(whole_lines(after))) == keep
     last_disk = cpu_counts(console_log(xl, "mg"), 0)[-1]
     xl("destroy", "mg")
     xl("destroy", "peer")
