@@ -1,7 +1,7 @@
 """Save, restore and live migration of real guests (same host, as xl's localhost case): the
 guest's counters go on (same boot, uptime growing), its disk has every line once, its console
-and a TCP stream from another domain keep working, a dirtied memory region checks out, both vCPUs run after, and a
-destination that dies mid-stream leaves the source running."""
+and a TCP stream from another domain keep working, a dirtied memory region checks out, both
+vCPUs run after, and a destination that dies mid-stream leaves the source running."""
 
 from __future__ import annotations
 
