@@ -1,17 +1,19 @@
 """A pytest plugin (``-p hypyr.lab.rerun``): a lab test that fails after one of its guests
 triple-faulted, found its virtio-net receive ring corrupt, or hung without leaving guest mode,
-runs once more.
+runs again, up to RERUNS times.
 
 The lab's emulated SVM crashes or wedges an L2 guest now and then, whatever the VMM (docs/lab.md,
 "Guest triple faults", "Hung tests"). Such a failure is re-raised as :class:`L2GuestFault`, the
-test's own failure chained, and pytest-rerunfailures runs the test once more; a second failure is
-final. A fault is seen when one of FAULTS (hypyr's triple-fault stop reason, or the guest kernel's
-"input.0:id N is not a head!", which QEMU's own L2 guests printed too) is in a `*.log` file under
-the test's ``tmp_path`` (domain and console logs) or in an output given to :func:`record_output`
-(`hypyr run`'s stderr); a hang, when a `hypyr run` timed out while a vCPU thread ran guest code
-all the time (``testguard.GuestNeverLeft``), or a domain's did and its guest ignored an NMI
+test's own failure chained, and pytest-rerunfailures runs the test again. A fault is seen when
+one of FAULTS (hypyr's triple-fault stop reason, or the guest kernel's "input.0:id N is not a
+head!", which QEMU's own L2 guests printed too) is in a `*.log` file under the test's
+``tmp_path`` (domain and console logs) or in an output given to :func:`record_output` (`hypyr
+run`'s stderr); a hang, when a `hypyr run` timed out while a vCPU thread ran guest code all the
+time (``testguard.GuestNeverLeft``), or a domain's did and its guest ignored an NMI
 (``testguard.GuestStuck``); a stall, when a `hypyr run` timed out with its output cut mid-line
-(``testguard.OutputStalled``). The evidence is printed, so the CI log keeps a count.
+(``testguard.OutputStalled``). The evidence is printed, so the CI log keeps a count. A test's
+waits call :func:`raise_if_faulted`, so a test whose guest died fails at once instead of waiting
+out its timeout.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from hypyr.lab.testguard import GuestNeverLeft, GuestStuck, OutputStalled, as_te
 TRIPLE_FAULT = "the guest triple-faulted (KVM_EXIT_SHUTDOWN)"   # hypyr.vmm.machine's stop reason
 RING_NOT_A_HEAD = "is not a head!"   # Linux's virtio_net: a used receive buffer it never gave
 FAULTS = {TRIPLE_FAULT: "triple-faulted", RING_NOT_A_HEAD: "found a used virtio-net buffer it never gave"}
+RERUNS = 2   # the faults come in runs (docs/lab.md): the 2-vCPU system image's guest faulted twice in a row
 _OUTPUTS = pytest.StashKey[list]()
+_running: list[pytest.Item] = []   # the test being called now, if any
 
 
 class L2GuestFault(Exception):
@@ -38,7 +42,19 @@ def record_output(item: pytest.Item, text: str) -> None:
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        item.add_marker(pytest.mark.flaky(reruns=1, only_rerun=[L2GuestFault.__name__]))
+        item.add_marker(pytest.mark.flaky(reruns=RERUNS, only_rerun=[L2GuestFault.__name__]))
+
+
+class GuestFaulted(Exception):
+    """Raised by :func:`raise_if_faulted` in the test that is running (not an AssertionError, which
+    a test's wait may catch to show more)."""
+
+
+def raise_if_faulted() -> None:
+    """Fail the running test now if one of its guests has faulted (:func:`fault_seen`): its wait
+    would only run out. Does nothing outside a test called under this plugin."""
+    if _running and (seen := fault_seen(_running[-1])) is not None:
+        raise GuestFaulted(f"a guest {seen[0]} ({seen[1]})")
 
 
 def fault_seen(item: pytest.Item) -> tuple[str, str, str] | None:
@@ -91,6 +107,7 @@ def pytest_runtest_setup(item):
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item):
+    _running.append(item)
     try:
         return (yield)
     except Exception as failure:
@@ -113,3 +130,5 @@ def pytest_runtest_call(item):
             raise L2GuestFault("the test failed after a domain's guest hung without one exit to the VMM") \
                 from failure
         raise
+    finally:
+        _running.remove(item)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from test_virtio import make_disk  # tests/lab is on sys.path (pytest rootdir-less import)
 
+from hypyr.lab.rerun import raise_if_faulted
 from hypyr.lab.testguard import run_bounded
 from hypyr.toolstack import paths
 from hypyr.toolstack.errors import DomainNotFound
@@ -88,12 +89,21 @@ def console_log(xl, name: str) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
 
 
+FAULT_CHECK_S = 5
+
+
 def wait_for(pred, timeout=240, step=0.5, what="condition"):
+    """``pred()``'s first true value within ``timeout``; fails at once (every FAULT_CHECK_S) if one
+    of the test's guests faulted (hypyr.lab.rerun.raise_if_faulted): a dead guest prints nothing more."""
     deadline = time.monotonic() + timeout
+    next_check = time.monotonic() + FAULT_CHECK_S
     while time.monotonic() < deadline:
         v = pred()
         if v:
             return v
+        if time.monotonic() >= next_check:
+            raise_if_faulted()
+            next_check = time.monotonic() + FAULT_CHECK_S
         time.sleep(step)
     raise AssertionError(f"timed out waiting for {what}")
 

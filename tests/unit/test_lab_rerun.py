@@ -1,5 +1,6 @@
 """hypyr.lab.rerun: a lab test that failed after a guest triple-faulted, found its receive ring
-corrupt or hung in guest mode runs once more, and only then."""
+corrupt or hung in guest mode runs again (RERUNS times at most), and only then; its waits end at
+once when a guest faulted."""
 
 from __future__ import annotations
 
@@ -7,14 +8,14 @@ import os
 import subprocess
 import sys
 
-from hypyr.lab.rerun import TRIPLE_FAULT
+from hypyr.lab.rerun import RERUNS, TRIPLE_FAULT
 
 TESTS = '''
 import subprocess
 import time
 from pathlib import Path
 
-from hypyr.lab.rerun import TRIPLE_FAULT, record_output
+from hypyr.lab.rerun import TRIPLE_FAULT, raise_if_faulted, record_output
 from hypyr.lab.testguard import GuestNeverLeft, GuestStuck, OutputStalled
 
 
@@ -62,6 +63,19 @@ def test_domain_stuck_in_guest_mode_then_passes():
         raise GuestStuck("timed out waiting for 'sent-to-host' on tx's console; tx ignored an NMI")
 
 
+def test_wait_ends_at_once_after_a_fault_then_passes(tmp_path):
+    if attempt("early") == 1:
+        (tmp_path / "d.vmm.log").write_text("msg=stopping: vCPU 0: " + TRIPLE_FAULT)
+        raise_if_faulted()
+        Path(__file__).with_name("reached.early").write_text("raise_if_faulted did not raise")
+
+
+def test_wait_goes_on_without_a_fault(tmp_path):
+    attempt("calm")
+    (tmp_path / "d.vmm.log").write_text("msg=domain d started")
+    raise_if_faulted()
+
+
 def test_plain_timeout_is_final():
     attempt("timeout")
     raise subprocess.TimeoutExpired(["hypyr", "run"], 300)
@@ -79,7 +93,7 @@ def test_fault_twice_is_final(tmp_path):
 '''
 
 
-def test_only_failures_after_a_guest_fault_or_a_hang_in_guest_mode_run_again_and_once(tmp_path):
+def test_only_failures_after_a_guest_fault_or_a_hang_in_guest_mode_run_again_and_only_rerun_times(tmp_path):
     (tmp_path / "test_lab_like.py").write_text(TESTS)
     env = dict(os.environ, HYPYR_LAB_TEST_TIMEOUT="10")
     env.pop("PYTEST_ADDOPTS", None)
@@ -87,12 +101,14 @@ def test_only_failures_after_a_guest_fault_or_a_hang_in_guest_mode_run_again_and
                         "-p", "hypyr.lab.rerun", "test_lab_like.py"], env=env, capture_output=True, text=True,
                        cwd=tmp_path, timeout=120)
     print(r.stdout, r.stderr)
-    names = ("log", "out", "ring", "spin", "stall", "stuck", "timeout", "plain", "twice")
+    names = ("log", "out", "ring", "spin", "stall", "stuck", "early", "calm", "timeout", "plain", "twice")
     runs = {name: int((tmp_path / f"attempts.{name}").read_text()) for name in names}
-    assert runs == {"log": 2, "out": 2, "ring": 2, "spin": 2, "stall": 2, "stuck": 2, "timeout": 1, "plain": 1,
-                    "twice": 2}
+    assert RERUNS == 2
+    assert runs == {"log": 2, "out": 2, "ring": 2, "spin": 2, "stall": 2, "stuck": 2, "early": 2, "calm": 1,
+                    "timeout": 1, "plain": 1, "twice": 3}
+    assert not (tmp_path / "reached.early").exists()
     assert r.returncode == 1
-    assert "3 failed, 6 passed, 7 rerun" in r.stdout
+    assert "3 failed, 8 passed, 9 rerun" in r.stdout
     assert ("a guest found a used virtio-net buffer it never gave (" in r.stdout
             and "virtio_net virtio0: input.0:id 86 is not a head!" in r.stdout)
     assert "L2GuestFault: the test failed after a guest triple-faulted" in r.stdout
