@@ -21,6 +21,11 @@ from typing import Any
 ESCAPE = 0x1D  # Ctrl-]
 OUTPUT_LIMIT = 256 << 10  # bytes an OutputQueue holds for a reader that does not keep up
 DROP_WARN_INTERVAL = 10.0  # seconds between two warnings about one queue's dropped bytes
+# An OutputQueue woken for less than BATCH_BYTES waits BATCH_S for the rest of the burst: a UART
+# hands over one byte per exit, and waking the drain thread for each cost two thread switches per
+# byte (and, in the lab, an IPI into a running guest each: docs/lab.md, "IPIs").
+BATCH_S = 0.005
+BATCH_BYTES = 4096
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +135,7 @@ class OutputQueue:
     terminal), drained by its own thread, so that ``write`` never blocks: a vCPU thread can hand
     console output to a reader that stopped reading.
 
+    Output goes out in bursts (BATCH_S, BATCH_BYTES), not byte by byte.
     Bytes that do not fit in ``limit`` are dropped (the newest ones), counted in ``dropped`` and
     warned about at most every DROP_WARN_INTERVAL seconds.  At most ``limit`` bytes wait in the
     buffer and as many in the one ``send`` under way.  When ``send`` raises OSError the queue is
@@ -187,6 +193,10 @@ class OutputQueue:
                     self._cond.wait()
                 if not self._buf:
                     return
+                gather = not self._closed and len(self._buf) < BATCH_BYTES
+            if gather:
+                time.sleep(BATCH_S)   # the rest of the burst joins it: one wake-up per burst, not per byte
+            with self._cond:
                 chunk = bytes(self._buf)
                 self._buf.clear()
             try:

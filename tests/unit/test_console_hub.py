@@ -288,3 +288,24 @@ def test_hypyr_console_ctrl_bracket_detaches(pairs):
         domain.recv(10)
     os.close(inp_r)
     os.close(inp_w)
+
+
+def test_output_byte_by_byte_goes_out_in_bursts_whole_and_in_order():
+    """A UART hands the queue one byte per exit; its drain thread sends bursts, not bytes (one
+    wake-up per burst), and every byte arrives once, in order."""
+    from hypyr.console import BATCH_S, OutputQueue
+    sent: list[bytes] = []
+    q = OutputQueue(sent.append, name="test")
+    data = bytes(range(256)) * 4
+    t0 = time.monotonic()
+    for i in range(len(data)):
+        q.write(data[i:i + 1])
+        if i % 64 == 0:
+            time.sleep(0.0005)   # a byte now and then after a pause, as from a guest between exits
+    took = time.monotonic() - t0
+    deadline = time.monotonic() + 5
+    while sum(map(len, sent)) < len(data) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    q.close(timeout=1)
+    assert b"".join(sent) == data
+    assert len(sent) <= took / BATCH_S + 2, (len(sent), took)
