@@ -23,7 +23,7 @@ OUTPUT_LIMIT = 256 << 10  # bytes an OutputQueue holds for a reader that does no
 DROP_WARN_INTERVAL = 10.0  # seconds between two warnings about one queue's dropped bytes
 # An OutputQueue woken for less than BATCH_BYTES waits BATCH_S for the rest of the burst: a UART
 # hands over one byte per exit, and waking the drain thread for each cost two thread switches per
-# byte (and, in the lab, an IPI into a running guest each: docs/lab.md, "IPIs").
+# byte (and, in the lab, an IPI each: docs/lab.md, "QEMU's L2 guests fault too").
 BATCH_S = 0.005
 BATCH_BYTES = 4096
 
