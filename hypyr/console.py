@@ -161,8 +161,9 @@ class OutputQueue:
                 return 0
             n = min(len(data), self.limit - len(self._buf))
             if n > 0:
+                if not self._buf:
+                    self._cond.notify()   # the drain thread waits for bytes only when there are none
                 self._buf += data[:n]
-                self._cond.notify()
             lost = len(data) - max(n, 0)
             self.dropped += lost
             dropped = self.dropped
@@ -191,12 +192,10 @@ class OutputQueue:
             with self._cond:
                 while not self._buf and not self._closed:
                     self._cond.wait()
+                if self._buf and not self._closed and len(self._buf) < BATCH_BYTES:
+                    self._cond.wait(BATCH_S)   # the rest of the burst joins it (close() ends the wait)
                 if not self._buf:
                     return
-                gather = not self._closed and len(self._buf) < BATCH_BYTES
-            if gather:
-                time.sleep(BATCH_S)   # the rest of the burst joins it: one wake-up per burst, not per byte
-            with self._cond:
                 chunk = bytes(self._buf)
                 self._buf.clear()
             try:

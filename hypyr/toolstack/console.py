@@ -23,6 +23,7 @@ from hypyr.console import ESCAPE, OutputQueue, Terminal, write_all
 from hypyr.toolstack import paths
 
 INPUT_LIMIT = 64 << 10  # typed or piped bytes `hypyr console` holds for a domain not taking input
+CLOSE_FLUSH_S = 0.1     # seconds each client gets for its last output when the domain's console closes
 
 
 class RotatingLog:
@@ -90,10 +91,10 @@ class ConsoleHub:
         with self._lock:
             self._remove(conn)
 
-    def _remove(self, conn: socket.socket) -> None:
+    def _remove(self, conn: socket.socket, flush: float = 0.0) -> None:
         q = self._clients.pop(conn, None)
         if q is not None:
-            q.close()
+            q.close(timeout=flush)
             self._gone_dropped += q.dropped
             try:
                 conn.shutdown(socket.SHUT_WR)  # ends a send blocked on a client that stopped reading
@@ -108,9 +109,11 @@ class ConsoleHub:
                     "dropped": self._gone_dropped + sum(q.dropped for q in qs)}
 
     def close(self) -> None:
+        """End the log and every client, each given CLOSE_FLUSH_S for the output it still holds
+        (the guest's last lines, gathered into a burst)."""
         with self._lock:
             for conn in list(self._clients):
-                self._remove(conn)
+                self._remove(conn, flush=CLOSE_FLUSH_S)
             self._log.close()
 
 

@@ -309,3 +309,19 @@ def test_output_byte_by_byte_goes_out_in_bursts_whole_and_in_order():
     q.close(timeout=1)
     assert b"".join(sent) == data
     assert len(sent) <= took / BATCH_S + 2, (len(sent), took)
+
+
+def test_a_client_gets_the_last_output_when_the_console_closes(tmp_path, pairs):
+    """The guest's last bytes, still gathered into a burst when the domain's console closes, reach
+    an attached client before its end of the connection is shut."""
+    domain, client = pairs()
+    hub = ConsoleHub(tmp_path / "console.log")
+    hub.attach(domain)
+    for b in b"reboot: Power down\n":
+        hub.write(bytes([b]))
+    hub.close()
+    client.settimeout(5)
+    got = b""
+    while chunk := client.recv(100):
+        got += chunk
+    assert got == b"reboot: Power down\n"
