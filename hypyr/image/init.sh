@@ -107,7 +107,9 @@ net_wait() {
 net_dhcp() {
     net_wait "$1" || return 1
     ip link set "$1" up
-    udhcpc -i "$1" -q -n -t 10 -T 1 -s /etc/hypyr/udhcpc.script >/dev/null 2>&1 ||
+    # 30 tries 1 s apart: on a loaded host dnsmasq (which pings an address before it offers it)
+    # answered two guests booting together later than 10 s
+    udhcpc -i "$1" -q -n -t 30 -T 1 -s /etc/hypyr/udhcpc.script >/dev/null 2>&1 ||
         echo "hypyr: no DHCP lease on $1"
 }
 net_static() {  # DEV ADDR/PREFIX

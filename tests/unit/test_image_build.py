@@ -242,13 +242,13 @@ def _net_part() -> str:
      ["ip link set lo up", "ip addr add 192.168.1.5/16 dev eth1", "ip link set eth1 up", "hostname guest"]),
     ("ip=10.1.2.3", ["ip link set lo up", "ip addr add 10.1.2.3/8 dev eth0", "ip link set eth0 up"]),
     ("ip=dhcp", ["ip link set lo up", "ip link set eth0 up",
-                 "udhcpc -i eth0 -q -n -t 10 -T 1 -s /etc/hypyr/udhcpc.script"]),
+                 "udhcpc -i eth0 -q -n -t 30 -T 1 -s /etc/hypyr/udhcpc.script"]),
     ("ip=:::::eth1:dhcp", ["ip link set lo up", "ip link set eth1 up",
-                           "udhcpc -i eth1 -q -n -t 10 -T 1 -s /etc/hypyr/udhcpc.script"]),
+                           "udhcpc -i eth1 -q -n -t 30 -T 1 -s /etc/hypyr/udhcpc.script"]),
     ("ip=off", ["ip link set lo up"]),
     ("hypyr.ip.0=10.0.0.2/24 hypyr.ip.1=dhcp hypyr.gw=10.0.0.1",
      ["ip link set lo up", "ip addr add 10.0.0.2/24 dev eth0", "ip link set eth0 up", "ip link set eth1 up",
-      "udhcpc -i eth1 -q -n -t 10 -T 1 -s /etc/hypyr/udhcpc.script", "ip route add default via 10.0.0.1"]),
+      "udhcpc -i eth1 -q -n -t 30 -T 1 -s /etc/hypyr/udhcpc.script", "ip route add default via 10.0.0.1"]),
 ])
 def test_init_network_config(cmdline, expect, tmp_path):
     """The init's networking section, with ip/udhcpc/hostname stubbed to log their arguments."""
