@@ -145,8 +145,15 @@ def validate(config: VmConfig, kvm: Kvm | None = None, *, boot: bool = True) -> 
                          f"({avail >> 20} MiB)")
 
 
-def _configure_vcpu(vcpu, supported: list, nr: int, boot: BootCpuState | None) -> None:
-    entries = x86cpuid.adjust_cpuid(supported, vcpu.id, nr)
+def guest_cpuid(kvm: Kvm, vcpu_id: int, nr: int) -> list:
+    """The CPUID of vCPU ``vcpu_id`` of ``nr``: what this KVM supports, adjusted for the guest,
+    with the TSC-deadline timer KVM's LAPIC emulates but does not list (as QEMU offers it)."""
+    return x86cpuid.adjust_cpuid(kvm.supported_cpuid(), vcpu_id, nr,
+                                 tsc_deadline=bool(kvm.check_extension(B.KVM_CAP_TSC_DEADLINE_TIMER)))
+
+
+def _configure_vcpu(vcpu, nr: int, boot: BootCpuState | None) -> None:
+    entries = guest_cpuid(vcpu.vm.kvm, vcpu.id, nr)
     vcpu.set_cpuid(entries)
     vcpu.set_msrs(msrs.boot_msrs(x86cpuid.cpu_vendor(entries)))
     fpu = vcpu.get_fpu()
@@ -261,9 +268,8 @@ def boot_linux(vm: LinuxVm) -> None:
     config, machine = vm.config, vm.machine
     boot = setup_linux_boot(machine.memory, config.kernel, config.initrd, config.full_cmdline(), config.vcpus,
                             mmio_devices=vm.mmio_windows, modules=config.modules)
-    supported = machine.kvm.supported_cpuid()
     for vt in machine.vcpus:
-        _configure_vcpu(vt.vcpu, supported, config.vcpus, boot.cpu if vt.vcpu.id == 0 else None)
+        _configure_vcpu(vt.vcpu, config.vcpus, boot.cpu if vt.vcpu.id == 0 else None)
     log.info("built VM: %d MiB, %d vCPU(s), kernel %s (%s), entry %#x", config.memory >> 20, config.vcpus,
              config.kernel, boot.kernel.kind, boot.kernel.entry)
 

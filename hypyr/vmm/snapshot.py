@@ -33,7 +33,7 @@ from hypyr.errors import HypyrError, SnapshotError, StateError
 from hypyr.kvm import CpuidEntry, Kvm, KvmError, KvmUnavailable
 from hypyr.memory import GuestMemory
 
-from .builder import LinuxVm, build_vm
+from .builder import LinuxVm, build_vm, guest_cpuid
 from .config import VmConfig
 from .header import SnapshotHeader, encode_header, read_header_record
 from .header import read_header as read_saved_header
@@ -119,7 +119,7 @@ def check_cpu(sig: dict, kvm: Kvm, nr_vcpus: int, what: str) -> None:
     if sig["vendor"] != here["vendor"]:
         raise SnapshotError(f"{what} was made on a {sig['vendor'] or 'unknown'} CPU; this host's is "
                             f"{here['vendor'] or 'unknown'}")
-    adjusted = x86cpuid.adjust_cpuid(host_entries, 0, nr_vcpus)
+    adjusted = guest_cpuid(kvm, 0, nr_vcpus)
     offered = _feature_words(adjusted)
     if any(value & ~offered.get(key, 0) for key, value in sig["features"].items()):
         # Some KVMs give a vCPU more than KVM_GET_SUPPORTED_CPUID lists (KVM_GET_CPUID2 then reads

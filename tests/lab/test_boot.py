@@ -25,10 +25,12 @@ def test_exec_success_is_zero_and_quiet(hypyr_run):
     assert "Traceback" not in r.stderr
 
 
-def test_two_vcpus_are_seen_by_the_guest(hypyr_run):
-    r = hypyr_run("--vcpus", "2", "--exec", "echo cpus=$(nproc); grep -c ^processor /proc/cpuinfo")
+def test_two_vcpus_are_seen_by_the_guest_with_the_tsc_deadline_timer(hypyr_run):
+    """Both vCPUs come up, and each offers the LAPIC's TSC-deadline mode (as QEMU's do)."""
+    r = hypyr_run("--vcpus", "2", "--exec",
+                  "echo cpus=$(nproc) deadline=$(grep -c ' tsc_deadline_timer' /proc/cpuinfo)")
     assert r.returncode == 0
-    assert "cpus=2" in r.stdout
+    assert "cpus=2 deadline=2" in r.stdout
 
 
 def test_guest_poweroff_ends_run_with_code_0(hypyr_run):

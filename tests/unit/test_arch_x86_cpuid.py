@@ -72,6 +72,12 @@ def test_leaf1(vcpu, n):
     assert e.eax == 0x806F8
 
 
+def test_tsc_deadline_is_offered_only_when_asked():
+    base = [e._replace(ecx=e.ecx & ~(1 << 24)) if e.function == 1 else e for e in intel_entries()]
+    assert not leaf(adjust_cpuid(base, 0, 2), 1).ecx & 1 << 24
+    assert leaf(adjust_cpuid(base, 1, 2, tsc_deadline=True), 1).ecx & 1 << 24
+
+
 def test_input_not_modified():
     entries = intel_entries()
     copy = list(entries)

@@ -23,6 +23,7 @@ KVM_CPUID_FEATURES = 0x40000001
 
 # leaf 1
 LEAF1_ECX_HYPERVISOR = 1 << 31
+LEAF1_ECX_TSC_DEADLINE = 1 << 24  # KVM emulates it with its in-kernel LAPIC, but does not list it
 LEAF1_EDX_HTT = 1 << 28
 # leaf 6
 LEAF6_ECX_EPB = 1 << 3
@@ -58,8 +59,9 @@ def _topology_leaf(function: int, template: CpuidEntry | None, vcpu_id: int, nr_
 
 
 def adjust_cpuid(entries: list[CpuidEntry], vcpu_id: int, nr_vcpus: int,
-                 host_vendor: str | None = None) -> list[CpuidEntry]:
-    """A new list of entries for vCPU ``vcpu_id`` of ``nr_vcpus``; the input is not changed."""
+                 host_vendor: str | None = None, *, tsc_deadline: bool = False) -> list[CpuidEntry]:
+    """A new list of entries for vCPU ``vcpu_id`` of ``nr_vcpus``; the input is not changed.
+    ``tsc_deadline``: offer the LAPIC's TSC-deadline timer mode (KVM_CAP_TSC_DEADLINE_TIMER)."""
     if not 0 <= vcpu_id < nr_vcpus:
         raise ValueError(f"vcpu_id {vcpu_id} out of range for {nr_vcpus} vCPUs")
     vendor = host_vendor or cpu_vendor(entries)
@@ -74,7 +76,8 @@ def adjust_cpuid(entries: list[CpuidEntry], vcpu_id: int, nr_vcpus: int,
         if f == 1:
             ebx = (e.ebx & 0x0000FFFF) | (vcpu_id & 0xFF) << 24 | logical << 16
             edx = e.edx | LEAF1_EDX_HTT if nr_vcpus > 1 else e.edx & ~LEAF1_EDX_HTT
-            e = e._replace(ebx=ebx, ecx=e.ecx | LEAF1_ECX_HYPERVISOR, edx=edx)
+            ecx = e.ecx | LEAF1_ECX_HYPERVISOR | (LEAF1_ECX_TSC_DEADLINE if tsc_deadline else 0)
+            e = e._replace(ebx=ebx, ecx=ecx, edx=edx)
         elif f == 4:
             cache_type = e.eax & 0x1F
             if cache_type:
