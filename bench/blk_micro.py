@@ -62,7 +62,7 @@ def ready_requests(drv: MockDriver, size: int, direct: bool, rtype: int) -> list
 
 
 def per_request_us(path: str, rtype: int, size: int, direct: bool, requests: int) -> float:
-    drv = MockDriver(3 * QUEUE if direct else QUEUE)
+    drv = MockDriver(4 * QUEUE if direct else QUEUE)  # a power of two with room for 3 per request
     q = drv.queue()
     dev = B.VirtioBlk(path, serial="bench")
     try:
