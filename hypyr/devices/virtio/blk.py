@@ -262,7 +262,7 @@ class VirtioBlk(VirtioDevice):
     @staticmethod
     def _read_header(mem: GuestMemory, chain: DescriptorChain) -> tuple[int, int, int] | None:
         """(type, reserved, sector), read once; None if the chain has fewer than 16 readable bytes."""
-        if chain.table is not None and chain.nread:
+        if chain.nread:
             addr, length = chain.table_buffer(0)
             if length >= HEADER_SIZE:  # the first (readable) buffer holds it (the usual layout)
                 return _HEADER.unpack(mem.read(addr, HEADER_SIZE))
@@ -434,8 +434,8 @@ class VirtioBlk(VirtioDevice):
                     continue
                 chain = req.chain
                 try:
-                    addr, length = chain.table_buffer(-1) if chain.table is not None else (0, 0)
-                    if length:  # a table chain: its last buffer is writable and ends with the status byte
+                    addr, length = chain.table_buffer(-1)
+                    if length:  # the last buffer is writable (writable_len > 0) and ends with the status byte
                         req.mem.write(addr + length - 1, _STATUS_BYTE[req.status])
                     else:
                         chain.write(req.mem, _STATUS_BYTE[req.status], chain.writable_len - 1)
@@ -556,13 +556,13 @@ class VirtioBlk(VirtioDevice):
         return done
 
     def _transfer_table(self, req: _Request, offset: int, nbytes: int, into_guest: bool) -> int:
-        """One ``preadv_descs``/``pwritev_descs`` straight from the chain's indirect table, no
+        """One ``preadv_descs``/``pwritev_descs`` straight from the chain's descriptor table, no
         range lists, when the request has the usual layout (a 16-byte header buffer, the data
         buffers, a 1-byte status buffer) and fits one syscall; returns the bytes moved (0 when
         this does not apply: :meth:`_transfer` then does it all)."""
         chain = req.chain
         t = chain.table
-        if t is None or not 0 < nbytes <= IO_CHUNK or t[2] != HEADER_SIZE or t[-2] != 1:
+        if not 0 < nbytes <= IO_CHUNK or t[2] != HEADER_SIZE or t[-2] != 1:
             return 0
         count = len(t) >> 2
         if chain.nread != (1 if into_guest else count - 1):

@@ -38,40 +38,31 @@ class QueueError(DeviceError):
 
 
 class DescriptorChain:
-    """One request: device-readable buffers, then device-writable ones, as (address, length)
-    lists (empty buffers left out).
+    """One request: its descriptors as :attr:`table` (an ``array('I')``, four words each:
+    address low and high, length, flags | next << 16), the first :attr:`nread` of them
+    device-readable, the rest device-writable.  The (address, length) lists of its readable
+    and writable buffers (empty ones left out) are made from the table on first use.  The
+    table is the queue's checked copy: the guest cannot change it.  Do not change it."""
 
-    A chain built from an indirect table in the usual layout also has :attr:`table` (the
-    table's descriptors as an ``array('I')``, four words each) and :attr:`nread` (how many of
-    them are readable); its lists are then made from the table on first use.  Do not change
-    the lists."""
+    __slots__ = ("head", "table", "nread", "_readable", "_writable", "_readable_len", "_writable_len")
 
-    __slots__ = ("head", "_readable", "_writable", "_readable_len", "_writable_len", "table", "nread")
-
-    def __init__(self, head: int, readable: list[tuple[int, int]] | None = None,
-                 writable: list[tuple[int, int]] | None = None,
-                 readable_len: int | None = None, writable_len: int | None = None, *,
-                 table: array | None = None, nread: int = 0):
+    def __init__(self, head: int, table: array, nread: int, readable_len: int | None = None,
+                 writable_len: int | None = None):
         self.head = head
         self.table = table
         self.nread = nread
-        if table is None:
-            readable = [] if readable is None else readable
-            writable = [] if writable is None else writable
-        self._readable = readable
-        self._writable = writable
+        self._readable: list[tuple[int, int]] | None = None
+        self._writable: list[tuple[int, int]] | None = None
         self._readable_len = readable_len
         self._writable_len = writable_len
 
     def _buffers(self, lo: int, hi: int) -> list[tuple[int, int]]:
         t = self.table
-        assert t is not None  # only chains with a table lack their lists
         return [(t[i] | t[i + 1] << 32, t[i + 2]) for i in range(4 * lo, 4 * hi, 4) if t[i + 2]]
 
     def table_buffer(self, index: int) -> tuple[int, int]:
-        """(address, length) of descriptor ``index`` (negative: from the end) of :attr:`table`."""
+        """(address, length) of descriptor ``index`` (negative: from the end)."""
         t, i = self.table, 4 * index
-        assert t is not None, "a chain without a descriptor table"
         return t[i] | t[i + 1] << 32, t[i + 2]
 
     @property
@@ -83,22 +74,21 @@ class DescriptorChain:
     @property
     def writable(self) -> list[tuple[int, int]]:
         if self._writable is None:
-            assert self.table is not None  # only chains with a table lack their lists
-            self._writable = self._buffers(self.nread, len(self.table) // 4)
+            self._writable = self._buffers(self.nread, len(self.table) >> 2)
         return self._writable
 
     @property
     def readable_len(self) -> int:
         n = self._readable_len
         if n is None:
-            n = self._readable_len = sum(n for _, n in self.readable)
+            n = self._readable_len = sum(self.table[2:4 * self.nread:4])
         return n
 
     @property
     def writable_len(self) -> int:
         n = self._writable_len
         if n is None:
-            n = self._writable_len = sum(n for _, n in self.writable)
+            n = self._writable_len = sum(self.table[4 * self.nread + 2::4])
         return n
 
     def __repr__(self) -> str:
@@ -325,7 +315,6 @@ class SplitQueue:
         size, mem, avail, used, table = self.size, self.mem, self._avail_v, self._used_v, self._desc_v
         assert mem is not None and avail is not None and used is not None and table is not None
         unpack_desc, unpack_u16, check_range = _DESC.unpack_from, _U16.unpack_from, mem.check_range
-        new = DescriptorChain.__new__
         append = out.append
         for _ in range(count):
             last = self.last_avail
@@ -336,12 +325,9 @@ class SplitQueue:
                     self.last_avail = last = (last + 1) & 0xFFFF
                     if self.event_idx:
                         _U16.pack_into(used, 4 + 8 * size, last)
-                    c = new(DescriptorChain)
-                    c.head, c._readable, c._writable, c._readable_len, c._writable_len = \
-                        head, [], [(addr, length)], 0, length
-                    c.table, c.nread = None, 0
+                    words = array("I", (addr & 0xFFFFFFFF, addr >> 32, length, VIRTQ_DESC_F_WRITE))
                     self.in_flight += 1
-                    append(c)
+                    append(DescriptorChain(head, words, 0, 0, length))
                     continue
             append(self._take_locked())  # anything else, and every error, the general way
 
@@ -381,9 +367,8 @@ class SplitQueue:
         size = self.size
         if head >= size:
             raise QueueError(f"head descriptor index {head} >= queue size {size}")
-        readable: list[tuple[int, int]] = []
-        writable: list[tuple[int, int]] = []
-        rlen = wlen = 0
+        words = array("I")  # the chain's non-empty buffers, as DescriptorChain.table holds them
+        nread = rlen = wlen = 0
         table: bytes | memoryview | None = self._desc_v  # the table walked: the queue's, or an indirect one
         assert table is not None     # set with mem, by activate()
         count = ttl = size
@@ -418,29 +403,30 @@ class SplitQueue:
                 table = mem.read(addr, length)  # one snapshot of the whole table
                 count = ttl = length // DESC_SIZE
                 in_indirect = True
-                fast = None if readable or writable else _linear_table(table, count)
+                fast = None if words else _linear_table(table, count)
                 if fast is not None:  # the usual layout, checked in one go
                     return self._linear_chain(mem, head, table, *fast)
                 desc = unpack_from(table, 0)
                 continue
             if length:
                 if flags & VIRTQ_DESC_F_WRITE:
-                    writable.append((addr, length))
                     wlen += length
                 else:
-                    if writable:
+                    if wlen:
                         raise QueueError("device-readable buffer after a device-writable one")
-                    readable.append((addr, length))
                     rlen += length
+                    nread += 1
+                words.extend((addr & 0xFFFFFFFF, addr >> 32, length, flags | nxt << 16))
             if not flags & VIRTQ_DESC_F_NEXT:
                 break
             if nxt >= count:
                 raise QueueError(f"next descriptor index {nxt} >= table size {count}")
             desc = unpack_from(table, DESC_SIZE * nxt)
-        bad = mem.first_outside(readable + writable)
+        chain = DescriptorChain(head, words, nread, rlen, wlen)
+        bad = mem.first_outside(chain.readable + chain.writable)
         if bad is not None:
             raise QueueError(f"buffer at {bad[0]:#x}+{bad[1]:#x} is not in guest RAM")
-        return DescriptorChain(head, readable, writable, rlen, wlen)
+        return chain
 
     @staticmethod
     def _linear_chain(mem: GuestMemory, head: int, table: bytes, words: array, nread: int) -> DescriptorChain:
@@ -449,7 +435,7 @@ class SplitQueue:
         the bytes."""
         count = len(words) >> 2
         if not mem.descs_inside(table):  # outside RAM, or RAM in several regions: one buffer at a time
-            chain = DescriptorChain(head, table=words, nread=nread)  # lengths: from the lists
+            chain = DescriptorChain(head, words, nread)
             bad = mem.first_outside(chain.readable + chain.writable)
             if bad is not None:
                 raise QueueError(f"buffer at {bad[0]:#x}+{bad[1]:#x} is not in guest RAM")
@@ -463,7 +449,7 @@ class SplitQueue:
             rlen = total - words[-2]
         else:
             rlen = sum(words[2:4 * nread:4])
-        return DescriptorChain(head, readable_len=rlen, writable_len=total - rlen, table=words, nread=nread)
+        return DescriptorChain(head, words, nread, rlen, total - rlen)
 
     # -- save/restore --------------------------------------------------------------------------------
     def unpop(self, count: int) -> None:
