@@ -38,57 +38,82 @@ class QueueError(DeviceError):
 
 
 class DescriptorChain:
-    """One request: its descriptors as :attr:`table` (an ``array('I')``, four words each:
-    address low and high, length, flags | next << 16), the first :attr:`nread` of them
-    device-readable, the rest device-writable.  The (address, length) lists of its readable
-    and writable buffers (empty ones left out) are made from the table on first use.  The
-    table is the queue's checked copy: the guest cannot change it.  Do not change it."""
+    """One request: device-readable buffers, then device-writable ones.  Every chain has them
+    both ways, each made from the other on first use: as (address, length) lists
+    (:attr:`readable`, :attr:`writable`; empty buffers left out) and as a descriptor table
+    (:attr:`table`, an ``array('I')`` of four words per descriptor: address low and high,
+    length, flags | next << 16, the first :attr:`nread` readable).  The queue builds the one
+    the driver's layout gives cheaply (an indirect table: the table).  Both are the queue's
+    checked copies, which the guest cannot change; do not change them."""
 
-    __slots__ = ("head", "table", "nread", "_readable", "_writable", "_readable_len", "_writable_len")
+    __slots__ = ("head", "_table", "_nread", "_readable", "_writable", "_readable_len", "_writable_len")
 
-    def __init__(self, head: int, table: array, nread: int, readable_len: int | None = None,
-                 writable_len: int | None = None):
+    def __init__(self, head: int, readable: list[tuple[int, int]] | None = None,
+                 writable: list[tuple[int, int]] | None = None,
+                 readable_len: int | None = None, writable_len: int | None = None, *,
+                 table: array | None = None, nread: int = 0):
+        if table is None:
+            readable = [] if readable is None else readable
+            writable = [] if writable is None else writable
         self.head = head
-        self.table = table
-        self.nread = nread
-        self._readable: list[tuple[int, int]] | None = None
-        self._writable: list[tuple[int, int]] | None = None
+        self._table = table
+        self._nread = nread
+        self._readable = readable
+        self._writable = writable
         self._readable_len = readable_len
         self._writable_len = writable_len
+
+    @property
+    def table(self) -> array:
+        t = self._table
+        if t is None:
+            readable, writable = self._readable, self._writable
+            assert readable is not None and writable is not None  # a chain without a table has both
+            t = self._table = array("I")
+            for bufs, flags in ((readable, VIRTQ_DESC_F_NEXT), (writable, VIRTQ_DESC_F_WRITE)):
+                for addr, n in bufs:
+                    t.extend((addr & 0xFFFFFFFF, addr >> 32, n, flags))
+            self._nread = len(readable)
+        return t
+
+    @property
+    def nread(self) -> int:
+        """How many of :attr:`table`'s descriptors are device-readable (they come first)."""
+        return self._nread if self._table is not None else len(self.readable)
 
     def _buffers(self, lo: int, hi: int) -> list[tuple[int, int]]:
         t = self.table
         return [(t[i] | t[i + 1] << 32, t[i + 2]) for i in range(4 * lo, 4 * hi, 4) if t[i + 2]]
 
     def table_buffer(self, index: int) -> tuple[int, int]:
-        """(address, length) of descriptor ``index`` (negative: from the end)."""
+        """(address, length) of descriptor ``index`` (negative: from the end) of :attr:`table`."""
         t, i = self.table, 4 * index
         return t[i] | t[i + 1] << 32, t[i + 2]
 
     @property
     def readable(self) -> list[tuple[int, int]]:
         if self._readable is None:
-            self._readable = self._buffers(0, self.nread)
+            self._readable = self._buffers(0, self._nread)
         return self._readable
 
     @property
     def writable(self) -> list[tuple[int, int]]:
         if self._writable is None:
-            self._writable = self._buffers(self.nread, len(self.table) >> 2)
+            self._writable = self._buffers(self._nread, len(self.table) >> 2)
         return self._writable
 
     @property
     def readable_len(self) -> int:
         n = self._readable_len
         if n is None:
-            n = self._readable_len = sum(self.table[2:4 * self.nread:4])
+            n = self._readable_len = sum(n for _, n in self.readable)
         return n
 
     @property
     def writable_len(self) -> int:
         n = self._writable_len
         if n is None:
-            n = self._writable_len = sum(self.table[4 * self.nread + 2::4])
+            n = self._writable_len = sum(n for _, n in self.writable)
         return n
 
     def __repr__(self) -> str:
@@ -315,7 +340,7 @@ class SplitQueue:
         size, mem, avail, used, table = self.size, self.mem, self._avail_v, self._used_v, self._desc_v
         assert mem is not None and avail is not None and used is not None and table is not None
         unpack_desc, unpack_u16, check_range = _DESC.unpack_from, _U16.unpack_from, mem.check_range
-        append = out.append
+        append, chain = out.append, DescriptorChain
         for _ in range(count):
             last = self.last_avail
             head = unpack_u16(avail, 4 + 2 * (last % size))[0]
@@ -325,9 +350,8 @@ class SplitQueue:
                     self.last_avail = last = (last + 1) & 0xFFFF
                     if self.event_idx:
                         _U16.pack_into(used, 4 + 8 * size, last)
-                    words = array("I", (addr & 0xFFFFFFFF, addr >> 32, length, VIRTQ_DESC_F_WRITE))
                     self.in_flight += 1
-                    append(DescriptorChain(head, words, 0, 0, length))
+                    append(chain(head, [], [(addr, length)], 0, length))
                     continue
             append(self._take_locked())  # anything else, and every error, the general way
 
@@ -367,8 +391,9 @@ class SplitQueue:
         size = self.size
         if head >= size:
             raise QueueError(f"head descriptor index {head} >= queue size {size}")
-        words = array("I")  # the chain's non-empty buffers, as DescriptorChain.table holds them
-        nread = rlen = wlen = 0
+        readable: list[tuple[int, int]] = []
+        writable: list[tuple[int, int]] = []
+        rlen = wlen = 0
         table: bytes | memoryview | None = self._desc_v  # the table walked: the queue's, or an indirect one
         assert table is not None     # set with mem, by activate()
         count = ttl = size
@@ -403,30 +428,29 @@ class SplitQueue:
                 table = mem.read(addr, length)  # one snapshot of the whole table
                 count = ttl = length // DESC_SIZE
                 in_indirect = True
-                fast = None if words else _linear_table(table, count)
+                fast = None if readable or writable else _linear_table(table, count)
                 if fast is not None:  # the usual layout, checked in one go
                     return self._linear_chain(mem, head, table, *fast)
                 desc = unpack_from(table, 0)
                 continue
             if length:
                 if flags & VIRTQ_DESC_F_WRITE:
+                    writable.append((addr, length))
                     wlen += length
                 else:
-                    if wlen:
+                    if writable:
                         raise QueueError("device-readable buffer after a device-writable one")
+                    readable.append((addr, length))
                     rlen += length
-                    nread += 1
-                words.extend((addr & 0xFFFFFFFF, addr >> 32, length, flags | nxt << 16))
             if not flags & VIRTQ_DESC_F_NEXT:
                 break
             if nxt >= count:
                 raise QueueError(f"next descriptor index {nxt} >= table size {count}")
             desc = unpack_from(table, DESC_SIZE * nxt)
-        chain = DescriptorChain(head, words, nread, rlen, wlen)
-        bad = mem.first_outside(chain.readable + chain.writable)
+        bad = mem.first_outside(readable + writable)
         if bad is not None:
             raise QueueError(f"buffer at {bad[0]:#x}+{bad[1]:#x} is not in guest RAM")
-        return chain
+        return DescriptorChain(head, readable, writable, rlen, wlen)
 
     @staticmethod
     def _linear_chain(mem: GuestMemory, head: int, table: bytes, words: array, nread: int) -> DescriptorChain:
@@ -435,7 +459,7 @@ class SplitQueue:
         the bytes."""
         count = len(words) >> 2
         if not mem.descs_inside(table):  # outside RAM, or RAM in several regions: one buffer at a time
-            chain = DescriptorChain(head, words, nread)
+            chain = DescriptorChain(head, table=words, nread=nread)
             bad = mem.first_outside(chain.readable + chain.writable)
             if bad is not None:
                 raise QueueError(f"buffer at {bad[0]:#x}+{bad[1]:#x} is not in guest RAM")
@@ -449,7 +473,7 @@ class SplitQueue:
             rlen = total - words[-2]
         else:
             rlen = sum(words[2:4 * nread:4])
-        return DescriptorChain(head, words, nread, rlen, total - rlen)
+        return DescriptorChain(head, table=words, nread=nread, readable_len=rlen, writable_len=total - rlen)
 
     # -- save/restore --------------------------------------------------------------------------------
     def unpop(self, count: int) -> None:
