@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from hypyr.errors import SnapshotError
 from hypyr.memory import GuestMemory
 
-from .stream import MAX_RUN, PAGE, Rec, StreamWriter, pages_head, parse_pages, parse_zero, zero_payload
+from .stream import MAX_RUN, PAGE, Rec, StreamWriter, pages_head, parse_zero, zero_payload
 
 _ZERO_PAGE = bytes(PAGE)
 _ZERO_RUN = bytes(MAX_RUN * PAGE)
@@ -121,12 +121,14 @@ class PageLoader:
         self._written = [bytearray(r.size // PAGE) for r in memory.regions]  # pages holding data
         self.pages = 0
 
-    def put_pages(self, payload: bytes) -> None:
-        gpa, count, data = parse_pages(payload, self.what)
+    def pages_into(self, gpa: int, count: int) -> memoryview:
+        """Where the ``count`` pages of a PAGES record at ``gpa`` go: a view of that guest RAM
+        (SnapshotError if it is not), for the stream to read them into."""
         i, first = self._locate(gpa, count)
-        self.mem.write(gpa, data)
         self._written[i][first:first + count] = b"\x01" * count
         self.pages += count
+        view, = self.mem.views([(gpa, count * PAGE)])  # (one region: _locate checked)
+        return view
 
     def put_zero(self, payload: bytes) -> None:
         for gpa, count in parse_zero(payload, self.what):

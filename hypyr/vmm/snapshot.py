@@ -322,14 +322,13 @@ def load_records(reader: StreamReader, memory: GuestMemory, progress: ProgressFn
     last = time.monotonic()
     state = None
     while True:
-        rtype, payload = reader.next(expect=(Rec.PAGES, Rec.ZERO, Rec.STATE) if state is None else (Rec.END,))
-        if rtype is Rec.PAGES:
-            loader.put_pages(payload)
-        elif rtype is Rec.ZERO:
+        rtype, payload = reader.next(expect=(Rec.PAGES, Rec.ZERO, Rec.STATE) if state is None else (Rec.END,),
+                                     pages_into=loader.pages_into)
+        if rtype is Rec.ZERO:
             loader.put_zero(payload)
         elif rtype is Rec.STATE:
             state = decode_json(payload, reader.what, "STATE")
-        else:
+        elif rtype is Rec.END:
             return state
         if progress is not None and time.monotonic() - last > 0.2:
             last = time.monotonic()

@@ -14,6 +14,7 @@ import enum
 import json
 import struct
 import zlib
+from collections.abc import Callable
 from typing import Any, BinaryIO, overload
 
 from hypyr.errors import SnapshotError, SnapshotTruncated
@@ -134,9 +135,12 @@ class StreamReader:
             raise SnapshotError(f"{self.what} has format version {version}; this hypyr reads version {VERSION}")
         self._chain = zlib.crc32(CRC.pack(crc))
 
-    def next(self, expect: tuple[Rec, ...] | None = None) -> tuple[Rec, bytes]:
+    def next(self, expect: tuple[Rec, ...] | None = None,
+             pages_into: Callable[[int, int], memoryview] | None = None) -> tuple[Rec, bytes]:
         """The next record as (type, payload); END is checked here.  ``expect``: the types
-        allowed now (anything else is an error)."""
+        allowed now (anything else is an error).  ``pages_into(gpa, count)``: where a PAGES
+        record's data goes (guest RAM, read into straight from the source, checked after; the
+        payload returned is then only the run's head)."""
         head = self._read(RECORD.size, "a record header", eof_ok=True)
         if head is None:
             raise SnapshotTruncated(f"{self.what} is truncated (it ends before its END record)")
@@ -151,9 +155,19 @@ class StreamReader:
             wanted = " or ".join(r.name for r in expect)
             raise SnapshotError(f"{self.what} is corrupt (a {rtype.name} record where {wanted} belongs)")
         where = f"{'an' if rtype.name[0] in 'AEIOU' else 'a'} {rtype.name} record"
-        payload = self._read(length, where)
+        if rtype is Rec.PAGES and pages_into is not None:
+            payload = self._read(min(length, RUN.size), where)
+            gpa, count = parse_pages_head(payload, length, self.what)
+            data = pages_into(gpa, count)
+            try:  # released however this ends: a view left in a traceback would keep the RAM mapped
+                self._read_into(data, where)
+                crc = zlib.crc32(data, zlib.crc32(payload, zlib.crc32(head)))
+            finally:
+                data.release()
+        else:
+            payload = self._read(length, where)
+            crc = zlib.crc32(payload, zlib.crc32(head))
         tail = self._read(CRC.size, where)
-        crc = zlib.crc32(payload, zlib.crc32(head))
         if CRC.unpack(tail)[0] != crc:
             raise SnapshotError(f"{self.what} is corrupt (record {self.records + 1}, {rtype.name}, fails its "
                                 f"checksum)")
@@ -188,21 +202,32 @@ class StreamReader:
         self.bytes += n
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
+    def _read_into(self, view: memoryview, where: str) -> None:
+        got = 0
+        while got < len(view):
+            with view[got:] as rest:
+                n = self._src.readinto(rest)  # type: ignore[attr-defined]  # (files and sockets have it)
+            if not n:
+                raise SnapshotTruncated(f"{self.what} is truncated (it ends inside {where})")
+            got += n
+        self.bytes += got
+
 
 # -- payloads ---------------------------------------------------------------------------------------
 def pages_head(gpa: int, count: int) -> bytes:
     return RUN.pack(gpa, count)
 
 
-def parse_pages(payload: bytes, what: str) -> tuple[int, int, memoryview]:
-    """(guest address, page count, data) of a PAGES payload, its sizes checked."""
-    if len(payload) < RUN.size:
+def parse_pages_head(run: bytes, length: int, what: str) -> tuple[int, int]:
+    """(guest address, page count) of a PAGES record of ``length`` payload bytes that begins
+    with ``run``, its sizes checked."""
+    if len(run) < RUN.size:
         raise SnapshotError(f"{what} is corrupt (a PAGES record too short for its header)")
-    gpa, count = RUN.unpack_from(payload)
-    if not 1 <= count <= MAX_RUN or len(payload) != RUN.size + count * PAGE or gpa % PAGE:
+    gpa, count = RUN.unpack_from(run)
+    if not 1 <= count <= MAX_RUN or length != RUN.size + count * PAGE or gpa % PAGE:
         raise SnapshotError(f"{what} is corrupt (a PAGES record of {count} pages at {gpa:#x} has "
-                            f"{len(payload) - RUN.size} bytes of data)")
-    return gpa, count, memoryview(payload)[RUN.size:]
+                            f"{length - RUN.size} bytes of data)")
+    return gpa, count
 
 
 def zero_payload(runs: list[tuple[int, int]]) -> bytes:

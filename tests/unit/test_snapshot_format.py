@@ -154,12 +154,12 @@ def test_json_payloads():
 
 
 def test_page_and_zero_payloads():
-    gpa, count, data = stream.parse_pages(stream.pages_head(0x3000, 2) + bytes(2 * PAGE), "f")
-    assert (gpa, count, len(data)) == (0x3000, 2, 2 * PAGE)
-    for bad in (stream.pages_head(0x3000, 2) + bytes(PAGE), stream.pages_head(0x3001, 1) + bytes(PAGE),
-                stream.pages_head(0, 0), stream.pages_head(0, 257) + bytes(257 * PAGE), b"short"):
+    run = stream.RUN.size
+    assert stream.parse_pages_head(stream.pages_head(0x3000, 2), run + 2 * PAGE, "f") == (0x3000, 2)
+    for bad, length in ((stream.pages_head(0x3000, 2), run + PAGE), (stream.pages_head(0x3001, 1), run + PAGE),
+                        (stream.pages_head(0, 0), run), (stream.pages_head(0, 257), run + 257 * PAGE), (b"short", 5)):
         with pytest.raises(SnapshotError, match="corrupt"):
-            stream.parse_pages(bad, "f")
+            stream.parse_pages_head(bad, length, "f")
     assert stream.parse_zero(stream.zero_payload([(0, 5), (PAGE * 9, 1)]), "f") == [(0, 5), (PAGE * 9, 1)]
     for bad in (b"123", stream.zero_payload([(0, 0)]), stream.zero_payload([(5, 1)])):
         with pytest.raises(SnapshotError, match="corrupt"):
