@@ -1,8 +1,8 @@
-"""Guest physical memory: regions of anonymous host memory, and the one access path to them.
+"""Guest physical memory: regions of anonymous host memory (:mod:`.region`), and the one access path to them.
 
 Every read or write of guest memory made by the VMM or a device goes through
 :class:`GuestMemory`, which checks the whole range (start *and* end) against the
-regions on every call.  Nothing outside this module (and :mod:`hypyr.kvm`) sees a
+regions on every call.  Nothing outside this package (and :mod:`hypyr.kvm`) sees a
 host pointer.  Devices get views of exactly the driver's buffers (:meth:`GuestMemory.views`).
 Rules for holding views, and the file I/O paths: docs/architecture.md, "Views and file I/O for devices".
 """
@@ -11,235 +11,30 @@ from __future__ import annotations
 
 import bisect
 import ctypes
-import functools
-import logging
-import mmap
 import operator
 import os
 import struct
-import sys
-import threading
 from array import array
 from collections.abc import Iterable, Sequence
 from typing import TypeVar
 
-from hypyr.libc import IOV_MAX, optional_function
+from hypyr.libc import IOV_MAX
 
-log = logging.getLogger("hypyr.memory")
+from .iov import LANE_TOP, desc_lanes, iovec_struct, libc_preadv, libc_pwritev, libc_rw
+from .region import (
+    GuestAddress,
+    GuestMemoryClosedError,
+    GuestMemoryError,
+    GuestRegion,
+    address_space,
+)
 
-__all__ = ["GuestAddress", "GuestMemoryError", "GuestMemoryClosedError", "GuestRegion", "GuestMemory"]
+__all__ = ["GuestAddress", "GuestMemoryError", "GuestMemoryClosedError", "GuestRegion", "GuestMemory",
+           "address_space"]
 
 DIRTY_PAGE = 4096  # the granule of dirty tracking (KVM's dirty log's too)
 
 _Struct = TypeVar("_Struct", bound=ctypes.Structure)
-
-
-_RW_ARGS = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]  # iovecs: bytes or an address
-_libc_preadv = optional_function("preadv", _RW_ARGS, ctypes.c_ssize_t)
-_libc_pwritev = optional_function("pwritev", _RW_ARGS, ctypes.c_ssize_t)
-
-
-def _libc_rw(fn, fd: int, iov, count: int, offset: int, region_view: memoryview) -> int:
-    """libc preadv/pwritev ``fn`` with an iovec array (bytes or its address) into one region.
-    A view of the region is held across the call: while it exists GuestRegion.close() cannot
-    unmap the region, so the kernel only ever touches this guest's (still mapped) RAM."""
-    keep = region_view[0:1]
-    try:
-        r = fn(fd, iov, count, offset)
-        if r < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-        return r
-    finally:
-        keep.release()
-
-
-@functools.lru_cache(maxsize=64)
-def _iovec_struct(count: int) -> struct.Struct:
-    """struct iovec[count] (void *iov_base; size_t iov_len) in native layout."""
-    return struct.Struct("@" + "PN" * count)
-
-
-# -- descriptor tables as integers (GuestMemory.descs_inside) -----------------------------------
-# A table of n 16-byte descriptors read as one little-endian integer has descriptor i in bits
-# [128 i, 128 i + 128): the address in the low 64 bits of that "lane", the length in the next
-# 32.  Masking, shifting and adding such integers works on all descriptors at once in C
-# (CPython's big-integer loops), lane by lane: every sum formed below stays under 2**101, so no
-# lane ever carries into the next.  Bit _LANE_TOP of a lane then tells a comparison's outcome.
-_LANE_BITS = 128
-_LANE_TOP = 100
-
-
-@functools.lru_cache(maxsize=64)  # at most ~100 KiB each (1024 descriptors)
-def _desc_lanes(count: int, start: int, end: int) -> tuple[int, int, int, int, int, int]:
-    """(bit 0 of every lane, the address fields, the length fields, per-lane 2**100 - start,
-    per-lane 2**100 - 1 - end, the bits from 100 up) for ``count`` descriptors and RAM
-    [start, end):  address + length + 2**100 - 1 - end < 2**100  iff  address + length <= end,
-    and address + 2**100 - start >= 2**100  iff  address >= start."""
-    one = int.from_bytes(b"\x01".ljust(16, b"\0") * count, "little")
-    return (one, one * ((1 << 64) - 1), one * (((1 << 32) - 1) << 64), one * ((1 << _LANE_TOP) - start),
-            one * ((1 << _LANE_TOP) - 1 - end), one * (((1 << (_LANE_BITS - _LANE_TOP)) - 1) << _LANE_TOP))
-
-
-_MADV_HUGEPAGE = 14
-_MADV_DONTDUMP = 16
-
-HOST_ALIGN = 1 << 32      # host address = guest address + a multiple of this (see GuestRegion)
-GUARD_SPAN = 2 << 32      # address space owned by a region from its first byte (RAM, then guard)
-_PROT_NONE = 0
-_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)  # Python < 3.13 lacks the constant (Linux value)
-
-
-def _buffer_address(obj) -> int:
-    """Host address of a writable buffer (the ctypes export is dropped at once)."""
-    c = ctypes.c_char.from_buffer(obj)
-    try:
-        return ctypes.addressof(c)
-    finally:
-        del c
-
-
-_libc_mprotect = optional_function("mprotect", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int])
-
-
-def _mprotect_none(addr: int, length: int) -> bool:
-    if length == 0:
-        return True
-    return _libc_mprotect is not None and _libc_mprotect(addr, length, _PROT_NONE) == 0
-
-
-class GuestAddress(int):
-    """A guest-physical address.  Arithmetic with ints keeps the type."""
-
-    __slots__ = ()
-
-    def __new__(cls, value: int) -> GuestAddress:
-        if value < 0 or value >= 1 << 64:
-            raise GuestMemoryError(f"guest address {value:#x} out of range")
-        return super().__new__(cls, value)
-
-    def __add__(self, other: int) -> GuestAddress:
-        return GuestAddress(int(self) + int(other))
-
-    __radd__ = __add__
-
-    def __sub__(self, other: int) -> GuestAddress:
-        return GuestAddress(int(self) - int(other))
-
-    def __repr__(self) -> str:
-        return f"GuestAddress({int(self):#x})"
-
-
-class GuestMemoryError(Exception):
-    """A guest-physical access that falls (partly) outside guest RAM."""
-
-
-class GuestMemoryClosedError(GuestMemoryError):
-    """An access to guest memory after :meth:`GuestMemory.close`."""
-
-
-def _held_elsewhere(lent: list[tuple[memoryview, int, int]]) -> list[tuple[memoryview, int, int]]:
-    """The ``(view, offset, length)`` entries whose view someone besides ``lent`` still
-    references (CPython reference counts: a view referenced only by its entry has two here,
-    counting the argument)."""
-    return [e for e in lent if sys.getrefcount(e[0]) > 2]
-
-
-def address_space(ram_bytes: int, regions: int = 2) -> int:
-    """Address space the guest RAM of ``ram_bytes`` in at most ``regions`` regions reserves
-    (each region: HOST_ALIGN + max(its size, GUARD_SPAN); see GuestRegion), for RLIMIT_AS."""
-    return ram_bytes + regions * (HOST_ALIGN + GUARD_SPAN)
-
-
-class GuestRegion:
-    """One contiguous range of guest RAM backed by an anonymous host mapping.
-
-    The mapping sits inside a larger reservation (address space only: ``MAP_NORESERVE``, the
-    rest ``PROT_NONE``) placed so that the host address of every guest byte is its guest address
-    plus a multiple of 4 GiB (:data:`HOST_ALIGN`), and so that the :data:`GUARD_SPAN` bytes of
-    address space from the start of the RAM belong to this reservation: whatever of them is
-    not RAM is inaccessible.  :meth:`GuestMemory.preadv_descs` builds its iovecs on that (see
-    there)."""
-
-    def __init__(self, start: int, size: int, *, hugepages: bool = True):
-        if size <= 0 or size % mmap.PAGESIZE or start % mmap.PAGESIZE:
-            raise ValueError("guest regions must be page-aligned and non-empty")
-        self.start = GuestAddress(start)
-        self.size = size
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
-        prot = mmap.PROT_READ | mmap.PROT_WRITE
-        reserve = HOST_ALIGN + max(size, GUARD_SPAN)
-        self._map: mmap.mmap | None
-        try:
-            self._map = mmap.mmap(-1, reserve, flags=flags, prot=prot)
-        except OSError:  # e.g. strict overcommit (vm.overcommit_memory=2): RAM only, no guard
-            log.warning("guest RAM at %#x: no address space for its %d GiB reservation (RLIMIT_AS or strict "
-                        "overcommit): block and network I/O take the slower path", start, reserve >> 30)
-            self._map = mmap.mmap(-1, size, flags=flags, prot=prot)
-            reserve = size
-        base = _buffer_address(self._map)
-        off = (int(start) - base) % HOST_ALIGN if reserve > size else 0
-        self._host = base + off
-        # the reservation around the RAM: inaccessible (a stray access faults instead of landing)
-        self.guarded = (reserve > size and _mprotect_none(base, off)
-                        and _mprotect_none(self._host + size, reserve - off - size))
-        if hugepages and hasattr(self._map, "madvise"):
-            try:
-                self._map.madvise(_MADV_HUGEPAGE, off, size)
-            except OSError:
-                pass  # THP disabled on this host: fine, just slower
-        self._off = off
-        self._view = memoryview(self._map)[off:off + size]
-        self._lent: list[tuple[memoryview, int, int]] = []  # (view, offset, length) from lend(), released by close()
-        self._lock = threading.Lock()
-
-    @property
-    def end(self) -> int:
-        """One past the last byte: a plain int, since it may be 2**64 (not a GuestAddress)."""
-        return int(self.start) + self.size
-
-    def host_address(self) -> int:
-        """Host virtual address of the RAM (for KVM memslots only)."""
-        return self._host
-
-    def contains(self, addr: int, length: int = 1) -> bool:
-        return self.start <= addr and addr + length <= self.end
-
-    def lend(self, offset: int, length: int) -> memoryview:
-        """A view of ``length`` bytes at ``offset`` into the RAM, released by :meth:`close`."""
-        with self._lock:
-            if self._map is None:
-                raise GuestMemoryClosedError("guest memory is closed")
-            self._lent = _held_elsewhere(self._lent)  # forget dropped views: the list stays short
-            view = self._view[offset:offset + length]
-            self._lent.append((view, offset, length))
-            return view
-
-    def lent_ranges(self) -> list[tuple[int, int]]:
-        """``(offset, length)`` of every view from :meth:`lend` still held (virtqueue rings)."""
-        with self._lock:
-            self._lent = _held_elsewhere(self._lent)
-            return [(off, n) for _, off, n in self._lent]
-
-    def close(self) -> None:
-        """Unmap the region now (idempotent): release the lent views, then the mapping.  A view
-        still in use (by a system call right now, or from :meth:`GuestMemory.views`) keeps the
-        address range mapped until it goes; its RAM is given back at once all the same."""
-        with self._lock:
-            mapping, self._map = self._map, None
-            lent, self._lent = [v for v, _, _ in self._lent], []
-        if mapping is None:
-            return
-        for view in lent + [self._view]:
-            try:
-                view.release()
-            except BufferError:
-                pass  # exported to a system call in progress
-        try:
-            mapping.close()
-        except BufferError:  # we hold no reference now: the last view's release unmaps it
-            mapping.madvise(mmap.MADV_DONTNEED, self._off, self.size)
-
 
 class GuestMemory:
     """All of a guest's RAM: a sorted list of non-overlapping regions."""
@@ -258,7 +53,7 @@ class GuestMemory:
         # starts at guest address 0 and has its guard (see GuestRegion); None: not available
         first = self.regions[0] if self.regions else None
         self._desc_hi = (self._hosts[0] >> 32 if first is not None and first.start == 0 and first.guarded
-                         and _libc_preadv is not None else None)
+                         and libc_preadv is not None else None)
         self._desc_fill: dict[int, tuple[array, array]] = {}  # count -> (zeros, high halves)
         self._closed = False
         # live migration: per region one byte per page, 1 = written by the VMM (see start_dirty_tracking)
@@ -360,14 +155,14 @@ class GuestMemory:
         short; 0 at the end of the file).  Every range is checked in full first, exactly as in
         :meth:`views` (:class:`GuestMemoryError` and no I/O if any byte is outside guest RAM), and
         the mapping is kept alive for the call.  Raises :class:`OSError` on failure."""
-        n = self._rw(_libc_preadv, os.preadv, fd, ranges, offset)
+        n = self._rw(libc_preadv, os.preadv, fd, ranges, offset)
         if self._dirty is not None:
             self._mark_ranges(ranges)
         return n
 
     def pwritev(self, fd: int, ranges: Sequence[tuple[int, int]], offset: int) -> int:
         """One ``pwritev(2)`` of the guest ``ranges`` to file ``fd`` at ``offset``; as :meth:`preadv`."""
-        return self._rw(_libc_pwritev, os.pwritev, fd, ranges, offset)
+        return self._rw(libc_pwritev, os.pwritev, fd, ranges, offset)
 
     def preadv_descs(self, fd: int, descs: array, first: int, count: int, offset: int) -> int | None:
         """``preadv`` into the buffers of ``count`` virtqueue descriptors from index ``first`` of
@@ -381,10 +176,10 @@ class GuestMemory:
         assignment: RAM's host address is a multiple of 4 GiB plus the guest address, so the
         host address of a buffer below 4 GiB is its guest address with the high half replaced.
         The containment does not depend on the caller: every iovec then lies within
-        :data:`GUARD_SPAN` bytes of the first region's RAM, all of which is either that RAM or
+        :data:`.region.GUARD_SPAN` bytes of the first region's RAM, all of which is either that RAM or
         its ``PROT_NONE`` guard, so a buffer that is not RAM makes the kernel fail the call
         (EFAULT, or a short count) and nothing outside guest RAM is ever read or written."""
-        n = self._rw_descs(_libc_preadv, fd, descs, first, count, offset)
+        n = self._rw_descs(libc_preadv, fd, descs, first, count, offset)
         if n is not None and self._dirty is not None:
             self._mark_ranges([(descs[i] | descs[i + 1] << 32, descs[i + 2])
                                for i in range(4 * first, 4 * (first + count), 4)])
@@ -392,7 +187,7 @@ class GuestMemory:
 
     def pwritev_descs(self, fd: int, descs: array, first: int, count: int, offset: int) -> int | None:
         """``pwritev`` from descriptor buffers; as :meth:`preadv_descs`."""
-        return self._rw_descs(_libc_pwritev, fd, descs, first, count, offset)
+        return self._rw_descs(libc_pwritev, fd, descs, first, count, offset)
 
     def _rw_descs(self, fn, fd: int, descs: array, first: int, count: int, offset: int) -> int | None:
         hi, spans = self._desc_hi, self._spans  # one read each: close() may empty them meanwhile
@@ -411,7 +206,7 @@ class GuestMemory:
             return None                  # a buffer at or above 4 GiB
         iov[1::4] = his                  # u64 iov_base = host address of RAM + guest address
         iov[3::4] = zeros                # u64 iov_len = the u32 length (flags and next cleared)
-        return _libc_rw(fn, fd, iov.buffer_info()[0], count, offset, spans[0][2])
+        return libc_rw(fn, fd, iov.buffer_info()[0], count, offset, spans[0][2])
 
     def _rw(self, fn, fallback, fd: int, ranges: Sequence[tuple[int, int]], offset: int) -> int:
         if not ranges:
@@ -430,7 +225,7 @@ class GuestMemory:
         delta = self._hosts[0] - start
         flat[0::2] = map(delta.__add__, addrs)
         flat[1::2] = lengths
-        return _libc_rw(fn, fd, _iovec_struct(n).pack(*flat), n, offset, view)
+        return libc_rw(fn, fd, iovec_struct(n).pack(*flat), n, offset, view)
 
     def _views_slow(self, addr: int, length: int) -> list[memoryview]:
         spans = self._spans
@@ -460,18 +255,18 @@ class GuestMemory:
         ``[address, address + length)`` lies wholly in guest RAM (an empty one: its address in
         [start, end] of RAM); False if one does not, or RAM is not one region, or the table is
         empty (then check them one by one).  Loops only in C, and makes no Python object per
-        descriptor (see :func:`_desc_lanes`)."""
+        descriptor (see :func:`desc_lanes`)."""
         count = len(table) >> 4
         spans = self._spans
         if len(spans) != 1 or not count or len(table) & 15:
             return False
         start, end, _ = spans[0]
-        one, addr_mask, len_mask, low_bias, high_bias, top = _desc_lanes(count, start, end)
+        one, addr_mask, len_mask, low_bias, high_bias, top = desc_lanes(count, start, end)
         t = int.from_bytes(table, "little")
         addrs = t & addr_mask
         if (addrs + ((t & len_mask) >> 64) + high_bias) & top:  # some address + length > end
             return False
-        return not start or (addrs + low_bias) & top == one << _LANE_TOP  # every address >= start
+        return not start or (addrs + low_bias) & top == one << LANE_TOP  # every address >= start
 
     def _all_in_one_region(self, ranges: Sequence[tuple[int, int]]) -> tuple[int, memoryview, tuple, tuple] | None:
         """Fast path (loops in C): if every range is non-empty and inside the first region while
@@ -608,3 +403,4 @@ class GuestMemory:
 
     def write_obj(self, addr: int, obj: ctypes.Structure | ctypes.Array) -> None:
         self.write(addr, bytes(obj))
+
