@@ -107,10 +107,13 @@ net_wait() {
 net_dhcp() {
     net_wait "$1" || return 1
     ip link set "$1" up
-    # 30 tries 1 s apart: on a loaded host dnsmasq (which pings an address before it offers it)
-    # answered two guests booting together later than 10 s
-    udhcpc -i "$1" -q -n -t 30 -T 1 -s /etc/hypyr/udhcpc.script >/dev/null 2>&1 ||
-        echo "hypyr: no DHCP lease on $1"
+    # Up to three runs of 10 tries 1 s apart.  In the lab a first run has given up within a few
+    # seconds while a second one got a lease at once (docs/networking.md); each failure is shown.
+    for run in 1 2 3; do
+        out=$(udhcpc -i "$1" -q -n -t 10 -T 1 -s /etc/hypyr/udhcpc.script 2>&1) && return 0
+        echo "hypyr: DHCP on $1 failed (run $run, uptime $(cut -d' ' -f1 /proc/uptime) s): $(echo "$out" | tail -n 1)"
+    done
+    echo "hypyr: no DHCP lease on $1"
 }
 net_static() {  # DEV ADDR/PREFIX
     net_wait "$1" || return 1

@@ -242,21 +242,42 @@ def _net_part() -> str:
      ["ip link set lo up", "ip addr add 192.168.1.5/16 dev eth1", "ip link set eth1 up", "hostname guest"]),
     ("ip=10.1.2.3", ["ip link set lo up", "ip addr add 10.1.2.3/8 dev eth0", "ip link set eth0 up"]),
     ("ip=dhcp", ["ip link set lo up", "ip link set eth0 up",
-                 "udhcpc -i eth0 -q -n -t 30 -T 1 -s /etc/hypyr/udhcpc.script"]),
+                 "udhcpc -i eth0 -q -n -t 10 -T 1 -s /etc/hypyr/udhcpc.script"]),
     ("ip=:::::eth1:dhcp", ["ip link set lo up", "ip link set eth1 up",
-                           "udhcpc -i eth1 -q -n -t 30 -T 1 -s /etc/hypyr/udhcpc.script"]),
+                           "udhcpc -i eth1 -q -n -t 10 -T 1 -s /etc/hypyr/udhcpc.script"]),
     ("ip=off", ["ip link set lo up"]),
     ("hypyr.ip.0=10.0.0.2/24 hypyr.ip.1=dhcp hypyr.gw=10.0.0.1",
      ["ip link set lo up", "ip addr add 10.0.0.2/24 dev eth0", "ip link set eth0 up", "ip link set eth1 up",
-      "udhcpc -i eth1 -q -n -t 30 -T 1 -s /etc/hypyr/udhcpc.script", "ip route add default via 10.0.0.1"]),
+      "udhcpc -i eth1 -q -n -t 10 -T 1 -s /etc/hypyr/udhcpc.script", "ip route add default via 10.0.0.1"]),
 ])
 def test_init_network_config(cmdline, expect, tmp_path):
     """The init's networking section, with ip/udhcpc/hostname stubbed to log their arguments."""
+    log, _ = run_init_network(cmdline, tmp_path)
+    assert log == expect
+
+
+@pytest.mark.parametrize("fails", [2, 3])
+def test_init_runs_udhcpc_again_and_shows_each_failure(fails, tmp_path):
+    log, out = run_init_network("ip=dhcp", tmp_path, udhcpc_fails=fails)
+    assert log.count("udhcpc -i eth0 -q -n -t 10 -T 1 -s /etc/hypyr/udhcpc.script") == 3
+    failures = [l for l in out.splitlines() if l.startswith("hypyr: DHCP on eth0 failed (run ")]
+    assert len(failures) == fails and all(l.endswith(": udhcpc: no lease, failing") for l in failures)
+    assert ("hypyr: no DHCP lease on eth0" in out) == (fails == 3)
+
+
+def run_init_network(cmdline: str, tmp_path, udhcpc_fails: int = 0) -> tuple[list[str], str]:
+    """Run the init's networking section for ``cmdline`` with ip/udhcpc/hostname stubbed to log
+    their arguments (udhcpc failing its first ``udhcpc_fails`` runs); (the log, its stdout)."""
     log = tmp_path / "log"
     script = f"""
 log={log}
 ip() {{ echo "ip $*" >>$log; }}
-udhcpc() {{ echo "udhcpc $*" >>$log; }}
+udhcpc() {{
+    echo "udhcpc $*" >>$log
+    n=$(grep -c ^udhcpc $log)
+    [ "$n" -gt {udhcpc_fails} ] && return 0
+    echo "udhcpc: started"; echo "udhcpc: no lease, failing" >&2; return 1
+}}
 hostname() {{ echo "hostname $*" >>$log; }}
 ipcalc() {{  # busybox ipcalc -p ADDR [MASK] (classful without MASK)
     case "$3" in
@@ -276,7 +297,7 @@ done
 """ + _net_part().replace("/sys/class/net/", f"{tmp_path}/sys/class/net/") + "\n"
     r = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=20)
     assert r.returncode == 0, r.stderr
-    assert log.read_text().splitlines() == expect
+    return log.read_text().splitlines(), r.stdout
 
 
 @pytest.mark.skipif(shutil.which("sh") is None, reason="no sh")
