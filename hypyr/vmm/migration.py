@@ -142,6 +142,12 @@ class _Source:
             raise MigrationError(f"the destination failed: {payload.decode('utf-8', 'replace')}")
         return decode_json(payload, "the destination's reply", rtype.name) if payload else {}
 
+    def wait_caught_up(self) -> None:
+        """SYNC, then wait for SYNCED: the destination has taken in everything sent so far, so
+        what it still had to read is not part of the downtime (docs/migration.md)."""
+        self.link.send(Rec.SYNC)
+        self.expect_reply(Rec.SYNCED)
+
     def begin(self) -> list:
         """A brief pause: NICs off vhost-net, dirty logging on; returns every vCPU's CPUID (it
         cannot change from now on, so it travels before the guest stops)."""
@@ -290,21 +296,30 @@ def _send(src: _Source, vm: LinuxVm, downtime_s: float, max_iterations: int, ext
     bandwidth = max((w.bytes - sent_before) / max(elapsed, 1e-6), MIN_BANDWIDTH)
     src.tick("memory", force=True)
     last_pass = machine.memory.size // PAGE
+    dirty = src.dirty.harvest()
+    caught_up = False
     while True:
-        dirty = src.dirty.harvest()
         n = sum(len(p) for p in dirty)
         src.dirty_pages, src.dirty_rate = n, n / max(elapsed, 1e-6)
-        if src.iteration >= max_iterations or not another_pass(n, last_pass, bandwidth, downtime_s):
+        if src.iteration < max_iterations and another_pass(n, last_pass, bandwidth, downtime_s):
+            src.iteration += 1
+            last_pass = n
+            start, sent_before = time.monotonic(), w.bytes
+            sender.send_dirty(dirty)
+            link.writer.flush()
+            elapsed = time.monotonic() - start
+            bandwidth = max((w.bytes - sent_before) / max(elapsed, 1e-6), MIN_BANDWIDTH)
+            src.tick(force=True)
+            src.check_peer()
+            dirty, caught_up = src.dirty.harvest(), False
+            continue
+        if caught_up:
             break
-        src.iteration += 1
-        last_pass = n
-        start, sent_before = time.monotonic(), w.bytes
-        sender.send_dirty(dirty)
-        link.writer.flush()
-        elapsed = time.monotonic() - start
-        bandwidth = max((w.bytes - sent_before) / max(elapsed, 1e-6), MIN_BANDWIDTH)
-        src.tick(force=True)
-        src.check_peer()
+        # before the pause, let the destination take in what is still on its way (the socket
+        # buffers hold megabytes); then look again at what the guest dirtied meanwhile
+        src.wait_caught_up()
+        caught_up = True
+        dirty = merge_dirty(dirty, src.dirty.harvest())
 
     # stop and copy
     src.stop_and_copy()
@@ -387,7 +402,8 @@ def migrate_receive(sock: socket.socket, console_out: Callable[[bytes], None], *
     try:
         header = read_checked_header(link.reader, kvm)
         vm = load_vm(link.reader, header, console_out, tap_fds=tap_fds, configure=configure, kvm=kvm,
-                     progress=progress, advance_clock=True, lock_disks_at_end=True, on_built=_start_parked)
+                     progress=progress, advance_clock=True, lock_disks_at_end=True, on_built=_start_parked,
+                     on_sync=lambda: link.send(Rec.SYNCED))
         if before_run is not None:
             before_run(vm)
         ready_ns = time.monotonic_ns()

@@ -315,17 +315,22 @@ def apply_state(vm: LinuxVm, state: object, *, advance_clock: bool, what: str) -
 
 # -- guest RAM --------------------------------------------------------------------------------------------
 
-def load_records(reader: StreamReader, memory: GuestMemory, progress: ProgressFn | None = None) -> object:
-    """Read PAGES/ZERO records into ``memory`` up to STATE, then END (checked); return the state."""
+def load_records(reader: StreamReader, memory: GuestMemory, progress: ProgressFn | None = None,
+                 on_sync: Callable[[], None] | None = None) -> object:
+    """Read PAGES/ZERO records into ``memory`` up to STATE, then END (checked); return the state.
+    ``on_sync``: called at each SYNC record (a migration's; a save file has none)."""
     loader = PageLoader(memory, reader.what)
     total = memory.size // PAGE
     last = time.monotonic()
     state = None
+    memory_records = (Rec.PAGES, Rec.ZERO, Rec.STATE) + ((Rec.SYNC,) if on_sync is not None else ())
     while True:
-        rtype, payload = reader.next(expect=(Rec.PAGES, Rec.ZERO, Rec.STATE) if state is None else (Rec.END,),
+        rtype, payload = reader.next(expect=memory_records if state is None else (Rec.END,),
                                      pages_into=loader.pages_into)
         if rtype is Rec.ZERO:
             loader.put_zero(payload)
+        elif rtype is Rec.SYNC and on_sync is not None:
+            on_sync()
         elif rtype is Rec.STATE:
             state = decode_json(payload, reader.what, "STATE")
         elif rtype is Rec.END:
@@ -338,13 +343,15 @@ def load_records(reader: StreamReader, memory: GuestMemory, progress: ProgressFn
 def load_vm(reader: StreamReader, header: SnapshotHeader, console_out: Callable[[bytes], None], *,
             tap_fds: Sequence[int] = (), configure: Callable[[SnapshotHeader], VmConfig] | None = None,
             kvm: Kvm | None = None, progress: ProgressFn | None = None, advance_clock: bool = False,
-            lock_disks_at_end: bool = False, on_built: Callable[[LinuxVm], None] | None = None) -> LinuxVm:
+            lock_disks_at_end: bool = False, on_built: Callable[[LinuxVm], None] | None = None,
+            on_sync: Callable[[], None] | None = None) -> LinuxVm:
     """The rest of the stream after its header, as a new VM (vCPUs not started, devices
     resumed).  The VM is built first (so that a live migration's downtime does not include
     it), then RAM is read into it and, after END checked out, the state loaded.
     ``lock_disks_at_end``: the images are opened unlocked and locked only after END (the
     source lets go of them just before).  ``on_built(vm)`` runs once the VM is built, before
-    its RAM is read.  On any failure everything is released again."""
+    its RAM is read; ``on_sync``: as for :func:`load_records`.  On any failure everything is
+    released again."""
     config = configure(header) if configure is not None else header.vm_config(tap_fds)
     if layout.ram_layout(config.memory) != header.memory:
         raise SnapshotError(f"the configuration given for {reader.what} has another memory size than the saved VM")
@@ -361,7 +368,7 @@ def load_vm(reader: StreamReader, header: SnapshotHeader, console_out: Callable[
         load_cpuid(vm, reader)
         if on_built is not None:
             on_built(vm)
-        state = load_records(reader, vm.machine.memory, progress)
+        state = load_records(reader, vm.machine.memory, progress, on_sync)
         if lock_disks_at_end:
             reacquire_disks(vm)
         apply_state(vm, state, advance_clock=advance_clock, what=reader.what)

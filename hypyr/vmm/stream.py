@@ -1,6 +1,6 @@
 """The record stream of save files and live migration: one versioned, self-describing format
 (a checked preamble, then typed, length-bounded, CRC-32-checked records: HEADER, CPUID, PAGES,
-ZERO, STATE, END, and READY/GO/RUNNING/FAILED on a migration's link).  docs/migration.md, "The
+ZERO, STATE, END, and SYNC/SYNCED/READY/GO/RUNNING/FAILED on a migration's link).  docs/migration.md, "The
 format", has every record and its payload.  Anything wrong is a
 :class:`~hypyr.errors.SnapshotError` in one sentence; I/O errors (:class:`OSError`) are left to
 the caller, who knows whether a file or a link failed.
@@ -38,10 +38,12 @@ class Rec(enum.IntEnum):
     STATE = 4
     END = 5
     CPUID = 6
+    SYNC = 7        # migration only: answer SYNCED once everything before it is taken in
     READY = 16
     GO = 17
     RUNNING = 18
     FAILED = 19
+    SYNCED = 20
 
 
 # the most payload bytes each type may have: a length beyond it is refused before any allocation
@@ -52,10 +54,12 @@ MAX_PAYLOAD = {
     Rec.STATE: 64 << 20,
     Rec.END: END.size,
     Rec.CPUID: 16 << 20,
+    Rec.SYNC: 0,
     Rec.READY: 64 << 10,
     Rec.GO: 0,
     Rec.RUNNING: 64 << 10,
     Rec.FAILED: 64 << 10,
+    Rec.SYNCED: 0,
 }
 
 

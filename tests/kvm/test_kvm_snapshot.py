@@ -10,6 +10,7 @@ NIC would (KVM's dirty log cannot see that).  The VM is built by the builder wit
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -420,7 +421,8 @@ def test_live_migration_over_tcp_twice(guests, kvm, monkeypatch, manual_protect)
     assert {"memory", "stop-and-copy", "done"} <= {p.phase for p in progress}
 
 
-@pytest.mark.parametrize("how", ["closes mid-memory", "closes after END", "fails after END", "refuses"])
+@pytest.mark.parametrize("how", ["closes mid-memory", "never catches up", "closes after END", "fails after END",
+                                 "refuses"])
 def test_the_source_runs_on_when_the_destination_goes(guests, kvm, how):
     vm = guests.running(fill=4 * MiB)
     a, b = socket.socketpair()
@@ -428,17 +430,24 @@ def test_the_source_runs_on_when_the_destination_goes(guests, kvm, how):
 
     def destination():
         reader = stream.StreamReader(b.makefile("rb"), "the stream")
+        w = stream.StreamWriter(b.makefile("wb"))
         if how == "closes mid-memory":
             reader.preamble()
             for _ in range(3):
                 reader.next()
+        elif how == "never catches up":  # it reads on, but never answers the SYNC before the pause
+            reader.preamble()
+            with contextlib.suppress(SnapshotError, OSError):
+                while True:
+                    reader.next()
         elif how != "refuses":
             reader.preamble()
-            while reader.next()[0] is not stream.Rec.END:
-                pass
+            while (rtype := reader.next()[0]) is not stream.Rec.END:
+                if rtype is stream.Rec.SYNC:
+                    w.record(stream.Rec.SYNCED, b"")
+                    w.flush()
             if how == "fails after END":
                 VirtioBlk(str(guests.disk)).close()  # the source has let go of the disk image
-                w = stream.StreamWriter(b.makefile("wb"))
                 w.record(stream.Rec.FAILED, b"no room for it here")
                 w.flush()
         b.close()
@@ -452,13 +461,15 @@ def test_the_source_runs_on_when_the_destination_goes(guests, kvm, how):
         t.start()
     fds_before = open_fds()
     with pytest.raises(MigrationError) as e:
-        migration.migrate_send(vm, a, timeout=10)
+        migration.migrate_send(vm, a, timeout=2 if how == "never catches up" else 10)
     t.join(TIMEOUT)
     a.close()
     msg = str(e.value)
     assert msg.endswith("the domain runs on here") and "\n" not in msg, msg
     if how == "fails after END":
         assert "no room for it here" in msg
+    if how == "never catches up":
+        assert "did not answer within 2 s" in msg
     if how == "refuses":
         assert "bridge xenbr9 does not exist here" in msg and "vm" not in result
     assert not vm.machine.paused

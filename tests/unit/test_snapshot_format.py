@@ -265,6 +265,24 @@ def test_pages_round_trip_with_zero_runs():
         dst.close()
 
 
+def test_a_sync_is_answered_in_a_migration_and_refused_in_a_save_file():
+    mem = _memory()
+    try:
+        data = write_stream([(Rec.SYNC, b""), (Rec.STATE, b"{}"), (Rec.SYNC, b""), (Rec.SYNC, b"")])
+        answered: list[int] = []
+        r = StreamReader(io.BytesIO(data))
+        r.preamble()
+        with pytest.raises(SnapshotError, match="SYNC"):   # none after the STATE either
+            snapshot.load_records(r, mem, on_sync=lambda: answered.append(1))
+        assert answered == [1]
+        r = StreamReader(io.BytesIO(data))
+        r.preamble()
+        with pytest.raises(SnapshotError, match="SYNC"):
+            snapshot.load_records(r, mem)
+    finally:
+        mem.close()
+
+
 @pytest.mark.parametrize("record", [
     (Rec.PAGES, stream.pages_head(2 * MiB, 1) + bytes(PAGE)),             # the hole between the regions
     (Rec.PAGES, stream.pages_head(2 * MiB - PAGE, 2) + bytes(2 * PAGE)),  # across the end of a region
