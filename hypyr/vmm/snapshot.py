@@ -243,10 +243,11 @@ def cpuid_payload(tables: Sequence[Sequence[CpuidEntry]]) -> bytes:
     return encode_json({"vcpus": [cpuid_to_plain(t) for t in tables]})
 
 
-def load_cpuid(vm: LinuxVm, reader: StreamReader) -> None:
+def load_cpuid(vm: LinuxVm, reader: StreamReader, checked: dict | None = None) -> None:
     """Read the CPUID record and give each vCPU its table, before any other vCPU state: KVM checks
     much of that against it.  SnapshotError if it is corrupt, does not fit the VM, or asks for
-    features this host's KVM lacks."""
+    features this host's KVM lacks (``checked``: the feature words the header had, already
+    checked against this host; the same words are not checked twice)."""
     _, payload = reader.next(expect=(Rec.CPUID,))
     machine = vm.machine
     n = len(machine.vcpus)
@@ -256,7 +257,7 @@ def load_cpuid(vm: LinuxVm, reader: StreamReader) -> None:
         r.done()
     except StateError as e:
         raise SnapshotError(f"{reader.what} is corrupt ({e})") from None
-    if tables:
+    if tables and _feature_words(tables[0]) != checked:
         check_cpu({**_signature(machine.kvm.supported_cpuid()), "features": _feature_words(tables[0])},
                   machine.kvm, n, reader.what)
     try:
@@ -365,7 +366,7 @@ def load_vm(reader: StreamReader, header: SnapshotHeader, console_out: Callable[
         if list(vm.devices) != header.devices:
             raise SnapshotError(f"the VM built for {reader.what} has other devices than the saved one "
                                 f"({', '.join(header.devices)})")
-        load_cpuid(vm, reader)
+        load_cpuid(vm, reader, header.cpu.get("features"))
         if on_built is not None:
             on_built(vm)
         state = load_records(reader, vm.machine.memory, progress, on_sync)
