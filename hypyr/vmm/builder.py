@@ -20,8 +20,6 @@ from hypyr import preopened, procfs
 from hypyr.arch.x86 import acpi, layout, msrs
 from hypyr.arch.x86 import cpuid as x86cpuid
 from hypyr.arch.x86.acpi import MmioDevice
-from hypyr.arch.x86.boot import setup_linux_boot
-from hypyr.arch.x86.regs import BootCpuState
 from hypyr.devices.legacy.acpi_ged import AcpiGed
 from hypyr.devices.legacy.acpi_pm import AcpiPm
 from hypyr.devices.legacy.i8042 import I8042
@@ -42,6 +40,7 @@ from .iothread import IoThread
 from .machine import Machine, check_vcpu_count
 
 if TYPE_CHECKING:
+    from hypyr.arch.x86.regs import BootCpuState
     from hypyr.devices.virtio.net import VirtioNet
 
 log = logging.getLogger("hypyr.vmm")
@@ -264,7 +263,9 @@ def build_vm(config: VmConfig, console_out: Callable[[bytes], object], *, kvm: K
 
 
 def boot_linux(vm: LinuxVm) -> None:
-    """Load the kernel and initrd, write the boot tables and set up every vCPU to boot."""
+    """Load the kernel and initrd, write the boot tables and set up every vCPU to boot.  (The
+    boot protocols are imported here: a restore or a migration loads no kernel.)"""
+    from hypyr.arch.x86.boot import setup_linux_boot
     config, machine = vm.config, vm.machine
     boot = setup_linux_boot(machine.memory, config.kernel, config.initrd, config.full_cmdline(), config.vcpus,
                             mmio_devices=vm.mmio_windows, modules=config.modules)
