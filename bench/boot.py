@@ -7,7 +7,8 @@ Measures the wall time from launching the VMM to the guest's first userspace lin
 from its own grub.cfg, against QEMU direct-booting that entry's kernel, initrd and command line.
 Runs inside the lab (nested KVM); started on the host it re-executes itself there:
 
-    .venv/bin/python bench/boot.py [--rounds N] [--timeout S] [--json FILE] [--kernel K --initrd I | --system IMG]
+    .venv/bin/python bench/boot.py [--rounds N] [--warmup N] [--timeout S] [--json FILE]
+                                   [--kernel K --initrd I | --system IMG]
 
 It prints figures and exits 0 even when the goal (hypyr <= 1.5 x the faster QEMU) is not met;
 it exits non-zero only when it could not run at all. See bench/README.md.
@@ -263,6 +264,7 @@ def print_report(summary: dict, mem: dict | None) -> dict:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=3, help="samples per VMM (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed boots of each VMM first (default 1)")
     p.add_argument("--timeout", type=float, default=120.0, help="per-boot limit in seconds (default 120)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     p.add_argument("--no-memory", action="store_true", help="skip the extra run that measures hypyr's RSS")
@@ -275,8 +277,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--_rss-probe", dest="rss_probe", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("probe_cmd", nargs="*", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    if a.rounds < 1:
-        p.error("--rounds must be at least 1")
+    if a.rounds < 1 or a.warmup < 0:
+        p.error("--rounds must be at least 1 and --warmup not negative")
     a.configs = tuple(c for c in CONFIGS if a.only is None or c in a.only.split(","))
     if a.only is not None and (not a.configs or set(a.only.split(",")) - set(CONFIGS)):
         p.error(f"--only takes a comma-separated list of {', '.join(CONFIGS)}")
@@ -354,6 +356,15 @@ def _rounds(args: argparse.Namespace, cmds: dict[str, list[str]], kernel: str, i
     for c in configs:
         print(f"  {c:<13} {' '.join(cmds[c])}")
     print(flush=True)
+
+    for _ in range(args.warmup):   # untimed: bytecode compiled, files in the page cache, as installed
+        for c in configs:
+            if args.system:
+                fresh_system_copy(args.system)
+            wait = c == "hypyr" and not args.system
+            marker_s = run_until_marker(cmds[c], marker, args.timeout, wait_for_exit=wait)[0]
+            shown = "FAILED" if marker_s is None else f"{marker_s:6.2f} s"
+            print(f"warm-up  {c:<13} {shown}  (not counted)", flush=True)
 
     samples: list[Sample] = []
     for rnd in range(1, args.rounds + 1):
