@@ -36,6 +36,7 @@ from .snapshot import (
     quiesce_devices,
     reacquire_disks,
     read_checked_header,
+    rehearse_load,
     release_disks,
     resume_devices,
 )
@@ -389,9 +390,9 @@ def migrate_receive(sock: socket.socket, console_out: Callable[[bytes], None], *
                     before_run: Callable[[LinuxVm], None] | None = None) -> LinuxVm:
     """Receive a live migration from the :func:`migrate_send` at the other end of ``sock`` and
     return the VM, running (or paused, as it was on the source).  Its vCPU threads start, parked,
-    as soon as it is built, so that starting them is not part of the downtime; ``before_run(vm)``
-    runs with the state loaded, just before READY (e.g. to pin them).  NICs:
-    ``tap_fds`` or ``configure(header)``, as for :func:`~hypyr.vmm.snapshot.restore`.
+    as soon as it is built, and its state's load is rehearsed, so that neither is part of the
+    downtime; ``before_run(vm)`` runs with the state loaded, just before READY (e.g. to pin
+    them).  NICs: ``tap_fds`` or ``configure(header)``, as for :func:`~hypyr.vmm.snapshot.restore`.
     MigrationError, with nothing left behind, if the stream fails, is refused or the source
     gives up before GO."""
     old_timeout = sock.gettimeout()
@@ -402,7 +403,7 @@ def migrate_receive(sock: socket.socket, console_out: Callable[[bytes], None], *
     try:
         header = read_checked_header(link.reader, kvm)
         vm = load_vm(link.reader, header, console_out, tap_fds=tap_fds, configure=configure, kvm=kvm,
-                     progress=progress, advance_clock=True, lock_disks_at_end=True, on_built=_start_parked,
+                     progress=progress, advance_clock=True, lock_disks_at_end=True, on_built=_prepare,
                      on_sync=lambda: link.send(Rec.SYNCED))
         if before_run is not None:
             before_run(vm)
@@ -449,9 +450,11 @@ def migrate_receive(sock: socket.socket, console_out: Callable[[bytes], None], *
         sock.settimeout(old_timeout)
 
 
-def _start_parked(vm: LinuxVm) -> None:
+def _prepare(vm: LinuxVm) -> None:
+    """The built VM's vCPU threads started, parked; its state's load rehearsed (both off the downtime)."""
     vm.machine.pause()
     vm.machine.start()
+    rehearse_load(vm)
 
 
 def _tell_failure(link: _Link, e: BaseException) -> None:
