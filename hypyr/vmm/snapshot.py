@@ -243,7 +243,7 @@ def cpuid_payload(tables: Sequence[Sequence[CpuidEntry]]) -> bytes:
     return encode_json({"vcpus": [cpuid_to_plain(t) for t in tables]})
 
 
-def load_cpuid(vm: LinuxVm, reader: StreamReader, checked: dict | None = None) -> None:
+def load_cpuid(vm: LinuxVm, reader: StreamReader, checked: dict) -> None:
     """Read the CPUID record and give each vCPU its table, before any other vCPU state: KVM checks
     much of that against it.  SnapshotError if it is corrupt, does not fit the VM, or asks for
     features this host's KVM lacks (``checked``: the feature words the header had, already
@@ -257,9 +257,9 @@ def load_cpuid(vm: LinuxVm, reader: StreamReader, checked: dict | None = None) -
         r.done()
     except StateError as e:
         raise SnapshotError(f"{reader.what} is corrupt ({e})") from None
-    if tables and _feature_words(tables[0]) != checked:
-        check_cpu({**_signature(machine.kvm.supported_cpuid()), "features": _feature_words(tables[0])},
-                  machine.kvm, n, reader.what)
+    words = _feature_words(tables[0]) if tables else checked
+    if words != checked:
+        check_cpu({**_signature(machine.kvm.supported_cpuid()), "features": words}, machine.kvm, n, reader.what)
     try:
         for table, vt in zip(tables, machine.vcpus):
             vt.vcpu.set_cpuid(table)
@@ -376,7 +376,7 @@ def load_vm(reader: StreamReader, header: SnapshotHeader, console_out: Callable[
         if list(vm.devices) != header.devices:
             raise SnapshotError(f"the VM built for {reader.what} has other devices than the saved one "
                                 f"({', '.join(header.devices)})")
-        load_cpuid(vm, reader, header.cpu.get("features"))
+        load_cpuid(vm, reader, header.cpu["features"])
         if on_built is not None:
             on_built(vm)
         state = load_records(reader, vm.machine.memory, progress, on_sync)

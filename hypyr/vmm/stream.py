@@ -1,7 +1,7 @@
 """The record stream of save files and live migration: one versioned, self-describing format
 (a checked preamble, then typed, length-bounded, CRC-32-checked records: HEADER, CPUID, PAGES,
-ZERO, STATE, END, and SYNC/SYNCED/READY/GO/RUNNING/FAILED on a migration's link).  docs/migration.md, "The
-format", has every record and its payload.  Anything wrong is a
+ZERO, STATE, END, and SYNC/SYNCED/READY/GO/RUNNING/FAILED on a migration's link).
+docs/migration.md, "The format", has every record and its payload.  Anything wrong is a
 :class:`~hypyr.errors.SnapshotError` in one sentence; I/O errors (:class:`OSError`) are left to
 the caller, who knows whether a file or a link failed.
 """
