@@ -3,10 +3,9 @@ until it reports that its VM runs, reaped once it was told to stop.
 
 How it starts: a single-threaded caller (the `hypyr` CLI) forks: the child already has the modules the two
 share and runs ``hypyr.toolstack.domain.main`` at once, which saves an interpreter start and
-those imports (most of a `restore`'s time in the lab: bench/README.md, "migrate.py").  A caller
-with other threads (`hypyr serve`) starts ``python -m hypyr.toolstack.domain`` instead: a fork
-there could inherit a lock that another thread holds.
-"""
+those imports (most of a `restore`'s time in the lab: bench/README.md, "migrate.py").  `hypyr serve`
+has threads, so it must not fork: its fork server (hypyr.toolstack.forkserver) forks for it; without
+one, a threaded caller starts ``python -m hypyr.toolstack.domain``."""
 
 from __future__ import annotations
 
@@ -22,7 +21,7 @@ import threading
 import time
 import traceback
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NoReturn, Protocol
 
 from hypyr.errors import HypyrError
 from hypyr.messages import json_object
@@ -31,11 +30,14 @@ from hypyr.toolstack.errors import DomainTimeout, from_report
 from hypyr.toolstack.registry import DomainRecord, Registry, StaleDomainError, is_alive
 
 if TYPE_CHECKING:
+    from hypyr.toolstack.forkserver import ForkServer
     from hypyr.toolstack.xlcfg import DomainConfig
 
 CREATE_TIMEOUT = 120.0
 DESTROY_TIMEOUT = 10.0   # seconds `destroy` gives a domain process to stop before SIGKILL
 KILL_TIMEOUT = 5.0       # seconds `destroy` waits for a SIGKILLed domain process to be gone
+
+fork_server: ForkServer | None = None    # `hypyr serve`'s (hypyr.toolstack.forkserver), once started
 
 
 class DomainProcess(Protocol):
@@ -80,17 +82,36 @@ def start_domain(domid: int, ready_fd: int, log_fd: int, keep_fds: Sequence[int]
                  env: Mapping[str, str]) -> DomainProcess:
     """Start the domain process of ``domid``, reporting on ``ready_fd``; it inherits ``keep_fds``
     and ``env`` (added to ours), its stdin is /dev/null and stdout/stderr ``log_fd``."""
+    if fork_server is not None:
+        from hypyr.toolstack.forkserver import ForkServerGone
+        try:
+            return fork_server.start_domain(domid, ready_fd, log_fd, keep_fds, env)
+        except ForkServerGone:
+            use_fork_server(None)
     if threading.active_count() > 1:
         return subprocess.Popen([sys.executable, "-m", "hypyr.toolstack.domain", str(domid), str(ready_fd)],
                                 stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
                                 pass_fds=(ready_fd, *keep_fds), start_new_session=True, close_fds=True,
                                 env=dict(os.environ, **env))
-    from hypyr.toolstack import domain  # before the fork: imported once, in the parent
+    from hypyr.toolstack import domain  # noqa: F401 - before the fork: imported once, in the parent
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     pid = os.fork()
     if pid:
         return ForkedProcess(pid)
+    run_domain_child(domid, ready_fd, log_fd, keep_fds, env)
+
+
+def use_fork_server(server: ForkServer | None) -> None:
+    """Start domain processes through ``server`` (`hypyr serve`'s), or no longer (None)."""
+    global fork_server
+    fork_server = server
+
+
+def run_domain_child(domid: int, ready_fd: int, log_fd: int, keep_fds: Sequence[int],
+                     env: Mapping[str, str]) -> NoReturn:
+    """In a freshly forked child: detach, then run the domain; never returns."""
+    from hypyr.toolstack import domain
     code = 1
     try:
         _become_detached(log_fd, (ready_fd, *keep_fds))

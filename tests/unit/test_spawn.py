@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -73,3 +74,82 @@ def test_a_child_that_raises_exits_1_with_its_traceback_on_the_log(tmp_path):
     out = _run(tmp_path, "raise")
     assert out["kind"] == "ForkedProcess" and out["code"] == 1 and out["report"] is None
     assert "RuntimeError: the domain failed" in (tmp_path / "vmm.log").read_text()
+
+
+FORK_SERVER = r'''
+import json, os, signal, subprocess, sys, threading
+from hypyr.toolstack import domain, spawn
+from hypyr.toolstack.forkserver import ForkServer, PidfdProcess
+
+tmp = sys.argv[1]
+
+def probe(argv):
+    fds = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            fds[name] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            pass
+    kept = int(os.environ["HYPYR_TEST_KEPT"])
+    os.write(kept, b"through the kept pipe")
+    report = {"argv": argv, "ppid": os.getppid(), "leader": os.getsid(0) == os.getpid(), "fds": fds,
+              "env": os.environ.get("HYPYR_TEST_SPAWN"), "sigint": str(signal.getsignal(signal.SIGINT))}
+    os.write(int(argv[1]), json.dumps(report).encode() + b"\n")
+    print("on the log")
+    return 0
+
+domain.main = probe                      # before the helper forks: it runs the probe
+secret = open(os.path.join(tmp, "server-only"), "w")     # the helper must close it
+forks = ForkServer.start()
+spawn.use_fork_server(forks)
+stop = threading.Event()
+threading.Thread(target=stop.wait).start()    # a threaded server, as `hypyr serve`
+
+def start(n):
+    ready_r, ready_w = os.pipe()
+    kept_r, kept_w = os.pipe()
+    with open(os.path.join(tmp, f"vmm{n}.log"), "ab") as logf:
+        proc = spawn.start_domain(n, ready_w, logf.fileno(), (kept_w,),
+                                  {"HYPYR_TEST_SPAWN": "yes", "HYPYR_TEST_KEPT": str(kept_w)})
+    os.close(ready_w)
+    os.close(kept_w)
+    with os.fdopen(ready_r) as f:
+        line = f.readline()
+    kept = os.read(kept_r, 100).decode()
+    return proc, {"kind": type(proc).__name__, "report": json.loads(line) if line else None, "kept": kept,
+                  "ready_w": ready_w, "kept_w": kept_w}
+
+proc, first = start(7)
+first["code"] = proc.wait()
+first["helper"] = forks.pid
+os.kill(forks.pid, signal.SIGKILL)       # the helper dies: the next domain starts without it
+os.waitpid(forks.pid, 0)
+started = []
+subprocess.Popen = lambda args, **kw: started.append(args) or PidfdProcess(os.getpid())
+try:
+    start(8)
+except Exception:
+    pass
+stop.set()
+print(json.dumps({"first": first, "then": started, "fork_server": spawn.fork_server is None}))
+'''
+
+
+def test_a_threaded_server_starts_domains_through_its_fork_server_and_without_it_once_gone(tmp_path):
+    p = subprocess.run([sys.executable, "-c", FORK_SERVER, str(tmp_path)], capture_output=True, text=True,
+                       timeout=60, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    first = out["first"]
+    assert first["kind"] == "PidfdProcess" and first["code"] == -1
+    report = first["report"]
+    assert report["ppid"] == first["helper"] and report["leader"] and report["env"] == "yes"
+    assert report["argv"] == ["7", str(first["ready_w"])]
+    assert first["kept"] == "through the kept pipe"     # the passed descriptors keep their numbers
+    fds = {int(k): v for k, v in report["fds"].items()}
+    assert fds[0] == os.devnull and fds[1] == fds[2] == str(tmp_path / "vmm7.log")
+    assert str(tmp_path / "server-only") not in fds.values()
+    assert len(fds) == 5, fds                            # 0-2, the ready pipe and the kept one
+    assert report["sigint"] == str(signal.default_int_handler)
+    assert (tmp_path / "vmm7.log").read_text() == "on the log\n"
+    assert out["fork_server"] and out["then"][0][1:3] == ["-m", "hypyr.toolstack.domain"]

@@ -42,9 +42,20 @@ def make_server(socket_path: str | None = None) -> ApiServer:
 
 
 def serve(socket_path: str | None = None, ready: Callable[[str], None] | None = None) -> None:
-    """Serve the API until SIGTERM/SIGINT; remove the socket on the way out."""
+    """Serve the API until SIGTERM/SIGINT; remove the socket on the way out.  Domain processes are
+    forked by a fork server started here (hypyr.toolstack.forkserver)."""
+    from hypyr.toolstack import spawn
+    from hypyr.toolstack.forkserver import ForkServer
     from hypyr.toolstack.server import transport
-    transport.serve(make_server(socket_path), ready)
+    server = make_server(socket_path)
+    forks = ForkServer.start()       # while this process has one thread: serve_forever() adds more
+    spawn.use_fork_server(forks)
+    try:
+        transport.serve(server, ready)
+    finally:
+        spawn.use_fork_server(None)
+        if forks is not None:
+            forks.close()
 
 
 def cli_main(socket_path: str | None = None) -> int:
