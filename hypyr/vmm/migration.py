@@ -74,6 +74,10 @@ class _Link:
 
     def __init__(self, sock: socket.socket, what: str):
         self.sock = sock
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            # each write is a batch already (LINK_BUFFER); Nagle would hold a flush's last segment
+            # until the peer's delayed ACK, up to 40 ms (e.g. STATE, after the final pages' flush)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.wf = cast(BinaryIO, sock.makefile("wb", buffering=LINK_BUFFER))
         self.rf = cast(BinaryIO, sock.makefile("rb", buffering=LINK_BUFFER))
         self.writer = StreamWriter(self.wf)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import socket
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hypyr.vmm.dirty import bitmap_pages
-from hypyr.vmm.migration import FEW_PAGES, another_pass
+from hypyr.vmm.migration import FEW_PAGES, _Link, another_pass
 
 MB = 1 << 20  # bytes/s of the link in these cases: 256 pages a second
 
@@ -37,3 +39,18 @@ def test_dirty_bitmap_bits_are_the_set_bits_below_the_limit(words, limit):
     bitmap = b"".join(w.to_bytes(8, "little") for w in words)
     want = [i for i in range(len(words) * 64) if bitmap[i // 8] >> (i % 8) & 1 and i < limit]
     assert bitmap_pages(bitmap, limit) == want
+
+
+def test_a_tcp_link_turns_nagle_off_and_a_unix_one_is_left_alone():
+    """Nagle would hold the tail of each flush until the peer's delayed ACK (up to 40 ms of downtime)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    with server, socket.create_connection(server.getsockname()) as a, server.accept()[0] as b:
+        assert not a.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        links = [_Link(a, "the migration stream"), _Link(b, "the migration stream")]
+        assert a.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        assert b.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        for link in links:
+            link.close()
+    u, v = socket.socketpair()
+    with u, v:
+        _Link(u, "the migration stream").close()    # (no TCP options on a unix socket)
