@@ -2,8 +2,8 @@
 thread, that imports the domain's and the VMM's modules once and then forks each domain process
 the server asks for.  A threaded server cannot fork a domain itself (a child could inherit a
 lock another thread holds), and a fresh ``python -m hypyr.toolstack.domain`` pays an interpreter
-start and every import: most of a restore's time in the lab (docs/toolstack.md, "Starting a
-domain process").
+start and every import: most of a restore's time in the lab (docs/toolstack.md, "The domain
+process").
 
 A request is one datagram on a SOCK_SEQPACKET pair: JSON (domain id, environment, the numbers the
 passed descriptors had in the server) with the descriptors themselves; the answer is the new
