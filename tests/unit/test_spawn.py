@@ -11,7 +11,21 @@ import signal
 import subprocess
 import sys
 
-CHILD = r'''
+# each script's domain.main probe reports what it holds with this
+OPEN_FDS = r'''
+import os
+
+def open_fds():
+    fds = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            fds[name] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            pass
+    return fds
+'''
+
+CHILD = OPEN_FDS + r'''
 import json, os, sys
 from hypyr.toolstack import domain, spawn
 
@@ -23,12 +37,7 @@ kept_r, kept_w = os.pipe()
 def probe(argv):
     if mode == "raise":
         raise RuntimeError("the domain failed")
-    fds = {}
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            fds[name] = os.readlink(f"/proc/self/fd/{name}")
-        except OSError:
-            pass
+    fds = open_fds()
     report = {"argv": argv, "leader": os.getsid(0) == os.getpid(), "fds": fds,
               "env": os.environ.get("HYPYR_TEST_SPAWN"), "ready_w": ready_w, "kept_w": kept_w}
     os.write(int(argv[1]), json.dumps(report).encode() + b"\n")
@@ -76,7 +85,7 @@ def test_a_child_that_raises_exits_1_with_its_traceback_on_the_log(tmp_path):
     assert "RuntimeError: the domain failed" in (tmp_path / "vmm.log").read_text()
 
 
-FORK_SERVER = r'''
+FORK_SERVER = OPEN_FDS + r'''
 import json, os, signal, subprocess, sys, threading
 from hypyr.toolstack import domain, spawn
 from hypyr.toolstack.forkserver import ForkServer, PidfdProcess
@@ -84,12 +93,7 @@ from hypyr.toolstack.forkserver import ForkServer, PidfdProcess
 tmp = sys.argv[1]
 
 def probe(argv):
-    fds = {}
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            fds[name] = os.readlink(f"/proc/self/fd/{name}")
-        except OSError:
-            pass
+    fds = open_fds()
     kept = int(os.environ["HYPYR_TEST_KEPT"])
     os.write(kept, b"through the kept pipe")
     report = {"argv": argv, "ppid": os.getppid(), "leader": os.getsid(0) == os.getpid(), "fds": fds,
