@@ -45,6 +45,10 @@ class ForkServerGone(Exception):
     """The helper did not take a request (it died, or did not answer)."""
 
 
+class ForkServerRefused(Exception):
+    """The helper cannot take this one request (too many descriptors, or its fork failed)."""
+
+
 class PidfdProcess:
     """A domain process the helper forked (not our child), watched through a pidfd; its exit
     status is the helper's to reap, so :attr:`returncode` is -1 once it is gone."""
@@ -107,15 +111,20 @@ class ForkServer:
         """As :func:`spawn.start_domain`, forked by the helper; ForkServerGone if it is not there."""
         fds = [ready_fd, log_fd, *keep_fds]
         request = json.dumps({"domid": domid, "env": dict(env), "fds": fds}).encode()
+        if len(fds) > MAX_FDS or len(request) > MAX_REQUEST:
+            raise ForkServerRefused(f"{len(fds)} descriptors and {len(request)} bytes are too many for one request")
         with self._lock:
             try:
                 socket.send_fds(self.sock, [request], fds)
-                answer = self.sock.recv(256)
+                answer = self.sock.recv(4096)
             except OSError as e:
                 self._lost(f"{e.strerror or e}")
             if not answer:
                 self._lost("it exited")
-        return PidfdProcess(int(json.loads(answer)["pid"]))
+        reply = json.loads(answer)
+        if "error" in reply:
+            raise ForkServerRefused(str(reply["error"]))
+        return PidfdProcess(int(reply["pid"]))
 
     def _lost(self, why: str) -> NoReturn:
         log.warning("the fork server (pid %d) is gone (%s): domains start in a fresh interpreter", self.pid, why)
@@ -145,13 +154,18 @@ def _helper(sock: socket.socket) -> NoReturn:
             msg, fds, _, _ = socket.recv_fds(sock, MAX_REQUEST, MAX_FDS)
             if not msg:
                 break
-            pid = os.fork()
-            if pid == 0:
-                sock.close()
-                _domain_child(json.loads(msg), fds)
+            try:
+                pid = os.fork()
+            except OSError as e:
+                answer: dict = {"error": f"cannot fork a domain process: {e.strerror or e}"}
+            else:
+                if pid == 0:
+                    sock.close()
+                    _domain_child(json.loads(msg), fds)
+                answer = {"pid": pid}
             for fd in fds:
                 os.close(fd)
-            sock.send(json.dumps({"pid": pid}).encode())
+            sock.send(json.dumps(answer).encode())
     except BaseException:   # noqa: BLE001 - the helper never returns into the server's code
         traceback.print_exc()
         code = 1

@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from hypyr.toolstack.forkserver import ForkServer
     from hypyr.toolstack.xlcfg import DomainConfig
 
+log = logging.getLogger(__name__)
+
 CREATE_TIMEOUT = 120.0
 DESTROY_TIMEOUT = 10.0   # seconds `destroy` gives a domain process to stop before SIGKILL
 KILL_TIMEOUT = 5.0       # seconds `destroy` waits for a SIGKILLed domain process to be gone
@@ -83,11 +85,13 @@ def start_domain(domid: int, ready_fd: int, log_fd: int, keep_fds: Sequence[int]
     """Start the domain process of ``domid``, reporting on ``ready_fd``; it inherits ``keep_fds``
     and ``env`` (added to ours), its stdin is /dev/null and stdout/stderr ``log_fd``."""
     if fork_server is not None:
-        from hypyr.toolstack.forkserver import ForkServerGone
+        from hypyr.toolstack.forkserver import ForkServerGone, ForkServerRefused
         try:
             return fork_server.start_domain(domid, ready_fd, log_fd, keep_fds, env)
         except ForkServerGone:
             use_fork_server(None)
+        except ForkServerRefused as e:
+            log.warning("the fork server cannot start domain %d (%s): it starts in a fresh interpreter", domid, e)
     if threading.active_count() > 1:
         return subprocess.Popen([sys.executable, "-m", "hypyr.toolstack.domain", str(domid), str(ready_fd)],
                                 stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
