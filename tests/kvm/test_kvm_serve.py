@@ -8,25 +8,13 @@ import sys
 import time
 from pathlib import Path
 
+from procs import ancestors, children
 from test_kvm_seccomp import toolstack  # noqa: F401 - the fixture
 
 from hypyr.toolstack.registry import Registry, is_alive
 from hypyr.toolstack.server import ApiClient
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _ancestors(pid: int) -> list[int]:
-    """The parent, its parent, ... up to init (a jailed VMM's parent is its supervisor)."""
-    out = []
-    while pid > 1:
-        pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        out.append(pid)
-    return out
-
-
-def _children(pid: int) -> list[int]:
-    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
 def _record(name: str):
@@ -43,21 +31,21 @@ def test_serve_forks_created_and_restored_domains_from_its_helper(toolstack):  #
                                   cwd=ROOT, stdout=subprocess.DEVNULL, stderr=f)
     try:
         deadline = time.monotonic() + 30
-        while not sock.exists() or not _children(server.pid):
+        while not sock.exists() or not children(server.pid):
             assert server.poll() is None and time.monotonic() < deadline, err.read_text()
             time.sleep(0.05)
-        [helper] = _children(server.pid)
+        [helper] = children(server.pid)
         api = ApiClient(str(sock))
         cfg = tmp / "fs.cfg"
         cfg.write_text(f'name = "fs"\nmemory = 32\nkernel = "{kernel}"\n')
         assert api.post("/domains", {"path": str(cfg)})["name"] == "fs"
         created = _record("fs")
-        assert is_alive(created) and helper in _ancestors(created.pid)
+        assert is_alive(created) and helper in ancestors(created.pid)
 
         api.post("/domains/fs/save", {"file": str(tmp / "fs.save")})
         assert api.post("/restore", {"file": str(tmp / "fs.save")})["name"] == "fs"
         restored = _record("fs")
-        assert restored.pid != created.pid and is_alive(restored) and helper in _ancestors(restored.pid)
+        assert restored.pid != created.pid and is_alive(restored) and helper in ancestors(restored.pid)
     finally:
         server.terminate()
         server.wait(timeout=30)

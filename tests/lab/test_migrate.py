@@ -15,6 +15,7 @@ import sys
 import threading
 
 import pytest
+from procs import ancestors, children
 from test_net import SUBNET_HOST, lan  # noqa: F401 (lan is a fixture)
 from test_toolstack import console_log, wait_for, write_cfg, xl  # noqa: F401 (xl is a fixture)
 from test_virtio import debugfs_cat, make_disk
@@ -82,6 +83,43 @@ def test_save_restore_keeps_the_guest_going_and_refuses_a_truncated_file(xl, gue
     assert_continues(before, after)
     xl("destroy", "sv")
     assert disk_lines_once(disk) >= before[-1][0] - 10  # synced every 10 lines
+
+
+def test_serve_creates_saves_and_restores_a_guest_from_its_fork_server(xl, guest_image, tmp_path):  # noqa: F811
+    """Through `hypyr serve`'s API: the counting guest is created, saved and restored, and it keeps
+    counting; both domain processes were forked by the server's fork server."""
+    from hypyr.toolstack import paths
+    from hypyr.toolstack.registry import Registry
+    from hypyr.toolstack.server import ApiClient
+    sock = tmp_path / "api.sock"
+    with open(tmp_path / "serve.log", "w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "hypyr", "serve", "--socket", str(sock)],
+                                  stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    try:
+        helper = wait_for(lambda: sock.exists() and children(server.pid), 120, what="hypyr serve and its fork server")
+        api = ApiClient(str(sock))
+
+        def forked_by_the_helper() -> bool:
+            with Registry(paths.registry_path(xl.state)) as reg:
+                chain = ancestors(reg.get("fs").pid)
+            return chain[chain.index(server.pid) - 1] == helper[0]
+        disk = make_disk(tmp_path / "disk.img")
+        api.post("/domains", {"path": str(write_cfg(tmp_path, guest_image, "fs", memory=160, command=COUNTER,
+                                                    disks=[disk]))})
+        assert forked_by_the_helper()
+        wait_count(xl, "fs", 20)
+        api.post("/domains/fs/save", {"file": str(tmp_path / "fs.save")})
+        before = counts((xl.state / "logs" / "fs.console.log").read_text(errors="replace"))
+        api.post("/restore", {"file": str(tmp_path / "fs.save")})
+        assert forked_by_the_helper()
+        after = wait_count(xl, "fs", before[-1][0] + 15)
+        assert_continues(before, after)
+        api.delete("/domains/fs")
+        assert disk_lines_once(disk) >= before[-1][0] - 10
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        print((tmp_path / "serve.log").read_text(errors="replace")[-2000:])
 
 
 # Each vCPU counts (pinned; vCPU 0 also appends its count to the disk, synced every 10); an 8 MiB
