@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 MAX_REQUEST = 64 << 10       # bytes of one request's JSON (a domain's environment)
 MAX_FDS = 64                 # descriptors one request may pass
-ANSWER_TIMEOUT = 30.0        # seconds the server waits for the helper's answer
+ANSWER_TIMEOUT = 120.0       # seconds the server waits for the helper's answer (it may still be importing)
 # imported by the helper before its first fork: what every domain start, restore or incoming
 # migration would otherwise import in its own process
 PRELOAD = ("hypyr.toolstack.domain", "hypyr.toolstack.sched", "hypyr.vmm.snapshot", "hypyr.vmm.migration",
@@ -165,7 +165,12 @@ def _helper(sock: socket.socket) -> NoReturn:
                 answer = {"pid": pid}
             for fd in fds:
                 os.close(fd)
-            sock.send(json.dumps(answer).encode())
+            try:
+                sock.send(json.dumps(answer).encode())
+            except OSError:   # the server gave up waiting and starts this domain itself: not twice
+                if "pid" in answer:
+                    os.kill(answer["pid"], signal.SIGKILL)
+                raise
     except BaseException:   # noqa: BLE001 - the helper never returns into the server's code
         traceback.print_exc()
         code = 1
