@@ -29,6 +29,8 @@ import traceback
 from collections.abc import Mapping, Sequence
 from typing import NoReturn
 
+from hypyr.toolstack import spawn
+
 log = logging.getLogger(__name__)
 
 MAX_REQUEST = 64 << 10       # bytes of one request's JSON (a domain's environment)
@@ -144,10 +146,7 @@ def _helper(sock: socket.socket) -> NoReturn:
         signal.signal(signal.SIGCHLD, _reap)
         logging.root.handlers.clear()
         gc.freeze()      # no object of the server's is collected here, closing a descriptor by number
-        for fd in _open_fds():
-            if fd > 2 and fd != sock.fileno():
-                with contextlib.suppress(OSError):
-                    os.close(fd)     # the server's listening socket and anything else it holds
+        spawn.close_inherited((sock.fileno(),))    # the server's listening socket and anything else it holds
         for name in PRELOAD:
             importlib.import_module(name)
         while True:
@@ -184,14 +183,9 @@ def _reap(signum: int, frame: object) -> None:
             pass
 
 
-def _open_fds() -> list[int]:
-    return [int(name) for name in os.listdir("/proc/self/fd")]
-
-
 def _domain_child(request: dict, fds: list[int]) -> NoReturn:
     """In the helper's child: the passed descriptors at the numbers they had in the server (the
     environment names them), the helper's signal dispositions undone, then the domain."""
-    from hypyr.toolstack import spawn
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     wanted = [int(n) for n in request["fds"]]

@@ -144,6 +144,16 @@ def _become_detached(log_fd: int, keep: Sequence[int]) -> None:
     os.dup2(null, 0)
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)
+    close_inherited(keep)
+    for fd in keep:
+        os.set_inheritable(fd, True)   # as pass_fds leaves them
+    sys.stdout = open(1, "w", buffering=1, closefd=False)   # noqa: SIM115 - fds 1 and 2, not a caller's
+    sys.stderr = open(2, "w", buffering=1, errors="backslashreplace", closefd=False)  # noqa: SIM115
+    logging.root.handlers.clear()
+
+
+def close_inherited(keep: Sequence[int]) -> None:
+    """Close every descriptor above 2 but ``keep`` (in a freshly forked child)."""
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
         if fd > 2 and fd not in keep:
@@ -151,11 +161,6 @@ def _become_detached(log_fd: int, keep: Sequence[int]) -> None:
                 os.close(fd)
             except OSError:
                 pass    # the descriptor that listed /proc/self/fd
-    for fd in keep:
-        os.set_inheritable(fd, True)   # as pass_fds leaves them
-    sys.stdout = open(1, "w", buffering=1, closefd=False)   # noqa: SIM115 - fds 1 and 2, not a caller's
-    sys.stderr = open(2, "w", buffering=1, errors="backslashreplace", closefd=False)  # noqa: SIM115
-    logging.root.handlers.clear()
 
 
 def start(reg: Registry, cfg: DomainConfig, rec: DomainRecord, extra_env: dict[str, str] | None = None,
