@@ -294,11 +294,7 @@ def _send(src: _Source, vm: LinuxVm, downtime_s: float, max_iterations: int, ext
 
     # pass 1: all of RAM; then the pages dirtied meanwhile, until the rest fits the downtime
     src.iteration = 1
-    start, sent_before = time.monotonic(), w.bytes
-    sender.send_all()
-    link.writer.flush()
-    elapsed = time.monotonic() - start
-    bandwidth = max((w.bytes - sent_before) / max(elapsed, 1e-6), MIN_BANDWIDTH)
+    elapsed, bandwidth = _timed_pass(w, sender.send_all)
     src.tick("memory", force=True)
     last_pass = machine.memory.size // PAGE
     dirty = src.dirty.harvest()
@@ -309,11 +305,7 @@ def _send(src: _Source, vm: LinuxVm, downtime_s: float, max_iterations: int, ext
         if src.iteration < max_iterations and another_pass(n, last_pass, bandwidth, downtime_s):
             src.iteration += 1
             last_pass = n
-            start, sent_before = time.monotonic(), w.bytes
-            sender.send_dirty(dirty)
-            link.writer.flush()
-            elapsed = time.monotonic() - start
-            bandwidth = max((w.bytes - sent_before) / max(elapsed, 1e-6), MIN_BANDWIDTH)
+            elapsed, bandwidth = _timed_pass(w, sender.send_dirty, dirty)
             src.tick(force=True)
             src.check_peer()
             dirty, caught_up = src.dirty.harvest(), False
@@ -366,6 +358,16 @@ def _send(src: _Source, vm: LinuxVm, downtime_s: float, max_iterations: int, ext
     return MigrationStats(seconds=time.monotonic() - t0, downtime_ms=downtime, downtime_clock=clock,
                           iterations=src.iteration, pages_data=sender.data_pages, pages_zero=sender.zero_pages,
                           final_pages=final_pages, bytes=w.bytes, bandwidth=bandwidth)
+
+
+def _timed_pass(w: StreamWriter, send: Callable[..., object], *args: object) -> tuple[float, float]:
+    """One pre-copy pass: ``send(*args)``, then flush; its seconds and its bandwidth (bytes/s, at
+    least MIN_BANDWIDTH: a pass of only zero pages says little)."""
+    start, sent_before = time.monotonic(), w.bytes
+    send(*args)
+    w.flush()
+    elapsed = time.monotonic() - start
+    return elapsed, max((w.bytes - sent_before) / max(elapsed, 1e-6), MIN_BANDWIDTH)
 
 
 def another_pass(dirty: int, last_pass: int, bandwidth: float, downtime_s: float) -> bool:
