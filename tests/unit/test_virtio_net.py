@@ -4,6 +4,7 @@ read or write per frame, as a TAP), so frames really cross; hostile chains come 
 import os
 import socket
 import struct
+import threading
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -308,6 +309,62 @@ def test_receive_ring_error_found_by_the_tap_path_resets_at_the_next_notify(nic)
     assert not n.status() & NEEDS_RESET
     n.t.notify(0)
     assert n.status() & NEEDS_RESET
+
+
+class _FakeVhost:
+    """Stands for VhostNet: records the ring progress it was started from."""
+
+    def __init__(self):
+        self.running = False
+        self.bases = None
+
+    def start(self, mem, rings, features):
+        self.bases = [r.last_avail for r in rings]
+        self.running = True
+
+    def stop(self):
+        self.running = False
+
+
+def test_vhost_starts_after_a_receive_in_progress_and_from_its_progress(nic):
+    """A resume (or DRIVER_OK) that hands the rings to vhost-net while the I/O thread is in the
+    middle of a userspace receive waits for it, and vhost starts after the chains it used: no
+    buffer is used twice (the guest's 'input.0:id N is not a head!')."""
+    n = nic()
+    a = n.rx.alloc(2048)
+    head = n.rx.add_chain([Buf(a, 2048, write=True)])
+    n.host.send(hdr() + b"y" * 100)
+    inside, go = threading.Event(), threading.Event()
+    receive_direct = n.dev._receive_direct
+
+    def slow_receive(*args):  # after the receive looked whether vhost runs, before it takes chains
+        inside.set()
+        go.wait(5)
+        return receive_direct(*args)
+    n.dev._receive_direct = slow_receive
+    io = threading.Thread(target=n.dev._rx_ready)
+    io.start()
+    assert inside.wait(5)
+    n.dev.attach_vhost(vhost := _FakeVhost())
+    handover = threading.Thread(target=n.dev._start_data_path)
+    handover.start()
+    handover.join(0.3)
+    go.set()
+    io.join(5)
+    handover.join(5)
+    assert n.rx.take_used() == [(head, 112)]
+    assert vhost.running and vhost.bases == [1, 0]
+
+
+def test_vhost_gets_back_the_receive_chains_the_userspace_path_kept(nic):
+    n = nic()
+    heads = [n.rx.add_chain([Buf(n.rx.alloc(2048), 2048, write=True)]) for _ in range(2)]
+    n.host.send(hdr() + bytes(5000))  # does not fit in 2 x 2048: both chains are kept
+    n.dev._rx_ready()
+    assert len(n.dev._rx_spare) == 2 and n.rx.take_used() == []
+    n.dev.attach_vhost(vhost := _FakeVhost())
+    n.dev._start_data_path()
+    assert vhost.bases == [0, 0] and not n.dev._rx_spare and heads
 
 
 def _fresh_rings(n):

@@ -174,22 +174,32 @@ class VirtioNet(VirtioDevice):
 
     def _start_data_path(self) -> None:
         """vhost-net from the queues' ring progress if it is attached and works, else the
-        userspace path."""
-        if self.vhost is not None and self.vhost_allowed:
-            # the rings as the queues have them: at DRIVER_OK, after a resume, or as restored
-            rings = [QueueRing(q.size, q.desc_table, q.avail_ring, q.used_ring, q.last_avail)
-                     for q in self.queues if q.ready]
-            if len(rings) == 2:
-                assert self.mem is not None  # the queues are ready: activate() gave the memory
-                try:
-                    self.vhost.start(self.mem, rings, self.driver_features)
-                    self.external_used_interrupts = True
-                    _rlog(logging.INFO, "vhost", "%s: data path in the host kernel (vhost-net)", self.name)
-                    return
-                except VhostError as e:
-                    _rlog.warning("vhost", "%s: %s; using the userspace data path", self.name, e)
-        self.external_used_interrupts = False
+        userspace path.  The hand-over holds both locks: a receive or transmit the I/O thread
+        has begun ends first (its progress is then in the rings vhost gets), and any later one
+        sees vhost running.  Receive chains the userspace path kept go back to the ring first."""
+        with self._tx_lock, self._rx_lock:
+            if self.vhost is not None and self.vhost_allowed and self._start_vhost(self.vhost):
+                return
+            self.external_used_interrupts = False
         self._rx_ready()  # frames may have arrived before the driver was up
+
+    def _start_vhost(self, vhost: VhostNet) -> bool:  # with both locks held
+        if self._rx_spare:
+            self._hand_back_rx_spare()
+        # the rings as the queues have them: at DRIVER_OK, after a resume, or as restored
+        rings = [QueueRing(q.size, q.desc_table, q.avail_ring, q.used_ring, q.last_avail)
+                 for q in self.queues if q.ready]
+        if len(rings) != 2:
+            return False
+        assert self.mem is not None  # the queues are ready: activate() gave the memory
+        try:
+            vhost.start(self.mem, rings, self.driver_features)
+        except VhostError as e:
+            _rlog.warning("vhost", "%s: %s; using the userspace data path", self.name, e)
+            return False
+        self.external_used_interrupts = True
+        _rlog(logging.INFO, "vhost", "%s: data path in the host kernel (vhost-net)", self.name)
+        return True
 
     def reset(self) -> None:
         with self._tx_lock, self._rx_lock:
