@@ -322,14 +322,14 @@ def _send(src: _Source, vm: LinuxVm, downtime_s: float, max_iterations: int, ext
     src.stop_and_copy()
     paused_ns, paused_wall = machine.paused_at_ns or time.monotonic_ns(), time.time_ns()
     marks = [("quiesced", time.monotonic_ns())]   # each phase: when it ended
+    # the state first: the destination loads it while the last pages are found and sent
+    w.record(Rec.STATE, encode_json(capture_state(vm, src.was_paused)))
+    w.flush()
+    marks.append(("state", time.monotonic_ns()))
     dirty = merge_dirty(dirty, src.dirty.harvest())
     final_pages = sender.send_dirty(dirty)
-    w.flush()    # the destination loads them while the state is captured (not after: measured in the lab)
     src.dirty_pages = 0
     marks.append(("pages", time.monotonic_ns()))
-    state = capture_state(vm, src.was_paused)
-    w.record(Rec.STATE, encode_json(state))
-    marks.append(("state", time.monotonic_ns()))
     # switch-over: the disks' locks to the destination (which opens them once END is in), END,
     # READY, GO, RUNNING
     release_disks(vm)

@@ -284,8 +284,10 @@ def capture_state(vm: LinuxVm, paused: bool) -> dict:
 
 
 def apply_state(vm: LinuxVm, state: object, *, advance_clock: bool, what: str) -> None:
-    """Load a STATE record's contents into ``vm`` (fresh, its RAM loaded): VM state, then every
-    vCPU, then every device; then resume the devices.  Everything is parsed first."""
+    """Load a STATE record's contents into ``vm`` (fresh, its vCPUs not running): VM state, then
+    every vCPU, then every device, which stay quiesced (:func:`resume_devices` once RAM is
+    loaded).  Everything is parsed first.  Nothing here reads or writes guest RAM, so a
+    migration's last pages may still arrive after it."""
     machine = vm.machine
     try:
         r = StateReader(state, "its STATE")
@@ -310,7 +312,6 @@ def apply_state(vm: LinuxVm, state: object, *, advance_clock: bool, what: str) -
         raise SnapshotError(f"{what} does not fit this VM: {e}") from None
     except KvmError as e:
         raise SnapshotError(f"KVM refused the state in {what}: {e}") from None
-    resume_devices(vm)
     vm.saved_paused = paused
 
 
@@ -321,22 +322,29 @@ def rehearse_load(vm: LinuxVm) -> None:
     quiesce_devices(vm)
     state = decode_json(encode_json(capture_state(vm, paused=True)), "the rehearsal", "STATE")
     apply_state(vm, state, advance_clock=False, what="the rehearsal")
+    resume_devices(vm)
     quiesce_devices(vm)
 
 
 # -- guest RAM --------------------------------------------------------------------------------------------
 
+_AFTER_STATE = (Rec.PAGES, Rec.ZERO, Rec.END)
+
+
 def load_records(reader: StreamReader, memory: GuestMemory, progress: ProgressFn | None = None,
-                 on_sync: Callable[[], None] | None = None) -> object:
-    """Read PAGES/ZERO records into ``memory`` up to STATE, then END (checked); return the state.
-    ``on_sync``: called at each SYNC record (a migration's; a save file has none)."""
+                 on_sync: Callable[[], None] | None = None,
+                 on_state: Callable[[object], None] | None = None) -> object:
+    """Read PAGES/ZERO records into ``memory`` up to STATE, more of them up to END (checked);
+    return the state.  ``on_sync``: called at each SYNC record (a migration's; a save file has
+    none); ``on_state(state)``: called as soon as STATE is in (a migration sends it before its
+    last pages, so that the destination loads it while they arrive)."""
     loader = PageLoader(memory, reader.what)
     total = memory.size // PAGE
     last = time.monotonic()
     state = None
     memory_records = (Rec.PAGES, Rec.ZERO, Rec.STATE) + ((Rec.SYNC,) if on_sync is not None else ())
     while True:
-        rtype, payload = reader.next(expect=memory_records if state is None else (Rec.END,),
+        rtype, payload = reader.next(expect=memory_records if state is None else _AFTER_STATE,
                                      pages_into=loader.pages_into)
         if rtype is Rec.ZERO:
             loader.put_zero(payload)
@@ -344,6 +352,8 @@ def load_records(reader: StreamReader, memory: GuestMemory, progress: ProgressFn
             on_sync()
         elif rtype is Rec.STATE:
             state = decode_json(payload, reader.what, "STATE")
+            if on_state is not None:
+                on_state(state)
         elif rtype is Rec.END:
             return state
         if progress is not None and time.monotonic() - last > 0.2:
@@ -358,7 +368,8 @@ def load_vm(reader: StreamReader, header: SnapshotHeader, console_out: Callable[
             on_sync: Callable[[], None] | None = None) -> LinuxVm:
     """The rest of the stream after its header, as a new VM (vCPUs not started, devices
     resumed).  The VM is built first (so that a live migration's downtime does not include
-    it), then RAM is read into it and, after END checked out, the state loaded.
+    it), then RAM is read into it, the state is loaded as it comes (a migration sends it before
+    its last pages) and the devices resume once END checked out.
     ``lock_disks_at_end``: the images are opened unlocked and locked only after END (the
     source lets go of them just before).  ``on_built(vm)`` runs once the VM is built, before
     its RAM is read; ``on_sync``: as for :func:`load_records`.  On any failure everything is
@@ -379,10 +390,11 @@ def load_vm(reader: StreamReader, header: SnapshotHeader, console_out: Callable[
         load_cpuid(vm, reader, header.cpu["features"])
         if on_built is not None:
             on_built(vm)
-        state = load_records(reader, vm.machine.memory, progress, on_sync)
+        load_records(reader, vm.machine.memory, progress, on_sync,
+                     lambda state: apply_state(vm, state, advance_clock=advance_clock, what=reader.what))
         if lock_disks_at_end:
             reacquire_disks(vm)
-        apply_state(vm, state, advance_clock=advance_clock, what=reader.what)
+        resume_devices(vm)
     except BaseException:
         vm.close()
         raise

@@ -265,6 +265,33 @@ def test_pages_round_trip_with_zero_runs():
         dst.close()
 
 
+def test_the_state_is_handed_over_as_it_comes_and_pages_after_it_still_load():
+    """A migration sends STATE before its last pages: on_state gets it at once (the pages
+    after it not yet in RAM), and those pages load before END."""
+    src, dst = _memory(), _memory()
+    try:
+        src.write(0x3000, b"late page")
+        out = io.BytesIO()
+        w = StreamWriter(out)
+        w.preamble()
+        w.record(Rec.STATE, stream.encode_json({"x": 1}))
+        PageSender(w, src).send_dirty([[3], []])
+        w.end()
+        seen = []
+        r = StreamReader(io.BytesIO(out.getvalue()))
+        r.preamble()
+        state = snapshot.load_records(r, dst, on_state=lambda s: seen.append((s, dst.read(0x3000, 9))))
+        assert state == {"x": 1} and seen == [({"x": 1}, bytes(9))]
+        assert dst.read(0x3000, 9) == b"late page"
+        r = StreamReader(io.BytesIO(write_stream([(Rec.STATE, b"{}"), (Rec.SYNC, b"")])))
+        r.preamble()
+        with pytest.raises(SnapshotError, match="SYNC"):   # a SYNC only before STATE
+            snapshot.load_records(r, dst, on_sync=lambda: None)
+    finally:
+        src.close()
+        dst.close()
+
+
 def test_a_sync_is_answered_in_a_migration_and_refused_in_a_save_file():
     mem = _memory()
     try:
