@@ -173,7 +173,9 @@ def guest_command(config: str, role: str, script: str, ip: str, env: dict) -> li
     vmm, vhost = CONFIGS[config]
     kernel, initrd, qemu = env["kernel"], env["initrd"], env["qemu"]
     if vmm == "hypyr":
-        return [sys.executable, "-m", "hypyr", "run", "--kernel", kernel, "--initrd", initrd,
+        tree = env.get("hypyr_tree")
+        python = ["env", "-C", tree, f"PYTHONPATH={tree}", sys.executable] if tree else [sys.executable]
+        return [*python, "-m", "hypyr", "run", "--kernel", kernel, "--initrd", initrd,
                 "--memory", GUEST_MEMORY, "--vcpus", "1", "--exec", script, "--no-input",
                 "--net", f"bridge={BRIDGE},ip={ip}/{PREFIX},vhost={'on' if vhost else 'off'}"]
     cmdline = guest_cmdline(script, ip)
@@ -457,6 +459,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                                            "(default 240 + 6 x seconds x 4)")
     p.add_argument("--kernel", help="guest kernel (default: the default image's)")
     p.add_argument("--initrd", help="guest initrd (default: the default image's)")
+    p.add_argument("--hypyr-tree", metavar="DIR",
+                   help="run hypyr from this checkout (e.g. `git worktree add --detach DIR COMMIT`) for a "
+                        "before/after comparison; default: this one")
     a = p.parse_args(argv)
     if a.quick:
         if "--rounds" not in " ".join(argv):
@@ -512,7 +517,7 @@ def lab_side(args: argparse.Namespace) -> int:
         return 2
     tmpdir = tempfile.mkdtemp(prefix="hypyr-net-", dir="/tmp")
     env = {"kernel": kernel, "initrd": initrd, "qemu": qemu, "client_script": script,
-           "pci_initrd": os.path.join(tmpdir, "initrd-pci.img")}
+           "pci_initrd": os.path.join(tmpdir, "initrd-pci.img"), "hypyr_tree": args.hypyr_tree}
     configs = list(args.configs)
     try:
         if any(CONFIGS[c][0] == "qemu-pc" for c in configs):
