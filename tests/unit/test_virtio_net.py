@@ -587,21 +587,28 @@ def test_pop_many_matches_pop():
 class _LinuxLikeReceiver:
     """The receive side of a mergeable-buffer driver, as Linux keeps it: every buffer it gave is
     outstanding until used, and a used element for any other head is the guest's "id N is not a
-    head!" (a ring fault). Frames are put together again from num_buffers."""
+    head!" (a ring fault). Frames are put together again from num_buffers. Each buffer's page
+    is 4 KiB: what lies past the buffer, and the whole page once the buffer came back (the guest
+    reuses that memory), hold a pattern the device must never write."""
+
+    SLOT = 4096
 
     def __init__(self, n: "Nic"):
         self.n, self.outstanding, self.frames = n, {}, []
         self._parts: list[bytes] = []
         self._left = 0
+        self._returned: set[int] = set()  # pages of buffers used and not given again
 
     def refill(self, count: int, size: int) -> None:
         drv = self.n.rx
         for _ in range(min(count, drv.size - len(self.outstanding))):
             head = drv.next_desc
             assert head not in self.outstanding
-            addr = 0x10000 + head * 4096
+            addr = 0x10000 + head * self.SLOT
+            self.n.mem.write(addr + size, b"\xee" * (self.SLOT - size))
             drv.add_chain([Buf(addr, size, write=True)])
             self.outstanding[head] = (addr, size)
+            self._returned.discard(addr)
 
     def take(self) -> None:
         for head, written in self.n.rx.take_used():
@@ -609,6 +616,8 @@ class _LinuxLikeReceiver:
             addr, size = self.outstanding.pop(head)
             assert 0 < written <= size
             data = self.n.mem.read(addr, written)
+            self.n.mem.write(addr, b"\xcd" * self.SLOT)
+            self._returned.add(addr)
             if not self._left:
                 self._left = struct.unpack_from("<H", data, 10)[0]
                 assert self._left >= 1
@@ -618,10 +627,18 @@ class _LinuxLikeReceiver:
                 self.frames.append(b"".join(self._parts))
                 self._parts = []
 
+    def check_untouched(self) -> None:
+        """No write past a buffer, none into a buffer the device gave back."""
+        mem = self.n.mem
+        for addr, size in self.outstanding.values():
+            assert mem.read(addr + size, self.SLOT - size) == b"\xee" * (self.SLOT - size), "past a buffer"
+        for addr in self._returned:
+            assert mem.read(addr, self.SLOT) == b"\xcd" * self.SLOT, f"into the returned buffer at {addr:#x}"
+
 
 @settings(max_examples=150, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["send", "ready", "take", "refill"]), st.integers(14, N.MAX_FRAME),
-                          st.integers(1518, 4096)), min_size=4, max_size=120))
+@given(st.lists(st.tuples(st.sampled_from(["send", "ready", "take", "refill", "quiesce"]),
+                          st.integers(14, N.MAX_FRAME), st.integers(1518, 4096)), min_size=4, max_size=120))
 def test_receive_uses_each_buffer_once_and_frames_arrive_intact(ops):
     """Frames of every size into buffers of Linux's mergeable sizes, with the ring running dry and
     being refilled in any order: every used element is a buffer the driver gave (never one twice),
@@ -643,12 +660,17 @@ def test_receive_uses_each_buffer_once_and_frames_arrive_intact(ops):
                 n.dev._rx_ready()
             elif op == "take":
                 guest.take()
+            elif op == "quiesce":
+                n.t.quiesce()
+                n.t.resume()
             else:
                 guest.refill(length % 64 + 1, size)
+            guest.check_untouched()
         for _ in range(4 * len(sent) + 4):  # drain: room for everything, until every frame is in
             guest.refill(64, 4096)
             n.dev._rx_ready()
             guest.take()
+            guest.check_untouched()
             if len(guest.frames) == len(sent):
                 break
         assert not n.status() & NEEDS_RESET and n.dev._pending_error is None
