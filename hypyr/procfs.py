@@ -144,11 +144,25 @@ def stat(pid: int, tid: int | None = None) -> ProcStat | None:
 
 def parse_stat(text: str) -> ProcStat | None:
     """The text of a stat file as a ProcStat (None if it is not one)."""
-    fields = text.rpartition(")")[2].split()   # comm (field 2) may hold spaces and parentheses
+    fields = _stat_fields(text)
     try:
         return ProcStat(fields[0], int(fields[11]), int(fields[12]), fields[19],
                         int(fields[36]) if len(fields) > 36 else None, int(fields[40]) if len(fields) > 40 else None)
     except (IndexError, ValueError):
+        return None
+
+
+def _stat_fields(text: str) -> list[str]:
+    """A stat file's fields from field 3 (state) on: comm (field 2) may hold spaces and parentheses."""
+    return text.rpartition(")")[2].split()
+
+
+def ppid(pid: int) -> int | None:
+    """The parent's pid (field 4 of /proc/PID/stat), or None if there is no such process."""
+    try:
+        with open(_path(pid, None, "stat")) as f:
+            return int(_stat_fields(f.read())[1])
+    except (OSError, ValueError, IndexError):
         return None
 
 

@@ -69,3 +69,8 @@ def test_host():
     assert 0 < procfs.boot_time() < procfs.boot_time() + procfs.uptime()
     assert procfs.kvm_backend() in ("VT-x", "AMD-V", "PVM", "unknown")
     assert procfs.cpu_model()
+
+
+def test_ppid_is_the_parent_and_none_for_a_process_that_is_gone():
+    assert procfs.ppid(os.getpid()) == os.getppid()
+    assert procfs.ppid(2**22 + 1) is None
