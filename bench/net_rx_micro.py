@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hypyr.devices.virtio import mmio as M
+from hypyr.devices.virtio import mmio_regs as M
 from hypyr.devices.virtio import net as N
 from hypyr.devices.virtio.device import VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1
 from hypyr.devices.virtio.mmio import VirtioMmioTransport

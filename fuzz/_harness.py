@@ -377,7 +377,7 @@ class DeviceRig:
     SIZES = (1, 2, 4, 8, 16, 256)
 
     def __init__(self, dev, *, after_notify: Callable[[], None] | None = None):
-        from hypyr.devices.virtio.mmio import TRANSPORT_FEATURES
+        from hypyr.devices.virtio.mmio_regs import TRANSPORT_FEATURES
         self.dev = dev
         self.mem = GuestMemory.anonymous([(0, MEM_SIZE)], hugepages=False)
         self.watch = WriteWatch(self.mem)

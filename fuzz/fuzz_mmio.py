@@ -12,9 +12,10 @@ import struct
 
 from _harness import FDP, DeviceRig, GuestOps, check, check_rss, errors_logged, fuzz, scratch, u32
 
-from hypyr.devices.virtio import mmio as M
+from hypyr.devices.virtio import mmio_regs as M
 from hypyr.devices.virtio.blk import VirtioBlk
 from hypyr.devices.virtio.console import VirtioConsole
+from hypyr.devices.virtio.mmio import VirtioMmioTransport
 from hypyr.devices.virtio.rng import VirtioRng
 
 REGS = (M.MAGIC, M.VERSION, M.DEVICE_ID, M.VENDOR, M.DEVICE_FEATURES, M.DEVICE_FEATURES_SEL, M.DRIVER_FEATURES,
@@ -22,7 +23,7 @@ REGS = (M.MAGIC, M.VERSION, M.DEVICE_ID, M.VENDOR, M.DEVICE_FEATURES, M.DEVICE_F
         M.INTERRUPT_STATUS, M.INTERRUPT_ACK, M.STATUS, M.QUEUE_DESC_LOW, M.QUEUE_DESC_HIGH, M.QUEUE_DRIVER_LOW,
         M.QUEUE_DRIVER_HIGH, M.QUEUE_DEVICE_LOW, M.QUEUE_DEVICE_HIGH, M.SHM_SEL, M.SHM_LEN_LOW, M.SHM_BASE_LOW,
         M.QUEUE_RESET, M.CONFIG_GENERATION, M.CONFIG, M.CONFIG + 4, M.CONFIG + 8)
-PAGE_REGS = M._PAGE_REGISTERS + (M.INTERRUPT_STATUS, M.CONFIG_GENERATION)
+PAGE_REGS = M.PAGE_REGISTERS + (M.INTERRUPT_STATUS, M.CONFIG_GENERATION)
 
 
 class Line:
@@ -46,7 +47,7 @@ class Rig:
         self.base = DeviceRig(dev)  # its guest memory, drivers and watch
         self.mem, self.drivers, self.watch = self.base.mem, self.base.drivers, self.base.watch
         self.line = Line()
-        self.t = M.VirtioMmioTransport(dev, self.mem, self.line)
+        self.t = VirtioMmioTransport(dev, self.mem, self.line)
         self.page = memoryview(bytearray(M.MMIO_WINDOW))
         self.t.use_register_page(self.page)
         self.watch.queues = self.t.queues

@@ -29,7 +29,8 @@ from hypyr.devices.pvexit import PvExit
 from hypyr.devices.pvpanic import PVPANIC_PORT, PvPanic
 from hypyr.devices.virtio.console import VirtioConsole
 from hypyr.devices.virtio.device import VIRTIO_ID_NET
-from hypyr.devices.virtio.mmio import INT_VRING, INTERRUPT_ACK, QUEUE_NOTIFY_OFFSET, VirtioMmioTransport
+from hypyr.devices.virtio.mmio import VirtioMmioTransport
+from hypyr.devices.virtio.mmio_regs import INT_VRING, INTERRUPT_ACK, QUEUE_NOTIFY_OFFSET
 from hypyr.devices.virtio.rng import VirtioRng
 from hypyr.errors import HypyrError
 from hypyr.kvm import B, Kvm, KvmUnavailable

@@ -12,7 +12,7 @@ import struct
 
 import pytest
 
-from hypyr.devices.virtio import mmio as M
+from hypyr.devices.virtio import mmio_regs as M
 from hypyr.devices.virtio.device import VIRTIO_F_VERSION_1
 from hypyr.devices.virtio.rng import VirtioRng
 from hypyr.errors import HypyrError, VcpuCountError

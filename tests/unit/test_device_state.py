@@ -29,7 +29,7 @@ from hypyr.devices.pvexit import PvExit
 from hypyr.devices.pvpanic import PvPanic
 from hypyr.devices.state import StateError, Stateful
 from hypyr.devices.virtio import blk as B
-from hypyr.devices.virtio import mmio as M
+from hypyr.devices.virtio import mmio_regs as M
 from hypyr.devices.virtio import net as N
 from hypyr.devices.virtio.console import VirtioConsole
 from hypyr.devices.virtio.device import VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1

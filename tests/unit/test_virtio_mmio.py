@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from virtio_mock import MEM_SIZE, Buf, MockDriver
 
-from hypyr.devices.virtio import mmio as M
+from hypyr.devices.virtio import mmio_regs as M
 from hypyr.devices.virtio.device import (
     VIRTIO_F_RING_EVENT_IDX,
     VIRTIO_F_RING_INDIRECT_DESC,
@@ -18,7 +18,8 @@ from hypyr.devices.virtio.device import (
     DeviceError,
     VirtioDevice,
 )
-from hypyr.devices.virtio.mmio import MMIO_WINDOW, QUEUE_NOTIFY_OFFSET, VirtioMmioTransport
+from hypyr.devices.virtio.mmio import VirtioMmioTransport
+from hypyr.devices.virtio.mmio_regs import MMIO_WINDOW, QUEUE_NOTIFY_OFFSET
 from hypyr.devices.virtio.queue import QueueError
 from hypyr.errors import StateError
 from hypyr.memory import GuestMemory

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from virtio_mock import MEM_SIZE, Buf, MockDriver
 
 from hypyr.devices.ratelimit import TokenBucket
-from hypyr.devices.virtio import mmio as M
+from hypyr.devices.virtio import mmio_regs as M
 from hypyr.devices.virtio import net as N
 from hypyr.devices.virtio.device import VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1
 from hypyr.devices.virtio.mmio import VirtioMmioTransport

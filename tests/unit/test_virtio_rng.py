@@ -5,14 +5,15 @@ import struct
 
 from virtio_mock import MEM_SIZE, Buf, MockDriver
 
-from hypyr.devices.virtio import mmio as M
+from hypyr.devices.virtio import mmio_regs as M
 from hypyr.devices.virtio.device import (
     VIRTIO_F_RING_EVENT_IDX,
     VIRTIO_F_RING_INDIRECT_DESC,
     VIRTIO_F_VERSION_1,
     VIRTIO_ID_RNG,
 )
-from hypyr.devices.virtio.mmio import QUEUE_NOTIFY_OFFSET, VirtioMmioTransport
+from hypyr.devices.virtio.mmio import VirtioMmioTransport
+from hypyr.devices.virtio.mmio_regs import QUEUE_NOTIFY_OFFSET
 from hypyr.devices.virtio.queue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from hypyr.devices.virtio.rng import MAX_REQUEST, VirtioRng
 

@@ -1,7 +1,8 @@
 """virtio 1.x devices over the MMIO transport (split virtqueues).
 
 - :mod:`.queue`  — split virtqueue: descriptor chains (indirect, TTL-bounded), used ring, event index
-- :mod:`.mmio`   — the virtio-mmio (version 2, "modern") register interface
+- :mod:`.mmio`   — the virtio-mmio (version 2, "modern") register interface, with its register map
+  (:mod:`.mmio_regs`)
 - :mod:`.device` — the interface every device implements
 - one file per device: :mod:`.rng`, :mod:`.blk`, :mod:`.console`, :mod:`.net` (with :mod:`.tap`, :mod:`.vhost`)
 

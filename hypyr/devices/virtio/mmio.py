@@ -4,7 +4,8 @@ Register it on the MMIO bus with length :data:`MMIO_WINDOW`; its interrupt is le
 (``irq``) or edge triggered (``trigger``, e.g. a KVM irqfd).  Everything the driver writes is
 untrusted: accesses it does not take are logged (rate-limited) and ignored, and a queue or device
 error puts the device in DEVICE_NEEDS_RESET.  Locks: ``_irq_lock`` is always taken after ``_lock``,
-never before, and ``irq`` must not call back into the transport.
+never before, and ``irq`` must not call back into the transport.  The register map is
+:mod:`.mmio_regs`.
 Design notes (registers, status machine, interrupts, threading): docs/devices.md, "virtio-mmio transport".
 """
 
@@ -21,66 +22,54 @@ from hypyr.devices.ratelog import RateLimitedLog
 from hypyr.devices.state import StateError, StateReader
 from hypyr.memory import GuestMemory, GuestMemoryError
 
-from .device import VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1, VirtioDevice
+from .device import VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VirtioDevice
+from .mmio_regs import (
+    CONFIG,
+    CONFIG_GENERATION,
+    DEVICE_FEATURES,
+    DEVICE_FEATURES_SEL,
+    DEVICE_ID,
+    DRIVER_FEATURES,
+    DRIVER_FEATURES_SEL,
+    INT_CONFIG,
+    INT_VRING,
+    INTERRUPT_ACK,
+    INTERRUPT_STATUS,
+    MAGIC,
+    MAGIC_VALUE,
+    MMIO_VERSION,
+    MMIO_WINDOW,
+    PAGE_REGISTERS,
+    QUEUE_DESC_HIGH,
+    QUEUE_DESC_LOW,
+    QUEUE_DEVICE_HIGH,
+    QUEUE_DEVICE_LOW,
+    QUEUE_DRIVER_HIGH,
+    QUEUE_DRIVER_LOW,
+    QUEUE_NOTIFY_OFFSET,
+    QUEUE_NUM,
+    QUEUE_NUM_MAX,
+    QUEUE_READY,
+    QUEUE_SEL,
+    SHM_BASE_HIGH,
+    SHM_BASE_LOW,
+    SHM_LEN_HIGH,
+    SHM_LEN_LOW,
+    SHM_SEL,
+    STATUS,
+    STATUS_DEVICE_NEEDS_RESET,
+    STATUS_DRIVER_OK,
+    STATUS_FEATURES_OK,
+    TRANSPORT_FEATURES,
+    VENDOR,
+    VENDOR_ID,
+    VERSION,
+    features_acceptable,
+)
 from .queue import DeviceError, SplitQueue
 
 log = logging.getLogger("hypyr.dev.virtio_mmio")
 _U32_LE = struct.Struct("<I")
-
-MMIO_WINDOW = 0x1000
-MAGIC_VALUE = 0x74726976  # "virt"
-MMIO_VERSION = 2
-VENDOR_ID = 0x52595048  # "HPYR"
-
-# Register offsets (virtio 1.2 §4.2.2)
-MAGIC = 0x000
-VERSION = 0x004
-DEVICE_ID = 0x008
-VENDOR = 0x00C
-DEVICE_FEATURES = 0x010
-DEVICE_FEATURES_SEL = 0x014
-DRIVER_FEATURES = 0x020
-DRIVER_FEATURES_SEL = 0x024
-QUEUE_SEL = 0x030
-QUEUE_NUM_MAX = 0x034
-QUEUE_NUM = 0x038
-QUEUE_READY = 0x044
-QUEUE_NOTIFY_OFFSET = 0x050
-INTERRUPT_STATUS = 0x060
-INTERRUPT_ACK = 0x064
-STATUS = 0x070
-QUEUE_DESC_LOW = 0x080
-QUEUE_DESC_HIGH = 0x084
-QUEUE_DRIVER_LOW = 0x090
-QUEUE_DRIVER_HIGH = 0x094
-QUEUE_DEVICE_LOW = 0x0A0
-QUEUE_DEVICE_HIGH = 0x0A4
-SHM_SEL = 0x0AC
-SHM_LEN_LOW = 0x0B0
-SHM_LEN_HIGH = 0x0B4
-SHM_BASE_LOW = 0x0B8
-SHM_BASE_HIGH = 0x0BC
-QUEUE_RESET = 0x0C0
-CONFIG_GENERATION = 0x0FC
-CONFIG = 0x100
-# what use_register_page() publishes besides InterruptStatus and ConfigGeneration (the other
-# registers read as zero)
-_PAGE_REGISTERS = (MAGIC, VERSION, DEVICE_ID, VENDOR, DEVICE_FEATURES, QUEUE_NUM_MAX, QUEUE_READY, STATUS,
-                   SHM_LEN_LOW, SHM_LEN_HIGH, SHM_BASE_LOW, SHM_BASE_HIGH)
-
-# Device status bits (virtio 1.2 §2.1)
-STATUS_ACKNOWLEDGE = 1
-STATUS_DRIVER = 2
-STATUS_DRIVER_OK = 4
-STATUS_FEATURES_OK = 8
-STATUS_DEVICE_NEEDS_RESET = 64
-STATUS_FAILED = 128
-
-# InterruptStatus bits
-INT_VRING = 1
-INT_CONFIG = 2
-
-TRANSPORT_FEATURES = VIRTIO_F_VERSION_1 | VIRTIO_F_RING_INDIRECT_DESC | VIRTIO_F_RING_EVENT_IDX
 _U32 = 0xFFFFFFFF
 _U64 = (1 << 64) - 1
 
@@ -216,7 +205,7 @@ class VirtioMmioTransport:
         page = self._page
         if page is None:
             return
-        for off in _PAGE_REGISTERS:
+        for off in PAGE_REGISTERS:
             _U32_LE.pack_into(page, off, self._read_register(off) & _U32)
         config = self._config_read(0, MMIO_WINDOW - CONFIG)
         page[CONFIG:] = config
@@ -515,7 +504,7 @@ class VirtioMmioTransport:
             self._activate()
 
     def _features_acceptable(self) -> bool:
-        return self._acceptable(self._driver_features)
+        return features_acceptable(self._driver_features, self.offered_features)
 
     def _activate(self) -> bool:
         """DRIVER_OK: validate and activate the ready queues, then the device.  On failure set
@@ -690,7 +679,7 @@ class VirtioMmioTransport:
             raise StateError(f"{where}: the saved line level does not follow from InterruptStatus")
         if status & STATUS_DRIVER_OK and not status & STATUS_FEATURES_OK:
             raise StateError(f"{where}: the saved status has DRIVER_OK without FEATURES_OK")
-        if status & STATUS_FEATURES_OK and not self._acceptable(regs["driver_features"]):
+        if status & STATUS_FEATURES_OK and not features_acceptable(regs["driver_features"], self.offered_features):
             raise StateError(f"{where}: the saved driver features are not a subset of the offered ones "
                              f"with VERSION_1")
         if status & STATUS_DRIVER_OK and not status & STATUS_DEVICE_NEEDS_RESET:
@@ -724,6 +713,3 @@ class VirtioMmioTransport:
         if qs["last_avail"] != qs["next_used"]:
             raise StateError(f"{self._name}: saved queue {i} has chains in flight (last avail index "
                              f"{qs['last_avail']}, next used index {qs['next_used']})")
-
-    def _acceptable(self, features: int) -> bool:
-        return not features & ~self.offered_features and bool(features & VIRTIO_F_VERSION_1)
