@@ -2,7 +2,7 @@
 
 - :mod:`.queue`  — split virtqueue: descriptor chains (indirect, TTL-bounded), used ring, event index
 - :mod:`.mmio`   — the virtio-mmio (version 2, "modern") register interface, with its register map
-  (:mod:`.mmio_regs`)
+  (:mod:`.mmio_regs`) and the checks of a saved transport state (:mod:`.mmio_state`)
 - :mod:`.device` — the interface every device implements
 - one file per device: :mod:`.rng`, :mod:`.blk`, :mod:`.console`, :mod:`.net` (with :mod:`.tap`, :mod:`.vhost`)
 

@@ -5,7 +5,7 @@ Register it on the MMIO bus with length :data:`MMIO_WINDOW`; its interrupt is le
 untrusted: accesses it does not take are logged (rate-limited) and ignored, and a queue or device
 error puts the device in DEVICE_NEEDS_RESET.  Locks: ``_irq_lock`` is always taken after ``_lock``,
 never before, and ``irq`` must not call back into the transport.  The register map is
-:mod:`.mmio_regs`.
+:mod:`.mmio_regs`; a saved state is checked by :mod:`.mmio_state` before :meth:`load_state` applies it.
 Design notes (registers, status machine, interrupts, threading): docs/devices.md, "virtio-mmio transport".
 """
 
@@ -19,8 +19,8 @@ from collections.abc import Callable
 
 from hypyr.devices.bus import IrqLine
 from hypyr.devices.ratelog import RateLimitedLog
-from hypyr.devices.state import StateError, StateReader
-from hypyr.memory import GuestMemory, GuestMemoryError
+from hypyr.devices.state import StateError
+from hypyr.memory import GuestMemory
 
 from .device import VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VirtioDevice
 from .mmio_regs import (
@@ -66,23 +66,13 @@ from .mmio_regs import (
     VERSION,
     features_acceptable,
 )
+from .mmio_state import QUEUE_FIELDS, parse_saved
 from .queue import DeviceError, SplitQueue
 
 log = logging.getLogger("hypyr.dev.virtio_mmio")
 _U32_LE = struct.Struct("<I")
 _U32 = 0xFFFFFFFF
 _U64 = (1 << 64) - 1
-
-
-# What a save holds of the transport (besides the device's own state): each register with its
-# largest value or the bits it can have, and per queue, besides "ready", its registers and ring
-# progress, named as SplitQueue's attributes (the free-running 16-bit indices; chains a device
-# held are not saved: the restored queue starts with none in flight).
-_REGISTERS = (("status", 0xFF), ("device_features_sel", _U32), ("driver_features", _U64),
-              ("driver_features_sel", _U32), ("queue_sel", _U32), ("interrupt_status", INT_VRING | INT_CONFIG),
-              ("config_generation", _U32))
-_QUEUE_FIELDS = (("size", _U32), ("desc_table", _U64), ("avail_ring", _U64), ("used_ring", _U64),
-                 ("last_avail", 0xFFFF), ("next_used", 0xFFFF), ("signalled_used", 0xFFFF))
 
 
 class VirtioMmioTransport:
@@ -569,7 +559,7 @@ class VirtioMmioTransport:
             with self._irq_lock:
                 self._absorb_acks()
                 isr, gen = self._isr, self._config_generation
-            queues = [{"ready": q.ready, **{name: getattr(q, name) for name, _ in _QUEUE_FIELDS}}
+            queues = [{"ready": q.ready, **{name: getattr(q, name) for name, _ in QUEUE_FIELDS}}
                       for q in self.queues]
             return {"status": self._status, "device_features_sel": self._device_features_sel,
                     "driver_features": self._driver_features, "driver_features_sel": self._driver_features_sel,
@@ -590,7 +580,7 @@ class VirtioMmioTransport:
         self._queue_sel = regs["queue_sel"]
         for q, qs in zip(self.queues, queues):
             q.ready = qs["ready"]
-            for name, _ in _QUEUE_FIELDS:
+            for name, _ in QUEUE_FIELDS:
                 setattr(q, name, qs[name])
         with self._irq_lock:
             self._isr = regs["interrupt_status"]
@@ -661,31 +651,9 @@ class VirtioMmioTransport:
         """Check everything (StateError), then load: the device is reset, gets its own state and,
         if the driver had it running, is reactivated with every queue where it stopped.  The
         line is driven to the restored level.  Leaves transport and device quiesced."""
-        where = self._name
-        r = StateReader(state, where, self.STATE_KIND, self.STATE_VERSION)
-        if r.integer("device_id", 0, _U32) != self.device.device_id:
-            raise StateError(f"{where}: the saved device is another kind of virtio device")
-        if r.integer("device_features", 0, _U64) != self.offered_features:
-            raise StateError(f"{where}: the saved device offered other features than this one (a different "
-                             f"device configuration)")
-        regs = {name: r.integer(name, 0, limit) for name, limit in _REGISTERS}
-        irq = r.flag("irq")
-        raw_queues = r.items("queues", len(self.queues), len(self.queues))
-        device_state = self.device.parse_state(r.raw("device"))
-        r.done()
-        queues = [self._parse_queue(i, raw) for i, raw in enumerate(raw_queues)]
-        status = regs["status"]
-        if irq != (regs["interrupt_status"] != 0):
-            raise StateError(f"{where}: the saved line level does not follow from InterruptStatus")
-        if status & STATUS_DRIVER_OK and not status & STATUS_FEATURES_OK:
-            raise StateError(f"{where}: the saved status has DRIVER_OK without FEATURES_OK")
-        if status & STATUS_FEATURES_OK and not features_acceptable(regs["driver_features"], self.offered_features):
-            raise StateError(f"{where}: the saved driver features are not a subset of the offered ones "
-                             f"with VERSION_1")
-        if status & STATUS_DRIVER_OK and not status & STATUS_DEVICE_NEEDS_RESET:
-            for i, qs in enumerate(queues):
-                if qs["ready"]:
-                    self._check_queue(i, qs)
+        regs, queues, device_state = parse_saved(
+            state, self._name, self.STATE_KIND, self.STATE_VERSION, device=self.device,
+            offered_features=self.offered_features, queue_max_sizes=[q.max_size for q in self.queues], mem=self.mem)
 
         def load_device() -> None:
             self.device.apply_state(device_state)
@@ -693,23 +661,3 @@ class VirtioMmioTransport:
         with self._lock:
             self._quiesced = True
             self._load_locked(regs, queues, load_device)
-
-    def _parse_queue(self, i: int, raw: object) -> dict:
-        q = StateReader(raw, f"{self._name}.queues[{i}]")
-        fields = {name: q.integer(name, 0, limit) for name, limit in _QUEUE_FIELDS}
-        fields["ready"] = q.flag("ready")
-        q.done()
-        return fields
-
-    def _check_queue(self, i: int, qs: dict) -> None:
-        """A queue the driver had running: its rings must lie in RAM, and no chain in flight."""
-        probe = SplitQueue(self.queues[i].max_size)
-        probe.size, probe.desc_table, probe.avail_ring, probe.used_ring = (qs["size"], qs["desc_table"],
-                                                                           qs["avail_ring"], qs["used_ring"])
-        try:
-            probe.validate(self.mem)
-        except (DeviceError, GuestMemoryError) as e:
-            raise StateError(f"{self._name}: saved queue {i}: {e}") from None
-        if qs["last_avail"] != qs["next_used"]:
-            raise StateError(f"{self._name}: saved queue {i} has chains in flight (last avail index "
-                             f"{qs['last_avail']}, next used index {qs['next_used']})")

@@ -2,8 +2,9 @@
 
 Offsets within the window, identification values, device status bits (§2.1), InterruptStatus
 bits, the registers a register page publishes, the features the transport adds to a device's and
-the rule the driver's choice must follow.  Shared by the transport (:mod:`.mmio`), the VMM and
-the tests; each register's meaning is tabled in docs/devices.md.
+the rule the driver's choice must follow.  Shared by the transport (:mod:`.mmio`), the checks of
+a saved state (:mod:`.mmio_state`), the VMM and the tests; each register's meaning is tabled in
+docs/devices.md.
 """
 
 from __future__ import annotations
