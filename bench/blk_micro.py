@@ -31,6 +31,7 @@ sys.path.append(str(REPO / "tests"))
 from virtio_mock import MockDriver  # noqa: E402
 
 from hypyr.devices.virtio import blk as B  # noqa: E402
+from hypyr.devices.virtio import blk_spec as spec  # noqa: E402
 from hypyr.devices.virtio.queue import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE  # noqa: E402
 
 QUEUE = 16
@@ -44,7 +45,7 @@ def ready_requests(drv: MockDriver, size: int, direct: bool, rtype: int) -> list
         hdr = drv.alloc(struct.pack("<IIQ", rtype, 0, (i * size // 512) % (IMAGE_MIB * 2048 - size // 512)))
         data = drv.alloc(size)
         status = drv.alloc(1)
-        data_flags = VIRTQ_DESC_F_WRITE if rtype == B.VIRTIO_BLK_T_IN else 0
+        data_flags = VIRTQ_DESC_F_WRITE if rtype == spec.VIRTIO_BLK_T_IN else 0
         descs = [(hdr, 16, VIRTQ_DESC_F_NEXT), (data, size, data_flags | VIRTQ_DESC_F_NEXT),
                  (status, 1, VIRTQ_DESC_F_WRITE)]
         if direct:
@@ -96,7 +97,7 @@ def main() -> int:
         layout = "direct" if args.direct else "indirect"
         print(f"virtio-blk request path, {args.size}-byte requests, {layout}, queue depth 1 "
               f"(hypyr from {Path(B.__file__).parents[3]}):")
-        for name, rtype in (("read", B.VIRTIO_BLK_T_IN), ("write", B.VIRTIO_BLK_T_OUT)):
+        for name, rtype in (("read", spec.VIRTIO_BLK_T_IN), ("write", spec.VIRTIO_BLK_T_OUT)):
             runs = [per_request_us(f.name, rtype, args.size, args.direct, args.requests) for _ in range(args.repeat)]
             print(f"  {name:5} {statistics.median(runs):6.2f} µs per request "
                   f"(min {min(runs):.2f}, max {max(runs):.2f}; {args.repeat} runs of {args.requests})")

@@ -11,10 +11,11 @@ import struct
 from _harness import Buf, DeviceRig, check, fuzz, scratch
 
 from hypyr.devices.virtio import blk as B
+from hypyr.devices.virtio import blk_spec as spec
 
 SECTORS = 64
-TYPES = (B.VIRTIO_BLK_T_IN, B.VIRTIO_BLK_T_OUT, B.VIRTIO_BLK_T_FLUSH, B.VIRTIO_BLK_T_GET_ID,
-         B.VIRTIO_BLK_T_DISCARD, B.VIRTIO_BLK_T_WRITE_ZEROES)
+TYPES = (spec.VIRTIO_BLK_T_IN, spec.VIRTIO_BLK_T_OUT, spec.VIRTIO_BLK_T_FLUSH, spec.VIRTIO_BLK_T_GET_ID,
+         spec.VIRTIO_BLK_T_DISCARD, spec.VIRTIO_BLK_T_WRITE_ZEROES)
 
 _dir = scratch("blk")
 _images = {}
@@ -48,12 +49,12 @@ def _request(rig):
         bufs = [Buf(ops.alloc(struct.pack("<IIQ", rtype, fdp.ConsumeIntInRange(0, 1) * fdp.ConsumeInt(4) & 0xFFFFFFFF,
                                           sector)), 16)]
         nseg = fdp.ConsumeIntInRange(0, 3)
-        if rtype in (B.VIRTIO_BLK_T_DISCARD, B.VIRTIO_BLK_T_WRITE_ZEROES):
+        if rtype in (spec.VIRTIO_BLK_T_DISCARD, spec.VIRTIO_BLK_T_WRITE_ZEROES):
             segs = b"".join(struct.pack("<QII", fdp.ConsumeIntInRange(0, SECTORS + 2), fdp.ConsumeIntInRange(0, 70),
                                         fdp.ConsumeIntInRange(0, 3)) for _ in range(nseg))
             if segs:
                 bufs.append(Buf(ops.alloc(segs), len(segs)))
-        elif rtype == B.VIRTIO_BLK_T_OUT:
+        elif rtype == spec.VIRTIO_BLK_T_OUT:
             for _ in range(nseg):
                 n = 512 * fdp.ConsumeIntInRange(0, 3) + (fdp.ConsumeIntInRange(0, 3) if fdp.ConsumeIntInRange(0, 7) == 0
                                                          else 0)

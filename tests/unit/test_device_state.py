@@ -29,6 +29,7 @@ from hypyr.devices.pvexit import PvExit
 from hypyr.devices.pvpanic import PvPanic
 from hypyr.devices.state import StateError, Stateful
 from hypyr.devices.virtio import blk as B
+from hypyr.devices.virtio import blk_spec as spec
 from hypyr.devices.virtio import mmio_regs as M
 from hypyr.devices.virtio import net as N
 from hypyr.devices.virtio.console import VirtioConsole
@@ -423,7 +424,7 @@ def test_blk_quiesce_completes_requests_in_flight_exactly_once(image, monkeypatc
     _route(monkeypatch, "preadv", gated)
     vm = BlkVm(path)
     try:
-        reqs = [vm.request(B.VIRTIO_BLK_T_IN, i, in_len=512) for i in range(4)]
+        reqs = [vm.request(spec.VIRTIO_BLK_T_IN, i, in_len=512) for i in range(4)]
         notifier = threading.Thread(target=vm.t.notify, args=(0,))  # the I/O thread
         notifier.start()
         assert entered.acquire(timeout=5) and entered.acquire(timeout=5)  # a worker and the I/O thread
@@ -432,7 +433,7 @@ def test_blk_quiesce_completes_requests_in_flight_exactly_once(image, monkeypatc
         deadline = time.monotonic() + 5
         while not vm.t._quiesced and time.monotonic() < deadline:
             time.sleep(0.001)
-        late = vm.request(B.VIRTIO_BLK_T_IN, 9, in_len=512)  # published and notified while quiescing
+        late = vm.request(spec.VIRTIO_BLK_T_IN, 9, in_len=512)  # published and notified while quiescing
         vm.t.notify(0)
         quiescer.join(0.3)
         assert quiescer.is_alive()  # waiting for the requests in flight
@@ -465,7 +466,7 @@ def test_blk_quiesce_completes_requests_in_flight_exactly_once(image, monkeypatc
 def test_blk_writes_flush_and_identity(image, monkeypatch):
     path, _ = image
     vm = BlkVm(path)
-    head, _, status = vm.request(B.VIRTIO_BLK_T_OUT, 3, out=b"\xab" * 512)
+    head, _, status = vm.request(spec.VIRTIO_BLK_T_OUT, 3, out=b"\xab" * 512)
     vm.t.notify(0)
     assert vm.dev.wait_idle(5) and vm.drv.take_used() == [(head, 1)]
     synced = []
@@ -487,10 +488,10 @@ def test_blk_writes_flush_and_identity(image, monkeypatch):
             dst.t.load_state({**s, "device": {**s["device"], **bad}})
     dst.t.load_state({**s, "device": {**s["device"], "path": "/elsewhere/disk.img"}})  # the path: for the record
     dst.t.resume()
-    head, _, status = dst.request(B.VIRTIO_BLK_T_FLUSH, 0)
+    head, _, status = dst.request(spec.VIRTIO_BLK_T_FLUSH, 0)
     dst.t.notify(0)
     assert dst.dev.wait_idle(5) and vm.drv.take_used() == [(head, 1)]
-    assert vm.drv.mem.read_u8(status) == B.VIRTIO_BLK_S_IOERR  # the flush error stayed
+    assert vm.drv.mem.read_u8(status) == spec.VIRTIO_BLK_S_IOERR  # the flush error stayed
     assert path.read_bytes()[3 * 512:4 * 512] == b"\xab" * 512
     dst.dev.close()
 

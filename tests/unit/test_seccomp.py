@@ -215,22 +215,22 @@ def test_virtio_blk_requests_and_workers_under_the_io_filter(tmp_path):
     """In, out, flush, write-zeroes, discard and a batch for the worker pool, on an "io" thread."""
     from test_virtio_blk import ALL_FEATURES, Rig, make_image, seg  # noqa: F401
 
-    from hypyr.devices.virtio import blk as B
+    from hypyr.devices.virtio import blk_spec as spec
     path = tmp_path / "disk.img"
     make_image(path)
     rig = Rig(path, workers=4, qsize=64)         # opened by the main thread, as the builder does
 
     def work():
-        heads = [rig.request(B.VIRTIO_BLK_T_OUT, s, out=bytes([s]) * 512, indirect=True)[0] for s in range(8)]
-        heads += [rig.request(B.VIRTIO_BLK_T_IN, 30 + i, in_len=512)[0] for i in range(4)]
-        heads.append(rig.request(B.VIRTIO_BLK_T_FLUSH, 0)[0])
+        heads = [rig.request(spec.VIRTIO_BLK_T_OUT, s, out=bytes([s]) * 512, indirect=True)[0] for s in range(8)]
+        heads += [rig.request(spec.VIRTIO_BLK_T_IN, 30 + i, in_len=512)[0] for i in range(4)]
+        heads.append(rig.request(spec.VIRTIO_BLK_T_FLUSH, 0)[0])
         assert sorted(h for h, _ in rig.run()) == sorted(heads)
-        _, _, st = rig.request(B.VIRTIO_BLK_T_WRITE_ZEROES, 0, out=seg(2, 3))
+        _, _, st = rig.request(spec.VIRTIO_BLK_T_WRITE_ZEROES, 0, out=seg(2, 3))
         rig.run()
-        assert rig.drv.mem.read_u8(st) == B.VIRTIO_BLK_S_OK
-        _, _, st = rig.request(B.VIRTIO_BLK_T_DISCARD, 0, out=seg(20, 8))
+        assert rig.drv.mem.read_u8(st) == spec.VIRTIO_BLK_S_OK
+        _, _, st = rig.request(spec.VIRTIO_BLK_T_DISCARD, 0, out=seg(20, 8))
         rig.run()
-        assert rig.drv.mem.read_u8(st) == B.VIRTIO_BLK_S_OK
+        assert rig.drv.mem.read_u8(st) == spec.VIRTIO_BLK_S_OK
     try:
         assert in_child(work, "io") == OK
     finally:

@@ -14,13 +14,15 @@ from virtio_mock import Buf, MockDriver
 
 from hypyr.devices import diskimage
 from hypyr.devices.virtio import blk as B
+from hypyr.devices.virtio import blk_spec as spec
+from hypyr.devices.virtio import blk_transfer
 from hypyr.devices.virtio.blk import VirtioBlk
 from hypyr.devices.virtio.queue import DeviceError, QueueError
 from hypyr.errors import HypyrError, StateError
 from hypyr.memory import GuestMemory
 
 SECTORS = 64
-ALL_FEATURES = (1 << B.VIRTIO_BLK_F_DISCARD) | (1 << B.VIRTIO_BLK_F_WRITE_ZEROES) | (1 << B.VIRTIO_BLK_F_FLUSH)
+ALL_FEATURES = (1 << spec.VIRTIO_BLK_F_DISCARD) | (1 << spec.VIRTIO_BLK_F_WRITE_ZEROES) | (1 << spec.VIRTIO_BLK_F_FLUSH)
 
 
 def pattern(n: int, seed: int = 0) -> bytes:
@@ -106,19 +108,19 @@ def test_config_space(rig):
     assert struct.unpack("<Q", dev.config_read(0, 8))[0] == SECTORS
     assert cfg_u32(dev, 0) == SECTORS and cfg_u32(dev, 4) == 0
     assert dev.config_read(0, 1) == bytes([SECTORS])
-    assert cfg_u32(dev, 12) == B.SEG_MAX
+    assert cfg_u32(dev, 12) == spec.SEG_MAX
     assert cfg_u32(dev, 20) == 512
-    assert cfg_u32(dev, 36) == B.MAX_DISCARD_SECTORS and cfg_u32(dev, 40) == B.MAX_DISCARD_SEG
-    assert cfg_u32(dev, 48) == B.MAX_WRITE_ZEROES_SECTORS and cfg_u32(dev, 52) == B.MAX_WRITE_ZEROES_SEG
+    assert cfg_u32(dev, 36) == spec.MAX_DISCARD_SECTORS and cfg_u32(dev, 40) == spec.MAX_DISCARD_SEG
+    assert cfg_u32(dev, 48) == spec.MAX_WRITE_ZEROES_SECTORS and cfg_u32(dev, 52) == spec.MAX_WRITE_ZEROES_SEG
     assert dev.config_read(56, 1) == b"\x01"
     assert dev.config_read(0x100, 4) == bytes(4)
     assert dev.config_read(58, 8) == bytes(8)
     assert dev.config_read(-4, 4) == bytes(4)
     f = dev.device_features()
-    for bit in (B.VIRTIO_BLK_F_SEG_MAX, B.VIRTIO_BLK_F_BLK_SIZE, B.VIRTIO_BLK_F_FLUSH,
-                B.VIRTIO_BLK_F_DISCARD, B.VIRTIO_BLK_F_WRITE_ZEROES):
+    for bit in (spec.VIRTIO_BLK_F_SEG_MAX, spec.VIRTIO_BLK_F_BLK_SIZE, spec.VIRTIO_BLK_F_FLUSH,
+                spec.VIRTIO_BLK_F_DISCARD, spec.VIRTIO_BLK_F_WRITE_ZEROES):
         assert f & (1 << bit)
-    assert not f & (1 << B.VIRTIO_BLK_F_RO)
+    assert not f & (1 << spec.VIRTIO_BLK_F_RO)
     s = dev.save_state()
     assert (s["path"], s["read_only"], s["capacity"], s["features"]) == (str(rig.dev.path), False, SECTORS, f)
     dev.parse_state(s)   # this disk's own state fits it; another disk's does not
@@ -182,21 +184,21 @@ def test_an_image_opened_unlocked_is_locked_only_when_the_holder_lets_go(image):
 def test_in_out_round_trip(rig, image, sector, nsect, pieces, indirect):
     _, original = image
     n = nsect * 512
-    head, data, st_addr = rig.request(B.VIRTIO_BLK_T_IN, sector, in_len=n, pieces=pieces, indirect=indirect)
+    head, data, st_addr = rig.request(spec.VIRTIO_BLK_T_IN, sector, in_len=n, pieces=pieces, indirect=indirect)
     assert rig.run() == [(head, n + 1)]
-    assert rig.drv.mem.read_u8(st_addr) == B.VIRTIO_BLK_S_OK
+    assert rig.drv.mem.read_u8(st_addr) == spec.VIRTIO_BLK_S_OK
     assert rig.gather(data) == original[sector * 512:sector * 512 + n]
 
     new = pattern(n, 99)
-    head, _, st_addr = rig.request(B.VIRTIO_BLK_T_OUT, sector, out=new, pieces=pieces, indirect=indirect)
+    head, _, st_addr = rig.request(spec.VIRTIO_BLK_T_OUT, sector, out=new, pieces=pieces, indirect=indirect)
     assert rig.run() == [(head, 1)]
-    assert rig.drv.mem.read_u8(st_addr) == B.VIRTIO_BLK_S_OK
+    assert rig.drv.mem.read_u8(st_addr) == spec.VIRTIO_BLK_S_OK
     on_disk = image[0].read_bytes()
     assert on_disk[sector * 512:sector * 512 + n] == new
     assert on_disk[:sector * 512] == original[:sector * 512]
     assert on_disk[sector * 512 + n:] == original[sector * 512 + n:]
 
-    head, data, _ = rig.request(B.VIRTIO_BLK_T_IN, sector, in_len=n, pieces=pieces + 1, indirect=indirect)
+    head, data, _ = rig.request(spec.VIRTIO_BLK_T_IN, sector, in_len=n, pieces=pieces + 1, indirect=indirect)
     rig.run()
     assert rig.gather(data) == new
     assert rig.irqs and set(rig.irqs) == {0}
@@ -205,7 +207,7 @@ def test_in_out_round_trip(rig, image, sector, nsect, pieces, indirect):
 def test_data_and_status_in_one_buffer(rig, image):
     """The status byte is the last writable byte, wherever the buffers split."""
     d = rig.drv
-    hdr = d.alloc(struct.pack("<IIQ", B.VIRTIO_BLK_T_IN, 0, 2))
+    hdr = d.alloc(struct.pack("<IIQ", spec.VIRTIO_BLK_T_IN, 0, 2))
     buf = d.alloc(513)
     head = d.add_chain([Buf(hdr, 16), Buf(buf, 513, write=True)])
     assert rig.run() == [(head, 513)]
@@ -214,22 +216,22 @@ def test_data_and_status_in_one_buffer(rig, image):
 
 
 def test_zero_length_read_and_write(rig):
-    head, _, st_addr = rig.request(B.VIRTIO_BLK_T_IN, SECTORS, in_len=0)
+    head, _, st_addr = rig.request(spec.VIRTIO_BLK_T_IN, SECTORS, in_len=0)
     assert rig.run() == [(head, 1)]
-    assert rig.drv.mem.read_u8(st_addr) == B.VIRTIO_BLK_S_OK
+    assert rig.drv.mem.read_u8(st_addr) == spec.VIRTIO_BLK_S_OK
 
 
 def test_large_request_spans_chunks(tmp_path, monkeypatch):
-    monkeypatch.setattr(B, "IO_CHUNK", 1024)
+    monkeypatch.setattr(blk_transfer, "IO_CHUNK", 1024)
     p = tmp_path / "d.img"
     original = make_image(p)
     r = Rig(p)
     try:
-        head, data, st_addr = r.request(B.VIRTIO_BLK_T_IN, 3, in_len=8 * 512, pieces=3)
+        head, data, st_addr = r.request(spec.VIRTIO_BLK_T_IN, 3, in_len=8 * 512, pieces=3)
         r.run()
         assert r.gather(data) == original[3 * 512:11 * 512]
         new = pattern(8 * 512, 5)
-        r.request(B.VIRTIO_BLK_T_OUT, 3, out=new, pieces=3)
+        r.request(spec.VIRTIO_BLK_T_OUT, 3, out=new, pieces=3)
         r.run()
         assert p.read_bytes()[3 * 512:11 * 512] == new
     finally:
@@ -284,16 +286,16 @@ def test_short_transfers_are_continued(image, monkeypatch, indirect):
     r = Rig(path)
     try:
         n = 6 * 512
-        head, data, st_addr = r.request(B.VIRTIO_BLK_T_IN, 3, in_len=n, pieces=5, indirect=indirect)
+        head, data, st_addr = r.request(spec.VIRTIO_BLK_T_IN, 3, in_len=n, pieces=5, indirect=indirect)
         assert r.run() == [(head, n + 1)]
-        assert r.drv.mem.read_u8(st_addr) == B.VIRTIO_BLK_S_OK
+        assert r.drv.mem.read_u8(st_addr) == spec.VIRTIO_BLK_S_OK
         assert r.gather(data) == original[3 * 512:9 * 512]
         assert reads[0] == (5, n, 3 * 512)  # five data buffers: not the header, not the status byte
         assert [off for _, _, off in reads] == [3 * 512 + i * 700 for i in range(-(-n // 700))]
         new = pattern(n, 42)
-        head, _, st_addr = r.request(B.VIRTIO_BLK_T_OUT, 3, out=new, pieces=4, indirect=indirect)
+        head, _, st_addr = r.request(spec.VIRTIO_BLK_T_OUT, 3, out=new, pieces=4, indirect=indirect)
         assert r.run() == [(head, 1)]
-        assert r.drv.mem.read_u8(st_addr) == B.VIRTIO_BLK_S_OK
+        assert r.drv.mem.read_u8(st_addr) == spec.VIRTIO_BLK_S_OK
         assert writes[0] == (4, n, 3 * 512)
         assert len(writes) == -(-n // 700)
         assert path.read_bytes() == original[:3 * 512] + new + original[9 * 512:]
@@ -304,18 +306,18 @@ def test_short_transfers_are_continued(image, monkeypatch, indirect):
 def test_syscalls_are_bounded(image, monkeypatch):
     """Each preadv/pwritev gets at most IOV_MAX buffers and IO_CHUNK bytes."""
     path, original = image
-    monkeypatch.setattr(B, "IO_CHUNK", 1536)
-    monkeypatch.setattr(B, "IOV_MAX", 3)
+    monkeypatch.setattr(blk_transfer, "IO_CHUNK", 1536)
+    monkeypatch.setattr(blk_transfer, "IOV_MAX", 3)
     reads = _spy(monkeypatch, "preadv")
     writes = _spy(monkeypatch, "pwritev")
     r = Rig(path)
     try:
         n = 16 * 512
-        head, data, _ = r.request(B.VIRTIO_BLK_T_IN, 10, in_len=n, pieces=11, indirect=True)
+        head, data, _ = r.request(spec.VIRTIO_BLK_T_IN, 10, in_len=n, pieces=11, indirect=True)
         assert r.run() == [(head, n + 1)]
         assert r.gather(data) == original[10 * 512:26 * 512]
         new = pattern(n, 7)
-        r.request(B.VIRTIO_BLK_T_OUT, 10, out=new, pieces=11, indirect=True)
+        r.request(spec.VIRTIO_BLK_T_OUT, 10, out=new, pieces=11, indirect=True)
         r.run()
         assert path.read_bytes()[10 * 512:26 * 512] == new
         for calls in (reads, writes):
@@ -328,7 +330,7 @@ def test_syscalls_are_bounded(image, monkeypatch):
 
 
 @pytest.mark.parametrize("indirect", [False, True])
-@pytest.mark.parametrize("rtype", [B.VIRTIO_BLK_T_IN, B.VIRTIO_BLK_T_OUT])
+@pytest.mark.parametrize("rtype", [spec.VIRTIO_BLK_T_IN, spec.VIRTIO_BLK_T_OUT])
 def test_an_io_error_fails_the_request_once_without_redoing_it(image, monkeypatch, caplog, indirect, rtype):
     """A failing preadv/pwritev is IOERR with one log line: the request is tried once, in
     whichever layout (an indirect table goes straight from the table, a direct chain by ranges)."""
@@ -339,18 +341,18 @@ def test_an_io_error_fails_the_request_once_without_redoing_it(image, monkeypatc
         calls.append(off)
         raise OSError(errno.EIO, "Input/output error")
 
-    _route(monkeypatch, "preadv" if rtype == B.VIRTIO_BLK_T_IN else "pwritev", fail)
+    _route(monkeypatch, "preadv" if rtype == spec.VIRTIO_BLK_T_IN else "pwritev", fail)
     r = Rig(path)
     try:
         with caplog.at_level(logging.WARNING, logger="hypyr.dev.virtio-blk"):
-            if rtype == B.VIRTIO_BLK_T_IN:
+            if rtype == spec.VIRTIO_BLK_T_IN:
                 head, _, st_addr = r.request(rtype, 4, in_len=2 * 512, pieces=2, indirect=indirect)
             else:
                 head, _, st_addr = r.request(rtype, 4, out=pattern(2 * 512, 3), pieces=2, indirect=indirect)
             assert [h for h, _ in r.run()] == [head]
-        assert r.drv.mem.read_u8(st_addr) == B.VIRTIO_BLK_S_IOERR
+        assert r.drv.mem.read_u8(st_addr) == spec.VIRTIO_BLK_S_IOERR
         assert calls == [4 * 512]
-        kind = "read" if rtype == B.VIRTIO_BLK_T_IN else "write"
+        kind = "read" if rtype == spec.VIRTIO_BLK_T_IN else "write"
         assert caplog.text.count(f"{kind} error: [Errno 5] Input/output error") == 1
         assert path.read_bytes() == original
     finally:
@@ -363,10 +365,10 @@ def test_end_of_file_during_a_read_is_ioerr(image):
     try:
         with open(path, "r+b") as f:
             f.truncate(10 * 512)  # the image shrank under the device
-        head, data, st_addr = r.request(B.VIRTIO_BLK_T_IN, 8, in_len=4 * 512, pieces=2)
+        head, data, st_addr = r.request(spec.VIRTIO_BLK_T_IN, 8, in_len=4 * 512, pieces=2)
         used = r.run()
         assert [h for h, _ in used] == [head]
-        assert r.drv.mem.read_u8(st_addr) == B.VIRTIO_BLK_S_IOERR
+        assert r.drv.mem.read_u8(st_addr) == spec.VIRTIO_BLK_S_IOERR
         assert used[0][1] <= 4 * 512 + 1
     finally:
         r.close()
@@ -382,17 +384,17 @@ def test_a_batch_gets_few_interrupts_and_keeps_flush_order(image, monkeypatch, w
     r = Rig(path, workers=workers, qsize=64)
     try:
         writes = {s: pattern(512, s) for s in (2, 4, 6, 8, 10)}
-        heads = [r.request(B.VIRTIO_BLK_T_OUT, s, out=d, indirect=True)[0] for s, d in writes.items()]
-        reads = [r.request(B.VIRTIO_BLK_T_IN, 30 + i, in_len=512, indirect=True) for i in range(3)]
-        fh, _, fst = r.request(B.VIRTIO_BLK_T_FLUSH, 0, indirect=True)
-        later = r.request(B.VIRTIO_BLK_T_IN, 40, in_len=512, indirect=True)
+        heads = [r.request(spec.VIRTIO_BLK_T_OUT, s, out=d, indirect=True)[0] for s, d in writes.items()]
+        reads = [r.request(spec.VIRTIO_BLK_T_IN, 30 + i, in_len=512, indirect=True) for i in range(3)]
+        fh, _, fst = r.request(spec.VIRTIO_BLK_T_FLUSH, 0, indirect=True)
+        later = r.request(spec.VIRTIO_BLK_T_IN, 40, in_len=512, indirect=True)
         used = r.run()
         assert sorted(h for h, _ in used) == sorted(heads + [h for h, _, _ in reads] + [fh, later[0]])
-        assert r.drv.mem.read_u8(fst) == B.VIRTIO_BLK_S_OK
+        assert r.drv.mem.read_u8(fst) == spec.VIRTIO_BLK_S_OK
         assert len(seen) == 1 and all(seen[0][s * 512:(s + 1) * 512] == d for s, d in writes.items())
         for i, (_, data, st_addr) in enumerate(reads + [later]):
             sector = 30 + i if i < 3 else 40
-            assert r.drv.mem.read_u8(st_addr) == B.VIRTIO_BLK_S_OK
+            assert r.drv.mem.read_u8(st_addr) == spec.VIRTIO_BLK_S_OK
             assert r.gather(data) == original[sector * 512:(sector + 1) * 512]
         # 8 requests before the FLUSH in <= workers groups, the FLUSH alone, then 1 request
         assert 1 <= len(r.irqs) <= min(workers, 8) + 2
@@ -406,8 +408,8 @@ def test_bad_chain_in_a_batch_does_not_lose_earlier_requests(image):
     path, original = image
     r = Rig(path)
     try:
-        head, data, st_addr = r.request(B.VIRTIO_BLK_T_IN, 1, in_len=512)
-        r.request(B.VIRTIO_BLK_T_IN, 2, status=False)  # no writable byte at all
+        head, data, st_addr = r.request(spec.VIRTIO_BLK_T_IN, 1, in_len=512)
+        r.request(spec.VIRTIO_BLK_T_IN, 2, status=False)  # no writable byte at all
         with pytest.raises(DeviceError):
             r.dev.queue_notify(0)
         assert r.dev.wait_idle(10)
@@ -420,9 +422,9 @@ def test_bad_chain_in_a_batch_does_not_lose_earlier_requests(image):
 # -- other request types --------------------------------------------------------------------------------
 
 def test_flush_ok(rig):
-    head, _, st_addr = rig.request(B.VIRTIO_BLK_T_FLUSH, 0)
+    head, _, st_addr = rig.request(spec.VIRTIO_BLK_T_FLUSH, 0)
     assert rig.run() == [(head, 1)]
-    assert rig.drv.mem.read_u8(st_addr) == B.VIRTIO_BLK_S_OK
+    assert rig.drv.mem.read_u8(st_addr) == spec.VIRTIO_BLK_S_OK
 
 
 def test_flush_waits_for_earlier_writes(image, monkeypatch):
@@ -449,11 +451,11 @@ def test_flush_waits_for_earlier_writes(image, monkeypatch):
     r = Rig(path, workers=4)
     try:
         writes = {s: pattern(512, s) for s in (1, 9, 20, 33)}
-        heads = [r.request(B.VIRTIO_BLK_T_OUT, s, out=d)[0] for s, d in writes.items()]
-        fh, _, st_addr = r.request(B.VIRTIO_BLK_T_FLUSH, 0)
+        heads = [r.request(spec.VIRTIO_BLK_T_OUT, s, out=d)[0] for s, d in writes.items()]
+        fh, _, st_addr = r.request(spec.VIRTIO_BLK_T_FLUSH, 0)
         used = r.run()
         assert sorted(h for h, _ in used) == sorted(heads + [fh])
-        assert r.drv.mem.read_u8(st_addr) == B.VIRTIO_BLK_S_OK
+        assert r.drv.mem.read_u8(st_addr) == spec.VIRTIO_BLK_S_OK
         assert len(calls) == 1
         for s, d in writes.items():  # every earlier write was in the file when fdatasync ran
             assert calls[0][s * 512:(s + 1) * 512] == d
@@ -465,9 +467,9 @@ def test_flush_error_is_ioerr(rig, monkeypatch):
     def failing(fd):
         raise OSError(5, "Input/output error")
     monkeypatch.setattr(os, "fdatasync", failing)
-    _, _, st_addr = rig.request(B.VIRTIO_BLK_T_FLUSH, 0)
+    _, _, st_addr = rig.request(spec.VIRTIO_BLK_T_FLUSH, 0)
     rig.run()
-    assert rig.drv.mem.read_u8(st_addr) == B.VIRTIO_BLK_S_IOERR
+    assert rig.drv.mem.read_u8(st_addr) == spec.VIRTIO_BLK_S_IOERR
 
 
 def test_flush_error_is_sticky(rig, monkeypatch):
@@ -482,32 +484,32 @@ def test_flush_error_is_sticky(rig, monkeypatch):
     monkeypatch.setattr(os, "fdatasync", fails_once)
     statuses = []
     for _ in range(2):
-        _, _, st_addr = rig.request(B.VIRTIO_BLK_T_FLUSH, 0)
+        _, _, st_addr = rig.request(spec.VIRTIO_BLK_T_FLUSH, 0)
         rig.run()
         statuses.append(rig.drv.mem.read_u8(st_addr))
     rig.dev.reset()
     rig.drv = MockDriver(16)
     rig.q = rig.drv.queue()
     rig.dev.activate(rig.drv.mem, [rig.q], ALL_FEATURES, rig.irqs.append)
-    head, _, st_addr = rig.request(B.VIRTIO_BLK_T_FLUSH, 0)
+    head, _, st_addr = rig.request(spec.VIRTIO_BLK_T_FLUSH, 0)
     assert rig.run() == [(head, 1)]
     statuses.append(rig.drv.mem.read_u8(st_addr))
-    assert statuses == [B.VIRTIO_BLK_S_IOERR] * 3
+    assert statuses == [spec.VIRTIO_BLK_S_IOERR] * 3
 
 
 def test_get_id(rig):
-    head, data, st_addr = rig.request(B.VIRTIO_BLK_T_GET_ID, 0, in_len=20, pieces=2)
+    head, data, st_addr = rig.request(spec.VIRTIO_BLK_T_GET_ID, 0, in_len=20, pieces=2)
     assert rig.run() == [(head, 21)]
-    assert rig.drv.mem.read_u8(st_addr) == B.VIRTIO_BLK_S_OK
+    assert rig.drv.mem.read_u8(st_addr) == spec.VIRTIO_BLK_S_OK
     assert rig.gather(data) == b"hypyr-disk-0".ljust(20, b"\0")
 
 
 def test_get_id_without_serial(image):
     r = Rig(image[0], serial=None)
     try:
-        _, data, st_addr = r.request(B.VIRTIO_BLK_T_GET_ID, 0, in_len=20)
+        _, data, st_addr = r.request(spec.VIRTIO_BLK_T_GET_ID, 0, in_len=20)
         r.run()
-        assert r.drv.mem.read_u8(st_addr) == B.VIRTIO_BLK_S_OK
+        assert r.drv.mem.read_u8(st_addr) == spec.VIRTIO_BLK_S_OK
         assert r.gather(data) == bytes(20)
     finally:
         r.close()
@@ -517,7 +519,7 @@ def test_get_id_without_serial(image):
 def test_unknown_type_unsupp(rig, rtype):
     head, _, st_addr = rig.request(rtype, 0, in_len=512)
     assert rig.run() == [(head, 1)]
-    assert rig.drv.mem.read_u8(st_addr) == B.VIRTIO_BLK_S_UNSUPP
+    assert rig.drv.mem.read_u8(st_addr) == spec.VIRTIO_BLK_S_UNSUPP
 
 
 def seg(sector, count, flags=0):
@@ -526,17 +528,17 @@ def seg(sector, count, flags=0):
 
 def test_write_zeroes_and_discard(rig, image):
     path, original = image
-    _, _, st_addr = rig.request(B.VIRTIO_BLK_T_WRITE_ZEROES, 0, out=seg(2, 3) + seg(10, 1, 1))
+    _, _, st_addr = rig.request(spec.VIRTIO_BLK_T_WRITE_ZEROES, 0, out=seg(2, 3) + seg(10, 1, 1))
     rig.run()
-    assert rig.drv.mem.read_u8(st_addr) == B.VIRTIO_BLK_S_OK
+    assert rig.drv.mem.read_u8(st_addr) == spec.VIRTIO_BLK_S_OK
     now = path.read_bytes()
     assert now[1024:2560] == bytes(1536) and now[5120:5632] == bytes(512)
     assert now[:1024] == original[:1024] and now[2560:5120] == original[2560:5120]
     assert now[5632:] == original[5632:]
 
-    _, _, st_addr = rig.request(B.VIRTIO_BLK_T_DISCARD, 0, out=seg(20, 8))
+    _, _, st_addr = rig.request(spec.VIRTIO_BLK_T_DISCARD, 0, out=seg(20, 8))
     rig.run()
-    assert rig.drv.mem.read_u8(st_addr) == B.VIRTIO_BLK_S_OK
+    assert rig.drv.mem.read_u8(st_addr) == spec.VIRTIO_BLK_S_OK
     after = path.read_bytes()
     assert len(after) == len(original)
     assert after[:20 * 512] == now[:20 * 512] and after[28 * 512:] == now[28 * 512:]
@@ -546,9 +548,9 @@ def test_write_zeroes_fallback_without_fallocate(image, monkeypatch):
     monkeypatch.setattr(diskimage, "_fallocate", None)
     r = Rig(image[0])
     try:
-        _, _, st_addr = r.request(B.VIRTIO_BLK_T_WRITE_ZEROES, 0, out=seg(4, 2, 1) + seg(7, 1))
+        _, _, st_addr = r.request(spec.VIRTIO_BLK_T_WRITE_ZEROES, 0, out=seg(4, 2, 1) + seg(7, 1))
         r.run()
-        assert r.drv.mem.read_u8(st_addr) == B.VIRTIO_BLK_S_OK
+        assert r.drv.mem.read_u8(st_addr) == spec.VIRTIO_BLK_S_OK
         now = image[0].read_bytes()
         assert now[2048:3072] == bytes(1024) and now[3584:4096] == bytes(512)
         assert now[3072:3584] == image[1][3072:3584]
@@ -557,13 +559,13 @@ def test_write_zeroes_fallback_without_fallocate(image, monkeypatch):
 
 
 @pytest.mark.parametrize("rtype,segs,expect", [
-    (B.VIRTIO_BLK_T_DISCARD, seg(0, 1, 1), B.VIRTIO_BLK_S_UNSUPP),           # unmap flag on discard
-    (B.VIRTIO_BLK_T_WRITE_ZEROES, seg(0, 1, 2), B.VIRTIO_BLK_S_UNSUPP),      # reserved flag
-    (B.VIRTIO_BLK_T_WRITE_ZEROES, seg(SECTORS, 1), B.VIRTIO_BLK_S_IOERR),    # beyond the end
-    (B.VIRTIO_BLK_T_DISCARD, seg(2**63, 1), B.VIRTIO_BLK_S_IOERR),
-    (B.VIRTIO_BLK_T_DISCARD, seg(0, 1) + seg(SECTORS - 1, 2), B.VIRTIO_BLK_S_IOERR),  # 2nd segment bad
-    (B.VIRTIO_BLK_T_DISCARD, seg(0, 1)[:12], B.VIRTIO_BLK_S_IOERR),          # truncated segment
-    (B.VIRTIO_BLK_T_DISCARD, seg(0, 1) * (B.MAX_DISCARD_SEG + 1), B.VIRTIO_BLK_S_IOERR),
+    (spec.VIRTIO_BLK_T_DISCARD, seg(0, 1, 1), spec.VIRTIO_BLK_S_UNSUPP),           # unmap flag on discard
+    (spec.VIRTIO_BLK_T_WRITE_ZEROES, seg(0, 1, 2), spec.VIRTIO_BLK_S_UNSUPP),      # reserved flag
+    (spec.VIRTIO_BLK_T_WRITE_ZEROES, seg(SECTORS, 1), spec.VIRTIO_BLK_S_IOERR),    # beyond the end
+    (spec.VIRTIO_BLK_T_DISCARD, seg(2**63, 1), spec.VIRTIO_BLK_S_IOERR),
+    (spec.VIRTIO_BLK_T_DISCARD, seg(0, 1) + seg(SECTORS - 1, 2), spec.VIRTIO_BLK_S_IOERR),  # 2nd segment bad
+    (spec.VIRTIO_BLK_T_DISCARD, seg(0, 1)[:12], spec.VIRTIO_BLK_S_IOERR),          # truncated segment
+    (spec.VIRTIO_BLK_T_DISCARD, seg(0, 1) * (spec.MAX_DISCARD_SEG + 1), spec.VIRTIO_BLK_S_IOERR),
 ])
 def test_discard_write_zeroes_rejected(rig, image, rtype, segs, expect):
     _, _, st_addr = rig.request(rtype, 0, out=segs)
@@ -575,9 +577,9 @@ def test_discard_write_zeroes_rejected(rig, image, rtype, segs, expect):
 def test_discard_not_negotiated_unsupp(image):
     r = Rig(image[0], features=0)
     try:
-        _, _, st_addr = r.request(B.VIRTIO_BLK_T_DISCARD, 0, out=seg(0, 1))
+        _, _, st_addr = r.request(spec.VIRTIO_BLK_T_DISCARD, 0, out=seg(0, 1))
         r.run()
-        assert r.drv.mem.read_u8(st_addr) == B.VIRTIO_BLK_S_UNSUPP
+        assert r.drv.mem.read_u8(st_addr) == spec.VIRTIO_BLK_S_UNSUPP
         assert image[0].read_bytes() == image[1]
     finally:
         r.close()
@@ -586,25 +588,25 @@ def test_discard_not_negotiated_unsupp(image):
 # -- malformed requests -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("rtype,sector,n", [
-    (B.VIRTIO_BLK_T_IN, SECTORS, 512),         # just past the end
-    (B.VIRTIO_BLK_T_IN, SECTORS - 1, 1024),    # straddles the end
-    (B.VIRTIO_BLK_T_IN, 2**63, 512),           # overflow when multiplied by 512
-    (B.VIRTIO_BLK_T_IN, 2**64 - 1, 512),
-    (B.VIRTIO_BLK_T_IN, 0, 100),               # not a multiple of 512
-    (B.VIRTIO_BLK_T_OUT, SECTORS, 512),
-    (B.VIRTIO_BLK_T_OUT, SECTORS - 1, 1024),
-    (B.VIRTIO_BLK_T_OUT, 2**63, 512),
-    (B.VIRTIO_BLK_T_OUT, 2**64 - 1, 512),
-    (B.VIRTIO_BLK_T_OUT, 0, 513),
+    (spec.VIRTIO_BLK_T_IN, SECTORS, 512),         # just past the end
+    (spec.VIRTIO_BLK_T_IN, SECTORS - 1, 1024),    # straddles the end
+    (spec.VIRTIO_BLK_T_IN, 2**63, 512),           # overflow when multiplied by 512
+    (spec.VIRTIO_BLK_T_IN, 2**64 - 1, 512),
+    (spec.VIRTIO_BLK_T_IN, 0, 100),               # not a multiple of 512
+    (spec.VIRTIO_BLK_T_OUT, SECTORS, 512),
+    (spec.VIRTIO_BLK_T_OUT, SECTORS - 1, 1024),
+    (spec.VIRTIO_BLK_T_OUT, 2**63, 512),
+    (spec.VIRTIO_BLK_T_OUT, 2**64 - 1, 512),
+    (spec.VIRTIO_BLK_T_OUT, 0, 513),
 ])
 def test_bad_range_or_length_ioerr(rig, image, rtype, sector, n):
-    if rtype == B.VIRTIO_BLK_T_IN:
+    if rtype == spec.VIRTIO_BLK_T_IN:
         head, data, st_addr = rig.request(rtype, sector, in_len=n)
     else:
         head, data, st_addr = rig.request(rtype, sector, out=pattern(n, 1))
     assert rig.run() == [(head, 1)]
-    assert rig.drv.mem.read_u8(st_addr) == B.VIRTIO_BLK_S_IOERR
-    assert rig.gather(data) == bytes(n if rtype == B.VIRTIO_BLK_T_IN else 0)
+    assert rig.drv.mem.read_u8(st_addr) == spec.VIRTIO_BLK_S_IOERR
+    assert rig.gather(data) == bytes(n if rtype == spec.VIRTIO_BLK_T_IN else 0)
     assert image[0].read_bytes() == image[1]
 
 
@@ -614,12 +616,12 @@ def test_short_header_ioerr(rig):
     st_addr = d.alloc(1)
     head = d.add_chain([Buf(hdr, 8), Buf(st_addr, 1, write=True)])
     assert rig.run() == [(head, 1)]
-    assert d.mem.read_u8(st_addr) == B.VIRTIO_BLK_S_IOERR
+    assert d.mem.read_u8(st_addr) == spec.VIRTIO_BLK_S_IOERR
 
 
 @pytest.mark.parametrize("indirect", [False, True])
-@pytest.mark.parametrize("rtype", [B.VIRTIO_BLK_T_IN, B.VIRTIO_BLK_T_OUT, B.VIRTIO_BLK_T_FLUSH,
-                                   B.VIRTIO_BLK_T_GET_ID, B.VIRTIO_BLK_T_DISCARD, B.VIRTIO_BLK_T_WRITE_ZEROES])
+@pytest.mark.parametrize("rtype", [spec.VIRTIO_BLK_T_IN, spec.VIRTIO_BLK_T_OUT, spec.VIRTIO_BLK_T_FLUSH,
+                                   spec.VIRTIO_BLK_T_GET_ID, spec.VIRTIO_BLK_T_DISCARD, spec.VIRTIO_BLK_T_WRITE_ZEROES])
 def test_header_in_a_device_writable_buffer_is_ioerr_without_traceback(rig, image, rtype, indirect, caplog):
     """A chain with only device-writable buffers (its "header" too: data length -16) is a
     malformed request: IOERR and a warning, never an exception inside the device."""
@@ -631,14 +633,14 @@ def test_header_in_a_device_writable_buffer_is_ioerr_without_traceback(rig, imag
                        indirect=indirect)
     with caplog.at_level(logging.DEBUG, logger="hypyr.dev.virtio-blk"):
         assert rig.run() == [(head, 1)]
-    assert d.mem.read_u8(st_addr) == B.VIRTIO_BLK_S_IOERR
+    assert d.mem.read_u8(st_addr) == spec.VIRTIO_BLK_S_IOERR
     assert d.mem.read(hdr, 16) == struct.pack("<IIQ", rtype, 0, 0) and d.mem.read(data, 16) == seg(0, 4)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
     assert image[0].read_bytes() == image[1]
 
 
 def test_no_status_byte_is_device_error(rig, image):
-    rig.request(B.VIRTIO_BLK_T_OUT, 0, out=pattern(512, 1), status=False)
+    rig.request(spec.VIRTIO_BLK_T_OUT, 0, out=pattern(512, 1), status=False)
     with pytest.raises(DeviceError):
         rig.dev.queue_notify(0)
     assert rig.dev.wait_idle(5)
@@ -651,7 +653,7 @@ def test_rejected_requests_are_rate_limited(rig, caplog):
     with caplog.at_level(logging.DEBUG, logger="hypyr.dev.virtio-blk"):
         for batch in range(4):
             for i in range(8):
-                rig.request(B.VIRTIO_BLK_T_IN, SECTORS, in_len=512, indirect=True)
+                rig.request(spec.VIRTIO_BLK_T_IN, SECTORS, in_len=512, indirect=True)
                 rig.request(1000 + 8 * batch + i, 0, in_len=512, indirect=True)
             assert len(rig.run()) == 16
     messages = [r.getMessage() for r in caplog.records]
@@ -667,14 +669,14 @@ def test_read_only(tmp_path):
     r = Rig(p, read_only=True)
     try:
         f = r.dev.device_features()
-        assert f & (1 << B.VIRTIO_BLK_F_RO)
-        assert not f & ((1 << B.VIRTIO_BLK_F_DISCARD) | (1 << B.VIRTIO_BLK_F_WRITE_ZEROES))
+        assert f & (1 << spec.VIRTIO_BLK_F_RO)
+        assert not f & ((1 << spec.VIRTIO_BLK_F_DISCARD) | (1 << spec.VIRTIO_BLK_F_WRITE_ZEROES))
         assert r.dev.config_read(36, 24) == bytes(24)
-        _, _, s1 = r.request(B.VIRTIO_BLK_T_OUT, 0, out=pattern(1024, 8))
-        _, _, s2 = r.request(B.VIRTIO_BLK_T_WRITE_ZEROES, 0, out=seg(0, 4))
-        _, _, s3 = r.request(B.VIRTIO_BLK_T_DISCARD, 0, out=seg(0, 4))
-        _, data, s4 = r.request(B.VIRTIO_BLK_T_IN, 1, in_len=512)
-        _, _, s5 = r.request(B.VIRTIO_BLK_T_FLUSH, 0)
+        _, _, s1 = r.request(spec.VIRTIO_BLK_T_OUT, 0, out=pattern(1024, 8))
+        _, _, s2 = r.request(spec.VIRTIO_BLK_T_WRITE_ZEROES, 0, out=seg(0, 4))
+        _, _, s3 = r.request(spec.VIRTIO_BLK_T_DISCARD, 0, out=seg(0, 4))
+        _, data, s4 = r.request(spec.VIRTIO_BLK_T_IN, 1, in_len=512)
+        _, _, s5 = r.request(spec.VIRTIO_BLK_T_FLUSH, 0)
         assert len(r.run()) == 5
         assert [r.drv.mem.read_u8(s) for s in (s1, s2, s3, s4, s5)] == [1, 1, 1, 0, 0]
         assert r.gather(data) == original[512:1024]
@@ -692,7 +694,7 @@ def test_many_requests_in_flight(image):
     try:
         expected = {}
         for i in range(30):  # 15 direct chains of 3 + 15 indirect: 60 of 64 descriptors
-            head, data, st_addr = r.request(B.VIRTIO_BLK_T_IN, i, in_len=512, indirect=bool(i % 2))
+            head, data, st_addr = r.request(spec.VIRTIO_BLK_T_IN, i, in_len=512, indirect=bool(i % 2))
             expected[head] = (data, st_addr, i)
         used = r.run()
         assert sorted(h for h, _ in used) == sorted(expected)
@@ -722,7 +724,7 @@ def test_reset_with_requests_in_flight(image, monkeypatch):
     monkeypatch.setattr(B, "RESET_WAIT", 0.1)
     r = Rig(path, workers=2)
     try:
-        reqs = [r.request(B.VIRTIO_BLK_T_IN, i, in_len=512) for i in range(4)]
+        reqs = [r.request(spec.VIRTIO_BLK_T_IN, i, in_len=512) for i in range(4)]
         # notified from an I/O thread, which runs the last group itself: a worker and it block
         notifier = threading.Thread(target=r.dev.queue_notify, args=(0,))
         notifier.start()
@@ -756,7 +758,7 @@ def test_reset_with_requests_in_flight(image, monkeypatch):
 
         # The device still works on the new queue.
         r.drv, r.q = d2, q2
-        head, data, st_addr = r.request(B.VIRTIO_BLK_T_IN, 7, in_len=512)
+        head, data, st_addr = r.request(spec.VIRTIO_BLK_T_IN, 7, in_len=512)
         assert r.run() == [(head, 513)]
         assert r.gather(data) == original[7 * 512:8 * 512]
         assert irqs2 == [0]
@@ -783,8 +785,8 @@ def test_republished_heads_cannot_queue_unbounded_work(image, monkeypatch):
     monkeypatch.setattr(os, "fdatasync", lambda fd: None)
     r = Rig(path, qsize=16, workers=4)
     try:
-        heads = [r.request(B.VIRTIO_BLK_T_IN, i, in_len=512, indirect=True)[0] for i in range(15)]
-        heads.append(r.request(B.VIRTIO_BLK_T_FLUSH, 0, indirect=True)[0])
+        heads = [r.request(spec.VIRTIO_BLK_T_IN, i, in_len=512, indirect=True)[0] for i in range(15)]
+        heads.append(r.request(spec.VIRTIO_BLK_T_FLUSH, 0, indirect=True)[0])
         r.dev.queue_notify(0)  # the batch ends with a FLUSH: every group goes to the workers
         for _ in range(4):
             assert entered.acquire(timeout=5)
@@ -806,7 +808,7 @@ def test_close_fences_and_waits_for_running_requests(image, monkeypatch, inline)
     a worker): close waits for it, and the request starts no more I/O (its next chunk would go
     to whatever file gets the descriptor number next)."""
     path, _ = image
-    monkeypatch.setattr(B, "IO_CHUNK", 512)  # a 4-sector write: four pwritev calls
+    monkeypatch.setattr(blk_transfer, "IO_CHUNK", 512)  # a 4-sector write: four pwritev calls
     gate, entered, closed = threading.Event(), threading.Event(), threading.Event()
     after_close = []
     real_pwritev = os.pwritev
@@ -821,9 +823,9 @@ def test_close_fences_and_waits_for_running_requests(image, monkeypatch, inline)
     monkeypatch.setattr(os, "fdatasync", lambda fd: None)
     r = Rig(path, workers=2)
     try:
-        r.request(B.VIRTIO_BLK_T_OUT, 4, out=pattern(4 * 512, 5), pieces=4)
+        r.request(spec.VIRTIO_BLK_T_OUT, 4, out=pattern(4 * 512, 5), pieces=4)
         if not inline:
-            r.request(B.VIRTIO_BLK_T_FLUSH, 0)  # ends the batch: both groups go to the workers
+            r.request(spec.VIRTIO_BLK_T_FLUSH, 0)  # ends the batch: both groups go to the workers
         notifier = threading.Thread(target=r.dev.queue_notify, args=(0,))
         notifier.start()
         assert entered.wait(5)
@@ -849,10 +851,10 @@ def test_close_then_notify_fails_requests(image):
     r = Rig(image[0])
     r.close()
     r.close()  # idempotent
-    head, _, st_addr = r.request(B.VIRTIO_BLK_T_IN, 0, in_len=512)
+    head, _, st_addr = r.request(spec.VIRTIO_BLK_T_IN, 0, in_len=512)
     r.dev.queue_notify(0)
     assert r.drv.take_used() == [(head, 1)]
-    assert r.drv.mem.read_u8(st_addr) == B.VIRTIO_BLK_S_IOERR
+    assert r.drv.mem.read_u8(st_addr) == spec.VIRTIO_BLK_S_IOERR
 
 
 def test_io_error_is_ioerr(rig, monkeypatch):
@@ -861,10 +863,10 @@ def test_io_error_is_ioerr(rig, monkeypatch):
     _route(monkeypatch, "preadv", failing)
     monkeypatch.setattr(os, "pwrite", failing)
     _route(monkeypatch, "pwritev", failing)
-    _, _, s1 = rig.request(B.VIRTIO_BLK_T_IN, 0, in_len=512)
-    _, _, s2 = rig.request(B.VIRTIO_BLK_T_OUT, 0, out=bytes(512))
+    _, _, s1 = rig.request(spec.VIRTIO_BLK_T_IN, 0, in_len=512)
+    _, _, s2 = rig.request(spec.VIRTIO_BLK_T_OUT, 0, out=bytes(512))
     assert len(rig.run()) == 2
-    assert rig.drv.mem.read_u8(s1) == rig.drv.mem.read_u8(s2) == B.VIRTIO_BLK_S_IOERR
+    assert rig.drv.mem.read_u8(s1) == rig.drv.mem.read_u8(s2) == spec.VIRTIO_BLK_S_IOERR
 
 
 def test_reset_and_notify_without_activation(image):

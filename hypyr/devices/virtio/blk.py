@@ -3,8 +3,9 @@
 Every chain is untrusted: a malformed request completes with IOERR or UNSUPP (one with no
 device-writable byte raises :class:`DeviceError`), and the image is never read or written outside
 ``[0, capacity * 512)``.  I/O runs off the vCPU threads; every activation and reset starts a new
-generation, and only a request of the current one completes.  Callers must
-:meth:`VirtioBlk.close` the device when the VM is torn down.
+generation, and only a request of the current one completes.  Callers must :meth:`VirtioBlk.close`
+the device when the VM is torn down.  Here: the queue, request groups, completion and each type's
+checks; the guest interface's names and layouts are in blk_spec.py, the data path in blk_transfer.py.
 Design notes (I/O path, FLUSH ordering, generations, image lock): docs/devices.md, "virtio-blk".
 """
 
@@ -15,91 +16,54 @@ import errno
 import logging
 import struct
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 from hypyr.devices.diskimage import DiskImage
 from hypyr.devices.ratelog import RateLimitedLog
 from hypyr.devices.state import StateError, StateReader
-from hypyr.errors import HypyrError
-from hypyr.libc import IOV_MAX
 from hypyr.memory import GuestMemory
 
+from .blk_spec import (
+    HEADER_SIZE,
+    ID_BYTES,
+    MAX_DISCARD_SECTORS,
+    MAX_DISCARD_SEG,
+    MAX_WRITE_ZEROES_SECTORS,
+    MAX_WRITE_ZEROES_SEG,
+    QUEUE_SIZE,
+    SECTOR_SIZE,
+    SEGMENT_SIZE,
+    STATUS_BYTE,
+    VIRTIO_BLK_F_DISCARD,
+    VIRTIO_BLK_F_WRITE_ZEROES,
+    VIRTIO_BLK_S_IOERR,
+    VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_S_UNSUPP,
+    VIRTIO_BLK_T_DISCARD,
+    VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID,
+    VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_WRITE_ZEROES,
+    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+    build_config,
+    encode_serial,
+    offered_features,
+)
+from .blk_transfer import Request, read_request_header, transfer
 from .device import VIRTIO_ID_BLOCK, VirtioDevice
-from .queue import DescriptorChain, DeviceError, SplitQueue
+from .queue import DeviceError, SplitQueue
 
 log = logging.getLogger("hypyr.dev.virtio-blk")
 
-SECTOR_SIZE = 512
-QUEUE_SIZE = 256
-
-# Feature bits (§5.2.3)
-VIRTIO_BLK_F_SIZE_MAX = 1
-VIRTIO_BLK_F_SEG_MAX = 2
-VIRTIO_BLK_F_GEOMETRY = 4
-VIRTIO_BLK_F_RO = 5
-VIRTIO_BLK_F_BLK_SIZE = 6
-VIRTIO_BLK_F_FLUSH = 9
-VIRTIO_BLK_F_TOPOLOGY = 10
-VIRTIO_BLK_F_CONFIG_WCE = 11
-VIRTIO_BLK_F_MQ = 12
-VIRTIO_BLK_F_DISCARD = 13
-VIRTIO_BLK_F_WRITE_ZEROES = 14
-
-# Request types (§5.2.6)
-VIRTIO_BLK_T_IN = 0
-VIRTIO_BLK_T_OUT = 1
-VIRTIO_BLK_T_FLUSH = 4
-VIRTIO_BLK_T_GET_ID = 8
-VIRTIO_BLK_T_DISCARD = 11
-VIRTIO_BLK_T_WRITE_ZEROES = 13
-
-# Status values
-VIRTIO_BLK_S_OK = 0
-VIRTIO_BLK_S_IOERR = 1
-VIRTIO_BLK_S_UNSUPP = 2
-
-VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP = 1
-
-HEADER_SIZE = 16
-SEGMENT_SIZE = 16  # struct virtio_blk_discard_write_zeroes
-ID_BYTES = 20
-
-SEG_MAX = QUEUE_SIZE - 2                 # data segments per request (header and status use two)
-MAX_DISCARD_SECTORS = 0x3FFFFF           # per segment: 2 GiB - 512
-MAX_DISCARD_SEG = 32
-DISCARD_SECTOR_ALIGNMENT = 8             # a hint: 4 KiB
-MAX_WRITE_ZEROES_SECTORS = 0x3FFFFF
-MAX_WRITE_ZEROES_SEG = 32
-
-IO_CHUNK = 4 << 20                       # at most this many bytes per preadv/pwritev/pwrite
 RESET_WAIT = 5.0                         # seconds reset() waits for in-flight requests
 
-# struct virtio_blk_config up to write_zeroes_may_unmap and its padding (60 bytes)
-_CONFIG = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3x")
 
 class _Stale(Exception):
     """The request belongs to an earlier generation (the device was reset): abandon it."""
 
 
-_HEADER = struct.Struct("<IIQ")
-_STATUS_BYTE = {s: bytes((s,)) for s in (VIRTIO_BLK_S_OK, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP)}
-
-
-class _Request:
-    __slots__ = ("gen", "queue", "mem", "chain", "header", "written", "status")
-
-    def __init__(self, gen: int, queue: SplitQueue, mem: GuestMemory, chain: DescriptorChain,
-                 header: tuple[int, int, int] | None):
-        self.gen = gen
-        self.queue = queue
-        self.mem = mem
-        self.chain = chain
-        self.header = header  # (type, reserved, sector), read once; None if too short
-        self.written = 0      # bytes written into the chain's writable buffers
-        self.status = VIRTIO_BLK_S_IOERR
-
-
-def _is_flush(req: _Request) -> bool:
+def _is_flush(req: Request) -> bool:
     return req.header is not None and req.header[0] == VIRTIO_BLK_T_FLUSH
 
 
@@ -120,7 +84,7 @@ class VirtioBlk(VirtioDevice):
             raise ValueError("workers must be at least 1")
         self.path = str(path)
         self.read_only = bool(read_only)
-        self._serial = self._encode_serial(serial)
+        self._serial = encode_serial(serial)
         self._image = DiskImage(self.path, read_only=self.read_only, lock=lock)
         size = self._image.size
         self.capacity = size // SECTOR_SIZE
@@ -129,12 +93,8 @@ class VirtioBlk(VirtioDevice):
                         "visible to the guest", self.path, size, SECTOR_SIZE, size % SECTOR_SIZE)
         if self.capacity == 0:
             log.warning("virtio-blk: %s is smaller than one sector; the guest sees an empty disk", self.path)
-        self._features = ((1 << VIRTIO_BLK_F_SEG_MAX) | (1 << VIRTIO_BLK_F_BLK_SIZE) | (1 << VIRTIO_BLK_F_FLUSH))
-        if self.read_only:
-            self._features |= 1 << VIRTIO_BLK_F_RO
-        else:
-            self._features |= (1 << VIRTIO_BLK_F_DISCARD) | (1 << VIRTIO_BLK_F_WRITE_ZEROES)
-        self._config = self._build_config()
+        self._features = offered_features(self.read_only)
+        self._config = build_config(self.capacity, self.read_only)
 
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
@@ -154,18 +114,6 @@ class VirtioBlk(VirtioDevice):
         log.info("virtio-blk: %s, %d sectors%s", self.path, self.capacity, " (read-only)" if self.read_only else "")
 
     # ------------------------------------------------------------------ setup helpers
-    @staticmethod
-    def _encode_serial(serial: str | None) -> bytes:
-        if serial is None:
-            return bytes(ID_BYTES)
-        try:
-            raw = serial.encode("ascii")
-        except UnicodeEncodeError:
-            raise HypyrError(f"disk serial {serial!r} is not ASCII") from None
-        if len(raw) > ID_BYTES or b"\0" in raw:
-            raise HypyrError(f"disk serial {serial!r} must be at most {ID_BYTES} ASCII characters without NULs")
-        return raw.ljust(ID_BYTES, b"\0")
-
     def unlock_image(self) -> None:
         """Release the image's lock, keeping it open: the hand-over to another VMM that opens
         the same image (live migration).  Quiesce first: this device must not write any more."""
@@ -174,25 +122,6 @@ class VirtioBlk(VirtioDevice):
     def relock_image(self) -> None:
         """Take the image's lock (again, if the hand-over failed); HypyrError if someone holds it."""
         self._image.lock()
-
-    def _build_config(self) -> bytes:
-        rw = not self.read_only
-        return _CONFIG.pack(
-            self.capacity,
-            0,                      # size_max (VIRTIO_BLK_F_SIZE_MAX not offered)
-            SEG_MAX,
-            0, 0, 0,                # geometry (not offered)
-            SECTOR_SIZE,            # blk_size
-            0, 0, 0, 0,             # topology (not offered)
-            1,                      # writeback (meaningful only with CONFIG_WCE: our cache is write-back)
-            0, 0,                   # unused0, num_queues (no MQ)
-            MAX_DISCARD_SECTORS if rw else 0,
-            MAX_DISCARD_SEG if rw else 0,
-            DISCARD_SECTOR_ALIGNMENT if rw else 0,
-            MAX_WRITE_ZEROES_SECTORS if rw else 0,
-            MAX_WRITE_ZEROES_SEG if rw else 0,
-            1 if rw else 0,         # write_zeroes_may_unmap
-        )
 
     # ------------------------------------------------------------------ VirtioDevice interface
     def device_features(self) -> int:
@@ -232,7 +161,7 @@ class VirtioBlk(VirtioDevice):
         # FLUSH popped by a later notification then always finds the requests run inline by an
         # earlier one finished.
         with self._notify_lock:
-            reqs: list[_Request] = []
+            reqs: list[Request] = []
             error: DeviceError | None = None
             # Pop and submit under the device lock, so each request is tagged with the generation
             # of the activation it was popped in, even if a reset races with this notify.
@@ -242,13 +171,12 @@ class VirtioBlk(VirtioDevice):
                 queue, mem, gen = self.queues[0], self.mem, self._gen
                 # a QueueError (a DeviceError) goes to the transport, after what came before it
                 chains, error = queue.pop_all()
-                read_header = self._read_header
                 for chain in chains:
                     if chain.writable_len == 0:  # nowhere to put a status: the driver is broken
                         error = DeviceError(f"virtio-blk request (head {chain.head}) has no device-writable "
                                             f"status byte")
                         break
-                    reqs.append(_Request(gen, queue, mem, chain, read_header(mem, chain)))
+                    reqs.append(Request(gen, queue, mem, chain, read_request_header(mem, chain)))
                 closed = self._closed
                 inline = self._submit_locked(reqs) if reqs and not closed else None
             if closed and reqs:
@@ -258,17 +186,6 @@ class VirtioBlk(VirtioDevice):
                 self._run(*inline)
         if error is not None:
             raise error
-
-    @staticmethod
-    def _read_header(mem: GuestMemory, chain: DescriptorChain) -> tuple[int, int, int] | None:
-        """(type, reserved, sector), read once; None if the chain has fewer than 16 readable bytes."""
-        if chain.nread:
-            addr, length = chain.table_buffer(0)
-            if length >= HEADER_SIZE:  # the first (readable) buffer holds it (the usual layout)
-                return _HEADER.unpack(mem.read(addr, HEADER_SIZE))
-        if chain.readable_len < HEADER_SIZE:
-            return None
-        return _HEADER.unpack(chain.read(mem, HEADER_SIZE))
 
     # ------------------------------------------------------------------ host interface
     def wait_idle(self, timeout: float | None = None) -> bool:
@@ -357,20 +274,15 @@ class VirtioBlk(VirtioDevice):
         self._pending.add(ticket)
         return ticket
 
-    def _submit_locked(self, reqs: list[_Request]) -> tuple[list[_Request], int] | None:
+    def _submit_locked(self, reqs: list[Request]) -> tuple[list[Request], int] | None:
         """Split a batch into groups (lock held), each with a ticket; return the group the
-        caller runs itself, with its ticket, or None.
-
-        The requests between two FLUSHes are split into at most one group per worker (in order,
-        so each group is a contiguous run); each FLUSH is a group of its own, submitted after
-        everything before it, for which it will wait (the groups with smaller tickets).  The last
-        group, unless it is a FLUSH, is not submitted but returned: the notifying thread (the
-        VM's I/O thread) runs it at once, so a lone request (the usual case at queue depth 1)
-        costs no thread switch."""
+        caller runs itself, with its ticket, or None.  Between two FLUSHes, at most one contiguous
+        run per worker; each FLUSH alone, waiting for the smaller tickets; the last group, unless a
+        FLUSH, is not submitted but run by the notifying thread (docs/devices.md, "The I/O path")."""
         if len(reqs) == 1 and not _is_flush(reqs[0]):
             return reqs, self._ticket_locked()  # the usual case: one request, run by the caller
-        groups: list[list[_Request]] = []
-        run: list[_Request] = []
+        groups: list[list[Request]] = []
+        run: list[Request] = []
 
         def split_run() -> None:
             n = len(run)
@@ -393,7 +305,7 @@ class VirtioBlk(VirtioDevice):
             self._executor.submit(self._run, group, self._ticket_locked())
         return None if inline is None else (inline, self._ticket_locked())
 
-    def _run(self, group: list[_Request], ticket: int) -> None:
+    def _run(self, group: list[Request], ticket: int) -> None:
         """Run the requests of a group in order, then complete them (and the ticket)."""
         finished = []
         try:
@@ -416,11 +328,10 @@ class VirtioBlk(VirtioDevice):
         finally:
             self._complete_many(finished, ticket)
 
-    def _complete_many(self, reqs: list[_Request], ticket: int | None = None) -> None:
+    def _complete_many(self, reqs: list[Request], ticket: int | None = None) -> None:
         """Write the status bytes, put the chains on the used ring (one index update) and signal
         one interrupt; requests of an earlier generation are dropped.  ``ticket``: the group's,
-        no longer pending (FLUSH and :meth:`wait_idle` wait for that).  The interrupt is the last
-        thing done: the vCPU that takes it will want the GIL at once."""
+        no longer pending (FLUSH and :meth:`wait_idle` wait for that).  The interrupt comes last."""
         with self._lock:
             if ticket is not None:
                 self._pending.discard(ticket)
@@ -436,9 +347,9 @@ class VirtioBlk(VirtioDevice):
                 try:
                     addr, length = chain.table_buffer(-1)
                     if length:  # the last buffer is writable (writable_len > 0) and ends with the status byte
-                        req.mem.write(addr + length - 1, _STATUS_BYTE[req.status])
+                        req.mem.write(addr + length - 1, STATUS_BYTE[req.status])
                     else:
-                        chain.write(req.mem, _STATUS_BYTE[req.status], chain.writable_len - 1)
+                        chain.write(req.mem, STATUS_BYTE[req.status], chain.writable_len - 1)
                 except Exception as e:  # guest memory gone (VM torn down): nothing to complete
                     self._rlog(logging.ERROR, "complete", "virtio-blk: cannot complete request (head %d): %s",
                                chain.head, e)
@@ -458,7 +369,7 @@ class VirtioBlk(VirtioDevice):
             except Exception:
                 log.exception("virtio-blk: interrupt callback failed")
 
-    def _guest_write(self, req: _Request, data: bytes, offset: int) -> None:
+    def _guest_write(self, req: Request, data: bytes, offset: int) -> None:
         with self._lock:
             self._check_current(req)
             req.chain.write(req.mem, data, offset)
@@ -468,7 +379,7 @@ class VirtioBlk(VirtioDevice):
         nsectors = nbytes // SECTOR_SIZE
         return 0 <= sector <= self.capacity and nsectors <= self.capacity - sector
 
-    def _execute(self, req: _Request, ticket: int) -> int:
+    def _execute(self, req: Request, ticket: int) -> int:
         """The one request path: the header was read once when the chain was popped; each type
         is checked, then done, and its status returned (errors logged once, here or below)."""
         if req.header is None:
@@ -502,7 +413,7 @@ class VirtioBlk(VirtioDevice):
             return False
         return True
 
-    def _do_rw(self, req: _Request, sector: int, into_guest: bool) -> int:
+    def _do_rw(self, req: Request, sector: int, into_guest: bool) -> int:
         """IN (``into_guest``: the device-writable bytes before the status byte, read from the
         image) or OUT (the device-readable bytes after the header, written to it)."""
         chain = req.chain
@@ -517,7 +428,7 @@ class VirtioBlk(VirtioDevice):
             return VIRTIO_BLK_S_IOERR
         base = sector * SECTOR_SIZE
         try:
-            done = self._transfer(req, base, nbytes, into_guest)
+            done = transfer(req, self._image.fd, base, nbytes, into_guest, self._check_current)
         except OSError as e:
             self._rlog.warning(f"{kind}-error", "virtio-blk: %s: %s error: %s", self.path, kind, e)
             return VIRTIO_BLK_S_IOERR
@@ -527,108 +438,7 @@ class VirtioBlk(VirtioDevice):
             return VIRTIO_BLK_S_IOERR
         return VIRTIO_BLK_S_OK
 
-    def _transfer(self, req: _Request, offset: int, nbytes: int, into_guest: bool) -> int:
-        """``preadv`` the image at ``offset`` into the request's data buffers (``into_guest``), or
-        ``pwritev`` them to it, ``nbytes`` in all; returns the bytes moved (fewer only at the end
-        of the file, for reads).  The usual layout goes straight from the descriptor table
-        (:meth:`_transfer_table`); the rest, or all of a request in any other layout, goes by
-        range lists, in syscalls bounded by IO_CHUNK bytes and IOV_MAX buffers.  The request's
-        generation is checked before each syscall."""
-        done = self._transfer_table(req, offset, nbytes, into_guest)
-        if done == nbytes:
-            return done
-        chain = req.chain
-        left = nbytes - done
-        ranges = (chain.writable_ranges(done, left) if into_guest
-                  else chain.readable_ranges(HEADER_SIZE + done, left))
-        if left <= IO_CHUNK and len(ranges) <= IOV_MAX:
-            # the usual case: one syscall, whose byte total is known
-            chunks: Iterable[tuple[list[tuple[int, int]], int]] = ((ranges, left),)
-        else:
-            chunks = self._split_ranges(ranges, IO_CHUNK, IOV_MAX)
-        for chunk, size in chunks:
-            n, eof = self._transfer_chunk(req, chunk, size, offset + done, into_guest)
-            done += n
-            if into_guest:
-                req.written = done
-            if eof:
-                break
-        return done
-
-    def _transfer_table(self, req: _Request, offset: int, nbytes: int, into_guest: bool) -> int:
-        """One ``preadv_descs``/``pwritev_descs`` straight from the chain's descriptor table, no
-        range lists, when the request has the usual layout (a 16-byte header buffer, the data
-        buffers, a 1-byte status buffer) and fits one syscall; returns the bytes moved (0 when
-        this does not apply: :meth:`_transfer` then does it all)."""
-        chain = req.chain
-        t = chain.table
-        if not 0 < nbytes <= IO_CHUNK or t[2] != HEADER_SIZE or t[-2] != 1:
-            return 0
-        count = len(t) >> 2
-        if chain.nread != (1 if into_guest else count - 1):
-            return 0
-        self._check_current(req)
-        op = req.mem.preadv_descs if into_guest else req.mem.pwritev_descs
-        r = op(self._image.fd, t, 1, count - 2, offset)
-        if not r:
-            return 0  # None (not for this RAM layout) or 0: the range path goes on (and reports)
-        if into_guest:
-            req.written = r
-        return r
-
-    @staticmethod
-    def _split_ranges(ranges: list[tuple[int, int]], chunk_max: int, iov_max: int):
-        """Yield (ranges, their byte total) of at most ``chunk_max`` bytes and ``iov_max`` entries."""
-        chunk: list[tuple[int, int]] = []
-        size = 0
-        for addr, n in ranges:
-            while n:
-                take = min(n, chunk_max - size)
-                chunk.append((addr, take))
-                size += take
-                addr += take
-                n -= take
-                if size == chunk_max or len(chunk) == iov_max:
-                    yield chunk, size
-                    chunk, size = [], 0
-        if chunk:
-            yield chunk, size
-
-    def _transfer_chunk(self, req: _Request, ranges: list[tuple[int, int]], left: int, offset: int,
-                        into_guest: bool) -> tuple[int, bool]:
-        """One chunk of ``left`` bytes: ``GuestMemory.preadv``/``pwritev`` (every range checked
-        there), looping on short transfers; returns the bytes moved and whether the end of the
-        file was met first (reads only)."""
-        mem = req.mem
-        op = mem.preadv if into_guest else mem.pwritev
-        fd = self._image.fd
-        done = 0
-        while left:
-            self._check_current(req)  # reset: start no more I/O for this request
-            r = op(fd, ranges, offset + done)
-            if r <= 0:
-                if into_guest:
-                    return done, True
-                raise OSError(errno.EIO, "short write")
-            done += r
-            left -= r
-            if not left:
-                break
-            i = 0
-            while r:  # skip what was transferred; the first partly done range is cut
-                addr, n = ranges[i]
-                if r >= n:
-                    r -= n
-                    i += 1
-                else:
-                    ranges = [(addr + r, n - r)] + ranges[i + 1:]
-                    i = 0
-                    r = 0
-            if i:
-                ranges = ranges[i:]
-        return done, False
-
-    def _do_flush(self, req: _Request, ticket: int) -> int:
+    def _do_flush(self, req: Request, ticket: int) -> int:
         """Wait for every group submitted before this one (smaller tickets), then ``fdatasync``.
         A failed ``fdatasync`` may have lost data already acknowledged, so the error is sticky
         for the device's life (as QEMU until the image is reopened): a driver reset keeps it."""
@@ -646,7 +456,7 @@ class VirtioBlk(VirtioDevice):
                            self.path, self._flush_error)
         return VIRTIO_BLK_S_IOERR
 
-    def _do_discard_or_zero(self, req: _Request, rtype: int, nbytes: int) -> int:
+    def _do_discard_or_zero(self, req: Request, rtype: int, nbytes: int) -> int:
         discard = rtype == VIRTIO_BLK_T_DISCARD
         kind = "discard" if discard else "write-zeroes"
         if self.read_only:
@@ -686,7 +496,7 @@ class VirtioBlk(VirtioDevice):
             return VIRTIO_BLK_S_IOERR
         return VIRTIO_BLK_S_OK
 
-    def _check_current(self, req: _Request) -> None:
+    def _check_current(self, req: Request) -> None:
         """Raise _Stale if the device was reset (or closed) since ``req`` was popped."""
         if req.gen != self._gen:
             raise _Stale()
