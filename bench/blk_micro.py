@@ -32,7 +32,7 @@ from virtio_mock import MockDriver  # noqa: E402
 
 from hypyr.devices.virtio import blk as B  # noqa: E402
 from hypyr.devices.virtio import blk_spec as spec  # noqa: E402
-from hypyr.devices.virtio.queue import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE  # noqa: E402
+from hypyr.devices.virtio.chain import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE  # noqa: E402
 
 QUEUE = 16
 IMAGE_MIB = 64

@@ -44,6 +44,7 @@ with atheris.instrument_imports(include=["hypyr"]):
     import hypyr.devices.legacy.rtc
     import hypyr.devices.legacy.serial
     import hypyr.devices.virtio.blk
+    import hypyr.devices.virtio.chain
     import hypyr.devices.virtio.console
     import hypyr.devices.virtio.mmio
     import hypyr.devices.virtio.net
@@ -53,13 +54,13 @@ with atheris.instrument_imports(include=["hypyr"]):
 
 from virtio_mock import MEM_SIZE, Buf, MockDriver  # noqa: E402
 
-from hypyr.devices.virtio.queue import (  # noqa: E402
+from hypyr.devices.virtio.chain import (  # noqa: E402
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
     DescriptorChain,
-    SplitQueue,
 )
+from hypyr.devices.virtio.queue import SplitQueue  # noqa: E402
 from hypyr.memory import GuestMemory  # noqa: E402
 
 __all__ = ["MEM_SIZE", "Buf", "Failure", "FDP", "instrumented", "scratch", "GuestOps", "MockDriver", "WriteWatch",

@@ -20,7 +20,7 @@ from _harness import (
     fuzz,
 )
 
-from hypyr.devices.virtio.queue import QueueError
+from hypyr.devices.virtio.chain import QueueError
 
 mem = GuestMemory.anonymous([(0, MEM_SIZE)], hugepages=False)
 drv = MockDriver(size=16, mem=mem, base=0x1000)

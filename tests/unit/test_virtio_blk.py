@@ -17,7 +17,7 @@ from hypyr.devices.virtio import blk as B
 from hypyr.devices.virtio import blk_spec as spec
 from hypyr.devices.virtio import blk_transfer
 from hypyr.devices.virtio.blk import VirtioBlk
-from hypyr.devices.virtio.queue import DeviceError, QueueError
+from hypyr.devices.virtio.chain import DeviceError, QueueError
 from hypyr.errors import HypyrError, StateError
 from hypyr.memory import GuestMemory
 

@@ -6,8 +6,8 @@ import pytest
 from virtio_mock import Buf, MockDriver
 
 from hypyr.devices.virtio import console as C
+from hypyr.devices.virtio.chain import DeviceError
 from hypyr.devices.virtio.console import VirtioConsole
-from hypyr.devices.virtio.queue import DeviceError
 from hypyr.errors import StateError
 
 

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from virtio_mock import MEM_SIZE, Buf, MockDriver
 
 from hypyr.devices.virtio import mmio_regs as M
+from hypyr.devices.virtio.chain import QueueError
 from hypyr.devices.virtio.device import (
     VIRTIO_F_RING_EVENT_IDX,
     VIRTIO_F_RING_INDIRECT_DESC,
@@ -20,7 +21,6 @@ from hypyr.devices.virtio.device import (
 )
 from hypyr.devices.virtio.mmio import VirtioMmioTransport
 from hypyr.devices.virtio.mmio_regs import MMIO_WINDOW, QUEUE_NOTIFY_OFFSET
-from hypyr.devices.virtio.queue import QueueError
 from hypyr.errors import StateError
 from hypyr.memory import GuestMemory
 

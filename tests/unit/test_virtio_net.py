@@ -566,7 +566,7 @@ def test_direct_receive_hostile_ring_needs_reset(nic):
 def test_pop_many_matches_pop():
     from virtio_mock import MockDriver
 
-    from hypyr.devices.virtio.queue import QueueError
+    from hypyr.devices.virtio.chain import QueueError
     drv = MockDriver(size=8)
     q = drv.queue(event_idx=True)
     for i in range(3):

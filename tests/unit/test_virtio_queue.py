@@ -8,16 +8,14 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from virtio_mock import MEM_SIZE, Buf, MockDriver
 
-from hypyr.devices.virtio.queue import (
-    MAX_INDIRECT,
-    VIRTQ_AVAIL_F_NO_INTERRUPT,
+from hypyr.devices.virtio.chain import (
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
     DescriptorChain,
     QueueError,
-    SplitQueue,
 )
+from hypyr.devices.virtio.queue import MAX_INDIRECT, VIRTQ_AVAIL_F_NO_INTERRUPT, SplitQueue
 from hypyr.memory import GuestMemory
 
 FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -6,6 +6,7 @@ import struct
 from virtio_mock import MEM_SIZE, Buf, MockDriver
 
 from hypyr.devices.virtio import mmio_regs as M
+from hypyr.devices.virtio.chain import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from hypyr.devices.virtio.device import (
     VIRTIO_F_RING_EVENT_IDX,
     VIRTIO_F_RING_INDIRECT_DESC,
@@ -14,7 +15,6 @@ from hypyr.devices.virtio.device import (
 )
 from hypyr.devices.virtio.mmio import VirtioMmioTransport
 from hypyr.devices.virtio.mmio_regs import QUEUE_NOTIFY_OFFSET
-from hypyr.devices.virtio.queue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from hypyr.devices.virtio.rng import MAX_REQUEST, VirtioRng
 
 ACK, DRV, DRV_OK, FEAT_OK, NEEDS_RESET = 1, 2, 4, 8, 64

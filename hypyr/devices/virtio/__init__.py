@@ -1,6 +1,7 @@
 """virtio 1.x devices over the MMIO transport (split virtqueues).
 
 - :mod:`.queue`  — split virtqueue: descriptor chains (indirect, TTL-bounded), used ring, event index
+- :mod:`.chain`  — a popped request's descriptor chain (its buffers, ranges, gather/scatter); QueueError
 - :mod:`.mmio`   — the virtio-mmio (version 2, "modern") register interface, with its register map
   (:mod:`.mmio_regs`) and the checks of a saved transport state (:mod:`.mmio_state`)
 - :mod:`.device` — the interface every device implements

@@ -51,8 +51,9 @@ from .blk_spec import (
     offered_features,
 )
 from .blk_transfer import Request, read_request_header, transfer
+from .chain import DeviceError
 from .device import VIRTIO_ID_BLOCK, VirtioDevice
-from .queue import DeviceError, SplitQueue
+from .queue import SplitQueue
 
 log = logging.getLogger("hypyr.dev.virtio-blk")
 

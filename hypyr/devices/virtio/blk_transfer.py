@@ -16,7 +16,8 @@ from hypyr.libc import IOV_MAX
 from hypyr.memory import GuestMemory
 
 from .blk_spec import HEADER, HEADER_SIZE, VIRTIO_BLK_S_IOERR
-from .queue import DescriptorChain, SplitQueue
+from .chain import DescriptorChain
+from .queue import SplitQueue
 
 IO_CHUNK = 4 << 20                       # at most this many bytes per preadv/pwritev/pwrite
 

@@ -18,8 +18,9 @@ from hypyr.devices.ratelog import RateLimitedLog
 from hypyr.devices.state import StateError, StateReader
 from hypyr.memory import GuestMemory
 
+from .chain import DeviceError
 from .device import VIRTIO_ID_CONSOLE, VirtioDevice
-from .queue import DeviceError, SplitQueue
+from .queue import SplitQueue
 
 log = logging.getLogger("hypyr.dev.virtio-console")
 

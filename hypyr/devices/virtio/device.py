@@ -17,7 +17,8 @@ from collections.abc import Callable, Sequence
 from hypyr.devices.state import StateReader
 from hypyr.memory import GuestMemory
 
-from .queue import DeviceError, SplitQueue  # noqa: F401  (DeviceError is part of this interface)
+from .chain import DeviceError  # noqa: F401  (part of this interface)
+from .queue import SplitQueue
 
 # Device-independent feature bits (virtio 1.2 §6)
 VIRTIO_F_RING_INDIRECT_DESC = 1 << 28

@@ -22,6 +22,7 @@ from hypyr.devices.ratelog import RateLimitedLog
 from hypyr.devices.state import StateError
 from hypyr.memory import GuestMemory
 
+from .chain import DeviceError
 from .device import VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VirtioDevice
 from .mmio_regs import (
     CONFIG,
@@ -67,7 +68,7 @@ from .mmio_regs import (
     features_acceptable,
 )
 from .mmio_state import QUEUE_FIELDS, parse_saved
-from .queue import DeviceError, SplitQueue
+from .queue import SplitQueue
 
 log = logging.getLogger("hypyr.dev.virtio_mmio")
 _U32_LE = struct.Struct("<I")

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from hypyr.devices.state import StateError, StateReader
 from hypyr.memory import GuestMemory, GuestMemoryError
 
+from .chain import DeviceError
 from .device import VirtioDevice
 from .mmio_regs import (
     INT_CONFIG,
@@ -23,7 +24,7 @@ from .mmio_regs import (
     STATUS_FEATURES_OK,
     features_acceptable,
 )
-from .queue import DeviceError, SplitQueue
+from .queue import SplitQueue
 
 _U32 = 0xFFFFFFFF
 _U64 = (1 << 64) - 1

@@ -23,8 +23,8 @@ from hypyr.devices.state import StateError, StateReader
 from hypyr.libc import IOV_MAX
 
 from . import tap
+from .chain import DescriptorChain, DeviceError, QueueError
 from .device import VIRTIO_ID_NET, VirtioDevice
-from .queue import DescriptorChain, DeviceError, QueueError
 from .vhost import QueueRing, VhostError, VhostNet
 
 log = logging.getLogger("hypyr.dev.virtio_net")
