@@ -29,7 +29,8 @@ import payloads as P  # noqa: E402
 
 from hypyr.kvm import B, Kvm  # noqa: E402
 from hypyr.memory import GuestMemory  # noqa: E402
-from hypyr.vmm.machine import Machine, StopKind  # noqa: E402
+from hypyr.vmm.machine import Machine  # noqa: E402
+from hypyr.vmm.stop import StopKind  # noqa: E402
 
 MiB = 1 << 20
 PORT = 0x10

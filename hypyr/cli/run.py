@@ -13,7 +13,7 @@ from hypyr.cli.common import parse_size, say
 from hypyr.errors import HypyrError
 
 if TYPE_CHECKING:
-    from hypyr.vmm.machine import StopReason
+    from hypyr.vmm.stop import StopReason
 
 
 def add_commands(sub: Any, common: Any) -> None:
@@ -182,7 +182,7 @@ RUN_OUTPUT_FLUSH = 5.0       # seconds given to the waiting output once the gues
 def _run_vm(args, config) -> int:
     from hypyr.console import InputPump, OutputQueue, Terminal, write_all
     from hypyr.vmm.builder import build_linux_vm
-    from hypyr.vmm.machine import StopKind, StopReason
+    from hypyr.vmm.stop import StopKind, StopReason
 
     out_fd = sys.stdout.fileno()
     # the vCPU hands console output to a queue drained by its own thread: a stalled terminal or
@@ -230,7 +230,7 @@ def run_exit_code(reason: StopReason) -> int:
 def _stop_on_sigterm(machine):
     """While in the block, SIGTERM stops the guest as Ctrl-] does: the terminal is restored and
     `hypyr run` exits 130."""
-    from hypyr.vmm.machine import StopKind, StopReason
+    from hypyr.vmm.stop import StopKind, StopReason
 
     def on_sigterm(signum, frame):
         # from another thread: the interrupted main thread may hold a lock machine.stop takes

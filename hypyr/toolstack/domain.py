@@ -31,7 +31,7 @@ from hypyr.toolstack.xlcfg import DomainConfig
 from hypyr.vmm import seccomp
 from hypyr.vmm.builder import LinuxVm, build_linux_vm
 from hypyr.vmm.config import DEFAULT_CMDLINE, DiskConfig, VmConfig
-from hypyr.vmm.machine import StopKind, StopReason
+from hypyr.vmm.stop import StopKind, StopReason
 
 if TYPE_CHECKING:
     from hypyr.image.diskboot import DiskBoot  # pygrub's (imported when a domain uses it)

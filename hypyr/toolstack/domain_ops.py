@@ -16,7 +16,7 @@ from hypyr.errors import InvalidInput
 from hypyr.toolstack.errors import DomainStateError, MigrationFailed, SaveFileError
 from hypyr.toolstack.registry import DomainState
 from hypyr.vmm import seccomp
-from hypyr.vmm.machine import StopKind, StopReason, vcpu_report
+from hypyr.vmm.stop import StopKind, StopReason, vcpu_report
 
 if TYPE_CHECKING:
     from hypyr.toolstack.domain import Domain

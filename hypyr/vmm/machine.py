@@ -3,7 +3,8 @@
 The vCPU loop is deliberately small: KVM_RUN, dispatch the exit to a bus, obey the
 running/paused/stopping state.  Any vCPU (or device, or the user) may stop the whole
 machine with :meth:`Machine.stop`; the other vCPU threads are kicked out of KVM_RUN with a
-signal (``immediate_exit`` closes the race), so no thread ever busy-waits.
+signal (``immediate_exit`` closes the race), so no thread ever busy-waits.  Why it stopped (and
+the faulting vCPU's registers): :mod:`hypyr.vmm.stop`.
 """
 
 from __future__ import annotations
@@ -16,15 +17,15 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from typing import NamedTuple, overload
+from typing import overload
 
 from hypyr.arch.x86 import layout
-from hypyr.arch.x86.msrs import MSR_LSTAR
 from hypyr.devices.bus import Bus
 from hypyr.devices.events import GuestEvent, StopRequest
 from hypyr.errors import Conflict, NotFound, VcpuCountError
 from hypyr.kvm import B, Kvm, KvmError, Vcpu, Vm
 from hypyr.memory import GuestMemory
+from hypyr.vmm.stop import StopKind, StopReason, register_dump
 
 log = logging.getLogger("hypyr.vmm")
 
@@ -48,26 +49,6 @@ def check_vcpu_count(n: object, kvm: Kvm | None = None) -> int:
     why = ("this host's KVM_CAP_MAX_VCPUS" if limit < MAX_VCPUS
            else "the most hypyr's MADT describes, with 8-bit APIC ids")
     raise VcpuCountError(f"vcpus must be an integer from 1 to {limit} ({why}), not {n!r}.")
-
-
-class StopKind(enum.Enum):
-    POWEROFF = "poweroff"
-    EXIT_STATUS = "exit-status"
-    REBOOT = "reboot"
-    HALT = "halt"                    # HLT with no in-kernel irqchip (test payloads)
-    TRIPLE_FAULT = "triple-fault"    # KVM_EXIT_SHUTDOWN
-    CRASH = "crash"                  # guest kernel panic (pvpanic), KVM_SYSTEM_EVENT_CRASH
-    INTERNAL_ERROR = "internal-error"
-    FAIL_ENTRY = "fail-entry"
-    DESTROYED = "destroyed"          # stopped by the host (user, signal)
-
-
-class StopReason(NamedTuple):
-    kind: StopKind
-    message: str
-    status: int | None = None        # guest exit status for EXIT_STATUS
-    vcpu: int | None = None
-    registers: str = ""              # register dump for faults
 
 
 class VcpuState(enum.Enum):
@@ -508,26 +489,3 @@ class Machine:
         except KvmError as e:
             dump = f"(registers unavailable: {e})"
         self.stop(StopReason(kind, f"vCPU {vt.vcpu.id}: {message}", vcpu=vt.vcpu.id, registers=dump))
-
-
-def vcpu_report(vcpu: Vcpu) -> str:
-    """:func:`register_dump` and what is pending on the vCPU (``hypyr info DOMAIN --registers``):
-    the syscall entry (LSTAR: with the kernel's System.map it gives the KASLR offset) and the
-    NMI, interrupt and exception KVM holds for it."""
-    ev = vcpu.get_vcpu_events()
-    lstar = vcpu.get_msrs([MSR_LSTAR]).get(MSR_LSTAR, 0)
-    return (f"{register_dump(vcpu)}\nlstar={lstar:016x}  mp_state={vcpu.get_mp_state()}"
-            f"  nmi: injected={ev.nmi.injected} pending={ev.nmi.pending} masked={ev.nmi.masked}"
-            f"  interrupt: injected={ev.interrupt.injected} nr={ev.interrupt.nr} shadow={ev.interrupt.shadow}"
-            f"  exception: injected={ev.exception.injected} nr={ev.exception.nr}")
-
-
-def register_dump(vcpu: Vcpu) -> str:
-    r, s = vcpu.get_regs(), vcpu.get_sregs()
-    g = lambda *names: "  ".join(f"{n}={getattr(r, n):016x}" for n in names)  # noqa: E731
-    lines = [g("rip", "rsp", "rbp", "rflags"), g("rax", "rbx", "rcx", "rdx"), g("rsi", "rdi", "r8", "r9"),
-             g("r10", "r11", "r12", "r13"), g("r14", "r15"),
-             f"cr0={s.cr0:016x}  cr2={s.cr2:016x}  cr3={s.cr3:016x}  cr4={s.cr4:016x}",
-             f"efer={s.efer:016x}  cs={s.cs.selector:04x} base={s.cs.base:x} l={s.cs.l} db={s.cs.db}"
-             f"  ss={s.ss.selector:04x}  gdt={s.gdt.base:x}/{s.gdt.limit:x}  idt={s.idt.base:x}/{s.idt.limit:x}"]
-    return "\n".join(lines)

@@ -12,7 +12,8 @@ import pytest
 
 from hypyr.kvm import Kvm, KvmUnavailable
 from hypyr.memory import GuestMemory
-from hypyr.vmm.machine import Machine, StopKind, StopReason
+from hypyr.vmm.machine import Machine
+from hypyr.vmm.stop import StopKind, StopReason
 
 MiB = 1 << 20
 

@@ -17,7 +17,8 @@ from hypyr.cli.run import run_exit_code
 from hypyr.devices.pvexit import PORT as PVEXIT_PORT
 from hypyr.devices.pvexit import PvExit
 from hypyr.errors import Conflict, NotFound
-from hypyr.vmm.machine import StopKind, StopReason, VcpuState
+from hypyr.vmm.machine import VcpuState
+from hypyr.vmm.stop import StopKind, StopReason
 
 MiB = 1 << 20
 TIMEOUT = 20  # generous: an emulating KVM in a loaded nested lab is slow, but these guests are tiny

@@ -32,7 +32,7 @@ from hypyr.kvm import B, KvmError
 from hypyr.vmm import migration, snapshot, stream
 from hypyr.vmm.builder import build_vm
 from hypyr.vmm.config import DiskConfig, VmConfig
-from hypyr.vmm.machine import StopKind, StopReason
+from hypyr.vmm.stop import StopKind, StopReason
 
 MiB = 1 << 20
 MEMORY = 16 * MiB

@@ -77,7 +77,7 @@ def test_parse_size_rejects(text):
 
 # -- exit codes -------------------------------------------------------------------------------------
 def test_run_exit_codes_cover_every_stop_kind():
-    from hypyr.vmm.machine import StopKind, StopReason
+    from hypyr.vmm.stop import StopKind, StopReason
     expected = {StopKind.POWEROFF: 0, StopKind.HALT: 0, StopKind.REBOOT: 120, StopKind.TRIPLE_FAULT: 121,
                 StopKind.CRASH: 124, StopKind.INTERNAL_ERROR: 122, StopKind.FAIL_ENTRY: 123,
                 StopKind.DESTROYED: 130}   # docs/exit-codes.md

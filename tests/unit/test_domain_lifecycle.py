@@ -21,7 +21,7 @@ from hypyr.toolstack import api, control, domain, domain_ops, paths, sched, spaw
 from hypyr.toolstack.errors import DomainStateError, InvalidConfig
 from hypyr.toolstack.registry import Registry
 from hypyr.toolstack.xlcfg import DomainConfig
-from hypyr.vmm.machine import StopKind
+from hypyr.vmm.stop import StopKind
 
 
 @pytest.fixture
