@@ -10,7 +10,7 @@ from _harness import check, check_rss, errors_logged, fuzz, instrumented, scratc
 
 with instrumented():
     from hypyr.arch.x86.layout import MAX_VCPUS
-    from hypyr.toolstack import xlcfg
+    from hypyr.toolstack import domconfig, xlcfg
     from hypyr.toolstack.errors import InvalidConfig
     from hypyr.toolstack.names import name_problem
 
@@ -30,7 +30,7 @@ def one_input(data: bytes) -> None:
           f"vcpus {cfg.vcpus}, maxvcpus {cfg.maxvcpus}")
     check(cfg.maxmem is not None and 0 < cfg.memory <= cfg.maxmem, f"memory {cfg.memory}, maxmem {cfg.maxmem}")
     for a in (cfg.on_poweroff, cfg.on_reboot, cfg.on_crash):
-        check(a in xlcfg.ACTIONS, f"action {a!r}")
+        check(a in domconfig.ACTIONS, f"action {a!r}")
     for p in (cfg.kernel, cfg.ramdisk):
         check(p is None or os.path.isabs(p), f"a relative path {p!r} stored")
     errors_logged(strict=True)

@@ -293,7 +293,7 @@ def _cpulist(cpus: list[int]) -> str:
 
 def cmd_vcpu_pin(args) -> int:
     from hypyr.toolstack import api
-    from hypyr.toolstack.xlcfg import parse_cpulist
+    from hypyr.toolstack.domconfig import parse_cpulist
     api.vcpu_pin(args.name, args.vcpu, parse_cpulist(args.cpus, os.cpu_count() or 1))
     return 0
 

@@ -30,8 +30,8 @@ from hypyr.toolstack.errors import DomainTimeout, from_report
 from hypyr.toolstack.registry import DomainRecord, Registry, StaleDomainError, is_alive
 
 if TYPE_CHECKING:
+    from hypyr.toolstack.domconfig import DomainConfig
     from hypyr.toolstack.forkserver import ForkServer
-    from hypyr.toolstack.xlcfg import DomainConfig
 
 log = logging.getLogger(__name__)
 

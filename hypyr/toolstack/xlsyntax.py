@@ -1,6 +1,7 @@
 """xl.cfg(5) syntax: a tokenizer and parser, text → :class:`RawConfig` (key → value, line).
 
-Nothing is evaluated.  What the settings mean, and their validation, is :mod:`hypyr.toolstack.xlcfg`.
+Nothing is evaluated.  What the settings mean is :mod:`hypyr.toolstack.xlcfg`; their validation,
+:mod:`hypyr.toolstack.domconfig`.
 
 Syntax (as xl.cfg(5)):
 

@@ -31,9 +31,9 @@ import schemathesis
 import urllib3
 
 from hypyr.toolstack import paths, sched
+from hypyr.toolstack.domconfig import DomainConfig
 from hypyr.toolstack.registry import Registry, is_alive
 from hypyr.toolstack.server import ApiClient, make_server, openapi_document
-from hypyr.toolstack.xlcfg import DomainConfig
 
 DOMAINS = ("web", "db")
 FUZZ_EXAMPLES = 30          # generated requests per operation, besides the coverage phase's

@@ -19,7 +19,7 @@ from hypyr import cli
 from hypyr.errors import HypyrError
 from hypyr.image import bootcfg, diskboot, partitions
 from hypyr.image.bootcfg import parse_extlinux, parse_grub
-from hypyr.toolstack import xlcfg
+from hypyr.toolstack import domconfig, xlcfg
 from hypyr.toolstack.domain import vm_config
 
 DATA = Path(__file__).parent / "data"
@@ -324,7 +324,7 @@ def test_xlcfg_bootloader_keys(tmp_path):
     cfg = xlcfg.loads(f"name='g'\nbootloader='pygrub'\nbootloader_args=['--entry=Linux 5.10']\n"
                       f"disk=['{disk},raw,xvda,rw']\nextra='quiet'\n")
     assert cfg.bootloader == "pygrub" and cfg.boot_entry == "Linux 5.10" and cfg.kernel == ""
-    assert xlcfg.DomainConfig.from_dict(cfg.to_dict()) == cfg
+    assert domconfig.DomainConfig.from_dict(cfg.to_dict()) == cfg
     cfg = xlcfg.loads(f"name='g'\nbootloader='/usr/lib/xen/bin/pygrub'\nbootloader_args='-q --entry 1>1'\n"
                       f"kernel='/k'\ndisk=['{disk},raw,xvda,rw']\n")
     assert cfg.boot_entry == "1>1" and cfg.kernel == ""

@@ -18,9 +18,9 @@ import pytest
 
 from hypyr.errors import HypyrError
 from hypyr.toolstack import api, control, domain, domain_ops, paths, sched, spawn
+from hypyr.toolstack.domconfig import DomainConfig
 from hypyr.toolstack.errors import DomainStateError, InvalidConfig
 from hypyr.toolstack.registry import Registry
-from hypyr.toolstack.xlcfg import DomainConfig
 from hypyr.vmm.stop import StopKind
 
 

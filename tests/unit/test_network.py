@@ -300,8 +300,8 @@ def test_create_with_bad_vifs_leaves_nothing(netns, tmp_path):
 def test_create_refuses_a_mac_of_a_live_domain(netns, tmp_path):
     def body():
         from hypyr.toolstack import api
+        from hypyr.toolstack.domconfig import DomainConfig
         from hypyr.toolstack.registry import Registry
-        from hypyr.toolstack.xlcfg import DomainConfig
         reg = Registry()
         other = _cfg(tmp_path, "'mac=00:16:3e:00:00:01,bridge=xenbr0'")
         rec = reg.reserve("other", json.dumps(other.to_dict()))     # owned (alive) by this process

@@ -275,23 +275,23 @@ def test_console_hub_rotates_on_a_vcpu_thread_and_feeds_a_client(tmp_path):
 
 # -- the switches ------------------------------------------------------------------------------------
 def test_xl_cfg_key(tmp_path):
-    from hypyr.toolstack import xlcfg
+    from hypyr.toolstack import domconfig, xlcfg
     from hypyr.toolstack.errors import InvalidConfig
     base = 'name = "a"\nkernel = "/boot/vmlinuz"\n'
     assert xlcfg.loads(base).seccomp == "kill"
     cfg = xlcfg.loads(base + 'seccomp = "log"\n')
-    assert cfg.seccomp == "log" and xlcfg.DomainConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.seccomp == "log" and domconfig.DomainConfig.from_dict(cfg.to_dict()) == cfg
     assert not cfg.warnings
     with pytest.raises(InvalidConfig, match=r"^<cfg>:3: seccomp must be 'kill', 'log' or 'off', not 'strict'$"):
         xlcfg.loads(base + 'seccomp = "strict"\n')
     old = cfg.to_dict()
     del old["seccomp"]                     # a row stored before the key existed
-    assert xlcfg.DomainConfig.from_dict(old).seccomp == "kill"
+    assert domconfig.DomainConfig.from_dict(old).seccomp == "kill"
 
 
 def test_vm_config_of_a_domain_carries_the_mode():
     from hypyr.toolstack.domain import vm_config
-    from hypyr.toolstack.xlcfg import DomainConfig
+    from hypyr.toolstack.domconfig import DomainConfig
     from hypyr.vmm.builder import validate
     from hypyr.vmm.config import VmConfig
     assert vm_config(DomainConfig(name="a", kernel="/k", seccomp="off")).seccomp == "off"

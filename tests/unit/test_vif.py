@@ -10,8 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from hypyr.toolstack.domconfig import DomainConfig
 from hypyr.toolstack.vif import RateLimit, VifError, VifSpec, default_vifname, parse_rate, parse_vif, random_mac
-from hypyr.toolstack.xlcfg import DomainConfig, XlCfgError, load, loads
+from hypyr.toolstack.xlcfg import XlCfgError, load, loads
 
 DATA = Path(__file__).parent / "data" / "xlcfg"
 BASE = "name = 'g'\nkernel = '/boot/vmlinuz'\n"

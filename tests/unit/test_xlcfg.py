@@ -1,4 +1,4 @@
-"""xl.cfg parsing and validation (hypyr.toolstack.xlcfg)."""
+"""xl.cfg parsing and validation (hypyr.toolstack.xlcfg, hypyr.toolstack.domconfig)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hypyr.errors import HypyrError
+from hypyr.toolstack.domconfig import DomainConfig, parse_cpulist
 from hypyr.toolstack.errors import ConfigValueError
-from hypyr.toolstack.xlcfg import DomainConfig, RawConfig, XlCfgError, load, loads, parse, parse_cpulist
+from hypyr.toolstack.xlcfg import RawConfig, XlCfgError, load, loads, parse
 from hypyr.toolstack.xldisk import DiskSpec, parse_disk, vdev_index
 
 DATA = Path(__file__).parent / "data" / "xlcfg"

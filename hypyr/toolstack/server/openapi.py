@@ -16,7 +16,7 @@ from hypyr.toolstack.registry import DomainState
 
 MAX_WEIGHT = 65535                   # as hypyr.toolstack.sched (not imported: `hypyr serve` needs no cgroups)
 
-# An xl CPU list ("0-3", "all,^1", "^0") as hypyr.toolstack.xlcfg.parse_cpulist reads it.  ASCII
+# An xl CPU list ("0-3", "all,^1", "^0") as hypyr.toolstack.domconfig.parse_cpulist reads it.  ASCII
 # classes only: the pattern means the same in Python's re and in ECMA-262 (JSON Schema).
 _CPU_ITEM = r"(all|\^?[ ]*[0-9]{1,6}([ ]*-[ ]*[0-9]{1,6})?)"
 CPU_LIST_PATTERN = rf"^[ ]*{_CPU_ITEM}[ ]*(,[ ]*{_CPU_ITEM}[ ]*)*$"

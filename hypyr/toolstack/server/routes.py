@@ -14,7 +14,7 @@ import urllib.parse
 
 import hypyr
 from hypyr import procfs
-from hypyr.toolstack import api, sched, transfer, xlcfg
+from hypyr.toolstack import api, domconfig, sched, transfer, xlcfg
 from hypyr.toolstack.server import openapi
 from hypyr.toolstack.server.app import Operation, Reply, Request
 
@@ -105,7 +105,7 @@ def ep_vcpus(req: Request) -> Reply:
 
 def ep_vcpu_affinity(req: Request) -> Reply:
     value, vcpu = req.body["cpus"], req.params["vcpu"]
-    cpus = set(value) if isinstance(value, list) else xlcfg.parse_cpulist(value, os.cpu_count() or 1)
+    cpus = set(value) if isinstance(value, list) else domconfig.parse_cpulist(value, os.cpu_count() or 1)
     d = _find(req)
     vcpu = vcpu if vcpu == "all" else vcpu.lstrip("0") or "0"   # digits, maybe too many for int()
     api.vcpu_pin(d.name, vcpu, cpus)                             # VcpuNotFound unless it exists
