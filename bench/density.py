@@ -175,7 +175,8 @@ def create(dom: Dom, state: Path, timeout: float) -> str | None:
 
 def wait_up(dom: Dom, state: Path, t0: float, timeout: float) -> str | None:
     """Wait for the "up" line in the domain's console log; fill up_s (from t0, the start of create)."""
-    from hypyr.toolstack.registry import Registry, is_alive
+    from hypyr.toolstack.domrecord import is_alive
+    from hypyr.toolstack.registry import Registry
     log = state / "domains" / str(dom.domid) / "console.log"
     reg = Registry()
     try:

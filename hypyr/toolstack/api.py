@@ -25,6 +25,7 @@ from hypyr import procfs
 from hypyr.errors import HypyrError, InvalidInput
 from hypyr.toolstack import client, nics, spawn
 from hypyr.toolstack.domconfig import DomainConfig
+from hypyr.toolstack.domrecord import DOMAIN0_UUID, DomainRecord, DomainState, is_alive
 from hypyr.toolstack.errors import (
     DomainNotFound,
     DomainStateError,
@@ -33,7 +34,7 @@ from hypyr.toolstack.errors import (
     InvalidConfig,
     VcpuNotFound,
 )
-from hypyr.toolstack.registry import DOMAIN0_NAME, DOMAIN0_UUID, DomainRecord, DomainState, Registry, is_alive
+from hypyr.toolstack.registry import DOMAIN0_NAME, Registry
 from hypyr.toolstack.xlcfg import load
 
 

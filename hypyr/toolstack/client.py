@@ -8,8 +8,9 @@ import json
 import socket
 
 from hypyr.messages import json_object
+from hypyr.toolstack.domrecord import DomainRecord, is_alive
 from hypyr.toolstack.errors import DomainStateError, DomainTimeout, DomainUnreachable, from_report
-from hypyr.toolstack.registry import DomainRecord, Registry, is_alive
+from hypyr.toolstack.registry import Registry
 
 CONTROL_TIMEOUT = 30.0   # seconds a domain process may take to answer one control operation
 

@@ -120,8 +120,9 @@ class ConsoleHub:
 # -- `hypyr console NAME` ------------------------------------------------------------------------
 def attach(name: str) -> int:
     from hypyr.toolstack.client import Control
+    from hypyr.toolstack.domrecord import is_alive
     from hypyr.toolstack.errors import DomainStateError
-    from hypyr.toolstack.registry import Registry, is_alive
+    from hypyr.toolstack.registry import Registry
     with Registry() as reg:
         rec = reg.get(name)
     if not is_alive(rec):

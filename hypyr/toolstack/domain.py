@@ -26,8 +26,9 @@ from hypyr.errors import HypyrError
 from hypyr.toolstack import control, domain_ops, jail, nics, paths, supervisor, vmmlog
 from hypyr.toolstack.console import ConsoleHub
 from hypyr.toolstack.domconfig import DomainConfig
+from hypyr.toolstack.domrecord import DomainState
 from hypyr.toolstack.errors import DomainStateError, MigrationFailed, SaveFileError, save_file_sentence, type_name
-from hypyr.toolstack.registry import DomainState, Registry, StaleDomainError
+from hypyr.toolstack.registry import Registry, StaleDomainError
 from hypyr.vmm import seccomp
 from hypyr.vmm.builder import LinuxVm, build_linux_vm
 from hypyr.vmm.config import DEFAULT_CMDLINE, DiskConfig, VmConfig

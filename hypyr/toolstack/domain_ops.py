@@ -13,8 +13,8 @@ import socket
 from typing import TYPE_CHECKING
 
 from hypyr.errors import InvalidInput
+from hypyr.toolstack.domrecord import DomainState
 from hypyr.toolstack.errors import DomainStateError, MigrationFailed, SaveFileError
-from hypyr.toolstack.registry import DomainState
 from hypyr.vmm import seccomp
 from hypyr.vmm.stop import StopKind, StopReason, vcpu_report
 

@@ -51,7 +51,8 @@ def _kvm_usable(device: str = "/dev/kvm") -> bool:
 
 def _live_records() -> list:
     """The registry's domains, minus gone ones (dead rows are reported once by list(); skip them)."""
-    from hypyr.toolstack.registry import DomainState, Registry
+    from hypyr.toolstack.domrecord import DomainState
+    from hypyr.toolstack.registry import Registry
     with Registry() as reg:
         return [r for r in reg.list() if r.state is not DomainState.DEAD]
 
@@ -178,7 +179,7 @@ class TopRow:
 
 def _row(rec, now: float) -> Row:
     from hypyr.toolstack.api import xl_state
-    from hypyr.toolstack.registry import is_alive
+    from hypyr.toolstack.domrecord import is_alive
 
     cfg = rec.config_dict()
     alive = bool(rec.pid) and is_alive(rec)

@@ -3,8 +3,9 @@
 A SQLite database (``paths.registry_path()``, WAL) that every ``hypyr`` command reads and writes
 directly, as there is no daemon; every write is one ``BEGIN IMMEDIATE`` transaction.  A row is
 owned by a process (pid and start time, against pid reuse) and named by (domid, uuid): domids are
-reused, UUIDs never.  States are :class:`DomainState`; a row whose owner is gone is reaped
-(``reap()``, which ``list()`` runs first) with its ``on_crash``/``on_poweroff`` action.
+reused, UUIDs never.  A row is a :class:`~hypyr.toolstack.domrecord.DomainRecord`; one whose owner is
+gone is reaped (``reap()``, which ``list()`` runs first) with its ``on_crash``/``on_poweroff``
+action, by the rules of :mod:`hypyr.toolstack.domrecord`; this module is their SQLite storage.
 Design notes (ownership, states, reaping, removal, schema): docs/toolstack.md, "The registry".
 """
 
@@ -13,7 +14,6 @@ from __future__ import annotations
 import builtins
 import contextlib
 import dataclasses
-import enum
 import json
 import logging
 import os
@@ -24,13 +24,21 @@ import stat
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from hypyr import procfs
 from hypyr.errors import HypyrError
 from hypyr.toolstack import paths
+from hypyr.toolstack.domrecord import (
+    PRESERVED_STATES,
+    STATES,
+    DomainRecord,
+    DomainState,
+    effective,
+    fate,
+    is_alive,
+    proc_start_time,
+    reapable,
+)
 from hypyr.toolstack.errors import (
     DomainExists,
     DomainNotFound,
@@ -45,23 +53,6 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
 BUSY_TIMEOUT = 10.0  # seconds
-
-
-class DomainState(enum.StrEnum):
-    """A registry row's state; a str, stored and shown as its value (``"running"``)."""
-
-    CREATING = "creating"
-    RUNNING = "running"
-    PAUSED = "paused"
-    SHUTDOWN = "shutdown"     # shutting down, or shut down and kept (on_poweroff='preserve')
-    CRASHED = "crashed"
-    DYING = "dying"
-    DEAD = "dead"
-
-
-STATES = tuple(DomainState)
-PRESERVED_STATES = frozenset({DomainState.CRASHED, DomainState.SHUTDOWN})  # kept after their process ends
-DOMAIN0_UUID = "00000000-0000-0000-0000-000000000000"  # as Xen's
 MAX_DOMID = 0x7FEF  # Xen's DOMID_FIRST_RESERVED - 1
 _ID_RE = re.compile(r"[0-9]+")
 
@@ -95,85 +86,6 @@ def _new_uuid(given: object = None) -> str:
 
 
 _COLUMNS = "domid, name, config, pid, pid_start, socket, state, created, started, restarts, exit_reason, uuid"
-
-
-@dataclass(frozen=True)
-class DomainRecord:
-    """One row of the registry (see the module docstring for the states)."""
-
-    domid: int
-    name: str
-    config: str | None        # JSON text
-    pid: int | None           # the owning process: `hypyr create` while creating, then the domain's
-    pid_start: str | None     # the owner's start time, /proc/<pid>/stat field 22
-    socket: str | None        # the control socket's path
-    state: DomainState
-    created: float            # unix time
-    started: float | None     # unix time of the last (re)start
-    restarts: int
-    exit_reason: str | None
-    uuid: str                 # the domain's UUID, unique for ever (domids are reused)
-
-    def __post_init__(self):
-        object.__setattr__(self, "state", DomainState(self.state))   # the column holds the value
-
-    def config_dict(self) -> dict[str, Any]:
-        return json.loads(self.config) if self.config else {}
-
-
-def host_record() -> DomainRecord:
-    """The synthetic Domain-0 row (the host) that `list` shows first; never stored."""
-    boot = procfs.boot_time()
-    return DomainRecord(0, DOMAIN0_NAME, None, None, None, None, DomainState.RUNNING,
-                        boot or 0.0, boot, 0, None, DOMAIN0_UUID)
-
-
-# -- processes ------------------------------------------------------------------------------------
-def proc_start_time(pid: int) -> str | None:
-    """The start time of process ``pid`` (clock ticks since boot, as text), or None."""
-    st = procfs.stat(pid)
-    return st.start if st else None
-
-
-def is_alive(rec: DomainRecord) -> bool:
-    """Is the row's owning process still running (same pid, same start time, not a zombie)?"""
-    if not rec.pid or rec.pid_start is None:
-        return False
-    st = procfs.stat(rec.pid)
-    return procfs.alive(st) and st.start == rec.pid_start
-
-
-def _gone(rec: DomainRecord) -> bool:
-    return rec.state is DomainState.DEAD or not is_alive(rec)
-
-
-def _kept(rec: DomainRecord) -> bool:
-    """Kept until destroyed: crashed, or shut down and released by its process (preserve)."""
-    return rec.state is DomainState.CRASHED or (rec.state is DomainState.SHUTDOWN and rec.pid is None)
-
-
-def _reapable(rec: DomainRecord) -> bool:
-    return not _kept(rec) and _gone(rec)
-
-
-def _fate(rec: DomainRecord) -> DomainState | None:
-    """The state a reapable row is kept in (its on_poweroff/on_crash is 'preserve'), or None
-    when reaping removes it."""
-    if rec.state not in (DomainState.RUNNING, DomainState.PAUSED, DomainState.SHUTDOWN):
-        return None
-    key, kept = (("on_poweroff", DomainState.SHUTDOWN) if rec.state is DomainState.SHUTDOWN
-                 else ("on_crash", DomainState.CRASHED))
-    try:
-        action = rec.config_dict().get(key)
-    except (ValueError, AttributeError):
-        action = None
-    return kept if action == "preserve" else None
-
-
-def _effective(rec: DomainRecord) -> DomainRecord:
-    if rec.state is not DomainState.DEAD and _reapable(rec):
-        return dataclasses.replace(rec, state=_fate(rec) or DomainState.DEAD)
-    return rec
 
 
 def _locked(e: sqlite3.OperationalError) -> bool:
@@ -386,7 +298,7 @@ class Registry:
             row = db.execute(f"SELECT {_COLUMNS} FROM domains WHERE name = ?", (name,)).fetchone()
             if row is not None:
                 old = _record(row)
-                if not _reapable(old) or self._reap_row(db, old) is None:
+                if not reapable(old) or self._reap_row(db, old) is None:
                     raise DomainExists(f"a domain named {name} already exists (id {old.domid})")
             domid = 1
             for (used,) in db.execute("SELECT domid FROM domains ORDER BY domid"):
@@ -400,7 +312,7 @@ class Registry:
                 row = db.execute(f"SELECT {_COLUMNS} FROM domains WHERE uuid = ?", (new_uuid,)).fetchone()
                 if row is not None:
                     old = _record(row)
-                    if not _reapable(old) or self._reap_row(db, old) is None:
+                    if not reapable(old) or self._reap_row(db, old) is None:
                         new_uuid = _new_uuid()   # a domain that is still there has it
             rec = DomainRecord(domid, name, config_json, owner, owner_start, None, DomainState.CREATING,
                                time.time(), None, 0, None, new_uuid)
@@ -461,7 +373,7 @@ class Registry:
             row = db.execute(f"SELECT {_COLUMNS} FROM domains WHERE name = ?", (name,)).fetchone()
             if row is not None and _record(row).domid != mine.domid:
                 old = _record(row)
-                if not _reapable(old) or self._reap_row(db, old) is None:
+                if not reapable(old) or self._reap_row(db, old) is None:
                     raise DomainExists(f"a domain named {name} already exists (id {old.domid})")
             config = mine.config
             try:
@@ -499,14 +411,14 @@ class Registry:
                 if row is None:
                     raise DomainNotFound(f"no domain named {key}")
                 rec = _record(row)
-        return _effective(rec)
+        return effective(rec)
 
     def list(self) -> list[DomainRecord]:
         """All stored domains ordered by domid, after reaping gone ones (Domain-0 not included)."""
         self.reap()
         with self._read() as db:
             rows = db.execute(f"SELECT {_COLUMNS} FROM domains ORDER BY domid").fetchall()
-        return [_effective(_record(r)) for r in rows]  # an owner may die between reap and read
+        return [effective(_record(r)) for r in rows]  # an owner may die between reap and read
 
     def remove(self, domid: int, *, uuid: str | None = None) -> bool:
         """Delete a row and its leftovers (keeping its logs); False if there was no such row.
@@ -522,7 +434,7 @@ class Registry:
     def _reap_row(self, db: sqlite3.Connection, rec: DomainRecord) -> DomainRecord | None:
         """Apply a reapable row's fate (inside a write transaction): the removed record, in state
         ``dead``, or None when its on_* action keeps it."""
-        kept = _fate(rec)
+        kept = fate(rec)
         if kept is None:
             self._discard(db, rec)
             reason = rec.exit_reason or "its process exited"
@@ -541,13 +453,13 @@ class Registry:
         return the removed ones, in state ``dead``."""
         with self._read() as db:
             rows = [_record(r) for r in db.execute(f"SELECT {_COLUMNS} FROM domains")]
-        if not any(_reapable(r) for r in rows):
+        if not any(reapable(r) for r in rows):
             return []  # the common case needs no write lock
         reaped = []
         with self._write() as db:
             for row in db.execute(f"SELECT {_COLUMNS} FROM domains ORDER BY domid").fetchall():
                 rec = _record(row)
-                if _reapable(rec) and (gone := self._reap_row(db, rec)) is not None:
+                if reapable(rec) and (gone := self._reap_row(db, rec)) is not None:
                     reaped.append(gone)
         return reaped
 

@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING, NoReturn, Protocol
 from hypyr.errors import HypyrError
 from hypyr.messages import json_object
 from hypyr.toolstack import nics, paths
+from hypyr.toolstack.domrecord import DomainRecord, is_alive
 from hypyr.toolstack.errors import DomainTimeout, from_report
-from hypyr.toolstack.registry import DomainRecord, Registry, StaleDomainError, is_alive
+from hypyr.toolstack.registry import Registry, StaleDomainError
 
 if TYPE_CHECKING:
     from hypyr.toolstack.domconfig import DomainConfig

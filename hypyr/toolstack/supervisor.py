@@ -17,8 +17,9 @@ import threading
 
 from hypyr.errors import HypyrError
 from hypyr.messages import json_object
+from hypyr.toolstack.domrecord import PRESERVED_STATES, DomainState
 from hypyr.toolstack.errors import SaveFileError, from_report, type_name
-from hypyr.toolstack.registry import PRESERVED_STATES, DomainState, Registry, StaleDomainError
+from hypyr.toolstack.registry import Registry, StaleDomainError
 
 log = logging.getLogger("hypyr.supervisor")
 

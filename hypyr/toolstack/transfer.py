@@ -15,13 +15,14 @@ from typing import Any
 from hypyr.errors import HypyrError, InvalidInput
 from hypyr.toolstack import api, client, nics, spawn
 from hypyr.toolstack.domconfig import DomainConfig
+from hypyr.toolstack.domrecord import DomainRecord
 from hypyr.toolstack.errors import (
     InsufficientResources,
     MigrationFailed,
     SaveFileError,
     save_file_sentence,
 )
-from hypyr.toolstack.registry import DomainRecord, Registry
+from hypyr.toolstack.registry import Registry
 
 # -- save and restore ---------------------------------------------------------------------------------
 SAVE_TIMEOUT = 600.0     # seconds a saving domain process may go without a word (progress or answer)

@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from hypyr.toolstack import api, paths, sched, transfer
-from hypyr.toolstack.registry import DomainState, Registry, is_alive
+from hypyr.toolstack.domrecord import DomainState, is_alive
+from hypyr.toolstack.registry import Registry
 
 ROOT = Path(__file__).resolve().parents[2]
 LOAD = 16 << 20

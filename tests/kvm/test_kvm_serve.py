@@ -11,7 +11,8 @@ from pathlib import Path
 from procs import ancestors, children
 from test_kvm_seccomp import toolstack  # noqa: F401 - the fixture
 
-from hypyr.toolstack.registry import Registry, is_alive
+from hypyr.toolstack.domrecord import is_alive
+from hypyr.toolstack.registry import Registry
 from hypyr.toolstack.server import ApiClient
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -32,7 +32,8 @@ import urllib3
 
 from hypyr.toolstack import paths, sched
 from hypyr.toolstack.domconfig import DomainConfig
-from hypyr.toolstack.registry import Registry, is_alive
+from hypyr.toolstack.domrecord import is_alive
+from hypyr.toolstack.registry import Registry
 from hypyr.toolstack.server import ApiClient, make_server, openapi_document
 
 DOMAINS = ("web", "db")

@@ -8,7 +8,7 @@ import threading
 import time
 
 from hypyr import procfs
-from hypyr.toolstack import registry
+from hypyr.toolstack import domrecord
 
 
 def _stat_line(comm: str, state: str = "S", utime: int = 150, stime: int = 50, start: int = 4242,
@@ -28,7 +28,7 @@ def test_parse_stat_takes_fields_after_the_last_parenthesis():
 
 def test_this_process():
     st = procfs.stat(os.getpid())
-    assert st.state == "R" and st.start == registry.proc_start_time(os.getpid())
+    assert st.state == "R" and st.start == domrecord.proc_start_time(os.getpid())
     assert procfs.alive(st) and procfs.cpu_seconds(os.getpid()) > 0
     assert 0 <= procfs.age(os.getpid()) < 86400 * 365
     assert procfs.rss_mib(os.getpid()) > 1

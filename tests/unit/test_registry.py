@@ -18,15 +18,8 @@ import pytest
 
 from hypyr.errors import HypyrError
 from hypyr.toolstack import paths, sched
-from hypyr.toolstack.registry import (
-    STATES,
-    DomainRecord,
-    Registry,
-    StaleDomainError,
-    host_record,
-    is_alive,
-    proc_start_time,
-)
+from hypyr.toolstack.domrecord import STATES, DomainRecord, host_record, is_alive, proc_start_time
+from hypyr.toolstack.registry import Registry, StaleDomainError
 
 
 def _exited_child() -> subprocess.Popen:

@@ -25,8 +25,9 @@ from hypyr.cli.common import EXIT_ERROR
 from hypyr.errors import InvalidInput
 from hypyr.toolstack import paths, sched, transfer
 from hypyr.toolstack.domconfig import DomainConfig
+from hypyr.toolstack.domrecord import is_alive
 from hypyr.toolstack.errors import DomainExists, MigrationFailed, SaveFileError
-from hypyr.toolstack.registry import Registry, is_alive
+from hypyr.toolstack.registry import Registry
 from hypyr.toolstack.xldisk import DiskSpec
 from hypyr.vmm import stream
 from hypyr.vmm.config import VmConfig, config_to_dict

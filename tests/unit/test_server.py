@@ -41,7 +41,7 @@ from hypyr.toolstack.server import ApiClient, ApiError, UnixHTTPConnection
 
 # -- the fake toolstack -------------------------------------------------------------------------
 @dataclass
-class Record:              # the parts of registry.DomainRecord the server uses
+class Record:              # the parts of domrecord.DomainRecord the server uses
     domid: int
     name: str
     state: str

@@ -10,8 +10,9 @@ import threading
 import pytest
 
 from hypyr.toolstack import jail
+from hypyr.toolstack.domrecord import DomainState
 from hypyr.toolstack.errors import SaveFileError
-from hypyr.toolstack.registry import DomainState, StaleDomainError
+from hypyr.toolstack.registry import StaleDomainError
 from hypyr.toolstack.supervisor import Supervisor, SupervisorLink
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from hypyr.errors import Conflict, HypyrError, InvalidInput, NotFound, NotSupported, OperationTimeout, Unavailable
 from hypyr.toolstack import api, errors, logs, paths
+from hypyr.toolstack.domrecord import DomainState
 from hypyr.toolstack.errors import (
     ConfigValueError,
     DomainExists,
@@ -28,7 +29,7 @@ from hypyr.toolstack.errors import (
     type_name,
 )
 from hypyr.toolstack.names import DOMAIN0_NAME, name_problem
-from hypyr.toolstack.registry import DomainState, Registry
+from hypyr.toolstack.registry import Registry
 from hypyr.toolstack.xlcfg import XlCfgError, loads
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from hypyr.toolstack.registry import DomainState
+from hypyr.toolstack.domrecord import DomainState
 
 MAX_WEIGHT = 65535                   # as hypyr.toolstack.sched (not imported: `hypyr serve` needs no cgroups)
 
