@@ -4,7 +4,8 @@
 ``migrate-receive``) through hypyr.toolstack.spawn, builds the VM, serves its control socket (one
 JSON object per line each way) and applies ``on_poweroff``/``on_reboot``/``on_crash``.  Its
 registry updates name its row by (DOMID, UUID): on ``StaleDomainError`` it updates nothing more,
-stops its VM and exits.
+stops its VM and exits.  Where its VM comes from (a fresh build, a save file, a migration) is
+:mod:`hypyr.toolstack.domain_vm`; its control operations are :mod:`hypyr.toolstack.domain_ops`.
 Design notes and the control protocol: docs/toolstack.md, "The domain process".
 """
 
@@ -23,15 +24,14 @@ from typing import TYPE_CHECKING
 
 from hypyr import preopened
 from hypyr.errors import HypyrError
-from hypyr.toolstack import control, domain_ops, jail, nics, paths, supervisor, vmmlog
+from hypyr.toolstack import control, domain_ops, domain_vm, jail, nics, paths, supervisor, vmmlog
 from hypyr.toolstack.console import ConsoleHub
 from hypyr.toolstack.domconfig import DomainConfig
 from hypyr.toolstack.domrecord import DomainState
-from hypyr.toolstack.errors import DomainStateError, MigrationFailed, SaveFileError, save_file_sentence, type_name
+from hypyr.toolstack.errors import DomainStateError, type_name
 from hypyr.toolstack.registry import Registry, StaleDomainError
 from hypyr.vmm import seccomp
 from hypyr.vmm.builder import LinuxVm, build_linux_vm
-from hypyr.vmm.config import DEFAULT_CMDLINE, DiskConfig, VmConfig
 from hypyr.vmm.stop import StopKind, StopReason
 
 if TYPE_CHECKING:
@@ -40,24 +40,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("hypyr.domain")
 
 CRASH_KINDS = (StopKind.TRIPLE_FAULT, StopKind.CRASH, StopKind.INTERNAL_ERROR, StopKind.FAIL_ENTRY)
-
-
-def vm_config(cfg: DomainConfig, tap_fds: Sequence[int] = (), domid: int = 0, boot: DiskBoot | None = None,
-              ip_args: str | None = None) -> VmConfig:
-    """The VMM's view of an xl.cfg domain: direct boot, disks in vdev order, one NIC per vif
-    (``tap_fds[i]`` is vif i's open tap).  With ``bootloader = "pygrub"``, ``boot`` is what
-    ``hypyr.image.diskboot`` extracted: its kernel, initrd and command line (then the cfg's).
-    ``ip_args``: the vifs' addresses for the guest (default: looked up in the networks now)."""
-    nets = nics.net_configs(cfg.vifs, tap_fds, [v.tap_name(domid) for v in cfg.vifs])
-    kernel, initrd, base = cfg.kernel, cfg.ramdisk, DEFAULT_CMDLINE
-    if boot is not None:
-        kernel, initrd, base = boot.kernel, boot.initrd, boot.cmdline
-    if ip_args is None:
-        ip_args = nics.guest_ip_args(cfg.vifs)
-    cmdline = " ".join(x for x in (base, cfg.cmdline_string(), ip_args) if x)
-    return VmConfig(kernel=kernel, initrd=initrd, cmdline=cmdline,
-                    memory=cfg.memory << 20, vcpus=cfg.vcpus,
-                    disks=[DiskConfig(d.target, d.read_only) for d in cfg.disks], nets=nets, seccomp=cfg.seccomp)
 
 
 class Domain:
@@ -107,19 +89,22 @@ class Domain:
             self._prefetch_disk_boot()     # for later reboots, while this process may still run debugfs
         if self.incoming_fd is not None:
             fd, self.incoming_fd = self.incoming_fd, None
-            self.vm = self._receive(fd)
+            watch_fd, self.watch_fd = self.watch_fd, None
+            self.vm = domain_vm.receive(fd, watch_fd, self.name, self.cfg.seccomp, self.console.write,
+                                        domain_vm.configure_nets(self.cfg, self.tap_fds, self.domid))
             self._pin_vcpus()
             self.set_state(DomainState.PAUSED if self.vm.machine.paused else DomainState.RUNNING)
             return
         if self.restore_file is not None:
             path, self.restore_file = self.restore_file, None   # a later reboot boots afresh
-            self.vm = self._restore(path)
+            self.vm = domain_vm.restore(path, self.console.write,
+                                        domain_vm.configure_nets(self.cfg, self.tap_fds, self.domid))
             paused = self.restore_paused or self.vm.saved_paused
             if paused:
                 self.vm.machine.pause()        # before start: the vCPUs start parked
         else:
-            self.vm = build_linux_vm(vm_config(self.cfg, self.tap_fds, self.domid, self._disk_boot(),
-                                               self.ip_args),
+            self.vm = build_linux_vm(domain_vm.vm_config(self.cfg, self.tap_fds, self.domid, self._disk_boot(),
+                                                         self.ip_args),
                                      self.console.write)
             paused = False
         self.vm.machine.start()
@@ -152,62 +137,6 @@ class Domain:
         except HypyrError as e:
             log.warning("domain %s: a reboot will fail: %s", self.name, e)
             self._boot_error = str(e)
-
-    def _restore(self, path: str) -> LinuxVm:
-        """The VM saved in ``path``, its NICs on this domain's taps (named for this domid)."""
-        from hypyr.errors import SnapshotError
-        from hypyr.vmm import snapshot
-        try:
-            with open(preopened.open_file(path, os.O_RDONLY | os.O_CLOEXEC), "rb") as f:
-                return snapshot.restore(f, self.console.write, configure=self._configure_nets())
-        except OSError as e:
-            raise SaveFileError(f"cannot read the save file {path}: {e.strerror or e}") from None
-        except SnapshotError as e:
-            raise SaveFileError(save_file_sentence(path, e)) from None
-
-    def _configure_nets(self):
-        """``configure`` for a restore or migration: the saved VM, its NICs on this domain's taps."""
-        names = [v.tap_name(self.domid) for v in self.cfg.vifs]
-
-        def configure(header) -> VmConfig:
-            c = header.vm_config(self.tap_fds)
-            return c._replace(nets=[n._replace(name=name) for n, name in zip(c.nets, names)],
-                              seccomp=self.cfg.seccomp)   # this domain's filters, not the saver's
-        return configure
-
-    def _receive(self, fd: int) -> LinuxVm:
-        """Receive the live migration on the connection ``fd``; abandon it if `migrate-receive`
-        goes away (its watch pipe ends) before the VM runs."""
-        from hypyr.errors import MigrationError
-        from hypyr.vmm import migration
-        sock = socket.socket(fileno=fd)
-        done = threading.Event()
-        watch_fd, self.watch_fd = self.watch_fd, None
-
-        def watch(watch_fd: int) -> None:
-            seccomp.install("control", self.cfg.seccomp)
-            try:
-                while os.read(watch_fd, 64):
-                    pass
-            except OSError:
-                pass
-            if not done.is_set():
-                log.warning("domain %s: migrate-receive went away: abandoning the migration", self.name)
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-            os.close(watch_fd)
-        if watch_fd is not None:
-            threading.Thread(target=watch, args=(watch_fd,), name="migrate-watch", daemon=True).start()
-        try:
-            vm = migration.migrate_receive(sock, self.console.write, configure=self._configure_nets())
-        except MigrationError as e:
-            raise MigrationFailed(str(e)) from None
-        finally:
-            done.set()
-            sock.close()
-        return vm
 
     @contextlib.contextmanager
     def running_vm(self):
@@ -349,7 +278,7 @@ class Domain:
             server, self._sock_id = control.bind(self.sock_path)
             if self.cfg.bootloader is not None:
                 self._prefetch_disk_boot()     # debugfs runs here, never in the jail
-            self._open_for_vmm()
+            domain_vm.open_for_vmm(self.cfg, self._boot, self.restore_file)
             spec = jail.plan(self.domid, str(self.dir), self.cfg.memory << 20, str(paths.jail_dir()))
             jail.give_directory(spec, str(self.dir), ("control.sock", "console.log", "console.log.1",
                                                       "vmm.log", "vmm.log.1"))
@@ -397,20 +326,6 @@ class Domain:
             log.error("domain %s: its VMM (pid %d) was killed by signal %d", self.name, pid, -code)
             return 128 - code
         return code
-
-    def _open_for_vmm(self) -> None:
-        """Open the files the jailed VMM reads by path (hypyr.preopened): disk images, kernel,
-        initrd, a save file to restore."""
-        kernel, initrd = (self._boot.kernel, self._boot.initrd) if self._boot is not None \
-            else (self.cfg.kernel, self.cfg.ramdisk)
-        files = [(d.target, not d.read_only) for d in self.cfg.disks]
-        files += [(p, False) for p in (kernel, initrd, self.restore_file) if p]
-        for path, writable in files:
-            try:
-                fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
-            except OSError:
-                continue     # the VMM's own open fails the same way, with the usual sentence
-            preopened.register(path, writable, fd)
 
     def _run_in_jail(self, sock: socket.socket, server: socket.socket, spec: jail.Jail,
                      ready_fd: int | None) -> int:

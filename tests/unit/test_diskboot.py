@@ -20,7 +20,7 @@ from hypyr.errors import HypyrError
 from hypyr.image import bootcfg, diskboot, partitions
 from hypyr.image.bootcfg import parse_extlinux, parse_grub
 from hypyr.toolstack import domconfig, xlcfg
-from hypyr.toolstack.domain import vm_config
+from hypyr.toolstack.domain_vm import vm_config
 
 DATA = Path(__file__).parent / "data"
 needs_e2fs = pytest.mark.skipif(di.mke2fs() is None or shutil.which("debugfs", path="/usr/sbin:/sbin:/usr/bin")

@@ -344,7 +344,7 @@ def test_network_list_rows(netns, tmp_path):
 # ---------------------------------------------------------------- the domain process's view
 
 def test_vm_config_nets_and_ip_args(tmp_path, monkeypatch):
-    from hypyr.toolstack import domain, network
+    from hypyr.toolstack import domain_vm, network
     from hypyr.vmm.config import NetConfig
     monkeypatch.setenv("HYPYR_STATE_DIR", str(tmp_path / "state"))
     with network._locked() as recs:
@@ -352,13 +352,13 @@ def test_vm_config_nets_and_ip_args(tmp_path, monkeypatch):
     cfg = _cfg(tmp_path, "'mac=00:16:3e:00:00:03,bridge=dh0,ip=10.90.1.2,rate=8Mb/s@20ms,mtu=1400,vhost=off', "
                          "'mac=00:16:3e:00:00:04,bridge=dh0,vifname=web1', "
                          "'mac=00:16:3e:00:00:05,bridge=xenbr0,ip=10.77.0.9/25'")
-    vc = domain.vm_config(cfg, [7, 8, 9], domid=4)
+    vc = domain_vm.vm_config(cfg, [7, 8, 9], domid=4)
     assert vc.nets == [NetConfig(7, "00:16:3e:00:00:03", 1400, False, (1_000_000, 0.02), "vif4.0"),
                        NetConfig(8, "00:16:3e:00:00:04", None, None, None, "web1"),
                        NetConfig(9, "00:16:3e:00:00:05", None, None, None, "vif4.2")]
     assert vc.cmdline.endswith(" hypyr.ip.0=10.90.1.2/16 hypyr.ip.1=dhcp hypyr.ip.2=10.77.0.9/25")
     with pytest.raises(HypyrError) as ei:
-        domain.vm_config(cfg, [7])
+        domain_vm.vm_config(cfg, [7])
     assert str(ei.value) == "3 vifs but 1 taps (domains with vifs are started by hypyr create)"
 
 

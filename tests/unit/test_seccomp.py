@@ -290,7 +290,7 @@ def test_xl_cfg_key(tmp_path):
 
 
 def test_vm_config_of_a_domain_carries_the_mode():
-    from hypyr.toolstack.domain import vm_config
+    from hypyr.toolstack.domain_vm import vm_config
     from hypyr.toolstack.domconfig import DomainConfig
     from hypyr.vmm.builder import validate
     from hypyr.vmm.config import VmConfig
