@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -154,16 +155,24 @@ def run_until_marker(cmd: list[str], marker: bytes, timeout: float, wait_for_exi
     return marker_s, total_s, status, note, bytes(buf)
 
 
-def smaps_split(pid: int, guest_kib: int) -> tuple[int, int, int] | None:
-    """From /proc/PID/smaps, in KiB: the total Rss, the Rss of the anonymous mapping(s) holding
-    guest RAM, and the private pages (Private_Clean + Private_Dirty) outside them: what this one
-    process alone holds, against shared pages (libpython, libc) every Python process maps."""
+class Smaps(NamedTuple):
+    """A process's /proc/PID/smaps, in KiB (see :func:`smaps_split`)."""
+    total: int    # all its Rss
+    guest: int    # the Rss of the anonymous mapping(s) holding guest RAM
+    private: int  # Private_Clean + Private_Dirty outside guest RAM: what this process alone holds
+    pss: int      # Pss outside guest RAM: its own pages plus its share of those it shares
+
+
+def smaps_split(pid: int, guest_kib: int) -> Smaps | None:
+    """From /proc/PID/smaps: the total Rss, the Rss of the anonymous mapping(s) holding guest
+    RAM, and outside them the private pages and the proportional set size (shared pages, such as
+    libpython's and libc's, divided among the processes that map them)."""
     try:
         with open(f"/proc/{pid}/smaps") as f:
             text = f.read()
     except OSError:
         return None
-    total = guest = private = 0
+    total = guest = private = pss = 0
     is_guest = False
     for line in text.splitlines():
         head = line.split(None, 1)[0] if line else ""
@@ -177,6 +186,10 @@ def smaps_split(pid: int, guest_kib: int) -> tuple[int, int, int] | None:
             total += kib
             if is_guest:
                 guest += kib
-        elif line.startswith(("Private_Clean:", "Private_Dirty:")) and not is_guest:
+        elif is_guest:
+            continue
+        elif line.startswith(("Private_Clean:", "Private_Dirty:")):
             private += int(line.split()[1])
-    return total, guest, private
+        elif line.startswith("Pss:"):
+            pss += int(line.split()[1])
+    return Smaps(total, guest, private, pss)

@@ -141,7 +141,7 @@ def rss_probe(cmd: list[str], timeout: float) -> dict:
             if split is not None:
                 samples += 1
                 last = split
-                total, guest, _ = split
+                total, guest = split.total, split.guest
                 peak_total = max(peak_total, total)
                 if total - guest > peak_nonguest:
                     peak_nonguest, guest_at_peak_nonguest = total - guest, guest

@@ -129,8 +129,35 @@ class Dom:
     guest_rss: float | None = None
     guest_how: str = ""
     private: float | None = None     # MiB outside guest RAM no other process shares
+    pss: float | None = None         # MiB outside guest RAM, shared pages divided among their sharers
+    sup_pss: float | None = None     # the same for its supervisor (a jailed domain's parent process)
     idle_ticks: int | None = None
     notes: list[str] = field(default_factory=list)
+
+
+def supervisor_of(pid: int) -> int | None:
+    """A jailed domain's supervisor: the VMM's parent, a hypyr process (an unjailed domain's
+    parent is init or a subreaper)."""
+    ppid = procfs.ppid(pid)
+    if ppid is None or ppid <= 1 or ppid == os.getpid():
+        return None
+    try:
+        with open(f"/proc/{ppid}/cmdline", "rb") as f:
+            return ppid if b"hypyr" in f.read() else None
+    except OSError:
+        return None
+
+
+def measure_memory(x: Dom, guest_mib: int) -> None:
+    """Fill in the domain's RSS, guest RAM resident, private and PSS figures."""
+    x.rss = procfs.rss_mib(x.pid)
+    x.guest_rss, x.guest_how = guest_ram_rss_mib(x.pid, guest_mib)
+    split = smaps_split(x.pid, guest_mib * 1024)
+    if split is not None:
+        x.private, x.pss = split.private / 1024, split.pss / 1024
+    sup = supervisor_of(x.pid)
+    sup_split = None if sup is None else smaps_split(sup, guest_mib * 1024)
+    x.sup_pss = None if sup_split is None else sup_split.pss / 1024
 
 
 def write_cfg(d: Path, i: int, kernel: str, initrd: str, mib: int) -> Dom:
@@ -297,10 +324,7 @@ def lab_side(args: argparse.Namespace) -> int:
         # -- memory -------------------------------------------------------------------------------
         mem1 = meminfo_mib()
         for x in up:
-            x.rss = procfs.rss_mib(x.pid)
-            x.guest_rss, x.guest_how = guest_ram_rss_mib(x.pid, args.memory)
-            split = smaps_split(x.pid, args.memory * 1024)
-            x.private = None if split is None else split[2] / 1024
+            measure_memory(x, args.memory)
 
         # -- idle CPU -----------------------------------------------------------------------------
         print(f"measuring idle CPU over {args.idle:.0f} s ...", flush=True)
@@ -368,6 +392,14 @@ def lab_side(args: argparse.Namespace) -> int:
         if own:
             print(f"  of it private (not shared) {sum(own):.1f} MiB   (per domain: mean {statistics.mean(own):.1f}, "
                   f"{_stats(own)})")
+        pss = [x.pss for x in up if x.pss is not None]
+        if pss:
+            print(f"  PSS excluding guest RAM    {sum(pss):.1f} MiB   (per domain: mean {statistics.mean(pss):.1f}, "
+                  f"{_stats(pss)})")
+        whole = [x.pss + x.sup_pss for x in up if x.pss is not None and x.sup_pss is not None]
+        if whole:
+            print(f"  PSS with the supervisor    {sum(whole):.1f} MiB   (per domain: mean "
+                  f"{statistics.mean(whole):.1f}, {_stats(whole)})")
         print(f"  host MemAvailable          {mem0.get('MemAvailable')} MiB before, {mem1.get('MemAvailable')} MiB "
               f"with {n} domains up (-{mem0.get('MemAvailable', 0) - mem1.get('MemAvailable', 0)} MiB, "
               f"{(mem0.get('MemAvailable', 0) - mem1.get('MemAvailable', 0)) / n:.1f} MiB per domain); "

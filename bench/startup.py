@@ -78,7 +78,7 @@ def rss_outside_ram(pid: int, ram_bytes: int) -> tuple[float, float]:
     split = smaps_split(pid, ram_bytes // 1024)
     if split is None:
         raise SystemExit(f"bench: cannot read /proc/{pid}/smaps")
-    total, ram, private = split
+    total, ram, private = split.total, split.guest, split.private
     return (total - ram) / 1024, private / 1024
 
 
