@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import struct
 from collections.abc import Callable
@@ -252,47 +251,26 @@ def _load_bzimage(mem: GuestMemory, data: bytes, size: int, path: str,
 
 
 def load_elf(mem: GuestMemory, data: bytes, path: str = "<kernel>") -> KernelImage:
-    try:
-        from elftools.common.exceptions import ELFError
-        from elftools.elf.elffile import ELFFile
-    except ImportError:  # pragma: no cover - pyelftools is a dependency
-        raise HypyrError("Loading ELF kernels needs pyelftools (pip install pyelftools).") from None
-    try:
-        elf = ELFFile(io.BytesIO(data))
-        if elf.elfclass != 64 or elf["e_machine"] != "EM_X86_64":
-            raise _fail(path, "is an ELF file but not an x86-64 kernel")
-        segments = []
-        for seg in elf.iter_segments():
-            if seg["p_type"] != "PT_LOAD" or seg["p_memsz"] == 0:
-                continue
-            if seg["p_offset"] + seg["p_filesz"] > len(data) or seg["p_filesz"] > seg["p_memsz"]:
-                raise _fail(path, "is truncated")
-            segments.append((seg["p_paddr"], seg["p_vaddr"], seg["p_offset"], seg["p_filesz"], seg["p_memsz"]))
-        entry = elf["e_entry"]
-    except HypyrError:
-        raise
-    except (ELFError, Exception) as e:  # pyelftools raises many kinds on malformed input
-        raise _fail(path, f"is not a valid ELF kernel ({type(e).__name__}: {e})") from None
+    """Load the x86-64 ELF vmlinux ``data`` into ``mem`` (its PT_LOAD segments, at their
+    physical addresses).  Read with :mod:`hypyr.arch.x86.elf`, the bounds-checked reader of
+    the multiboot and PVH loaders: pyelftools would cost each domain's VMM 2.5 MiB of
+    private memory (its modules, and pdb they import; issue #14)."""
+    from . import elf
+    image = elf.parse(data, path)
+    if image.bits != 64 or image.machine != elf.EM_X86_64:
+        raise _fail(path, "is an ELF file but not an x86-64 kernel")
+    segments = image.segments
     if not segments:
         raise _fail(path, "has no loadable segments")
 
-    for paddr, _vaddr, _off, _filesz, memsz in segments:
-        _check_fits(mem, path, paddr, paddr + memsz)
-    for paddr, _vaddr, off, filesz, memsz in segments:
-        mem.write(paddr, data[off:off + filesz])
-        mem.fill(paddr + filesz, memsz - filesz)
-
+    for seg in segments:
+        _check_fits(mem, path, seg.paddr, seg.end)
+    elf.load_segments(mem, data, segments)
     # vmlinux's e_entry is the physical startup_64; translate a virtual one just in case
-    if not any(p <= entry < p + m for p, _v, _o, _f, m in segments):
-        for p, v, _o, _f, m in segments:
-            if v <= entry < v + m:
-                entry = entry - v + p
-                break
-        else:
-            raise _fail(path, f"has entry point {entry:#x} outside its loadable segments")
+    entry = elf.physical_entry(path, image.entry, segments)
 
-    start = min(p for p, *_ in segments)
-    end = max(p + m for p, _v, _o, _f, m in segments)
+    start = min(s.paddr for s in segments)
+    end = max(s.end for s in segments)
     end = (end + layout.PAGE_SIZE - 1) & ~(layout.PAGE_SIZE - 1)
     return KernelImage(
         path=path, kind="elf",
