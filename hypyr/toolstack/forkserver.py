@@ -40,7 +40,7 @@ ANSWER_TIMEOUT = 120.0       # seconds the server waits for the helper's answer 
 # migration would otherwise import in its own process
 PRELOAD = ("hypyr.toolstack.domain", "hypyr.toolstack.sched", "hypyr.vmm.snapshot", "hypyr.vmm.migration",
            "hypyr.arch.x86.boot", "hypyr.devices.virtio.blk", "hypyr.devices.virtio.net",
-           "hypyr.devices.virtio.vhost")
+           "hypyr.devices.virtio.vhost", "hypyr.arch.x86.elf", "hypyr.arch.x86.multiboot", "hypyr.arch.x86.pvh")
 
 
 class ForkServerGone(Exception):
