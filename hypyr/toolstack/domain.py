@@ -249,6 +249,7 @@ class Domain:
         # the "main" one, which would otherwise bound it too (filters stack)
         threading.Thread(target=control.ControlServer(self, self.cfg.seccomp).accept_loop, args=(server,),
                          name="control", daemon=True).start()
+        trim_malloc()    # what building the VM freed
         try:   # the VM runs: from now on this thread only supervises it (docs/confinement.md)
             seccomp.install("main", self.cfg.seccomp)
         except HypyrError as e:
@@ -318,6 +319,7 @@ class Domain:
                     os.close(ready_fd)    # the VMM reports; its end alone tells `create` if it dies
                 mine.sendall(b"go")
                 with Registry() as reg:
+                    trim_malloc()    # the pages the VMM's half of the heap leaves free here
                     supervisor.Supervisor(mine, reg, self.domid, self.uuid, pid, str(self.sock_path)).serve()
             status = os.waitpid(pid, 0)[1]
         finally:
@@ -451,6 +453,15 @@ def one_malloc_arena() -> None:
     mallopt = libc.optional_function("mallopt", [ctypes.c_int, ctypes.c_int])
     if mallopt is not None:
         mallopt(M_ARENA_MAX, 1)
+
+
+def trim_malloc() -> None:
+    """Give the kernel back the pages malloc holds free (glibc's malloc_trim), before this
+    process settles down: each is a page of its own, or one it shares with its jail twin that
+    one of the two would copy once it allocates there (issue #14).  Not under seccomp: madvise."""
+    trim = libc.optional_function("malloc_trim", [ctypes.c_size_t])
+    if trim is not None:
+        trim(0)
 
 
 def _import_before_fork() -> None:
