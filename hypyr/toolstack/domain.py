@@ -288,7 +288,8 @@ class Domain:
             self._report(ready_fd, e)
             self._end_host_side()
             return 1
-        _import_before_fork()
+        _import_before_fork(self.cfg, restoring=self.restore_file is not None,
+                            receiving=self.incoming_fd is not None)
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = os.fork()
         if pid == 0:   # the VMM
@@ -464,14 +465,26 @@ def trim_malloc() -> None:
         trim(0)
 
 
-def _import_before_fork() -> None:
+def _import_before_fork(cfg: DomainConfig, *, restoring: bool, receiving: bool) -> None:
     """Import, before the jail fork, what each side would import after it: the supervisor its
-    cgroup code, the VMM child its boot code (the kernel formats' too).  An import after the
-    fork gives that process its own copy of the module and copies pages the two share (the
-    interned names, the import system's state): sched alone had the supervisor copy 2.8 MiB
-    (issue #14).  `hypyr serve`'s fork server has imported them all already."""
-    from hypyr.arch.x86 import boot, elf, multiboot, pvh  # noqa: F401 - the VMM's build (imported late)
-    from hypyr.toolstack import sched  # noqa: F401 - the supervisor's _apply_sched, _end_host_side
+    cgroup code, the VMM child its boot code (the kernel formats' too), and the disk, NIC,
+    restore and migration code when this domain uses them.  An import after the fork gives that
+    process its own copy of the module and copies pages the two share (the interned names, the
+    import system's state): sched alone had the supervisor copy 2.8 MiB (issue #14).  `hypyr
+    serve`'s fork server has imported them all already."""
+    import importlib
+    modules = ["hypyr.arch.x86.boot", "hypyr.arch.x86.elf", "hypyr.arch.x86.multiboot", "hypyr.arch.x86.pvh",
+               "hypyr.toolstack.sched"]
+    if cfg.disks:
+        modules.append("hypyr.devices.virtio.blk")
+    if cfg.vifs:
+        modules += ["hypyr.devices.virtio.net", "hypyr.devices.virtio.vhost"]
+    if restoring or receiving:
+        modules.append("hypyr.vmm.snapshot")
+    if receiving:
+        modules.append("hypyr.vmm.migration")
+    for name in modules:
+        importlib.import_module(name)
 
 
 def main(argv: list[str] | None = None) -> int:
