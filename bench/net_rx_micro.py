@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hypyr.devices.virtio import mmio_regs as M
 from hypyr.devices.virtio import net as N
+from hypyr.devices.virtio import net_rx
 from hypyr.devices.virtio.device import VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1
 from hypyr.devices.virtio.mmio import VirtioMmioTransport
 from hypyr.memory import GuestMemory
@@ -95,7 +96,7 @@ def main() -> None:
     host.close()
 
     if a.bounce:
-        N.VirtioNet._receive_direct = lambda self, q, mem, done: None
+        net_rx.Receiver.receive_direct = lambda self, q, mem, done: None
     dev = N.VirtioNet(guest.fileno(), bytes.fromhex("00163e123456"), ifname="bench0")
     N.tap.set_offload = lambda fd, flags: None  # a socket is no TAP
     t = VirtioMmioTransport(dev, mem, trigger=lambda: None)

@@ -9,6 +9,7 @@ import socket
 from _harness import DeviceRig, fuzz
 
 from hypyr.devices.virtio import net as N
+from hypyr.devices.virtio import net_rx
 
 MAC = bytes.fromhex("00163e123456")
 N.tap.set_offload = lambda fd, flags: None  # a socket pair takes no TUNSETOFFLOAD
@@ -41,7 +42,7 @@ class Nic:
     def host_frame(self, fdp):
         """A frame from the TAP: a virtio_net_hdr (fuzzed or zero) and a fuzzed frame."""
         hdr = bytes(12) if fdp.ConsumeBool() else fdp.ConsumeBytes(12)
-        size = fdp.ConsumeIntInRange(0, 64) if fdp.ConsumeBool() else fdp.ConsumeIntInRange(0, N.MAX_FRAME + 16)
+        size = fdp.ConsumeIntInRange(0, 64) if fdp.ConsumeBool() else fdp.ConsumeIntInRange(0, net_rx.MAX_FRAME + 16)
         frame = fdp.ConsumeBytes(size).ljust(size, b"\xab")
         try:
             self.host.send(hdr + frame)

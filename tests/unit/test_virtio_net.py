@@ -14,6 +14,7 @@ from virtio_mock import MEM_SIZE, Buf, MockDriver
 from hypyr.devices.ratelimit import TokenBucket
 from hypyr.devices.virtio import mmio_regs as M
 from hypyr.devices.virtio import net as N
+from hypyr.devices.virtio import net_rx
 from hypyr.devices.virtio.device import VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1
 from hypyr.devices.virtio.mmio import VirtioMmioTransport
 from hypyr.memory import GuestMemory
@@ -298,7 +299,7 @@ def test_receive_buffers_republished_while_held_need_reset(nic):
     n.host.send(hdr() + bytes(3000))
     n.t.notify(0)
     assert n.status() & NEEDS_RESET
-    assert len(n.dev._rx_spare) <= n.rx.size
+    assert len(n.dev.rx.spare) <= n.rx.size
 
 
 def test_receive_ring_error_found_by_the_tap_path_resets_at_the_next_notify(nic):
@@ -335,13 +336,13 @@ def test_vhost_starts_after_a_receive_in_progress_and_from_its_progress(nic):
     head = n.rx.add_chain([Buf(a, 2048, write=True)])
     n.host.send(hdr() + b"y" * 100)
     inside, go = threading.Event(), threading.Event()
-    receive_direct = n.dev._receive_direct
+    receive_direct = n.dev.rx.receive_direct
 
     def slow_receive(*args):  # after the receive looked whether vhost runs, before it takes chains
         inside.set()
         go.wait(5)
         return receive_direct(*args)
-    n.dev._receive_direct = slow_receive
+    n.dev.rx.receive_direct = slow_receive
     io = threading.Thread(target=n.dev._rx_ready)
     io.start()
     assert inside.wait(5)
@@ -361,10 +362,10 @@ def test_vhost_gets_back_the_receive_chains_the_userspace_path_kept(nic):
     heads = [n.rx.add_chain([Buf(n.rx.alloc(2048), 2048, write=True)]) for _ in range(2)]
     n.host.send(hdr() + bytes(5000))  # does not fit in 2 x 2048: both chains are kept
     n.dev._rx_ready()
-    assert len(n.dev._rx_spare) == 2 and n.rx.take_used() == []
+    assert len(n.dev.rx.spare) == 2 and n.rx.take_used() == []
     n.dev.attach_vhost(vhost := _FakeVhost())
     n.dev._start_data_path()
-    assert vhost.bases == [0, 0] and not n.dev._rx_spare and heads
+    assert vhost.bases == [0, 0] and not n.dev.rx.spare and heads
 
 
 def _fresh_rings(n):
@@ -412,7 +413,7 @@ def test_chains_held_by_the_device_are_in_flight_until_used(nic):
     n.dev._tx_timer.cancel()
     wr(n.t, M.STATUS, 0)
     assert rxq.in_flight == txq.in_flight == 0
-    assert n.dev._tx_held is None and not n.dev._rx_spare
+    assert n.dev._tx_held is None and not n.dev.rx.spare
     # a fresh driver may hand over a full ring: one frame takes every buffer of it
     _fresh_rings(n)
     n.bring_up(VIRTIO_F_VERSION_1 | N.F_MRG_RXBUF)
@@ -475,7 +476,7 @@ def test_direct_receive_spans_many_buffers_and_keeps_the_rest(nic):
     assert got == hdr(num_buffers=k) + big
     assert n.dev.counters.rx_packets == 1 and n.dev.counters.rx_bytes == len(big)
     # the spare chains (taken for the largest frame) carry over to the next frames, in order
-    assert n.t.queues[0].in_flight == len(n.dev._rx_spare) > 0
+    assert n.t.queues[0].in_flight == len(n.dev.rx.spare) > 0
     small = [os.urandom(4084), os.urandom(100)]
     for f in small:
         n.host.send(hdr() + f)
@@ -485,7 +486,7 @@ def test_direct_receive_spans_many_buffers_and_keeps_the_rest(nic):
     assert n.mem.read(bufs[k + 1], 112) == hdr(num_buffers=1) + small[1]
     # quiesce hands the spare chains back unused: the ring is where the driver left it
     n.t.quiesce()
-    assert n.t.queues[0].in_flight == 0 and n.t.queues[0].last_avail == k + 2 and not n.dev._rx_spare
+    assert n.t.queues[0].in_flight == 0 and n.t.queues[0].last_avail == k + 2 and not n.dev.rx.spare
 
 
 def test_direct_receive_exact_fit_and_header_split_across_descriptors(nic):
@@ -560,7 +561,7 @@ def test_direct_receive_hostile_ring_needs_reset(nic):
     n.t.notify(0)
     assert n.status() & NEEDS_RESET
     wr(n.t, M.STATUS, 0)
-    assert n.t.queues[0].in_flight == 0 and not n.dev._rx_spare
+    assert n.t.queues[0].in_flight == 0 and not n.dev.rx.spare
 
 
 def test_pop_many_matches_pop():
@@ -638,7 +639,7 @@ class _LinuxLikeReceiver:
 
 @settings(max_examples=150, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["send", "ready", "take", "refill", "quiesce"]),
-                          st.integers(14, N.MAX_FRAME), st.integers(1518, 4096)), min_size=4, max_size=120))
+                          st.integers(14, net_rx.MAX_FRAME), st.integers(1518, 4096)), min_size=4, max_size=120))
 def test_receive_uses_each_buffer_once_and_frames_arrive_intact(ops):
     """Frames of every size into buffers of Linux's mergeable sizes, with the ring running dry and
     being refilled in any order: every used element is a buffer the driver gave (never one twice),

@@ -5,7 +5,8 @@
 - :mod:`.mmio`   — the virtio-mmio (version 2, "modern") register interface, with its register map
   (:mod:`.mmio_regs`) and the checks of a saved transport state (:mod:`.mmio_state`)
 - :mod:`.device` — the interface every device implements
-- one file per device: :mod:`.rng`, :mod:`.blk`, :mod:`.console`, :mod:`.net` (with :mod:`.tap`, :mod:`.vhost`)
+- one file per device: :mod:`.rng`, :mod:`.blk` (with :mod:`.blk_spec`, :mod:`.blk_transfer`), :mod:`.console`,
+  :mod:`.net` (with its userspace receive path :mod:`.net_rx`, :mod:`.tap`, :mod:`.vhost`)
 
 Save/restore: the transport's state holds its device's (:mod:`hypyr.devices.state`, docs/save-restore.md).
 """

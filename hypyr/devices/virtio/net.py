@@ -1,8 +1,9 @@
 """virtio-net (virtio 1.2 §5.1) over a TAP device: device id 1, queues receiveq (0) and transmitq (1).
 
 The TAP carries the guest's own 12-byte ``virtio_net_hdr_v1`` (IFF_VNET_HDR), so offloads pass
-through.  The userspace data path runs on the I/O thread (``writev`` out; ``readv`` straight
-into receive chains with MRG_RXBUF, else through a bounce buffer); with a
+through.  The userspace data path runs on the I/O thread (``writev`` out; the receive side,
+:mod:`.net_rx`, ``readv`` straight into receive chains with MRG_RXBUF, else through a bounce
+buffer); with a
 :class:`~hypyr.devices.virtio.vhost.VhostNet` the host kernel runs it and this class keeps the
 config space and lifecycle.  docs/networking.md, "The device", has the data path and save/restore.
 """
@@ -13,18 +14,17 @@ import logging
 import os
 import struct
 import threading
-from collections import deque
 from collections.abc import Callable
 from typing import cast
 
 from hypyr.devices.ratelimit import TokenBucket
 from hypyr.devices.ratelog import RateLimitedLog
 from hypyr.devices.state import StateError, StateReader
-from hypyr.libc import IOV_MAX
 
 from . import tap
 from .chain import DescriptorChain, DeviceError, QueueError
 from .device import VIRTIO_ID_NET, VirtioDevice
+from .net_rx import HDR_LEN, MAX_PACKET, Receiver
 from .vhost import QueueRing, VhostError, VhostNet
 
 log = logging.getLogger("hypyr.dev.virtio_net")
@@ -47,13 +47,6 @@ F_STATUS = 1 << 16
 S_LINK_UP = 1
 RXQ, TXQ = 0, 1
 QUEUE_SIZE = 256
-HDR_LEN = tap.VNET_HDR_LEN
-MAX_FRAME = 65535 + 14 + 4       # the largest (GSO) frame plus Ethernet and VLAN headers
-MAX_PACKET = HDR_LEN + MAX_FRAME  # header + frame: a transmit chain longer than this is dropped
-_NUM_BUFFERS = struct.Struct("<H")
-# the direct receive path reads when its buffers hold MAX_PACKET, and tops them up (views, and
-# chains if available) to this much, so that small frames do not cost a refill each
-_RX_VIEW_ROOM = 2 * MAX_PACKET
 _CONFIG = struct.Struct("<6sHHH")  # mac, status, max_virtqueue_pairs, mtu
 
 
@@ -114,12 +107,7 @@ class VirtioNet(VirtioDevice):
                         if tx_rate else None)
         self._rx_lock = threading.Lock()
         self._tx_lock = threading.Lock()
-        self._rx_buf = bytearray(MAX_PACKET)
-        self._rx_len = 0                          # a frame read from the TAP and not yet delivered
-        self._rx_spare: deque[DescriptorChain] = deque()  # receive chains taken, not yet used
-        self._rx_spare_mixed = False  # a receive chain taken after them was used (see quiesce)
-        # _receive_direct's views of the first spare chains: (chains, views, views per chain, room)
-        self._rx_cache: tuple[list[DescriptorChain], list[memoryview], list[int], int] = ([], [], [], 0)
+        self.rx = Receiver(tap_fd, self.name, self.counters)  # the userspace receive path's state
         self._tx_held: DescriptorChain | None = None      # waiting for rate credit
         self._tx_timer: threading.Timer | None = None
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # rate-limit timer → I/O thread
@@ -184,8 +172,7 @@ class VirtioNet(VirtioDevice):
         self._rx_ready()  # frames may have arrived before the driver was up
 
     def _start_vhost(self, vhost: VhostNet) -> bool:  # with both locks held
-        if self._rx_spare:
-            self._hand_back_rx_spare()
+        self._hand_back_rx_spare()
         # the rings as the queues have them: at DRIVER_OK, after a resume, or as restored
         rings = [QueueRing(q.size, q.desc_table, q.avail_ring, q.used_ring, q.last_avail)
                  for q in self.queues if q.ready]
@@ -210,9 +197,7 @@ class VirtioNet(VirtioDevice):
                 self._tx_timer.cancel()
                 self._tx_timer = None
             self._tx_held = None
-            self._rx_len = 0
-            self._rx_spare.clear()
-            self._rx_cache = ([], [], [], 0)
+            self.rx.reset()
             self._pending_error = None
             super().reset()
 
@@ -248,8 +233,7 @@ class VirtioNet(VirtioDevice):
             if self._tx_held is not None:
                 self._tx_held = None
                 self.queues[TXQ].unpop(1)  # the last transmit chain taken: nothing after it is
-            if self._rx_spare:
-                self._hand_back_rx_spare()
+            self._hand_back_rx_spare()
 
     def _take_back_from_vhost(self) -> None:
         self.external_used_interrupts = False
@@ -266,15 +250,9 @@ class VirtioNet(VirtioDevice):
             _rlog.error("vhost", "%s: cannot take the rings back from vhost-net: %s", self.name, e)
             self._pending_error = f"cannot take the rings back from vhost-net: {e}"
 
-    def _hand_back_rx_spare(self) -> None:
-        q, n = self.queues[RXQ], len(self._rx_spare)
-        if not self._rx_spare_mixed:  # they are the last n chains taken
-            q.unpop(n)
-        else:
-            q.add_used_many([(c.head, 0) for c in self._rx_spare])
+    def _hand_back_rx_spare(self) -> None:  # with the receive lock held
+        if self.rx.spare and self.rx.hand_back(self.queues[RXQ]):
             self.signal_used(RXQ)
-        self._rx_spare.clear()
-        self._rx_cache = ([], [], [], 0)
 
     def resume(self) -> None:
         """Start the data path again from the queues' state (not if it runs, or if the device
@@ -294,7 +272,7 @@ class VirtioNet(VirtioDevice):
         record: reactivation derives them from the negotiated features again), the frame waiting
         for receive buffers and the counters."""
         with self._rx_lock:
-            frame = bytes(self._rx_buf[:self._rx_len])
+            frame = self.rx.frame()
         c = self.counters
         return {"mac": self.mac, "mtu": self.mtu, "link_up": self.link_up, "offloads": self.offloads,
                 "rx_frame": frame, "counters": {"rx_packets": c.rx_packets, "rx_bytes": c.rx_bytes,
@@ -319,9 +297,10 @@ class VirtioNet(VirtioDevice):
         link_up, frame, counters = cast(tuple[bool, bytes, NetCounters], parsed)  # from _parse_fields
         with self._tx_lock, self._rx_lock:
             self._quiesced = True
-            self.link_up, self.counters = link_up, counters
-            self._rx_buf[:len(frame)] = frame
-            self._rx_len = len(frame)
+            self.link_up = link_up
+            for name in NetCounters.FIELDS:  # one object, which the receive path holds too
+                setattr(self.counters, name, getattr(counters, name))
+            self.rx.load_frame(frame)
 
     def queue_notify(self, index: int) -> None:
         if self.vhost_running:
@@ -427,206 +406,10 @@ class VirtioNet(VirtioDevice):
             if len(queues) < 1 or mem is None or self.vhost_running or self._quiesced:
                 return
             q = queues[RXQ]
-            mergeable = bool(self.driver_features & F_MRG_RXBUF)
             done: list[tuple[int, int]] = []
             try:
-                while True:
-                    if not self._rx_len and mergeable:
-                        direct = self._receive_direct(q, mem, done)
-                        if direct is not None:
-                            if not direct:
-                                break  # the TAP is empty
-                            continue
-                        # not room for the largest frame yet: through the bounce buffer
-                    if not self._rx_len:
-                        try:
-                            self._rx_len = os.readv(self.tap_fd, [self._rx_buf])
-                        except BlockingIOError:
-                            break
-                        except OSError as e:
-                            _rlog.warning("tapread", "%s: TAP read failed: %s", self.name, e.strerror)
-                            break
-                        if self._rx_len < HDR_LEN:
-                            self._rx_len = 0
-                            continue
-                    if not self._deliver(q, mem, mergeable, done):
-                        break  # no room: the driver's next receive notify brings us back
+                self.rx.receive(q, mem, bool(self.driver_features & F_MRG_RXBUF), done)
             finally:
                 if done:
                     q.add_used_many(done)
                     self.signal_used(RXQ)
-
-    def _drop_rx_chain(self, chain: DescriptorChain, done: list[tuple[int, int]]) -> None:
-        self.counters.rx_dropped += 1
-        _rlog.warning("rxsmall", "%s: receive buffer of %d bytes is too small; returned unused",
-                      self.name, chain.writable_len)
-        done.append((chain.head, 0))
-
-    def _receive_direct(self, q, mem, done: list[tuple[int, int]]) -> bool | None:  # noqa: C901 (too complex: pyproject.toml)
-        """MRG_RXBUF: read one frame from the TAP straight into the guest's receive buffers.
-        Takes receive chains into ``_rx_spare`` (in order, in flight) until their room from the
-        front holds the largest packet (MAX_PACKET: the read can then never cut a frame), reads
-        with one ``readv`` into those chains' buffers, sets num_buffers in the
-        header (in the first buffer), uses the chains the frame filled and keeps the rest for the
-        next frame.  Returns True if a frame was read, False if the TAP had none, None if there
-        is not room for MAX_PACKET (or too many pieces for one readv): the bounce path then.
-        Unusable chains are returned empty as by :meth:`_deliver`."""
-        spare = self._rx_spare
-        if not spare:
-            self._rx_spare_mixed = False
-        while spare and spare[0].writable_len < HDR_LEN:  # the first buffer must hold the header
-            self._drop_rx_chain(spare.popleft(), done)     # (the rest stay the last ones taken)
-        # the views of the spare chains from the front, kept from frame to frame (while they stay
-        # at the front: other paths only pop there, or push back what they popped) until they
-        # hold MAX_PACKET; made afresh while dirty tracking is on (views() marks the pages)
-        chains, views, nviews, room = self._rx_cache
-        if mem.dirty_tracking or not chains or not spare or chains[0] is not spare[0]:
-            chains, views, nviews, room = [], [], [], 0
-        i = len(chains)
-        while room < MAX_PACKET:
-            if i < len(spare):  # views of the next spare chains, made in one go
-                new: list[DescriptorChain] = []
-                ranges: list[tuple[int, int]] = []
-                counts: list[int] = []
-                while i < len(spare) and room < _RX_VIEW_ROOM:
-                    c = spare[i]
-                    i += 1
-                    w = c.writable
-                    new.append(c)
-                    ranges += w
-                    counts.append(len(w))
-                    room += c.writable_len
-                vs = mem.views(ranges)
-                if len(vs) != len(ranges):  # a buffer across two RAM regions: chain by chain
-                    vs, counts = [], []
-                    for c in new:
-                        v = mem.views(c.writable)
-                        vs += v
-                        counts.append(len(v))
-                chains += new
-                views += vs
-                nviews += counts
-                continue
-            per = spare[-1].writable_len if spare else 4096
-            got, err = q.pop_many(min(q.size, -(-(_RX_VIEW_ROOM - room) // max(per, 1))))
-            for c in got:
-                if c.writable_len < (1 if spare else HDR_LEN):
-                    if spare:  # used after chains we keep: those are no longer the last ones taken
-                        self._rx_spare_mixed = True
-                    self._drop_rx_chain(c, done)
-                    continue
-                spare.append(c)
-            if err is not None:
-                self._rx_cache = (chains, views, nviews, room)
-                raise err
-            if not got:
-                self._rx_cache = (chains, views, nviews, room)
-                return None
-        self._rx_cache = (chains, views, nviews, room)
-        if len(views) > IOV_MAX:
-            return None
-        try:
-            n = os.readv(self.tap_fd, views)
-        except BlockingIOError:
-            return False
-        except OSError as e:
-            _rlog.warning("tapread", "%s: TAP read failed: %s", self.name, e.strerror)
-            return False
-        if n < HDR_LEN:
-            return True  # (as the bounce path: nothing to deliver)
-        first = views[0]
-        used = consumed = 0
-        left = n
-        while left > 0:
-            c = spare.popleft()
-            part = c.writable_len
-            consumed += part
-            if part > left:
-                part = left
-            done.append((c.head, part))
-            left -= part
-            used += 1
-        if len(first) >= HDR_LEN:
-            _NUM_BUFFERS.pack_into(first, 10, used)
-        else:  # a header in several descriptors of the first chain
-            self._write_num_buffers(mem, chains[0].writable, used)
-        del views[:sum(nviews[:used])], nviews[:used], chains[:used]
-        self._rx_cache = (chains, views, nviews, room - consumed)
-        self.counters.rx_packets += 1
-        self.counters.rx_bytes += n - HDR_LEN
-        return True
-
-    @staticmethod
-    def _write_num_buffers(mem, ranges: list[tuple[int, int]], used: int) -> None:
-        """num_buffers (bytes 10..11 of the header) when the header spans several buffers."""
-        data = memoryview(_NUM_BUFFERS.pack(used))
-        skip, pos = 10, 0
-        for addr, n in ranges:
-            if skip >= n:
-                skip -= n
-                continue
-            k = min(n - skip, len(data) - pos)
-            mem.write(addr + skip, data[pos:pos + k])
-            pos += k
-            skip = 0
-            if pos == len(data):
-                return
-
-    def _take_rx(self, q) -> DescriptorChain | None:
-        if self._rx_spare:
-            return self._rx_spare.popleft()
-        return q.pop()
-
-    def _deliver(self, q, mem, mergeable: bool, done: list[tuple[int, int]]) -> bool:
-        """Copy the pending frame into receive chains; False if there are not enough yet."""
-        n = self._rx_len
-        frame = memoryview(self._rx_buf)[:n]
-        if not mergeable:
-            chain = self._take_rx(q)
-            if chain is None:
-                return False
-            self._rx_len = 0
-            _NUM_BUFFERS.pack_into(self._rx_buf, 10, 1)  # VERSION_1 without MRG_RXBUF: always 1
-            if chain.writable_len < n:
-                self.counters.rx_dropped += 1
-                _rlog.warning("rxsmall", "%s: receive buffer of %d bytes for a %d-byte packet; dropped",
-                              self.name, chain.writable_len, n)
-                done.append((chain.head, 0))
-                return True
-            chain.write(mem, frame)
-            done.append((chain.head, n))
-        else:
-            chains: list[DescriptorChain] = []
-            room = 0
-            if not self._rx_spare:
-                self._rx_spare_mixed = False
-            while room < n:
-                if not self._rx_spare and len(chains) >= q.size:  # it would never fit: not stall for ever
-                    raise DeviceError(f"a {n}-byte frame needs more receive buffers than the queue holds "
-                                      f"({q.size})")
-                chain = self._take_rx(q)
-                if chain is None:
-                    self._rx_spare.extendleft(reversed(chains))  # keep them for this frame
-                    return False
-                if chain.writable_len < (HDR_LEN if not chains else 1):
-                    # a buffer that cannot hold its part (the first must hold the header)
-                    self.counters.rx_dropped += 1
-                    _rlog.warning("rxsmall", "%s: receive buffer of %d bytes is too small; returned unused",
-                                  self.name, chain.writable_len)
-                    done.append((chain.head, 0))
-                    if chains:  # used after chains we keep: those are no longer the last ones taken
-                        self._rx_spare_mixed = True
-                    continue
-                chains.append(chain)
-                room += chain.writable_len
-            self._rx_len = 0
-            _NUM_BUFFERS.pack_into(self._rx_buf, 10, len(chains))  # (the TAP leaves it 0)
-            pos = 0
-            for chain in chains:
-                part = min(chain.writable_len, n - pos)
-                chain.write(mem, frame[pos:pos + part])
-                done.append((chain.head, part))
-                pos += part
-        self.counters.rx_packets += 1
-        self.counters.rx_bytes += n - HDR_LEN
-        return True
