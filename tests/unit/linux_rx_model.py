@@ -27,6 +27,10 @@ import random
 import socket
 import struct
 
+from test_virtio_net import ACK, DRV, DRV_OK, FEAT_OK, NEEDS_RESET, hdr
+from test_virtio_net import rd as _rd
+from test_virtio_net import wr as _wr
+
 from hypyr.devices.virtio import mmio_regs as M
 from hypyr.devices.virtio import net as N
 from hypyr.devices.virtio.chain import VIRTQ_DESC_F_WRITE
@@ -46,20 +50,6 @@ MEM = DATA + NFRAGS * FRAG
 POISON = 0xDB
 BUDGET = 64
 MIN_BUF = 1518             # mergeable_min_buf_len with big packets: GOOD_PACKET_LEN
-ACK, DRV, DRV_OK, FEAT_OK, NEEDS_RESET = 1, 2, 4, 8, 64
-
-
-def _wr(t, off, v):
-    t.write(off, struct.pack("<I", v))
-
-
-def _rd(t, off):
-    return struct.unpack("<I", t.read(off, 4))[0]
-
-
-def hdr(num_buffers=0):
-    return struct.pack("<BBHHHHH", 0, 0, 0, 0, 0, 0, num_buffers)
-
 
 class Violation(AssertionError):
     pass
