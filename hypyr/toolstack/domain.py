@@ -12,7 +12,6 @@ Design notes and the control protocol: docs/toolstack.md, "The domain process".
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -23,9 +22,9 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from hypyr import libc, preopened
+from hypyr import preopened
 from hypyr.errors import HypyrError
-from hypyr.toolstack import control, domain_ops, domain_vm, jail, nics, paths, supervisor, vmmlog
+from hypyr.toolstack import control, domain_ops, domain_vm, jail, nics, paths, procmem, supervisor, vmmlog
 from hypyr.toolstack.console import ConsoleHub
 from hypyr.toolstack.domconfig import DomainConfig
 from hypyr.toolstack.domrecord import DomainState
@@ -249,7 +248,7 @@ class Domain:
         # the "main" one, which would otherwise bound it too (filters stack)
         threading.Thread(target=control.ControlServer(self, self.cfg.seccomp).accept_loop, args=(server,),
                          name="control", daemon=True).start()
-        trim_malloc()    # what building the VM freed
+        procmem.trim_malloc()    # what building the VM freed
         try:   # the VM runs: from now on this thread only supervises it (docs/confinement.md)
             seccomp.install("main", self.cfg.seccomp)
         except HypyrError as e:
@@ -288,8 +287,8 @@ class Domain:
             self._report(ready_fd, e)
             self._end_host_side()
             return 1
-        _import_before_fork(self.cfg, restoring=self.restore_file is not None,
-                            receiving=self.incoming_fd is not None)
+        procmem.import_before_fork(self.cfg, restoring=self.restore_file is not None,
+                                   receiving=self.incoming_fd is not None)
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = os.fork()
         if pid == 0:   # the VMM
@@ -320,7 +319,7 @@ class Domain:
                     os.close(ready_fd)    # the VMM reports; its end alone tells `create` if it dies
                 mine.sendall(b"go")
                 with Registry() as reg:
-                    trim_malloc()    # the pages the VMM's half of the heap leaves free here
+                    procmem.trim_malloc()    # the pages the VMM's half of the heap leaves free here
                     supervisor.Supervisor(mine, reg, self.domid, self.uuid, pid, str(self.sock_path)).serve()
             status = os.waitpid(pid, 0)[1]
         finally:
@@ -444,56 +443,13 @@ class Domain:
         return self.live.console.enqueue_input(data)
 
 
-M_ARENA_MAX = -8   # glibc's mallopt() parameter
-
-
-def one_malloc_arena() -> None:
-    """glibc's malloc gives each thread that allocates an arena of its own (some 130 KiB
-    resident each, in every domain's VMM); the domain's threads allocate under the GIL anyway:
-    one arena for all (issue #14).  Before the first thread starts; a no-op without glibc."""
-    mallopt = libc.optional_function("mallopt", [ctypes.c_int, ctypes.c_int])
-    if mallopt is not None:
-        mallopt(M_ARENA_MAX, 1)
-
-
-def trim_malloc() -> None:
-    """Give the kernel back the pages malloc holds free (glibc's malloc_trim), before this
-    process settles down: each is a page of its own, or one it shares with its jail twin that
-    one of the two would copy once it allocates there (issue #14).  Not under seccomp: madvise."""
-    trim = libc.optional_function("malloc_trim", [ctypes.c_size_t])
-    if trim is not None:
-        trim(0)
-
-
-def _import_before_fork(cfg: DomainConfig, *, restoring: bool, receiving: bool) -> None:
-    """Import, before the jail fork, what each side would import after it: the supervisor its
-    cgroup code, the VMM child its boot code (the kernel formats' too), and the disk, NIC,
-    restore and migration code when this domain uses them.  An import after the fork gives that
-    process its own copy of the module and copies pages the two share (the interned names, the
-    import system's state): sched alone had the supervisor copy 2.8 MiB (issue #14).  `hypyr
-    serve`'s fork server has imported them all already."""
-    import importlib
-    modules = ["hypyr.arch.x86.boot", "hypyr.arch.x86.elf", "hypyr.arch.x86.multiboot", "hypyr.arch.x86.pvh",
-               "hypyr.toolstack.sched"]
-    if cfg.disks:
-        modules.append("hypyr.devices.virtio.blk")
-    if cfg.vifs:
-        modules += ["hypyr.devices.virtio.net", "hypyr.devices.virtio.vhost"]
-    if restoring or receiving:
-        modules.append("hypyr.vmm.snapshot")
-    if receiving:
-        modules.append("hypyr.vmm.migration")
-    for name in modules:
-        importlib.import_module(name)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     domid = int(argv[0])
     ready_fd = int(argv[1]) if len(argv) > 1 else None
     uuid = os.environ.pop("HYPYR_DOMAIN_UUID", "")
     os.umask(0o077)   # console.log and everything else this process creates: 0600
-    one_malloc_arena()
+    procmem.one_malloc_arena()
     vmmlog.log_to_vmm_log(domid)
     tap_fds = [int(x) for x in os.environ.pop("HYPYR_TAP_FDS", "").split(",") if x]
     restore = os.environ.pop("HYPYR_RESTORE_FILE", "") or None
