@@ -29,18 +29,16 @@ import traceback
 from collections.abc import Mapping, Sequence
 from typing import NoReturn
 
-from hypyr.toolstack import spawn
+from hypyr.toolstack import procmem, spawn
 
 log = logging.getLogger(__name__)
 
 MAX_REQUEST = 64 << 10       # bytes of one request's JSON (a domain's environment)
 MAX_FDS = 64                 # descriptors one request may pass
 ANSWER_TIMEOUT = 120.0       # seconds the server waits for the helper's answer (it may still be importing)
-# imported by the helper before its first fork: what every domain start, restore or incoming
-# migration would otherwise import in its own process
-PRELOAD = ("hypyr.toolstack.domain", "hypyr.toolstack.sched", "hypyr.vmm.snapshot", "hypyr.vmm.migration",
-           "hypyr.arch.x86.boot", "hypyr.devices.virtio.blk", "hypyr.devices.virtio.net",
-           "hypyr.devices.virtio.vhost", "hypyr.arch.x86.elf", "hypyr.arch.x86.multiboot", "hypyr.arch.x86.pvh")
+# imported by the helper before its first fork: the domain process's code and what every domain
+# start, restore or incoming migration would otherwise import in its own process
+PRELOAD = ("hypyr.toolstack.domain", *procmem.LATE_MODULES)
 
 
 class ForkServerGone(Exception):

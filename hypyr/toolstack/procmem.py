@@ -37,22 +37,32 @@ def trim_malloc() -> None:
         trim(0)
 
 
+# What a domain process would import only when it needs it (the kernel loaders, the cgroup code
+# for the supervisor, the devices, restore and migration): imported before the jail's fork by
+# import_before_fork, and all of it by `hypyr serve`'s fork server before its first fork.
+BOOT_MODULES = ("hypyr.arch.x86.boot", "hypyr.arch.x86.elf", "hypyr.arch.x86.multiboot", "hypyr.arch.x86.pvh",
+                "hypyr.toolstack.sched")
+DISK_MODULES = ("hypyr.devices.virtio.blk",)
+NIC_MODULES = ("hypyr.devices.virtio.net", "hypyr.devices.virtio.vhost")
+RESTORE_MODULES = ("hypyr.vmm.snapshot",)
+MIGRATION_MODULES = ("hypyr.vmm.migration",)
+LATE_MODULES = BOOT_MODULES + DISK_MODULES + NIC_MODULES + RESTORE_MODULES + MIGRATION_MODULES
+
+
 def import_before_fork(cfg: DomainConfig, *, restoring: bool, receiving: bool) -> None:
     """Import, before the jail fork, what each side would import after it: the supervisor its
     cgroup code, the VMM child its boot code (the kernel formats' too), and the disk, NIC,
     restore and migration code when this domain uses them.  An import after the fork gives that
     process its own copy of the module and copies pages the two share (the interned names, the
-    import system's state): sched alone had the supervisor copy 2.8 MiB (issue #14).  `hypyr
-    serve`'s fork server has imported them all already."""
-    modules = ["hypyr.arch.x86.boot", "hypyr.arch.x86.elf", "hypyr.arch.x86.multiboot", "hypyr.arch.x86.pvh",
-               "hypyr.toolstack.sched"]
+    import system's state): sched alone had the supervisor copy 2.8 MiB (issue #14)."""
+    modules: tuple[str, ...] = BOOT_MODULES
     if cfg.disks:
-        modules.append("hypyr.devices.virtio.blk")
+        modules += DISK_MODULES
     if cfg.vifs:
-        modules += ["hypyr.devices.virtio.net", "hypyr.devices.virtio.vhost"]
+        modules += NIC_MODULES
     if restoring or receiving:
-        modules.append("hypyr.vmm.snapshot")
+        modules += RESTORE_MODULES
     if receiving:
-        modules.append("hypyr.vmm.migration")
+        modules += MIGRATION_MODULES
     for name in modules:
         importlib.import_module(name)
