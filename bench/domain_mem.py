@@ -24,7 +24,6 @@ import argparse
 import os
 import shutil
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -38,18 +37,10 @@ from _common import smaps_split  # noqa: E402
 
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+sys.path.append(str(REPO / "tests"))
+from bootkernels import IDLE, tiny_elf  # noqa: E402
 
 GUEST_MIB = 32  # --memory
-IDLE_CODE = bytes.fromhex("fa f4 eb fd")  # cli; 1: hlt; jmp 1b
-
-
-def idle_elf() -> bytes:
-    """A minimal x86-64 ELF whose one PT_LOAD segment at 1 MiB is IDLE_CODE."""
-    load = 0x100000
-    ehdr = struct.pack("<4sBBBBB7sHHIQQQIHHHHHH", b"\x7fELF", 2, 1, 1, 0, 0, b"\0" * 7, 2, 62, 1,
-                       load, 64, 0, 0, 64, 56, 1, 0, 0, 0)
-    phdr = struct.pack("<IIQQQQQQ", 1, 7, 120, load, load, len(IDLE_CODE), len(IDLE_CODE), 0x1000)
-    return ehdr + phdr + IDLE_CODE
 
 
 def measure(pid: int, guest_mib: int) -> tuple[float, float, float] | None:
@@ -110,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ[sched.ENV_ROOT] = str(cg)
     kernel = Path(args.kernel).resolve() if args.kernel else tmp / "idle.elf"
     if not args.kernel:
-        kernel.write_bytes(idle_elf())
+        kernel.write_bytes(tiny_elf(IDLE))
     initrd = f'ramdisk = "{Path(args.initrd).resolve()}"\n' if args.initrd else ""
 
     def cfg(name: str) -> Path:

@@ -262,3 +262,16 @@ def pvh_elf(entry: int = BASE) -> bytes:
     load = struct.pack("<IIQQQQQQ", 1, 7, 0x1000, 0xFFFFFFFF81000000, BASE, len(PVH_BODY), BSS_END - BASE, 0x1000)
     pnote = struct.pack("<IIQQQQQQ", 4, 4, note_off, 0, 0, len(note), len(note), 4)
     return (ehdr + load + pnote + note).ljust(0x1000, b"\0") + PVH_BODY
+
+
+# -- a one-segment x86-64 ELF around a few bytes of code (the toolstack's tests and bench/domain_mem.py)
+TINY_LOAD = 16 << 20
+IDLE = bytes.fromhex("fa f4 eb fd")                  # cli; 1: hlt; jmp 1b
+
+
+def tiny_elf(code: bytes) -> bytes:
+    """An x86-64 ELF with one segment at 16 MiB, entered at its first byte."""
+    ehdr = b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8)
+    ehdr += struct.pack("<HHIQQQIHHHHHH", 2, 62, 1, TINY_LOAD, 64, 0, 0, 64, 56, 1, 64, 0, 0)
+    phdr = struct.pack("<IIQQQQQQ", 1, 7, 120, TINY_LOAD, TINY_LOAD, len(code), len(code), 0x1000)
+    return ehdr + phdr + code

@@ -120,7 +120,7 @@ def test_jail_off_runs_the_vmm_unconfined(toolstack):  # noqa: F811
 def test_a_jailed_vmm_rotates_its_console_log(toolstack, monkeypatch):  # noqa: F811
     """The guest prints without end; the jailed VMM (its own uid) rotates console.log in the
     domain's directory as an unjailed one does, and goes on running."""
-    from test_kvm_seccomp import tiny_elf
+    from bootkernels import tiny_elf
     tmp_path, _ = toolstack
     monkeypatch.setenv("HYPYR_LOG_MAX_BYTES", "4096")
     kernel = tmp_path / "chatty.elf"

@@ -13,31 +13,22 @@ import json
 import os
 import re
 import socket
-import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from bootkernels import IDLE, TINY_LOAD, tiny_elf
 
 from hypyr.toolstack import api, paths, sched, transfer
 from hypyr.toolstack.domrecord import DomainState, is_alive
 from hypyr.toolstack.registry import Registry
 
 ROOT = Path(__file__).resolve().parents[2]
-LOAD = 16 << 20
-IDLE = bytes.fromhex("fa f4 eb fd")                  # cli; 1: hlt; jmp 1b
 # mov dx, 0x3f8; "Hi\n" to the UART (out dx, al); mov al, 42; out 0xf4, al; 1: hlt; jmp 1b
 EXIT_42 = bytes.fromhex("66 ba f8 03 b0 48 ee b0 69 ee b0 0a ee b0 2a e6 f4 f4 eb fd")
 
-
-def tiny_elf(code: bytes) -> bytes:
-    """An x86-64 ELF with one segment at 16 MiB, entered at its first byte."""
-    ehdr = b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8)
-    ehdr += struct.pack("<HHIQQQIHHHHHH", 2, 62, 1, LOAD, 64, 0, 0, 64, 56, 1, 64, 0, 0)
-    phdr = struct.pack("<IIQQQQQQ", 1, 7, 120, LOAD, LOAD, len(code), len(code), 0x1000)
-    return ehdr + phdr + code
 
 
 @pytest.fixture
@@ -180,7 +171,8 @@ def test_trigger_nmi_reaches_the_guest_and_bad_triggers_get_one_sentence(toolsta
     regs = hypyr("info", "nmi", "--registers")     # as xenctx: the idle guest sits on its hlt
     assert regs.returncode == 0 and regs.stdout.startswith("vCPU 0:\n"), regs
     rip = int(re.search(r"rip=([0-9a-f]{16})", regs.stdout).group(1), 16)
-    assert LOAD <= rip <= LOAD + len(IDLE) and "nmi: injected=0 pending=0 masked=0" in regs.stdout, regs.stdout
+    assert TINY_LOAD <= rip <= TINY_LOAD + len(IDLE), regs.stdout
+    assert "nmi: injected=0 pending=0 masked=0" in regs.stdout, regs.stdout
     assert _state("nmi") is DomainState.RUNNING
     p = hypyr("trigger", "nmi", "nmi")
     assert p.returncode == 0, p
@@ -257,7 +249,9 @@ def test_live_migration_under_the_filters(toolstack):
         pytest.skip("needs root and unshare(1) for a private network namespace")
     p = subprocess.run(["unshare", "-n", "sh", "-c", f'ip link set lo up 2>/dev/null || true; '
                         f'exec "{sys.executable}" "{__file__}" migrate "{tmp_path / "mig"}"'],
-                       cwd=ROOT, capture_output=True, timeout=180)
+                       cwd=ROOT, capture_output=True, timeout=180,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(  # this file as a script: its helpers
+                           x for x in (str(ROOT / "tests"), os.environ.get("PYTHONPATH")) if x)})
     assert p.returncode == 0, (p.stdout + p.stderr).decode()[-3000:]
 
 
