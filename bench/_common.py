@@ -193,3 +193,17 @@ def smaps_split(pid: int, guest_kib: int) -> Smaps | None:
         elif line.startswith("Pss:"):
             pss += int(line.split()[1])
     return Smaps(total, guest, private, pss)
+
+
+def supervisor_of(pid: int) -> int | None:
+    """A jailed domain's supervisor: the VMM's parent, a hypyr process (an unjailed domain's
+    parent is init or a subreaper)."""
+    from hypyr import procfs
+    ppid = procfs.ppid(pid)
+    if ppid is None or ppid <= 1 or ppid == os.getpid():
+        return None
+    try:
+        with open(f"/proc/{ppid}/cmdline", "rb") as f:
+            return ppid if b"hypyr" in f.read() else None
+    except OSError:
+        return None

@@ -34,7 +34,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve()
 REPO = HERE.parent.parent
 sys.path.insert(0, str(HERE.parent))
-from _common import ensure_image, smaps_split  # noqa: E402
+from _common import ensure_image, smaps_split, supervisor_of  # noqa: E402
 
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -133,19 +133,6 @@ class Dom:
     sup_pss: float | None = None     # the same for its supervisor (a jailed domain's parent process)
     idle_ticks: int | None = None
     notes: list[str] = field(default_factory=list)
-
-
-def supervisor_of(pid: int) -> int | None:
-    """A jailed domain's supervisor: the VMM's parent, a hypyr process (an unjailed domain's
-    parent is init or a subreaper)."""
-    ppid = procfs.ppid(pid)
-    if ppid is None or ppid <= 1 or ppid == os.getpid():
-        return None
-    try:
-        with open(f"/proc/{ppid}/cmdline", "rb") as f:
-            return ppid if b"hypyr" in f.read() else None
-    except OSError:
-        return None
 
 
 def measure_memory(x: Dom, guest_mib: int) -> None:

@@ -33,7 +33,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve()
 REPO = HERE.parent.parent
 sys.path.insert(0, str(HERE.parent))
-from _common import smaps_split  # noqa: E402
+from _common import smaps_split, supervisor_of  # noqa: E402
 
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -52,7 +52,6 @@ def measure(pid: int, guest_mib: int) -> tuple[float, float, float] | None:
 
 
 def measure_domains(tag: str, settle: float, guest_mib: int) -> None:
-    from hypyr import procfs
     from hypyr.toolstack import api
     from hypyr.toolstack.registry import Registry
     time.sleep(settle)
@@ -61,8 +60,8 @@ def measure_domains(tag: str, settle: float, guest_mib: int) -> None:
     vmms, sups, totals = [], [], []
     for r in recs:
         vmm = measure(r.pid, guest_mib)
-        parent = procfs.ppid(r.pid)
-        sup = measure(parent, guest_mib) if parent and parent > 1 and parent != os.getpid() else None
+        parent = supervisor_of(r.pid)
+        sup = None if parent is None else measure(parent, guest_mib)
         if vmm is None:
             continue
         vmms.append(vmm)
