@@ -121,6 +121,9 @@ def add_commands(sub: Any, common: Any) -> None:
     inf.add_argument("--json", action="store_true")
     inf.add_argument("--registers", action="store_true",
                      help="each vCPU's registers and pending events (the domain pauses for the instant; as xenctx)")
+    inf.add_argument("--queues", action="store_true",
+                     help="each virtio device's status and its queues' ring indices (as QEMU's "
+                          "info virtio-queue-status)")
     inf.set_defaults(func=cmd_info)
 
     tp = sub.add_parser("top", parents=[common], help="live table of domains: CPU %%, memory, state (q quits)")
@@ -375,6 +378,9 @@ def cmd_info(args) -> int:
         if args.json:
             print(json.dumps(info, indent=2))
             return 0
+        if args.queues:
+            print("\n".join(virtio_lines(info.get("virtio", {}))))
+            return 0
         filtered = info.get("seccomp_filtered") or [0, 0]
         print(f"domain {info.get('name')} (id {info.get('domid')}): {info.get('state')}, VMM pid {info.get('pid')}, "
               f"seccomp {info.get('seccomp')} (a filter on {filtered[0]} of its {filtered[1]} threads)")
@@ -389,6 +395,26 @@ def cmd_info(args) -> int:
     host = monitor.host_info()
     print(json.dumps(host, indent=2) if args.json else "\n".join(monitor.info_lines(host)))
     return 0
+
+
+def virtio_lines(report: dict[str, dict]) -> list[str]:
+    """`hypyr info DOMAIN --queues`: per virtio device a line, then one per queue."""
+    lines = []
+    for window, dev in report.items():
+        queues = dev.pop("queues", [])
+        name, status, isr = dev.pop("device", "?"), dev.pop("status", 0), dev.pop("interrupt_status", 0)
+        extra = ", ".join(f"{k} {v}" for k, v in dev.items())
+        lines.append(f"{window} {name}: status {status:#x}, InterruptStatus {isr:#x}" + (f", {extra}" if extra else ""))
+        for i, q in enumerate(queues):
+            if "avail_idx" not in q:
+                lines.append(f"  queue {i}: size {q['size']}, {'ready' if q['ready'] else 'not ready'}, not active")
+                continue
+            lines.append(f"  queue {i}: size {q['size']}; avail idx {q['avail_idx']} (flags {q['avail_flags']:#x}), "
+                         f"taken to {q['last_avail']}, avail_event {q['avail_event']}; used idx {q['used_idx']} "
+                         f"(flags {q['used_flags']:#x}), device at {q['next_used']}, used_event {q['used_event']}, "
+                         f"signalled {q['signalled_used']}; in flight {q['in_flight']}"
+                         + ("" if q["event_idx"] else "; no EVENT_IDX"))
+    return lines
 
 
 def cmd_top(args) -> int:

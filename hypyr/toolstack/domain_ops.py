@@ -130,7 +130,8 @@ def handle(dom: Domain, op: str, req: dict) -> dict:
                 "pid": os.getpid(), "memory": dom.cfg.memory, "seccomp": dom.cfg.seccomp,
                 "jail": dom.jail.describe() if dom.jail is not None else None,
                 "vcpus": [{"vcpu": vt.vcpu.id, "tid": vt.thread.native_id if vt.thread else None,
-                           "state": vt.state.value, "exits": vt.exits} for vt in machine.vcpus]}
+                           "state": vt.state.value, "exits": vt.exits} for vt in machine.vcpus],
+                "virtio": vm.virtio_report()}
     if op == "pause":
         with dom.pause_lock:
             machine.pause()

@@ -86,6 +86,11 @@ class LinuxVm:
             return "Ctrl-Alt-Del"
         return ""
 
+    def virtio_report(self) -> dict[str, dict]:
+        """Each virtio-mmio transport's report ("virtio0": device, status, queue indices, what
+        the device holds), for `hypyr info DOMAIN --queues`."""
+        return {name: dev.report() for name, dev in self.devices.items() if isinstance(dev, VirtioMmioTransport)}
+
     def close(self) -> None:
         """Devices first (a disk finishes its in-flight I/O while guest memory still exists)."""
         for dev in self.virtio:

@@ -115,6 +115,11 @@ def test_every_thread_of_a_domain_is_filtered_and_list_shows_the_mode(toolstack)
     text = subprocess.run([sys.executable, "-m", "hypyr", "info", "sc-all"], capture_output=True, text=True,
                           timeout=60).stdout
     assert f"VMM pid {rec.pid}, seccomp kill (a filter on " in text, text
+    rng = vmm["virtio"]["virtio0"]  # `hypyr info --queues`: the entropy device, its driver not up
+    assert rng["device"] == "rng" and rng["status"] == 0 and not rng["queues"][0]["ready"], rng
+    text = subprocess.run([sys.executable, "-m", "hypyr", "info", "sc-all", "--queues"], capture_output=True,
+                          text=True, timeout=60).stdout
+    assert text.startswith("virtio0 rng: status 0x0") and "queue 0: size " in text, text
     # the domain works under its filters: pause, unpause, save -c, and a reboot, where the
     # confined main thread builds the VM again (its new threads stack their filters on main's)
     api.pause("sc-all")

@@ -81,7 +81,8 @@ def where_stuck(xl) -> tuple[str, list[str]]:  # noqa: F811
 
     Shown: the end of its console; every thread of its VMM's session over SAMPLE_S seconds
     (testguard.session_threads: CPU and guest time, wait channel, kernel stack) and its vCPUs'
-    exits then; its vCPUs' registers; then its guest's own backtrace: `hypyr trigger nmi` into a
+    exits then; its vCPUs' registers; its virtio queues' indices (a lost notification shows
+    there); then its guest's own backtrace: `hypyr trigger nmi` into a
     guest booted with SHOW_WHERE_ON_NMI (it then reboots).  Stuck: a vCPU thread stayed inside
     KVM_RUN (testguard.session_threads) the whole sample without one exit, and the guest printed
     nothing in NMI_ANSWER_S after the NMI.  (A 400 s wait and this fit the lab's 600 s limit.)"""
@@ -101,6 +102,7 @@ def where_stuck(xl) -> tuple[str, list[str]]:  # noqa: F811
                    + ", ".join(f"{tid}: {e}" for tid, e in exits.items()))
         never_left = any(exits.get(tid) == 0 for tid in in_guest)
         out.append(f"--- {n}'s registers:\n" + xl("info", n, "--registers", check=False).stdout)
+        out.append(f"--- {n}'s virtio queues:\n" + xl("info", n, "--queues", check=False).stdout)
         size = len(console_log(xl, n))
         xl("trigger", n, "nmi", check=False)
         deadline = time.monotonic() + NMI_ANSWER_S

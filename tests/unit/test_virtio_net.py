@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from virtio_mock import MEM_SIZE, Buf, MockDriver
 
+from hypyr.cli.domains import virtio_lines
 from hypyr.devices.ratelimit import TokenBucket
 from hypyr.devices.virtio import mmio_regs as M
 from hypyr.devices.virtio import net as N
@@ -167,6 +168,22 @@ def test_receive_waits_for_buffers_then_delivers(nic):
     n.t.notify(0)
     assert [w for _, w in n.rx.take_used()] == [4096, 5012 - 4096]
     assert (n.mem.read(a, 4096) + n.mem.read(b, 916))[12:] == frame
+
+
+def test_report_shows_the_rings_and_the_frame_waiting(nic):
+    n = nic()
+    n.host.send(hdr() + os.urandom(5000))
+    a = n.rx.alloc(4096)
+    n.rx.add_chain([Buf(a, 4096, write=True)])
+    n.t.notify(0)  # one buffer is not enough: the frame waits
+    r = n.t.report()
+    rxq, txq = r["queues"]
+    assert (r["device"], r["status"] & DRV_OK, r["vhost"]) == ("net(test0)", DRV_OK, False)
+    assert (rxq["avail_idx"], rxq["used_idx"], txq["avail_idx"]) == (1, 0, 0)
+    assert r["rx"]["chains_held"] == 1 and r["rx"]["frame_waiting"] > 0
+    lines = virtio_lines({"virtio0": r})
+    assert lines[0].startswith("virtio0 net(test0): status 0xf") and "vhost False" in lines[0]
+    assert lines[1].startswith("  queue 0: size 16; avail idx 1 ") and "used idx 0 " in lines[1]
 
 
 def test_receive_without_mergeable_buffers_drops_what_does_not_fit(nic):

@@ -366,6 +366,23 @@ def test_event_idx_ignores_no_interrupt_flag_and_sets_avail_event():
     assert not q.needs_interrupt()  # 1 -> 2 does not pass 0
 
 
+def test_indices_show_both_sides_of_the_ring():
+    d = MockDriver()
+    q = d.queue(event_idx=True)
+    assert SplitQueue(8).indices() == {"size": 8, "ready": False, "event_idx": False, "last_avail": 0,
+                                       "next_used": 0, "signalled_used": 0, "in_flight": 0}  # not active
+    b = d.alloc(1)
+    d.set_used_event(7)
+    for _ in range(3):
+        d.add_chain([Buf(b, 1)])
+    q.add_used(q.pop().head, 0)
+    q.pop()
+    got = q.indices()
+    assert (got["avail_idx"], got["last_avail"], got["avail_event"]) == (3, 2, 2)  # one not taken yet
+    assert (got["used_idx"], got["next_used"], got["in_flight"], got["used_event"]) == (1, 1, 1, 7)
+    assert got["avail_flags"] == got["used_flags"] == 0 and got["event_idx"]
+
+
 @FAST
 @given(old=st.integers(0, 0xFFFF), count=st.integers(1, 16), used_event=st.integers(0, 0xFFFF),
        near=st.booleans())

@@ -87,6 +87,11 @@ class VirtioDevice:
         if self._interrupt is not None:
             self._interrupt(index)
 
+    def report(self) -> dict:
+        """What the device holds for the guest now, beyond its queues (`hypyr info DOMAIN
+        --queues`); read without locks."""
+        return {}
+
     # -- save/restore (hypyr/devices/state.py), called by the transport ---------------------------
     def quiesce(self) -> None:
         """The transport forwards no notifications any more (and waited for those in progress):

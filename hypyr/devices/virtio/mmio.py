@@ -552,6 +552,12 @@ class VirtioMmioTransport:
             self._update_irq()
         self._publish()
 
+    def report(self) -> dict:
+        """The device status, InterruptStatus, each queue's indices and what the device holds,
+        for `hypyr info DOMAIN --queues`; read without locks, nothing changes."""
+        return {"device": self.device.name, "status": self._status, "interrupt_status": self._isr | self._isr_sticky,
+                "queues": [q.indices() for q in self.queues], **self.device.report()}
+
     # ------------------------------------------------------------------ snapshot
     def registers(self) -> dict:
         """The transport's registers (as a save holds them, with the not-readable ones such as

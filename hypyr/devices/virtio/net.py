@@ -213,6 +213,10 @@ class VirtioNet(VirtioDevice):
     def vhost_running(self) -> bool:
         return self.vhost is not None and self.vhost.running
 
+    def report(self) -> dict:
+        return {"vhost": self.vhost_running, "quiesced": self._quiesced, "tx_held": self._tx_held is not None,
+                "rx": self.rx.report(), "counters": {n: getattr(self.counters, n) for n in NetCounters.FIELDS}}
+
     # ------------------------------------------------------------------ save/restore (devices/state.py)
     def quiesce(self) -> None:
         """Stop both data paths and hand back every chain the device holds: the transmit chain

@@ -57,6 +57,10 @@ class Receiver:
         self.spare.clear()
         self.cache = ([], [], [], 0)
 
+    def report(self) -> dict:
+        """The receive chains held and the bytes of a frame waiting (`hypyr info --queues`)."""
+        return {"chains_held": len(self.spare), "frame_waiting": self.length}
+
     def hand_back(self, q: SplitQueue) -> bool:
         """Give the spare chains back to the ring unused (quiesce, vhost-net's start): taken
         again, as new, later.  Should a chain taken after them have been used (too small: so

@@ -27,6 +27,7 @@ MAX_INDIRECT = 1024  # descriptors in one indirect table (Linux never uses more 
 _DESC = struct.Struct("<QIHH")
 _USED_ELEM = struct.Struct("<II")
 _U16 = struct.Struct("<H")
+_U16_PAIR = struct.Struct("<HH")  # a ring's flags and index
 
 
 @functools.lru_cache(maxsize=64)
@@ -348,6 +349,24 @@ class SplitQueue:
                                  f"more than the queue size {self.size}")
             self.last_avail, self.next_used, self.signalled_used = last_avail & 0xFFFF, used, used
             self.in_flight = in_flight
+
+    def indices(self) -> dict:
+        """Where the device and the driver stand (`hypyr info DOMAIN --queues`): the device's
+        own counters and, while the queue is active, the indices and flags the rings hold.
+        Read without the lock, so that a report never waits for a stuck thread."""
+        out = {"size": self.size, "ready": self.ready, "event_idx": self.event_idx,
+               "last_avail": self.last_avail, "next_used": self.next_used,
+               "signalled_used": self.signalled_used, "in_flight": self.in_flight}
+        avail, used, size = self._avail_v, self._used_v, self.size
+        if self.mem is not None and avail is not None and used is not None:
+            try:
+                out["avail_flags"], out["avail_idx"] = _U16_PAIR.unpack_from(avail, 0)
+                out["used_flags"], out["used_idx"] = _U16_PAIR.unpack_from(used, 0)
+                out["used_event"] = _U16.unpack_from(avail, 4 + 2 * size)[0]
+                out["avail_event"] = _U16.unpack_from(used, 4 + 8 * size)[0]
+            except ValueError:  # reset meanwhile: its views released
+                pass
+        return out
 
     # -- completing requests -------------------------------------------------------------------------
     def add_used(self, head: int, written: int) -> None:
