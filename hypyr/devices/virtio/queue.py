@@ -30,6 +30,16 @@ _U16 = struct.Struct("<H")
 _U16_PAIR = struct.Struct("<HH")  # a ring's flags and index
 
 
+_FENCE = threading.Lock()
+
+
+def _full_fence() -> None:
+    """A full memory barrier: on x86 a store may pass a later load except across a locked
+    instruction, and taking a lock is one (what QEMU's smp_mb() does after setting avail_event)."""
+    with _FENCE:
+        pass
+
+
 @functools.lru_cache(maxsize=64)
 def _next_pattern(count: int) -> array:
     """The ``next`` fields of a linear chain of ``count`` descriptors, but the last: 1..count-1."""
@@ -209,6 +219,11 @@ class SplitQueue:
         if self.mem is None or avail is None:
             return 0
         avail_idx = _U16.unpack_from(avail, 2)[0]
+        if avail_idx == self.last_avail and self.event_idx:
+            # empty: but a driver that published just now may have read avail_event before our
+            # last write of it reached memory, and not notify us; look again after a barrier
+            _full_fence()
+            avail_idx = _U16.unpack_from(avail, 2)[0]
         pending = (avail_idx - self.last_avail) & 0xFFFF
         if pending > self.size:
             raise QueueError(f"avail.idx {avail_idx} is {pending} ahead of {self.last_avail}, "
