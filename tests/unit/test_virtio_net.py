@@ -16,7 +16,7 @@ from hypyr.devices.ratelimit import TokenBucket
 from hypyr.devices.virtio import mmio_regs as M
 from hypyr.devices.virtio import net as N
 from hypyr.devices.virtio import net_rx
-from hypyr.devices.virtio.device import VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1
+from hypyr.devices.virtio.device import VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1
 from hypyr.devices.virtio.mmio import VirtioMmioTransport
 from hypyr.memory import GuestMemory
 
@@ -316,7 +316,7 @@ def test_receive_buffers_republished_while_held_need_reset(nic):
     n.host.send(hdr() + bytes(3000))
     n.t.notify(0)
     assert n.status() & NEEDS_RESET
-    assert len(n.dev.rx.spare) <= n.rx.size
+    assert len(n.dev.rx.chains) <= n.rx.size
 
 
 def test_receive_ring_error_found_by_the_tap_path_resets_at_the_next_notify(nic):
@@ -353,13 +353,13 @@ def test_vhost_starts_after_a_receive_in_progress_and_from_its_progress(nic):
     head = n.rx.add_chain([Buf(a, 2048, write=True)])
     n.host.send(hdr() + b"y" * 100)
     inside, go = threading.Event(), threading.Event()
-    receive_direct = n.dev.rx.receive_direct
+    read_frame = n.dev.rx.read_frame
 
     def slow_receive(*args):  # after the receive looked whether vhost runs, before it takes chains
         inside.set()
         go.wait(5)
-        return receive_direct(*args)
-    n.dev.rx.receive_direct = slow_receive
+        return read_frame(*args)
+    n.dev.rx.read_frame = slow_receive
     io = threading.Thread(target=n.dev._rx_ready)
     io.start()
     assert inside.wait(5)
@@ -379,10 +379,10 @@ def test_vhost_gets_back_the_receive_chains_the_userspace_path_kept(nic):
     heads = [n.rx.add_chain([Buf(n.rx.alloc(2048), 2048, write=True)]) for _ in range(2)]
     n.host.send(hdr() + bytes(5000))  # does not fit in 2 x 2048: both chains are kept
     n.dev._rx_ready()
-    assert len(n.dev.rx.spare) == 2 and n.rx.take_used() == []
+    assert len(n.dev.rx.chains) == 2 and n.rx.take_used() == []
     n.dev.attach_vhost(vhost := _FakeVhost())
     n.dev._start_data_path()
-    assert vhost.bases == [0, 0] and not n.dev.rx.spare and heads
+    assert vhost.bases == [0, 0] and not n.dev.rx.chains and heads
 
 
 def _fresh_rings(n):
@@ -430,7 +430,7 @@ def test_chains_held_by_the_device_are_in_flight_until_used(nic):
     n.dev._tx_timer.cancel()
     wr(n.t, M.STATUS, 0)
     assert rxq.in_flight == txq.in_flight == 0
-    assert n.dev._tx_held is None and not n.dev.rx.spare
+    assert n.dev._tx_held is None and not n.dev.rx.chains
     # a fresh driver may hand over a full ring: one frame takes every buffer of it
     _fresh_rings(n)
     n.bring_up(VIRTIO_F_VERSION_1 | N.F_MRG_RXBUF)
@@ -493,7 +493,7 @@ def test_direct_receive_spans_many_buffers_and_keeps_the_rest(nic):
     assert got == hdr(num_buffers=k) + big
     assert n.dev.counters.rx_packets == 1 and n.dev.counters.rx_bytes == len(big)
     # the spare chains (taken for the largest frame) carry over to the next frames, in order
-    assert n.t.queues[0].in_flight == len(n.dev.rx.spare) > 0
+    assert n.t.queues[0].in_flight == len(n.dev.rx.chains) > 0
     small = [os.urandom(4084), os.urandom(100)]
     for f in small:
         n.host.send(hdr() + f)
@@ -503,7 +503,7 @@ def test_direct_receive_spans_many_buffers_and_keeps_the_rest(nic):
     assert n.mem.read(bufs[k + 1], 112) == hdr(num_buffers=1) + small[1]
     # quiesce hands the spare chains back unused: the ring is where the driver left it
     n.t.quiesce()
-    assert n.t.queues[0].in_flight == 0 and n.t.queues[0].last_avail == k + 2 and not n.dev.rx.spare
+    assert n.t.queues[0].in_flight == 0 and n.t.queues[0].last_avail == k + 2 and not n.dev.rx.chains
 
 
 def test_direct_receive_exact_fit_and_header_split_across_descriptors(nic):
@@ -554,6 +554,28 @@ def test_direct_receive_without_room_for_the_largest_frame_uses_the_bounce_buffe
     assert n.t.queues[0].in_flight == 1  # the fourth one is kept
 
 
+def test_receive_into_more_pieces_than_one_readv_takes_spills_and_completes(nic):
+    """Buffers of many small pieces (more than IOV_MAX for one frame): the readv takes the
+    chains it can and spills the rest, which then goes into the following chains; the frame
+    arrives whole."""
+    n = nic(VIRTIO_F_VERSION_1 | VIRTIO_F_RING_INDIRECT_DESC | N.F_MRG_RXBUF, size=256)
+    pieces = []
+    heads = []
+    for _ in range(200):
+        bufs = [n.rx.alloc(16) for _ in range(8)]
+        pieces.append(bufs)
+        heads.append(n.rx.add_chain([Buf(a, 16, write=True) for a in bufs], indirect=True))
+    frame = os.urandom(20_000 - 12)
+    n.host.send(hdr() + frame)
+    n.dev._rx_ready()
+    used = n.rx.take_used()
+    k = -(-20_000 // 128)
+    assert [h for h, _ in used] == heads[:k] and sum(w for _, w in used) == 20_000
+    got = b"".join(n.mem.read(a, 16) for bufs in pieces[:k] for a in bufs)[:20_000]
+    assert got == hdr(num_buffers=k) + frame
+    assert n.dev.counters.rx_packets == 1 and not n.status() & NEEDS_RESET
+
+
 def test_direct_receive_marks_the_pages_it_writes_while_tracking(nic):
     n = nic(size=64)
     bufs, heads = _ring_of(n, 20, 4096)
@@ -578,7 +600,7 @@ def test_direct_receive_hostile_ring_needs_reset(nic):
     n.t.notify(0)
     assert n.status() & NEEDS_RESET
     wr(n.t, M.STATUS, 0)
-    assert n.t.queues[0].in_flight == 0 and not n.dev.rx.spare
+    assert n.t.queues[0].in_flight == 0 and not n.dev.rx.chains
 
 
 def test_pop_many_matches_pop():

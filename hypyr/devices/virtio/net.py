@@ -2,8 +2,8 @@
 
 The TAP carries the guest's own 12-byte ``virtio_net_hdr_v1`` (IFF_VNET_HDR), so offloads pass
 through.  The userspace data path runs on the I/O thread (``writev`` out; the receive side,
-:mod:`.net_rx`, ``readv`` straight into receive chains with MRG_RXBUF, else through a bounce
-buffer); with a
+:mod:`.net_rx`, one ``readv`` into the receive chains held, spilling what they cannot hold);
+with a
 :class:`~hypyr.devices.virtio.vhost.VhostNet` the host kernel runs it and this class keeps the
 config space and lifecycle.  docs/networking.md, "The device", has the data path and save/restore.
 """
@@ -172,7 +172,11 @@ class VirtioNet(VirtioDevice):
         self._rx_ready()  # frames may have arrived before the driver was up
 
     def _start_vhost(self, vhost: VhostNet) -> bool:  # with both locks held
-        self._hand_back_rx_spare()
+        self._release_rx_chains()
+        if self.rx.waiting:  # vhost-net reads the TAP itself from now on
+            self.counters.rx_dropped += 1
+            _rlog.debug("vhost", "%s: a frame waiting for receive buffers dropped: vhost-net takes over", self.name)
+            self.rx.reset()
         # the rings as the queues have them: at DRIVER_OK, after a resume, or as restored
         rings = [QueueRing(q.size, q.desc_table, q.avail_ring, q.used_ring, q.last_avail)
                  for q in self.queues if q.ready]
@@ -220,13 +224,12 @@ class VirtioNet(VirtioDevice):
     # ------------------------------------------------------------------ save/restore (devices/state.py)
     def quiesce(self) -> None:
         """Stop both data paths and hand back every chain the device holds: the transmit chain
-        waiting for rate credit and the receive chains kept for a frame that does not fit yet go
-        back to the ring unused (taken again, as new, after resume or restore: the frame is sent
-        once, the buffers filled once).  Should a too-small receive buffer have been used in
-        between (so they are not the last ones taken), the kept receive chains are returned
-        empty instead, as that one was.  The frame read from the TAP and not yet delivered stays
-        (and is saved).  With vhost-net: fetch each ring's progress from the kernel; a failure
-        there is a driver-visible error (NEEDS_RESET), not a lost or repeated packet."""
+        waiting for rate credit and the receive chains held go back to the ring unused (taken
+        again, as new, after resume or restore: the frame is sent once, the buffers filled
+        once); see :meth:`_release_rx_chains`.  A frame read from the TAP and not yet delivered
+        stays, whole, in the spill buffer (and is saved).  With vhost-net: fetch each ring's
+        progress from the kernel; a failure there is a driver-visible error (NEEDS_RESET), not
+        a lost or repeated packet."""
         with self._tx_lock, self._rx_lock:
             self._quiesced = True
             if self.vhost_running:
@@ -237,7 +240,7 @@ class VirtioNet(VirtioDevice):
             if self._tx_held is not None:
                 self._tx_held = None
                 self.queues[TXQ].unpop(1)  # the last transmit chain taken: nothing after it is
-            self._hand_back_rx_spare()
+            self._release_rx_chains()
 
     def _take_back_from_vhost(self) -> None:
         self.external_used_interrupts = False
@@ -254,8 +257,9 @@ class VirtioNet(VirtioDevice):
             _rlog.error("vhost", "%s: cannot take the rings back from vhost-net: %s", self.name, e)
             self._pending_error = f"cannot take the rings back from vhost-net: {e}"
 
-    def _hand_back_rx_spare(self) -> None:  # with the receive lock held
-        if self.rx.spare and self.rx.hand_back(self.queues[RXQ]):
+    def _release_rx_chains(self) -> None:  # with the receive lock held
+        """Hand back the receive chains held (see :meth:`Receiver.release`)."""
+        if self.rx.chains and self.rx.release(self.queues[RXQ], self.mem):
             self.signal_used(RXQ)
 
     def resume(self) -> None:
