@@ -83,7 +83,8 @@ def where_stuck(xl) -> tuple[str, list[str]]:  # noqa: F811
     (testguard.session_threads: CPU and guest time, wait channel, kernel stack) and its vCPUs'
     exits then; its vCPUs' registers; its virtio queues' indices (a lost notification shows
     there); then its guest's own backtrace: `hypyr trigger nmi` into a
-    guest booted with SHOW_WHERE_ON_NMI (it then reboots).  Stuck: a vCPU thread stayed inside
+    guest booted with SHOW_WHERE_ON_NMI (it then reboots).  Of a domain that is gone: the end
+    of its vmm.log (how it ended: a triple fault, say).  Stuck: a vCPU thread stayed inside
     KVM_RUN (testguard.session_threads) the whole sample without one exit, and the guest printed
     nothing in NMI_ANSWER_S after the NMI.  (A 400 s wait and this fit the lab's 600 s limit.)"""
     names = [d["name"] for d in json.loads(xl("list", "--json").stdout)]  # all: the fault may be the peer's
@@ -112,6 +113,14 @@ def where_stuck(xl) -> tuple[str, list[str]]:  # noqa: F811
         out.append(f"--- {n}'s console after an NMI:\n" + answer[-6000:])
         if never_left and not answer:
             stuck.append(n)
+    for log in sorted((Path(xl.state) / paths.LOGS_DIR).glob("*.vmm.log")):  # domains gone: how they ended
+        name = log.name.removesuffix(".vmm.log")
+        if name not in names:
+            try:
+                tail = log.read_text(errors="replace").splitlines()[-4:]
+            except OSError as e:
+                tail = [f"(unreadable: {e})"]
+            out.append(f"--- {name} is gone; its vmm.log ends with:\n" + "\n".join(tail))
     return "\n".join(out), stuck
 
 
