@@ -5,9 +5,10 @@ over a SOCK_SEQPACKET socket pair (one read per frame, as a TAP) as fast as it c
 runs a VirtioNet (MRG_RXBUF, EVENT_IDX) whose receive ring is a fake guest's: QUEUE chains of
 BUF bytes each, one writable descriptor per chain (as Linux's mergeable buffers), refilled after
 every pass the way the driver does.  Reports MB/s of frame bytes delivered, over the time spent
-in the device's receive path and over the wall clock.
+in the device's receive path and over the wall clock.  A ring that holds little more than one
+largest frame (``--queue 32 --buf 2560``) has most frames spill their tail (net_rx.py).
 
-    .venv/bin/python bench/net_rx_micro.py [--frames N] [--frame BYTES] [--buf BYTES] [--queue N] [--bounce]
+    .venv/bin/python bench/net_rx_micro.py [--frames N] [--frame BYTES] [--buf BYTES] [--queue N]
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hypyr.devices.virtio import mmio_regs as M
 from hypyr.devices.virtio import net as N
-from hypyr.devices.virtio import net_rx
 from hypyr.devices.virtio.device import VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1
 from hypyr.devices.virtio.mmio import VirtioMmioTransport
 from hypyr.memory import GuestMemory
@@ -75,8 +75,6 @@ def main() -> None:
     ap.add_argument("--frame", type=int, default=65535 + 14, help="frame bytes after the 12-byte header")
     ap.add_argument("--buf", type=int, default=4096)
     ap.add_argument("--queue", type=int, default=256)
-    ap.add_argument("--bounce", action="store_true",
-                    help="the old path: every frame through the bounce buffer, copied piecewise")
     a = ap.parse_args()
 
     mem = GuestMemory.anonymous([(0, 0x100000 + a.queue * a.buf + 0x1000)], hugepages=False)
@@ -95,8 +93,6 @@ def main() -> None:
             os._exit(0)
     host.close()
 
-    if a.bounce:
-        net_rx.Receiver.receive_direct = lambda self, q, mem, done: None
     dev = N.VirtioNet(guest.fileno(), bytes.fromhex("00163e123456"), ifname="bench0")
     N.tap.set_offload = lambda fd, flags: None  # a socket is no TAP
     t = VirtioMmioTransport(dev, mem, trigger=lambda: None)
@@ -133,7 +129,7 @@ def main() -> None:
     total = a.frames * (12 + a.frame)
     c = dev.counters
     assert c.rx_packets == a.frames and c.rx_dropped == 0, c
-    print(f"{'bounce' if a.bounce else 'direct'}: {a.frames} frames of {12 + a.frame} bytes into "
+    print(f"{a.frames} frames of {12 + a.frame} bytes into "
           f"{a.queue} x {a.buf}-byte buffers: "
           f"{total / busy / 1e6:.0f} MB/s in the receive path ({busy / a.frames * 1e6:.1f} us/frame), "
           f"{total / wall / 1e6:.0f} MB/s wall")
