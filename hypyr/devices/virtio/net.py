@@ -68,8 +68,11 @@ class NetCounters:
         self.rx_packets, self.rx_bytes, self.rx_dropped = rx_packets, rx_bytes, rx_dropped
         self.tx_packets, self.tx_bytes, self.tx_dropped = tx_packets, tx_bytes, tx_dropped
 
+    def as_dict(self) -> dict[str, int]:
+        return {n: getattr(self, n) for n in self.FIELDS}
+
     def __repr__(self) -> str:
-        return "NetCounters(" + ", ".join(f"{n}={getattr(self, n)}" for n in self.FIELDS) + ")"
+        return "NetCounters(" + ", ".join(f"{n}={v}" for n, v in self.as_dict().items()) + ")"
 
 
 class VirtioNet(VirtioDevice):
@@ -219,7 +222,7 @@ class VirtioNet(VirtioDevice):
 
     def report(self) -> dict:
         return {"vhost": self.vhost_running, "quiesced": self._quiesced, "tx_held": self._tx_held is not None,
-                "rx": self.rx.report(), "counters": {n: getattr(self.counters, n) for n in NetCounters.FIELDS}}
+                "rx": self.rx.report(), "counters": self.counters.as_dict()}
 
     # ------------------------------------------------------------------ save/restore (devices/state.py)
     def quiesce(self) -> None:
@@ -281,11 +284,8 @@ class VirtioNet(VirtioDevice):
         for receive buffers and the counters."""
         with self._rx_lock:
             frame = self.rx.frame()
-        c = self.counters
         return {"mac": self.mac, "mtu": self.mtu, "link_up": self.link_up, "offloads": self.offloads,
-                "rx_frame": frame, "counters": {"rx_packets": c.rx_packets, "rx_bytes": c.rx_bytes,
-                                                "rx_dropped": c.rx_dropped, "tx_packets": c.tx_packets,
-                                                "tx_bytes": c.tx_bytes, "tx_dropped": c.tx_dropped}}
+                "rx_frame": frame, "counters": self.counters.as_dict()}
 
     def _parse_fields(self, r: StateReader) -> tuple:
         if r.blob("mac", 6, 6) != self.mac or r.integer("mtu", 68, 65535, optional=True) != self.mtu:
