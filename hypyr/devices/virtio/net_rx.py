@@ -143,12 +143,8 @@ class Receiver:
             if mergeable:  # the head in the chains read into, the tail spilled
                 self.waiting, self._held = n - room, k
                 return True
-            c = self.chains.popleft()
             self._forget_views(1)
-            self.counters.rx_dropped += 1
-            _rlog.warning("rxsmall", "%s: receive buffer of %d bytes for a %d-byte packet; dropped",
-                          self.name, c.writable_len, n)
-            done.append((c.head, 0))
+            self._drop_chain(self.chains.popleft(), done, packet=n)
             return True
         spare = self.chains
         used = left = 0
@@ -271,10 +267,7 @@ class Receiver:
         if not mergeable:
             c = spare.popleft()
             if c.writable_len < n:
-                self.counters.rx_dropped += 1
-                _rlog.warning("rxsmall", "%s: receive buffer of %d bytes for a %d-byte packet; dropped",
-                              self.name, c.writable_len, n)
-                done.append((c.head, 0))
+                self._drop_chain(c, done, packet=n)
                 return True
             _NUM_BUFFERS.pack_into(self._spill, 10, 1)  # VERSION_1 without MRG_RXBUF: always 1
             c.write(mem, spill)
@@ -310,10 +303,16 @@ class Receiver:
         self.counters.rx_packets += 1
         self.counters.rx_bytes += n - HDR_LEN
 
-    def _drop_chain(self, chain: DescriptorChain, done: Used) -> None:
+    def _drop_chain(self, chain: DescriptorChain, done: Used, packet: int = 0) -> None:
+        """Use ``chain`` empty and count a drop: too small for its part, or (``packet``, without
+        MRG_RXBUF) for that whole packet, which is dropped."""
         self.counters.rx_dropped += 1
-        _rlog.warning("rxsmall", "%s: receive buffer of %d bytes is too small; returned unused",
-                      self.name, chain.writable_len)
+        if packet:
+            _rlog.warning("rxsmall", "%s: receive buffer of %d bytes for a %d-byte packet; dropped",
+                          self.name, chain.writable_len, packet)
+        else:
+            _rlog.warning("rxsmall", "%s: receive buffer of %d bytes is too small; returned unused",
+                          self.name, chain.writable_len)
         done.append((chain.head, 0))
 
     @staticmethod
