@@ -27,7 +27,7 @@ import random
 import socket
 import struct
 
-from test_virtio_net import ACK, DRV, DRV_OK, FEAT_OK, NEEDS_RESET, hdr
+from test_virtio_net import ACK, DRV, DRV_OK, FEAT_OK, NEEDS_RESET, hdr, set_up_queues
 from test_virtio_net import rd as _rd
 from test_virtio_net import wr as _wr
 
@@ -100,19 +100,7 @@ class LinuxRx:
         t = self.t
         features = (VIRTIO_F_VERSION_1 | VIRTIO_F_RING_EVENT_IDX | N.F_MRG_RXBUF | N.F_GUEST_CSUM
                     | N.F_GUEST_TSO4 | N.F_GUEST_TSO6 | N.F_CSUM | N.F_HOST_TSO4)
-        _wr(t, M.STATUS, ACK | DRV)
-        for sel in (0, 1):
-            _wr(t, M.DRIVER_FEATURES_SEL, sel)
-            _wr(t, M.DRIVER_FEATURES, (features >> (32 * sel)) & 0xFFFFFFFF)
-        _wr(t, M.STATUS, ACK | DRV | FEAT_OK)
-        assert _rd(t, M.STATUS) & FEAT_OK
-        for qi, (d, a, u) in enumerate(((RX_DESC, RX_AVAIL, RX_USED), (TX_DESC, TX_AVAIL, TX_USED))):
-            _wr(t, M.QUEUE_SEL, qi)
-            _wr(t, M.QUEUE_NUM, SIZE)
-            for lo, addr in ((M.QUEUE_DESC_LOW, d), (M.QUEUE_DRIVER_LOW, a), (M.QUEUE_DEVICE_LOW, u)):
-                _wr(t, lo, addr)
-                _wr(t, lo + 4, 0)
-            _wr(t, M.QUEUE_READY, 1)
+        set_up_queues(t, features, [(SIZE, RX_DESC, RX_AVAIL, RX_USED), (SIZE, TX_DESC, TX_AVAIL, TX_USED)])
         self.try_fill_recv(kick=False)   # virtnet_open fills before DRIVER_OK... close enough
         _wr(t, M.STATUS, ACK | DRV | FEAT_OK | DRV_OK)
 

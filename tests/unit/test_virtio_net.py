@@ -40,6 +40,24 @@ class Edge:
         self.count += 1
 
 
+def set_up_queues(t, features, rings):
+    """A driver's steps up to DRIVER_OK: negotiate ``features``, then set up each queue from
+    ``rings`` (size, descriptor table, avail ring, used ring), in queue order."""
+    wr(t, M.STATUS, ACK | DRV)
+    for sel in (0, 1):
+        wr(t, M.DRIVER_FEATURES_SEL, sel)
+        wr(t, M.DRIVER_FEATURES, (features >> (32 * sel)) & 0xFFFFFFFF)
+    wr(t, M.STATUS, ACK | DRV | FEAT_OK)
+    assert rd(t, M.STATUS) & FEAT_OK
+    for qi, (size, desc, avail, used) in enumerate(rings):
+        wr(t, M.QUEUE_SEL, qi)
+        wr(t, M.QUEUE_NUM, size)
+        for lo, addr in ((M.QUEUE_DESC_LOW, desc), (M.QUEUE_DRIVER_LOW, avail), (M.QUEUE_DEVICE_LOW, used)):
+            wr(t, lo, addr)
+            wr(t, lo + 4, 0)
+        wr(t, M.QUEUE_READY, 1)
+
+
 class Nic:
     """A VirtioNet behind a transport, both queues driven by mock drivers in one guest memory."""
 
@@ -61,22 +79,8 @@ class Nic:
 
     def bring_up(self, features):
         """What the driver does: negotiate ``features``, set up both queues, DRIVER_OK."""
-        t = self.t
-        wr(t, M.STATUS, ACK | DRV)
-        for sel in (0, 1):
-            wr(t, M.DRIVER_FEATURES_SEL, sel)
-            wr(t, M.DRIVER_FEATURES, (features >> (32 * sel)) & 0xFFFFFFFF)
-        wr(t, M.STATUS, ACK | DRV | FEAT_OK)
-        assert rd(t, M.STATUS) & FEAT_OK
-        for qi, drv in ((0, self.rx), (1, self.tx)):
-            wr(t, M.QUEUE_SEL, qi)
-            wr(t, M.QUEUE_NUM, drv.size)
-            for lo, addr in ((M.QUEUE_DESC_LOW, drv.desc), (M.QUEUE_DRIVER_LOW, drv.avail),
-                             (M.QUEUE_DEVICE_LOW, drv.used)):
-                wr(t, lo, addr)
-                wr(t, lo + 4, 0)
-            wr(t, M.QUEUE_READY, 1)
-        wr(t, M.STATUS, ACK | DRV | FEAT_OK | DRV_OK)
+        set_up_queues(self.t, features, [(d.size, d.desc, d.avail, d.used) for d in (self.rx, self.tx)])
+        wr(self.t, M.STATUS, ACK | DRV | FEAT_OK | DRV_OK)
 
     def status(self):
         return rd(self.t, M.STATUS)
