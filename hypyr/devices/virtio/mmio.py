@@ -3,8 +3,9 @@
 Register it on the MMIO bus with length :data:`MMIO_WINDOW`; its interrupt is level triggered
 (``irq``) or edge triggered (``trigger``, e.g. a KVM irqfd).  Everything the driver writes is
 untrusted: accesses it does not take are logged (rate-limited) and ignored, and a queue or device
-error puts the device in DEVICE_NEEDS_RESET.  Locks: ``_irq_lock`` is always taken after ``_lock``,
-never before, and ``irq`` must not call back into the transport.  The register map is
+error puts the device in DEVICE_NEEDS_RESET.  InterruptStatus and the line are
+:mod:`.mmio_irq`'s; its lock is always taken after ``_lock``, never before, and ``irq`` must not
+call back into the transport.  The register map is
 :mod:`.mmio_regs`; a saved state is checked by :mod:`.mmio_state` before :meth:`load_state` applies it.
 Design notes (registers, status machine, interrupts, threading): docs/devices.md, "virtio-mmio transport".
 """
@@ -12,7 +13,6 @@ Design notes (registers, status machine, interrupts, threading): docs/devices.md
 from __future__ import annotations
 
 import logging
-import os
 import struct
 import threading
 from collections.abc import Callable
@@ -24,6 +24,7 @@ from hypyr.memory import GuestMemory
 
 from .chain import DeviceError
 from .device import VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VirtioDevice
+from .mmio_irq import MmioInterrupt
 from .mmio_regs import (
     CONFIG,
     CONFIG_GENERATION,
@@ -83,28 +84,17 @@ class VirtioMmioTransport:
 
     def __init__(self, device: VirtioDevice, mem: GuestMemory, irq: IrqLine | None = None, *,
                  trigger: Callable[[], None] | None = None, ack_eventfd: int | None = None):
-        if (irq is None) == (trigger is None):
-            raise ValueError("give the transport either a level-triggered irq line or an edge trigger")
-        if ack_eventfd is not None and trigger is None:
-            raise ValueError("InterruptACK writes can be absorbed only with an edge trigger")
-        self._ack_fd = ack_eventfd
         self.device = device
         self.mem = mem
-        self._irq = irq
-        self._trigger = trigger
         self._name = f"virtio-mmio({getattr(device, 'name', 'virtio')})"
+        self._intr = MmioInterrupt(self._name, irq, trigger, ack_eventfd)
         self._rlog = RateLimitedLog(log)  # every line the driver can cause; fixed keys
-        self._lock = threading.Lock()
-        self._irq_lock = threading.Lock()
+        self._lock = threading.Lock()  # taken before self._intr.lock, never after
         self.queues = [SplitQueue(m) for m in device.queue_max_sizes]
         self.offered_features = (device.device_features() | TRANSPORT_FEATURES) & _U64
         if hasattr(device, "on_config_change"):
             device.on_config_change = self.config_changed
-        self._irq_level = False
         self._page: memoryview | None = None  # see use_register_page()
-        self._isr = 0
-        self._isr_sticky = 0  # INT_VRING while the device's used-buffer interrupts bypass us (vhost)
-        self._config_generation = 0
         self._epoch = 0  # bumped by every reset: stale errors from before it are dropped
         self._quiesced = False  # save/restore: notifications are not forwarded (see quiesce())
         self._notifying = 0  # notifications being handled by the device right now
@@ -121,7 +111,7 @@ class VirtioMmioTransport:
     # ------------------------------------------------------------------ bus interface
     def read(self, offset: int, size: int) -> bytes:
         if offset == INTERRUPT_STATUS and size == 4:  # the hot one: read in every interrupt handler
-            return _U32_LE.pack(self._isr | self._isr_sticky)  # int reads: no lock needed
+            return _U32_LE.pack(self._intr.value())
         if size <= 0:
             return b""
         if offset < 0 or offset + size > MMIO_WINDOW:
@@ -159,11 +149,7 @@ class VirtioMmioTransport:
             return
         value = _U32_LE.unpack(data)[0]
         if offset == INTERRUPT_ACK:  # the other hot one
-            with self._irq_lock:
-                self._isr &= ~value
-                self._publish_isr()
-                if self._trigger is None:
-                    self._update_irq()
+            self._intr.ack(value)
             return
         if offset == QUEUE_NOTIFY_OFFSET:
             self.notify(value)  # without the lock: the device may block or call back
@@ -185,14 +171,16 @@ class VirtioMmioTransport:
             raise ValueError(f"a register page is {MMIO_WINDOW} bytes, not {len(page)}")
         with self._lock:
             self._page = page
+            with self._intr.lock:
+                self._intr.page = page
             self._publish()
 
     def release_register_page(self) -> None:
         """Stop writing the register page (before its owner unmaps it)."""
-        with self._lock, self._irq_lock:
-            self._page = None
+        with self._lock, self._intr.lock:
+            self._page = self._intr.page = None
 
-    def _publish(self) -> None:  # with self._lock held, self._irq_lock not
+    def _publish(self) -> None:  # with self._lock held, self._intr.lock not
         page = self._page
         if page is None:
             return
@@ -200,13 +188,7 @@ class VirtioMmioTransport:
             _U32_LE.pack_into(page, off, self._read_register(off) & _U32)
         config = self._config_read(0, MMIO_WINDOW - CONFIG)
         page[CONFIG:] = config
-        with self._irq_lock:
-            self._publish_isr()
-            _U32_LE.pack_into(page, CONFIG_GENERATION, self._config_generation)
-
-    def _publish_isr(self) -> None:  # with self._irq_lock held
-        if self._page is not None:
-            _U32_LE.pack_into(self._page, INTERRUPT_STATUS, self._isr | self._isr_sticky)
+        self._intr.publish()
 
     # ------------------------------------------------------------------ notifications
     def notify(self, index: int) -> None:
@@ -256,31 +238,16 @@ class VirtioMmioTransport:
                              self._name, queue_index, e)
             wanted = True
         if wanted:
-            with self._irq_lock:
-                self._absorb_acks()
-                self._isr |= INT_VRING
-                self._publish_isr()
-                if self._trigger is None:
-                    self._update_irq(True)
-                    return
-            self._call_irq(True)  # an edge: after the update, outside the lock
+            self._intr.raise_bits(INT_VRING)
 
     def config_changed(self) -> None:
         """For the device: its config space changed.  Bumps ConfigGeneration and, once the
         driver is up, raises the configuration-change interrupt."""
         driver_ok = bool(self._status & STATUS_DRIVER_OK)  # a racy read is fine: one interrupt more or less
-        with self._irq_lock:
-            self._config_generation = (self._config_generation + 1) & _U32
-            if driver_ok:
-                self._absorb_acks()
-                self._isr |= INT_CONFIG
-                self._update_irq(True)
-            if self._page is not None:
-                _U32_LE.pack_into(self._page, CONFIG_GENERATION, self._config_generation)
-                self._publish_isr()
+        self._intr.config_changed(driver_ok)
         if self._page is not None:
             config = self._config_read(0, MMIO_WINDOW - CONFIG)
-            with self._irq_lock:  # (release_register_page holds it too)
+            with self._intr.lock:  # (release_register_page holds it too)
                 if self._page is not None:
                     self._page[CONFIG:] = config
 
@@ -300,49 +267,8 @@ class VirtioMmioTransport:
         if self._status & STATUS_DEVICE_NEEDS_RESET:
             return
         self._status |= STATUS_DEVICE_NEEDS_RESET
-        with self._irq_lock:
-            self._absorb_acks()
-            self._isr |= INT_CONFIG
-            self._update_irq(True)
+        self._intr.raise_bits(INT_CONFIG)
         self._publish()
-
-    def _absorb_acks(self) -> None:  # with self._irq_lock held
-        """Apply the InterruptACK writes of INT_VRING that KVM absorbed (``ack_eventfd``: an
-        ioeventfd on the register with that value) since the last call.  Called before every
-        change of InterruptStatus, so an acknowledgement is never applied after a later
-        interrupt (it would hide it); a read of InterruptStatus may show INT_VRING still set after
-        the driver acknowledged it, which only makes the driver look at its rings once more."""
-        if self._ack_fd is not None:
-            try:
-                os.eventfd_read(self._ack_fd)
-            except BlockingIOError:
-                return
-            self._isr &= ~INT_VRING
-            self._publish_isr()
-
-    def _update_irq(self, raised: bool = False) -> None:  # with self._irq_lock held
-        """After InterruptStatus changed (``raised``: bits were set): drive the level-triggered
-        line to match it, or, edge triggered, send an edge when bits were set."""
-        if self._trigger is not None:
-            if raised:
-                self._call_irq(True)
-            return
-        level = self._isr != 0
-        if level != self._irq_level:
-            self._irq_level = level
-            self._call_irq(level)
-
-    def _call_irq(self, level: bool) -> None:
-        try:
-            trigger, irq = self._trigger, self._irq
-            if trigger is not None:
-                if level:
-                    trigger()
-            else:
-                assert irq is not None  # __init__: exactly one of irq and trigger
-                irq(level)
-        except Exception:
-            log.exception("%s: interrupt (%s) failed", self._name, level)
 
     # ------------------------------------------------------------------ config space
     def _config_read(self, offset: int, size: int) -> bytes:
@@ -393,13 +319,11 @@ class VirtioMmioTransport:
             q = self._selected_queue()
             return int(q.ready) if q is not None else 0
         if offset == INTERRUPT_STATUS:
-            with self._irq_lock:
-                return self._isr | self._isr_sticky
+            return self._intr.value()
         if offset == STATUS:
             return self._status
         if offset == CONFIG_GENERATION:
-            with self._irq_lock:
-                return self._config_generation
+            return self._intr.generation
         if offset in (SHM_LEN_LOW, SHM_LEN_HIGH, SHM_BASE_LOW, SHM_BASE_HIGH):
             return _U32  # no shared memory regions: length (and base) -1
         self._rlog.debug("reserved-read", "%s: read of write-only or reserved register %#x", self._name, offset)
@@ -514,11 +438,7 @@ class VirtioMmioTransport:
                 if q.ready:
                     q.activate(self.mem, event_idx=event_idx, indirect=indirect)
             self.device.activate(self.mem, list(self.queues), features, self._interrupt)
-            # A device whose used-buffer interrupts reach the guest without us (vhost's call
-            # eventfd is the irqfd) keeps INT_VRING set, so the driver's handler always looks
-            # at its rings (Linux then finds which queue has work).
-            with self._irq_lock:
-                self._isr_sticky = INT_VRING if getattr(self.device, "external_used_interrupts", False) else 0
+            self._intr.set_sticky(getattr(self.device, "external_used_interrupts", False))
             self._rlog.debug("activated", "%s: activated (features %#x, queues ready %s)", self._name,
                              features, [i for i, q in enumerate(self.queues) if q.ready])
             return True
@@ -533,8 +453,7 @@ class VirtioMmioTransport:
         return False
 
     def _reset_device_and_queues(self) -> None:
-        with self._irq_lock:
-            self._isr_sticky = 0
+        self._intr.set_sticky(False)
         try:
             self.device.reset()
         except Exception:
@@ -546,16 +465,13 @@ class VirtioMmioTransport:
         self._epoch += 1
         self._reset_device_and_queues()
         self._clear_registers()
-        with self._irq_lock:
-            self._absorb_acks()
-            self._isr = 0
-            self._update_irq()
+        self._intr.clear()
         self._publish()
 
     def report(self) -> dict:
         """The device status, InterruptStatus, each queue's indices and what the device holds,
         for `hypyr info DOMAIN --queues`; read without locks, nothing changes."""
-        return {"device": self.device.name, "status": self._status, "interrupt_status": self._isr | self._isr_sticky,
+        return {"device": self.device.name, "status": self._status, "interrupt_status": self._intr.value(),
                 "queues": [q.indices() for q in self.queues], **self.device.report()}
 
     # ------------------------------------------------------------------ snapshot
@@ -563,9 +479,7 @@ class VirtioMmioTransport:
         """The transport's registers (as a save holds them, with the not-readable ones such as
         the driver's features) and per queue its registers and ring progress."""
         with self._lock:
-            with self._irq_lock:
-                self._absorb_acks()
-                isr, gen = self._isr, self._config_generation
+            isr, gen = self._intr.snapshot()
             queues = [{"ready": q.ready, **{name: getattr(q, name) for name, _ in QUEUE_FIELDS}}
                       for q in self.queues]
             return {"status": self._status, "device_features_sel": self._device_features_sel,
@@ -589,11 +503,7 @@ class VirtioMmioTransport:
             q.ready = qs["ready"]
             for name, _ in QUEUE_FIELDS:
                 setattr(q, name, qs[name])
-        with self._irq_lock:
-            self._isr = regs["interrupt_status"]
-            self._config_generation = regs["config_generation"]
-            self._irq_level = self._isr != 0
-            self._call_irq(self._irq_level)
+        self._intr.load(regs["interrupt_status"], regs["config_generation"])
         if status & STATUS_DRIVER_OK and not status & STATUS_DEVICE_NEEDS_RESET:
             self._activate()  # keeps the ring progress just loaded; on failure: NEEDS_RESET
         self._publish()
@@ -629,10 +539,8 @@ class VirtioMmioTransport:
         self.device.resume()
         with self._lock:
             running = self._running()
-            with self._irq_lock:  # vhost may have started (or not) again: see _activate
-                external = running and getattr(self.device, "external_used_interrupts", False)
-                self._isr_sticky = INT_VRING if external else 0
-                self._publish_isr()
+            # vhost may have started (or not) again: see _activate
+            self._intr.set_sticky(running and getattr(self.device, "external_used_interrupts", False))
             ready = [i for i, q in enumerate(self.queues) if q.ready] if running else []
         for i in ready:
             self.notify(i)
