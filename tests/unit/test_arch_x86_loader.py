@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from hypyr.arch.x86 import bootparams as bp
 from hypyr.arch.x86 import layout, loader
 from hypyr.arch.x86.boot import setup_linux_boot
+from hypyr.arch.x86.bootfile import BootFile
 from hypyr.errors import HypyrError
 from hypyr.memory import GuestMemory
 
@@ -285,3 +286,47 @@ def test_kernel_below_1mib_rejected(mem, write):
         loader.load_kernel(mem, write(make_elf([(0x7000, 0x7000, b"x", 1)], 0x7000)))
     with pytest.raises(HypyrError, match="below 1 MiB"):
         loader.load_kernel(mem, write(make_bzimage(pref=0x10000)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.binary(max_size=600), start=st.integers(-700, 700), stop=st.integers(-700, 700) | st.none())
+def test_boot_file_slices_as_bytes_do(tmp_path_factory, data, start, stop):
+    p = tmp_path_factory.mktemp("f") / "k"
+    p.write_bytes(data)
+    with BootFile(p, "kernel") as f:
+        assert len(f) == len(data)
+        assert f[start:stop] == data[start:stop]
+
+
+def test_boot_file_that_shrinks_is_one_sentence(tmp_path, mem):
+    p = tmp_path / "k"
+    p.write_bytes(b"x" * 8192)
+    with BootFile(p, "kernel") as f:
+        os.truncate(p, 100)
+        with pytest.raises(HypyrError, match="shrank"):
+            f[0:4096]
+        with pytest.raises(HypyrError, match="shrank"):
+            f.copy_to(mem, 16 * MiB, 0, 8192)
+
+
+def test_elf_kernel_is_read_where_used_not_whole(mem, write, monkeypatch):
+    """A vmlinux is parsed from small reads and its segment copied straight into guest RAM."""
+    text = bytes(range(256)) * 4096  # 1 MiB
+    path = write(make_elf([(16 * MiB, 0xFFFFFFFF81000000, text, len(text))], 16 * MiB))
+    reads = []
+    real_pread = os.pread
+    monkeypatch.setattr(os, "pread", lambda fd, n, off: reads.append(n) or real_pread(fd, n, off))
+    k = loader.load_kernel(mem, path)
+    assert k.kind == "elf" and mem.read(16 * MiB, len(text)) == text
+    assert reads and max(reads) <= 4096, reads
+
+
+def test_elf_note_area_is_bounded(mem, write):
+    data = bytearray(make_elf([(16 * MiB, 16 * MiB, b"\xf4", 1)], 16 * MiB))
+    phoff = struct.unpack_from("<Q", data, 32)[0]
+    # turn the program header into a PT_NOTE that claims 2 MiB (the file is padded to hold it)
+    struct.pack_into("<IIQQQQQQ", data, phoff, 4, 0, 0, 0, 0, 2 * MiB, 2 * MiB, 4)
+    data += bytes(2 * MiB)
+    from hypyr.arch.x86 import elf
+    with pytest.raises(HypyrError, match="note area"):
+        elf.parse(bytes(data), "k")

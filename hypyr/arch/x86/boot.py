@@ -11,6 +11,7 @@ from hypyr.errors import HypyrError
 from hypyr.memory import GuestAddress, GuestMemory
 
 from . import acpi, bootparams, gdt, layout, loader, paging
+from .bootfile import BootFile, KernelData
 from .loader import KernelImage
 from .regs import BootCpuState, boot_cpu_state, protected_mode_cpu_state
 
@@ -41,19 +42,17 @@ def setup_linux_boot(mem: GuestMemory, kernel_path: str | os.PathLike,
     arguments)`` each).  ``cmdline`` is used as given (a multiboot kernel sees its path first)."""
     rsdp_addr = acpi.write_acpi_tables(mem, nr_vcpus, mmio_devices)  # checks nr_vcpus before anything slow
     name = os.fspath(kernel_path)
-    kernel = loader.load_bzimage_file(mem, kernel_path)  # the usual kernel, loaded straight from its file
-    data = b"" if kernel is not None else loader.read_kernel(kernel_path)
-    kind = loader.KIND_BZIMAGE if kernel is not None else loader.detect_format(data)
-    if kind == loader.KIND_MULTIBOOT:
-        mods = ([(initrd, _module_string(initrd, ""))] if initrd is not None else []) + [
-            (src, _module_string(src, args)) for src, args in modules]
-        return _setup_multiboot(mem, data, name, mods, cmdline, rsdp_addr)
-    if modules:
-        raise HypyrError(f"Kernel {name} is a Linux kernel, not a multiboot one: it takes one initrd, "
-                         "not multiboot modules.")
-    if kind == loader.KIND_PVH:
-        return _setup_pvh(mem, data, name, initrd, cmdline, rsdp_addr)
-    if kernel is None:
+    with BootFile(kernel_path, "kernel") as data:  # read where used: the kernel goes straight to RAM
+        kind = loader.detect_format(data)
+        if kind == loader.KIND_MULTIBOOT:
+            mods = ([(initrd, _module_string(initrd, ""))] if initrd is not None else []) + [
+                (src, _module_string(src, args)) for src, args in modules]
+            return _setup_multiboot(mem, data, name, mods, cmdline, rsdp_addr)
+        if modules:
+            raise HypyrError(f"Kernel {name} is a Linux kernel, not a multiboot one: it takes one initrd, "
+                             "not multiboot modules.")
+        if kind == loader.KIND_PVH:
+            return _setup_pvh(mem, data, name, initrd, cmdline, rsdp_addr)
         kernel = loader.load_kernel_data(mem, data, name)
     initrd_range = loader.load_initrd(mem, initrd, kernel) if initrd is not None else None
     cmdline_addr = loader.write_cmdline(mem, cmdline, kernel.cmdline_size)
@@ -83,7 +82,7 @@ def _kernel_image(kind: str, path: str, segments: Sequence[elf.Segment], entry: 
                        initrd_addr_max=0x7FFFFFFF, xloadflags=0)
 
 
-def _setup_multiboot(mem: GuestMemory, data: bytes, path: str,
+def _setup_multiboot(mem: GuestMemory, data: KernelData, path: str,
                      modules: Sequence[tuple[bytes | str | os.PathLike, str]], cmdline: str,
                      rsdp_addr: int) -> BootSetup:
     from . import elf, multiboot  # only for these kernels (hypyr run's start, issue #14)
@@ -106,8 +105,8 @@ def _setup_multiboot(mem: GuestMemory, data: bytes, path: str,
                      rsdp_addr=GuestAddress(rsdp_addr), e820=e820)
 
 
-def _setup_pvh(mem: GuestMemory, data: bytes, path: str, initrd: bytes | str | os.PathLike | None, cmdline: str,
-               rsdp_addr: int) -> BootSetup:
+def _setup_pvh(mem: GuestMemory, data: KernelData, path: str, initrd: bytes | str | os.PathLike | None,
+               cmdline: str, rsdp_addr: int) -> BootSetup:
     from . import elf, pvh  # only for these kernels
     image = elf.parse(data, path)
     entry = pvh.phys32_entry(image)

@@ -16,6 +16,7 @@ from hypyr.errors import HypyrError
 from hypyr.memory import GuestMemory
 
 from . import layout
+from .bootfile import KernelData, copier
 
 ELF_MAGIC = b"\x7fELF"
 ELFCLASS32, ELFCLASS64 = 1, 2
@@ -24,6 +25,7 @@ EM_386, EM_X86_64 = 3, 62
 PT_LOAD, PT_NOTE = 1, 4
 SHT_NOTE = 7
 MAX_HEADERS = 4096  # program or section headers; real kernels have a handful
+MAX_NOTES = 1 << 20  # bytes of one note segment or section; a kernel's are a few hundred
 
 
 class Segment(NamedTuple):
@@ -56,16 +58,24 @@ def fail(path: str, why: str) -> HypyrError:
     return HypyrError(f"Kernel {path} {why}.")
 
 
-def is_elf(data: bytes) -> bool:
+def is_elf(data: KernelData) -> bool:
     return data[:4] == ELF_MAGIC
 
 
-def _table(data: bytes, path: str, off: int, num: int, entsize: int, minsize: int, what: str) -> list[int]:
+def _table(data: KernelData, path: str, off: int, num: int, entsize: int, minsize: int, what: str) -> list[bytes]:
+    """The table's entries, each ``entsize`` bytes, read at once."""
     if num == 0:
         return []
     if num > MAX_HEADERS or entsize < minsize or off + num * entsize > len(data):
         raise fail(path, f"has a corrupt ELF {what} table")
-    return [off + i * entsize for i in range(num)]
+    table = data[off:off + num * entsize]
+    return [table[i * entsize:(i + 1) * entsize] for i in range(num)]
+
+
+def _notes(data: KernelData, path: str, off: int, size: int, align: int) -> list[Note]:
+    if size > MAX_NOTES:
+        raise fail(path, f"has an ELF note area of {size} bytes (at most {MAX_NOTES} are read)")
+    return _parse_notes(data[off:off + size], align)
 
 
 def _parse_notes(blob: bytes, align: int) -> list[Note]:
@@ -83,55 +93,50 @@ def _parse_notes(blob: bytes, align: int) -> list[Note]:
     return notes
 
 
-def parse(data: bytes, path: str) -> ElfImage:
+def parse(data: KernelData, path: str) -> ElfImage:
     """The header, loadable segments and notes of a little-endian ELF32/ELF64 ``data``."""
-    if len(data) < 52 or not is_elf(data):
+    head = data[:64]
+    if len(head) < 52 or not is_elf(head):
         raise fail(path, "is not an ELF file")
-    eclass, edata = data[4], data[5]
+    eclass, edata = head[4], head[5]
     if eclass not in (ELFCLASS32, ELFCLASS64) or edata != ELFDATA2LSB:
         raise fail(path, "is an ELF file but not a little-endian 32- or 64-bit one")
     if eclass == ELFCLASS64:
-        if len(data) < 64:
+        if len(head) < 64:
             raise fail(path, "is truncated")
-        machine, = struct.unpack_from("<H", data, 18)
-        entry, phoff, shoff = struct.unpack_from("<QQQ", data, 24)
-        phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", data, 54)
+        machine, = struct.unpack_from("<H", head, 18)
+        entry, phoff, shoff = struct.unpack_from("<QQQ", head, 24)
+        phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", head, 54)
         ph_fmt, ph_min, sh_min = "<IIQQQQQQ", 56, 64
     else:
-        machine, = struct.unpack_from("<H", data, 18)
-        entry, phoff, shoff = struct.unpack_from("<III", data, 24)
-        phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", data, 42)
+        machine, = struct.unpack_from("<H", head, 18)
+        entry, phoff, shoff = struct.unpack_from("<III", head, 24)
+        phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", head, 42)
         ph_fmt, ph_min, sh_min = "<IIIIIIII", 32, 40
 
     segments, notes = [], []
-    for off in _table(data, path, phoff, phnum, phentsize, ph_min, "program header"):
+    for ph in _table(data, path, phoff, phnum, phentsize, ph_min, "program header"):
         if eclass == ELFCLASS64:
-            p_type, _flags, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, p_align = struct.unpack_from(
-                ph_fmt, data, off)
+            p_type, _flags, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, p_align = struct.unpack_from(ph_fmt, ph)
         else:
-            p_type, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, _flags, p_align = struct.unpack_from(
-                ph_fmt, data, off)
+            p_type, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, _flags, p_align = struct.unpack_from(ph_fmt, ph)
         if p_type not in (PT_LOAD, PT_NOTE):
             continue
         if p_offset + p_filesz > len(data):
             raise fail(path, "is truncated (a segment lies past the end of the file)")
         if p_type == PT_NOTE:
-            notes += _parse_notes(data[p_offset:p_offset + p_filesz], p_align)
+            notes += _notes(data, path, p_offset, p_filesz, p_align)
             continue
         if p_filesz > p_memsz:
             raise fail(path, "has a loadable segment whose file size is larger than its memory size")
         if p_memsz:
             segments.append(Segment(p_paddr, p_vaddr, p_offset, p_filesz, p_memsz))
     if not notes:
-        for off in _table(data, path, shoff, shnum, shentsize, sh_min, "section header"):
-            if eclass == ELFCLASS64:
-                _name, sh_type, _f, _a, sh_offset, sh_size, _l, _i, sh_align, _e = struct.unpack_from(
-                    "<IIQQQQIIQQ", data, off)
-            else:
-                _name, sh_type, _f, _a, sh_offset, sh_size, _l, _i, sh_align, _e = struct.unpack_from(
-                    "<IIIIIIIIII", data, off)
+        for sh in _table(data, path, shoff, shnum, shentsize, sh_min, "section header"):
+            fmt = "<IIQQQQIIQQ" if eclass == ELFCLASS64 else "<IIIIIIIIII"
+            _name, sh_type, _f, _a, sh_offset, sh_size, _l, _i, sh_align, _e = struct.unpack_from(fmt, sh)
             if sh_type == SHT_NOTE and sh_offset + sh_size <= len(data):
-                notes += _parse_notes(data[sh_offset:sh_offset + sh_size], sh_align)
+                notes += _notes(data, path, sh_offset, sh_size, sh_align)
     return ElfImage(bits=64 if eclass == ELFCLASS64 else 32, machine=machine, entry=entry,
                     segments=tuple(segments), notes=tuple(notes))
 
@@ -160,10 +165,11 @@ def check_segments(mem: GuestMemory, path: str, segments: list[Segment] | tuple[
                 f"which needs RAM at {seg.paddr:#x}-{seg.end:#x}.")
 
 
-def load_segments(mem: GuestMemory, data: bytes, segments: list[Segment] | tuple[Segment, ...]) -> None:
+def load_segments(mem: GuestMemory, data: KernelData, segments: list[Segment] | tuple[Segment, ...]) -> None:
     """Copy checked segments (:func:`check_segments`) into ``mem`` and zero their bss."""
+    copy = copier(data)
     for seg in segments:
-        mem.write(seg.paddr, memoryview(data)[seg.offset:seg.offset + seg.filesz])
+        copy(mem, seg.paddr, seg.offset, seg.filesz)
         if seg.memsz > seg.filesz:
             mem.fill(seg.paddr + seg.filesz, seg.memsz - seg.filesz)
 

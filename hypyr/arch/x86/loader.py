@@ -10,12 +10,12 @@ import struct
 from collections.abc import Callable
 from typing import NamedTuple
 
-from hypyr import preopened
 from hypyr.errors import HypyrError
 from hypyr.memory import GuestAddress, GuestMemory
 
 from . import bootparams as bp
 from . import layout
+from .bootfile import BootFile, KernelData, copier
 
 ELF_MAGIC = b"\x7fELF"
 MIN_PROTOCOL = 0x0206
@@ -47,58 +47,6 @@ def _fail(path: str, why: str) -> HypyrError:
 
 def _cannot_read(path: str | os.PathLike, what: str, e: OSError) -> HypyrError:
     return HypyrError(f"Cannot read {what} {os.fspath(path)}: {e.strerror or e}.")
-
-
-def _read_file(path: str | os.PathLike, what: str, limit: int = -1) -> bytes:
-    """The file's bytes (its first ``limit`` bytes if given), or one sentence why not."""
-    try:
-        return preopened.read_bytes(path, limit)
-    except OSError as e:
-        raise _cannot_read(path, what, e) from None
-
-
-class _File:
-    """A kernel or initrd file open for loading: its size, and copies of its parts straight from
-    the page cache into guest memory (no bytes object on the way: for a 14 MB kernel that halves
-    the copying and the page faults of a start).  A context manager; OSError becomes one sentence."""
-
-    def __init__(self, path: str | os.PathLike, what: str):
-        self.path, self.what = path, what
-        try:
-            self.fd = preopened.open_file(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            raise _cannot_read(path, what, e) from None
-        try:
-            self.size = os.fstat(self.fd).st_size
-        except OSError as e:
-            os.close(self.fd)
-            raise _cannot_read(path, what, e) from None
-
-    def __enter__(self) -> _File:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        os.close(self.fd)
-
-    def head(self, length: int) -> bytes:
-        """Its first ``length`` bytes (fewer if it is shorter)."""
-        try:
-            return os.pread(self.fd, length, 0)
-        except OSError as e:
-            raise _cannot_read(self.path, self.what, e) from None
-
-    def copy_to(self, mem: GuestMemory, addr: int, offset: int, length: int) -> None:
-        """Bytes ``[offset, offset+length)`` of the file into guest memory at ``addr`` (already
-        checked to be RAM); HypyrError if the file is shorter now or cannot be read."""
-        done = 0
-        while done < length:
-            try:
-                n = mem.preadv(self.fd, [(addr + done, length - done)], offset + done)
-            except OSError as e:
-                raise _cannot_read(self.path, self.what, e) from None
-            if n <= 0:
-                raise HypyrError(f"The {self.what} {os.fspath(self.path)} shrank while it was being loaded.")
-            done += n
 
 
 def _u8(d: bytes, off: int) -> int:
@@ -133,12 +81,12 @@ KIND_PVH = "pvh"              # an ELF with XEN_ELFNOTE_PHYS32_ENTRY: 32-bit ent
 KIND_MULTIBOOT = "multiboot"  # a multiboot (v1) header in the first 8 KiB: 32-bit entry with multiboot info
 
 
-def _is_bzimage(data: bytes) -> bool:
+def _is_bzimage(data: KernelData) -> bool:
     """The setup header's "HdrS" magic (in the first page of a bzImage)."""
     return data[bp.HDR_HEADER:bp.HDR_HEADER + 4] == bp.HDRS_MAGIC
 
 
-def detect_format(data: bytes) -> str:
+def detect_format(data: KernelData) -> str:
     """Which boot protocol ``data`` (a whole kernel file) is booted with; the one place that decides.
 
     bzImage (the "HdrS" setup header) first; an ELF64 with a PVH note boots through PVH, and so
@@ -163,54 +111,35 @@ def detect_format(data: bytes) -> str:
     return KIND_BZIMAGE
 
 
-def read_kernel(path: str | os.PathLike) -> bytes:
-    return _read_file(path, "kernel")
-
-
-def is_bzimage_file(path: str | os.PathLike) -> bool:
-    """Whether the file at ``path`` is a bzImage, told by its first page (HypyrError if it cannot be read)."""
-    return _is_bzimage(_read_file(path, "kernel", _HEAD_BYTES))
-
-
 def kernel_format(path: str | os.PathLike) -> str:
-    """:func:`detect_format` of the file at ``path`` (HypyrError if it cannot be read); a
-    bzImage is told by its first page, without reading the rest."""
-    return KIND_BZIMAGE if is_bzimage_file(path) else detect_format(read_kernel(path))
+    """:func:`detect_format` of the file at ``path`` (HypyrError if it cannot be read)."""
+    with BootFile(path, "kernel") as f:
+        return detect_format(f)
 
 
 def load_kernel(mem: GuestMemory, path: str | os.PathLike) -> KernelImage:
-    """Load a bzImage or an x86-64 ELF vmlinux into ``mem`` (the 64-bit Linux entry)."""
-    return load_bzimage_file(mem, path) or load_kernel_data(mem, read_kernel(path), os.fspath(path))
+    """Load a bzImage or an x86-64 ELF vmlinux into ``mem`` (the 64-bit Linux entry), straight
+    from its file."""
+    with BootFile(path, "kernel") as f:
+        return load_kernel_data(mem, f, os.fspath(path))
 
 
-def load_bzimage_file(mem: GuestMemory, path: str | os.PathLike) -> KernelImage | None:
-    """Load the file at ``path`` into ``mem`` if it is a bzImage (told by its first page; its
-    code goes from the file straight into guest memory); None if it is not one."""
-    with _File(path, "kernel") as f:
-        head = f.head(_HEAD_BYTES)
-        if not _is_bzimage(head):
-            return None
-        return _load_bzimage(mem, head, f.size, os.fspath(path), f.copy_to)
-
-
-def load_kernel_data(mem: GuestMemory, data: bytes, name: str) -> KernelImage:
+def load_kernel_data(mem: GuestMemory, data: KernelData, name: str) -> KernelImage:
     if data[:4] == ELF_MAGIC:
         return load_elf(mem, data, name)
     return load_bzimage(mem, data, name)
 
 
-def load_bzimage(mem: GuestMemory, data: bytes, path: str = "<kernel>") -> KernelImage:
-    """Load the bzImage ``data`` (a whole kernel file) into ``mem``."""
-    def copy(mem: GuestMemory, addr: int, offset: int, length: int) -> None:
-        mem.write(addr, memoryview(data)[offset:offset + length])
-    return _load_bzimage(mem, data, len(data), path, copy)
+def load_bzimage(mem: GuestMemory, data: KernelData, path: str = "<kernel>") -> KernelImage:
+    """Load the bzImage ``data`` (a whole kernel file, or the file) into ``mem``."""
+    return _load_bzimage(mem, data[:_HEAD_BYTES], len(data), path, copier(data))
 
 
 def _load_bzimage(mem: GuestMemory, data: bytes, size: int, path: str,
                   copy: Callable[[GuestMemory, int, int, int], None]) -> KernelImage:
-    """The one bzImage loader: ``data`` holds at least the file's first :data:`_HEAD_BYTES`,
-    ``size`` is the whole file's, and ``copy(mem, addr, offset, length)`` puts its bytes
-    ``[offset, offset+length)`` at guest ``addr``."""
+    """The one bzImage loader: ``data`` is the file's first :data:`_HEAD_BYTES`, ``size`` the
+    whole file's, and ``copy(mem, addr, offset, length)`` puts its bytes ``[offset,
+    offset+length)`` at guest ``addr``."""
     not_bz = "is not a bzImage Linux kernel (or is too old)"
     if len(data) < bp.HDR_HEADER + 6 or not _is_bzimage(data):
         raise _fail(path, "is not a kernel hypyr can boot: not a bzImage Linux kernel, an ELF vmlinux "
@@ -250,7 +179,7 @@ def _load_bzimage(mem: GuestMemory, data: bytes, size: int, path: str,
     )
 
 
-def load_elf(mem: GuestMemory, data: bytes, path: str = "<kernel>") -> KernelImage:
+def load_elf(mem: GuestMemory, data: KernelData, path: str = "<kernel>") -> KernelImage:
     """Load the x86-64 ELF vmlinux ``data`` into ``mem`` (its PT_LOAD segments, at their
     physical addresses).  Read with :mod:`hypyr.arch.x86.elf`, the bounds-checked reader of
     the multiboot and PVH loaders: pyelftools would cost each domain's VMM 2.5 MiB of
@@ -290,7 +219,7 @@ def load_initrd(mem: GuestMemory, data_or_path: bytes | str | os.PathLike,
         data = memoryview(data_or_path)
         return _place_initrd(mem, data.nbytes, "initrd", kernel,
                              lambda addr: mem.write(addr, data))
-    with _File(data_or_path, "initrd") as f:
+    with BootFile(data_or_path, "initrd") as f:
         return _place_initrd(mem, f.size, f"initrd {os.fspath(data_or_path)}", kernel,
                              lambda addr: f.copy_to(mem, addr, 0, f.size))
 

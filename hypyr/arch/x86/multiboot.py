@@ -25,6 +25,7 @@ from hypyr.errors import HypyrError
 from hypyr.memory import GuestAddress, GuestMemory
 
 from . import elf, layout
+from .bootfile import KernelData
 from .bootparams import E820Entry
 
 HEADER_MAGIC = 0x1BADB002
@@ -83,23 +84,24 @@ class Module(NamedTuple):
     string: str
 
 
-def find_header(data: bytes) -> Header | None:
+def find_header(data: KernelData) -> Header | None:
     """The first valid multiboot header (magic and checksum) in ``data``'s first 8 KiB."""
-    window = data[:SEARCH_LIMIT]
+    head = data[:SEARCH_LIMIT + 32]   # a header starting in the window may end past it
+    window = head[:SEARCH_LIMIT]
     pos = window.find(struct.pack("<I", HEADER_MAGIC))
     while pos >= 0:
         if pos % HEADER_ALIGN == 0 and pos + 12 <= len(window):
             magic, flags, checksum = struct.unpack_from("<III", window, pos)
             if (magic + flags + checksum) & 0xFFFFFFFF == 0:
                 fields = (0, 0, 0, 0, 0)
-                if flags & HF_AOUT_KLUDGE and pos + 32 <= len(data):
-                    fields = struct.unpack_from("<5I", data, pos + 12)
+                if flags & HF_AOUT_KLUDGE and pos + 32 <= len(head):
+                    fields = struct.unpack_from("<5I", head, pos + 12)
                 return Header(pos, flags, *fields)
         pos = window.find(struct.pack("<I", HEADER_MAGIC), pos + 1)
     return None
 
 
-def _aout_segments(data: bytes, h: Header, path: str) -> tuple[list[elf.Segment], int]:
+def _aout_segments(data: KernelData, h: Header, path: str) -> tuple[list[elf.Segment], int]:
     if h.offset + 32 > len(data):
         raise elf.fail(path, "has a multiboot header cut short before its address fields")
     if h.header_addr < h.load_addr:
@@ -124,7 +126,7 @@ def _aout_segments(data: bytes, h: Header, path: str) -> tuple[list[elf.Segment]
     return [seg], h.entry_addr
 
 
-def image_layout(data: bytes, path: str) -> tuple[Header, list[elf.Segment], int]:
+def image_layout(data: KernelData, path: str) -> tuple[Header, list[elf.Segment], int]:
     """The header, the segments to load and the physical entry point of a multiboot kernel."""
     h = find_header(data)
     if h is None:
