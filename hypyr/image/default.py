@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, NamedTuple
 if TYPE_CHECKING:
     from pathlib import Path
 
-BUILDER_VERSION = 4
+BUILDER_VERSION = 5
 KERNEL_PACKAGE = "linux-image-cloud-amd64"
 GUEST_MODULES = [
     "virtio_mmio", "virtio_blk", "virtio_console", "virtio_rng", "virtio_net",
@@ -26,7 +26,8 @@ GUEST_MODULES = [
 # taken from these Debian packages (unpacked, not installed).
 USERLAND_PACKAGES = ["iperf3", "libiperf0", "libc6", "libsctp1", "libssl3"]
 STAMP = "image.stamp"
-FILES = ("vmlinuz", "initrd.img", "rootfs.ext4")   # kernel, initrd, root filesystem
+FILES = ("vmlinux", "initrd.img", "rootfs.ext4")   # kernel, initrd, root filesystem
+BZIMAGE = "vmlinuz"   # the kernel package's own bzImage, kept beside the vmlinux taken out of it
 
 
 def _cache_dir(sub: str, env_var: str) -> str:
@@ -44,10 +45,11 @@ def hypyr_cache(sub: str, env_var: str) -> Path:
 
 
 class ImagePaths(NamedTuple):
-    kernel: Path
+    kernel: Path    # the uncompressed vmlinux, booted through PVH: the guest decompresses nothing
     initrd: Path
     dir: Path
     rootfs: Path
+    bzimage: Path   # the same kernel as the package ships it
 
 
 def image_dir() -> Path:
@@ -57,7 +59,7 @@ def image_dir() -> Path:
 def paths() -> ImagePaths:
     d = image_dir()
     kernel, initrd, rootfs = (d / name for name in FILES)
-    return ImagePaths(kernel=kernel, initrd=initrd, dir=d, rootfs=rootfs)
+    return ImagePaths(kernel=kernel, initrd=initrd, dir=d, rootfs=rootfs, bzimage=d / BZIMAGE)
 
 
 def init_script() -> bytes:
@@ -78,7 +80,7 @@ def current() -> tuple[str, str, str] | None:
     or builder makes it out of date."""
     d = _cache_dir("image", "HYPYR_IMAGE_DIR")
     kernel, initrd, rootfs = (os.path.join(d, name) for name in FILES)
-    if not all(os.path.isfile(p) for p in (kernel, initrd, rootfs)):
+    if not all(os.path.isfile(p) for p in (kernel, initrd, rootfs, os.path.join(d, BZIMAGE))):
         return None
     try:
         with open(os.path.join(d, STAMP), "rb") as f:
