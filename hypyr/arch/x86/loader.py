@@ -87,7 +87,7 @@ def _is_bzimage(data: KernelData) -> bool:
 
 
 def detect_format(data: KernelData) -> str:
-    """Which boot protocol ``data`` (a whole kernel file) is booted with; the one place that decides.
+    """Which boot protocol ``data`` (a kernel file's bytes, or the file) is booted with; the one place that decides.
 
     bzImage (the "HdrS" setup header) first; an ELF64 with a PVH note boots through PVH, and so
     does an ELF32 with one unless it also has a multiboot header (then multiboot, as in QEMU);
@@ -130,16 +130,10 @@ def load_kernel_data(mem: GuestMemory, data: KernelData, name: str) -> KernelIma
     return load_bzimage(mem, data, name)
 
 
-def load_bzimage(mem: GuestMemory, data: KernelData, path: str = "<kernel>") -> KernelImage:
-    """Load the bzImage ``data`` (a whole kernel file, or the file) into ``mem``."""
-    return _load_bzimage(mem, data[:_HEAD_BYTES], len(data), path, copier(data))
-
-
-def _load_bzimage(mem: GuestMemory, data: bytes, size: int, path: str,
-                  copy: Callable[[GuestMemory, int, int, int], None]) -> KernelImage:
-    """The one bzImage loader: ``data`` is the file's first :data:`_HEAD_BYTES`, ``size`` the
-    whole file's, and ``copy(mem, addr, offset, length)`` puts its bytes ``[offset,
-    offset+length)`` at guest ``addr``."""
+def load_bzimage(mem: GuestMemory, kernel: KernelData, path: str = "<kernel>") -> KernelImage:
+    """Load the bzImage ``kernel`` (a kernel file's bytes, or the file) into ``mem``: its setup
+    header is read from the first page, its protected-mode part copied straight into RAM."""
+    data, size, copy = kernel[:_HEAD_BYTES], len(kernel), copier(kernel)
     not_bz = "is not a bzImage Linux kernel (or is too old)"
     if len(data) < bp.HDR_HEADER + 6 or not _is_bzimage(data):
         raise _fail(path, "is not a kernel hypyr can boot: not a bzImage Linux kernel, an ELF vmlinux "
