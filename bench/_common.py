@@ -69,8 +69,8 @@ def lab_guest(kernel: str | None, initrd: str | None) -> tuple[str, str, str] | 
 
     from hypyr.image import default as image
     if not kernel:
-        d = image.image_dir()
-        kernel, initrd = str(d / "vmlinuz"), initrd or str(d / "initrd.img")
+        paths = image.paths()
+        kernel, initrd = str(paths.kernel), initrd or str(paths.initrd)
     problem = None
     if not initrd:
         problem = "--initrd is required with --kernel"

@@ -255,8 +255,8 @@ def lab_side(args: argparse.Namespace) -> int:
     from hypyr.image import default as image
     from hypyr.toolstack import monitor
 
-    d = image.image_dir()
-    kernel, initrd = str(d / "vmlinuz"), str(d / "initrd.img")
+    paths = image.paths()
+    kernel, initrd = str(paths.kernel), str(paths.initrd)
     for path in (kernel, initrd):
         if not os.path.isfile(path):
             print(f"bench: {path} is missing (run `hypyr image build` on the host)", file=sys.stderr)
