@@ -16,7 +16,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from hypyr.arch.x86 import vmlinux
 from hypyr.errors import HypyrError
 from hypyr.image import debs, default
 from hypyr.image.cpio import CpioWriter
@@ -75,7 +74,7 @@ def stamp_for(kernel_deb: Path, busybox_deb: Path, init: bytes, modules: list[st
 def is_current(out: ImagePaths, stamp: str) -> bool:
     """True when the outputs exist and were built from the inputs that `stamp` describes."""
     f = out.dir / default.STAMP
-    return (all(p.is_file() for p in (out.kernel, out.initrd, out.rootfs, out.bzimage)) and f.is_file()
+    return (out.kernel.is_file() and out.initrd.is_file() and out.rootfs.is_file() and f.is_file()
             and f.read_text() == stamp)
 
 
@@ -187,8 +186,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def build(kernel_deb: Path | None = None, force: bool = False) -> ImagePaths:
-    """Fetch the inputs and build the kernel (vmlinux and vmlinuz), initrd.img and rootfs.ext4 in
-    image_dir() (skipped when current)."""
+    """Fetch the inputs and build vmlinuz + initrd.img in image_dir() (skipped when current)."""
     t0 = time.monotonic()
     out = paths()
     out.dir.mkdir(parents=True, exist_ok=True)
@@ -244,13 +242,9 @@ def build(kernel_deb: Path | None = None, force: bool = False) -> ImagePaths:
     make_ext4(r, out.rootfs)
 
     (out.dir / default.STAMP).unlink(missing_ok=True)
-    bzimage = find_vmlinuz(kroot)
-    debs.progress("taking the kernel's vmlinux out of its bzImage (booted through PVH, it has nothing to "
-                  "decompress)")
-    _write_atomic(out.kernel, vmlinux.extract_file(bzimage))
-    tmp = out.bzimage.with_name(out.bzimage.name + ".tmp")
-    shutil.copyfile(bzimage, tmp)
-    tmp.replace(out.bzimage)
+    tmp = out.kernel.with_name(out.kernel.name + ".tmp")
+    shutil.copyfile(find_vmlinuz(kroot), tmp)
+    tmp.replace(out.kernel)
     _write_atomic(out.initrd, initrd)
     _write_atomic(out.dir / default.STAMP, stamp.encode())
     debs.progress(f"guest image ready: kernel {release}, initrd {len(initrd) / 1e6:.1f} MB "

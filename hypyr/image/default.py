@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, NamedTuple
 if TYPE_CHECKING:
     from pathlib import Path
 
-BUILDER_VERSION = 5
+BUILDER_VERSION = 4
 KERNEL_PACKAGE = "linux-image-cloud-amd64"
 GUEST_MODULES = [
     "virtio_mmio", "virtio_blk", "virtio_console", "virtio_rng", "virtio_net",
@@ -26,8 +26,7 @@ GUEST_MODULES = [
 # taken from these Debian packages (unpacked, not installed).
 USERLAND_PACKAGES = ["iperf3", "libiperf0", "libc6", "libsctp1", "libssl3"]
 STAMP = "image.stamp"
-FILES = ("vmlinux", "initrd.img", "rootfs.ext4")   # kernel, initrd, root filesystem
-BZIMAGE = "vmlinuz"   # the kernel package's own bzImage, kept beside the vmlinux taken out of it
+FILES = ("vmlinuz", "initrd.img", "rootfs.ext4")   # kernel, initrd, root filesystem
 
 
 def _cache_dir(sub: str, env_var: str) -> str:
@@ -45,11 +44,10 @@ def hypyr_cache(sub: str, env_var: str) -> Path:
 
 
 class ImagePaths(NamedTuple):
-    kernel: Path    # the uncompressed vmlinux, booted through PVH: the guest decompresses nothing
+    kernel: Path
     initrd: Path
     dir: Path
     rootfs: Path
-    bzimage: Path   # the same kernel as the package ships it
 
 
 def image_dir() -> Path:
@@ -59,7 +57,7 @@ def image_dir() -> Path:
 def paths() -> ImagePaths:
     d = image_dir()
     kernel, initrd, rootfs = (d / name for name in FILES)
-    return ImagePaths(kernel=kernel, initrd=initrd, dir=d, rootfs=rootfs, bzimage=d / BZIMAGE)
+    return ImagePaths(kernel=kernel, initrd=initrd, dir=d, rootfs=rootfs)
 
 
 def init_script() -> bytes:
@@ -80,7 +78,7 @@ def current() -> tuple[str, str, str] | None:
     or builder makes it out of date."""
     d = _cache_dir("image", "HYPYR_IMAGE_DIR")
     kernel, initrd, rootfs = (os.path.join(d, name) for name in FILES)
-    if not all(os.path.isfile(p) for p in (kernel, initrd, rootfs, os.path.join(d, BZIMAGE))):
+    if not all(os.path.isfile(p) for p in (kernel, initrd, rootfs)):
         return None
     try:
         with open(os.path.join(d, STAMP), "rb") as f:

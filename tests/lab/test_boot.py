@@ -195,7 +195,7 @@ def _bare_boot_disk(tmp_path, guest_image, tag: str):
     di = _diskimages()
     cfg = DISK_GRUB.format(uuid=BOOT_UUID, kernel="/boot/vmlinuz-hypyr", initrd="/boot/initrd.img-hypyr", tag=tag)
     return di.ext4(tmp_path / "boot-disk.img", {
-        "boot/grub/grub.cfg": cfg, "boot/vmlinuz-hypyr": guest_image.bzimage.read_bytes(),
+        "boot/grub/grub.cfg": cfg, "boot/vmlinuz-hypyr": guest_image.kernel.read_bytes(),
         "boot/initrd.img-hypyr": guest_image.initrd.read_bytes(), "vmlinuz": "->boot/vmlinuz-hypyr"},
         size_mib=64, fs_uuid=BOOT_UUID)
 
@@ -233,7 +233,7 @@ def test_boot_disk_gpt_separate_boot_and_root(hypyr_run, guest_image, tmp_path):
     di = _diskimages()
     cfg = DISK_GRUB.format(uuid=BOOT_UUID, kernel="/vmlinuz-hypyr root=/dev/vda3", initrd="/initrd.img-hypyr",
                            tag="c3")
-    boot = di.ext4(tmp_path / "boot.ext4", {"grub/grub.cfg": cfg, "vmlinuz-hypyr": guest_image.bzimage.read_bytes(),
+    boot = di.ext4(tmp_path / "boot.ext4", {"grub/grub.cfg": cfg, "vmlinuz-hypyr": guest_image.kernel.read_bytes(),
                                             "initrd.img-hypyr": guest_image.initrd.read_bytes()},
                    size_mib=48, fs_uuid=BOOT_UUID)
     disk = tmp_path / "gpt-disk.img"
