@@ -45,10 +45,6 @@ def _fail(path: str, why: str) -> HypyrError:
     return HypyrError(f"Kernel {path} {why}.")
 
 
-def _cannot_read(path: str | os.PathLike, what: str, e: OSError) -> HypyrError:
-    return HypyrError(f"Cannot read {what} {os.fspath(path)}: {e.strerror or e}.")
-
-
 def _u8(d: bytes, off: int) -> int:
     return d[off]
 

@@ -25,7 +25,7 @@ from hypyr.errors import HypyrError
 from hypyr.memory import GuestAddress, GuestMemory
 
 from . import elf, layout
-from .bootfile import KernelData
+from .bootfile import KernelData, cannot_read
 from .bootparams import E820Entry
 
 HEADER_MAGIC = 0x1BADB002
@@ -196,7 +196,7 @@ def _read(path: str | os.PathLike, what: str) -> bytes:
     try:
         return preopened.read_bytes(path)
     except OSError as e:
-        raise HypyrError(f"Cannot read {what} {os.fspath(path)}: {e.strerror or e}.") from None
+        raise cannot_read(path, what, e) from None
 
 
 def load_modules(mem: GuestMemory, modules: Sequence[tuple[bytes | str | os.PathLike, str]],

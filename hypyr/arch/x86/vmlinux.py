@@ -21,6 +21,7 @@ from hypyr import preopened
 from hypyr.errors import HypyrError
 
 from . import bootparams as bp
+from .bootfile import cannot_read
 
 HDR_PAYLOAD_OFFSET = 0x248  # u32, relative to the protected-mode code
 HDR_PAYLOAD_LENGTH = 0x24C  # u32
@@ -155,5 +156,5 @@ def extract_file(path: str | os.PathLike) -> bytes:
     try:
         data = preopened.read_bytes(path)
     except OSError as e:
-        raise HypyrError(f"Cannot read kernel {os.fspath(path)}: {e.strerror or e}.") from None
+        raise cannot_read(path, "kernel", e) from None
     return extract(data, os.fspath(path))

@@ -77,11 +77,10 @@ class MmioInterrupt:
             self.raise_bits(INT_CONFIG)
 
     def clear(self) -> None:
-        """A device reset: InterruptStatus 0, the line lowered, nothing sticky."""
+        """A device reset: InterruptStatus 0 and the line lowered (:meth:`set_sticky` clears the rest)."""
         with self.lock:
             self._absorb_acks()
             self.status = 0
-            self.sticky = 0
             self._update_line()
 
     def set_sticky(self, external: bool) -> None:
